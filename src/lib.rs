@@ -1,0 +1,31 @@
+//! Sparse and dense flash attention for [candle](https://github.com/huggingface/candle).
+//!
+//! Every method is a candle `CustomOp3` with a CPU and a CUDA kernel, forward and backward, so
+//! `loss.backward()` flows through it. All of them share one tensor layout:
+//! `(batch, heads, seq, head_dim)` for queries, keys, values and outputs, with grouped-query
+//! attention when the query heads are a multiple of the key/value heads.
+//!
+//! - [`flash_attn`]: dense (optionally causal) flash attention, the baseline and the kernel the
+//!   sparse methods extend.
+//! - [`reference`]: the naive materialised implementation every test compares against.
+//!
+//! ```
+//! use candle::{Device, Tensor};
+//! use candle_sparse_attn::{flash_attn, AttnParams};
+//! # fn main() -> candle::Result<()> {
+//! let q = Tensor::randn(0f32, 1., (1, 4, 128, 64), &Device::Cpu)?;
+//! let k = Tensor::randn(0f32, 1., (1, 2, 128, 64), &Device::Cpu)?; // GQA: 2 kv heads
+//! let v = Tensor::randn(0f32, 1., (1, 2, 128, 64), &Device::Cpu)?;
+//! let out = flash_attn(&q, &k, &v, &AttnParams::default())?; // causal, scale 1/sqrt(64)
+//! assert_eq!(out.dims(), &[1, 4, 128, 64]);
+//! # Ok(()) }
+//! ```
+
+pub mod flash;
+#[cfg(feature = "cuda")]
+mod kernels;
+pub mod mask;
+pub mod reference;
+
+pub use flash::{flash_attn, AttnParams, SUPPORTED_HEAD_DIMS};
+pub use mask::{SparseLayout, Visibility};
