@@ -398,6 +398,24 @@ __device__ __forceinline__ void gemm_abt(float (*s)[4], const T* sA, int a0, con
   }
 }
 
+// Same as gemm_abt with the A fragments already in registers (a[kk] for k-step kk).
+template <typename T, int D, int NT8>
+__device__ __forceinline__ void gemm_abt_reg(float (*s)[4], const uint32_t (*a)[4], const T* sB, int b0) {
+  constexpr int SD = Pad<D>::SD;
+  int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+    for (int nn = 0; nn < NT8 / 2; ++nn) {
+      uint32_t bb[4];
+      ldsm_x4(bb, sB + (b0 + nn * 16 + (lane & 7) + (lane >> 4) * 8) * SD + kk * 16 +
+                      ((lane >> 3) & 1) * 8);
+      mma<T>(s[2 * nn], a[kk], bb[0], bb[1]);
+      mma<T>(s[2 * nn + 1], a[kk], bb[2], bb[3]);
+    }
+  }
+}
+
 // Acc (16 x D) += P (16 x 16*KS, C-fragment registers p, converted to T) * B (rows = the k index
 // of sB from b0, D cols), B via ldmatrix transposed.
 template <typename T, int D, int KS>
@@ -497,6 +515,17 @@ __device__ void fwd_mma(const T* q, const T* k, const T* v, T* o, float* lse, Vi
   }
   cp_async_commit();
 
+  // Up to D = 128 the warp's Q fragments stay in registers for the whole key loop.
+  constexpr bool QREG = D <= 128;
+  uint32_t qf[QREG ? D / 16 : 1][4];
+  if constexpr (QREG) {
+    cp_async_wait<0>();
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk)
+      ldsm_x4(qf[kk], sQ + (warp * 16 + (lane & 15)) * SD + kk * 16 + (lane >> 4) * 8);
+  }
+
   float acc[D / 8][4];
 #pragma unroll
   for (int i = 0; i < D / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
@@ -518,7 +547,10 @@ __device__ void fwd_mma(const T* q, const T* k, const T* v, T* o, float* lse, Vi
     float s[N8][4];
 #pragma unroll
     for (int i = 0; i < N8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
-    gemm_abt<T, D, N8>(s, sQ, warp * 16, cK, 0);
+    if constexpr (QREG)
+      gemm_abt_reg<T, D, N8>(s, qf, cK, 0);
+    else
+      gemm_abt<T, D, N8>(s, sQ, warp * 16, cK, 0);
 
     int n0 = t * BN;
     bool need_mask = vis.mode == 2 || n0 + BN > nk ||
@@ -863,7 +895,7 @@ __device__ void bwd_dq_mma(const T* q, const T* k, const T* v, const T* go, cons
 
 // Tensor-core forward tiles: BM = 16 * NW query rows, BN = 64 keys.
 #define FWD_MMA(TN, T, D, NW)                                                                    \
-  extern "C" __global__ void __launch_bounds__(NW * 32)                                          \
+  extern "C" __global__ void __launch_bounds__(NW * 32, D <= 64 ? 2 : 1)                                        \
       flash_fwd_##TN##_d##D(const T* q, const T* k, const T* v, T* o, float* lse, VIS_PARAMS) { \
     MAKE_VIS fwd_mma<T, D, NW, 64>(q, k, v, o, lse, vis, qmeta, kmeta, hq, hkv, nq, nk, scale); \
   }

@@ -196,11 +196,11 @@ fn tile_meta(
     }
     let f = func!(dev, "flash_tile_meta", 0);
     let build = |pos: &CudaView<i32>,
-                     bkt: &CudaView<i32>,
-                     rows: usize,
-                     n: usize,
-                     tile: usize,
-                     is_q: i32| {
+                 bkt: &CudaView<i32>,
+                 rows: usize,
+                 n: usize,
+                 tile: usize,
+                 is_q: i32| {
         let total = rows * ceil_div(n, tile);
         let mut meta = unsafe { dev.alloc::<i32>(4 * total) }?;
         let mut b = f.builder();
