@@ -106,7 +106,7 @@ fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout, name: &str) -> Result<
 
 /// Whether a layout starts on a 16-byte boundary (the tensor-core kernels' `cp.async` needs it).
 fn aligned(l: &Layout, elem_bytes: usize) -> bool {
-    (l.start_offset() * elem_bytes) % 16 == 0
+    (l.start_offset() * elem_bytes).is_multiple_of(16)
 }
 
 /// Visibility as kernel arguments: mode, flags and the side tensors (or a dummy in dense modes).
