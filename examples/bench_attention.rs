@@ -69,7 +69,12 @@ struct Record {
 }
 
 /// Median wall time in ms of `f`, synchronising the device around each run.
-fn time_ms(dev: &Device, warmup: usize, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+fn time_ms(
+    dev: &Device,
+    warmup: usize,
+    reps: usize,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<f64> {
     for _ in 0..warmup {
         f()?;
     }
@@ -98,7 +103,10 @@ fn flops(b: usize, h: usize, n: usize, d: usize, causal: bool, fwd_bwd: bool) ->
 fn parse_shape(s: &str) -> Result<(usize, usize, usize)> {
     let p: Vec<usize> = s
         .split('x')
-        .map(|x| x.parse().with_context(|| format!("bad shape {s:?}, want BxHxD")))
+        .map(|x| {
+            x.parse()
+                .with_context(|| format!("bad shape {s:?}, want BxHxD"))
+        })
         .collect::<Result<_>>()?;
     match p[..] {
         [b, h, d] => Ok((b, h, d)),
@@ -114,7 +122,13 @@ struct Bench<'a> {
 }
 
 impl Bench<'_> {
-    fn record(&mut self, method: &str, fwd_bwd: bool, (b, h, n, d): (usize, usize, usize, usize), ms: f64) {
+    fn record(
+        &mut self,
+        method: &str,
+        fwd_bwd: bool,
+        (b, h, n, d): (usize, usize, usize, usize),
+        ms: f64,
+    ) {
         let r = Record {
             method: method.into(),
             pass: if fwd_bwd { "fwd+bwd" } else { "fwd" }.into(),
@@ -150,7 +164,11 @@ impl Bench<'_> {
         let ms = time_ms(self.dev, w, r, || Ok(flash_attn(&q, &k, &v, &p).map(drop)?))?;
         self.record("ours dense", false, shape, ms);
         if !self.args.fwd_only {
-            let (q, k, v) = (Var::from_tensor(&q)?, Var::from_tensor(&k)?, Var::from_tensor(&v)?);
+            let (q, k, v) = (
+                Var::from_tensor(&q)?,
+                Var::from_tensor(&k)?,
+                Var::from_tensor(&v)?,
+            );
             let g = Tensor::randn(0f32, 1., (b, h, n, d), self.dev)?.to_dtype(self.dtype)?;
             let ms = time_ms(self.dev, w, r, || {
                 let out = flash_attn(&q, &k, &v, &p)?;
@@ -168,7 +186,11 @@ impl Bench<'_> {
         let (q, k, v) = self.inputs(b, h, n, d)?;
         let scale = 1.0 / (d as f32).sqrt();
         let (w, r) = (self.args.warmup, self.args.reps);
-        let (qt, kt, vt) = (q.transpose(1, 2)?.contiguous()?, k.transpose(1, 2)?.contiguous()?, v.transpose(1, 2)?.contiguous()?);
+        let (qt, kt, vt) = (
+            q.transpose(1, 2)?.contiguous()?,
+            k.transpose(1, 2)?.contiguous()?,
+            v.transpose(1, 2)?.contiguous()?,
+        );
         let ms = time_ms(self.dev, w, r, || {
             let mask = candle_nn::attention::AttnMask::causal();
             candle_nn::attention::flash_attn::<f32>(&qt, &kt, &vt, scale, mask, None, None)?;
@@ -206,13 +228,19 @@ fn main() -> Result<()> {
         vec![512, 1024, 2048, 4096]
     };
     let shapes: Vec<(usize, usize, usize)> = if !args.shape.is_empty() {
-        args.shape.iter().map(|s| parse_shape(s)).collect::<Result<_>>()?
+        args.shape
+            .iter()
+            .map(|s| parse_shape(s))
+            .collect::<Result<_>>()?
     } else if dev.is_cuda() {
         vec![(4, 48, 64), (2, 16, 128)]
     } else {
         vec![(1, 8, 64)]
     };
-    println!("device {dev:?}, dtype {dtype:?}, median of {} runs after {} warm-up", args.reps, args.warmup);
+    println!(
+        "device {dev:?}, dtype {dtype:?}, median of {} runs after {} warm-up",
+        args.reps, args.warmup
+    );
     let mut bench = Bench {
         dev: &dev,
         args: &args,
@@ -229,8 +257,10 @@ fn main() -> Result<()> {
     }
     let records = bench.records;
     if let Some(path) = &args.baseline {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading baseline {path}"))?;
-        let base: Vec<Record> = serde_json::from_str(&text).with_context(|| format!("parsing baseline {path}"))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading baseline {path}"))?;
+        let base: Vec<Record> =
+            serde_json::from_str(&text).with_context(|| format!("parsing baseline {path}"))?;
         print_side_by_side(&records, &base);
         let mut all = records.clone();
         all.extend(base);
@@ -245,12 +275,17 @@ fn main() -> Result<()> {
 /// One row per (shape, pass): our dense time beside every baseline method and the ratio.
 fn print_side_by_side(ours: &[Record], base: &[Record]) {
     let key = |r: &Record| (r.b, r.h, r.d, r.n, r.pass.clone());
-    let mut rows: BTreeMap<_, (Option<f64>, Vec<(String, f64)>)> = BTreeMap::new();
+    // (b, h, d, n, pass) -> (our ms, [(baseline method, ms)])
+    type Row = (Option<f64>, Vec<(String, f64)>);
+    let mut rows: BTreeMap<_, Row> = BTreeMap::new();
     for r in ours.iter().filter(|r| r.method == "ours dense") {
         rows.entry(key(r)).or_default().0 = Some(r.ms);
     }
     for r in base {
-        rows.entry(key(r)).or_default().1.push((r.method.clone(), r.ms));
+        rows.entry(key(r))
+            .or_default()
+            .1
+            .push((r.method.clone(), r.ms));
     }
     println!("\nside by side (ms; ratio = baseline time / ours, > 1 means we are faster)");
     for ((b, h, d, n, pass), (ours, base)) in rows {
@@ -259,6 +294,9 @@ fn print_side_by_side(ours: &[Record], base: &[Record]) {
             .iter()
             .map(|(m, ms)| format!("{m} {ms:.3} ({:.2}x)", ms / ours))
             .collect();
-        println!("B={b} H={h} D={d} N={n:<6} {pass:<8} ours {ours:.3} | {}", cols.join(" | "));
+        println!(
+            "B={b} H={h} D={d} N={n:<6} {pass:<8} ours {ours:.3} | {}",
+            cols.join(" | ")
+        );
     }
 }
