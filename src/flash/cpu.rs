@@ -3,6 +3,7 @@
 
 use std::borrow::Cow;
 
+use candle::backend::BackendStorage;
 use candle::{bail, CpuStorage, Layout, Result, Tensor};
 use half::{bf16, f16};
 use rayon::prelude::*;
