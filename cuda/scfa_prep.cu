@@ -90,9 +90,12 @@ extern "C" __global__ void compact_kept(const uint8_t *__restrict__ keep, int *_
   int *p = pos + (uint64_t)row * t;
   const uint32_t lower = (1u << lane) - 1u;
   uint32_t count = 0;
+  // One chunk ahead in a register, so the loop does not stall on every load.
+  uint8_t next = lane < t ? k[lane] : 0;
   for (uint32_t base = 0; base < t; base += 32) {
     const uint32_t i = base + lane;
-    const bool kept = i < t && k[i] != 0;
+    const bool kept = i < t && next != 0;
+    next = i + 32 < t ? k[i + 32] : 0;
     const uint32_t ballot = __ballot_sync(FULL_MASK, kept);
     if (kept) {
       p[count + __popc(ballot & lower)] = (int)i;
@@ -143,6 +146,7 @@ extern "C" __global__ void bucket_sort(const int *__restrict__ ids, int *__restr
     offsets[s] = 0;
   }
   __syncwarp();
+#pragma unroll 4
   for (uint32_t i = lane; i < t; i += 32) {
     const int b = id[i];
     const uint32_t slot = (b >= 0 && (uint32_t)b < n_buckets) ? (uint32_t)b : n_buckets;
@@ -162,10 +166,12 @@ extern "C" __global__ void bucket_sort(const int *__restrict__ ids, int *__restr
   __syncwarp();
 
   const uint32_t lower = (1u << lane) - 1u;
+  int next = lane < t ? id[lane] : 0; // one chunk ahead, as in compact_kept
   for (uint32_t base = 0; base < t; base += 32) {
     const uint32_t i = base + lane;
     const bool active = i < t;
-    int b = active ? id[i] : 0;
+    const int b = next;
+    next = i + 32 < t ? id[i + 32] : 0;
     const bool valid = b >= 0 && (uint32_t)b < n_buckets;
     // Inactive lanes take a key no active lane can have.
     const int slot = !active ? -1 : (valid ? b : (int)n_buckets);
@@ -189,8 +195,10 @@ extern "C" __global__ void bucket_sort(const int *__restrict__ ids, int *__restr
 // ---------------------------------------------------------------------------------------------
 // Angular LSH: bucket = argmax([x·R, −x·R]) over n_buckets = 2·half candidates, ties to the
 // lowest index. x: (n_rows = batch·heads·t, d); R: (rot_heads, d, half) f32; row -> head
-// (row / t) % heads -> rotation head / group when per_head, else 0. One warp per row, the row
-// staged in shared memory (blockDim/32 · d floats); lane c computes columns c, c + 32, ...
+// (row / t) % heads -> rotation head / group (clamped to rot_heads - 1).
+// A warp handles rows_per_warp consecutive rows (a power of two dividing 32), staged in shared
+// memory (blockDim/32 · rows_per_warp · d floats); each row gets width = 32 / rows_per_warp lanes,
+// lane c of a row computing columns c, c + width, ... and the row's lanes reducing the argmax.
 // ---------------------------------------------------------------------------------------------
 
 __device__ __forceinline__ float to_float(float v) { return v; }
@@ -205,43 +213,55 @@ template <typename T>
 __device__ __forceinline__ void lsh_buckets(const T *__restrict__ x, const float *__restrict__ rot,
                                             int *__restrict__ out, uint64_t n_rows, uint32_t t,
                                             uint32_t heads, uint32_t group, uint32_t rot_heads,
-                                            uint32_t d, uint32_t half) {
+                                            uint32_t d, uint32_t half, uint32_t rows_per_warp) {
   extern __shared__ float staged[];
   const uint32_t warps = blockDim.x / 32;
   const uint32_t warp = threadIdx.x / 32;
   const uint32_t lane = threadIdx.x % 32;
-  if (warp >= warps || t == 0 || heads == 0 || group == 0 || rot_heads == 0) {
+  if (warp >= warps || t == 0 || heads == 0 || group == 0 || rot_heads == 0 || d == 0 ||
+      rows_per_warp == 0 || rows_per_warp > 32 || 32 % rows_per_warp != 0) {
     return;
   }
-  float *xr = staged + (uint64_t)warp * d;
-  for (uint64_t row = (uint64_t)blockIdx.x * warps + warp; row < n_rows;
-       row += (uint64_t)gridDim.x * warps) {
-    for (uint32_t k = lane; k < d; k += 32) {
-      xr[k] = to_float(x[row * d + k]);
+  const uint32_t width = 32 / rows_per_warp;
+  const uint32_t sub = lane / width;
+  const uint32_t col0 = lane % width;
+  float *xs = staged + (uint64_t)warp * rows_per_warp * d;
+  const uint64_t rows_per_block = (uint64_t)warps * rows_per_warp;
+  for (uint64_t first = (uint64_t)blockIdx.x * rows_per_block + (uint64_t)warp * rows_per_warp;
+       first < n_rows; first += (uint64_t)gridDim.x * rows_per_block) {
+    // Consecutive rows are contiguous in memory: a coalesced copy.
+    for (uint32_t e = lane; e < rows_per_warp * d; e += 32) {
+      const uint64_t r = first + e / d;
+      xs[e] = r < n_rows ? to_float(x[first * d + e]) : 0.f;
     }
     __syncwarp();
-    const uint32_t head = (uint32_t)((row / t) % heads);
-    uint32_t rh = head / group;
-    rh = rh < rot_heads ? rh : rot_heads - 1;
-    const float *r = rot + (uint64_t)rh * d * half;
+    const uint64_t row = first + sub;
+    const bool valid = row < n_rows;
     float best = -INFINITY;
     int best_i = 0;
-    for (uint32_t c = lane; c < half; c += 32) {
-      float p = 0.f;
-      for (uint32_t k = 0; k < d; ++k) {
-        p = fmaf(xr[k], r[(uint64_t)k * half + c], p);
-      }
-      if (better(p, (int)c, best, best_i)) {
-        best = p;
-        best_i = (int)c;
-      }
-      if (better(-p, (int)(c + half), best, best_i)) {
-        best = -p;
-        best_i = (int)(c + half);
+    if (valid) {
+      const uint32_t head = (uint32_t)((row / t) % heads);
+      uint32_t rh = head / group;
+      rh = rh < rot_heads ? rh : rot_heads - 1;
+      const float *r = rot + (uint64_t)rh * d * half;
+      const float *xr = xs + (uint64_t)sub * d;
+      for (uint32_t c = col0; c < half; c += width) {
+        float p = 0.f;
+        for (uint32_t k = 0; k < d; ++k) {
+          p = fmaf(xr[k], r[(uint64_t)k * half + c], p);
+        }
+        if (better(p, (int)c, best, best_i)) {
+          best = p;
+          best_i = (int)c;
+        }
+        if (better(-p, (int)(c + half), best, best_i)) {
+          best = -p;
+          best_i = (int)(c + half);
+        }
       }
     }
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) {
+    // Butterfly within the row's aligned group of `width` lanes; every lane takes part.
+    for (uint32_t off = width / 2; off > 0; off >>= 1) {
       const float ov = __shfl_xor_sync(FULL_MASK, best, off);
       const int oi = __shfl_xor_sync(FULL_MASK, best_i, off);
       if (better(ov, oi, best, best_i)) {
@@ -249,7 +269,7 @@ __device__ __forceinline__ void lsh_buckets(const T *__restrict__ x, const float
         best_i = oi;
       }
     }
-    if (lane == 0) {
+    if (valid && col0 == 0) {
       out[row] = best_i;
     }
     __syncwarp();
@@ -257,11 +277,10 @@ __device__ __forceinline__ void lsh_buckets(const T *__restrict__ x, const float
 }
 
 #define LSH(T, SUFFIX)                                                                             \
-  extern "C" __global__ void lsh_buckets_##SUFFIX(const T *x, const float *rot, int *out,          \
-                                                  uint64_t n_rows, uint32_t t, uint32_t heads,     \
-                                                  uint32_t group, uint32_t rot_heads, uint32_t d,  \
-                                                  uint32_t half) {                                 \
-    lsh_buckets<T>(x, rot, out, n_rows, t, heads, group, rot_heads, d, half);                      \
+  extern "C" __global__ void lsh_buckets_##SUFFIX(                                                 \
+      const T *x, const float *rot, int *out, uint64_t n_rows, uint32_t t, uint32_t heads,         \
+      uint32_t group, uint32_t rot_heads, uint32_t d, uint32_t half, uint32_t rows_per_warp) {     \
+    lsh_buckets<T>(x, rot, out, n_rows, t, heads, group, rot_heads, d, half, rows_per_warp);       \
   }
 
 LSH(float, f32)

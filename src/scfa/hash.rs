@@ -15,6 +15,9 @@ use super::RowKind;
 /// shared memory).
 pub const MAX_BUCKETS: usize = 8192;
 
+/// Largest head dimension [`lsh_buckets`] accepts (the CUDA kernel stages rows in shared memory).
+const MAX_LSH_HEAD_DIM: usize = 1024;
+
 /// Random rotations for angular LSH: `(heads, head_dim, n_buckets / 2)` f32 on `device`, entries
 /// drawn from N(0, 1) and every column (over `head_dim`) L2-normalised.
 ///
@@ -87,6 +90,12 @@ pub fn lsh_buckets(x: &Tensor, rotations: &Tensor) -> Result<Tensor> {
         bail!(
             "lsh_buckets: rotations {:?} do not fit x {:?}: expected (1 or a divisor of {heads}, {d}, n_buckets / 2 >= 1)",
             rotations.dims(),
+            x.dims()
+        )
+    }
+    if d > MAX_LSH_HEAD_DIM {
+        bail!(
+            "lsh_buckets: head_dim {d} of x {:?} exceeds {MAX_LSH_HEAD_DIM}",
             x.dims()
         )
     }
@@ -245,6 +254,7 @@ impl Lsh {
         use candle::cuda_backend::WrapErr;
 
         const WARPS: usize = 8;
+        const SHARED_LIMIT: usize = 48 * 1024;
         let dev = &s.device;
         let mut out = unsafe { dev.alloc::<i32>(rows) }?;
         if rows > 0 {
@@ -255,12 +265,23 @@ impl Lsh {
                 d,
                 half,
             } = dims;
+            // Lanes per row: the smallest power of two covering the columns (at most 32); the
+            // rest of the warp takes further rows, as far as the staged rows fit in shared memory.
+            let mut rows_per_warp = 32 / half.next_power_of_two().min(32);
+            let staged = |r: usize| WARPS * r * d * std::mem::size_of::<f32>();
+            while rows_per_warp > 1 && staged(rows_per_warp) > SHARED_LIMIT {
+                rows_per_warp /= 2;
+            }
             let name = format!("lsh_buckets_{suffix}");
             let f = dev.get_or_load_custom_func(&name, launch::MODULE, launch::PTX)?;
             let cfg = LaunchConfig {
-                grid_dim: (rows.div_ceil(WARPS).min(1 << 20) as u32, 1, 1),
+                grid_dim: (
+                    rows.div_ceil(WARPS * rows_per_warp).min(1 << 20) as u32,
+                    1,
+                    1,
+                ),
                 block_dim: (32 * WARPS as u32, 1, 1),
-                shared_mem_bytes: (WARPS * d * std::mem::size_of::<f32>()) as u32,
+                shared_mem_bytes: staged(rows_per_warp) as u32,
             };
             let mut b = f.builder();
             b.arg(x);
@@ -274,7 +295,8 @@ impl Lsh {
                 (heads / rot_heads) as u32,
                 rot_heads as u32,
                 d as u32,
-                half as u32
+                half as u32,
+                rows_per_warp as u32
             );
             unsafe { b.launch(cfg) }.w()?;
         }

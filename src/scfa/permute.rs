@@ -188,9 +188,11 @@ impl RowMove {
 
         let n_out = self.n_out;
         let len = bh * n_out * d;
-        let mut out = match self.direction {
-            Direction::Gather => unsafe { dev.alloc::<T>(len) }?,
-            Direction::Scatter => dev.alloc_zeros::<T>(len)?,
+        // A gather writes every output element unless there is nothing to gather from.
+        let mut out = if self.direction == Direction::Gather && n_in > 0 {
+            unsafe { dev.alloc::<T>(len) }?
+        } else {
+            dev.alloc_zeros::<T>(len)?
         };
         if len == 0 || n_in == 0 {
             return Ok(candle::CudaStorage::wrap_cuda_slice(out, dev.clone()));
