@@ -7,6 +7,8 @@
 //!
 //! - [`flash_attn`]: dense (optionally causal) flash attention, the baseline and the kernel the
 //!   sparse methods extend.
+//! - [`scfa`]: sparse causal flash attention (query/key dropping and hash buckets) on top of the
+//!   same kernel: [`qk_sparse_attn`], [`hash_sparse_attn`], [`sparse_causal_attn`].
 //! - [`reference`]: the naive materialised implementation every test compares against.
 //!
 //! ```
@@ -26,6 +28,11 @@ pub mod flash;
 mod kernels;
 pub mod mask;
 pub mod reference;
+pub mod scfa;
 
 pub use flash::{flash_attn, AttnParams, SUPPORTED_HEAD_DIMS};
 pub use mask::{SparseLayout, Visibility};
+pub use scfa::{
+    hash_sparse_attn, hash_sparse_attn_with_buckets, qk_sparse_attn, sparse_causal_attn, HashConfig,
+    ScfaParams,
+};
