@@ -17,7 +17,9 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle::{DType, Device, Tensor, Var};
-use candle_sparse_attn::{flash_attn, reference, AttnParams};
+use candle_sparse_attn::{
+    flash_attn, hash_sparse_attn, qk_sparse_attn, reference, AttnParams, HashConfig, ScfaParams,
+};
 use clap::Parser;
 use serde::{Deserialize, Serialize};
 
@@ -45,6 +47,15 @@ struct Args {
     /// Skip forward+backward.
     #[arg(long)]
     fwd_only: bool,
+    /// Sparse causal flash attention runs: hash buckets (e.g. 8,16,32,64).
+    #[arg(long, value_delimiter = ',')]
+    hash: Vec<usize>,
+    /// Sparse causal flash attention runs: query/key drop rates in percent (e.g. 30,50,70).
+    #[arg(long, value_delimiter = ',')]
+    drop: Vec<u32>,
+    /// Only run the sparse methods at lengths >= this.
+    #[arg(long, default_value_t = 0)]
+    sparse_min_seq: usize,
     /// JSON written by `bench_sdpa.py`, shown beside our numbers.
     #[arg(long)]
     baseline: Option<String>,
@@ -142,7 +153,7 @@ impl Bench<'_> {
             tflops: flops(b, h, n, d, true, fwd_bwd) / ms / 1e9,
         };
         println!(
-            "{:<22} {:<8} B={:<2} H={:<3} N={:<6} D={:<4} {:>10.3} ms {:>8.1} TFLOP/s",
+            "{:<22} {:<8} B={:<2} H={:<3} N={:<6} D={:<4} {:>10.3} ms {:>9.3} TFLOP/s",
             r.method, r.pass, b, h, n, d, r.ms, r.tflops
         );
         self.records.push(r);
@@ -155,14 +166,18 @@ impl Bench<'_> {
         Ok((mk()?, mk()?, mk()?))
     }
 
-    /// Our dense causal op, forward and forward+backward.
-    fn dense(&mut self, shape: (usize, usize, usize, usize)) -> Result<()> {
+    /// Times `attn` forward, and forward+backward (loss = Σ out·g for a fixed random g).
+    fn run(
+        &mut self,
+        method: &str,
+        shape: (usize, usize, usize, usize),
+        attn: impl Fn(&Tensor, &Tensor, &Tensor) -> candle::Result<Tensor>,
+    ) -> Result<()> {
         let (b, h, n, d) = shape;
         let (q, k, v) = self.inputs(b, h, n, d)?;
-        let p = AttnParams::default();
         let (w, r) = (self.args.warmup, self.args.reps);
-        let ms = time_ms(self.dev, w, r, || Ok(flash_attn(&q, &k, &v, &p).map(drop)?))?;
-        self.record("ours dense", false, shape, ms);
+        let ms = time_ms(self.dev, w, r, || Ok(attn(&q, &k, &v).map(drop)?))?;
+        self.record(method, false, shape, ms);
         if !self.args.fwd_only {
             let (q, k, v) = (
                 Var::from_tensor(&q)?,
@@ -171,11 +186,40 @@ impl Bench<'_> {
             );
             let g = Tensor::randn(0f32, 1., (b, h, n, d), self.dev)?.to_dtype(self.dtype)?;
             let ms = time_ms(self.dev, w, r, || {
-                let out = flash_attn(&q, &k, &v, &p)?;
+                let out = attn(&q, &k, &v)?;
                 (out * &g)?.sum_all()?.backward()?;
                 Ok(())
             })?;
-            self.record("ours dense", true, shape, ms);
+            self.record(method, true, shape, ms);
+        }
+        Ok(())
+    }
+
+    /// Our dense causal op.
+    fn dense(&mut self, shape: (usize, usize, usize, usize)) -> Result<()> {
+        let p = AttnParams::default();
+        self.run("ours dense", shape, |q, k, v| flash_attn(q, k, v, &p))
+    }
+
+    /// Sparse causal flash attention: hash buckets and query/key dropping, everything included
+    /// (hashing, sorting, compaction, gathers, scatters). Keep masks are drawn once per shape.
+    fn sparse(&mut self, shape: (usize, usize, usize, usize)) -> Result<()> {
+        let (b, h, n, _) = shape;
+        for nb in self.args.hash.clone() {
+            let cfg = HashConfig::new(nb, 0);
+            self.run(&format!("hash nb={nb}"), shape, |q, k, v| {
+                hash_sparse_attn(q, k, v, &cfg)
+            })?;
+        }
+        for pct in self.args.drop.clone() {
+            let keep = || -> Result<Tensor> {
+                Ok(Tensor::rand(0f32, 1., (b, h, n), self.dev)?.ge(pct as f64 / 100.0)?)
+            };
+            let (q_keep, k_keep) = (keep()?, keep()?);
+            let p = ScfaParams::default();
+            self.run(&format!("qk drop={pct}%"), shape, |q, k, v| {
+                qk_sparse_attn(q, k, v, &q_keep, &k_keep, &p)
+            })?;
         }
         Ok(())
     }
@@ -250,12 +294,16 @@ fn main() -> Result<()> {
     for &(b, h, d) in &shapes {
         for &n in &seqs {
             bench.dense((b, h, n, d))?;
+            if n >= args.sparse_min_seq {
+                bench.sparse((b, h, n, d))?;
+            }
             if !dev.is_cuda() && dtype == DType::F32 {
                 bench.cpu_baselines((b, h, n, d))?;
             }
         }
     }
     let records = bench.records;
+    print_speedups(&records);
     if let Some(path) = &args.baseline {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading baseline {path}"))?;
@@ -298,5 +346,38 @@ fn print_side_by_side(ours: &[Record], base: &[Record]) {
             "B={b} H={h} D={d} N={n:<6} {pass:<8} ours {ours:.3} | {}",
             cols.join(" | ")
         );
+    }
+}
+
+/// Every sparse run's speed-up over our dense op on the same shape and pass.
+fn print_speedups(records: &[Record]) {
+    let dense: BTreeMap<_, f64> = records
+        .iter()
+        .filter(|r| r.method == "ours dense")
+        .map(|r| ((r.b, r.h, r.n, r.d, r.pass.clone()), r.ms))
+        .collect();
+    let sparse: Vec<_> = records
+        .iter()
+        .filter(|r| r.method != "ours dense")
+        .collect();
+    if sparse.is_empty() {
+        return;
+    }
+    println!("\nour dense time / method time (same shape and pass; > 1: the method is faster than our dense op)");
+    for r in sparse {
+        if let Some(d) = dense.get(&(r.b, r.h, r.n, r.d, r.pass.clone())) {
+            println!(
+                "{:<22} {:<8} B={} H={} N={:<6} D={:<4} {:>10.3} ms vs {:>10.3} ms  {:.2}x",
+                r.method,
+                r.pass,
+                r.b,
+                r.h,
+                r.n,
+                r.d,
+                r.ms,
+                d,
+                d / r.ms
+            );
+        }
     }
 }
