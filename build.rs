@@ -19,6 +19,8 @@ mod cuda {
             .arg("-std=c++17")
             .arg("--expt-relaxed-constexpr")
             .arg("-lineinfo")
+            // cudaforge's incremental mode lists only the re-compiled files in ptx.rs.
+            .no_incremental()
             .build_ptx()
             .unwrap_or_else(|e| panic!("nvcc failed on cuda/*.cu: {e}"));
         ptx.write(out_dir.join("ptx.rs"))
