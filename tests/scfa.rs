@@ -388,7 +388,9 @@ fn lsh_hash_attention_matches_reference_and_is_reproducible() -> Result<()> {
             for dtype in [DType::F32, DType::BF16] {
                 // The ids the op computes, from the same rounded inputs and rotations.
                 let ids = |x: &Tensor| -> Result<Vec<i64>> {
+                    // (candle has no i32 -> i64 cast on CUDA: cast on the host)
                     lsh_buckets(&x.to_dtype(dtype)?.to_device(&dev)?, &rot)?
+                        .to_device(&Device::Cpu)?
                         .to_dtype(DType::I64)?
                         .flatten_all()?
                         .to_vec1::<i64>()
