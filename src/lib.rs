@@ -27,5 +27,5 @@ mod kernels;
 pub mod mask;
 pub mod reference;
 
-pub use flash::{flash_attn, AttnParams, SUPPORTED_HEAD_DIMS};
+pub use flash::{flash_attn, flash_attn_with_visibility, AttnParams, SUPPORTED_HEAD_DIMS};
 pub use mask::{SparseLayout, Visibility};
