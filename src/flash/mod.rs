@@ -80,7 +80,25 @@ impl Dims {
 /// - `head_dim` one of [`SUPPORTED_HEAD_DIMS`]; any non-zero lengths.
 /// - Differentiable: gradients reach `q`, `k` and `v` through the op's own backward kernels.
 pub fn flash_attn(q: &Tensor, k: &Tensor, v: &Tensor, params: &AttnParams) -> Result<Tensor> {
-    attention(q, k, v, params.scale(q.dim(3)?), params.visibility())
+    // Validate before reading head_dim, so a wrong rank is reported as such.
+    let head_dim = validate(q, k, v)?.d;
+    attention(q, k, v, params.scale(head_dim), params.visibility())
+}
+
+/// Flash attention with an explicit [`Visibility`]: the public entry for sparse layouts
+/// ([`Visibility::Sparse`]), and for dense attention with a custom scale.
+///
+/// Shapes, dtypes and head dims as in [`flash_attn`]; a [`crate::SparseLayout`]'s side tensors
+/// are i32 on the device of `q` (see its docs for shapes and sentinels). `scale` multiplies
+/// `q·k` and must be finite. Rows with no visible key output 0 and get zero gradients.
+pub fn flash_attn_with_visibility(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f32,
+    visibility: Visibility,
+) -> Result<Tensor> {
+    attention(q, k, v, scale, visibility)
 }
 
 /// The shared entry point of every flash-attention-based method: validates, makes the inputs
