@@ -47,13 +47,23 @@ pub struct SparseLayout {
 
 impl SparseLayout {
     /// Checks dtypes and shapes against the attention dims `(b, hq, hkv, nq, nk)`.
-    pub(crate) fn validate(&self, b: usize, hq: usize, hkv: usize, nq: usize, nk: usize) -> Result<()> {
+    pub(crate) fn validate(
+        &self,
+        b: usize,
+        hq: usize,
+        hkv: usize,
+        nq: usize,
+        nk: usize,
+    ) -> Result<()> {
         let check = |t: &Tensor, name: &str, dims: [usize; 3]| -> Result<()> {
             if t.dtype() != DType::I32 {
                 bail!("sparse layout: {name} must be i32, got {:?}", t.dtype())
             }
             if t.dims() != dims {
-                bail!("sparse layout: {name} must have shape {dims:?}, got {:?}", t.dims())
+                bail!(
+                    "sparse layout: {name} must have shape {dims:?}, got {:?}",
+                    t.dims()
+                )
             }
             Ok(())
         };

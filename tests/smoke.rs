@@ -18,7 +18,10 @@ fn smoke() -> candle::Result<()> {
     let rg = (&r * g.to_dtype(DType::F64)?)?.sum_all()?.backward()?;
     println!("out {}", reference::rel_err(&out, &r)?);
     for (a, b) in [(&q, &q2), (&k, &k2), (&v, &v2)] {
-        println!("grad {}", reference::rel_err(grads.get(a).unwrap(), rg.get(b).unwrap())?);
+        println!(
+            "grad {}",
+            reference::rel_err(grads.get(a).unwrap(), rg.get(b).unwrap())?
+        );
     }
     Ok(())
 }

@@ -3,6 +3,7 @@
 
 use std::borrow::Cow;
 
+use candle::backend::BackendStorage;
 use candle::{bail, CpuStorage, Layout, Result, Tensor};
 use half::{bf16, f16};
 use rayon::prelude::*;
@@ -138,10 +139,7 @@ fn from_f32(v: Vec<f32>, like: &CpuStorage) -> Result<CpuStorage> {
         CpuStorage::F32(_) => CpuStorage::F32(v),
         CpuStorage::F16(_) => CpuStorage::F16(v.into_iter().map(f16::from_f32).collect()),
         CpuStorage::BF16(_) => CpuStorage::BF16(v.into_iter().map(bf16::from_f32).collect()),
-        other => bail!(
-            "flash attention: unsupported dtype {:?}",
-            other.dtype()
-        ),
+        other => bail!("flash attention: unsupported dtype {:?}", other.dtype()),
     })
 }
 
@@ -166,7 +164,11 @@ pub(crate) fn forward(
     scale: f32,
     visibility: &Visibility,
 ) -> Result<(CpuStorage, Vec<f32>)> {
-    let (q, k, v) = (as_f32(sq, lq, "q")?, as_f32(sk, lk, "k")?, as_f32(sv, lv, "v")?);
+    let (q, k, v) = (
+        as_f32(sq, lq, "q")?,
+        as_f32(sk, lk, "k")?,
+        as_f32(sv, lv, "v")?,
+    );
     let vis = HostVisibility::new(visibility, dims)?;
     let Dims { hq, nq, nk, d, .. } = dims;
     let group = dims.group();
@@ -214,13 +216,21 @@ pub(crate) fn backward(
     dims: Dims,
     op: &FlashAttnBwd,
 ) -> Result<CpuStorage> {
-    let (q, k, v) = (as_f32(sq, lq, "q")?, as_f32(sk, lk, "k")?, as_f32(sv, lv, "v")?);
+    let (q, k, v) = (
+        as_f32(sq, lq, "q")?,
+        as_f32(sk, lk, "k")?,
+        as_f32(sv, lv, "v")?,
+    );
     let to_f32 = |t: &Tensor| -> Result<Vec<f32>> {
-        t.to_dtype(candle::DType::F32)?.flatten_all()?.to_vec1::<f32>()
+        t.to_dtype(candle::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()
     };
     let (o, g, lse) = (to_f32(&op.out)?, to_f32(&op.grad_out)?, to_f32(&op.lse)?);
     let vis = HostVisibility::new(&op.visibility, dims)?;
-    let Dims { hq, hkv, nq, nk, d, .. } = dims;
+    let Dims {
+        hq, hkv, nq, nk, d, ..
+    } = dims;
     let group = dims.group();
     let scale = op.scale;
     let delta: Vec<f32> = (0..lse.len())
@@ -249,7 +259,9 @@ pub(crate) fn backward(
         for j in (0..rv.end()).filter(|&j| rv.sees(j)) {
             let (_, ds) = p_ds(qrow, krow0 + j);
             let kj = row(&k, krow0 + j, d);
-            dq.iter_mut().zip(kj).for_each(|(a, k)| *a += scale * ds * k);
+            dq.iter_mut()
+                .zip(kj)
+                .for_each(|(a, k)| *a += scale * ds * k);
         }
     });
 
@@ -275,7 +287,9 @@ pub(crate) fn backward(
                     let (p, ds) = p_ds(qrow, krow);
                     let (qi, gi) = (row(&q, qrow, d), row(&g, qrow, d));
                     dv.iter_mut().zip(gi).for_each(|(a, g)| *a += p * g);
-                    dk.iter_mut().zip(qi).for_each(|(a, q)| *a += scale * ds * q);
+                    dk.iter_mut()
+                        .zip(qi)
+                        .for_each(|(a, q)| *a += scale * ds * q);
                 }
             }
         });

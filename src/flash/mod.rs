@@ -316,11 +316,7 @@ impl candle::CustomOp3 for FlashAttn {
         out: &Tensor,
         grad_out: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let stashed = self
-            .lse
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let stashed = self.lse.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let lse = match stashed {
             Some(lse) => lse,
             None => {

@@ -1,0 +1,956 @@
+// Flash attention kernels (forward + backward) for dense (full / causal) and sparse causal
+// visibility. Layout: q, o (b, hq, nq, d); k, v (b, hkv, nk, d), row-major, contiguous.
+//
+// Two families:
+// - tensor-core kernels (f16 / bf16): mma.sync m16n8k16 with f32 accumulation, ldmatrix,
+//   cp.async double buffering, tiles padded by 16 bytes per row (conflict-free ldmatrix);
+// - simple kernels (any dtype, one warp per row, CUDA-core f32 FMA): the f32 path (exact f32
+//   arithmetic, no TF32) and the fallback for shapes the tensor-core kernels do not cover.
+//
+// Visibility modes: 0 full, 1 causal (row i sees j <= i + nk - nq), 2 sparse (q_pos >= k_pos, or >
+// when strict, and equal buckets). Sparse tile skipping uses per-tile metadata (int4: x = max query
+// position / min key position of the tile's real rows, y = min bucket, z = max bucket) built by
+// `flash_tile_meta`.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#define LOG2E 1.4426950408889634f
+#define LN2 0.6931471805599453f
+#define INT_MAX_ 2147483647
+#define INT_MIN_ (-2147483647 - 1)
+
+__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
+__device__ __forceinline__ float pos_inf() { return __int_as_float(0x7f800000); }
+
+// ---------------------------------------------------------------------------------------------
+// Visibility
+// ---------------------------------------------------------------------------------------------
+
+struct Vis {
+  int mode;  // 0 full, 1 causal, 2 sparse
+  int off;   // nk - nq (causal)
+  int strict;
+  int has_bkt;
+  const int* q_pos;  // (b, hq, nq)
+  const int* k_pos;  // (b, hkv, nk)
+  const int* q_bkt;
+  const int* k_bkt;
+};
+
+__device__ __forceinline__ bool sparse_sees(int qp, int qb, int kp, int kb, int strict) {
+  return (strict ? qp > kp : qp >= kp) && qb == kb;
+}
+
+// Does query row i (flat row qr of (b, hq, nq)) see key j (flat row kr of (b, hkv, nk))?
+__device__ __forceinline__ bool sees(const Vis& v, long long qr, int i, long long kr, int j) {
+  if (v.mode == 0) return true;
+  if (v.mode == 1) return j <= i + v.off;
+  int qb = v.has_bkt ? v.q_bkt[qr] : 0;
+  int kb = v.has_bkt ? v.k_bkt[kr] : 0;
+  return sparse_sees(v.q_pos[qr], qb, v.k_pos[kr], kb, v.strict);
+}
+
+// Can a query tile (meta q) see anything of a key tile (meta k)?
+__device__ __forceinline__ bool tile_pass(int4 q, int4 k, int strict) {
+  bool causal = strict ? q.x > k.x : q.x >= k.x;
+  return causal && k.z >= q.y && k.y <= q.z;
+}
+
+// First index in [t, end) whose tile passes `tile_pass(q, meta[idx])`, or `end`; warp-parallel
+// ballot scan (every warp computes the same, uniform answer). Used for sparse mode: it visits
+// exactly the tiles of [j_start, causal_end) that pass the per-tile test when the layout is
+// sorted, and stays correct for any layout.
+__device__ __forceinline__ int next_pass_k(int t, int end, int4 q, const int4* kmeta, int strict) {
+  int lane = threadIdx.x & 31;
+  for (int base = t; base < end; base += 32) {
+    int tt = base + lane;
+    bool pass = tt < end && tile_pass(q, kmeta[tt], strict);
+    unsigned bal = __ballot_sync(0xffffffffu, pass);
+    if (bal) return base + __ffs(bal) - 1;
+  }
+  return end;
+}
+
+// Same, scanning query tiles against one key tile.
+__device__ __forceinline__ int next_pass_q(int t, int end, const int4* qmeta, int4 k, int strict) {
+  int lane = threadIdx.x & 31;
+  for (int base = t; base < end; base += 32) {
+    int tt = base + lane;
+    bool pass = tt < end && tile_pass(qmeta[tt], k, strict);
+    unsigned bal = __ballot_sync(0xffffffffu, pass);
+    if (bal) return base + __ffs(bal) - 1;
+  }
+  return end;
+}
+
+// Per-tile metadata of positions (and buckets). `rows` = b*h rows of length n, tiles of `tile`.
+// Query tiles: x = max position over real rows (pos != -1), INT_MIN if none.
+// Key tiles:   x = min position over real rows (pos != INT_MAX), INT_MAX if none.
+// y, z = min, max bucket over real rows (0 without buckets), (INT_MAX, INT_MIN) if none.
+extern "C" __global__ void flash_tile_meta(const int* pos, const int* bkt, int4* meta, int rows,
+                                           int n, int tile, int is_query, int has_bkt) {
+  int ntiles = (n + tile - 1) / tile;
+  long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (idx >= (long long)rows * ntiles) return;
+  long long r = idx / ntiles;
+  int t = (int)(idx % ntiles);
+  int x = is_query ? INT_MIN_ : INT_MAX_;
+  int lo = INT_MAX_, hi = INT_MIN_;
+  int end = min(n, (t + 1) * tile);
+  for (int i = t * tile; i < end; ++i) {
+    int p = pos[r * n + i];
+    bool real = is_query ? p != -1 : p != INT_MAX_;
+    if (!real) continue;
+    x = is_query ? max(x, p) : min(x, p);
+    int b = has_bkt ? bkt[r * n + i] : 0;
+    lo = min(lo, b);
+    hi = max(hi, b);
+  }
+  meta[idx] = make_int4(x, lo, hi, 0);
+}
+
+// Fills n bytes with 0xFF (NaN in f32 / f16 / bf16): debug poisoning of outputs.
+extern "C" __global__ void flash_poison(unsigned char* p, unsigned long long n) {
+  unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
+  for (; i < n; i += (unsigned long long)gridDim.x * blockDim.x) p[i] = 0xFF;
+}
+
+// ---------------------------------------------------------------------------------------------
+// dtype helpers
+// ---------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T> __device__ __forceinline__ T from_f(float x);
+template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+// Two floats packed as a 32-bit pair of T (a in the low half).
+template <typename T> __device__ __forceinline__ uint32_t pack2(float a, float b);
+template <> __device__ __forceinline__ uint32_t pack2<__half>(float a, float b) {
+  __half2 h = __floats2half2_rn(a, b);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float a, float b) {
+  __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Simple kernels: one warp per row, lane l holds elements l, l+32, ... (f32 math, expf)
+// ---------------------------------------------------------------------------------------------
+
+// Forward, one warp per query row; mirrors the CPU kernel's online softmax.
+template <typename T, int D>
+__device__ void fwd_simple(const T* q, const T* k, const T* v, T* o, float* lse, Vis vis, int b,
+                           int hq, int hkv, int nq, int nk, float scale) {
+  constexpr int E = D / 32;
+  int lane = threadIdx.x & 31;
+  long long qr = (long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  if (qr >= (long long)b * hq * nq) return;
+  long long bh = qr / nq;
+  int i = (int)(qr % nq);
+  int h = (int)(bh % hq);
+  long long kr0 = (bh / hq * hkv + h / (hq / hkv)) * nk;
+  float qv[E], acc[E];
+#pragma unroll
+  for (int e = 0; e < E; ++e) {
+    qv[e] = to_f(q[qr * D + lane + 32 * e]);
+    acc[e] = 0.f;
+  }
+  int kend = vis.mode == 1 ? max(0, min(nk, i + vis.off + 1)) : nk;
+  float m = neg_inf(), l = 0.f;
+  for (int j = 0; j < kend; ++j) {
+    if (!sees(vis, qr, i, kr0 + j, j)) continue;
+    const T* kj = k + (kr0 + j) * D;
+    const T* vj = v + (kr0 + j) * D;
+    float s = 0.f;
+#pragma unroll
+    for (int e = 0; e < E; ++e) s = fmaf(qv[e], to_f(kj[lane + 32 * e]), s);
+    s = warp_sum(s) * scale;
+    if (s > m) {
+      float alpha = expf(m - s);
+      l = l * alpha + 1.f;
+#pragma unroll
+      for (int e = 0; e < E; ++e) acc[e] = acc[e] * alpha + to_f(vj[lane + 32 * e]);
+      m = s;
+    } else {
+      float p = expf(s - m);
+      l += p;
+#pragma unroll
+      for (int e = 0; e < E; ++e) acc[e] = fmaf(p, to_f(vj[lane + 32 * e]), acc[e]);
+    }
+  }
+  float inv = l > 0.f ? 1.f / l : 0.f;
+#pragma unroll
+  for (int e = 0; e < E; ++e) o[qr * D + lane + 32 * e] = from_f<T>(acc[e] * inv);
+  if (lane == 0) lse[qr] = l > 0.f ? m + logf(l) : neg_inf();
+}
+
+// Delta_i = rowsum(dO_i * O_i) in f32, one warp per row.
+template <typename T>
+__device__ void bwd_delta(const T* o, const T* go, float* delta, long long rows, int d) {
+  int lane = threadIdx.x & 31;
+  long long r = (long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  if (r >= rows) return;
+  float s = 0.f;
+  for (int c = lane; c < d; c += 32) s = fmaf(to_f(o[r * d + c]), to_f(go[r * d + c]), s);
+  s = warp_sum(s);
+  if (lane == 0) delta[r] = s;
+}
+
+// dQ, one warp per query row.
+template <typename T, int D>
+__device__ void bwd_simple_dq(const T* q, const T* k, const T* v, const T* go, const float* lse,
+                              const float* delta, T* dq, Vis vis, int b, int hq, int hkv, int nq,
+                              int nk, float scale) {
+  constexpr int E = D / 32;
+  int lane = threadIdx.x & 31;
+  long long qr = (long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  if (qr >= (long long)b * hq * nq) return;
+  long long bh = qr / nq;
+  int i = (int)(qr % nq);
+  int h = (int)(bh % hq);
+  long long kr0 = (bh / hq * hkv + h / (hq / hkv)) * nk;
+  float qv[E], gv[E], acc[E];
+#pragma unroll
+  for (int e = 0; e < E; ++e) {
+    qv[e] = to_f(q[qr * D + lane + 32 * e]);
+    gv[e] = to_f(go[qr * D + lane + 32 * e]);
+    acc[e] = 0.f;
+  }
+  float L = lse[qr], dl = delta[qr];
+  int kend = vis.mode == 1 ? max(0, min(nk, i + vis.off + 1)) : nk;
+  if (L == neg_inf()) kend = 0;  // stranded row: zero gradient
+  for (int j = 0; j < kend; ++j) {
+    if (!sees(vis, qr, i, kr0 + j, j)) continue;
+    const T* kj = k + (kr0 + j) * D;
+    const T* vj = v + (kr0 + j) * D;
+    float s = 0.f, dp = 0.f;
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+      s = fmaf(qv[e], to_f(kj[lane + 32 * e]), s);
+      dp = fmaf(gv[e], to_f(vj[lane + 32 * e]), dp);
+    }
+    s = warp_sum(s) * scale;
+    dp = warp_sum(dp);
+    float p = expf(s - L);
+    float ds = p * (dp - dl) * scale;
+#pragma unroll
+    for (int e = 0; e < E; ++e) acc[e] = fmaf(ds, to_f(kj[lane + 32 * e]), acc[e]);
+  }
+#pragma unroll
+  for (int e = 0; e < E; ++e) dq[qr * D + lane + 32 * e] = from_f<T>(acc[e]);
+}
+
+// dK, dV, one warp per key row, looping over the group's query heads and rows.
+template <typename T, int D>
+__device__ void bwd_simple_dkv(const T* q, const T* k, const T* v, const T* go, const float* lse,
+                               const float* delta, T* dk, T* dv, Vis vis, int b, int hq, int hkv,
+                               int nq, int nk, float scale) {
+  constexpr int E = D / 32;
+  int lane = threadIdx.x & 31;
+  long long kr = (long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  if (kr >= (long long)b * hkv * nk) return;
+  long long bhk = kr / nk;
+  int j = (int)(kr % nk);
+  int bi = (int)(bhk / hkv), hk = (int)(bhk % hkv), group = hq / hkv;
+  float kv[E], vv[E], adk[E], adv[E];
+#pragma unroll
+  for (int e = 0; e < E; ++e) {
+    kv[e] = to_f(k[kr * D + lane + 32 * e]);
+    vv[e] = to_f(v[kr * D + lane + 32 * e]);
+    adk[e] = 0.f;
+    adv[e] = 0.f;
+  }
+  int i0 = vis.mode == 1 ? max(0, j - vis.off) : 0;
+  for (int h = hk * group; h < (hk + 1) * group; ++h) {
+    for (int i = i0; i < nq; ++i) {
+      long long qr = ((long long)bi * hq + h) * nq + i;
+      float L = lse[qr];
+      if (L == neg_inf() || !sees(vis, qr, i, kr, j)) continue;
+      const T* qi = q + qr * D;
+      const T* gi = go + qr * D;
+      float s = 0.f, dp = 0.f;
+#pragma unroll
+      for (int e = 0; e < E; ++e) {
+        s = fmaf(to_f(qi[lane + 32 * e]), kv[e], s);
+        dp = fmaf(to_f(gi[lane + 32 * e]), vv[e], dp);
+      }
+      s = warp_sum(s) * scale;
+      dp = warp_sum(dp);
+      float p = expf(s - L);
+      float ds = p * (dp - delta[qr]) * scale;
+#pragma unroll
+      for (int e = 0; e < E; ++e) {
+        adv[e] = fmaf(p, to_f(gi[lane + 32 * e]), adv[e]);
+        adk[e] = fmaf(ds, to_f(qi[lane + 32 * e]), adk[e]);
+      }
+    }
+  }
+#pragma unroll
+  for (int e = 0; e < E; ++e) {
+    dk[kr * D + lane + 32 * e] = from_f<T>(adk[e]);
+    dv[kr * D + lane + 32 * e] = from_f<T>(adv[e]);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tensor-core primitives
+// ---------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return (uint32_t)__cvta_generic_to_shared(p);
+}
+
+// 16-byte async copy; when !pred nothing is read and the destination is zero-filled.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool pred) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(pred ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void ldsm_x4(uint32_t* r, const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldsm_x4_t(uint32_t* r, const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+// c += a (16x16, row) * b (16x8, col), f32 accumulate.
+template <typename T> __device__ __forceinline__ void mma(float* c, const uint32_t* a, uint32_t b0, uint32_t b1);
+template <>
+__device__ __forceinline__ void mma<__half>(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma<__nv_bfloat16>(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Row stride of a shared tile of D elements: padded by 8 elements (16 bytes) so the 8 row
+// addresses of one ldmatrix 8x8 matrix fall in 8 distinct 16-byte bank groups.
+template <int D> struct Pad { static constexpr int SD = D + 8; };
+
+// Async copy of rows [row0, row0 + ROWS) of a (n, D) matrix into a padded shared tile; rows past
+// n are zero-filled.
+template <typename T, int ROWS, int D, int NT>
+__device__ __forceinline__ void load_tile(T* s, const T* g, int row0, int n) {
+  constexpr int CH = D / 8, SD = Pad<D>::SD;
+#pragma unroll
+  for (int idx = threadIdx.x; idx < ROWS * CH; idx += NT) {
+    int r = idx / CH, c = idx % CH;
+    bool ok = row0 + r < n;
+    cp_async16(s + r * SD + c * 8, g + (long long)(ok ? row0 + r : 0) * D + c * 8, ok);
+  }
+}
+
+// S (16 x 8*NT8) += A (16 rows of sA from row a0, D cols) * B^T (rows b0.. of sB, D cols).
+// A via ldmatrix (row-major), B via ldmatrix non-transposed (rows = the n index).
+template <typename T, int D, int NT8>
+__device__ __forceinline__ void gemm_abt(float (*s)[4], const T* sA, int a0, const T* sB, int b0) {
+  constexpr int SD = Pad<D>::SD;
+  int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t a[4];
+    ldsm_x4(a, sA + (a0 + (lane & 15)) * SD + kk * 16 + (lane >> 4) * 8);
+#pragma unroll
+    for (int nn = 0; nn < NT8 / 2; ++nn) {
+      uint32_t bb[4];
+      ldsm_x4(bb, sB + (b0 + nn * 16 + (lane & 7) + (lane >> 4) * 8) * SD + kk * 16 +
+                      ((lane >> 3) & 1) * 8);
+      mma<T>(s[2 * nn], a, bb[0], bb[1]);
+      mma<T>(s[2 * nn + 1], a, bb[2], bb[3]);
+    }
+  }
+}
+
+// Same as gemm_abt with the A fragments already in registers (a[kk] for k-step kk).
+template <typename T, int D, int NT8>
+__device__ __forceinline__ void gemm_abt_reg(float (*s)[4], const uint32_t (*a)[4], const T* sB, int b0) {
+  constexpr int SD = Pad<D>::SD;
+  int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+    for (int nn = 0; nn < NT8 / 2; ++nn) {
+      uint32_t bb[4];
+      ldsm_x4(bb, sB + (b0 + nn * 16 + (lane & 7) + (lane >> 4) * 8) * SD + kk * 16 +
+                      ((lane >> 3) & 1) * 8);
+      mma<T>(s[2 * nn], a[kk], bb[0], bb[1]);
+      mma<T>(s[2 * nn + 1], a[kk], bb[2], bb[3]);
+    }
+  }
+}
+
+// Acc (16 x D) += P (16 x 16*KS, C-fragment registers p, converted to T) * B (rows = the k index
+// of sB from b0, D cols), B via ldmatrix transposed.
+template <typename T, int D, int KS>
+__device__ __forceinline__ void gemm_pb(float (*acc)[4], const float (*p)[4], const T* sB, int b0) {
+  constexpr int SD = Pad<D>::SD;
+  int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int kk = 0; kk < KS; ++kk) {
+    // The C fragments of two adjacent n-tiles are exactly the A fragment of one k-step.
+    uint32_t a[4] = {pack2<T>(p[2 * kk][0], p[2 * kk][1]), pack2<T>(p[2 * kk][2], p[2 * kk][3]),
+                     pack2<T>(p[2 * kk + 1][0], p[2 * kk + 1][1]),
+                     pack2<T>(p[2 * kk + 1][2], p[2 * kk + 1][3])};
+#pragma unroll
+    for (int dn = 0; dn < D / 16; ++dn) {
+      uint32_t bb[4];
+      ldsm_x4_t(bb, sB + (b0 + kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * SD + dn * 16 +
+                        (lane >> 4) * 8);
+      mma<T>(acc[2 * dn], a, bb[0], bb[1]);
+      mma<T>(acc[2 * dn + 1], a, bb[2], bb[3]);
+    }
+  }
+}
+
+// Writes a warp's 16 x D f32 accumulator (times mul) as T rows [r0, r0+16) of a (n, D) matrix.
+template <typename T, int D>
+__device__ __forceinline__ void store_acc(T* g, const float (*acc)[4], int r0, int n, float mul0,
+                                          float mul1) {
+  int lane = threadIdx.x & 31, gq = lane >> 2, t4 = lane & 3;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    int r = r0 + gq + half * 8;
+    if (r >= n) continue;
+    float mul = half ? mul1 : mul0;
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) {
+      uint32_t w = pack2<T>(acc[dt][half * 2] * mul, acc[dt][half * 2 + 1] * mul);
+      *reinterpret_cast<uint32_t*>(g + (long long)r * D + dt * 8 + 2 * t4) = w;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tensor-core forward: one CTA per (query tile of BM = 16*NW rows, b*hq); each warp owns 16 rows
+// and all BN columns of the score tile. K/V tiles double-buffered with cp.async.
+// ---------------------------------------------------------------------------------------------
+
+template <typename T, int D, int NW, int BN>
+__device__ void fwd_mma(const T* q, const T* k, const T* v, T* o, float* lse, Vis vis,
+                        const int4* qmeta, const int4* kmeta, int hq, int hkv, int nq, int nk,
+                        float scale) {
+  constexpr int BM = 16 * NW, SD = Pad<D>::SD, NT = NW * 32, N8 = BN / 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sK = sQ + BM * SD;       // [2][BN][SD]
+  T* sV = sK + 2 * BN * SD;   // [2][BN][SD]
+
+  int warp = threadIdx.x / 32, lane = threadIdx.x & 31, gq = lane >> 2, t4 = lane & 3;
+  int mt = blockIdx.x, bh = blockIdx.y, m0 = mt * BM;
+  int b = bh / hq, h = bh % hq, hk = h / (hq / hkv);
+  long long qrow0 = (long long)bh * nq, krow0 = ((long long)b * hkv + hk) * nk;
+  const T* gq_ = q + qrow0 * D;
+  const T* gk = k + krow0 * D;
+  const T* gv = v + krow0 * D;
+  int nkt = (nk + BN - 1) / BN;
+  float sl2 = scale * LOG2E;
+
+  // Key-tile range.
+  int t_end = nkt;
+  int4 qm = make_int4(0, 0, 0, 0);
+  const int4* km = kmeta + ((long long)b * hkv + hk) * nkt;
+  if (vis.mode == 1) {
+    int last = min(nq, m0 + BM) - 1 + vis.off;  // last key the tile's last row sees
+    t_end = last < 0 ? 0 : min(nkt, last / BN + 1);
+  } else if (vis.mode == 2) {
+    qm = qmeta[(long long)bh * gridDim.x + mt];
+  }
+  auto next = [&](int t) { return vis.mode == 2 ? next_pass_k(t, t_end, qm, km, vis.strict) : t; };
+
+  // Per-thread query rows (gq, gq+8 of the warp's 16) and their sparse keys.
+  int i_r[2], qp[2], qb[2];
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    i_r[hf] = m0 + warp * 16 + gq + hf * 8;
+    qp[hf] = INT_MIN_;
+    qb[hf] = -1;
+    if (vis.mode == 2 && i_r[hf] < nq) {
+      qp[hf] = vis.q_pos[qrow0 + i_r[hf]];
+      qb[hf] = vis.has_bkt ? vis.q_bkt[qrow0 + i_r[hf]] : 0;
+    }
+  }
+
+  load_tile<T, BM, D, NT>(sQ, gq_, m0, nq);
+  int t = next(0);
+  if (t < t_end) {
+    load_tile<T, BN, D, NT>(sK, gk, t * BN, nk);
+    load_tile<T, BN, D, NT>(sV, gv, t * BN, nk);
+  }
+  cp_async_commit();
+
+  // Up to D = 128 the warp's Q fragments stay in registers for the whole key loop.
+  constexpr bool QREG = D <= 128;
+  uint32_t qf[QREG ? D / 16 : 1][4];
+  if constexpr (QREG) {
+    cp_async_wait<0>();
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk)
+      ldsm_x4(qf[kk], sQ + (warp * 16 + (lane & 15)) * SD + kk * 16 + (lane >> 4) * 8);
+  }
+
+  float acc[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+  float mrow[2] = {neg_inf(), neg_inf()}, lrow[2] = {0.f, 0.f};
+
+  int buf = 0;
+  while (t < t_end) {
+    int tn = next(t + 1);
+    if (tn < t_end) {
+      load_tile<T, BN, D, NT>(sK + (buf ^ 1) * BN * SD, gk, tn * BN, nk);
+      load_tile<T, BN, D, NT>(sV + (buf ^ 1) * BN * SD, gv, tn * BN, nk);
+    }
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+
+    const T* cK = sK + buf * BN * SD;
+    const T* cV = sV + buf * BN * SD;
+    float s[N8][4];
+#pragma unroll
+    for (int i = 0; i < N8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+    if constexpr (QREG)
+      gemm_abt_reg<T, D, N8>(s, qf, cK, 0);
+    else
+      gemm_abt<T, D, N8>(s, sQ, warp * 16, cK, 0);
+
+    int n0 = t * BN;
+    bool need_mask = vis.mode == 2 || n0 + BN > nk ||
+                     (vis.mode == 1 && n0 + BN - 1 > m0 + warp * 16 + vis.off);
+    if (need_mask) {
+#pragma unroll
+      for (int nt = 0; nt < N8; ++nt) {
+#pragma unroll
+        for (int e2 = 0; e2 < 2; ++e2) {
+          int j = n0 + nt * 8 + 2 * t4 + e2;
+          int kp = INT_MAX_, kb = -2;
+          if (vis.mode == 2 && j < nk) {
+            kp = vis.k_pos[krow0 + j];
+            kb = vis.has_bkt ? vis.k_bkt[krow0 + j] : 0;
+          }
+#pragma unroll
+          for (int hf = 0; hf < 2; ++hf) {
+            bool ok = j < nk;
+            if (vis.mode == 1) ok = ok && j <= i_r[hf] + vis.off;
+            if (vis.mode == 2) ok = ok && sparse_sees(qp[hf], qb[hf], kp, kb, vis.strict);
+            if (!ok) s[nt][hf * 2 + e2] = neg_inf();
+          }
+        }
+      }
+    }
+
+    // Online softmax (log2 domain) for rows gq and gq+8.
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      float mx = mrow[hf];
+#pragma unroll
+      for (int nt = 0; nt < N8; ++nt) {
+        s[nt][hf * 2] *= sl2;
+        s[nt][hf * 2 + 1] *= sl2;
+        mx = fmaxf(mx, fmaxf(s[nt][hf * 2], s[nt][hf * 2 + 1]));
+      }
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      float msafe = mx == neg_inf() ? 0.f : mx;
+      float alpha = fast_exp2(mrow[hf] - msafe);
+      mrow[hf] = mx;
+      float ls = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < N8; ++nt) {
+        s[nt][hf * 2] = fast_exp2(s[nt][hf * 2] - msafe);
+        s[nt][hf * 2 + 1] = fast_exp2(s[nt][hf * 2 + 1] - msafe);
+        ls += s[nt][hf * 2] + s[nt][hf * 2 + 1];
+      }
+      lrow[hf] = lrow[hf] * alpha + ls;
+#pragma unroll
+      for (int dt = 0; dt < D / 8; ++dt) {
+        acc[dt][hf * 2] *= alpha;
+        acc[dt][hf * 2 + 1] *= alpha;
+      }
+    }
+    gemm_pb<T, D, BN / 16>(acc, s, cV, 0);
+    __syncthreads();  // the buffer is refilled by the next iteration
+    t = tn;
+    buf ^= 1;
+  }
+  cp_async_wait<0>();
+
+  float inv[2];
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    float l = lrow[hf];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    inv[hf] = l > 0.f ? 1.f / l : 0.f;
+    if (t4 == 0 && i_r[hf] < nq)
+      lse[qrow0 + i_r[hf]] = l > 0.f ? mrow[hf] * LN2 + logf(l) : neg_inf();
+  }
+  store_acc<T, D>(o + qrow0 * D, acc, m0 + warp * 16, nq, inv[0], inv[1]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tensor-core backward.
+// dQ strategy: deterministic, no atomics. Kernel A (one CTA per (key tile, b*hkv)) owns dK, dV of
+// its 16*NW keys and loops over the group's query heads and their query tiles; kernel B (one CTA
+// per (query tile, b*hq)) recomputes S and P and accumulates dQ over the forward's key range.
+// Both tile by BT = 64 on the looped axis.
+// ---------------------------------------------------------------------------------------------
+
+template <typename T, int D, int NW>
+__device__ void bwd_dkv_mma(const T* q, const T* k, const T* v, const T* go, const float* lse,
+                            const float* delta, T* dk, T* dv, Vis vis, const int4* qmeta,
+                            const int4* kmeta, int hq, int hkv, int nq, int nk, float scale) {
+  constexpr int BK = 16 * NW, BQ = 64, SD = Pad<D>::SD, NT = NW * 32, N8 = BQ / 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sK = reinterpret_cast<T*>(smem_raw);
+  T* sV = sK + BK * SD;
+  T* sQ = sV + BK * SD;        // [2][BQ][SD]
+  T* sG = sQ + 2 * BQ * SD;    // [2][BQ][SD]
+  float* sL = reinterpret_cast<float*>(sG + 2 * BQ * SD);  // [2][BQ] lse * log2e (+inf if none)
+  float* sD = sL + 2 * BQ;                                  // [2][BQ] delta
+
+  int warp = threadIdx.x / 32, lane = threadIdx.x & 31, gq = lane >> 2, t4 = lane & 3;
+  int kt = blockIdx.x, bhk = blockIdx.y, n0 = kt * BK;
+  int b = bhk / hkv, hk = bhk % hkv, group = hq / hkv;
+  long long krow0 = (long long)bhk * nk;
+  long long qhead0 = (long long)b * hq + (long long)hk * group;  // first query head of the group
+  int nqt = (nq + BQ - 1) / BQ;
+  int p_end = group * nqt;  // flat (head, query tile) index
+  float sl2 = scale * LOG2E;
+
+  // Causal: the first query row seeing key n0 is n0 - off.
+  int u0 = vis.mode == 1 ? min(nqt, max(0, n0 - vis.off) / BQ) : 0;
+  int4 km = vis.mode == 2 ? kmeta[(long long)bhk * gridDim.x + kt] : make_int4(0, 0, 0, 0);
+  const int4* qm = qmeta + qhead0 * nqt;
+  auto next = [&](int p) {
+    if (vis.mode == 2) return next_pass_q(p, p_end, qm, km, vis.strict);
+    if (vis.mode == 1 && p < p_end && p % nqt < u0) return p - p % nqt + u0;
+    return p;
+  };
+  auto load_q = [&](int p, int bf) {
+    int h = p / nqt, m0 = (p % nqt) * BQ;
+    long long qr0 = (qhead0 + h) * nq;
+    load_tile<T, BQ, D, NT>(sQ + bf * BQ * SD, q + qr0 * D, m0, nq);
+    load_tile<T, BQ, D, NT>(sG + bf * BQ * SD, go + qr0 * D, m0, nq);
+    for (int r = threadIdx.x; r < BQ; r += NT) {
+      bool ok = m0 + r < nq;
+      float L = ok ? lse[qr0 + m0 + r] : neg_inf();
+      sL[bf * BQ + r] = L == neg_inf() ? pos_inf() : L * LOG2E;
+      sD[bf * BQ + r] = ok ? delta[qr0 + m0 + r] : 0.f;
+    }
+  };
+
+  // Per-thread key rows (gq, gq+8 of the warp's 16) and their sparse keys.
+  int j_r[2], kp[2], kb[2];
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    j_r[hf] = n0 + warp * 16 + gq + hf * 8;
+    kp[hf] = INT_MAX_;
+    kb[hf] = -2;
+    if (vis.mode == 2 && j_r[hf] < nk) {
+      kp[hf] = vis.k_pos[krow0 + j_r[hf]];
+      kb[hf] = vis.has_bkt ? vis.k_bkt[krow0 + j_r[hf]] : 0;
+    }
+  }
+
+  load_tile<T, BK, D, NT>(sK, k + krow0 * D, n0, nk);
+  load_tile<T, BK, D, NT>(sV, v + krow0 * D, n0, nk);
+  int p = next(0);
+  if (p < p_end) load_q(p, 0);
+  cp_async_commit();
+
+  float adk[D / 8][4], adv[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) adk[i][e] = adv[i][e] = 0.f;
+
+  int buf = 0;
+  while (p < p_end) {
+    int pn = next(p + 1);
+    if (pn < p_end) load_q(pn, buf ^ 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+
+    const T* cQ = sQ + buf * BQ * SD;
+    const T* cG = sG + buf * BQ * SD;
+    const float* cL = sL + buf * BQ;
+    const float* cD = sD + buf * BQ;
+    int h = p / nqt, m0 = (p % nqt) * BQ;
+    long long qr0 = (qhead0 + h) * nq;
+
+    // S^T = K Q^T and dP^T = V dO^T for the warp's 16 keys x BQ queries.
+    float s[N8][4], dp[N8][4];
+#pragma unroll
+    for (int i = 0; i < N8; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.f;
+    gemm_abt<T, D, N8>(s, sK, warp * 16, cQ, 0);
+    gemm_abt<T, D, N8>(dp, sV, warp * 16, cG, 0);
+
+    bool need_mask = vis.mode == 2 || m0 + BQ > nq || n0 + BK > nk ||
+                     (vis.mode == 1 && n0 + warp * 16 + 15 > m0 + vis.off);
+#pragma unroll
+    for (int nt = 0; nt < N8; ++nt) {
+#pragma unroll
+      for (int e2 = 0; e2 < 2; ++e2) {
+        int c = nt * 8 + 2 * t4 + e2, i = m0 + c;
+        int qp = INT_MIN_, qb = -1;
+        if (vis.mode == 2 && i < nq) {
+          qp = vis.q_pos[qr0 + i];
+          qb = vis.has_bkt ? vis.q_bkt[qr0 + i] : 0;
+        }
+        float L = cL[c], dl = cD[c];
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          bool ok = true;
+          if (need_mask) {
+            ok = i < nq && j_r[hf] < nk;
+            if (vis.mode == 1) ok = ok && j_r[hf] <= i + vis.off;
+            if (vis.mode == 2) ok = ok && sparse_sees(qp, qb, kp[hf], kb[hf], vis.strict);
+          }
+          float pv = ok ? fast_exp2(s[nt][hf * 2 + e2] * sl2 - L) : 0.f;
+          s[nt][hf * 2 + e2] = pv;
+          dp[nt][hf * 2 + e2] = pv * (dp[nt][hf * 2 + e2] - dl);
+        }
+      }
+    }
+    // dV += P^T dO, dK += dS^T Q (scaled at the end).
+    gemm_pb<T, D, BQ / 16>(adv, s, cG, 0);
+    gemm_pb<T, D, BQ / 16>(adk, dp, cQ, 0);
+    __syncthreads();
+    p = pn;
+    buf ^= 1;
+  }
+  cp_async_wait<0>();
+  store_acc<T, D>(dk + krow0 * D, adk, n0 + warp * 16, nk, scale, scale);
+  store_acc<T, D>(dv + krow0 * D, adv, n0 + warp * 16, nk, 1.f, 1.f);
+}
+
+template <typename T, int D, int NW>
+__device__ void bwd_dq_mma(const T* q, const T* k, const T* v, const T* go, const float* lse,
+                           const float* delta, T* dq, Vis vis, const int4* qmeta,
+                           const int4* kmeta, int hq, int hkv, int nq, int nk, float scale) {
+  constexpr int BM = 16 * NW, BN = 64, SD = Pad<D>::SD, NT = NW * 32, N8 = BN / 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sG = sQ + BM * SD;
+  T* sK = sG + BM * SD;       // [2][BN][SD]
+  T* sV = sK + 2 * BN * SD;   // [2][BN][SD]
+
+  int warp = threadIdx.x / 32, lane = threadIdx.x & 31, gq = lane >> 2, t4 = lane & 3;
+  int mt = blockIdx.x, bh = blockIdx.y, m0 = mt * BM;
+  int b = bh / hq, h = bh % hq, hk = h / (hq / hkv);
+  long long qrow0 = (long long)bh * nq, krow0 = ((long long)b * hkv + hk) * nk;
+  const T* gk = k + krow0 * D;
+  const T* gv = v + krow0 * D;
+  int nkt = (nk + BN - 1) / BN;
+  float sl2 = scale * LOG2E;
+
+  int t_end = nkt;
+  int4 qm = make_int4(0, 0, 0, 0);
+  const int4* km = kmeta + ((long long)b * hkv + hk) * nkt;
+  if (vis.mode == 1) {
+    int last = min(nq, m0 + BM) - 1 + vis.off;
+    t_end = last < 0 ? 0 : min(nkt, last / BN + 1);
+  } else if (vis.mode == 2) {
+    qm = qmeta[(long long)bh * gridDim.x + mt];
+  }
+  auto next = [&](int t) { return vis.mode == 2 ? next_pass_k(t, t_end, qm, km, vis.strict) : t; };
+
+  int i_r[2], qp[2], qb[2];
+  float L2[2], dl[2];
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    int i = m0 + warp * 16 + gq + hf * 8;
+    i_r[hf] = i;
+    qp[hf] = INT_MIN_;
+    qb[hf] = -1;
+    float L = i < nq ? lse[qrow0 + i] : neg_inf();
+    L2[hf] = L == neg_inf() ? pos_inf() : L * LOG2E;
+    dl[hf] = i < nq ? delta[qrow0 + i] : 0.f;
+    if (vis.mode == 2 && i < nq) {
+      qp[hf] = vis.q_pos[qrow0 + i];
+      qb[hf] = vis.has_bkt ? vis.q_bkt[qrow0 + i] : 0;
+    }
+  }
+
+  load_tile<T, BM, D, NT>(sQ, q + qrow0 * D, m0, nq);
+  load_tile<T, BM, D, NT>(sG, go + qrow0 * D, m0, nq);
+  int t = next(0);
+  if (t < t_end) {
+    load_tile<T, BN, D, NT>(sK, gk, t * BN, nk);
+    load_tile<T, BN, D, NT>(sV, gv, t * BN, nk);
+  }
+  cp_async_commit();
+
+  float acc[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+
+  int buf = 0;
+  while (t < t_end) {
+    int tn = next(t + 1);
+    if (tn < t_end) {
+      load_tile<T, BN, D, NT>(sK + (buf ^ 1) * BN * SD, gk, tn * BN, nk);
+      load_tile<T, BN, D, NT>(sV + (buf ^ 1) * BN * SD, gv, tn * BN, nk);
+    }
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    const T* cK = sK + buf * BN * SD;
+    const T* cV = sV + buf * BN * SD;
+
+    float s[N8][4], dp[N8][4];
+#pragma unroll
+    for (int i = 0; i < N8; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.f;
+    gemm_abt<T, D, N8>(s, sQ, warp * 16, cK, 0);
+    gemm_abt<T, D, N8>(dp, sG, warp * 16, cV, 0);
+
+    int n0 = t * BN;
+    bool need_mask = vis.mode == 2 || n0 + BN > nk || m0 + BM > nq ||
+                     (vis.mode == 1 && n0 + BN - 1 > m0 + warp * 16 + vis.off);
+#pragma unroll
+    for (int nt = 0; nt < N8; ++nt) {
+#pragma unroll
+      for (int e2 = 0; e2 < 2; ++e2) {
+        int j = n0 + nt * 8 + 2 * t4 + e2;
+        int kp = INT_MAX_, kb = -2;
+        if (vis.mode == 2 && j < nk) {
+          kp = vis.k_pos[krow0 + j];
+          kb = vis.has_bkt ? vis.k_bkt[krow0 + j] : 0;
+        }
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          bool ok = true;
+          if (need_mask) {
+            ok = j < nk && i_r[hf] < nq;
+            if (vis.mode == 1) ok = ok && j <= i_r[hf] + vis.off;
+            if (vis.mode == 2) ok = ok && sparse_sees(qp[hf], qb[hf], kp, kb, vis.strict);
+          }
+          float pv = ok ? fast_exp2(s[nt][hf * 2 + e2] * sl2 - L2[hf]) : 0.f;
+          s[nt][hf * 2 + e2] = pv * (dp[nt][hf * 2 + e2] - dl[hf]);  // dS
+        }
+      }
+    }
+    gemm_pb<T, D, BN / 16>(acc, s, cK, 0);  // dQ += dS K
+    __syncthreads();
+    t = tn;
+    buf ^= 1;
+  }
+  cp_async_wait<0>();
+  store_acc<T, D>(dq + qrow0 * D, acc, m0 + warp * 16, nq, scale, scale);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Entry points
+// ---------------------------------------------------------------------------------------------
+
+#define VIS_PARAMS                                                                        \
+  const int *q_pos, const int *k_pos, const int *q_bkt, const int *k_bkt, const int4 *qmeta, \
+      const int4 *kmeta, int b, int hq, int hkv, int nq, int nk, int mode, int strict,        \
+      int has_bkt, float scale
+#define MAKE_VIS Vis vis{mode, nk - nq, strict, has_bkt, q_pos, k_pos, q_bkt, k_bkt};
+
+// Tensor-core forward tiles: BM = 16 * NW query rows, BN = 64 keys.
+#define FWD_MMA(TN, T, D, NW)                                                                    \
+  extern "C" __global__ void __launch_bounds__(NW * 32, D <= 64 ? 2 : 1)                                        \
+      flash_fwd_##TN##_d##D(const T* q, const T* k, const T* v, T* o, float* lse, VIS_PARAMS) { \
+    MAKE_VIS fwd_mma<T, D, NW, 64>(q, k, v, o, lse, vis, qmeta, kmeta, hq, hkv, nq, nk, scale); \
+  }
+#define BWD_MMA(TN, T, D)                                                                      \
+  extern "C" __global__ void __launch_bounds__(128)                                            \
+      flash_bwd_dkv_##TN##_d##D(const T* q, const T* k, const T* v, const T* go,               \
+                                const float* lse, const float* delta, T* dk, T* dv,            \
+                                VIS_PARAMS) {                                                  \
+    MAKE_VIS bwd_dkv_mma<T, D, 4>(q, k, v, go, lse, delta, dk, dv, vis, qmeta, kmeta, hq, hkv, \
+                                  nq, nk, scale);                                              \
+  }                                                                                            \
+  extern "C" __global__ void __launch_bounds__(128)                                            \
+      flash_bwd_dq_##TN##_d##D(const T* q, const T* k, const T* v, const T* go,                \
+                               const float* lse, const float* delta, T* dq, VIS_PARAMS) {      \
+    MAKE_VIS bwd_dq_mma<T, D, 4>(q, k, v, go, lse, delta, dq, vis, qmeta, kmeta, hq, hkv, nq,  \
+                                 nk, scale);                                                   \
+  }
+#define SIMPLE(TN, T, D)                                                                        \
+  extern "C" __global__ void flash_fwd_simple_##TN##_d##D(const T* q, const T* k, const T* v,   \
+                                                          T* o, float* lse, VIS_PARAMS) {       \
+    MAKE_VIS fwd_simple<T, D>(q, k, v, o, lse, vis, b, hq, hkv, nq, nk, scale);                 \
+  }                                                                                             \
+  extern "C" __global__ void flash_bwd_simple_dq_##TN##_d##D(                                   \
+      const T* q, const T* k, const T* v, const T* go, const float* lse, const float* delta,    \
+      T* dq, VIS_PARAMS) {                                                                      \
+    MAKE_VIS bwd_simple_dq<T, D>(q, k, v, go, lse, delta, dq, vis, b, hq, hkv, nq, nk, scale);  \
+  }                                                                                             \
+  extern "C" __global__ void flash_bwd_simple_dkv_##TN##_d##D(                                  \
+      const T* q, const T* k, const T* v, const T* go, const float* lse, const float* delta,    \
+      T* dk, T* dv, VIS_PARAMS) {                                                               \
+    MAKE_VIS bwd_simple_dkv<T, D>(q, k, v, go, lse, delta, dk, dv, vis, b, hq, hkv, nq, nk,     \
+                                  scale);                                                       \
+  }
+
+#define DELTA(TN, T)                                                                           \
+  extern "C" __global__ void flash_bwd_delta_##TN(const T* o, const T* go, float* delta,       \
+                                                  long long rows, int d) {                     \
+    bwd_delta<T>(o, go, delta, rows, d);                                                       \
+  }
+
+DELTA(f32, float)
+DELTA(f16, __half)
+DELTA(bf16, __nv_bfloat16)
+
+#define ALL_D(M, TN, T) M(TN, T, 32) M(TN, T, 64) M(TN, T, 96) M(TN, T, 128) M(TN, T, 256)
+ALL_D(SIMPLE, f32, float)
+ALL_D(SIMPLE, f16, __half)
+ALL_D(SIMPLE, bf16, __nv_bfloat16)
+
+#define FWD_ALL(TN, T) \
+  FWD_MMA(TN, T, 32, 8) FWD_MMA(TN, T, 64, 8) FWD_MMA(TN, T, 96, 8) FWD_MMA(TN, T, 128, 8) \
+  FWD_MMA(TN, T, 256, 4)
+FWD_ALL(f16, __half)
+FWD_ALL(bf16, __nv_bfloat16)
+
+#define BWD_ALL(TN, T) BWD_MMA(TN, T, 32) BWD_MMA(TN, T, 64) BWD_MMA(TN, T, 96) BWD_MMA(TN, T, 128)
+BWD_ALL(f16, __half)
+BWD_ALL(bf16, __nv_bfloat16)

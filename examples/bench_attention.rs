@@ -1,0 +1,302 @@
+//! Attention benchmark: forward and forward+backward times of our kernels beside the baselines.
+//!
+//! Prints a table and writes JSON. Times are medians of repeated runs after warm-up, with the
+//! device synchronised around each run. TFLOP/s follows the FlashAttention convention:
+//! 4·N²·D·H·B, halved for causal, ×3.5 for forward+backward ("dense-equivalent" for sparse runs).
+//!
+//! ```text
+//! cargo run --release --example bench_attention -- --device cpu
+//! cargo run --release --features cuda --example bench_attention -- --device cuda \
+//!     --baseline sdpa.json --json bench.json
+//! ```
+//! `--baseline` takes the JSON written by `examples/bench_sdpa.py` (PyTorch SDPA on the same
+//! shapes), so one table shows ours and theirs side by side.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle::{DType, Device, Tensor, Var};
+use candle_sparse_attn::{flash_attn, reference, AttnParams};
+use clap::Parser;
+use serde::{Deserialize, Serialize};
+
+#[derive(Parser, Debug)]
+#[command(about = "Benchmark attention kernels (ours vs baselines)")]
+struct Args {
+    /// `cpu` or `cuda`.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Compute dtype: bf16, f16 or f32 (CPU default f32, CUDA default bf16).
+    #[arg(long)]
+    dtype: Option<String>,
+    /// Sequence lengths (default: 1k..32k on CUDA, 512..4096 on CPU).
+    #[arg(long, value_delimiter = ',')]
+    seq: Vec<usize>,
+    /// Shapes as BxHxD (default: 4x48x64 and 2x16x128 on CUDA, 1x8x64 on CPU).
+    #[arg(long, value_delimiter = ',')]
+    shape: Vec<String>,
+    /// Timed repetitions (median reported).
+    #[arg(long, default_value_t = 10)]
+    reps: usize,
+    /// Warm-up runs.
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// Skip forward+backward.
+    #[arg(long)]
+    fwd_only: bool,
+    /// JSON written by `bench_sdpa.py`, shown beside our numbers.
+    #[arg(long)]
+    baseline: Option<String>,
+    /// Where to write the results as JSON.
+    #[arg(long, default_value = "bench_attention.json")]
+    json: String,
+}
+
+/// One measured row of the table.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+struct Record {
+    method: String,
+    pass: String,
+    b: usize,
+    h: usize,
+    n: usize,
+    d: usize,
+    dtype: String,
+    causal: bool,
+    ms: f64,
+    tflops: f64,
+}
+
+/// Median wall time in ms of `f`, synchronising the device around each run.
+fn time_ms(
+    dev: &Device,
+    warmup: usize,
+    reps: usize,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<f64> {
+    for _ in 0..warmup {
+        f()?;
+    }
+    dev.synchronize()?;
+    let mut times = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let t = Instant::now();
+        f()?;
+        dev.synchronize()?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+/// Dense attention FLOPs (FlashAttention convention).
+fn flops(b: usize, h: usize, n: usize, d: usize, causal: bool, fwd_bwd: bool) -> f64 {
+    let f = 4.0 * (n * n * d * h * b) as f64 * if causal { 0.5 } else { 1.0 };
+    if fwd_bwd {
+        3.5 * f
+    } else {
+        f
+    }
+}
+
+fn parse_shape(s: &str) -> Result<(usize, usize, usize)> {
+    let p: Vec<usize> = s
+        .split('x')
+        .map(|x| {
+            x.parse()
+                .with_context(|| format!("bad shape {s:?}, want BxHxD"))
+        })
+        .collect::<Result<_>>()?;
+    match p[..] {
+        [b, h, d] => Ok((b, h, d)),
+        _ => bail!("bad shape {s:?}, want BxHxD"),
+    }
+}
+
+struct Bench<'a> {
+    dev: &'a Device,
+    args: &'a Args,
+    dtype: DType,
+    records: Vec<Record>,
+}
+
+impl Bench<'_> {
+    fn record(
+        &mut self,
+        method: &str,
+        fwd_bwd: bool,
+        (b, h, n, d): (usize, usize, usize, usize),
+        ms: f64,
+    ) {
+        let r = Record {
+            method: method.into(),
+            pass: if fwd_bwd { "fwd+bwd" } else { "fwd" }.into(),
+            b,
+            h,
+            n,
+            d,
+            dtype: format!("{:?}", self.dtype).to_lowercase(),
+            causal: true,
+            ms,
+            tflops: flops(b, h, n, d, true, fwd_bwd) / ms / 1e9,
+        };
+        println!(
+            "{:<22} {:<8} B={:<2} H={:<3} N={:<6} D={:<4} {:>10.3} ms {:>8.1} TFLOP/s",
+            r.method, r.pass, b, h, n, d, r.ms, r.tflops
+        );
+        self.records.push(r);
+    }
+
+    fn inputs(&self, b: usize, h: usize, n: usize, d: usize) -> Result<(Tensor, Tensor, Tensor)> {
+        let mk = || -> Result<Tensor> {
+            Ok(Tensor::randn(0f32, 1., (b, h, n, d), self.dev)?.to_dtype(self.dtype)?)
+        };
+        Ok((mk()?, mk()?, mk()?))
+    }
+
+    /// Our dense causal op, forward and forward+backward.
+    fn dense(&mut self, shape: (usize, usize, usize, usize)) -> Result<()> {
+        let (b, h, n, d) = shape;
+        let (q, k, v) = self.inputs(b, h, n, d)?;
+        let p = AttnParams::default();
+        let (w, r) = (self.args.warmup, self.args.reps);
+        let ms = time_ms(self.dev, w, r, || Ok(flash_attn(&q, &k, &v, &p).map(drop)?))?;
+        self.record("ours dense", false, shape, ms);
+        if !self.args.fwd_only {
+            let (q, k, v) = (
+                Var::from_tensor(&q)?,
+                Var::from_tensor(&k)?,
+                Var::from_tensor(&v)?,
+            );
+            let g = Tensor::randn(0f32, 1., (b, h, n, d), self.dev)?.to_dtype(self.dtype)?;
+            let ms = time_ms(self.dev, w, r, || {
+                let out = flash_attn(&q, &k, &v, &p)?;
+                (out * &g)?.sum_all()?.backward()?;
+                Ok(())
+            })?;
+            self.record("ours dense", true, shape, ms);
+        }
+        Ok(())
+    }
+
+    /// CPU baselines: candle-nn's CPU flash attention and the naive materialised path.
+    fn cpu_baselines(&mut self, shape: (usize, usize, usize, usize)) -> Result<()> {
+        let (b, h, n, d) = shape;
+        let (q, k, v) = self.inputs(b, h, n, d)?;
+        let scale = 1.0 / (d as f32).sqrt();
+        let (w, r) = (self.args.warmup, self.args.reps);
+        let (qt, kt, vt) = (
+            q.transpose(1, 2)?.contiguous()?,
+            k.transpose(1, 2)?.contiguous()?,
+            v.transpose(1, 2)?.contiguous()?,
+        );
+        let ms = time_ms(self.dev, w, r, || {
+            let mask = candle_nn::attention::AttnMask::causal();
+            candle_nn::attention::flash_attn::<f32>(&qt, &kt, &vt, scale, mask, None, None)?;
+            Ok(())
+        })?;
+        self.record("candle-nn cpu flash", false, shape, ms);
+        let mask = reference::mask(&candle_sparse_attn::Visibility::Causal, (b, h, h, n, n))?;
+        let ms = time_ms(self.dev, w.min(1), r.min(3), || {
+            reference::attention(&q, &k, &v, scale as f64, Some(&mask))?;
+            Ok(())
+        })?;
+        self.record("naive matmul-softmax", false, shape, ms);
+        Ok(())
+    }
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let dev = match args.device.as_str() {
+        "cpu" => Device::Cpu,
+        "cuda" => Device::new_cuda(0)?,
+        other => bail!("unknown device {other:?} (cpu or cuda)"),
+    };
+    let dtype = match (args.dtype.as_deref(), dev.is_cuda()) {
+        (Some("bf16"), _) | (None, true) => DType::BF16,
+        (Some("f16"), _) => DType::F16,
+        (Some("f32"), _) | (None, false) => DType::F32,
+        (Some(other), _) => bail!("unknown dtype {other:?} (bf16, f16, f32)"),
+    };
+    let seqs = if !args.seq.is_empty() {
+        args.seq.clone()
+    } else if dev.is_cuda() {
+        vec![1024, 2048, 4096, 8192, 16384, 32768]
+    } else {
+        vec![512, 1024, 2048, 4096]
+    };
+    let shapes: Vec<(usize, usize, usize)> = if !args.shape.is_empty() {
+        args.shape
+            .iter()
+            .map(|s| parse_shape(s))
+            .collect::<Result<_>>()?
+    } else if dev.is_cuda() {
+        vec![(4, 48, 64), (2, 16, 128)]
+    } else {
+        vec![(1, 8, 64)]
+    };
+    println!(
+        "device {dev:?}, dtype {dtype:?}, median of {} runs after {} warm-up",
+        args.reps, args.warmup
+    );
+    let mut bench = Bench {
+        dev: &dev,
+        args: &args,
+        dtype,
+        records: vec![],
+    };
+    for &(b, h, d) in &shapes {
+        for &n in &seqs {
+            bench.dense((b, h, n, d))?;
+            if !dev.is_cuda() && dtype == DType::F32 {
+                bench.cpu_baselines((b, h, n, d))?;
+            }
+        }
+    }
+    let records = bench.records;
+    if let Some(path) = &args.baseline {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading baseline {path}"))?;
+        let base: Vec<Record> =
+            serde_json::from_str(&text).with_context(|| format!("parsing baseline {path}"))?;
+        print_side_by_side(&records, &base);
+        let mut all = records.clone();
+        all.extend(base);
+        std::fs::write(&args.json, serde_json::to_string_pretty(&all)?)?;
+    } else {
+        std::fs::write(&args.json, serde_json::to_string_pretty(&records)?)?;
+    }
+    println!("wrote {}", args.json);
+    Ok(())
+}
+
+/// One row per (shape, pass): our dense time beside every baseline method and the ratio.
+fn print_side_by_side(ours: &[Record], base: &[Record]) {
+    let key = |r: &Record| (r.b, r.h, r.d, r.n, r.pass.clone());
+    // (b, h, d, n, pass) -> (our ms, [(baseline method, ms)])
+    type Row = (Option<f64>, Vec<(String, f64)>);
+    let mut rows: BTreeMap<_, Row> = BTreeMap::new();
+    for r in ours.iter().filter(|r| r.method == "ours dense") {
+        rows.entry(key(r)).or_default().0 = Some(r.ms);
+    }
+    for r in base {
+        rows.entry(key(r))
+            .or_default()
+            .1
+            .push((r.method.clone(), r.ms));
+    }
+    println!("\nside by side (ms; ratio = baseline time / ours, > 1 means we are faster)");
+    for ((b, h, d, n, pass), (ours, base)) in rows {
+        let Some(ours) = ours else { continue };
+        let cols: Vec<String> = base
+            .iter()
+            .map(|(m, ms)| format!("{m} {ms:.3} ({:.2}x)", ms / ours))
+            .collect();
+        println!(
+            "B={b} H={h} D={d} N={n:<6} {pass:<8} ours {ours:.3} | {}",
+            cols.join(" | ")
+        );
+    }
+}

@@ -1,0 +1,513 @@
+//! CUDA launch side of [`super::FlashAttn`] and [`super::FlashAttnBwd`] (kernels in
+//! `cuda/flash_attn.cu`). Everything runs on candle's stream, with no host round trip.
+//!
+//! - f16 / bf16: tensor-core kernels (`mma.sync` m16n8k16, f32 accumulation). Forward tiles are
+//!   128 queries × 64 keys (64 × 64 at head dim 256); the backward uses 64 × 64 tiles: one kernel per
+//!   key tile owning dK, dV and one per query tile owning dQ (deterministic, no atomics).
+//! - f32 (exact f32 arithmetic is required), head dim 256 in the backward and inputs not aligned
+//!   to 16 bytes: simple CUDA-core kernels, one warp per row.
+//! - Sparse visibility: per-tile min/max of positions and buckets are reduced on the device first;
+//!   the kernels skip every key (query) tile that cannot hold a visible pair.
+
+use candle::backend::BackendStorage;
+use candle::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
+use candle::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaView, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg,
+};
+use candle::cuda_backend::{CudaDType, WrapErr};
+use candle::{bail, CudaDevice, CudaStorage, DType, Layout, Result, Storage, Tensor};
+use half::{bf16, f16};
+
+use super::{Dims, FlashAttnBwd};
+use crate::kernels;
+use crate::mask::Visibility;
+
+/// Module name of `cuda/flash_attn.cu`'s PTX in candle's custom-module cache.
+const MODULE: &str = "candle_sparse_attn::flash_attn";
+/// Rows per tile on the looped axis of every tensor-core kernel, and the backward's tile edge.
+const BT: usize = 64;
+/// Warps per block of the simple kernels (one warp per row).
+const SIMPLE_WARPS: usize = 8;
+
+/// Kernel-name suffix of a dtype.
+fn tname(dtype: DType) -> Result<&'static str> {
+    Ok(match dtype {
+        DType::F32 => "f32",
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        other => bail!("flash attention (cuda): unsupported dtype {other:?}"),
+    })
+}
+
+/// Query rows per forward block of the tensor-core kernel.
+fn fwd_block_rows(d: usize) -> usize {
+    if d == 256 {
+        64
+    } else {
+        128
+    }
+}
+
+fn ceil_div(a: usize, b: usize) -> usize {
+    a.div_ceil(b)
+}
+
+/// Loads a kernel of our module (a `CudaFunc`, whose type candle does not export) and opts it in
+/// to `smem` bytes of dynamic shared memory.
+macro_rules! func {
+    ($dev:expr, $name:expr, $smem:expr) => {{
+        let f = $dev.get_or_load_custom_func(&$name, MODULE, kernels::FLASH_ATTN)?;
+        if $smem > 48 * 1024 {
+            f.set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                $smem as i32,
+            )
+            .w()?;
+        }
+        f
+    }};
+}
+
+fn cfg(grid: (usize, usize), threads: usize, smem: usize) -> Result<LaunchConfig> {
+    if grid.0 > i32::MAX as usize || grid.1 > 65535 {
+        bail!("flash attention (cuda): grid {grid:?} too large")
+    }
+    Ok(LaunchConfig {
+        grid_dim: (grid.0 as u32, grid.1 as u32, 1),
+        block_dim: (threads as u32, 1, 1),
+        shared_mem_bytes: smem as u32,
+    })
+}
+
+/// Debug builds fill outputs with NaN (0xFF bytes) first, so unwritten elements show in tests.
+#[cfg(debug_assertions)]
+fn poison<T>(dev: &CudaDevice, buf: &mut CudaSlice<T>) -> Result<()> {
+    let bytes = (buf.len() * std::mem::size_of::<T>()) as u64;
+    let f = func!(dev, "flash_poison", 0);
+    let mut b = f.builder();
+    b.arg(buf);
+    b.arg(&bytes);
+    unsafe { b.launch(cfg((1024, 1), 256, 0)?) }.w()?;
+    Ok(())
+}
+
+#[cfg(not(debug_assertions))]
+fn poison<T>(_: &CudaDevice, _: &mut CudaSlice<T>) -> Result<()> {
+    Ok(())
+}
+
+/// The contiguous typed view of a storage behind a layout.
+fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout, name: &str) -> Result<CudaView<'a, T>> {
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(s.as_cuda_slice::<T>()?.slice(start..end)),
+        None => bail!("flash attention (cuda): {name} must be contiguous, got {l:?}"),
+    }
+}
+
+/// Whether a layout starts on a 16-byte boundary (the tensor-core kernels' `cp.async` needs it).
+fn aligned(l: &Layout, elem_bytes: usize) -> bool {
+    (l.start_offset() * elem_bytes).is_multiple_of(16)
+}
+
+/// Visibility as kernel arguments: mode, flags and the side tensors (or a dummy in dense modes).
+struct VisArgs<'a> {
+    mode: i32,
+    strict: i32,
+    has_bkt: i32,
+    q_pos: CudaView<'a, i32>,
+    k_pos: CudaView<'a, i32>,
+    q_bkt: CudaView<'a, i32>,
+    k_bkt: CudaView<'a, i32>,
+}
+
+/// Read guards of the sparse side tensors (q_pos, k_pos, then the buckets).
+type Guards<'a> = Vec<(candle::StorageRef<'a>, &'a Layout)>;
+
+fn guards(vis: &Visibility) -> Guards<'_> {
+    match vis {
+        Visibility::Sparse(l) => l
+            .tensors()
+            .into_iter()
+            .map(|t| t.storage_and_layout())
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn vis_args<'a>(
+    vis: &Visibility,
+    g: &'a Guards<'_>,
+    dummy: &'a CudaSlice<i32>,
+) -> Result<VisArgs<'a>> {
+    let side = |i: usize, name: &str| -> Result<CudaView<'a, i32>> {
+        match &*g[i].0 {
+            Storage::Cuda(c) => view::<i32>(c, g[i].1, name),
+            _ => bail!("flash attention (cuda): sparse layout tensor {name} is not on the GPU"),
+        }
+    };
+    Ok(match vis {
+        Visibility::Full | Visibility::Causal => VisArgs {
+            mode: if matches!(vis, Visibility::Full) {
+                0
+            } else {
+                1
+            },
+            strict: 0,
+            has_bkt: 0,
+            q_pos: dummy.slice(..),
+            k_pos: dummy.slice(..),
+            q_bkt: dummy.slice(..),
+            k_bkt: dummy.slice(..),
+        },
+        Visibility::Sparse(l) => {
+            let has_bkt = l.buckets.is_some();
+            VisArgs {
+                mode: 2,
+                strict: l.strict as i32,
+                has_bkt: has_bkt as i32,
+                q_pos: side(0, "q_pos")?,
+                k_pos: side(1, "k_pos")?,
+                q_bkt: if has_bkt {
+                    side(2, "q_bucket")?
+                } else {
+                    dummy.slice(..)
+                },
+                k_bkt: if has_bkt {
+                    side(3, "k_bucket")?
+                } else {
+                    dummy.slice(..)
+                },
+            }
+        }
+    })
+}
+
+/// Per-tile metadata (int4 per tile) of query tiles of `tq` rows and key tiles of `tk` rows;
+/// only built in sparse mode (a dummy otherwise).
+fn tile_meta(
+    dev: &CudaDevice,
+    va: &VisArgs,
+    dims: Dims,
+    tq: usize,
+    tk: usize,
+) -> Result<(CudaSlice<i32>, CudaSlice<i32>)> {
+    if va.mode != 2 {
+        return Ok((dev.alloc_zeros::<i32>(4)?, dev.alloc_zeros::<i32>(4)?));
+    }
+    let f = func!(dev, "flash_tile_meta", 0);
+    let build = |pos: &CudaView<i32>,
+                 bkt: &CudaView<i32>,
+                 rows: usize,
+                 n: usize,
+                 tile: usize,
+                 is_q: i32| {
+        let total = rows * ceil_div(n, tile);
+        let mut meta = unsafe { dev.alloc::<i32>(4 * total) }?;
+        let mut b = f.builder();
+        b.arg(pos);
+        b.arg(bkt);
+        b.arg(&mut meta);
+        candle::builder_arg!(b, rows as i32, n as i32, tile as i32, is_q, va.has_bkt);
+        unsafe { b.launch(cfg((ceil_div(total, 256), 1), 256, 0)?) }.w()?;
+        Ok::<_, candle::Error>(meta)
+    };
+    let qm = build(&va.q_pos, &va.q_bkt, dims.b * dims.hq, dims.nq, tq, 1)?;
+    let km = build(&va.k_pos, &va.k_bkt, dims.b * dims.hkv, dims.nk, tk, 0)?;
+    Ok((qm, km))
+}
+
+/// Scalars shared by every attention kernel, kept alive for the builder.
+struct Scalars([i32; 8], f32);
+
+impl Scalars {
+    fn new(dims: Dims, va: &VisArgs, scale: f32) -> Self {
+        let i = |x: usize| x as i32;
+        Scalars(
+            [
+                i(dims.b),
+                i(dims.hq),
+                i(dims.hkv),
+                i(dims.nq),
+                i(dims.nk),
+                va.mode,
+                va.strict,
+                va.has_bkt,
+            ],
+            scale,
+        )
+    }
+}
+
+/// Pushes the kernels' common trailing parameters (`VIS_PARAMS` in the .cu file).
+fn push_vis<'a>(
+    b: &mut LaunchArgs<'a>,
+    va: &'a VisArgs,
+    meta: &'a (CudaSlice<i32>, CudaSlice<i32>),
+    sc: &'a Scalars,
+) {
+    b.arg(&va.q_pos);
+    b.arg(&va.k_pos);
+    b.arg(&va.q_bkt);
+    b.arg(&va.k_bkt);
+    b.arg(&meta.0);
+    b.arg(&meta.1);
+    for x in &sc.0 {
+        b.arg(x);
+    }
+    b.arg(&sc.1);
+}
+
+fn check_dims(dims: Dims) -> Result<()> {
+    if dims.b * dims.hq > 65535 || dims.b * dims.hq * dims.nq * dims.d > i64::MAX as usize {
+        bail!("flash attention (cuda): batch × heads must be at most 65535, got {dims:?}")
+    }
+    if dims.nq > i32::MAX as usize / 2 || dims.nk > i32::MAX as usize / 2 {
+        bail!("flash attention (cuda): sequence too long, {dims:?}")
+    }
+    if !super::SUPPORTED_HEAD_DIMS.contains(&dims.d) {
+        bail!(
+            "flash attention (cuda): head_dim {} is not supported (supported: {:?})",
+            dims.d,
+            super::SUPPORTED_HEAD_DIMS
+        )
+    }
+    Ok(())
+}
+
+/// Forward: output `(b, hq, nq, d)` in the input dtype and the f32 LSE `(b, hq, nq)`.
+pub(crate) fn forward(
+    (sq, lq): (&CudaStorage, &Layout),
+    (sk, lk): (&CudaStorage, &Layout),
+    (sv, lv): (&CudaStorage, &Layout),
+    dims: Dims,
+    scale: f32,
+    visibility: &Visibility,
+) -> Result<(CudaStorage, CudaStorage)> {
+    match sq.dtype() {
+        DType::F32 => fwd_t::<f32>((sq, lq), (sk, lk), (sv, lv), dims, scale, visibility),
+        DType::F16 => fwd_t::<f16>((sq, lq), (sk, lk), (sv, lv), dims, scale, visibility),
+        DType::BF16 => fwd_t::<bf16>((sq, lq), (sk, lk), (sv, lv), dims, scale, visibility),
+        other => bail!("flash attention (cuda): unsupported dtype {other:?}"),
+    }
+}
+
+fn fwd_t<T: CudaDType + DeviceRepr>(
+    (sq, lq): (&CudaStorage, &Layout),
+    (sk, lk): (&CudaStorage, &Layout),
+    (sv, lv): (&CudaStorage, &Layout),
+    dims: Dims,
+    scale: f32,
+    visibility: &Visibility,
+) -> Result<(CudaStorage, CudaStorage)> {
+    check_dims(dims)?;
+    let dev = sq.device().clone();
+    let tn = tname(sq.dtype())?;
+    let es = sq.dtype().size_in_bytes();
+    let (q, k, v) = (
+        view::<T>(sq, lq, "q")?,
+        view::<T>(sk, lk, "k")?,
+        view::<T>(sv, lv, "v")?,
+    );
+    let rows = dims.b * dims.hq * dims.nq;
+    let mut out = unsafe { dev.alloc::<T>(rows * dims.d) }?;
+    let mut lse = unsafe { dev.alloc::<f32>(rows) }?;
+    poison(&dev, &mut out)?;
+    poison(&dev, &mut lse)?;
+
+    let g = guards(visibility);
+    let dummy = dev.alloc_zeros::<i32>(4)?;
+    let va = vis_args(visibility, &g, &dummy)?;
+    let sc = Scalars::new(dims, &va, scale);
+    let fast = sq.dtype() != DType::F32 && [lq, lk, lv].iter().all(|l| aligned(l, es));
+    let d = dims.d;
+    if fast {
+        let bm = fwd_block_rows(d);
+        let meta = tile_meta(&dev, &va, dims, bm, BT)?;
+        let smem = (bm + 4 * BT) * (d + 8) * es;
+        let f = func!(dev, &format!("flash_fwd_{tn}_d{d}"), smem);
+        let mut b = f.builder();
+        b.arg(&q);
+        b.arg(&k);
+        b.arg(&v);
+        b.arg(&mut out);
+        b.arg(&mut lse);
+        push_vis(&mut b, &va, &meta, &sc);
+        let grid = (ceil_div(dims.nq, bm), dims.b * dims.hq);
+        unsafe { b.launch(cfg(grid, 2 * bm, smem)?) }.w()?;
+    } else {
+        let meta = (dummy.clone(), dummy.clone());
+        let f = func!(dev, &format!("flash_fwd_simple_{tn}_d{d}"), 0);
+        let mut b = f.builder();
+        b.arg(&q);
+        b.arg(&k);
+        b.arg(&v);
+        b.arg(&mut out);
+        b.arg(&mut lse);
+        push_vis(&mut b, &va, &meta, &sc);
+        let grid = (ceil_div(rows, SIMPLE_WARPS), 1);
+        unsafe { b.launch(cfg(grid, 32 * SIMPLE_WARPS, 0)?) }.w()?;
+    }
+    Ok((
+        CudaStorage::wrap_cuda_slice(out, dev.clone()),
+        CudaStorage::wrap_cuda_slice(lse, dev),
+    ))
+}
+
+/// Backward: `[dq | dk | dv]` flattened, in the input dtype.
+pub(crate) fn backward(
+    (sq, lq): (&CudaStorage, &Layout),
+    (sk, lk): (&CudaStorage, &Layout),
+    (sv, lv): (&CudaStorage, &Layout),
+    dims: Dims,
+    op: &FlashAttnBwd,
+) -> Result<CudaStorage> {
+    match sq.dtype() {
+        DType::F32 => bwd_t::<f32>((sq, lq), (sk, lk), (sv, lv), dims, op),
+        DType::F16 => bwd_t::<f16>((sq, lq), (sk, lk), (sv, lv), dims, op),
+        DType::BF16 => bwd_t::<bf16>((sq, lq), (sk, lk), (sv, lv), dims, op),
+        other => bail!("flash attention (cuda): unsupported dtype {other:?}"),
+    }
+}
+
+/// The CUDA storage of a tensor the backward op carries.
+fn cuda_of<'a>(g: &'a (candle::StorageRef<'_>, &Layout), name: &str) -> Result<&'a CudaStorage> {
+    match &*g.0 {
+        Storage::Cuda(c) => Ok(c),
+        _ => bail!("flash attention (cuda): {name} is not on the GPU"),
+    }
+}
+
+fn bwd_t<T: CudaDType + DeviceRepr>(
+    (sq, lq): (&CudaStorage, &Layout),
+    (sk, lk): (&CudaStorage, &Layout),
+    (sv, lv): (&CudaStorage, &Layout),
+    dims: Dims,
+    op: &FlashAttnBwd,
+) -> Result<CudaStorage> {
+    check_dims(dims)?;
+    let dev = sq.device().clone();
+    let dtype = sq.dtype();
+    let tn = tname(dtype)?;
+    let es = dtype.size_in_bytes();
+    for (t, name) in [(&op.out, "out"), (&op.grad_out, "grad_out")] {
+        if t.dtype() != dtype || t.dims() != lq.dims() {
+            bail!(
+                "flash attention (cuda): {name} must be {dtype:?} {:?}, got {:?} {:?}",
+                lq.dims(),
+                t.dtype(),
+                t.dims()
+            )
+        }
+    }
+    let lse_t: &Tensor = &op.lse;
+    if lse_t.dtype() != DType::F32 || lse_t.dims() != [dims.b, dims.hq, dims.nq] {
+        bail!(
+            "flash attention (cuda): lse must be f32 {:?}, got {:?} {:?}",
+            [dims.b, dims.hq, dims.nq],
+            lse_t.dtype(),
+            lse_t.dims()
+        )
+    }
+    let (go_g, o_g, lse_g) = (
+        op.grad_out.storage_and_layout(),
+        op.out.storage_and_layout(),
+        lse_t.storage_and_layout(),
+    );
+    let (q, k, v) = (
+        view::<T>(sq, lq, "q")?,
+        view::<T>(sk, lk, "k")?,
+        view::<T>(sv, lv, "v")?,
+    );
+    let go = view::<T>(cuda_of(&go_g, "grad_out")?, go_g.1, "grad_out")?;
+    let o = view::<T>(cuda_of(&o_g, "out")?, o_g.1, "out")?;
+    let lse = view::<f32>(cuda_of(&lse_g, "lse")?, lse_g.1, "lse")?;
+
+    let rows = dims.b * dims.hq * dims.nq;
+    let (nq_el, nk_el) = (rows * dims.d, dims.b * dims.hkv * dims.nk * dims.d);
+    let d = dims.d;
+
+    // Delta = rowsum(dO ∘ O), f32.
+    let mut delta = unsafe { dev.alloc::<f32>(rows) }?;
+    {
+        let f = func!(dev, &format!("flash_bwd_delta_{tn}"), 0);
+        let mut b = f.builder();
+        b.arg(&o);
+        b.arg(&go);
+        b.arg(&mut delta);
+        candle::builder_arg!(b, rows as i64, d as i32);
+        unsafe {
+            b.launch(cfg(
+                (ceil_div(rows, SIMPLE_WARPS), 1),
+                32 * SIMPLE_WARPS,
+                0,
+            )?)
+        }
+        .w()?;
+    }
+
+    let mut packed = unsafe { dev.alloc::<T>(nq_el + 2 * nk_el) }?;
+    poison(&dev, &mut packed)?;
+    let g = guards(&op.visibility);
+    let dummy = dev.alloc_zeros::<i32>(4)?;
+    let va = vis_args(&op.visibility, &g, &dummy)?;
+    let sc = Scalars::new(dims, &va, op.scale);
+    let fast = dtype != DType::F32
+        && d <= 128
+        && [lq, lk, lv, go_g.1, o_g.1].iter().all(|l| aligned(l, es));
+    {
+        let (mut dq, mut dkv) = packed.split_at_mut(nq_el);
+        let (mut dk, mut dv) = dkv.split_at_mut(nk_el);
+        let (kind, meta, threads) = if fast {
+            ("", tile_meta(&dev, &va, dims, BT, BT)?, 128)
+        } else {
+            ("simple_", (dummy.clone(), dummy.clone()), 32 * SIMPLE_WARPS)
+        };
+        // dK, dV: one block per key tile (fast) or 8 key rows (simple).
+        let smem_kv = if fast {
+            6 * BT * (d + 8) * es + 4 * BT * 4
+        } else {
+            0
+        };
+        let f = func!(dev, &format!("flash_bwd_{kind}dkv_{tn}_d{d}"), smem_kv);
+        let mut b = f.builder();
+        b.arg(&q);
+        b.arg(&k);
+        b.arg(&v);
+        b.arg(&go);
+        b.arg(&lse);
+        b.arg(&delta);
+        b.arg(&mut dk);
+        b.arg(&mut dv);
+        push_vis(&mut b, &va, &meta, &sc);
+        let grid = if fast {
+            (ceil_div(dims.nk, BT), dims.b * dims.hkv)
+        } else {
+            (ceil_div(dims.b * dims.hkv * dims.nk, SIMPLE_WARPS), 1)
+        };
+        unsafe { b.launch(cfg(grid, threads, smem_kv)?) }.w()?;
+
+        // dQ: one block per query tile (fast) or 8 query rows (simple).
+        let smem_q = if fast { 6 * BT * (d + 8) * es } else { 0 };
+        let f = func!(dev, &format!("flash_bwd_{kind}dq_{tn}_d{d}"), smem_q);
+        let mut b = f.builder();
+        b.arg(&q);
+        b.arg(&k);
+        b.arg(&v);
+        b.arg(&go);
+        b.arg(&lse);
+        b.arg(&delta);
+        b.arg(&mut dq);
+        push_vis(&mut b, &va, &meta, &sc);
+        let grid = if fast {
+            (ceil_div(dims.nq, BT), dims.b * dims.hq)
+        } else {
+            (ceil_div(rows, SIMPLE_WARPS), 1)
+        };
+        unsafe { b.launch(cfg(grid, threads, smem_q)?) }.w()?;
+    }
+    Ok(CudaStorage::wrap_cuda_slice(packed, dev))
+}
+
+#[cfg(test)]
+#[path = "cuda_tests.rs"]
+mod tests;
