@@ -309,7 +309,7 @@ impl RotaryEmbedding {
         }
         let half = head_dim / 2;
         let inv_freq: Vec<f32> = (0..half)
-            .map(|i| theta.powf(-(2 * i) as f32 / head_dim as f32))
+            .map(|i| theta.powf(-((2 * i) as f32) / head_dim as f32))
             .collect();
         let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
         let positions = Tensor::arange(0u32, max_len as u32, device)?

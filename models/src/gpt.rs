@@ -210,6 +210,11 @@ impl Gpt {
         &self.device
     }
 
+    /// Whether [`Gpt::generate`] decodes with a KV cache (the attention kind allows it).
+    pub fn supports_kv_cache(&self) -> bool {
+        self.attention.supports_kv_cache()
+    }
+
     /// The dtype the forward pass computes in (parameters stay f32).
     pub fn compute_dtype(&self) -> DType {
         self.compute_dtype
