@@ -167,7 +167,7 @@ mod tests {
     #[test]
     fn vocab_round_trips() -> Result<()> {
         let v = Vocab::from_text("hello, wörld");
-        assert_eq!(v.len(), 9);
+        assert_eq!(v.len(), 10);
         let ids = v.encode("hölle")?;
         assert_eq!(v.decode(&ids), "hölle");
         assert!(v.encode("z").is_err());

@@ -121,10 +121,11 @@ fn write(dir: &Path, name: &str, bytes: &[u8]) -> std::path::PathBuf {
 #[test]
 fn bad_data_files_give_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
+    let long_text = text();
     let cases: [(&str, &[u8], usize, &str); 4] = [
         ("empty.txt", b"", BLOCK, "empty"),
         ("tiny.txt", b"hello world", BLOCK, "need more than block_size"),
-        ("short.txt", text().as_bytes(), 10_000, "block_size 10000"),
+        ("short.txt", long_text.as_bytes(), 10_000, "block_size 10000"),
         ("latin1.txt", b"caf\xe9 au lait", BLOCK, "not valid UTF-8 (first bad byte at offset 3)"),
     ];
     for (name, bytes, block, expected) in cases {
