@@ -34,7 +34,9 @@ const LOG_FILE: &str = "log.csv";
 const PLOT_FILE: &str = "loss.png";
 
 #[derive(Parser, Debug)]
-#[command(about = "Train a character-level GPT with candle-sparse-attn attention, or sample from one")]
+#[command(
+    about = "Train a character-level GPT with candle-sparse-attn attention, or sample from one"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Cmd>,
@@ -105,13 +107,13 @@ struct TrainArgs {
     #[arg(long, default_value = "dense")]
     attention: String,
     /// Sequences per micro-batch.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 8)]
     batch_size: usize,
     /// Micro-batches per optimizer step.
     #[arg(long, default_value_t = 1)]
     grad_accum: usize,
     /// Optimizer steps.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 500)]
     max_steps: usize,
     /// Peak learning rate.
     #[arg(long, default_value_t = 2e-3)]
@@ -135,10 +137,10 @@ struct TrainArgs {
     #[arg(long, default_value_t = 1.0)]
     grad_clip: f64,
     /// Evaluate and checkpoint every this many steps.
-    #[arg(long, default_value_t = 250)]
+    #[arg(long, default_value_t = 100)]
     eval_interval: usize,
     /// Batches per split in an evaluation.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 10)]
     eval_batches: usize,
     /// Seed of initialisation, batches and dropout.
     #[arg(long, default_value_t = 1337)]
@@ -304,7 +306,11 @@ fn train(args: TrainArgs) -> Result<()> {
             })?;
         let mut records = metrics::read_csv(&log_path)?;
         records.retain(|r| r.step <= trainer.step());
-        println!("Resuming from {} at step {}.", out.display(), trainer.step());
+        println!(
+            "Resuming from {} at step {}.",
+            out.display(),
+            trainer.step()
+        );
         (trainer, records)
     } else {
         (Trainer::new(model_cfg, train_cfg, &device)?, Vec::new())
@@ -395,10 +401,7 @@ fn train(args: TrainArgs) -> Result<()> {
         val_loss / std::f64::consts::LN_2,
         started.elapsed().as_secs_f64()
     );
-    println!(
-        "Checkpoint, log.csv and loss.png in {}.",
-        out.display()
-    );
+    println!("Checkpoint, log.csv and loss.png in {}.", out.display());
     if args.sample_len > 0 {
         let prompt = default_prompt(data.vocab(), &data);
         let text = generate(
@@ -449,7 +452,11 @@ fn sample(args: SampleArgs) -> Result<()> {
         dir.display(),
         meta.step,
         meta.model.attention,
-        if model.supports_kv_cache() { "on" } else { "off" }
+        if model.supports_kv_cache() {
+            "on"
+        } else {
+            "off"
+        }
     );
     let text = generate(
         &model,

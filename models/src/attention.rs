@@ -205,7 +205,13 @@ impl AttentionBackend for HashSparseAttention {
 
     // WIRE-UP (lead): call `candle_sparse_attn::hash_sparse_attn(q, k, v, &HashConfig {
     // n_buckets: self.n_buckets, seed: call.seed, .. })` here once it lands.
-    fn forward(&self, _q: &Tensor, _k: &Tensor, _v: &Tensor, _call: &AttentionCall) -> Result<Tensor> {
+    fn forward(
+        &self,
+        _q: &Tensor,
+        _k: &Tensor,
+        _v: &Tensor,
+        _call: &AttentionCall,
+    ) -> Result<Tensor> {
         Err(not_available_yet(&self.name(), "hash_sparse_attn"))
     }
 }
@@ -231,7 +237,13 @@ impl AttentionBackend for QkSparseAttention {
     // WIRE-UP (lead): build `(batch, heads, seq)` u8 keep masks for q and k (dropping
     // `drop_q` / `drop_k` of the rows, randomly from `call.seed` or by a score) and call
     // `candle_sparse_attn::qk_sparse_attn(q, k, v, &q_keep, &k_keep)` here once it lands.
-    fn forward(&self, _q: &Tensor, _k: &Tensor, _v: &Tensor, _call: &AttentionCall) -> Result<Tensor> {
+    fn forward(
+        &self,
+        _q: &Tensor,
+        _k: &Tensor,
+        _v: &Tensor,
+        _call: &AttentionCall,
+    ) -> Result<Tensor> {
         Err(not_available_yet(&self.name(), "qk_sparse_attn"))
     }
 }
@@ -304,7 +316,7 @@ pub struct RotaryEmbedding {
 impl RotaryEmbedding {
     /// Tables for positions `0..max_len` with frequencies `theta^(-2i/head_dim)`.
     pub fn new(head_dim: usize, max_len: usize, theta: f32, device: &Device) -> Result<Self> {
-        if head_dim % 2 != 0 {
+        if !head_dim.is_multiple_of(2) {
             bail!("rotary embedding: head_dim must be even, got {head_dim}")
         }
         let half = head_dim / 2;
@@ -327,7 +339,10 @@ impl RotaryEmbedding {
         let (_, _, seq, head_dim) = x.dims4()?;
         let max_len = self.cos.dim(0)?;
         if offset + seq > max_len {
-            bail!("rotary embedding: positions {offset}..{} exceed the table length {max_len}", offset + seq)
+            bail!(
+                "rotary embedding: positions {offset}..{} exceed the table length {max_len}",
+                offset + seq
+            )
         }
         if head_dim != 2 * self.cos.dim(1)? {
             bail!(

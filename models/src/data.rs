@@ -40,7 +40,10 @@ impl Vocab {
         text.chars()
             .map(|c| match self.chars.binary_search(&c) {
                 Ok(i) => Ok(i as u32),
-                Err(_) => bail!("character {c:?} is not in the vocabulary of {} characters", self.len()),
+                Err(_) => bail!(
+                    "character {c:?} is not in the vocabulary of {} characters",
+                    self.len()
+                ),
             })
             .collect()
     }

@@ -73,7 +73,7 @@ impl GptConfig {
                 bail!("gpt config: {name} must be positive, got 0")
             }
         }
-        if self.n_embd % self.n_head != 0 {
+        if !self.n_embd.is_multiple_of(self.n_head) {
             bail!(
                 "gpt config: n_embd {} is not divisible by n_head {}",
                 self.n_embd,
@@ -90,7 +90,10 @@ impl GptConfig {
             )
         }
         if !(0.0..1.0).contains(&self.dropout) {
-            bail!("gpt config: dropout must be in [0, 1), got {}", self.dropout)
+            bail!(
+                "gpt config: dropout must be in [0, 1), got {}",
+                self.dropout
+            )
         }
         if let PositionEncoding::Rope { theta } = self.positions {
             if !(theta > 1.0 && theta.is_finite()) {
@@ -254,7 +257,10 @@ impl Gpt {
 
     /// Number of scalar parameters.
     pub fn num_params(&self) -> usize {
-        self.named_params().iter().map(|(_, v)| v.elem_count()).sum()
+        self.named_params()
+            .iter()
+            .map(|(_, v)| v.elem_count())
+            .sum()
     }
 
     /// Overwrites every parameter from `tensors[prefix + name]`; every name must be present with
@@ -347,7 +353,13 @@ impl Gpt {
 
     /// Mean cross-entropy (nats per token) of predicting `targets` from `inputs`, both
     /// `(batch, seq)` u32.
-    pub fn loss(&self, inputs: &Tensor, targets: &Tensor, train: bool, seed: u64) -> Result<Tensor> {
+    pub fn loss(
+        &self,
+        inputs: &Tensor,
+        targets: &Tensor,
+        train: bool,
+        seed: u64,
+    ) -> Result<Tensor> {
         let logits = self.forward(inputs, 0, None, train, seed)?;
         let (b, t, v) = logits.dims3()?;
         candle_nn::loss::cross_entropy(&logits.reshape((b * t, v))?, &targets.flatten_all()?)
@@ -361,7 +373,10 @@ impl Gpt {
         if prompt.is_empty() {
             bail!("gpt: generation needs a non-empty prompt")
         }
-        if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= self.config.vocab_size) {
+        if let Some(&bad) = prompt
+            .iter()
+            .find(|&&t| t as usize >= self.config.vocab_size)
+        {
             bail!(
                 "gpt: prompt token {bad} is outside the vocabulary of {} tokens",
                 self.config.vocab_size
@@ -455,4 +470,3 @@ fn sample_token(logits: &[f32], opts: &SampleOptions, rng: &mut StdRng) -> u32 {
     }
     argmax()
 }
-

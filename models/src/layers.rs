@@ -48,7 +48,10 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     };
     let (out, w_in) = w.dims2()?;
     if w_in != input {
-        bail!("linear: input {dims:?} does not match weight {:?}", w.dims())
+        bail!(
+            "linear: input {dims:?} does not match weight {:?}",
+            w.dims()
+        )
     }
     let rows: usize = lead.iter().product();
     let y = x.reshape((rows, input))?.matmul(&w.t()?)?;

@@ -20,7 +20,9 @@ pub mod metrics;
 pub mod optim;
 pub mod train;
 
-pub use attention::{Attention, AttentionBackend, AttentionCall, AttentionKind, KvCache, RotaryEmbedding};
+pub use attention::{
+    Attention, AttentionBackend, AttentionCall, AttentionKind, KvCache, RotaryEmbedding,
+};
 pub use data::{CharDataset, Split, Vocab};
 pub use gpt::{Gpt, GptConfig, PositionEncoding, SampleOptions};
 pub use train::{CheckpointMeta, Precision, StepStats, TrainConfig, Trainer};

@@ -41,13 +41,22 @@ pub fn read_csv(path: &Path) -> Result<Vec<EvalRecord>> {
     };
     let mut lines = text.lines();
     if lines.next() != Some(CSV_HEADER) {
-        bail!("{} is not a training log (expected header {CSV_HEADER:?})", path.display())
+        bail!(
+            "{} is not a training log (expected header {CSV_HEADER:?})",
+            path.display()
+        )
     }
     lines
         .enumerate()
         .map(|(i, line)| {
             let f: Vec<&str> = line.split(',').collect();
-            let bad = || candle::Error::Msg(format!("{} line {}: cannot parse {line:?}", path.display(), i + 2));
+            let bad = || {
+                candle::Error::Msg(format!(
+                    "{} line {}: cannot parse {line:?}",
+                    path.display(),
+                    i + 2
+                ))
+            };
             if f.len() != 6 {
                 return Err(bad());
             }
@@ -77,7 +86,9 @@ pub fn write_csv(path: &Path, records: &[EvalRecord]) -> Result<()> {
             r.tokens_per_sec
         ));
     }
-    write_atomically(path, |tmp| std::fs::write(tmp, text).map_err(candle::Error::from))
+    write_atomically(path, |tmp| {
+        std::fs::write(tmp, text).map_err(candle::Error::from)
+    })
 }
 
 /// Registers a system sans-serif font for chart text; false when none is found (the chart is
@@ -108,11 +119,14 @@ pub fn plot_losses(path: &Path, records: &[EvalRecord]) -> Result<()> {
     if records.is_empty() {
         bail!("no evaluations to plot")
     }
-    let err = |e: &dyn std::fmt::Display| candle::Error::Msg(format!("plotting {}: {e}", path.display()));
+    let err =
+        |e: &dyn std::fmt::Display| candle::Error::Msg(format!("plotting {}: {e}", path.display()));
     let with_text = register_system_font();
     let max_step = records.iter().map(|r| r.step).max().unwrap_or(1).max(1) as f64;
     let losses = records.iter().flat_map(|r| [r.train_loss, r.val_loss]);
-    let (lo, hi) = losses.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), l| (lo.min(l), hi.max(l)));
+    let (lo, hi) = losses.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), l| {
+        (lo.min(l), hi.max(l))
+    });
     let pad = ((hi - lo) * 0.05).max(1e-3);
     write_atomically(path, |tmp| {
         let root = BitMapBackend::new(tmp, (900, 600)).into_drawing_area();
@@ -136,7 +150,11 @@ pub fn plot_losses(path: &Path, records: &[EvalRecord]) -> Result<()> {
         }
         mesh.draw().map_err(|e| err(&e))?;
         for (label, color, pick) in [
-            ("train", BLUE, (|r: &EvalRecord| r.train_loss) as fn(&EvalRecord) -> f64),
+            (
+                "train",
+                BLUE,
+                (|r: &EvalRecord| r.train_loss) as fn(&EvalRecord) -> f64,
+            ),
             ("val", RED, |r: &EvalRecord| r.val_loss),
         ] {
             let series = chart

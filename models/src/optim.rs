@@ -188,7 +188,13 @@ impl AdamW {
 
 /// Linear warm-up from 0 to `max_lr` over `warmup_steps`, then cosine decay to `min_lr` at
 /// `decay_steps`, constant `min_lr` afterwards (nanoGPT's schedule). `step` counts from 0.
-pub fn cosine_lr(step: usize, max_lr: f64, min_lr: f64, warmup_steps: usize, decay_steps: usize) -> f64 {
+pub fn cosine_lr(
+    step: usize,
+    max_lr: f64,
+    min_lr: f64,
+    warmup_steps: usize,
+    decay_steps: usize,
+) -> f64 {
     if step < warmup_steps {
         return max_lr * (step + 1) as f64 / (warmup_steps + 1) as f64;
     }
@@ -234,7 +240,7 @@ mod tests {
         for _ in 0..5 {
             let loss = (ours_var.as_tensor() - &target)?.sqr()?.sum_all()?;
             let mut g = Gradients::new();
-            g.accumulate(&loss.backward()?, &[ours_var.clone()], 1.0)?;
+            g.accumulate(&loss.backward()?, std::slice::from_ref(&ours_var), 1.0)?;
             ours.step(&g)?;
             let loss = (theirs_var.as_tensor() - &target)?.sqr()?.sum_all()?;
             theirs.step(&loss.backward()?)?;
@@ -252,7 +258,7 @@ mod tests {
         let var = Var::from_tensor(&Tensor::ones(4, DType::F32, &Device::Cpu)?)?;
         let loss = (var.as_tensor() * 10.0)?.sum_all()?;
         let mut g = Gradients::new();
-        g.accumulate(&loss.backward()?, &[var.clone()], 1.0)?;
+        g.accumulate(&loss.backward()?, std::slice::from_ref(&var), 1.0)?;
         let before = g.clip_global_norm(1.0)?;
         assert!((before - 20.0).abs() < 1e-4);
         assert!((g.global_norm()? - 1.0).abs() < 1e-4);

@@ -103,7 +103,8 @@ impl TrainConfig {
                 bail!("train config: {name} must be positive, got 0")
             }
         }
-        if !(self.lr > 0.0 && self.lr.is_finite()) || !(self.min_lr >= 0.0 && self.min_lr <= self.lr) {
+        let lr_ok = self.lr > 0.0 && self.lr.is_finite();
+        if !(lr_ok && self.min_lr >= 0.0 && self.min_lr <= self.lr) {
             bail!(
                 "train config: need 0 < lr and 0 <= min_lr <= lr, got lr {} and min_lr {}",
                 self.lr,
@@ -115,7 +116,8 @@ impl TrainConfig {
                 bail!("train config: {name} must be in [0, 1), got {b}")
             }
         }
-        if !(self.weight_decay >= 0.0) || !(self.grad_clip >= 0.0) {
+        let non_negative = |x: f64| x >= 0.0; // false for NaN too
+        if !non_negative(self.weight_decay) || !non_negative(self.grad_clip) {
             bail!(
                 "train config: weight_decay ({}) and grad_clip ({}) must be non-negative",
                 self.weight_decay,
@@ -123,7 +125,10 @@ impl TrainConfig {
             )
         }
         if !(self.val_fraction > 0.0 && self.val_fraction < 1.0) {
-            bail!("train config: val_fraction must be in (0, 1), got {}", self.val_fraction)
+            bail!(
+                "train config: val_fraction must be in (0, 1), got {}",
+                self.val_fraction
+            )
         }
         Ok(())
     }
@@ -134,13 +139,20 @@ impl TrainConfig {
         const FREE: [&str; 3] = ["max_steps", "eval_interval", "eval_batches"];
         let to_map = |c: &TrainConfig| match serde_json::to_value(c) {
             Ok(serde_json::Value::Object(m)) => Ok(m),
-            other => Err(candle::Error::Msg(format!("train config to json: {other:?}"))),
+            other => Err(candle::Error::Msg(format!(
+                "train config to json: {other:?}"
+            ))),
         };
         let (now, then) = (to_map(self)?, to_map(saved)?);
         Ok(now
             .iter()
             .filter(|(k, v)| !FREE.contains(&k.as_str()) && then.get(*k) != Some(*v))
-            .map(|(k, v)| format!("{k}: checkpoint {} vs requested {v}", then.get(k).unwrap_or(&serde_json::Value::Null)))
+            .map(|(k, v)| {
+                format!(
+                    "{k}: checkpoint {} vs requested {v}",
+                    then.get(k).unwrap_or(&serde_json::Value::Null)
+                )
+            })
             .collect())
     }
 }
@@ -199,7 +211,8 @@ impl Trainer {
         model.set_compute_dtype(config.precision.dtype())?;
         let params = model.named_params();
         let vars = params.iter().map(|(_, v)| v.clone()).collect();
-        let (matrices, gains): (Vec<_>, Vec<_>) = params.into_iter().partition(|(_, v)| v.rank() >= 2);
+        let (matrices, gains): (Vec<_>, Vec<_>) =
+            params.into_iter().partition(|(_, v)| v.rank() >= 2);
         let adam = |weight_decay| AdamWParams {
             lr: config.lr,
             beta1: config.beta1,
@@ -317,7 +330,9 @@ impl Trainer {
             .collect();
         tensors.extend(self.decay.state(DECAY_PREFIX));
         tensors.extend(self.no_decay.state(NO_DECAY_PREFIX));
-        write_atomically(&dir.join(WEIGHTS_FILE), |tmp| candle::safetensors::save(&tensors, tmp))?;
+        write_atomically(&dir.join(WEIGHTS_FILE), |tmp| {
+            candle::safetensors::save(&tensors, tmp)
+        })?;
         write_json(&dir.join(VOCAB_FILE), vocab)?;
         write_json(&dir.join(CONFIG_FILE), &self.meta())
     }
@@ -325,7 +340,13 @@ impl Trainer {
     /// Resumes from the checkpoint in `dir`. The saved architecture must equal `model` and the
     /// saved settings must agree with `train` (except `max_steps`, `eval_interval`,
     /// `eval_batches`, taken from `train`); the saved vocabulary must equal `vocab`.
-    pub fn resume(dir: &Path, model: &GptConfig, train: TrainConfig, vocab: &Vocab, device: &Device) -> Result<Self> {
+    pub fn resume(
+        dir: &Path,
+        model: &GptConfig,
+        train: TrainConfig,
+        vocab: &Vocab,
+        device: &Device,
+    ) -> Result<Self> {
         train.validate()?;
         let meta = read_meta(dir)?;
         if &meta.model != model {
@@ -358,8 +379,12 @@ impl Trainer {
         let gpt = Gpt::new(meta.model.clone(), train.seed, device)?;
         gpt.load_params(&tensors, MODEL_PREFIX)?;
         let mut trainer = Self::with_model(gpt, train)?;
-        trainer.decay.load_state(&tensors, DECAY_PREFIX, meta.step as u64)?;
-        trainer.no_decay.load_state(&tensors, NO_DECAY_PREFIX, meta.step as u64)?;
+        trainer
+            .decay
+            .load_state(&tensors, DECAY_PREFIX, meta.step as u64)?;
+        trainer
+            .no_decay
+            .load_state(&tensors, NO_DECAY_PREFIX, meta.step as u64)?;
         trainer.step = meta.step;
         Ok(trainer)
     }
@@ -443,6 +468,10 @@ pub fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) ->
     let tmp: PathBuf = path.with_file_name(tmp_name);
     write(&tmp).map_err(|e| candle::Error::Msg(format!("cannot write {}: {e}", tmp.display())))?;
     std::fs::rename(&tmp, path).map_err(|e| {
-        candle::Error::Msg(format!("cannot rename {} to {}: {e}", tmp.display(), path.display()))
+        candle::Error::Msg(format!(
+            "cannot rename {} to {}: {e}",
+            tmp.display(),
+            path.display()
+        ))
     })
 }

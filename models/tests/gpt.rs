@@ -74,7 +74,11 @@ fn pending_sparse_kinds_fail_clearly() -> Result<()> {
     let dev = Device::Cpu;
     let (x, y) = batch(&dev)?;
     for attention in pending_kinds() {
-        let model = Gpt::new(config(attention.clone(), PositionEncoding::Learned), 3, &dev)?;
+        let model = Gpt::new(
+            config(attention.clone(), PositionEncoding::Learned),
+            3,
+            &dev,
+        )?;
         let err = model.loss(&x, &y, true, 5).unwrap_err().to_string();
         assert!(err.contains("not available yet"), "{attention}: {err}");
     }
@@ -90,7 +94,13 @@ fn kv_cache_decoding_matches_full_forward() -> Result<()> {
     ] {
         let model = Gpt::new(config(AttentionKind::Dense, positions), 9, &dev)?;
         let ids: Vec<u32> = (0..10).map(|i| (i * 5 % 11) as u32).collect();
-        let full = model.forward(&Tensor::new(ids.as_slice(), &dev)?.unsqueeze(0)?, 0, None, false, 0)?;
+        let full = model.forward(
+            &Tensor::new(ids.as_slice(), &dev)?.unsqueeze(0)?,
+            0,
+            None,
+            false,
+            0,
+        )?;
         let mut caches = vec![candle_sparse_models::KvCache::new(); 2];
         let prefix = Tensor::new(&ids[..4], &dev)?.unsqueeze(0)?;
         let mut pieces = vec![model.forward(&prefix, 0, Some(&mut caches), false, 0)?];
@@ -108,7 +118,11 @@ fn kv_cache_decoding_matches_full_forward() -> Result<()> {
 #[test]
 fn generation_is_seeded_and_runs_past_the_context() -> Result<()> {
     let dev = Device::Cpu;
-    let model = Gpt::new(config(AttentionKind::Dense, PositionEncoding::Learned), 1, &dev)?;
+    let model = Gpt::new(
+        config(AttentionKind::Dense, PositionEncoding::Learned),
+        1,
+        &dev,
+    )?;
     let opts = SampleOptions {
         max_new_tokens: 40, // more than block_size 16: exercises the cache refill
         temperature: 1.0,
@@ -143,9 +157,18 @@ fn attention_kind_parses_and_serializes() -> Result<()> {
         let json = serde_json::to_string(&kind).unwrap();
         assert_eq!(serde_json::from_str::<AttentionKind>(&json).unwrap(), kind);
     }
-    for bad in ["flash", "hash_sparse", "hash_sparse:0", "qk_sparse:1.5,0", "qk_sparse:0.1"] {
+    for bad in [
+        "flash",
+        "hash_sparse",
+        "hash_sparse:0",
+        "qk_sparse:1.5,0",
+        "qk_sparse:0.1",
+    ] {
         let err = bad.parse::<AttentionKind>().unwrap_err().to_string();
-        assert!(err.contains(bad.split(':').next().unwrap()) || err.contains("must"), "{bad}: {err}");
+        assert!(
+            err.contains(bad.split(':').next().unwrap()) || err.contains("must"),
+            "{bad}: {err}"
+        );
     }
     let unknown = serde_json::from_str::<AttentionKind>(r#"{"kind":"twilight"}"#);
     assert!(unknown.unwrap_err().to_string().contains("twilight"));
@@ -156,7 +179,13 @@ fn attention_kind_parses_and_serializes() -> Result<()> {
 fn bad_model_configs_are_rejected() {
     let mut c = config(AttentionKind::Dense, PositionEncoding::Learned);
     c.n_head = 3;
-    assert!(Gpt::new(c.clone(), 0, &Device::Cpu).unwrap_err().to_string().contains("n_head 3"));
+    assert!(Gpt::new(c.clone(), 0, &Device::Cpu)
+        .unwrap_err()
+        .to_string()
+        .contains("n_head 3"));
     c.n_head = 4; // head dim 16: not a kernel size
-    assert!(Gpt::new(c, 0, &Device::Cpu).unwrap_err().to_string().contains("16"));
+    assert!(Gpt::new(c, 0, &Device::Cpu)
+        .unwrap_err()
+        .to_string()
+        .contains("16"));
 }

@@ -3,7 +3,9 @@
 use std::path::Path;
 
 use candle::{Device, Result};
-use candle_sparse_models::train::{checkpoint_exists, load_model, CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE};
+use candle_sparse_models::train::{
+    checkpoint_exists, load_model, CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE,
+};
 use candle_sparse_models::{
     AttentionKind, CharDataset, GptConfig, PositionEncoding, Precision, Split, TrainConfig, Trainer,
 };
@@ -13,7 +15,9 @@ const BLOCK: usize = 16;
 fn text() -> String {
     let mut s = String::new();
     for i in 0..60 {
-        s.push_str(&format!("line {i}: the quick brown fox jumps over the lazy dog.\n"));
+        s.push_str(&format!(
+            "line {i}: the quick brown fox jumps over the lazy dog.\n"
+        ));
     }
     s
 }
@@ -81,12 +85,29 @@ fn resume_continues_exactly() -> Result<()> {
     }
 
     for (i, (a, b)) in straight_losses.iter().zip(&resumed_losses).enumerate() {
-        assert!((a - b).abs() < 1e-5, "step {i}: straight {a} vs resumed {b}");
+        assert!(
+            (a - b).abs() < 1e-5,
+            "step {i}: straight {a} vs resumed {b}"
+        );
     }
-    assert!(straight_losses[2 * n - 1] < straight_losses[0], "loss did not decrease: {straight_losses:?}");
-    for ((name, a), (_, b)) in straight.model().named_params().iter().zip(second.model().named_params()) {
-        let diff = (a.as_tensor() - b.as_tensor())?.abs()?.max_all()?.to_scalar::<f32>()?;
-        assert!(diff < 1e-5, "{name}: straight and resumed weights differ by {diff}");
+    assert!(
+        straight_losses[2 * n - 1] < straight_losses[0],
+        "loss did not decrease: {straight_losses:?}"
+    );
+    for ((name, a), (_, b)) in straight
+        .model()
+        .named_params()
+        .iter()
+        .zip(second.model().named_params())
+    {
+        let diff = (a.as_tensor() - b.as_tensor())?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert!(
+            diff < 1e-5,
+            "{name}: straight and resumed weights differ by {diff}"
+        );
     }
     Ok(())
 }
@@ -124,15 +145,35 @@ fn bad_data_files_give_clear_errors() {
     let long_text = text();
     let cases: [(&str, &[u8], usize, &str); 4] = [
         ("empty.txt", b"", BLOCK, "empty"),
-        ("tiny.txt", b"hello world", BLOCK, "need more than block_size"),
-        ("short.txt", long_text.as_bytes(), 10_000, "block_size 10000"),
-        ("latin1.txt", b"caf\xe9 au lait", BLOCK, "not valid UTF-8 (first bad byte at offset 3)"),
+        (
+            "tiny.txt",
+            b"hello world",
+            BLOCK,
+            "need more than block_size",
+        ),
+        (
+            "short.txt",
+            long_text.as_bytes(),
+            10_000,
+            "block_size 10000",
+        ),
+        (
+            "latin1.txt",
+            b"caf\xe9 au lait",
+            BLOCK,
+            "not valid UTF-8 (first bad byte at offset 3)",
+        ),
     ];
     for (name, bytes, block, expected) in cases {
         let path = write(dir.path(), name, bytes);
-        let err = CharDataset::from_file(&path, 0.1, block).unwrap_err().to_string();
+        let err = CharDataset::from_file(&path, 0.1, block)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains(expected), "{name}: {err}");
-        assert!(err.contains(name), "{name}: error does not name the file: {err}");
+        assert!(
+            err.contains(name),
+            "{name}: error does not name the file: {err}"
+        );
     }
     let missing = CharDataset::from_file(&dir.path().join("nope.txt"), 0.1, BLOCK).unwrap_err();
     assert!(missing.to_string().contains("nope.txt"));
@@ -147,28 +188,54 @@ fn mismatched_checkpoint_is_refused_and_left_alone() -> Result<()> {
     let dir = tempfile::tempdir()?;
     trainer.save(dir.path(), data.vocab())?;
     let snapshot = |f: &str| std::fs::read(dir.path().join(f)).unwrap();
-    let before: Vec<Vec<u8>> = [WEIGHTS_FILE, CONFIG_FILE, VOCAB_FILE].map(snapshot).to_vec();
+    let before: Vec<Vec<u8>> = [WEIGHTS_FILE, CONFIG_FILE, VOCAB_FILE]
+        .map(snapshot)
+        .to_vec();
 
     let mut other_model = mcfg.clone();
     other_model.n_layer = 3;
-    let err = Trainer::resume(dir.path(), &other_model, train_config(2), data.vocab(), &dev).unwrap_err();
+    let err = Trainer::resume(
+        dir.path(),
+        &other_model,
+        train_config(2),
+        data.vocab(),
+        &dev,
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("different model config"), "{err}");
 
     let mut other_train = train_config(2);
     other_train.lr = 1.0;
     let err = Trainer::resume(dir.path(), &mcfg, other_train, data.vocab(), &dev).unwrap_err();
-    assert!(err.to_string().contains("lr: checkpoint 0.003 vs requested 1.0"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("lr: checkpoint 0.003 vs requested 1.0"),
+        "{err}"
+    );
 
     let other_data = CharDataset::from_text(&text().to_uppercase(), 0.1, BLOCK)?;
     let mut upper = mcfg.clone();
     upper.vocab_size = other_data.vocab().len();
-    let err = Trainer::resume(dir.path(), &upper, train_config(2), other_data.vocab(), &dev).unwrap_err();
-    assert!(err.to_string().contains("different model config") || err.to_string().contains("vocabulary"), "{err}");
+    let err = Trainer::resume(
+        dir.path(),
+        &upper,
+        train_config(2),
+        other_data.vocab(),
+        &dev,
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("different model config")
+            || err.to_string().contains("vocabulary"),
+        "{err}"
+    );
 
     // A longer run with the same settings is allowed.
     Trainer::resume(dir.path(), &mcfg, train_config(50), data.vocab(), &dev)?;
 
-    let after: Vec<Vec<u8>> = [WEIGHTS_FILE, CONFIG_FILE, VOCAB_FILE].map(snapshot).to_vec();
+    let after: Vec<Vec<u8>> = [WEIGHTS_FILE, CONFIG_FILE, VOCAB_FILE]
+        .map(snapshot)
+        .to_vec();
     assert!(before == after, "a refused resume modified the checkpoint");
     Ok(())
 }
@@ -176,8 +243,14 @@ fn mismatched_checkpoint_is_refused_and_left_alone() -> Result<()> {
 #[test]
 fn corrupt_checkpoint_config_is_reported() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    write(dir.path(), CONFIG_FILE, br#"{"format": 1, "step": 0, "model": {"attention": {"kind": "magic"}}}"#);
-    let err = load_model(dir.path(), &Device::Cpu).unwrap_err().to_string();
+    write(
+        dir.path(),
+        CONFIG_FILE,
+        br#"{"format": 1, "step": 0, "model": {"attention": {"kind": "magic"}}}"#,
+    );
+    let err = load_model(dir.path(), &Device::Cpu)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains(CONFIG_FILE), "{err}");
     Ok(())
 }
