@@ -113,7 +113,7 @@ struct TrainArgs {
     #[arg(long, default_value_t = 1)]
     grad_accum: usize,
     /// Optimizer steps.
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, default_value_t = 300)]
     max_steps: usize,
     /// Peak learning rate.
     #[arg(long, default_value_t = 2e-3)]
