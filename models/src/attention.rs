@@ -1,0 +1,434 @@
+//! Pluggable attention shared by every model of this crate.
+//!
+//! The pieces, from the outside in:
+//! - [`AttentionKind`]: the serde-able choice stored in a model config (`{"kind": "dense"}`,
+//!   `{"kind": "hash_sparse", "n_buckets": 8}`, ...), also parsed from the command line.
+//! - [`AttentionBackend`]: the trait one attention method implements. Users can plug their own
+//!   through [`Attention::with_backend`].
+//! - [`Attention`]: what a model layer calls with already projected (and, for RoPE models,
+//!   already rotated) queries, keys and values. It owns the backend and handles the KV cache.
+//! - [`KvCache`] and [`RotaryEmbedding`]: decoding cache and RoPE, both differentiable where it
+//!   matters (composite tensor ops only).
+//!
+//! Layout everywhere: `(batch, heads, seq, head_dim)`. Keys and values may have fewer heads than
+//! the queries (grouped-query attention) as long as they divide the query heads.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use candle::{bail, DType, Device, Result, Tensor, D};
+use candle_sparse_attn::{flash_attn, AttnParams};
+use serde::{Deserialize, Serialize};
+
+/// Which attention method a model uses.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum AttentionKind {
+    /// Dense causal flash attention ([`candle_sparse_attn::flash_attn`]).
+    Dense,
+    /// Hash-sparse attention (SCFA): queries and keys are hashed into `n_buckets` buckets and
+    /// attend only within their bucket (plus causality).
+    HashSparse {
+        /// Number of hash buckets, at least 1.
+        n_buckets: usize,
+    },
+    /// QK-sparse attention (SCFA): a fraction of the query and key rows of every head is
+    /// dropped, the rest attend causally.
+    QkSparse {
+        /// Fraction of query rows dropped per head, in `[0, 1)`.
+        drop_q: f32,
+        /// Fraction of key rows dropped per head, in `[0, 1)`.
+        drop_k: f32,
+    },
+}
+
+impl AttentionKind {
+    /// Checks the parameters (bucket count at least 1, drop fractions in `[0, 1)`).
+    pub fn validate(&self) -> Result<()> {
+        match self {
+            Self::Dense => Ok(()),
+            Self::HashSparse { n_buckets } => {
+                if *n_buckets == 0 {
+                    bail!("attention hash_sparse: n_buckets must be at least 1, got 0")
+                }
+                Ok(())
+            }
+            Self::QkSparse { drop_q, drop_k } => {
+                for (name, p) in [("drop_q", drop_q), ("drop_k", drop_k)] {
+                    if !(0.0..1.0).contains(p) {
+                        bail!("attention qk_sparse: {name} must be in [0, 1), got {p}")
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// The backend implementing this kind (after [`Self::validate`]).
+    pub fn backend(&self) -> Result<Arc<dyn AttentionBackend>> {
+        self.validate()?;
+        Ok(match self {
+            Self::Dense => Arc::new(DenseAttention),
+            Self::HashSparse { n_buckets } => Arc::new(HashSparseAttention {
+                n_buckets: *n_buckets,
+            }),
+            Self::QkSparse { drop_q, drop_k } => Arc::new(QkSparseAttention {
+                drop_q: *drop_q,
+                drop_k: *drop_k,
+            }),
+        })
+    }
+}
+
+/// The command-line spelling: `dense`, `hash_sparse:N_BUCKETS`, `qk_sparse:DROP_Q,DROP_K`.
+impl fmt::Display for AttentionKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Dense => write!(f, "dense"),
+            Self::HashSparse { n_buckets } => write!(f, "hash_sparse:{n_buckets}"),
+            Self::QkSparse { drop_q, drop_k } => write!(f, "qk_sparse:{drop_q},{drop_k}"),
+        }
+    }
+}
+
+/// Parses the [`Display`](fmt::Display) spelling (`-` may replace `_`), validating the values.
+impl FromStr for AttentionKind {
+    type Err = candle::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        const FORMS: &str = "dense, hash_sparse:N_BUCKETS, qk_sparse:DROP_Q,DROP_K";
+        let normalized = s.trim().replace('-', "_");
+        let (name, args) = match normalized.split_once(':') {
+            Some((n, a)) => (n, Some(a)),
+            None => (normalized.as_str(), None),
+        };
+        let kind = match (name, args) {
+            ("dense", None) => Self::Dense,
+            ("hash_sparse", Some(a)) => Self::HashSparse {
+                n_buckets: a.trim().parse().map_err(|e| {
+                    candle::Error::Msg(format!("attention {s:?}: bad bucket count {a:?}: {e}"))
+                })?,
+            },
+            ("qk_sparse", Some(a)) => {
+                let parts: Vec<&str> = a.split(',').map(str::trim).collect();
+                let parse = |p: &str| {
+                    p.parse::<f32>().map_err(|e| {
+                        candle::Error::Msg(format!("attention {s:?}: bad drop fraction {p:?}: {e}"))
+                    })
+                };
+                match parts.as_slice() {
+                    [q, k] => Self::QkSparse {
+                        drop_q: parse(q)?,
+                        drop_k: parse(k)?,
+                    },
+                    _ => bail!("attention {s:?}: qk_sparse needs two fractions DROP_Q,DROP_K"),
+                }
+            }
+            _ => bail!("unknown attention kind {s:?}; expected one of: {FORMS}"),
+        };
+        kind.validate()?;
+        Ok(kind)
+    }
+}
+
+/// Per-call settings handed to an [`AttentionBackend`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttentionCall {
+    /// Multiplier of `q·k`; `None` means `1/sqrt(head_dim)`.
+    pub softmax_scale: Option<f32>,
+    /// Causal masking, aligned bottom-right when `q_len != kv_len` (KV-cache decoding).
+    pub causal: bool,
+    /// Whether the call is part of training (methods with random decisions may differ).
+    pub train: bool,
+    /// Deterministic seed for methods with random decisions (derived by the model from the run
+    /// seed, the step and the layer, so resumed runs repeat them).
+    pub seed: u64,
+}
+
+/// One attention method.
+///
+/// `forward` receives `q`: `(batch, q_heads, q_len, head_dim)` and `k`, `v`:
+/// `(batch, kv_heads, kv_len, head_dim)` (kv_heads dividing q_heads, one dtype, one device) and
+/// returns `(batch, q_heads, q_len, head_dim)` in the input dtype. It must be differentiable
+/// (candle autograd) if the model is trained with it.
+pub trait AttentionBackend: Send + Sync + fmt::Debug {
+    /// A short human-readable name, used in errors and logs.
+    fn name(&self) -> String;
+    /// Whether `forward` accepts `q_len < kv_len` with keys and values from a KV cache.
+    fn supports_kv_cache(&self) -> bool;
+    /// Computes the attention output.
+    fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor, call: &AttentionCall) -> Result<Tensor>;
+}
+
+/// Dense flash attention from `candle_sparse_attn` (CPU and CUDA, with backward).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DenseAttention;
+
+impl AttentionBackend for DenseAttention {
+    fn name(&self) -> String {
+        "dense".to_string()
+    }
+
+    fn supports_kv_cache(&self) -> bool {
+        true
+    }
+
+    fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor, call: &AttentionCall) -> Result<Tensor> {
+        flash_attn(
+            q,
+            k,
+            v,
+            &AttnParams {
+                softmax_scale: call.softmax_scale,
+                causal: call.causal,
+            },
+        )
+    }
+}
+
+/// Hash-sparse attention (SCFA hash variant).
+#[derive(Clone, Copy, Debug)]
+pub struct HashSparseAttention {
+    /// Number of hash buckets.
+    pub n_buckets: usize,
+}
+
+impl AttentionBackend for HashSparseAttention {
+    fn name(&self) -> String {
+        format!("hash_sparse (n_buckets {})", self.n_buckets)
+    }
+
+    fn supports_kv_cache(&self) -> bool {
+        false
+    }
+
+    // WIRE-UP (lead): call `candle_sparse_attn::hash_sparse_attn(q, k, v, &HashConfig {
+    // n_buckets: self.n_buckets, seed: call.seed, .. })` here once it lands.
+    fn forward(
+        &self,
+        _q: &Tensor,
+        _k: &Tensor,
+        _v: &Tensor,
+        _call: &AttentionCall,
+    ) -> Result<Tensor> {
+        Err(not_available_yet(&self.name(), "hash_sparse_attn"))
+    }
+}
+
+/// QK-sparse attention (SCFA query/key dropping).
+#[derive(Clone, Copy, Debug)]
+pub struct QkSparseAttention {
+    /// Fraction of query rows dropped per head.
+    pub drop_q: f32,
+    /// Fraction of key rows dropped per head.
+    pub drop_k: f32,
+}
+
+impl AttentionBackend for QkSparseAttention {
+    fn name(&self) -> String {
+        format!("qk_sparse (drop_q {}, drop_k {})", self.drop_q, self.drop_k)
+    }
+
+    fn supports_kv_cache(&self) -> bool {
+        false
+    }
+
+    // WIRE-UP (lead): build `(batch, heads, seq)` u8 keep masks for q and k (dropping
+    // `drop_q` / `drop_k` of the rows, randomly from `call.seed` or by a score) and call
+    // `candle_sparse_attn::qk_sparse_attn(q, k, v, &q_keep, &k_keep)` here once it lands.
+    fn forward(
+        &self,
+        _q: &Tensor,
+        _k: &Tensor,
+        _v: &Tensor,
+        _call: &AttentionCall,
+    ) -> Result<Tensor> {
+        Err(not_available_yet(&self.name(), "qk_sparse_attn"))
+    }
+}
+
+fn not_available_yet(kind: &str, function: &str) -> candle::Error {
+    candle::Error::Msg(format!(
+        "attention kind {kind} is not available yet: candle_sparse_attn::{function} has not \
+         landed in this build; use the dense kind"
+    ))
+}
+
+/// A growing key/value cache for one attention layer: `(batch, kv_heads, len, head_dim)` each.
+#[derive(Clone, Debug, Default)]
+pub struct KvCache {
+    kv: Option<(Tensor, Tensor)>,
+}
+
+impl KvCache {
+    /// An empty cache.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Number of cached positions.
+    pub fn len(&self) -> usize {
+        self.kv.as_ref().map_or(0, |(k, _)| k.dim(2).unwrap_or(0))
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Drops everything cached.
+    pub fn reset(&mut self) {
+        self.kv = None;
+    }
+
+    /// Appends `k`, `v` (`(batch, kv_heads, new_len, head_dim)`) along the sequence axis and
+    /// returns the full cached keys and values.
+    pub fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (k, v) = match &self.kv {
+            None => (k.contiguous()?, v.contiguous()?),
+            Some((ck, cv)) => {
+                if ck.dims()[..2] != k.dims()[..2] || ck.dim(3)? != k.dim(3)? {
+                    bail!(
+                        "kv cache: new keys {:?} do not match the cached keys {:?}",
+                        k.dims(),
+                        ck.dims()
+                    )
+                }
+                (Tensor::cat(&[ck, k], 2)?, Tensor::cat(&[cv, v], 2)?)
+            }
+        };
+        self.kv = Some((k.clone(), v.clone()));
+        Ok((k, v))
+    }
+}
+
+/// Rotary position embedding (rotate-half convention of Llama / Hugging Face), computed as
+/// composite tensor ops so it is differentiable. Tables are plain tensors, never parameters.
+#[derive(Clone, Debug)]
+pub struct RotaryEmbedding {
+    /// `(max_len, head_dim / 2)` f32.
+    cos: Tensor,
+    /// `(max_len, head_dim / 2)` f32.
+    sin: Tensor,
+}
+
+impl RotaryEmbedding {
+    /// Tables for positions `0..max_len` with frequencies `theta^(-2i/head_dim)`.
+    pub fn new(head_dim: usize, max_len: usize, theta: f32, device: &Device) -> Result<Self> {
+        if !head_dim.is_multiple_of(2) {
+            bail!("rotary embedding: head_dim must be even, got {head_dim}")
+        }
+        let half = head_dim / 2;
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| theta.powf(-((2 * i) as f32) / head_dim as f32))
+            .collect();
+        let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
+        let positions = Tensor::arange(0u32, max_len as u32, device)?
+            .to_dtype(DType::F32)?
+            .reshape((max_len, 1))?;
+        let angles = positions.broadcast_mul(&inv_freq)?;
+        Ok(Self {
+            cos: angles.cos()?,
+            sin: angles.sin()?,
+        })
+    }
+
+    /// Rotates `x`: `(batch, heads, seq, head_dim)` at positions `offset..offset + seq`.
+    pub fn apply(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
+        let (_, _, seq, head_dim) = x.dims4()?;
+        let max_len = self.cos.dim(0)?;
+        if offset + seq > max_len {
+            bail!(
+                "rotary embedding: positions {offset}..{} exceed the table length {max_len}",
+                offset + seq
+            )
+        }
+        if head_dim != 2 * self.cos.dim(1)? {
+            bail!(
+                "rotary embedding: head_dim {head_dim} does not match the table ({})",
+                2 * self.cos.dim(1)?
+            )
+        }
+        let half = head_dim / 2;
+        let cos = self.cos.narrow(0, offset, seq)?.to_dtype(x.dtype())?;
+        let sin = self.sin.narrow(0, offset, seq)?.to_dtype(x.dtype())?;
+        let x1 = x.narrow(D::Minus1, 0, half)?;
+        let x2 = x.narrow(D::Minus1, half, half)?;
+        let r1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
+        let r2 = (x1.broadcast_mul(&sin)? + x2.broadcast_mul(&cos)?)?;
+        Tensor::cat(&[r1, r2], D::Minus1)
+    }
+}
+
+/// The attention step of a transformer layer: backend dispatch plus KV-cache handling.
+#[derive(Clone, Debug)]
+pub struct Attention {
+    backend: Arc<dyn AttentionBackend>,
+    softmax_scale: Option<f32>,
+}
+
+impl Attention {
+    /// Attention of the given kind with the default `1/sqrt(head_dim)` scale.
+    pub fn new(kind: &AttentionKind) -> Result<Self> {
+        Ok(Self::with_backend(kind.backend()?))
+    }
+
+    /// Attention through a user-supplied backend.
+    pub fn with_backend(backend: Arc<dyn AttentionBackend>) -> Self {
+        Self {
+            backend,
+            softmax_scale: None,
+        }
+    }
+
+    /// Overrides the softmax scale (`None`: `1/sqrt(head_dim)`).
+    pub fn with_softmax_scale(mut self, softmax_scale: Option<f32>) -> Self {
+        self.softmax_scale = softmax_scale;
+        self
+    }
+
+    /// The backend in use.
+    pub fn backend(&self) -> &Arc<dyn AttentionBackend> {
+        &self.backend
+    }
+
+    /// Whether decoding may use a [`KvCache`].
+    pub fn supports_kv_cache(&self) -> bool {
+        self.backend.supports_kv_cache()
+    }
+
+    /// Causal attention of `q` `(batch, q_heads, q_len, head_dim)` over `k`, `v`
+    /// `(batch, kv_heads, new_len, head_dim)` (RoPE already applied). With a cache, `k`, `v` are
+    /// appended first and the queries are the last `q_len` positions (bottom-right causal
+    /// alignment). Returns `(batch, q_heads, q_len, head_dim)`.
+    pub fn forward(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        cache: Option<&mut KvCache>,
+        train: bool,
+        seed: u64,
+    ) -> Result<Tensor> {
+        let call = AttentionCall {
+            softmax_scale: self.softmax_scale,
+            causal: true,
+            train,
+            seed,
+        };
+        match cache {
+            None => self.backend.forward(q, k, v, &call),
+            Some(cache) => {
+                if !self.backend.supports_kv_cache() {
+                    bail!(
+                        "attention {} does not support a KV cache; decode without one",
+                        self.backend.name()
+                    )
+                }
+                let (k, v) = cache.append(k, v)?;
+                self.backend.forward(q, &k, &v, &call)
+            }
+        }
+    }
+}

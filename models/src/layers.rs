@@ -1,0 +1,120 @@
+//! Small differentiable building blocks built only from composite tensor ops (candle-nn's fused
+//! layer norm and softmax have no backward), plus seeded initialisation and dropout.
+
+use candle::{bail, DType, Device, Result, Tensor, Var, D};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rand_distr::{Distribution, Normal};
+
+/// Mixes several integers into one well-spread 64-bit seed (splitmix64 steps).
+pub fn mix_seed(parts: &[u64]) -> u64 {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    for &p in parts {
+        x ^= p;
+        x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = x;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        x = z ^ (z >> 31);
+    }
+    x
+}
+
+/// An f32 variable of `shape` drawn from `N(0, std²)` with a seeded generator.
+pub fn normal_var(shape: &[usize], std: f64, seed: u64, device: &Device) -> Result<Var> {
+    let n: usize = shape.iter().product();
+    let normal = Normal::new(0f32, std as f32)
+        .map_err(|e| candle::Error::Msg(format!("normal init with std {std}: {e}")))?;
+    let mut rng = StdRng::seed_from_u64(seed);
+    let values: Vec<f32> = (0..n).map(|_| normal.sample(&mut rng)).collect();
+    Var::from_tensor(&Tensor::from_vec(values, shape, device)?)
+}
+
+/// The parameter `var` in the compute dtype (a differentiable cast when it differs).
+pub fn in_dtype(var: &Var, dtype: DType) -> Result<Tensor> {
+    let t = var.as_tensor();
+    if t.dtype() == dtype {
+        Ok(t.clone())
+    } else {
+        t.to_dtype(dtype)
+    }
+}
+
+/// `x · wᵀ` for `x`: `(..., in)` and `w`: `(out, in)`; returns `(..., out)`. No bias.
+pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let Some((&input, lead)) = dims.split_last() else {
+        bail!("linear: input must have rank at least 1, got a scalar")
+    };
+    let (out, w_in) = w.dims2()?;
+    if w_in != input {
+        bail!(
+            "linear: input {dims:?} does not match weight {:?}",
+            w.dims()
+        )
+    }
+    let rows: usize = lead.iter().product();
+    let y = x.reshape((rows, input))?.matmul(&w.t()?)?;
+    let mut out_dims = lead.to_vec();
+    out_dims.push(out);
+    y.reshape(out_dims)
+}
+
+/// Layer normalisation over the last axis with a learned gain and no bias (nanoGPT's
+/// `bias=False`), as composite ops so gradients reach both the input and the gain.
+/// The statistics are computed in f32 whatever the input dtype; the result has the input dtype.
+pub fn layer_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let xf = x.to_dtype(DType::F32)?;
+    let mean = xf.mean_keepdim(D::Minus1)?;
+    let centered = xf.broadcast_sub(&mean)?;
+    let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = centered.broadcast_div(&(var + eps)?.sqrt()?)?;
+    normed.to_dtype(dtype)?.broadcast_mul(weight)
+}
+
+/// Inverted dropout with probability `p`: the mask comes from a generator seeded with `seed`, so
+/// runs (and resumed runs) are reproducible on every device. Identity when `p == 0`.
+pub fn dropout(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
+    if p == 0.0 {
+        return Ok(x.clone());
+    }
+    if !(0.0..1.0).contains(&p) {
+        bail!("dropout probability must be in [0, 1), got {p}")
+    }
+    let scale = 1.0 / (1.0 - p);
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mask: Vec<f32> = (0..x.elem_count())
+        .map(|_| if rng.random::<f32>() < p { 0.0 } else { scale })
+        .collect();
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    x.mul(&mask)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layer_norm_matches_candle_nn() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 2., (2, 3, 16), &dev)?;
+        let w = Tensor::randn(1f32, 0.1, 16, &dev)?;
+        let ours = layer_norm(&x, &w, 1e-5)?;
+        let bias = Tensor::zeros(16, DType::F32, &dev)?;
+        let theirs = candle_nn::ops::layer_norm(&x, &w, &bias, 1e-5)?;
+        let diff = (ours - theirs)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "max diff {diff}");
+        Ok(())
+    }
+
+    #[test]
+    fn dropout_is_seeded_and_scaled() -> Result<()> {
+        let x = Tensor::ones((4, 64), DType::F32, &Device::Cpu)?;
+        let a = dropout(&x, 0.5, 7)?.to_vec2::<f32>()?;
+        let b = dropout(&x, 0.5, 7)?.to_vec2::<f32>()?;
+        assert_eq!(a, b);
+        assert!(a.iter().flatten().all(|&v| v == 0.0 || v == 2.0));
+        Ok(())
+    }
+}

@@ -1,0 +1,277 @@
+//! Optimisation pieces candle-nn lacks or keeps private: an AdamW whose moments can be saved and
+//! restored, accumulated gradients with global-norm clipping, and the warm-up + cosine schedule.
+
+use std::collections::HashMap;
+
+use candle::backprop::GradStore;
+use candle::{bail, DType, Result, Tensor, TensorId, Var};
+use serde::{Deserialize, Serialize};
+
+/// Gradients of a set of variables, summed over micro-batches (f32, the variables' shapes).
+#[derive(Debug, Default)]
+pub struct Gradients {
+    grads: HashMap<TensorId, Tensor>,
+}
+
+impl Gradients {
+    /// No gradients yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds the gradient of every var in `vars` found in `store` (scaled by `scale`).
+    pub fn accumulate(&mut self, store: &GradStore, vars: &[Var], scale: f64) -> Result<()> {
+        for var in vars {
+            if let Some(g) = store.get(var.as_tensor()) {
+                let g = (g.to_dtype(DType::F32)? * scale)?;
+                let id = var.as_tensor().id();
+                let sum = match self.grads.remove(&id) {
+                    Some(prev) => (prev + g)?,
+                    None => g,
+                };
+                self.grads.insert(id, sum);
+            }
+        }
+        Ok(())
+    }
+
+    /// The gradient of `var`, if any.
+    pub fn get(&self, var: &Var) -> Option<&Tensor> {
+        self.grads.get(&var.as_tensor().id())
+    }
+
+    /// The L2 norm of all gradients together.
+    pub fn global_norm(&self) -> Result<f64> {
+        let mut sum = 0f64;
+        for g in self.grads.values() {
+            sum += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+        }
+        Ok(sum.sqrt())
+    }
+
+    /// Scales all gradients so their global norm is at most `max_norm`; returns the norm before
+    /// clipping.
+    pub fn clip_global_norm(&mut self, max_norm: f64) -> Result<f64> {
+        let norm = self.global_norm()?;
+        if norm > max_norm && norm.is_finite() {
+            let scale = max_norm / (norm + 1e-6);
+            for g in self.grads.values_mut() {
+                *g = (&*g * scale)?;
+            }
+        }
+        Ok(norm)
+    }
+}
+
+/// Hyper-parameters of [`AdamW`].
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AdamWParams {
+    /// Learning rate (usually overwritten every step by the schedule).
+    pub lr: f64,
+    /// First-moment decay.
+    pub beta1: f64,
+    /// Second-moment decay.
+    pub beta2: f64,
+    /// Denominator epsilon.
+    pub eps: f64,
+    /// Decoupled weight decay (multiplied by the learning rate).
+    pub weight_decay: f64,
+}
+
+/// AdamW (Loshchilov & Hutter) with decoupled weight decay, the update of PyTorch and candle-nn:
+/// `θ ← θ·(1 − lr·λ) − lr · m̂ / (√v̂ + ε)` with bias-corrected moments. Moments are f32 and can
+/// be exported with [`AdamW::state`] and restored with [`AdamW::load_state`].
+#[derive(Debug)]
+pub struct AdamW {
+    params: AdamWParams,
+    vars: Vec<(String, Var)>,
+    /// First and second moments per var, same order as `vars`.
+    moments: Vec<(Tensor, Tensor)>,
+    step: u64,
+}
+
+impl AdamW {
+    /// An optimiser over named f32 variables, moments zero, step 0.
+    pub fn new(vars: Vec<(String, Var)>, params: AdamWParams) -> Result<Self> {
+        let moments = vars
+            .iter()
+            .map(|(name, v)| {
+                if v.dtype() != DType::F32 {
+                    bail!("adamw: parameter {name:?} must be f32, got {:?}", v.dtype())
+                }
+                Ok((v.zeros_like()?, v.zeros_like()?))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            params,
+            vars,
+            moments,
+            step: 0,
+        })
+    }
+
+    /// The current learning rate.
+    pub fn learning_rate(&self) -> f64 {
+        self.params.lr
+    }
+
+    /// Sets the learning rate for the next steps.
+    pub fn set_learning_rate(&mut self, lr: f64) {
+        self.params.lr = lr;
+    }
+
+    /// Number of updates done.
+    pub fn step_count(&self) -> u64 {
+        self.step
+    }
+
+    /// One update of every var that has a gradient in `grads`.
+    pub fn step(&mut self, grads: &Gradients) -> Result<()> {
+        self.step += 1;
+        let p = self.params;
+        let t = self.step as i32;
+        let scale_m = 1.0 / (1.0 - p.beta1.powi(t));
+        let scale_v = 1.0 / (1.0 - p.beta2.powi(t));
+        for ((_, var), (m, v)) in self.vars.iter().zip(self.moments.iter_mut()) {
+            let Some(g) = grads.get(var) else { continue };
+            *m = ((&*m * p.beta1)? + (g * (1.0 - p.beta1))?)?;
+            *v = ((&*v * p.beta2)? + (g.sqr()? * (1.0 - p.beta2))?)?;
+            let update = ((&*m * scale_m)? / ((&*v * scale_v)?.sqrt()? + p.eps)?)?;
+            let decayed = (var.as_tensor() * (1.0 - p.lr * p.weight_decay))?;
+            var.set(&(decayed - (update * p.lr)?)?)?;
+        }
+        Ok(())
+    }
+
+    /// The moments as `{prefix}m.{name}` / `{prefix}v.{name}` tensors (the step count is stored
+    /// separately by the caller).
+    pub fn state(&self, prefix: &str) -> Vec<(String, Tensor)> {
+        self.vars
+            .iter()
+            .zip(&self.moments)
+            .flat_map(|((name, _), (m, v))| {
+                [
+                    (format!("{prefix}m.{name}"), m.clone()),
+                    (format!("{prefix}v.{name}"), v.clone()),
+                ]
+            })
+            .collect()
+    }
+
+    /// Restores moments saved by [`AdamW::state`] and the step count.
+    pub fn load_state(
+        &mut self,
+        tensors: &HashMap<String, Tensor>,
+        prefix: &str,
+        step: u64,
+    ) -> Result<()> {
+        for ((name, var), (m, v)) in self.vars.iter().zip(self.moments.iter_mut()) {
+            for (kind, slot) in [("m", m), ("v", v)] {
+                let key = format!("{prefix}{kind}.{name}");
+                let Some(t) = tensors.get(&key) else {
+                    bail!("checkpoint is missing optimizer state {key:?}")
+                };
+                if t.dims() != var.dims() {
+                    bail!(
+                        "checkpoint optimizer state {key:?} has shape {:?}, expected {:?}",
+                        t.dims(),
+                        var.dims()
+                    )
+                }
+                *slot = t.to_dtype(DType::F32)?.to_device(var.device())?;
+            }
+        }
+        self.step = step;
+        Ok(())
+    }
+}
+
+/// Linear warm-up from 0 to `max_lr` over `warmup_steps`, then cosine decay to `min_lr` at
+/// `decay_steps`, constant `min_lr` afterwards (nanoGPT's schedule). `step` counts from 0.
+pub fn cosine_lr(
+    step: usize,
+    max_lr: f64,
+    min_lr: f64,
+    warmup_steps: usize,
+    decay_steps: usize,
+) -> f64 {
+    if step < warmup_steps {
+        return max_lr * (step + 1) as f64 / (warmup_steps + 1) as f64;
+    }
+    if step >= decay_steps || decay_steps <= warmup_steps {
+        return min_lr;
+    }
+    let progress = (step - warmup_steps) as f64 / (decay_steps - warmup_steps) as f64;
+    let coeff = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
+    min_lr + coeff * (max_lr - min_lr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle::Device;
+    use candle_nn::Optimizer;
+
+    #[test]
+    fn adamw_matches_candle_nn() -> Result<()> {
+        let dev = Device::Cpu;
+        let init = Tensor::randn(0f32, 1., (3, 4), &dev)?;
+        let ours_var = Var::from_tensor(&init)?;
+        let theirs_var = Var::from_tensor(&init)?;
+        let params = AdamWParams {
+            lr: 0.01,
+            beta1: 0.9,
+            beta2: 0.99,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        };
+        let mut ours = AdamW::new(vec![("w".into(), ours_var.clone())], params)?;
+        let mut theirs = candle_nn::AdamW::new(
+            vec![theirs_var.clone()],
+            candle_nn::ParamsAdamW {
+                lr: 0.01,
+                beta1: 0.9,
+                beta2: 0.99,
+                eps: 1e-8,
+                weight_decay: 0.1,
+            },
+        )?;
+        let target = Tensor::randn(0f32, 1., (3, 4), &dev)?;
+        for _ in 0..5 {
+            let loss = (ours_var.as_tensor() - &target)?.sqr()?.sum_all()?;
+            let mut g = Gradients::new();
+            g.accumulate(&loss.backward()?, std::slice::from_ref(&ours_var), 1.0)?;
+            ours.step(&g)?;
+            let loss = (theirs_var.as_tensor() - &target)?.sqr()?.sum_all()?;
+            theirs.step(&loss.backward()?)?;
+        }
+        let diff = (ours_var.as_tensor() - theirs_var.as_tensor())?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert!(diff < 1e-6, "max diff {diff}");
+        Ok(())
+    }
+
+    #[test]
+    fn clipping_bounds_the_global_norm() -> Result<()> {
+        let var = Var::from_tensor(&Tensor::ones(4, DType::F32, &Device::Cpu)?)?;
+        let loss = (var.as_tensor() * 10.0)?.sum_all()?;
+        let mut g = Gradients::new();
+        g.accumulate(&loss.backward()?, std::slice::from_ref(&var), 1.0)?;
+        let before = g.clip_global_norm(1.0)?;
+        assert!((before - 20.0).abs() < 1e-4);
+        assert!((g.global_norm()? - 1.0).abs() < 1e-4);
+        Ok(())
+    }
+
+    #[test]
+    fn schedule_warms_up_then_decays() {
+        let lr = |s| cosine_lr(s, 1e-3, 1e-4, 10, 110);
+        assert!(lr(0) < lr(5) && lr(5) < lr(9));
+        assert!((lr(10) - 1e-3).abs() < 1e-12);
+        assert!((lr(60) - 5.5e-4).abs() < 1e-9);
+        assert!((lr(110) - 1e-4).abs() < 1e-12);
+        assert!((lr(500) - 1e-4).abs() < 1e-12);
+    }
+}

@@ -1,0 +1,477 @@
+//! Training a [`Gpt`] on a [`CharDataset`]: two AdamW groups (weight decay on matrices only),
+//! warm-up + cosine learning rate, global-norm clipping, gradient accumulation, seeded batches
+//! and dropout, evaluation, and checkpoints that resume exactly.
+//!
+//! A checkpoint is a directory with three files, each written atomically (temporary file, then
+//! rename): `checkpoint.safetensors` (parameters under `model.`, AdamW moments under
+//! `adamw_decay.` / `adamw_no_decay.`), `config.json` ([`CheckpointMeta`]) and `vocab.json`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle::{bail, DType, Device, Result, Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use crate::data::{CharDataset, Split, Vocab};
+use crate::gpt::{Gpt, GptConfig};
+use crate::layers::mix_seed;
+use crate::optim::{cosine_lr, AdamW, AdamWParams, Gradients};
+
+/// File name of the tensors of a checkpoint.
+pub const WEIGHTS_FILE: &str = "checkpoint.safetensors";
+/// File name of the [`CheckpointMeta`] of a checkpoint.
+pub const CONFIG_FILE: &str = "config.json";
+/// File name of the vocabulary of a checkpoint.
+pub const VOCAB_FILE: &str = "vocab.json";
+/// Version of the checkpoint layout.
+pub const CHECKPOINT_FORMAT: u32 = 1;
+
+const MODEL_PREFIX: &str = "model.";
+const DECAY_PREFIX: &str = "adamw_decay.";
+const NO_DECAY_PREFIX: &str = "adamw_no_decay.";
+const TRAIN_BATCH_TAG: u64 = 1;
+const TRAIN_DROPOUT_TAG: u64 = 2;
+const EVAL_BATCH_TAG: u64 = 3;
+
+/// Arithmetic precision of training.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    /// Everything in f32.
+    F32,
+    /// bf16 compute with f32 master weights and optimizer state.
+    Bf16,
+}
+
+impl Precision {
+    /// The compute dtype.
+    pub fn dtype(self) -> DType {
+        match self {
+            Self::F32 => DType::F32,
+            Self::Bf16 => DType::BF16,
+        }
+    }
+}
+
+/// Optimisation settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Sequences per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches accumulated per optimizer step.
+    pub grad_accum: usize,
+    /// Total optimizer steps (also the end of the cosine decay).
+    pub max_steps: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Final learning rate of the cosine decay.
+    pub min_lr: f64,
+    /// Linear warm-up steps.
+    pub warmup_steps: usize,
+    /// Decoupled weight decay of the matrices (embeddings and projections); gains get none.
+    pub weight_decay: f64,
+    /// AdamW β₁.
+    pub beta1: f64,
+    /// AdamW β₂.
+    pub beta2: f64,
+    /// Global gradient-norm clip (0 disables clipping).
+    pub grad_clip: f64,
+    /// Evaluate every this many steps.
+    pub eval_interval: usize,
+    /// Batches per split in one evaluation.
+    pub eval_batches: usize,
+    /// Seed of initialisation, batches and dropout.
+    pub seed: u64,
+    /// Fraction of the text (at its end) used for validation.
+    pub val_fraction: f64,
+    /// Compute precision.
+    pub precision: Precision,
+}
+
+impl TrainConfig {
+    /// Checks the values; the error names the offending one.
+    pub fn validate(&self) -> Result<()> {
+        for (name, v) in [
+            ("batch_size", self.batch_size),
+            ("grad_accum", self.grad_accum),
+            ("max_steps", self.max_steps),
+            ("eval_interval", self.eval_interval),
+            ("eval_batches", self.eval_batches),
+        ] {
+            if v == 0 {
+                bail!("train config: {name} must be positive, got 0")
+            }
+        }
+        let lr_ok = self.lr > 0.0 && self.lr.is_finite();
+        if !(lr_ok && self.min_lr >= 0.0 && self.min_lr <= self.lr) {
+            bail!(
+                "train config: need 0 < lr and 0 <= min_lr <= lr, got lr {} and min_lr {}",
+                self.lr,
+                self.min_lr
+            )
+        }
+        for (name, b) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&b) {
+                bail!("train config: {name} must be in [0, 1), got {b}")
+            }
+        }
+        let non_negative = |x: f64| x >= 0.0; // false for NaN too
+        if !non_negative(self.weight_decay) || !non_negative(self.grad_clip) {
+            bail!(
+                "train config: weight_decay ({}) and grad_clip ({}) must be non-negative",
+                self.weight_decay,
+                self.grad_clip
+            )
+        }
+        if !(self.val_fraction > 0.0 && self.val_fraction < 1.0) {
+            bail!(
+                "train config: val_fraction must be in (0, 1), got {}",
+                self.val_fraction
+            )
+        }
+        Ok(())
+    }
+
+    /// Names of the settings that differ from `saved` and would change how a resumed run
+    /// continues (everything but `max_steps`, `eval_interval` and `eval_batches`).
+    pub fn resume_conflicts(&self, saved: &TrainConfig) -> Result<Vec<String>> {
+        const FREE: [&str; 3] = ["max_steps", "eval_interval", "eval_batches"];
+        let to_map = |c: &TrainConfig| match serde_json::to_value(c) {
+            Ok(serde_json::Value::Object(m)) => Ok(m),
+            other => Err(candle::Error::Msg(format!(
+                "train config to json: {other:?}"
+            ))),
+        };
+        let (now, then) = (to_map(self)?, to_map(saved)?);
+        Ok(now
+            .iter()
+            .filter(|(k, v)| !FREE.contains(&k.as_str()) && then.get(*k) != Some(*v))
+            .map(|(k, v)| {
+                format!(
+                    "{k}: checkpoint {} vs requested {v}",
+                    then.get(k).unwrap_or(&serde_json::Value::Null)
+                )
+            })
+            .collect())
+    }
+}
+
+/// What `config.json` of a checkpoint holds.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointMeta {
+    /// [`CHECKPOINT_FORMAT`] of the writer.
+    pub format: u32,
+    /// Optimizer steps done.
+    pub step: usize,
+    /// The architecture.
+    pub model: GptConfig,
+    /// The optimisation settings.
+    pub train: TrainConfig,
+}
+
+/// Numbers of one optimizer step.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepStats {
+    /// The step just done (0-based).
+    pub step: usize,
+    /// Mean training loss over the micro-batches (nats per character).
+    pub loss: f64,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Tokens processed.
+    pub tokens: usize,
+}
+
+/// A model with its optimizers and position in the schedule.
+#[derive(Debug)]
+pub struct Trainer {
+    model: Gpt,
+    /// Matrices (rank ≥ 2), with weight decay.
+    decay: AdamW,
+    /// Gains (rank 1), without weight decay.
+    no_decay: AdamW,
+    vars: Vec<Var>,
+    config: TrainConfig,
+    step: usize,
+}
+
+impl Trainer {
+    /// A freshly initialised model (seeded by `train.seed`) on `device`.
+    pub fn new(model: GptConfig, train: TrainConfig, device: &Device) -> Result<Self> {
+        train.validate()?;
+        let gpt = Gpt::new(model, train.seed, device)?;
+        Self::with_model(gpt, train)
+    }
+
+    fn with_model(mut model: Gpt, config: TrainConfig) -> Result<Self> {
+        model.set_compute_dtype(config.precision.dtype())?;
+        let params = model.named_params();
+        let vars = params.iter().map(|(_, v)| v.clone()).collect();
+        let (matrices, gains): (Vec<_>, Vec<_>) =
+            params.into_iter().partition(|(_, v)| v.rank() >= 2);
+        let adam = |weight_decay| AdamWParams {
+            lr: config.lr,
+            beta1: config.beta1,
+            beta2: config.beta2,
+            eps: 1e-8,
+            weight_decay,
+        };
+        Ok(Self {
+            decay: AdamW::new(matrices, adam(config.weight_decay))?,
+            no_decay: AdamW::new(gains, adam(0.0))?,
+            vars,
+            model,
+            config,
+            step: 0,
+        })
+    }
+
+    /// The model.
+    pub fn model(&self) -> &Gpt {
+        &self.model
+    }
+
+    /// The optimisation settings.
+    pub fn config(&self) -> &TrainConfig {
+        &self.config
+    }
+
+    /// Optimizer steps done so far.
+    pub fn step(&self) -> usize {
+        self.step
+    }
+
+    /// Learning rate of step `step`.
+    pub fn lr_at(&self, step: usize) -> f64 {
+        let c = &self.config;
+        cosine_lr(step, c.lr, c.min_lr, c.warmup_steps, c.max_steps)
+    }
+
+    /// One optimizer step over `grad_accum` micro-batches of the training split.
+    pub fn train_step(&mut self, data: &CharDataset) -> Result<StepStats> {
+        let c = &self.config;
+        let block = self.model.config().block_size;
+        let device = self.model.device().clone();
+        let step = self.step as u64;
+        let mut grads = Gradients::new();
+        let mut loss_sum = 0f64;
+        for micro in 0..c.grad_accum as u64 {
+            let batch_seed = mix_seed(&[c.seed, TRAIN_BATCH_TAG, step, micro]);
+            let (x, y) = data.batch(Split::Train, c.batch_size, block, batch_seed, &device)?;
+            let dropout_seed = mix_seed(&[c.seed, TRAIN_DROPOUT_TAG, step, micro]);
+            let loss = self.model.loss(&x, &y, true, dropout_seed)?;
+            let loss_value = loss.to_scalar::<f32>()? as f64;
+            if !loss_value.is_finite() {
+                bail!("training diverged: loss {loss_value} at step {step}")
+            }
+            loss_sum += loss_value;
+            grads.accumulate(&loss.backward()?, &self.vars, 1.0 / c.grad_accum as f64)?;
+        }
+        let grad_norm = if c.grad_clip > 0.0 {
+            grads.clip_global_norm(c.grad_clip)?
+        } else {
+            grads.global_norm()?
+        };
+        let lr = self.lr_at(self.step);
+        self.decay.set_learning_rate(lr);
+        self.no_decay.set_learning_rate(lr);
+        self.decay.step(&grads)?;
+        self.no_decay.step(&grads)?;
+        self.step += 1;
+        Ok(StepStats {
+            step: self.step - 1,
+            loss: loss_sum / c.grad_accum as f64,
+            lr,
+            grad_norm,
+            tokens: c.grad_accum * c.batch_size * block,
+        })
+    }
+
+    /// Mean loss (nats per character) over `eval_batches` fixed batches of a split, no dropout.
+    pub fn evaluate(&self, data: &CharDataset, split: Split) -> Result<f64> {
+        let c = &self.config;
+        let block = self.model.config().block_size;
+        let split_tag = match split {
+            Split::Train => 0,
+            Split::Val => 1,
+        };
+        let mut sum = 0f64;
+        for i in 0..c.eval_batches as u64 {
+            let seed = mix_seed(&[c.seed, EVAL_BATCH_TAG, split_tag, i]);
+            let (x, y) = data.batch(split, c.batch_size, block, seed, self.model.device())?;
+            sum += self.model.loss(&x, &y, false, 0)?.to_scalar::<f32>()? as f64;
+        }
+        Ok(sum / c.eval_batches as f64)
+    }
+
+    /// The checkpoint metadata of the current state.
+    pub fn meta(&self) -> CheckpointMeta {
+        CheckpointMeta {
+            format: CHECKPOINT_FORMAT,
+            step: self.step,
+            model: self.model.config().clone(),
+            train: self.config.clone(),
+        }
+    }
+
+    /// Writes the checkpoint into `dir` (created if needed), each file atomically.
+    pub fn save(&self, dir: &Path, vocab: &Vocab) -> Result<()> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| candle::Error::Msg(format!("cannot create {}: {e}", dir.display())))?;
+        let mut tensors: HashMap<String, Tensor> = self
+            .model
+            .named_params()
+            .into_iter()
+            .map(|(n, v)| (format!("{MODEL_PREFIX}{n}"), v.as_tensor().clone()))
+            .collect();
+        tensors.extend(self.decay.state(DECAY_PREFIX));
+        tensors.extend(self.no_decay.state(NO_DECAY_PREFIX));
+        write_atomically(&dir.join(WEIGHTS_FILE), |tmp| {
+            candle::safetensors::save(&tensors, tmp)
+        })?;
+        write_json(&dir.join(VOCAB_FILE), vocab)?;
+        write_json(&dir.join(CONFIG_FILE), &self.meta())
+    }
+
+    /// Resumes from the checkpoint in `dir`. The saved architecture must equal `model` and the
+    /// saved settings must agree with `train` (except `max_steps`, `eval_interval`,
+    /// `eval_batches`, taken from `train`); the saved vocabulary must equal `vocab`.
+    pub fn resume(
+        dir: &Path,
+        model: &GptConfig,
+        train: TrainConfig,
+        vocab: &Vocab,
+        device: &Device,
+    ) -> Result<Self> {
+        train.validate()?;
+        let meta = read_meta(dir)?;
+        if &meta.model != model {
+            bail!(
+                "checkpoint {} was trained with a different model config:\n  checkpoint {}\n  requested  {}",
+                dir.display(),
+                to_json(&meta.model)?,
+                to_json(model)?
+            )
+        }
+        let conflicts = train.resume_conflicts(&meta.train)?;
+        if !conflicts.is_empty() {
+            bail!(
+                "checkpoint {} was trained with different settings: {}",
+                dir.display(),
+                conflicts.join("; ")
+            )
+        }
+        let saved_vocab = read_vocab(dir)?;
+        if &saved_vocab != vocab {
+            bail!(
+                "checkpoint {} has a {}-character vocabulary that differs from the data's {} \
+                 characters; resume on the same text",
+                dir.display(),
+                saved_vocab.len(),
+                vocab.len()
+            )
+        }
+        let tensors = read_tensors(dir, device)?;
+        let gpt = Gpt::new(meta.model.clone(), train.seed, device)?;
+        gpt.load_params(&tensors, MODEL_PREFIX)?;
+        let mut trainer = Self::with_model(gpt, train)?;
+        trainer
+            .decay
+            .load_state(&tensors, DECAY_PREFIX, meta.step as u64)?;
+        trainer
+            .no_decay
+            .load_state(&tensors, NO_DECAY_PREFIX, meta.step as u64)?;
+        trainer.step = meta.step;
+        Ok(trainer)
+    }
+}
+
+/// Loads the model (f32 compute) and vocabulary of a checkpoint for inference.
+pub fn load_model(dir: &Path, device: &Device) -> Result<(Gpt, Vocab, CheckpointMeta)> {
+    let meta = read_meta(dir)?;
+    let vocab = read_vocab(dir)?;
+    if vocab.len() != meta.model.vocab_size {
+        bail!(
+            "checkpoint {}: vocab.json has {} characters but the model has vocab_size {}",
+            dir.display(),
+            vocab.len(),
+            meta.model.vocab_size
+        )
+    }
+    let tensors = read_tensors(dir, device)?;
+    let gpt = Gpt::new(meta.model.clone(), 0, device)?;
+    gpt.load_params(&tensors, MODEL_PREFIX)?;
+    Ok((gpt, vocab, meta))
+}
+
+/// Whether `dir` holds a checkpoint (its `config.json` exists).
+pub fn checkpoint_exists(dir: &Path) -> bool {
+    dir.join(CONFIG_FILE).is_file()
+}
+
+/// Reads and parses `config.json` of a checkpoint.
+pub fn read_meta(dir: &Path) -> Result<CheckpointMeta> {
+    let meta: CheckpointMeta = read_json(&dir.join(CONFIG_FILE))?;
+    if meta.format != CHECKPOINT_FORMAT {
+        bail!(
+            "checkpoint {} has format {}, this build reads format {CHECKPOINT_FORMAT}",
+            dir.display(),
+            meta.format
+        )
+    }
+    meta.model.validate()?;
+    Ok(meta)
+}
+
+fn read_vocab(dir: &Path) -> Result<Vocab> {
+    read_json(&dir.join(VOCAB_FILE))
+}
+
+fn read_tensors(dir: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    let path = dir.join(WEIGHTS_FILE);
+    candle::safetensors::load(&path, device)
+        .map_err(|e| candle::Error::Msg(format!("cannot read {}: {e}", path.display())))
+}
+
+fn to_json<T: Serialize>(value: &T) -> Result<String> {
+    serde_json::to_string(value).map_err(|e| candle::Error::Msg(format!("json: {e}")))
+}
+
+fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| candle::Error::Msg(format!("cannot read {}: {e}", path.display())))?;
+    serde_json::from_str(&text)
+        .map_err(|e| candle::Error::Msg(format!("cannot parse {}: {e}", path.display())))
+}
+
+fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    let text = serde_json::to_string_pretty(value)
+        .map_err(|e| candle::Error::Msg(format!("json for {}: {e}", path.display())))?;
+    write_atomically(path, |tmp| {
+        std::fs::write(tmp, text.as_bytes()).map_err(candle::Error::from)
+    })
+}
+
+/// Runs `write` on a temporary sibling of `path`, then renames it over `path`, so readers see
+/// either the old or the new file, never a partial one.
+pub fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| candle::Error::Msg(format!("not a file path: {}", path.display())))?;
+    // Keep the extension last: some writers (the PNG encoder) pick the format from it.
+    let mut tmp_name = std::ffi::OsString::from(".tmp-");
+    tmp_name.push(file_name);
+    let tmp: PathBuf = path.with_file_name(tmp_name);
+    write(&tmp).map_err(|e| candle::Error::Msg(format!("cannot write {}: {e}", tmp.display())))?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        candle::Error::Msg(format!(
+            "cannot rename {} to {}: {e}",
+            tmp.display(),
+            path.display()
+        ))
+    })
+}
