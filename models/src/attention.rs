@@ -18,7 +18,10 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use candle::{bail, DType, Device, Result, Tensor, D};
-use candle_sparse_attn::{flash_attn, AttnParams};
+use candle_sparse_attn::{
+    flash_attn, hash_sparse_attn, qk_sparse_attn, AttnParams, HashConfig, ScfaParams,
+};
+use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 /// Which attention method a model uses.
@@ -203,16 +206,12 @@ impl AttentionBackend for HashSparseAttention {
         false
     }
 
-    // WIRE-UP (lead): call `candle_sparse_attn::hash_sparse_attn(q, k, v, &HashConfig {
-    // n_buckets: self.n_buckets, seed: call.seed, .. })` here once it lands.
-    fn forward(
-        &self,
-        _q: &Tensor,
-        _k: &Tensor,
-        _v: &Tensor,
-        _call: &AttentionCall,
-    ) -> Result<Tensor> {
-        Err(not_available_yet(&self.name(), "hash_sparse_attn"))
+    /// Angular-LSH buckets with rotations drawn from `call.seed` (re-drawn every step, as in
+    /// the reference model), then sparse causal flash attention inside each bucket.
+    fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor, call: &AttentionCall) -> Result<Tensor> {
+        let mut config = HashConfig::new(self.n_buckets, call.seed);
+        config.softmax_scale = call.softmax_scale;
+        hash_sparse_attn(q, k, v, &config)
     }
 }
 
@@ -234,25 +233,25 @@ impl AttentionBackend for QkSparseAttention {
         false
     }
 
-    // WIRE-UP (lead): build `(batch, heads, seq)` u8 keep masks for q and k (dropping
-    // `drop_q` / `drop_k` of the rows, randomly from `call.seed` or by a score) and call
-    // `candle_sparse_attn::qk_sparse_attn(q, k, v, &q_keep, &k_keep)` here once it lands.
-    fn forward(
-        &self,
-        _q: &Tensor,
-        _k: &Tensor,
-        _v: &Tensor,
-        _call: &AttentionCall,
-    ) -> Result<Tensor> {
-        Err(not_available_yet(&self.name(), "qk_sparse_attn"))
+    /// Drops `drop_q` / `drop_k` of the (token, head) rows at random (seeded by `call.seed`, so
+    /// resumed runs repeat the choice; in training and evaluation alike, as in the reference),
+    /// then runs sparse causal flash attention over the kept rows. Dropped queries output 0.
+    fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor, call: &AttentionCall) -> Result<Tensor> {
+        let mut rng = StdRng::seed_from_u64(call.seed);
+        let mut keep = |x: &Tensor, drop: f32| -> Result<Tensor> {
+            let (b, h, t, _) = x.dims4()?;
+            let mask: Vec<u8> = (0..b * h * t)
+                .map(|_| u8::from(rng.random::<f32>() >= drop))
+                .collect();
+            Tensor::from_vec(mask, (b, h, t), x.device())
+        };
+        let (q_keep, k_keep) = (keep(q, self.drop_q)?, keep(k, self.drop_k)?);
+        let params = ScfaParams {
+            softmax_scale: call.softmax_scale,
+            strict: false,
+        };
+        qk_sparse_attn(q, k, v, &q_keep, &k_keep, &params)
     }
-}
-
-fn not_available_yet(kind: &str, function: &str) -> candle::Error {
-    candle::Error::Msg(format!(
-        "attention kind {kind} is not available yet: candle_sparse_attn::{function} has not \
-         landed in this build; use the dense kind"
-    ))
 }
 
 /// A growing key/value cache for one attention layer: `(batch, kv_heads, len, head_dim)` each.

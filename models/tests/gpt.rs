@@ -19,13 +19,8 @@ fn config(attention: AttentionKind, positions: PositionEncoding) -> GptConfig {
 
 /// Kinds whose kernels are wired: each must train every parameter.
 fn available_kinds() -> Vec<AttentionKind> {
-    vec![AttentionKind::Dense]
-}
-
-/// Kinds waiting for `candle_sparse_attn::{hash_sparse_attn, qk_sparse_attn}`. When they land,
-/// move them to `available_kinds` (this test then fails until they are moved).
-fn pending_kinds() -> Vec<AttentionKind> {
     vec![
+        AttentionKind::Dense,
         AttentionKind::HashSparse { n_buckets: 4 },
         AttentionKind::QkSparse {
             drop_q: 0.25,
@@ -65,22 +60,6 @@ fn every_parameter_gets_a_nonzero_gradient() -> Result<()> {
                 );
             }
         }
-    }
-    Ok(())
-}
-
-#[test]
-fn pending_sparse_kinds_fail_clearly() -> Result<()> {
-    let dev = Device::Cpu;
-    let (x, y) = batch(&dev)?;
-    for attention in pending_kinds() {
-        let model = Gpt::new(
-            config(attention.clone(), PositionEncoding::Learned),
-            3,
-            &dev,
-        )?;
-        let err = model.loss(&x, &y, true, 5).unwrap_err().to_string();
-        assert!(err.contains("not available yet"), "{attention}: {err}");
     }
     Ok(())
 }
