@@ -646,7 +646,7 @@ __device__ __forceinline__ void red_add4(float* p, float a, float b, float c, fl
                "f"(d));
 }
 
-template <typename T, int D, int NW, int BQ>
+template <typename T, int D, int NW, int BQ, int MODE>
 __device__ void bwd_mma(const T* q, const T* k, const T* v, const T* go, const float* lse,
                         const float* delta, T* dk, T* dv, float* dqa, Vis vis, const int4* qmeta,
                         const int4* kmeta, int hq, int hkv, int nq, int nk, float scale) {
@@ -673,12 +673,12 @@ __device__ void bwd_mma(const T* q, const T* k, const T* v, const T* go, const f
   float sl2 = scale * LOG2E;
 
   // Causal: the first query row seeing key n0 is n0 - off.
-  int u0 = vis.mode == 1 ? min(nqt, max(0, n0 - vis.off) / BQ) : 0;
-  int4 km = vis.mode == 2 ? kmeta[(long long)bhk * gridDim.x + kt] : make_int4(0, 0, 0, 0);
+  int u0 = MODE == 1 ? min(nqt, max(0, n0 - vis.off) / BQ) : 0;
+  int4 km = MODE == 2 ? kmeta[(long long)bhk * gridDim.x + kt] : make_int4(0, 0, 0, 0);
   const int4* qm = qmeta + qhead0 * nqt;
   auto next = [&](int p) {
-    if (vis.mode == 2) return next_pass_q(p, p_end, qm, km, vis.strict);
-    if (vis.mode == 1 && p < p_end && p % nqt < u0) return p - p % nqt + u0;
+    if (MODE == 2) return next_pass_q(p, p_end, qm, km, vis.strict);
+    if (MODE == 1 && p < p_end && p % nqt < u0) return p - p % nqt + u0;
     return p;
   };
   auto load_q = [&](int p, int bf) {
@@ -704,7 +704,7 @@ __device__ void bwd_mma(const T* q, const T* k, const T* v, const T* go, const f
     j_r[hf] = n0 + warp * 16 + gq + hf * 8;
     kp[hf] = INT_MAX_;
     kb[hf] = -2;
-    if (vis.mode == 2 && j_r[hf] < nk) {
+    if (MODE == 2 && j_r[hf] < nk) {
       kp[hf] = vis.k_pos[krow0 + j_r[hf]];
       kb[hf] = vis.has_bkt ? vis.k_bkt[krow0 + j_r[hf]] : 0;
     }
@@ -791,15 +791,15 @@ __device__ void bwd_mma(const T* q, const T* k, const T* v, const T* go, const f
     gemm_abt<T, D, N8>(s, sK, warp * 16, cQ, 0);
     gemm_abt<T, D, N8>(dp, sV, warp * 16, cG, 0);
 
-    bool need_mask = vis.mode == 2 || m0 + BQ > nq || n0 + BK > nk ||
-                     (vis.mode == 1 && n0 + warp * 16 + 15 > m0 + vis.off);
+    bool need_mask = MODE == 2 || m0 + BQ > nq || n0 + BK > nk ||
+                     (MODE == 1 && n0 + warp * 16 + 15 > m0 + vis.off);
 #pragma unroll
     for (int nt = 0; nt < N8; ++nt) {
 #pragma unroll
       for (int e2 = 0; e2 < 2; ++e2) {
         int c = nt * 8 + 2 * t4 + e2, i = m0 + c;
         int qp = INT_MIN_, qb = -1;
-        if (vis.mode == 2 && i < nq) {
+        if (MODE == 2 && i < nq) {
           qp = vis.q_pos[qr0 + i];
           qb = vis.has_bkt ? vis.q_bkt[qr0 + i] : 0;
         }
@@ -807,12 +807,11 @@ __device__ void bwd_mma(const T* q, const T* k, const T* v, const T* go, const f
         L = L == neg_inf() ? pos_inf() : L * LOG2E;  // stranded row: P = 0
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf) {
-          bool ok = true;
-          if (need_mask) {
-            ok = i < nq && j_r[hf] < nk;
-            if (vis.mode == 1) ok = ok && j_r[hf] <= i + vis.off;
-            if (vis.mode == 2) ok = ok && sparse_sees(qp, qb, kp[hf], kb[hf], vis.strict);
-          }
+          bool ok;
+          if constexpr (MODE == 2)
+            ok = i < nq && j_r[hf] < nk && sparse_sees(qp, qb, kp[hf], kb[hf], vis.strict);
+          else
+            ok = !need_mask || (i < nq && j_r[hf] < nk && (MODE == 0 || j_r[hf] <= i + vis.off));
           float pv = ok ? fast_exp2(s[nt][hf * 2 + e2] * sl2 - L) : 0.f;
           s[nt][hf * 2 + e2] = pv;
           dp[nt][hf * 2 + e2] = pv * (dp[nt][hf * 2 + e2] - dl);
@@ -868,13 +867,18 @@ __device__ void dq_convert(const float* acc, T* dq, long long n, float scale) {
     MAKE_VIS fwd_mma<T, D, NW, 64>(q, k, v, o, lse, vis, qmeta, kmeta, hq, hkv, nq, nk, scale); \
   }
 // Tensor-core backward: key tiles of 16 * NW keys, query tiles of BQ rows (`bwd_tiles` in cuda.rs).
-#define BWD_MMA(TN, T, D, NW, BQ)                                                               \
+// Tensor-core backward: key tiles of 16 * NW keys, query tiles of BQ rows (`bwd_tiles` in cuda.rs),
+// one kernel per visibility mode M (compact code for the dense modes).
+#define BWD_MMA_M(TN, T, D, NW, BQ, M)                                                           \
   extern "C" __global__ void __launch_bounds__(NW * 32, 1)                                      \
-      flash_bwd_##TN##_d##D(const T* q, const T* k, const T* v, const T* go, const float* lse,  \
-                            const float* delta, T* dk, T* dv, float* dqa, VIS_PARAMS) {         \
-    MAKE_VIS bwd_mma<T, D, NW, BQ>(q, k, v, go, lse, delta, dk, dv, dqa, vis, qmeta, kmeta, hq, \
-                                   hkv, nq, nk, scale);                                         \
+      flash_bwd_##TN##_d##D##_m##M(const T* q, const T* k, const T* v, const T* go,             \
+                                   const float* lse, const float* delta, T* dk, T* dv,          \
+                                   float* dqa, VIS_PARAMS) {                                    \
+    MAKE_VIS bwd_mma<T, D, NW, BQ, M>(q, k, v, go, lse, delta, dk, dv, dqa, vis, qmeta, kmeta,  \
+                                      hq, hkv, nq, nk, scale);                                  \
   }
+#define BWD_MMA(TN, T, D, NW, BQ) \
+  BWD_MMA_M(TN, T, D, NW, BQ, 0) BWD_MMA_M(TN, T, D, NW, BQ, 1) BWD_MMA_M(TN, T, D, NW, BQ, 2)
 #define SIMPLE(TN, T, D)                                                                        \
   extern "C" __global__ void flash_fwd_simple_##TN##_d##D(const T* q, const T* k, const T* v,   \
                                                           T* o, float* lse, VIS_PARAMS) {       \

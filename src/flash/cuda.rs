@@ -472,7 +472,7 @@ fn bwd_t<T: CudaDType + DeviceRepr>(
         let meta = tile_meta(&dev, &va, dims, bq, bk)?;
         let mut dq_acc = dev.alloc_zeros::<f32>(nq_el)?;
         let smem = (2 * bk + 4 * bq) * (d + 8) * es + 2 * bk * (bq + 8) * es + 4 * bq * 4;
-        let f = func!(dev, &format!("flash_bwd_{tn}_d{d}"), smem);
+        let f = func!(dev, &format!("flash_bwd_{tn}_d{d}_m{}", va.mode), smem);
         let mut b = f.builder();
         b.arg(&q);
         b.arg(&k);
