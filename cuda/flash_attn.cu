@@ -627,25 +627,41 @@ __device__ void fwd_mma(const T* q, const T* k, const T* v, T* o, float* lse, Vi
 }
 
 // ---------------------------------------------------------------------------------------------
-// Tensor-core backward.
-// dQ strategy: deterministic, no atomics. Kernel A (one CTA per (key tile, b*hkv)) owns dK, dV of
-// its 16*NW keys and loops over the group's query heads and their query tiles; kernel B (one CTA
-// per (query tile, b*hq)) recomputes S and P and accumulates dQ over the forward's key range.
-// Both tile by BT = 64 on the looped axis.
+// Tensor-core backward, one fused kernel (FA2 style): one CTA per (key tile of BK = 16 * NW keys,
+// b * hkv) owns dK, dV of its keys and loops over the group's query heads and their query tiles of
+// BQ rows (Q, dO, lse, delta double-buffered with cp.async). dS goes through shared memory and
+// dQ += dS K is added with f32 vector atomics into a zeroed (b, hq, nq, D) f32 buffer, which
+// `flash_bwd_dq_convert` scales and writes in the input dtype (not bitwise deterministic).
 // ---------------------------------------------------------------------------------------------
 
-template <typename T, int D, int NW>
-__device__ void bwd_dkv_mma(const T* q, const T* k, const T* v, const T* go, const float* lse,
-                            const float* delta, T* dk, T* dv, Vis vis, const int4* qmeta,
-                            const int4* kmeta, int hq, int hkv, int nq, int nk, float scale) {
-  constexpr int BK = 16 * NW, BQ = 64, SD = Pad<D>::SD, NT = NW * 32, N8 = BQ / 8;
+// 4-byte async copy; when !pred nothing is read and the destination is zero-filled.
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool pred) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(pred ? 4 : 0));
+}
+
+// *p += {a, b, c, d} (16-byte aligned global f32), no return value.
+__device__ __forceinline__ void red_add4(float* p, float a, float b, float c, float d) {
+  asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(p), "f"(a), "f"(b), "f"(c),
+               "f"(d));
+}
+
+template <typename T, int D, int NW, int BQ, int MODE>
+__device__ void bwd_mma(const T* q, const T* k, const T* v, const T* go, const float* lse,
+                        const float* delta, T* dk, T* dv, float* dqa, Vis vis, const int4* qmeta,
+                        const int4* kmeta, int hq, int hkv, int nq, int nk, float scale) {
+  constexpr int BK = 16 * NW, SD = Pad<D>::SD, SQ = BQ + 8, NT = NW * 32, N8 = BQ / 8;
+  // dQ phase: RG groups of 16 query rows, each split over WG warps of DW columns.
+  constexpr int RG = BQ / 16, WG = NW / RG, DW = D / WG;
+  static_assert(NW % RG == 0 && D % WG == 0 && DW % 16 == 0, "bwd tile shape");
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sK = reinterpret_cast<T*>(smem_raw);
   T* sV = sK + BK * SD;
   T* sQ = sV + BK * SD;        // [2][BQ][SD]
   T* sG = sQ + 2 * BQ * SD;    // [2][BQ][SD]
-  float* sL = reinterpret_cast<float*>(sG + 2 * BQ * SD);  // [2][BQ] lse * log2e (+inf if none)
-  float* sD = sL + 2 * BQ;                                  // [2][BQ] delta
+  T* sS = sG + 2 * BQ * SD;    // [2][BK][SQ] dS^T
+  float* sL = reinterpret_cast<float*>(sS + 2 * BK * SQ);  // [2][BQ] lse
+  float* sD = sL + 2 * BQ;                              // [2][BQ] delta
 
   int warp = threadIdx.x / 32, lane = threadIdx.x & 31, gq = lane >> 2, t4 = lane & 3;
   int kt = blockIdx.x, bhk = blockIdx.y, n0 = kt * BK;
@@ -657,12 +673,12 @@ __device__ void bwd_dkv_mma(const T* q, const T* k, const T* v, const T* go, con
   float sl2 = scale * LOG2E;
 
   // Causal: the first query row seeing key n0 is n0 - off.
-  int u0 = vis.mode == 1 ? min(nqt, max(0, n0 - vis.off) / BQ) : 0;
-  int4 km = vis.mode == 2 ? kmeta[(long long)bhk * gridDim.x + kt] : make_int4(0, 0, 0, 0);
+  int u0 = MODE == 1 ? min(nqt, max(0, n0 - vis.off) / BQ) : 0;
+  int4 km = MODE == 2 ? kmeta[(long long)bhk * gridDim.x + kt] : make_int4(0, 0, 0, 0);
   const int4* qm = qmeta + qhead0 * nqt;
   auto next = [&](int p) {
-    if (vis.mode == 2) return next_pass_q(p, p_end, qm, km, vis.strict);
-    if (vis.mode == 1 && p < p_end && p % nqt < u0) return p - p % nqt + u0;
+    if (MODE == 2) return next_pass_q(p, p_end, qm, km, vis.strict);
+    if (MODE == 1 && p < p_end && p % nqt < u0) return p - p % nqt + u0;
     return p;
   };
   auto load_q = [&](int p, int bf) {
@@ -670,11 +686,14 @@ __device__ void bwd_dkv_mma(const T* q, const T* k, const T* v, const T* go, con
     long long qr0 = (qhead0 + h) * nq;
     load_tile<T, BQ, D, NT>(sQ + bf * BQ * SD, q + qr0 * D, m0, nq);
     load_tile<T, BQ, D, NT>(sG + bf * BQ * SD, go + qr0 * D, m0, nq);
-    for (int r = threadIdx.x; r < BQ; r += NT) {
-      bool ok = m0 + r < nq;
-      float L = ok ? lse[qr0 + m0 + r] : neg_inf();
-      sL[bf * BQ + r] = L == neg_inf() ? pos_inf() : L * LOG2E;
-      sD[bf * BQ + r] = ok ? delta[qr0 + m0 + r] : 0.f;
+    for (int r = threadIdx.x; r < 2 * BQ; r += NT) {
+      int rr = r % BQ;
+      bool ok = m0 + rr < nq;
+      long long src = qr0 + (ok ? m0 + rr : 0);
+      if (r < BQ)
+        cp_async4(sL + bf * BQ + rr, lse + src, ok);
+      else
+        cp_async4(sD + bf * BQ + rr, delta + src, ok);
     }
   };
 
@@ -685,7 +704,7 @@ __device__ void bwd_dkv_mma(const T* q, const T* k, const T* v, const T* go, con
     j_r[hf] = n0 + warp * 16 + gq + hf * 8;
     kp[hf] = INT_MAX_;
     kb[hf] = -2;
-    if (vis.mode == 2 && j_r[hf] < nk) {
+    if (MODE == 2 && j_r[hf] < nk) {
       kp[hf] = vis.k_pos[krow0 + j_r[hf]];
       kb[hf] = vis.has_bkt ? vis.k_bkt[krow0 + j_r[hf]] : 0;
     }
@@ -703,18 +722,63 @@ __device__ void bwd_dkv_mma(const T* q, const T* k, const T* v, const T* go, con
 #pragma unroll
     for (int e = 0; e < 4; ++e) adk[i][e] = adv[i][e] = 0.f;
 
-  int buf = 0;
-  while (p < p_end) {
-    int pn = next(p + 1);
+  // dQ rows rg*16.. columns c0..c0+DW of the query tile at m0 (flat rows from qr0) += dS K, with dS
+  // (16 x BK) read from the dS^T buffer cS via ldmatrix.trans.
+  int rg = warp % RG, c0 = (warp / RG) * DW;
+  auto dq_step = [&](const T* cS, int m0, long long qr0) {
+    float aq[DW / 8][4];
+#pragma unroll
+    for (int i = 0; i < DW / 8; ++i) aq[i][0] = aq[i][1] = aq[i][2] = aq[i][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < BK / 16; ++kk) {
+      uint32_t a[4];
+      ldsm_x4_t(a, cS + (kk * 16 + (lane >> 4) * 8 + (lane & 7)) * SQ + rg * 16 +
+                       ((lane >> 3) & 1) * 8);
+#pragma unroll
+      for (int dn = 0; dn < DW / 16; ++dn) {
+        uint32_t bb[4];
+        ldsm_x4_t(bb, sK + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * SD + c0 + dn * 16 +
+                          (lane >> 4) * 8);
+        mma<T>(aq[2 * dn], a, bb[0], bb[1]);
+        mma<T>(aq[2 * dn + 1], a, bb[2], bb[3]);
+      }
+    }
+    // Lane pairs (t4, t4 ^ 1) swap halves: the even lane adds 4 columns of row gq, the odd lane
+    // 4 columns of row gq + 8, one 16-byte vector reduction each.
+    bool odd = t4 & 1;
+    int i = m0 + rg * 16 + gq + (odd ? 8 : 0);
+    float* row = dqa + (qr0 + i) * D + c0 + 2 * (t4 & 2);
+#pragma unroll
+    for (int dt = 0; dt < DW / 8; ++dt) {
+      float y0 = __shfl_xor_sync(0xffffffffu, odd ? aq[dt][0] : aq[dt][2], 1);
+      float y1 = __shfl_xor_sync(0xffffffffu, odd ? aq[dt][1] : aq[dt][3], 1);
+      if (i < nq) {
+        if (odd)
+          red_add4(row + dt * 8, y0, y1, aq[dt][2], aq[dt][3]);
+        else
+          red_add4(row + dt * 8, aq[dt][0], aq[dt][1], y0, y1);
+      }
+    }
+  };
+
+  // One barrier per step: step n computes S, dP, dS (to sS[n % 2]), dV, dK of tile n and, first,
+  // the dQ product of tile n - 1 (from sS[(n - 1) % 2]), while tile n + 1 loads.
+  int buf = 0, prev_m0 = 0;
+  long long prev_qr0 = -1;
+  for (;;) {
+    cp_async_wait<0>();
+    __syncthreads();
+    int pn = p < p_end ? next(p + 1) : p_end;
     if (pn < p_end) load_q(pn, buf ^ 1);
     cp_async_commit();
-    cp_async_wait<1>();
-    __syncthreads();
+    if (prev_qr0 >= 0) dq_step(sS + (buf ^ 1) * BK * SQ, prev_m0, prev_qr0);
+    if (p >= p_end) break;
 
     const T* cQ = sQ + buf * BQ * SD;
     const T* cG = sG + buf * BQ * SD;
     const float* cL = sL + buf * BQ;
     const float* cD = sD + buf * BQ;
+    T* cS = sS + buf * BK * SQ;
     int h = p / nqt, m0 = (p % nqt) * BQ;
     long long qr0 = (qhead0 + h) * nq;
 
@@ -727,37 +791,45 @@ __device__ void bwd_dkv_mma(const T* q, const T* k, const T* v, const T* go, con
     gemm_abt<T, D, N8>(s, sK, warp * 16, cQ, 0);
     gemm_abt<T, D, N8>(dp, sV, warp * 16, cG, 0);
 
-    bool need_mask = vis.mode == 2 || m0 + BQ > nq || n0 + BK > nk ||
-                     (vis.mode == 1 && n0 + warp * 16 + 15 > m0 + vis.off);
+    bool need_mask = MODE == 2 || m0 + BQ > nq || n0 + BK > nk ||
+                     (MODE == 1 && n0 + warp * 16 + 15 > m0 + vis.off);
 #pragma unroll
     for (int nt = 0; nt < N8; ++nt) {
 #pragma unroll
       for (int e2 = 0; e2 < 2; ++e2) {
         int c = nt * 8 + 2 * t4 + e2, i = m0 + c;
         int qp = INT_MIN_, qb = -1;
-        if (vis.mode == 2 && i < nq) {
+        if (MODE == 2 && i < nq) {
           qp = vis.q_pos[qr0 + i];
           qb = vis.has_bkt ? vis.q_bkt[qr0 + i] : 0;
         }
         float L = cL[c], dl = cD[c];
+        L = L == neg_inf() ? pos_inf() : L * LOG2E;  // stranded row: P = 0
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf) {
-          bool ok = true;
-          if (need_mask) {
-            ok = i < nq && j_r[hf] < nk;
-            if (vis.mode == 1) ok = ok && j_r[hf] <= i + vis.off;
-            if (vis.mode == 2) ok = ok && sparse_sees(qp, qb, kp[hf], kb[hf], vis.strict);
-          }
+          bool ok;
+          if constexpr (MODE == 2)
+            ok = i < nq && j_r[hf] < nk && sparse_sees(qp, qb, kp[hf], kb[hf], vis.strict);
+          else
+            ok = !need_mask || (i < nq && j_r[hf] < nk && (MODE == 0 || j_r[hf] <= i + vis.off));
           float pv = ok ? fast_exp2(s[nt][hf * 2 + e2] * sl2 - L) : 0.f;
           s[nt][hf * 2 + e2] = pv;
           dp[nt][hf * 2 + e2] = pv * (dp[nt][hf * 2 + e2] - dl);
         }
       }
     }
+    // dS^T to shared memory (rows = keys) for the next step's dQ product.
+#pragma unroll
+    for (int nt = 0; nt < N8; ++nt)
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf)
+        *reinterpret_cast<uint32_t*>(cS + (warp * 16 + gq + hf * 8) * SQ + nt * 8 + 2 * t4) =
+            pack2<T>(dp[nt][hf * 2], dp[nt][hf * 2 + 1]);
     // dV += P^T dO, dK += dS^T Q (scaled at the end).
     gemm_pb<T, D, BQ / 16>(adv, s, cG, 0);
     gemm_pb<T, D, BQ / 16>(adk, dp, cQ, 0);
-    __syncthreads();
+    prev_m0 = m0;
+    prev_qr0 = qr0;
     p = pn;
     buf ^= 1;
   }
@@ -766,121 +838,16 @@ __device__ void bwd_dkv_mma(const T* q, const T* k, const T* v, const T* go, con
   store_acc<T, D>(dv + krow0 * D, adv, n0 + warp * 16, nk, 1.f, 1.f);
 }
 
-template <typename T, int D, int NW>
-__device__ void bwd_dq_mma(const T* q, const T* k, const T* v, const T* go, const float* lse,
-                           const float* delta, T* dq, Vis vis, const int4* qmeta,
-                           const int4* kmeta, int hq, int hkv, int nq, int nk, float scale) {
-  constexpr int BM = 16 * NW, BN = 64, SD = Pad<D>::SD, NT = NW * 32, N8 = BN / 8;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  T* sQ = reinterpret_cast<T*>(smem_raw);
-  T* sG = sQ + BM * SD;
-  T* sK = sG + BM * SD;       // [2][BN][SD]
-  T* sV = sK + 2 * BN * SD;   // [2][BN][SD]
-
-  int warp = threadIdx.x / 32, lane = threadIdx.x & 31, gq = lane >> 2, t4 = lane & 3;
-  int mt = blockIdx.x, bh = blockIdx.y, m0 = mt * BM;
-  int b = bh / hq, h = bh % hq, hk = h / (hq / hkv);
-  long long qrow0 = (long long)bh * nq, krow0 = ((long long)b * hkv + hk) * nk;
-  const T* gk = k + krow0 * D;
-  const T* gv = v + krow0 * D;
-  int nkt = (nk + BN - 1) / BN;
-  float sl2 = scale * LOG2E;
-
-  int t_end = nkt;
-  int4 qm = make_int4(0, 0, 0, 0);
-  const int4* km = kmeta + ((long long)b * hkv + hk) * nkt;
-  if (vis.mode == 1) {
-    int last = min(nq, m0 + BM) - 1 + vis.off;
-    t_end = last < 0 ? 0 : min(nkt, last / BN + 1);
-  } else if (vis.mode == 2) {
-    qm = qmeta[(long long)bh * gridDim.x + mt];
+// dq = scale * acc, in the output dtype (n a multiple of 4).
+template <typename T>
+__device__ void dq_convert(const float* acc, T* dq, long long n, float scale) {
+  long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * 4;
+  long long step = (long long)gridDim.x * blockDim.x * 4;
+  for (; i < n; i += step) {
+    float4 a = *reinterpret_cast<const float4*>(acc + i);
+    uint2 w = make_uint2(pack2<T>(a.x * scale, a.y * scale), pack2<T>(a.z * scale, a.w * scale));
+    *reinterpret_cast<uint2*>(dq + i) = w;
   }
-  auto next = [&](int t) { return vis.mode == 2 ? next_pass_k(t, t_end, qm, km, vis.strict) : t; };
-
-  int i_r[2], qp[2], qb[2];
-  float L2[2], dl[2];
-#pragma unroll
-  for (int hf = 0; hf < 2; ++hf) {
-    int i = m0 + warp * 16 + gq + hf * 8;
-    i_r[hf] = i;
-    qp[hf] = INT_MIN_;
-    qb[hf] = -1;
-    float L = i < nq ? lse[qrow0 + i] : neg_inf();
-    L2[hf] = L == neg_inf() ? pos_inf() : L * LOG2E;
-    dl[hf] = i < nq ? delta[qrow0 + i] : 0.f;
-    if (vis.mode == 2 && i < nq) {
-      qp[hf] = vis.q_pos[qrow0 + i];
-      qb[hf] = vis.has_bkt ? vis.q_bkt[qrow0 + i] : 0;
-    }
-  }
-
-  load_tile<T, BM, D, NT>(sQ, q + qrow0 * D, m0, nq);
-  load_tile<T, BM, D, NT>(sG, go + qrow0 * D, m0, nq);
-  int t = next(0);
-  if (t < t_end) {
-    load_tile<T, BN, D, NT>(sK, gk, t * BN, nk);
-    load_tile<T, BN, D, NT>(sV, gv, t * BN, nk);
-  }
-  cp_async_commit();
-
-  float acc[D / 8][4];
-#pragma unroll
-  for (int i = 0; i < D / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
-
-  int buf = 0;
-  while (t < t_end) {
-    int tn = next(t + 1);
-    if (tn < t_end) {
-      load_tile<T, BN, D, NT>(sK + (buf ^ 1) * BN * SD, gk, tn * BN, nk);
-      load_tile<T, BN, D, NT>(sV + (buf ^ 1) * BN * SD, gv, tn * BN, nk);
-    }
-    cp_async_commit();
-    cp_async_wait<1>();
-    __syncthreads();
-    const T* cK = sK + buf * BN * SD;
-    const T* cV = sV + buf * BN * SD;
-
-    float s[N8][4], dp[N8][4];
-#pragma unroll
-    for (int i = 0; i < N8; ++i)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.f;
-    gemm_abt<T, D, N8>(s, sQ, warp * 16, cK, 0);
-    gemm_abt<T, D, N8>(dp, sG, warp * 16, cV, 0);
-
-    int n0 = t * BN;
-    bool need_mask = vis.mode == 2 || n0 + BN > nk || m0 + BM > nq ||
-                     (vis.mode == 1 && n0 + BN - 1 > m0 + warp * 16 + vis.off);
-#pragma unroll
-    for (int nt = 0; nt < N8; ++nt) {
-#pragma unroll
-      for (int e2 = 0; e2 < 2; ++e2) {
-        int j = n0 + nt * 8 + 2 * t4 + e2;
-        int kp = INT_MAX_, kb = -2;
-        if (vis.mode == 2 && j < nk) {
-          kp = vis.k_pos[krow0 + j];
-          kb = vis.has_bkt ? vis.k_bkt[krow0 + j] : 0;
-        }
-#pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-          bool ok = true;
-          if (need_mask) {
-            ok = j < nk && i_r[hf] < nq;
-            if (vis.mode == 1) ok = ok && j <= i_r[hf] + vis.off;
-            if (vis.mode == 2) ok = ok && sparse_sees(qp[hf], qb[hf], kp, kb, vis.strict);
-          }
-          float pv = ok ? fast_exp2(s[nt][hf * 2 + e2] * sl2 - L2[hf]) : 0.f;
-          s[nt][hf * 2 + e2] = pv * (dp[nt][hf * 2 + e2] - dl[hf]);  // dS
-        }
-      }
-    }
-    gemm_pb<T, D, BN / 16>(acc, s, cK, 0);  // dQ += dS K
-    __syncthreads();
-    t = tn;
-    buf ^= 1;
-  }
-  cp_async_wait<0>();
-  store_acc<T, D>(dq + qrow0 * D, acc, m0 + warp * 16, nq, scale, scale);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -899,20 +866,19 @@ __device__ void bwd_dq_mma(const T* q, const T* k, const T* v, const T* go, cons
       flash_fwd_##TN##_d##D(const T* q, const T* k, const T* v, T* o, float* lse, VIS_PARAMS) { \
     MAKE_VIS fwd_mma<T, D, NW, 64>(q, k, v, o, lse, vis, qmeta, kmeta, hq, hkv, nq, nk, scale); \
   }
-#define BWD_MMA(TN, T, D)                                                                      \
-  extern "C" __global__ void __launch_bounds__(128)                                            \
-      flash_bwd_dkv_##TN##_d##D(const T* q, const T* k, const T* v, const T* go,               \
-                                const float* lse, const float* delta, T* dk, T* dv,            \
-                                VIS_PARAMS) {                                                  \
-    MAKE_VIS bwd_dkv_mma<T, D, 4>(q, k, v, go, lse, delta, dk, dv, vis, qmeta, kmeta, hq, hkv, \
-                                  nq, nk, scale);                                              \
-  }                                                                                            \
-  extern "C" __global__ void __launch_bounds__(128)                                            \
-      flash_bwd_dq_##TN##_d##D(const T* q, const T* k, const T* v, const T* go,                \
-                               const float* lse, const float* delta, T* dq, VIS_PARAMS) {      \
-    MAKE_VIS bwd_dq_mma<T, D, 4>(q, k, v, go, lse, delta, dq, vis, qmeta, kmeta, hq, hkv, nq,  \
-                                 nk, scale);                                                   \
+// Tensor-core backward: key tiles of 16 * NW keys, query tiles of BQ rows (`bwd_tiles` in cuda.rs).
+// Tensor-core backward: key tiles of 16 * NW keys, query tiles of BQ rows (`bwd_tiles` in cuda.rs),
+// one kernel per visibility mode M (compact code for the dense modes).
+#define BWD_MMA_M(TN, T, D, NW, BQ, M)                                                           \
+  extern "C" __global__ void __launch_bounds__(NW * 32, 1)                                      \
+      flash_bwd_##TN##_d##D##_m##M(const T* q, const T* k, const T* v, const T* go,             \
+                                   const float* lse, const float* delta, T* dk, T* dv,          \
+                                   float* dqa, VIS_PARAMS) {                                    \
+    MAKE_VIS bwd_mma<T, D, NW, BQ, M>(q, k, v, go, lse, delta, dk, dv, dqa, vis, qmeta, kmeta,  \
+                                      hq, hkv, nq, nk, scale);                                  \
   }
+#define BWD_MMA(TN, T, D, NW, BQ) \
+  BWD_MMA_M(TN, T, D, NW, BQ, 0) BWD_MMA_M(TN, T, D, NW, BQ, 1) BWD_MMA_M(TN, T, D, NW, BQ, 2)
 #define SIMPLE(TN, T, D)                                                                        \
   extern "C" __global__ void flash_fwd_simple_##TN##_d##D(const T* q, const T* k, const T* v,   \
                                                           T* o, float* lse, VIS_PARAMS) {       \
@@ -935,10 +901,17 @@ __device__ void bwd_dq_mma(const T* q, const T* k, const T* v, const T* go, cons
                                                   long long rows, int d) {                     \
     bwd_delta<T>(o, go, delta, rows, d);                                                       \
   }
+#define DQ_CONVERT(TN, T)                                                                      \
+  extern "C" __global__ void flash_bwd_dq_convert_##TN(const float* acc, T* dq, long long n,   \
+                                                       float scale) {                          \
+    dq_convert<T>(acc, dq, n, scale);                                                          \
+  }
 
 DELTA(f32, float)
 DELTA(f16, __half)
 DELTA(bf16, __nv_bfloat16)
+DQ_CONVERT(f16, __half)
+DQ_CONVERT(bf16, __nv_bfloat16)
 
 #define ALL_D(M, TN, T) M(TN, T, 32) M(TN, T, 64) M(TN, T, 96) M(TN, T, 128) M(TN, T, 256)
 ALL_D(SIMPLE, f32, float)
@@ -951,6 +924,8 @@ ALL_D(SIMPLE, bf16, __nv_bfloat16)
 FWD_ALL(f16, __half)
 FWD_ALL(bf16, __nv_bfloat16)
 
-#define BWD_ALL(TN, T) BWD_MMA(TN, T, 32) BWD_MMA(TN, T, 64) BWD_MMA(TN, T, 96) BWD_MMA(TN, T, 128)
+#define BWD_ALL(TN, T) \
+  BWD_MMA(TN, T, 32, 8, 64) BWD_MMA(TN, T, 64, 8, 64) BWD_MMA(TN, T, 96, 8, 64) \
+  BWD_MMA(TN, T, 128, 8, 32)
 BWD_ALL(f16, __half)
 BWD_ALL(bf16, __nv_bfloat16)

@@ -2,8 +2,9 @@
 //! `cuda/flash_attn.cu`). Everything runs on candle's stream, with no host round trip.
 //!
 //! - f16 / bf16: tensor-core kernels (`mma.sync` m16n8k16, f32 accumulation). Forward tiles are
-//!   128 queries × 64 keys (64 × 64 at head dim 256); the backward uses 64 × 64 tiles: one kernel per
-//!   key tile owning dK, dV and one per query tile owning dQ (deterministic, no atomics).
+//!   128 queries × 64 keys (64 × 64 at head dim 256). The backward is one fused kernel per key tile
+//!   of 128 keys owning dK, dV, looping over query tiles of 64 rows (32 at head dim 128); dQ is
+//!   accumulated with f32 atomics (not bitwise deterministic) and converted by a small kernel.
 //! - f32 (exact f32 arithmetic is required), head dim 256 in the backward and inputs not aligned
 //!   to 16 bytes: simple CUDA-core kernels, one warp per row.
 //! - Sparse visibility: per-tile min/max of positions and buckets are reduced on the device first;
@@ -24,7 +25,7 @@ use crate::mask::Visibility;
 
 /// Module name of `cuda/flash_attn.cu`'s PTX in candle's custom-module cache.
 const MODULE: &str = "candle_sparse_attn::flash_attn";
-/// Rows per tile on the looped axis of every tensor-core kernel, and the backward's tile edge.
+/// Keys per tile of the tensor-core forward.
 const BT: usize = 64;
 /// Warps per block of the simple kernels (one warp per row).
 const SIMPLE_WARPS: usize = 8;
@@ -45,6 +46,15 @@ fn fwd_block_rows(d: usize) -> usize {
         64
     } else {
         128
+    }
+}
+
+/// Backward tiles (keys per block, query rows per step): `BWD_MMA` in the .cu file.
+fn bwd_tiles(d: usize) -> (usize, usize) {
+    if d == 128 {
+        (128, 32)
+    } else {
+        (128, 64)
     }
 }
 
@@ -454,21 +464,41 @@ fn bwd_t<T: CudaDType + DeviceRepr>(
     let fast = dtype != DType::F32
         && d <= 128
         && [lq, lk, lv, go_g.1, o_g.1].iter().all(|l| aligned(l, es));
-    {
-        let (mut dq, mut dkv) = packed.split_at_mut(nq_el);
-        let (mut dk, mut dv) = dkv.split_at_mut(nk_el);
-        let (kind, meta, threads) = if fast {
-            ("", tile_meta(&dev, &va, dims, BT, BT)?, 128)
-        } else {
-            ("simple_", (dummy.clone(), dummy.clone()), 32 * SIMPLE_WARPS)
-        };
-        // dK, dV: one block per key tile (fast) or 8 key rows (simple).
-        let smem_kv = if fast {
-            6 * BT * (d + 8) * es + 4 * BT * 4
-        } else {
-            0
-        };
-        let f = func!(dev, &format!("flash_bwd_{kind}dkv_{tn}_d{d}"), smem_kv);
+    let (mut dq, mut dkv) = packed.split_at_mut(nq_el);
+    let (mut dk, mut dv) = dkv.split_at_mut(nk_el);
+    if fast {
+        // One fused kernel: dK, dV per key tile, dQ by f32 atomics, then dQ to the input dtype.
+        let (bk, bq) = bwd_tiles(d);
+        let meta = tile_meta(&dev, &va, dims, bq, bk)?;
+        let mut dq_acc = dev.alloc_zeros::<f32>(nq_el)?;
+        let smem = (2 * bk + 4 * bq) * (d + 8) * es + 2 * bk * (bq + 8) * es + 4 * bq * 4;
+        let f = func!(dev, &format!("flash_bwd_{tn}_d{d}_m{}", va.mode), smem);
+        let mut b = f.builder();
+        b.arg(&q);
+        b.arg(&k);
+        b.arg(&v);
+        b.arg(&go);
+        b.arg(&lse);
+        b.arg(&delta);
+        b.arg(&mut dk);
+        b.arg(&mut dv);
+        b.arg(&mut dq_acc);
+        push_vis(&mut b, &va, &meta, &sc);
+        let grid = (ceil_div(dims.nk, bk), dims.b * dims.hkv);
+        unsafe { b.launch(cfg(grid, 2 * bk, smem)?) }.w()?;
+
+        let f = func!(dev, &format!("flash_bwd_dq_convert_{tn}"), 0);
+        let mut b = f.builder();
+        b.arg(&dq_acc);
+        b.arg(&mut dq);
+        candle::builder_arg!(b, nq_el as i64, op.scale);
+        let blocks = ceil_div(nq_el, 4 * 256).min(132 * 16);
+        unsafe { b.launch(cfg((blocks, 1), 256, 0)?) }.w()?;
+    } else {
+        let meta = (dummy.clone(), dummy.clone());
+        let threads = 32 * SIMPLE_WARPS;
+        // dK, dV: one warp per key row.
+        let f = func!(dev, &format!("flash_bwd_simple_dkv_{tn}_d{d}"), 0);
         let mut b = f.builder();
         b.arg(&q);
         b.arg(&k);
@@ -479,16 +509,11 @@ fn bwd_t<T: CudaDType + DeviceRepr>(
         b.arg(&mut dk);
         b.arg(&mut dv);
         push_vis(&mut b, &va, &meta, &sc);
-        let grid = if fast {
-            (ceil_div(dims.nk, BT), dims.b * dims.hkv)
-        } else {
-            (ceil_div(dims.b * dims.hkv * dims.nk, SIMPLE_WARPS), 1)
-        };
-        unsafe { b.launch(cfg(grid, threads, smem_kv)?) }.w()?;
+        let grid = (ceil_div(dims.b * dims.hkv * dims.nk, SIMPLE_WARPS), 1);
+        unsafe { b.launch(cfg(grid, threads, 0)?) }.w()?;
 
-        // dQ: one block per query tile (fast) or 8 query rows (simple).
-        let smem_q = if fast { 6 * BT * (d + 8) * es } else { 0 };
-        let f = func!(dev, &format!("flash_bwd_{kind}dq_{tn}_d{d}"), smem_q);
+        // dQ: one warp per query row.
+        let f = func!(dev, &format!("flash_bwd_simple_dq_{tn}_d{d}"), 0);
         let mut b = f.builder();
         b.arg(&q);
         b.arg(&k);
@@ -498,12 +523,8 @@ fn bwd_t<T: CudaDType + DeviceRepr>(
         b.arg(&delta);
         b.arg(&mut dq);
         push_vis(&mut b, &va, &meta, &sc);
-        let grid = if fast {
-            (ceil_div(dims.nq, BT), dims.b * dims.hq)
-        } else {
-            (ceil_div(rows, SIMPLE_WARPS), 1)
-        };
-        unsafe { b.launch(cfg(grid, threads, smem_q)?) }.w()?;
+        let grid = (ceil_div(rows, SIMPLE_WARPS), 1);
+        unsafe { b.launch(cfg(grid, threads, 0)?) }.w()?;
     }
     Ok(CudaStorage::wrap_cuda_slice(packed, dev))
 }
