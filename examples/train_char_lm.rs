@@ -107,13 +107,13 @@ struct TrainArgs {
     #[arg(long, default_value = "dense")]
     attention: String,
     /// Sequences per micro-batch.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 16)]
     batch_size: usize,
     /// Micro-batches per optimizer step.
     #[arg(long, default_value_t = 1)]
     grad_accum: usize,
     /// Optimizer steps.
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = 600)]
     max_steps: usize,
     /// Peak learning rate.
     #[arg(long, default_value_t = 2e-3)]
@@ -137,7 +137,7 @@ struct TrainArgs {
     #[arg(long, default_value_t = 1.0)]
     grad_clip: f64,
     /// Evaluate and checkpoint every this many steps.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 200)]
     eval_interval: usize,
     /// Batches per split in an evaluation.
     #[arg(long, default_value_t = 10)]
