@@ -588,7 +588,13 @@ fn gpu() -> Option<Device> {
 #[test]
 fn cuda_matches_reference() -> R<()> {
     let Some(dev) = gpu() else { return Ok(()) };
-    for (name, c) in cases() {
+    // SPARSEK_QUICK: a small subset (for compute-sanitizer).
+    let n = if std::env::var("SPARSEK_QUICK").is_ok() {
+        2
+    } else {
+        usize::MAX
+    };
+    for (name, c) in cases().into_iter().take(n) {
         check(name, &c, &dev, DType::F32, 1e-3)?;
         check(name, &c, &dev, DType::BF16, 3e-2)?;
     }
@@ -602,4 +608,78 @@ fn cuda_projection_and_cache() -> R<()> {
     project_grad_suite(&dev)?;
     cache_suite(&dev, 0)?;
     cache_suite(&dev, 37)
+}
+
+/// Bytes of GPU memory in use (0 when unknown).
+fn device_memory_in_use() -> usize {
+    #[cfg(feature = "cuda")]
+    {
+        let (free, total) =
+            candle::cuda_backend::cudarc::driver::result::mem_get_info().unwrap_or((0, 0));
+        total - free
+    }
+    #[cfg(not(feature = "cuda"))]
+    0
+}
+
+/// Timing of forward + backward (B=4, H=48, D=64, bf16, k=256, window=256) beside the dense
+/// `flash_attn`, at 8k/16k/32k, with the GPU memory in use at the end of the backward. Run with
+/// `--ignored --nocapture` on a GPU.
+#[test]
+#[ignore]
+fn cuda_bench() -> R<()> {
+    let Some(dev) = gpu() else { return Ok(()) };
+    let (b, h, d) = (4, 48, 64);
+    let cfg = SparseKConfig::new(256, 256);
+    let sync = |dev: &Device| dev.synchronize();
+    for t in [8192usize, 16384, 32768] {
+        let q =
+            Var::from_tensor(&Tensor::randn(0f32, 1., (b, h, t, d), &dev)?.to_dtype(DType::BF16)?)?;
+        let k =
+            Var::from_tensor(&Tensor::randn(0f32, 1., (b, h, t, d), &dev)?.to_dtype(DType::BF16)?)?;
+        let v =
+            Var::from_tensor(&Tensor::randn(0f32, 1., (b, h, t, d), &dev)?.to_dtype(DType::BF16)?)?;
+        let pos = Tensor::arange(0f32, t as f32, &dev)?.affine(1e-3, 0.)?;
+        let u = Var::from_tensor(&Tensor::randn(0f32, 1., (b, h, t), &dev)?.broadcast_add(&pos)?)?;
+        let go = Tensor::randn(0f32, 1., (b, h, t, d), &dev)?.to_dtype(DType::BF16)?;
+        let time = |name: &str, f: &dyn Fn() -> candle::Result<Tensor>| -> R<f64> {
+            let run = || -> R<usize> {
+                let out = f()?;
+                let g = out.mul(&go)?.sum_all()?.backward()?;
+                sync(&dev)?;
+                let used = device_memory_in_use();
+                drop(g);
+                Ok(used)
+            };
+            run()?;
+            let iters = 3;
+            let t0 = std::time::Instant::now();
+            let mut used = 0;
+            for _ in 0..iters {
+                used = run()?;
+            }
+            let ms = t0.elapsed().as_secs_f64() * 1e3 / iters as f64;
+            println!(
+                "BENCH t={t} {name}: fwd+bwd {ms:.2} ms, device memory in use {:.2} GiB",
+                used as f64 / (1u64 << 30) as f64
+            );
+            Ok(ms)
+        };
+        let sk = time("sparsek", &|| sparsek_attn(&q, &k, &v, &u, &cfg))?;
+        // Forward only, for the breakdown.
+        let t0 = std::time::Instant::now();
+        for _ in 0..3 {
+            sparsek_attn(&q, &k, &v, &u, &cfg)?;
+        }
+        sync(&dev)?;
+        println!(
+            "BENCH t={t} sparsek fwd only {:.2} ms",
+            t0.elapsed().as_secs_f64() * 1e3 / 3.0
+        );
+        let dense = time("dense flash_attn", &|| {
+            candle_sparse_attn::flash_attn(&q, &k, &v, &candle_sparse_attn::AttnParams::default())
+        })?;
+        println!("BENCH t={t} speedup dense/sparsek = {:.2}x", dense / sk);
+    }
+    Ok(())
 }
