@@ -6,13 +6,14 @@
 //   lists block after block (O(T * cap / BQ) work per row, no O(T^2)).
 // - sk_select: per query, the union of its block's list and the <= BQ newer candidates, cut to the
 //   top-`cap` (cut = the cap-th largest key), then tau by bisection polished with the closed form.
-// Attention (one warp per query row, lanes own head_dim / 32 contiguous dims, f32 math):
+// Attention (one warp per query row, f32 math; keys 32 at a time: lane-per-key scores, then lanes
+// own head_dim / 32 contiguous dims for the weighted sums):
 // - sk_fwd: window keys (weight 1) + the block list scanned until the first key with p = 0 (the
 //   list is sorted, so the rest has p = 0) + the newer candidates.
 // - sk_bwd_dq: dq per row plus delta = dO.O, r = sum_S g_w and |S| per row.
 // - sk_bwd_dkv: one warp per key: tau_i and cut_i are non-decreasing in i, so the queries that
-//   attend key j form the interval [j, e_j) (window then selected); dk, dv and du accumulate in
-//   registers: no atomics, deterministic.
+//   attend key j form the interval [j, e_j) (window then selected), taken 32 queries at a time;
+//   dk, dv and du accumulate in registers: no atomics, deterministic.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
@@ -255,58 +256,115 @@ extern "C" __global__ void sk_select(const float* __restrict__ u, const float* _
       const int *__restrict__ cut_j, int B, int Hq, int Hkv, int T, int window, int cap, int nb, \
       float scale
 
-// Visits every key query i attends to with its weight: f(j, w).
+#define FULL 0xffffffffu
+#define WARPS 8
+
+// Dot product of an f32 vector in shared memory with a row of D elements (16-byte vector loads
+// when the row is aligned).
+template <typename E, int D>
+__device__ __forceinline__ float dot_row(const float* __restrict__ xs, const E* __restrict__ row) {
+  float s = 0.f;
+  if ((reinterpret_cast<uintptr_t>(row) & 15) == 0) {
+    constexpr int V = 16 / sizeof(E);
+    const uint4* r4 = reinterpret_cast<const uint4*>(row);
+#pragma unroll
+    for (int c = 0; c < D / V; ++c) {
+      uint4 x = r4[c];
+      const E* e = reinterpret_cast<const E*>(&x);
+#pragma unroll
+      for (int v = 0; v < V; ++v) s += xs[c * V + v] * to_f(e[v]);
+    }
+  } else {
+#pragma unroll 8
+    for (int d = 0; d < D; ++d) s += xs[d] * to_f(row[d]);
+  }
+  return s;
+}
+
+// Enumerates the keys query i attends to, 32 at a time (lane-parallel): f(ok, j, w) is called by
+// the whole warp per chunk, lane t holding candidate t (ok = attended, weight w).
 template <typename F>
-__device__ __forceinline__ void for_each_key(int i, int bhk, const float* u, const float* lu,
-                                             const int* lj, float tau_i, float cu, int cj, int T,
-                                             int window, int cap, int nb, F&& f) {
-  for (int j = max(0, i - window + 1); j <= i && window > 0; ++j) f(j, 1.f);
+__device__ __forceinline__ void for_each_key_chunk(int i, int bhk, const float* u, const float* lu,
+                                                   const int* lj, float tau_i, float cu, int cj,
+                                                   int T, int window, int cap, int nb, int lane,
+                                                   F&& f) {
+  if (window > 0) {
+    for (int j0 = max(0, i - window + 1); j0 <= i; j0 += 32) {
+      int j = j0 + lane;
+      bool ok = j <= i;
+      f(ok, ok ? j : 0, 1.f);
+    }
+  }
   int c = i / BQ;
   const float* lur = lu + ((long long)bhk * nb + c) * cap;
   const int* ljr = lj + ((long long)bhk * nb + c) * cap;
-  for (int r = 0; r < cap; ++r) {
-    float uj = lur[r];
-    int j = ljr[r];
-    if (j < 0 || !(in_top(uj, j, cu, cj) && uj > tau_i)) break;
-    f(j, fminf(uj - tau_i, 1.f));
+  for (int r0 = 0; r0 < cap; r0 += 32) {
+    int r = r0 + lane;
+    float uj = r < cap ? lur[r] : neg_inf();
+    int j = r < cap ? ljr[r] : -1;
+    bool ok = j >= 0 && in_top(uj, j, cu, cj) && uj > tau_i;
+    unsigned ball = __ballot_sync(FULL, ok);
+    if (ball == 0) break;
+    f(ok, ok ? j : 0, ok ? fminf(uj - tau_i, 1.f) : 0.f);
+    if (ball != FULL) break;  // sorted list: the first key with p = 0 ends it
   }
   const float* ur = u + (long long)bhk * T;
-  for (int j = min(T, block_start(c, window)); j <= i - window; ++j) {
-    float uj = ur[j] + 0.f;
-    if (in_top(uj, j, cu, cj) && uj > tau_i) f(j, fminf(uj - tau_i, 1.f));
+  for (int j0 = min(T, block_start(c, window)); j0 <= i - window; j0 += 32) {
+    int j = j0 + lane;
+    float uj = j <= i - window ? ur[j] + 0.f : neg_inf();
+    bool ok = j <= i - window && in_top(uj, j, cu, cj) && uj > tau_i;
+    f(ok, ok ? j : 0, ok ? fminf(uj - tau_i, 1.f) : 0.f);
   }
 }
 
+// Forward: one warp per query row. Per chunk of 32 keys: lane-per-key scores, one online-softmax
+// update, then lanes own head dims for P.V.
 template <typename E, int D>
 __device__ void sk_fwd(const E* __restrict__ q, const E* __restrict__ kv, E* __restrict__ out,
                        float* __restrict__ lse, SK_PARAMS) {
   constexpr int P = D / 32;
-  long long rowq = (long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
-  int lane = threadIdx.x & 31;
+  __shared__ float qs_all[WARPS][D];
+  int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
+  long long rowq = (long long)blockIdx.x * WARPS + warp;
   if (rowq >= (long long)B * Hq * T) return;
   int i = rowq % T;
   long long bh = rowq / T;
   int b = bh / Hq, h = bh % Hq;
   int bhk = b * Hkv + h / (Hq / Hkv);
-  float qv[P], acc[P];
+  float* qs = qs_all[warp];
+  float acc[P];
 #pragma unroll
-  for (int t = 0; t < P; ++t) { qv[t] = to_f(q[rowq * D + lane * P + t]) * scale; acc[t] = 0.f; }
+  for (int t = 0; t < P; ++t) {
+    qs[lane * P + t] = to_f(q[rowq * D + lane * P + t]) * scale;
+    acc[t] = 0.f;
+  }
+  __syncwarp();
   long long ti = (long long)bhk * T + i;
   float m = neg_inf(), l = 0.f;
   const E* kvr = kv + (long long)bhk * T * 2 * D;
-  for_each_key(i, bhk, u, lu, lj, tau[ti], cut_u[ti], cut_j[ti], T, window, cap, nb,
-               [&](int j, float w) {
-                 const E* kj = kvr + (long long)j * 2 * D + lane * P;
-                 float s = 0.f;
+  for_each_key_chunk(i, bhk, u, lu, lj, tau[ti], cut_u[ti], cut_j[ti], T, window, cap, nb, lane,
+                     [&](bool ok, int j, float w) {
+                       float s = ok ? dot_row<E, D>(qs, kvr + (long long)j * 2 * D) : neg_inf();
+                       float mb = warp_max(s);
+                       if (mb == neg_inf()) return;
+                       float mn = fmaxf(m, mb), corr = __expf(m - mn);
+                       float e = ok ? __expf(s - mn) : 0.f;
+                       l = l * corr + warp_sum(e);
+                       m = mn;
+                       float pw = e * w;
 #pragma unroll
-                 for (int t = 0; t < P; ++t) s += qv[t] * to_f(kj[t]);
-                 s = warp_sum(s);
-                 float mn = fmaxf(m, s), corr = __expf(m - mn), e = __expf(s - mn);
-                 l = l * corr + e;
+                       for (int t = 0; t < P; ++t) acc[t] *= corr;
+#pragma unroll 4
+                       for (int t = 0; t < 32; ++t) {
+                         float pt = __shfl_sync(FULL, pw, t);
+                         int jt = __shfl_sync(FULL, j, t);
+                         if (pt != 0.f) {
+                           const E* vr = kvr + (long long)jt * 2 * D + D + lane * P;
 #pragma unroll
-                 for (int t = 0; t < P; ++t) acc[t] = acc[t] * corr + e * w * to_f(kj[D + t]);
-                 m = mn;
-               });
+                           for (int d = 0; d < P; ++d) acc[d] += pt * to_f(vr[d]);
+                         }
+                       }
+                     });
   float inv = l > 0.f ? 1.f / l : 0.f;
 #pragma unroll
   for (int t = 0; t < P; ++t) out[rowq * D + lane * P + t] = from_f<E>(acc[t] * inv);
@@ -321,48 +379,60 @@ __device__ void sk_bwd_dq(const E* __restrict__ q, const E* __restrict__ kv,
                           float* __restrict__ delta, float* __restrict__ rsum,
                           float* __restrict__ nsup, SK_PARAMS) {
   constexpr int P = D / 32;
-  long long rowq = (long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
-  int lane = threadIdx.x & 31;
+  __shared__ float qs_all[WARPS][D], gs_all[WARPS][D];
+  int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
+  long long rowq = (long long)blockIdx.x * WARPS + warp;
   if (rowq >= (long long)B * Hq * T) return;
   int i = rowq % T;
   long long bh = rowq / T;
   int b = bh / Hq, h = bh % Hq;
   int bhk = b * Hkv + h / (Hq / Hkv);
-  float qv[P], gv[P], acc[P], dl = 0.f;
+  float *qs = qs_all[warp], *gs = gs_all[warp];
+  float acc[P], dl = 0.f;
 #pragma unroll
   for (int t = 0; t < P; ++t) {
     long long x = rowq * D + lane * P + t;
-    qv[t] = to_f(q[x]) * scale;
-    gv[t] = to_f(go[x]);
-    dl += gv[t] * to_f(o[x]);
+    qs[lane * P + t] = to_f(q[x]) * scale;
+    float g = to_f(go[x]);
+    gs[lane * P + t] = g;
+    dl += g * to_f(o[x]);
     acc[t] = 0.f;
   }
+  __syncwarp();
   dl = warp_sum(dl);
   float lse_i = lse[rowq], r = 0.f, ns = 0.f;
   long long ti = (long long)bhk * T + i;
   const E* kvr = kv + (long long)bhk * T * 2 * D;
-  for_each_key(i, bhk, u, lu, lj, tau[ti], cut_u[ti], cut_j[ti], T, window, cap, nb,
-               [&](int j, float w) {
-                 const E* kj = kvr + (long long)j * 2 * D + lane * P;
-                 float s = 0.f, gvj = 0.f;
+  for_each_key_chunk(i, bhk, u, lu, lj, tau[ti], cut_u[ti], cut_j[ti], T, window, cap, nb, lane,
+                     [&](bool ok, int j, float w) {
+                       float ds = 0.f;
+                       if (ok) {
+                         const E* kj = kvr + (long long)j * 2 * D;
+                         float s = dot_row<E, D>(qs, kj), gvj = dot_row<E, D>(gs, kj + D);
+                         float a = __expf(s - lse_i);
+                         ds = a * (w * gvj - dl);
+                         if (j + window <= i && w < 1.f) { r += a * gvj; ns += 1.f; }
+                       }
+#pragma unroll 4
+                       for (int t = 0; t < 32; ++t) {
+                         float dst = __shfl_sync(FULL, ds, t);
+                         int jt = __shfl_sync(FULL, j, t);
+                         if (dst != 0.f) {
+                           const E* kr = kvr + (long long)jt * 2 * D + lane * P;
 #pragma unroll
-                 for (int t = 0; t < P; ++t) {
-                   s += qv[t] * to_f(kj[t]);
-                   gvj += gv[t] * to_f(kj[D + t]);
-                 }
-                 s = warp_sum(s);
-                 gvj = warp_sum(gvj);
-                 float a = __expf(s - lse_i), ds = a * (w * gvj - dl);
-#pragma unroll
-                 for (int t = 0; t < P; ++t) acc[t] += ds * to_f(kj[t]);
-                 if (j + window <= i && w < 1.f) { r += a * gvj; ns += 1.f; }
-               });
+                           for (int d = 0; d < P; ++d) acc[d] += dst * to_f(kr[d]);
+                         }
+                       }
+                     });
+  r = warp_sum(r);
+  ns = warp_sum(ns);
 #pragma unroll
   for (int t = 0; t < P; ++t) dq[rowq * D + lane * P + t] = acc[t] * scale;
   if (lane == 0) { delta[rowq] = dl; rsum[rowq] = r; nsup[rowq] = ns; }
 }
 
-// dk, dv (f32, packed like kv) and du per key row, over the interval of queries attending it.
+// dk, dv (f32, packed like kv) and du per key row, over the interval of queries attending it,
+// 32 queries at a time (lane-per-query scores, then lanes own head dims).
 template <typename E, int D>
 __device__ void sk_bwd_dkv(const E* __restrict__ q, const E* __restrict__ kv,
                            const E* __restrict__ go, const float* __restrict__ lse,
@@ -370,8 +440,9 @@ __device__ void sk_bwd_dkv(const E* __restrict__ q, const E* __restrict__ kv,
                            const float* __restrict__ nsup, float* __restrict__ dkv,
                            float* __restrict__ du, SK_PARAMS) {
   constexpr int P = D / 32;
-  long long rowk = (long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
-  int lane = threadIdx.x & 31;
+  __shared__ float ks_all[WARPS][D], vs_all[WARPS][D];
+  int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
+  long long rowk = (long long)blockIdx.x * WARPS + warp;
   if (rowk >= (long long)B * Hkv * T) return;
   int j = rowk % T;
   int bhk = rowk / T;
@@ -387,36 +458,49 @@ __device__ void sk_bwd_dkv(const E* __restrict__ q, const E* __restrict__ kv,
     if (in_top(uj, j, cur[mid], cjr[mid]) && uj > tr[mid]) lo = mid + 1; else hi = mid;
   }
   const int e = min(lo, T);
-  float kj[P], vj[P], dk[P], dv[P], gu = 0.f;
+  float *ks = ks_all[warp], *vs = vs_all[warp];
+  float dk[P], dv[P], gu = 0.f;
 #pragma unroll
   for (int t = 0; t < P; ++t) {
-    kj[t] = to_f(kv[rowk * 2 * D + lane * P + t]) * scale;
-    vj[t] = to_f(kv[rowk * 2 * D + D + lane * P + t]);
+    ks[lane * P + t] = to_f(kv[rowk * 2 * D + lane * P + t]) * scale;
+    vs[lane * P + t] = to_f(kv[rowk * 2 * D + D + lane * P + t]);
     dk[t] = 0.f;
     dv[t] = 0.f;
   }
+  __syncwarp();
   for (int h = hk * g; h < (hk + 1) * g; ++h) {
     long long r0 = ((long long)b * Hq + h) * T;
-    for (int i = j; i < e; ++i) {
-      long long rowq = r0 + i;
-      bool cand = i >= j + window;
-      float w = cand ? fminf(uj - tr[i], 1.f) : 1.f;
-      float s = 0.f, gvj = 0.f, qv[P], gv[P];
-#pragma unroll
-      for (int t = 0; t < P; ++t) {
-        qv[t] = to_f(q[rowq * D + lane * P + t]);
-        gv[t] = to_f(go[rowq * D + lane * P + t]);
-        s += qv[t] * kj[t];
-        gvj += gv[t] * vj[t];
+    for (int i0 = j; i0 < e; i0 += 32) {
+      int i = i0 + lane;
+      bool ok = i < e;
+      long long rowq = r0 + (ok ? i : j);
+      float cq = 0.f, cg = 0.f;
+      if (ok) {
+        bool cand = i >= j + window;
+        float w = cand ? fminf(uj - tr[i], 1.f) : 1.f;
+        float s = dot_row<E, D>(ks, q + rowq * D), gvj = dot_row<E, D>(vs, go + rowq * D);
+        float a = __expf(s - lse[rowq]);
+        cq = a * (w * gvj - delta[rowq]);
+        cg = a * w;
+        if (cand && w < 1.f) gu += a * gvj - rsum[rowq] / nsup[rowq];
       }
-      s = warp_sum(s);
-      gvj = warp_sum(gvj);
-      float a = __expf(s - lse[rowq]), ds = a * (w * gvj - delta[rowq]);
+#pragma unroll 4
+      for (int t = 0; t < 32; ++t) {
+        float cqt = __shfl_sync(FULL, cq, t), cgt = __shfl_sync(FULL, cg, t);
+        long long rt = __shfl_sync(FULL, rowq, t);
+        if (cqt != 0.f || cgt != 0.f) {
+          const E* qr = q + rt * D + lane * P;
+          const E* gr = go + rt * D + lane * P;
 #pragma unroll
-      for (int t = 0; t < P; ++t) { dk[t] += ds * qv[t]; dv[t] += a * w * gv[t]; }
-      if (cand && w < 1.f) gu += a * gvj - rsum[rowq] / nsup[rowq];
+          for (int d = 0; d < P; ++d) {
+            dk[d] += cqt * to_f(qr[d]);
+            dv[d] += cgt * to_f(gr[d]);
+          }
+        }
+      }
     }
   }
+  gu = warp_sum(gu);
 #pragma unroll
   for (int t = 0; t < P; ++t) {
     dkv[rowk * 2 * D + lane * P + t] = dk[t] * scale;
@@ -447,9 +531,6 @@ __device__ void sk_bwd_dkv(const E* __restrict__ q, const E* __restrict__ kv,
   SK_INSTANTIATE(TY, NAME, 64)                                                                  \
   SK_INSTANTIATE(TY, NAME, 96)                                                                  \
   SK_INSTANTIATE(TY, NAME, 128)                                                                 \
-  SK_INSTANTIATE(TY, NAME, 160)                                                                 \
-  SK_INSTANTIATE(TY, NAME, 192)                                                                 \
-  SK_INSTANTIATE(TY, NAME, 224)                                                                 \
   SK_INSTANTIATE(TY, NAME, 256)
 
 SK_ALL_D(float, f32)

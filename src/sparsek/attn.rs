@@ -122,9 +122,10 @@ fn validate(
             scores.dims()
         )
     }
-    if d > 256 || d % 32 != 0 {
+    if !crate::SUPPORTED_HEAD_DIMS.contains(&d) {
         bail!(
-            "sparsek_attn: head_dim must be a multiple of 32 up to 256, got q {:?}",
+            "sparsek_attn: head_dim {d} is not supported (supported: {:?}), q {:?}",
+            crate::SUPPORTED_HEAD_DIMS,
             q.dims()
         )
     }

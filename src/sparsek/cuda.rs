@@ -106,10 +106,11 @@ fn check_dims(dims: Dims, cfg: &SparseKConfig) -> Result<()> {
     if dims.b * dims.hkv > 65535 || dims.t > i32::MAX as usize / 2 || cap > 8192 {
         bail!("sparsek (cuda): too large: {dims:?}, K′ = {cap} (at most 65535 batch × kv heads, K′ ≤ 8192)")
     }
-    if !(32..=256).contains(&dims.d) || dims.d % 32 != 0 {
+    if !crate::SUPPORTED_HEAD_DIMS.contains(&dims.d) {
         bail!(
-            "sparsek (cuda): head_dim must be a multiple of 32 up to 256, got {}",
-            dims.d
+            "sparsek (cuda): head_dim {} is not supported (supported: {:?})",
+            dims.d,
+            crate::SUPPORTED_HEAD_DIMS
         )
     }
     Ok(())

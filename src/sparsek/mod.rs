@@ -28,12 +28,23 @@
 //! - **Score gradient**: `g_w[i,j] = α_ij (dO_i·v_j)` summed over the GQA group, then the SPARSEK
 //!   backward per row, summed over all rows that have `j` in their strict support `S_i`.
 //! - **Kernels**: CPU: an incremental top-`K′` structure per kv head (one insertion per query) and
-//!   an exact sorted scan for τ. CUDA: per block of 64 queries the top-`K′` of the prefix by a
-//!   sequential merge of sorted lists, then τ per query by bisection polished with the closed form;
-//!   attention one warp per query row; dK, dV and the score gradient accumulate with f32
-//!   `atomicAdd` (many queries select the same key), so the CUDA backward is not bit-deterministic.
-//!   NaN scores are rejected on the CPU; the CUDA path never syncs with the host and does not
-//!   check them.
+//!   an exact sorted scan for τ (f64). CUDA: per block of 64 queries the top-`K′` of the prefix by a
+//!   sequential merge of sorted lists, then per query its cut (the `K′`-th largest candidate) and τ
+//!   by bisection polished with the closed form (f32); forward and dQ one warp per query row over
+//!   `window ∪ selected`; dK, dV and the score gradient one warp per key over the interval of
+//!   queries attending it (τ_i and the cut are non-decreasing in i, so that set is an interval):
+//!   no atomics, deterministic. CUDA needs `K′ ≤ 8192`.
+//! - **Scores**: `−0.0` and `+0.0` are the same score. NaN scores are rejected on the CPU; the CUDA
+//!   path never syncs with the host and does not check them.
+//!
+//! # Performance (measured: H100, bf16, B = 4, H = 48, D = 64, k = 256, window = 256, K′ = 512)
+//! Forward + backward 317 / 653 / 1314 ms at 8k / 16k / 32k tokens (linear: ×2.06, ×2.01), beside
+//! the dense [`crate::flash_attn`] at 63 / 216 / 815 ms; forward alone 85 / 176 / 353 ms. The
+//! kernels are correct but not fast yet: one warp per query row gathers its ~800 key/value rows
+//! with no reuse across queries, which is L2-bandwidth bound. The planned fix keeps the selection
+//! data as is: a CTA per block of 64 queries loads the union of the block's list (≤ `K′`), its
+//! ≤ 64 newer candidates and the window band once into shared memory and runs tensor-core tiles
+//! with per-element weights from `(u_j, τ_i, cut_i)`.
 
 mod attn;
 mod cache;
