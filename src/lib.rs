@@ -29,10 +29,14 @@ mod kernels;
 pub mod mask;
 pub mod reference;
 pub mod scfa;
+pub mod sparsek;
 
 pub use flash::{flash_attn, flash_attn_with_visibility, AttnParams, SUPPORTED_HEAD_DIMS};
 pub use mask::{SparseLayout, Visibility};
 pub use scfa::{
     hash_sparse_attn, hash_sparse_attn_with_buckets, qk_sparse_attn, sparse_causal_attn,
     HashConfig, ScfaParams,
+};
+pub use sparsek::{
+    sparsek, sparsek_attn, SparseKCache, SparseKConfig, SparseKScorer, SparseKScorerConfig,
 };

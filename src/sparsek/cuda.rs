@@ -1,0 +1,413 @@
+//! CUDA launch side of SparseK (kernels in `cuda/sparsek.cu`). Everything runs on candle's
+//! stream with no host round trip.
+//!
+//! - Selection: one CTA per `(batch, kv_head)` builds the top-`K′` list of the prefix before every
+//!   block of 64 queries by merging sorted lists (`O(T·K′/64)` memory); then per query the cut
+//!   (its `K′`-th largest candidate) and τ (bisection + closed-form polish, f32).
+//! - Forward and dQ: one warp per query row over window ∪ selected keys, f32 online softmax.
+//! - dK, dV, dScores: one warp per key row. τ_i and the cut are non-decreasing in i, so the
+//!   queries attending key j form one interval `[j, e_j)` found by binary search; the key
+//!   accumulates its gradients in registers (no atomics, deterministic).
+
+use std::sync::Arc;
+
+use candle::backend::BackendStorage;
+use candle::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
+use candle::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+use candle::cuda_backend::{CudaDType, WrapErr};
+use candle::{bail, CudaStorage, DType, Layout, Result, Shape, Storage, Tensor};
+use half::{bf16, f16};
+
+use super::attn::Dims;
+use super::SparseKConfig;
+use crate::kernels;
+
+/// Module name of `cuda/sparsek.cu`'s PTX in candle's custom-module cache.
+const MODULE: &str = "candle_sparse_attn::sparsek";
+/// Queries per selection block (`BQ` in the .cu file).
+const BQ: usize = 64;
+/// Warps per block of the row kernels.
+const WARPS: usize = 8;
+
+/// Device-side selection of one forward, kept for the backward.
+#[derive(Clone)]
+pub(crate) struct Selection {
+    /// Top-`K′` lists `(b·hkv, blocks, K′)`: scores and positions (padding `-inf`, `-1`).
+    list_u: Arc<CudaSlice<f32>>,
+    list_j: Arc<CudaSlice<i32>>,
+    /// Per query `(b·hkv, t)`: τ (`-inf` when every candidate has p = 1) and the cut key.
+    tau: Arc<CudaSlice<f32>>,
+    cut_u: Arc<CudaSlice<f32>>,
+    cut_j: Arc<CudaSlice<i32>>,
+    blocks: usize,
+}
+
+/// Loads a kernel of our module (a `CudaFunc`, whose type candle does not export) and opts it in
+/// to `smem` bytes of dynamic shared memory.
+macro_rules! func {
+    ($dev:expr, $name:expr, $smem:expr $(,)?) => {{
+        let f = $dev.get_or_load_custom_func(&$name, MODULE, kernels::SPARSEK)?;
+        if $smem > 48 * 1024 {
+            f.set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                $smem as i32,
+            )
+            .w()?;
+        }
+        f
+    }};
+}
+
+fn cfg(grid: (usize, usize), threads: usize, smem: usize) -> Result<LaunchConfig> {
+    if grid.0 > i32::MAX as usize || grid.1 > 65535 || smem > 227 * 1024 {
+        bail!("sparsek (cuda): launch {grid:?} with {smem} B shared memory is too large")
+    }
+    Ok(LaunchConfig {
+        grid_dim: (grid.0 as u32, grid.1 as u32, 1),
+        block_dim: (threads as u32, 1, 1),
+        shared_mem_bytes: smem as u32,
+    })
+}
+
+fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout, name: &str) -> Result<CudaView<'a, T>> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(s.as_cuda_slice::<T>()?.slice(a..b)),
+        None => bail!("sparsek (cuda): {name} must be contiguous, got {l:?}"),
+    }
+}
+
+fn tname(dtype: DType) -> Result<&'static str> {
+    Ok(match dtype {
+        DType::F32 => "f32",
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        other => bail!("sparsek (cuda): unsupported dtype {other:?}"),
+    })
+}
+
+/// SPARSEK projection of every row (last dim) of f32 scores; one warp per row.
+pub(crate) fn project(s: &CudaStorage, l: &Layout, k: f64) -> Result<(CudaStorage, Shape)> {
+    let dev = s.device().clone();
+    let z = view::<f32>(s, l, "scores")?;
+    let m = l.dims()[l.dims().len() - 1];
+    let rows = l.shape().elem_count() / m;
+    let mut p = unsafe { dev.alloc::<f32>(rows * m) }?;
+    let f = func!(dev, "sk_project_f32", 0);
+    let mut b = f.builder();
+    b.arg(&z);
+    b.arg(&mut p);
+    candle::builder_arg!(b, rows as i64, m as i32, k as f32);
+    unsafe { b.launch(cfg((rows.div_ceil(WARPS), 1), 32 * WARPS, 0)?) }.w()?;
+    Ok((CudaStorage::wrap_cuda_slice(p, dev), l.shape().clone()))
+}
+
+fn check_dims(dims: Dims, cfg: &SparseKConfig) -> Result<()> {
+    let cap = cfg.cap();
+    if dims.b * dims.hkv > 65535 || dims.t > i32::MAX as usize / 2 || cap > 8192 {
+        bail!("sparsek (cuda): too large: {dims:?}, K′ = {cap} (at most 65535 batch × kv heads, K′ ≤ 8192)")
+    }
+    if !crate::SUPPORTED_HEAD_DIMS.contains(&dims.d) {
+        bail!(
+            "sparsek (cuda): head_dim {} is not supported (supported: {:?})",
+            dims.d,
+            crate::SUPPORTED_HEAD_DIMS
+        )
+    }
+    Ok(())
+}
+
+/// Runs the selection over scores `(b, hkv, t)` f32.
+pub(crate) fn select(
+    (su, lu): (&CudaStorage, &Layout),
+    dims: Dims,
+    scfg: &SparseKConfig,
+) -> Result<Selection> {
+    check_dims(dims, scfg)?;
+    let dev = su.device().clone();
+    let u = view::<f32>(su, lu, "scores")?;
+    let (rows, t, cap) = (dims.b * dims.hkv, dims.t, scfg.cap());
+    let blocks = t.div_ceil(BQ);
+    let mut list_u = unsafe { dev.alloc::<f32>(rows * blocks * cap) }?;
+    let mut list_j = unsafe { dev.alloc::<i32>(rows * blocks * cap) }?;
+    let (t_i, w_i, cap_i, nb_i) = (t as i32, scfg.window as i32, cap as i32, blocks as i32);
+    {
+        let smem = (2 * cap + 2 * BQ) * 8;
+        let f = func!(dev, "sk_block_lists", smem);
+        let mut b = f.builder();
+        b.arg(&u);
+        b.arg(&mut list_u);
+        b.arg(&mut list_j);
+        b.arg(&t_i);
+        b.arg(&w_i);
+        b.arg(&cap_i);
+        b.arg(&nb_i);
+        unsafe { b.launch(cfg((rows, 1), 256, smem)?) }.w()?;
+    }
+    let mut tau = unsafe { dev.alloc::<f32>(rows * t) }?;
+    let mut cut_u = unsafe { dev.alloc::<f32>(rows * t) }?;
+    let mut cut_j = unsafe { dev.alloc::<i32>(rows * t) }?;
+    {
+        let smem = (cap + BQ) * 8;
+        let f = func!(dev, "sk_select", smem);
+        let mut b = f.builder();
+        let k = scfg.k as f32;
+        b.arg(&u);
+        b.arg(&list_u);
+        b.arg(&list_j);
+        b.arg(&mut tau);
+        b.arg(&mut cut_u);
+        b.arg(&mut cut_j);
+        b.arg(&t_i);
+        b.arg(&w_i);
+        b.arg(&cap_i);
+        b.arg(&k);
+        b.arg(&nb_i);
+        unsafe { b.launch(cfg((blocks, rows), 32 * WARPS, smem)?) }.w()?;
+    }
+    Ok(Selection {
+        list_u: Arc::new(list_u),
+        list_j: Arc::new(list_j),
+        tau: Arc::new(tau),
+        cut_u: Arc::new(cut_u),
+        cut_j: Arc::new(cut_j),
+        blocks,
+    })
+}
+
+/// The trailing scalars of every attention kernel (`SK_PARAMS` after the pointers).
+struct Scalars([i32; 7], f32);
+
+impl Scalars {
+    fn new(dims: Dims, scfg: &SparseKConfig, blocks: usize, scale: f32) -> Self {
+        let i = |x: usize| x as i32;
+        Scalars(
+            [
+                i(dims.b),
+                i(dims.hq),
+                i(dims.hkv),
+                i(dims.t),
+                i(scfg.window),
+                i(scfg.cap()),
+                i(blocks),
+            ],
+            scale,
+        )
+    }
+}
+
+/// Pushes `SK_PARAMS`: scores, selection, then the scalars.
+fn push_params<'a>(
+    b: &mut candle::cuda_backend::cudarc::driver::LaunchArgs<'a>,
+    u: &'a CudaView<'a, f32>,
+    sel: &'a Selection,
+    sc: &'a Scalars,
+) {
+    b.arg(u);
+    b.arg(sel.list_u.as_ref());
+    b.arg(sel.list_j.as_ref());
+    b.arg(sel.tau.as_ref());
+    b.arg(sel.cut_u.as_ref());
+    b.arg(sel.cut_j.as_ref());
+    for x in &sc.0 {
+        b.arg(x);
+    }
+    b.arg(&sc.1);
+}
+
+/// Forward: output `(b, hq, t, d)` in the input dtype and the f32 LSE `(b, hq, t)`.
+pub(crate) fn forward(
+    (sq, lq): (&CudaStorage, &Layout),
+    (skv, lkv): (&CudaStorage, &Layout),
+    (su, lu): (&CudaStorage, &Layout),
+    sel: &Selection,
+    dims: Dims,
+    scfg: &SparseKConfig,
+    scale: f32,
+) -> Result<(CudaStorage, CudaStorage)> {
+    match sq.dtype() {
+        DType::F32 => fwd_t::<f32>((sq, lq), (skv, lkv), (su, lu), sel, dims, scfg, scale),
+        DType::F16 => fwd_t::<f16>((sq, lq), (skv, lkv), (su, lu), sel, dims, scfg, scale),
+        DType::BF16 => fwd_t::<bf16>((sq, lq), (skv, lkv), (su, lu), sel, dims, scfg, scale),
+        other => bail!("sparsek (cuda): unsupported dtype {other:?}"),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn fwd_t<T: CudaDType + candle::cuda_backend::cudarc::driver::DeviceRepr>(
+    (sq, lq): (&CudaStorage, &Layout),
+    (skv, lkv): (&CudaStorage, &Layout),
+    (su, lu): (&CudaStorage, &Layout),
+    sel: &Selection,
+    dims: Dims,
+    scfg: &SparseKConfig,
+    scale: f32,
+) -> Result<(CudaStorage, CudaStorage)> {
+    check_dims(dims, scfg)?;
+    let dev = sq.device().clone();
+    let (q, kv, u) = (
+        view::<T>(sq, lq, "q")?,
+        view::<T>(skv, lkv, "kv")?,
+        view::<f32>(su, lu, "scores")?,
+    );
+    let rows = dims.b * dims.hq * dims.t;
+    let mut out = unsafe { dev.alloc::<T>(rows * dims.d) }?;
+    let mut lse = unsafe { dev.alloc::<f32>(rows) }?;
+    let sc = Scalars::new(dims, scfg, sel.blocks, scale);
+    let f = func!(
+        dev,
+        &format!("sk_fwd_{}_d{}", tname(sq.dtype())?, dims.d),
+        0,
+    );
+    let mut b = f.builder();
+    b.arg(&q);
+    b.arg(&kv);
+    b.arg(&mut out);
+    b.arg(&mut lse);
+    push_params(&mut b, &u, sel, &sc);
+    unsafe { b.launch(cfg((rows.div_ceil(WARPS), 1), 32 * WARPS, 0)?) }.w()?;
+    Ok((
+        CudaStorage::wrap_cuda_slice(out, dev.clone()),
+        CudaStorage::wrap_cuda_slice(lse, dev),
+    ))
+}
+
+/// The CUDA storage behind a tensor the backward carries, as a contiguous view.
+fn carried<'a, T: CudaDType>(
+    g: &'a (candle::StorageRef<'_>, &Layout),
+    name: &str,
+) -> Result<CudaView<'a, T>> {
+    match &*g.0 {
+        Storage::Cuda(c) => view::<T>(c, g.1, name),
+        _ => bail!("sparsek (cuda): {name} is not on the GPU"),
+    }
+}
+
+/// Backward: the flat f32 `[dq | dkv | du]`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward(
+    (sq, lq): (&CudaStorage, &Layout),
+    (skv, lkv): (&CudaStorage, &Layout),
+    (su, lu): (&CudaStorage, &Layout),
+    sel: &Selection,
+    dims: Dims,
+    scfg: &SparseKConfig,
+    scale: f32,
+    (out, grad_out, lse): (&Tensor, &Tensor, &Tensor),
+) -> Result<CudaStorage> {
+    match sq.dtype() {
+        DType::F32 => bwd_t::<f32>(
+            (sq, lq),
+            (skv, lkv),
+            (su, lu),
+            sel,
+            dims,
+            scfg,
+            scale,
+            (out, grad_out, lse),
+        ),
+        DType::F16 => bwd_t::<f16>(
+            (sq, lq),
+            (skv, lkv),
+            (su, lu),
+            sel,
+            dims,
+            scfg,
+            scale,
+            (out, grad_out, lse),
+        ),
+        DType::BF16 => bwd_t::<bf16>(
+            (sq, lq),
+            (skv, lkv),
+            (su, lu),
+            sel,
+            dims,
+            scfg,
+            scale,
+            (out, grad_out, lse),
+        ),
+        other => bail!("sparsek (cuda): unsupported dtype {other:?}"),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn bwd_t<T: CudaDType + candle::cuda_backend::cudarc::driver::DeviceRepr>(
+    (sq, lq): (&CudaStorage, &Layout),
+    (skv, lkv): (&CudaStorage, &Layout),
+    (su, lu): (&CudaStorage, &Layout),
+    sel: &Selection,
+    dims: Dims,
+    scfg: &SparseKConfig,
+    scale: f32,
+    (out, grad_out, lse): (&Tensor, &Tensor, &Tensor),
+) -> Result<CudaStorage> {
+    check_dims(dims, scfg)?;
+    let dtype = sq.dtype();
+    for (t, name) in [(out, "out"), (grad_out, "grad_out")] {
+        if t.dtype() != dtype || t.dims() != lq.dims() {
+            bail!(
+                "sparsek (cuda): {name} must be {dtype:?} {:?}, got {:?} {:?}",
+                lq.dims(),
+                t.dtype(),
+                t.dims()
+            )
+        }
+    }
+    let dev = sq.device().clone();
+    let (q, kv, u) = (
+        view::<T>(sq, lq, "q")?,
+        view::<T>(skv, lkv, "kv")?,
+        view::<f32>(su, lu, "scores")?,
+    );
+    let (og, gg, lg) = (
+        out.storage_and_layout(),
+        grad_out.storage_and_layout(),
+        lse.storage_and_layout(),
+    );
+    let (o, go, lse) = (
+        carried::<T>(&og, "out")?,
+        carried::<T>(&gg, "grad_out")?,
+        carried::<f32>(&lg, "lse")?,
+    );
+    let rows_q = dims.b * dims.hq * dims.t;
+    let rows_k = dims.b * dims.hkv * dims.t;
+    let (nq, nkv) = (rows_q * dims.d, rows_k * 2 * dims.d);
+    let mut packed = unsafe { dev.alloc::<f32>(nq + nkv + rows_k) }?;
+    let mut delta = unsafe { dev.alloc::<f32>(rows_q) }?;
+    let mut rsum = unsafe { dev.alloc::<f32>(rows_q) }?;
+    let mut nsup = unsafe { dev.alloc::<f32>(rows_q) }?;
+    let sc = Scalars::new(dims, scfg, sel.blocks, scale);
+    let tn = tname(dtype)?;
+    let (mut dq, mut rest) = packed.split_at_mut(nq);
+    let (mut dkv, mut du) = rest.split_at_mut(nkv);
+    {
+        let f = func!(dev, &format!("sk_bwd_dq_{tn}_d{}", dims.d), 0);
+        let mut b = f.builder();
+        b.arg(&q);
+        b.arg(&kv);
+        b.arg(&o);
+        b.arg(&go);
+        b.arg(&lse);
+        b.arg(&mut dq);
+        b.arg(&mut delta);
+        b.arg(&mut rsum);
+        b.arg(&mut nsup);
+        push_params(&mut b, &u, sel, &sc);
+        unsafe { b.launch(cfg((rows_q.div_ceil(WARPS), 1), 32 * WARPS, 0)?) }.w()?;
+    }
+    {
+        let f = func!(dev, &format!("sk_bwd_dkv_{tn}_d{}", dims.d), 0);
+        let mut b = f.builder();
+        b.arg(&q);
+        b.arg(&kv);
+        b.arg(&go);
+        b.arg(&lse);
+        b.arg(&delta);
+        b.arg(&rsum);
+        b.arg(&nsup);
+        b.arg(&mut dkv);
+        b.arg(&mut du);
+        push_params(&mut b, &u, sel, &sc);
+        unsafe { b.launch(cfg((rows_k.div_ceil(WARPS), 1), 32 * WARPS, 0)?) }.w()?;
+    }
+    Ok(CudaStorage::wrap_cuda_slice(packed, dev))
+}

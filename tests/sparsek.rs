@@ -1,0 +1,685 @@
+//! SparseK attention against the dense f64 reference with the equivalent explicit mask and
+//! weights (outputs and gradients of q, k, v and the scores), the SPARSEK operator against
+//! sort / bisection references and finite differences, the decode cache against the full
+//! computation, the scorer, and bad input. CUDA cases run with `--features cuda` on a GPU and
+//! print a visible SKIP otherwise.
+
+use candle::{DType, Device, Module, Tensor, Var, D};
+use candle_nn::{VarBuilder, VarMap};
+use candle_sparse_attn::reference::{rel_err, repeat_kv};
+use candle_sparse_attn::{
+    sparsek, sparsek_attn, SparseKCache, SparseKConfig, SparseKScorer, SparseKScorerConfig,
+};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+type R<T> = anyhow::Result<T>;
+
+/// The SPARSEK threshold of `z` with budget `k` by bisection in f64 (`None` when `k ≥ m`).
+fn tau_bisect(z: &[f64], k: f64) -> Option<f64> {
+    if k >= z.len() as f64 {
+        return None;
+    }
+    let f = |t: f64| z.iter().map(|x| (x - t).clamp(0.0, 1.0)).sum::<f64>();
+    let mx = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let mn = z.iter().copied().fold(f64::INFINITY, f64::min);
+    let (mut lo, mut hi) = (mn - 1.0, mx);
+    for _ in 0..200 {
+        let mid = 0.5 * (lo + hi);
+        if f(mid) >= k {
+            lo = mid
+        } else {
+            hi = mid
+        }
+    }
+    Some(0.5 * (lo + hi))
+}
+
+/// Per (b, kv_head, query): (saturated keys U, strict-support keys S) of the reference selection:
+/// top-`cap` of the candidates `j ≤ i − window` by `(u_j, j)`, SPARSEK over them by bisection.
+fn reference_sets(
+    u: &[f64],
+    rows: usize,
+    t: usize,
+    k: usize,
+    window: usize,
+    cap: usize,
+) -> Vec<(Vec<usize>, Vec<usize>)> {
+    let mut out = Vec::new();
+    for r in 0..rows {
+        let u = &u[r * t..(r + 1) * t];
+        for i in 0..t {
+            let mut c: Vec<usize> = (0..t).filter(|&j| j + window <= i).collect();
+            c.sort_by(|&a, &b| u[b].total_cmp(&u[a]).then(b.cmp(&a)));
+            c.truncate(cap);
+            let z: Vec<f64> = c.iter().map(|&j| u[j]).collect();
+            match tau_bisect(&z, k as f64) {
+                None => out.push((c, vec![])),
+                Some(tau) => {
+                    let p = |j: usize| u[j] - tau;
+                    let sat = c.iter().copied().filter(|&j| p(j) >= 1.0 - 1e-9).collect();
+                    let sup = c
+                        .iter()
+                        .copied()
+                        .filter(|&j| p(j) > 1e-9 && p(j) < 1.0 - 1e-9)
+                        .collect();
+                    out.push((sat, sup))
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Dense weighted reference: `o = (softmax(scale q kᵀ | mask) ⊙ W) v`, with W built
+/// differentiably from the scores `u` `(b, hkv, t)` (f64 Var) given the reference sets.
+#[allow(clippy::too_many_arguments)]
+fn reference(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    u: &Tensor,
+    cfg: &SparseKConfig,
+    sets: &[(Vec<usize>, Vec<usize>)],
+) -> R<Tensor> {
+    let (b, hq, t, d) = q.dims4()?;
+    let hkv = k.dim(1)?;
+    let rows = b * hkv;
+    let (mut ms, mut mu, mut mw, mut n_s, mut n_u) = (
+        vec![0f64; rows * t * t],
+        vec![0f64; rows * t * t],
+        vec![0f64; rows * t * t],
+        vec![1f64; rows * t],
+        vec![0f64; rows * t],
+    );
+    for r in 0..rows {
+        for i in 0..t {
+            let (sat, sup) = &sets[r * t + i];
+            let base = (r * t + i) * t;
+            for &j in sat {
+                mu[base + j] = 1.0;
+            }
+            for &j in sup {
+                ms[base + j] = 1.0;
+            }
+            for j in (i + 1).saturating_sub(cfg.window)..=i {
+                if cfg.window > 0 {
+                    mw[base + j] = 1.0;
+                }
+            }
+            n_s[r * t + i] = sup.len().max(1) as f64;
+            n_u[r * t + i] = sat.len() as f64;
+        }
+    }
+    let dev = &Device::Cpu;
+    let ms = Tensor::from_vec(ms, (b, hkv, t, t), dev)?;
+    let mu = Tensor::from_vec(mu, (b, hkv, t, t), dev)?;
+    let mw = Tensor::from_vec(mw, (b, hkv, t, t), dev)?;
+    let n_s = Tensor::from_vec(n_s, (b, hkv, t, 1), dev)?;
+    let n_u = Tensor::from_vec(n_u, (b, hkv, t, 1), dev)?;
+    // τ_i = (Σ_S u + |U| − k) / |S|;  p = 1_S (u − τ) + 1_U.
+    let tau = ((ms.matmul(&u.unsqueeze(3)?)? + n_u)? - cfg.k as f64)?.div(&n_s)?;
+    let p = ms.mul(&u.unsqueeze(2)?.broadcast_sub(&tau)?)?.add(&mu)?;
+    let w = (p + &mw)?;
+    let mask = ((ms + mu)? + mw)?.gt(0.0)?;
+    let g = hq / hkv;
+    let rep = |x: &Tensor| -> R<Tensor> {
+        Ok(x.unsqueeze(2)?
+            .expand((b, hkv, g, t, t))?
+            .reshape((b, hq, t, t))?)
+    };
+    let (w, mask) = (rep(&w)?, rep(&mask)?);
+    let (kr, vr) = (repeat_kv(k, g)?, repeat_kv(v, g)?);
+    let s = (q.matmul(&kr.t()?)? * cfg.scale(d) as f64)?;
+    let s = mask.where_cond(&s, &Tensor::full(f64::NEG_INFINITY, s.shape(), dev)?)?;
+    let a = candle_nn::ops::softmax(&s, D::Minus1)?;
+    Ok(a.mul(&w)?.matmul(&vr)?)
+}
+
+struct Case {
+    b: usize,
+    hq: usize,
+    hkv: usize,
+    t: usize,
+    d: usize,
+    cfg: SparseKConfig,
+    /// Scores: `spread · N(0,1)` (+ `slope · j`), rounded to multiples of `quantum` if > 0.
+    spread: f64,
+    slope: f64,
+    quantum: f64,
+    seed: u64,
+}
+
+impl Case {
+    fn new(t: usize, k: usize, window: usize) -> Self {
+        Case {
+            b: 2,
+            hq: 4,
+            hkv: 2,
+            t,
+            d: 32,
+            cfg: SparseKConfig::new(k, window),
+            spread: 0.7,
+            slope: 0.0,
+            quantum: 0.0,
+            seed: 1,
+        }
+    }
+}
+
+struct Inputs {
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    u: Tensor,
+    go: Tensor,
+}
+
+fn inputs(c: &Case) -> R<Inputs> {
+    let mut rng = StdRng::seed_from_u64(c.seed);
+    let dev = &Device::Cpu;
+    let mut randn = |n: usize, s: f64| -> Vec<f64> {
+        (0..n)
+            .map(|_| {
+                let (a, b): (f64, f64) = (rng.random::<f64>().max(1e-12), rng.random());
+                s * (-2.0 * a.ln()).sqrt() * (std::f64::consts::TAU * b).cos()
+            })
+            .collect()
+    };
+    let (b, hq, hkv, t, d) = (c.b, c.hq, c.hkv, c.t, c.d);
+    let q = Tensor::from_vec(randn(b * hq * t * d, 1.0), (b, hq, t, d), dev)?;
+    let k = Tensor::from_vec(randn(b * hkv * t * d, 1.0), (b, hkv, t, d), dev)?;
+    let v = Tensor::from_vec(randn(b * hkv * t * d, 1.0), (b, hkv, t, d), dev)?;
+    let go = Tensor::from_vec(randn(b * hq * t * d, 1.0), (b, hq, t, d), dev)?;
+    let mut u = randn(b * hkv * t, c.spread);
+    for (n, x) in u.iter_mut().enumerate() {
+        *x += c.slope * (n % t) as f64;
+        if c.quantum > 0.0 {
+            *x = (*x / c.quantum).round() * c.quantum;
+        }
+        *x = *x as f32 as f64 + 0.0; // f32-exact like the op's input; −0 → +0
+    }
+    let u = Tensor::from_vec(u, (b, hkv, t), dev)?;
+    Ok(Inputs { q, k, v, u, go })
+}
+
+/// Runs the op on `dev` in `dtype` and the f64 reference; returns the relative errors of
+/// (out, dq, dk, dv, du).
+fn compare(c: &Case, dev: &Device, dtype: DType) -> R<[f64; 5]> {
+    let x = inputs(c)?;
+    let vars =
+        |t: &Tensor, dt: DType, dev: &Device| Var::from_tensor(&t.to_dtype(dt)?.to_device(dev)?);
+    let (q, k, v) = (
+        vars(&x.q, dtype, dev)?,
+        vars(&x.k, dtype, dev)?,
+        vars(&x.v, dtype, dev)?,
+    );
+    let u = vars(&x.u, DType::F32, dev)?;
+    let out = sparsek_attn(&q, &k, &v, &u, &c.cfg)?;
+    let loss = out
+        .to_dtype(DType::F32)?
+        .mul(&x.go.to_dtype(DType::F32)?.to_device(dev)?)?
+        .sum_all()?;
+    let g = loss.backward()?;
+
+    let (rq, rk, rv, ru) = (
+        Var::from_tensor(&x.q)?,
+        Var::from_tensor(&x.k)?,
+        Var::from_tensor(&x.v)?,
+        Var::from_tensor(&x.u)?,
+    );
+    let uh = x.u.flatten_all()?.to_vec1::<f64>()?;
+    let sets = reference_sets(&uh, c.b * c.hkv, c.t, c.cfg.k, c.cfg.window, c.cfg.cap());
+    let rout = reference(&rq, &rk, &rv, &ru, &c.cfg, &sets)?;
+    let rg = rout.mul(&x.go)?.sum_all()?.backward()?;
+    let grad = |g: &candle::backprop::GradStore, v: &Var| -> R<Tensor> {
+        Ok(g.get(v)
+            .ok_or_else(|| anyhow::anyhow!("missing gradient"))?
+            .clone())
+    };
+    Ok([
+        rel_err(&out, &rout)?,
+        rel_err(&grad(&g, &q)?, &grad(&rg, &rq)?)?,
+        rel_err(&grad(&g, &k)?, &grad(&rg, &rk)?)?,
+        rel_err(&grad(&g, &v)?, &grad(&rg, &rv)?)?,
+        rel_err(&grad(&g, &u)?, &grad(&rg, &ru)?)?,
+    ])
+}
+
+fn check(name: &str, c: &Case, dev: &Device, dtype: DType, tol: f64) -> R<()> {
+    let e = compare(c, dev, dtype)?;
+    println!(
+        "{name} {dtype:?} {:?}: out {:.2e} dq {:.2e} dk {:.2e} dv {:.2e} du {:.2e}",
+        dev.location(),
+        e[0],
+        e[1],
+        e[2],
+        e[3],
+        e[4]
+    );
+    for (what, err) in ["out", "dq", "dk", "dv", "du"].iter().zip(e) {
+        anyhow::ensure!(err < tol, "{name}: {what} rel err {err:.3e} ≥ {tol:e}");
+    }
+    Ok(())
+}
+
+/// The attention cases shared by the CPU and CUDA tests.
+fn cases() -> Vec<(&'static str, Case)> {
+    let mut v = vec![
+        ("gqa_t77_k4_w8", Case::new(77, 4, 8)),
+        ("k1_window0", Case::new(50, 1, 0)),
+        ("early_positions_all_selected", Case::new(20, 12, 8)),
+        ("window_only_k_large", Case::new(40, 64, 40)),
+    ];
+    let mut ties = Case::new(70, 5, 6);
+    ties.quantum = 0.5;
+    ties.seed = 3;
+    v.push(("ties", ties));
+    let mut flat = Case::new(90, 6, 4);
+    flat.spread = 0.05;
+    flat.cfg.max_selected = Some(9);
+    flat.seed = 4;
+    v.push(("flat_scores_capped", flat));
+    // Heavy duplication: the oldest keys score high, so every query picks the same few keys.
+    let mut dup = Case::new(130, 3, 4);
+    dup.slope = -0.05;
+    dup.spread = 0.3;
+    dup.hq = 8;
+    dup.seed = 5;
+    v.push(("heavy_duplication", dup));
+    let mut mha = Case::new(65, 8, 16);
+    mha.hq = 2;
+    mha.d = 64;
+    mha.slope = 0.02;
+    mha.seed = 6;
+    v.push(("mha_d64_slope", mha));
+    v
+}
+
+#[test]
+fn cpu_matches_reference() -> R<()> {
+    for (name, c) in cases() {
+        check(name, &c, &Device::Cpu, DType::F32, 2e-4)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn cpu_bf16_close() -> R<()> {
+    check(
+        "gqa_bf16",
+        &Case::new(77, 4, 8),
+        &Device::Cpu,
+        DType::BF16,
+        3e-2,
+    )
+}
+
+#[test]
+fn early_positions_equal_dense_causal() -> R<()> {
+    // t ≤ k + window: every causal key is attended with weight 1 = dense causal attention.
+    let c = Case::new(24, 16, 8);
+    let x = inputs(&c)?;
+    let (q, k, v) = (
+        x.q.to_dtype(DType::F32)?,
+        x.k.to_dtype(DType::F32)?,
+        x.v.to_dtype(DType::F32)?,
+    );
+    let out = sparsek_attn(&q, &k, &v, &x.u.to_dtype(DType::F32)?, &c.cfg)?;
+    let m = candle_sparse_attn::reference::mask(
+        &candle_sparse_attn::Visibility::Causal,
+        (c.b, c.hq, c.hkv, c.t, c.t),
+    )?;
+    let dense = candle_sparse_attn::reference::attention(
+        &x.q,
+        &x.k,
+        &x.v,
+        c.cfg.scale(c.d) as f64,
+        Some(&m),
+    )?;
+    let e = rel_err(&out, &dense)?;
+    anyhow::ensure!(e < 1e-5, "early positions vs dense causal: {e}");
+    Ok(())
+}
+
+#[test]
+fn bad_input_errors() -> R<()> {
+    let c = Case::new(16, 2, 4);
+    let x = inputs(&c)?;
+    let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+    let (q, k, v, u) = (f(&x.q), f(&x.k), f(&x.v), f(&x.u));
+    let msg = |r: candle::Result<Tensor>| match r {
+        Ok(_) => "no error".to_string(),
+        Err(e) => e.to_string(),
+    };
+    let e = msg(sparsek_attn(&q, &k, &v, &u, &SparseKConfig::new(0, 4)));
+    assert!(e.contains("k must be at least 1"), "{e}");
+    let e = msg(sparsek_attn(&q, &k, &v, &u, &SparseKConfig::new(2, 17)));
+    assert!(e.contains("window 17") && e.contains("16"), "{e}");
+    let e = msg(sparsek_attn(&q, &k, &v, &u.narrow(2, 0, 8)?, &c.cfg));
+    assert!(
+        e.contains("scores") && e.contains("[2, 2, 16]") && e.contains("[2, 2, 8]"),
+        "{e}"
+    );
+    let e = msg(sparsek_attn(&q, &k, &v, &u.to_dtype(DType::F64)?, &c.cfg));
+    assert!(e.contains("f32"), "{e}");
+    let mut capped = c.cfg;
+    capped.max_selected = Some(1);
+    let e = msg(sparsek_attn(&q, &k, &v, &u, &capped));
+    assert!(e.contains("max_selected"), "{e}");
+    let e = msg(sparsek_attn(&q, &k.narrow(2, 0, 8)?, &v, &u, &c.cfg));
+    assert!(e.contains("k [2, 2, 8, 32]"), "{e}");
+    let nan = u.affine(0.0, f64::NAN)?;
+    let e = msg(sparsek_attn(&q, &k, &v, &nan, &c.cfg));
+    assert!(e.contains("NaN"), "{e}");
+    let e = msg(sparsek(&u, 0.0));
+    assert!(e.contains("k must be"), "{e}");
+    Ok(())
+}
+
+/// SPARSEK rows against the bisection reference; p sums to k and lies in [0, 1].
+fn check_project(z: &[f32], m: usize, k: f64, dev: &Device) -> R<()> {
+    let zt = Tensor::from_vec(z.to_vec(), (z.len() / m, m), &Device::Cpu)?.to_device(dev)?;
+    let p = sparsek(&zt, k)?.to_device(&Device::Cpu)?.to_vec2::<f32>()?;
+    for (row, p) in z.chunks(m).zip(&p) {
+        let zz: Vec<f64> = row.iter().map(|&x| x as f64).collect();
+        let want: Vec<f64> = match tau_bisect(&zz, k) {
+            None => vec![1.0; m],
+            Some(t) => zz.iter().map(|x| (x - t).clamp(0.0, 1.0)).collect(),
+        };
+        for (a, b) in p.iter().zip(&want) {
+            anyhow::ensure!(
+                (*a as f64 - b).abs() < 2e-5,
+                "sparsek {row:?} k={k}: {p:?} vs {want:?}"
+            );
+        }
+        let s: f64 = p.iter().map(|&x| x as f64).sum();
+        anyhow::ensure!((s - k.min(m as f64)).abs() < 1e-4, "sum {s} k {k}");
+    }
+    Ok(())
+}
+
+fn project_suite(dev: &Device) -> R<()> {
+    let mut rng = StdRng::seed_from_u64(9);
+    let z: Vec<f32> = (0..40 * 33)
+        .map(|_| rng.random::<f32>() * 4.0 - 2.0)
+        .collect();
+    for k in [1.0, 2.5, 7.0, 32.0, 33.0, 50.0] {
+        check_project(&z, 33, k, dev)?;
+    }
+    // Ties, hard top-k (gap ≥ 1), all equal, a single entry.
+    check_project(&[1.0, 1.0, 1.0, 0.0, 3.0, 3.0], 6, 2.0, dev)?;
+    check_project(&[5.0, 4.0, 0.5, 0.1], 4, 2.0, dev)?;
+    check_project(&[0.3; 8], 8, 3.0, dev)?;
+    check_project(&[2.0], 1, 1.0, dev)?;
+    check_project(&[2.0, -7.0, 1e4, -1e4], 4, 1.5, dev)?;
+    Ok(())
+}
+
+#[test]
+fn sparsek_projection_cpu() -> R<()> {
+    project_suite(&Device::Cpu)
+}
+
+#[test]
+fn sparsek_projection_sort_reference() -> R<()> {
+    // Independent brute force: sort, then try every (U, W) pair for a consistent τ.
+    let mut rng = StdRng::seed_from_u64(11);
+    for _ in 0..50 {
+        let m = rng.random_range(2..20);
+        let k = rng.random_range(1..m) as f64 + if rng.random::<bool>() { 0.5 } else { 0.0 };
+        if k >= m as f64 {
+            continue;
+        }
+        let z: Vec<f32> = (0..m)
+            .map(|_| (rng.random::<f32>() * 6.0).round() / 2.0)
+            .collect();
+        let mut s: Vec<f64> = z.iter().map(|&x| x as f64).collect();
+        s.sort_by(|a, b| b.total_cmp(a));
+        let f = |t: f64| s.iter().map(|x| (x - t).clamp(0.0, 1.0)).sum::<f64>();
+        let mut tau = None;
+        'outer: for u in 0..=m {
+            for w in u + 1..=m {
+                let sum: f64 = s[u..w].iter().sum();
+                let t = (sum + u as f64 - k) / (w - u) as f64;
+                if (f(t) - k).abs() < 1e-9 {
+                    tau = Some(t);
+                    break 'outer;
+                }
+            }
+        }
+        let tau = tau.or_else(|| tau_bisect(&s, k)).unwrap();
+        let p = sparsek(&Tensor::from_vec(z.clone(), m, &Device::Cpu)?, k)?.to_vec1::<f32>()?;
+        for (a, x) in p.iter().zip(&z) {
+            let want = (*x as f64 - tau).clamp(0.0, 1.0);
+            anyhow::ensure!((*a as f64 - want).abs() < 1e-5, "{z:?} k={k}: {p:?}");
+        }
+    }
+    Ok(())
+}
+
+fn project_grad_suite(dev: &Device) -> R<()> {
+    // Finite differences of L = Σ c ⊙ SPARSEK(z, k) (piecewise linear: exact away from kinks).
+    let mut rng = StdRng::seed_from_u64(13);
+    let (rows, m, k) = (6, 17, 4.5);
+    let z: Vec<f32> = (0..rows * m).map(|_| rng.random::<f32>() * 3.0).collect();
+    let c: Vec<f32> = (0..rows * m).map(|_| rng.random::<f32>() - 0.5).collect();
+    let ct = Tensor::from_vec(c.clone(), (rows, m), dev)?;
+    let zv = Var::from_tensor(&Tensor::from_vec(z.clone(), (rows, m), dev)?)?;
+    let g = sparsek(&zv, k)?.mul(&ct)?.sum_all()?.backward()?;
+    let g = g
+        .get(&zv)
+        .unwrap()
+        .to_device(&Device::Cpu)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let loss = |z: &[f32]| -> R<f64> {
+        let p = sparsek(&Tensor::from_vec(z.to_vec(), (rows, m), &Device::Cpu)?, k)?;
+        Ok(
+            p.mul(&Tensor::from_vec(c.clone(), (rows, m), &Device::Cpu)?)?
+                .sum_all()?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?,
+        )
+    };
+    let eps = 1e-3f32;
+    for n in 0..rows * m {
+        let (mut a, mut b) = (z.clone(), z.clone());
+        a[n] += eps;
+        b[n] -= eps;
+        let fd = (loss(&a)? - loss(&b)?) / (2.0 * eps as f64);
+        anyhow::ensure!(
+            (fd - g[n] as f64).abs() < 2e-3,
+            "fd {fd} vs {} at {n}",
+            g[n]
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn sparsek_projection_grad_fd() -> R<()> {
+    project_grad_suite(&Device::Cpu)
+}
+
+/// Decode through the cache (optionally after a prefill) equals the full computation, and the
+/// cache never holds more than window + K′ tokens per head.
+fn cache_suite(dev: &Device, prefill: usize) -> R<()> {
+    let mut c = Case::new(120, 4, 6);
+    c.cfg.max_selected = Some(7);
+    c.slope = 0.01;
+    let x = inputs(&c)?;
+    let f = |t: &Tensor| -> R<Tensor> { Ok(t.to_dtype(DType::F32)?.to_device(dev)?) };
+    let (q, k, v, u) = (f(&x.q)?, f(&x.k)?, f(&x.v)?, f(&x.u)?);
+    let full = sparsek_attn(&q, &k, &v, &u, &c.cfg)?;
+    let mut cache = SparseKCache::new(c.cfg)?;
+    let mut outs = Vec::new();
+    if prefill > 0 {
+        let n = |t: &Tensor| t.narrow(2, 0, prefill);
+        outs.push(cache.prefill(&n(&q)?, &n(&k)?, &n(&v)?, &n(&u)?)?);
+    }
+    for i in prefill..c.t {
+        let n = |t: &Tensor| t.narrow(2, i, 1);
+        outs.push(cache.step(&n(&q)?, &n(&k)?, &n(&v)?, &n(&u)?)?);
+        for r in cache.retained() {
+            anyhow::ensure!(r <= c.cfg.window + c.cfg.cap(), "cache holds {r} tokens");
+        }
+    }
+    let dec = Tensor::cat(&outs, 2)?;
+    let e = rel_err(&dec, &full)?;
+    println!(
+        "cache (prefill {prefill}) {:?}: rel err {e:.2e}",
+        dev.location()
+    );
+    anyhow::ensure!(e < 1e-5, "decode vs full: {e}");
+    Ok(())
+}
+
+#[test]
+fn cache_decode_matches_full() -> R<()> {
+    cache_suite(&Device::Cpu, 0)?;
+    cache_suite(&Device::Cpu, 37)
+}
+
+#[test]
+fn scorer_trains_end_to_end() -> R<()> {
+    let dev = Device::Cpu;
+    let (b, t, dm, hq, hkv, d) = (2, 40, 16, 4, 2, 32);
+    let vm = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
+    let scorer = SparseKScorer::new(SparseKScorerConfig::new(dm, hkv), vb.pp("scorer"))?;
+    let slopes = scorer.slopes()?.to_vec1::<f32>()?;
+    assert!(slopes.iter().all(|s| (s - 1e-3).abs() < 1e-6), "{slopes:?}");
+    let x = Tensor::randn(0f32, 1., (b, t, dm), &dev)?;
+    let u = scorer.forward(&x)?;
+    assert_eq!(u.dims(), &[b, hkv, t]);
+    let q = Tensor::randn(0f32, 1., (b, hq, t, d), &dev)?;
+    let k = Tensor::randn(0f32, 1., (b, hkv, t, d), &dev)?;
+    let v = Tensor::randn(0f32, 1., (b, hkv, t, d), &dev)?;
+    let out = sparsek_attn(&q, &k, &v, &u, &SparseKConfig::new(4, 4))?;
+    let go = Tensor::randn(0f32, 1., out.shape(), &dev)?;
+    let g = out.mul(&go)?.sum_all()?.backward()?;
+    for (name, var) in vm.data().lock().unwrap().iter() {
+        let gv = g
+            .get(var)
+            .ok_or_else(|| anyhow::anyhow!("{name}: no gradient"))?;
+        let n = gv.abs()?.sum_all()?.to_scalar::<f32>()?;
+        anyhow::ensure!(n > 0.0, "{name}: zero gradient");
+    }
+    // Decode positions: forward_at shifts the slope term only.
+    let tail = scorer.forward_at(&x.narrow(1, 30, 10)?, 30)?;
+    anyhow::ensure!(rel_err(&tail, &u.narrow(2, 30, 10)?)? < 1e-6);
+    Ok(())
+}
+
+fn gpu() -> Option<Device> {
+    if !cfg!(feature = "cuda") {
+        println!("SKIP: CUDA sparsek tests (built without --features cuda)");
+        return None;
+    }
+    match Device::new_cuda(0) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            println!("SKIP: CUDA sparsek tests (no GPU: {e})");
+            None
+        }
+    }
+}
+
+#[test]
+fn cuda_matches_reference() -> R<()> {
+    let Some(dev) = gpu() else { return Ok(()) };
+    // SPARSEK_QUICK: a small subset (for compute-sanitizer).
+    let n = if std::env::var("SPARSEK_QUICK").is_ok() {
+        2
+    } else {
+        usize::MAX
+    };
+    for (name, c) in cases().into_iter().take(n) {
+        check(name, &c, &dev, DType::F32, 1e-3)?;
+        check(name, &c, &dev, DType::BF16, 3e-2)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn cuda_projection_and_cache() -> R<()> {
+    let Some(dev) = gpu() else { return Ok(()) };
+    project_suite(&dev)?;
+    project_grad_suite(&dev)?;
+    cache_suite(&dev, 0)?;
+    cache_suite(&dev, 37)
+}
+
+/// Bytes of GPU memory in use (0 when unknown).
+fn device_memory_in_use() -> usize {
+    #[cfg(feature = "cuda")]
+    {
+        let (free, total) =
+            candle::cuda_backend::cudarc::driver::result::mem_get_info().unwrap_or((0, 0));
+        total - free
+    }
+    #[cfg(not(feature = "cuda"))]
+    0
+}
+
+/// Timing of forward + backward (B=4, H=48, D=64, bf16, k=256, window=256) beside the dense
+/// `flash_attn`, at 8k/16k/32k, with the GPU memory in use at the end of the backward. Run with
+/// `--ignored --nocapture` on a GPU.
+#[test]
+#[ignore]
+fn cuda_bench() -> R<()> {
+    let Some(dev) = gpu() else { return Ok(()) };
+    let (b, h, d) = (4, 48, 64);
+    let cfg = SparseKConfig::new(256, 256);
+    let sync = |dev: &Device| dev.synchronize();
+    for t in [8192usize, 16384, 32768] {
+        let q =
+            Var::from_tensor(&Tensor::randn(0f32, 1., (b, h, t, d), &dev)?.to_dtype(DType::BF16)?)?;
+        let k =
+            Var::from_tensor(&Tensor::randn(0f32, 1., (b, h, t, d), &dev)?.to_dtype(DType::BF16)?)?;
+        let v =
+            Var::from_tensor(&Tensor::randn(0f32, 1., (b, h, t, d), &dev)?.to_dtype(DType::BF16)?)?;
+        let pos = Tensor::arange(0f32, t as f32, &dev)?.affine(1e-3, 0.)?;
+        let u = Var::from_tensor(&Tensor::randn(0f32, 1., (b, h, t), &dev)?.broadcast_add(&pos)?)?;
+        let go = Tensor::randn(0f32, 1., (b, h, t, d), &dev)?.to_dtype(DType::BF16)?;
+        let time = |name: &str, f: &dyn Fn() -> candle::Result<Tensor>| -> R<f64> {
+            let run = || -> R<usize> {
+                let out = f()?;
+                let g = out.mul(&go)?.sum_all()?.backward()?;
+                sync(&dev)?;
+                let used = device_memory_in_use();
+                drop(g);
+                Ok(used)
+            };
+            run()?;
+            let iters = 3;
+            let t0 = std::time::Instant::now();
+            let mut used = 0;
+            for _ in 0..iters {
+                used = run()?;
+            }
+            let ms = t0.elapsed().as_secs_f64() * 1e3 / iters as f64;
+            println!(
+                "BENCH t={t} {name}: fwd+bwd {ms:.2} ms, device memory in use {:.2} GiB",
+                used as f64 / (1u64 << 30) as f64
+            );
+            Ok(ms)
+        };
+        let sk = time("sparsek", &|| sparsek_attn(&q, &k, &v, &u, &cfg))?;
+        // Forward only, for the breakdown.
+        let t0 = std::time::Instant::now();
+        for _ in 0..3 {
+            sparsek_attn(&q, &k, &v, &u, &cfg)?;
+        }
+        sync(&dev)?;
+        println!(
+            "BENCH t={t} sparsek fwd only {:.2} ms",
+            t0.elapsed().as_secs_f64() * 1e3 / 3.0
+        );
+        let dense = time("dense flash_attn", &|| {
+            candle_sparse_attn::flash_attn(&q, &k, &v, &candle_sparse_attn::AttnParams::default())
+        })?;
+        println!("BENCH t={t} speedup dense/sparsek = {:.2}x", dense / sk);
+    }
+    Ok(())
+}
