@@ -148,7 +148,7 @@ fn page_scores_t<T: CudaDType + DeviceRepr>(cache: &TwilightCache, q: &Tensor) -
     let smem = hq / hkv * d * 4;
     let f = func!(
         dev,
-        format!("tw_page_scores_{}_d{d}", tname(q.dtype())?),
+        &format!("tw_page_scores_{}_d{d}", tname(q.dtype())?),
         smem
     );
     let mut a = f.builder();
@@ -180,7 +180,7 @@ pub(crate) fn top_indices(
     let sv = view::<f32>(&g, "scores")?;
     let mut out = unsafe { dev.alloc::<u32>(b * h * k * expand) }?;
     let smem = n * 4;
-    let f = func!(dev, "tw_top_indices".to_string(), smem);
+    let f = func!(dev, "tw_top_indices", smem);
     let mut a = f.builder();
     a.arg(&sv);
     a.arg(&mut out);
@@ -227,7 +227,7 @@ fn estimate_t<T: CudaDType + DeviceRepr>(
         buffer::<f16>(&gsm, "k_scale_min")?,
     );
     let mut out = unsafe { dev.alloc::<f32>(b * hq * n) }?;
-    let f = func!(dev, format!("tw_estimate_{}_d{d}", tname(q.dtype())?), 0);
+    let f = func!(dev, &format!("tw_estimate_{}_d{d}", tname(q.dtype())?), 0);
     let mut a = f.builder();
     a.arg(&qv);
     a.arg(&codes);
@@ -255,7 +255,7 @@ pub(crate) fn top_p(est: &Tensor, candidates: &Tensor, p: f32) -> Result<Tensor>
     let (ev, cv) = (view::<f32>(&ge, "est")?, view::<u32>(&gc, "candidates")?);
     let mut out = unsafe { dev.alloc::<u32>(b * h * n) }?;
     let smem = n * 4;
-    let f = func!(dev, "tw_top_p".to_string(), smem);
+    let f = func!(dev, "tw_top_p", smem);
     let mut a = f.builder();
     a.arg(&ev);
     a.arg(&cv);
@@ -287,7 +287,7 @@ pub(crate) fn union_per_group(
     let width = 1 + cap;
     let mut lists = unsafe { dev.alloc::<u32>(b * kv_heads * width) }?;
     let total = b * hq * n;
-    let f = func!(dev, "tw_union_mark".to_string(), 0);
+    let f = func!(dev, "tw_union_mark", 0);
     let mut a = f.builder();
     a.arg(&kv);
     a.arg(&mut bitmap);
@@ -300,7 +300,7 @@ pub(crate) fn union_per_group(
         i32_of(len, "len")?
     );
     unsafe { a.launch(launch_cfg((total.div_ceil(256), 1), 256, 0)?) }.w()?;
-    let f = func!(dev, "tw_union_compact".to_string(), 0);
+    let f = func!(dev, "tw_union_compact", 0);
     let mut a = f.builder();
     a.arg(&bitmap);
     a.arg(&mut lists);
@@ -351,7 +351,7 @@ fn attend_t<T: CudaDType + DeviceRepr>(
     let mut part_ml = unsafe { dev.alloc::<f32>(b * hq * nchunks * 2) }?;
     let tn = tname(q.dtype())?;
     let smem = 4 * group * (d + 2) * 4;
-    let f = func!(dev, format!("tw_attn_{tn}_d{d}"), smem);
+    let f = func!(dev, &format!("tw_attn_{tn}_d{d}"), smem);
     let mut a = f.builder();
     a.arg(&qv);
     a.arg(&kv);
@@ -370,7 +370,7 @@ fn attend_t<T: CudaDType + DeviceRepr>(
     );
     unsafe { a.launch(launch_cfg((nchunks, b * hkv), 128, smem)?) }.w()?;
     let mut out = unsafe { dev.alloc::<T>(b * hq * d) }?;
-    let f = func!(dev, format!("tw_merge_{tn}"), 0);
+    let f = func!(dev, &format!("tw_merge_{tn}"), 0);
     let mut a = f.builder();
     a.arg(&part_o);
     a.arg(&part_ml);

@@ -126,6 +126,9 @@ impl TwilightStep {
 /// - `q`: `(batch, q_heads, 1, head_dim)`, same dtype and device as the cache, `q_heads` a
 ///   multiple of the cache's kv heads.
 ///
+/// Dense layers run the same kernels over every stored token ([`FullSelector`], `p = 1`), which is
+/// exact dense decoding without copying the cache.
+///
 /// Returns the output `(batch, q_heads, 1, head_dim)` and the kept sets.
 pub fn decode_layer(
     layer: usize,
