@@ -34,7 +34,7 @@ pub mod twilight;
 pub use flash::{flash_attn, AttnParams, SUPPORTED_HEAD_DIMS};
 pub use mask::{SparseLayout, Visibility};
 pub use scfa::{
-    hash_sparse_attn, hash_sparse_attn_with_buckets, qk_sparse_attn, sparse_causal_attn,
-    HashConfig, ScfaParams,
+    hash_sparse_attn, hash_sparse_attn_with_buckets, qk_sparse_attn, sparse_causal_attn, HashConfig,
+    ScfaParams,
 };
 pub use twilight::{decode_layer, TwilightCache, TwilightConfig, TwilightStep};
