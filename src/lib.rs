@@ -30,6 +30,7 @@ pub mod mask;
 pub mod reference;
 pub mod scfa;
 pub mod sparsek;
+pub mod twilight;
 
 pub use flash::{flash_attn, flash_attn_with_visibility, AttnParams, SUPPORTED_HEAD_DIMS};
 pub use mask::{SparseLayout, Visibility};
@@ -40,3 +41,4 @@ pub use scfa::{
 pub use sparsek::{
     sparsek, sparsek_attn, SparseKCache, SparseKConfig, SparseKScorer, SparseKScorerConfig,
 };
+pub use twilight::{decode_layer, TwilightCache, TwilightConfig, TwilightStep};
