@@ -9,8 +9,9 @@
 //
 // Visibility modes: 0 full, 1 causal (row i sees j <= i + nk - nq), 2 sparse (q_pos >= k_pos, or >
 // when strict, and equal buckets). Sparse tile skipping uses per-tile metadata (int4: x = max query
-// position / min key position of the tile's real rows, y = min bucket, z = max bucket) built by
-// `flash_tile_meta`.
+// position / min key position of the tile's real rows, y = min bucket, z = max bucket, w = min query /
+// max key position, or a sentinel when the tile holds a padding row) built by `flash_tile_meta`;
+// tile pairs that `tile_full` proves fully visible skip the element mask.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
@@ -57,6 +58,13 @@ __device__ __forceinline__ bool tile_pass(int4 q, int4 k, int strict) {
   return causal && k.z >= q.y && k.y <= q.z;
 }
 
+// Does every query row of tile q see every key of tile k? (Both tiles free of padding rows, one
+// bucket for all of them, every query position at or after every key position.)
+__device__ __forceinline__ bool tile_full(int4 q, int4 k, int strict) {
+  bool causal = strict ? q.w > k.w : q.w >= k.w;
+  return causal && q.y == q.z && k.y == k.z && q.y == k.y;
+}
+
 // First index in [t, end) whose tile passes `tile_pass(q, meta[idx])`, or `end`; warp-parallel
 // ballot scan (every warp computes the same, uniform answer). Used for sparse mode: it visits
 // exactly the tiles of [j_start, causal_end) that pass the per-tile test when the layout is
@@ -88,6 +96,8 @@ __device__ __forceinline__ int next_pass_q(int t, int end, const int4* qmeta, in
 // Query tiles: x = max position over real rows (pos != -1), INT_MIN if none.
 // Key tiles:   x = min position over real rows (pos != INT_MAX), INT_MAX if none.
 // y, z = min, max bucket over real rows (0 without buckets), (INT_MAX, INT_MIN) if none.
+// Query tiles: w = min position, INT_MIN if a row is padding. Key tiles: w = max position, INT_MAX
+// if a row is padding.
 extern "C" __global__ void flash_tile_meta(const int* pos, const int* bkt, int4* meta, int rows,
                                            int n, int tile, int is_query, int has_bkt) {
   int ntiles = (n + tile - 1) / tile;
@@ -96,18 +106,23 @@ extern "C" __global__ void flash_tile_meta(const int* pos, const int* bkt, int4*
   long long r = idx / ntiles;
   int t = (int)(idx % ntiles);
   int x = is_query ? INT_MIN_ : INT_MAX_;
+  int w = is_query ? INT_MAX_ : INT_MIN_;
+  bool pad = false;
   int lo = INT_MAX_, hi = INT_MIN_;
   int end = min(n, (t + 1) * tile);
   for (int i = t * tile; i < end; ++i) {
     int p = pos[r * n + i];
     bool real = is_query ? p != -1 : p != INT_MAX_;
+    pad = pad || !real;
     if (!real) continue;
     x = is_query ? max(x, p) : min(x, p);
+    w = is_query ? min(w, p) : max(w, p);
     int b = has_bkt ? bkt[r * n + i] : 0;
     lo = min(lo, b);
     hi = max(hi, b);
   }
-  meta[idx] = make_int4(x, lo, hi, 0);
+  if (pad) w = is_query ? INT_MIN_ : INT_MAX_;
+  meta[idx] = make_int4(x, lo, hi, w);
 }
 
 // Fills n bytes with 0xFF (NaN in f32 / f16 / bf16): debug poisoning of outputs.
@@ -553,8 +568,9 @@ __device__ void fwd_mma(const T* q, const T* k, const T* v, T* o, float* lse, Vi
       gemm_abt<T, D, N8>(s, sQ, warp * 16, cK, 0);
 
     int n0 = t * BN;
-    bool need_mask = vis.mode == 2 || n0 + BN > nk ||
-                     (vis.mode == 1 && n0 + BN - 1 > m0 + warp * 16 + vis.off);
+    bool need_mask = n0 + BN > nk ||
+                     (vis.mode == 1 && n0 + BN - 1 > m0 + warp * 16 + vis.off) ||
+                     (vis.mode == 2 && !tile_full(qm, km[t], vis.strict));
     if (need_mask) {
 #pragma unroll
       for (int nt = 0; nt < N8; ++nt) {
@@ -791,15 +807,16 @@ __device__ void bwd_mma(const T* q, const T* k, const T* v, const T* go, const f
     gemm_abt<T, D, N8>(s, sK, warp * 16, cQ, 0);
     gemm_abt<T, D, N8>(dp, sV, warp * 16, cG, 0);
 
-    bool need_mask = MODE == 2 || m0 + BQ > nq || n0 + BK > nk ||
-                     (MODE == 1 && n0 + warp * 16 + 15 > m0 + vis.off);
+    bool need_mask = m0 + BQ > nq || n0 + BK > nk ||
+                     (MODE == 1 && n0 + warp * 16 + 15 > m0 + vis.off) ||
+                     (MODE == 2 && !tile_full(qm[p], km, vis.strict));
 #pragma unroll
     for (int nt = 0; nt < N8; ++nt) {
 #pragma unroll
       for (int e2 = 0; e2 < 2; ++e2) {
         int c = nt * 8 + 2 * t4 + e2, i = m0 + c;
         int qp = INT_MIN_, qb = -1;
-        if (MODE == 2 && i < nq) {
+        if (MODE == 2 && need_mask && i < nq) {
           qp = vis.q_pos[qr0 + i];
           qb = vis.has_bkt ? vis.q_bkt[qr0 + i] : 0;
         }
@@ -809,7 +826,8 @@ __device__ void bwd_mma(const T* q, const T* k, const T* v, const T* go, const f
         for (int hf = 0; hf < 2; ++hf) {
           bool ok;
           if constexpr (MODE == 2)
-            ok = i < nq && j_r[hf] < nk && sparse_sees(qp, qb, kp[hf], kb[hf], vis.strict);
+            ok = !need_mask ||
+                 (i < nq && j_r[hf] < nk && sparse_sees(qp, qb, kp[hf], kb[hf], vis.strict));
           else
             ok = !need_mask || (i < nq && j_r[hf] < nk && (MODE == 0 || j_r[hf] <= i + vis.off));
           float pv = ok ? fast_exp2(s[nt][hf * 2 + e2] * sl2 - L) : 0.f;

@@ -8,7 +8,8 @@
 //! - f32 (exact f32 arithmetic is required), head dim 256 in the backward and inputs not aligned
 //!   to 16 bytes: simple CUDA-core kernels, one warp per row.
 //! - Sparse visibility: per-tile min/max of positions and buckets are reduced on the device first;
-//!   the kernels skip every key (query) tile that cannot hold a visible pair.
+//!   the kernels skip every key (query) tile that cannot hold a visible pair and apply no element
+//!   mask to tile pairs that are fully visible (one bucket, no padding, all keys before all queries).
 
 use candle::backend::BackendStorage;
 use candle::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
