@@ -9,6 +9,8 @@
 //!   sparse methods extend.
 //! - [`scfa`]: sparse causal flash attention (query/key dropping and hash buckets) on top of the
 //!   same kernel: [`qk_sparse_attn`], [`hash_sparse_attn`], [`sparse_causal_attn`].
+//! - [`sparsek`]: SparseK, a learned top-k selection of older keys plus a sliding window.
+//! - [`twilight`]: top-p pruning of a base sparse selector's candidates, for decoding.
 //! - [`reference`]: the naive materialised implementation every test compares against.
 //!
 //! ```
