@@ -171,6 +171,12 @@ pub fn resolve_with_api(cache_dir: &Path, model_id: &str, revision: &str) -> Res
     })
 }
 
+/// Whether `model` is spelled like a filesystem path rather than a Hub id (`name` or
+/// `org/name`): absolute, starting with `.` or `~`, with a backslash or several slashes.
+pub fn looks_like_path(model: &str) -> bool {
+    model.starts_with(['/', '.', '~']) || model.contains('\\') || model.matches('/').count() > 1
+}
+
 /// Whether an environment value means "on" (`1`, `true`, `yes`, `on`, any case).
 pub fn env_flag_is_set(value: Option<&str>) -> bool {
     value.is_some_and(|v| {
@@ -211,17 +217,14 @@ pub fn resolve_model_files(model: &str, revision: Option<&str>) -> Result<ModelF
         var("HF_HOME").as_deref(),
         var("HOME").as_deref(),
     );
-    if !model.contains('/') && !path.exists() {
-        // Not a directory and not `org/name`: most likely a mistyped path.
-        let cached = resolve_in_cache(&cache_dir, model, revision);
-        if cached.is_ok() {
-            return cached;
-        }
+    if path.exists() {
         bail!(
-            "model {model:?}: no such directory, and not found in the Hugging Face cache {}; {}",
-            cache_dir.display(),
-            how_to_get(model)
+            "model {model:?} is a file, not a model directory; pass a directory, a Hub model id \
+             or a .gguf file"
         )
+    }
+    if looks_like_path(model) {
+        bail!("model {model:?}: no such directory; {}", how_to_get(model))
     }
     if env_flag_is_set(var("HF_HUB_OFFLINE").as_deref()) {
         resolve_in_cache(&cache_dir, model, revision)

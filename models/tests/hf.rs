@@ -13,7 +13,8 @@ use candle_sparse_models::attention::AttentionKind;
 use candle_sparse_models::decoder::{load_decoder, CausalLm, DecoderCache};
 use candle_sparse_models::gguf::GgufFile;
 use candle_sparse_models::hub::{
-    cache_dir_from, env_flag_is_set, resolve_in_cache, resolve_in_dir, resolve_model_files,
+    cache_dir_from, env_flag_is_set, looks_like_path, resolve_in_cache, resolve_in_dir,
+    resolve_model_files,
 };
 use candle_sparse_models::{generate, load_model, perplexity, Sampler, SamplingOptions};
 use rand::rngs::StdRng;
@@ -656,6 +657,15 @@ fn environment_selects_offline_cache() -> Result<()> {
         assert_eq!(env_flag_is_set(Some(v)), on, "{v:?}");
     }
     assert!(!env_flag_is_set(None));
+    for (m, path) in [
+        ("x/y", false),
+        ("gpt2", false),
+        ("./x", true),
+        ("/a/b", true),
+        ("a/b/c", true),
+    ] {
+        assert_eq!(looks_like_path(m), path, "{m:?}");
+    }
 
     let tmp = tempfile::tempdir()?;
     let src = tmp.path().join("src");
