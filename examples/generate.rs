@@ -63,7 +63,8 @@ struct GenerateArgs {
     /// The prompt (raw text, or the user message with --chat).
     #[arg(long)]
     prompt: String,
-    /// Wrap the prompt in the ChatML template (<|im_start|>user ... <|im_start|>assistant).
+    /// Wrap the prompt in a chat template: Llama 3 or ChatML, whichever special tokens the
+    /// tokenizer has.
     #[arg(long)]
     chat: bool,
     /// System message for --chat.
@@ -149,24 +150,50 @@ fn load(args: &ModelArgs) -> Result<candle_sparse_models::LoadedModel> {
     Ok(loaded)
 }
 
+/// The chat prompt for one user message (and an optional system message) in the template the
+/// tokenizer's special tokens indicate (Llama 3 headers or ChatML), and the end-of-turn token id.
+fn chat_prompt(
+    tokenizer: &tokenizers::Tokenizer,
+    system: Option<&str>,
+    user: &str,
+) -> Result<(String, u32)> {
+    if let (Some(_), Some(eot)) = (
+        tokenizer.token_to_id("<|start_header_id|>"),
+        tokenizer.token_to_id("<|eot_id|>"),
+    ) {
+        let turn = |role: &str, text: &str| {
+            format!("<|start_header_id|>{role}<|end_header_id|>\n\n{text}<|eot_id|>")
+        };
+        let system = system.map(|s| turn("system", s)).unwrap_or_default();
+        let text = format!(
+            "<|begin_of_text|>{system}{}<|start_header_id|>assistant<|end_header_id|>\n\n",
+            turn("user", user)
+        );
+        return Ok((text, eot));
+    }
+    if let (Some(_), Some(im_end)) = (
+        tokenizer.token_to_id("<|im_start|>"),
+        tokenizer.token_to_id("<|im_end|>"),
+    ) {
+        let turn = |role: &str, text: &str| format!("<|im_start|>{role}\n{text}<|im_end|>\n");
+        let system = system.map(|s| turn("system", s)).unwrap_or_default();
+        let text = format!("{system}{}<|im_start|>assistant\n", turn("user", user));
+        return Ok((text, im_end));
+    }
+    bail!(
+        "--chat: the tokenizer has neither ChatML (<|im_start|>, <|im_end|>) nor Llama 3 \
+         (<|start_header_id|>, <|eot_id|>) special tokens; pass the formatted prompt without --chat"
+    )
+}
+
 fn run_generate(args: &GenerateArgs) -> Result<()> {
     let loaded = load(&args.model)?;
     let tokenizer = &loaded.tokenizer;
     let mut stop = loaded.eos_token_ids.clone();
     let prompt = if args.chat {
-        let Some(im_end) = tokenizer.token_to_id("<|im_end|>") else {
-            bail!("--chat uses the ChatML template, but the tokenizer has no <|im_end|> token")
-        };
-        stop.push(im_end);
-        let system = args
-            .system
-            .as_ref()
-            .map(|s| format!("<|im_start|>system\n{s}<|im_end|>\n"))
-            .unwrap_or_default();
-        format!(
-            "{system}<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n",
-            args.prompt
-        )
+        let (text, end_token) = chat_prompt(tokenizer, args.system.as_deref(), &args.prompt)?;
+        stop.push(end_token);
+        text
     } else {
         args.prompt.clone()
     };
@@ -174,6 +201,15 @@ fn run_generate(args: &GenerateArgs) -> Result<()> {
         .encode(prompt.as_str(), false)
         .map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?;
     let prompt_ids = encoding.get_ids().to_vec();
+    let context = loaded.model.max_context();
+    if prompt_ids.len() + args.max_new_tokens > context {
+        bail!(
+            "the prompt is {} tokens; with --max-new-tokens {} that exceeds the model's context \
+             of {context} tokens (shorten the prompt or lower --max-new-tokens)",
+            prompt_ids.len(),
+            args.max_new_tokens
+        )
+    }
     let mut sampler = Sampler::new(SamplingOptions {
         temperature: args.temperature,
         top_k: args.top_k,

@@ -1009,3 +1009,39 @@ fn smollm2_gguf_greedy_paris_and_tokenizer() -> Result<()> {
     assert_eq!(chat.get_ids()[0], tok.token_to_id("<|im_start|>").unwrap());
     Ok(())
 }
+
+#[test]
+fn sampler_filters_and_penalties() -> Result<()> {
+    let logits = Tensor::new(&[0.0f32, 2.0, 1.9, -1.0], &DEV)?;
+    let opts = |top_k, top_p, repetition_penalty| SamplingOptions {
+        temperature: 1.0,
+        top_k,
+        top_p,
+        repetition_penalty,
+        repeat_last_n: 4,
+        seed: 3,
+    };
+    // top-k 1 and a tiny top-p keep only the argmax.
+    for o in [opts(Some(1), None, 1.0), opts(None, Some(1e-6), 1.0)] {
+        let mut s = Sampler::new(o)?;
+        assert!((0..20).all(|_| s.sample(&logits, &[]).unwrap() == 1));
+    }
+    // top-k 2 samples both of the two best tokens and nothing else.
+    let mut s = Sampler::new(opts(Some(2), None, 1.0))?;
+    let picks: Vec<u32> = (0..200).map(|_| s.sample(&logits, &[]).unwrap()).collect();
+    assert!(picks.contains(&1) && picks.contains(&2) && picks.iter().all(|&p| p == 1 || p == 2));
+    // The same seed repeats the same draws.
+    let mut again = Sampler::new(opts(Some(2), None, 1.0))?;
+    let repeat: Vec<u32> = (0..200)
+        .map(|_| again.sample(&logits, &[]).unwrap())
+        .collect();
+    assert_eq!(picks, repeat);
+    // Greedy with a repetition penalty avoids the recently seen best token.
+    let mut greedy = Sampler::new(SamplingOptions {
+        repetition_penalty: 1.5,
+        ..Default::default()
+    })?;
+    assert_eq!(greedy.sample(&logits, &[1])?, 2);
+    assert_eq!(greedy.sample(&logits, &[])?, 1);
+    Ok(())
+}
