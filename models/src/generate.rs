@@ -244,15 +244,13 @@ pub fn generate(
         pending = &last;
     }
     let total = start.elapsed();
-    Ok((
-        generated.clone(),
-        GenerationStats {
-            prompt_tokens: prompt.len(),
-            prompt_time,
-            generated_tokens: generated.len(),
-            generation_time: total.saturating_sub(prompt_time),
-        },
-    ))
+    let stats = GenerationStats {
+        prompt_tokens: prompt.len(),
+        prompt_time,
+        generated_tokens: generated.len(),
+        generation_time: total.saturating_sub(prompt_time),
+    };
+    Ok((generated, stats))
 }
 
 /// Result of [`perplexity`].
