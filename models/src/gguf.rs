@@ -21,7 +21,7 @@ use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::{AddedToken, PreTokenizerWrapper, Tokenizer};
 
 use crate::attention::AttentionKind;
-use crate::llama::{Llama, LlamaConfig};
+use crate::llama::{Llama, LlamaConfig, RopeScaling};
 
 /// A GGUF file's header: metadata and tensor directory (tensors stay on disk).
 pub struct GgufFile {
@@ -68,7 +68,8 @@ impl GgufFile {
     }
 
     /// The Llama configuration from the `llama.*` metadata (vocabulary size from the token
-    /// list when `llama.vocab_size` is absent). Fails for other architectures.
+    /// list when `llama.vocab_size` is absent; linear RoPE scaling). Fails for other
+    /// architectures and for per-frequency RoPE factors (`rope_freqs.weight`).
     pub fn llama_config(&self) -> Result<LlamaConfig> {
         let arch = self.architecture()?;
         if arch != "llama" {
@@ -95,6 +96,30 @@ impl GgufFile {
             Some(v) => v.to_f32()?,
             None => 10_000.0,
         };
+        if self.content.tensor_infos.contains_key("rope_freqs.weight") {
+            bail!(
+                "GGUF {}: per-frequency RoPE factors (rope_freqs.weight, Llama 3.1-style scaling) \
+                 are not supported; load the Hugging Face safetensors checkpoint instead",
+                self.path.display()
+            )
+        }
+        let rope_scaling = match self.content.metadata.get("llama.rope.scaling.type") {
+            None => None,
+            Some(v) => match v.to_string()?.as_str() {
+                "none" => None,
+                "linear" => Some(RopeScaling {
+                    rope_type: "linear".to_string(),
+                    factor: Some(self.get("llama.rope.scaling.factor")?.to_f32()?),
+                    low_freq_factor: None,
+                    high_freq_factor: None,
+                    original_max_position_embeddings: None,
+                }),
+                other => bail!(
+                    "GGUF {}: RoPE scaling type {other:?} is not supported (none, linear)",
+                    self.path.display()
+                ),
+            },
+        };
         Ok(LlamaConfig {
             vocab_size,
             hidden_size: hidden,
@@ -107,7 +132,7 @@ impl GgufFile {
                 .get("llama.attention.layer_norm_rms_epsilon")?
                 .to_f32()? as f64,
             rope_theta,
-            rope_scaling: None,
+            rope_scaling,
             max_position_embeddings: u("context_length")?,
             sliding_window: None,
             tie_word_embeddings: tied,

@@ -1045,3 +1045,31 @@ fn sampler_filters_and_penalties() -> Result<()> {
     assert_eq!(greedy.sample(&logits, &[])?, 1);
     Ok(())
 }
+
+#[test]
+fn rope_scaling_variants() -> Result<()> {
+    let with = |scaling: serde_json::Value| -> candle_sparse_models::LlamaConfig {
+        let mut c = llama_config(false);
+        c["rope_theta"] = serde_json::json!(500000.0);
+        c["rope_scaling"] = scaling;
+        serde_json::from_value(c).unwrap()
+    };
+    let base = with(serde_json::Value::Null).rope_frequencies()?;
+    let linear = with(serde_json::json!({"type": "linear", "factor": 4.0})).rope_frequencies()?;
+    for (b, l) in base.iter().zip(&linear) {
+        assert!((b / 4.0 - l).abs() <= 1e-6 * b);
+    }
+    let llama3 = with(serde_json::json!({
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 16
+    }))
+    .rope_frequencies()?;
+    // Wavelengths below 16/4 = 4 positions keep their frequency; above 16 are divided by 8.
+    let (first, last) = (0, base.len() - 1);
+    assert_eq!(llama3[first], base[first]);
+    assert!((llama3[last] - base[last] / 8.0).abs() <= 1e-6 * base[last]);
+    let bad = with(serde_json::json!({"rope_type": "yarn", "factor": 2.0}));
+    let err = bad.validate().unwrap_err().to_string();
+    assert!(err.contains("yarn"), "{err}");
+    Ok(())
+}
