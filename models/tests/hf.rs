@@ -1061,10 +1061,10 @@ fn rope_scaling_variants() -> Result<()> {
     }
     let llama3 = with(serde_json::json!({
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0, "original_max_position_embeddings": 16
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 64
     }))
     .rope_frequencies()?;
-    // Wavelengths below 16/4 = 4 positions keep their frequency; above 16 are divided by 8.
+    // Wavelengths below 64/4 = 16 positions keep their frequency; above 64 are divided by 8.
     let (first, last) = (0, base.len() - 1);
     assert_eq!(llama3[first], base[first]);
     assert!((llama3[last] - base[last] / 8.0).abs() <= 1e-6 * base[last]);
