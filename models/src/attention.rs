@@ -322,7 +322,17 @@ impl RotaryEmbedding {
         let inv_freq: Vec<f32> = (0..half)
             .map(|i| theta.powf(-((2 * i) as f32) / head_dim as f32))
             .collect();
-        let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
+        Self::from_inv_freq(&inv_freq, max_len, device)
+    }
+
+    /// Tables for positions `0..max_len` with the given per-pair frequencies (`head_dim / 2` of
+    /// them), for scaled variants such as Llama 3's frequency-dependent scaling.
+    pub fn from_inv_freq(inv_freq: &[f32], max_len: usize, device: &Device) -> Result<Self> {
+        let half = inv_freq.len();
+        if half == 0 {
+            bail!("rotary embedding: no frequencies given")
+        }
+        let inv_freq = Tensor::from_vec(inv_freq.to_vec(), (1, half), device)?;
         let positions = Tensor::arange(0u32, max_len as u32, device)?
             .to_dtype(DType::F32)?
             .reshape((max_len, 1))?;

@@ -8,14 +8,24 @@
 //! - [`optim`]: AdamW with saveable state, gradient clipping and the learning-rate schedule.
 //! - [`train`]: the [`Trainer`] and checkpoints.
 //! - [`metrics`]: CSV log and PNG loss curve.
+//! - Hugging Face decoders: [`llama`] (Llama 2/3, SmolLM2, Mistral-style) and [`gpt2`], behind
+//!   the [`decoder::CausalLm`] interface; [`hub`] finds their files (directory, cache, Hub),
+//!   [`gguf`] loads GGUF files and their tokenizer, [`generate`] samples and measures
+//!   perplexity.
 //!
 //! Every layer is built from differentiable tensor ops (composite softmax and LayerNorm), so
 //! `loss.backward()` reaches every parameter.
 
 pub mod attention;
 pub mod data;
+pub mod decoder;
+pub mod generate;
+pub mod gguf;
 pub mod gpt;
+pub mod gpt2;
+pub mod hub;
 pub mod layers;
+pub mod llama;
 pub mod metrics;
 pub mod optim;
 pub mod train;
@@ -24,5 +34,11 @@ pub use attention::{
     Attention, AttentionBackend, AttentionCall, AttentionKind, KvCache, RotaryEmbedding,
 };
 pub use data::{CharDataset, Split, Vocab};
+pub use decoder::{load_decoder, load_model, CausalLm, DecoderCache, LoadedModel};
+pub use generate::{
+    generate, perplexity, GenerationStats, PerplexityReport, Sampler, SamplingOptions,
+};
 pub use gpt::{Gpt, GptConfig, PositionEncoding, SampleOptions};
+pub use gpt2::{Gpt2, Gpt2Config};
+pub use llama::{Llama, LlamaConfig};
 pub use train::{CheckpointMeta, Precision, StepStats, TrainConfig, Trainer};
