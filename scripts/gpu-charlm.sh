@@ -9,7 +9,7 @@ OUT="${OUT:-/tmp/out}"
 mkdir -p "$OUT"
 root="$(cd "$(dirname "$0")/.." && pwd)"
 bin="${CHARLM_BIN:-$root/.carry/bin}"
-[ -e "$bin/train_char_lm" ] || xz -dk "$bin/train_char_lm.xz"
+for f in "$bin"/train_char_lm.xz "$bin"/shakespeare.txt.xz; do [ -e "${f%.xz}" ] || [ ! -e "$f" ] || xz -dk "$f"; done
 chmod +x "$bin/train_char_lm"
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:$(python3 -c 'import nvidia,os;print(os.path.join(nvidia.__path__[0],"cu13","lib"))')
 ctx=$1 steps=$2 batch=$3
