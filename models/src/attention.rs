@@ -52,10 +52,7 @@ impl AttentionKind {
         match self {
             Self::Dense => Ok(()),
             Self::HashSparse { n_buckets } => {
-                if *n_buckets == 0 {
-                    bail!("attention hash_sparse: n_buckets must be at least 1, got 0")
-                }
-                Ok(())
+                candle_sparse_attn::scfa::check_lsh_buckets(*n_buckets)
             }
             Self::QkSparse { drop_q, drop_k } => {
                 for (name, p) in [("drop_q", drop_q), ("drop_k", drop_k)] {

@@ -140,6 +140,7 @@ fn attention_kind_parses_and_serializes() -> Result<()> {
         "flash",
         "hash_sparse",
         "hash_sparse:0",
+        "hash_sparse:3",
         "qk_sparse:1.5,0",
         "qk_sparse:0.1",
     ] {

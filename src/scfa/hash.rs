@@ -55,7 +55,8 @@ pub fn random_rotations(
 }
 
 /// `n_buckets` for angular LSH: even, in `2..=MAX_BUCKETS`.
-pub(crate) fn check_lsh_buckets(n_buckets: usize) -> Result<()> {
+/// Checks a bucket count for [`crate::hash_sparse_attn`]: even and in `2..=`[`MAX_BUCKETS`].
+pub fn check_lsh_buckets(n_buckets: usize) -> Result<()> {
     if n_buckets < 2 || !n_buckets.is_multiple_of(2) || n_buckets > MAX_BUCKETS {
         bail!("hash attention: n_buckets must be even and in 2..={MAX_BUCKETS}, got {n_buckets}")
     }

@@ -26,7 +26,7 @@ mod qk;
 
 use candle::{bail, Device, Result, Tensor};
 
-pub use hash::{lsh_buckets, random_rotations, sort_by_bucket, MAX_BUCKETS};
+pub use hash::{check_lsh_buckets, lsh_buckets, random_rotations, sort_by_bucket, MAX_BUCKETS};
 pub use permute::{gather_rows, scatter_rows};
 pub use qk::compact_kept;
 
