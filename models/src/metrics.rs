@@ -119,15 +119,44 @@ pub fn plot_losses(path: &Path, records: &[EvalRecord]) -> Result<()> {
     if records.is_empty() {
         bail!("no evaluations to plot")
     }
+    let series = |f: fn(&EvalRecord) -> f64| -> Vec<(f64, f64)> {
+        records.iter().map(|r| (r.step as f64, f(r))).collect()
+    };
+    plot_series(
+        path,
+        "loss (nats/char)",
+        ("step", "loss"),
+        &[
+            ("train".to_string(), series(|r| r.train_loss)),
+            ("val".to_string(), series(|r| r.val_loss)),
+        ],
+    )
+}
+
+/// Draws named `(x, y)` line series into a PNG at `path` (atomically), one colour each, with a
+/// legend. `axes` are the x and y descriptions. Text needs a system font (drawn without otherwise).
+pub fn plot_series(
+    path: &Path,
+    title: &str,
+    axes: (&str, &str),
+    series: &[(String, Vec<(f64, f64)>)],
+) -> Result<()> {
+    let points = || series.iter().flat_map(|(_, s)| s.iter().copied());
+    if points().next().is_none() {
+        bail!("no points to plot into {}", path.display())
+    }
     let err =
         |e: &dyn std::fmt::Display| candle::Error::Msg(format!("plotting {}: {e}", path.display()));
     let with_text = register_system_font();
-    let max_step = records.iter().map(|r| r.step).max().unwrap_or(1).max(1) as f64;
-    let losses = records.iter().flat_map(|r| [r.train_loss, r.val_loss]);
-    let (lo, hi) = losses.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), l| {
-        (lo.min(l), hi.max(l))
-    });
-    let pad = ((hi - lo) * 0.05).max(1e-3);
+    let range = |pick: fn((f64, f64)) -> f64| {
+        let (lo, hi) = points()
+            .map(pick)
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
+                (lo.min(v), hi.max(v))
+            });
+        let pad = ((hi - lo) * 0.05).max(1e-3);
+        (lo - pad)..(hi + pad)
+    };
     write_atomically(path, |tmp| {
         let root = BitMapBackend::new(tmp, (900, 600)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| err(&e))?;
@@ -135,37 +164,31 @@ pub fn plot_losses(path: &Path, records: &[EvalRecord]) -> Result<()> {
         builder.margin(20);
         if with_text {
             builder
-                .caption("loss (nats/char)", ("sans-serif", 24))
+                .caption(title, ("sans-serif", 24))
                 .x_label_area_size(40)
                 .y_label_area_size(60);
         }
         let mut chart = builder
-            .build_cartesian_2d(0f64..max_step, (lo - pad)..(hi + pad))
+            .build_cartesian_2d(range(|p| p.0), range(|p| p.1))
             .map_err(|e| err(&e))?;
         let mut mesh = chart.configure_mesh();
         if with_text {
-            mesh.x_desc("step").y_desc("loss");
+            mesh.x_desc(axes.0).y_desc(axes.1);
         } else {
             mesh.disable_x_axis().disable_y_axis();
         }
         mesh.draw().map_err(|e| err(&e))?;
-        for (label, color, pick) in [
-            (
-                "train",
-                BLUE,
-                (|r: &EvalRecord| r.train_loss) as fn(&EvalRecord) -> f64,
-            ),
-            ("val", RED, |r: &EvalRecord| r.val_loss),
-        ] {
-            let series = chart
+        for (i, (label, points)) in series.iter().enumerate() {
+            let color = Palette99::pick(i).to_rgba();
+            let drawn = chart
                 .draw_series(LineSeries::new(
-                    records.iter().map(|r| (r.step as f64, pick(r))),
+                    points.iter().copied(),
                     color.stroke_width(2),
                 ))
                 .map_err(|e| err(&e))?;
             if with_text {
-                series
-                    .label(label)
+                drawn
+                    .label(label.as_str())
                     .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
             }
         }
