@@ -3,7 +3,7 @@
 //! and gradients), plus the pre-processing building blocks against brute force, and bad input.
 //! Runs on the CPU always and on CUDA when built with `--features cuda` and a GPU is present.
 
-use std::io::Write;
+mod common;
 
 use candle::{DType, Device, Result, Tensor, Var};
 use candle_sparse_attn::scfa::{
@@ -14,29 +14,13 @@ use candle_sparse_attn::{
     hash_sparse_attn, hash_sparse_attn_with_buckets, qk_sparse_attn, reference, sparse_causal_attn,
     HashConfig, ScfaParams, SparseLayout, Visibility,
 };
+use common::devices;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use rand_distr::StandardNormal;
 
 // ----------------------------------------------------------------------------------------------
 // Helpers
 // ----------------------------------------------------------------------------------------------
-
-/// The CPU, plus the first CUDA device when the crate is built with CUDA and a GPU is present.
-fn devices() -> Vec<Device> {
-    static NOTICE: std::sync::Once = std::sync::Once::new();
-    let mut devs = vec![Device::Cpu];
-    match Device::new_cuda(0) {
-        Ok(d) if d.is_cuda() => devs.push(d),
-        _ => NOTICE.call_once(|| {
-            // Straight to stderr: the test harness does not capture it, so the skip is visible.
-            let _ = writeln!(
-                std::io::stderr(),
-                "SKIP scfa CUDA tests: no CUDA device (build with --features cuda on a GPU machine)"
-            );
-        }),
-    }
-    devs
-}
 
 fn randn(rng: &mut StdRng, shape: &[usize]) -> Result<Tensor> {
     let n = shape.iter().product();

@@ -4,7 +4,7 @@
 
 #![allow(clippy::needless_range_loop)] // index-heavy brute-force references
 
-use std::io::Write;
+mod common;
 
 use candle::{DType, Device, Result, Tensor};
 use candle_sparse_attn::reference;
@@ -14,23 +14,8 @@ use candle_sparse_attn::twilight::{
     QuestSelector, TopKSelector, TwilightCache, TwilightConfig, WindowSelector, NO_TOKEN,
     TOP_P_EPS,
 };
+use common::devices;
 use rand::{rngs::StdRng, Rng, SeedableRng};
-
-fn devices() -> Vec<Device> {
-    static NOTICE: std::sync::Once = std::sync::Once::new();
-    let mut devs = vec![Device::Cpu];
-    match Device::new_cuda(0) {
-        Ok(d) if d.is_cuda() => devs.push(d),
-        _ => NOTICE.call_once(|| {
-            // Straight to stderr: the harness does not capture it, so the skip is visible.
-            let _ = writeln!(
-                std::io::stderr(),
-                "SKIP twilight CUDA tests: no CUDA device (build with --features cuda on a GPU machine)"
-            );
-        }),
-    }
-    devs
-}
 
 fn gaussian(rng: &mut StdRng, n: usize) -> Vec<f32> {
     (0..n)

@@ -1,6 +1,7 @@
 //! Test harness of the flash-attention suite: the devices to run on, seeded random cases, sparse
 //! layouts built the way the SCFA pre-processing builds them, and the comparison of values and
-//! gradients against the f64 reference.
+//! gradients against the f64 reference. Shared by several test crates, each using a part of it.
+#![allow(dead_code)]
 
 use std::fmt;
 use std::io::Write;
