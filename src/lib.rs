@@ -25,6 +25,8 @@
 //! # Ok(()) }
 //! ```
 
+#[cfg(feature = "cuda")]
+mod cuda_launch;
 pub mod flash;
 #[cfg(feature = "cuda")]
 mod kernels;

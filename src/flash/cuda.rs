@@ -12,7 +12,6 @@
 //!   mask to tile pairs that are fully visible (one bucket, no padding, all keys before all queries).
 
 use candle::backend::BackendStorage;
-use candle::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
 use candle::cuda_backend::cudarc::driver::{
     CudaSlice, CudaView, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg,
 };
@@ -21,6 +20,7 @@ use candle::{bail, CudaDevice, CudaStorage, DType, Layout, Result, Storage, Tens
 use half::{bf16, f16};
 
 use super::{Dims, FlashAttnBwd};
+use crate::cuda_launch::{contiguous_view, launch_config, load_kernel};
 use crate::kernels;
 use crate::mask::Visibility;
 
@@ -63,31 +63,15 @@ fn ceil_div(a: usize, b: usize) -> usize {
     a.div_ceil(b)
 }
 
-/// Loads a kernel of our module (a `CudaFunc`, whose type candle does not export) and opts it in
-/// to `smem` bytes of dynamic shared memory.
+/// Loads a kernel of `cuda/flash_attn.cu`, opting in to `$smem` bytes of shared memory.
 macro_rules! func {
-    ($dev:expr, $name:expr, $smem:expr) => {{
-        let f = $dev.get_or_load_custom_func(&$name, MODULE, kernels::FLASH_ATTN)?;
-        if $smem > 48 * 1024 {
-            f.set_attribute(
-                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                $smem as i32,
-            )
-            .w()?;
-        }
-        f
-    }};
+    ($dev:expr, $name:expr, $smem:expr) => {
+        load_kernel!($dev, $name, MODULE, kernels::FLASH_ATTN, $smem)
+    };
 }
 
 fn cfg(grid: (usize, usize), threads: usize, smem: usize) -> Result<LaunchConfig> {
-    if grid.0 > i32::MAX as usize || grid.1 > 65535 {
-        bail!("flash attention (cuda): grid {grid:?} too large")
-    }
-    Ok(LaunchConfig {
-        grid_dim: (grid.0 as u32, grid.1 as u32, 1),
-        block_dim: (threads as u32, 1, 1),
-        shared_mem_bytes: smem as u32,
-    })
+    launch_config("flash attention", grid, threads, smem)
 }
 
 /// Debug builds fill outputs with NaN (0xFF bytes) first, so unwritten elements show in tests.
@@ -109,10 +93,7 @@ fn poison<T>(_: &CudaDevice, _: &mut CudaSlice<T>) -> Result<()> {
 
 /// The contiguous typed view of a storage behind a layout.
 fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout, name: &str) -> Result<CudaView<'a, T>> {
-    match l.contiguous_offsets() {
-        Some((start, end)) => Ok(s.as_cuda_slice::<T>()?.slice(start..end)),
-        None => bail!("flash attention (cuda): {name} must be contiguous, got {l:?}"),
-    }
+    contiguous_view(s, l, "flash attention", name)
 }
 
 /// Whether a layout starts on a 16-byte boundary (the tensor-core kernels' `cp.async` needs it).

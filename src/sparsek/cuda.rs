@@ -12,7 +12,6 @@
 use std::sync::Arc;
 
 use candle::backend::BackendStorage;
-use candle::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
 use candle::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 use candle::cuda_backend::{CudaDType, WrapErr};
 use candle::{bail, CudaStorage, DType, Layout, Result, Shape, Storage, Tensor};
@@ -20,6 +19,7 @@ use half::{bf16, f16};
 
 use super::attn::Dims;
 use super::SparseKConfig;
+use crate::cuda_launch::{contiguous_view, launch_config, load_kernel};
 use crate::kernels;
 
 /// Module name of `cuda/sparsek.cu`'s PTX in candle's custom-module cache.
@@ -42,38 +42,19 @@ pub(crate) struct Selection {
     blocks: usize,
 }
 
-/// Loads a kernel of our module (a `CudaFunc`, whose type candle does not export) and opts it in
-/// to `smem` bytes of dynamic shared memory.
+/// Loads a kernel of `cuda/sparsek.cu`, opting in to `$smem` bytes of shared memory.
 macro_rules! func {
-    ($dev:expr, $name:expr, $smem:expr $(,)?) => {{
-        let f = $dev.get_or_load_custom_func(&$name, MODULE, kernels::SPARSEK)?;
-        if $smem > 48 * 1024 {
-            f.set_attribute(
-                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                $smem as i32,
-            )
-            .w()?;
-        }
-        f
-    }};
+    ($dev:expr, $name:expr, $smem:expr $(,)?) => {
+        load_kernel!($dev, $name, MODULE, kernels::SPARSEK, $smem)
+    };
 }
 
 fn cfg(grid: (usize, usize), threads: usize, smem: usize) -> Result<LaunchConfig> {
-    if grid.0 > i32::MAX as usize || grid.1 > 65535 || smem > 227 * 1024 {
-        bail!("sparsek (cuda): launch {grid:?} with {smem} B shared memory is too large")
-    }
-    Ok(LaunchConfig {
-        grid_dim: (grid.0 as u32, grid.1 as u32, 1),
-        block_dim: (threads as u32, 1, 1),
-        shared_mem_bytes: smem as u32,
-    })
+    launch_config("sparsek", grid, threads, smem)
 }
 
 fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout, name: &str) -> Result<CudaView<'a, T>> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(s.as_cuda_slice::<T>()?.slice(a..b)),
-        None => bail!("sparsek (cuda): {name} must be contiguous, got {l:?}"),
-    }
+    contiguous_view(s, l, "sparsek", name)
 }
 
 fn tname(dtype: DType) -> Result<&'static str> {

@@ -1,0 +1,53 @@
+//! Launch helpers shared by every method's CUDA side (feature `cuda`).
+
+use candle::cuda_backend::cudarc::driver::{CudaView, LaunchConfig};
+use candle::cuda_backend::CudaDType;
+use candle::{bail, CudaStorage, Layout, Result};
+
+/// Loads kernel `$name` of PTX module `$module` (source `$ptx`) on `$dev` and opts it in to
+/// `$smem` bytes of dynamic shared memory when that is above 48 KB. A macro because the loaded
+/// function's type (`CudaFunc`) is not exported by candle.
+macro_rules! load_kernel {
+    ($dev:expr, $name:expr, $module:expr, $ptx:expr, $smem:expr $(,)?) => {{
+        let f = $dev.get_or_load_custom_func(&$name, $module, $ptx)?;
+        if $smem > 48 * 1024 {
+            candle::cuda_backend::WrapErr::w(f.set_attribute(
+                candle::cuda_backend::cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                $smem as i32,
+            ))?;
+        }
+        f
+    }};
+}
+pub(crate) use load_kernel;
+
+/// A 2-D grid of 1-D blocks, checked against the device limits (`what` names the caller).
+pub(crate) fn launch_config(
+    what: &str,
+    grid: (usize, usize),
+    threads: usize,
+    smem: usize,
+) -> Result<LaunchConfig> {
+    if grid.0 > i32::MAX as usize || grid.1 > 65535 || smem > 227 * 1024 {
+        bail!("{what} (cuda): launch {grid:?} with {smem} B shared memory is too large")
+    }
+    Ok(LaunchConfig {
+        grid_dim: (grid.0 as u32, grid.1 as u32, 1),
+        block_dim: (threads as u32, 1, 1),
+        shared_mem_bytes: smem as u32,
+    })
+}
+
+/// The contiguous typed view of a storage behind a layout (`what` names the caller, `name` the
+/// tensor).
+pub(crate) fn contiguous_view<'a, T: CudaDType>(
+    s: &'a CudaStorage,
+    l: &Layout,
+    what: &str,
+    name: &str,
+) -> Result<CudaView<'a, T>> {
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(s.as_cuda_slice::<T>()?.slice(start..end)),
+        None => bail!("{what} (cuda): {name} must be contiguous, got {l:?}"),
+    }
+}
