@@ -53,25 +53,7 @@ pub fn sparse_decode_attention(
     lists: &Tensor,
     scale: f32,
 ) -> Result<Tensor> {
-    let (b, hq, d) = q.dims3()?;
-    if b != cache.batch() || d != cache.head_dim() || hq % cache.kv_heads() != 0 {
-        bail!(
-            "twilight: attention q {:?} does not fit the cache (batch {}, {} kv heads, head_dim {})",
-            q.dims(),
-            cache.batch(),
-            cache.kv_heads(),
-            cache.head_dim()
-        )
-    }
-    if q.dtype() != cache.dtype() || !q.device().same_device(cache.device()) {
-        bail!(
-            "twilight: attention q ({:?} on {:?}) must match the cache ({:?} on {:?})",
-            q.dtype(),
-            q.device().location(),
-            cache.dtype(),
-            cache.device().location()
-        )
-    }
+    let (b, _, _) = cache.check_stage_query(q, "attention")?;
     if lists.dtype() != DType::U32
         || lists.rank() != 3
         || lists.dims()[..2] != [b, cache.kv_heads()]

@@ -210,6 +210,36 @@ impl TwilightCache {
         self.k.device()
     }
 
+    /// Checks the 3-D query `(batch, q_heads, head_dim)` a pipeline stage takes against the cache
+    /// (batch, head dim, kv heads dividing q heads, dtype, device); returns its sizes.
+    /// [`Self::check_query`] validates the 4-D decode query of the whole step.
+    pub(crate) fn check_stage_query(
+        &self,
+        q: &Tensor,
+        stage: &str,
+    ) -> Result<(usize, usize, usize)> {
+        let (b, hq, d) = q.dims3()?;
+        if b != self.batch() || d != self.head_dim() || hq % self.kv_heads() != 0 {
+            bail!(
+                "twilight: {stage} q {:?} does not fit the cache (batch {}, {} kv heads, head_dim {})",
+                q.dims(),
+                self.batch(),
+                self.kv_heads(),
+                self.head_dim()
+            )
+        }
+        if q.dtype() != self.dtype() || !q.device().same_device(self.device()) {
+            bail!(
+                "twilight: {stage} q ({:?} on {:?}) must match the cache ({:?} on {:?})",
+                q.dtype(),
+                q.device().location(),
+                self.dtype(),
+                self.device().location()
+            )
+        }
+        Ok((b, hq, d))
+    }
+
     /// The full K buffer `(batch, kv_heads, capacity, head_dim)`; tokens `≥ len` are unset.
     pub fn k_buffer(&self) -> &Tensor {
         &self.k

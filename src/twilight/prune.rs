@@ -25,25 +25,7 @@ pub fn estimate_scores(
     candidates: &Tensor,
     scale: f32,
 ) -> Result<Tensor> {
-    let (b, hq, d) = q.dims3()?;
-    if b != cache.batch() || d != cache.head_dim() || hq % cache.kv_heads() != 0 {
-        bail!(
-            "twilight: estimate q {:?} does not fit the cache (batch {}, {} kv heads, head_dim {})",
-            q.dims(),
-            cache.batch(),
-            cache.kv_heads(),
-            cache.head_dim()
-        )
-    }
-    if q.dtype() != cache.dtype() || !q.device().same_device(cache.device()) {
-        bail!(
-            "twilight: estimate q ({:?} on {:?}) must match the cache ({:?} on {:?})",
-            q.dtype(),
-            q.device().location(),
-            cache.dtype(),
-            cache.device().location()
-        )
-    }
+    let (b, hq, _) = cache.check_stage_query(q, "estimate")?;
     if !scale.is_finite() {
         bail!("twilight: estimate scale must be finite, got {scale}")
     }

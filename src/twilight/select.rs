@@ -118,25 +118,7 @@ fn broadcast_ids(ids: Vec<u32>, q: &Tensor) -> Result<Tensor> {
 /// upper bound `Σ_d max(q_d·max_d, q_d·min_d)` of `q·k` over each stored page's keys, per query
 /// head (its kv head's bounds): `(batch, q_heads, num_pages)` f32, computed in f32.
 pub fn page_scores(cache: &TwilightCache, q: &Tensor) -> Result<Tensor> {
-    let (b, hq, d) = q.dims3()?;
-    if b != cache.batch() || d != cache.head_dim() || hq % cache.kv_heads() != 0 {
-        bail!(
-            "twilight: page_scores q {:?} does not fit the cache (batch {}, {} kv heads, head_dim {})",
-            q.dims(),
-            cache.batch(),
-            cache.kv_heads(),
-            cache.head_dim()
-        )
-    }
-    if q.dtype() != cache.dtype() || !q.device().same_device(cache.device()) {
-        bail!(
-            "twilight: page_scores q ({:?} on {:?}) must match the cache ({:?} on {:?})",
-            q.dtype(),
-            q.device().location(),
-            cache.dtype(),
-            cache.device().location()
-        )
-    }
+    cache.check_stage_query(q, "page_scores")?;
     let q = q.contiguous()?;
     on_device!(
         q.device(),
