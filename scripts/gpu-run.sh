@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine, over binaries packed by scripts/pack-gpu.sh (carried in .carry/).
-# Usage: scripts/gpu-run.sh tests|sanitize|bench [filter]    writes logs and JSON under $OUT.
+# Usage: [CARRY=DIR] scripts/gpu-run.sh tests|sanitize|bench [filter]    writes logs and JSON under $OUT.
+# CARRY (default .carry, relative to the repository root) is the folder pack-gpu.sh filled.
 set -uo pipefail
 OUT="${OUT:-/tmp/out}"
 mkdir -p "$OUT"
-cd "$(dirname "$0")/../.carry/bin"
+cd "$(dirname "$0")/.." && cd "${CARRY:-.carry}/bin"
 for f in *.xz; do [ -e "${f%.xz}" ] || xz -dk "$f"; done
 chmod +x test-* bench_* 2>/dev/null
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:$(python3 -c 'import nvidia,os;print(os.path.join(nvidia.__path__[0],"cu13","lib"))')
