@@ -10,6 +10,7 @@
 //! - [`scfa`]: sparse causal flash attention (query/key dropping and hash buckets) on top of the
 //!   same kernel: [`qk_sparse_attn`], [`hash_sparse_attn`], [`sparse_causal_attn`].
 //! - [`sparsek`]: SparseK, a learned top-k selection of older keys plus a sliding window.
+//! - [`moa`]: a sink plus a sliding band of its own length per head, and the plans that set them.
 //! - [`twilight`]: top-p pruning of a base sparse selector's candidates, for decoding.
 //! - [`reference`]: the naive materialised implementation every test compares against.
 //!
@@ -31,6 +32,7 @@ pub mod flash;
 #[cfg(feature = "cuda")]
 mod kernels;
 pub mod mask;
+pub mod moa;
 pub mod reference;
 pub mod scfa;
 pub mod sparsek;
