@@ -22,8 +22,8 @@ use candle::Device;
 use candle_sparse_models::metrics::{self, EvalRecord};
 use candle_sparse_models::train::{checkpoint_exists, load_model};
 use candle_sparse_models::{
-    AttentionKind, CharDataset, Gpt, GptConfig, PositionEncoding, Precision, SampleOptions, Split,
-    TrainConfig, Trainer, Vocab,
+    AttentionKind, CharDataset, Gpt, GptConfig, PhaseTimes, PositionEncoding, Precision,
+    SampleOptions, Split, TrainConfig, Trainer, Vocab,
 };
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -157,6 +157,10 @@ struct TrainArgs {
     /// Characters generated after training.
     #[arg(long, default_value_t = 400)]
     sample_len: usize,
+    /// Synchronise the device between forward, backward and optimizer and print the mean time of
+    /// each phase at the end (profiling; slightly slower).
+    #[arg(long)]
+    phase_timing: bool,
 }
 
 #[derive(Args, Debug)]
@@ -351,10 +355,20 @@ fn train(args: TrainArgs) -> Result<()> {
     bar.set_position(trainer.step() as u64);
     let mut window_tokens = 0usize;
     let mut window_time = 0f64;
+    trainer.set_phase_timing(args.phase_timing);
+    // Phase times of the second half of the run (start-up and kernel loading excluded).
+    let mut phase_sum = (PhaseTimes::default(), 0usize);
     while trainer.step() < cfg.max_steps {
         let t0 = Instant::now();
         let stats = trainer.train_step(&data)?;
         let dt = t0.elapsed().as_secs_f64();
+        if let Some(p) = stats.phases.filter(|_| 2 * stats.step >= cfg.max_steps) {
+            let (sum, n) = &mut phase_sum;
+            sum.forward += p.forward;
+            sum.backward += p.backward;
+            sum.optimizer += p.optimizer;
+            *n += 1;
+        }
         window_tokens += stats.tokens;
         window_time += dt;
         bar.set_position(trainer.step() as u64);
@@ -401,6 +415,16 @@ fn train(args: TrainArgs) -> Result<()> {
         val_loss / std::f64::consts::LN_2,
         started.elapsed().as_secs_f64()
     );
+    if let (sum, n @ 1..) = phase_sum {
+        let ms = |s: f64| 1e3 * s / n as f64;
+        println!(
+            "Phase times (mean of the last {n} steps): forward {:.1} ms, backward {:.1} ms, \
+             optimizer {:.1} ms.",
+            ms(sum.forward),
+            ms(sum.backward),
+            ms(sum.optimizer)
+        );
+    }
     println!("Checkpoint, log.csv and loss.png in {}.", out.display());
     if args.sample_len > 0 {
         let prompt = default_prompt(data.vocab(), &data);

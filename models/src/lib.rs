@@ -41,4 +41,4 @@ pub use generate::{
 pub use gpt::{Gpt, GptConfig, PositionEncoding, SampleOptions};
 pub use gpt2::{Gpt2, Gpt2Config};
 pub use llama::{Llama, LlamaConfig};
-pub use train::{CheckpointMeta, Precision, StepStats, TrainConfig, Trainer};
+pub use train::{CheckpointMeta, PhaseTimes, Precision, StepStats, TrainConfig, Trainer};

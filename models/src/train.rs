@@ -184,6 +184,50 @@ pub struct StepStats {
     pub grad_norm: f64,
     /// Tokens processed.
     pub tokens: usize,
+    /// Wall time of each phase, measured only when [`Trainer::set_phase_timing`] is on.
+    pub phases: Option<PhaseTimes>,
+}
+
+/// Seconds spent in each phase of one training step (the device is synchronised at each phase
+/// boundary, which costs a little throughput; for profiling only).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct PhaseTimes {
+    /// Batch sampling and the forward pass with the loss, summed over micro-batches.
+    pub forward: f64,
+    /// `loss.backward()` and gradient accumulation, summed over micro-batches.
+    pub backward: f64,
+    /// Gradient clipping and the optimizer updates.
+    pub optimizer: f64,
+}
+
+/// Lap timer that synchronises the device before reading the clock (a no-op when off).
+struct PhaseClock<'a> {
+    device: Option<&'a Device>,
+    last: std::time::Instant,
+}
+
+impl<'a> PhaseClock<'a> {
+    fn new(on: bool, device: &'a Device) -> Result<Self> {
+        if on {
+            device.synchronize()?;
+        }
+        Ok(Self {
+            device: on.then_some(device),
+            last: std::time::Instant::now(),
+        })
+    }
+
+    /// Seconds since the previous lap (0 when off).
+    fn lap(&mut self) -> Result<f64> {
+        let Some(device) = self.device else {
+            return Ok(0.0);
+        };
+        device.synchronize()?;
+        let now = std::time::Instant::now();
+        let dt = (now - self.last).as_secs_f64();
+        self.last = now;
+        Ok(dt)
+    }
 }
 
 /// A model with its optimizers and position in the schedule.
@@ -197,6 +241,7 @@ pub struct Trainer {
     vars: Vec<Var>,
     config: TrainConfig,
     step: usize,
+    phase_timing: bool,
 }
 
 impl Trainer {
@@ -227,6 +272,7 @@ impl Trainer {
             model,
             config,
             step: 0,
+            phase_timing: false,
         })
     }
 
@@ -251,6 +297,11 @@ impl Trainer {
         cosine_lr(step, c.lr, c.min_lr, c.warmup_steps, c.max_steps)
     }
 
+    /// Turns per-phase timing of [`Self::train_step`] on or off ([`StepStats::phases`]).
+    pub fn set_phase_timing(&mut self, on: bool) {
+        self.phase_timing = on;
+    }
+
     /// One optimizer step over `grad_accum` micro-batches of the training split.
     pub fn train_step(&mut self, data: &CharDataset) -> Result<StepStats> {
         let c = &self.config;
@@ -259,6 +310,8 @@ impl Trainer {
         let step = self.step as u64;
         let mut grads = Gradients::new();
         let mut loss_sum = 0f64;
+        let mut phases = PhaseTimes::default();
+        let mut clock = PhaseClock::new(self.phase_timing, &device)?;
         for micro in 0..c.grad_accum as u64 {
             let batch_seed = mix_seed(&[c.seed, TRAIN_BATCH_TAG, step, micro]);
             let (x, y) = data.batch(Split::Train, c.batch_size, block, batch_seed, &device)?;
@@ -269,7 +322,9 @@ impl Trainer {
                 bail!("training diverged: loss {loss_value} at step {step}")
             }
             loss_sum += loss_value;
+            phases.forward += clock.lap()?;
             grads.accumulate(&loss.backward()?, &self.vars, 1.0 / c.grad_accum as f64)?;
+            phases.backward += clock.lap()?;
         }
         let grad_norm = if c.grad_clip > 0.0 {
             grads.clip_global_norm(c.grad_clip)?
@@ -281,6 +336,7 @@ impl Trainer {
         self.no_decay.set_learning_rate(lr);
         self.decay.step(&grads)?;
         self.no_decay.step(&grads)?;
+        phases.optimizer = clock.lap()?;
         self.step += 1;
         Ok(StepStats {
             step: self.step - 1,
@@ -288,6 +344,7 @@ impl Trainer {
             lr,
             grad_norm,
             tokens: c.grad_accum * c.batch_size * block,
+            phases: self.phase_timing.then_some(phases),
         })
     }
 
