@@ -25,9 +25,19 @@ for line in sys.stdin:
 ' | while read -r name exe; do
   cp "$exe" "$carry/bin/test-$name"
 done
+# Copy each example from its hashed artifact path (the unhashed copy in release/examples/ is shared
+# by every checkout using the same target folder).
 for ex in "${examples[@]}"; do
-  cargo build --release --features cuda --example "$ex" 2>&1 | grep -E '^error' -A5 || true
-  cp "$CARGO_TARGET_DIR/release/examples/$ex" "$carry"/bin/
+  exe=$(cargo build --release --features cuda --example "$ex" --message-format=json 2>/dev/null |
+    python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == sys.argv[1]:
+        print(m["executable"])
+' "$ex")
+  [ -n "$exe" ] || { echo "pack-gpu: example $ex did not build" >&2; exit 1; }
+  cp "$exe" "$carry/bin/$ex"
 done
 cp examples/*.py "$carry"/bin/
 strip "$carry"/bin/test-* "${examples[@]/#/$carry/bin/}"

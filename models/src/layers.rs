@@ -74,7 +74,9 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 }
 
 /// Inverted dropout with probability `p`: the mask comes from a generator seeded with `seed`, so
-/// runs (and resumed runs) are reproducible on every device. Identity when `p == 0`.
+/// runs (and resumed runs) are reproducible. On CUDA the mask is drawn on the device (cuRAND,
+/// re-seeded with `seed` for every call, so a call's mask depends only on its seed); on the CPU
+/// from a seeded host generator. The two devices draw different masks. Identity when `p == 0`.
 pub fn dropout(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
     if p == 0.0 {
         return Ok(x.clone());
@@ -83,12 +85,19 @@ pub fn dropout(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
         bail!("dropout probability must be in [0, 1), got {p}")
     }
     let scale = 1.0 / (1.0 - p);
-    let mut rng = StdRng::seed_from_u64(seed);
-    let mask: Vec<f32> = (0..x.elem_count())
-        .map(|_| if rng.random::<f32>() < p { 0.0 } else { scale })
-        .collect();
-    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-    x.mul(&mask)
+    let keep = if x.device().is_cuda() {
+        x.device().set_seed(seed)?;
+        Tensor::rand(0f32, 1f32, x.shape(), x.device())?
+            .ge(p)?
+            .to_dtype(x.dtype())?
+    } else {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mask: Vec<u8> = (0..x.elem_count())
+            .map(|_| u8::from(rng.random::<f32>() >= p))
+            .collect();
+        Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?
+    };
+    (x * keep)? * scale as f64
 }
 
 #[cfg(test)]
