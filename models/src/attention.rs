@@ -6,13 +6,22 @@
 //! - [`AttentionBackend`]: the trait one attention method implements. Users can plug their own
 //!   through [`Attention::with_backend`].
 //! - [`Attention`]: what a model layer calls with already projected (and, for RoPE models,
-//!   already rotated) queries, keys and values. It owns the backend and handles the KV cache.
-//! - [`KvCache`] and [`RotaryEmbedding`]: decoding cache and RoPE, both differentiable where it
-//!   matters (composite tensor ops only).
+//!   already rotated) queries, keys and values. It owns the backend and passes the layer's
+//!   decode cache to it.
+//! - [`LayerCache`]: the decode state of one layer, **owned by the attention kind**. A backend
+//!   creates one per layer ([`AttentionBackend::new_cache`], which receives the layer index) and
+//!   receives it back on every cached call ([`AttentionBackend::forward_cached`]): the backend
+//!   appends the new keys and values (the prompt at prefill, one token per decode step) and
+//!   attends over everything cached. The default is the growing [`KvCache`] with the backend's
+//!   own `forward`; methods with their own decode state (Twilight's paged INT4 cache, a per-head
+//!   sink + ring buffer, ...) implement both methods with their own [`LayerCache`] type.
+//! - [`KvCache`] and [`RotaryEmbedding`]: the dense decoding cache and RoPE, both
+//!   differentiable where it matters (composite tensor ops only).
 //!
 //! Layout everywhere: `(batch, heads, seq, head_dim)`. Keys and values may have fewer heads than
 //! the queries (grouped-query attention) as long as they divide the query heads.
 
+use std::any::Any;
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -159,6 +168,82 @@ pub trait AttentionBackend: Send + Sync + fmt::Debug {
     fn supports_kv_cache(&self) -> bool;
     /// Computes the attention output.
     fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor, call: &AttentionCall) -> Result<Tensor>;
+
+    /// A new, empty decode cache for layer `layer` (0-based; kinds that treat layers differently,
+    /// such as Twilight's dense first layers, read it here). The default, for backends that
+    /// [support a KV cache](Self::supports_kv_cache), is a growing [`KvCache`]; otherwise an
+    /// error.
+    fn new_cache(&self, layer: usize) -> Result<Box<dyn LayerCache>> {
+        if !self.supports_kv_cache() {
+            bail!(
+                "attention {} does not support a KV cache (layer {layer}); decode without one",
+                self.name()
+            )
+        }
+        Ok(Box::new(KvCache::new()))
+    }
+
+    /// Cached attention: appends `k`, `v` `(batch, kv_heads, new_len, head_dim)` to `cache` (made
+    /// by [`Self::new_cache`]) and attends `q` `(batch, q_heads, q_len, head_dim)`, the last
+    /// `q_len` positions, over everything cached (bottom-right causal alignment). The first call
+    /// on an empty cache is the prefill. The default appends to a [`KvCache`] and calls
+    /// [`Self::forward`] on the full keys and values.
+    fn forward_cached(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        cache: &mut dyn LayerCache,
+        call: &AttentionCall,
+    ) -> Result<Tensor> {
+        let name = self.name();
+        let cache = downcast_cache::<KvCache>(cache, &name)?;
+        let (k, v) = cache.append(k, v)?;
+        self.forward(q, &k, &v, call)
+    }
+}
+
+/// The decode state of one attention layer, owned by its attention kind (see the module docs).
+/// Created by [`AttentionBackend::new_cache`], filled and read by
+/// [`AttentionBackend::forward_cached`].
+pub trait LayerCache: fmt::Debug + Send + Sync {
+    /// Number of cached positions (the position of the next token).
+    fn len(&self) -> usize;
+
+    /// Whether nothing is cached.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Drops everything cached; the next call is a prefill at position 0.
+    fn reset(&mut self);
+
+    /// For sparse decoders: the fraction of the cached positions the last decode step attended
+    /// to, averaged over batch and query heads, as a 0-dim f32 tensor on the device (reading it
+    /// is the caller's sync point). `None` when the layer attends to everything (dense caches,
+    /// dense layers) or no decode step ran since the last prefill.
+    fn kept_fraction(&self) -> Option<Tensor> {
+        None
+    }
+
+    /// The cache as [`Any`], so its backend can [downcast](downcast_cache) it.
+    fn as_any_mut(&mut self) -> &mut dyn Any;
+}
+
+/// `cache` as the concrete type `T` its backend `backend` created, or an error naming both
+/// (a cache from another attention kind was passed).
+pub fn downcast_cache<'a, T: LayerCache + 'static>(
+    cache: &'a mut dyn LayerCache,
+    backend: &str,
+) -> Result<&'a mut T> {
+    let found = format!("{cache:?}");
+    cache.as_any_mut().downcast_mut::<T>().ok_or_else(|| {
+        let found: String = found.chars().take(80).collect();
+        candle::Error::Msg(format!(
+            "attention {backend}: expected a {} layer cache, got {found}",
+            std::any::type_name::<T>()
+        ))
+    })
 }
 
 /// Dense flash attention from `candle_sparse_attn` (CPU and CUDA, with backward).
@@ -299,6 +384,20 @@ impl KvCache {
     }
 }
 
+impl LayerCache for KvCache {
+    fn len(&self) -> usize {
+        KvCache::len(self)
+    }
+
+    fn reset(&mut self) {
+        KvCache::reset(self)
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
 /// Rotary position embedding (rotate-half convention of Llama / Hugging Face), computed as
 /// composite tensor ops so it is differentiable. Tables are plain tensors, never parameters.
 #[derive(Clone, Debug)]
@@ -399,21 +498,27 @@ impl Attention {
         &self.backend
     }
 
-    /// Whether decoding may use a [`KvCache`].
+    /// Whether decoding may use a cache ([`Self::new_cache`]).
     pub fn supports_kv_cache(&self) -> bool {
         self.backend.supports_kv_cache()
     }
 
+    /// A new, empty decode cache for layer `layer` (see [`AttentionBackend::new_cache`]).
+    pub fn new_cache(&self, layer: usize) -> Result<Box<dyn LayerCache>> {
+        self.backend.new_cache(layer)
+    }
+
     /// Causal attention of `q` `(batch, q_heads, q_len, head_dim)` over `k`, `v`
-    /// `(batch, kv_heads, new_len, head_dim)` (RoPE already applied). With a cache, `k`, `v` are
-    /// appended first and the queries are the last `q_len` positions (bottom-right causal
-    /// alignment). Returns `(batch, q_heads, q_len, head_dim)`.
+    /// `(batch, kv_heads, new_len, head_dim)` (RoPE already applied). With a cache (from
+    /// [`Self::new_cache`]), the backend appends `k`, `v` to it and the queries are the last
+    /// `q_len` positions (bottom-right causal alignment). Returns `(batch, q_heads, q_len,
+    /// head_dim)`.
     pub fn forward(
         &self,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
-        cache: Option<&mut KvCache>,
+        cache: Option<&mut dyn LayerCache>,
         train: bool,
         seed: u64,
     ) -> Result<Tensor> {
@@ -432,8 +537,7 @@ impl Attention {
                         self.backend.name()
                     )
                 }
-                let (k, v) = cache.append(k, v)?;
-                self.backend.forward(q, &k, &v, &call)
+                self.backend.forward_cached(q, k, v, cache, &call)
             }
         }
     }

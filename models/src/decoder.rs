@@ -9,36 +9,66 @@ use candle_nn::VarBuilder;
 
 use tokenizers::Tokenizer;
 
-use crate::attention::{AttentionKind, KvCache};
+use crate::attention::{Attention, AttentionKind, LayerCache};
 use crate::gguf::GgufFile;
 use crate::gpt2::{Gpt2, Gpt2Config};
 use crate::hub::{resolve_model_files, ModelFiles};
 use crate::llama::{Llama, LlamaConfig};
 
-/// One [`KvCache`] per layer; the number of cached positions is the position offset of the next
+/// One decode cache per layer, each created by the layer's attention kind
+/// ([`Attention::new_cache`]); the number of cached positions is the position offset of the next
 /// forward call.
-#[derive(Clone, Debug, Default)]
+#[derive(Debug, Default)]
 pub struct DecoderCache {
     /// The caches, layer by layer.
-    pub layers: Vec<KvCache>,
+    pub layers: Vec<Box<dyn LayerCache>>,
 }
 
 impl DecoderCache {
-    /// Empty caches for `n_layers` layers.
-    pub fn new(n_layers: usize) -> Self {
-        Self {
-            layers: vec![KvCache::new(); n_layers],
-        }
+    /// Empty caches for `n_layers` layers of `attention` (layer `i` gets
+    /// `attention.new_cache(i)`); fails if the kind cannot decode with a cache.
+    pub fn new(attention: &Attention, n_layers: usize) -> Result<Self> {
+        Ok(Self {
+            layers: (0..n_layers)
+                .map(|i| attention.new_cache(i))
+                .collect::<Result<_>>()?,
+        })
     }
 
     /// Number of cached positions (that of the first layer; all layers agree).
     pub fn len(&self) -> usize {
-        self.layers.first().map_or(0, KvCache::len)
+        self.layers.first().map_or(0, |c| c.len())
     }
 
     /// Whether nothing is cached.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// The cache of layer `layer` (panics if out of range, like indexing `layers`).
+    pub fn layer_mut(&mut self, layer: usize) -> &mut dyn LayerCache {
+        self.layers[layer].as_mut()
+    }
+
+    /// Drops everything cached in every layer.
+    pub fn reset(&mut self) {
+        self.layers.iter_mut().for_each(|c| c.reset());
+    }
+
+    /// The kept fraction of the last decode step averaged over the layers that report one
+    /// ([`LayerCache::kept_fraction`]: sparse decode layers); `None` if no layer does. Reads one
+    /// scalar from the device.
+    pub fn kept_fraction(&self) -> Result<Option<f64>> {
+        let fractions: Vec<Tensor> = self
+            .layers
+            .iter()
+            .filter_map(|c| c.kept_fraction())
+            .collect();
+        if fractions.is_empty() {
+            return Ok(None);
+        }
+        let mean = Tensor::stack(&fractions, 0)?.mean_all()?;
+        Ok(Some(mean.to_dtype(DType::F64)?.to_scalar::<f64>()?))
     }
 }
 
@@ -50,6 +80,9 @@ pub trait CausalLm: Send + Sync {
     fn forward(&self, tokens: &Tensor, cache: Option<&mut DecoderCache>) -> Result<Tensor>;
     /// Number of layers (the length of a [`DecoderCache`]).
     fn num_layers(&self) -> usize;
+    /// An empty [`DecoderCache`] for this model, with the caches of its attention kind; fails
+    /// if the kind cannot decode with a cache ([`Self::supports_kv_cache`]).
+    fn new_cache(&self) -> Result<DecoderCache>;
     /// Size of the output vocabulary.
     fn vocab_size(&self) -> usize;
     /// Longest sequence (prompt plus generation) the model accepts.

@@ -8,7 +8,7 @@ use candle::{bail, DType, Result, Tensor, D};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::decoder::{CausalLm, DecoderCache};
+use crate::decoder::CausalLm;
 
 /// How the next token is chosen.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -188,7 +188,7 @@ impl GenerationStats {
 
 /// Generates up to `max_new_tokens` after `prompt` (token ids), stopping early at any token of
 /// `stop_tokens`. `on_token` sees each new token as soon as it is chosen (the stop token too).
-/// Uses a [`DecoderCache`] when the model's attention kind supports one, and recomputes the
+/// Uses a [`DecoderCache`](crate::decoder::DecoderCache) when the model's attention kind supports one, and recomputes the
 /// whole sequence every step otherwise. Fails, before any work, if the prompt is empty or the
 /// prompt plus `max_new_tokens` exceeds the model's context. Returns the generated ids and
 /// timing.
@@ -213,9 +213,10 @@ pub fn generate(
         )
     }
     let device = model.device();
-    let mut cache = model
-        .supports_kv_cache()
-        .then(|| DecoderCache::new(model.num_layers()));
+    let mut cache = match model.supports_kv_cache() {
+        true => Some(model.new_cache()?),
+        false => None,
+    };
     let mut sequence = prompt.to_vec();
     let mut generated = Vec::new();
     let start = Instant::now();

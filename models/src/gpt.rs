@@ -11,7 +11,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use crate::attention::{Attention, AttentionKind, KvCache, RotaryEmbedding};
+use crate::attention::{Attention, AttentionKind, RotaryEmbedding};
+use crate::decoder::DecoderCache;
 use crate::layers::{dropout, in_dtype, layer_norm, linear, mix_seed, normal_var};
 
 /// LayerNorm epsilon (PyTorch's default, as in nanoGPT).
@@ -218,6 +219,12 @@ impl Gpt {
         self.attention.supports_kv_cache()
     }
 
+    /// Empty decode caches for [`Gpt::forward`], one per layer, of the attention kind's type;
+    /// fails if the kind cannot decode with a cache.
+    pub fn new_cache(&self) -> Result<DecoderCache> {
+        DecoderCache::new(&self.attention, self.config.n_layer)
+    }
+
     /// The dtype the forward pass computes in (parameters stay f32).
     pub fn compute_dtype(&self) -> DType {
         self.compute_dtype
@@ -284,14 +291,14 @@ impl Gpt {
     }
 
     /// Logits `(batch, seq, vocab_size)` f32 for token ids `idx`: `(batch, seq)` u32 at positions
-    /// `offset..offset + seq`. With `caches` (one per layer), keys and values are appended to them
-    /// and attention covers everything cached. `seed` drives dropout (and random attention
+    /// `offset..offset + seq`. With `caches` (from [`Gpt::new_cache`]), keys and values are
+    /// appended to them and attention covers everything cached. `seed` drives dropout (and random attention
     /// decisions) when `train` is set.
     pub fn forward(
         &self,
         idx: &Tensor,
         offset: usize,
-        mut caches: Option<&mut [KvCache]>,
+        mut caches: Option<&mut DecoderCache>,
         train: bool,
         seed: u64,
     ) -> Result<Tensor> {
@@ -305,8 +312,12 @@ impl Gpt {
             )
         }
         if let Some(c) = &caches {
-            if c.len() != cfg.n_layer {
-                bail!("gpt: got {} kv caches for {} layers", c.len(), cfg.n_layer)
+            if c.layers.len() != cfg.n_layer {
+                bail!(
+                    "gpt: got {} kv caches for {} layers",
+                    c.layers.len(),
+                    cfg.n_layer
+                )
             }
         }
         let dt = self.compute_dtype;
@@ -334,7 +345,7 @@ impl Gpt {
                 q = rope.apply(&q.contiguous()?, offset)?;
                 k = rope.apply(&k.contiguous()?, offset)?;
             }
-            let cache = caches.as_deref_mut().map(|c| &mut c[i]);
+            let cache = caches.as_deref_mut().map(|c| c.layer_mut(i));
             let y = self
                 .attention
                 .forward(&q, &k, &v, cache, train, layer_seed(0))?
@@ -393,7 +404,10 @@ impl Gpt {
         }
         let block = self.config.block_size;
         let use_cache = self.attention.supports_kv_cache();
-        let mut caches = vec![KvCache::new(); self.config.n_layer];
+        let mut caches = match use_cache {
+            true => Some(self.new_cache()?),
+            false => None,
+        };
         let mut cached = 0usize;
         let mut tokens = prompt.to_vec();
         let mut rng = StdRng::seed_from_u64(opts.seed);
@@ -403,7 +417,7 @@ impl Gpt {
                 // The cache holds every token but the last one.
                 let last = Tensor::new(&tokens[len - 1..], &self.device)?.unsqueeze(0)?;
                 cached += 1;
-                self.forward(&last, cached - 1, Some(&mut caches), false, 0)?
+                self.forward(&last, cached - 1, caches.as_mut(), false, 0)?
             } else {
                 let keep = if cached == 0 {
                     len.min(block)
@@ -411,13 +425,11 @@ impl Gpt {
                     len.min((block / 2).max(1))
                 };
                 let window = Tensor::new(&tokens[len - keep..], &self.device)?.unsqueeze(0)?;
-                if use_cache {
-                    caches.iter_mut().for_each(KvCache::reset);
+                if let Some(caches) = caches.as_mut() {
+                    caches.reset();
                     cached = keep;
-                    self.forward(&window, 0, Some(&mut caches), false, 0)?
-                } else {
-                    self.forward(&window, 0, None, false, 0)?
                 }
+                self.forward(&window, 0, caches.as_mut(), false, 0)?
             };
             let last = logits.squeeze(0)?.get(logits.dim(1)? - 1)?;
             tokens.push(sample_token(&last.to_vec1::<f32>()?, opts, &mut rng));

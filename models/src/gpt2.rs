@@ -257,7 +257,7 @@ impl CausalLm for Gpt2 {
             let q = qkv.narrow(1, 0, nh)?.contiguous()?;
             let k = qkv.narrow(1, nh, nh)?.contiguous()?;
             let v = qkv.narrow(1, 2 * nh, nh)?.contiguous()?;
-            let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let layer_cache = cache.as_deref_mut().map(|c| c.layer_mut(i));
             let y = self
                 .attention
                 .forward(&q, &k, &v, layer_cache, false, i as u64)?
@@ -286,6 +286,10 @@ impl CausalLm for Gpt2 {
 
     fn max_context(&self) -> usize {
         self.config.n_positions
+    }
+
+    fn new_cache(&self) -> Result<DecoderCache> {
+        DecoderCache::new(&self.attention, self.num_layers())
     }
 
     fn supports_kv_cache(&self) -> bool {

@@ -2,7 +2,8 @@
 //! attention, its data pipeline, optimiser and checkpointing.
 //!
 //! - [`attention`]: [`AttentionKind`] (serde-able choice of method), the [`AttentionBackend`]
-//!   trait, the [`Attention`] layer step with [`KvCache`], and [`RotaryEmbedding`].
+//!   trait, the [`Attention`] layer step, per-kind decode caches ([`LayerCache`], the dense
+//!   [`KvCache`]), and [`RotaryEmbedding`].
 //! - [`gpt`]: the [`Gpt`] model and its [`GptConfig`].
 //! - [`data`]: character vocabulary and seeded train/validation batches.
 //! - [`optim`]: AdamW with saveable state, gradient clipping and the learning-rate schedule.
@@ -31,7 +32,8 @@ pub mod optim;
 pub mod train;
 
 pub use attention::{
-    Attention, AttentionBackend, AttentionCall, AttentionKind, KvCache, RotaryEmbedding,
+    downcast_cache, Attention, AttentionBackend, AttentionCall, AttentionKind, KvCache, LayerCache,
+    RotaryEmbedding,
 };
 pub use data::{CharDataset, Split, Vocab};
 pub use decoder::{load_decoder, load_model, CausalLm, DecoderCache, LoadedModel};

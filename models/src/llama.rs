@@ -424,7 +424,7 @@ impl CausalLm for Llama {
             let q = self.rope.apply(&heads(&layer.q_proj, nq)?, offset)?;
             let k = self.rope.apply(&heads(&layer.k_proj, nkv)?, offset)?;
             let v = heads(&layer.v_proj, nkv)?;
-            let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let layer_cache = cache.as_deref_mut().map(|c| c.layer_mut(i));
             let y = self
                 .attention
                 .forward(&q, &k, &v, layer_cache, false, i as u64)?
@@ -452,6 +452,10 @@ impl CausalLm for Llama {
 
     fn max_context(&self) -> usize {
         self.config.max_context()
+    }
+
+    fn new_cache(&self) -> Result<DecoderCache> {
+        DecoderCache::new(&self.attention, self.num_layers())
     }
 
     fn supports_kv_cache(&self) -> bool {

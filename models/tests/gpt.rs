@@ -80,7 +80,7 @@ fn kv_cache_decoding_matches_full_forward() -> Result<()> {
             false,
             0,
         )?;
-        let mut caches = vec![candle_sparse_models::KvCache::new(); 2];
+        let mut caches = model.new_cache()?;
         let prefix = Tensor::new(&ids[..4], &dev)?.unsqueeze(0)?;
         let mut pieces = vec![model.forward(&prefix, 0, Some(&mut caches), false, 0)?];
         for (pos, &id) in ids.iter().enumerate().skip(4) {

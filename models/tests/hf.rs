@@ -10,7 +10,7 @@ use anyhow::Result;
 use candle::quantized::{gguf_file, GgmlDType, QTensor};
 use candle::{DType, Device, Tensor, D};
 use candle_sparse_models::attention::AttentionKind;
-use candle_sparse_models::decoder::{load_decoder, CausalLm, DecoderCache};
+use candle_sparse_models::decoder::{load_decoder, CausalLm};
 use candle_sparse_models::gguf::GgufFile;
 use candle_sparse_models::hub::{
     cache_dir_from, env_flag_is_set, looks_like_path, resolve_in_cache, resolve_in_dir,
@@ -430,7 +430,7 @@ fn kv_cache_decoding_equals_full_recomputation() -> Result<()> {
         let model = load_dir(&tmp.path().join(name), &AttentionKind::Dense);
         assert!(model.supports_kv_cache());
         let full = model.forward(&tokens(&IDS), None)?.squeeze(0)?;
-        let mut cache = DecoderCache::new(model.num_layers());
+        let mut cache = model.new_cache()?;
         // A 5-token prompt, then one token at a time.
         let mut rows = vec![model
             .forward(&tokens(&IDS[..5]), Some(&mut cache))?
