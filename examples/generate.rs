@@ -6,7 +6,14 @@
 //!     --prompt "The capital of France is" --max-new-tokens 8
 //! cargo run --release --example generate -- perplexity --model DIR_OR_ID --text-file FILE \
 //!     --context-len 512 --stride 256 --attention dense
+//! cargo run --release --example generate -- compare --model data/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \
+//!     --attention twilight:0.95,256 --text-file data/shakespeare.txt --prompt-len 1536
 //! ```
+//!
+//! `compare` measures a decode-only sparse kind (Twilight) against dense decoding of the same
+//! model on windows of a text: greedy continuations (free-running token agreement, and
+//! teacher-forced top-1 agreement on the dense continuation) and decode-style perplexity of
+//! the text after the prompt, with the kept fraction.
 //!
 //! `--model` takes a `.gguf` file, a local directory (config.json, model.safetensors or a
 //! sharded index, tokenizer.json), or a Hub model id (the Hugging Face cache, offline when
@@ -18,7 +25,9 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle::{DType, Device};
 use candle_sparse_models::attention::AttentionKind;
-use candle_sparse_models::{generate, load_model, perplexity, Sampler, SamplingOptions};
+use candle_sparse_models::{
+    generate, load_model, perplexity, perplexity_decode, CausalLm, Sampler, SamplingOptions,
+};
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser, Debug)]
@@ -32,8 +41,10 @@ struct Cli {
 enum Command {
     /// Generate text from a prompt (streamed to stdout).
     Generate(GenerateArgs),
-    /// Sliding-window perplexity of a text file.
+    /// Sliding-window perplexity of a text file (or decode-style with --decode-prefix).
     Perplexity(PerplexityArgs),
+    /// Greedy agreement and decode-style perplexity of --attention against dense decoding.
+    Compare(CompareArgs),
 }
 
 /// Options shared by both subcommands.
@@ -45,7 +56,8 @@ struct ModelArgs {
     /// Hub revision (branch, tag or commit) for a model id.
     #[arg(long)]
     revision: Option<String>,
-    /// Attention kind: dense, hash_sparse:N_BUCKETS, qk_sparse:DROP_Q,DROP_K.
+    /// Attention kind: dense, hash_sparse:N_BUCKETS, qk_sparse:DROP_Q,DROP_K,
+    /// twilight:P,BASE_BUDGET[,PAGE_SIZE[,DENSE_LAYERS]] (page size 16, 2 dense layers by default).
     #[arg(long, default_value = "dense")]
     attention: AttentionKind,
     /// Compute dtype: f32, bf16 or f16.
@@ -109,6 +121,32 @@ struct PerplexityArgs {
     /// Evaluate only the first N tokens of the file.
     #[arg(long)]
     max_tokens: Option<usize>,
+    /// Decode-style evaluation instead of windows: prefill the first N tokens (dense), then
+    /// score every following token with one decode step each (for decode-only kinds such as
+    /// Twilight). Needs --max-tokens within the model's context.
+    #[arg(long)]
+    decode_prefix: Option<usize>,
+}
+
+#[derive(Args, Debug)]
+struct CompareArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// UTF-8 text file the prompts are cut from.
+    #[arg(long)]
+    text_file: std::path::PathBuf,
+    /// Prompt length in tokens.
+    #[arg(long, default_value_t = 1536)]
+    prompt_len: usize,
+    /// Greedy tokens generated per prompt.
+    #[arg(long, default_value_t = 32)]
+    new_tokens: usize,
+    /// Text tokens after the prompt scored by decode-style perplexity (0: skip).
+    #[arg(long, default_value_t = 64)]
+    score_tokens: usize,
+    /// Number of prompts, at evenly spaced offsets of the text.
+    #[arg(long, default_value_t = 2)]
+    prompts: usize,
 }
 
 fn device(cpu: bool) -> Result<Device> {
@@ -250,36 +288,194 @@ fn run_generate(args: &GenerateArgs) -> Result<()> {
         stats.generated_tokens,
         stats.generation_tokens_per_s()
     );
+    if let Some(mean) = stats.mean_kept_fraction() {
+        let steps: Vec<String> = stats
+            .kept_fractions
+            .iter()
+            .map(|f| format!("{f:.3}"))
+            .collect();
+        eprintln!(
+            "kept fraction (sparse decode layers): mean {mean:.4}; per step [{}]",
+            steps.join(", ")
+        );
+    }
     Ok(())
 }
 
-fn run_perplexity(args: &PerplexityArgs) -> Result<()> {
-    let text = std::fs::read_to_string(&args.text_file)
-        .with_context(|| format!("reading text file {}", args.text_file.display()))?;
-    let loaded = load(&args.model)?;
-    let encoding = loaded
-        .tokenizer
+/// Token ids of a UTF-8 text file.
+fn tokenize_file(tokenizer: &tokenizers::Tokenizer, path: &std::path::Path) -> Result<Vec<u32>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading text file {}", path.display()))?;
+    let encoding = tokenizer
         .encode(text.as_str(), false)
-        .map_err(|e| anyhow::anyhow!("tokenizing {}: {e}", args.text_file.display()))?;
-    let mut ids = encoding.get_ids().to_vec();
+        .map_err(|e| anyhow::anyhow!("tokenizing {}: {e}", path.display()))?;
+    Ok(encoding.get_ids().to_vec())
+}
+
+fn run_perplexity(args: &PerplexityArgs) -> Result<()> {
+    let loaded = load(&args.model)?;
+    let mut ids = tokenize_file(&loaded.tokenizer, &args.text_file)?;
     if let Some(n) = args.max_tokens {
         ids.truncate(n);
     }
-    let stride = args.stride.unwrap_or((args.context_len / 2).max(1));
     let start = Instant::now();
-    let report = perplexity(loaded.model.as_ref(), &ids, args.context_len, stride)?;
+    let (report, how) = match args.decode_prefix {
+        Some(prefix) => (
+            perplexity_decode(loaded.model.as_ref(), &ids, prefix)?,
+            format!("decode steps after a {prefix}-token dense prefill"),
+        ),
+        None => {
+            let stride = args.stride.unwrap_or((args.context_len / 2).max(1));
+            let report = perplexity(loaded.model.as_ref(), &ids, args.context_len, stride)?;
+            let how = format!(
+                "{} windows (context {}, stride {stride})",
+                report.windows, args.context_len
+            );
+            (report, how)
+        }
+    };
     let secs = start.elapsed().as_secs_f64();
+    let kept = report
+        .mean_kept_fraction
+        .map(|f| format!(", mean kept fraction {f:.4}"))
+        .unwrap_or_default();
     println!(
-        "attention {}: {} tokens scored in {} windows (context {}, stride {stride}): mean NLL \
-         {:.4} nats, perplexity {:.3} ({:.1} tokens/s)",
+        "attention {}: {} tokens scored in {how}: mean NLL {:.4} nats, perplexity {:.3} \
+         ({:.1} tokens/s){kept}",
         args.model.attention,
         report.scored_tokens,
-        report.windows,
-        args.context_len,
         report.mean_nll(),
         report.perplexity(),
         report.scored_tokens as f64 / secs.max(1e-9)
     );
+    Ok(())
+}
+
+/// Greedy argmax of the last row of `model`'s logits for `input` through `cache`.
+fn greedy_step(
+    model: &dyn CausalLm,
+    input: &[u32],
+    cache: &mut candle_sparse_models::DecoderCache,
+) -> Result<u32> {
+    let tokens = candle::Tensor::new(input, model.device())?.unsqueeze(0)?;
+    let logits = model.forward(&tokens, Some(cache))?.squeeze(0)?;
+    Ok(logits.get(input.len() - 1)?.argmax(0)?.to_scalar::<u32>()?)
+}
+
+fn run_compare(args: &CompareArgs) -> Result<()> {
+    let sparse = load(&args.model)?;
+    let dense_args = ModelArgs {
+        attention: AttentionKind::Dense,
+        model: args.model.model.clone(),
+        revision: args.model.revision.clone(),
+        dtype: args.model.dtype.clone(),
+        cpu: args.model.cpu,
+    };
+    let dense = load(&dense_args)?;
+    let ids = tokenize_file(&sparse.tokenizer, &args.text_file)?;
+    let window = args.prompt_len + args.new_tokens.max(args.score_tokens);
+    if args.prompt_len == 0 || args.prompts == 0 || ids.len() < window {
+        bail!(
+            "compare: need --prompt-len > 0, --prompts > 0 and a text of at least {window} tokens \
+             ({} in {})",
+            ids.len(),
+            args.text_file.display()
+        )
+    }
+    let (sm, dm) = (sparse.model.as_ref(), dense.model.as_ref());
+    let (mut free_equal, mut forced_equal, mut total) = (0usize, 0usize, 0usize);
+    let (mut nll_dense, mut nll_sparse, mut scored) = (0.0, 0.0, 0usize);
+    let mut kept = Vec::new();
+    for i in 0..args.prompts {
+        let offset = i * (ids.len() - window) / args.prompts.max(2).saturating_sub(1).max(1);
+        let prompt = &ids[offset..offset + args.prompt_len];
+        let greedy = |model: &dyn CausalLm| -> Result<_> {
+            let mut sampler = Sampler::new(SamplingOptions::default())?;
+            Ok(generate(
+                model,
+                prompt,
+                args.new_tokens,
+                &mut sampler,
+                &[],
+                |_| Ok(()),
+            )?)
+        };
+        let start = Instant::now();
+        let (reference, dense_stats) = greedy(dm)?;
+        let dense_secs = start.elapsed().as_secs_f64();
+        let start = Instant::now();
+        let (free, sparse_stats) = greedy(sm)?;
+        let sparse_secs = start.elapsed().as_secs_f64();
+        // Teacher forcing: the sparse model decodes the dense continuation.
+        let mut cache = sm.new_cache()?;
+        let mut forced = vec![greedy_step(sm, prompt, &mut cache)?];
+        for &t in &reference[..reference.len() - 1] {
+            forced.push(greedy_step(sm, &[t], &mut cache)?);
+        }
+        let equal = |a: &[u32]| a.iter().zip(&reference).filter(|(x, y)| x == y).count();
+        let first_diff = free
+            .iter()
+            .zip(&reference)
+            .position(|(x, y)| x != y)
+            .map_or("none".to_string(), |p| p.to_string());
+        free_equal += equal(&free);
+        forced_equal += equal(&forced);
+        total += reference.len();
+        kept.extend(sparse_stats.kept_fractions.iter().copied());
+        println!(
+            "prompt {i} (tokens {offset}..{}): free-running {}/{} equal (first difference at \
+             {first_diff}), teacher-forced {}/{}; kept fraction {:.4}; dense {:.1}s, sparse {:.1}s \
+             ({:.2} vs {:.2} decode tokens/s)",
+            offset + args.prompt_len,
+            equal(&free),
+            reference.len(),
+            equal(&forced),
+            reference.len(),
+            sparse_stats.mean_kept_fraction().unwrap_or(1.0),
+            dense_secs,
+            sparse_secs,
+            dense_stats.generation_tokens_per_s(),
+            sparse_stats.generation_tokens_per_s(),
+        );
+        if args.score_tokens > 0 {
+            let text = &ids[offset..offset + args.prompt_len + args.score_tokens];
+            let d = perplexity_decode(dm, text, args.prompt_len)?;
+            let s = perplexity_decode(sm, text, args.prompt_len)?;
+            println!(
+                "prompt {i}: decode-style perplexity of the next {} text tokens: dense {:.3}, \
+                 sparse {:.3} (kept fraction {:.4})",
+                args.score_tokens,
+                d.perplexity(),
+                s.perplexity(),
+                s.mean_kept_fraction.unwrap_or(1.0)
+            );
+            nll_dense += d.total_nll;
+            nll_sparse += s.total_nll;
+            scored += d.scored_tokens;
+        }
+    }
+    let mean_kept = kept.iter().sum::<f64>() / kept.len().max(1) as f64;
+    println!(
+        "attention {} vs dense over {} prompts of {} tokens: free-running agreement {:.2}% \
+         ({free_equal}/{total}), teacher-forced agreement {:.2}% ({forced_equal}/{total}), mean \
+         kept fraction {mean_kept:.4}",
+        args.model.attention,
+        args.prompts,
+        args.prompt_len,
+        100.0 * free_equal as f64 / total as f64,
+        100.0 * forced_equal as f64 / total as f64,
+    );
+    if scored > 0 {
+        let (pd, ps) = (
+            (nll_dense / scored as f64).exp(),
+            (nll_sparse / scored as f64).exp(),
+        );
+        println!(
+            "decode-style perplexity over {scored} tokens: dense {pd:.4}, sparse {ps:.4} \
+             ({:+.2}%)",
+            100.0 * (ps / pd - 1.0)
+        );
+    }
     Ok(())
 }
 
@@ -288,5 +484,6 @@ fn main() -> Result<()> {
     match &cli.command {
         Command::Generate(args) => run_generate(args),
         Command::Perplexity(args) => run_perplexity(args),
+        Command::Compare(args) => run_compare(args),
     }
 }

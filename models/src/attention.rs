@@ -29,9 +29,12 @@ use std::sync::Arc;
 use candle::{bail, DType, Device, Result, Tensor, D};
 use candle_sparse_attn::{
     flash_attn, hash_sparse_attn, qk_sparse_attn, AttnParams, HashConfig, ScfaParams,
+    TwilightConfig,
 };
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
+
+use crate::twilight::TwilightAttention;
 
 /// Which attention method a model uses.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -53,6 +56,20 @@ pub enum AttentionKind {
         /// Fraction of key rows dropped per head, in `[0, 1)`.
         drop_k: f32,
     },
+    /// Twilight decoding ([`crate::twilight`]): dense prefill, then per decode step a Quest base
+    /// selector (top `base_budget` tokens by page bounds) pruned to the smallest set holding a
+    /// fraction `p` of the estimated attention mass. Dense without a cache (training,
+    /// full-sequence evaluation).
+    Twilight {
+        /// Top-p threshold in `(0, 1]` (`1`: no pruning, plain Quest).
+        p: f32,
+        /// Base selector budget `B0` in tokens, at least 1.
+        base_budget: usize,
+        /// Tokens per cache page (Quest granularity), at least 1.
+        page_size: usize,
+        /// The first `dense_layers` layers decode densely.
+        dense_layers: usize,
+    },
 }
 
 impl AttentionKind {
@@ -71,6 +88,25 @@ impl AttentionKind {
                 }
                 Ok(())
             }
+            Self::Twilight { .. } => self.twilight_config().map_or(Ok(()), |c| c.validate()),
+        }
+    }
+
+    /// The library configuration of a [`Self::Twilight`] kind (`None` for other kinds).
+    pub fn twilight_config(&self) -> Option<TwilightConfig> {
+        match *self {
+            Self::Twilight {
+                p,
+                base_budget,
+                page_size,
+                dense_layers,
+            } => Some(TwilightConfig {
+                p,
+                base_budget,
+                page_size,
+                dense_layers,
+            }),
+            _ => None,
         }
     }
 
@@ -86,27 +122,40 @@ impl AttentionKind {
                 drop_q: *drop_q,
                 drop_k: *drop_k,
             }),
+            Self::Twilight { .. } => Arc::new(TwilightAttention::new(
+                self.twilight_config().expect("twilight kind"),
+            )?),
         })
     }
 }
 
-/// The command-line spelling: `dense`, `hash_sparse:N_BUCKETS`, `qk_sparse:DROP_Q,DROP_K`.
+/// The command-line spelling: `dense`, `hash_sparse:N_BUCKETS`, `qk_sparse:DROP_Q,DROP_K`,
+/// `twilight:P,BASE_BUDGET,PAGE_SIZE,DENSE_LAYERS`.
 impl fmt::Display for AttentionKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Dense => write!(f, "dense"),
             Self::HashSparse { n_buckets } => write!(f, "hash_sparse:{n_buckets}"),
             Self::QkSparse { drop_q, drop_k } => write!(f, "qk_sparse:{drop_q},{drop_k}"),
+            Self::Twilight {
+                p,
+                base_budget,
+                page_size,
+                dense_layers,
+            } => write!(f, "twilight:{p},{base_budget},{page_size},{dense_layers}"),
         }
     }
 }
 
 /// Parses the [`Display`](fmt::Display) spelling (`-` may replace `_`), validating the values.
+/// Twilight's last two values may be left out: `twilight:P,BASE_BUDGET` means page size 16 and
+/// 2 dense layers (the paper's setting).
 impl FromStr for AttentionKind {
     type Err = candle::Error;
 
     fn from_str(s: &str) -> Result<Self> {
-        const FORMS: &str = "dense, hash_sparse:N_BUCKETS, qk_sparse:DROP_Q,DROP_K";
+        const FORMS: &str = "dense, hash_sparse:N_BUCKETS, qk_sparse:DROP_Q,DROP_K, \
+                             twilight:P,BASE_BUDGET[,PAGE_SIZE[,DENSE_LAYERS]]";
         let normalized = s.trim().replace('-', "_");
         let (name, args) = match normalized.split_once(':') {
             Some((n, a)) => (n, Some(a)),
@@ -132,6 +181,30 @@ impl FromStr for AttentionKind {
                         drop_k: parse(k)?,
                     },
                     _ => bail!("attention {s:?}: qk_sparse needs two fractions DROP_Q,DROP_K"),
+                }
+            }
+            ("twilight", Some(a)) => {
+                let parts: Vec<&str> = a.split(',').map(str::trim).collect();
+                if !(2..=4).contains(&parts.len()) {
+                    bail!(
+                        "attention {s:?}: twilight needs P,BASE_BUDGET[,PAGE_SIZE[,DENSE_LAYERS]]"
+                    )
+                }
+                let count = |i: usize, what: &str, default: usize| -> Result<usize> {
+                    parts.get(i).map_or(Ok(default), |p| {
+                        p.parse().map_err(|e| {
+                            candle::Error::Msg(format!("attention {s:?}: bad {what} {p:?}: {e}"))
+                        })
+                    })
+                };
+                let defaults = TwilightConfig::default();
+                Self::Twilight {
+                    p: parts[0].parse().map_err(|e| {
+                        candle::Error::Msg(format!("attention {s:?}: bad p {:?}: {e}", parts[0]))
+                    })?,
+                    base_budget: count(1, "base budget", defaults.base_budget)?,
+                    page_size: count(2, "page size", defaults.page_size)?,
+                    dense_layers: count(3, "dense layer count", defaults.dense_layers)?,
                 }
             }
             _ => bail!("unknown attention kind {s:?}; expected one of: {FORMS}"),

@@ -160,8 +160,8 @@ impl Sampler {
     }
 }
 
-/// Timing of one [`generate`] call.
-#[derive(Clone, Copy, Debug, PartialEq)]
+/// Timing of one [`generate`] call, and the kept fraction of sparse decoders.
+#[derive(Clone, Debug, PartialEq)]
 pub struct GenerationStats {
     /// Prompt tokens processed.
     pub prompt_tokens: usize,
@@ -171,6 +171,10 @@ pub struct GenerationStats {
     pub generated_tokens: usize,
     /// Time spent generating after the prompt.
     pub generation_time: Duration,
+    /// Per decode step (every generated token after the first), the kept fraction averaged over
+    /// the sparse decode layers ([`DecoderCache::kept_fraction`](crate::decoder::DecoderCache::kept_fraction));
+    /// empty for dense kinds.
+    pub kept_fractions: Vec<f64>,
 }
 
 impl GenerationStats {
@@ -184,6 +188,16 @@ impl GenerationStats {
         self.generated_tokens.saturating_sub(1) as f64
             / self.generation_time.as_secs_f64().max(1e-9)
     }
+
+    /// Mean of [`Self::kept_fractions`] over the decode steps (`None` if there are none).
+    pub fn mean_kept_fraction(&self) -> Option<f64> {
+        mean(&self.kept_fractions)
+    }
+}
+
+/// Mean of `values`, `None` when empty.
+fn mean(values: &[f64]) -> Option<f64> {
+    (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
 }
 
 /// Generates up to `max_new_tokens` after `prompt` (token ids), stopping early at any token of
@@ -223,6 +237,7 @@ pub fn generate(
     let mut prompt_time = Duration::ZERO;
     let mut pending: &[u32] = prompt;
     let mut last = [0u32];
+    let mut kept_fractions = Vec::new();
     for step in 0..max_new_tokens {
         let input = match &cache {
             Some(_) => pending,
@@ -234,6 +249,8 @@ pub fn generate(
         let next = sampler.sample(&logits, &sequence)?;
         if step == 0 {
             prompt_time = start.elapsed();
+        } else if let Some(fraction) = cache.as_ref().map(|c| c.kept_fraction()).transpose()? {
+            kept_fractions.extend(fraction);
         }
         sequence.push(next);
         generated.push(next);
@@ -250,6 +267,7 @@ pub fn generate(
         prompt_time,
         generated_tokens: generated.len(),
         generation_time: total.saturating_sub(prompt_time),
+        kept_fractions,
     };
     Ok((generated, stats))
 }
@@ -263,6 +281,9 @@ pub struct PerplexityReport {
     pub total_nll: f64,
     /// Forward passes run.
     pub windows: usize,
+    /// Mean kept fraction of the sparse decode layers over the scored decode steps
+    /// ([`perplexity_decode`] with a sparse decoder); `None` otherwise.
+    pub mean_kept_fraction: Option<f64>,
 }
 
 impl PerplexityReport {
@@ -304,6 +325,7 @@ pub fn perplexity(
         scored_tokens: 0,
         total_nll: 0.0,
         windows: 0,
+        mean_kept_fraction: None,
     };
     // `scored_until`: targets at positions < scored_until are done (position 0 is never a target).
     let mut scored_until = 1;
@@ -335,4 +357,50 @@ pub fn perplexity(
         }
     }
     Ok(report)
+}
+
+/// Decode-style perplexity, for attention kinds that only change decoding (Twilight): the first
+/// `prefix_len` tokens are run as one cached prefill (dense), then every following token is fed
+/// one at a time through the cache, so each of the `tokens.len() - prefix_len` targets after the
+/// prefix is predicted by a decode step (the first by the prefill). Needs a kind with a KV cache
+/// and `tokens` within the model's context.
+pub fn perplexity_decode(
+    model: &dyn CausalLm,
+    tokens: &[u32],
+    prefix_len: usize,
+) -> Result<PerplexityReport> {
+    if prefix_len == 0 || prefix_len >= tokens.len() {
+        bail!(
+            "perplexity_decode: prefix length {prefix_len} must be in 1..{} (the token count)",
+            tokens.len()
+        )
+    }
+    if tokens.len() > model.max_context() {
+        bail!(
+            "perplexity_decode: {} tokens exceed the model's context of {} tokens",
+            tokens.len(),
+            model.max_context()
+        )
+    }
+    let device = model.device();
+    let mut cache = model.new_cache()?;
+    let mut total_nll = 0.0;
+    let mut kept_fractions = Vec::new();
+    let mut input = &tokens[..prefix_len];
+    for (position, &target) in tokens.iter().enumerate().skip(prefix_len) {
+        let logits = model.forward(&Tensor::new(input, device)?.unsqueeze(0)?, Some(&mut cache))?;
+        let last = logits.squeeze(0)?.get(input.len() - 1)?;
+        let log_probs = candle_nn::ops::log_softmax(&last, D::Minus1)?;
+        total_nll -= f64::from(log_probs.get(target as usize)?.to_scalar::<f32>()?);
+        if position > prefix_len {
+            kept_fractions.extend(cache.kept_fraction()?);
+        }
+        input = &tokens[position..position + 1];
+    }
+    Ok(PerplexityReport {
+        scored_tokens: tokens.len() - prefix_len,
+        total_nll,
+        windows: tokens.len() - prefix_len,
+        mean_kept_fraction: mean(&kept_fractions),
+    })
 }

@@ -4,6 +4,7 @@
 //! - [`attention`]: [`AttentionKind`] (serde-able choice of method), the [`AttentionBackend`]
 //!   trait, the [`Attention`] layer step, per-kind decode caches ([`LayerCache`], the dense
 //!   [`KvCache`]), and [`RotaryEmbedding`].
+//! - [`twilight`]: the Twilight decoding backend and its per-layer cache.
 //! - [`gpt`]: the [`Gpt`] model and its [`GptConfig`].
 //! - [`data`]: character vocabulary and seeded train/validation batches.
 //! - [`optim`]: AdamW with saveable state, gradient clipping and the learning-rate schedule.
@@ -30,6 +31,7 @@ pub mod llama;
 pub mod metrics;
 pub mod optim;
 pub mod train;
+pub mod twilight;
 
 pub use attention::{
     downcast_cache, Attention, AttentionBackend, AttentionCall, AttentionKind, KvCache, LayerCache,
@@ -38,7 +40,8 @@ pub use attention::{
 pub use data::{CharDataset, Split, Vocab};
 pub use decoder::{load_decoder, load_model, CausalLm, DecoderCache, LoadedModel};
 pub use generate::{
-    generate, perplexity, GenerationStats, PerplexityReport, Sampler, SamplingOptions,
+    generate, perplexity, perplexity_decode, GenerationStats, PerplexityReport, Sampler,
+    SamplingOptions,
 };
 pub use gpt::{Gpt, GptConfig, PositionEncoding, SampleOptions};
 pub use gpt2::{Gpt2, Gpt2Config};

@@ -71,25 +71,34 @@ fn kv_cache_decoding_matches_full_forward() -> Result<()> {
         PositionEncoding::Learned,
         PositionEncoding::Rope { theta: 10000.0 },
     ] {
-        let model = Gpt::new(config(AttentionKind::Dense, positions), 9, &dev)?;
-        let ids: Vec<u32> = (0..10).map(|i| (i * 5 % 11) as u32).collect();
-        let full = model.forward(
-            &Tensor::new(ids.as_slice(), &dev)?.unsqueeze(0)?,
-            0,
-            None,
-            false,
-            0,
-        )?;
-        let mut caches = model.new_cache()?;
-        let prefix = Tensor::new(&ids[..4], &dev)?.unsqueeze(0)?;
-        let mut pieces = vec![model.forward(&prefix, 0, Some(&mut caches), false, 0)?];
-        for (pos, &id) in ids.iter().enumerate().skip(4) {
-            let step = Tensor::new(&[id], &dev)?.unsqueeze(0)?;
-            pieces.push(model.forward(&step, pos, Some(&mut caches), false, 0)?);
+        // Twilight with p = 1 and a budget covering every page decodes exactly like dense.
+        let twilight = AttentionKind::Twilight {
+            p: 1.0,
+            base_budget: 64,
+            page_size: 4,
+            dense_layers: 0,
+        };
+        for kind in [AttentionKind::Dense, twilight] {
+            let model = Gpt::new(config(kind, positions.clone()), 9, &dev)?;
+            let ids: Vec<u32> = (0..10).map(|i| (i * 5 % 11) as u32).collect();
+            let full = model.forward(
+                &Tensor::new(ids.as_slice(), &dev)?.unsqueeze(0)?,
+                0,
+                None,
+                false,
+                0,
+            )?;
+            let mut caches = model.new_cache()?;
+            let prefix = Tensor::new(&ids[..4], &dev)?.unsqueeze(0)?;
+            let mut pieces = vec![model.forward(&prefix, 0, Some(&mut caches), false, 0)?];
+            for (pos, &id) in ids.iter().enumerate().skip(4) {
+                let step = Tensor::new(&[id], &dev)?.unsqueeze(0)?;
+                pieces.push(model.forward(&step, pos, Some(&mut caches), false, 0)?);
+            }
+            let cached = Tensor::cat(&pieces, 1)?;
+            let diff = (full - cached)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-4, "max logit difference {diff}");
         }
-        let cached = Tensor::cat(&pieces, 1)?;
-        let diff = (full - cached)?.abs()?.max_all()?.to_scalar::<f32>()?;
-        assert!(diff < 1e-4, "max logit difference {diff}");
     }
     Ok(())
 }
@@ -130,8 +139,27 @@ fn attention_kind_parses_and_serializes() -> Result<()> {
                 drop_k: 0.25,
             },
         ),
+        (
+            "twilight:0.95,256",
+            AttentionKind::Twilight {
+                p: 0.95,
+                base_budget: 256,
+                page_size: 16,
+                dense_layers: 2,
+            },
+        ),
+        (
+            "twilight:0.9,64,8,1",
+            AttentionKind::Twilight {
+                p: 0.9,
+                base_budget: 64,
+                page_size: 8,
+                dense_layers: 1,
+            },
+        ),
     ];
     for (text, kind) in kinds {
+        assert_eq!(kind.to_string().parse::<AttentionKind>()?, kind);
         assert_eq!(text.parse::<AttentionKind>()?, kind);
         let json = serde_json::to_string(&kind).unwrap();
         assert_eq!(serde_json::from_str::<AttentionKind>(&json).unwrap(), kind);
@@ -143,6 +171,12 @@ fn attention_kind_parses_and_serializes() -> Result<()> {
         "hash_sparse:3",
         "qk_sparse:1.5,0",
         "qk_sparse:0.1",
+        "twilight:0.9",
+        "twilight:1.5,64",
+        "twilight:0,64",
+        "twilight:0.9,0",
+        "twilight:0.9,64,0",
+        "twilight:0.9,64,16,2,1",
     ] {
         let err = bad.parse::<AttentionKind>().unwrap_err().to_string();
         assert!(
@@ -150,8 +184,8 @@ fn attention_kind_parses_and_serializes() -> Result<()> {
             "{bad}: {err}"
         );
     }
-    let unknown = serde_json::from_str::<AttentionKind>(r#"{"kind":"twilight"}"#);
-    assert!(unknown.unwrap_err().to_string().contains("twilight"));
+    let unknown = serde_json::from_str::<AttentionKind>(r#"{"kind":"flash"}"#);
+    assert!(unknown.unwrap_err().to_string().contains("flash"));
     Ok(())
 }
 

@@ -16,7 +16,9 @@ use candle_sparse_models::hub::{
     cache_dir_from, env_flag_is_set, looks_like_path, resolve_in_cache, resolve_in_dir,
     resolve_model_files,
 };
-use candle_sparse_models::{generate, load_model, perplexity, Sampler, SamplingOptions};
+use candle_sparse_models::{
+    generate, load_model, perplexity, perplexity_decode, Attention, Sampler, SamplingOptions,
+};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokenizers::models::bpe::{Vocab, BPE};
@@ -482,6 +484,12 @@ fn every_attention_kind_runs() -> Result<()> {
             drop_q: 0.2,
             drop_k: 0.2,
         },
+        AttentionKind::Twilight {
+            p: 0.8,
+            base_budget: 4,
+            page_size: 2,
+            dense_layers: 1,
+        },
     ];
     // qk_sparse dropping nothing is dense attention.
     let dense_like = [AttentionKind::QkSparse {
@@ -520,6 +528,167 @@ fn every_attention_kind_runs() -> Result<()> {
             assert!(d < 1e-3, "{name} {kind}: differs from dense by {d}");
         }
     }
+    Ok(())
+}
+
+/// 40 token ids of the tiny vocabulary.
+fn long_ids() -> Vec<u32> {
+    (0..40u32).map(|i| (i * 37 + 11) % 250).collect()
+}
+
+#[test]
+fn twilight_p1_with_every_page_equals_dense_decoding() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    write_checkpoint(
+        &tmp.path().join("llama"),
+        &llama_config(false),
+        &llama_weights(false, 11),
+    );
+    write_checkpoint(
+        &tmp.path().join("gpt2"),
+        &gpt2_config(),
+        &gpt2_weights("", 12),
+    );
+    let ids = long_ids();
+    for name in ["llama", "gpt2"] {
+        let dir = tmp.path().join(name);
+        let dense = load_dir(&dir, &AttentionKind::Dense);
+        let full = dense.forward(&tokens(&ids), None)?.squeeze(0)?;
+        // Both tiny models have 2 layers: 2 dense layers means no sparse layer at all.
+        for dense_layers in [0, 1, 2] {
+            // B0 = 64 tokens covers every 4-token page of the 40-token context.
+            let kind = AttentionKind::Twilight {
+                p: 1.0,
+                base_budget: 64,
+                page_size: 4,
+                dense_layers,
+            };
+            let model = load_dir(&dir, &kind);
+            let mut cache = model.new_cache()?;
+            let mut rows = vec![model
+                .forward(&tokens(&ids[..7]), Some(&mut cache))?
+                .squeeze(0)?];
+            assert_eq!(cache.kept_fraction()?, None, "no decode step yet");
+            for i in 7..ids.len() {
+                rows.push(
+                    model
+                        .forward(&tokens(&ids[i..i + 1]), Some(&mut cache))?
+                        .squeeze(0)?,
+                );
+                // Every sparse layer kept every token.
+                let kept = cache.kept_fraction()?;
+                assert_eq!(kept.is_some(), dense_layers < 2, "{name}");
+                if let Some(k) = kept {
+                    assert!((k - 1.0).abs() < 1e-6, "{name}: kept fraction {k}");
+                }
+            }
+            assert_eq!(cache.len(), ids.len());
+            let d = max_diff(&Tensor::cat(&rows, 0)?, &full);
+            assert!(d < 1e-3, "{name} {kind}: twilight vs dense max diff {d}");
+
+            // Greedy generation agrees with dense, and reports one kept fraction per step.
+            let greedy = |m: &dyn CausalLm| {
+                let mut sampler = Sampler::new(SamplingOptions::default()).unwrap();
+                generate(m, &ids[..20], 10, &mut sampler, &[], |_| Ok(())).unwrap()
+            };
+            let (reference, _) = greedy(dense.as_ref());
+            let (ours, stats) = greedy(model.as_ref());
+            assert_eq!(ours, reference, "{name} {kind}");
+            assert_eq!(stats.kept_fractions.len(), (dense_layers < 2) as usize * 9);
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn twilight_prunes_below_the_base_budget_and_scores_decode_perplexity() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    write_checkpoint(tmp.path(), &llama_config(true), &llama_weights(true, 13));
+    let ids = long_ids();
+    let dense = load_dir(tmp.path(), &AttentionKind::Dense);
+    // p = 1 and B0 = 8: exactly the selected pages (at most 8 tokens) are kept.
+    let quest_only = load_dir(
+        tmp.path(),
+        &AttentionKind::Twilight {
+            p: 1.0,
+            base_budget: 8,
+            page_size: 4,
+            dense_layers: 0,
+        },
+    );
+    let pruned = load_dir(
+        tmp.path(),
+        &AttentionKind::Twilight {
+            p: 0.5,
+            base_budget: 8,
+            page_size: 4,
+            dense_layers: 0,
+        },
+    );
+    let prefix = 24;
+    let reference = perplexity_decode(dense.as_ref(), &ids, prefix)?;
+    assert_eq!(reference.scored_tokens, ids.len() - prefix);
+    assert_eq!(reference.mean_kept_fraction, None);
+    // Decode-style scoring with a dense model equals scoring the same targets from one full
+    // forward pass.
+    let log_probs =
+        candle_nn::ops::log_softmax(&dense.forward(&tokens(&ids), None)?.squeeze(0)?, D::Minus1)?;
+    let mut full_nll = 0.0;
+    for (position, &target) in ids.iter().enumerate().skip(prefix) {
+        full_nll -= log_probs
+            .get(position - 1)?
+            .get(target as usize)?
+            .to_scalar::<f32>()? as f64;
+    }
+    assert!(
+        (reference.total_nll - full_nll).abs() < 1e-3 * full_nll.abs(),
+        "decode {} vs full {full_nll}",
+        reference.total_nll
+    );
+    let quest = perplexity_decode(quest_only.as_ref(), &ids, prefix)?;
+    let kept_quest = quest.mean_kept_fraction.unwrap();
+    assert!(
+        kept_quest > 0.0 && kept_quest <= 8.0 / prefix as f64 + 1e-6,
+        "kept {kept_quest}"
+    );
+    let top_p = perplexity_decode(pruned.as_ref(), &ids, prefix)?;
+    let kept_top_p = top_p.mean_kept_fraction.unwrap();
+    assert!(
+        kept_top_p > 0.0 && kept_top_p <= kept_quest + 1e-6,
+        "kept {kept_top_p}"
+    );
+    for r in [&quest, &top_p] {
+        assert!(r.perplexity().is_finite());
+    }
+    // Bad input: a prefix that leaves nothing to score.
+    let err = perplexity_decode(dense.as_ref(), &ids, ids.len()).unwrap_err();
+    assert!(err.to_string().contains("prefix length"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn a_cache_of_another_kind_is_rejected() -> Result<()> {
+    let twilight = Attention::new(&AttentionKind::Twilight {
+        p: 0.9,
+        base_budget: 8,
+        page_size: 4,
+        dense_layers: 0,
+    })?;
+    let dense = Attention::new(&AttentionKind::Dense)?;
+    let q = Tensor::zeros((1, 2, 1, 32), DType::F32, &DEV)?;
+    let k = Tensor::zeros((1, 1, 1, 32), DType::F32, &DEV)?;
+    let mut cache = twilight.new_cache(0)?;
+    let err = dense
+        .forward(&q, &k, &k, Some(cache.as_mut()), false, 0)
+        .unwrap_err();
+    assert!(err.to_string().contains("KvCache"), "{err}");
+    let mut cache = dense.new_cache(0)?;
+    let err = twilight
+        .forward(&q, &k, &k, Some(cache.as_mut()), false, 0)
+        .unwrap_err();
+    assert!(err.to_string().contains("TwilightLayerCache"), "{err}");
+    let hash = Attention::new(&AttentionKind::HashSparse { n_buckets: 2 })?;
+    assert!(hash.new_cache(0).is_err());
     Ok(())
 }
 
