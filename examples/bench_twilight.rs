@@ -13,6 +13,16 @@
 //! cargo run --release --example bench_twilight -- --batch 1 --heads 2 --context 8192   # CPU
 //! ```
 //! Prints a table and one JSON object (also written to `--json`).
+//!
+//! **Real keys** (`--qkv FILE`, written by `examples/generate.rs dump-qkv` from SmolLM2-135M:
+//! per recorded layer L, `q.L` `(1, 9, 1, 64)`, `k.L` / `v.L` `(1, 3, T, 64)`, post-RoPE): the
+//! recorded (layer, kv head) slices, with their 3 query heads each (SmolLM2's GQA group), are
+//! tiled over the benchmark's `batch × kv_heads` slots in order (slot `i` takes slice
+//! `i mod slices`), so `--heads` is 3 × `--kv-heads`, `--head-dim` is 64 and `--context` is at
+//! most the recorded length (the first `--context` tokens plus the recorded decode token's key).
+//! ```text
+//! bench_twilight --device cuda --qkv smollm2_qkv.safetensors --batch 16 --kv-heads 8 --context 8192
+//! ```
 
 use std::time::Instant;
 
@@ -66,6 +76,10 @@ struct Args {
     /// Synthetic query: per-channel Gaussian noise.
     #[arg(long, default_value_t = 0.2)]
     q_noise: f64,
+    /// Real attention inputs from `generate dump-qkv` (see the module docs) instead of the
+    /// synthetic ones; sets head_dim 64 and heads = 3 × kv heads.
+    #[arg(long)]
+    qkv: Option<std::path::PathBuf>,
 }
 
 /// Median wall time in ms of `f`, synchronising the device around each run.
@@ -133,6 +147,93 @@ fn build(args: &Args, dev: &Device) -> Result<(TwilightCache, Tensor)> {
     Ok((cache, q.to_dtype(f32_)?.to_dtype(DType::BF16)?))
 }
 
+/// The real-key cache and query of `--qkv` (see the module docs): `(layer, kv head)` slices of
+/// the file tiled over `batch × kv_heads`, keeping each slice's query heads.
+fn load_real(args: &Args, path: &std::path::Path, dev: &Device) -> Result<(TwilightCache, Tensor)> {
+    let tensors = candle::safetensors::load(path, &Device::Cpu)?;
+    let mut layers: Vec<usize> = tensors
+        .keys()
+        .filter_map(|k| k.strip_prefix("q.")?.parse().ok())
+        .collect();
+    layers.sort_unstable();
+    let get = |name: String| {
+        tensors
+            .get(&name)
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("{}: no tensor {name}", path.display()))
+    };
+    // Slices: (q (group, D), k (T, D), v (T, D)) per (layer, kv head).
+    let mut slices = Vec::new();
+    for l in &layers {
+        let (q, k, v) = (
+            get(format!("q.{l}"))?,
+            get(format!("k.{l}"))?,
+            get(format!("v.{l}"))?,
+        );
+        let (_, hq, _, d) = q.dims4()?;
+        let (_, hkv, t, _) = k.dims4()?;
+        let group = hq / hkv;
+        for h in 0..hkv {
+            slices.push((
+                q.squeeze(0)?.squeeze(1)?.narrow(0, h * group, group)?,
+                k.squeeze(0)?.get(h)?,
+                v.squeeze(0)?.get(h)?,
+                d,
+                t,
+            ));
+        }
+    }
+    let Some(&(ref q0, _, _, d, t_file)) = slices.first() else {
+        anyhow::bail!("{}: no q.L tensors", path.display())
+    };
+    let group = q0.dim(0)?;
+    let (b, hkv, t) = (
+        args.batch,
+        args.kv_heads.unwrap_or(args.heads / group),
+        args.context,
+    );
+    if t > t_file || args.heads != group * hkv || args.head_dim != d {
+        anyhow::bail!(
+            "--qkv {}: recorded context {t_file}, head_dim {d}, GQA group {group}; got --context {t}, --head-dim {}, --heads {} for {hkv} kv heads",
+            path.display(),
+            args.head_dim,
+            args.heads
+        )
+    }
+    let pick = |i: usize| &slices[i % slices.len()];
+    let stack = |f: &dyn Fn(usize) -> Result<Tensor>| -> Result<Tensor> {
+        let rows = (0..b)
+            .map(|bi| {
+                let heads = (0..hkv)
+                    .map(|h| f(bi * hkv + h))
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(Tensor::stack(&heads, 0)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::stack(&rows, 0)?)
+    };
+    // The recorded decode token's key is the last row; keep the first t - 1 plus it.
+    let take = |x: &Tensor| -> Result<Tensor> {
+        Ok(Tensor::cat(
+            &[x.narrow(0, 0, t - 1)?, x.narrow(0, t_file - 1, 1)?],
+            0,
+        )?)
+    };
+    let k = stack(&|i| take(&pick(i).1))?
+        .to_dtype(DType::BF16)?
+        .to_device(dev)?;
+    let v = stack(&|i| take(&pick(i).2))?
+        .to_dtype(DType::BF16)?
+        .to_device(dev)?;
+    let q = stack(&|i| Ok(pick(i).0.clone()))?
+        .reshape((b, hkv * group, 1, d))?
+        .to_dtype(DType::BF16)?
+        .to_device(dev)?;
+    let mut cache = TwilightCache::new(b, hkv, d, t, args.page_size, DType::BF16, dev)?;
+    cache.append(&k, &v)?;
+    Ok((cache, q))
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     let dev = match args.device.as_str() {
@@ -140,7 +241,10 @@ fn main() -> Result<()> {
         _ => Device::Cpu,
     };
     let (b, hq, d, t) = (args.batch, args.heads, args.head_dim, args.context);
-    let (cache, q) = build(&args, &dev)?;
+    let (cache, q) = match &args.qkv {
+        Some(path) => load_real(&args, path, &dev)?,
+        None => build(&args, &dev)?,
+    };
     let hkv = cache.kv_heads();
     let cfg = TwilightConfig {
         p: args.p,
@@ -258,10 +362,18 @@ fn main() -> Result<()> {
         union_tokens / (b * hkv) as f64,
         rel_err
     );
+    let inputs = match &args.qkv {
+        Some(path) => format!(
+            "real SmolLM2-135M q/k/v from {} tiled over batch x kv heads",
+            path.display()
+        ),
+        None => "synthetic structured keys (see bench_twilight.rs docs)".to_string(),
+    };
+    println!("inputs: {inputs}");
     let json = serde_json::json!({
         "batch": b, "q_heads": hq, "kv_heads": hkv, "head_dim": d, "context": t, "dtype": "bf16",
         "p": args.p, "base_budget": args.budget, "page_size": args.page_size,
-        "device": format!("{dev:?}"), "inputs": "synthetic structured keys (see bench_twilight.rs docs)",
+        "device": format!("{dev:?}"), "inputs": inputs,
         "dense_ms": dense_ms, "dense_gbps": gbs(dense_bytes, dense_ms),
         "twilight_ms": twilight_ms, "twilight_gbps": gbs(twilight_bytes, twilight_ms),
         "quest_only_ms": base_only_ms, "speedup": dense_ms / twilight_ms,

@@ -45,6 +45,46 @@ enum Command {
     Perplexity(PerplexityArgs),
     /// Greedy agreement and decode-style perplexity of --attention against dense decoding.
     Compare(CompareArgs),
+    /// Writes a GGUF model as a Hugging Face checkpoint (f32 safetensors, config.json,
+    /// tokenizer.json) plus our logits on a text, for comparison with `transformers`.
+    ExportHf(ExportArgs),
+    /// Records real attention inputs: after a dense prefill of --context tokens of a text, the
+    /// decode query of the next token and the cached keys and values of the chosen layers.
+    DumpQkv(DumpArgs),
+}
+
+#[derive(Args, Debug)]
+struct ExportArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Output directory.
+    #[arg(long)]
+    out: std::path::PathBuf,
+    /// UTF-8 text whose first --logits-tokens tokens are run through our model; the ids
+    /// (`ids`, i64) and f32 logits (`logits`, (tokens, vocab)) go to OUT/our_logits.safetensors.
+    #[arg(long)]
+    text_file: std::path::PathBuf,
+    #[arg(long, default_value_t = 128)]
+    logits_tokens: usize,
+}
+
+#[derive(Args, Debug)]
+struct DumpArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// UTF-8 text the context is cut from.
+    #[arg(long)]
+    text_file: std::path::PathBuf,
+    /// Context length in tokens (prefilled densely).
+    #[arg(long, default_value_t = 8191)]
+    context: usize,
+    /// Layers to record, comma-separated.
+    #[arg(long, default_value = "2,7,12,17,22,27", value_delimiter = ',')]
+    layers: Vec<usize>,
+    /// Output safetensors: per recorded layer L, `q.L` (1, q_heads, 1, head_dim) and `k.L`,
+    /// `v.L` (1, kv_heads, context + 1, head_dim) (post-RoPE, bf16).
+    #[arg(long)]
+    out: std::path::PathBuf,
 }
 
 /// Options shared by both subcommands.
@@ -73,8 +113,17 @@ struct GenerateArgs {
     #[command(flatten)]
     model: ModelArgs,
     /// The prompt (raw text, or the user message with --chat).
+    #[arg(long, required_unless_present = "prompt_file")]
+    prompt: Option<String>,
+    /// Read the prompt from this UTF-8 file instead (see --prompt-tokens).
+    #[arg(long, conflicts_with = "prompt")]
+    prompt_file: Option<std::path::PathBuf>,
+    /// Keep only the first N tokens of the prompt (for throughput runs at a given length).
     #[arg(long)]
-    prompt: String,
+    prompt_tokens: Option<usize>,
+    /// Keep generating past end-of-sequence tokens (throughput runs).
+    #[arg(long)]
+    ignore_eos: bool,
     /// Wrap the prompt in a chat template: Llama 3 or ChatML, whichever special tokens the
     /// tokenizer has.
     #[arg(long)]
@@ -147,6 +196,9 @@ struct CompareArgs {
     /// Number of prompts, at evenly spaced offsets of the text.
     #[arg(long, default_value_t = 2)]
     prompts: usize,
+    /// Read only the first N bytes of the text file (tokenizing a large file is slow).
+    #[arg(long, default_value_t = 400_000)]
+    max_bytes: usize,
 }
 
 fn device(cpu: bool) -> Result<Device> {
@@ -228,17 +280,41 @@ fn run_generate(args: &GenerateArgs) -> Result<()> {
     let loaded = load(&args.model)?;
     let tokenizer = &loaded.tokenizer;
     let mut stop = loaded.eos_token_ids.clone();
+    let raw = match (&args.prompt, &args.prompt_file) {
+        (_, Some(path)) => std::fs::read_to_string(path)
+            .with_context(|| format!("reading prompt file {}", path.display()))?,
+        (Some(p), None) => p.clone(),
+        (None, None) => bail!("give --prompt or --prompt-file"),
+    };
     let prompt = if args.chat {
-        let (text, end_token) = chat_prompt(tokenizer, args.system.as_deref(), &args.prompt)?;
+        let (text, end_token) = chat_prompt(tokenizer, args.system.as_deref(), &raw)?;
         stop.push(end_token);
         text
     } else {
-        args.prompt.clone()
+        raw
     };
+    if args.ignore_eos {
+        stop.clear();
+    }
     let encoding = tokenizer
         .encode(prompt.as_str(), false)
         .map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?;
-    let prompt_ids = encoding.get_ids().to_vec();
+    let mut prompt_ids = encoding.get_ids().to_vec();
+    if let Some(n) = args.prompt_tokens {
+        if prompt_ids.len() < n {
+            bail!(
+                "--prompt-tokens {n}: the prompt has only {} tokens",
+                prompt_ids.len()
+            )
+        }
+        prompt_ids.truncate(n);
+    }
+    let prompt = match args.prompt_tokens {
+        Some(_) => tokenizer
+            .decode(&prompt_ids, false)
+            .map_err(|e| anyhow::anyhow!("decoding the prompt: {e}"))?,
+        None => prompt,
+    };
     let context = loaded.model.max_context();
     if prompt_ids.len() + args.max_new_tokens > context {
         bail!(
@@ -256,7 +332,15 @@ fn run_generate(args: &GenerateArgs) -> Result<()> {
         repeat_last_n: args.repeat_last_n,
         seed: args.seed,
     })?;
-    print!("{prompt}");
+    if args.prompt_file.is_none() {
+        print!("{prompt}");
+    } else {
+        print!(
+            "[{} prompt tokens from {:?}] ...",
+            prompt_ids.len(),
+            args.prompt_file
+        );
+    }
     std::io::stdout().flush()?;
     // Streaming: decode all generated tokens and print the new suffix once it is whole UTF-8.
     let mut generated: Vec<u32> = Vec::new();
@@ -302,10 +386,21 @@ fn run_generate(args: &GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-/// Token ids of a UTF-8 text file.
-fn tokenize_file(tokenizer: &tokenizers::Tokenizer, path: &std::path::Path) -> Result<Vec<u32>> {
-    let text = std::fs::read_to_string(path)
+/// Token ids of a UTF-8 text file, cut to its first `max_bytes` bytes (at a char boundary).
+fn tokenize_file(
+    tokenizer: &tokenizers::Tokenizer,
+    path: &std::path::Path,
+    max_bytes: usize,
+) -> Result<Vec<u32>> {
+    let mut text = std::fs::read_to_string(path)
         .with_context(|| format!("reading text file {}", path.display()))?;
+    if text.len() > max_bytes {
+        let end = (0..=max_bytes)
+            .rev()
+            .find(|&i| text.is_char_boundary(i))
+            .unwrap_or(0);
+        text.truncate(end);
+    }
     let encoding = tokenizer
         .encode(text.as_str(), false)
         .map_err(|e| anyhow::anyhow!("tokenizing {}: {e}", path.display()))?;
@@ -314,7 +409,7 @@ fn tokenize_file(tokenizer: &tokenizers::Tokenizer, path: &std::path::Path) -> R
 
 fn run_perplexity(args: &PerplexityArgs) -> Result<()> {
     let loaded = load(&args.model)?;
-    let mut ids = tokenize_file(&loaded.tokenizer, &args.text_file)?;
+    let mut ids = tokenize_file(&loaded.tokenizer, &args.text_file, usize::MAX)?;
     if let Some(n) = args.max_tokens {
         ids.truncate(n);
     }
@@ -372,7 +467,7 @@ fn run_compare(args: &CompareArgs) -> Result<()> {
         cpu: args.model.cpu,
     };
     let dense = load(&dense_args)?;
-    let ids = tokenize_file(&sparse.tokenizer, &args.text_file)?;
+    let ids = tokenize_file(&sparse.tokenizer, &args.text_file, args.max_bytes)?;
     let window = args.prompt_len + args.new_tokens.max(args.score_tokens);
     if args.prompt_len == 0 || args.prompts == 0 || ids.len() < window {
         bail!(
@@ -479,11 +574,165 @@ fn run_compare(args: &CompareArgs) -> Result<()> {
     Ok(())
 }
 
+fn run_export(args: &ExportArgs) -> Result<()> {
+    let gguf = candle_sparse_models::gguf::GgufFile::open(std::path::Path::new(&args.model.model))
+        .with_context(|| format!("--model {:?} must be a .gguf file", args.model.model))?;
+    gguf.write_hf_checkpoint(&args.out, DType::F32)?;
+    let loaded = load(&args.model)?;
+    let mut ids = tokenize_file(&loaded.tokenizer, &args.text_file, 100_000)?;
+    ids.truncate(args.logits_tokens);
+    let model = loaded.model.as_ref();
+    let tokens = candle::Tensor::new(ids.as_slice(), model.device())?.unsqueeze(0)?;
+    let logits = model
+        .forward(&tokens, None)?
+        .squeeze(0)?
+        .to_device(&Device::Cpu)?;
+    let ids: Vec<i64> = ids.iter().map(|&i| i64::from(i)).collect();
+    let n = ids.len();
+    let tensors = std::collections::HashMap::from([
+        (
+            "ids".to_string(),
+            candle::Tensor::from_vec(ids, n, &Device::Cpu)?,
+        ),
+        ("logits".to_string(), logits),
+    ]);
+    candle::safetensors::save(&tensors, args.out.join("our_logits.safetensors"))?;
+    println!(
+        "wrote {} (model.safetensors f32, config.json, tokenizer.json, our_logits.safetensors: {n} tokens, attention {}, {})",
+        args.out.display(),
+        args.model.attention,
+        args.model.dtype
+    );
+    Ok(())
+}
+
+/// Dense attention that records, for chosen layers, the decode query and the full cached keys
+/// and values it attends over (for `dump-qkv`).
+#[derive(Debug)]
+struct RecordingAttention {
+    layers: Vec<usize>,
+    recorded: std::sync::Mutex<std::collections::HashMap<String, candle::Tensor>>,
+}
+
+/// The growing KV cache of [`RecordingAttention`], which also knows its layer.
+#[derive(Debug)]
+struct RecordingCache {
+    layer: usize,
+    kv: candle_sparse_models::KvCache,
+}
+
+impl candle_sparse_models::LayerCache for RecordingCache {
+    fn len(&self) -> usize {
+        self.kv.len()
+    }
+    fn reset(&mut self) {
+        self.kv.reset()
+    }
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
+}
+
+impl candle_sparse_models::AttentionBackend for RecordingAttention {
+    fn name(&self) -> String {
+        "recording dense".to_string()
+    }
+    fn supports_kv_cache(&self) -> bool {
+        true
+    }
+    fn forward(
+        &self,
+        q: &candle::Tensor,
+        k: &candle::Tensor,
+        v: &candle::Tensor,
+        call: &candle_sparse_models::AttentionCall,
+    ) -> candle::Result<candle::Tensor> {
+        candle_sparse_models::attention::DenseAttention.forward(q, k, v, call)
+    }
+    fn new_cache(&self, layer: usize) -> candle::Result<Box<dyn candle_sparse_models::LayerCache>> {
+        Ok(Box::new(RecordingCache {
+            layer,
+            kv: candle_sparse_models::KvCache::new(),
+        }))
+    }
+    fn forward_cached(
+        &self,
+        q: &candle::Tensor,
+        k: &candle::Tensor,
+        v: &candle::Tensor,
+        cache: &mut dyn candle_sparse_models::LayerCache,
+        call: &candle_sparse_models::AttentionCall,
+    ) -> candle::Result<candle::Tensor> {
+        let cache = candle_sparse_models::downcast_cache::<RecordingCache>(cache, "recording")?;
+        let (k, v) = cache.kv.append(k, v)?;
+        if q.dim(2)? == 1 && self.layers.contains(&cache.layer) {
+            let mut recorded = self.recorded.lock().expect("recorder lock");
+            for (name, t) in [("q", q), ("k", &k), ("v", &v)] {
+                recorded.insert(
+                    format!("{name}.{}", cache.layer),
+                    t.to_dtype(DType::BF16)?.to_device(&Device::Cpu)?,
+                );
+            }
+        }
+        self.forward(q, &k, &v, call)
+    }
+}
+
+fn run_dump(args: &DumpArgs) -> Result<()> {
+    let device = device(args.model.cpu)?;
+    let gguf = candle_sparse_models::gguf::GgufFile::open(std::path::Path::new(&args.model.model))
+        .with_context(|| format!("--model {:?} must be a .gguf file", args.model.model))?;
+    let mut model = gguf.load_llama(&AttentionKind::Dense, dtype(&args.model.dtype)?, &device)?;
+    let recorder = std::sync::Arc::new(RecordingAttention {
+        layers: args.layers.clone(),
+        recorded: Default::default(),
+    });
+    model.set_attention(candle_sparse_models::Attention::with_backend(
+        recorder.clone(),
+    ));
+    let tokenizer = gguf.tokenizer()?;
+    let ids = tokenize_file(&tokenizer, &args.text_file, 8 * args.context + 4096)?;
+    if ids.len() < args.context + 1 {
+        bail!(
+            "dump-qkv: the text has {} tokens, --context needs {}",
+            ids.len(),
+            args.context + 1
+        )
+    }
+    let mut cache = model.new_cache()?;
+    let step = |input: &[u32], cache: &mut candle_sparse_models::DecoderCache| -> Result<()> {
+        let tokens = candle::Tensor::new(input, &device)?.unsqueeze(0)?;
+        model.forward(&tokens, Some(cache))?;
+        Ok(())
+    };
+    step(&ids[..args.context], &mut cache)?;
+    step(&ids[args.context..args.context + 1], &mut cache)?;
+    let recorded = recorder.recorded.lock().expect("recorder lock").clone();
+    if recorded.len() != 3 * args.layers.len() {
+        bail!(
+            "dump-qkv: recorded {} tensors for layers {:?} (model has {} layers)",
+            recorded.len(),
+            args.layers,
+            model.num_layers()
+        )
+    }
+    candle::safetensors::save(&recorded, &args.out)?;
+    println!(
+        "wrote {}: q/k/v of layers {:?} at context {} (+1 decode token)",
+        args.out.display(),
+        args.layers,
+        args.context
+    );
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match &cli.command {
         Command::Generate(args) => run_generate(args),
         Command::Perplexity(args) => run_perplexity(args),
         Command::Compare(args) => run_compare(args),
+        Command::ExportHf(args) => run_export(args),
+        Command::DumpQkv(args) => run_dump(args),
     }
 }

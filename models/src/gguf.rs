@@ -171,6 +171,41 @@ impl GgufFile {
         Ok(tensors)
     }
 
+    /// Writes the model as a Hugging Face checkpoint into `dir` (created if needed):
+    /// `model.safetensors` (every tensor dequantised to `dtype`, HF names, rotate-half q/k rows),
+    /// `config.json` (`LlamaForCausalLM`, the [`LlamaConfig`] fields) and `tokenizer.json`, so
+    /// that other implementations (`transformers`) can load the same weights.
+    pub fn write_hf_checkpoint(&self, dir: &Path, dtype: DType) -> Result<()> {
+        let config = self.llama_config()?;
+        let io_err = |what: &Path, e: std::io::Error| {
+            candle::Error::Msg(format!("writing {}: {e}", what.display()))
+        };
+        std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+        let tensors = self.hf_tensors(&config, dtype, &Device::Cpu)?;
+        candle::safetensors::save(&tensors, dir.join("model.safetensors"))?;
+        let mut json = serde_json::to_value(&config).map_err(candle::Error::wrap)?;
+        json["architectures"] = serde_json::json!(["LlamaForCausalLM"]);
+        json["model_type"] = serde_json::json!("llama");
+        json["torch_dtype"] = serde_json::json!(match dtype {
+            DType::BF16 => "bfloat16",
+            DType::F16 => "float16",
+            _ => "float32",
+        });
+        for (key, name) in [("bos_token_id", "bos"), ("eos_token_id", "eos")] {
+            if let Some(id) = self.special_token_id(name) {
+                json[key] = serde_json::json!(id);
+            }
+        }
+        let path = dir.join("config.json");
+        let text = serde_json::to_string_pretty(&json).map_err(candle::Error::wrap)?;
+        std::fs::write(&path, text).map_err(|e| io_err(&path, e))?;
+        let path = dir.join("tokenizer.json");
+        self.tokenizer()?
+            .save(&path, false)
+            .map_err(|e| candle::Error::Msg(format!("writing {}: {e}", path.display())))?;
+        Ok(())
+    }
+
     /// Loads the model (Llama architecture) with attention `kind` in `dtype` on `device`.
     pub fn load_llama(&self, kind: &AttentionKind, dtype: DType, device: &Device) -> Result<Llama> {
         let config = self.llama_config()?;

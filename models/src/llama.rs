@@ -10,13 +10,13 @@
 use candle::{bail, DType, Device, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 use candle_sparse_attn::SUPPORTED_HEAD_DIMS;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::attention::{Attention, AttentionKind, RotaryEmbedding};
 use crate::decoder::{CausalLm, DecoderCache};
 
 /// RoPE scaling of `config.json` (`rope_scaling`).
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RopeScaling {
     /// `llama3`, `linear` or `default` (`type` in older configs).
     #[serde(alias = "type")]
@@ -45,7 +45,8 @@ fn default_hidden_act() -> String {
 }
 
 /// The fields of a Hugging Face Llama/Mistral `config.json` this model uses (others ignored).
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+/// Serialises to the same field names (see [`crate::gguf::GgufFile::write_hf_checkpoint`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LlamaConfig {
     /// Vocabulary size.
     pub vocab_size: usize,
@@ -373,6 +374,12 @@ impl Llama {
             device,
             config,
         })
+    }
+
+    /// Swaps the attention of every layer, e.g. for a user backend through
+    /// [`Attention::with_backend`]; caches made before the swap no longer fit.
+    pub fn set_attention(&mut self, attention: Attention) {
+        self.attention = attention;
     }
 
     /// The configuration.
