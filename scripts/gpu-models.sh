@@ -6,6 +6,7 @@
 # transformers + SDPA) at 2k and 8k prompts, real SmolLM2 q/k/v for bench_twilight.
 # Usage: CARRY=.carry-models bash scripts/gpu-models.sh   (writes under $OUT)
 set -uo pipefail
+shopt -s nullglob
 C="${CARRY:-.carry-models}"
 W=/root/smol
 mkdir -p "$W" "$OUT"
@@ -36,8 +37,8 @@ timeout 200 python3 "$C"/hf_compare.py --dir "$W"/hf --text-file "$P" --lengths 
 echo "== (4) real q/k/v and bench_twilight"
 $G dump-qkv --model "$M" --dtype bf16 --text-file "$P" --context 8191 --out "$W"/qkv.safetensors 2>&1 | tail -1
 for B0 in 2048 1024; do
-  "$W"/bench_twilight --device cuda --qkv "$W"/qkv.safetensors --batch 16 --heads 24 --kv-heads 8 \
+  "$W"/bench_twilight --device cuda --qkv "$W"/qkv.safetensors --batch 16 --heads 30 --kv-heads 10 \
     --head-dim 64 --context 8192 --budget $B0 --p 0.95 --json "$OUT"/bench_real_b$B0.json 2>&1 | grep -v "^{"
 done
-"$W"/bench_twilight --device cuda --batch 16 --heads 24 --kv-heads 8 --head-dim 64 --context 8192 \
+"$W"/bench_twilight --device cuda --batch 16 --heads 30 --kv-heads 10 --head-dim 64 --context 8192 \
   --budget 2048 --p 0.95 --json "$OUT"/bench_synth.json 2>&1 | grep -v "^{"
