@@ -30,10 +30,17 @@
 //! - **Kernels**: CPU: an incremental top-`K′` structure per kv head (one insertion per query) and
 //!   an exact sorted scan for τ (f64). CUDA: per block of 64 queries the top-`K′` of the prefix by a
 //!   sequential merge of sorted lists, then per query its cut (the `K′`-th largest candidate) and τ
-//!   by bisection polished with the closed form (f32); forward and dQ one warp per query row over
-//!   `window ∪ selected`; dK, dV and the score gradient one warp per key over the interval of
-//!   queries attending it (τ_i and the cut are non-decreasing in i, so that set is an interval):
-//!   no atomics, deterministic. CUDA needs `K′ ≤ 8192`.
+//!   by bisection polished with the closed form (f32). Attention, f16 / bf16 with head_dim ≤ 128:
+//!   blocked tensor-core kernels (mma.sync m16n8k16, f32 accumulation), one CTA per block of 64
+//!   queries and query head. τ_i and the cut are non-decreasing in i, so the block's queries
+//!   attend a prefix of its sorted list plus the contiguous band of its newer candidates and
+//!   window keys; both are walked in tiles of 64 gathered K/V rows (cp.async, double-buffered)
+//!   with the weight `w_ij` applied per element. Forward: online softmax; dQ, `r_i`, `|S_i|`:
+//!   the same walk; dK, dV and the score gradient: the same walk again with each warp owning 16
+//!   keys of the tile, added to f32 outputs with vector atomics (keys are shared by many blocks
+//!   and heads: not bitwise deterministic). f32 (and head_dim 256) keep the exact row kernels:
+//!   forward and dQ one warp per query row, dK / dV / scores one warp per key over the interval
+//!   of queries attending it (no atomics, deterministic). CUDA needs `K′ ≤ 8192`.
 //! - **Scores**: `−0.0` and `+0.0` are the same score. NaN scores are rejected on the CPU; the CUDA
 //!   path never syncs with the host and does not check them.
 //!
