@@ -134,16 +134,17 @@ extern "C" __global__ void sk_block_lists(const float* __restrict__ u, float* __
 extern "C" __global__ void sk_select(const float* __restrict__ u, const float* __restrict__ lu,
                                      const int* __restrict__ lj, float* __restrict__ tau_out,
                                      float* __restrict__ cut_u_out, int* __restrict__ cut_j_out,
-                                     int T, int window, int cap, float k, int nb) {
+                                     int* __restrict__ nlist_out, int T, int window, int cap,
+                                     float k, int nb) {
   extern __shared__ unsigned char smem[];
   float* Lu = (float*)smem;
   int* Lj = (int*)(Lu + cap);
   float* Eu = (float*)(Lj + cap);
   int* Ej = (int*)(Eu + BQ);
-  __shared__ int s_len;
+  __shared__ int s_len, s_nl;
   const int c = blockIdx.x, row = blockIdx.y, tid = threadIdx.x;
   const int warp = tid / 32, lane = tid & 31, nwarps = blockDim.x / 32;
-  if (tid == 0) s_len = 0;
+  if (tid == 0) s_len = s_nl = 0;
   __syncthreads();
   long long base = ((long long)row * nb + c) * cap;
   int cnt = 0;
@@ -160,6 +161,26 @@ extern "C" __global__ void sk_select(const float* __restrict__ u, const float* _
   if (tid < nE) { Eu[tid] = ur[e0 + tid] + 0.f; Ej[tid] = e0 + tid; }
   __syncthreads();
   const int len = s_len;
+  // Rank tables for the cut (the element of rank cap - 1 of the list and the first n_ext extras):
+  // gtE[s] = bit t set when extra t ranks above extra s; rankL[s] = list entries above extra s;
+  // gtL[r - rb] = extras above list entry r, for the only list entries that can have rank
+  // cap - 1 (r in [cap - 1 - BQ, cap - 1]).
+  __shared__ unsigned long long gtE[BQ], gtL[BQ + 1];
+  __shared__ int rankL[BQ];
+  const int rb = max(0, cap - 1 - BQ);
+  if (tid < nE) {
+    unsigned long long mk = 0;
+    for (int t = 0; t < nE; ++t) mk |= (unsigned long long)gt(Eu[t], Ej[t], Eu[tid], Ej[tid]) << t;
+    gtE[tid] = mk;
+    rankL[tid] = count_gt(Lu, Lj, len, Eu[tid], Ej[tid]);
+  }
+  if (tid >= BQ && tid < 2 * BQ + 1 && rb + tid - BQ < len) {
+    int r = rb + tid - BQ;
+    unsigned long long mk = 0;
+    for (int t = 0; t < nE; ++t) mk |= (unsigned long long)gt(Eu[t], Ej[t], Lu[r], Lj[r]) << t;
+    gtL[tid - BQ] = mk;
+  }
+  __syncthreads();
   for (int qi = warp; qi < BQ; qi += nwarps) {
     int i = c * BQ + qi;
     if (i >= T) break;
@@ -168,18 +189,12 @@ extern "C" __global__ void sk_select(const float* __restrict__ u, const float* _
     float cut_u = neg_inf();
     int cut_j = -1;
     if (total > cap) {
-      // Find the element of rank cap - 1 among the extras and the tail of the list.
+      const unsigned long long first = n_ext >= 64 ? ~0ull : (1ull << n_ext) - 1;
       int found = -1;  // encoded: s (extra) or n_ext + r (list)
-      for (int s = lane; s < n_ext; s += 32) {
-        int rank = count_gt(Lu, Lj, len, Eu[s], Ej[s]);
-        for (int t = 0; t < n_ext; ++t) rank += gt(Eu[t], Ej[t], Eu[s], Ej[s]);
-        if (rank == cap - 1) found = s;
-      }
-      for (int r = max(0, cap - 1 - n_ext) + lane; r < len; r += 32) {
-        int rank = r;
-        for (int t = 0; t < n_ext; ++t) rank += gt(Eu[t], Ej[t], Lu[r], Lj[r]);
-        if (rank == cap - 1) found = n_ext + r;
-      }
+      for (int s = lane; s < n_ext; s += 32)
+        if (rankL[s] + __popcll(gtE[s] & first) == cap - 1) found = s;
+      for (int r = max(0, cap - 1 - n_ext) + lane; r < len && r < cap; r += 32)
+        if (r + __popcll(gtL[r - rb] & first) == cap - 1) found = n_ext + r;
       unsigned ball = __ballot_sync(0xffffffffu, found >= 0);
       int src = __ffs(ball) - 1;
       found = __shfl_sync(0xffffffffu, found, src < 0 ? 0 : src);
@@ -237,20 +252,29 @@ extern "C" __global__ void sk_select(const float* __restrict__ u, const float* _
       }
       tau = t + mx;
     }
+    // The list prefix this query attends: in the top cap and u > tau (both prefix predicates).
+    int na = 0, nb_ = len;
+    while (na < nb_) {
+      int mid = (na + nb_) >> 1;
+      if (in_top(Lu[mid], Lj[mid], cut_u, cut_j) && Lu[mid] > tau) na = mid + 1; else nb_ = mid;
+    }
     if (lane == 0) {
+      atomicMax(&s_nl, na);
       long long o = (long long)row * T + i;
       tau_out[o] = tau;
       cut_u_out[o] = cut_u;
       cut_j_out[o] = cut_j;
     }
   }
+  __syncthreads();
+  if (tid == 0) nlist_out[(long long)row * nb + c] = s_nl;
 }
 
 // ---------------------------------------------------------------------------------------------
 // Attention. Shared argument list and per-row helpers.
 #define SK_PARAMS                                                                               \
   const float *__restrict__ u, const float *__restrict__ lu, const int *__restrict__ lj,       \
-      const float *__restrict__ tau, const float *__restrict__ cut_u,                          \
+      const int *__restrict__ nlist, const float *__restrict__ tau, const float *__restrict__ cut_u,                          \
       const int *__restrict__ cut_j, int B, int Hq, int Hkv, int T, int window, int cap, int nb, \
       float scale
 
@@ -541,6 +565,15 @@ struct SkTiles {
     *uo = neg_inf();
     return -1;
   }
+  // Position only (-1: none).
+  __device__ __forceinline__ int key_j(int t, int r) const {
+    if (t < ntl) {
+      int rr = t * TB + r;
+      return rr < nl ? lj[rr] : -1;
+    }
+    int j = e0 + (t - ntl) * TB + r;
+    return j < e1 ? j : -1;
+  }
 };
 
 // Weight of key (uj, j) for query i (i < 0: padding row): 0 when not attended.
@@ -552,34 +585,18 @@ __device__ __forceinline__ float sk_weight(int i, int j, float uj, float tau_i, 
   return fminf(uj - tau_i, 1.f);
 }
 
-// Tiles of query block c of kv row bhk (every thread of the CTA calls it).
-__device__ SkTiles sk_tiles(int c, int bhk, const float* u, const float* lu, const int* lj,
-                            const float* tau, const float* cut_u, const int* cut_j, int T,
-                            int window, int cap, int nb, int* s_nl) {
-  const int tid = threadIdx.x, m0 = c * BQ;
+// Tiles of query block c of kv row bhk (nlist: per block, the list prefix its queries attend).
+__device__ __forceinline__ SkTiles sk_tiles(int c, int bhk, const float* u, const float* lu,
+                                            const int* lj, const int* nlist, int T, int window,
+                                            int cap, int nb) {
   SkTiles tl;
   long long base = ((long long)bhk * nb + c) * cap;
   tl.lu = lu + base;
   tl.lj = lj + base;
   tl.ur = u + (long long)bhk * T;
-  if (tid == 0) *s_nl = 0;
-  __syncthreads();
-  if (tid < BQ && m0 + tid < T) {
-    long long ti = (long long)bhk * T + m0 + tid;
-    float ta = tau[ti], cu = cut_u[ti];
-    int cj = cut_j[ti], lo = 0, hi = cap;
-    while (lo < hi) {
-      int mid = (lo + hi) >> 1;
-      int j = tl.lj[mid];
-      float uj = tl.lu[mid];
-      if (j >= 0 && uj > ta && in_top(uj, j, cu, cj)) lo = mid + 1; else hi = mid;
-    }
-    atomicMax(s_nl, lo);
-  }
-  __syncthreads();
-  tl.nl = *s_nl;
+  tl.nl = nlist[(long long)bhk * nb + c];
   tl.e0 = min(T, block_start(c, window));
-  tl.e1 = min(T, m0 + BQ);
+  tl.e1 = min(T, c * BQ + BQ);
   tl.ntl = (tl.nl + TB - 1) / TB;
   tl.nt = tl.ntl + (tl.e1 - tl.e0 + TB - 1) / TB;
   return tl;
@@ -590,13 +607,17 @@ __device__ SkTiles sk_tiles(int c, int bhk, const float* u, const float* lu, con
 template <typename E, int D>
 __device__ __forceinline__ void sk_load_tile(E* sK, E* sV, float* sU, int* sJ, const E* kvr,
                                              const SkTiles& tl, int t) {
-  constexpr int CH = D / 8, SD = Pad<D>::SD;
-  for (int idx = threadIdx.x; idx < TB * 2 * CH; idx += TC_THREADS) {
-    int r = idx / (2 * CH), ch = idx % (2 * CH);
-    float uj;
-    int j = tl.key(t, r, &uj);
-    E* dst = ch < CH ? sK + r * SD + ch * 8 : sV + r * SD + (ch - CH) * 8;
-    cp_async16(dst, kvr + (long long)(j >= 0 ? j : 0) * 2 * D + ch * 8, j >= 0);
+  constexpr int CH = D / 8, PER = TB * 2 * CH / TC_THREADS;
+  static_assert(TB * 2 * CH % TC_THREADS == 0, "tile chunks per thread");
+  // All row indices first (independent loads), then the copies.
+  int js[PER];
+#pragma unroll
+  for (int n = 0; n < PER; ++n) js[n] = tl.key_j(t, (threadIdx.x + n * TC_THREADS) / (2 * CH));
+#pragma unroll
+  for (int n = 0; n < PER; ++n) {
+    int idx = threadIdx.x + n * TC_THREADS, r = idx / (2 * CH), ch = idx % (2 * CH);
+    E* dst = ch < CH ? sK + r * Pad<D>::SD + ch * 8 : sV + r * Pad<D>::SD + (ch - CH) * 8;
+    cp_async16(dst, kvr + (long long)(js[n] >= 0 ? js[n] : 0) * 2 * D + ch * 8, js[n] >= 0);
   }
   for (int r = threadIdx.x; r < TB; r += TC_THREADS) {
     float uj;
@@ -650,14 +671,13 @@ __device__ void skt_fwd(const E* __restrict__ q, const E* __restrict__ kv, E* __
                         float* __restrict__ lse, SK_PARAMS) {
   constexpr int SD = Pad<D>::SD, N8 = TB / 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  __shared__ int s_nl;
   SkSmem<E, D, 1> sm(smem_raw);
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, t4 = lane & 3;
   const int c = blockIdx.x, bh = blockIdx.y, b = bh / Hq, h = bh % Hq;
   const int bhk = b * Hkv + h / (Hq / Hkv), m0 = c * BQ;
   const long long qrow0 = (long long)bh * T;
   const E* kvr = kv + (long long)bhk * T * 2 * D;
-  SkTiles tl = sk_tiles(c, bhk, u, lu, lj, tau, cut_u, cut_j, T, window, cap, nb, &s_nl);
+  SkTiles tl = sk_tiles(c, bhk, u, lu, lj, nlist, T, window, cap, nb);
   SkRows rw(m0, bhk, T, tau, cut_u, cut_j);
   const float sl2 = scale * LOG2E;
 
@@ -758,7 +778,6 @@ __device__ void skt_bwd_dq(const E* __restrict__ q, const E* __restrict__ kv,
                            float* __restrict__ nsup, SK_PARAMS) {
   constexpr int SD = Pad<D>::SD, N8 = TB / 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  __shared__ int s_nl;
   __shared__ float s_delta[BQ];
   SkSmem<E, D, 2> sm(smem_raw);
   E* sG = sm.q + BQ * SD;
@@ -767,7 +786,7 @@ __device__ void skt_bwd_dq(const E* __restrict__ q, const E* __restrict__ kv,
   const int bhk = b * Hkv + h / (Hq / Hkv), m0 = c * BQ;
   const long long qrow0 = (long long)bh * T;
   const E* kvr = kv + (long long)bhk * T * 2 * D;
-  SkTiles tl = sk_tiles(c, bhk, u, lu, lj, tau, cut_u, cut_j, T, window, cap, nb, &s_nl);
+  SkTiles tl = sk_tiles(c, bhk, u, lu, lj, nlist, T, window, cap, nb);
   SkRows rw(m0, bhk, T, tau, cut_u, cut_j);
   const float sl2 = scale * LOG2E;
 
@@ -880,7 +899,6 @@ __device__ void skt_bwd_dkv(const E* __restrict__ q, const E* __restrict__ kv,
                             float* __restrict__ du, SK_PARAMS) {
   constexpr int SD = Pad<D>::SD, N8 = BQ / 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  __shared__ int s_nl;
   __shared__ float s_tau[BQ], s_cu[BQ], s_l2[BQ], s_dl[BQ], s_rn[BQ];
   __shared__ int s_cj[BQ], s_i[BQ];
   SkSmem<E, D, 2> sm(smem_raw);
@@ -890,7 +908,7 @@ __device__ void skt_bwd_dkv(const E* __restrict__ q, const E* __restrict__ kv,
   const int bhk = b * Hkv + h / (Hq / Hkv), m0 = c * BQ;
   const long long qrow0 = (long long)bh * T, krow0 = (long long)bhk * T;
   const E* kvr = kv + krow0 * 2 * D;
-  SkTiles tl = sk_tiles(c, bhk, u, lu, lj, tau, cut_u, cut_j, T, window, cap, nb, &s_nl);
+  SkTiles tl = sk_tiles(c, bhk, u, lu, lj, nlist, T, window, cap, nb);
   const float sl2 = scale * LOG2E;
 
   load_tile<E, BQ, D, TC_THREADS>(sm.q, q + qrow0 * D, m0, T);
@@ -1007,7 +1025,7 @@ __device__ void skt_bwd_dkv(const E* __restrict__ q, const E* __restrict__ kv,
     skt_bwd_dkv<TY, D>(q, kv, go, lse, delta, rsum, nsup, dkv, du, SK_ARGS);                    \
   }
 
-#define SK_ARGS u, lu, lj, tau, cut_u, cut_j, B, Hq, Hkv, T, window, cap, nb, scale
+#define SK_ARGS u, lu, lj, nlist, tau, cut_u, cut_j, B, Hq, Hkv, T, window, cap, nb, scale
 
 #define SK_INSTANTIATE(TY, NAME, D)                                                             \
   extern "C" __global__ void sk_fwd_##NAME##_d##D(const TY* q, const TY* kv, TY* out,           \

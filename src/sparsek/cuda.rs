@@ -39,6 +39,8 @@ pub(crate) struct Selection {
     /// Top-`K′` lists `(b·hkv, blocks, K′)`: scores and positions (padding `-inf`, `-1`).
     list_u: Arc<CudaSlice<f32>>,
     list_j: Arc<CudaSlice<i32>>,
+    /// Per block `(b·hkv, blocks)`: the length of the list prefix its queries attend.
+    list_len: Arc<CudaSlice<i32>>,
     /// Per query `(b·hkv, t)`: τ (`-inf` when every candidate has p = 1) and the cut key.
     tau: Arc<CudaSlice<f32>>,
     cut_u: Arc<CudaSlice<f32>>,
@@ -131,6 +133,7 @@ pub(crate) fn select(
     let mut tau = unsafe { dev.alloc::<f32>(rows * t) }?;
     let mut cut_u = unsafe { dev.alloc::<f32>(rows * t) }?;
     let mut cut_j = unsafe { dev.alloc::<i32>(rows * t) }?;
+    let mut list_len = unsafe { dev.alloc::<i32>(rows * blocks) }?;
     {
         let smem = (cap + BQ) * 8;
         let f = func!(dev, "sk_select", smem);
@@ -142,6 +145,7 @@ pub(crate) fn select(
         b.arg(&mut tau);
         b.arg(&mut cut_u);
         b.arg(&mut cut_j);
+        b.arg(&mut list_len);
         b.arg(&t_i);
         b.arg(&w_i);
         b.arg(&cap_i);
@@ -152,6 +156,7 @@ pub(crate) fn select(
     Ok(Selection {
         list_u: Arc::new(list_u),
         list_j: Arc::new(list_j),
+        list_len: Arc::new(list_len),
         tau: Arc::new(tau),
         cut_u: Arc::new(cut_u),
         cut_j: Arc::new(cut_j),
@@ -203,6 +208,7 @@ fn push_params<'a>(
     b.arg(u);
     b.arg(sel.list_u.as_ref());
     b.arg(sel.list_j.as_ref());
+    b.arg(sel.list_len.as_ref());
     b.arg(sel.tau.as_ref());
     b.arg(sel.cut_u.as_ref());
     b.arg(sel.cut_j.as_ref());
