@@ -662,7 +662,10 @@ fn cuda_bench() -> R<()> {
     let sync = |dev: &Device| dev.synchronize();
     // SPARSEK_BENCH_SEQ: comma-separated lengths (default 8k, 16k, 32k); the dense op runs up to 32k.
     let seqs: Vec<usize> = match std::env::var("SPARSEK_BENCH_SEQ") {
-        Ok(s) => s.split(',').map(|x| x.trim().parse()).collect::<Result<_, _>>()?,
+        Ok(s) => s
+            .split(',')
+            .map(|x| x.trim().parse())
+            .collect::<Result<_, _>>()?,
         Err(_) => vec![8192, 16384, 32768],
     };
     for t in seqs {
