@@ -6,8 +6,9 @@
 //   lists block after block (O(T * cap / BQ) work per row, no O(T^2)).
 // - sk_select: per query, the union of its block's list and the <= BQ newer candidates, cut to the
 //   top-`cap` (cut = the cap-th largest key), then tau by bisection polished with the closed form.
-// Attention (one warp per query row, f32 math; keys 32 at a time: lane-per-key scores, then lanes
-// own head_dim / 32 contiguous dims for the weighted sums):
+// Attention, f16 / bf16 with head_dim <= 128: the blocked tensor-core kernels skt_* (see the
+// section below). Attention, f32 and head_dim 256 (one warp per query row, f32 math; keys 32 at a
+// time: lane-per-key scores, then lanes own head_dim / 32 contiguous dims for the weighted sums):
 // - sk_fwd: window keys (weight 1) + the block list scanned until the first key with p = 0 (the
 //   list is sorted, so the rest has p = 0) + the newer candidates.
 // - sk_bwd_dq: dq per row plus delta = dO.O, r = sum_S g_w and |S| per row.
@@ -18,30 +19,9 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include "mma.cuh"
+
 #define BQ 64
-
-__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
-
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename T> __device__ __forceinline__ T from_f(float x);
-template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
-template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
-
-__device__ __forceinline__ float warp_sum(float x) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
-  return x;
-}
-__device__ __forceinline__ float warp_max(float x) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
-  return x;
-}
 
 // Key order: (u, j) descending; equal scores: the newer key ranks higher.
 __device__ __forceinline__ bool gt(float ua, int ja, float ub, int jb) {
@@ -154,16 +134,17 @@ extern "C" __global__ void sk_block_lists(const float* __restrict__ u, float* __
 extern "C" __global__ void sk_select(const float* __restrict__ u, const float* __restrict__ lu,
                                      const int* __restrict__ lj, float* __restrict__ tau_out,
                                      float* __restrict__ cut_u_out, int* __restrict__ cut_j_out,
-                                     int T, int window, int cap, float k, int nb) {
+                                     int* __restrict__ nlist_out, int T, int window, int cap,
+                                     float k, int nb) {
   extern __shared__ unsigned char smem[];
   float* Lu = (float*)smem;
   int* Lj = (int*)(Lu + cap);
   float* Eu = (float*)(Lj + cap);
   int* Ej = (int*)(Eu + BQ);
-  __shared__ int s_len;
+  __shared__ int s_len, s_nl;
   const int c = blockIdx.x, row = blockIdx.y, tid = threadIdx.x;
   const int warp = tid / 32, lane = tid & 31, nwarps = blockDim.x / 32;
-  if (tid == 0) s_len = 0;
+  if (tid == 0) s_len = s_nl = 0;
   __syncthreads();
   long long base = ((long long)row * nb + c) * cap;
   int cnt = 0;
@@ -180,6 +161,26 @@ extern "C" __global__ void sk_select(const float* __restrict__ u, const float* _
   if (tid < nE) { Eu[tid] = ur[e0 + tid] + 0.f; Ej[tid] = e0 + tid; }
   __syncthreads();
   const int len = s_len;
+  // Rank tables for the cut (the element of rank cap - 1 of the list and the first n_ext extras):
+  // gtE[s] = bit t set when extra t ranks above extra s; rankL[s] = list entries above extra s;
+  // gtL[r - rb] = extras above list entry r, for the only list entries that can have rank
+  // cap - 1 (r in [cap - 1 - BQ, cap - 1]).
+  __shared__ unsigned long long gtE[BQ], gtL[BQ + 1];
+  __shared__ int rankL[BQ];
+  const int rb = max(0, cap - 1 - BQ);
+  if (tid < nE) {
+    unsigned long long mk = 0;
+    for (int t = 0; t < nE; ++t) mk |= (unsigned long long)gt(Eu[t], Ej[t], Eu[tid], Ej[tid]) << t;
+    gtE[tid] = mk;
+    rankL[tid] = count_gt(Lu, Lj, len, Eu[tid], Ej[tid]);
+  }
+  if (tid >= BQ && tid < 2 * BQ + 1 && rb + tid - BQ < len) {
+    int r = rb + tid - BQ;
+    unsigned long long mk = 0;
+    for (int t = 0; t < nE; ++t) mk |= (unsigned long long)gt(Eu[t], Ej[t], Lu[r], Lj[r]) << t;
+    gtL[tid - BQ] = mk;
+  }
+  __syncthreads();
   for (int qi = warp; qi < BQ; qi += nwarps) {
     int i = c * BQ + qi;
     if (i >= T) break;
@@ -188,18 +189,12 @@ extern "C" __global__ void sk_select(const float* __restrict__ u, const float* _
     float cut_u = neg_inf();
     int cut_j = -1;
     if (total > cap) {
-      // Find the element of rank cap - 1 among the extras and the tail of the list.
+      const unsigned long long first = n_ext >= 64 ? ~0ull : (1ull << n_ext) - 1;
       int found = -1;  // encoded: s (extra) or n_ext + r (list)
-      for (int s = lane; s < n_ext; s += 32) {
-        int rank = count_gt(Lu, Lj, len, Eu[s], Ej[s]);
-        for (int t = 0; t < n_ext; ++t) rank += gt(Eu[t], Ej[t], Eu[s], Ej[s]);
-        if (rank == cap - 1) found = s;
-      }
-      for (int r = max(0, cap - 1 - n_ext) + lane; r < len; r += 32) {
-        int rank = r;
-        for (int t = 0; t < n_ext; ++t) rank += gt(Eu[t], Ej[t], Lu[r], Lj[r]);
-        if (rank == cap - 1) found = n_ext + r;
-      }
+      for (int s = lane; s < n_ext; s += 32)
+        if (rankL[s] + __popcll(gtE[s] & first) == cap - 1) found = s;
+      for (int r = max(0, cap - 1 - n_ext) + lane; r < len && r < cap; r += 32)
+        if (r + __popcll(gtL[r - rb] & first) == cap - 1) found = n_ext + r;
       unsigned ball = __ballot_sync(0xffffffffu, found >= 0);
       int src = __ffs(ball) - 1;
       found = __shfl_sync(0xffffffffu, found, src < 0 ? 0 : src);
@@ -211,48 +206,75 @@ extern "C" __global__ void sk_select(const float* __restrict__ u, const float* _
     int m = min(total, cap);
     float tau = neg_inf();
     if ((float)m > k) {
-      float mx = neg_inf(), mn = __int_as_float(0x7f800000);
-      for (int r = lane; r < len; r += 32)
-        if (in_top(Lu[r], Lj[r], cut_u, cut_j)) { mx = fmaxf(mx, Lu[r]); mn = fminf(mn, Lu[r]); }
+      // The list is sorted and in_top is a prefix predicate on it: its kept part is [0, lt).
+      int lt = 0, hi_l = len;
+      while (lt < hi_l) {
+        int mid = (lt + hi_l) >> 1;
+        if (in_top(Lu[mid], Lj[mid], cut_u, cut_j)) lt = mid + 1; else hi_l = mid;
+      }
+      float mx = lt > 0 ? Lu[0] : neg_inf(), mn = lt > 0 ? Lu[lt - 1] : __int_as_float(0x7f800000);
       for (int s = lane; s < n_ext; s += 32)
         if (in_top(Eu[s], Ej[s], cut_u, cut_j)) { mx = fmaxf(mx, Eu[s]); mn = fminf(mn, Eu[s]); }
       mx = warp_max(mx);
       mn = -warp_max(-mn);
-      float lo = mn - mx - 1.f, hi = 0.f;
-      for (int it = 0; it < 36; ++it) {
-        float mid = 0.5f * (lo + hi), f = 0.f;
-        for (int r = lane; r < len; r += 32)
-          if (in_top(Lu[r], Lj[r], cut_u, cut_j)) f += fminf(fmaxf(Lu[r] - mx - mid, 0.f), 1.f);
-        for (int s = lane; s < n_ext; s += 32)
-          if (in_top(Eu[s], Ej[s], cut_u, cut_j)) f += fminf(fmaxf(Eu[s] - mx - mid, 0.f), 1.f);
-        f = warp_sum(f);
-        if (f >= k) lo = mid; else hi = mid;
+      // f(x) = sum clip(z - x, 0, 1) over the kept scores z (centred: z - mx), with the counts of
+      // the saturated (nu) and strictly partial (ns, sum ss) entries at x.
+      float ns, ss, nu, f;
+      auto eval = [&](float x) {
+        ns = ss = nu = 0.f;
+        for (int r = lane; r < lt; r += 32) {
+          float z = Lu[r] - mx;
+          if (z >= x + 1.f) nu += 1.f; else if (z > x) { ns += 1.f; ss += z; }
+        }
+        for (int s = lane; s < n_ext; s += 32) {
+          if (!in_top(Eu[s], Ej[s], cut_u, cut_j)) continue;
+          float z = Eu[s] - mx;
+          if (z >= x + 1.f) nu += 1.f; else if (z > x) { ns += 1.f; ss += z; }
+        }
+        ns = warp_sum(ns); ss = warp_sum(ss); nu = warp_sum(nu);
+        f = nu + ss - x * ns;
+      };
+      // Safeguarded Newton on the piecewise-linear f: from x, jump to the root of x's linear
+      // piece, (ss + nu - k) / ns, when it lies inside the bracket [lo, hi] (f(lo) >= k > f(hi)),
+      // else bisect. The last step is the closed form of the root's piece (the polish).
+      float lo = mn - mx - 1.f, hi = 0.f, x = 0.5f * (lo + hi), t = x;
+      for (int it = 0; it < 64; ++it) {
+        eval(x);
+        if (ns == 0.f && f == k) { t = x; break; }  // flat piece at height k (gap >= 1)
+        if (f >= k) lo = x; else hi = x;
+        float xn = ns > 0.f ? (ss + nu - k) / ns : 0.5f * (lo + hi);
+        t = xn;
+        float tol = 1e-6f * fmaxf(1.f, fabsf(x));
+        if (ns > 0.f && fabsf(xn - x) <= tol) break;
+        if (!(xn > lo && xn < hi)) xn = 0.5f * (lo + hi);
+        if (hi - lo <= tol) { t = ns > 0.f ? fminf(fmaxf(t, lo), hi) : x; break; }
+        x = xn;
       }
-      float t0 = 0.5f * (lo + hi), ssum = 0.f, ns = 0.f, nu = 0.f;
-      for (int r = lane; r < len + n_ext; r += 32) {
-        float x = r < len ? Lu[r] : Eu[r - len];
-        int j = r < len ? Lj[r] : Ej[r - len];
-        if (!in_top(x, j, cut_u, cut_j)) continue;
-        x -= mx;
-        if (x >= t0 + 1.f) nu += 1.f; else if (x > t0) { ns += 1.f; ssum += x; }
-      }
-      ssum = warp_sum(ssum); ns = warp_sum(ns); nu = warp_sum(nu);
-      tau = (ns > 0.f ? (ssum + nu - k) / ns : t0) + mx;
+      tau = t + mx;
+    }
+    // The list prefix this query attends: in the top cap and u > tau (both prefix predicates).
+    int na = 0, nb_ = len;
+    while (na < nb_) {
+      int mid = (na + nb_) >> 1;
+      if (in_top(Lu[mid], Lj[mid], cut_u, cut_j) && Lu[mid] > tau) na = mid + 1; else nb_ = mid;
     }
     if (lane == 0) {
+      atomicMax(&s_nl, na);
       long long o = (long long)row * T + i;
       tau_out[o] = tau;
       cut_u_out[o] = cut_u;
       cut_j_out[o] = cut_j;
     }
   }
+  __syncthreads();
+  if (tid == 0) nlist_out[(long long)row * nb + c] = s_nl;
 }
 
 // ---------------------------------------------------------------------------------------------
 // Attention. Shared argument list and per-row helpers.
 #define SK_PARAMS                                                                               \
   const float *__restrict__ u, const float *__restrict__ lu, const int *__restrict__ lj,       \
-      const float *__restrict__ tau, const float *__restrict__ cut_u,                          \
+      const int *__restrict__ nlist, const float *__restrict__ tau, const float *__restrict__ cut_u,                          \
       const int *__restrict__ cut_j, int B, int Hq, int Hkv, int T, int window, int cap, int nb, \
       float scale
 
@@ -509,7 +531,502 @@ __device__ void sk_bwd_dkv(const E* __restrict__ q, const E* __restrict__ kv,
   if (lane == 0) du[rowk] = gu;
 }
 
-#define SK_ARGS u, lu, lj, tau, cut_u, cut_j, B, Hq, Hkv, T, window, cap, nb, scale
+// ---------------------------------------------------------------------------------------------
+// Blocked tensor-core kernels (f16 / bf16, head_dim <= 128): one CTA of 4 warps per (block of BQ
+// queries, batch * q head). tau_i and the cut are non-decreasing in i, so every query of block c
+// attends a prefix of the block's sorted list (length nl = the largest per-query prefix) plus the
+// band [e_c, c*BQ + BQ) of newer candidates and window keys. Both are walked in tiles of TB keys
+// (K, V rows gathered with cp.async, double-buffered); the mma tiles apply the per-element weight
+// w_ij (1 in the window, clip(u_j - tau_i, 0, 1) for selected candidates, 0 = not attended).
+// ---------------------------------------------------------------------------------------------
+
+#define TB 64
+#define TC_WARPS 4
+#define TC_THREADS (TC_WARPS * 32)
+
+// The key tiles of one query block.
+struct SkTiles {
+  const float* lu;  // the block's list (cap entries)
+  const int* lj;
+  const float* ur;  // scores of the kv row
+  int nl;           // list entries some query of the block attends (a prefix of the list)
+  int e0, e1;       // band [e0, e1)
+  int ntl, nt;      // list tiles, all tiles
+
+  // Position (-1: none) and score of row r of tile t.
+  __device__ __forceinline__ int key(int t, int r, float* uo) const {
+    if (t < ntl) {
+      int rr = t * TB + r;
+      if (rr < nl) { *uo = lu[rr]; return lj[rr]; }
+    } else {
+      int j = e0 + (t - ntl) * TB + r;
+      if (j < e1) { *uo = ur[j] + 0.f; return j; }
+    }
+    *uo = neg_inf();
+    return -1;
+  }
+  // Position only (-1: none).
+  __device__ __forceinline__ int key_j(int t, int r) const {
+    if (t < ntl) {
+      int rr = t * TB + r;
+      return rr < nl ? lj[rr] : -1;
+    }
+    int j = e0 + (t - ntl) * TB + r;
+    return j < e1 ? j : -1;
+  }
+};
+
+// Weight of key (uj, j) for query i (i < 0: padding row): 0 when not attended.
+__device__ __forceinline__ float sk_weight(int i, int j, float uj, float tau_i, float cu_i,
+                                           int cj_i, int window) {
+  if (j < 0 || j > i) return 0.f;
+  if (j > i - window) return 1.f;
+  if (!(uj > tau_i) || !in_top(uj, j, cu_i, cj_i)) return 0.f;
+  return fminf(uj - tau_i, 1.f);
+}
+
+// Tiles of query block c of kv row bhk (nlist: per block, the list prefix its queries attend).
+__device__ __forceinline__ SkTiles sk_tiles(int c, int bhk, const float* u, const float* lu,
+                                            const int* lj, const int* nlist, int T, int window,
+                                            int cap, int nb) {
+  SkTiles tl;
+  long long base = ((long long)bhk * nb + c) * cap;
+  tl.lu = lu + base;
+  tl.lj = lj + base;
+  tl.ur = u + (long long)bhk * T;
+  tl.nl = nlist[(long long)bhk * nb + c];
+  tl.e0 = min(T, block_start(c, window));
+  tl.e1 = min(T, c * BQ + BQ);
+  tl.ntl = (tl.nl + TB - 1) / TB;
+  tl.nt = tl.ntl + (tl.e1 - tl.e0 + TB - 1) / TB;
+  return tl;
+}
+
+// Async gather of tile t: K and V rows (packed [k | v], row stride 2D) into padded shared tiles,
+// plus the keys' scores and positions.
+template <typename E, int D>
+__device__ __forceinline__ void sk_load_tile(E* sK, E* sV, float* sU, int* sJ, const E* kvr,
+                                             const SkTiles& tl, int t) {
+  constexpr int CH = D / 8, PER = TB * 2 * CH / TC_THREADS;
+  static_assert(TB * 2 * CH % TC_THREADS == 0, "tile chunks per thread");
+  // All row indices first (independent loads), then the copies.
+  int js[PER];
+#pragma unroll
+  for (int n = 0; n < PER; ++n) js[n] = tl.key_j(t, (threadIdx.x + n * TC_THREADS) / (2 * CH));
+#pragma unroll
+  for (int n = 0; n < PER; ++n) {
+    int idx = threadIdx.x + n * TC_THREADS, r = idx / (2 * CH), ch = idx % (2 * CH);
+    E* dst = ch < CH ? sK + r * Pad<D>::SD + ch * 8 : sV + r * Pad<D>::SD + (ch - CH) * 8;
+    cp_async16(dst, kvr + (long long)(js[n] >= 0 ? js[n] : 0) * 2 * D + ch * 8, js[n] >= 0);
+  }
+  for (int r = threadIdx.x; r < TB; r += TC_THREADS) {
+    float uj;
+    sJ[r] = tl.key(t, r, &uj);
+    sU[r] = uj;
+  }
+}
+
+// Shared-memory layout of the tensor-core kernels: NQ query-side tiles [BQ][SD], then K and V
+// [2][TB][SD], then scores and positions [2][TB].
+template <typename E, int D, int NQ>
+struct SkSmem {
+  static constexpr int SD = Pad<D>::SD;
+  static constexpr int BYTES = (NQ * BQ + 4 * TB) * SD * (int)sizeof(E) + 2 * TB * 8;
+  E *q, *k, *v;
+  float* u;
+  int* j;
+  __device__ SkSmem(unsigned char* raw) {
+    q = reinterpret_cast<E*>(raw);
+    k = q + NQ * BQ * SD;
+    v = k + 2 * TB * SD;
+    u = reinterpret_cast<float*>(v + 2 * TB * SD);
+    j = reinterpret_cast<int*>(u + 2 * TB);
+  }
+};
+
+// Per-thread query rows of the query-major kernels (rows gq and gq + 8 of the warp's 16).
+struct SkRows {
+  int i[2];
+  float tau[2], cu[2];
+  int cj[2];
+  __device__ SkRows(int m0, int bhk, int T, const float* tau_, const float* cut_u,
+                    const int* cut_j) {
+    int warp = threadIdx.x / 32, gq = (threadIdx.x & 31) >> 2;
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      int r = m0 + warp * 16 + gq + hf * 8;
+      long long ti = (long long)bhk * T + r;
+      bool ok = r < T;
+      i[hf] = ok ? r : -1;
+      tau[hf] = ok ? tau_[ti] : 0.f;
+      cu[hf] = ok ? cut_u[ti] : 0.f;
+      cj[hf] = ok ? cut_j[ti] : -1;
+    }
+  }
+};
+
+// Forward (f16 / bf16): online softmax over the tiles, P = e^s weighted by w before P.V.
+template <typename E, int D>
+__device__ void skt_fwd(const E* __restrict__ q, const E* __restrict__ kv, E* __restrict__ out,
+                        float* __restrict__ lse, SK_PARAMS) {
+  constexpr int SD = Pad<D>::SD, N8 = TB / 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  SkSmem<E, D, 1> sm(smem_raw);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, t4 = lane & 3;
+  const int c = blockIdx.x, bh = blockIdx.y, b = bh / Hq, h = bh % Hq;
+  const int bhk = b * Hkv + h / (Hq / Hkv), m0 = c * BQ;
+  const long long qrow0 = (long long)bh * T;
+  const E* kvr = kv + (long long)bhk * T * 2 * D;
+  SkTiles tl = sk_tiles(c, bhk, u, lu, lj, nlist, T, window, cap, nb);
+  SkRows rw(m0, bhk, T, tau, cut_u, cut_j);
+  const float sl2 = scale * LOG2E;
+
+  load_tile<E, BQ, D, TC_THREADS>(sm.q, q + qrow0 * D, m0, T);
+  if (tl.nt > 0) sk_load_tile<E, D>(sm.k, sm.v, sm.u, sm.j, kvr, tl, 0);
+  cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads();
+  uint32_t qf[D / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk)
+    ldsm_x4(qf[kk], sm.q + (warp * 16 + (lane & 15)) * SD + kk * 16 + (lane >> 4) * 8);
+
+  float acc[D / 8][4];
+#pragma unroll
+  for (int x = 0; x < D / 8; ++x) acc[x][0] = acc[x][1] = acc[x][2] = acc[x][3] = 0.f;
+  float mrow[2] = {neg_inf(), neg_inf()}, lrow[2] = {0.f, 0.f};
+  int buf = 0;
+  for (int t = 0; t < tl.nt; ++t) {
+    if (t + 1 < tl.nt)
+      sk_load_tile<E, D>(sm.k + (buf ^ 1) * TB * SD, sm.v + (buf ^ 1) * TB * SD,
+                         sm.u + (buf ^ 1) * TB, sm.j + (buf ^ 1) * TB, kvr, tl, t + 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    const E* cK = sm.k + buf * TB * SD;
+    const E* cV = sm.v + buf * TB * SD;
+    const float* cU = sm.u + buf * TB;
+    const int* cJ = sm.j + buf * TB;
+    float s[N8][4], w[N8][4];
+#pragma unroll
+    for (int x = 0; x < N8; ++x) s[x][0] = s[x][1] = s[x][2] = s[x][3] = 0.f;
+    gemm_abt_reg<E, D, N8>(s, qf, cK, 0);
+#pragma unroll
+    for (int nt = 0; nt < N8; ++nt)
+#pragma unroll
+      for (int e2 = 0; e2 < 2; ++e2) {
+        int col = nt * 8 + 2 * t4 + e2;
+        int j = cJ[col];
+        float uj = cU[col];
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          float wv = sk_weight(rw.i[hf], j, uj, rw.tau[hf], rw.cu[hf], rw.cj[hf], window);
+          w[nt][hf * 2 + e2] = wv;
+          s[nt][hf * 2 + e2] = wv > 0.f ? s[nt][hf * 2 + e2] * sl2 : neg_inf();
+        }
+      }
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      float mx = mrow[hf];
+#pragma unroll
+      for (int nt = 0; nt < N8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][hf * 2], s[nt][hf * 2 + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      float msafe = mx == neg_inf() ? 0.f : mx;
+      float alpha = fast_exp2(mrow[hf] - msafe);
+      mrow[hf] = mx;
+      float ls = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < N8; ++nt)
+#pragma unroll
+        for (int e2 = 0; e2 < 2; ++e2) {
+          float e = fast_exp2(s[nt][hf * 2 + e2] - msafe);
+          ls += e;
+          s[nt][hf * 2 + e2] = e * w[nt][hf * 2 + e2];
+        }
+      lrow[hf] = lrow[hf] * alpha + ls;
+#pragma unroll
+      for (int dt = 0; dt < D / 8; ++dt) {
+        acc[dt][hf * 2] *= alpha;
+        acc[dt][hf * 2 + 1] *= alpha;
+      }
+    }
+    gemm_pb<E, D, TB / 16>(acc, s, cV, 0);
+    __syncthreads();
+    buf ^= 1;
+  }
+  cp_async_wait<0>();
+  float inv[2];
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    float l = lrow[hf];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    inv[hf] = l > 0.f ? 1.f / l : 0.f;
+    if (t4 == 0 && rw.i[hf] >= 0)
+      lse[qrow0 + rw.i[hf]] = l > 0.f ? mrow[hf] * LN2 + logf(l) : neg_inf();
+  }
+  store_acc<E, D>(out + qrow0 * D, acc, m0 + warp * 16, T, inv[0], inv[1]);
+}
+
+// Backward, query-major (f16 / bf16): dq (f32, scaled), delta = dO.O, r = sum_S g_w and |S|.
+template <typename E, int D>
+__device__ void skt_bwd_dq(const E* __restrict__ q, const E* __restrict__ kv,
+                           const E* __restrict__ o, const E* __restrict__ go,
+                           const float* __restrict__ lse, float* __restrict__ dq,
+                           float* __restrict__ delta, float* __restrict__ rsum,
+                           float* __restrict__ nsup, SK_PARAMS) {
+  constexpr int SD = Pad<D>::SD, N8 = TB / 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __shared__ float s_delta[BQ];
+  SkSmem<E, D, 2> sm(smem_raw);
+  E* sG = sm.q + BQ * SD;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, gq = lane >> 2, t4 = lane & 3;
+  const int c = blockIdx.x, bh = blockIdx.y, b = bh / Hq, h = bh % Hq;
+  const int bhk = b * Hkv + h / (Hq / Hkv), m0 = c * BQ;
+  const long long qrow0 = (long long)bh * T;
+  const E* kvr = kv + (long long)bhk * T * 2 * D;
+  SkTiles tl = sk_tiles(c, bhk, u, lu, lj, nlist, T, window, cap, nb);
+  SkRows rw(m0, bhk, T, tau, cut_u, cut_j);
+  const float sl2 = scale * LOG2E;
+
+  load_tile<E, BQ, D, TC_THREADS>(sm.q, q + qrow0 * D, m0, T);
+  load_tile<E, BQ, D, TC_THREADS>(sG, go + qrow0 * D, m0, T);
+  if (tl.nt > 0) sk_load_tile<E, D>(sm.k, sm.v, sm.u, sm.j, kvr, tl, 0);
+  cp_async_commit();
+  // delta = dO.O, one warp per row.
+  for (int rr = warp; rr < BQ; rr += TC_WARPS) {
+    int i = m0 + rr;
+    float x = 0.f;
+    if (i < T)
+      for (int d = lane; d < D; d += 32) x += to_f(o[(qrow0 + i) * D + d]) * to_f(go[(qrow0 + i) * D + d]);
+    x = warp_sum(x);
+    if (lane == 0) {
+      s_delta[rr] = x;
+      if (i < T) delta[qrow0 + i] = x;
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+  uint32_t qf[D / 16][4], gf[D / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    ldsm_x4(qf[kk], sm.q + (warp * 16 + (lane & 15)) * SD + kk * 16 + (lane >> 4) * 8);
+    ldsm_x4(gf[kk], sG + (warp * 16 + (lane & 15)) * SD + kk * 16 + (lane >> 4) * 8);
+  }
+  float l2[2], dl[2], r[2] = {0.f, 0.f}, ns[2] = {0.f, 0.f};
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    int rr = warp * 16 + gq + hf * 8;
+    l2[hf] = rw.i[hf] >= 0 ? lse[qrow0 + rw.i[hf]] * LOG2E : 0.f;
+    dl[hf] = s_delta[rr];
+  }
+  float acc[D / 8][4];
+#pragma unroll
+  for (int x = 0; x < D / 8; ++x) acc[x][0] = acc[x][1] = acc[x][2] = acc[x][3] = 0.f;
+  int buf = 0;
+  for (int t = 0; t < tl.nt; ++t) {
+    if (t + 1 < tl.nt)
+      sk_load_tile<E, D>(sm.k + (buf ^ 1) * TB * SD, sm.v + (buf ^ 1) * TB * SD,
+                         sm.u + (buf ^ 1) * TB, sm.j + (buf ^ 1) * TB, kvr, tl, t + 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    const E* cK = sm.k + buf * TB * SD;
+    const E* cV = sm.v + buf * TB * SD;
+    const float* cU = sm.u + buf * TB;
+    const int* cJ = sm.j + buf * TB;
+    float s[N8][4], dp[N8][4];
+#pragma unroll
+    for (int x = 0; x < N8; ++x)
+      s[x][0] = s[x][1] = s[x][2] = s[x][3] = dp[x][0] = dp[x][1] = dp[x][2] = dp[x][3] = 0.f;
+    gemm_abt_reg<E, D, N8>(s, qf, cK, 0);
+    gemm_abt_reg<E, D, N8>(dp, gf, cV, 0);
+#pragma unroll
+    for (int nt = 0; nt < N8; ++nt)
+#pragma unroll
+      for (int e2 = 0; e2 < 2; ++e2) {
+        int col = nt * 8 + 2 * t4 + e2;
+        int j = cJ[col];
+        float uj = cU[col];
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          int x = hf * 2 + e2;
+          float wv = sk_weight(rw.i[hf], j, uj, rw.tau[hf], rw.cu[hf], rw.cj[hf], window);
+          float a = wv > 0.f ? fast_exp2(s[nt][x] * sl2 - l2[hf]) : 0.f;
+          if (wv > 0.f && wv < 1.f && j <= rw.i[hf] - window) {
+            r[hf] += a * dp[nt][x];
+            ns[hf] += 1.f;
+          }
+          s[nt][x] = a * (wv * dp[nt][x] - dl[hf]);
+        }
+      }
+    gemm_pb<E, D, TB / 16>(acc, s, cK, 0);
+    __syncthreads();
+    buf ^= 1;
+  }
+  cp_async_wait<0>();
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    float rs = r[hf], n = ns[hf];
+    rs += __shfl_xor_sync(0xffffffffu, rs, 1);
+    rs += __shfl_xor_sync(0xffffffffu, rs, 2);
+    n += __shfl_xor_sync(0xffffffffu, n, 1);
+    n += __shfl_xor_sync(0xffffffffu, n, 2);
+    int i = rw.i[hf];
+    if (i < 0) continue;
+    if (t4 == 0) {
+      rsum[qrow0 + i] = rs;
+      nsup[qrow0 + i] = n;
+    }
+    float* dr = dq + (qrow0 + i) * D;
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt)
+      *reinterpret_cast<float2*>(dr + dt * 8 + 2 * t4) =
+          make_float2(acc[dt][hf * 2] * scale, acc[dt][hf * 2 + 1] * scale);
+  }
+}
+
+// Backward, key-major per tile (f16 / bf16): each warp owns 16 keys of the tile and recomputes
+// S^T = K Q^T and dP^T = V dO^T against the block's BQ queries, then adds dV = (a w)^T dO,
+// dK = scale dS^T Q and du (sum over S of a dP - r_i / |S_i|) to the zeroed f32 outputs with
+// vector atomics (keys are shared by many query blocks and heads).
+template <typename E, int D>
+__device__ void skt_bwd_dkv(const E* __restrict__ q, const E* __restrict__ kv,
+                            const E* __restrict__ go, const float* __restrict__ lse,
+                            const float* __restrict__ delta, const float* __restrict__ rsum,
+                            const float* __restrict__ nsup, float* __restrict__ dkv,
+                            float* __restrict__ du, SK_PARAMS) {
+  constexpr int SD = Pad<D>::SD, N8 = BQ / 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __shared__ float s_tau[BQ], s_cu[BQ], s_l2[BQ], s_dl[BQ], s_rn[BQ];
+  __shared__ int s_cj[BQ], s_i[BQ];
+  SkSmem<E, D, 2> sm(smem_raw);
+  E* sG = sm.q + BQ * SD;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, gq = lane >> 2, t4 = lane & 3;
+  const int c = blockIdx.x, bh = blockIdx.y, b = bh / Hq, h = bh % Hq;
+  const int bhk = b * Hkv + h / (Hq / Hkv), m0 = c * BQ;
+  const long long qrow0 = (long long)bh * T, krow0 = (long long)bhk * T;
+  const E* kvr = kv + krow0 * 2 * D;
+  SkTiles tl = sk_tiles(c, bhk, u, lu, lj, nlist, T, window, cap, nb);
+  const float sl2 = scale * LOG2E;
+
+  load_tile<E, BQ, D, TC_THREADS>(sm.q, q + qrow0 * D, m0, T);
+  load_tile<E, BQ, D, TC_THREADS>(sG, go + qrow0 * D, m0, T);
+  if (tl.nt > 0) sk_load_tile<E, D>(sm.k, sm.v, sm.u, sm.j, kvr, tl, 0);
+  cp_async_commit();
+  for (int n = threadIdx.x; n < BQ; n += TC_THREADS) {
+    int i = m0 + n;
+    bool ok = i < T;
+    long long ti = krow0 + i, qi = qrow0 + i;
+    s_i[n] = ok ? i : -1;
+    s_tau[n] = ok ? tau[ti] : 0.f;
+    s_cu[n] = ok ? cut_u[ti] : 0.f;
+    s_cj[n] = ok ? cut_j[ti] : -1;
+    s_l2[n] = ok ? lse[qi] * LOG2E : 0.f;
+    s_dl[n] = ok ? delta[qi] : 0.f;
+    float ns = ok ? nsup[qi] : 0.f;
+    s_rn[n] = ns > 0.f ? rsum[qi] / ns : 0.f;
+  }
+  int buf = 0;
+  for (int t = 0; t < tl.nt; ++t) {
+    if (t + 1 < tl.nt)
+      sk_load_tile<E, D>(sm.k + (buf ^ 1) * TB * SD, sm.v + (buf ^ 1) * TB * SD,
+                         sm.u + (buf ^ 1) * TB, sm.j + (buf ^ 1) * TB, kvr, tl, t + 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    const E* cK = sm.k + buf * TB * SD;
+    const E* cV = sm.v + buf * TB * SD;
+    const float* cU = sm.u + buf * TB;
+    const int* cJ = sm.j + buf * TB;
+    float st[N8][4], dpt[N8][4];
+#pragma unroll
+    for (int x = 0; x < N8; ++x)
+      st[x][0] = st[x][1] = st[x][2] = st[x][3] = dpt[x][0] = dpt[x][1] = dpt[x][2] =
+          dpt[x][3] = 0.f;
+    gemm_abt<E, D, N8>(st, cK, warp * 16, sm.q, 0);
+    gemm_abt<E, D, N8>(dpt, cV, warp * 16, sG, 0);
+    int jk[2];
+    float uk[2], gu[2] = {0.f, 0.f};
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      jk[hf] = cJ[warp * 16 + gq + hf * 8];
+      uk[hf] = cU[warp * 16 + gq + hf * 8];
+    }
+#pragma unroll
+    for (int nt = 0; nt < N8; ++nt)
+#pragma unroll
+      for (int e2 = 0; e2 < 2; ++e2) {
+        int n = nt * 8 + 2 * t4 + e2, i = s_i[n];
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          int x = hf * 2 + e2;
+          float wv = sk_weight(i, jk[hf], uk[hf], s_tau[n], s_cu[n], s_cj[n], window);
+          float a = wv > 0.f ? fast_exp2(st[nt][x] * sl2 - s_l2[n]) : 0.f;
+          float dpv = dpt[nt][x];
+          if (wv > 0.f && wv < 1.f && jk[hf] <= i - window) gu[hf] += a * dpv - s_rn[n];
+          st[nt][x] = a * wv;
+          dpt[nt][x] = a * (wv * dpv - s_dl[n]);
+        }
+      }
+    float acc[D / 8][4];
+#pragma unroll
+    for (int pass = 0; pass < 2; ++pass) {
+#pragma unroll
+      for (int x = 0; x < D / 8; ++x) acc[x][0] = acc[x][1] = acc[x][2] = acc[x][3] = 0.f;
+      // pass 0: dV = (a w)^T dO; pass 1: dK = scale dS^T Q.
+      if (pass == 0) gemm_pb<E, D, BQ / 16>(acc, st, sG, 0);
+      else gemm_pb<E, D, BQ / 16>(acc, dpt, sm.q, 0);
+      float mul = pass == 0 ? 1.f : scale;
+      int off = pass == 0 ? D : 0;
+      // Quad pairs swap halves so that each thread adds 4 consecutive floats of one key row:
+      // even t4 row gq, odd t4 row gq + 8, columns 4 * (t4 / 2) .. + 4 of each 8-column chunk.
+      const int odd = t4 & 1, jr = jk[odd];
+      float* dr = dkv + (krow0 + (jr >= 0 ? jr : 0)) * 2 * D + off + 4 * (t4 >> 1);
+#pragma unroll
+      for (int dt = 0; dt < D / 8; ++dt) {
+        float a0 = acc[dt][0] * mul, a1 = acc[dt][1] * mul, b0 = acc[dt][2] * mul,
+              b1 = acc[dt][3] * mul;
+        float r0 = __shfl_xor_sync(0xffffffffu, odd ? a0 : b0, 1);
+        float r1 = __shfl_xor_sync(0xffffffffu, odd ? a1 : b1, 1);
+        if (jr >= 0) {
+          if (odd) red_add4(dr + dt * 8, r0, r1, b0, b1);
+          else red_add4(dr + dt * 8, a0, a1, r0, r1);
+        }
+      }
+    }
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      float g = gu[hf];
+      g += __shfl_xor_sync(0xffffffffu, g, 1);
+      g += __shfl_xor_sync(0xffffffffu, g, 2);
+      if (t4 == 0 && jk[hf] >= 0 && g != 0.f) atomicAdd(du + krow0 + jk[hf], g);
+    }
+    __syncthreads();
+    buf ^= 1;
+  }
+  cp_async_wait<0>();
+}
+
+#define SKT_INSTANTIATE(TY, NAME, D)                                                            \
+  extern "C" __global__ void __launch_bounds__(TC_THREADS) skt_fwd_##NAME##_d##D(               \
+      const TY* q, const TY* kv, TY* out, float* lse, SK_PARAMS) {                              \
+    skt_fwd<TY, D>(q, kv, out, lse, SK_ARGS);                                                   \
+  }                                                                                             \
+  extern "C" __global__ void __launch_bounds__(TC_THREADS) skt_bwd_dq_##NAME##_d##D(            \
+      const TY* q, const TY* kv, const TY* o, const TY* go, const float* lse, float* dq,        \
+      float* delta, float* rsum, float* nsup, SK_PARAMS) {                                      \
+    skt_bwd_dq<TY, D>(q, kv, o, go, lse, dq, delta, rsum, nsup, SK_ARGS);                       \
+  }                                                                                             \
+  extern "C" __global__ void __launch_bounds__(TC_THREADS) skt_bwd_dkv_##NAME##_d##D(           \
+      const TY* q, const TY* kv, const TY* go, const float* lse, const float* delta,            \
+      const float* rsum, const float* nsup, float* dkv, float* du, SK_PARAMS) {                 \
+    skt_bwd_dkv<TY, D>(q, kv, go, lse, delta, rsum, nsup, dkv, du, SK_ARGS);                    \
+  }
+
+#define SK_ARGS u, lu, lj, nlist, tau, cut_u, cut_j, B, Hq, Hkv, T, window, cap, nb, scale
+
 #define SK_INSTANTIATE(TY, NAME, D)                                                             \
   extern "C" __global__ void sk_fwd_##NAME##_d##D(const TY* q, const TY* kv, TY* out,           \
                                                   float* lse, SK_PARAMS) {                      \
@@ -536,3 +1053,12 @@ __device__ void sk_bwd_dkv(const E* __restrict__ q, const E* __restrict__ kv,
 SK_ALL_D(float, f32)
 SK_ALL_D(__half, f16)
 SK_ALL_D(__nv_bfloat16, bf16)
+
+#define SKT_ALL_D(TY, NAME)                                                                     \
+  SKT_INSTANTIATE(TY, NAME, 32)                                                                 \
+  SKT_INSTANTIATE(TY, NAME, 64)                                                                 \
+  SKT_INSTANTIATE(TY, NAME, 96)                                                                 \
+  SKT_INSTANTIATE(TY, NAME, 128)
+
+SKT_ALL_D(__half, f16)
+SKT_ALL_D(__nv_bfloat16, bf16)

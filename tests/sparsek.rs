@@ -292,6 +292,33 @@ fn cases() -> Vec<(&'static str, Case)> {
     mha.slope = 0.02;
     mha.seed = 6;
     v.push(("mha_d64_slope", mha));
+    // Tiling of the CUDA tensor-core kernels (blocks of 64 queries, tiles of 64 keys): lengths
+    // around multiples of 64, windows that are not, lists of several tiles, many queries (and a
+    // GQA group of 4 heads) adding into the same keys.
+    let mut t129 = Case::new(129, 10, 70);
+    t129.d = 64;
+    t129.slope = 0.01;
+    t129.seed = 7;
+    v.push(("tiles_t129_w70_d64", t129));
+    let mut t200 = Case::new(192, 40, 0);
+    t200.cfg.max_selected = Some(80);
+    t200.seed = 8;
+    v.push(("tiles_t192_window0_cap80", t200));
+    let mut same = Case::new(257, 6, 64);
+    same.hq = 4;
+    same.hkv = 1;
+    same.d = 64;
+    same.slope = -0.05;
+    same.spread = 0.3;
+    same.seed = 9;
+    v.push(("tiles_t257_gqa4_same_keys", same));
+    let mut d96 = Case::new(255, 30, 33);
+    d96.b = 1;
+    d96.hq = 2;
+    d96.d = 96;
+    d96.slope = 0.003;
+    d96.seed = 10;
+    v.push(("tiles_t255_w33_d96", d96));
     v
 }
 
@@ -597,6 +624,7 @@ fn cuda_matches_reference() -> R<()> {
     for (name, c) in cases().into_iter().take(n) {
         check(name, &c, &dev, DType::F32, 1e-3)?;
         check(name, &c, &dev, DType::BF16, 3e-2)?;
+        check(name, &c, &dev, DType::F16, 1e-2)?;
     }
     Ok(())
 }
@@ -632,7 +660,15 @@ fn cuda_bench() -> R<()> {
     let (b, h, d) = (4, 48, 64);
     let cfg = SparseKConfig::new(256, 256);
     let sync = |dev: &Device| dev.synchronize();
-    for t in [8192usize, 16384, 32768] {
+    // SPARSEK_BENCH_SEQ: comma-separated lengths (default 8k, 16k, 32k); the dense op runs up to 32k.
+    let seqs: Vec<usize> = match std::env::var("SPARSEK_BENCH_SEQ") {
+        Ok(s) => s
+            .split(',')
+            .map(|x| x.trim().parse())
+            .collect::<Result<_, _>>()?,
+        Err(_) => vec![8192, 16384, 32768],
+    };
+    for t in seqs {
         let q =
             Var::from_tensor(&Tensor::randn(0f32, 1., (b, h, t, d), &dev)?.to_dtype(DType::BF16)?)?;
         let k =
@@ -676,6 +712,9 @@ fn cuda_bench() -> R<()> {
             "BENCH t={t} sparsek fwd only {:.2} ms",
             t0.elapsed().as_secs_f64() * 1e3 / 3.0
         );
+        if t > 32768 {
+            continue;
+        }
         let dense = time("dense flash_attn", &|| {
             candle_sparse_attn::flash_attn(&q, &k, &v, &candle_sparse_attn::AttnParams::default())
         })?;

@@ -4,9 +4,13 @@
 //! - Selection: one CTA per `(batch, kv_head)` builds the top-`K′` list of the prefix before every
 //!   block of 64 queries by merging sorted lists (`O(T·K′/64)` memory); then per query the cut
 //!   (its `K′`-th largest candidate) and τ (bisection + closed-form polish, f32).
-//! - Forward and dQ: one warp per query row over window ∪ selected keys, f32 online softmax.
-//! - dK, dV, dScores: one warp per key row. τ_i and the cut are non-decreasing in i, so the
-//!   queries attending key j form one interval `[j, e_j)` found by binary search; the key
+//! - f16 / bf16 with head_dim ≤ 128 (`skt_*`): blocked tensor-core kernels, one CTA of 4 warps per
+//!   (block of 64 queries, batch × query head) walking the block's list prefix and its band of
+//!   newer candidates and window keys in tiles of 64 gathered keys: forward; dQ with `r_i` and
+//!   `|S_i|`; dK, dV, dScores added to zeroed f32 outputs with vector atomics.
+//! - f32 and head_dim 256 (`sk_*`): forward and dQ one warp per query row over window ∪
+//!   selected keys; dK, dV, dScores one warp per key row over the interval `[j, e_j)` of queries
+//!   attending it (τ_i and the cut are non-decreasing in i), found by binary search; the key
 //!   accumulates its gradients in registers (no atomics, deterministic).
 
 use std::sync::Arc;
@@ -35,6 +39,8 @@ pub(crate) struct Selection {
     /// Top-`K′` lists `(b·hkv, blocks, K′)`: scores and positions (padding `-inf`, `-1`).
     list_u: Arc<CudaSlice<f32>>,
     list_j: Arc<CudaSlice<i32>>,
+    /// Per block `(b·hkv, blocks)`: the length of the list prefix its queries attend.
+    list_len: Arc<CudaSlice<i32>>,
     /// Per query `(b·hkv, t)`: τ (`-inf` when every candidate has p = 1) and the cut key.
     tau: Arc<CudaSlice<f32>>,
     cut_u: Arc<CudaSlice<f32>>,
@@ -127,6 +133,7 @@ pub(crate) fn select(
     let mut tau = unsafe { dev.alloc::<f32>(rows * t) }?;
     let mut cut_u = unsafe { dev.alloc::<f32>(rows * t) }?;
     let mut cut_j = unsafe { dev.alloc::<i32>(rows * t) }?;
+    let mut list_len = unsafe { dev.alloc::<i32>(rows * blocks) }?;
     {
         let smem = (cap + BQ) * 8;
         let f = func!(dev, "sk_select", smem);
@@ -138,6 +145,7 @@ pub(crate) fn select(
         b.arg(&mut tau);
         b.arg(&mut cut_u);
         b.arg(&mut cut_j);
+        b.arg(&mut list_len);
         b.arg(&t_i);
         b.arg(&w_i);
         b.arg(&cap_i);
@@ -148,11 +156,25 @@ pub(crate) fn select(
     Ok(Selection {
         list_u: Arc::new(list_u),
         list_j: Arc::new(list_j),
+        list_len: Arc::new(list_len),
         tau: Arc::new(tau),
         cut_u: Arc::new(cut_u),
         cut_j: Arc::new(cut_j),
         blocks,
     })
+}
+
+/// Whether the blocked tensor-core kernels (`skt_*`: f16 / bf16, head_dim ≤ 128) run; otherwise
+/// the row kernels (`sk_*`, f32 arithmetic: the f32 path and head_dim 256).
+fn tensor_cores(dtype: DType, d: usize) -> bool {
+    dtype != DType::F32 && d <= 128
+}
+
+/// Dynamic shared memory of a tensor-core kernel with `nq` query-side tiles (`SkSmem` in the .cu
+/// file): `nq` tiles of 64 query rows plus double-buffered K and V tiles of 64 keys, rows padded by
+/// 8 elements, plus the tiles' scores and positions.
+fn tc_smem(d: usize, nq: usize) -> usize {
+    (nq * BQ + 4 * BQ) * (d + 8) * 2 + 2 * BQ * 8
 }
 
 /// The trailing scalars of every attention kernel (`SK_PARAMS` after the pointers).
@@ -186,6 +208,7 @@ fn push_params<'a>(
     b.arg(u);
     b.arg(sel.list_u.as_ref());
     b.arg(sel.list_j.as_ref());
+    b.arg(sel.list_len.as_ref());
     b.arg(sel.tau.as_ref());
     b.arg(sel.cut_u.as_ref());
     b.arg(sel.cut_j.as_ref());
@@ -234,10 +257,16 @@ fn fwd_t<T: CudaDType + candle::cuda_backend::cudarc::driver::DeviceRepr>(
     let mut out = unsafe { dev.alloc::<T>(rows * dims.d) }?;
     let mut lse = unsafe { dev.alloc::<f32>(rows) }?;
     let sc = Scalars::new(dims, scfg, sel.blocks, scale);
+    let tc = tensor_cores(sq.dtype(), dims.d);
+    let (prefix, smem) = if tc {
+        ("skt", tc_smem(dims.d, 1))
+    } else {
+        ("sk", 0)
+    };
     let f = func!(
         dev,
-        &format!("sk_fwd_{}_d{}", tname(sq.dtype())?, dims.d),
-        0,
+        &format!("{prefix}_fwd_{}_d{}", tname(sq.dtype())?, dims.d),
+        smem,
     );
     let mut b = f.builder();
     b.arg(&q);
@@ -245,7 +274,12 @@ fn fwd_t<T: CudaDType + candle::cuda_backend::cudarc::driver::DeviceRepr>(
     b.arg(&mut out);
     b.arg(&mut lse);
     push_params(&mut b, &u, sel, &sc);
-    unsafe { b.launch(cfg((rows.div_ceil(WARPS), 1), 32 * WARPS, 0)?) }.w()?;
+    let launch = if tc {
+        cfg((sel.blocks, dims.b * dims.hq), 128, smem)?
+    } else {
+        cfg((rows.div_ceil(WARPS), 1), 32 * WARPS, 0)?
+    };
+    unsafe { b.launch(launch) }.w()?;
     Ok((
         CudaStorage::wrap_cuda_slice(out, dev.clone()),
         CudaStorage::wrap_cuda_slice(lse, dev),
@@ -352,7 +386,25 @@ fn bwd_t<T: CudaDType + candle::cuda_backend::cudarc::driver::DeviceRepr>(
     let rows_q = dims.b * dims.hq * dims.t;
     let rows_k = dims.b * dims.hkv * dims.t;
     let (nq, nkv) = (rows_q * dims.d, rows_k * 2 * dims.d);
-    let mut packed = unsafe { dev.alloc::<f32>(nq + nkv + rows_k) }?;
+    let tc = tensor_cores(dtype, dims.d);
+    // The tensor-core dK / dV / du kernel adds into zeroed outputs.
+    let mut packed = if tc {
+        dev.alloc_zeros::<f32>(nq + nkv + rows_k)?
+    } else {
+        unsafe { dev.alloc::<f32>(nq + nkv + rows_k) }?
+    };
+    let (prefix, smem) = if tc {
+        ("skt", tc_smem(dims.d, 2))
+    } else {
+        ("sk", 0)
+    };
+    let launch = |rows: usize| {
+        if tc {
+            cfg((sel.blocks, dims.b * dims.hq), 128, smem)
+        } else {
+            cfg((rows.div_ceil(WARPS), 1), 32 * WARPS, 0)
+        }
+    };
     let mut delta = unsafe { dev.alloc::<f32>(rows_q) }?;
     let mut rsum = unsafe { dev.alloc::<f32>(rows_q) }?;
     let mut nsup = unsafe { dev.alloc::<f32>(rows_q) }?;
@@ -361,7 +413,7 @@ fn bwd_t<T: CudaDType + candle::cuda_backend::cudarc::driver::DeviceRepr>(
     let (mut dq, mut rest) = packed.split_at_mut(nq);
     let (mut dkv, mut du) = rest.split_at_mut(nkv);
     {
-        let f = func!(dev, &format!("sk_bwd_dq_{tn}_d{}", dims.d), 0);
+        let f = func!(dev, &format!("{prefix}_bwd_dq_{tn}_d{}", dims.d), smem);
         let mut b = f.builder();
         b.arg(&q);
         b.arg(&kv);
@@ -373,10 +425,10 @@ fn bwd_t<T: CudaDType + candle::cuda_backend::cudarc::driver::DeviceRepr>(
         b.arg(&mut rsum);
         b.arg(&mut nsup);
         push_params(&mut b, &u, sel, &sc);
-        unsafe { b.launch(cfg((rows_q.div_ceil(WARPS), 1), 32 * WARPS, 0)?) }.w()?;
+        unsafe { b.launch(launch(rows_q)?) }.w()?;
     }
     {
-        let f = func!(dev, &format!("sk_bwd_dkv_{tn}_d{}", dims.d), 0);
+        let f = func!(dev, &format!("{prefix}_bwd_dkv_{tn}_d{}", dims.d), smem);
         let mut b = f.builder();
         b.arg(&q);
         b.arg(&kv);
@@ -388,7 +440,7 @@ fn bwd_t<T: CudaDType + candle::cuda_backend::cudarc::driver::DeviceRepr>(
         b.arg(&mut dkv);
         b.arg(&mut du);
         push_params(&mut b, &u, sel, &sc);
-        unsafe { b.launch(cfg((rows_k.div_ceil(WARPS), 1), 32 * WARPS, 0)?) }.w()?;
+        unsafe { b.launch(launch(rows_k)?) }.w()?;
     }
     Ok(CudaStorage::wrap_cuda_slice(packed, dev))
 }

@@ -30,21 +30,32 @@
 //! - **Kernels**: CPU: an incremental top-`K′` structure per kv head (one insertion per query) and
 //!   an exact sorted scan for τ (f64). CUDA: per block of 64 queries the top-`K′` of the prefix by a
 //!   sequential merge of sorted lists, then per query its cut (the `K′`-th largest candidate) and τ
-//!   by bisection polished with the closed form (f32); forward and dQ one warp per query row over
-//!   `window ∪ selected`; dK, dV and the score gradient one warp per key over the interval of
-//!   queries attending it (τ_i and the cut are non-decreasing in i, so that set is an interval):
-//!   no atomics, deterministic. CUDA needs `K′ ≤ 8192`.
+//!   by bisection polished with the closed form (f32). Attention, f16 / bf16 with head_dim ≤ 128:
+//!   blocked tensor-core kernels (mma.sync m16n8k16, f32 accumulation), one CTA per block of 64
+//!   queries and query head. τ_i and the cut are non-decreasing in i, so the block's queries
+//!   attend a prefix of its sorted list plus the contiguous band of its newer candidates and
+//!   window keys; both are walked in tiles of 64 gathered K/V rows (cp.async, double-buffered)
+//!   with the weight `w_ij` applied per element. Forward: online softmax; dQ, `r_i`, `|S_i|`:
+//!   the same walk; dK, dV and the score gradient: the same walk again with each warp owning 16
+//!   keys of the tile, added to f32 outputs with vector atomics (keys are shared by many blocks
+//!   and heads: not bitwise deterministic). f32 (and head_dim 256) keep the exact row kernels:
+//!   forward and dQ one warp per query row, dK / dV / scores one warp per key over the interval
+//!   of queries attending it (no atomics, deterministic). CUDA needs `K′ ≤ 8192`.
 //! - **Scores**: `−0.0` and `+0.0` are the same score. NaN scores are rejected on the CPU; the CUDA
 //!   path never syncs with the host and does not check them.
 //!
 //! # Performance (measured: H100, bf16, B = 4, H = 48, D = 64, k = 256, window = 256, K′ = 512)
-//! Forward + backward 317 / 653 / 1314 ms at 8k / 16k / 32k tokens (linear: ×2.06, ×2.01), beside
-//! the dense [`crate::flash_attn`] at 63 / 216 / 815 ms; forward alone 85 / 176 / 353 ms. The
-//! kernels are correct but not fast yet: one warp per query row gathers its ~800 key/value rows
-//! with no reuse across queries, which is L2-bandwidth bound. The planned fix keeps the selection
-//! data as is: a CTA per block of 64 queries loads the union of the block's list (≤ `K′`), its
-//! ≤ 64 newer candidates and the window band once into shared memory and runs tensor-core tiles
-//! with per-element weights from `(u_j, τ_i, cut_i)`.
+//! Forward + backward 43.3 / 84.2 / 168.9 / 339.2 ms at 8k / 16k / 32k / 64k tokens (linear:
+//! ×1.94, ×2.01, ×2.01), beside the dense [`crate::flash_attn`] at 43.4 / 143.2 / 512.0 ms
+//! (1.00× / 1.70× / 3.03× faster); forward alone 10.9 / 21.2 / 42.9 / 85.3 ms; device memory
+//! in use after the backward 3.5 / 6.4 / 11.9 / 22.8 GiB (table and command in BENCHMARKS.md).
+//! The row kernels these blocked ones replace took 317 / 653 / 1314 ms. At 16k the SparseK
+//! kernels take 42.9 ms (selection 8.5, forward 9.5, dQ 12.2, dK/dV/dScores 12.7); the rest is
+//! outside them: the `[k | v]` concatenation, the zeroed f32 `[dq | dkv | du]` buffer and its
+//! conversions, and the benchmark's loss ops (also in the dense run). Not yet at the 5× target;
+//! next: take k and v separately and write the gradients in the input dtype (removes the glue),
+//! dK/dV of the band tiles per key block without atomics (deterministic, fewer atomics), fewer
+//! Newton passes per query in `sk_select` (warm start from the previous query's τ).
 
 mod attn;
 mod cache;
