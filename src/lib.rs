@@ -39,7 +39,8 @@ pub mod sparsek;
 pub mod twilight;
 
 pub use flash::{flash_attn, flash_attn_with_visibility, AttnParams, SUPPORTED_HEAD_DIMS};
-pub use mask::{SparseLayout, Visibility};
+pub use mask::{SinkBand, SparseLayout, Visibility};
+pub use moa::moa_attn;
 pub use scfa::{
     hash_sparse_attn, hash_sparse_attn_with_buckets, qk_sparse_attn, sparse_causal_attn,
     HashConfig, ScfaParams,

@@ -23,6 +23,58 @@ pub enum Visibility {
     Causal,
     /// Sparse causal on original positions, rows already arranged (see [`SparseLayout`]).
     Sparse(SparseLayout),
+    /// Causal sink + sliding band on blocks of [`SINK_BAND_BLOCK`] tokens, one span per kv head
+    /// (MoA prefill, see [`SinkBand`]). Requires `q_len == kv_len`.
+    SinkBand(SinkBand),
+}
+
+/// Tokens per block of [`Visibility::SinkBand`] (the MoA block, whatever the kernels' tiles).
+pub const SINK_BAND_BLOCK: usize = 64;
+
+/// Per-kv-head sink and band, in blocks of [`SINK_BAND_BLOCK`] tokens.
+///
+/// With query block `qb = i / 64` and key block `kb = j / 64`, query `i` of a head whose kv head
+/// has `(sink, band)` blocks sees key `j` iff `j <= i` and (`kb < sink` or `kb > qb − band`):
+/// the sink blocks plus the `band` newest blocks up to the diagonal, which is masked element-wise.
+/// `blocks` is `(kv_heads, 2)` i32, contiguous, on the attention inputs' device: row `h` holds
+/// `[sink_blocks, band_blocks]` of kv head `h` (every batch row shares them; negative values count
+/// as 0).
+#[derive(Clone, Debug)]
+pub struct SinkBand {
+    /// `(kv_heads, 2)` i32: sink blocks and band blocks of every kv head.
+    pub blocks: Tensor,
+}
+
+impl SinkBand {
+    /// Checks dtype and shape against the attention dims `(hkv, nq, nk)`.
+    pub(crate) fn validate(&self, hkv: usize, nq: usize, nk: usize) -> Result<()> {
+        if self.blocks.dtype() != DType::I32 || self.blocks.dims() != [hkv, 2] {
+            bail!(
+                "sink-band visibility: blocks must be i32 of shape [{hkv}, 2] (kv heads, \
+                 [sink, band]), got {:?} {:?}",
+                self.blocks.dtype(),
+                self.blocks.dims()
+            )
+        }
+        if nq != nk {
+            bail!("sink-band visibility: q_len {nq} and kv_len {nk} must be equal (prefill)")
+        }
+        Ok(())
+    }
+
+    /// `(sink_blocks, band_blocks)` of every kv head, read to the host.
+    pub fn host_blocks(&self) -> Result<Vec<(usize, usize)>> {
+        let v = self.blocks.flatten_all()?.to_vec1::<i32>()?;
+        Ok(v.chunks(2)
+            .map(|c| (c[0].max(0) as usize, c[1].max(0) as usize))
+            .collect())
+    }
+
+    /// Whether query `i` sees key `j` under a kv head's `(sink_blocks, band_blocks)`.
+    pub fn sees(i: usize, j: usize, (sink, band): (usize, usize)) -> bool {
+        let (qb, kb) = (i / SINK_BAND_BLOCK, j / SINK_BAND_BLOCK);
+        j <= i && (kb < sink || kb + band > qb)
+    }
 }
 
 /// Per-row positions (and optional bucket ids) of queries and keys that were compacted or sorted.

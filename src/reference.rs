@@ -4,7 +4,7 @@
 
 use candle::{DType, Device, Result, Tensor, D};
 
-use crate::mask::Visibility;
+use crate::mask::{SinkBand, Visibility};
 
 /// `softmax(scale · q kᵀ, masked) v` with an optional explicit mask.
 ///
@@ -90,6 +90,16 @@ pub fn mask(
                         .as_ref()
                         .is_none_or(|(qb, kb)| qb[r] == kb[krow0 + j]);
                     *x = (causal && same) as u8;
+                }
+            }
+        }
+        Visibility::SinkBand(sb) => {
+            let blocks = sb.host_blocks()?;
+            for (r, row) in m.chunks_mut(kv_len).enumerate() {
+                let (bh, i) = (r / q_len, r % q_len);
+                let span = blocks[bh % q_heads / group];
+                for (j, x) in row.iter_mut().enumerate() {
+                    *x = SinkBand::sees(i, j, span) as u8;
                 }
             }
         }

@@ -15,6 +15,7 @@
 //! fails the tests.
 
 use std::borrow::Cow;
+use std::ops::Range;
 
 use candle::backend::BackendStorage;
 use candle::{bail, CpuStorage, DType, Layout, Result, Tensor};
@@ -22,12 +23,14 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use super::{contiguous_slice, Dims, FlashAttnBwd};
-use crate::mask::{Visibility, KEY_PAD_POS, QUERY_PAD_POS};
+use crate::mask::{Visibility, KEY_PAD_POS, QUERY_PAD_POS, SINK_BAND_BLOCK};
 
 /// Query rows per tile.
 const BLOCK_Q: usize = 64;
 /// Key rows per tile.
 const BLOCK_K: usize = 64;
+// Sink-band visibility treats tiles as its blocks.
+const _: () = assert!(BLOCK_Q == SINK_BAND_BLOCK && BLOCK_K == SINK_BAND_BLOCK);
 
 /// The initial value of output buffers: NaN in debug builds (catches unwritten elements).
 const OUTPUT_FILL: f32 = if cfg!(debug_assertions) {
@@ -55,6 +58,11 @@ enum HostVisibility {
         offset: isize,
     },
     Sparse(HostSparse),
+    /// `(sink_blocks, band_blocks)` per kv head (`hkv` of them); tiles are the blocks.
+    SinkBand {
+        blocks: Vec<(usize, usize)>,
+        hkv: usize,
+    },
 }
 
 struct HostSparse {
@@ -169,7 +177,43 @@ impl HostVisibility {
                     k_tiles,
                 })
             }
+            Visibility::SinkBand(sb) => Self::SinkBand {
+                blocks: sb.host_blocks()?,
+                hkv: dims.hkv,
+            },
         })
+    }
+
+    /// The key tiles a query tile may see, as two ranges visited in order (the second starting
+    /// at or after the end of the first): the sink, then the band, for [`Visibility::SinkBand`];
+    /// every tile otherwise ([`Self::tile_mask`] still skips tiles it proves invisible).
+    fn key_tiles(&self, kh: usize, qt: &Tile, k_tiles: usize) -> [Range<usize>; 2] {
+        match self {
+            Self::SinkBand { blocks, hkv } => {
+                let (sink, band) = blocks[kh % hkv];
+                let end = (qt.index + 1).min(k_tiles);
+                let sink_end = sink.min(end);
+                let band_start = (qt.index + 1).saturating_sub(band).max(sink_end);
+                [0..sink_end, band_start..end]
+            }
+            _ => [0..0, 0..k_tiles],
+        }
+    }
+
+    /// The query tiles that may see a key tile (same convention as [`Self::key_tiles`]).
+    fn query_tiles(&self, kh: usize, kt: &Tile, q_tiles: usize) -> Range<usize> {
+        match self {
+            Self::SinkBand { blocks, hkv } => {
+                let (sink, band) = blocks[kh % hkv];
+                let end = if kt.index < sink {
+                    q_tiles
+                } else {
+                    (kt.index + band).min(q_tiles)
+                };
+                kt.index.min(end)..end
+            }
+            _ => 0..q_tiles,
+        }
     }
 
     /// Classifies a (query tile, key tile) pair. `qh`/`kh` are the flat `(b·h)` head indices.
@@ -204,6 +248,18 @@ impl HostVisibility {
                     TileMask::Skip
                 }
             }
+            Self::SinkBand { blocks, hkv } => {
+                // Tiles are the blocks: only the diagonal needs an element mask.
+                let (sink, band) = blocks[kh % hkv];
+                let (qb, kb) = (qt.index, kt.index);
+                if kb > qb || (kb >= sink && kb + band <= qb) {
+                    TileMask::Skip
+                } else if kb == qb {
+                    TileMask::Partial
+                } else {
+                    TileMask::All
+                }
+            }
         }
     }
 
@@ -214,8 +270,12 @@ impl HostVisibility {
             let row = &mut row[..kt.rows];
             match self {
                 Self::Full => {}
-                Self::Causal { offset } => {
-                    // Keys j <= i + offset are visible.
+                Self::Causal { .. } | Self::SinkBand { .. } => {
+                    // Keys j <= i + offset are visible (sink-band: only diagonal tiles get here).
+                    let offset = match self {
+                        Self::Causal { offset } => *offset,
+                        _ => 0,
+                    };
                     let end = (qt.start + r) as isize + offset + 1 - kt.start as isize;
                     let end = end.clamp(0, kt.rows as isize) as usize;
                     row[end..].fill(f32::NEG_INFINITY);
@@ -482,7 +542,7 @@ fn forward_tile(p: &Problem, qh: usize, t: usize, out: &mut [f32], lse: &mut [f3
     let mut scores = vec![0f32; qt.rows * BLOCK_K];
     let mut max = vec![f32::NEG_INFINITY; qt.rows];
     let mut sum = vec![0f32; qt.rows];
-    for j in 0..p.k_tiles() {
+    for j in p.vis.key_tiles(kh, &qt, p.k_tiles()).into_iter().flatten() {
         let kt = p.k_tile(kh, j);
         let mask = p.vis.tile_mask(&p.dims, qh, &qt, kh, &kt);
         if mask == TileMask::Skip {
@@ -649,7 +709,7 @@ impl Grads<'_> {
         dq.fill(0.0);
         let mut probs = vec![0f32; qt.rows * BLOCK_K];
         let mut ds = vec![0f32; qt.rows * BLOCK_K];
-        for j in 0..p.k_tiles() {
+        for j in p.vis.key_tiles(kh, &qt, p.k_tiles()).into_iter().flatten() {
             let kt = p.k_tile(kh, j);
             let mask = p.vis.tile_mask(&p.dims, qh, &qt, kh, &kt);
             if mask == TileMask::Skip {
@@ -681,7 +741,7 @@ impl Grads<'_> {
         let mut ds = vec![0f32; BLOCK_Q * BLOCK_K];
         let first_head = kh / hkv * hq + kh % hkv * group;
         for qh in first_head..first_head + group {
-            for i in 0..p.q_tiles() {
+            for i in p.vis.query_tiles(kh, &kt, p.q_tiles()) {
                 let qt = p.q_tile(qh, i);
                 let mask = p.vis.tile_mask(&p.dims, qh, &qt, kh, &kt);
                 if mask == TileMask::Skip {

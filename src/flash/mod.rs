@@ -86,10 +86,12 @@ pub fn flash_attn(q: &Tensor, k: &Tensor, v: &Tensor, params: &AttnParams) -> Re
 }
 
 /// Flash attention with an explicit [`Visibility`]: the public entry for sparse layouts
-/// ([`Visibility::Sparse`]), and for dense attention with a custom scale.
+/// ([`Visibility::Sparse`]), sink + band ([`Visibility::SinkBand`]), and for dense attention with
+/// a custom scale.
 ///
-/// Shapes, dtypes and head dims as in [`flash_attn`]; a [`crate::SparseLayout`]'s side tensors
-/// are i32 on the device of `q` (see its docs for shapes and sentinels). `scale` multiplies
+/// Shapes, dtypes and head dims as in [`flash_attn`]; a [`crate::SparseLayout`]'s (or
+/// [`crate::mask::SinkBand`]'s) side tensors are i32 on the device of `q` (see their docs for
+/// shapes and sentinels). `scale` multiplies
 /// `q·k` and must be finite. Rows with no visible key output 0 and get zero gradients.
 pub fn flash_attn_with_visibility(
     q: &Tensor,
@@ -111,16 +113,24 @@ pub(crate) fn attention(
     visibility: Visibility,
 ) -> Result<Tensor> {
     let dims = validate(q, k, v)?;
-    if let Visibility::Sparse(layout) = &visibility {
-        layout.validate(dims.b, dims.hq, dims.hkv, dims.nq, dims.nk)?;
-        for t in layout.tensors() {
-            if !t.device().same_device(q.device()) {
-                bail!(
-                    "sparse layout tensors must be on the device of q ({:?}), got {:?}",
-                    q.device().location(),
-                    t.device().location()
-                )
-            }
+    let side = match &visibility {
+        Visibility::Sparse(layout) => {
+            layout.validate(dims.b, dims.hq, dims.hkv, dims.nq, dims.nk)?;
+            layout.tensors()
+        }
+        Visibility::SinkBand(sb) => {
+            sb.validate(dims.hkv, dims.nq, dims.nk)?;
+            vec![&sb.blocks]
+        }
+        Visibility::Full | Visibility::Causal => vec![],
+    };
+    for t in side {
+        if !t.device().same_device(q.device()) {
+            bail!(
+                "visibility side tensors must be on the device of q ({:?}), got {:?}",
+                q.device().location(),
+                t.device().location()
+            )
         }
     }
     if !scale.is_finite() {
@@ -225,6 +235,10 @@ impl Visibility {
                     l.buckets = Some((qb.contiguous()?, kb.contiguous()?));
                 }
                 Visibility::Sparse(l)
+            }
+            Visibility::SinkBand(mut sb) => {
+                sb.blocks = sb.blocks.contiguous()?;
+                Visibility::SinkBand(sb)
             }
             other => other,
         })

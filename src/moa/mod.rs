@@ -3,7 +3,10 @@
 //! `alpha + beta·N` that grows with the total length `N`, found by profiling.
 //!
 //! - [`plan`]: the plan file (the reference's JSON) and its resolution to per-head spans.
+//! - [`prefill`]: block-sparse prefill attention with per-kv-head spans ([`moa_attn`]).
 
 pub mod plan;
+pub mod prefill;
 
 pub use plan::{HeadSpan, MoaLayerPlan, MoaPlan, SpanRule, MOA_BLOCK, MOA_MIN_SPAN, MOA_SINK};
+pub use prefill::{moa_attn, sink_band};
