@@ -8,7 +8,8 @@
 //   arithmetic, no TF32) and the fallback for shapes the tensor-core kernels do not cover.
 //
 // Visibility modes: 0 full, 1 causal (row i sees j <= i + nk - nq), 2 sparse (q_pos >= k_pos, or >
-// when strict, and equal buckets). Sparse tile skipping uses per-tile metadata (int4: x = max query
+// when strict, and equal buckets), 3 sink + band per kv head on blocks of 64 (MoA; nq == nk; the
+// `sb_*` functions below give its key / query ranges and element test). Sparse tile skipping uses per-tile metadata (int4: x = max query
 // position / min key position of the tile's real rows, y = min bucket, z = max bucket, w = min query /
 // max key position, or a sentinel when the tile holds a padding row) built by `flash_tile_meta`;
 // tile pairs that `tile_full` proves fully visible skip the element mask.
@@ -26,7 +27,7 @@
 // ---------------------------------------------------------------------------------------------
 
 struct Vis {
-  int mode;  // 0 full, 1 causal, 2 sparse
+  int mode;  // 0 full, 1 causal, 2 sparse, 3 sink + band
   int off;   // nk - nq (causal)
   int strict;
   int has_bkt;
@@ -34,16 +35,61 @@ struct Vis {
   const int* k_pos;  // (b, hkv, nk)
   const int* q_bkt;
   const int* k_bkt;
+  const int* spans;  // (hkv, 2): sink blocks, band blocks (mode 3)
 };
 
 __device__ __forceinline__ bool sparse_sees(int qp, int qb, int kp, int kb, int strict) {
   return (strict ? qp > kp : qp >= kp) && qb == kb;
 }
 
-// Does query row i (flat row qr of (b, hq, nq)) see key j (flat row kr of (b, hkv, nk))?
-__device__ __forceinline__ bool sees(const Vis& v, long long qr, int i, long long kr, int j) {
+// ---- Sink + band (mode 3). Query i (block qb = i / 64) sees key j (block kb = j / 64) iff j <= i
+// and (kb < sink or kb > qb - band), with (sink, band) = spans[hk] in blocks of SB_BLOCK tokens.
+// Tiles of any size: the range functions work in rows, the callers round to their tiles.
+#define SB_BLOCK 64
+
+// (sink, band) blocks of kv head hk (negative values count as 0); (0, 0) in other modes.
+__device__ __forceinline__ int2 sb_span(const Vis& v, int hk) {
+  if (v.mode != 3) return make_int2(0, 0);
+  return make_int2(max(0, v.spans[2 * hk]), max(0, v.spans[2 * hk + 1]));
+}
+
+__device__ __forceinline__ bool sb_sees(int i, int j, int2 sb) {
+  int qb = i / SB_BLOCK, kb = j / SB_BLOCK;
+  return j <= i && (kb < sb.x || kb + sb.y > qb);
+}
+
+// Keys that query rows [r0, r1) may see: [0, x) (the sink), then [y, z) (the band), x <= y; rows,
+// not clipped to nk.
+__device__ __forceinline__ int3 sb_keys(int r0, int r1, int2 sb) {
+  int qf = r0 / SB_BLOCK, ql = (r1 - 1) / SB_BLOCK;
+  int sink_end = min(sb.x, ql + 1);
+  int end = sb.y > 0 ? ql + 1 : sink_end;
+  int band = max(sink_end, qf - sb.y + 1);
+  return make_int3(sink_end * SB_BLOCK, band * SB_BLOCK, end * SB_BLOCK);
+}
+
+// Query rows [x, y) that may see any of the keys [c0, c1), clipped to nq.
+__device__ __forceinline__ int2 sb_queries(int c0, int c1, int2 sb, int nq) {
+  int kf = c0 / SB_BLOCK, kl = (c1 - 1) / SB_BLOCK;
+  int hi = kf < sb.x ? nq : (sb.y > 0 ? min(nq, (kl + sb.y) * SB_BLOCK) : 0);
+  return make_int2(min(c0, hi), hi);
+}
+
+// Does every query of rows [r0, r1) see every key of [c0, c1)? (No element mask needed.)
+__device__ __forceinline__ bool sb_tile_full(int r0, int r1, int c0, int c1, int2 sb) {
+  for (int qb = r0 / SB_BLOCK; qb <= (r1 - 1) / SB_BLOCK; ++qb)
+    for (int kb = c0 / SB_BLOCK; kb <= (c1 - 1) / SB_BLOCK; ++kb)
+      if (!(kb < qb && (kb < sb.x || kb + sb.y > qb))) return false;
+  return true;
+}
+
+// Does query row i (flat row qr of (b, hq, nq)) see key j (flat row kr of (b, hkv, nk))? `sb` is
+// the kv head's sb_span.
+__device__ __forceinline__ bool sees(const Vis& v, long long qr, int i, long long kr, int j,
+                                     int2 sb) {
   if (v.mode == 0) return true;
   if (v.mode == 1) return j <= i + v.off;
+  if (v.mode == 3) return sb_sees(i, j, sb);
   int qb = v.has_bkt ? v.q_bkt[qr] : 0;
   int kb = v.has_bkt ? v.k_bkt[kr] : 0;
   return sparse_sees(v.q_pos[qr], qb, v.k_pos[kr], kb, v.strict);
@@ -144,16 +190,20 @@ __device__ void fwd_simple(const T* q, const T* k, const T* v, T* o, float* lse,
   int i = (int)(qr % nq);
   int h = (int)(bh % hq);
   long long kr0 = (bh / hq * hkv + h / (hq / hkv)) * nk;
+  int2 sb = sb_span(vis, h / (hq / hkv));
   float qv[E], acc[E];
 #pragma unroll
   for (int e = 0; e < E; ++e) {
     qv[e] = to_f(q[qr * D + lane + 32 * e]);
     acc[e] = 0.f;
   }
-  int kend = vis.mode == 1 ? max(0, min(nk, i + vis.off + 1)) : nk;
+  int kend = vis.mode == 1 || vis.mode == 3 ? max(0, min(nk, i + vis.off + 1)) : nk;
+  int3 kr = vis.mode == 3 ? sb_keys(i, i + 1, sb) : make_int3(nk, nk, nk);
   float m = neg_inf(), l = 0.f;
   for (int j = 0; j < kend; ++j) {
-    if (!sees(vis, qr, i, kr0 + j, j)) continue;
+    if (j == kr.x) j = kr.y;  // sink-band: jump over the gap
+    if (j >= kend) break;
+    if (!sees(vis, qr, i, kr0 + j, j, sb)) continue;
     const T* kj = k + (kr0 + j) * D;
     const T* vj = v + (kr0 + j) * D;
     float s = 0.f;
@@ -204,6 +254,7 @@ __device__ void bwd_simple_dq(const T* q, const T* k, const T* v, const T* go, c
   int i = (int)(qr % nq);
   int h = (int)(bh % hq);
   long long kr0 = (bh / hq * hkv + h / (hq / hkv)) * nk;
+  int2 sb = sb_span(vis, h / (hq / hkv));
   float qv[E], gv[E], acc[E];
 #pragma unroll
   for (int e = 0; e < E; ++e) {
@@ -212,10 +263,13 @@ __device__ void bwd_simple_dq(const T* q, const T* k, const T* v, const T* go, c
     acc[e] = 0.f;
   }
   float L = lse[qr], dl = delta[qr];
-  int kend = vis.mode == 1 ? max(0, min(nk, i + vis.off + 1)) : nk;
+  int kend = vis.mode == 1 || vis.mode == 3 ? max(0, min(nk, i + vis.off + 1)) : nk;
+  int3 kr = vis.mode == 3 ? sb_keys(i, i + 1, sb) : make_int3(nk, nk, nk);
   if (L == neg_inf()) kend = 0;  // stranded row: zero gradient
   for (int j = 0; j < kend; ++j) {
-    if (!sees(vis, qr, i, kr0 + j, j)) continue;
+    if (j == kr.x) j = kr.y;  // sink-band: jump over the gap
+    if (j >= kend) break;
+    if (!sees(vis, qr, i, kr0 + j, j, sb)) continue;
     const T* kj = k + (kr0 + j) * D;
     const T* vj = v + (kr0 + j) * D;
     float s = 0.f, dp = 0.f;
@@ -255,12 +309,14 @@ __device__ void bwd_simple_dkv(const T* q, const T* k, const T* v, const T* go, 
     adk[e] = 0.f;
     adv[e] = 0.f;
   }
-  int i0 = vis.mode == 1 ? max(0, j - vis.off) : 0;
+  int2 sb = sb_span(vis, hk);
+  int2 ir = vis.mode == 3 ? sb_queries(j, j + 1, sb, nq) : make_int2(0, nq);
+  int i0 = vis.mode == 1 ? max(0, j - vis.off) : ir.x;
   for (int h = hk * group; h < (hk + 1) * group; ++h) {
-    for (int i = i0; i < nq; ++i) {
+    for (int i = i0; i < ir.y; ++i) {
       long long qr = ((long long)bi * hq + h) * nq + i;
       float L = lse[qr];
-      if (L == neg_inf() || !sees(vis, qr, i, kr, j)) continue;
+      if (L == neg_inf() || !sees(vis, qr, i, kr, j, sb)) continue;
       const T* qi = q + qr * D;
       const T* gi = go + qr * D;
       float s = 0.f, dp = 0.f;
@@ -316,13 +372,24 @@ __device__ void fwd_mma(const T* q, const T* k, const T* v, T* o, float* lse, Vi
   int t_end = nkt;
   int4 qm = make_int4(0, 0, 0, 0);
   const int4* km = kmeta + ((long long)b * hkv + hk) * nkt;
+  // Sink-band: key tiles [0, t_gap) then [t_band, t_end).
+  int2 sb = sb_span(vis, hk);
+  int t_gap = nkt, t_band = nkt;
   if (vis.mode == 1) {
     int last = min(nq, m0 + BM) - 1 + vis.off;  // last key the tile's last row sees
     t_end = last < 0 ? 0 : min(nkt, last / BN + 1);
   } else if (vis.mode == 2) {
     qm = qmeta[(long long)bh * gridDim.x + mt];
+  } else if (vis.mode == 3) {
+    int3 kr = sb_keys(m0, min(nq, m0 + BM), sb);
+    t_gap = (kr.x + BN - 1) / BN;
+    t_band = kr.y / BN;
+    t_end = min(nkt, (kr.z + BN - 1) / BN);
   }
-  auto next = [&](int t) { return vis.mode == 2 ? next_pass_k(t, t_end, qm, km, vis.strict) : t; };
+  auto next = [&](int t) {
+    if (vis.mode == 2) return next_pass_k(t, t_end, qm, km, vis.strict);
+    return t >= t_gap && t < t_band ? t_band : t;
+  };
 
   // Per-thread query rows (gq, gq+8 of the warp's 16) and their sparse keys.
   int i_r[2], qp[2], qb[2];
@@ -383,9 +450,10 @@ __device__ void fwd_mma(const T* q, const T* k, const T* v, T* o, float* lse, Vi
       gemm_abt<T, D, N8>(s, sQ, warp * 16, cK, 0);
 
     int n0 = t * BN;
-    bool need_mask = n0 + BN > nk ||
-                     (vis.mode == 1 && n0 + BN - 1 > m0 + warp * 16 + vis.off) ||
-                     (vis.mode == 2 && !tile_full(qm, km[t], vis.strict));
+    int r0 = m0 + warp * 16;
+    bool need_mask = n0 + BN > nk || (vis.mode == 1 && n0 + BN - 1 > r0 + vis.off) ||
+                     (vis.mode == 2 && !tile_full(qm, km[t], vis.strict)) ||
+                     (vis.mode == 3 && !sb_tile_full(r0, r0 + 16, n0, n0 + BN, sb));
     if (need_mask) {
 #pragma unroll
       for (int nt = 0; nt < N8; ++nt) {
@@ -402,6 +470,7 @@ __device__ void fwd_mma(const T* q, const T* k, const T* v, T* o, float* lse, Vi
             bool ok = j < nk;
             if (vis.mode == 1) ok = ok && j <= i_r[hf] + vis.off;
             if (vis.mode == 2) ok = ok && sparse_sees(qp[hf], qb[hf], kp, kb, vis.strict);
+            if (vis.mode == 3) ok = ok && sb_sees(i_r[hf], j, sb);
             if (!ok) s[nt][hf * 2 + e2] = neg_inf();
           }
         }
@@ -493,10 +562,25 @@ __device__ void bwd_mma(const T* q, const T* k, const T* v, const T* go, const f
 
   // Causal: the first query row seeing key n0 is n0 - off.
   int u0 = MODE == 1 ? min(nqt, max(0, n0 - vis.off) / BQ) : 0;
+  // Sink-band: query tiles [u0, u1) of every head of the group.
+  int2 sb = sb_span(vis, hk);
+  int u1 = nqt;
+  if (MODE == 3) {
+    int2 qr = sb_queries(n0, min(nk, n0 + BK), sb, nq);
+    u0 = qr.x / BQ;
+    u1 = (qr.y + BQ - 1) / BQ;
+  }
   int4 km = MODE == 2 ? kmeta[(long long)bhk * gridDim.x + kt] : make_int4(0, 0, 0, 0);
   const int4* qm = qmeta + qhead0 * nqt;
   auto next = [&](int p) {
     if (MODE == 2) return next_pass_q(p, p_end, qm, km, vis.strict);
+    if (MODE == 3) {
+      if (p >= p_end || u0 >= u1) return p_end;
+      int r = p % nqt;
+      if (r < u0) return p - r + u0;
+      if (r >= u1) return min(p_end, p - r + nqt + u0);
+      return p;
+    }
     if (MODE == 1 && p < p_end && p % nqt < u0) return p - p % nqt + u0;
     return p;
   };
@@ -612,7 +696,8 @@ __device__ void bwd_mma(const T* q, const T* k, const T* v, const T* go, const f
 
     bool need_mask = m0 + BQ > nq || n0 + BK > nk ||
                      (MODE == 1 && n0 + warp * 16 + 15 > m0 + vis.off) ||
-                     (MODE == 2 && !tile_full(qm[p], km, vis.strict));
+                     (MODE == 2 && !tile_full(qm[p], km, vis.strict)) ||
+                     (MODE == 3 && !sb_tile_full(m0, m0 + BQ, n0 + warp * 16, n0 + warp * 16 + 16, sb));
 #pragma unroll
     for (int nt = 0; nt < N8; ++nt) {
 #pragma unroll
@@ -631,6 +716,8 @@ __device__ void bwd_mma(const T* q, const T* k, const T* v, const T* go, const f
           if constexpr (MODE == 2)
             ok = !need_mask ||
                  (i < nq && j_r[hf] < nk && sparse_sees(qp, qb, kp[hf], kb[hf], vis.strict));
+          else if constexpr (MODE == 3)
+            ok = !need_mask || (i < nq && j_r[hf] < nk && sb_sees(i, j_r[hf], sb));
           else
             ok = !need_mask || (i < nq && j_r[hf] < nk && (MODE == 0 || j_r[hf] <= i + vis.off));
           float pv = ok ? fast_exp2(s[nt][hf * 2 + e2] * sl2 - L) : 0.f;
@@ -677,9 +764,9 @@ __device__ void dq_convert(const float* acc, T* dq, long long n, float scale) {
 
 #define VIS_PARAMS                                                                        \
   const int *q_pos, const int *k_pos, const int *q_bkt, const int *k_bkt, const int4 *qmeta, \
-      const int4 *kmeta, int b, int hq, int hkv, int nq, int nk, int mode, int strict,        \
-      int has_bkt, float scale
-#define MAKE_VIS Vis vis{mode, nk - nq, strict, has_bkt, q_pos, k_pos, q_bkt, k_bkt};
+      const int4 *kmeta, const int *spans, int b, int hq, int hkv, int nq, int nk, int mode,  \
+      int strict, int has_bkt, float scale
+#define MAKE_VIS Vis vis{mode, nk - nq, strict, has_bkt, q_pos, k_pos, q_bkt, k_bkt, spans};
 
 // Tensor-core forward tiles: BM = 16 * NW query rows, BN = 64 keys.
 #define FWD_MMA(TN, T, D, NW)                                                                    \
@@ -698,8 +785,9 @@ __device__ void dq_convert(const float* acc, T* dq, long long n, float scale) {
     MAKE_VIS bwd_mma<T, D, NW, BQ, M>(q, k, v, go, lse, delta, dk, dv, dqa, vis, qmeta, kmeta,  \
                                       hq, hkv, nq, nk, scale);                                  \
   }
-#define BWD_MMA(TN, T, D, NW, BQ) \
-  BWD_MMA_M(TN, T, D, NW, BQ, 0) BWD_MMA_M(TN, T, D, NW, BQ, 1) BWD_MMA_M(TN, T, D, NW, BQ, 2)
+#define BWD_MMA(TN, T, D, NW, BQ)                                                             \
+  BWD_MMA_M(TN, T, D, NW, BQ, 0) BWD_MMA_M(TN, T, D, NW, BQ, 1) BWD_MMA_M(TN, T, D, NW, BQ, 2) \
+  BWD_MMA_M(TN, T, D, NW, BQ, 3)
 #define SIMPLE(TN, T, D)                                                                        \
   extern "C" __global__ void flash_fwd_simple_##TN##_d##D(const T* q, const T* k, const T* v,   \
                                                           T* o, float* lse, VIS_PARAMS) {       \

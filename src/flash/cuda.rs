@@ -7,6 +7,9 @@
 //!   accumulated with f32 atomics (not bitwise deterministic) and converted by a small kernel.
 //! - f32 (exact f32 arithmetic is required), head dim 256 in the backward and inputs not aligned
 //!   to 16 bytes: simple CUDA-core kernels, one warp per row.
+//! - Sink-band visibility (MoA): per query tile the sink tiles then the band tiles (per key tile in
+//!   the backward: the query tiles of its band, or all later ones for a sink tile); the others are
+//!   never loaded.
 //! - Sparse visibility: per-tile min/max of positions and buckets are reduced on the device first;
 //!   the kernels skip every key (query) tile that cannot hold a visible pair and apply no element
 //!   mask to tile pairs that are fully visible (one bucket, no padding, all keys before all queries).
@@ -110,9 +113,11 @@ struct VisArgs<'a> {
     k_pos: CudaView<'a, i32>,
     q_bkt: CudaView<'a, i32>,
     k_bkt: CudaView<'a, i32>,
+    /// Sink-band: `(hkv, 2)` sink and band blocks per kv head.
+    spans: CudaView<'a, i32>,
 }
 
-/// Read guards of the sparse side tensors (q_pos, k_pos, then the buckets).
+/// Read guards of the side tensors (sparse: q_pos, k_pos, then the buckets; sink-band: blocks).
 type Guards<'a> = Vec<(candle::StorageRef<'a>, &'a Layout)>;
 
 fn guards(vis: &Visibility) -> Guards<'_> {
@@ -122,6 +127,7 @@ fn guards(vis: &Visibility) -> Guards<'_> {
             .into_iter()
             .map(|t| t.storage_and_layout())
             .collect(),
+        Visibility::SinkBand(sb) => vec![sb.blocks.storage_and_layout()],
         _ => Vec::new(),
     }
 }
@@ -134,7 +140,7 @@ fn vis_args<'a>(
     let side = |i: usize, name: &str| -> Result<CudaView<'a, i32>> {
         match &*g[i].0 {
             Storage::Cuda(c) => view::<i32>(c, g[i].1, name),
-            _ => bail!("flash attention (cuda): sparse layout tensor {name} is not on the GPU"),
+            _ => bail!("flash attention (cuda): visibility tensor {name} is not on the GPU"),
         }
     };
     Ok(match vis {
@@ -150,6 +156,17 @@ fn vis_args<'a>(
             k_pos: dummy.slice(..),
             q_bkt: dummy.slice(..),
             k_bkt: dummy.slice(..),
+            spans: dummy.slice(..),
+        },
+        Visibility::SinkBand(_) => VisArgs {
+            mode: 3,
+            strict: 0,
+            has_bkt: 0,
+            q_pos: dummy.slice(..),
+            k_pos: dummy.slice(..),
+            q_bkt: dummy.slice(..),
+            k_bkt: dummy.slice(..),
+            spans: side(0, "sink-band blocks")?,
         },
         Visibility::Sparse(l) => {
             let has_bkt = l.buckets.is_some();
@@ -169,6 +186,7 @@ fn vis_args<'a>(
                 } else {
                     dummy.slice(..)
                 },
+                spans: dummy.slice(..),
             }
         }
     })
@@ -243,6 +261,7 @@ fn push_vis<'a>(
     b.arg(&va.k_bkt);
     b.arg(&meta.0);
     b.arg(&meta.1);
+    b.arg(&va.spans);
     for x in &sc.0 {
         b.arg(x);
     }

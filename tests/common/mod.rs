@@ -9,8 +9,10 @@ use std::sync::OnceLock;
 
 use candle::{DType, Device, Result, Tensor, Var};
 use candle_sparse_attn::mask::{KEY_PAD_BUCKET, KEY_PAD_POS, QUERY_PAD_BUCKET, QUERY_PAD_POS};
+use candle_sparse_attn::moa::{self, HeadSpan, MoaLayerPlan};
 use candle_sparse_attn::{
-    flash_attn, flash_attn_with_visibility, reference, AttnParams, SparseLayout, Visibility,
+    flash_attn, flash_attn_with_visibility, moa_attn, reference, AttnParams, SparseLayout,
+    Visibility,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -72,6 +74,8 @@ pub enum Pattern {
         buckets: Buckets,
         strict: bool,
     },
+    /// MoA sink + band, one span per kv head, run through [`moa_attn`] (`q_len == kv_len`).
+    SinkBand(&'static [HeadSpan]),
 }
 
 /// One test case: shapes, dtype, visibility and the seed of its random inputs.
@@ -171,7 +175,7 @@ impl HostLayout {
         } = *case;
         let group = hq / hkv;
         match case.pattern {
-            Pattern::Full | Pattern::Causal => None,
+            Pattern::Full | Pattern::Causal | Pattern::SinkBand(_) => None,
             Pattern::Dropped {
                 keep_q,
                 keep_k,
@@ -324,9 +328,24 @@ pub fn check(case: &Case, dev: &Device) -> Result<Outcome> {
     let visibility = match (&layout, case.pattern) {
         (Some(l), _) => l.visibility(case, dev)?,
         (None, Pattern::Full) => Visibility::Full,
+        (None, Pattern::SinkBand(spans)) => moa::sink_band(
+            &MoaLayerPlan {
+                spans: spans.to_vec(),
+            },
+            &Device::Cpu,
+        )?,
         (None, _) => Visibility::Causal,
     };
     let result = match (&visibility, case.scale) {
+        (Visibility::SinkBand(_), _) => {
+            let Pattern::SinkBand(spans) = case.pattern else {
+                unreachable!("sink-band visibility comes from its pattern")
+            };
+            let plan = MoaLayerPlan {
+                spans: spans.to_vec(),
+            };
+            moa_attn(&q, &k, &v, &plan, case.scale)
+        }
         (Visibility::Sparse(_), _) | (_, Some(_)) => {
             flash_attn_with_visibility(&q, &k, &v, scale, visibility.clone())
         }
