@@ -19,8 +19,10 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle::{DType, Device, Tensor, Var};
+use candle_sparse_attn::moa::{HeadSpan, MoaLayerPlan, MOA_BLOCK, MOA_SINK};
 use candle_sparse_attn::{
-    flash_attn, hash_sparse_attn, qk_sparse_attn, reference, AttnParams, HashConfig, ScfaParams,
+    flash_attn, hash_sparse_attn, moa_attn, qk_sparse_attn, reference, AttnParams, HashConfig,
+    ScfaParams,
 };
 use clap::Parser;
 use serde::{Deserialize, Serialize};
@@ -55,6 +57,14 @@ struct Args {
     /// Sparse causal flash attention runs: query/key drop rates in percent (e.g. 30,50,70).
     #[arg(long, value_delimiter = ',')]
     drop: Vec<u32>,
+    /// MoA prefill runs: a sink of 64 tokens plus a uniform band of this many tokens (multiples
+    /// of 64, e.g. 8192,4096).
+    #[arg(long, value_delimiter = ',')]
+    moa_band: Vec<usize>,
+    /// MoA prefill runs: sink 64 plus the uniform band whose work (visited 64×64 tiles) is this
+    /// fraction of dense causal attention (e.g. 0.5).
+    #[arg(long, value_delimiter = ',')]
+    moa_density: Vec<f64>,
     /// Only run the sparse methods at lengths >= this.
     #[arg(long, default_value_t = 0)]
     sparse_min_seq: usize,
@@ -225,6 +235,35 @@ impl Bench<'_> {
         Ok(())
     }
 
+    /// MoA prefill with one uniform span per head (sink 64 + band), explicit bands first, then
+    /// the bands matching the requested work fractions.
+    fn moa(&mut self, shape: (usize, usize, usize, usize)) -> Result<()> {
+        let (_, h, n, _) = shape;
+        let mut bands: Vec<(String, usize)> = vec![];
+        for &band in &self.args.moa_band {
+            if !band.is_multiple_of(MOA_BLOCK) {
+                bail!("--moa-band {band} must be a multiple of {MOA_BLOCK}")
+            }
+            bands.push((format!("moa band={band}"), band));
+        }
+        for &density in &self.args.moa_density {
+            let band = moa_band_for_work(n, density);
+            let work = moa_work(n, band / MOA_BLOCK) / moa_work(n, n.div_ceil(MOA_BLOCK));
+            bands.push((format!("moa work={:.0}% band={band}", 100.0 * work), band));
+        }
+        for (name, band) in bands {
+            let plan = MoaLayerPlan::uniform(
+                h,
+                HeadSpan {
+                    sink: MOA_SINK,
+                    band,
+                },
+            );
+            self.run(&name, shape, |q, k, v| moa_attn(q, k, v, &plan, None))?;
+        }
+        Ok(())
+    }
+
     /// CPU baselines: candle-nn's CPU flash attention and the naive materialised path.
     fn cpu_baselines(&mut self, shape: (usize, usize, usize, usize)) -> Result<()> {
         let (b, h, n, d) = shape;
@@ -297,6 +336,7 @@ fn main() -> Result<()> {
             bench.dense((b, h, n, d))?;
             if n >= args.sparse_min_seq {
                 bench.sparse((b, h, n, d))?;
+                bench.moa((b, h, n, d))?;
             }
             if !dev.is_cuda() && dtype == DType::F32 {
                 bench.cpu_baselines((b, h, n, d))?;
@@ -319,6 +359,31 @@ fn main() -> Result<()> {
     }
     println!("wrote {}", args.json);
     Ok(())
+}
+
+/// 64×64 tiles a sink of one block plus a band of `band_blocks` blocks visits at length `n`
+/// (query block `qb` sees block 0 and blocks `[qb − band + 1, qb]`).
+fn moa_work(n: usize, band_blocks: usize) -> f64 {
+    (0..n.div_ceil(MOA_BLOCK))
+        .map(|qb| {
+            let band_start = (qb + 1).saturating_sub(band_blocks);
+            // The band, plus block 0 when the band does not reach it.
+            (qb + 1 - band_start + usize::from(band_start > 0)) as f64
+        })
+        .sum()
+}
+
+/// The band (tokens, a multiple of 64) whose [`moa_work`] is closest to `density` × causal.
+fn moa_band_for_work(n: usize, density: f64) -> usize {
+    let blocks = n.div_ceil(MOA_BLOCK);
+    let causal = moa_work(n, blocks);
+    let best = (0..=blocks)
+        .min_by(|&a, &b| {
+            let err = |w| (moa_work(n, w) / causal - density).abs();
+            err(a).total_cmp(&err(b))
+        })
+        .unwrap_or(blocks);
+    best * MOA_BLOCK
 }
 
 /// One row per (shape, pass): our dense time beside every baseline method and the ratio.

@@ -162,15 +162,15 @@ fn invalid_inputs() -> candle::Result<()> {
             moa_attn(&q, &kv, &kv, &plan(vec![span(64, 1); 3]), None),
             &["3 kv heads", "[1, 2, 80, 64]"],
         );
-        assert_err(
-            moa_attn(&q, &kv, &kv, &plan(vec![]), None),
-            &["0 kv heads"],
-        );
+        assert_err(moa_attn(&q, &kv, &kv, &plan(vec![]), None), &["0 kv heads"]);
         assert_err(
             moa_attn(&q, &kv, &kv, &plan(vec![span(64, 1), span(32, 1)]), None),
             &["head 1", "sink 32"],
         );
-        let odd = HeadSpan { sink: 64, band: 100 };
+        let odd = HeadSpan {
+            sink: 64,
+            band: 100,
+        };
         assert_err(
             moa_attn(&q, &kv, &kv, &plan(vec![odd, odd]), None),
             &["head 0", "band 100", "multiple of 64"],
@@ -185,7 +185,13 @@ fn invalid_inputs() -> candle::Result<()> {
             &["one length", "[1, 4, 80, 64]", "[1, 2, 90, 64]"],
         );
         assert_err(
-            moa_attn(&z(&[1, 4, 80])?, &kv, &kv, &plan(vec![span(64, 1); 2]), None),
+            moa_attn(
+                &z(&[1, 4, 80])?,
+                &kv,
+                &kv,
+                &plan(vec![span(64, 1); 2]),
+                None,
+            ),
             &["rank 4"],
         );
         let bad_table = Visibility::SinkBand(candle_sparse_attn::SinkBand {
@@ -295,7 +301,10 @@ fn bad_plans() -> candle::Result<()> {
     // Wrong model shape.
     let plan = MoaPlan::from_json(r#"{"alphas": [[0, 0]], "betas": [[0.5, 0.5]]}"#)?;
     let e = plan.resolve(4096, 2, 2, 1, false).unwrap_err().to_string();
-    assert!(e.contains("1 layers × 2 heads") && e.contains("2 layers"), "{e}");
+    assert!(
+        e.contains("1 layers × 2 heads") && e.contains("2 layers"),
+        "{e}"
+    );
     let e = plan.resolve(4096, 1, 4, 1, false).unwrap_err().to_string();
     assert!(e.contains("4 query heads"), "{e}");
     let e = plan.resolve(4096, 1, 2, 3, false).unwrap_err().to_string();

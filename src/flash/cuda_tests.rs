@@ -8,7 +8,8 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 
 use super::super::{FlashAttn, FlashAttnBwd};
 use crate::mask::{
-    SparseLayout, Visibility, KEY_PAD_BUCKET, KEY_PAD_POS, QUERY_PAD_BUCKET, QUERY_PAD_POS,
+    SinkBand, SparseLayout, Visibility, KEY_PAD_BUCKET, KEY_PAD_POS, QUERY_PAD_BUCKET,
+    QUERY_PAD_POS,
 };
 use crate::reference;
 
@@ -26,6 +27,8 @@ enum Kind {
     Hash {
         strict: bool,
     },
+    /// MoA sink + band: per kv head a sink of 0 or 1 block and a band of 1..=4 blocks.
+    SinkBand,
 }
 
 /// Positions (and buckets) of one sparse row set of `n` rows over `t` time steps.
@@ -85,6 +88,14 @@ fn visibility(
     Ok(match kind {
         Kind::Full => Visibility::Full,
         Kind::Causal => Visibility::Causal,
+        Kind::SinkBand => {
+            let blocks: Vec<i32> = (0..hkv)
+                .flat_map(|h| [rng.random_range(0..2), rng.random_range(1..5)])
+                .collect();
+            Visibility::SinkBand(SinkBand {
+                blocks: Tensor::from_vec(blocks, (hkv, 2), dev)?,
+            })
+        }
         Kind::Drop | Kind::Hash { .. } => {
             let (qp, qb) = side(&mut rng, hq, nq, true)?;
             let (kp, kb) = side(&mut rng, hkv, nk, false)?;
@@ -100,6 +111,9 @@ fn visibility(
 
 fn to_cpu(vis: &Visibility) -> candle::Result<Visibility> {
     Ok(match vis {
+        Visibility::SinkBand(sb) => Visibility::SinkBand(SinkBand {
+            blocks: sb.blocks.to_device(&Device::Cpu)?,
+        }),
         Visibility::Sparse(l) => Visibility::Sparse(SparseLayout {
             q_pos: l.q_pos.to_device(&Device::Cpu)?,
             k_pos: l.k_pos.to_device(&Device::Cpu)?,
@@ -218,7 +232,10 @@ fn cuda_matches_reference() -> candle::Result<()> {
         Kind::Drop,
         Kind::Hash { strict: false },
         Kind::Hash { strict: true },
+        Kind::SinkBand,
     ];
+    // Sink-band runs on the shapes with q_len == kv_len (the last one has a band gap).
+    let sink_band_shape = (1, 3, 1, 450, 450, 64);
     let shapes = [
         (2, 4, 2, 77, 77, 64),
         (1, 2, 1, 130, 200, 128),
@@ -228,13 +245,17 @@ fn cuda_matches_reference() -> candle::Result<()> {
         (1, 2, 2, 70, 140, 256),
         (1, 1, 1, 1, 1, 64),
         (1, 2, 2, 300, 300, 128),
+        sink_band_shape,
     ];
     // FLASH_QUICK=1 (for the sanitizers): two shapes, f32 and bf16.
     let quick = std::env::var("FLASH_QUICK").is_ok();
     let (shapes, dtypes) = if quick {
-        (&shapes[..2], &[DType::F32, DType::BF16][..])
+        (
+            vec![shapes[0], shapes[1], sink_band_shape],
+            &[DType::F32, DType::BF16][..],
+        )
     } else {
-        (&shapes[..], &[DType::F32, DType::BF16, DType::F16][..])
+        (shapes.to_vec(), &[DType::F32, DType::BF16, DType::F16][..])
     };
     let mut failed = 0;
     let mut seed = 0;
@@ -244,8 +265,11 @@ fn cuda_matches_reference() -> candle::Result<()> {
             DType::BF16 => 2e-2,
             _ => 5e-3,
         };
-        for &shape in shapes {
+        for &shape in &shapes {
             for kind in kinds {
+                if matches!(kind, Kind::SinkBand) && shape.3 != shape.4 {
+                    continue;
+                }
                 seed += 1;
                 let e = case(&dev, dtype, shape, kind, seed)?;
                 let ok = e.iter().all(|x| x.is_finite() && *x <= tol);
