@@ -41,21 +41,23 @@ fn tname(dtype: DType) -> Result<&'static str> {
     })
 }
 
-/// Query rows per forward block of the tensor-core kernel.
-fn fwd_block_rows(d: usize) -> usize {
+/// Forward tiles of the tensor-core kernels (`FWD_ALL` in flash_attn.cu): (query rows per CTA,
+/// threads per CTA); 4 warps of 32 query rows each, of 16 at head dim 256.
+fn fwd_tiles(d: usize) -> (usize, usize) {
     if d == 256 {
-        64
+        (64, 128)
     } else {
-        128
+        (128, 128)
     }
 }
 
-/// Backward tiles (keys per block, query rows per step): `BWD_MMA` in the .cu file.
-fn bwd_tiles(d: usize) -> (usize, usize) {
-    if d == 128 {
-        (128, 32)
-    } else {
-        (128, 64)
+/// Backward tiles of the tensor-core kernels (`BWD_ALL` in flash_attn.cu): (keys per CTA, query
+/// rows per step, threads per CTA).
+fn bwd_tiles(d: usize) -> (usize, usize, usize) {
+    match d {
+        64 => (128, 32, 128),
+        128 => (128, 32, 256),
+        _ => (128, 64, 256),
     }
 }
 
@@ -313,10 +315,15 @@ fn fwd_t<T: CudaDType + DeviceRepr>(
     let fast = sq.dtype() != DType::F32 && [lq, lk, lv].iter().all(|l| aligned(l, es));
     let d = dims.d;
     if fast {
-        let bm = fwd_block_rows(d);
+        let alt = std::env::var("FLASH_ALT").is_ok()
+            && tn == "bf16"
+            && (d == 64 || d == 128)
+            && va.mode == 1;
+        let (bm, threads) = if alt { (128, 256) } else { fwd_tiles(d) };
         let meta = tile_meta(&dev, &va, dims, bm, BT)?;
         let smem = (bm + 4 * BT) * (d + 8) * es;
-        let f = func!(dev, &format!("flash_fwd_{tn}_d{d}"), smem);
+        let sfx = if alt { "_alt" } else { "" };
+        let f = func!(dev, &format!("flash_fwd_{tn}_d{d}_m{}{sfx}", va.mode), smem);
         let mut b = f.builder();
         b.arg(&q);
         b.arg(&k);
@@ -325,7 +332,7 @@ fn fwd_t<T: CudaDType + DeviceRepr>(
         b.arg(&mut lse);
         push_vis(&mut b, &va, &meta, &sc);
         let grid = (ceil_div(dims.nq, bm), dims.b * dims.hq);
-        unsafe { b.launch(cfg(grid, 2 * bm, smem)?) }.w()?;
+        unsafe { b.launch(cfg(grid, threads, smem)?) }.w()?;
     } else {
         let meta = (dummy.clone(), dummy.clone());
         let f = func!(dev, &format!("flash_fwd_simple_{tn}_d{d}"), 0);
@@ -450,11 +457,13 @@ fn bwd_t<T: CudaDType + DeviceRepr>(
     let (mut dk, mut dv) = dkv.split_at_mut(nk_el);
     if fast {
         // One fused kernel: dK, dV per key tile, dQ by f32 atomics, then dQ to the input dtype.
-        let (bk, bq) = bwd_tiles(d);
+        let alt = std::env::var("FLASH_ALT").is_ok() && tn == "bf16" && d == 64 && va.mode == 1;
+        let (bk, bq, threads) = if alt { (128, 64, 256) } else { bwd_tiles(d) };
         let meta = tile_meta(&dev, &va, dims, bq, bk)?;
         let mut dq_acc = dev.alloc_zeros::<f32>(nq_el)?;
         let smem = (2 * bk + 4 * bq) * (d + 8) * es + 2 * bk * (bq + 8) * es + 4 * bq * 4;
-        let f = func!(dev, &format!("flash_bwd_{tn}_d{d}_m{}", va.mode), smem);
+        let sfx = if alt { "_alt" } else { "" };
+        let f = func!(dev, &format!("flash_bwd_{tn}_d{d}_m{}{sfx}", va.mode), smem);
         let mut b = f.builder();
         b.arg(&q);
         b.arg(&k);
@@ -467,7 +476,7 @@ fn bwd_t<T: CudaDType + DeviceRepr>(
         b.arg(&mut dq_acc);
         push_vis(&mut b, &va, &meta, &sc);
         let grid = (ceil_div(dims.nk, bk), dims.b * dims.hkv);
-        unsafe { b.launch(cfg(grid, 2 * bk, smem)?) }.w()?;
+        unsafe { b.launch(cfg(grid, threads, smem)?) }.w()?;
 
         let f = func!(dev, &format!("flash_bwd_dq_convert_{tn}"), 0);
         let mut b = f.builder();
