@@ -1013,25 +1013,3 @@ FWD_ALL(bf16, __nv_bfloat16)
   BWD_MMA(TN, T, 128, 8, 1, 32)
 BWD_ALL(f16, __half)
 BWD_ALL(bf16, __nv_bfloat16)
-
-// TEMPORARY A/B variants (previous tile shapes), selected by FLASH_ALT in cuda.rs.
-extern "C" __global__ void __launch_bounds__(256, 2)
-    flash_fwd_bf16_d64_m1_alt(const __nv_bfloat16* q, const __nv_bfloat16* k,
-                              const __nv_bfloat16* v, __nv_bfloat16* o, float* lse, VIS_PARAMS) {
-  MAKE_VIS fwd_mma<__nv_bfloat16, 64, 8, 1, 64, 1>(q, k, v, o, lse, vis, qmeta, kmeta, hq, hkv, nq,
-                                                   nk, scale);
-}
-extern "C" __global__ void __launch_bounds__(256, 1)
-    flash_fwd_bf16_d128_m1_alt(const __nv_bfloat16* q, const __nv_bfloat16* k,
-                               const __nv_bfloat16* v, __nv_bfloat16* o, float* lse, VIS_PARAMS) {
-  MAKE_VIS fwd_mma<__nv_bfloat16, 128, 8, 1, 64, 1>(q, k, v, o, lse, vis, qmeta, kmeta, hq, hkv,
-                                                    nq, nk, scale);
-}
-extern "C" __global__ void __launch_bounds__(256, 1)
-    flash_bwd_bf16_d64_m1_alt(const __nv_bfloat16* q, const __nv_bfloat16* k,
-                              const __nv_bfloat16* v, const __nv_bfloat16* go, const float* lse,
-                              const float* delta, __nv_bfloat16* dk, __nv_bfloat16* dv, float* dqa,
-                              VIS_PARAMS) {
-  MAKE_VIS bwd_mma<__nv_bfloat16, 64, 8, 1, 64, 1>(q, k, v, go, lse, delta, dk, dv, dqa, vis, qmeta,
-                                                   kmeta, hq, hkv, nq, nk, scale);
-}

@@ -315,15 +315,10 @@ fn fwd_t<T: CudaDType + DeviceRepr>(
     let fast = sq.dtype() != DType::F32 && [lq, lk, lv].iter().all(|l| aligned(l, es));
     let d = dims.d;
     if fast {
-        let alt = std::env::var("FLASH_ALT").is_ok()
-            && tn == "bf16"
-            && (d == 64 || d == 128)
-            && va.mode == 1;
-        let (bm, threads) = if alt { (128, 256) } else { fwd_tiles(d) };
+        let (bm, threads) = fwd_tiles(d);
         let meta = tile_meta(&dev, &va, dims, bm, BT)?;
         let smem = (bm + 4 * BT) * (d + 8) * es;
-        let sfx = if alt { "_alt" } else { "" };
-        let f = func!(dev, &format!("flash_fwd_{tn}_d{d}_m{}{sfx}", va.mode), smem);
+        let f = func!(dev, &format!("flash_fwd_{tn}_d{d}_m{}", va.mode), smem);
         let mut b = f.builder();
         b.arg(&q);
         b.arg(&k);
@@ -457,13 +452,11 @@ fn bwd_t<T: CudaDType + DeviceRepr>(
     let (mut dk, mut dv) = dkv.split_at_mut(nk_el);
     if fast {
         // One fused kernel: dK, dV per key tile, dQ by f32 atomics, then dQ to the input dtype.
-        let alt = std::env::var("FLASH_ALT").is_ok() && tn == "bf16" && d == 64 && va.mode == 1;
-        let (bk, bq, threads) = if alt { (128, 64, 256) } else { bwd_tiles(d) };
+        let (bk, bq, threads) = bwd_tiles(d);
         let meta = tile_meta(&dev, &va, dims, bq, bk)?;
         let mut dq_acc = dev.alloc_zeros::<f32>(nq_el)?;
         let smem = (2 * bk + 4 * bq) * (d + 8) * es + 2 * bk * (bq + 8) * es + 4 * bq * 4;
-        let sfx = if alt { "_alt" } else { "" };
-        let f = func!(dev, &format!("flash_bwd_{tn}_d{d}_m{}{sfx}", va.mode), smem);
+        let f = func!(dev, &format!("flash_bwd_{tn}_d{d}_m{}", va.mode), smem);
         let mut b = f.builder();
         b.arg(&q);
         b.arg(&k);
