@@ -344,22 +344,38 @@ __device__ void bwd_simple_dkv(const T* q, const T* k, const T* v, const T* go, 
 }
 
 // ---------------------------------------------------------------------------------------------
-// Tensor-core forward: one CTA per (query tile of BM = 16*NW rows, b*hq); each warp owns 16 rows
-// and all BN columns of the score tile. K/V tiles double-buffered with cp.async.
+// Tensor-core forward: one CTA per (query tile of BM = 16 * MR * NW rows, b*hq); each warp owns
+// 16 * MR rows (MR row tiles sharing every K / V fragment it loads) and all BN columns of the score
+// tile. K/V tiles double-buffered with cp.async. One kernel per visibility mode MODE.
 // ---------------------------------------------------------------------------------------------
 
-template <typename T, int D, int NW, int BN>
+// Key tiles [x, y) of BN keys that query rows [m0, m1) may see, per visibility mode: all of them
+// for full and sparse visibility (sparse skips further by tile metadata), up to the diagonal for
+// causal.
+template <int MODE>
+__device__ __forceinline__ int2 key_tile_range(const Vis& vis, int m0, int m1, int bn, int nkt) {
+  if constexpr (MODE == 1) {
+    int last = m1 - 1 + vis.off;  // last key the last row sees
+    return make_int2(0, last < 0 ? 0 : min(nkt, last / bn + 1));
+  }
+  return make_int2(0, nkt);
+}
+
+template <typename T, int D, int NW, int MR, int BN, int MODE>
 __device__ void fwd_mma(const T* q, const T* k, const T* v, T* o, float* lse, Vis vis,
                         const int4* qmeta, const int4* kmeta, int hq, int hkv, int nq, int nk,
                         float scale) {
-  constexpr int BM = 16 * NW, SD = Pad<D>::SD, NT = NW * 32, N8 = BN / 8;
+  constexpr int WR = 16 * MR, BM = WR * NW, SD = Pad<D>::SD, NT = NW * 32, N8 = BN / 8;
+  constexpr int DT = D / 8, KD = D / 16;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
   T* sK = sQ + BM * SD;       // [2][BN][SD]
   T* sV = sK + 2 * BN * SD;   // [2][BN][SD]
 
   int warp = threadIdx.x / 32, lane = threadIdx.x & 31, gq = lane >> 2, t4 = lane & 3;
-  int mt = blockIdx.x, bh = blockIdx.y, m0 = mt * BM;
+  // Causal: the heaviest query tiles (the last ones) start first, for a shorter tail.
+  int mt = MODE == 1 ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+  int bh = blockIdx.y, m0 = mt * BM, w0 = m0 + warp * WR;
   int b = bh / hq, h = bh % hq, hk = h / (hq / hkv);
   long long qrow0 = (long long)bh * nq, krow0 = ((long long)b * hkv + hk) * nk;
   const T* gq_ = q + qrow0 * D;
@@ -368,65 +384,69 @@ __device__ void fwd_mma(const T* q, const T* k, const T* v, T* o, float* lse, Vi
   int nkt = (nk + BN - 1) / BN;
   float sl2 = scale * LOG2E;
 
-  // Key-tile range.
-  int t_end = nkt;
-  int4 qm = make_int4(0, 0, 0, 0);
+  int2 range = key_tile_range<MODE>(vis, m0, min(nq, m0 + BM), BN, nkt);
+  int t_end = range.y;
   const int4* km = kmeta + ((long long)b * hkv + hk) * nkt;
-  // Sink-band: key tiles [0, t_gap) then [t_band, t_end).
+  int4 qm = MODE == 2 ? qmeta[(long long)bh * gridDim.x + mt] : make_int4(0, 0, 0, 0);
+  // Sink-band: key tiles [range.x, t_gap) (the sink), then [t_band, t_end) (the band).
   int2 sb = sb_span(vis, hk);
-  int t_gap = nkt, t_band = nkt;
-  if (vis.mode == 1) {
-    int last = min(nq, m0 + BM) - 1 + vis.off;  // last key the tile's last row sees
-    t_end = last < 0 ? 0 : min(nkt, last / BN + 1);
-  } else if (vis.mode == 2) {
-    qm = qmeta[(long long)bh * gridDim.x + mt];
-  } else if (vis.mode == 3) {
+  int t_gap = t_end, t_band = t_end;
+  if constexpr (MODE == 3) {
     int3 kr = sb_keys(m0, min(nq, m0 + BM), sb);
     t_gap = (kr.x + BN - 1) / BN;
     t_band = kr.y / BN;
     t_end = min(nkt, (kr.z + BN - 1) / BN);
   }
   auto next = [&](int t) {
-    if (vis.mode == 2) return next_pass_k(t, t_end, qm, km, vis.strict);
-    return t >= t_gap && t < t_band ? t_band : t;
+    if constexpr (MODE == 2) return next_pass_k(t, t_end, qm, km, vis.strict);
+    if constexpr (MODE == 3) return t >= t_gap && t < t_band ? t_band : t;
+    return t;
   };
 
-  // Per-thread query rows (gq, gq+8 of the warp's 16) and their sparse keys.
-  int i_r[2], qp[2], qb[2];
+  // Per-thread query rows (gq, gq+8 of each of the warp's row tiles) and their sparse keys.
+  int i_r[MR][2], qp[MR][2], qb[MR][2];
 #pragma unroll
-  for (int hf = 0; hf < 2; ++hf) {
-    i_r[hf] = m0 + warp * 16 + gq + hf * 8;
-    qp[hf] = INT_MIN_;
-    qb[hf] = -1;
-    if (vis.mode == 2 && i_r[hf] < nq) {
-      qp[hf] = vis.q_pos[qrow0 + i_r[hf]];
-      qb[hf] = vis.has_bkt ? vis.q_bkt[qrow0 + i_r[hf]] : 0;
+  for (int mr = 0; mr < MR; ++mr)
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      int i = w0 + mr * 16 + gq + hf * 8;
+      i_r[mr][hf] = i;
+      qp[mr][hf] = INT_MIN_;
+      qb[mr][hf] = -1;
+      if (MODE == 2 && i < nq) {
+        qp[mr][hf] = vis.q_pos[qrow0 + i];
+        qb[mr][hf] = vis.has_bkt ? vis.q_bkt[qrow0 + i] : 0;
+      }
     }
-  }
 
   load_tile<T, BM, D, NT>(sQ, gq_, m0, nq);
-  int t = next(0);
+  int t = next(range.x);
   if (t < t_end) {
     load_tile<T, BN, D, NT>(sK, gk, t * BN, nk);
     load_tile<T, BN, D, NT>(sV, gv, t * BN, nk);
   }
   cp_async_commit();
 
-  // Up to D = 128 the warp's Q fragments stay in registers for the whole key loop.
-  constexpr bool QREG = D <= 128;
-  uint32_t qf[QREG ? D / 16 : 1][4];
+  // For small enough MR * D the warp's Q fragments stay in registers for the whole key loop.
+  constexpr bool QREG = MR * D <= 128;
+  uint32_t qf[QREG ? MR * KD : 1][4];
   if constexpr (QREG) {
     cp_async_wait<0>();
     __syncthreads();
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk)
-      ldsm_x4(qf[kk], sQ + (warp * 16 + (lane & 15)) * SD + kk * 16 + (lane >> 4) * 8);
+    for (int mr = 0; mr < MR; ++mr)
+#pragma unroll
+      for (int kk = 0; kk < KD; ++kk)
+        ldsm_x4(qf[mr * KD + kk],
+                sQ + (warp * WR + mr * 16 + (lane & 15)) * SD + kk * 16 + (lane >> 4) * 8);
   }
 
-  float acc[D / 8][4];
+  float acc[MR * DT][4];
 #pragma unroll
-  for (int i = 0; i < D / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
-  float mrow[2] = {neg_inf(), neg_inf()}, lrow[2] = {0.f, 0.f};
+  for (int i = 0; i < MR * DT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+  float mrow[MR][2], lrow[MR][2];
+#pragma unroll
+  for (int mr = 0; mr < MR; ++mr) mrow[mr][0] = mrow[mr][1] = neg_inf(), lrow[mr][0] = lrow[mr][1] = 0.f;
 
   int buf = 0;
   while (t < t_end) {
@@ -441,19 +461,15 @@ __device__ void fwd_mma(const T* q, const T* k, const T* v, T* o, float* lse, Vi
 
     const T* cK = sK + buf * BN * SD;
     const T* cV = sV + buf * BN * SD;
-    float s[N8][4];
+    float s[MR * N8][4];
 #pragma unroll
-    for (int i = 0; i < N8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
-    if constexpr (QREG)
-      gemm_abt_reg<T, D, N8>(s, qf, cK, 0);
-    else
-      gemm_abt<T, D, N8>(s, sQ, warp * 16, cK, 0);
+    for (int i = 0; i < MR * N8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+    gemm_abt<T, D, MR, N8, QREG>(s, qf, sQ, warp * WR, cK, 0);
 
     int n0 = t * BN;
-    int r0 = m0 + warp * 16;
-    bool need_mask = n0 + BN > nk || (vis.mode == 1 && n0 + BN - 1 > r0 + vis.off) ||
-                     (vis.mode == 2 && !tile_full(qm, km[t], vis.strict)) ||
-                     (vis.mode == 3 && !sb_tile_full(r0, r0 + 16, n0, n0 + BN, sb));
+    bool need_mask = n0 + BN > nk || (MODE == 1 && n0 + BN - 1 > w0 + vis.off) ||
+                     (MODE == 2 && !tile_full(qm, km[t], vis.strict)) ||
+                     (MODE == 3 && !sb_tile_full(w0, w0 + WR, n0, n0 + BN, sb));
     if (need_mask) {
 #pragma unroll
       for (int nt = 0; nt < N8; ++nt) {
@@ -461,84 +477,93 @@ __device__ void fwd_mma(const T* q, const T* k, const T* v, T* o, float* lse, Vi
         for (int e2 = 0; e2 < 2; ++e2) {
           int j = n0 + nt * 8 + 2 * t4 + e2;
           int kp = INT_MAX_, kb = -2;
-          if (vis.mode == 2 && j < nk) {
+          if (MODE == 2 && j < nk) {
             kp = vis.k_pos[krow0 + j];
             kb = vis.has_bkt ? vis.k_bkt[krow0 + j] : 0;
           }
 #pragma unroll
-          for (int hf = 0; hf < 2; ++hf) {
-            bool ok = j < nk;
-            if (vis.mode == 1) ok = ok && j <= i_r[hf] + vis.off;
-            if (vis.mode == 2) ok = ok && sparse_sees(qp[hf], qb[hf], kp, kb, vis.strict);
-            if (vis.mode == 3) ok = ok && sb_sees(i_r[hf], j, sb);
-            if (!ok) s[nt][hf * 2 + e2] = neg_inf();
-          }
+          for (int mr = 0; mr < MR; ++mr)
+#pragma unroll
+            for (int hf = 0; hf < 2; ++hf) {
+              bool ok = j < nk;
+              if constexpr (MODE == 1) ok = ok && j <= i_r[mr][hf] + vis.off;
+              if constexpr (MODE == 2)
+                ok = ok && sparse_sees(qp[mr][hf], qb[mr][hf], kp, kb, vis.strict);
+              if constexpr (MODE == 3) ok = ok && sb_sees(i_r[mr][hf], j, sb);
+              if (!ok) s[mr * N8 + nt][hf * 2 + e2] = neg_inf();
+            }
         }
       }
     }
 
-    // Online softmax (log2 domain) for rows gq and gq+8.
+    // Online softmax (log2 domain) for rows gq and gq+8 of each row tile.
 #pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      float mx = mrow[hf];
+    for (int mr = 0; mr < MR; ++mr)
 #pragma unroll
-      for (int nt = 0; nt < N8; ++nt) {
-        s[nt][hf * 2] *= sl2;
-        s[nt][hf * 2 + 1] *= sl2;
-        mx = fmaxf(mx, fmaxf(s[nt][hf * 2], s[nt][hf * 2 + 1]));
+      for (int hf = 0; hf < 2; ++hf) {
+        float(*sm)[4] = s + mr * N8;
+        float mx = mrow[mr][hf];
+#pragma unroll
+        for (int nt = 0; nt < N8; ++nt) {
+          sm[nt][hf * 2] *= sl2;
+          sm[nt][hf * 2 + 1] *= sl2;
+          mx = fmaxf(mx, fmaxf(sm[nt][hf * 2], sm[nt][hf * 2 + 1]));
+        }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        float msafe = mx == neg_inf() ? 0.f : mx;
+        float alpha = fast_exp2(mrow[mr][hf] - msafe);
+        mrow[mr][hf] = mx;
+        float ls = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < N8; ++nt) {
+          sm[nt][hf * 2] = fast_exp2(sm[nt][hf * 2] - msafe);
+          sm[nt][hf * 2 + 1] = fast_exp2(sm[nt][hf * 2 + 1] - msafe);
+          ls += sm[nt][hf * 2] + sm[nt][hf * 2 + 1];
+        }
+        lrow[mr][hf] = lrow[mr][hf] * alpha + ls;
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt) {
+          acc[mr * DT + dt][hf * 2] *= alpha;
+          acc[mr * DT + dt][hf * 2 + 1] *= alpha;
+        }
       }
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      float msafe = mx == neg_inf() ? 0.f : mx;
-      float alpha = fast_exp2(mrow[hf] - msafe);
-      mrow[hf] = mx;
-      float ls = 0.f;
-#pragma unroll
-      for (int nt = 0; nt < N8; ++nt) {
-        s[nt][hf * 2] = fast_exp2(s[nt][hf * 2] - msafe);
-        s[nt][hf * 2 + 1] = fast_exp2(s[nt][hf * 2 + 1] - msafe);
-        ls += s[nt][hf * 2] + s[nt][hf * 2 + 1];
-      }
-      lrow[hf] = lrow[hf] * alpha + ls;
-#pragma unroll
-      for (int dt = 0; dt < D / 8; ++dt) {
-        acc[dt][hf * 2] *= alpha;
-        acc[dt][hf * 2 + 1] *= alpha;
-      }
-    }
-    gemm_pb<T, D, BN / 16>(acc, s, cV, 0);
+    gemm_pb<T, D, MR, BN / 16>(acc, s, cV, 0);
     __syncthreads();  // the buffer is refilled by the next iteration
     t = tn;
     buf ^= 1;
   }
   cp_async_wait<0>();
 
-  float inv[2];
 #pragma unroll
-  for (int hf = 0; hf < 2; ++hf) {
-    float l = lrow[hf];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    inv[hf] = l > 0.f ? 1.f / l : 0.f;
-    if (t4 == 0 && i_r[hf] < nq)
-      lse[qrow0 + i_r[hf]] = l > 0.f ? mrow[hf] * LN2 + logf(l) : neg_inf();
+  for (int mr = 0; mr < MR; ++mr) {
+    float inv[2];
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      float l = lrow[mr][hf];
+      l += __shfl_xor_sync(0xffffffffu, l, 1);
+      l += __shfl_xor_sync(0xffffffffu, l, 2);
+      inv[hf] = l > 0.f ? 1.f / l : 0.f;
+      if (t4 == 0 && i_r[mr][hf] < nq)
+        lse[qrow0 + i_r[mr][hf]] = l > 0.f ? mrow[mr][hf] * LN2 + logf(l) : neg_inf();
+    }
+    store_acc<T, D>(o + qrow0 * D, acc + mr * DT, w0 + mr * 16, nq, inv[0], inv[1]);
   }
-  store_acc<T, D>(o + qrow0 * D, acc, m0 + warp * 16, nq, inv[0], inv[1]);
 }
 
 // ---------------------------------------------------------------------------------------------
-// Tensor-core backward, one fused kernel (FA2 style): one CTA per (key tile of BK = 16 * NW keys,
+// Tensor-core backward, one fused kernel (FA2 style): one CTA per (key tile of BK = 16 * MR * NW keys,
 // b * hkv) owns dK, dV of its keys and loops over the group's query heads and their query tiles of
 // BQ rows (Q, dO, lse, delta double-buffered with cp.async). dS goes through shared memory and
 // dQ += dS K is added with f32 vector atomics into a zeroed (b, hq, nq, D) f32 buffer, which
 // `flash_bwd_dq_convert` scales and writes in the input dtype (not bitwise deterministic).
 // ---------------------------------------------------------------------------------------------
 
-template <typename T, int D, int NW, int BQ, int MODE>
+template <typename T, int D, int NW, int MR, int BQ, int MODE>
 __device__ void bwd_mma(const T* q, const T* k, const T* v, const T* go, const float* lse,
                         const float* delta, T* dk, T* dv, float* dqa, Vis vis, const int4* qmeta,
                         const int4* kmeta, int hq, int hkv, int nq, int nk, float scale) {
-  constexpr int BK = 16 * NW, SD = Pad<D>::SD, SQ = BQ + 8, NT = NW * 32, N8 = BQ / 8;
+  constexpr int WK = 16 * MR, BK = WK * NW, DT = D / 8, SD = Pad<D>::SD, SQ = BQ + 8, NT = NW * 32, N8 = BQ / 8;
   // dQ phase: RG groups of 16 query rows, each split over WG warps of DW columns.
   constexpr int RG = BQ / 16, WG = NW / RG, DW = D / WG;
   static_assert(NW % RG == 0 && D % WG == 0 && DW % 16 == 0, "bwd tile shape");
@@ -600,18 +625,21 @@ __device__ void bwd_mma(const T* q, const T* k, const T* v, const T* go, const f
     }
   };
 
-  // Per-thread key rows (gq, gq+8 of the warp's 16) and their sparse keys.
-  int j_r[2], kp[2], kb[2];
+  // Per-thread key rows (gq, gq+8 of each of the warp's MR tiles of 16) and their sparse keys.
+  int j_r[MR][2], kp[MR][2], kb[MR][2];
 #pragma unroll
-  for (int hf = 0; hf < 2; ++hf) {
-    j_r[hf] = n0 + warp * 16 + gq + hf * 8;
-    kp[hf] = INT_MAX_;
-    kb[hf] = -2;
-    if (MODE == 2 && j_r[hf] < nk) {
-      kp[hf] = vis.k_pos[krow0 + j_r[hf]];
-      kb[hf] = vis.has_bkt ? vis.k_bkt[krow0 + j_r[hf]] : 0;
+  for (int mr = 0; mr < MR; ++mr)
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      int j = n0 + warp * WK + mr * 16 + gq + hf * 8;
+      j_r[mr][hf] = j;
+      kp[mr][hf] = INT_MAX_;
+      kb[mr][hf] = -2;
+      if (MODE == 2 && j < nk) {
+        kp[mr][hf] = vis.k_pos[krow0 + j];
+        kb[mr][hf] = vis.has_bkt ? vis.k_bkt[krow0 + j] : 0;
+      }
     }
-  }
 
   load_tile<T, BK, D, NT>(sK, k + krow0 * D, n0, nk);
   load_tile<T, BK, D, NT>(sV, v + krow0 * D, n0, nk);
@@ -619,9 +647,25 @@ __device__ void bwd_mma(const T* q, const T* k, const T* v, const T* go, const f
   if (p < p_end) load_q(p, 0);
   cp_async_commit();
 
-  float adk[D / 8][4], adv[D / 8][4];
+  // For small enough MR * D the warp's K and V fragments stay in registers for the query loop.
+  constexpr bool KVREG = MR * D <= 64;
+  uint32_t kf[KVREG ? MR * D / 16 : 1][4], vf[KVREG ? MR * D / 16 : 1][4];
+  if constexpr (KVREG) {
+    cp_async_wait<0>();
+    __syncthreads();
 #pragma unroll
-  for (int i = 0; i < D / 8; ++i)
+    for (int mr = 0; mr < MR; ++mr)
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        int r = warp * WK + mr * 16 + (lane & 15);
+        ldsm_x4(kf[mr * (D / 16) + kk], sK + r * SD + kk * 16 + (lane >> 4) * 8);
+        ldsm_x4(vf[mr * (D / 16) + kk], sV + r * SD + kk * 16 + (lane >> 4) * 8);
+      }
+  }
+
+  float adk[MR * DT][4], adv[MR * DT][4];
+#pragma unroll
+  for (int i = 0; i < MR * DT; ++i)
 #pragma unroll
     for (int e = 0; e < 4; ++e) adk[i][e] = adv[i][e] = 0.f;
 
@@ -685,19 +729,20 @@ __device__ void bwd_mma(const T* q, const T* k, const T* v, const T* go, const f
     int h = p / nqt, m0 = (p % nqt) * BQ;
     long long qr0 = (qhead0 + h) * nq;
 
-    // S^T = K Q^T and dP^T = V dO^T for the warp's 16 keys x BQ queries.
-    float s[N8][4], dp[N8][4];
+    // S^T = K Q^T and dP^T = V dO^T for the warp's WK keys x BQ queries.
+    float s[MR * N8][4], dp[MR * N8][4];
 #pragma unroll
-    for (int i = 0; i < N8; ++i)
+    for (int i = 0; i < MR * N8; ++i)
 #pragma unroll
       for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.f;
-    gemm_abt<T, D, N8>(s, sK, warp * 16, cQ, 0);
-    gemm_abt<T, D, N8>(dp, sV, warp * 16, cG, 0);
+    gemm_abt<T, D, MR, N8, KVREG>(s, kf, sK, warp * WK, cQ, 0);
+    gemm_abt<T, D, MR, N8, KVREG>(dp, vf, sV, warp * WK, cG, 0);
 
     bool need_mask = m0 + BQ > nq || n0 + BK > nk ||
-                     (MODE == 1 && n0 + warp * 16 + 15 > m0 + vis.off) ||
+                     (MODE == 1 && n0 + warp * WK + WK - 1 > m0 + vis.off) ||
                      (MODE == 2 && !tile_full(qm[p], km, vis.strict)) ||
-                     (MODE == 3 && !sb_tile_full(m0, m0 + BQ, n0 + warp * 16, n0 + warp * 16 + 16, sb));
+                     (MODE == 3 &&
+                      !sb_tile_full(m0, m0 + BQ, n0 + warp * WK, n0 + warp * WK + WK, sb));
 #pragma unroll
     for (int nt = 0; nt < N8; ++nt) {
 #pragma unroll
@@ -711,39 +756,51 @@ __device__ void bwd_mma(const T* q, const T* k, const T* v, const T* go, const f
         float L = cL[c], dl = cD[c];
         L = L == neg_inf() ? pos_inf() : L * LOG2E;  // stranded row: P = 0
 #pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-          bool ok;
-          if constexpr (MODE == 2)
-            ok = !need_mask ||
-                 (i < nq && j_r[hf] < nk && sparse_sees(qp, qb, kp[hf], kb[hf], vis.strict));
-          else if constexpr (MODE == 3)
-            ok = !need_mask || (i < nq && j_r[hf] < nk && sb_sees(i, j_r[hf], sb));
-          else
-            ok = !need_mask || (i < nq && j_r[hf] < nk && (MODE == 0 || j_r[hf] <= i + vis.off));
-          float pv = ok ? fast_exp2(s[nt][hf * 2 + e2] * sl2 - L) : 0.f;
-          s[nt][hf * 2 + e2] = pv;
-          dp[nt][hf * 2 + e2] = pv * (dp[nt][hf * 2 + e2] - dl);
-        }
+        for (int mr = 0; mr < MR; ++mr)
+#pragma unroll
+          for (int hf = 0; hf < 2; ++hf) {
+            int j = j_r[mr][hf];
+            bool ok;
+            if constexpr (MODE == 2)
+              ok = !need_mask || (i < nq && j < nk &&
+                                  sparse_sees(qp, qb, kp[mr][hf], kb[mr][hf], vis.strict));
+            else if constexpr (MODE == 3)
+              ok = !need_mask || (i < nq && j < nk && sb_sees(i, j, sb));
+            else
+              ok = !need_mask || (i < nq && j < nk && (MODE == 0 || j <= i + vis.off));
+            float* sv = &s[mr * N8 + nt][hf * 2 + e2];
+            float* dv_ = &dp[mr * N8 + nt][hf * 2 + e2];
+            float pv = ok ? fast_exp2(*sv * sl2 - L) : 0.f;
+            *sv = pv;
+            *dv_ = pv * (*dv_ - dl);
+          }
       }
     }
     // dS^T to shared memory (rows = keys) for the next step's dQ product.
 #pragma unroll
-    for (int nt = 0; nt < N8; ++nt)
+    for (int mr = 0; mr < MR; ++mr)
 #pragma unroll
-      for (int hf = 0; hf < 2; ++hf)
-        *reinterpret_cast<uint32_t*>(cS + (warp * 16 + gq + hf * 8) * SQ + nt * 8 + 2 * t4) =
-            pack2<T>(dp[nt][hf * 2], dp[nt][hf * 2 + 1]);
+      for (int nt = 0; nt < N8; ++nt)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf)
+          *reinterpret_cast<uint32_t*>(cS + (warp * WK + mr * 16 + gq + hf * 8) * SQ + nt * 8 +
+                                       2 * t4) =
+              pack2<T>(dp[mr * N8 + nt][hf * 2], dp[mr * N8 + nt][hf * 2 + 1]);
     // dV += P^T dO, dK += dS^T Q (scaled at the end).
-    gemm_pb<T, D, BQ / 16>(adv, s, cG, 0);
-    gemm_pb<T, D, BQ / 16>(adk, dp, cQ, 0);
+    gemm_pb<T, D, MR, BQ / 16>(adv, s, cG, 0);
+    gemm_pb<T, D, MR, BQ / 16>(adk, dp, cQ, 0);
     prev_m0 = m0;
     prev_qr0 = qr0;
     p = pn;
     buf ^= 1;
   }
   cp_async_wait<0>();
-  store_acc<T, D>(dk + krow0 * D, adk, n0 + warp * 16, nk, scale, scale);
-  store_acc<T, D>(dv + krow0 * D, adv, n0 + warp * 16, nk, 1.f, 1.f);
+#pragma unroll
+  for (int mr = 0; mr < MR; ++mr) {
+    int r0 = n0 + warp * WK + mr * 16;
+    store_acc<T, D>(dk + krow0 * D, adk + mr * DT, r0, nk, scale, scale);
+    store_acc<T, D>(dv + krow0 * D, adv + mr * DT, r0, nk, 1.f, 1.f);
+  }
 }
 
 // dq = scale * acc, in the output dtype (n a multiple of 4).
@@ -768,26 +825,31 @@ __device__ void dq_convert(const float* acc, T* dq, long long n, float scale) {
       int strict, int has_bkt, float scale
 #define MAKE_VIS Vis vis{mode, nk - nq, strict, has_bkt, q_pos, k_pos, q_bkt, k_bkt, spans};
 
-// Tensor-core forward tiles: BM = 16 * NW query rows, BN = 64 keys.
-#define FWD_MMA(TN, T, D, NW)                                                                    \
-  extern "C" __global__ void __launch_bounds__(NW * 32, D <= 64 ? 2 : 1)                                        \
-      flash_fwd_##TN##_d##D(const T* q, const T* k, const T* v, T* o, float* lse, VIS_PARAMS) { \
-    MAKE_VIS fwd_mma<T, D, NW, 64>(q, k, v, o, lse, vis, qmeta, kmeta, hq, hkv, nq, nk, scale); \
+// Tensor-core forward tiles: BM = 16 * MR * NW query rows (`fwd_tiles` in cuda.rs), BN = 64 keys,
+// one kernel per visibility mode M.
+#define FWD_MMA_M(TN, T, D, NW, MR, M)                                                           \
+  extern "C" __global__ void __launch_bounds__(NW * 32, 2)                                      \
+      flash_fwd_##TN##_d##D##_m##M(const T* q, const T* k, const T* v, T* o, float* lse,         \
+                                   VIS_PARAMS) {                                                \
+    MAKE_VIS fwd_mma<T, D, NW, MR, 64, M>(q, k, v, o, lse, vis, qmeta, kmeta, hq, hkv, nq, nk,   \
+                                          scale);                                               \
   }
-// Tensor-core backward: key tiles of 16 * NW keys, query tiles of BQ rows (`bwd_tiles` in cuda.rs).
-// Tensor-core backward: key tiles of 16 * NW keys, query tiles of BQ rows (`bwd_tiles` in cuda.rs),
-// one kernel per visibility mode M (compact code for the dense modes).
-#define BWD_MMA_M(TN, T, D, NW, BQ, M)                                                           \
+#define FWD_MMA(TN, T, D, NW, MR)                                                              \
+  FWD_MMA_M(TN, T, D, NW, MR, 0) FWD_MMA_M(TN, T, D, NW, MR, 1) FWD_MMA_M(TN, T, D, NW, MR, 2) \
+  FWD_MMA_M(TN, T, D, NW, MR, 3)
+// Tensor-core backward: key tiles of 16 * MR * NW keys, query tiles of BQ rows (`bwd_tiles` in
+// cuda.rs), one kernel per visibility mode M (compact code for the dense modes).
+#define BWD_MMA_M(TN, T, D, NW, MR, BQ, M)                                                       \
   extern "C" __global__ void __launch_bounds__(NW * 32, 1)                                      \
       flash_bwd_##TN##_d##D##_m##M(const T* q, const T* k, const T* v, const T* go,             \
                                    const float* lse, const float* delta, T* dk, T* dv,          \
                                    float* dqa, VIS_PARAMS) {                                    \
-    MAKE_VIS bwd_mma<T, D, NW, BQ, M>(q, k, v, go, lse, delta, dk, dv, dqa, vis, qmeta, kmeta,  \
-                                      hq, hkv, nq, nk, scale);                                  \
+    MAKE_VIS bwd_mma<T, D, NW, MR, BQ, M>(q, k, v, go, lse, delta, dk, dv, dqa, vis, qmeta,     \
+                                          kmeta, hq, hkv, nq, nk, scale);                       \
   }
-#define BWD_MMA(TN, T, D, NW, BQ)                                                             \
-  BWD_MMA_M(TN, T, D, NW, BQ, 0) BWD_MMA_M(TN, T, D, NW, BQ, 1) BWD_MMA_M(TN, T, D, NW, BQ, 2) \
-  BWD_MMA_M(TN, T, D, NW, BQ, 3)
+#define BWD_MMA(TN, T, D, NW, MR, BQ)                                  \
+  BWD_MMA_M(TN, T, D, NW, MR, BQ, 0) BWD_MMA_M(TN, T, D, NW, MR, BQ, 1) \
+  BWD_MMA_M(TN, T, D, NW, MR, BQ, 2) BWD_MMA_M(TN, T, D, NW, MR, BQ, 3)
 #define SIMPLE(TN, T, D)                                                                        \
   extern "C" __global__ void flash_fwd_simple_##TN##_d##D(const T* q, const T* k, const T* v,   \
                                                           T* o, float* lse, VIS_PARAMS) {       \
@@ -828,13 +890,13 @@ ALL_D(SIMPLE, f16, __half)
 ALL_D(SIMPLE, bf16, __nv_bfloat16)
 
 #define FWD_ALL(TN, T) \
-  FWD_MMA(TN, T, 32, 8) FWD_MMA(TN, T, 64, 8) FWD_MMA(TN, T, 96, 8) FWD_MMA(TN, T, 128, 8) \
-  FWD_MMA(TN, T, 256, 4)
+  FWD_MMA(TN, T, 32, 4, 2) FWD_MMA(TN, T, 64, 4, 2) FWD_MMA(TN, T, 96, 4, 2) \
+  FWD_MMA(TN, T, 128, 4, 2) FWD_MMA(TN, T, 256, 4, 1)
 FWD_ALL(f16, __half)
 FWD_ALL(bf16, __nv_bfloat16)
 
 #define BWD_ALL(TN, T) \
-  BWD_MMA(TN, T, 32, 8, 64) BWD_MMA(TN, T, 64, 8, 64) BWD_MMA(TN, T, 96, 8, 64) \
-  BWD_MMA(TN, T, 128, 8, 32)
+  BWD_MMA(TN, T, 32, 8, 1, 64) BWD_MMA(TN, T, 64, 4, 2, 32) BWD_MMA(TN, T, 96, 8, 1, 64) \
+  BWD_MMA(TN, T, 128, 8, 1, 32)
 BWD_ALL(f16, __half)
 BWD_ALL(bf16, __nv_bfloat16)

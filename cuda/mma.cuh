@@ -119,64 +119,68 @@ __device__ __forceinline__ void load_tile(T* s, const T* g, int row0, int n) {
   }
 }
 
-// S (16 x 8*NT8) += A (16 rows of sA from row a0, D cols) * B^T (rows b0.. of sB, D cols).
-// A via ldmatrix (row-major), B via ldmatrix non-transposed (rows = the n index).
-template <typename T, int D, int NT8>
-__device__ __forceinline__ void gemm_abt(float (*s)[4], const T* sA, int a0, const T* sB, int b0) {
+// S (16*MR x 8*NT8) += A (16*MR rows, D cols) * B^T (rows b0.. of sB, D cols), s[mr * NT8 + n].
+// A from registers (af[mr * D/16 + kk]) when AREG, else via ldmatrix from rows a0.. of sA; B via
+// ldmatrix non-transposed (rows = the n index), each B fragment shared by the MR row tiles.
+template <typename T, int D, int MR, int NT8, bool AREG>
+__device__ __forceinline__ void gemm_abt(float (*s)[4], const uint32_t (*af)[4], const T* sA,
+                                         int a0, const T* sB, int b0) {
   constexpr int SD = Pad<D>::SD;
   int lane = threadIdx.x & 31;
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
-    uint32_t a[4];
-    ldsm_x4(a, sA + (a0 + (lane & 15)) * SD + kk * 16 + (lane >> 4) * 8);
+    uint32_t a[MR][4];
+#pragma unroll
+    for (int mr = 0; mr < MR; ++mr) {
+      if constexpr (AREG) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) a[mr][e] = af[mr * (D / 16) + kk][e];
+      } else {
+        ldsm_x4(a[mr], sA + (a0 + mr * 16 + (lane & 15)) * SD + kk * 16 + (lane >> 4) * 8);
+      }
+    }
 #pragma unroll
     for (int nn = 0; nn < NT8 / 2; ++nn) {
       uint32_t bb[4];
       ldsm_x4(bb, sB + (b0 + nn * 16 + (lane & 7) + (lane >> 4) * 8) * SD + kk * 16 +
                       ((lane >> 3) & 1) * 8);
-      mma<T>(s[2 * nn], a, bb[0], bb[1]);
-      mma<T>(s[2 * nn + 1], a, bb[2], bb[3]);
+#pragma unroll
+      for (int mr = 0; mr < MR; ++mr) {
+        mma<T>(s[mr * NT8 + 2 * nn], a[mr], bb[0], bb[1]);
+        mma<T>(s[mr * NT8 + 2 * nn + 1], a[mr], bb[2], bb[3]);
+      }
     }
   }
 }
 
-// Same as gemm_abt with the A fragments already in registers (a[kk] for k-step kk).
-template <typename T, int D, int NT8>
-__device__ __forceinline__ void gemm_abt_reg(float (*s)[4], const uint32_t (*a)[4], const T* sB, int b0) {
-  constexpr int SD = Pad<D>::SD;
-  int lane = threadIdx.x & 31;
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-#pragma unroll
-    for (int nn = 0; nn < NT8 / 2; ++nn) {
-      uint32_t bb[4];
-      ldsm_x4(bb, sB + (b0 + nn * 16 + (lane & 7) + (lane >> 4) * 8) * SD + kk * 16 +
-                      ((lane >> 3) & 1) * 8);
-      mma<T>(s[2 * nn], a[kk], bb[0], bb[1]);
-      mma<T>(s[2 * nn + 1], a[kk], bb[2], bb[3]);
-    }
-  }
-}
-
-// Acc (16 x D) += P (16 x 16*KS, C-fragment registers p, converted to T) * B (rows = the k index
-// of sB from b0, D cols), B via ldmatrix transposed.
-template <typename T, int D, int KS>
+// Acc (16*MR x D, acc[mr * D/8 + dt]) += P (16*MR x 16*KS, C-fragment registers p[mr * 2KS + n],
+// converted to T) * B (rows = the k index of sB from b0, D cols), B via ldmatrix transposed.
+template <typename T, int D, int MR, int KS>
 __device__ __forceinline__ void gemm_pb(float (*acc)[4], const float (*p)[4], const T* sB, int b0) {
   constexpr int SD = Pad<D>::SD;
   int lane = threadIdx.x & 31;
 #pragma unroll
   for (int kk = 0; kk < KS; ++kk) {
     // The C fragments of two adjacent n-tiles are exactly the A fragment of one k-step.
-    uint32_t a[4] = {pack2<T>(p[2 * kk][0], p[2 * kk][1]), pack2<T>(p[2 * kk][2], p[2 * kk][3]),
-                     pack2<T>(p[2 * kk + 1][0], p[2 * kk + 1][1]),
-                     pack2<T>(p[2 * kk + 1][2], p[2 * kk + 1][3])};
+    uint32_t a[MR][4];
+#pragma unroll
+    for (int mr = 0; mr < MR; ++mr) {
+      const float(*pm)[4] = p + mr * 2 * KS;
+      a[mr][0] = pack2<T>(pm[2 * kk][0], pm[2 * kk][1]);
+      a[mr][1] = pack2<T>(pm[2 * kk][2], pm[2 * kk][3]);
+      a[mr][2] = pack2<T>(pm[2 * kk + 1][0], pm[2 * kk + 1][1]);
+      a[mr][3] = pack2<T>(pm[2 * kk + 1][2], pm[2 * kk + 1][3]);
+    }
 #pragma unroll
     for (int dn = 0; dn < D / 16; ++dn) {
       uint32_t bb[4];
       ldsm_x4_t(bb, sB + (b0 + kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * SD + dn * 16 +
                         (lane >> 4) * 8);
-      mma<T>(acc[2 * dn], a, bb[0], bb[1]);
-      mma<T>(acc[2 * dn + 1], a, bb[2], bb[3]);
+#pragma unroll
+      for (int mr = 0; mr < MR; ++mr) {
+        mma<T>(acc[mr * (D / 8) + 2 * dn], a[mr], bb[0], bb[1]);
+        mma<T>(acc[mr * (D / 8) + 2 * dn + 1], a[mr], bb[2], bb[3]);
+      }
     }
   }
 }

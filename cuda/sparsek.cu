@@ -710,7 +710,7 @@ __device__ void skt_fwd(const E* __restrict__ q, const E* __restrict__ kv, E* __
     float s[N8][4], w[N8][4];
 #pragma unroll
     for (int x = 0; x < N8; ++x) s[x][0] = s[x][1] = s[x][2] = s[x][3] = 0.f;
-    gemm_abt_reg<E, D, N8>(s, qf, cK, 0);
+    gemm_abt<E, D, 1, N8, true>(s, qf, nullptr, 0, cK, 0);
 #pragma unroll
     for (int nt = 0; nt < N8; ++nt)
 #pragma unroll
@@ -751,7 +751,7 @@ __device__ void skt_fwd(const E* __restrict__ q, const E* __restrict__ kv, E* __
         acc[dt][hf * 2 + 1] *= alpha;
       }
     }
-    gemm_pb<E, D, TB / 16>(acc, s, cV, 0);
+    gemm_pb<E, D, 1, TB / 16>(acc, s, cV, 0);
     __syncthreads();
     buf ^= 1;
   }
@@ -840,8 +840,8 @@ __device__ void skt_bwd_dq(const E* __restrict__ q, const E* __restrict__ kv,
 #pragma unroll
     for (int x = 0; x < N8; ++x)
       s[x][0] = s[x][1] = s[x][2] = s[x][3] = dp[x][0] = dp[x][1] = dp[x][2] = dp[x][3] = 0.f;
-    gemm_abt_reg<E, D, N8>(s, qf, cK, 0);
-    gemm_abt_reg<E, D, N8>(dp, gf, cV, 0);
+    gemm_abt<E, D, 1, N8, true>(s, qf, nullptr, 0, cK, 0);
+    gemm_abt<E, D, 1, N8, true>(dp, gf, nullptr, 0, cV, 0);
 #pragma unroll
     for (int nt = 0; nt < N8; ++nt)
 #pragma unroll
@@ -861,7 +861,7 @@ __device__ void skt_bwd_dq(const E* __restrict__ q, const E* __restrict__ kv,
           s[nt][x] = a * (wv * dp[nt][x] - dl[hf]);
         }
       }
-    gemm_pb<E, D, TB / 16>(acc, s, cK, 0);
+    gemm_pb<E, D, 1, TB / 16>(acc, s, cK, 0);
     __syncthreads();
     buf ^= 1;
   }
@@ -945,8 +945,8 @@ __device__ void skt_bwd_dkv(const E* __restrict__ q, const E* __restrict__ kv,
     for (int x = 0; x < N8; ++x)
       st[x][0] = st[x][1] = st[x][2] = st[x][3] = dpt[x][0] = dpt[x][1] = dpt[x][2] =
           dpt[x][3] = 0.f;
-    gemm_abt<E, D, N8>(st, cK, warp * 16, sm.q, 0);
-    gemm_abt<E, D, N8>(dpt, cV, warp * 16, sG, 0);
+    gemm_abt<E, D, 1, N8, false>(st, nullptr, cK, warp * 16, sm.q, 0);
+    gemm_abt<E, D, 1, N8, false>(dpt, nullptr, cV, warp * 16, sG, 0);
     int jk[2];
     float uk[2], gu[2] = {0.f, 0.f};
 #pragma unroll
@@ -976,8 +976,8 @@ __device__ void skt_bwd_dkv(const E* __restrict__ q, const E* __restrict__ kv,
 #pragma unroll
       for (int x = 0; x < D / 8; ++x) acc[x][0] = acc[x][1] = acc[x][2] = acc[x][3] = 0.f;
       // pass 0: dV = (a w)^T dO; pass 1: dK = scale dS^T Q.
-      if (pass == 0) gemm_pb<E, D, BQ / 16>(acc, st, sG, 0);
-      else gemm_pb<E, D, BQ / 16>(acc, dpt, sm.q, 0);
+      if (pass == 0) gemm_pb<E, D, 1, BQ / 16>(acc, st, sG, 0);
+      else gemm_pb<E, D, 1, BQ / 16>(acc, dpt, sm.q, 0);
       float mul = pass == 0 ? 1.f : scale;
       int off = pass == 0 ? D : 0;
       // Quad pairs swap halves so that each thread adds 4 consecutive floats of one key row:

@@ -1,10 +1,14 @@
 //! CUDA launch side of [`super::FlashAttn`] and [`super::FlashAttnBwd`] (kernels in
 //! `cuda/flash_attn.cu`). Everything runs on candle's stream, with no host round trip.
 //!
-//! - f16 / bf16: tensor-core kernels (`mma.sync` m16n8k16, f32 accumulation). Forward tiles are
-//!   128 queries × 64 keys (64 × 64 at head dim 256). The backward is one fused kernel per key tile
-//!   of 128 keys owning dK, dV, looping over query tiles of 64 rows (32 at head dim 128); dQ is
-//!   accumulated with f32 atomics (not bitwise deterministic) and converted by a small kernel.
+//! - f16 / bf16: tensor-core kernels (`mma.sync` m16n8k16, f32 accumulation), one kernel per
+//!   visibility mode. Forward tiles are 128 queries × 64 keys, 4 warps of 32 query rows (64 × 64,
+//!   4 warps of 16 rows at head dim 256). The backward is one fused kernel per key tile of 128 keys
+//!   owning dK, dV (4 warps of 32 keys at head dim 64, else 8 warps of 16), looping over query
+//!   tiles of 64 rows (32 at head dims 64 and 128); dQ is accumulated with f32 atomics (not
+//!   bitwise deterministic) and converted by a small kernel.
+//! - Performance (H100, bf16, causal, 8k–32k, see BENCHMARKS.md): forward 0.78–0.90× PyTorch
+//!   SDPA-flash at D = 64 and 0.86–0.96× at D = 128; forward+backward 0.64–0.77× and 0.50–0.67×.
 //! - f32 (exact f32 arithmetic is required), head dim 256 in the backward and inputs not aligned
 //!   to 16 bytes: simple CUDA-core kernels, one warp per row.
 //! - Sink-band visibility (MoA): per query tile the sink tiles then the band tiles (per key tile in
@@ -44,21 +48,23 @@ fn tname(dtype: DType) -> Result<&'static str> {
     })
 }
 
-/// Query rows per forward block of the tensor-core kernel.
-fn fwd_block_rows(d: usize) -> usize {
+/// Forward tiles of the tensor-core kernels (`FWD_ALL` in flash_attn.cu): (query rows per CTA,
+/// threads per CTA); 4 warps of 32 query rows each, of 16 at head dim 256.
+fn fwd_tiles(d: usize) -> (usize, usize) {
     if d == 256 {
-        64
+        (64, 128)
     } else {
-        128
+        (128, 128)
     }
 }
 
-/// Backward tiles (keys per block, query rows per step): `BWD_MMA` in the .cu file.
-fn bwd_tiles(d: usize) -> (usize, usize) {
-    if d == 128 {
-        (128, 32)
-    } else {
-        (128, 64)
+/// Backward tiles of the tensor-core kernels (`BWD_ALL` in flash_attn.cu): (keys per CTA, query
+/// rows per step, threads per CTA).
+fn bwd_tiles(d: usize) -> (usize, usize, usize) {
+    match d {
+        64 => (128, 32, 128),
+        128 => (128, 32, 256),
+        _ => (128, 64, 256),
     }
 }
 
@@ -332,10 +338,10 @@ fn fwd_t<T: CudaDType + DeviceRepr>(
     let fast = sq.dtype() != DType::F32 && [lq, lk, lv].iter().all(|l| aligned(l, es));
     let d = dims.d;
     if fast {
-        let bm = fwd_block_rows(d);
+        let (bm, threads) = fwd_tiles(d);
         let meta = tile_meta(&dev, &va, dims, bm, BT)?;
         let smem = (bm + 4 * BT) * (d + 8) * es;
-        let f = func!(dev, &format!("flash_fwd_{tn}_d{d}"), smem);
+        let f = func!(dev, &format!("flash_fwd_{tn}_d{d}_m{}", va.mode), smem);
         let mut b = f.builder();
         b.arg(&q);
         b.arg(&k);
@@ -344,7 +350,7 @@ fn fwd_t<T: CudaDType + DeviceRepr>(
         b.arg(&mut lse);
         push_vis(&mut b, &va, &meta, &sc);
         let grid = (ceil_div(dims.nq, bm), dims.b * dims.hq);
-        unsafe { b.launch(cfg(grid, 2 * bm, smem)?) }.w()?;
+        unsafe { b.launch(cfg(grid, threads, smem)?) }.w()?;
     } else {
         let meta = (dummy.clone(), dummy.clone());
         let f = func!(dev, &format!("flash_fwd_simple_{tn}_d{d}"), 0);
@@ -469,7 +475,7 @@ fn bwd_t<T: CudaDType + DeviceRepr>(
     let (mut dk, mut dv) = dkv.split_at_mut(nk_el);
     if fast {
         // One fused kernel: dK, dV per key tile, dQ by f32 atomics, then dQ to the input dtype.
-        let (bk, bq) = bwd_tiles(d);
+        let (bk, bq, threads) = bwd_tiles(d);
         let meta = tile_meta(&dev, &va, dims, bq, bk)?;
         let mut dq_acc = dev.alloc_zeros::<f32>(nq_el)?;
         let smem = (2 * bk + 4 * bq) * (d + 8) * es + 2 * bk * (bq + 8) * es + 4 * bq * 4;
@@ -486,7 +492,7 @@ fn bwd_t<T: CudaDType + DeviceRepr>(
         b.arg(&mut dq_acc);
         push_vis(&mut b, &va, &meta, &sc);
         let grid = (ceil_div(dims.nk, bk), dims.b * dims.hkv);
-        unsafe { b.launch(cfg(grid, 2 * bk, smem)?) }.w()?;
+        unsafe { b.launch(cfg(grid, threads, smem)?) }.w()?;
 
         let f = func!(dev, &format!("flash_bwd_dq_convert_{tn}"), 0);
         let mut b = f.builder();
