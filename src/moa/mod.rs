@@ -3,7 +3,15 @@
 //! `alpha + beta·N` that grows with the total length `N`, found by profiling.
 //!
 //! - [`plan`]: the plan file (the reference's JSON) and its resolution to per-head spans.
+//! - [`cache`]: the per-layer decode cache (static sink + ring per kv head, one buffer).
+//! - [`decode`]: decode attention over that cache, all heads of a layer in one launch.
 
+pub mod cache;
+#[cfg(feature = "cuda")]
+mod cuda;
+pub mod decode;
 pub mod plan;
 
+pub use cache::MoaCache;
+pub use decode::{moa_decode, moa_decode_scaled};
 pub use plan::{HeadSpan, MoaLayerPlan, MoaPlan, SpanRule, MOA_BLOCK, MOA_MIN_SPAN, MOA_SINK};
