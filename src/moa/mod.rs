@@ -6,6 +6,7 @@
 //! - [`cache`]: the per-layer decode cache (static sink + ring per kv head, one buffer).
 //! - [`decode`]: decode attention over that cache, all heads of a layer in one launch.
 //! - [`profile`]: the attention influence (first-order loss change of masking) per 64×64 block.
+//! - [`search`]: the exact plan search (multiple-choice knapsack DP) over the candidate grid.
 
 pub mod cache;
 #[cfg(feature = "cuda")]
@@ -13,8 +14,10 @@ mod cuda;
 pub mod decode;
 pub mod plan;
 pub mod profile;
+pub mod search;
 
 pub use cache::MoaCache;
 pub use decode::{moa_decode, moa_decode_scaled};
 pub use plan::{HeadSpan, MoaLayerPlan, MoaPlan, SpanRule, MOA_BLOCK, MOA_MIN_SPAN, MOA_SINK};
 pub use profile::{profiled_attention, InfluenceTap, MoaInfluence};
+pub use search::{search_plan, SearchOptions};
