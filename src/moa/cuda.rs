@@ -2,6 +2,7 @@
 //! Everything runs on candle's stream; nothing is copied to the host.
 
 use candle::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, PushKernelArg};
+use candle::backend::BackendStorage;
 use candle::cuda_backend::{CudaDType, WrapErr};
 use candle::op::BackpropOp;
 use candle::{bail, CudaDevice, CudaStorage, DType, Layout, Result, Storage, StorageRef, Tensor};
