@@ -109,6 +109,16 @@ fn main() -> Result<()> {
         moa_decode(&q, &cache)?;
         Ok(())
     })?;
+    // Split-KV chunk sweep (the default above is cache.chunk()).
+    let mut sweep = Vec::new();
+    for chunk in [256, 512, 1024, 2048, 4096] {
+        let c = cache.clone().with_chunk(chunk)?;
+        let ms = time_ms(&dev, reps, || {
+            moa_decode(&q, &c)?;
+            Ok(())
+        })?;
+        sweep.push((chunk, ms));
+    }
     // The append of a step (ring write of one token per kv head, K and V); the length advances,
     // which does not change the work.
     let mut step_cache = cache.clone();
@@ -142,6 +152,14 @@ fn main() -> Result<()> {
             100.0 * gbps / args.copy_gbps
         );
     }
+    for &(chunk, ms) in &sweep {
+        let gbps = gbs(moa_bytes, ms);
+        println!(
+            "{:<28} {ms:>10.4} {gbps:>12.0} {:>13.1}%",
+            format!("  chunk {chunk}"),
+            100.0 * gbps / args.copy_gbps
+        );
+    }
     println!("{:<28} {append_ms:>10.4}", "moa append (1 token)");
     println!("speed-up vs dense {:.2}x", dense_ms / moa_ms);
     let json = serde_json::json!({
@@ -151,6 +169,7 @@ fn main() -> Result<()> {
         "dense_ms": dense_ms, "dense_gbps": dense_gbps,
         "moa_ms": moa_ms, "moa_gbps": moa_gbps, "moa_fraction_of_copy_bw": moa_gbps / args.copy_gbps,
         "append_ms": append_ms, "speedup": dense_ms / moa_ms,
+        "chunk_sweep_ms": sweep.iter().map(|(c, ms)| (c.to_string(), serde_json::json!(ms))).collect::<serde_json::Map<_, _>>(),
     });
     println!("{json}");
     std::fs::write(&args.json, serde_json::to_string_pretty(&json)?)?;

@@ -176,6 +176,39 @@ fn long_spans_split_into_several_chunks() {
 }
 
 #[test]
+fn every_split_kv_chunk_gives_the_same_output() -> Result<()> {
+    let plan = MoaLayerPlan {
+        spans: vec![HeadSpan::from_size(1024), HeadSpan::from_size(320)],
+    };
+    let mut rng = StdRng::seed_from_u64(700);
+    for dev in devices() {
+        let (k, v) = (
+            random(&mut rng, (2, 2, 1500, 64), &dev, DType::F32)?,
+            random(&mut rng, (2, 2, 1500, 64), &dev, DType::F32)?,
+        );
+        let q = random(&mut rng, (2, 4, 1, 64), &dev, DType::F32)?;
+        let mut cache = MoaCache::new(&plan, 2, 64, DType::F32, &dev)?;
+        cache.append(&k, &v)?;
+        let want = moa_decode(&q, &cache)?;
+        for chunk in [64, 192, 256, 1024, 4096] {
+            let c = cache.clone().with_chunk(chunk)?;
+            assert_eq!(
+                c.item_offsets().last(),
+                Some(&(1024usize.div_ceil(chunk) + 320usize.div_ceil(chunk)))
+            );
+            let err = reference::rel_err(&moa_decode(&q, &c)?, &want)?;
+            assert!(
+                err < 1e-5,
+                "{:?} chunk {chunk}: rel err {err:.3e}",
+                dev.location()
+            );
+        }
+        assert!(cache.with_chunk(100).is_err());
+    }
+    Ok(())
+}
+
+#[test]
 fn every_head_dim() {
     let mut seeds = Seeds::new(500);
     for d in [32, 64, 96, 128, 256] {

@@ -8,8 +8,9 @@ use candle::{bail, CpuStorage, DType, Device, InplaceOp3, Layout, Result, Tensor
 use super::plan::{MoaLayerPlan, MOA_BLOCK, MOA_SINK};
 use crate::flash::SUPPORTED_HEAD_DIMS;
 
-/// Work items of the split-KV decode kernel the cache aims for (a few waves of an H100's SMs).
-const TARGET_ITEMS: usize = 1024;
+/// Work items (per decode step) the split-KV chunk length aims for: a few waves of blocks on an
+/// H100, so that blocks of unequal heads and batch rows balance.
+const TARGET_ITEMS: usize = 4096;
 /// Bounds of the split-KV chunk length in slots (a multiple of [`MOA_BLOCK`]).
 const CHUNK_RANGE: (usize, usize) = (256, 4096);
 
@@ -78,30 +79,28 @@ impl MoaCache {
             .div_ceil(MOA_BLOCK)
             .saturating_mul(MOA_BLOCK)
             .clamp(CHUNK_RANGE.0, CHUNK_RANGE.1);
-        let mut item_offs = vec![0];
-        let mut item_head = Vec::new();
-        for (h, s) in sizes.iter().enumerate() {
-            let n = s.div_ceil(chunk);
-            item_head.extend(std::iter::repeat_n(h as u32, n));
-            item_offs.push(item_offs.last().unwrap() + n);
-        }
-        let meta: Vec<u32> = starts
-            .iter()
-            .chain(&item_offs)
-            .map(|&x| x as u32)
-            .chain(item_head)
-            .collect();
-        let n = meta.len();
+        let (item_offs, meta) = work_list(&starts, chunk, device)?;
         Ok(Self {
             k: Tensor::zeros((batch, total, head_dim), dtype, device)?,
             v: Tensor::zeros((batch, total, head_dim), dtype, device)?,
-            meta: Tensor::from_vec(meta, n, device)?,
+            meta,
             sizes,
             starts,
             item_offs,
             chunk,
             len: 0,
         })
+    }
+
+    /// The same cache with split-KV work items of `chunk` slots (a positive multiple of
+    /// [`MOA_BLOCK`]) instead of the default, which aims at about 4096 work items per decode step.
+    pub fn with_chunk(mut self, chunk: usize) -> Result<Self> {
+        if chunk == 0 || chunk % MOA_BLOCK != 0 || chunk > u32::MAX as usize {
+            bail!("moa cache: the split-KV chunk must be a positive multiple of {MOA_BLOCK}, got {chunk}")
+        }
+        (self.item_offs, self.meta) = work_list(&self.starts, chunk, self.device())?;
+        self.chunk = chunk;
+        Ok(self)
     }
 
     /// Appends `n ≥ 1` tokens at positions `len..len + n`: `k`, `v` `(batch, kv_heads, n,
@@ -274,6 +273,27 @@ impl MoaCache {
             * self.head_dim()
             * self.dtype().size_in_bytes()
     }
+}
+
+/// The split-KV work list of heads at row offsets `starts` (`kv_heads + 1` entries) in chunks of
+/// `chunk` slots: the first item of each head (plus the count) and the u32 `meta` tensor on
+/// `device` (see [`MoaCache`]).
+fn work_list(starts: &[usize], chunk: usize, device: &Device) -> Result<(Vec<usize>, Tensor)> {
+    let mut item_offs = vec![0];
+    let mut item_head = Vec::new();
+    for (h, w) in starts.windows(2).enumerate() {
+        let n = (w[1] - w[0]).div_ceil(chunk);
+        item_head.extend(std::iter::repeat_n(h as u32, n));
+        item_offs.push(item_offs.last().unwrap() + n);
+    }
+    let meta: Vec<u32> = starts
+        .iter()
+        .chain(&item_offs)
+        .map(|&x| x as u32)
+        .chain(item_head)
+        .collect();
+    let n = meta.len();
+    Ok((item_offs, Tensor::from_vec(meta, n, device)?))
 }
 
 /// The in-place scatter of one decode step: row `(b, h)` of the new `(batch, kv_heads, 1,

@@ -1,8 +1,8 @@
 //! CUDA launch side of the MoA decode cache and attention (kernels in `cuda/moa_decode.cu`).
 //! Everything runs on candle's stream; nothing is copied to the host.
 
-use candle::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, PushKernelArg};
 use candle::backend::BackendStorage;
+use candle::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, PushKernelArg};
 use candle::cuda_backend::{CudaDType, WrapErr};
 use candle::op::BackpropOp;
 use candle::{bail, CudaDevice, CudaStorage, DType, Layout, Result, Storage, StorageRef, Tensor};
