@@ -88,7 +88,7 @@ fn run(s: &Scenario, dev: &Device, dtype: DType, seed: u64) -> Result<()> {
     check(&cache, &mut rng, s.prompt - 1)?;
     for t in s.prompt..total {
         cache.append(&k.narrow(2, t, 1)?, &v.narrow(2, t, 1)?)?;
-        if (t - s.prompt) % s.every == 0 || t + 1 == total {
+        if (t - s.prompt).is_multiple_of(s.every) || t + 1 == total {
             check(&cache, &mut rng, t)?;
         }
     }

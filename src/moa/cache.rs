@@ -95,7 +95,7 @@ impl MoaCache {
     /// The same cache with split-KV work items of `chunk` slots (a positive multiple of
     /// [`MOA_BLOCK`]) instead of the default, which aims at about 4096 work items per decode step.
     pub fn with_chunk(mut self, chunk: usize) -> Result<Self> {
-        if chunk == 0 || chunk % MOA_BLOCK != 0 || chunk > u32::MAX as usize {
+        if chunk == 0 || !chunk.is_multiple_of(MOA_BLOCK) || chunk > u32::MAX as usize {
             bail!("moa cache: the split-KV chunk must be a positive multiple of {MOA_BLOCK}, got {chunk}")
         }
         (self.item_offs, self.meta) = work_list(&self.starts, chunk, self.device())?;

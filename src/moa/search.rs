@@ -274,7 +274,8 @@ pub fn search_plan(
     let red = influence.reduce_gqa(kv_heads)?;
     let (layers, _, nb, _) = red.dims4()?;
     let q_heads = influence.blocks.dim(1)?;
-    if !(opts.density > 0.0 && opts.density <= 1.0) || !(0.0..=1.0).contains(&opts.lower_fraction) {
+    let density_ok = opts.density > 0.0 && opts.density <= 1.0;
+    if !density_ok || !(0.0..=1.0).contains(&opts.lower_fraction) {
         bail!(
             "moa search: density {} must be in (0, 1] and lower fraction {} in [0, 1]",
             opts.density,
