@@ -375,7 +375,8 @@ impl MoaInfluence {
     /// Reads a file written by [`Self::save`].
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let mut t = candle::safetensors::load(path, &Device::Cpu)?;
+        let mut t = candle::safetensors::load(path, &Device::Cpu)
+            .map_err(|e| candle::Error::Msg(format!("moa influence {}: {e}", path.display())))?;
         let (Some(blocks), Some(meta)) = (t.remove("blocks"), t.remove("length_items")) else {
             bail!(
                 "moa influence {}: missing `blocks` or `length_items`",
