@@ -23,10 +23,12 @@
 
 use std::any::Any;
 use std::fmt;
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
 
 use candle::{bail, DType, Device, Result, Tensor, D};
+use candle_sparse_attn::moa::MoaPlan;
 use candle_sparse_attn::{
     flash_attn, hash_sparse_attn, qk_sparse_attn, AttnParams, HashConfig, ScfaParams,
     TwilightConfig,
@@ -34,6 +36,7 @@ use candle_sparse_attn::{
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
+use crate::moa::MoaAttention;
 use crate::twilight::TwilightAttention;
 
 /// Which attention method a model uses.
@@ -70,6 +73,16 @@ pub enum AttentionKind {
         /// The first `dense_layers` layers decode densely.
         dense_layers: usize,
     },
+    /// MoA ([`crate::moa`]): per kv head a sink plus a sliding band whose lengths come from a plan
+    /// file resolved at `N = prompt + max_new_tokens`; the prompt uses the sink + band pattern,
+    /// decoding a per-head sink + ring cache. Dense without a cache (training, full-sequence
+    /// evaluation).
+    Moa {
+        /// Path of the plan JSON (the reference's `{"alphas": .., "betas": ..}` format).
+        plan: PathBuf,
+        /// New tokens the spans are resolved for (the reference's default is 1024).
+        max_new_tokens: usize,
+    },
 }
 
 impl AttentionKind {
@@ -89,6 +102,7 @@ impl AttentionKind {
                 Ok(())
             }
             Self::Twilight { .. } => self.twilight_config().map_or(Ok(()), |c| c.validate()),
+            Self::Moa { plan, .. } => MoaPlan::load(plan).map(|_| ()),
         }
     }
 
@@ -125,12 +139,19 @@ impl AttentionKind {
             Self::Twilight { .. } => Arc::new(TwilightAttention::new(
                 self.twilight_config().expect("twilight kind"),
             )?),
+            Self::Moa {
+                plan,
+                max_new_tokens,
+            } => Arc::new(MoaAttention {
+                plan: Arc::new(MoaPlan::load(plan)?),
+                max_new_tokens: *max_new_tokens,
+            }),
         })
     }
 }
 
 /// The command-line spelling: `dense`, `hash_sparse:N_BUCKETS`, `qk_sparse:DROP_Q,DROP_K`,
-/// `twilight:P,BASE_BUDGET,PAGE_SIZE,DENSE_LAYERS`.
+/// `twilight:P,BASE_BUDGET,PAGE_SIZE,DENSE_LAYERS`, `moa:PLAN_JSON,MAX_NEW_TOKENS`.
 impl fmt::Display for AttentionKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -143,19 +164,42 @@ impl fmt::Display for AttentionKind {
                 page_size,
                 dense_layers,
             } => write!(f, "twilight:{p},{base_budget},{page_size},{dense_layers}"),
+            Self::Moa {
+                plan,
+                max_new_tokens,
+            } => write!(f, "moa:{},{max_new_tokens}", plan.display()),
         }
     }
 }
 
 /// Parses the [`Display`](fmt::Display) spelling (`-` may replace `_`), validating the values.
 /// Twilight's last two values may be left out: `twilight:P,BASE_BUDGET` means page size 16 and
-/// 2 dense layers (the paper's setting).
+/// 2 dense layers (the paper's setting); `moa:PLAN_JSON` means 1024 new tokens.
 impl FromStr for AttentionKind {
     type Err = candle::Error;
 
     fn from_str(s: &str) -> Result<Self> {
         const FORMS: &str = "dense, hash_sparse:N_BUCKETS, qk_sparse:DROP_Q,DROP_K, \
-                             twilight:P,BASE_BUDGET[,PAGE_SIZE[,DENSE_LAYERS]]";
+                             twilight:P,BASE_BUDGET[,PAGE_SIZE[,DENSE_LAYERS]], \
+                             moa:PLAN_JSON[,MAX_NEW_TOKENS]";
+        // A plan path is taken verbatim (no `-` to `_` normalisation).
+        if let Some(a) = s.trim().strip_prefix("moa:") {
+            let (plan, max_new_tokens) = match a.rsplit_once(',') {
+                Some((p, n)) => (
+                    p,
+                    n.trim().parse().map_err(|e| {
+                        candle::Error::Msg(format!("attention {s:?}: bad token count {n:?}: {e}"))
+                    })?,
+                ),
+                None => (a, 1024),
+            };
+            let kind = Self::Moa {
+                plan: PathBuf::from(plan.trim()),
+                max_new_tokens,
+            };
+            kind.validate()?;
+            return Ok(kind);
+        }
         let normalized = s.trim().replace('-', "_");
         let (name, args) = match normalized.split_once(':') {
             Some((n, a)) => (n, Some(a)),

@@ -29,6 +29,7 @@ pub mod hub;
 pub mod layers;
 pub mod llama;
 pub mod metrics;
+pub mod moa;
 pub mod optim;
 pub mod train;
 pub mod twilight;

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use candle::quantized::{gguf_file, GgmlDType, QTensor};
 use candle::{DType, Device, Tensor, D};
+use candle_sparse_attn::moa::{MoaPlan, SpanRule};
 use candle_sparse_models::attention::AttentionKind;
 use candle_sparse_models::decoder::{load_decoder, CausalLm};
 use candle_sparse_models::gguf::GgufFile;
@@ -1240,5 +1241,74 @@ fn rope_scaling_variants() -> Result<()> {
     let bad = with(serde_json::json!({"rope_type": "yarn", "factor": 2.0}));
     let err = bad.validate().unwrap_err().to_string();
     assert!(err.contains("yarn"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn moa_with_spans_covering_the_context_equals_dense_decoding() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    write_checkpoint(
+        &tmp.path().join("llama"),
+        &llama_config(false),
+        &llama_weights(false, 13),
+    );
+    // Both tiny models: 2 layers of 2 query heads. Spans of 8192 tokens cover the whole context,
+    // so the sink + band prompt pass and the sink + ring decode cache must reproduce dense.
+    let plan = MoaPlan::from_rules(&vec![
+        vec![
+            SpanRule {
+                alpha: 8192.0,
+                beta: 0.0
+            };
+            2
+        ];
+        2
+    ]);
+    let plan_path = tmp.path().join("plan.json");
+    plan.save(&plan_path)?;
+    let kind: AttentionKind = format!("moa:{},16", plan_path.display()).parse()?;
+    let ids = long_ids();
+    let dir = tmp.path().join("llama");
+    let dense = load_dir(&dir, &AttentionKind::Dense);
+    let full = dense.forward(&tokens(&ids), None)?.squeeze(0)?;
+    let model = load_dir(&dir, &kind);
+    let mut cache = model.new_cache()?;
+    let mut rows = vec![model
+        .forward(&tokens(&ids[..20]), Some(&mut cache))?
+        .squeeze(0)?];
+    for i in 20..ids.len() {
+        rows.push(
+            model
+                .forward(&tokens(&ids[i..i + 1]), Some(&mut cache))?
+                .squeeze(0)?,
+        );
+    }
+    let d = max_diff(&Tensor::cat(&rows, 0)?, &full);
+    assert!(d < 1e-3, "{kind}: moa vs dense max diff {d}");
+
+    // Plans with too few layers or another head count are rejected.
+    let rules = |layers: usize, heads: usize| {
+        MoaPlan::from_rules(&vec![
+            vec![
+                SpanRule {
+                    alpha: 8192.0,
+                    beta: 0.0
+                };
+                heads
+            ];
+            layers
+        ])
+    };
+    rules(1, 2).save(&plan_path)?;
+    let err = load_dir(&dir, &kind).new_cache().unwrap_err().to_string();
+    assert!(err.contains("past the plan's 1 layers"), "{err}");
+    rules(2, 3).save(&plan_path)?;
+    let model = load_dir(&dir, &kind);
+    let mut cache = model.new_cache()?;
+    let err = model
+        .forward(&tokens(&ids[..20]), Some(&mut cache))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("3 heads"), "{err}");
     Ok(())
 }
