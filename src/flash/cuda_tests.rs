@@ -90,7 +90,7 @@ fn visibility(
         Kind::Causal => Visibility::Causal,
         Kind::SinkBand => {
             let blocks: Vec<i32> = (0..hkv)
-                .flat_map(|h| [rng.random_range(0..2), rng.random_range(1..5)])
+                .flat_map(|_| [rng.random_range(0..2), rng.random_range(1..5)])
                 .collect();
             Visibility::SinkBand(SinkBand {
                 blocks: Tensor::from_vec(blocks, (hkv, 2), dev)?,
