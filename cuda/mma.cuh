@@ -1,5 +1,5 @@
-// Shared device helpers of the attention kernels (flash_attn.cu, sparsek.cu): dtype conversion,
-// warp reductions and the tensor-core primitives (mma.sync m16n8k16 with f32 accumulation,
+// Shared device helpers of the CUDA kernels (flash_attn, sparsek, twilight, moa_decode): dtype
+// conversion, warp reductions and the tensor-core primitives (mma.sync m16n8k16 with f32 accumulation,
 // ldmatrix, cp.async, padded shared tiles and the small GEMMs built from them).
 #pragma once
 #include <cuda_bf16.h>

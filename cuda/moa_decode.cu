@@ -10,23 +10,12 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include "mma.cuh"
+
 #define FULL_MASK 0xffffffffu
 #define SINK 64
 #define NWARPS 4
 #define UNROLL 4
-
-__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
-
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T> __device__ __forceinline__ T from_f(float x);
-template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
-template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
 
 // Copies N consecutive elements with 16- or 8-byte vector loads when the size allows (the caller
 // guarantees the alignment).

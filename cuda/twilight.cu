@@ -8,22 +8,10 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include "mma.cuh"
+
 #define NO_TOKEN 0xffffffffu
 #define FULL_MASK 0xffffffffu
-
-__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
-__device__ __forceinline__ float pos_inf() { return __int_as_float(0x7f800000); }
-
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T> __device__ __forceinline__ T from_f(float x);
-template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
-template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
 
 // Loads N consecutive elements (16- or 8-byte vectors when the size allows; the caller guarantees
 // the matching alignment) and converts them to f32.
@@ -45,12 +33,6 @@ __device__ __forceinline__ void load_f(const T* __restrict__ p, float (&x)[N]) {
   }
 #pragma unroll
   for (int i = 0; i < N; ++i) x[i] = to_f(tmp[i]);
-}
-
-__device__ __forceinline__ float warp_sum(float x) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(FULL_MASK, x, o);
-  return x;
 }
 
 // Block-wide sum of an int (every thread gets the total). `red` holds >= 32 ints.
