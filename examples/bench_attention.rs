@@ -14,8 +14,11 @@
 //! `--baseline` takes the JSON written by `examples/bench_sdpa.py` (PyTorch SDPA on the same
 //! shapes), so one table shows ours and theirs side by side.
 
+mod common;
+
+use common::time_ms;
+
 use std::collections::BTreeMap;
-use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle::{DType, Device, Tensor, Var};
@@ -89,28 +92,6 @@ struct Record {
     causal: bool,
     ms: f64,
     tflops: f64,
-}
-
-/// Median wall time in ms of `f`, synchronising the device around each run.
-fn time_ms(
-    dev: &Device,
-    warmup: usize,
-    reps: usize,
-    mut f: impl FnMut() -> Result<()>,
-) -> Result<f64> {
-    for _ in 0..warmup {
-        f()?;
-    }
-    dev.synchronize()?;
-    let mut times = Vec::with_capacity(reps);
-    for _ in 0..reps {
-        let t = Instant::now();
-        f()?;
-        dev.synchronize()?;
-        times.push(t.elapsed().as_secs_f64() * 1e3);
-    }
-    times.sort_by(f64::total_cmp);
-    Ok(times[times.len() / 2])
 }
 
 /// Dense attention FLOPs (FlashAttention convention).

@@ -12,7 +12,9 @@
 //! ```
 //! Prints a table and one JSON object (also written to `--json`).
 
-use std::time::Instant;
+mod common;
+
+use common::time_ms;
 
 use anyhow::Result;
 use candle::{DType, Device, Tensor};
@@ -50,22 +52,8 @@ struct Args {
     json: String,
 }
 
-/// Median wall time in ms of `f`, synchronising the device around each run.
-fn time_ms(dev: &Device, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    for _ in 0..3 {
-        f()?;
-    }
-    dev.synchronize()?;
-    let mut times = Vec::with_capacity(reps);
-    for _ in 0..reps {
-        let t = Instant::now();
-        f()?;
-        dev.synchronize()?;
-        times.push(t.elapsed().as_secs_f64() * 1e3);
-    }
-    times.sort_by(f64::total_cmp);
-    Ok(times[reps / 2])
-}
+/// Warm-up runs before each timing.
+const WARMUP: usize = 3;
 
 fn main() -> Result<()> {
     let args = Args::parse();
@@ -101,11 +89,11 @@ fn main() -> Result<()> {
     };
     let reps = args.reps;
 
-    let dense_ms = time_ms(&dev, reps, || {
+    let dense_ms = time_ms(&dev, WARMUP, reps, || {
         flash_attn(&q, &keys, &values, &params)?;
         Ok(())
     })?;
-    let moa_ms = time_ms(&dev, reps, || {
+    let moa_ms = time_ms(&dev, WARMUP, reps, || {
         moa_decode(&q, &cache)?;
         Ok(())
     })?;
@@ -113,7 +101,7 @@ fn main() -> Result<()> {
     let mut sweep = Vec::new();
     for chunk in [256, 512, 1024, 2048, 4096] {
         let c = cache.clone().with_chunk(chunk)?;
-        let ms = time_ms(&dev, reps, || {
+        let ms = time_ms(&dev, WARMUP, reps, || {
             moa_decode(&q, &c)?;
             Ok(())
         })?;
@@ -122,7 +110,7 @@ fn main() -> Result<()> {
     // The append of a step (ring write of one token per kv head, K and V); the length advances,
     // which does not change the work.
     let mut step_cache = cache.clone();
-    let append_ms = time_ms(&dev, reps, || {
+    let append_ms = time_ms(&dev, WARMUP, reps, || {
         step_cache.append(&k1, &v1)?;
         Ok(())
     })?;

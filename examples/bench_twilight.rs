@@ -24,7 +24,9 @@
 //! bench_twilight --device cuda --qkv smollm2_qkv.safetensors --batch 16 --kv-heads 8 --context 8192
 //! ```
 
-use std::time::Instant;
+mod common;
+
+use common::time_ms;
 
 use anyhow::Result;
 use candle::{DType, Device, Tensor, D};
@@ -80,23 +82,6 @@ struct Args {
     /// synthetic ones; sets head_dim 64 and heads = 3 × kv heads.
     #[arg(long)]
     qkv: Option<std::path::PathBuf>,
-}
-
-/// Median wall time in ms of `f`, synchronising the device around each run.
-fn time_ms(dev: &Device, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    for _ in 0..2 {
-        f()?;
-    }
-    dev.synchronize()?;
-    let mut times = Vec::with_capacity(reps);
-    for _ in 0..reps {
-        let t = Instant::now();
-        f()?;
-        dev.synchronize()?;
-        times.push(t.elapsed().as_secs_f64() * 1e3);
-    }
-    times.sort_by(f64::total_cmp);
-    Ok(times[reps / 2])
 }
 
 /// The synthetic cache and query described in the module docs.
@@ -234,6 +219,9 @@ fn load_real(args: &Args, path: &std::path::Path, dev: &Device) -> Result<(Twili
     Ok((cache, q))
 }
 
+/// Warm-up runs before each timing.
+const WARMUP: usize = 2;
+
 fn main() -> Result<()> {
     let args = Args::parse();
     let dev = match args.device.as_str() {
@@ -259,15 +247,15 @@ fn main() -> Result<()> {
     };
     let reps = args.reps;
 
-    let dense_ms = time_ms(&dev, reps, || {
+    let dense_ms = time_ms(&dev, WARMUP, reps, || {
         flash_attn(&q, &keys, &values, &params)?;
         Ok(())
     })?;
-    let twilight_ms = time_ms(&dev, reps, || {
+    let twilight_ms = time_ms(&dev, WARMUP, reps, || {
         decode_layer(2, &cache, &q, &cfg)?;
         Ok(())
     })?;
-    let base_only_ms = time_ms(&dev, reps, || {
+    let base_only_ms = time_ms(&dev, WARMUP, reps, || {
         decode_layer(2, &cache, &q, &TwilightConfig { p: 1.0, ..cfg })?;
         Ok(())
     })?;
@@ -283,7 +271,7 @@ fn main() -> Result<()> {
     let kept = top_p(&est, &cand, args.p)?;
     let lists = union_per_group(&kept, hkv, t)?;
     let stage = |name: &'static str, f: &mut dyn FnMut() -> Result<()>| -> Result<(&str, f64)> {
-        Ok((name, time_ms(&dev, reps, f)?))
+        Ok((name, time_ms(&dev, WARMUP, reps, f)?))
     };
     let stages = vec![
         stage("select: page scores", &mut || {
