@@ -124,6 +124,11 @@ struct GenerateArgs {
     /// Keep generating past end-of-sequence tokens (throughput runs).
     #[arg(long)]
     ignore_eos: bool,
+    /// Before the timed generation, run the same prompt once untimed (prefill plus two decode
+    /// steps) so that kernel loading (the PTX JIT on first use) and allocator growth are not
+    /// counted in the prompt and generation tokens/s (throughput runs).
+    #[arg(long)]
+    warmup: bool,
     /// Wrap the prompt in a chat template: Llama 3 or ChatML, whichever special tokens the
     /// tokenizer has.
     #[arg(long)]
@@ -342,6 +347,17 @@ fn run_generate(args: &GenerateArgs) -> Result<()> {
         );
     }
     std::io::stdout().flush()?;
+    if args.warmup {
+        let mut warm_sampler = Sampler::new(SamplingOptions::default())?;
+        generate(
+            loaded.model.as_ref(),
+            &prompt_ids,
+            args.max_new_tokens.min(3),
+            &mut warm_sampler,
+            &[],
+            |_| Ok(()),
+        )?;
+    }
     // Streaming: decode all generated tokens and print the new suffix once it is whole UTF-8.
     let mut generated: Vec<u32> = Vec::new();
     let mut printed = 0usize;

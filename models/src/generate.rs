@@ -244,8 +244,7 @@ pub fn generate(
             None => &sequence[..],
         };
         let tokens = Tensor::new(input, device)?.unsqueeze(0)?;
-        let logits = model.forward(&tokens, cache.as_mut())?;
-        let logits = logits.squeeze(0)?.get(input.len() - 1)?;
+        let logits = model.forward_last(&tokens, cache.as_mut())?.squeeze(0)?;
         let next = sampler.sample(&logits, &sequence)?;
         if step == 0 {
             prompt_time = start.elapsed();

@@ -220,7 +220,11 @@ impl Gpt2 {
 }
 
 impl CausalLm for Gpt2 {
-    fn forward(&self, tokens: &Tensor, mut cache: Option<&mut DecoderCache>) -> Result<Tensor> {
+    fn hidden_states(
+        &self,
+        tokens: &Tensor,
+        mut cache: Option<&mut DecoderCache>,
+    ) -> Result<Tensor> {
         let (b, t) = tokens.dims2()?;
         let cfg = &self.config;
         let offset = cache.as_ref().map_or(0, |c| c.len());
@@ -272,8 +276,11 @@ impl CausalLm for Gpt2 {
             };
             x = (x + blk.mlp_proj.forward(&h)?)?;
         }
-        let x = self.ln_f.forward(&x, eps)?;
-        crate::layers::linear(&x, &self.wte)?.to_dtype(DType::F32)
+        self.ln_f.forward(&x, eps)
+    }
+
+    fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        crate::layers::linear(hidden, &self.wte)?.to_dtype(DType::F32)
     }
 
     fn num_layers(&self) -> usize {

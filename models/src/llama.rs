@@ -394,7 +394,11 @@ impl Llama {
 }
 
 impl CausalLm for Llama {
-    fn forward(&self, tokens: &Tensor, mut cache: Option<&mut DecoderCache>) -> Result<Tensor> {
+    fn hidden_states(
+        &self,
+        tokens: &Tensor,
+        mut cache: Option<&mut DecoderCache>,
+    ) -> Result<Tensor> {
         let (b, t) = tokens.dims2()?;
         let cfg = &self.config;
         let offset = cache.as_ref().map_or(0, |c| c.len());
@@ -445,8 +449,11 @@ impl CausalLm for Llama {
                 .forward(&(gate * layer.up_proj.forward(&h)?)?)?;
             x = (x + mlp)?;
         }
-        let x = rms_norm(&x, &self.norm, eps)?;
-        crate::layers::linear(&x, &self.lm_head)?.to_dtype(DType::F32)
+        rms_norm(&x, &self.norm, eps)
+    }
+
+    fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        crate::layers::linear(hidden, &self.lm_head)?.to_dtype(DType::F32)
     }
 
     fn num_layers(&self) -> usize {
