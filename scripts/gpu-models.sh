@@ -2,9 +2,10 @@
 # The issue #8 / Twilight checks on the GPU machine in one call (see EXPERIMENTS.md):
 # reassembles the SmolLM2 GGUF from parts carried over two runs (the first part left in
 # /root/smol by the previous call, the second in $CARRY), then: greedy "Paris" on CUDA, the
-# transformers logits comparison, decode/prefill throughput (ours dense and Twilight, bf16, and
+# transformers logits comparison, decode/prefill throughput (ours dense and the kinds given as
+# arguments, e.g. Twilight or moa:PLAN, bf16, warm: one untimed run first; and
 # transformers + SDPA) at 2k and 8k prompts, real SmolLM2 q/k/v for bench_twilight.
-# Usage: CARRY=.carry-models bash scripts/gpu-models.sh   (writes under $OUT)
+# Usage: CARRY=.carry-models bash scripts/gpu-models.sh [KIND ...]   (writes under $OUT)
 set -uo pipefail
 shopt -s nullglob
 C="${CARRY:-.carry-models}"
@@ -28,7 +29,7 @@ for L in 2048 8064; do
   for A in dense "$@"; do
     echo "-- ours $A prompt $L"
     $G generate --model "$M" --dtype bf16 --prompt-file "$P" --prompt-tokens $L --max-new-tokens 65 \
-      --ignore-eos --attention "$A" 2>&1 | grep -E "^prompt:|kept fraction" | cut -c1-200
+      --ignore-eos --warmup --attention "$A" 2>&1 | grep -E "^prompt:|kept fraction" | cut -c1-200
   done
 done 2>&1 | tee "$OUT"/ours.txt
 echo "== (b) transformers + SDPA bf16, and (a) the logits check"
