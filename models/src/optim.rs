@@ -40,13 +40,18 @@ impl Gradients {
         self.grads.get(&var.as_tensor().id())
     }
 
-    /// The L2 norm of all gradients together.
+    /// The L2 norm of all gradients together (summed on the device, one read back).
     pub fn global_norm(&self) -> Result<f64> {
-        let mut sum = 0f64;
-        for g in self.grads.values() {
-            sum += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+        let squares = self
+            .grads
+            .values()
+            .map(|g| g.to_dtype(DType::F32)?.sqr()?.sum_all())
+            .collect::<Result<Vec<_>>>()?;
+        if squares.is_empty() {
+            return Ok(0.0);
         }
-        Ok(sum.sqrt())
+        let sum = Tensor::stack(&squares, 0)?.sum_all()?.to_scalar::<f32>()?;
+        Ok((sum as f64).sqrt())
     }
 
     /// Scales all gradients so their global norm is at most `max_norm`; returns the norm before
