@@ -1,8 +1,9 @@
 //! Launch helpers shared by every method's CUDA side (feature `cuda`).
 
-use candle::cuda_backend::cudarc::driver::{CudaView, LaunchConfig};
+use candle::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig};
 use candle::cuda_backend::CudaDType;
-use candle::{bail, CudaStorage, Layout, Result};
+use candle::op::BackpropOp;
+use candle::{bail, CudaDevice, CudaStorage, DType, Layout, Result, Shape, Storage, Tensor};
 
 /// Loads kernel `$name` of PTX module `$module` (source `$ptx`) on `$dev` and opts it in to
 /// `$smem` bytes of dynamic shared memory when that is above 48 KB. A macro because the loaded
@@ -28,8 +29,14 @@ pub(crate) fn launch_config(
     threads: usize,
     smem: usize,
 ) -> Result<LaunchConfig> {
+    if grid.0 == 0 || grid.1 == 0 {
+        bail!("{what} (cuda): empty launch grid {grid:?}")
+    }
     if grid.0 > i32::MAX as usize || grid.1 > 65535 || smem > 227 * 1024 {
-        bail!("{what} (cuda): launch {grid:?} with {smem} B shared memory is too large")
+        bail!(
+            "{what} (cuda): launch {grid:?} with {smem} B shared memory is too large \
+             (grid.1 at most 65535)"
+        )
     }
     Ok(LaunchConfig {
         grid_dim: (grid.0 as u32, grid.1 as u32, 1),
@@ -50,4 +57,25 @@ pub(crate) fn contiguous_view<'a, T: CudaDType>(
         Some((start, end)) => Ok(s.as_cuda_slice::<T>()?.slice(start..end)),
         None => bail!("{what} (cuda): {name} must be contiguous, got {l:?}"),
     }
+}
+
+/// The kernel-name suffix of a float dtype (`f32`, `f16`, `bf16`); other dtypes are an error
+/// naming the caller `what`.
+pub(crate) fn dtype_suffix(dtype: DType, what: &str) -> Result<&'static str> {
+    Ok(match dtype {
+        DType::F32 => "f32",
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        other => bail!("{what} (cuda): dtype {other:?} is not supported (f32, f16, bf16)"),
+    })
+}
+
+/// Wraps a device buffer as a contiguous tensor of `shape`, outside autograd.
+pub(crate) fn wrap_slice<T: CudaDType>(
+    buf: CudaSlice<T>,
+    dev: &CudaDevice,
+    shape: impl Into<Shape>,
+) -> Tensor {
+    let storage = CudaStorage::wrap_cuda_slice(buf, dev.clone());
+    Tensor::from_storage(Storage::Cuda(storage), shape, BackpropOp::none(), false)
 }

@@ -2,14 +2,13 @@
 //! Everything runs on candle's stream; nothing is copied to the host.
 
 use candle::backend::BackendStorage;
-use candle::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, PushKernelArg};
+use candle::cuda_backend::cudarc::driver::{DeviceRepr, PushKernelArg};
 use candle::cuda_backend::{CudaDType, WrapErr};
-use candle::op::BackpropOp;
-use candle::{bail, CudaDevice, CudaStorage, DType, Layout, Result, Storage, StorageRef, Tensor};
+use candle::{bail, CudaStorage, DType, Layout, Result, Storage, StorageRef, Tensor};
 use half::{bf16, f16};
 
 use super::cache::MoaCache;
-use crate::cuda_launch::{contiguous_view, launch_config, load_kernel};
+use crate::cuda_launch::{contiguous_view, launch_config, load_kernel, wrap_slice};
 use crate::kernels;
 
 /// Module name of `cuda/moa_decode.cu`'s PTX in candle's custom-module cache.
@@ -181,7 +180,7 @@ fn decode_t<T: CudaDType + DeviceRepr>(
         d as i32
     );
     unsafe { a.launch(launch_config(WHAT, (b * hq, 1), d, 0)?) }.w()?;
-    Ok(wrap(out, &dev, (b, hq, d)))
+    Ok(wrap_slice(out, &dev, (b, hq, d)))
 }
 
 /// The CUDA storage behind a guard.
@@ -200,10 +199,4 @@ fn lanes_per_key(d: usize, elem: usize) -> usize {
         l *= 2;
     }
     l
-}
-
-/// Wraps a device buffer as a contiguous tensor without autograd.
-fn wrap<T: CudaDType>(buf: CudaSlice<T>, dev: &CudaDevice, shape: (usize, usize, usize)) -> Tensor {
-    let storage = CudaStorage::wrap_cuda_slice(buf, dev.clone());
-    Tensor::from_storage(Storage::Cuda(storage), shape, BackpropOp::none(), false)
 }

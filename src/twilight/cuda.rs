@@ -2,23 +2,19 @@
 //! candle's stream; the only allocations are the stage outputs and per-call scratch (the union
 //! bitmap, the attention partials), and nothing is copied to the host.
 
-use candle::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
-use candle::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
-};
+use candle::cuda_backend::cudarc::driver::{CudaView, DeviceRepr, PushKernelArg};
 use candle::cuda_backend::{CudaDType, WrapErr};
-use candle::op::BackpropOp;
-use candle::{
-    bail, CudaDevice, CudaStorage, DType, Device, Layout, Result, Shape, Storage, StorageRef,
-    Tensor,
-};
+use candle::{bail, CudaDevice, DType, Device, Layout, Result, Storage, StorageRef, Tensor};
 use half::{bf16, f16};
 
 use super::{TwilightCache, ATTN_CHUNK, TOP_P_EPS, TOP_P_MAX_ITERS};
+use crate::cuda_launch::{contiguous_view, dtype_suffix, launch_config, load_kernel, wrap_slice};
 use crate::kernels;
 
 /// Module name of `cuda/twilight.cu`'s PTX in candle's custom-module cache.
 const MODULE: &str = "candle_sparse_attn::twilight";
+/// The caller named in launch errors.
+const WHAT: &str = "twilight";
 /// Largest dynamic shared memory a block may opt in to on sm_90, minus the static part.
 const MAX_DYN_SMEM: usize = 227 * 1024 - 1024;
 /// Query heads per KV head the attention kernel holds in registers (`MAXG` in the .cu file).
@@ -28,12 +24,8 @@ type Guard<'a> = (StorageRef<'a>, &'a Layout);
 
 /// The contiguous typed view behind a storage guard.
 fn view<'a, T: CudaDType>(g: &'a Guard<'_>, name: &str) -> Result<CudaView<'a, T>> {
-    let (start, end) = match g.1.contiguous_offsets() {
-        Some(o) => o,
-        None => bail!("twilight (cuda): {name} must be contiguous, got {:?}", g.1),
-    };
     match &*g.0 {
-        Storage::Cuda(c) => Ok(c.as_cuda_slice::<T>()?.slice(start..end)),
+        Storage::Cuda(c) => contiguous_view(c, g.1, WHAT, name),
         _ => bail!("twilight (cuda): {name} is not on a CUDA device"),
     }
 }
@@ -59,32 +51,6 @@ fn cuda_device(t: &Tensor) -> Result<CudaDevice> {
     }
 }
 
-/// Wraps a device buffer as a contiguous tensor without autograd.
-fn wrap<T: CudaDType>(buf: CudaSlice<T>, dev: &CudaDevice, shape: impl Into<Shape>) -> Tensor {
-    let storage = CudaStorage::wrap_cuda_slice(buf, dev.clone());
-    Tensor::from_storage(Storage::Cuda(storage), shape, BackpropOp::none(), false)
-}
-
-fn tname(dtype: DType) -> Result<&'static str> {
-    Ok(match dtype {
-        DType::F32 => "f32",
-        DType::F16 => "f16",
-        DType::BF16 => "bf16",
-        other => bail!("twilight (cuda): dtype {other:?} is not supported (f32, f16, bf16)"),
-    })
-}
-
-fn launch_cfg(grid: (usize, usize), threads: usize, smem: usize) -> Result<LaunchConfig> {
-    if grid.0 == 0 || grid.0 > i32::MAX as usize || grid.1 == 0 || grid.1 > 65535 {
-        bail!("twilight (cuda): grid {grid:?} out of range (rows must be at most 65535)")
-    }
-    Ok(LaunchConfig {
-        grid_dim: (grid.0 as u32, grid.1 as u32, 1),
-        block_dim: (threads as u32, 1, 1),
-        shared_mem_bytes: smem as u32,
-    })
-}
-
 /// Loads a kernel of our module and opts it in to `smem` bytes of dynamic shared memory.
 macro_rules! func {
     ($dev:expr, $name:expr, $smem:expr) => {{
@@ -95,15 +61,7 @@ macro_rules! func {
                 $name
             )
         }
-        let f = $dev.get_or_load_custom_func(&$name, MODULE, kernels::TWILIGHT)?;
-        if smem > 48 * 1024 {
-            f.set_attribute(
-                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                smem as i32,
-            )
-            .w()?;
-        }
-        f
+        load_kernel!($dev, $name, MODULE, kernels::TWILIGHT, smem)
     }};
 }
 
@@ -148,7 +106,7 @@ fn page_scores_t<T: CudaDType + DeviceRepr>(cache: &TwilightCache, q: &Tensor) -
     let smem = hq / hkv * d * 4;
     let f = func!(
         dev,
-        &format!("tw_page_scores_{}_d{d}", tname(q.dtype())?),
+        &format!("tw_page_scores_{}_d{d}", dtype_suffix(q.dtype(), WHAT)?),
         smem
     );
     let mut a = f.builder();
@@ -163,8 +121,8 @@ fn page_scores_t<T: CudaDType + DeviceRepr>(cache: &TwilightCache, q: &Tensor) -
         i32_of(pcap, "pages")?,
         np as i32
     );
-    unsafe { a.launch(launch_cfg((np.div_ceil(8), b * hkv), 256, smem)?) }.w()?;
-    Ok(wrap(out, &dev, (b, hq, np)))
+    unsafe { a.launch(launch_config(WHAT, (np.div_ceil(8), b * hkv), 256, smem)?) }.w()?;
+    Ok(wrap_slice(out, &dev, (b, hq, np)))
 }
 
 /// See [`super::top_indices`].
@@ -191,8 +149,8 @@ pub(crate) fn top_indices(
         i32_of(expand, "expand")?,
         i32_of(valid_len.min(i32::MAX as usize), "valid_len")?
     );
-    unsafe { a.launch(launch_cfg((b * h, 1), 1024, smem)?) }.w()?;
-    Ok(wrap(out, &dev, (b, h, k * expand)))
+    unsafe { a.launch(launch_config(WHAT, (b * h, 1), 1024, smem)?) }.w()?;
+    Ok(wrap_slice(out, &dev, (b, h, k * expand)))
 }
 
 /// See [`super::estimate_scores`].
@@ -227,7 +185,11 @@ fn estimate_t<T: CudaDType + DeviceRepr>(
         buffer::<f16>(&gsm, "k_scale_min")?,
     );
     let mut out = unsafe { dev.alloc::<f32>(b * hq * n) }?;
-    let f = func!(dev, &format!("tw_estimate_{}_d{d}", tname(q.dtype())?), 0);
+    let f = func!(
+        dev,
+        &format!("tw_estimate_{}_d{d}", dtype_suffix(q.dtype(), WHAT)?),
+        0
+    );
     let mut a = f.builder();
     a.arg(&qv);
     a.arg(&codes);
@@ -243,8 +205,8 @@ fn estimate_t<T: CudaDType + DeviceRepr>(
         i32_of(n, "candidates")?,
         scale
     );
-    unsafe { a.launch(launch_cfg((n.div_ceil(256), b * hq), 256, 0)?) }.w()?;
-    Ok(wrap(out, &dev, (b, hq, n)))
+    unsafe { a.launch(launch_config(WHAT, (n.div_ceil(256), b * hq), 256, 0)?) }.w()?;
+    Ok(wrap_slice(out, &dev, (b, hq, n)))
 }
 
 /// See [`super::top_p`].
@@ -267,8 +229,8 @@ pub(crate) fn top_p(est: &Tensor, candidates: &Tensor, p: f32) -> Result<Tensor>
         TOP_P_EPS,
         TOP_P_MAX_ITERS as i32
     );
-    unsafe { a.launch(launch_cfg((b * h, 1), 1024, smem)?) }.w()?;
-    Ok(wrap(out, &dev, (b, h, n)))
+    unsafe { a.launch(launch_config(WHAT, (b * h, 1), 1024, smem)?) }.w()?;
+    Ok(wrap_slice(out, &dev, (b, h, n)))
 }
 
 /// See [`super::union_per_group`]: a zeroed `(b, kv_heads, len)` u8 bitmap, marked, then
@@ -299,14 +261,14 @@ pub(crate) fn union_per_group(
         i32_of(n, "kept")?,
         i32_of(len, "len")?
     );
-    unsafe { a.launch(launch_cfg((total.div_ceil(256), 1), 256, 0)?) }.w()?;
+    unsafe { a.launch(launch_config(WHAT, (total.div_ceil(256), 1), 256, 0)?) }.w()?;
     let f = func!(dev, "tw_union_compact", 0);
     let mut a = f.builder();
     a.arg(&bitmap);
     a.arg(&mut lists);
     candle::builder_arg!(a, len as i32, i32_of(width, "list width")?);
-    unsafe { a.launch(launch_cfg((b * kv_heads, 1), 1024, 0)?) }.w()?;
-    Ok(wrap(lists, &dev, (b, kv_heads, width)))
+    unsafe { a.launch(launch_config(WHAT, (b * kv_heads, 1), 1024, 0)?) }.w()?;
+    Ok(wrap_slice(lists, &dev, (b, kv_heads, width)))
 }
 
 /// See [`super::sparse_decode_attention`]: chunks of [`ATTN_CHUNK`] list entries per block, then
@@ -349,7 +311,7 @@ fn attend_t<T: CudaDType + DeviceRepr>(
     );
     let mut part_o = unsafe { dev.alloc::<f32>(b * hq * nchunks * d) }?;
     let mut part_ml = unsafe { dev.alloc::<f32>(b * hq * nchunks * 2) }?;
-    let tn = tname(q.dtype())?;
+    let tn = dtype_suffix(q.dtype(), WHAT)?;
     let smem = 4 * group * (d + 2) * 4;
     let f = func!(dev, &format!("tw_attn_{tn}_d{d}"), smem);
     let mut a = f.builder();
@@ -368,7 +330,7 @@ fn attend_t<T: CudaDType + DeviceRepr>(
         nchunks as i32,
         scale
     );
-    unsafe { a.launch(launch_cfg((nchunks, b * hkv), 128, smem)?) }.w()?;
+    unsafe { a.launch(launch_config(WHAT, (nchunks, b * hkv), 128, smem)?) }.w()?;
     let mut out = unsafe { dev.alloc::<T>(b * hq * d) }?;
     let f = func!(dev, &format!("tw_merge_{tn}"), 0);
     let mut a = f.builder();
@@ -384,6 +346,6 @@ fn attend_t<T: CudaDType + DeviceRepr>(
         nchunks as i32,
         d as i32
     );
-    unsafe { a.launch(launch_cfg((b * hq, 1), d, 0)?) }.w()?;
-    Ok(wrap(out, &dev, (b, hq, d)))
+    unsafe { a.launch(launch_config(WHAT, (b * hq, 1), d, 0)?) }.w()?;
+    Ok(wrap_slice(out, &dev, (b, hq, d)))
 }
