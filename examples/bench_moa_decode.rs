@@ -14,12 +14,11 @@
 
 mod common;
 
-use common::time_ms;
+use common::{dense_decode_ms, time_ms};
 
 use anyhow::Result;
 use candle::{DType, Device, Tensor};
 use candle_sparse_attn::moa::{moa_decode, HeadSpan, MoaCache, MoaLayerPlan, MOA_BLOCK};
-use candle_sparse_attn::{flash_attn, AttnParams};
 use clap::Parser;
 
 /// Spans of a 4-head cycle in sixteenths of the context (mean 8/16 = 50 %).
@@ -83,16 +82,9 @@ fn main() -> Result<()> {
     );
     cache.append(&k1, &v1)?;
     let q = Tensor::randn(0f32, 1., (b, hq, 1, d), &dev)?.to_dtype(dt)?;
-    let params = AttnParams {
-        softmax_scale: None,
-        causal: false,
-    };
     let reps = args.reps;
 
-    let dense_ms = time_ms(&dev, WARMUP, reps, || {
-        flash_attn(&q, &keys, &values, &params)?;
-        Ok(())
-    })?;
+    let dense_ms = dense_decode_ms(&dev, WARMUP, reps, &q, &keys, &values)?;
     let moa_ms = time_ms(&dev, WARMUP, reps, || {
         moa_decode(&q, &cache)?;
         Ok(())

@@ -26,7 +26,7 @@
 
 mod common;
 
-use common::time_ms;
+use common::{dense_decode_ms, time_ms};
 
 use anyhow::Result;
 use candle::{DType, Device, Tensor, D};
@@ -241,16 +241,9 @@ fn main() -> Result<()> {
         dense_layers: 2,
     };
     let (keys, values) = (cache.keys()?, cache.values()?);
-    let params = AttnParams {
-        softmax_scale: None,
-        causal: false,
-    };
     let reps = args.reps;
 
-    let dense_ms = time_ms(&dev, WARMUP, reps, || {
-        flash_attn(&q, &keys, &values, &params)?;
-        Ok(())
-    })?;
+    let dense_ms = dense_decode_ms(&dev, WARMUP, reps, &q, &keys, &values)?;
     let twilight_ms = time_ms(&dev, WARMUP, reps, || {
         decode_layer(2, &cache, &q, &cfg)?;
         Ok(())
@@ -303,7 +296,15 @@ fn main() -> Result<()> {
     // Quality and sizes (read back once, outside the timed loops).
     let step = decode_layer(2, &cache, &q, &cfg)?;
     let kept_fraction = step.kept_fraction()?.to_scalar::<f32>()?;
-    let dense = flash_attn(&q, &keys, &values, &params)?;
+    let dense = flash_attn(
+        &q,
+        &keys,
+        &values,
+        &AttnParams {
+            softmax_scale: None,
+            causal: false,
+        },
+    )?;
     let rel_err = reference::rel_err(&step.output, &dense)?;
     let union_tokens = step
         .lists

@@ -1,9 +1,12 @@
 //! Helpers shared by the benchmark examples (`mod common;` in each).
+// Each example compiles this module on its own and uses a subset of it.
+#![allow(dead_code)]
 
 use std::time::Instant;
 
 use anyhow::Result;
-use candle::Device;
+use candle::{Device, Tensor};
+use candle_sparse_attn::{flash_attn, AttnParams};
 
 /// Median wall time in ms of `f` over `reps` runs after `warmup` runs, synchronising the device
 /// around each run.
@@ -26,4 +29,24 @@ pub fn time_ms(
     }
     times.sort_by(f64::total_cmp);
     Ok(times[times.len() / 2])
+}
+
+/// Median ms of dense decode over a full cache: `flash_attn` with q `(b, hq, 1, d)` against keys
+/// and values `(b, hkv, n, d)`, no causal mask (the baseline of the decode benchmarks).
+pub fn dense_decode_ms(
+    dev: &Device,
+    warmup: usize,
+    reps: usize,
+    q: &Tensor,
+    keys: &Tensor,
+    values: &Tensor,
+) -> Result<f64> {
+    let params = AttnParams {
+        softmax_scale: None,
+        causal: false,
+    };
+    time_ms(dev, warmup, reps, || {
+        flash_attn(q, keys, values, &params)?;
+        Ok(())
+    })
 }
