@@ -1,7 +1,12 @@
 //! Small differentiable building blocks built only from composite tensor ops (candle-nn's fused
 //! layer norm and softmax have no backward), plus seeded initialisation and dropout.
 
-use candle::{bail, DType, Device, Result, Tensor, Var, D};
+use std::sync::{Arc, Mutex};
+
+use candle::{bail, DType, Device, Result, Shape, Tensor, Var, D};
+use candle_nn::init::{Init, NormalOrUniform};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::VarBuilder;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Normal};
@@ -28,6 +33,88 @@ pub fn normal_var(shape: &[usize], std: f64, seed: u64, device: &Device) -> Resu
     let mut rng = StdRng::seed_from_u64(seed);
     let values: Vec<f32> = (0..n).map(|_| normal.sample(&mut rng)).collect();
     Var::from_tensor(&Tensor::from_vec(values, shape, device)?)
+}
+
+/// A [`VarBuilder`] backend that creates fresh f32 [`Var`]s and records them by name, drawing
+/// random initialisations from seeded generators (candle's CPU generator cannot be seeded), so
+/// modules built through a VarBuilder (such as SparseK's scorer) join a model's named parameters
+/// deterministically in the seed. Supports constant, normal and Kaiming-normal hints; asking twice
+/// for a name returns the same variable.
+#[derive(Clone, Debug, Default)]
+pub struct SeededVars {
+    seed: u64,
+    vars: Arc<Mutex<Vec<(String, Var)>>>,
+}
+
+impl SeededVars {
+    /// An empty collection; the `n`-th variable created is drawn with seed `mix_seed([seed, n])`.
+    pub fn new(seed: u64) -> Self {
+        Self {
+            seed,
+            vars: Arc::default(),
+        }
+    }
+
+    /// A VarBuilder (f32) creating its variables here.
+    pub fn var_builder(&self, device: &Device) -> VarBuilder<'static> {
+        VarBuilder::from_backend(Box::new(self.clone()), DType::F32, device.clone())
+    }
+
+    /// The variables created so far, in creation order, with their full names.
+    pub fn vars(&self) -> Vec<(String, Var)> {
+        self.lock().clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(String, Var)>> {
+        // A poisoned lock only means another thread panicked mid-push; the list stays valid.
+        self.vars.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl SimpleBackend for SeededVars {
+    fn get(&self, s: Shape, name: &str, h: Init, dtype: DType, dev: &Device) -> Result<Tensor> {
+        let mut vars = self.lock();
+        if let Some((_, v)) = vars.iter().find(|(n, _)| n == name) {
+            if v.shape() != &s {
+                bail!(
+                    "seeded vars: {name} exists with shape {:?}, asked for {:?}",
+                    v.dims(),
+                    s.dims()
+                )
+            }
+            return v.as_tensor().to_dtype(dtype);
+        }
+        let seed = mix_seed(&[self.seed, vars.len() as u64]);
+        let var = match h {
+            Init::Const(c) => Var::from_tensor(&Tensor::full(c as f32, &s, dev)?)?,
+            Init::Randn { mean, stdev } => {
+                let n = normal_var(s.dims(), stdev, seed, dev)?;
+                Var::from_tensor(&(n.as_tensor() + mean)?)?
+            }
+            Init::Kaiming {
+                dist: NormalOrUniform::Normal,
+                fan,
+                non_linearity,
+            } => {
+                let std = non_linearity.gain() / (fan.for_shape(&s) as f64).sqrt();
+                normal_var(s.dims(), std, seed, dev)?
+            }
+            other => bail!("seeded vars: initialisation {other:?} of {name} is not supported"),
+        };
+        vars.push((name.to_string(), var.clone()));
+        var.as_tensor().to_dtype(dtype)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, _dev: &Device) -> Result<Tensor> {
+        match self.lock().iter().find(|(n, _)| n == name) {
+            Some((_, v)) => v.as_tensor().to_dtype(dtype),
+            None => bail!("seeded vars: no variable named {name}"),
+        }
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.lock().iter().any(|(n, _)| n == name)
+    }
 }
 
 /// The parameter `var` in the compute dtype (a differentiable cast when it differs).
@@ -114,6 +201,30 @@ mod tests {
         let theirs = candle_nn::ops::layer_norm(&x, &w, &bias, 1e-5)?;
         let diff = (ours - theirs)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff < 1e-5, "max diff {diff}");
+        Ok(())
+    }
+
+    #[test]
+    fn seeded_vars_are_deterministic_and_recorded() -> Result<()> {
+        let dev = Device::Cpu;
+        let draw = |seed| -> Result<(Tensor, Vec<(String, Var)>)> {
+            let vars = SeededVars::new(seed);
+            let vb = vars.var_builder(&dev).pp("m");
+            let w = vb.get_with_hints((3, 8), "w", candle_nn::init::DEFAULT_KAIMING_NORMAL)?;
+            let b = vb.get_with_hints(3, "b", Init::Const(0.5))?;
+            assert_eq!(b.to_vec1::<f32>()?, [0.5; 3]);
+            Ok((w, vars.vars()))
+        };
+        let (a, names) = draw(1)?;
+        let (b, _) = draw(1)?;
+        let (c, _) = draw(2)?;
+        let diff = |x: &Tensor, y: &Tensor| -> Result<f32> {
+            (x - y)?.abs()?.max_all()?.to_scalar::<f32>()
+        };
+        assert_eq!(diff(&a, &b)?, 0.0);
+        assert!(diff(&a, &c)? > 0.0);
+        let names: Vec<&str> = names.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["m.w", "m.b"]);
         Ok(())
     }
 
