@@ -8,6 +8,11 @@
 //! - [`Attention`]: what a model layer calls with already projected (and, for RoPE models,
 //!   already rotated) queries, keys and values. It owns the backend and passes the layer's
 //!   decode cache to it.
+//! - Key scorers: a kind may need learned per-key scores computed from the layer input (SparseK:
+//!   [`AttentionBackend::key_scorer`]). Each model layer then **owns** a [`SparseKScorer`]
+//!   (created by [`Attention::new_scorer`] through the layer's VarBuilder, so it is trained and
+//!   checkpointed with the model) and passes its scores to [`Attention::forward`]. Kinds without
+//!   a scorer add no parameters.
 //! - [`LayerCache`]: the decode state of one layer, **owned by the attention kind**. A backend
 //!   creates one per layer ([`AttentionBackend::new_cache`], which receives the layer index) and
 //!   receives it back on every cached call ([`AttentionBackend::forward_cached`]): the backend
@@ -28,15 +33,17 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use candle::{bail, DType, Device, Result, Tensor, D};
+use candle_nn::VarBuilder;
 use candle_sparse_attn::moa::MoaPlan;
 use candle_sparse_attn::{
     flash_attn, hash_sparse_attn, qk_sparse_attn, AttnParams, HashConfig, ScfaParams,
-    TwilightConfig,
+    SparseKConfig, SparseKScorer, SparseKScorerConfig, TwilightConfig,
 };
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::moa::MoaAttention;
+use crate::sparsek::SparseKAttention;
 use crate::twilight::TwilightAttention;
 
 /// Which attention method a model uses.
@@ -83,6 +90,18 @@ pub enum AttentionKind {
         /// New tokens the spans are resolved for (the reference's default is 1024).
         max_new_tokens: usize,
     },
+    /// SparseK ([`crate::sparsek`]): each query attends to its last `window` keys plus the older
+    /// keys that SPARSEK selects from learned per-kv-head key scores (budget `k`,
+    /// [`candle_sparse_attn::sparsek_attn`]); every layer owns its scoring network. Trains end to
+    /// end; decodes with a cache that evicts keys that can never be selected again. Refused by
+    /// pretrained checkpoints, which have no trained scorer.
+    #[serde(rename = "sparsek")]
+    SparseK {
+        /// SPARSEK budget: the soft selection over the older keys sums to `k` (at least 1).
+        k: usize,
+        /// Sliding window (the query's own key included); 0 means no window.
+        window: usize,
+    },
 }
 
 impl AttentionKind {
@@ -103,6 +122,19 @@ impl AttentionKind {
             }
             Self::Twilight { .. } => self.twilight_config().map_or(Ok(()), |c| c.validate()),
             Self::Moa { plan, .. } => MoaPlan::load(plan).map(|_| ()),
+            Self::SparseK { .. } => self
+                .sparsek_config()
+                .map_or(Ok(()), |c| c.validate(None))
+                .map_err(|e| candle::Error::Msg(format!("attention {self}: {e}"))),
+        }
+    }
+
+    /// The library configuration of a [`Self::SparseK`] kind (`K′ = 2k`, default scale; `None`
+    /// for other kinds).
+    pub fn sparsek_config(&self) -> Option<SparseKConfig> {
+        match *self {
+            Self::SparseK { k, window } => Some(SparseKConfig::new(k, window)),
+            _ => None,
         }
     }
 
@@ -146,12 +178,16 @@ impl AttentionKind {
                 plan: Arc::new(MoaPlan::load(plan)?),
                 max_new_tokens: *max_new_tokens,
             }),
+            Self::SparseK { .. } => Arc::new(SparseKAttention {
+                config: self.sparsek_config().expect("sparsek kind"),
+            }),
         })
     }
 }
 
 /// The command-line spelling: `dense`, `hash_sparse:N_BUCKETS`, `qk_sparse:DROP_Q,DROP_K`,
-/// `twilight:P,BASE_BUDGET,PAGE_SIZE,DENSE_LAYERS`, `moa:PLAN_JSON,MAX_NEW_TOKENS`.
+/// `twilight:P,BASE_BUDGET,PAGE_SIZE,DENSE_LAYERS`, `moa:PLAN_JSON,MAX_NEW_TOKENS`,
+/// `sparsek:K,WINDOW`.
 impl fmt::Display for AttentionKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -168,6 +204,7 @@ impl fmt::Display for AttentionKind {
                 plan,
                 max_new_tokens,
             } => write!(f, "moa:{},{max_new_tokens}", plan.display()),
+            Self::SparseK { k, window } => write!(f, "sparsek:{k},{window}"),
         }
     }
 }
@@ -181,7 +218,7 @@ impl FromStr for AttentionKind {
     fn from_str(s: &str) -> Result<Self> {
         const FORMS: &str = "dense, hash_sparse:N_BUCKETS, qk_sparse:DROP_Q,DROP_K, \
                              twilight:P,BASE_BUDGET[,PAGE_SIZE[,DENSE_LAYERS]], \
-                             moa:PLAN_JSON[,MAX_NEW_TOKENS]";
+                             moa:PLAN_JSON[,MAX_NEW_TOKENS], sparsek:K,WINDOW";
         // A plan path is taken verbatim (no `-` to `_` normalisation).
         if let Some(a) = s.trim().strip_prefix("moa:") {
             let (plan, max_new_tokens) = match a.rsplit_once(',') {
@@ -251,6 +288,21 @@ impl FromStr for AttentionKind {
                     dense_layers: count(3, "dense layer count", defaults.dense_layers)?,
                 }
             }
+            ("sparsek" | "sparse_k", Some(a)) => {
+                let parts: Vec<&str> = a.split(',').map(str::trim).collect();
+                let [k, window] = parts.as_slice() else {
+                    bail!("attention {s:?}: sparsek needs K,WINDOW (e.g. sparsek:64,64)")
+                };
+                let count = |p: &str, what: &str| -> Result<usize> {
+                    p.parse().map_err(|e| {
+                        candle::Error::Msg(format!("attention {s:?}: bad sparsek {what} {p:?}: {e}"))
+                    })
+                };
+                Self::SparseK {
+                    k: count(k, "budget K")?,
+                    window: count(window, "window")?,
+                }
+            }
             _ => bail!("unknown attention kind {s:?}; expected one of: {FORMS}"),
         };
         kind.validate()?;
@@ -259,8 +311,8 @@ impl FromStr for AttentionKind {
 }
 
 /// Per-call settings handed to an [`AttentionBackend`].
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct AttentionCall {
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionCall<'a> {
     /// Multiplier of `q·k`; `None` means `1/sqrt(head_dim)`.
     pub softmax_scale: Option<f32>,
     /// Causal masking, aligned bottom-right when `q_len != kv_len` (KV-cache decoding).
@@ -270,6 +322,9 @@ pub struct AttentionCall {
     /// Deterministic seed for methods with random decisions (derived by the model from the run
     /// seed, the step and the layer, so resumed runs repeat them).
     pub seed: u64,
+    /// The layer's key scores `(batch, kv_heads, new_len)` f32 from its scorer, for kinds with a
+    /// [key scorer](AttentionBackend::key_scorer) (`None` for the others).
+    pub key_scores: Option<&'a Tensor>,
 }
 
 /// One attention method.
@@ -285,6 +340,15 @@ pub trait AttentionBackend: Send + Sync + fmt::Debug {
     fn supports_kv_cache(&self) -> bool;
     /// Computes the attention output.
     fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor, call: &AttentionCall) -> Result<Tensor>;
+
+    /// The key scorer this kind needs in every layer of width `d_model` with `kv_heads` kv
+    /// heads, or `None` (the default): the kind reads no [`AttentionCall::key_scores`] and adds
+    /// no parameters. With `Some`, each model layer owns a [`SparseKScorer`] built from this
+    /// config ([`Attention::new_scorer`]) and passes its scores of the layer input.
+    fn key_scorer(&self, d_model: usize, kv_heads: usize) -> Option<SparseKScorerConfig> {
+        let _ = (d_model, kv_heads);
+        None
+    }
 
     /// A new, empty decode cache for layer `layer` (0-based; kinds that treat layers differently,
     /// such as Twilight's dense first layers, read it here). The default, for backends that
@@ -625,16 +689,54 @@ impl Attention {
         self.backend.new_cache(layer)
     }
 
+    /// The key scorer of one layer (width `d_model`, `kv_heads` kv heads), its parameters created
+    /// or loaded through `vb` (the layer's attention prefix; names `weight`, `bias`, `slope`), or
+    /// `None` for kinds without one ([`AttentionBackend::key_scorer`]).
+    pub fn new_scorer(
+        &self,
+        d_model: usize,
+        kv_heads: usize,
+        vb: VarBuilder,
+    ) -> Result<Option<SparseKScorer>> {
+        self.backend
+            .key_scorer(d_model, kv_heads)
+            .map(|cfg| SparseKScorer::new(cfg, vb))
+            .transpose()
+    }
+
+    /// Attention of `kind` for a pretrained checkpoint of `model` (width `d_model`, `kv_heads` kv
+    /// heads). Kinds with a key scorer (SparseK) are refused: the checkpoint has no trained
+    /// scorer, and an untrained one (random, or zero, which leaves only the position slope: a
+    /// soft recency ramp over the `2k` newest older keys) would silently change what the model
+    /// attends to; these models are not trained here either, so it could not be fine-tuned.
+    pub fn for_pretrained(
+        kind: &AttentionKind,
+        model: &str,
+        d_model: usize,
+        kv_heads: usize,
+    ) -> Result<Self> {
+        let attention = Self::new(kind)?;
+        if attention.backend.key_scorer(d_model, kv_heads).is_some() {
+            bail!(
+                "{model}: attention {kind} needs a key scoring network trained with the model,                  and pretrained checkpoints have none; train a model with it (the char-level                  GPT, examples/train_char_lm.rs) or pick another attention kind"
+            )
+        }
+        Ok(attention)
+    }
+
     /// Causal attention of `q` `(batch, q_heads, q_len, head_dim)` over `k`, `v`
     /// `(batch, kv_heads, new_len, head_dim)` (RoPE already applied). With a cache (from
     /// [`Self::new_cache`]), the backend appends `k`, `v` to it and the queries are the last
-    /// `q_len` positions (bottom-right causal alignment). Returns `(batch, q_heads, q_len,
-    /// head_dim)`.
+    /// `q_len` positions (bottom-right causal alignment). `key_scores` `(batch, kv_heads,
+    /// new_len)` f32 are the layer scorer's scores of the new tokens, required by kinds with a
+    /// [key scorer](AttentionBackend::key_scorer). Returns `(batch, q_heads, q_len, head_dim)`.
+    #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
+        key_scores: Option<&Tensor>,
         cache: Option<&mut dyn LayerCache>,
         train: bool,
         seed: u64,
@@ -644,6 +746,7 @@ impl Attention {
             causal: true,
             train,
             seed,
+            key_scores,
         };
         match cache {
             None => self.backend.forward(q, k, v, &call),

@@ -6,14 +6,14 @@
 use std::collections::HashMap;
 
 use candle::{bail, DType, Device, Result, Tensor, Var};
-use candle_sparse_attn::SUPPORTED_HEAD_DIMS;
+use candle_sparse_attn::{SparseKScorer, SUPPORTED_HEAD_DIMS};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::attention::{Attention, AttentionKind, RotaryEmbedding};
 use crate::decoder::DecoderCache;
-use crate::layers::{dropout, in_dtype, layer_norm, linear, mix_seed, normal_var};
+use crate::layers::{dropout, in_dtype, layer_norm, linear, mix_seed, normal_var, SeededVars};
 
 /// LayerNorm epsilon (PyTorch's default, as in nanoGPT).
 const LN_EPS: f64 = 1e-5;
@@ -120,6 +120,10 @@ struct Block {
     c_fc: Var,
     /// `(n_embd, 4·n_embd)` MLP down projection.
     mlp_proj: Var,
+    /// The attention kind's key scorer (SparseK), reading the attention LayerNorm's output.
+    scorer: Option<SparseKScorer>,
+    /// The scorer's parameters, named under `h.{i}.` (empty without a scorer).
+    scorer_params: Vec<(String, Var)>,
 }
 
 /// Options of [`Gpt::generate`].
@@ -170,9 +174,19 @@ impl Gpt {
             PositionEncoding::Learned => Some(normal(&[config.block_size, c], INIT_STD)?),
             PositionEncoding::Rope { .. } => None,
         };
+        let attention = Attention::new(&config.attention)?;
         let blocks = (0..config.n_layer)
-            .map(|_| {
+            .map(|i| {
+                // Seeded apart from the counter above, so kinds without a scorer are unchanged.
+                let vars = SeededVars::new(mix_seed(&[seed, u64::MAX, i as u64]));
+                let scorer = attention.new_scorer(
+                    c,
+                    config.n_head,
+                    vars.var_builder(device).pp(format!("h.{i}.attn.scorer")),
+                )?;
                 Ok(Block {
+                    scorer,
+                    scorer_params: vars.vars(),
                     ln_1: ones(c)?,
                     c_attn: normal(&[3 * c, c], INIT_STD)?,
                     attn_proj: normal(&[c, c], residual_std)?,
@@ -192,7 +206,7 @@ impl Gpt {
             PositionEncoding::Learned => None,
         };
         Ok(Self {
-            attention: Attention::new(&config.attention)?,
+            attention,
             wte,
             wpe,
             blocks,
@@ -239,8 +253,8 @@ impl Gpt {
         Ok(())
     }
 
-    /// All parameters with stable names (`wte`, `wpe`, `h.{i}.attn.c_attn.weight`, ...), in a
-    /// fixed order.
+    /// All parameters with stable names (`wte`, `wpe`, `h.{i}.attn.c_attn.weight`, ...,
+    /// `h.{i}.attn.scorer.{weight,bias,slope}` for kinds with a key scorer), in a fixed order.
     pub fn named_params(&self) -> Vec<(String, Var)> {
         let mut out = vec![("wte".to_string(), self.wte.clone())];
         if let Some(wpe) = &self.wpe {
@@ -257,6 +271,7 @@ impl Gpt {
             ] {
                 out.push((format!("h.{i}.{name}"), var.clone()));
             }
+            out.extend(b.scorer_params.iter().cloned());
         }
         out.push(("ln_f.weight".to_string(), self.ln_f.clone()));
         out
@@ -345,10 +360,14 @@ impl Gpt {
                 q = rope.apply(&q.contiguous()?, offset)?;
                 k = rope.apply(&k.contiguous()?, offset)?;
             }
+            let scores = match &blk.scorer {
+                Some(s) => Some(s.forward_at(&h, offset)?),
+                None => None,
+            };
             let cache = caches.as_deref_mut().map(|c| c.layer_mut(i));
             let y = self
                 .attention
-                .forward(&q, &k, &v, cache, train, layer_seed(0))?
+                .forward(&q, &k, &v, scores.as_ref(), cache, train, layer_seed(0))?
                 .transpose(1, 2)?
                 .reshape((b, t, c))?;
             let y = linear(&y, &in_dtype(&blk.attn_proj, dt)?)?;

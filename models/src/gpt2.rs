@@ -163,6 +163,7 @@ impl Gpt2 {
     /// with the tensor name and both shapes.
     pub fn load(config: Gpt2Config, kind: &AttentionKind, vb: VarBuilder) -> Result<Self> {
         config.validate()?;
+        let attention = Attention::for_pretrained(kind, "gpt2", config.n_embd, config.n_head)?;
         let wrap = |e: candle::Error| {
             candle::Error::Msg(format!(
                 "gpt2 weights do not match config.json ({} layers, n_embd {}, {} heads, vocab {}, \
@@ -202,7 +203,7 @@ impl Gpt2 {
             wpe,
             blocks,
             ln_f,
-            attention: Attention::new(kind)?,
+            attention,
             device: vb.device().clone(),
             config,
         })
@@ -264,7 +265,7 @@ impl CausalLm for Gpt2 {
             let layer_cache = cache.as_deref_mut().map(|c| c.layer_mut(i));
             let y = self
                 .attention
-                .forward(&q, &k, &v, layer_cache, false, i as u64)?
+                .forward(&q, &k, &v, None, layer_cache, false, i as u64)?
                 .transpose(1, 2)?
                 .reshape((b, t, c))?;
             x = (x + blk.attn_proj.forward(&y)?)?;

@@ -5,6 +5,8 @@
 //!   trait, the [`Attention`] layer step, per-kind decode caches ([`LayerCache`], the dense
 //!   [`KvCache`]), and [`RotaryEmbedding`].
 //! - [`twilight`]: the Twilight decoding backend and its per-layer cache.
+//! - [`sparsek`]: the SparseK backend (learned key scorer per layer, trainable) and its
+//!   evicting per-layer decode cache.
 //! - [`gpt`]: the [`Gpt`] model and its [`GptConfig`].
 //! - [`data`]: character vocabulary and seeded train/validation batches.
 //! - [`optim`]: AdamW with saveable state, gradient clipping and the learning-rate schedule.
@@ -31,6 +33,7 @@ pub mod llama;
 pub mod metrics;
 pub mod moa;
 pub mod optim;
+pub mod sparsek;
 pub mod train;
 pub mod twilight;
 

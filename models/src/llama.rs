@@ -302,6 +302,7 @@ impl Llama {
     /// mismatches are reported with the tensor name and both shapes.
     pub fn load(config: LlamaConfig, kind: &AttentionKind, vb: VarBuilder) -> Result<Self> {
         config.validate()?;
+        let attention = Attention::for_pretrained(kind, "llama", config.hidden_size, config.kv_heads())?;
         let wrap = |e: candle::Error| {
             candle::Error::Msg(format!(
                 "llama weights do not match config.json ({} layers, hidden {}, {} / {} heads of \
@@ -370,7 +371,7 @@ impl Llama {
             norm,
             lm_head,
             rope,
-            attention: Attention::new(kind)?,
+            attention,
             device,
             config,
         })
@@ -438,7 +439,7 @@ impl CausalLm for Llama {
             let layer_cache = cache.as_deref_mut().map(|c| c.layer_mut(i));
             let y = self
                 .attention
-                .forward(&q, &k, &v, layer_cache, false, i as u64)?
+                .forward(&q, &k, &v, None, layer_cache, false, i as u64)?
                 .transpose(1, 2)?
                 .reshape((b, t, nq * hd))?;
             x = (x + layer.o_proj.forward(&y)?)?;

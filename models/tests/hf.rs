@@ -680,12 +680,12 @@ fn a_cache_of_another_kind_is_rejected() -> Result<()> {
     let k = Tensor::zeros((1, 1, 1, 32), DType::F32, &DEV)?;
     let mut cache = twilight.new_cache(0)?;
     let err = dense
-        .forward(&q, &k, &k, Some(cache.as_mut()), false, 0)
+        .forward(&q, &k, &k, None, Some(cache.as_mut()), false, 0)
         .unwrap_err();
     assert!(err.to_string().contains("KvCache"), "{err}");
     let mut cache = dense.new_cache(0)?;
     let err = twilight
-        .forward(&q, &k, &k, Some(cache.as_mut()), false, 0)
+        .forward(&q, &k, &k, None, Some(cache.as_mut()), false, 0)
         .unwrap_err();
     assert!(err.to_string().contains("TwilightLayerCache"), "{err}");
     let hash = Attention::new(&AttentionKind::HashSparse { n_buckets: 2 })?;
