@@ -295,7 +295,9 @@ impl FromStr for AttentionKind {
                 };
                 let count = |p: &str, what: &str| -> Result<usize> {
                     p.parse().map_err(|e| {
-                        candle::Error::Msg(format!("attention {s:?}: bad sparsek {what} {p:?}: {e}"))
+                        candle::Error::Msg(format!(
+                            "attention {s:?}: bad sparsek {what} {p:?}: {e}"
+                        ))
                     })
                 };
                 Self::SparseK {

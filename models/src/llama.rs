@@ -302,7 +302,8 @@ impl Llama {
     /// mismatches are reported with the tensor name and both shapes.
     pub fn load(config: LlamaConfig, kind: &AttentionKind, vb: VarBuilder) -> Result<Self> {
         config.validate()?;
-        let attention = Attention::for_pretrained(kind, "llama", config.hidden_size, config.kv_heads())?;
+        let attention =
+            Attention::for_pretrained(kind, "llama", config.hidden_size, config.kv_heads())?;
         let wrap = |e: candle::Error| {
             candle::Error::Msg(format!(
                 "llama weights do not match config.json ({} layers, hidden {}, {} / {} heads of \

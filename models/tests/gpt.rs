@@ -26,6 +26,8 @@ fn available_kinds() -> Vec<AttentionKind> {
             drop_q: 0.25,
             drop_k: 0.25,
         },
+        // Block 16: rows past k + window = 4 select among more candidates than k.
+        AttentionKind::SparseK { k: 2, window: 2 },
     ]
 }
 
@@ -49,14 +51,45 @@ fn every_parameter_gets_a_nonzero_gradient() -> Result<()> {
         ] {
             let model = Gpt::new(config(attention.clone(), positions.clone()), 3, &dev)?;
             let grads = model.loss(&x, &y, true, 5)?.backward()?;
-            for (name, var) in model.named_params() {
+            let params = model.named_params();
+            let scorer_params = params
+                .iter()
+                .filter(|(n, _)| n.contains(".scorer."))
+                .count();
+            let expected = match attention {
+                AttentionKind::SparseK { .. } => 3 * 2, // weight, bias, slope per layer
+                _ => 0,
+            };
+            assert_eq!(scorer_params, expected, "{attention}: scorer parameters");
+            let mut scorer_weight_norm = 0f32;
+            for (name, var) in &params {
                 let g = grads.get(var.as_tensor()).unwrap_or_else(|| {
                     panic!("{attention} / {positions:?}: no gradient for {name}")
                 });
                 let norm = g.sqr()?.sum_all()?.to_scalar::<f32>()?;
                 assert!(
-                    norm > 0.0 && norm.is_finite(),
+                    norm.is_finite(),
+                    "{attention}: gradient of {name} is {norm}"
+                );
+                if name.ends_with(".scorer.weight") {
+                    scorer_weight_norm += norm;
+                }
+                if name.ends_with(".scorer.bias") {
+                    // SPARSEK is shift-equivariant (τ(u + c) = τ(u) + c): a per-head constant
+                    // never changes the selection, so its gradient is zero up to rounding.
+                    continue;
+                }
+                assert!(
+                    norm > 0.0,
                     "{attention} / {positions:?}: gradient of {name} has squared norm {norm}"
+                );
+            }
+            for (name, var) in params.iter().filter(|(n, _)| n.ends_with(".scorer.bias")) {
+                let g = grads.get(var.as_tensor()).expect("checked above");
+                let norm = g.sqr()?.sum_all()?.to_scalar::<f32>()?;
+                assert!(
+                    norm <= 1e-8 * scorer_weight_norm,
+                    "{name}: gradient {norm} should vanish (weights: {scorer_weight_norm})"
                 );
             }
         }
@@ -78,8 +111,16 @@ fn kv_cache_decoding_matches_full_forward() -> Result<()> {
             page_size: 4,
             dense_layers: 0,
         };
-        for kind in [AttentionKind::Dense, twilight] {
-            let model = Gpt::new(config(kind, positions.clone()), 9, &dev)?;
+        let sparsek = [
+            // Prefix 4 ≥ window: prefill through sparsek_attn, then steps.
+            AttentionKind::SparseK { k: 2, window: 2 },
+            // Prefix shorter than the window: single-token steps from the start.
+            AttentionKind::SparseK { k: 1, window: 6 },
+            // No window: every older key is a candidate.
+            AttentionKind::SparseK { k: 3, window: 0 },
+        ];
+        for kind in [AttentionKind::Dense, twilight].into_iter().chain(sparsek) {
+            let model = Gpt::new(config(kind.clone(), positions.clone()), 9, &dev)?;
             let ids: Vec<u32> = (0..10).map(|i| (i * 5 % 11) as u32).collect();
             let full = model.forward(
                 &Tensor::new(ids.as_slice(), &dev)?.unsqueeze(0)?,
@@ -97,7 +138,10 @@ fn kv_cache_decoding_matches_full_forward() -> Result<()> {
             }
             let cached = Tensor::cat(&pieces, 1)?;
             let diff = (full - cached)?.abs()?.max_all()?.to_scalar::<f32>()?;
-            assert!(diff < 1e-4, "max logit difference {diff}");
+            assert!(
+                diff < 1e-4,
+                "{kind} / {positions:?}: max logit difference {diff}"
+            );
         }
     }
     Ok(())
@@ -128,6 +172,48 @@ fn generation_is_seeded_and_runs_past_the_context() -> Result<()> {
 }
 
 #[test]
+fn sparsek_generates_and_evicts() -> Result<()> {
+    let dev = Device::Cpu;
+    let mut c = config(
+        AttentionKind::SparseK { k: 2, window: 3 },
+        PositionEncoding::Rope { theta: 10000.0 },
+    );
+    c.block_size = 32;
+    let model = Gpt::new(c, 4, &dev)?;
+    assert!(model.supports_kv_cache());
+    let opts = SampleOptions {
+        max_new_tokens: 70, // past block_size 32: exercises the cache refill
+        temperature: 1.0,
+        top_k: Some(5),
+        seed: 3,
+    };
+    let a = model.generate(&[1, 2], &opts)?;
+    assert_eq!(a, model.generate(&[1, 2], &opts)?);
+    assert_eq!(a.len(), 70);
+    // Memory stays O(window + K′): 20 tokens in, at most 3 + 4 retained per layer and kv head.
+    let mut caches = model.new_cache()?;
+    let ids: Vec<u32> = (0..20).map(|i| (i * 3 % 11) as u32).collect();
+    model.forward(
+        &Tensor::new(&ids[..5], &dev)?.unsqueeze(0)?,
+        0,
+        Some(&mut caches),
+        false,
+        0,
+    )?;
+    for (pos, &id) in ids.iter().enumerate().skip(5) {
+        let step = Tensor::new(&[id], &dev)?.unsqueeze(0)?;
+        model.forward(&step, pos, Some(&mut caches), false, 0)?;
+    }
+    for layer in &caches.layers {
+        assert_eq!(layer.len(), 20);
+        let kept = layer.kept_fraction().expect("a decode step ran");
+        let kept = kept.to_scalar::<f32>()?;
+        assert!(kept > 0.0 && kept <= 7.0 / 20.0, "kept fraction {kept}");
+    }
+    Ok(())
+}
+
+#[test]
 fn attention_kind_parses_and_serializes() -> Result<()> {
     let kinds = [
         ("dense", AttentionKind::Dense),
@@ -147,6 +233,17 @@ fn attention_kind_parses_and_serializes() -> Result<()> {
                 page_size: 16,
                 dense_layers: 2,
             },
+        ),
+        (
+            "sparsek:256,256",
+            AttentionKind::SparseK {
+                k: 256,
+                window: 256,
+            },
+        ),
+        (
+            "sparse-k: 16, 0",
+            AttentionKind::SparseK { k: 16, window: 0 },
         ),
         (
             "twilight:0.9,64,8,1",
@@ -177,6 +274,12 @@ fn attention_kind_parses_and_serializes() -> Result<()> {
         "twilight:0.9,0",
         "twilight:0.9,64,0",
         "twilight:0.9,64,16,2,1",
+        "sparsek",
+        "sparsek:16",
+        "sparsek:0,16",
+        "sparsek:-1,16",
+        "sparsek:16,x",
+        "sparsek:16,16,4",
     ] {
         let err = bad.parse::<AttentionKind>().unwrap_err().to_string();
         assert!(
@@ -184,6 +287,13 @@ fn attention_kind_parses_and_serializes() -> Result<()> {
             "{bad}: {err}"
         );
     }
+    let zero = "sparsek:0,16"
+        .parse::<AttentionKind>()
+        .unwrap_err()
+        .to_string();
+    assert!(zero.contains("k must be at least 1"), "{zero}");
+    let json = serde_json::to_string(&AttentionKind::SparseK { k: 8, window: 4 }).unwrap();
+    assert_eq!(json, r#"{"kind":"sparsek","k":8,"window":4}"#);
     let unknown = serde_json::from_str::<AttentionKind>(r#"{"kind":"flash"}"#);
     assert!(unknown.unwrap_err().to_string().contains("flash"));
     Ok(())

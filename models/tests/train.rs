@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use candle::{Device, Result};
+use candle::{Device, Result, Tensor};
 use candle_sparse_models::train::{
     checkpoint_exists, load_model, CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE,
 };
@@ -63,43 +63,73 @@ fn dataset() -> Result<CharDataset> {
 fn resume_continues_exactly() -> Result<()> {
     let dev = Device::Cpu;
     let data = dataset()?;
-    let mcfg = model_config(data.vocab().len());
+    let mut mcfg = model_config(data.vocab().len());
+    resume_continues_exactly_with(&mcfg, &data, &dev)?;
+    // SparseK: the layers' scorers are trained, saved and resumed like every other parameter.
+    mcfg.attention = AttentionKind::SparseK { k: 2, window: 4 };
+    resume_continues_exactly_with(&mcfg, &data, &dev)
+}
+
+fn resume_continues_exactly_with(mcfg: &GptConfig, data: &CharDataset, dev: &Device) -> Result<()> {
     let n = 3;
 
-    let mut straight = Trainer::new(mcfg.clone(), train_config(2 * n), &dev)?;
+    let mut straight = Trainer::new(mcfg.clone(), train_config(2 * n), dev)?;
+    let initial: Vec<Tensor> = straight
+        .model()
+        .named_params()
+        .iter()
+        .map(|(_, v)| v.as_tensor().copy())
+        .collect::<Result<_>>()?;
     let straight_losses: Vec<f64> = (0..2 * n)
-        .map(|_| straight.train_step(&data).map(|s| s.loss))
+        .map(|_| straight.train_step(data).map(|s| s.loss))
         .collect::<Result<_>>()?;
 
     let dir = tempfile::tempdir()?;
-    let mut first = Trainer::new(mcfg.clone(), train_config(2 * n), &dev)?;
+    let mut first = Trainer::new(mcfg.clone(), train_config(2 * n), dev)?;
     let mut resumed_losses: Vec<f64> = (0..n)
-        .map(|_| first.train_step(&data).map(|s| s.loss))
+        .map(|_| first.train_step(data).map(|s| s.loss))
         .collect::<Result<_>>()?;
     first.save(dir.path(), data.vocab())?;
     drop(first);
-    let mut second = Trainer::resume(dir.path(), &mcfg, train_config(2 * n), data.vocab(), &dev)?;
+    let (loaded, _, meta) = load_model(dir.path(), dev)?;
+    assert_eq!(&meta.model, mcfg);
+    let names = |m: &candle_sparse_models::Gpt| -> Vec<String> {
+        m.named_params().into_iter().map(|(n, _)| n).collect()
+    };
+    assert_eq!(names(&loaded), names(straight.model()));
+    let mut second = Trainer::resume(dir.path(), mcfg, train_config(2 * n), data.vocab(), dev)?;
     assert_eq!(second.step(), n);
     for _ in 0..n {
-        resumed_losses.push(second.train_step(&data)?.loss);
+        resumed_losses.push(second.train_step(data)?.loss);
     }
 
     for (i, (a, b)) in straight_losses.iter().zip(&resumed_losses).enumerate() {
         assert!(
             (a - b).abs() < 1e-5,
-            "step {i}: straight {a} vs resumed {b}"
+            "{}: step {i}: straight {a} vs resumed {b}",
+            mcfg.attention
         );
     }
     assert!(
         straight_losses[2 * n - 1] < straight_losses[0],
-        "loss did not decrease: {straight_losses:?}"
+        "{}: loss did not decrease: {straight_losses:?}",
+        mcfg.attention
     );
-    for ((name, a), (_, b)) in straight
+    for (((name, a), (_, b)), init) in straight
         .model()
         .named_params()
         .iter()
         .zip(second.model().named_params())
+        .zip(&initial)
     {
+        let moved = (a.as_tensor() - init)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        // Biases of the scorer get no gradient (SPARSEK is shift-equivariant) and no decay.
+        if !name.ends_with(".scorer.bias") {
+            assert!(moved > 0.0, "{name} was not trained");
+        }
         let diff = (a.as_tensor() - b.as_tensor())?
             .abs()?
             .max_all()?
