@@ -103,7 +103,9 @@ struct TrainArgs {
     /// RoPE base (with --positions rope).
     #[arg(long, default_value_t = 10000.0)]
     rope_theta: f32,
-    /// Attention: dense, hash_sparse:N_BUCKETS or qk_sparse:DROP_Q,DROP_K.
+    /// Attention: dense, hash_sparse:N_BUCKETS, qk_sparse:DROP_Q,DROP_K or sparsek:K,WINDOW
+    /// (learned top-k plus a sliding window; adds a key scorer per layer). Twilight and MoA
+    /// (twilight:.., moa:..) change only cached decoding and train as dense.
     #[arg(long, default_value = "dense")]
     attention: String,
     /// Sequences per micro-batch.

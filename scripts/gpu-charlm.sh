@@ -4,6 +4,7 @@
 # tokens/s of the second half of the run, so start-up and kernel loading are excluded).
 # Needs .carry/bin/train_char_lm (scripts/pack-gpu.sh train_char_lm) and data/shakespeare.txt.
 # Usage: scripts/gpu-charlm.sh CONTEXT STEPS BATCH KIND...
+#   e.g. scripts/gpu-charlm.sh 8192 2000 4 dense hash_sparse:16 qk_sparse:0.3,0.3 sparsek:256,256
 set -uo pipefail
 OUT="${OUT:-/tmp/out}"
 mkdir -p "$OUT"
