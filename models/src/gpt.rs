@@ -1,7 +1,9 @@
 //! A GPT in the nanoGPT mould: token embeddings plus learned positions (or RoPE), pre-norm blocks
 //! (LayerNorm, causal self-attention, GELU MLP), a final LayerNorm and an output head tied to the
 //! token embeddings. No biases. Parameters are f32 [`Var`]s; the forward pass runs in a
-//! configurable compute dtype (f32, or bf16 with f32 master weights).
+//! configurable compute dtype (f32, or bf16 with f32 master weights). Attention kinds with a key
+//! scorer (SparseK) add one per block, scoring the attention LayerNorm's output
+//! ([`crate::sparsek`]).
 
 use std::collections::HashMap;
 
@@ -158,7 +160,8 @@ pub struct Gpt {
 
 impl Gpt {
     /// A freshly initialised model: weights `N(0, 0.02²)`, residual output projections
-    /// `N(0, (0.02/√(2·n_layer))²)`, LayerNorm gains 1. Deterministic in `seed`.
+    /// `N(0, (0.02/√(2·n_layer))²)`, LayerNorm gains 1; key scorers (SparseK) with their own
+    /// initialisation (Kaiming-normal weights, zero bias, slope `1e-3`). Deterministic in `seed`.
     pub fn new(config: GptConfig, seed: u64, device: &Device) -> Result<Self> {
         config.validate()?;
         let c = config.n_embd;
