@@ -257,7 +257,7 @@ impl Gpt {
     }
 
     /// All parameters with stable names (`wte`, `wpe`, `h.{i}.attn.c_attn.weight`, ...,
-    /// `h.{i}.attn.scorer.{weight,bias,slope}` for kinds with a key scorer), in a fixed order.
+    /// `h.{i}.attn.scorer.{weight,slope}` for kinds with a key scorer), in a fixed order.
     pub fn named_params(&self) -> Vec<(String, Var)> {
         let mut out = vec![("wte".to_string(), self.wte.clone())];
         if let Some(wpe) = &self.wpe {

@@ -57,11 +57,10 @@ fn every_parameter_gets_a_nonzero_gradient() -> Result<()> {
                 .filter(|(n, _)| n.contains(".scorer."))
                 .count();
             let expected = match attention {
-                AttentionKind::SparseK { .. } => 3 * 2, // weight, bias, slope per layer
+                AttentionKind::SparseK { .. } => 2 * 2, // weight and slope per layer
                 _ => 0,
             };
             assert_eq!(scorer_params, expected, "{attention}: scorer parameters");
-            let mut scorer_weight_norm = 0f32;
             for (name, var) in &params {
                 let g = grads.get(var.as_tensor()).unwrap_or_else(|| {
                     panic!("{attention} / {positions:?}: no gradient for {name}")
@@ -71,25 +70,9 @@ fn every_parameter_gets_a_nonzero_gradient() -> Result<()> {
                     norm.is_finite(),
                     "{attention}: gradient of {name} is {norm}"
                 );
-                if name.ends_with(".scorer.weight") {
-                    scorer_weight_norm += norm;
-                }
-                if name.ends_with(".scorer.bias") {
-                    // SPARSEK is shift-equivariant (τ(u + c) = τ(u) + c): a per-head constant
-                    // never changes the selection, so its gradient is zero up to rounding.
-                    continue;
-                }
                 assert!(
                     norm > 0.0,
                     "{attention} / {positions:?}: gradient of {name} has squared norm {norm}"
-                );
-            }
-            for (name, var) in params.iter().filter(|(n, _)| n.ends_with(".scorer.bias")) {
-                let g = grads.get(var.as_tensor()).expect("checked above");
-                let norm = g.sqr()?.sum_all()?.to_scalar::<f32>()?;
-                assert!(
-                    norm <= 1e-8 * scorer_weight_norm,
-                    "{name}: gradient {norm} should vanish (weights: {scorer_weight_norm})"
                 );
             }
         }

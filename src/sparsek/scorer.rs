@@ -25,19 +25,21 @@ impl SparseKScorerConfig {
     }
 }
 
-/// `u[b, h, j] = x_j · w_h + c_h + δ_h · j`, computed in f32.
+/// `u[b, h, j] = x_j · w_h + δ_h · j`, computed in f32.
 ///
 /// Parameters (names under the VarBuilder prefix):
 /// - `weight` `(kv_heads, d_model)`, Kaiming-normal init;
-/// - `bias` `(kv_heads)`, zero init;
 /// - `slope` `(kv_heads)`, the raw slope ρ with `δ = softplus(ρ) ≥ 0` (documented choice: a
 ///   learned non-negative slope, so newer keys are preferred and old keys age out; by the shift
 ///   equivariance of SPARSEK, `+δ·j` and the distance penalty `−δ·(i − j)` give the same p).
 ///   Initialised so that `δ = slope_init`.
+///
+/// No per-head constant: SPARSEK is shift-equivariant (`τ(u + c) = τ(u) + c`), so a bias would
+/// never change the selection or the weights and its gradient would be rounding noise (which
+/// AdamW would amplify into a random walk).
 #[derive(Clone, Debug)]
 pub struct SparseKScorer {
     weight: Tensor,
-    bias: Tensor,
     slope: Tensor,
 }
 
@@ -55,14 +57,9 @@ impl SparseKScorer {
             "weight",
             candle_nn::init::DEFAULT_KAIMING_NORMAL,
         )?;
-        let bias = vb.get_with_hints(cfg.kv_heads, "bias", Init::Const(0.0))?;
         let raw = cfg.slope_init.exp_m1().ln();
         let slope = vb.get_with_hints(cfg.kv_heads, "slope", Init::Const(raw))?;
-        Ok(Self {
-            weight,
-            bias,
-            slope,
-        })
+        Ok(Self { weight, slope })
     }
 
     /// The slopes `δ = softplus(ρ)`, `(kv_heads)` f32.
@@ -93,10 +90,7 @@ impl SparseKScorer {
             .to_dtype(DType::F32)?
             .reshape((1, 1, t))?;
         let slope = self.slopes()?.reshape((1, h, 1))?;
-        let bias = self.bias.to_dtype(DType::F32)?.reshape((1, h, 1))?;
-        lin.broadcast_add(&bias)?
-            .broadcast_add(&pos.broadcast_mul(&slope)?)?
-            .contiguous()
+        lin.broadcast_add(&pos.broadcast_mul(&slope)?)?.contiguous()
     }
 }
 
