@@ -6,16 +6,27 @@
 //!
 //! Without a cache (training, full recomputation) the layer index is unknown, so the kind is plain
 //! dense attention there: MoA changes cached inference only.
+//!
+//! Profiling (the first step of making a plan): [`MoaProfiler`] runs a [`Llama`] over calibration
+//! items with [`MoaProfileAttention`] in every layer (dense attention whose backward pass adds the
+//! block influence of the layer into its [`InfluenceTap`], see
+//! [`candle_sparse_attn::moa::profiled_attention`]), backpropagates the language-model loss and
+//! returns the per layer / head / block influence that [`candle_sparse_attn::moa::search_plan`]
+//! turns into a plan.
 
 use std::any::Any;
 use std::sync::Arc;
 
-use candle::{bail, Result, Tensor};
-use candle_sparse_attn::moa::{moa_attn, moa_decode_scaled, MoaCache, MoaPlan};
+use candle::{bail, DType, Device, Result, Tensor, Var};
+use candle_sparse_attn::moa::{
+    moa_attn, moa_decode_scaled, profiled_attention, InfluenceTap, MoaCache, MoaInfluence, MoaPlan,
+};
 
 use crate::attention::{
-    downcast_cache, AttentionBackend, AttentionCall, DenseAttention, LayerCache,
+    downcast_cache, Attention, AttentionBackend, AttentionCall, DenseAttention, LayerCache,
 };
+use crate::decoder::CausalLm;
+use crate::llama::Llama;
 
 /// The MoA attention backend (see the module docs).
 #[derive(Clone, Debug)]
@@ -126,5 +137,171 @@ impl LayerCache for MoaLayerCache {
 
     fn as_any_mut(&mut self) -> &mut dyn Any {
         self
+    }
+}
+
+/// Profiling backend: the cached call of layer `l` is dense causal attention whose backward pass
+/// adds the block influence of the call into `taps[l]`
+/// ([`profiled_attention`]); cache-less calls are plain dense attention.
+///
+/// Candle only differentiates what depends on a [`Var`], and a loaded model's weights are plain
+/// tensors, so every layer adds a zero scalar `Var` (the anchor) to its queries: the graph from
+/// the first layer on is tracked and `loss.backward()` reaches every tap.
+#[derive(Clone, Debug)]
+pub struct MoaProfileAttention {
+    taps: Vec<InfluenceTap>,
+    anchor: Var,
+}
+
+impl MoaProfileAttention {
+    /// Empty taps for `num_layers` layers; `dtype` and `device` are the model's (the anchor's).
+    pub fn new(num_layers: usize, dtype: DType, device: &Device) -> Result<Self> {
+        Ok(Self {
+            taps: (0..num_layers).map(|_| InfluenceTap::new()).collect(),
+            anchor: Var::zeros((1, 1, 1, 1), dtype, device)?,
+        })
+    }
+
+    /// The taps, one per layer.
+    pub fn taps(&self) -> &[InfluenceTap] {
+        &self.taps
+    }
+}
+
+impl AttentionBackend for MoaProfileAttention {
+    fn name(&self) -> String {
+        format!("moa profile ({} layers)", self.taps.len())
+    }
+
+    fn supports_kv_cache(&self) -> bool {
+        true
+    }
+
+    fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor, call: &AttentionCall) -> Result<Tensor> {
+        DenseAttention.forward(q, k, v, call)
+    }
+
+    fn new_cache(&self, layer: usize) -> Result<Box<dyn LayerCache>> {
+        let Some(tap) = self.taps.get(layer) else {
+            bail!("attention {}: no tap for layer {layer}", self.name())
+        };
+        Ok(Box::new(ProfileLayerCache {
+            tap: tap.clone(),
+            len: 0,
+        }))
+    }
+
+    /// One call per cache: the whole profiled sequence (a prefill).
+    fn forward_cached(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        cache: &mut dyn LayerCache,
+        call: &AttentionCall,
+    ) -> Result<Tensor> {
+        let name = self.name();
+        let layer = downcast_cache::<ProfileLayerCache>(cache, &name)?;
+        if layer.len != 0 {
+            bail!(
+                "attention {name}: profiling takes the whole sequence in one call, got q {:?} \
+                 after {} cached positions",
+                q.dims(),
+                layer.len
+            )
+        }
+        layer.len = k.dim(2)?;
+        let scale = call
+            .softmax_scale
+            .unwrap_or(1.0 / (q.dim(3)? as f32).sqrt());
+        let q = q.broadcast_add(self.anchor.as_tensor())?;
+        profiled_attention(&q, k, v, scale, &layer.tap)
+    }
+}
+
+/// The "cache" of a profiled layer: its tap and the profiled length.
+#[derive(Debug)]
+pub struct ProfileLayerCache {
+    tap: InfluenceTap,
+    len: usize,
+}
+
+impl LayerCache for ProfileLayerCache {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn reset(&mut self) {
+        self.len = 0;
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
+/// Accumulates the MoA influence of a [`Llama`] at one length over calibration items (see the
+/// module docs). Memory is that of one forward and backward pass of one item (batch 1) plus
+/// `O(64 · length)` per head for the influence; items are processed one at a time.
+#[derive(Debug)]
+pub struct MoaProfiler {
+    model: Llama,
+    backend: Arc<MoaProfileAttention>,
+    length: Option<usize>,
+    items: usize,
+}
+
+impl MoaProfiler {
+    /// A profiler for (a cheap clone of) `model`, whose attention is replaced by
+    /// [`MoaProfileAttention`].
+    pub fn new(model: &Llama) -> Result<Self> {
+        let backend = Arc::new(MoaProfileAttention::new(
+            model.num_layers(),
+            model.dtype(),
+            model.device(),
+        )?);
+        let mut model = model.clone();
+        model.set_attention(Attention::with_backend(backend.clone()));
+        Ok(Self {
+            model,
+            backend,
+            length: None,
+            items: 0,
+        })
+    }
+
+    /// Profiles one item: `tokens` (`length + 1` ids; every item of a profiler has the same
+    /// length) are run as input `tokens[..length]` with targets `tokens[1..]`, the mean
+    /// cross-entropy is backpropagated and each layer's influence added to its tap. Returns the
+    /// item's mean loss in nats.
+    pub fn add_item(&mut self, tokens: &[u32]) -> Result<f64> {
+        let length = tokens.len().saturating_sub(1);
+        if length == 0 || self.length.is_some_and(|l| l != length) {
+            bail!(
+                "moa profiler: an item of {} tokens; items need length + 1 tokens with one length \
+                 per profiler (so far {:?})",
+                tokens.len(),
+                self.length
+            )
+        }
+        let device = self.model.device().clone();
+        let input = Tensor::new(&tokens[..length], &device)?.unsqueeze(0)?;
+        let targets = Tensor::new(&tokens[1..], &device)?;
+        let mut cache = self.model.new_cache()?;
+        let logits = self.model.forward(&input, Some(&mut cache))?.squeeze(0)?;
+        let loss = candle_nn::loss::cross_entropy(&logits, &targets)?;
+        loss.backward()?;
+        self.length = Some(length);
+        self.items += 1;
+        loss.to_dtype(DType::F64)?.to_scalar::<f64>()
+    }
+
+    /// The mean influence over the items so far: `(layers, q_heads, nb, nb)` blocks at the
+    /// items' length.
+    pub fn influence(&self) -> Result<MoaInfluence> {
+        let Some(length) = self.length else {
+            bail!("moa profiler: no item was profiled")
+        };
+        MoaInfluence::from_taps(self.backend.taps(), length)
     }
 }
