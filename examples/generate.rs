@@ -433,7 +433,7 @@ fn run_perplexity(args: &PerplexityArgs) -> Result<()> {
     let (report, how) = match args.decode_prefix {
         Some(prefix) => (
             perplexity_decode(loaded.model.as_ref(), &ids, prefix)?,
-            format!("decode steps after a {prefix}-token dense prefill"),
+            format!("decode steps after a {prefix}-token prefill"),
         ),
         None => {
             let stride = args.stride.unwrap_or((args.context_len / 2).max(1));

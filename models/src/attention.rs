@@ -324,6 +324,8 @@ pub struct AttentionCall<'a> {
     /// Deterministic seed for methods with random decisions (derived by the model from the run
     /// seed, the step and the layer, so resumed runs repeat them).
     pub seed: u64,
+    /// Index of the calling layer in the model (kinds with per-layer settings, e.g. MoA plans).
+    pub layer: usize,
     /// The layer's key scores `(batch, kv_heads, new_len)` f32 from its scorer, for kinds with a
     /// [key scorer](AttentionBackend::key_scorer) (`None` for the others).
     pub key_scores: Option<&'a Tensor>,
@@ -720,7 +722,9 @@ impl Attention {
         let attention = Self::new(kind)?;
         if attention.backend.key_scorer(d_model, kv_heads).is_some() {
             bail!(
-                "{model}: attention {kind} needs a key scoring network trained with the model,                  and pretrained checkpoints have none; train a model with it (the char-level                  GPT, examples/train_char_lm.rs) or pick another attention kind"
+                "{model}: attention {kind} needs a key scoring network trained with the model, \
+                 and pretrained checkpoints have none; train a model with it (the char-level \
+                 GPT, examples/train_char_lm.rs) or pick another attention kind"
             )
         }
         Ok(attention)
@@ -731,7 +735,8 @@ impl Attention {
     /// [`Self::new_cache`]), the backend appends `k`, `v` to it and the queries are the last
     /// `q_len` positions (bottom-right causal alignment). `key_scores` `(batch, kv_heads,
     /// new_len)` f32 are the layer scorer's scores of the new tokens, required by kinds with a
-    /// [key scorer](AttentionBackend::key_scorer). Returns `(batch, q_heads, q_len, head_dim)`.
+    /// [key scorer](AttentionBackend::key_scorer); `layer` is the calling layer's index.
+    /// Returns `(batch, q_heads, q_len, head_dim)`.
     #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
@@ -740,6 +745,7 @@ impl Attention {
         v: &Tensor,
         key_scores: Option<&Tensor>,
         cache: Option<&mut dyn LayerCache>,
+        layer: usize,
         train: bool,
         seed: u64,
     ) -> Result<Tensor> {
@@ -748,6 +754,7 @@ impl Attention {
             causal: true,
             train,
             seed,
+            layer,
             key_scores,
         };
         match cache {

@@ -370,7 +370,7 @@ impl Gpt {
             let cache = caches.as_deref_mut().map(|c| c.layer_mut(i));
             let y = self
                 .attention
-                .forward(&q, &k, &v, scores.as_ref(), cache, train, layer_seed(0))?
+                .forward(&q, &k, &v, scores.as_ref(), cache, i, train, layer_seed(0))?
                 .transpose(1, 2)?
                 .reshape((b, t, c))?;
             let y = linear(&y, &in_dtype(&blk.attn_proj, dt)?)?;

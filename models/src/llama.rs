@@ -440,7 +440,7 @@ impl CausalLm for Llama {
             let layer_cache = cache.as_deref_mut().map(|c| c.layer_mut(i));
             let y = self
                 .attention
-                .forward(&q, &k, &v, None, layer_cache, false, i as u64)?
+                .forward(&q, &k, &v, None, layer_cache, i, false, i as u64)?
                 .transpose(1, 2)?
                 .reshape((b, t, nq * hd))?;
             x = (x + layer.o_proj.forward(&y)?)?;

@@ -4,8 +4,9 @@
 //! layer's sink + band pattern ([`moa_attn`]), every decode step (query length 1) appends to the ring
 //! and runs [`moa_decode_scaled`] over all heads of the layer.
 //!
-//! Without a cache (training, full recomputation) the layer index is unknown, so the kind is plain
-//! dense attention there: MoA changes cached inference only.
+//! Without a cache (training with a plan, sliding-window perplexity, full recomputation) the
+//! layer's spans are resolved at `N = seq_len` and the call is [`moa_attn`] (forward and
+//! backward), so a model can be evaluated and fine-tuned with its plan.
 //!
 //! Profiling (the first step of making a plan): [`MoaProfiler`] runs a [`Llama`] over calibration
 //! items with [`MoaProfileAttention`] in every layer (dense attention whose backward pass adds the
@@ -50,9 +51,34 @@ impl AttentionBackend for MoaAttention {
         true
     }
 
-    /// Dense attention (MoA applies to cached inference; see the module docs).
+    /// The layer's sink + band attention with spans resolved at `N = seq_len` (self-attention
+    /// over a whole sequence: `q_len == kv_len`).
     fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor, call: &AttentionCall) -> Result<Tensor> {
-        DenseAttention.forward(q, k, v, call)
+        let (_, hq, n, d) = q.dims4()?;
+        let (hkv, kv_len) = (k.dim(1)?, k.dim(2)?);
+        if n != kv_len || !call.causal {
+            bail!(
+                "attention {}: without a cache MoA is causal self-attention over one sequence, \
+                 got q {:?} and k {:?} (causal: {})",
+                self.name(),
+                q.dims(),
+                k.dims(),
+                call.causal
+            )
+        }
+        let spans = self
+            .plan
+            .resolve(n, self.plan.num_layers(), hq, hkv, false)?;
+        let Some(plan) = spans.get(call.layer) else {
+            bail!(
+                "attention {}: layer {} is past the plan's {} layers",
+                self.name(),
+                call.layer,
+                self.plan.num_layers()
+            )
+        };
+        let scale = call.softmax_scale.unwrap_or(1.0 / (d as f32).sqrt());
+        moa_attn(q, k, v, plan, Some(scale))
     }
 
     fn new_cache(&self, layer: usize) -> Result<Box<dyn LayerCache>> {

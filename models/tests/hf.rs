@@ -690,12 +690,12 @@ fn a_cache_of_another_kind_is_rejected() -> Result<()> {
     let k = Tensor::zeros((1, 1, 1, 32), DType::F32, &DEV)?;
     let mut cache = twilight.new_cache(0)?;
     let err = dense
-        .forward(&q, &k, &k, None, Some(cache.as_mut()), false, 0)
+        .forward(&q, &k, &k, None, Some(cache.as_mut()), 0, false, 0)
         .unwrap_err();
     assert!(err.to_string().contains("KvCache"), "{err}");
     let mut cache = dense.new_cache(0)?;
     let err = twilight
-        .forward(&q, &k, &k, None, Some(cache.as_mut()), false, 0)
+        .forward(&q, &k, &k, None, Some(cache.as_mut()), 0, false, 0)
         .unwrap_err();
     assert!(err.to_string().contains("TwilightLayerCache"), "{err}");
     let hash = Attention::new(&AttentionKind::HashSparse { n_buckets: 2 })?;
@@ -1295,6 +1295,13 @@ fn moa_with_spans_covering_the_context_equals_dense_decoding() -> Result<()> {
     }
     let d = max_diff(&Tensor::cat(&rows, 0)?, &full);
     assert!(d < 1e-3, "{kind}: moa vs dense max diff {d}");
+    // Without a cache (perplexity, training) the layers run moa_attn with the plan's spans.
+    let uncached = model.forward(&tokens(&ids), None)?.squeeze(0)?;
+    let d = max_diff(&uncached, &full);
+    assert!(
+        d < 1e-3,
+        "{kind} without a cache: moa vs dense max diff {d}"
+    );
 
     // Plans with too few layers or another head count are rejected.
     let rules = |layers: usize, heads: usize| {
@@ -1312,6 +1319,11 @@ fn moa_with_spans_covering_the_context_equals_dense_decoding() -> Result<()> {
     rules(1, 2).save(&plan_path)?;
     let err = load_dir(&dir, &kind).new_cache().unwrap_err().to_string();
     assert!(err.contains("past the plan's 1 layers"), "{err}");
+    let err = load_dir(&dir, &kind)
+        .forward(&tokens(&ids), None)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("1 layers"), "{err}");
     rules(2, 3).save(&plan_path)?;
     let model = load_dir(&dir, &kind);
     let mut cache = model.new_cache()?;
