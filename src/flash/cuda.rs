@@ -339,9 +339,16 @@ fn fwd_t<T: CudaDType + DeviceRepr>(
     let d = dims.d;
     if fast {
         let (bm, threads) = fwd_tiles(d);
-        let meta = tile_meta(&dev, &va, dims, bm, BT)?;
-        let smem = (bm + 4 * BT) * (d + 8) * es;
-        let f = func!(dev, &format!("flash_fwd_{tn}_d{d}_m{}", va.mode), smem);
+        // TEMPORARY A/B switch: FLASH_FWD_BN128=1 runs key tiles of 128 at head dim 64.
+        let bn128 = d == 64 && std::env::var("FLASH_FWD_BN128").is_ok();
+        let (bn, kname) = if bn128 {
+            (128, "flash_fwdbn128")
+        } else {
+            (BT, "flash_fwd")
+        };
+        let meta = tile_meta(&dev, &va, dims, bm, bn)?;
+        let smem = (bm + 4 * bn) * (d + 8) * es;
+        let f = func!(dev, &format!("{kname}_{tn}_d{d}_m{}", va.mode), smem);
         let mut b = f.builder();
         b.arg(&q);
         b.arg(&k);
@@ -475,11 +482,14 @@ fn bwd_t<T: CudaDType + DeviceRepr>(
     let (mut dk, mut dv) = dkv.split_at_mut(nk_el);
     if fast {
         // One fused kernel: dK, dV per key tile, dQ by f32 atomics, then dQ to the input dtype.
-        let (bk, bq, threads) = bwd_tiles(d);
+        // TEMPORARY A/B switch (removed after measuring): FLASH_BWD_OLD=1 runs the old backward.
+        let old = std::env::var("FLASH_BWD_OLD").is_ok();
+        let (bk, bq, threads) = if old { bwd_tiles(d) } else { (128, 64, 256) };
+        let kname = if old { "flash_bwd" } else { "flash_bwd2" };
         let meta = tile_meta(&dev, &va, dims, bq, bk)?;
         let mut dq_acc = dev.alloc_zeros::<f32>(nq_el)?;
         let smem = (2 * bk + 4 * bq) * (d + 8) * es + 2 * bk * (bq + 8) * es + 4 * bq * 4;
-        let f = func!(dev, &format!("flash_bwd_{tn}_d{d}_m{}", va.mode), smem);
+        let f = func!(dev, &format!("{kname}_{tn}_d{d}_m{}", va.mode), smem);
         let mut b = f.builder();
         b.arg(&q);
         b.arg(&k);
