@@ -361,7 +361,7 @@ __device__ __forceinline__ int2 key_tile_range(const Vis& vis, int m0, int m1, i
   return make_int2(0, nkt);
 }
 
-template <typename T, int D, int NW, int MR, int BN, int MODE>
+template <typename T, int D, int NW, int MR, int BN, int MODE, bool FOLD = true>
 __device__ void fwd_mma(const T* q, const T* k, const T* v, T* o, float* lse, Vis vis,
                         const int4* qmeta, const int4* kmeta, int hq, int hkv, int nq, int nk,
                         float scale) {
@@ -506,6 +506,34 @@ __device__ void fwd_mma(const T* q, const T* k, const T* v, T* o, float* lse, Vi
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
         float(*sm)[4] = s + mr * N8;
+        if constexpr (!FOLD) {
+          float mx = mrow[mr][hf];
+#pragma unroll
+          for (int nt = 0; nt < N8; ++nt) {
+            sm[nt][hf * 2] *= sl2;
+            sm[nt][hf * 2 + 1] *= sl2;
+            mx = fmaxf(mx, fmaxf(sm[nt][hf * 2], sm[nt][hf * 2 + 1]));
+          }
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+          float msafe = mx == neg_inf() ? 0.f : mx;
+          float alpha = fast_exp2(mrow[mr][hf] - msafe);
+          mrow[mr][hf] = mx;
+          float ls = 0.f;
+#pragma unroll
+          for (int nt = 0; nt < N8; ++nt) {
+            sm[nt][hf * 2] = fast_exp2(sm[nt][hf * 2] - msafe);
+            sm[nt][hf * 2 + 1] = fast_exp2(sm[nt][hf * 2 + 1] - msafe);
+            ls += sm[nt][hf * 2] + sm[nt][hf * 2 + 1];
+          }
+          lrow[mr][hf] = lrow[mr][hf] * alpha + ls;
+#pragma unroll
+          for (int dt = 0; dt < DT; ++dt) {
+            acc[mr * DT + dt][hf * 2] *= alpha;
+            acc[mr * DT + dt][hf * 2 + 1] *= alpha;
+          }
+          continue;
+        }
         float ext = sm[0][hf * 2];
         if (sl2 >= 0.f) {
 #pragma unroll
@@ -1098,6 +1126,14 @@ __device__ void dq_convert(const float* acc, T* dq, long long n, float scale) {
     MAKE_VIS fwd_mma<T, D, NW, MR, 128, M>(q, k, v, o, lse, vis, qmeta, kmeta, hq, hkv, nq, nk,  \
                                           scale);                                               \
   }
+#define FWD_NOFOLD_M(TN, T, D, NW, MR, M)                                                       \
+  extern "C" __global__ void __launch_bounds__(NW * 32, 2)                                      \
+      flash_fwdnf_##TN##_d##D##_m##M(const T* q, const T* k, const T* v, T* o, float* lse,       \
+                                   VIS_PARAMS) {                                                \
+    MAKE_VIS fwd_mma<T, D, NW, MR, 64, M, false>(q, k, v, o, lse, vis, qmeta, kmeta, hq, hkv, nq, nk,  \
+                                          scale);                                               \
+  }
+FWD_NOFOLD_M(bf16, __nv_bfloat16, 64, 4, 2, 1) FWD_NOFOLD_M(bf16, __nv_bfloat16, 128, 4, 2, 1)
 FWD_MMA_BN128_M(bf16, __nv_bfloat16, 64, 4, 2, 0) FWD_MMA_BN128_M(bf16, __nv_bfloat16, 64, 4, 2, 1)
 FWD_MMA_BN128_M(bf16, __nv_bfloat16, 64, 4, 2, 2) FWD_MMA_BN128_M(bf16, __nv_bfloat16, 64, 4, 2, 3)
 FWD_MMA_BN128_M(f16, __half, 64, 4, 2, 0) FWD_MMA_BN128_M(f16, __half, 64, 4, 2, 1)

@@ -341,8 +341,11 @@ fn fwd_t<T: CudaDType + DeviceRepr>(
         let (bm, threads) = fwd_tiles(d);
         // TEMPORARY A/B switch: FLASH_FWD_BN128=1 runs key tiles of 128 at head dim 64.
         let bn128 = d == 64 && std::env::var("FLASH_FWD_BN128").is_ok();
+        let nofold = std::env::var("FLASH_FWD_NOFOLD").is_ok();
         let (bn, kname) = if bn128 {
             (128, "flash_fwdbn128")
+        } else if nofold {
+            (BT, "flash_fwdnf")
         } else {
             (BT, "flash_fwd")
         };
@@ -483,7 +486,11 @@ fn bwd_t<T: CudaDType + DeviceRepr>(
     if fast {
         // One fused kernel: dK, dV per key tile, dQ by f32 atomics, then dQ to the input dtype.
         // TEMPORARY A/B switch (removed after measuring): FLASH_BWD_OLD=1 runs the old backward.
-        let old = std::env::var("FLASH_BWD_OLD").is_ok();
+        let old = if d <= 64 {
+            std::env::var("FLASH_BWD_NEW").is_err()
+        } else {
+            std::env::var("FLASH_BWD_OLD").is_ok()
+        };
         let (bk, bq, threads) = if old { bwd_tiles(d) } else { (128, 64, 256) };
         let kname = if old { "flash_bwd" } else { "flash_bwd2" };
         let meta = tile_meta(&dev, &va, dims, bq, bk)?;
