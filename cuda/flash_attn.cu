@@ -361,7 +361,7 @@ __device__ __forceinline__ int2 key_tile_range(const Vis& vis, int m0, int m1, i
   return make_int2(0, nkt);
 }
 
-template <typename T, int D, int NW, int MR, int BN, int MODE, bool FOLD = true>
+template <typename T, int D, int NW, int MR, int BN, int MODE>
 __device__ void fwd_mma(const T* q, const T* k, const T* v, T* o, float* lse, Vis vis,
                         const int4* qmeta, const int4* kmeta, int hq, int hkv, int nq, int nk,
                         float scale) {
@@ -383,7 +383,8 @@ __device__ void fwd_mma(const T* q, const T* k, const T* v, T* o, float* lse, Vi
   const T* gv = v + krow0 * D;
   int nkt = (nk + BN - 1) / BN;
   float sl2 = scale * LOG2E;
-  // Masked raw score: -inf once scaled, whatever the sign of the scale.
+  // Masked raw score: -inf once scaled, whatever the sign of the scale. (Folding the scale into
+  // the exponent's FFMA measured slower at D = 64 on the H100 and no faster at D = 128.)
   float masked = sl2 >= 0.f ? neg_inf() : pos_inf();
 
   int2 range = key_tile_range<MODE>(vis, m0, min(nq, m0 + BM), BN, nkt);
@@ -430,7 +431,7 @@ __device__ void fwd_mma(const T* q, const T* k, const T* v, T* o, float* lse, Vi
   cp_async_commit();
 
   // For small enough MR * D the warp's Q fragments stay in registers for the whole key loop.
-  constexpr bool QREG = MR * D <= 128 && BN <= 64;
+  constexpr bool QREG = MR * D <= 128;
   uint32_t qf[QREG ? MR * KD : 1][4];
   if constexpr (QREG) {
     cp_async_wait<0>();
@@ -498,64 +499,29 @@ __device__ void fwd_mma(const T* q, const T* k, const T* v, T* o, float* lse, Vi
       }
     }
 
-    // Online softmax (log2 domain) for rows gq and gq+8 of each row tile, the scale folded into one
-    // FFMA per score: the row's extreme raw score (max, or min for a negative scale) times sl2 is
-    // its max scaled score.
+    // Online softmax (log2 domain) for rows gq and gq+8 of each row tile.
 #pragma unroll
     for (int mr = 0; mr < MR; ++mr)
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
         float(*sm)[4] = s + mr * N8;
-        if constexpr (!FOLD) {
-          float mx = mrow[mr][hf];
+        float mx = mrow[mr][hf];
 #pragma unroll
-          for (int nt = 0; nt < N8; ++nt) {
-            sm[nt][hf * 2] *= sl2;
-            sm[nt][hf * 2 + 1] *= sl2;
-            mx = fmaxf(mx, fmaxf(sm[nt][hf * 2], sm[nt][hf * 2 + 1]));
-          }
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-          float msafe = mx == neg_inf() ? 0.f : mx;
-          float alpha = fast_exp2(mrow[mr][hf] - msafe);
-          mrow[mr][hf] = mx;
-          float ls = 0.f;
-#pragma unroll
-          for (int nt = 0; nt < N8; ++nt) {
-            sm[nt][hf * 2] = fast_exp2(sm[nt][hf * 2] - msafe);
-            sm[nt][hf * 2 + 1] = fast_exp2(sm[nt][hf * 2 + 1] - msafe);
-            ls += sm[nt][hf * 2] + sm[nt][hf * 2 + 1];
-          }
-          lrow[mr][hf] = lrow[mr][hf] * alpha + ls;
-#pragma unroll
-          for (int dt = 0; dt < DT; ++dt) {
-            acc[mr * DT + dt][hf * 2] *= alpha;
-            acc[mr * DT + dt][hf * 2 + 1] *= alpha;
-          }
-          continue;
+        for (int nt = 0; nt < N8; ++nt) {
+          sm[nt][hf * 2] *= sl2;
+          sm[nt][hf * 2 + 1] *= sl2;
+          mx = fmaxf(mx, fmaxf(sm[nt][hf * 2], sm[nt][hf * 2 + 1]));
         }
-        float ext = sm[0][hf * 2];
-        if (sl2 >= 0.f) {
-#pragma unroll
-          for (int nt = 0; nt < N8; ++nt)
-            ext = fmaxf(ext, fmaxf(sm[nt][hf * 2], sm[nt][hf * 2 + 1]));
-        } else {
-#pragma unroll
-          for (int nt = 0; nt < N8; ++nt)
-            ext = fminf(ext, fminf(sm[nt][hf * 2], sm[nt][hf * 2 + 1]));
-        }
-        float mx = ext * sl2;
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        mx = fmaxf(mx, mrow[mr][hf]);
         float msafe = mx == neg_inf() ? 0.f : mx;
         float alpha = fast_exp2(mrow[mr][hf] - msafe);
         mrow[mr][hf] = mx;
         float ls = 0.f;
 #pragma unroll
         for (int nt = 0; nt < N8; ++nt) {
-          sm[nt][hf * 2] = fast_exp2(fmaf(sm[nt][hf * 2], sl2, -msafe));
-          sm[nt][hf * 2 + 1] = fast_exp2(fmaf(sm[nt][hf * 2 + 1], sl2, -msafe));
+          sm[nt][hf * 2] = fast_exp2(sm[nt][hf * 2] - msafe);
+          sm[nt][hf * 2 + 1] = fast_exp2(sm[nt][hf * 2 + 1] - msafe);
           ls += sm[nt][hf * 2] + sm[nt][hf * 2 + 1];
         }
         lrow[mr][hf] = lrow[mr][hf] * alpha + ls;
@@ -1118,26 +1084,6 @@ __device__ void dq_convert(const float* acc, T* dq, long long n, float scale) {
 #define FWD_MMA(TN, T, D, NW, MR)                                                              \
   FWD_MMA_M(TN, T, D, NW, MR, 0) FWD_MMA_M(TN, T, D, NW, MR, 1) FWD_MMA_M(TN, T, D, NW, MR, 2) \
   FWD_MMA_M(TN, T, D, NW, MR, 3)
-// TEMPORARY A/B variant: key tiles of 128.
-#define FWD_MMA_BN128_M(TN, T, D, NW, MR, M)                                                     \
-  extern "C" __global__ void __launch_bounds__(NW * 32, 2)                                      \
-      flash_fwdbn128_##TN##_d##D##_m##M(const T* q, const T* k, const T* v, T* o, float* lse,    \
-                                   VIS_PARAMS) {                                                \
-    MAKE_VIS fwd_mma<T, D, NW, MR, 128, M>(q, k, v, o, lse, vis, qmeta, kmeta, hq, hkv, nq, nk,  \
-                                          scale);                                               \
-  }
-#define FWD_NOFOLD_M(TN, T, D, NW, MR, M)                                                       \
-  extern "C" __global__ void __launch_bounds__(NW * 32, 2)                                      \
-      flash_fwdnf_##TN##_d##D##_m##M(const T* q, const T* k, const T* v, T* o, float* lse,       \
-                                   VIS_PARAMS) {                                                \
-    MAKE_VIS fwd_mma<T, D, NW, MR, 64, M, false>(q, k, v, o, lse, vis, qmeta, kmeta, hq, hkv, nq, nk,  \
-                                          scale);                                               \
-  }
-FWD_NOFOLD_M(bf16, __nv_bfloat16, 64, 4, 2, 1) FWD_NOFOLD_M(bf16, __nv_bfloat16, 128, 4, 2, 1)
-FWD_MMA_BN128_M(bf16, __nv_bfloat16, 64, 4, 2, 0) FWD_MMA_BN128_M(bf16, __nv_bfloat16, 64, 4, 2, 1)
-FWD_MMA_BN128_M(bf16, __nv_bfloat16, 64, 4, 2, 2) FWD_MMA_BN128_M(bf16, __nv_bfloat16, 64, 4, 2, 3)
-FWD_MMA_BN128_M(f16, __half, 64, 4, 2, 0) FWD_MMA_BN128_M(f16, __half, 64, 4, 2, 1)
-FWD_MMA_BN128_M(f16, __half, 64, 4, 2, 2) FWD_MMA_BN128_M(f16, __half, 64, 4, 2, 3)
 // Tensor-core backward: key tiles of 16 * MR * NW keys, query tiles of BQ rows (`bwd_tiles` in
 // cuda.rs), one kernel per visibility mode M (compact code for the dense modes).
 #define BWD_MMA_M(TN, T, D, NW, MR, BQ, M)                                                       \
@@ -1209,14 +1155,10 @@ ALL_D(SIMPLE, bf16, __nv_bfloat16)
 FWD_ALL(f16, __half)
 FWD_ALL(bf16, __nv_bfloat16)
 
-#define BWD_ALL(TN, T) \
-  BWD_MMA(TN, T, 32, 8, 1, 64) BWD_MMA(TN, T, 64, 4, 2, 32) BWD_MMA(TN, T, 96, 8, 1, 64) \
-  BWD_MMA(TN, T, 128, 8, 1, 32)
+#define BWD_ALL(TN, T) BWD_MMA(TN, T, 32, 8, 1, 64) BWD_MMA(TN, T, 64, 4, 2, 32)
 BWD_ALL(f16, __half)
 BWD_ALL(bf16, __nv_bfloat16)
 
-#define BWD2_ALL(TN, T) \
-  BWD2_MMA(TN, T, 32, 64, 1) BWD2_MMA(TN, T, 64, 64, 2) BWD2_MMA(TN, T, 96, 64, 1) \
-  BWD2_MMA(TN, T, 128, 64, 2)
+#define BWD2_ALL(TN, T) BWD2_MMA(TN, T, 96, 64, 1) BWD2_MMA(TN, T, 128, 64, 2)
 BWD2_ALL(f16, __half)
 BWD2_ALL(bf16, __nv_bfloat16)
