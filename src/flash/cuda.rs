@@ -10,10 +10,10 @@
 //!   8 warps of 16 keys, steps of 64 at 32). Head dims 96 and 128: FlashAttention-2's 2-D warp
 //!   tiles (8 warps; S and dP per warp 32 keys × 32 queries of a 64-row step, P and dS through
 //!   shared memory, dK/dV per warp 32 keys × D/2 columns).
-//! - Performance (H100, bf16, causal, 8k–32k, see BENCHMARKS.md): forward 0.77–0.86× PyTorch
-//!   SDPA-flash at D = 64 and 0.80–0.93× at D = 128; forward+backward 0.63–0.77× at D = 64 and
-//!   0.70–0.78× at D = 128 (the 2-D backward took the D = 128 backward from 56.2 to 46.8 ms at
-//!   B1 H16 N32k).
+//! - Performance (H100, bf16, causal, 8k–32k, see BENCHMARKS.md): forward 0.83–0.95× PyTorch
+//!   SDPA-flash at D = 64 and 0.79–0.90× at D = 128; forward+backward 0.65–0.78× at D = 64 and
+//!   0.65–0.76× at D = 128 (the 2-D backward took the D = 128 backward from 56.2 to 47.3 ms at
+//!   B1 H16 N32k; at D = 64 it was 15% slower than the 1-D one, which stays there).
 //! - f32 (exact f32 arithmetic is required), head dim 256 in the backward and inputs not aligned
 //!   to 16 bytes: simple CUDA-core kernels, one warp per row.
 //! - Sink-band visibility (MoA): per query tile the sink tiles then the band tiles (per key tile in
