@@ -555,7 +555,8 @@ __device__ void fwd_mma(const T* q, const T* k, const T* v, T* o, float* lse, Vi
 }
 
 // ---------------------------------------------------------------------------------------------
-// Tensor-core backward, one fused kernel (FA2 style): one CTA per (key tile of BK = 16 * MR * NW keys,
+// Tensor-core backward for head dims 32 and 64 (1-D warp tiles over the keys; `bwd_mma2` below
+// serves 96 and 128), one fused kernel (FA2 style): one CTA per (key tile of BK = 16 * MR * NW keys,
 // b * hkv) owns dK, dV of its keys and loops over the group's query heads and their query tiles of
 // BQ rows (Q, dO, lse, delta double-buffered with cp.async). dS goes through shared memory and
 // dQ += dS K is added with f32 vector atomics into a zeroed (b, hq, nq, D) f32 buffer, which
