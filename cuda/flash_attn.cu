@@ -383,6 +383,9 @@ __device__ void fwd_mma(const T* q, const T* k, const T* v, T* o, float* lse, Vi
   const T* gv = v + krow0 * D;
   int nkt = (nk + BN - 1) / BN;
   float sl2 = scale * LOG2E;
+  // Masked raw score: -inf once scaled, whatever the sign of the scale. (Folding the scale into
+  // the exponent's FFMA measured slower at D = 64 on the H100 and no faster at D = 128.)
+  float masked = sl2 >= 0.f ? neg_inf() : pos_inf();
 
   int2 range = key_tile_range<MODE>(vis, m0, min(nq, m0 + BM), BN, nkt);
   int t_end = range.y;
@@ -490,7 +493,7 @@ __device__ void fwd_mma(const T* q, const T* k, const T* v, T* o, float* lse, Vi
               if constexpr (MODE == 2)
                 ok = ok && sparse_sees(qp[mr][hf], qb[mr][hf], kp, kb, vis.strict);
               if constexpr (MODE == 3) ok = ok && sb_sees(i_r[mr][hf], j, sb);
-              if (!ok) s[mr * N8 + nt][hf * 2 + e2] = neg_inf();
+              if (!ok) s[mr * N8 + nt][hf * 2 + e2] = masked;
             }
         }
       }
@@ -552,7 +555,8 @@ __device__ void fwd_mma(const T* q, const T* k, const T* v, T* o, float* lse, Vi
 }
 
 // ---------------------------------------------------------------------------------------------
-// Tensor-core backward, one fused kernel (FA2 style): one CTA per (key tile of BK = 16 * MR * NW keys,
+// Tensor-core backward for head dims 32 and 64 (1-D warp tiles over the keys; `bwd_mma2` below
+// serves 96 and 128), one fused kernel (FA2 style): one CTA per (key tile of BK = 16 * MR * NW keys,
 // b * hkv) owns dK, dV of its keys and loops over the group's query heads and their query tiles of
 // BQ rows (Q, dO, lse, delta double-buffered with cp.async). dS goes through shared memory and
 // dQ += dS K is added with f32 vector atomics into a zeroed (b, hq, nq, D) f32 buffer, which
@@ -803,6 +807,250 @@ __device__ void bwd_mma(const T* q, const T* k, const T* v, const T* go, const f
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Tensor-core backward with 2-D warp tiles (FlashAttention-2's layout): one CTA of 8 warps per (key
+// tile of BK = 128 keys, b * hkv) owns dK, dV of its keys and loops over the group's query heads and
+// their query tiles of BQ rows (Q, dO, lse, delta double-buffered with cp.async). Per query tile:
+//  1. S^T = K Q^T, dP^T = V dO^T; warp w computes keys 32 (w % 4).. x queries BQ/2 (w / 4).. and
+//     writes P^T and dS^T = P^T (dP^T - delta) to shared memory (K, V fragments in registers when
+//     D <= 64);
+//  2. after a barrier, dV += P^T dO and dK += dS^T Q (warp w: keys 32 (w % 4).., columns D/2 (w / 4)..)
+//     and dQ += dS K (warp w: MRQ row tiles of 16 x D/(BQ/(16 MRQ)) columns), added with f32 vector
+//     atomics into a zeroed (b, hq, nq, D) f32 buffer that `flash_bwd_dq_convert` scales and writes
+//     in the input dtype (not bitwise deterministic).
+// ---------------------------------------------------------------------------------------------
+
+template <typename T, int D, int BQ, int MRQ, int MODE>
+__device__ void bwd_mma2(const T* q, const T* k, const T* v, const T* go, const float* lse,
+                         const float* delta, T* dk, T* dv, float* dqa, Vis vis, const int4* qmeta,
+                         const int4* kmeta, int hq, int hkv, int nq, int nk, float scale) {
+  constexpr int NW = 8, NT = NW * 32, BK = 128, SD = Pad<D>::SD, SQ = BQ + 8;
+  constexpr int QW = BQ / 2, N8 = QW / 8;  // phase 1: queries per warp, their 8-column tiles
+  constexpr int DH = D / 2, DT = DH / 8;   // phase 2: dK / dV columns per warp, their tiles
+  constexpr int RGQ = BQ / (16 * MRQ), CG = NW / RGQ, DW = D / CG;  // dQ: row groups x columns
+  static_assert(N8 % 2 == 0 && DT % 2 == 0 && NW % RGQ == 0 && DW % 16 == 0, "bwd2 tile shape");
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sK = reinterpret_cast<T*>(smem_raw);
+  T* sV = sK + BK * SD;
+  T* sQ = sV + BK * SD;      // [2][BQ][SD]
+  T* sG = sQ + 2 * BQ * SD;  // [2][BQ][SD]
+  T* sP = sG + 2 * BQ * SD;  // [BK][SQ] P^T
+  T* sS = sP + BK * SQ;      // [BK][SQ] dS^T
+  float* sL = reinterpret_cast<float*>(sS + BK * SQ);  // [2][BQ] lse
+  float* sD = sL + 2 * BQ;                             // [2][BQ] delta
+
+  int warp = threadIdx.x / 32, lane = threadIdx.x & 31, gq = lane >> 2, t4 = lane & 3;
+  int kg = warp % 4, wh = warp / 4;  // key group of 32, query half (phase 1) / column half (phase 2)
+  int rq = warp % RGQ, cq = warp / RGQ;  // dQ row group, column group
+  int kt = blockIdx.x, bhk = blockIdx.y, n0 = kt * BK;
+  int b = bhk / hkv, hk = bhk % hkv, group = hq / hkv;
+  long long krow0 = (long long)bhk * nk;
+  long long qhead0 = (long long)b * hq + (long long)hk * group;  // first query head of the group
+  int nqt = (nq + BQ - 1) / BQ;
+  int p_end = group * nqt;  // flat (head, query tile) index
+  float sl2 = scale * LOG2E;
+
+  // Causal: the first query row seeing key n0 is n0 - off.
+  int u0 = MODE == 1 ? min(nqt, max(0, n0 - vis.off) / BQ) : 0;
+  // Sink-band: query tiles [u0, u1) of every head of the group.
+  int2 sb = sb_span(vis, hk);
+  int u1 = nqt;
+  if (MODE == 3) {
+    int2 qr = sb_queries(n0, min(nk, n0 + BK), sb, nq);
+    u0 = qr.x / BQ;
+    u1 = (qr.y + BQ - 1) / BQ;
+  }
+  int4 km = MODE == 2 ? kmeta[(long long)bhk * gridDim.x + kt] : make_int4(0, 0, 0, 0);
+  const int4* qm = qmeta + qhead0 * nqt;
+  auto next = [&](int p) {
+    if (MODE == 2) return next_pass_q(p, p_end, qm, km, vis.strict);
+    if (MODE == 3) {
+      if (p >= p_end || u0 >= u1) return p_end;
+      int r = p % nqt;
+      if (r < u0) return p - r + u0;
+      if (r >= u1) return min(p_end, p - r + nqt + u0);
+      return p;
+    }
+    if (MODE == 1 && p < p_end && p % nqt < u0) return p - p % nqt + u0;
+    return p;
+  };
+  auto load_q = [&](int p, int bf) {
+    int h = p / nqt, m0 = (p % nqt) * BQ;
+    long long qr0 = (qhead0 + h) * nq;
+    load_tile<T, BQ, D, NT>(sQ + bf * BQ * SD, q + qr0 * D, m0, nq);
+    load_tile<T, BQ, D, NT>(sG + bf * BQ * SD, go + qr0 * D, m0, nq);
+    for (int r = threadIdx.x; r < 2 * BQ; r += NT) {
+      int rr = r % BQ;
+      bool ok = m0 + rr < nq;
+      long long src = qr0 + (ok ? m0 + rr : 0);
+      if (r < BQ)
+        cp_async4(sL + bf * BQ + rr, lse + src, ok);
+      else
+        cp_async4(sD + bf * BQ + rr, delta + src, ok);
+    }
+  };
+
+  // Per-thread key rows of phase 1 (gq, gq+8 of the warp's two tiles of 16) and their sparse keys.
+  int j_r[2][2], kp[2][2], kb[2][2];
+#pragma unroll
+  for (int mr = 0; mr < 2; ++mr)
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      int j = n0 + kg * 32 + mr * 16 + gq + hf * 8;
+      j_r[mr][hf] = j;
+      kp[mr][hf] = INT_MAX_;
+      kb[mr][hf] = -2;
+      if (MODE == 2 && j < nk) {
+        kp[mr][hf] = vis.k_pos[krow0 + j];
+        kb[mr][hf] = vis.has_bkt ? vis.k_bkt[krow0 + j] : 0;
+      }
+    }
+
+  load_tile<T, BK, D, NT>(sK, k + krow0 * D, n0, nk);
+  load_tile<T, BK, D, NT>(sV, v + krow0 * D, n0, nk);
+  int p = next(0);
+  if (p < p_end) load_q(p, 0);
+  cp_async_commit();
+
+  // At small head dims the warp's K and V fragments of phase 1 stay in registers.
+  constexpr bool KVREG = D <= 64;
+  uint32_t kf[KVREG ? 2 * D / 16 : 1][4], vf[KVREG ? 2 * D / 16 : 1][4];
+  if constexpr (KVREG) {
+    cp_async_wait<0>();
+    __syncthreads();
+#pragma unroll
+    for (int mr = 0; mr < 2; ++mr)
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        int r = kg * 32 + mr * 16 + (lane & 15);
+        ldsm_x4(kf[mr * (D / 16) + kk], sK + r * SD + kk * 16 + (lane >> 4) * 8);
+        ldsm_x4(vf[mr * (D / 16) + kk], sV + r * SD + kk * 16 + (lane >> 4) * 8);
+      }
+  }
+
+  float adk[2 * DT][4], adv[2 * DT][4];
+#pragma unroll
+  for (int i = 0; i < 2 * DT; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) adk[i][e] = adv[i][e] = 0.f;
+
+  int buf = 0;
+  while (p < p_end) {
+    cp_async_wait<0>();
+    __syncthreads();  // tile p has landed; the previous step's readers of sP, sS and buf ^ 1 are done
+    int pn = next(p + 1);
+    if (pn < p_end) load_q(pn, buf ^ 1);
+    cp_async_commit();
+
+    const T* cQ = sQ + buf * BQ * SD;
+    const T* cG = sG + buf * BQ * SD;
+    const float* cL = sL + buf * BQ;
+    const float* cD = sD + buf * BQ;
+    int h = p / nqt, m0 = (p % nqt) * BQ;
+    long long qr0 = (qhead0 + h) * nq;
+
+    // Phase 1: S^T, dP^T for keys kg * 32.. x queries wh * QW...
+    float s[2 * N8][4], dp[2 * N8][4];
+#pragma unroll
+    for (int i = 0; i < 2 * N8; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.f;
+    gemm_abt<T, D, 2, N8, KVREG>(s, kf, sK, kg * 32, cQ, wh * QW);
+    gemm_abt<T, D, 2, N8, KVREG>(dp, vf, sV, kg * 32, cG, wh * QW);
+
+    int qa = m0 + wh * QW, ka = n0 + kg * 32;  // the warp's first query and key
+    bool need_mask = m0 + BQ > nq || n0 + BK > nk || (MODE == 1 && ka + 31 > qa + vis.off) ||
+                     (MODE == 2 && !tile_full(qm[p], km, vis.strict)) ||
+                     (MODE == 3 && !sb_tile_full(qa, qa + QW, ka, ka + 32, sb));
+#pragma unroll
+    for (int nt = 0; nt < N8; ++nt) {
+#pragma unroll
+      for (int e2 = 0; e2 < 2; ++e2) {
+        int c = wh * QW + nt * 8 + 2 * t4 + e2, i = m0 + c;
+        int qp = INT_MIN_, qb = -1;
+        if (MODE == 2 && need_mask && i < nq) {
+          qp = vis.q_pos[qr0 + i];
+          qb = vis.has_bkt ? vis.q_bkt[qr0 + i] : 0;
+        }
+        float L = cL[c], dl = cD[c];
+        L = L == neg_inf() ? pos_inf() : L * LOG2E;  // stranded row: P = 0
+#pragma unroll
+        for (int mr = 0; mr < 2; ++mr)
+#pragma unroll
+          for (int hf = 0; hf < 2; ++hf) {
+            int j = j_r[mr][hf];
+            bool ok;
+            if constexpr (MODE == 2)
+              ok = !need_mask || (i < nq && j < nk &&
+                                  sparse_sees(qp, qb, kp[mr][hf], kb[mr][hf], vis.strict));
+            else if constexpr (MODE == 3)
+              ok = !need_mask || (i < nq && j < nk && sb_sees(i, j, sb));
+            else
+              ok = !need_mask || (i < nq && j < nk && (MODE == 0 || j <= i + vis.off));
+            float* sv = &s[mr * N8 + nt][hf * 2 + e2];
+            float* dv_ = &dp[mr * N8 + nt][hf * 2 + e2];
+            float pv = ok ? fast_exp2(*sv * sl2 - L) : 0.f;
+            *sv = pv;
+            *dv_ = pv * (*dv_ - dl);
+          }
+      }
+    }
+    // P^T and dS^T to shared memory (rows = keys).
+#pragma unroll
+    for (int mr = 0; mr < 2; ++mr)
+#pragma unroll
+      for (int nt = 0; nt < N8; ++nt)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          int off = (kg * 32 + mr * 16 + gq + hf * 8) * SQ + wh * QW + nt * 8 + 2 * t4;
+          *reinterpret_cast<uint32_t*>(sP + off) =
+              pack2<T>(s[mr * N8 + nt][hf * 2], s[mr * N8 + nt][hf * 2 + 1]);
+          *reinterpret_cast<uint32_t*>(sS + off) =
+              pack2<T>(dp[mr * N8 + nt][hf * 2], dp[mr * N8 + nt][hf * 2 + 1]);
+        }
+    __syncthreads();
+
+    // Phase 2: dV += P^T dO, dK += dS^T Q (scaled at the end).
+    gemm_ss<T, 2, DT, BQ / 16, SQ, SD, false>(adv, sP, kg * 32, 0, cG, 0, wh * DH);
+    gemm_ss<T, 2, DT, BQ / 16, SQ, SD, false>(adk, sS, kg * 32, 0, cQ, 0, wh * DH);
+
+    // dQ rows rq * 16 * MRQ.. columns cq * DW.. += dS K.
+    float aq[MRQ * DW / 8][4];
+#pragma unroll
+    for (int i = 0; i < MRQ * DW / 8; ++i) aq[i][0] = aq[i][1] = aq[i][2] = aq[i][3] = 0.f;
+    gemm_ss<T, MRQ, DW / 8, BK / 16, SQ, SD, true>(aq, sS, rq * 16 * MRQ, 0, sK, 0, cq * DW);
+    // Lane pairs (t4, t4 ^ 1) swap halves: the even lane adds 4 columns of row gq, the odd lane
+    // 4 columns of row gq + 8, one 16-byte vector reduction each.
+    bool odd = t4 & 1;
+#pragma unroll
+    for (int mr = 0; mr < MRQ; ++mr) {
+      int i = m0 + (rq * MRQ + mr) * 16 + gq + (odd ? 8 : 0);
+      float* row = dqa + (qr0 + i) * D + cq * DW + 2 * (t4 & 2);
+#pragma unroll
+      for (int dt = 0; dt < DW / 8; ++dt) {
+        const float* a = aq[mr * (DW / 8) + dt];
+        float y0 = __shfl_xor_sync(0xffffffffu, odd ? a[0] : a[2], 1);
+        float y1 = __shfl_xor_sync(0xffffffffu, odd ? a[1] : a[3], 1);
+        if (i < nq) {
+          if (odd)
+            red_add4(row + dt * 8, y0, y1, a[2], a[3]);
+          else
+            red_add4(row + dt * 8, a[0], a[1], y0, y1);
+        }
+      }
+    }
+    p = pn;
+    buf ^= 1;
+  }
+  cp_async_wait<0>();
+#pragma unroll
+  for (int mr = 0; mr < 2; ++mr) {
+    int r0 = n0 + kg * 32 + mr * 16;
+    store_acc_cols<T, D, DH>(dk + krow0 * D, adk + mr * DT, r0, wh * DH, nk, scale);
+    store_acc_cols<T, D, DH>(dv + krow0 * D, adv + mr * DT, r0, wh * DH, nk, 1.f);
+  }
+}
+
 // dq = scale * acc, in the output dtype (n a multiple of 4).
 template <typename T>
 __device__ void dq_convert(const float* acc, T* dq, long long n, float scale) {
@@ -850,6 +1098,19 @@ __device__ void dq_convert(const float* acc, T* dq, long long n, float scale) {
 #define BWD_MMA(TN, T, D, NW, MR, BQ)                                  \
   BWD_MMA_M(TN, T, D, NW, MR, BQ, 0) BWD_MMA_M(TN, T, D, NW, MR, BQ, 1) \
   BWD_MMA_M(TN, T, D, NW, MR, BQ, 2) BWD_MMA_M(TN, T, D, NW, MR, BQ, 3)
+// Tensor-core backward with 2-D warp tiles: key tiles of 128 keys, 8 warps, query tiles of BQ rows,
+// dQ warp tiles of 16 * MRQ rows (`bwd_tiles` in cuda.rs), one kernel per visibility mode M.
+#define BWD2_MMA_M(TN, T, D, BQ, MRQ, M)                                                         \
+  extern "C" __global__ void __launch_bounds__(256, 1)                                          \
+      flash_bwd2_##TN##_d##D##_m##M(const T* q, const T* k, const T* v, const T* go,            \
+                                    const float* lse, const float* delta, T* dk, T* dv,         \
+                                    float* dqa, VIS_PARAMS) {                                   \
+    MAKE_VIS bwd_mma2<T, D, BQ, MRQ, M>(q, k, v, go, lse, delta, dk, dv, dqa, vis, qmeta, kmeta, \
+                                        hq, hkv, nq, nk, scale);                                \
+  }
+#define BWD2_MMA(TN, T, D, BQ, MRQ)                                    \
+  BWD2_MMA_M(TN, T, D, BQ, MRQ, 0) BWD2_MMA_M(TN, T, D, BQ, MRQ, 1) \
+  BWD2_MMA_M(TN, T, D, BQ, MRQ, 2) BWD2_MMA_M(TN, T, D, BQ, MRQ, 3)
 #define SIMPLE(TN, T, D)                                                                        \
   extern "C" __global__ void flash_fwd_simple_##TN##_d##D(const T* q, const T* k, const T* v,   \
                                                           T* o, float* lse, VIS_PARAMS) {       \
@@ -895,8 +1156,10 @@ ALL_D(SIMPLE, bf16, __nv_bfloat16)
 FWD_ALL(f16, __half)
 FWD_ALL(bf16, __nv_bfloat16)
 
-#define BWD_ALL(TN, T) \
-  BWD_MMA(TN, T, 32, 8, 1, 64) BWD_MMA(TN, T, 64, 4, 2, 32) BWD_MMA(TN, T, 96, 8, 1, 64) \
-  BWD_MMA(TN, T, 128, 8, 1, 32)
+#define BWD_ALL(TN, T) BWD_MMA(TN, T, 32, 8, 1, 64) BWD_MMA(TN, T, 64, 4, 2, 32)
 BWD_ALL(f16, __half)
 BWD_ALL(bf16, __nv_bfloat16)
+
+#define BWD2_ALL(TN, T) BWD2_MMA(TN, T, 96, 64, 1) BWD2_MMA(TN, T, 128, 64, 2)
+BWD2_ALL(f16, __half)
+BWD2_ALL(bf16, __nv_bfloat16)

@@ -185,6 +185,59 @@ __device__ __forceinline__ void gemm_pb(float (*acc)[4], const float (*p)[4], co
   }
 }
 
+// Acc (16*MR x 8*N8, acc[mr * N8 + n]) += A (16*MR x 16*KS) * B (16*KS x 8*N8), both operands from
+// shared memory. A: rows a0.. of sA (row stride SA), its k index from column ak; when AT, sA holds
+// A^T instead (rows = the k index from ak, columns = the rows of A from a0), read with
+// ldmatrix.trans. B: rows = the k index of sB from bk, columns b0.. (row stride SB), ldmatrix.trans.
+// Each A fragment feeds the N8 n-tiles, each B fragment the MR row tiles.
+template <typename T, int MR, int N8, int KS, int SA, int SB, bool AT>
+__device__ __forceinline__ void gemm_ss(float (*acc)[4], const T* sA, int a0, int ak, const T* sB,
+                                        int bk, int b0) {
+  static_assert(N8 % 2 == 0, "gemm_ss: N8 must be even");
+  int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int kk = 0; kk < KS; ++kk) {
+    uint32_t a[MR][4];
+#pragma unroll
+    for (int mr = 0; mr < MR; ++mr) {
+      if constexpr (AT)
+        ldsm_x4_t(a[mr], sA + (ak + kk * 16 + (lane >> 4) * 8 + (lane & 7)) * SA + a0 + mr * 16 +
+                             ((lane >> 3) & 1) * 8);
+      else
+        ldsm_x4(a[mr], sA + (a0 + mr * 16 + (lane & 15)) * SA + ak + kk * 16 + (lane >> 4) * 8);
+    }
+#pragma unroll
+    for (int dn = 0; dn < N8 / 2; ++dn) {
+      uint32_t bb[4];
+      ldsm_x4_t(bb, sB + (bk + kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * SB + b0 + dn * 16 +
+                        (lane >> 4) * 8);
+#pragma unroll
+      for (int mr = 0; mr < MR; ++mr) {
+        mma<T>(acc[mr * N8 + 2 * dn], a[mr], bb[0], bb[1]);
+        mma<T>(acc[mr * N8 + 2 * dn + 1], a[mr], bb[2], bb[3]);
+      }
+    }
+  }
+}
+
+// Writes a warp's 16 x W f32 accumulator (acc[W / 8], times mul) as T into rows [r0, r0+16),
+// columns [c0, c0 + W) of a (n, D) matrix.
+template <typename T, int D, int W>
+__device__ __forceinline__ void store_acc_cols(T* g, const float (*acc)[4], int r0, int c0, int n,
+                                               float mul) {
+  int lane = threadIdx.x & 31, gq = lane >> 2, t4 = lane & 3;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    int r = r0 + gq + half * 8;
+    if (r >= n) continue;
+#pragma unroll
+    for (int dt = 0; dt < W / 8; ++dt) {
+      uint32_t w = pack2<T>(acc[dt][half * 2] * mul, acc[dt][half * 2 + 1] * mul);
+      *reinterpret_cast<uint32_t*>(g + (long long)r * D + c0 + dt * 8 + 2 * t4) = w;
+    }
+  }
+}
+
 // Writes a warp's 16 x D f32 accumulator (times mul) as T rows [r0, r0+16) of a (n, D) matrix.
 template <typename T, int D>
 __device__ __forceinline__ void store_acc(T* g, const float (*acc)[4], int r0, int n, float mul0,

@@ -4,11 +4,16 @@
 //! - f16 / bf16: tensor-core kernels (`mma.sync` m16n8k16, f32 accumulation), one kernel per
 //!   visibility mode. Forward tiles are 128 queries × 64 keys, 4 warps of 32 query rows (64 × 64,
 //!   4 warps of 16 rows at head dim 256). The backward is one fused kernel per key tile of 128 keys
-//!   owning dK, dV (4 warps of 32 keys at head dim 64, else 8 warps of 16), looping over query
-//!   tiles of 64 rows (32 at head dims 64 and 128); dQ is accumulated with f32 atomics (not
-//!   bitwise deterministic) and converted by a small kernel.
-//! - Performance (H100, bf16, causal, 8k–32k, see BENCHMARKS.md): forward 0.78–0.90× PyTorch
-//!   SDPA-flash at D = 64 and 0.86–0.96× at D = 128; forward+backward 0.64–0.77× and 0.50–0.67×.
+//!   owning dK, dV, looping over query tiles; dQ is accumulated with f32 atomics (not bitwise
+//!   deterministic) and converted by a small kernel. Head dims 32 and 64: 1-D warp tiles over the
+//!   keys (4 warps of 32 keys with K/V fragments in registers and query steps of 32 rows at 64;
+//!   8 warps of 16 keys, steps of 64 at 32). Head dims 96 and 128: FlashAttention-2's 2-D warp
+//!   tiles (8 warps; S and dP per warp 32 keys × 32 queries of a 64-row step, P and dS through
+//!   shared memory, dK/dV per warp 32 keys × D/2 columns).
+//! - Performance (H100, bf16, causal, 8k–32k, see BENCHMARKS.md): forward 0.83–0.95× PyTorch
+//!   SDPA-flash at D = 64 and 0.79–0.90× at D = 128; forward+backward 0.65–0.78× at D = 64 and
+//!   0.65–0.76× at D = 128 (the 2-D backward took the D = 128 backward from 56.2 to 47.3 ms at
+//!   B1 H16 N32k; at D = 64 it was 15% slower than the 1-D one, which stays there).
 //! - f32 (exact f32 arithmetic is required), head dim 256 in the backward and inputs not aligned
 //!   to 16 bytes: simple CUDA-core kernels, one warp per row.
 //! - Sink-band visibility (MoA): per query tile the sink tiles then the band tiles (per key tile in
@@ -58,13 +63,15 @@ fn fwd_tiles(d: usize) -> (usize, usize) {
     }
 }
 
-/// Backward tiles of the tensor-core kernels (`BWD_ALL` in flash_attn.cu): (keys per CTA, query
-/// rows per step, threads per CTA).
-fn bwd_tiles(d: usize) -> (usize, usize, usize) {
+/// Backward kernel and tiles of the tensor-core path (`BWD_ALL` / `BWD2_ALL` in flash_attn.cu):
+/// (kernel name prefix, keys per CTA, query rows per step, threads per CTA). Head dims up to 64 run
+/// `flash_bwd` (1-D warp tiles over keys, K/V fragments in registers); 96 and 128 run `flash_bwd2`
+/// (2-D warp tiles, P and dS through shared memory), 11–16% faster there and 15% slower at 64.
+fn bwd_tiles(d: usize) -> (&'static str, usize, usize, usize) {
     match d {
-        64 => (128, 32, 128),
-        128 => (128, 32, 256),
-        _ => (128, 64, 256),
+        32 => ("flash_bwd", 128, 64, 256),
+        64 => ("flash_bwd", 128, 32, 128),
+        _ => ("flash_bwd2", 128, 64, 256),
     }
 }
 
@@ -475,11 +482,11 @@ fn bwd_t<T: CudaDType + DeviceRepr>(
     let (mut dk, mut dv) = dkv.split_at_mut(nk_el);
     if fast {
         // One fused kernel: dK, dV per key tile, dQ by f32 atomics, then dQ to the input dtype.
-        let (bk, bq, threads) = bwd_tiles(d);
+        let (kname, bk, bq, threads) = bwd_tiles(d);
         let meta = tile_meta(&dev, &va, dims, bq, bk)?;
         let mut dq_acc = dev.alloc_zeros::<f32>(nq_el)?;
         let smem = (2 * bk + 4 * bq) * (d + 8) * es + 2 * bk * (bq + 8) * es + 4 * bq * 4;
-        let f = func!(dev, &format!("flash_bwd_{tn}_d{d}_m{}", va.mode), smem);
+        let f = func!(dev, &format!("{kname}_{tn}_d{d}_m{}", va.mode), smem);
         let mut b = f.builder();
         b.arg(&q);
         b.arg(&k);
