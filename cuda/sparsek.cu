@@ -5,7 +5,8 @@
 //   prefix [0, e_c), e_c = max(0, c*BQ - window), by (u, j) descending, built by merging sorted
 //   lists block after block (O(T * cap / BQ) work per row, no O(T^2)).
 // - sk_select: per query, the union of its block's list and the <= BQ newer candidates, cut to the
-//   top-`cap` (cut = the cap-th largest key), then tau by bisection polished with the closed form.
+//   top-`cap` (cut = the cap-th largest key), then tau by safeguarded Newton steps on the
+//   piecewise-linear budget function, warm-started at the previous query's tau.
 // Attention, f16 / bf16 with head_dim <= 128: the blocked tensor-core kernels skt_* (see the
 // section below). Attention, f32 and head_dim 256 (one warp per query row, f32 math; keys 32 at a
 // time: lane-per-key scores, then lanes own head_dim / 32 contiguous dims for the weighted sums):
@@ -181,7 +182,12 @@ extern "C" __global__ void sk_select(const float* __restrict__ u, const float* _
     gtL[tid - BQ] = mk;
   }
   __syncthreads();
-  for (int qi = warp; qi < BQ; qi += nwarps) {
+  // Each warp takes a run of consecutive queries and starts its search for tau at the previous
+  // query's tau (tau is non-decreasing in i and the candidate sets differ by one key): one or two
+  // passes instead of a search from the middle of the bracket.
+  const int per = (BQ + nwarps - 1) / nwarps;
+  float tau_prev = neg_inf();
+  for (int qi = warp * per; qi < min(BQ, (warp + 1) * per); ++qi) {
     int i = c * BQ + qi;
     if (i >= T) break;
     int n_ext = min(nE, max(0, i - window + 1 - e0));
@@ -237,7 +243,9 @@ extern "C" __global__ void sk_select(const float* __restrict__ u, const float* _
       // Safeguarded Newton on the piecewise-linear f: from x, jump to the root of x's linear
       // piece, (ss + nu - k) / ns, when it lies inside the bracket [lo, hi] (f(lo) >= k > f(hi)),
       // else bisect. The last step is the closed form of the root's piece (the polish).
-      float lo = mn - mx - 1.f, hi = 0.f, x = 0.5f * (lo + hi), t = x;
+      float lo = mn - mx - 1.f, hi = 0.f;
+      float x = tau_prev > neg_inf() ? fminf(fmaxf(tau_prev - mx, lo), hi) : 0.5f * (lo + hi);
+      float t = x;
       for (int it = 0; it < 64; ++it) {
         eval(x);
         if (ns == 0.f && f == k) { t = x; break; }  // flat piece at height k (gap >= 1)
@@ -252,6 +260,7 @@ extern "C" __global__ void sk_select(const float* __restrict__ u, const float* _
       }
       tau = t + mx;
     }
+    tau_prev = tau;
     // The list prefix this query attends: in the top cap and u > tau (both prefix predicates).
     int na = 0, nb_ = len;
     while (na < nb_) {
@@ -342,8 +351,8 @@ __device__ __forceinline__ void for_each_key_chunk(int i, int bhk, const float* 
 // Forward: one warp per query row. Per chunk of 32 keys: lane-per-key scores, one online-softmax
 // update, then lanes own head dims for P.V.
 template <typename E, int D>
-__device__ void sk_fwd(const E* __restrict__ q, const E* __restrict__ kv, E* __restrict__ out,
-                       float* __restrict__ lse, SK_PARAMS) {
+__device__ void sk_fwd(const E* __restrict__ q, const E* __restrict__ k, const E* __restrict__ v,
+                       E* __restrict__ out, float* __restrict__ lse, SK_PARAMS) {
   constexpr int P = D / 32;
   __shared__ float qs_all[WARPS][D];
   int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
@@ -363,10 +372,11 @@ __device__ void sk_fwd(const E* __restrict__ q, const E* __restrict__ kv, E* __r
   __syncwarp();
   long long ti = (long long)bhk * T + i;
   float m = neg_inf(), l = 0.f;
-  const E* kvr = kv + (long long)bhk * T * 2 * D;
+  const E* kr = k + (long long)bhk * T * D;
+  const E* vr = v + (long long)bhk * T * D;
   for_each_key_chunk(i, bhk, u, lu, lj, tau[ti], cut_u[ti], cut_j[ti], T, window, cap, nb, lane,
                      [&](bool ok, int j, float w) {
-                       float s = ok ? dot_row<E, D>(qs, kvr + (long long)j * 2 * D) : neg_inf();
+                       float s = ok ? dot_row<E, D>(qs, kr + (long long)j * D) : neg_inf();
                        float mb = warp_max(s);
                        if (mb == neg_inf()) return;
                        float mn = fmaxf(m, mb), corr = __expf(m - mn);
@@ -381,9 +391,9 @@ __device__ void sk_fwd(const E* __restrict__ q, const E* __restrict__ kv, E* __r
                          float pt = __shfl_sync(FULL, pw, t);
                          int jt = __shfl_sync(FULL, j, t);
                          if (pt != 0.f) {
-                           const E* vr = kvr + (long long)jt * 2 * D + D + lane * P;
+                           const E* vj = vr + (long long)jt * D + lane * P;
 #pragma unroll
-                           for (int d = 0; d < P; ++d) acc[d] += pt * to_f(vr[d]);
+                           for (int d = 0; d < P; ++d) acc[d] += pt * to_f(vj[d]);
                          }
                        }
                      });
@@ -393,11 +403,12 @@ __device__ void sk_fwd(const E* __restrict__ q, const E* __restrict__ kv, E* __r
   if (lane == 0) lse[rowq] = l > 0.f ? m + __logf(l) : neg_inf();
 }
 
-// dq (f32, scaled) per query row, plus delta = dO.O, r = sum over S of g_w and |S|.
+// dq (scaled, in the input dtype) per query row, plus delta = dO.O, r = sum over S of g_w and |S|.
 template <typename E, int D>
-__device__ void sk_bwd_dq(const E* __restrict__ q, const E* __restrict__ kv,
-                          const E* __restrict__ o, const E* __restrict__ go,
-                          const float* __restrict__ lse, float* __restrict__ dq,
+__device__ void sk_bwd_dq(const E* __restrict__ q, const E* __restrict__ k,
+                          const E* __restrict__ v, const E* __restrict__ o,
+                          const E* __restrict__ go, const float* __restrict__ lse,
+                          E* __restrict__ dq,
                           float* __restrict__ delta, float* __restrict__ rsum,
                           float* __restrict__ nsup, SK_PARAMS) {
   constexpr int P = D / 32;
@@ -424,13 +435,14 @@ __device__ void sk_bwd_dq(const E* __restrict__ q, const E* __restrict__ kv,
   dl = warp_sum(dl);
   float lse_i = lse[rowq], r = 0.f, ns = 0.f;
   long long ti = (long long)bhk * T + i;
-  const E* kvr = kv + (long long)bhk * T * 2 * D;
+  const E* kr = k + (long long)bhk * T * D;
+  const E* vr = v + (long long)bhk * T * D;
   for_each_key_chunk(i, bhk, u, lu, lj, tau[ti], cut_u[ti], cut_j[ti], T, window, cap, nb, lane,
                      [&](bool ok, int j, float w) {
                        float ds = 0.f;
                        if (ok) {
-                         const E* kj = kvr + (long long)j * 2 * D;
-                         float s = dot_row<E, D>(qs, kj), gvj = dot_row<E, D>(gs, kj + D);
+                         float s = dot_row<E, D>(qs, kr + (long long)j * D);
+                         float gvj = dot_row<E, D>(gs, vr + (long long)j * D);
                          float a = __expf(s - lse_i);
                          ds = a * (w * gvj - dl);
                          if (j + window <= i && w < 1.f) { r += a * gvj; ns += 1.f; }
@@ -440,26 +452,27 @@ __device__ void sk_bwd_dq(const E* __restrict__ q, const E* __restrict__ kv,
                          float dst = __shfl_sync(FULL, ds, t);
                          int jt = __shfl_sync(FULL, j, t);
                          if (dst != 0.f) {
-                           const E* kr = kvr + (long long)jt * 2 * D + lane * P;
+                           const E* kj = kr + (long long)jt * D + lane * P;
 #pragma unroll
-                           for (int d = 0; d < P; ++d) acc[d] += dst * to_f(kr[d]);
+                           for (int d = 0; d < P; ++d) acc[d] += dst * to_f(kj[d]);
                          }
                        }
                      });
   r = warp_sum(r);
   ns = warp_sum(ns);
 #pragma unroll
-  for (int t = 0; t < P; ++t) dq[rowq * D + lane * P + t] = acc[t] * scale;
+  for (int t = 0; t < P; ++t) dq[rowq * D + lane * P + t] = from_f<E>(acc[t] * scale);
   if (lane == 0) { delta[rowq] = dl; rsum[rowq] = r; nsup[rowq] = ns; }
 }
 
-// dk, dv (f32, packed like kv) and du per key row, over the interval of queries attending it,
+// dk, dv (in the input dtype) and du per key row, over the interval of queries attending it,
 // 32 queries at a time (lane-per-query scores, then lanes own head dims).
 template <typename E, int D>
-__device__ void sk_bwd_dkv(const E* __restrict__ q, const E* __restrict__ kv,
-                           const E* __restrict__ go, const float* __restrict__ lse,
-                           const float* __restrict__ delta, const float* __restrict__ rsum,
-                           const float* __restrict__ nsup, float* __restrict__ dkv,
+__device__ void sk_bwd_dkv(const E* __restrict__ q, const E* __restrict__ k,
+                           const E* __restrict__ v, const E* __restrict__ go,
+                           const float* __restrict__ lse, const float* __restrict__ delta,
+                           const float* __restrict__ rsum, const float* __restrict__ nsup,
+                           E* __restrict__ dk_out, E* __restrict__ dv_out,
                            float* __restrict__ du, SK_PARAMS) {
   constexpr int P = D / 32;
   __shared__ float ks_all[WARPS][D], vs_all[WARPS][D];
@@ -484,8 +497,8 @@ __device__ void sk_bwd_dkv(const E* __restrict__ q, const E* __restrict__ kv,
   float dk[P], dv[P], gu = 0.f;
 #pragma unroll
   for (int t = 0; t < P; ++t) {
-    ks[lane * P + t] = to_f(kv[rowk * 2 * D + lane * P + t]) * scale;
-    vs[lane * P + t] = to_f(kv[rowk * 2 * D + D + lane * P + t]);
+    ks[lane * P + t] = to_f(k[rowk * D + lane * P + t]) * scale;
+    vs[lane * P + t] = to_f(v[rowk * D + lane * P + t]);
     dk[t] = 0.f;
     dv[t] = 0.f;
   }
@@ -525,8 +538,8 @@ __device__ void sk_bwd_dkv(const E* __restrict__ q, const E* __restrict__ kv,
   gu = warp_sum(gu);
 #pragma unroll
   for (int t = 0; t < P; ++t) {
-    dkv[rowk * 2 * D + lane * P + t] = dk[t] * scale;
-    dkv[rowk * 2 * D + D + lane * P + t] = dv[t];
+    dk_out[rowk * D + lane * P + t] = from_f<E>(dk[t] * scale);
+    dv_out[rowk * D + lane * P + t] = from_f<E>(dv[t]);
   }
   if (lane == 0) du[rowk] = gu;
 }
@@ -602,11 +615,11 @@ __device__ __forceinline__ SkTiles sk_tiles(int c, int bhk, const float* u, cons
   return tl;
 }
 
-// Async gather of tile t: K and V rows (packed [k | v], row stride 2D) into padded shared tiles,
+// Async gather of tile t: K and V rows (rows of kr and vr, stride D) into padded shared tiles,
 // plus the keys' scores and positions.
 template <typename E, int D>
-__device__ __forceinline__ void sk_load_tile(E* sK, E* sV, float* sU, int* sJ, const E* kvr,
-                                             const SkTiles& tl, int t) {
+__device__ __forceinline__ void sk_load_tile(E* sK, E* sV, float* sU, int* sJ, const E* kr,
+                                             const E* vr, const SkTiles& tl, int t) {
   constexpr int CH = D / 8, PER = TB * 2 * CH / TC_THREADS;
   static_assert(TB * 2 * CH % TC_THREADS == 0, "tile chunks per thread");
   // All row indices first (independent loads), then the copies.
@@ -616,8 +629,10 @@ __device__ __forceinline__ void sk_load_tile(E* sK, E* sV, float* sU, int* sJ, c
 #pragma unroll
   for (int n = 0; n < PER; ++n) {
     int idx = threadIdx.x + n * TC_THREADS, r = idx / (2 * CH), ch = idx % (2 * CH);
-    E* dst = ch < CH ? sK + r * Pad<D>::SD + ch * 8 : sV + r * Pad<D>::SD + (ch - CH) * 8;
-    cp_async16(dst, kvr + (long long)(js[n] >= 0 ? js[n] : 0) * 2 * D + ch * 8, js[n] >= 0);
+    bool is_k = ch < CH;
+    int cc = is_k ? ch : ch - CH;
+    E* dst = (is_k ? sK : sV) + r * Pad<D>::SD + cc * 8;
+    cp_async16(dst, (is_k ? kr : vr) + (long long)(js[n] >= 0 ? js[n] : 0) * D + cc * 8, js[n] >= 0);
   }
   for (int r = threadIdx.x; r < TB; r += TC_THREADS) {
     float uj;
@@ -667,8 +682,8 @@ struct SkRows {
 
 // Forward (f16 / bf16): online softmax over the tiles, P = e^s weighted by w before P.V.
 template <typename E, int D>
-__device__ void skt_fwd(const E* __restrict__ q, const E* __restrict__ kv, E* __restrict__ out,
-                        float* __restrict__ lse, SK_PARAMS) {
+__device__ void skt_fwd(const E* __restrict__ q, const E* __restrict__ k, const E* __restrict__ v,
+                        E* __restrict__ out, float* __restrict__ lse, SK_PARAMS) {
   constexpr int SD = Pad<D>::SD, N8 = TB / 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   SkSmem<E, D, 1> sm(smem_raw);
@@ -676,13 +691,14 @@ __device__ void skt_fwd(const E* __restrict__ q, const E* __restrict__ kv, E* __
   const int c = blockIdx.x, bh = blockIdx.y, b = bh / Hq, h = bh % Hq;
   const int bhk = b * Hkv + h / (Hq / Hkv), m0 = c * BQ;
   const long long qrow0 = (long long)bh * T;
-  const E* kvr = kv + (long long)bhk * T * 2 * D;
+  const E* kr = k + (long long)bhk * T * D;
+  const E* vr = v + (long long)bhk * T * D;
   SkTiles tl = sk_tiles(c, bhk, u, lu, lj, nlist, T, window, cap, nb);
   SkRows rw(m0, bhk, T, tau, cut_u, cut_j);
   const float sl2 = scale * LOG2E;
 
   load_tile<E, BQ, D, TC_THREADS>(sm.q, q + qrow0 * D, m0, T);
-  if (tl.nt > 0) sk_load_tile<E, D>(sm.k, sm.v, sm.u, sm.j, kvr, tl, 0);
+  if (tl.nt > 0) sk_load_tile<E, D>(sm.k, sm.v, sm.u, sm.j, kr, vr, tl, 0);
   cp_async_commit();
   cp_async_wait<0>();
   __syncthreads();
@@ -699,7 +715,7 @@ __device__ void skt_fwd(const E* __restrict__ q, const E* __restrict__ kv, E* __
   for (int t = 0; t < tl.nt; ++t) {
     if (t + 1 < tl.nt)
       sk_load_tile<E, D>(sm.k + (buf ^ 1) * TB * SD, sm.v + (buf ^ 1) * TB * SD,
-                         sm.u + (buf ^ 1) * TB, sm.j + (buf ^ 1) * TB, kvr, tl, t + 1);
+                         sm.u + (buf ^ 1) * TB, sm.j + (buf ^ 1) * TB, kr, vr, tl, t + 1);
     cp_async_commit();
     cp_async_wait<1>();
     __syncthreads();
@@ -769,11 +785,13 @@ __device__ void skt_fwd(const E* __restrict__ q, const E* __restrict__ kv, E* __
   store_acc<E, D>(out + qrow0 * D, acc, m0 + warp * 16, T, inv[0], inv[1]);
 }
 
-// Backward, query-major (f16 / bf16): dq (f32, scaled), delta = dO.O, r = sum_S g_w and |S|.
+// Backward, query-major (f16 / bf16): dq (scaled, in the input dtype: every row belongs to one
+// CTA), delta = dO.O, r = sum_S g_w and |S|.
 template <typename E, int D>
-__device__ void skt_bwd_dq(const E* __restrict__ q, const E* __restrict__ kv,
-                           const E* __restrict__ o, const E* __restrict__ go,
-                           const float* __restrict__ lse, float* __restrict__ dq,
+__device__ void skt_bwd_dq(const E* __restrict__ q, const E* __restrict__ k,
+                           const E* __restrict__ v, const E* __restrict__ o,
+                           const E* __restrict__ go, const float* __restrict__ lse,
+                           E* __restrict__ dq,
                            float* __restrict__ delta, float* __restrict__ rsum,
                            float* __restrict__ nsup, SK_PARAMS) {
   constexpr int SD = Pad<D>::SD, N8 = TB / 8;
@@ -785,14 +803,15 @@ __device__ void skt_bwd_dq(const E* __restrict__ q, const E* __restrict__ kv,
   const int c = blockIdx.x, bh = blockIdx.y, b = bh / Hq, h = bh % Hq;
   const int bhk = b * Hkv + h / (Hq / Hkv), m0 = c * BQ;
   const long long qrow0 = (long long)bh * T;
-  const E* kvr = kv + (long long)bhk * T * 2 * D;
+  const E* kr = k + (long long)bhk * T * D;
+  const E* vr = v + (long long)bhk * T * D;
   SkTiles tl = sk_tiles(c, bhk, u, lu, lj, nlist, T, window, cap, nb);
   SkRows rw(m0, bhk, T, tau, cut_u, cut_j);
   const float sl2 = scale * LOG2E;
 
   load_tile<E, BQ, D, TC_THREADS>(sm.q, q + qrow0 * D, m0, T);
   load_tile<E, BQ, D, TC_THREADS>(sG, go + qrow0 * D, m0, T);
-  if (tl.nt > 0) sk_load_tile<E, D>(sm.k, sm.v, sm.u, sm.j, kvr, tl, 0);
+  if (tl.nt > 0) sk_load_tile<E, D>(sm.k, sm.v, sm.u, sm.j, kr, vr, tl, 0);
   cp_async_commit();
   // delta = dO.O, one warp per row.
   for (int rr = warp; rr < BQ; rr += TC_WARPS) {
@@ -828,7 +847,7 @@ __device__ void skt_bwd_dq(const E* __restrict__ q, const E* __restrict__ kv,
   for (int t = 0; t < tl.nt; ++t) {
     if (t + 1 < tl.nt)
       sk_load_tile<E, D>(sm.k + (buf ^ 1) * TB * SD, sm.v + (buf ^ 1) * TB * SD,
-                         sm.u + (buf ^ 1) * TB, sm.j + (buf ^ 1) * TB, kvr, tl, t + 1);
+                         sm.u + (buf ^ 1) * TB, sm.j + (buf ^ 1) * TB, kr, vr, tl, t + 1);
     cp_async_commit();
     cp_async_wait<1>();
     __syncthreads();
@@ -874,79 +893,211 @@ __device__ void skt_bwd_dq(const E* __restrict__ q, const E* __restrict__ kv,
     n += __shfl_xor_sync(0xffffffffu, n, 1);
     n += __shfl_xor_sync(0xffffffffu, n, 2);
     int i = rw.i[hf];
-    if (i < 0) continue;
-    if (t4 == 0) {
+    if (i >= 0 && t4 == 0) {
       rsum[qrow0 + i] = rs;
       nsup[qrow0 + i] = n;
     }
-    float* dr = dq + (qrow0 + i) * D;
-#pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt)
-      *reinterpret_cast<float2*>(dr + dt * 8 + 2 * t4) =
-          make_float2(acc[dt][hf * 2] * scale, acc[dt][hf * 2 + 1] * scale);
+  }
+  store_acc<E, D>(dq + qrow0 * D, acc, m0 + warp * 16, T, scale, scale);
+}
+
+// Backward, key side (f16 / bf16). dK, dV and du are split by where the keys come from:
+// - skt_bwd_dkv_band (runs first): one CTA per (block of TB keys, batch * kv head) walks the query
+//   blocks whose band [e_c, c*BQ + BQ) holds some of its keys, for every query head of the group,
+//   accumulates in registers and stores dK, dV (f32) and du: no atomics, and every key row is
+//   written (key j is in the band of its own block), so the outputs need no zeroing;
+// - skt_bwd_dkv (runs second): one CTA per (query block, batch * q head) walks the block's list
+//   tiles and adds to those outputs with vector atomics (list keys are shared by many query
+//   blocks and heads; not bitwise deterministic);
+// - sk_dkv_convert: dK, dV to the input dtype.
+// Both recompute S^T = K Q^T and dP^T = V dO^T per (16 keys of a warp, BQ queries) step.
+
+// Per-query data of one query block for the key-side backward.
+struct SkQStats {
+  float tau[BQ], cu[BQ], l2[BQ], dl[BQ], rn[BQ];
+  int cj[BQ], i[BQ];
+};
+
+// Fills `st` for the query block starting at m0 (rows of q-head row qrow0, kv-head row krow0).
+__device__ __forceinline__ void sk_load_qstats(SkQStats& st, int m0, long long krow0,
+                                               long long qrow0, int T, const float* tau,
+                                               const float* cut_u, const int* cut_j,
+                                               const float* lse, const float* delta,
+                                               const float* rsum, const float* nsup) {
+  for (int n = threadIdx.x; n < BQ; n += TC_THREADS) {
+    int i = m0 + n;
+    bool ok = i < T;
+    long long ti = krow0 + i, qi = qrow0 + i;
+    st.i[n] = ok ? i : -1;
+    st.tau[n] = ok ? tau[ti] : 0.f;
+    st.cu[n] = ok ? cut_u[ti] : 0.f;
+    st.cj[n] = ok ? cut_j[ti] : -1;
+    st.l2[n] = ok ? lse[qi] * LOG2E : 0.f;
+    st.dl[n] = ok ? delta[qi] : 0.f;
+    float ns = ok ? nsup[qi] : 0.f;
+    st.rn[n] = ns > 0.f ? rsum[qi] / ns : 0.f;
   }
 }
 
-// Backward, key-major per tile (f16 / bf16): each warp owns 16 keys of the tile and recomputes
-// S^T = K Q^T and dP^T = V dO^T against the block's BQ queries, then adds dV = (a w)^T dO,
-// dK = scale dS^T Q and du (sum over S of a dP - r_i / |S_i|) to the zeroed f32 outputs with
-// vector atomics (keys are shared by many query blocks and heads).
+// One step for the warp's 16 keys (rows warp * 16 .. of cK / cV; this thread's rows gq and gq + 8
+// have positions jk (-1: skip) and scores uk) against the BQ queries of sQ / sG: adds
+// dV += (a w)^T dO to adv, dK += dS^T Q (unscaled) to adk and the score gradient to gu.
 template <typename E, int D>
-__device__ void skt_bwd_dkv(const E* __restrict__ q, const E* __restrict__ kv,
-                            const E* __restrict__ go, const float* __restrict__ lse,
-                            const float* __restrict__ delta, const float* __restrict__ rsum,
-                            const float* __restrict__ nsup, float* __restrict__ dkv,
-                            float* __restrict__ du, SK_PARAMS) {
-  constexpr int SD = Pad<D>::SD, N8 = BQ / 8;
+__device__ __forceinline__ void skt_dkv_step(float (*adv)[4], float (*adk)[4], float* gu,
+                                             const E* cK, const E* cV, const E* sQ, const E* sG,
+                                             const SkQStats& st, const int* jk, const float* uk,
+                                             float sl2, int window) {
+  constexpr int N8 = BQ / 8;
+  const int warp = threadIdx.x / 32, t4 = threadIdx.x & 3;
+  float s[N8][4], dpt[N8][4];
+#pragma unroll
+  for (int x = 0; x < N8; ++x)
+    s[x][0] = s[x][1] = s[x][2] = s[x][3] = dpt[x][0] = dpt[x][1] = dpt[x][2] = dpt[x][3] = 0.f;
+  gemm_abt<E, D, 1, N8, false>(s, nullptr, cK, warp * 16, sQ, 0);
+  gemm_abt<E, D, 1, N8, false>(dpt, nullptr, cV, warp * 16, sG, 0);
+#pragma unroll
+  for (int nt = 0; nt < N8; ++nt)
+#pragma unroll
+    for (int e2 = 0; e2 < 2; ++e2) {
+      int n = nt * 8 + 2 * t4 + e2, i = st.i[n];
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        int x = hf * 2 + e2;
+        float wv = sk_weight(i, jk[hf], uk[hf], st.tau[n], st.cu[n], st.cj[n], window);
+        float a = wv > 0.f ? fast_exp2(s[nt][x] * sl2 - st.l2[n]) : 0.f;
+        float dpv = dpt[nt][x];
+        if (wv > 0.f && wv < 1.f && jk[hf] <= i - window) gu[hf] += a * dpv - st.rn[n];
+        s[nt][x] = a * wv;
+        dpt[nt][x] = a * (wv * dpv - st.dl[n]);
+      }
+    }
+  gemm_pb<E, D, 1, BQ / 16>(adv, s, sG, 0);
+  gemm_pb<E, D, 1, BQ / 16>(adk, dpt, sQ, 0);
+}
+
+// The quad-reduced score gradient of the thread's two key rows (valid in every lane of the quad).
+__device__ __forceinline__ float quad_sum(float g) {
+  g += __shfl_xor_sync(0xffffffffu, g, 1);
+  g += __shfl_xor_sync(0xffffffffu, g, 2);
+  return g;
+}
+
+template <typename E, int D>
+__device__ void skt_bwd_dkv_band(const E* __restrict__ q, const E* __restrict__ k,
+                                 const E* __restrict__ v, const E* __restrict__ go,
+                                 const float* __restrict__ lse, const float* __restrict__ delta,
+                                 const float* __restrict__ rsum, const float* __restrict__ nsup,
+                                 float* __restrict__ dacc, float* __restrict__ du, SK_PARAMS) {
+  constexpr int SD = Pad<D>::SD;
+  static_assert(TB == BQ, "key blocks and query blocks have the same size");
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  __shared__ float s_tau[BQ], s_cu[BQ], s_l2[BQ], s_dl[BQ], s_rn[BQ];
-  __shared__ int s_cj[BQ], s_i[BQ];
+  __shared__ SkQStats st;
+  E* sK = reinterpret_cast<E*>(smem_raw);
+  E* sV = sK + TB * SD;
+  E* sQ = sV + TB * SD;   // [2][BQ][SD]
+  E* sG = sQ + 2 * BQ * SD;  // [2][BQ][SD]
+  const int warp = threadIdx.x / 32, gq = (threadIdx.x & 31) >> 2, t4 = threadIdx.x & 3;
+  const int kb = blockIdx.x, bhk = blockIdx.y, b = bhk / Hkv, hk = bhk % Hkv, g = Hq / Hkv;
+  const long long krow0 = (long long)bhk * T, nkd = (long long)B * Hkv * T * D;
+  const int j0 = kb * TB;
+  const float sl2 = scale * LOG2E;
+  load_tile<E, TB, D, TC_THREADS>(sK, k + krow0 * D, j0, T);
+  load_tile<E, TB, D, TC_THREADS>(sV, v + krow0 * D, j0, T);
+  int jk[2];
+  float uk[2];
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    int j = j0 + warp * 16 + gq + hf * 8;
+    jk[hf] = j < T ? j : -1;
+    uk[hf] = j < T ? u[krow0 + j] + 0.f : neg_inf();
+  }
+  // Query blocks c with keys of this block in their band: c >= kb and c * BQ - window < j0 + TB.
+  const int c_lo = kb, nc = min(nb - 1, (j0 + TB - 1 + window) / BQ) - c_lo + 1, np = g * nc;
+  auto load_q = [&](int p, int buf) {
+    int h = hk * g + p / nc, c = c_lo + p % nc;
+    long long qrow0 = ((long long)b * Hq + h) * T;
+    load_tile<E, BQ, D, TC_THREADS>(sQ + buf * BQ * SD, q + qrow0 * D, c * BQ, T);
+    load_tile<E, BQ, D, TC_THREADS>(sG + buf * BQ * SD, go + qrow0 * D, c * BQ, T);
+  };
+  load_q(0, 0);
+  cp_async_commit();
+  float adv[D / 8][4], adk[D / 8][4], gu[2] = {0.f, 0.f};
+#pragma unroll
+  for (int x = 0; x < D / 8; ++x)
+    adv[x][0] = adv[x][1] = adv[x][2] = adv[x][3] = adk[x][0] = adk[x][1] = adk[x][2] =
+        adk[x][3] = 0.f;
+  int buf = 0;
+  for (int p = 0; p < np; ++p) {
+    if (p + 1 < np) load_q(p + 1, buf ^ 1);
+    cp_async_commit();
+    int h = hk * g + p / nc, c = c_lo + p % nc;
+    sk_load_qstats(st, c * BQ, krow0, ((long long)b * Hq + h) * T, T, tau, cut_u, cut_j, lse,
+                   delta, rsum, nsup);
+    cp_async_wait<1>();
+    __syncthreads();
+    // Only the keys of block c's band [e0, e1); the older ones come from its list.
+    int e0 = block_start(c, window), e1 = min(T, c * BQ + BQ), jb[2];
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) jb[hf] = jk[hf] >= e0 && jk[hf] < e1 ? jk[hf] : -1;
+    skt_dkv_step<E, D>(adv, adk, gu, sK, sV, sQ + buf * BQ * SD, sG + buf * BQ * SD, st, jb, uk,
+                       sl2, window);
+    __syncthreads();
+    buf ^= 1;
+  }
+  cp_async_wait<0>();
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    float gs = quad_sum(gu[hf]);
+    int j = jk[hf];
+    if (j < 0) continue;
+    if (t4 == 0) du[krow0 + j] = gs;
+    float* dr = dacc + (krow0 + j) * D + 2 * t4;
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) {
+      *reinterpret_cast<float2*>(dr + dt * 8) =
+          make_float2(adk[dt][hf * 2] * scale, adk[dt][hf * 2 + 1] * scale);
+      *reinterpret_cast<float2*>(dr + nkd + dt * 8) = make_float2(adv[dt][hf * 2], adv[dt][hf * 2 + 1]);
+    }
+  }
+}
+
+template <typename E, int D>
+__device__ void skt_bwd_dkv(const E* __restrict__ q, const E* __restrict__ k,
+                            const E* __restrict__ v, const E* __restrict__ go,
+                            const float* __restrict__ lse, const float* __restrict__ delta,
+                            const float* __restrict__ rsum, const float* __restrict__ nsup,
+                            float* __restrict__ dacc, float* __restrict__ du, SK_PARAMS) {
+  constexpr int SD = Pad<D>::SD;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __shared__ SkQStats st;
   SkSmem<E, D, 2> sm(smem_raw);
   E* sG = sm.q + BQ * SD;
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, gq = lane >> 2, t4 = lane & 3;
   const int c = blockIdx.x, bh = blockIdx.y, b = bh / Hq, h = bh % Hq;
   const int bhk = b * Hkv + h / (Hq / Hkv), m0 = c * BQ;
   const long long qrow0 = (long long)bh * T, krow0 = (long long)bhk * T;
-  const E* kvr = kv + krow0 * 2 * D;
+  const long long nkd = (long long)B * Hkv * T * D;
+  const E* kr = k + krow0 * D;
+  const E* vr = v + krow0 * D;
   SkTiles tl = sk_tiles(c, bhk, u, lu, lj, nlist, T, window, cap, nb);
+  if (tl.ntl == 0) return;  // the band is skt_bwd_dkv_band's
   const float sl2 = scale * LOG2E;
 
   load_tile<E, BQ, D, TC_THREADS>(sm.q, q + qrow0 * D, m0, T);
   load_tile<E, BQ, D, TC_THREADS>(sG, go + qrow0 * D, m0, T);
-  if (tl.nt > 0) sk_load_tile<E, D>(sm.k, sm.v, sm.u, sm.j, kvr, tl, 0);
+  sk_load_tile<E, D>(sm.k, sm.v, sm.u, sm.j, kr, vr, tl, 0);
   cp_async_commit();
-  for (int n = threadIdx.x; n < BQ; n += TC_THREADS) {
-    int i = m0 + n;
-    bool ok = i < T;
-    long long ti = krow0 + i, qi = qrow0 + i;
-    s_i[n] = ok ? i : -1;
-    s_tau[n] = ok ? tau[ti] : 0.f;
-    s_cu[n] = ok ? cut_u[ti] : 0.f;
-    s_cj[n] = ok ? cut_j[ti] : -1;
-    s_l2[n] = ok ? lse[qi] * LOG2E : 0.f;
-    s_dl[n] = ok ? delta[qi] : 0.f;
-    float ns = ok ? nsup[qi] : 0.f;
-    s_rn[n] = ns > 0.f ? rsum[qi] / ns : 0.f;
-  }
+  sk_load_qstats(st, m0, krow0, qrow0, T, tau, cut_u, cut_j, lse, delta, rsum, nsup);
   int buf = 0;
-  for (int t = 0; t < tl.nt; ++t) {
-    if (t + 1 < tl.nt)
+  for (int t = 0; t < tl.ntl; ++t) {
+    if (t + 1 < tl.ntl)
       sk_load_tile<E, D>(sm.k + (buf ^ 1) * TB * SD, sm.v + (buf ^ 1) * TB * SD,
-                         sm.u + (buf ^ 1) * TB, sm.j + (buf ^ 1) * TB, kvr, tl, t + 1);
+                         sm.u + (buf ^ 1) * TB, sm.j + (buf ^ 1) * TB, kr, vr, tl, t + 1);
     cp_async_commit();
     cp_async_wait<1>();
     __syncthreads();
-    const E* cK = sm.k + buf * TB * SD;
-    const E* cV = sm.v + buf * TB * SD;
     const float* cU = sm.u + buf * TB;
     const int* cJ = sm.j + buf * TB;
-    float st[N8][4], dpt[N8][4];
-#pragma unroll
-    for (int x = 0; x < N8; ++x)
-      st[x][0] = st[x][1] = st[x][2] = st[x][3] = dpt[x][0] = dpt[x][1] = dpt[x][2] =
-          dpt[x][3] = 0.f;
-    gemm_abt<E, D, 1, N8, false>(st, nullptr, cK, warp * 16, sm.q, 0);
-    gemm_abt<E, D, 1, N8, false>(dpt, nullptr, cV, warp * 16, sG, 0);
     int jk[2];
     float uk[2], gu[2] = {0.f, 0.f};
 #pragma unroll
@@ -954,36 +1105,22 @@ __device__ void skt_bwd_dkv(const E* __restrict__ q, const E* __restrict__ kv,
       jk[hf] = cJ[warp * 16 + gq + hf * 8];
       uk[hf] = cU[warp * 16 + gq + hf * 8];
     }
+    float adv[D / 8][4], adk[D / 8][4];
 #pragma unroll
-    for (int nt = 0; nt < N8; ++nt)
-#pragma unroll
-      for (int e2 = 0; e2 < 2; ++e2) {
-        int n = nt * 8 + 2 * t4 + e2, i = s_i[n];
-#pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-          int x = hf * 2 + e2;
-          float wv = sk_weight(i, jk[hf], uk[hf], s_tau[n], s_cu[n], s_cj[n], window);
-          float a = wv > 0.f ? fast_exp2(st[nt][x] * sl2 - s_l2[n]) : 0.f;
-          float dpv = dpt[nt][x];
-          if (wv > 0.f && wv < 1.f && jk[hf] <= i - window) gu[hf] += a * dpv - s_rn[n];
-          st[nt][x] = a * wv;
-          dpt[nt][x] = a * (wv * dpv - s_dl[n]);
-        }
-      }
-    float acc[D / 8][4];
+    for (int x = 0; x < D / 8; ++x)
+      adv[x][0] = adv[x][1] = adv[x][2] = adv[x][3] = adk[x][0] = adk[x][1] = adk[x][2] =
+          adk[x][3] = 0.f;
+    skt_dkv_step<E, D>(adv, adk, gu, sm.k + buf * TB * SD, sm.v + buf * TB * SD, sm.q, sG, st,
+                       jk, uk, sl2, window);
 #pragma unroll
     for (int pass = 0; pass < 2; ++pass) {
-#pragma unroll
-      for (int x = 0; x < D / 8; ++x) acc[x][0] = acc[x][1] = acc[x][2] = acc[x][3] = 0.f;
-      // pass 0: dV = (a w)^T dO; pass 1: dK = scale dS^T Q.
-      if (pass == 0) gemm_pb<E, D, 1, BQ / 16>(acc, st, sG, 0);
-      else gemm_pb<E, D, 1, BQ / 16>(acc, dpt, sm.q, 0);
+      float(*acc)[4] = pass == 0 ? adv : adk;
       float mul = pass == 0 ? 1.f : scale;
-      int off = pass == 0 ? D : 0;
+      long long off = pass == 0 ? nkd : 0;
       // Quad pairs swap halves so that each thread adds 4 consecutive floats of one key row:
       // even t4 row gq, odd t4 row gq + 8, columns 4 * (t4 / 2) .. + 4 of each 8-column chunk.
       const int odd = t4 & 1, jr = jk[odd];
-      float* dr = dkv + (krow0 + (jr >= 0 ? jr : 0)) * 2 * D + off + 4 * (t4 >> 1);
+      float* dr = dacc + off + (krow0 + (jr >= 0 ? jr : 0)) * D + 4 * (t4 >> 1);
 #pragma unroll
       for (int dt = 0; dt < D / 8; ++dt) {
         float a0 = acc[dt][0] * mul, a1 = acc[dt][1] * mul, b0 = acc[dt][2] * mul,
@@ -998,10 +1135,8 @@ __device__ void skt_bwd_dkv(const E* __restrict__ q, const E* __restrict__ kv,
     }
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
-      float g = gu[hf];
-      g += __shfl_xor_sync(0xffffffffu, g, 1);
-      g += __shfl_xor_sync(0xffffffffu, g, 2);
-      if (t4 == 0 && jk[hf] >= 0 && g != 0.f) atomicAdd(du + krow0 + jk[hf], g);
+      float gs = quad_sum(gu[hf]);
+      if (t4 == 0 && jk[hf] >= 0 && gs != 0.f) atomicAdd(du + krow0 + jk[hf], gs);
     }
     __syncthreads();
     buf ^= 1;
@@ -1009,38 +1144,59 @@ __device__ void skt_bwd_dkv(const E* __restrict__ q, const E* __restrict__ kv,
   cp_async_wait<0>();
 }
 
+// dK, dV (f32 [dk | dv], n elements each, n a multiple of 4) to the input dtype.
+template <typename E>
+__device__ void sk_dkv_convert(const float* __restrict__ dacc, E* __restrict__ dk,
+                               E* __restrict__ dv, long long n) {
+  const long long n4 = n / 4;
+  for (long long x = (long long)blockIdx.x * blockDim.x + threadIdx.x; x < 2 * n4;
+       x += (long long)gridDim.x * blockDim.x) {
+    float4 a = reinterpret_cast<const float4*>(dacc)[x];
+    E* dst = x < n4 ? dk + 4 * x : dv + 4 * (x - n4);
+    *reinterpret_cast<uint2*>(dst) = make_uint2(pack2<E>(a.x, a.y), pack2<E>(a.z, a.w));
+  }
+}
+
 #define SKT_INSTANTIATE(TY, NAME, D)                                                            \
   extern "C" __global__ void __launch_bounds__(TC_THREADS) skt_fwd_##NAME##_d##D(               \
-      const TY* q, const TY* kv, TY* out, float* lse, SK_PARAMS) {                              \
-    skt_fwd<TY, D>(q, kv, out, lse, SK_ARGS);                                                   \
+      const TY* q, const TY* k, const TY* v, TY* out, float* lse, SK_PARAMS) {                  \
+    skt_fwd<TY, D>(q, k, v, out, lse, SK_ARGS);                                                 \
   }                                                                                             \
   extern "C" __global__ void __launch_bounds__(TC_THREADS) skt_bwd_dq_##NAME##_d##D(            \
-      const TY* q, const TY* kv, const TY* o, const TY* go, const float* lse, float* dq,        \
-      float* delta, float* rsum, float* nsup, SK_PARAMS) {                                      \
-    skt_bwd_dq<TY, D>(q, kv, o, go, lse, dq, delta, rsum, nsup, SK_ARGS);                       \
+      const TY* q, const TY* k, const TY* v, const TY* o, const TY* go, const float* lse,       \
+      TY* dq, float* delta, float* rsum, float* nsup, SK_PARAMS) {                              \
+    skt_bwd_dq<TY, D>(q, k, v, o, go, lse, dq, delta, rsum, nsup, SK_ARGS);                     \
+  }                                                                                             \
+  extern "C" __global__ void __launch_bounds__(TC_THREADS) skt_bwd_dkv_band_##NAME##_d##D(      \
+      const TY* q, const TY* k, const TY* v, const TY* go, const float* lse,                    \
+      const float* delta, const float* rsum, const float* nsup, float* dacc, float* du,         \
+      SK_PARAMS) {                                                                              \
+    skt_bwd_dkv_band<TY, D>(q, k, v, go, lse, delta, rsum, nsup, dacc, du, SK_ARGS);            \
   }                                                                                             \
   extern "C" __global__ void __launch_bounds__(TC_THREADS) skt_bwd_dkv_##NAME##_d##D(           \
-      const TY* q, const TY* kv, const TY* go, const float* lse, const float* delta,            \
-      const float* rsum, const float* nsup, float* dkv, float* du, SK_PARAMS) {                 \
-    skt_bwd_dkv<TY, D>(q, kv, go, lse, delta, rsum, nsup, dkv, du, SK_ARGS);                    \
+      const TY* q, const TY* k, const TY* v, const TY* go, const float* lse,                    \
+      const float* delta, const float* rsum, const float* nsup, float* dacc, float* du,         \
+      SK_PARAMS) {                                                                              \
+    skt_bwd_dkv<TY, D>(q, k, v, go, lse, delta, rsum, nsup, dacc, du, SK_ARGS);                 \
   }
 
 #define SK_ARGS u, lu, lj, nlist, tau, cut_u, cut_j, B, Hq, Hkv, T, window, cap, nb, scale
 
 #define SK_INSTANTIATE(TY, NAME, D)                                                             \
-  extern "C" __global__ void sk_fwd_##NAME##_d##D(const TY* q, const TY* kv, TY* out,           \
-                                                  float* lse, SK_PARAMS) {                      \
-    sk_fwd<TY, D>(q, kv, out, lse, SK_ARGS);                                                    \
+  extern "C" __global__ void sk_fwd_##NAME##_d##D(const TY* q, const TY* k, const TY* v,        \
+                                                  TY* out, float* lse, SK_PARAMS) {             \
+    sk_fwd<TY, D>(q, k, v, out, lse, SK_ARGS);                                                  \
   }                                                                                             \
   extern "C" __global__ void sk_bwd_dq_##NAME##_d##D(                                           \
-      const TY* q, const TY* kv, const TY* o, const TY* go, const float* lse, float* dq,        \
-      float* delta, float* rsum, float* nsup, SK_PARAMS) {                                      \
-    sk_bwd_dq<TY, D>(q, kv, o, go, lse, dq, delta, rsum, nsup, SK_ARGS);                        \
+      const TY* q, const TY* k, const TY* v, const TY* o, const TY* go, const float* lse,       \
+      TY* dq, float* delta, float* rsum, float* nsup, SK_PARAMS) {                              \
+    sk_bwd_dq<TY, D>(q, k, v, o, go, lse, dq, delta, rsum, nsup, SK_ARGS);                      \
   }                                                                                             \
   extern "C" __global__ void sk_bwd_dkv_##NAME##_d##D(                                          \
-      const TY* q, const TY* kv, const TY* go, const float* lse, const float* delta,            \
-      const float* rsum, const float* nsup, float* dkv, float* du, SK_PARAMS) {                 \
-    sk_bwd_dkv<TY, D>(q, kv, go, lse, delta, rsum, nsup, dkv, du, SK_ARGS);                     \
+      const TY* q, const TY* k, const TY* v, const TY* go, const float* lse,                    \
+      const float* delta, const float* rsum, const float* nsup, TY* dk, TY* dv, float* du,      \
+      SK_PARAMS) {                                                                              \
+    sk_bwd_dkv<TY, D>(q, k, v, go, lse, delta, rsum, nsup, dk, dv, du, SK_ARGS);                \
   }
 
 #define SK_ALL_D(TY, NAME)                                                                      \
@@ -1062,3 +1218,12 @@ SK_ALL_D(__nv_bfloat16, bf16)
 
 SKT_ALL_D(__half, f16)
 SKT_ALL_D(__nv_bfloat16, bf16)
+
+#define SK_CONVERT(TY, NAME)                                                                    \
+  extern "C" __global__ void sk_dkv_convert_##NAME(const float* dacc, TY* dk, TY* dv,           \
+                                                   long long n) {                               \
+    sk_dkv_convert<TY>(dacc, dk, dv, n);                                                        \
+  }
+
+SK_CONVERT(__half, f16)
+SK_CONVERT(__nv_bfloat16, bf16)

@@ -39,13 +39,25 @@ pub fn sparsek_attn(
     cfg: &SparseKConfig,
 ) -> Result<Tensor> {
     let dims = validate(q, k, v, scores, cfg)?;
-    let kv = Tensor::cat(&[k, v], 3)?.contiguous()?;
+    let (k, v) = (k.contiguous()?, v.contiguous()?);
+    // CustomOp3 takes three inputs: k and v join the graph through a one-element link tensor; the
+    // attention op reads them from its fields and hands their gradients to the link's backward.
+    let kv_grads = Arc::new(Mutex::new(None));
+    let link = k.apply_op2(
+        &v,
+        KvLink {
+            grads: kv_grads.clone(),
+        },
+    )?;
     let op = SparseKAttn {
         cfg: *cfg,
         scale: cfg.scale(dims.d),
+        k,
+        v,
+        kv_grads,
         saved: Arc::new(Mutex::new(None)),
     };
-    q.contiguous()?.apply_op3(&kv, &scores.contiguous()?, op)
+    q.contiguous()?.apply_op3(&link, &scores.contiguous()?, op)
 }
 
 fn validate(
@@ -148,18 +160,81 @@ struct Saved {
     lse: Tensor,
 }
 
-/// The forward op. Inputs q `(b, hq, t, d)`, kv = `[k | v]` `(b, hkv, t, 2d)`, scores
-/// `(b, hkv, t)` f32; output `(b, hq, t, d)` in the input dtype.
+/// `(dk, dv)` handed from the attention backward to the link's backward.
+type KvGrads = Arc<Mutex<Option<(Tensor, Tensor)>>>;
+
+/// Ties k and v into the autograd graph of [`SparseKAttn`] (whose second input is this op's
+/// output): forward, one f32 zero of shape `(1,)`; backward, the `(dk, dv)` that the attention
+/// backward computed (it runs first, the link being its input).
+struct KvLink {
+    grads: KvGrads,
+}
+
+impl candle::CustomOp2 for KvLink {
+    fn name(&self) -> &'static str {
+        "sparsek-kv-link"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        Ok((CpuStorage::F32(vec![0.0]), Shape::from(1)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        sk: &candle::CudaStorage,
+        _: &Layout,
+        _: &candle::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle::CudaStorage, Shape)> {
+        use candle::backend::BackendDevice;
+        let link = sk.device().zeros_impl(&Shape::from(1), DType::F32)?;
+        Ok((link, Shape::from(1)))
+    }
+
+    fn bwd(
+        &self,
+        _k: &Tensor,
+        _v: &Tensor,
+        _link: &Tensor,
+        _grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grads = self.grads.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let (dk, dv) = grads.ok_or_else(|| {
+            candle::Error::Msg("sparsek_attn: the attention backward left no dk, dv".into())
+        })?;
+        Ok((Some(dk), Some(dv)))
+    }
+}
+
+/// The attention op. Inputs q `(b, hq, t, d)`, the [`KvLink`] of `k` and `v` (both
+/// `(b, hkv, t, d)`, contiguous, held here), scores `(b, hkv, t)` f32; output `(b, hq, t, d)` in the
+/// input dtype.
 struct SparseKAttn {
     cfg: SparseKConfig,
     scale: f32,
+    k: Tensor,
+    v: Tensor,
+    kv_grads: KvGrads,
     saved: Arc<Mutex<Option<Saved>>>,
 }
 
-fn dims_of(lq: &Layout, lkv: &Layout) -> Result<Dims> {
-    let (b, hq, t, d) = lq.shape().dims4()?;
-    let hkv = lkv.shape().dims4()?.1;
-    Ok(Dims { b, hq, hkv, t, d })
+impl SparseKAttn {
+    fn dims(&self, lq: &Layout) -> Result<Dims> {
+        let (b, hq, t, d) = lq.shape().dims4()?;
+        let hkv = self.k.dims4()?.1;
+        Ok(Dims { b, hq, hkv, t, d })
+    }
+
+    fn save(&self, saved: Saved) {
+        *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(saved);
+    }
 }
 
 fn contiguous<'a, T>(v: &'a [T], l: &Layout, name: &str) -> Result<&'a [T]> {
@@ -182,6 +257,11 @@ fn host_scores<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
     }
 }
 
+/// A tensor's values as host f32, in row-major order.
+fn host(t: &Tensor) -> Result<Vec<f32>> {
+    t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
+}
+
 impl candle::CustomOp3 for SparseKAttn {
     fn name(&self) -> &'static str {
         "sparsek-attn"
@@ -191,17 +271,18 @@ impl candle::CustomOp3 for SparseKAttn {
         &self,
         sq: &CpuStorage,
         lq: &Layout,
-        skv: &CpuStorage,
-        lkv: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
         su: &CpuStorage,
         lu: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let dims = dims_of(lq, lkv)?;
+        let dims = self.dims(lq)?;
         let u = host_scores(su, lu)?;
         let sel = cpu::select(u, dims.t, self.cfg.k, self.cfg.window, self.cfg.cap());
-        let (q, kv) = (cpu::as_f32(sq, lq, "q")?, cpu::as_f32(skv, lkv, "kv")?);
-        let (out, lse) = cpu::forward(&q, &kv, &sel, dims, self.cfg.window, self.scale);
-        *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(Saved {
+        let (k, v) = (host(&self.k)?, host(&self.v)?);
+        let q = cpu::as_f32(sq, lq, "q")?;
+        let (out, lse) = cpu::forward(&q, &k, &v, &sel, dims, self.cfg.window, self.scale);
+        self.save(Saved {
             selection: Selection::Cpu(Arc::new(sel)),
             lse: Tensor::from_vec(lse, (dims.b, dims.hq, dims.t), &Device::Cpu)?,
         });
@@ -213,16 +294,16 @@ impl candle::CustomOp3 for SparseKAttn {
         &self,
         sq: &candle::CudaStorage,
         lq: &Layout,
-        skv: &candle::CudaStorage,
-        lkv: &Layout,
+        _: &candle::CudaStorage,
+        _: &Layout,
         su: &candle::CudaStorage,
         lu: &Layout,
     ) -> Result<(candle::CudaStorage, Shape)> {
-        let dims = dims_of(lq, lkv)?;
+        let dims = self.dims(lq)?;
         let sel = super::cuda::select((su, lu), dims, &self.cfg)?;
         let (out, lse) = super::cuda::forward(
             (sq, lq),
-            (skv, lkv),
+            (&self.k, &self.v),
             (su, lu),
             &sel,
             dims,
@@ -235,7 +316,7 @@ impl candle::CustomOp3 for SparseKAttn {
             candle::op::BackpropOp::none(),
             false,
         );
-        *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(Saved {
+        self.save(Saved {
             selection: Selection::Cuda(sel),
             lse,
         });
@@ -245,7 +326,7 @@ impl candle::CustomOp3 for SparseKAttn {
     fn bwd(
         &self,
         q: &Tensor,
-        kv: &Tensor,
+        link: &Tensor,
         u: &Tensor,
         out: &Tensor,
         grad_out: &Tensor,
@@ -257,114 +338,57 @@ impl candle::CustomOp3 for SparseKAttn {
                 let op = SparseKAttn {
                     cfg: self.cfg,
                     scale: self.scale,
+                    k: self.k.clone(),
+                    v: self.v.clone(),
+                    kv_grads: self.kv_grads.clone(),
                     saved: Arc::new(Mutex::new(None)),
                 };
-                q.apply_op3_no_bwd(kv, u, &op)?;
+                q.apply_op3_no_bwd(link, u, &op)?;
                 let s = op.saved.lock().unwrap_or_else(|e| e.into_inner()).take();
                 s.ok_or_else(|| candle::Error::Msg("sparsek_attn: no saved selection".into()))?
             }
         };
-        let bwd = SparseKAttnBwd {
-            cfg: self.cfg,
-            scale: self.scale,
-            out: out.contiguous()?,
-            grad_out: grad_out.contiguous()?,
-            saved,
-        };
-        let packed = q.apply_op3_no_bwd(kv, u, &bwd)?;
-        let (nq, nkv, nu) = (q.elem_count(), kv.elem_count(), u.elem_count());
-        let dq = packed
-            .narrow(0, 0, nq)?
-            .reshape(q.shape())?
-            .to_dtype(q.dtype())?;
-        let dkv = packed
-            .narrow(0, nq, nkv)?
-            .reshape(kv.shape())?
-            .to_dtype(kv.dtype())?;
-        let du = packed.narrow(0, nq + nkv, nu)?.reshape(u.shape())?;
-        Ok((Some(dq), Some(dkv), Some(du)))
-    }
-}
-
-/// The backward op. Inputs as the forward; output the flat f32 concatenation `[dq | dkv | du]`.
-struct SparseKAttnBwd {
-    cfg: SparseKConfig,
-    scale: f32,
-    out: Tensor,
-    grad_out: Tensor,
-    saved: Saved,
-}
-
-impl candle::CustomOp3 for SparseKAttnBwd {
-    fn name(&self) -> &'static str {
-        "sparsek-attn-bwd"
-    }
-
-    fn cpu_fwd(
-        &self,
-        sq: &CpuStorage,
-        lq: &Layout,
-        skv: &CpuStorage,
-        lkv: &Layout,
-        _su: &CpuStorage,
-        _lu: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let dims = dims_of(lq, lkv)?;
-        let sel = match &self.saved.selection {
-            Selection::Cpu(s) => s.clone(),
+        let dims = self.dims(q.layout())?;
+        let (out, grad_out) = (out.contiguous()?, grad_out.contiguous()?);
+        let (dq, dk, dv, du) = match &saved.selection {
+            Selection::Cpu(sel) => {
+                let (dq, dk, dv, du) = cpu::backward(
+                    &host(q)?,
+                    &host(&self.k)?,
+                    &host(&self.v)?,
+                    sel,
+                    &host(&out)?,
+                    &host(&grad_out)?,
+                    &host(&saved.lse)?,
+                    dims,
+                    self.cfg.window,
+                    self.scale,
+                );
+                let dev = q.device();
+                let like = |x: Vec<f32>, t: &Tensor| {
+                    Tensor::from_vec(x, t.shape(), dev)?.to_dtype(t.dtype())
+                };
+                (
+                    like(dq, q)?,
+                    like(dk, &self.k)?,
+                    like(dv, &self.v)?,
+                    Tensor::from_vec(du, u.shape(), dev)?,
+                )
+            }
             #[cfg(feature = "cuda")]
-            Selection::Cuda(_) => bail!("sparsek_attn: CUDA selection in a CPU backward"),
+            Selection::Cuda(sel) => super::cuda::backward(
+                (q, &self.k, &self.v, u),
+                sel,
+                dims,
+                &self.cfg,
+                self.scale,
+                (&out, &grad_out, &saved.lse),
+            )?,
         };
-        let host = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
-        let (o, go, lse) = (
-            host(&self.out)?,
-            host(&self.grad_out)?,
-            host(&self.saved.lse)?,
-        );
-        let (q, kv) = (cpu::as_f32(sq, lq, "q")?, cpu::as_f32(skv, lkv, "kv")?);
-        let (mut dq, dkv, du) = cpu::backward(
-            &q,
-            &kv,
-            &sel,
-            &o,
-            &go,
-            &lse,
-            dims,
-            self.cfg.window,
-            self.scale,
-        );
-        dq.extend(dkv);
-        dq.extend(du);
-        let n = dq.len();
-        Ok((CpuStorage::F32(dq), Shape::from(n)))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        sq: &candle::CudaStorage,
-        lq: &Layout,
-        skv: &candle::CudaStorage,
-        lkv: &Layout,
-        su: &candle::CudaStorage,
-        lu: &Layout,
-    ) -> Result<(candle::CudaStorage, Shape)> {
-        let dims = dims_of(lq, lkv)?;
-        let sel = match &self.saved.selection {
-            Selection::Cuda(s) => s,
-            Selection::Cpu(_) => bail!("sparsek_attn: CPU selection in a CUDA backward"),
-        };
-        let packed = super::cuda::backward(
-            (sq, lq),
-            (skv, lkv),
-            (su, lu),
-            sel,
-            dims,
-            &self.cfg,
-            self.scale,
-            (&self.out, &self.grad_out, &self.saved.lse),
-        )?;
-        let n = lq.shape().elem_count() + lkv.shape().elem_count() + dims.b * dims.hkv * dims.t;
-        Ok((packed, Shape::from(n)))
+        // Without a graph behind the link (k and v not tracked) nobody collects dk, dv.
+        if link.track_op() {
+            *self.kv_grads.lock().unwrap_or_else(|e| e.into_inner()) = Some((dk, dv));
+        }
+        Ok((Some(dq), Some(link.zeros_like()?), Some(du)))
     }
 }

@@ -155,7 +155,8 @@ fn attended<'a>(
 /// Forward: output `(b, hq, t, d)` f32 and the log-sum-exp per query row.
 pub(crate) fn forward(
     q: &[f32],
-    kv: &[f32],
+    k: &[f32],
+    v: &[f32],
     sel: &HostSelection,
     dims: Dims,
     window: usize,
@@ -175,7 +176,7 @@ pub(crate) fn forward(
             let keys: Vec<(usize, f32)> = attended(sel, bhk * t + i, i, window).collect();
             let s: Vec<f32> = keys
                 .iter()
-                .map(|&(j, _)| scale * dot(qi, &kv[(bhk * t + j) * 2 * d..][..d]))
+                .map(|&(j, _)| scale * dot(qi, &k[(bhk * t + j) * d..][..d]))
                 .collect();
             let m = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             if m == f32::NEG_INFINITY {
@@ -184,7 +185,7 @@ pub(crate) fn forward(
             let l: f32 = s.iter().map(|x| (x - m).exp()).sum();
             for (&(j, w), &sj) in keys.iter().zip(&s) {
                 let a = (sj - m).exp() / l * w;
-                let vj = &kv[(bhk * t + j) * 2 * d + d..][..d];
+                let vj = &v[(bhk * t + j) * d..][..d];
                 o.iter_mut().zip(vj).for_each(|(o, v)| *o += a * v);
             }
             *lse = m + l.ln();
@@ -192,11 +193,12 @@ pub(crate) fn forward(
     (out, lse)
 }
 
-/// Backward: `(dq, dkv, du)` in f32, laid out like q, kv and u.
+/// Backward: `(dq, dk, dv, du)` in f32, laid out like q, k, v and u.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn backward(
     q: &[f32],
-    kv: &[f32],
+    k: &[f32],
+    v: &[f32],
     sel: &HostSelection,
     out: &[f32],
     grad_out: &[f32],
@@ -204,18 +206,21 @@ pub(crate) fn backward(
     dims: Dims,
     window: usize,
     scale: f32,
-) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
     let Dims { hq, hkv, t, d, .. } = dims;
     let group = hq / hkv;
     let mut dq = vec![0f32; q.len()];
-    let mut dkv = vec![0f32; kv.len()];
+    let mut dk = vec![0f32; k.len()];
+    let mut dv = vec![0f32; v.len()];
     let mut du = vec![0f32; dims.b * hkv * t];
     dq.par_chunks_mut(group * t * d)
-        .zip(dkv.par_chunks_mut(t * 2 * d))
+        .zip(dk.par_chunks_mut(t * d))
+        .zip(dv.par_chunks_mut(t * d))
         .zip(du.par_chunks_mut(t))
         .enumerate()
-        .for_each(|(bhk, ((dq, dkv), du))| {
-            let kv = &kv[bhk * t * 2 * d..(bhk + 1) * t * 2 * d];
+        .for_each(|(bhk, (((dq, dk), dv), du))| {
+            let k = &k[bhk * t * d..(bhk + 1) * t * d];
+            let v = &v[bhk * t * d..(bhk + 1) * t * d];
             let bh0 = bhk / hkv * hq + bhk % hkv * group;
             for h in 0..group {
                 for i in 0..t {
@@ -227,19 +232,22 @@ pub(crate) fn backward(
                     // r_i and |S_i| of the SPARSEK backward, accumulated on the way.
                     let (mut r, mut n_s) = (0f32, 0usize);
                     for (j, w) in attended(sel, bhk * t + i, i, window) {
-                        let kj = &kv[j * 2 * d..j * 2 * d + d];
-                        let vj = &kv[j * 2 * d + d..(j + 1) * 2 * d];
+                        let kj = &k[j * d..(j + 1) * d];
+                        let vj = &v[j * d..(j + 1) * d];
                         let a = (scale * dot(qi, kj) - lse[qrow]).exp();
                         let go_v = dot(go, vj);
                         let ds = a * (w * go_v - delta);
                         dqi.iter_mut()
                             .zip(kj)
                             .for_each(|(x, k)| *x += scale * ds * k);
-                        let (dk, dv) = dkv[j * 2 * d..(j + 1) * 2 * d].split_at_mut(d);
-                        dk.iter_mut()
+                        dk[j * d..(j + 1) * d]
+                            .iter_mut()
                             .zip(qi)
                             .for_each(|(x, q)| *x += scale * ds * q);
-                        dv.iter_mut().zip(go).for_each(|(x, g)| *x += a * w * g);
+                        dv[j * d..(j + 1) * d]
+                            .iter_mut()
+                            .zip(go)
+                            .for_each(|(x, g)| *x += a * w * g);
                         let is_candidate = j + window <= i;
                         if is_candidate && w > 0.0 && w < 1.0 {
                             let g_w = a * go_v;
@@ -259,5 +267,5 @@ pub(crate) fn backward(
                 }
             }
         });
-    (dq, dkv, du)
+    (dq, dk, dv, du)
 }

@@ -3,11 +3,15 @@
 //!
 //! - Selection: one CTA per `(batch, kv_head)` builds the top-`K′` list of the prefix before every
 //!   block of 64 queries by merging sorted lists (`O(T·K′/64)` memory); then per query the cut
-//!   (its `K′`-th largest candidate) and τ (bisection + closed-form polish, f32).
+//!   (its `K′`-th largest candidate) and τ (safeguarded Newton steps on the piecewise-linear
+//!   budget, warm-started at the previous query's τ, f32).
 //! - f16 / bf16 with head_dim ≤ 128 (`skt_*`): blocked tensor-core kernels, one CTA of 4 warps per
 //!   (block of 64 queries, batch × query head) walking the block's list prefix and its band of
-//!   newer candidates and window keys in tiles of 64 gathered keys: forward; dQ with `r_i` and
-//!   `|S_i|`; dK, dV, dScores added to zeroed f32 outputs with vector atomics.
+//!   newer candidates and window keys in tiles of 64 gathered keys: forward; dQ (in the input
+//!   dtype) with `r_i` and `|S_i|`. dK, dV, dScores: the band part key-major (one CTA per block of
+//!   64 keys and kv head, over the query blocks whose band holds them; registers, plain stores
+//!   into the f32 accumulator, every element), then the list part query-major with vector
+//!   atomics on top, then one pass converting dK, dV to the input dtype.
 //! - f32 and head_dim 256 (`sk_*`): forward and dQ one warp per query row over window ∪
 //!   selected keys; dK, dV, dScores one warp per key row over the interval `[j, e_j)` of queries
 //!   attending it (τ_i and the cut are non-decreasing in i), found by binary search; the key
@@ -218,10 +222,36 @@ fn push_params<'a>(
     b.arg(&sc.1);
 }
 
-/// Forward: output `(b, hq, t, d)` in the input dtype and the f32 LSE `(b, hq, t)`.
+/// The CUDA storage behind a tensor, as a contiguous view.
+fn carried<'a, T: CudaDType>(
+    g: &'a (candle::StorageRef<'_>, &Layout),
+    name: &str,
+) -> Result<CudaView<'a, T>> {
+    match &*g.0 {
+        Storage::Cuda(c) => view::<T>(c, g.1, name),
+        _ => bail!("sparsek (cuda): {name} is not on the GPU"),
+    }
+}
+
+/// A tensor (no gradient graph) over a freshly written device buffer.
+fn tensor<T: CudaDType>(
+    x: CudaSlice<T>,
+    dev: &candle::CudaDevice,
+    shape: &Shape,
+) -> Tensor {
+    Tensor::from_storage(
+        Storage::Cuda(CudaStorage::wrap_cuda_slice(x, dev.clone())),
+        shape.clone(),
+        candle::op::BackpropOp::none(),
+        false,
+    )
+}
+
+/// Forward: output `(b, hq, t, d)` in the input dtype and the f32 LSE `(b, hq, t)`; `k`, `v`
+/// `(b, hkv, t, d)` contiguous, the dtype of q.
 pub(crate) fn forward(
     (sq, lq): (&CudaStorage, &Layout),
-    (skv, lkv): (&CudaStorage, &Layout),
+    (k, v): (&Tensor, &Tensor),
     (su, lu): (&CudaStorage, &Layout),
     sel: &Selection,
     dims: Dims,
@@ -229,9 +259,9 @@ pub(crate) fn forward(
     scale: f32,
 ) -> Result<(CudaStorage, CudaStorage)> {
     match sq.dtype() {
-        DType::F32 => fwd_t::<f32>((sq, lq), (skv, lkv), (su, lu), sel, dims, scfg, scale),
-        DType::F16 => fwd_t::<f16>((sq, lq), (skv, lkv), (su, lu), sel, dims, scfg, scale),
-        DType::BF16 => fwd_t::<bf16>((sq, lq), (skv, lkv), (su, lu), sel, dims, scfg, scale),
+        DType::F32 => fwd_t::<f32>((sq, lq), (k, v), (su, lu), sel, dims, scfg, scale),
+        DType::F16 => fwd_t::<f16>((sq, lq), (k, v), (su, lu), sel, dims, scfg, scale),
+        DType::BF16 => fwd_t::<bf16>((sq, lq), (k, v), (su, lu), sel, dims, scfg, scale),
         other => bail!("sparsek (cuda): unsupported dtype {other:?}"),
     }
 }
@@ -239,7 +269,7 @@ pub(crate) fn forward(
 #[allow(clippy::too_many_arguments)]
 fn fwd_t<T: CudaDType + candle::cuda_backend::cudarc::driver::DeviceRepr>(
     (sq, lq): (&CudaStorage, &Layout),
-    (skv, lkv): (&CudaStorage, &Layout),
+    (k, v): (&Tensor, &Tensor),
     (su, lu): (&CudaStorage, &Layout),
     sel: &Selection,
     dims: Dims,
@@ -248,9 +278,11 @@ fn fwd_t<T: CudaDType + candle::cuda_backend::cudarc::driver::DeviceRepr>(
 ) -> Result<(CudaStorage, CudaStorage)> {
     check_dims(dims, scfg)?;
     let dev = sq.device().clone();
-    let (q, kv, u) = (
+    let (kg, vg) = (k.storage_and_layout(), v.storage_and_layout());
+    let (q, k, v, u) = (
         view::<T>(sq, lq, "q")?,
-        view::<T>(skv, lkv, "kv")?,
+        carried::<T>(&kg, "k")?,
+        carried::<T>(&vg, "v")?,
         view::<f32>(su, lu, "scores")?,
     );
     let rows = dims.b * dims.hq * dims.t;
@@ -270,7 +302,8 @@ fn fwd_t<T: CudaDType + candle::cuda_backend::cudarc::driver::DeviceRepr>(
     );
     let mut b = f.builder();
     b.arg(&q);
-    b.arg(&kv);
+    b.arg(&k);
+    b.arg(&v);
     b.arg(&mut out);
     b.arg(&mut lse);
     push_params(&mut b, &u, sel, &sc);
@@ -286,137 +319,87 @@ fn fwd_t<T: CudaDType + candle::cuda_backend::cudarc::driver::DeviceRepr>(
     ))
 }
 
-/// The CUDA storage behind a tensor the backward carries, as a contiguous view.
-fn carried<'a, T: CudaDType>(
-    g: &'a (candle::StorageRef<'_>, &Layout),
-    name: &str,
-) -> Result<CudaView<'a, T>> {
-    match &*g.0 {
-        Storage::Cuda(c) => view::<T>(c, g.1, name),
-        _ => bail!("sparsek (cuda): {name} is not on the GPU"),
-    }
-}
-
-/// Backward: the flat f32 `[dq | dkv | du]`.
-#[allow(clippy::too_many_arguments)]
+/// Backward: `(dq, dk, dv, du)`, the first three in the input dtype, du f32. Inputs q, k, v, u
+/// (contiguous), the forward's selection, and the output, its gradient and the LSE.
 pub(crate) fn backward(
-    (sq, lq): (&CudaStorage, &Layout),
-    (skv, lkv): (&CudaStorage, &Layout),
-    (su, lu): (&CudaStorage, &Layout),
+    (q, k, v, u): (&Tensor, &Tensor, &Tensor, &Tensor),
     sel: &Selection,
     dims: Dims,
     scfg: &SparseKConfig,
     scale: f32,
     (out, grad_out, lse): (&Tensor, &Tensor, &Tensor),
-) -> Result<CudaStorage> {
-    match sq.dtype() {
-        DType::F32 => bwd_t::<f32>(
-            (sq, lq),
-            (skv, lkv),
-            (su, lu),
-            sel,
-            dims,
-            scfg,
-            scale,
-            (out, grad_out, lse),
-        ),
-        DType::F16 => bwd_t::<f16>(
-            (sq, lq),
-            (skv, lkv),
-            (su, lu),
-            sel,
-            dims,
-            scfg,
-            scale,
-            (out, grad_out, lse),
-        ),
-        DType::BF16 => bwd_t::<bf16>(
-            (sq, lq),
-            (skv, lkv),
-            (su, lu),
-            sel,
-            dims,
-            scfg,
-            scale,
-            (out, grad_out, lse),
-        ),
+) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
+    let inputs = (q, k, v, u);
+    let carried = (out, grad_out, lse);
+    match q.dtype() {
+        DType::F32 => bwd_t::<f32>(inputs, sel, dims, scfg, scale, carried),
+        DType::F16 => bwd_t::<f16>(inputs, sel, dims, scfg, scale, carried),
+        DType::BF16 => bwd_t::<bf16>(inputs, sel, dims, scfg, scale, carried),
         other => bail!("sparsek (cuda): unsupported dtype {other:?}"),
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 fn bwd_t<T: CudaDType + candle::cuda_backend::cudarc::driver::DeviceRepr>(
-    (sq, lq): (&CudaStorage, &Layout),
-    (skv, lkv): (&CudaStorage, &Layout),
-    (su, lu): (&CudaStorage, &Layout),
+    (q, k, v, u): (&Tensor, &Tensor, &Tensor, &Tensor),
     sel: &Selection,
     dims: Dims,
     scfg: &SparseKConfig,
     scale: f32,
     (out, grad_out, lse): (&Tensor, &Tensor, &Tensor),
-) -> Result<CudaStorage> {
+) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
     check_dims(dims, scfg)?;
-    let dtype = sq.dtype();
+    let dtype = q.dtype();
     for (t, name) in [(out, "out"), (grad_out, "grad_out")] {
-        if t.dtype() != dtype || t.dims() != lq.dims() {
+        if t.dtype() != dtype || t.dims() != q.dims() {
             bail!(
                 "sparsek (cuda): {name} must be {dtype:?} {:?}, got {:?} {:?}",
-                lq.dims(),
+                q.dims(),
                 t.dtype(),
                 t.dims()
             )
         }
     }
-    let dev = sq.device().clone();
-    let (q, kv, u) = (
-        view::<T>(sq, lq, "q")?,
-        view::<T>(skv, lkv, "kv")?,
-        view::<f32>(su, lu, "scores")?,
+    let dev = match q.device() {
+        candle::Device::Cuda(d) => d.clone(),
+        other => bail!("sparsek (cuda): q is on {:?}", other.location()),
+    };
+    let guards = [q, k, v, out, grad_out].map(|t| t.storage_and_layout());
+    let (ug, lg) = (u.storage_and_layout(), lse.storage_and_layout());
+    let (q, k, v, o, go) = (
+        carried::<T>(&guards[0], "q")?,
+        carried::<T>(&guards[1], "k")?,
+        carried::<T>(&guards[2], "v")?,
+        carried::<T>(&guards[3], "out")?,
+        carried::<T>(&guards[4], "grad_out")?,
     );
-    let (og, gg, lg) = (
-        out.storage_and_layout(),
-        grad_out.storage_and_layout(),
-        lse.storage_and_layout(),
-    );
-    let (o, go, lse) = (
-        carried::<T>(&og, "out")?,
-        carried::<T>(&gg, "grad_out")?,
-        carried::<f32>(&lg, "lse")?,
-    );
+    let (u, lse) = (carried::<f32>(&ug, "scores")?, carried::<f32>(&lg, "lse")?);
     let rows_q = dims.b * dims.hq * dims.t;
     let rows_k = dims.b * dims.hkv * dims.t;
-    let (nq, nkv) = (rows_q * dims.d, rows_k * 2 * dims.d);
     let tc = tensor_cores(dtype, dims.d);
-    // The tensor-core dK / dV / du kernel adds into zeroed outputs.
-    let mut packed = if tc {
-        dev.alloc_zeros::<f32>(nq + nkv + rows_k)?
-    } else {
-        unsafe { dev.alloc::<f32>(nq + nkv + rows_k) }?
-    };
     let (prefix, smem) = if tc {
         ("skt", tc_smem(dims.d, 2))
     } else {
         ("sk", 0)
     };
-    let launch = |rows: usize| {
-        if tc {
-            cfg((sel.blocks, dims.b * dims.hq), 128, smem)
-        } else {
-            cfg((rows.div_ceil(WARPS), 1), 32 * WARPS, 0)
-        }
+    let launch = if tc {
+        cfg((sel.blocks, dims.b * dims.hq), 128, smem)?
+    } else {
+        cfg((rows_q.div_ceil(WARPS), 1), 32 * WARPS, 0)?
     };
+    // Every element of these is written by the kernels below (no zeroing).
+    let mut dq = unsafe { dev.alloc::<T>(rows_q * dims.d) }?;
+    let mut du = unsafe { dev.alloc::<f32>(rows_k) }?;
     let mut delta = unsafe { dev.alloc::<f32>(rows_q) }?;
     let mut rsum = unsafe { dev.alloc::<f32>(rows_q) }?;
     let mut nsup = unsafe { dev.alloc::<f32>(rows_q) }?;
     let sc = Scalars::new(dims, scfg, sel.blocks, scale);
     let tn = tname(dtype)?;
-    let (mut dq, mut rest) = packed.split_at_mut(nq);
-    let (mut dkv, mut du) = rest.split_at_mut(nkv);
     {
         let f = func!(dev, &format!("{prefix}_bwd_dq_{tn}_d{}", dims.d), smem);
         let mut b = f.builder();
         b.arg(&q);
-        b.arg(&kv);
+        b.arg(&k);
+        b.arg(&v);
         b.arg(&o);
         b.arg(&go);
         b.arg(&lse);
@@ -425,22 +408,66 @@ fn bwd_t<T: CudaDType + candle::cuda_backend::cudarc::driver::DeviceRepr>(
         b.arg(&mut rsum);
         b.arg(&mut nsup);
         push_params(&mut b, &u, sel, &sc);
-        unsafe { b.launch(launch(rows_q)?) }.w()?;
+        unsafe { b.launch(launch) }.w()?;
     }
-    {
-        let f = func!(dev, &format!("{prefix}_bwd_dkv_{tn}_d{}", dims.d), smem);
+    let nk = rows_k * dims.d;
+    let mut dk = unsafe { dev.alloc::<T>(nk) }?;
+    let mut dv = unsafe { dev.alloc::<T>(nk) }?;
+    if tc {
+        // f32 accumulator [dk | dv]: the band kernel stores every element, the list kernel adds.
+        let mut dacc = unsafe { dev.alloc::<f32>(2 * nk) }?;
+        for (name, grid) in [
+            ("skt_bwd_dkv_band", (sel.blocks, dims.b * dims.hkv)),
+            ("skt_bwd_dkv", (sel.blocks, dims.b * dims.hq)),
+        ] {
+            let f = func!(dev, &format!("{name}_{tn}_d{}", dims.d), smem);
+            let mut b = f.builder();
+            b.arg(&q);
+            b.arg(&k);
+            b.arg(&v);
+            b.arg(&go);
+            b.arg(&lse);
+            b.arg(&delta);
+            b.arg(&rsum);
+            b.arg(&nsup);
+            b.arg(&mut dacc);
+            b.arg(&mut du);
+            push_params(&mut b, &u, sel, &sc);
+            unsafe { b.launch(cfg(grid, 128, smem)?) }.w()?;
+        }
+        let f = func!(dev, &format!("sk_dkv_convert_{tn}"), 0);
+        let mut b = f.builder();
+        b.arg(&dacc);
+        b.arg(&mut dk);
+        b.arg(&mut dv);
+        let n = nk as i64;
+        b.arg(&n);
+        let threads = 256;
+        let grid = (2 * nk / 4).div_ceil(threads).min(132 * 32);
+        unsafe { b.launch(cfg((grid, 1), threads, 0)?) }.w()?;
+    } else {
+        let f = func!(dev, &format!("sk_bwd_dkv_{tn}_d{}", dims.d), 0);
         let mut b = f.builder();
         b.arg(&q);
-        b.arg(&kv);
+        b.arg(&k);
+        b.arg(&v);
         b.arg(&go);
         b.arg(&lse);
         b.arg(&delta);
         b.arg(&rsum);
         b.arg(&nsup);
-        b.arg(&mut dkv);
+        b.arg(&mut dk);
+        b.arg(&mut dv);
         b.arg(&mut du);
         push_params(&mut b, &u, sel, &sc);
-        unsafe { b.launch(launch(rows_k)?) }.w()?;
+        unsafe { b.launch(cfg((rows_k.div_ceil(WARPS), 1), 32 * WARPS, 0)?) }.w()?;
     }
-    Ok(CudaStorage::wrap_cuda_slice(packed, dev))
+    let q_shape = Shape::from((dims.b, dims.hq, dims.t, dims.d));
+    let k_shape = Shape::from((dims.b, dims.hkv, dims.t, dims.d));
+    Ok((
+        tensor(dq, &dev, &q_shape),
+        tensor(dk, &dev, &k_shape),
+        tensor(dv, &dev, &k_shape),
+        tensor(du, &dev, &Shape::from((dims.b, dims.hkv, dims.t))),
+    ))
 }
