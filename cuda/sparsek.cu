@@ -130,13 +130,14 @@ extern "C" __global__ void sk_block_lists(const float* __restrict__ u, float* __
 }
 
 // ---------------------------------------------------------------------------------------------
-// Per query: cut (the cap-th largest candidate key, or j = -1) and tau (-inf when <= k kept).
+// Per query: cut (the cap-th largest candidate key, or j = -1), tau (-inf when <= k kept) and the
+// length of the prefix of its block's list that it attends (nattend; nlist: the block's maximum).
 // Grid (nb, rows), 8 warps; dynamic smem: (cap + BQ) * 8 bytes.
 extern "C" __global__ void sk_select(const float* __restrict__ u, const float* __restrict__ lu,
                                      const int* __restrict__ lj, float* __restrict__ tau_out,
                                      float* __restrict__ cut_u_out, int* __restrict__ cut_j_out,
-                                     int* __restrict__ nlist_out, int T, int window, int cap,
-                                     float k, int nb) {
+                                     int* __restrict__ nlist_out, int* __restrict__ nattend_out,
+                                     int T, int window, int cap, float k, int nb) {
   extern __shared__ unsigned char smem[];
   float* Lu = (float*)smem;
   int* Lj = (int*)(Lu + cap);
@@ -273,6 +274,7 @@ extern "C" __global__ void sk_select(const float* __restrict__ u, const float* _
       tau_out[o] = tau;
       cut_u_out[o] = cut_u;
       cut_j_out[o] = cut_j;
+      nattend_out[o] = na;
     }
   }
   __syncthreads();
@@ -283,7 +285,8 @@ extern "C" __global__ void sk_select(const float* __restrict__ u, const float* _
 // Attention. Shared argument list and per-row helpers.
 #define SK_PARAMS                                                                               \
   const float *__restrict__ u, const float *__restrict__ lu, const int *__restrict__ lj,       \
-      const int *__restrict__ nlist, const float *__restrict__ tau, const float *__restrict__ cut_u,                          \
+      const int *__restrict__ nlist, const int *__restrict__ nattend,                          \
+      const float *__restrict__ tau, const float *__restrict__ cut_u,                           \
       const int *__restrict__ cut_j, int B, int Hq, int Hkv, int T, int window, int cap, int nb, \
       float scale
 
@@ -557,6 +560,15 @@ __device__ void sk_bwd_dkv(const E* __restrict__ q, const E* __restrict__ k,
 #define TC_WARPS 4
 #define TC_THREADS (TC_WARPS * 32)
 
+// Tile kinds, uniform over a CTA's tile, so that most tiles skip the general weight test:
+// - SK_LIST: a list tile; every key is a candidate of every query of the block (it lies before
+//   e_c), and query i attends exactly the list prefix [0, nattend_i), weight min(u - tau_i, 1);
+// - SK_FULL: a band tile inside the window of every query of the block: weight 1;
+// - SK_BAND: any other band tile: sk_weight.
+#define SK_LIST 0
+#define SK_FULL 1
+#define SK_BAND 2
+
 // The key tiles of one query block.
 struct SkTiles {
   const float* lu;  // the block's list (cap entries)
@@ -578,6 +590,13 @@ struct SkTiles {
     *uo = neg_inf();
     return -1;
   }
+  // The kind of tile t for the query block starting at m0 (SK_LIST, SK_FULL or SK_BAND).
+  __device__ __forceinline__ int kind(int t, int m0, int window) const {
+    if (t < ntl) return SK_LIST;
+    int j0 = e0 + (t - ntl) * TB;
+    bool full = j0 + TB <= e1 && j0 + TB - 1 <= m0 && j0 > m0 + BQ - 1 - window;
+    return full ? SK_FULL : SK_BAND;
+  }
   // Position only (-1: none).
   __device__ __forceinline__ int key_j(int t, int r) const {
     if (t < ntl) {
@@ -596,6 +615,33 @@ __device__ __forceinline__ float sk_weight(int i, int j, float uj, float tau_i, 
   if (j > i - window) return 1.f;
   if (!(uj > tau_i) || !in_top(uj, j, cu_i, cj_i)) return 0.f;
   return fminf(uj - tau_i, 1.f);
+}
+
+template <int K> struct SkKind { static constexpr int value = K; };
+
+// Weight of a key (list index r for SK_LIST, position j, score uj) for query i (attended list
+// prefix na, tau, cut (cu, cj)) in a tile of kind KIND.
+template <int KIND>
+__device__ __forceinline__ float sk_tile_weight(int r, int na, int i, int j, float uj, float tau,
+                                                float cu, int cj, int window) {
+  if constexpr (KIND == SK_LIST) return r < na ? fminf(uj - tau, 1.f) : 0.f;
+  else if constexpr (KIND == SK_FULL) return 1.f;
+  else return sk_weight(i, j, uj, tau, cu, cj, window);
+}
+
+// Whether a weight enters the SPARSEK backward (key j strictly inside the support of query i).
+template <int KIND>
+__device__ __forceinline__ bool sk_in_support(float wv, int i, int j, int window) {
+  if constexpr (KIND == SK_FULL) return false;
+  else return wv > 0.f && wv < 1.f && (KIND == SK_LIST || j <= i - window);
+}
+
+// Calls f(SkKind<K>()) for the run-time kind k (one instantiation of the tile code per kind).
+template <typename F>
+__device__ __forceinline__ void sk_dispatch(int k, F&& f) {
+  if (k == SK_LIST) f(SkKind<SK_LIST>());
+  else if (k == SK_FULL) f(SkKind<SK_FULL>());
+  else f(SkKind<SK_BAND>());
 }
 
 // Tiles of query block c of kv row bhk (nlist: per block, the list prefix its queries attend).
@@ -661,11 +707,11 @@ struct SkSmem {
 
 // Per-thread query rows of the query-major kernels (rows gq and gq + 8 of the warp's 16).
 struct SkRows {
-  int i[2];
+  int i[2], na[2];
   float tau[2], cu[2];
   int cj[2];
   __device__ SkRows(int m0, int bhk, int T, const float* tau_, const float* cut_u,
-                    const int* cut_j) {
+                    const int* cut_j, const int* nattend) {
     int warp = threadIdx.x / 32, gq = (threadIdx.x & 31) >> 2;
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
@@ -676,6 +722,7 @@ struct SkRows {
       tau[hf] = ok ? tau_[ti] : 0.f;
       cu[hf] = ok ? cut_u[ti] : 0.f;
       cj[hf] = ok ? cut_j[ti] : -1;
+      na[hf] = ok ? nattend[ti] : 0;
     }
   }
 };
@@ -694,7 +741,7 @@ __device__ void skt_fwd(const E* __restrict__ q, const E* __restrict__ k, const 
   const E* kr = k + (long long)bhk * T * D;
   const E* vr = v + (long long)bhk * T * D;
   SkTiles tl = sk_tiles(c, bhk, u, lu, lj, nlist, T, window, cap, nb);
-  SkRows rw(m0, bhk, T, tau, cut_u, cut_j);
+  SkRows rw(m0, bhk, T, tau, cut_u, cut_j, nattend);
   const float sl2 = scale * LOG2E;
 
   load_tile<E, BQ, D, TC_THREADS>(sm.q, q + qrow0 * D, m0, T);
@@ -727,20 +774,24 @@ __device__ void skt_fwd(const E* __restrict__ q, const E* __restrict__ k, const 
 #pragma unroll
     for (int x = 0; x < N8; ++x) s[x][0] = s[x][1] = s[x][2] = s[x][3] = 0.f;
     gemm_abt<E, D, 1, N8, true>(s, qf, nullptr, 0, cK, 0);
+    sk_dispatch(tl.kind(t, m0, window), [&](auto kd) {
+      constexpr int KIND = decltype(kd)::value;
 #pragma unroll
-    for (int nt = 0; nt < N8; ++nt)
+      for (int nt = 0; nt < N8; ++nt)
 #pragma unroll
-      for (int e2 = 0; e2 < 2; ++e2) {
-        int col = nt * 8 + 2 * t4 + e2;
-        int j = cJ[col];
-        float uj = cU[col];
+        for (int e2 = 0; e2 < 2; ++e2) {
+          int col = nt * 8 + 2 * t4 + e2;
+          int j = KIND == SK_BAND ? cJ[col] : 0;
+          float uj = KIND == SK_FULL ? 0.f : cU[col];
 #pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-          float wv = sk_weight(rw.i[hf], j, uj, rw.tau[hf], rw.cu[hf], rw.cj[hf], window);
-          w[nt][hf * 2 + e2] = wv;
-          s[nt][hf * 2 + e2] = wv > 0.f ? s[nt][hf * 2 + e2] * sl2 : neg_inf();
+          for (int hf = 0; hf < 2; ++hf) {
+            float wv = sk_tile_weight<KIND>(t * TB + col, rw.na[hf], rw.i[hf], j, uj, rw.tau[hf],
+                                            rw.cu[hf], rw.cj[hf], window);
+            w[nt][hf * 2 + e2] = wv;
+            s[nt][hf * 2 + e2] = wv > 0.f ? s[nt][hf * 2 + e2] * sl2 : neg_inf();
+          }
         }
-      }
+    });
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
       float mx = mrow[hf];
@@ -806,7 +857,7 @@ __device__ void skt_bwd_dq(const E* __restrict__ q, const E* __restrict__ k,
   const E* kr = k + (long long)bhk * T * D;
   const E* vr = v + (long long)bhk * T * D;
   SkTiles tl = sk_tiles(c, bhk, u, lu, lj, nlist, T, window, cap, nb);
-  SkRows rw(m0, bhk, T, tau, cut_u, cut_j);
+  SkRows rw(m0, bhk, T, tau, cut_u, cut_j, nattend);
   const float sl2 = scale * LOG2E;
 
   load_tile<E, BQ, D, TC_THREADS>(sm.q, q + qrow0 * D, m0, T);
@@ -861,25 +912,29 @@ __device__ void skt_bwd_dq(const E* __restrict__ q, const E* __restrict__ k,
       s[x][0] = s[x][1] = s[x][2] = s[x][3] = dp[x][0] = dp[x][1] = dp[x][2] = dp[x][3] = 0.f;
     gemm_abt<E, D, 1, N8, true>(s, qf, nullptr, 0, cK, 0);
     gemm_abt<E, D, 1, N8, true>(dp, gf, nullptr, 0, cV, 0);
+    sk_dispatch(tl.kind(t, m0, window), [&](auto kd) {
+      constexpr int KIND = decltype(kd)::value;
 #pragma unroll
-    for (int nt = 0; nt < N8; ++nt)
+      for (int nt = 0; nt < N8; ++nt)
 #pragma unroll
-      for (int e2 = 0; e2 < 2; ++e2) {
-        int col = nt * 8 + 2 * t4 + e2;
-        int j = cJ[col];
-        float uj = cU[col];
+        for (int e2 = 0; e2 < 2; ++e2) {
+          int col = nt * 8 + 2 * t4 + e2;
+          int j = KIND == SK_BAND ? cJ[col] : 0;
+          float uj = KIND == SK_FULL ? 0.f : cU[col];
 #pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-          int x = hf * 2 + e2;
-          float wv = sk_weight(rw.i[hf], j, uj, rw.tau[hf], rw.cu[hf], rw.cj[hf], window);
-          float a = wv > 0.f ? fast_exp2(s[nt][x] * sl2 - l2[hf]) : 0.f;
-          if (wv > 0.f && wv < 1.f && j <= rw.i[hf] - window) {
-            r[hf] += a * dp[nt][x];
-            ns[hf] += 1.f;
+          for (int hf = 0; hf < 2; ++hf) {
+            int x = hf * 2 + e2;
+            float wv = sk_tile_weight<KIND>(t * TB + col, rw.na[hf], rw.i[hf], j, uj, rw.tau[hf],
+                                            rw.cu[hf], rw.cj[hf], window);
+            float a = wv > 0.f ? fast_exp2(s[nt][x] * sl2 - l2[hf]) : 0.f;
+            if (sk_in_support<KIND>(wv, rw.i[hf], j, window)) {
+              r[hf] += a * dp[nt][x];
+              ns[hf] += 1.f;
+            }
+            s[nt][x] = a * (wv * dp[nt][x] - dl[hf]);
           }
-          s[nt][x] = a * (wv * dp[nt][x] - dl[hf]);
         }
-      }
+    });
     gemm_pb<E, D, 1, TB / 16>(acc, s, cK, 0);
     __syncthreads();
     buf ^= 1;
@@ -915,15 +970,16 @@ __device__ void skt_bwd_dq(const E* __restrict__ q, const E* __restrict__ k,
 // Per-query data of one query block for the key-side backward.
 struct SkQStats {
   float tau[BQ], cu[BQ], l2[BQ], dl[BQ], rn[BQ];
-  int cj[BQ], i[BQ];
+  int cj[BQ], i[BQ], na[BQ];
 };
 
 // Fills `st` for the query block starting at m0 (rows of q-head row qrow0, kv-head row krow0).
 __device__ __forceinline__ void sk_load_qstats(SkQStats& st, int m0, long long krow0,
                                                long long qrow0, int T, const float* tau,
                                                const float* cut_u, const int* cut_j,
-                                               const float* lse, const float* delta,
-                                               const float* rsum, const float* nsup) {
+                                               const int* nattend, const float* lse,
+                                               const float* delta, const float* rsum,
+                                               const float* nsup) {
   for (int n = threadIdx.x; n < BQ; n += TC_THREADS) {
     int i = m0 + n;
     bool ok = i < T;
@@ -932,6 +988,7 @@ __device__ __forceinline__ void sk_load_qstats(SkQStats& st, int m0, long long k
     st.tau[n] = ok ? tau[ti] : 0.f;
     st.cu[n] = ok ? cut_u[ti] : 0.f;
     st.cj[n] = ok ? cut_j[ti] : -1;
+    st.na[n] = ok ? nattend[ti] : 0;
     st.l2[n] = ok ? lse[qi] * LOG2E : 0.f;
     st.dl[n] = ok ? delta[qi] : 0.f;
     float ns = ok ? nsup[qi] : 0.f;
@@ -940,13 +997,14 @@ __device__ __forceinline__ void sk_load_qstats(SkQStats& st, int m0, long long k
 }
 
 // One step for the warp's 16 keys (rows warp * 16 .. of cK / cV; this thread's rows gq and gq + 8
-// have positions jk (-1: skip) and scores uk) against the BQ queries of sQ / sG: adds
-// dV += (a w)^T dO to adv, dK += dS^T Q (unscaled) to adk and the score gradient to gu.
-template <typename E, int D>
+// have positions jk (-1: skip), scores uk and, in a list tile (KIND = SK_LIST), list indices rk)
+// against the BQ queries of sQ / sG: adds dV += (a w)^T dO to adv, dK += dS^T Q (unscaled) to
+// adk and the score gradient to gu.
+template <typename E, int D, int KIND>
 __device__ __forceinline__ void skt_dkv_step(float (*adv)[4], float (*adk)[4], float* gu,
                                              const E* cK, const E* cV, const E* sQ, const E* sG,
                                              const SkQStats& st, const int* jk, const float* uk,
-                                             float sl2, int window) {
+                                             const int* rk, float sl2, int window) {
   constexpr int N8 = BQ / 8;
   const int warp = threadIdx.x / 32, t4 = threadIdx.x & 3;
   float s[N8][4], dpt[N8][4];
@@ -963,10 +1021,12 @@ __device__ __forceinline__ void skt_dkv_step(float (*adv)[4], float (*adk)[4], f
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
         int x = hf * 2 + e2;
-        float wv = sk_weight(i, jk[hf], uk[hf], st.tau[n], st.cu[n], st.cj[n], window);
+        float wv = jk[hf] < 0 ? 0.f
+                              : sk_tile_weight<KIND>(rk[hf], st.na[n], i, jk[hf], uk[hf],
+                                                     st.tau[n], st.cu[n], st.cj[n], window);
         float a = wv > 0.f ? fast_exp2(s[nt][x] * sl2 - st.l2[n]) : 0.f;
         float dpv = dpt[nt][x];
-        if (wv > 0.f && wv < 1.f && jk[hf] <= i - window) gu[hf] += a * dpv - st.rn[n];
+        if (sk_in_support<KIND>(wv, i, jk[hf], window)) gu[hf] += a * dpv - st.rn[n];
         s[nt][x] = a * wv;
         dpt[nt][x] = a * (wv * dpv - st.dl[n]);
       }
@@ -1031,7 +1091,7 @@ __device__ void skt_bwd_dkv_band(const E* __restrict__ q, const E* __restrict__ 
     if (p + 1 < np) load_q(p + 1, buf ^ 1);
     cp_async_commit();
     int h = hk * g + p / nc, c = c_lo + p % nc;
-    sk_load_qstats(st, c * BQ, krow0, ((long long)b * Hq + h) * T, T, tau, cut_u, cut_j, lse,
+    sk_load_qstats(st, c * BQ, krow0, ((long long)b * Hq + h) * T, T, tau, cut_u, cut_j, nattend, lse,
                    delta, rsum, nsup);
     cp_async_wait<1>();
     __syncthreads();
@@ -1039,8 +1099,8 @@ __device__ void skt_bwd_dkv_band(const E* __restrict__ q, const E* __restrict__ 
     int e0 = block_start(c, window), e1 = min(T, c * BQ + BQ), jb[2];
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) jb[hf] = jk[hf] >= e0 && jk[hf] < e1 ? jk[hf] : -1;
-    skt_dkv_step<E, D>(adv, adk, gu, sK, sV, sQ + buf * BQ * SD, sG + buf * BQ * SD, st, jb, uk,
-                       sl2, window);
+    skt_dkv_step<E, D, SK_BAND>(adv, adk, gu, sK, sV, sQ + buf * BQ * SD, sG + buf * BQ * SD, st,
+                                jb, uk, jb, sl2, window);
     __syncthreads();
     buf ^= 1;
   }
@@ -1087,7 +1147,7 @@ __device__ void skt_bwd_dkv(const E* __restrict__ q, const E* __restrict__ k,
   load_tile<E, BQ, D, TC_THREADS>(sG, go + qrow0 * D, m0, T);
   sk_load_tile<E, D>(sm.k, sm.v, sm.u, sm.j, kr, vr, tl, 0);
   cp_async_commit();
-  sk_load_qstats(st, m0, krow0, qrow0, T, tau, cut_u, cut_j, lse, delta, rsum, nsup);
+  sk_load_qstats(st, m0, krow0, qrow0, T, tau, cut_u, cut_j, nattend, lse, delta, rsum, nsup);
   int buf = 0;
   for (int t = 0; t < tl.ntl; ++t) {
     if (t + 1 < tl.ntl)
@@ -1098,10 +1158,11 @@ __device__ void skt_bwd_dkv(const E* __restrict__ q, const E* __restrict__ k,
     __syncthreads();
     const float* cU = sm.u + buf * TB;
     const int* cJ = sm.j + buf * TB;
-    int jk[2];
+    int jk[2], rk[2];
     float uk[2], gu[2] = {0.f, 0.f};
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
+      rk[hf] = t * TB + warp * 16 + gq + hf * 8;
       jk[hf] = cJ[warp * 16 + gq + hf * 8];
       uk[hf] = cU[warp * 16 + gq + hf * 8];
     }
@@ -1110,8 +1171,8 @@ __device__ void skt_bwd_dkv(const E* __restrict__ q, const E* __restrict__ k,
     for (int x = 0; x < D / 8; ++x)
       adv[x][0] = adv[x][1] = adv[x][2] = adv[x][3] = adk[x][0] = adk[x][1] = adk[x][2] =
           adk[x][3] = 0.f;
-    skt_dkv_step<E, D>(adv, adk, gu, sm.k + buf * TB * SD, sm.v + buf * TB * SD, sm.q, sG, st,
-                       jk, uk, sl2, window);
+    skt_dkv_step<E, D, SK_LIST>(adv, adk, gu, sm.k + buf * TB * SD, sm.v + buf * TB * SD, sm.q,
+                                sG, st, jk, uk, rk, sl2, window);
 #pragma unroll
     for (int pass = 0; pass < 2; ++pass) {
       float(*acc)[4] = pass == 0 ? adv : adk;
@@ -1180,7 +1241,7 @@ __device__ void sk_dkv_convert(const float* __restrict__ dacc, E* __restrict__ d
     skt_bwd_dkv<TY, D>(q, k, v, go, lse, delta, rsum, nsup, dacc, du, SK_ARGS);                 \
   }
 
-#define SK_ARGS u, lu, lj, nlist, tau, cut_u, cut_j, B, Hq, Hkv, T, window, cap, nb, scale
+#define SK_ARGS u, lu, lj, nlist, nattend, tau, cut_u, cut_j, B, Hq, Hkv, T, window, cap, nb, scale
 
 #define SK_INSTANTIATE(TY, NAME, D)                                                             \
   extern "C" __global__ void sk_fwd_##NAME##_d##D(const TY* q, const TY* k, const TY* v,        \

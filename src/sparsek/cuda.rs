@@ -45,6 +45,8 @@ pub(crate) struct Selection {
     list_j: Arc<CudaSlice<i32>>,
     /// Per block `(b·hkv, blocks)`: the length of the list prefix its queries attend.
     list_len: Arc<CudaSlice<i32>>,
+    /// Per query `(b·hkv, t)`: the length of the prefix of its block's list that it attends.
+    nattend: Arc<CudaSlice<i32>>,
     /// Per query `(b·hkv, t)`: τ (`-inf` when every candidate has p = 1) and the cut key.
     tau: Arc<CudaSlice<f32>>,
     cut_u: Arc<CudaSlice<f32>>,
@@ -138,6 +140,7 @@ pub(crate) fn select(
     let mut cut_u = unsafe { dev.alloc::<f32>(rows * t) }?;
     let mut cut_j = unsafe { dev.alloc::<i32>(rows * t) }?;
     let mut list_len = unsafe { dev.alloc::<i32>(rows * blocks) }?;
+    let mut nattend = unsafe { dev.alloc::<i32>(rows * t) }?;
     {
         let smem = (cap + BQ) * 8;
         let f = func!(dev, "sk_select", smem);
@@ -150,6 +153,7 @@ pub(crate) fn select(
         b.arg(&mut cut_u);
         b.arg(&mut cut_j);
         b.arg(&mut list_len);
+        b.arg(&mut nattend);
         b.arg(&t_i);
         b.arg(&w_i);
         b.arg(&cap_i);
@@ -161,6 +165,7 @@ pub(crate) fn select(
         list_u: Arc::new(list_u),
         list_j: Arc::new(list_j),
         list_len: Arc::new(list_len),
+        nattend: Arc::new(nattend),
         tau: Arc::new(tau),
         cut_u: Arc::new(cut_u),
         cut_j: Arc::new(cut_j),
@@ -213,6 +218,7 @@ fn push_params<'a>(
     b.arg(sel.list_u.as_ref());
     b.arg(sel.list_j.as_ref());
     b.arg(sel.list_len.as_ref());
+    b.arg(sel.nattend.as_ref());
     b.arg(sel.tau.as_ref());
     b.arg(sel.cut_u.as_ref());
     b.arg(sel.cut_j.as_ref());
