@@ -967,54 +967,32 @@ __device__ void skt_bwd_dq(const E* __restrict__ q, const E* __restrict__ k,
 // - sk_dkv_convert: dK, dV to the input dtype.
 // Both recompute S^T = K Q^T and dP^T = V dO^T per (16 keys of a warp, BQ queries) step.
 
-// Per-query data of one query block for the key-side backward, copied asynchronously (part of
-// the commit group of the block's Q / dO tiles): tau, cut_u, cut_j, nattend, lse, delta, rsum,
-// nsup as raw 32-bit words, zero for rows past T (their weights are 0: row index -1, nattend 0).
+// Per-query data of one query block for the key-side backward.
 struct SkQStats {
-  uint32_t raw[8][BQ];
-  int m0, T;
-  __device__ __forceinline__ int i(int n) const { return m0 + n < T ? m0 + n : -1; }
-  __device__ __forceinline__ float tau(int n) const { return __uint_as_float(raw[0][n]); }
-  __device__ __forceinline__ float cu(int n) const { return __uint_as_float(raw[1][n]); }
-  __device__ __forceinline__ int cj(int n) const { return (int)raw[2][n]; }
-  __device__ __forceinline__ int na(int n) const { return (int)raw[3][n]; }
-  __device__ __forceinline__ float l2(int n) const { return __uint_as_float(raw[4][n]) * LOG2E; }
-  __device__ __forceinline__ float dl(int n) const { return __uint_as_float(raw[5][n]); }
-  // r_i / |S_i| of the SPARSEK backward (0 when S_i is empty).
-  __device__ __forceinline__ float rn(int n) const {
-    float ns = __uint_as_float(raw[7][n]);
-    return ns > 0.f ? __uint_as_float(raw[6][n]) / ns : 0.f;
-  }
+  float tau[BQ], cu[BQ], l2[BQ], dl[BQ], rn[BQ];
+  int cj[BQ], i[BQ], na[BQ];
 };
 
-// Starts the async copy of `st` for the query block starting at m0 (rows of q-head row qrow0,
-// kv-head row krow0); the caller commits. m0 and T are set by the first thread: callers
-// synchronise before reading them, as for the copied words.
+// Fills `st` for the query block starting at m0 (rows of q-head row qrow0, kv-head row krow0).
 __device__ __forceinline__ void sk_load_qstats(SkQStats& st, int m0, long long krow0,
                                                long long qrow0, int T, const float* tau,
                                                const float* cut_u, const int* cut_j,
                                                const int* nattend, const float* lse,
                                                const float* delta, const float* rsum,
                                                const float* nsup) {
-  for (int idx = threadIdx.x; idx < 8 * BQ; idx += TC_THREADS) {
-    int a = idx / BQ, n = idx % BQ, i = m0 + n;
+  for (int n = threadIdx.x; n < BQ; n += TC_THREADS) {
+    int i = m0 + n;
     bool ok = i < T;
-    const void* src;
-    switch (a) {  // a switch, not an array of pointers (which would live in local memory)
-      case 0: src = tau + krow0; break;
-      case 1: src = cut_u + krow0; break;
-      case 2: src = cut_j + krow0; break;
-      case 3: src = nattend + krow0; break;
-      case 4: src = lse + qrow0; break;
-      case 5: src = delta + qrow0; break;
-      case 6: src = rsum + qrow0; break;
-      default: src = nsup + qrow0; break;
-    }
-    cp_async4(&st.raw[a][n], reinterpret_cast<const uint32_t*>(src) + (ok ? i : 0), ok);
-  }
-  if (threadIdx.x == 0) {
-    st.m0 = m0;
-    st.T = T;
+    long long ti = krow0 + i, qi = qrow0 + i;
+    st.i[n] = ok ? i : -1;
+    st.tau[n] = ok ? tau[ti] : 0.f;
+    st.cu[n] = ok ? cut_u[ti] : 0.f;
+    st.cj[n] = ok ? cut_j[ti] : -1;
+    st.na[n] = ok ? nattend[ti] : 0;
+    st.l2[n] = ok ? lse[qi] * LOG2E : 0.f;
+    st.dl[n] = ok ? delta[qi] : 0.f;
+    float ns = ok ? nsup[qi] : 0.f;
+    st.rn[n] = ns > 0.f ? rsum[qi] / ns : 0.f;
   }
 }
 
@@ -1039,18 +1017,18 @@ __device__ __forceinline__ void skt_dkv_step(float (*adv)[4], float (*adk)[4], f
   for (int nt = 0; nt < N8; ++nt)
 #pragma unroll
     for (int e2 = 0; e2 < 2; ++e2) {
-      int n = nt * 8 + 2 * t4 + e2, i = st.i(n);
+      int n = nt * 8 + 2 * t4 + e2, i = st.i[n];
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
         int x = hf * 2 + e2;
         float wv = jk[hf] < 0 ? 0.f
-                              : sk_tile_weight<KIND>(rk[hf], st.na(n), i, jk[hf], uk[hf],
-                                                     st.tau(n), st.cu(n), st.cj(n), window);
-        float a = wv > 0.f ? fast_exp2(s[nt][x] * sl2 - st.l2(n)) : 0.f;
+                              : sk_tile_weight<KIND>(rk[hf], st.na[n], i, jk[hf], uk[hf],
+                                                     st.tau[n], st.cu[n], st.cj[n], window);
+        float a = wv > 0.f ? fast_exp2(s[nt][x] * sl2 - st.l2[n]) : 0.f;
         float dpv = dpt[nt][x];
-        if (sk_in_support<KIND>(wv, i, jk[hf], window)) gu[hf] += a * dpv - st.rn(n);
+        if (sk_in_support<KIND>(wv, i, jk[hf], window)) gu[hf] += a * dpv - st.rn[n];
         s[nt][x] = a * wv;
-        dpt[nt][x] = a * (wv * dpv - st.dl(n));
+        dpt[nt][x] = a * (wv * dpv - st.dl[n]);
       }
     }
   gemm_pb<E, D, 1, BQ / 16>(adv, s, sG, 0);
@@ -1073,7 +1051,7 @@ __device__ void skt_bwd_dkv_band(const E* __restrict__ q, const E* __restrict__ 
   constexpr int SD = Pad<D>::SD;
   static_assert(TB == BQ, "key blocks and query blocks have the same size");
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  __shared__ SkQStats st[2];
+  __shared__ SkQStats st;
   E* sK = reinterpret_cast<E*>(smem_raw);
   E* sV = sK + TB * SD;
   E* sQ = sV + TB * SD;   // [2][BQ][SD]
@@ -1100,8 +1078,6 @@ __device__ void skt_bwd_dkv_band(const E* __restrict__ q, const E* __restrict__ 
     long long qrow0 = ((long long)b * Hq + h) * T;
     load_tile<E, BQ, D, TC_THREADS>(sQ + buf * BQ * SD, q + qrow0 * D, c * BQ, T);
     load_tile<E, BQ, D, TC_THREADS>(sG + buf * BQ * SD, go + qrow0 * D, c * BQ, T);
-    sk_load_qstats(st[buf], c * BQ, krow0, qrow0, T, tau, cut_u, cut_j, nattend, lse, delta,
-                   rsum, nsup);
   };
   load_q(0, 0);
   cp_async_commit();
@@ -1114,15 +1090,17 @@ __device__ void skt_bwd_dkv_band(const E* __restrict__ q, const E* __restrict__ 
   for (int p = 0; p < np; ++p) {
     if (p + 1 < np) load_q(p + 1, buf ^ 1);
     cp_async_commit();
-    int c = c_lo + p % nc;
+    int h = hk * g + p / nc, c = c_lo + p % nc;
+    sk_load_qstats(st, c * BQ, krow0, ((long long)b * Hq + h) * T, T, tau, cut_u, cut_j, nattend, lse,
+                   delta, rsum, nsup);
     cp_async_wait<1>();
     __syncthreads();
     // Only the keys of block c's band [e0, e1); the older ones come from its list.
     int e0 = block_start(c, window), e1 = min(T, c * BQ + BQ), jb[2];
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) jb[hf] = jk[hf] >= e0 && jk[hf] < e1 ? jk[hf] : -1;
-    skt_dkv_step<E, D, SK_BAND>(adv, adk, gu, sK, sV, sQ + buf * BQ * SD, sG + buf * BQ * SD,
-                                st[buf], jb, uk, jb, sl2, window);
+    skt_dkv_step<E, D, SK_BAND>(adv, adk, gu, sK, sV, sQ + buf * BQ * SD, sG + buf * BQ * SD, st,
+                                jb, uk, jb, sl2, window);
     __syncthreads();
     buf ^= 1;
   }
@@ -1168,8 +1146,8 @@ __device__ void skt_bwd_dkv(const E* __restrict__ q, const E* __restrict__ k,
   load_tile<E, BQ, D, TC_THREADS>(sm.q, q + qrow0 * D, m0, T);
   load_tile<E, BQ, D, TC_THREADS>(sG, go + qrow0 * D, m0, T);
   sk_load_tile<E, D>(sm.k, sm.v, sm.u, sm.j, kr, vr, tl, 0);
-  sk_load_qstats(st, m0, krow0, qrow0, T, tau, cut_u, cut_j, nattend, lse, delta, rsum, nsup);
   cp_async_commit();
+  sk_load_qstats(st, m0, krow0, qrow0, T, tau, cut_u, cut_j, nattend, lse, delta, rsum, nsup);
   int buf = 0;
   for (int t = 0; t < tl.ntl; ++t) {
     if (t + 1 < tl.ntl)
