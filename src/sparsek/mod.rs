@@ -29,33 +29,46 @@
 //!   backward per row, summed over all rows that have `j` in their strict support `S_i`.
 //! - **Kernels**: CPU: an incremental top-`K′` structure per kv head (one insertion per query) and
 //!   an exact sorted scan for τ (f64). CUDA: per block of 64 queries the top-`K′` of the prefix by a
-//!   sequential merge of sorted lists, then per query its cut (the `K′`-th largest candidate) and τ
-//!   by bisection polished with the closed form (f32). Attention, f16 / bf16 with head_dim ≤ 128:
-//!   blocked tensor-core kernels (mma.sync m16n8k16, f32 accumulation), one CTA per block of 64
-//!   queries and query head. τ_i and the cut are non-decreasing in i, so the block's queries
-//!   attend a prefix of its sorted list plus the contiguous band of its newer candidates and
-//!   window keys; both are walked in tiles of 64 gathered K/V rows (cp.async, double-buffered)
-//!   with the weight `w_ij` applied per element. Forward: online softmax; dQ, `r_i`, `|S_i|`:
-//!   the same walk; dK, dV and the score gradient: the same walk again with each warp owning 16
-//!   keys of the tile, added to f32 outputs with vector atomics (keys are shared by many blocks
-//!   and heads: not bitwise deterministic). f32 (and head_dim 256) keep the exact row kernels:
-//!   forward and dQ one warp per query row, dK / dV / scores one warp per key over the interval
-//!   of queries attending it (no atomics, deterministic). CUDA needs `K′ ≤ 8192`.
+//!   sequential merge of sorted lists, then per query its cut (the `K′`-th largest candidate), τ
+//!   (safeguarded Newton steps on the piecewise-linear budget, warm-started at the previous
+//!   query's τ, f32) and the length of the list prefix it attends. Attention, f16 / bf16 with
+//!   head_dim ≤ 128: blocked tensor-core kernels (mma.sync m16n8k16, f32 accumulation), one CTA
+//!   per block of 64 queries and query head. τ_i and the cut are non-decreasing in i, so the
+//!   block's queries attend a prefix of its sorted list plus the contiguous band of its newer
+//!   candidates and window keys; both are walked in tiles of 64 gathered K/V rows (cp.async,
+//!   double-buffered) with the weight `w_ij` applied per element (list tiles: one comparison with
+//!   the query's attended prefix; band tiles inside every query's window: no test). Forward:
+//!   online softmax; dQ (written in the input dtype), `r_i`, `|S_i|`: the same walk. dK, dV and
+//!   the score gradient: the band part key-major (one CTA per block of 64 keys and kv head over
+//!   the query blocks whose band holds them; registers, plain stores), then the list tiles
+//!   query-major with each warp owning 16 keys of the tile, added with f32 vector atomics (list
+//!   keys are shared by many blocks and heads: not bitwise deterministic), then one pass to the
+//!   input dtype. f32 (and head_dim 256) keep the exact row kernels: forward and dQ one warp per
+//!   query row, dK / dV / scores one warp per key over the interval of queries attending it (no
+//!   atomics, deterministic). CUDA needs `K′ ≤ 8192`.
+//! - **Autograd**: candle's `CustomOp3` has three inputs, so `k` and `v` enter through a
+//!   one-element link op on `(k, v)`; the attention op `(q, link, scores)` reads k and v from its
+//!   own fields, and its backward hands `(dk, dv)` to the link's backward (no `[k | v]` copy).
 //! - **Scores**: `−0.0` and `+0.0` are the same score. NaN scores are rejected on the CPU; the CUDA
 //!   path never syncs with the host and does not check them.
 //!
 //! # Performance (measured: H100, bf16, B = 4, H = 48, D = 64, k = 256, window = 256, K′ = 512)
-//! Forward + backward 43.3 / 84.2 / 168.9 / 339.2 ms at 8k / 16k / 32k / 64k tokens (linear:
-//! ×1.94, ×2.01, ×2.01), beside the dense [`crate::flash_attn`] at 43.4 / 143.2 / 512.0 ms
-//! (1.00× / 1.70× / 3.03× faster); forward alone 10.9 / 21.2 / 42.9 / 85.3 ms; device memory
-//! in use after the backward 3.5 / 6.4 / 11.9 / 22.8 GiB (table and command in BENCHMARKS.md).
-//! The row kernels these blocked ones replace took 317 / 653 / 1314 ms. At 16k the SparseK
-//! kernels take 42.9 ms (selection 8.5, forward 9.5, dQ 12.2, dK/dV/dScores 12.7); the rest is
-//! outside them: the `[k | v]` concatenation, the zeroed f32 `[dq | dkv | du]` buffer and its
-//! conversions, and the benchmark's loss ops (also in the dense run). Not yet at the 5× target;
-//! next: take k and v separately and write the gradients in the input dtype (removes the glue),
-//! dK/dV of the band tiles per key block without atomics (deterministic, fewer atomics), fewer
-//! Newton passes per query in `sk_select` (warm start from the previous query's τ).
+//! Forward + backward through the loss `(out·g).sum()`: 30.9 / 59.8 / 122.3 / 241.8 ms at 8k /
+//! 16k / 32k / 64k tokens (linear: ×1.93, ×2.05, ×1.98), beside the dense [`crate::flash_attn`]
+//! at 38.4 / 125.1 / 432.8 ms (1.24× / 2.09× / 3.54× faster). With the output gradient handed in
+//! directly (no loss ops; the op's own time): 21.7 / 41.9 / 84.8 / 170.7 ms against dense 28.9 /
+//! 106.3 / 400.4 ms (1.33× / 2.53× / 4.72×). Forward alone 6.5 / 12.4 / 24.8 / 50.1 ms; device
+//! memory in use after the backward 2.40 / 4.15 / 7.40 / 13.83 GiB (table and command in
+//! BENCHMARKS.md). At 16k the kernels take 35.2 ms: selection 0.8 + 4.9, forward 6.1, dQ 8.3,
+//! dK / dV / dScores 5.3 (band) + 9.1 (list tiles) + 0.8 (conversion); the rest is candle's
+//! gradient accumulation (zeros + add per gradient, as for the dense op). Before (k and v packed
+//! into one `[k | v]` input, an f32 gradient buffer converted by separate ops): 84.2 ms at 16k
+//! with the loss, kernels 42.9 ms. Not yet at the 5× target (≈ 21 ms seeded at 16k). The blocked
+//! kernels are bound by their element-wise loops (weights, exponentials, score gradient) at
+//! about 230 registers per thread (8 warps per SM), not by memory; next: two row tiles per warp
+//! (as the dense kernels) to halve the shared-memory traffic per MMA, per-thread query data for
+//! the key-side step, and prefix sums over the sorted list so that each of `sk_select`'s Newton
+//! passes costs `O(log K′)` instead of a scan.
 
 mod attn;
 mod cache;
