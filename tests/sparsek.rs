@@ -685,7 +685,9 @@ impl candle::CustomOp1 for SeedGrad {
         _: &candle::Layout,
     ) -> candle::Result<(candle::CudaStorage, candle::Shape)> {
         use candle::backend::{BackendDevice, BackendStorage};
-        let zero = s.device().zeros_impl(&candle::Shape::from(()), DType::F32)?;
+        let zero = s
+            .device()
+            .zeros_impl(&candle::Shape::from(()), DType::F32)?;
         Ok((zero, candle::Shape::from(())))
     }
 

@@ -27,7 +27,7 @@ use half::{bf16, f16};
 
 use super::attn::Dims;
 use super::SparseKConfig;
-use crate::cuda_launch::{contiguous_view, launch_config, load_kernel};
+use crate::cuda_launch::{contiguous_view, dtype_suffix, launch_config, load_kernel, wrap_slice};
 use crate::kernels;
 
 /// Module name of `cuda/sparsek.cu`'s PTX in candle's custom-module cache.
@@ -67,15 +67,6 @@ fn cfg(grid: (usize, usize), threads: usize, smem: usize) -> Result<LaunchConfig
 
 fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout, name: &str) -> Result<CudaView<'a, T>> {
     contiguous_view(s, l, "sparsek", name)
-}
-
-fn tname(dtype: DType) -> Result<&'static str> {
-    Ok(match dtype {
-        DType::F32 => "f32",
-        DType::F16 => "f16",
-        DType::BF16 => "bf16",
-        other => bail!("sparsek (cuda): unsupported dtype {other:?}"),
-    })
 }
 
 /// SPARSEK projection of every row (last dim) of f32 scores; one warp per row.
@@ -239,20 +230,6 @@ fn carried<'a, T: CudaDType>(
     }
 }
 
-/// A tensor (no gradient graph) over a freshly written device buffer.
-fn tensor<T: CudaDType>(
-    x: CudaSlice<T>,
-    dev: &candle::CudaDevice,
-    shape: &Shape,
-) -> Tensor {
-    Tensor::from_storage(
-        Storage::Cuda(CudaStorage::wrap_cuda_slice(x, dev.clone())),
-        shape.clone(),
-        candle::op::BackpropOp::none(),
-        false,
-    )
-}
-
 /// Forward: output `(b, hq, t, d)` in the input dtype and the f32 LSE `(b, hq, t)`; `k`, `v`
 /// `(b, hkv, t, d)` contiguous, the dtype of q.
 pub(crate) fn forward(
@@ -303,7 +280,11 @@ fn fwd_t<T: CudaDType + candle::cuda_backend::cudarc::driver::DeviceRepr>(
     };
     let f = func!(
         dev,
-        &format!("{prefix}_fwd_{}_d{}", tname(sq.dtype())?, dims.d),
+        &format!(
+            "{prefix}_fwd_{}_d{}",
+            dtype_suffix(sq.dtype(), "sparsek")?,
+            dims.d
+        ),
         smem,
     );
     let mut b = f.builder();
@@ -399,7 +380,7 @@ fn bwd_t<T: CudaDType + candle::cuda_backend::cudarc::driver::DeviceRepr>(
     let mut rsum = unsafe { dev.alloc::<f32>(rows_q) }?;
     let mut nsup = unsafe { dev.alloc::<f32>(rows_q) }?;
     let sc = Scalars::new(dims, scfg, sel.blocks, scale);
-    let tn = tname(dtype)?;
+    let tn = dtype_suffix(dtype, "sparsek")?;
     {
         let f = func!(dev, &format!("{prefix}_bwd_dq_{tn}_d{}", dims.d), smem);
         let mut b = f.builder();
@@ -468,12 +449,11 @@ fn bwd_t<T: CudaDType + candle::cuda_backend::cudarc::driver::DeviceRepr>(
         push_params(&mut b, &u, sel, &sc);
         unsafe { b.launch(cfg((rows_k.div_ceil(WARPS), 1), 32 * WARPS, 0)?) }.w()?;
     }
-    let q_shape = Shape::from((dims.b, dims.hq, dims.t, dims.d));
-    let k_shape = Shape::from((dims.b, dims.hkv, dims.t, dims.d));
+    let k_shape = (dims.b, dims.hkv, dims.t, dims.d);
     Ok((
-        tensor(dq, &dev, &q_shape),
-        tensor(dk, &dev, &k_shape),
-        tensor(dv, &dev, &k_shape),
-        tensor(du, &dev, &Shape::from((dims.b, dims.hkv, dims.t))),
+        wrap_slice(dq, &dev, (dims.b, dims.hq, dims.t, dims.d)),
+        wrap_slice(dk, &dev, k_shape),
+        wrap_slice(dv, &dev, k_shape),
+        wrap_slice(du, &dev, (dims.b, dims.hkv, dims.t)),
     ))
 }
