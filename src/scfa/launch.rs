@@ -22,14 +22,18 @@ pub(crate) fn elementwise(total: usize) -> LaunchConfig {
     }
 }
 
-/// One 32-thread block (a single warp) per row.
-pub(crate) fn warp_per_row(rows: usize, shared_mem_bytes: u32) -> Result<LaunchConfig> {
+/// One block of `threads` threads per row.
+pub(crate) fn block_per_row(
+    rows: usize,
+    threads: u32,
+    shared_mem_bytes: u32,
+) -> Result<LaunchConfig> {
     if rows == 0 || rows > i32::MAX as usize {
         bail!("scfa: {rows} rows cannot be launched one block each")
     }
     Ok(LaunchConfig {
         grid_dim: (rows as u32, 1, 1),
-        block_dim: (32, 1, 1),
+        block_dim: (threads, 1, 1),
         shared_mem_bytes,
     })
 }
