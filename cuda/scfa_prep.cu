@@ -377,6 +377,100 @@ LSH(float, f32)
 LSH(__half, f16)
 LSH(__nv_bfloat16, bf16)
 
+// Thread-per-row variant for head dims D = 64 and 128 (compile-time) and 16-byte aligned x: the
+// row is read with 16-byte loads into registers, the columns are scored in chunks of 8
+// accumulators, and the rotation entries are read from global memory (one broadcast load when the
+// warp's rows share a rotation head, the usual case). Same products (k ascending fmaf chain) and
+// tie rule as lsh_buckets, so the same ids.
+#define LSH_CHUNK 8
+
+template <typename T, int D>
+__device__ __forceinline__ void lsh_rows(const T *__restrict__ x, const float *__restrict__ rot,
+                                         int *__restrict__ out, uint64_t n_rows, uint32_t t,
+                                         uint32_t heads, uint32_t group, uint32_t rot_heads,
+                                         uint32_t half) {
+  const uint64_t row = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (row >= n_rows || t == 0 || heads == 0 || group == 0 || rot_heads == 0) {
+    return;
+  }
+  constexpr int PER = 16 / sizeof(T);
+  static_assert(D % PER == 0, "row must be whole 16-byte units");
+  float xr[D];
+  const uint4 *src = reinterpret_cast<const uint4 *>(x + row * D);
+#pragma unroll
+  for (int i = 0; i < D / PER; ++i) {
+    const uint4 u = src[i];
+    const T *e = reinterpret_cast<const T *>(&u);
+#pragma unroll
+    for (int j = 0; j < PER; ++j) {
+      xr[i * PER + j] = to_float(e[j]);
+    }
+  }
+  uint32_t rh = (uint32_t)((row / t) % heads) / group;
+  rh = rh < rot_heads ? rh : rot_heads - 1;
+  const float *r = rot + (uint64_t)rh * D * half;
+  float best = -INFINITY;
+  int best_i = 0;
+  for (uint32_t c0 = 0; c0 < half; c0 += LSH_CHUNK) {
+    float acc[LSH_CHUNK];
+#pragma unroll
+    for (int j = 0; j < LSH_CHUNK; ++j) {
+      acc[j] = 0.f;
+    }
+    if (c0 + LSH_CHUNK <= half) {
+#pragma unroll 8
+      for (int k = 0; k < D; ++k) {
+        const float *rk = r + (uint64_t)k * half + c0;
+#pragma unroll
+        for (int j = 0; j < LSH_CHUNK; ++j) {
+          acc[j] = fmaf(xr[k], __ldg(rk + j), acc[j]);
+        }
+      }
+    } else {
+#pragma unroll 8
+      for (int k = 0; k < D; ++k) {
+        const float *rk = r + (uint64_t)k * half + c0;
+#pragma unroll
+        for (int j = 0; j < LSH_CHUNK; ++j) {
+          if (c0 + j < half) {
+            acc[j] = fmaf(xr[k], __ldg(rk + j), acc[j]);
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < LSH_CHUNK; ++j) {
+      const uint32_t c = c0 + j;
+      if (c < half) {
+        if (better(acc[j], (int)c, best, best_i)) {
+          best = acc[j];
+          best_i = (int)c;
+        }
+        if (better(-acc[j], (int)(c + half), best, best_i)) {
+          best = -acc[j];
+          best_i = (int)(c + half);
+        }
+      }
+    }
+  }
+  out[row] = best_i;
+}
+
+#define LSH_ROWS(T, SUFFIX, D)                                                                     \
+  extern "C" __global__ void lsh_rows_##SUFFIX##_d##D(const T *x, const float *rot, int *out,      \
+                                                       uint64_t n_rows, uint32_t t,                \
+                                                       uint32_t heads, uint32_t group,             \
+                                                       uint32_t rot_heads, uint32_t half) {        \
+    lsh_rows<T, D>(x, rot, out, n_rows, t, heads, group, rot_heads, half);                         \
+  }
+
+LSH_ROWS(float, f32, 64)
+LSH_ROWS(__half, f16, 64)
+LSH_ROWS(__nv_bfloat16, bf16, 64)
+LSH_ROWS(float, f32, 128)
+LSH_ROWS(__half, f16, 128)
+LSH_ROWS(__nv_bfloat16, bf16, 128)
+
 // ---------------------------------------------------------------------------------------------
 // Index conversion to i32: values inside [lo, hi] are copied, others become `invalid`.
 // ---------------------------------------------------------------------------------------------

@@ -628,39 +628,45 @@ fn counting_sort_is_stable_long_rows() -> Result<()> {
 
 #[test]
 fn lsh_buckets_match_brute_force() -> Result<()> {
-    let (b, h, hr, t, d, nb) = (2, 4, 2, 50, 64, 16);
+    let (b, h, hr, t) = (2, 4, 2, 50);
     let mut rng = StdRng::seed_from_u64(10);
-    let x = randn(&mut rng, &[b, h, t, d])?;
-    let rot = random_rotations(hr, d, nb, 3, &Device::Cpu)?;
-    let xs = x.flatten_all()?.to_vec1::<f32>()?;
-    let rs = rot.flatten_all()?.to_vec1::<f32>()?;
-    let half = nb / 2;
-    for dev in devices() {
-        let got = lsh_buckets(&x.to_device(&dev)?, &rot.to_device(&dev)?)?
-            .flatten_all()?
-            .to_vec1::<i32>()?;
-        for row in 0..b * h * t {
-            let rh = (row / t) % h / (h / hr);
-            let scores: Vec<f64> = (0..nb)
-                .map(|c| {
-                    let s: f64 = (0..d)
-                        .map(|k| xs[row * d + k] as f64 * rs[(rh * d + k) * half + c % half] as f64)
-                        .sum();
-                    if c < half {
-                        s
-                    } else {
-                        -s
-                    }
-                })
-                .collect();
-            let best = (0..nb).fold(0, |bi, c| if scores[c] > scores[bi] { c } else { bi });
-            let got_c = got[row] as usize;
-            assert!(got_c < nb, "bucket {got_c} out of range");
-            // Accept a different argmax only on a numerical tie.
-            assert!(
-                got_c == best || (scores[best] - scores[got_c]).abs() < 1e-4,
-                "row {row}: bucket {got_c} vs {best} on {dev:?}"
-            );
+    // Head dims 64 and 128 take CUDA's thread-per-row kernel, 48 the warp-per-row one; 6 buckets
+    // leave a partial column chunk, 40 a full chunk plus a partial one.
+    for (d, nb) in [(64, 16), (128, 6), (48, 40), (64, 40)] {
+        let x = randn(&mut rng, &[b, h, t, d])?;
+        let rot = random_rotations(hr, d, nb, 3, &Device::Cpu)?;
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let rs = rot.flatten_all()?.to_vec1::<f32>()?;
+        let half = nb / 2;
+        for dev in devices() {
+            let got = lsh_buckets(&x.to_device(&dev)?, &rot.to_device(&dev)?)?
+                .flatten_all()?
+                .to_vec1::<i32>()?;
+            for row in 0..b * h * t {
+                let rh = (row / t) % h / (h / hr);
+                let scores: Vec<f64> = (0..nb)
+                    .map(|c| {
+                        let s: f64 = (0..d)
+                            .map(|k| {
+                                xs[row * d + k] as f64 * rs[(rh * d + k) * half + c % half] as f64
+                            })
+                            .sum();
+                        if c < half {
+                            s
+                        } else {
+                            -s
+                        }
+                    })
+                    .collect();
+                let best = (0..nb).fold(0, |bi, c| if scores[c] > scores[bi] { c } else { bi });
+                let got_c = got[row] as usize;
+                assert!(got_c < nb, "bucket {got_c} out of range");
+                // Accept a different argmax only on a numerical tie.
+                assert!(
+                    got_c == best || (scores[best] - scores[got_c]).abs() < 1e-4,
+                    "d={d} nb={nb} row {row}: bucket {got_c} vs {best} on {dev:?}"
+                );
+            }
         }
     }
     Ok(())

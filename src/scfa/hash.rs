@@ -230,10 +230,19 @@ impl CustomOp2 for Lsh {
         };
         let rot = view::<f32>(sr, lr, "rotations")?;
         let rows = b * heads * t;
+        let off = lx.start_offset();
         let out = match &sx.slice {
-            S::F32(_) => Self::cuda(sx, &view::<f32>(sx, lx, "x")?, &rot, rows, dims, "f32")?,
-            S::F16(_) => Self::cuda(sx, &view::<f16>(sx, lx, "x")?, &rot, rows, dims, "f16")?,
-            S::BF16(_) => Self::cuda(sx, &view::<bf16>(sx, lx, "x")?, &rot, rows, dims, "bf16")?,
+            S::F32(_) => Self::cuda(sx, &view::<f32>(sx, lx, "x")?, off, &rot, rows, dims, "f32")?,
+            S::F16(_) => Self::cuda(sx, &view::<f16>(sx, lx, "x")?, off, &rot, rows, dims, "f16")?,
+            S::BF16(_) => Self::cuda(
+                sx,
+                &view::<bf16>(sx, lx, "x")?,
+                off,
+                &rot,
+                rows,
+                dims,
+                "bf16",
+            )?,
             _ => bail!("lsh_buckets: unsupported dtype {:?}", sx.dtype()),
         };
         Ok((out, Shape::from((b, heads, t))))
@@ -245,6 +254,7 @@ impl Lsh {
     fn cuda<T>(
         s: &candle::CudaStorage,
         x: &candle::cuda_backend::cudarc::driver::CudaView<'_, T>,
+        x_offset: usize,
         rot: &candle::cuda_backend::cudarc::driver::CudaView<'_, f32>,
         rows: usize,
         dims: LshDims,
@@ -258,31 +268,26 @@ impl Lsh {
         const SHARED_LIMIT: usize = 48 * 1024;
         let dev = &s.device;
         let mut out = unsafe { dev.alloc::<i32>(rows) }?;
-        if rows > 0 {
-            let LshDims {
-                t,
-                heads,
-                rot_heads,
-                d,
-                half,
-            } = dims;
-            // Lanes per row: the smallest power of two covering the columns (at most 32); the
-            // rest of the warp takes further rows, as far as the staged rows fit in shared memory.
-            let mut rows_per_warp = 32 / half.next_power_of_two().min(32);
-            let staged = |r: usize| WARPS * r * d * std::mem::size_of::<f32>();
-            while rows_per_warp > 1 && staged(rows_per_warp) > SHARED_LIMIT {
-                rows_per_warp /= 2;
-            }
-            let name = format!("lsh_buckets_{suffix}");
+        if rows == 0 {
+            return Ok(candle::CudaStorage::wrap_cuda_slice(out, dev.clone()));
+        }
+        let LshDims {
+            t,
+            heads,
+            rot_heads,
+            d,
+            half,
+        } = dims;
+        let group = (heads / rot_heads) as u32;
+        // Head dims 64 and 128 with 16-byte aligned rows: one thread per row.
+        if matches!(d, 64 | 128) && (x_offset * std::mem::size_of::<T>()) % 16 == 0 {
+            const THREADS: usize = 256;
+            let name = format!("lsh_rows_{suffix}_d{d}");
             let f = dev.get_or_load_custom_func(&name, launch::MODULE, launch::PTX)?;
             let cfg = LaunchConfig {
-                grid_dim: (
-                    rows.div_ceil(WARPS * rows_per_warp).min(1 << 20) as u32,
-                    1,
-                    1,
-                ),
-                block_dim: (32 * WARPS as u32, 1, 1),
-                shared_mem_bytes: staged(rows_per_warp) as u32,
+                grid_dim: (rows.div_ceil(THREADS) as u32, 1, 1),
+                block_dim: (THREADS as u32, 1, 1),
+                shared_mem_bytes: 0,
             };
             let mut b = f.builder();
             b.arg(x);
@@ -293,14 +298,47 @@ impl Lsh {
                 rows as u64,
                 t as u32,
                 heads as u32,
-                (heads / rot_heads) as u32,
+                group,
                 rot_heads as u32,
-                d as u32,
-                half as u32,
-                rows_per_warp as u32
+                half as u32
             );
             unsafe { b.launch(cfg) }.w()?;
+            return Ok(candle::CudaStorage::wrap_cuda_slice(out, dev.clone()));
         }
+        // Lanes per row: the smallest power of two covering the columns (at most 32); the rest of
+        // the warp takes further rows, as far as the staged rows fit in shared memory.
+        let mut rows_per_warp = 32 / half.next_power_of_two().min(32);
+        let staged = |r: usize| WARPS * r * d * std::mem::size_of::<f32>();
+        while rows_per_warp > 1 && staged(rows_per_warp) > SHARED_LIMIT {
+            rows_per_warp /= 2;
+        }
+        let name = format!("lsh_buckets_{suffix}");
+        let f = dev.get_or_load_custom_func(&name, launch::MODULE, launch::PTX)?;
+        let cfg = LaunchConfig {
+            grid_dim: (
+                rows.div_ceil(WARPS * rows_per_warp).min(1 << 20) as u32,
+                1,
+                1,
+            ),
+            block_dim: (32 * WARPS as u32, 1, 1),
+            shared_mem_bytes: staged(rows_per_warp) as u32,
+        };
+        let mut b = f.builder();
+        b.arg(x);
+        b.arg(rot);
+        b.arg(&mut out);
+        candle::builder_arg!(
+            b,
+            rows as u64,
+            t as u32,
+            heads as u32,
+            group,
+            rot_heads as u32,
+            d as u32,
+            half as u32,
+            rows_per_warp as u32
+        );
+        unsafe { b.launch(cfg) }.w()?;
         Ok(candle::CudaStorage::wrap_cuda_slice(out, dev.clone()))
     }
 }
