@@ -261,7 +261,8 @@ impl Lsh {
         suffix: &str,
     ) -> Result<candle::CudaStorage> {
         use super::launch;
-        use candle::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use crate::cuda_launch::launch_config;
+        use candle::cuda_backend::cudarc::driver::PushKernelArg;
         use candle::cuda_backend::WrapErr;
 
         const WARPS: usize = 8;
@@ -284,11 +285,7 @@ impl Lsh {
             const THREADS: usize = 256;
             let name = format!("lsh_rows_{suffix}_d{d}");
             let f = dev.get_or_load_custom_func(&name, launch::MODULE, launch::PTX)?;
-            let cfg = LaunchConfig {
-                grid_dim: (rows.div_ceil(THREADS) as u32, 1, 1),
-                block_dim: (THREADS as u32, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let cfg = launch_config("lsh_buckets", (rows.div_ceil(THREADS), 1), THREADS, 0)?;
             let mut b = f.builder();
             b.arg(x);
             b.arg(rot);
@@ -314,15 +311,12 @@ impl Lsh {
         }
         let name = format!("lsh_buckets_{suffix}");
         let f = dev.get_or_load_custom_func(&name, launch::MODULE, launch::PTX)?;
-        let cfg = LaunchConfig {
-            grid_dim: (
-                rows.div_ceil(WARPS * rows_per_warp).min(1 << 20) as u32,
-                1,
-                1,
-            ),
-            block_dim: (32 * WARPS as u32, 1, 1),
-            shared_mem_bytes: staged(rows_per_warp) as u32,
-        };
+        let cfg = launch_config(
+            "lsh_buckets",
+            (rows.div_ceil(WARPS * rows_per_warp).min(1 << 20), 1),
+            32 * WARPS,
+            staged(rows_per_warp),
+        )?;
         let mut b = f.builder();
         b.arg(x);
         b.arg(rot);

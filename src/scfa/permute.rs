@@ -228,7 +228,8 @@ impl RowGather {
             + candle::cuda_backend::cudarc::driver::ValidAsZeroBits,
     {
         use super::launch;
-        use candle::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use crate::cuda_launch::launch_config;
+        use candle::cuda_backend::cudarc::driver::PushKernelArg;
         use candle::cuda_backend::WrapErr;
 
         const THREADS: usize = 256;
@@ -265,11 +266,12 @@ impl RowGather {
         b.arg(index);
         b.arg(&mut out);
         candle::builder_arg!(b, rows as u32, n_out as u32, n_in as u32, units as u32);
-        let cfg = LaunchConfig {
-            grid_dim: (rows.div_ceil(rows_per_block) as u32, 1, 1),
-            block_dim: (THREADS as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = launch_config(
+            "scfa row move",
+            (rows.div_ceil(rows_per_block), 1),
+            THREADS,
+            0,
+        )?;
         unsafe { b.launch(cfg) }.w()?;
         Ok(candle::CudaStorage::wrap_cuda_slice(out, dev.clone()))
     }
@@ -388,7 +390,7 @@ impl CustomOp1 for InvertRows {
         l: &Layout,
     ) -> Result<(candle::CudaStorage, Shape)> {
         use super::launch::{self, view};
-        use candle::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use candle::cuda_backend::cudarc::driver::PushKernelArg;
         use candle::cuda_backend::WrapErr;
 
         let (b, h, n) = l.shape().dims3()?;
@@ -398,20 +400,12 @@ impl CustomOp1 for InvertRows {
         let len = self.len;
         let mut inv = unsafe { dev.alloc::<i32>(rows * len) }?;
         if rows > 0 && len > 0 {
-            if rows > i32::MAX as usize {
-                bail!("invert_rows: {rows} rows cannot be launched one block each")
-            }
             let f = dev.get_or_load_custom_func("invert_rows", launch::MODULE, launch::PTX)?;
             let mut builder = f.builder();
             builder.arg(&index);
             builder.arg(&mut inv);
             candle::builder_arg!(builder, n as u32, len as u32);
-            let cfg = LaunchConfig {
-                grid_dim: (rows as u32, 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            unsafe { builder.launch(cfg) }.w()?;
+            unsafe { builder.launch(launch::block_per_row(rows, 256, 0)?) }.w()?;
         }
         Ok((
             candle::CudaStorage::wrap_cuda_slice(inv, dev.clone()),
