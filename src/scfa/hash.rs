@@ -281,7 +281,7 @@ impl Lsh {
         } = dims;
         let group = (heads / rot_heads) as u32;
         // Head dims 64 and 128 with 16-byte aligned rows: one thread per row.
-        if matches!(d, 64 | 128) && (x_offset * std::mem::size_of::<T>()) % 16 == 0 {
+        if matches!(d, 64 | 128) && (x_offset * std::mem::size_of::<T>()).is_multiple_of(16) {
             const THREADS: usize = 256;
             let name = format!("lsh_rows_{suffix}_d{d}");
             let f = dev.get_or_load_custom_func(&name, launch::MODULE, launch::PTX)?;
