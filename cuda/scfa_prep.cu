@@ -1,8 +1,9 @@
-// Pre- and post-processing kernels of sparse causal flash attention (src/scfa): row gather and
-// scatter, keep-mask compaction, stable counting sort by bucket, angular LSH, index conversion.
-// Loaded under the module name "scfa_prep". Every index read from memory is bounds-checked:
-// out-of-range row indices mean "padding" (gather writes zeros, scatter skips the row), and
-// out-of-range bucket ids are sorted to the end as padding rows.
+// Pre- and post-processing kernels of sparse causal flash attention (src/scfa): row gather (a
+// scatter is a gather by the inverse index), index inversion, keep-mask compaction, stable
+// counting sort by bucket, angular LSH, index conversion. Loaded under the module name
+// "scfa_prep". Every index read from memory is bounds-checked: out-of-range row indices mean
+// "padding" (the gather writes zeros), and out-of-range bucket ids are sorted to the end as
+// padding rows.
 
 #include <stdint.h>
 #include <cuda_bf16.h>
@@ -12,109 +13,77 @@
 #define FULL_MASK 0xffffffffu
 
 // ---------------------------------------------------------------------------------------------
-// Row gather / scatter. Tensors are (rows_outer = batch·heads, len, units) where a "unit" is the
-// widest copy type (2, 4, 8 or 16 bytes) dividing the row size and the source offset.
-//   gather:  out[bh, r, :] = x[bh, idx[bh, r], :], or 0 when idx[bh, r] is outside [0, n_in)
-//            idx: (bh, n_out);  out: (bh, n_out, units)
-//   scatter: out[bh, idx[bh, r], :] = x[bh, r, :] for idx[bh, r] inside [0, n_out)
-//            idx: (bh, n_in);   out: (bh, n_out, units), zero-filled by the caller
+// Row gather. Tensors are (rows_outer = batch·heads, len, units) where a "unit" is the widest copy
+// type (2, 4, 8 or 16 bytes) dividing the row size and the source offset.
+//   out[bh, r, :] = x[bh, idx[bh, r], :], or 0 when idx[bh, r] is outside [0, n_in)
+//   idx: (bh, n_out);  out: (bh, n_out, units), every element written exactly once.
+// A scatter is a gather by the inverse index (see invert_rows), so the zero fill of rows where
+// nothing lands is part of the same pass. Each row gets min(units, blockDim) consecutive threads
+// (coalesced 16-byte copies); out_rows < 2^32.
 // ---------------------------------------------------------------------------------------------
 
 template <typename U>
 __device__ __forceinline__ void gather_rows(const U *__restrict__ x, const int *__restrict__ idx,
-                                            U *__restrict__ out, uint64_t out_rows, uint32_t n_out,
+                                            U *__restrict__ out, uint32_t out_rows, uint32_t n_out,
                                             uint32_t n_in, uint32_t units) {
-  const uint64_t total = out_rows * units;
-  const uint64_t stride = (uint64_t)gridDim.x * blockDim.x;
-  for (uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += stride) {
-    const uint64_t row = i / units;
-    const uint64_t u = i - row * units;
-    const uint64_t bh = row / n_out;
-    const int src = idx[row];
-    U val = {};
-    if (src >= 0 && (uint32_t)src < n_in) {
-      val = x[(bh * n_in + (uint32_t)src) * units + u];
-    }
-    out[i] = val;
-  }
-}
-
-template <typename U>
-__device__ __forceinline__ void scatter_rows(const U *__restrict__ x, const int *__restrict__ idx,
-                                             U *__restrict__ out, uint64_t in_rows, uint32_t n_out,
-                                             uint32_t n_in, uint32_t units) {
-  const uint64_t total = in_rows * units;
-  const uint64_t stride = (uint64_t)gridDim.x * blockDim.x;
-  for (uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += stride) {
-    const uint64_t row = i / units;
-    const uint64_t u = i - row * units;
-    const uint64_t bh = row / n_in;
-    const int dst = idx[row];
-    if (dst >= 0 && (uint32_t)dst < n_out) {
-      out[(bh * n_out + (uint32_t)dst) * units + u] = x[i];
-    }
-  }
-}
-
-#define ROW_MOVE(U, SUFFIX)                                                                        \
-  extern "C" __global__ void gather_rows_##SUFFIX(const U *x, const int *idx, U *out,             \
-                                                  uint64_t out_rows, uint32_t n_out,              \
-                                                  uint32_t n_in, uint32_t units) {                \
-    gather_rows<U>(x, idx, out, out_rows, n_out, n_in, units);                                    \
-  }                                                                                               \
-  extern "C" __global__ void scatter_rows_##SUFFIX(const U *x, const int *idx, U *out,            \
-                                                   uint64_t in_rows, uint32_t n_out,              \
-                                                   uint32_t n_in, uint32_t units) {               \
-    scatter_rows<U>(x, idx, out, in_rows, n_out, n_in, units);                                    \
-  }
-
-ROW_MOVE(uint16_t, u16)
-ROW_MOVE(uint32_t, u32)
-ROW_MOVE(uint2, u64)
-ROW_MOVE(uint4, u128)
-
-// ---------------------------------------------------------------------------------------------
-// Keep-mask compaction, one warp per (batch, head) row of length t:
-//   pos[r] = time index of the r-th kept row (time order), pad_pos for r >= kept count.
-// Stable by construction: a ballot over 32 consecutive time steps, in time order.
-// ---------------------------------------------------------------------------------------------
-
-extern "C" __global__ void compact_kept(const uint8_t *__restrict__ keep, int *__restrict__ pos,
-                                        uint32_t n_rows, uint32_t t, int pad_pos) {
-  const uint32_t row = blockIdx.x;
-  const uint32_t lane = threadIdx.x;
-  if (row >= n_rows || blockDim.x != 32) {
+  const uint32_t per_row = units < blockDim.x ? units : blockDim.x;
+  const uint32_t rows_per_block = blockDim.x / per_row;
+  const uint32_t local = threadIdx.x / per_row;
+  if (local >= rows_per_block) {
     return;
   }
-  const uint8_t *k = keep + (uint64_t)row * t;
-  int *p = pos + (uint64_t)row * t;
-  const uint32_t lower = (1u << lane) - 1u;
-  uint32_t count = 0;
-  // One chunk ahead in a register, so the loop does not stall on every load.
-  uint8_t next = lane < t ? k[lane] : 0;
-  for (uint32_t base = 0; base < t; base += 32) {
-    const uint32_t i = base + lane;
-    const bool kept = i < t && next != 0;
-    next = i + 32 < t ? k[i + 32] : 0;
-    const uint32_t ballot = __ballot_sync(FULL_MASK, kept);
-    if (kept) {
-      p[count + __popc(ballot & lower)] = (int)i;
-    }
-    count += __popc(ballot);
+  const uint64_t row = (uint64_t)blockIdx.x * rows_per_block + local;
+  if (row >= out_rows) {
+    return;
   }
-  for (uint32_t r = count + lane; r < t; r += 32) {
-    p[r] = pad_pos;
+  const uint32_t bh = (uint32_t)row / n_out;
+  const int src = idx[row];
+  const bool hit = src >= 0 && (uint32_t)src < n_in;
+  const U *from = x + ((uint64_t)bh * n_in + (hit ? (uint32_t)src : 0u)) * units;
+  U *to = out + row * units;
+  for (uint32_t u = threadIdx.x - local * per_row; u < units; u += per_row) {
+    U val = {};
+    if (hit) {
+      val = from[u];
+    }
+    to[u] = val;
+  }
+}
+
+#define ROW_GATHER(U, SUFFIX)                                                                      \
+  extern "C" __global__ void gather_rows_##SUFFIX(const U *x, const int *idx, U *out,             \
+                                                  uint32_t out_rows, uint32_t n_out,              \
+                                                  uint32_t n_in, uint32_t units) {                \
+    gather_rows<U>(x, idx, out, out_rows, n_out, n_in, units);                                    \
+  }
+
+ROW_GATHER(uint16_t, u16)
+ROW_GATHER(uint32_t, u32)
+ROW_GATHER(uint2, u64)
+ROW_GATHER(uint4, u128)
+
+// Inverse of a row index, one block per (batch, head): inv[bh, s] = r for idx[bh, r] == s, -1
+// where no entry lands (entries outside [0, n_inv) are skipped; duplicates: one of them wins).
+// idx: (rows, n_idx); inv: (rows, n_inv).
+extern "C" __global__ void invert_rows(const int *__restrict__ idx, int *__restrict__ inv,
+                                       uint32_t n_idx, uint32_t n_inv) {
+  const uint64_t row = blockIdx.x;
+  int *dst = inv + row * n_inv;
+  for (uint32_t s = threadIdx.x; s < n_inv; s += blockDim.x) {
+    dst[s] = -1;
+  }
+  __syncthreads();
+  const int *src = idx + row * n_idx;
+  for (uint32_t r = threadIdx.x; r < n_idx; r += blockDim.x) {
+    const int s = src[r];
+    if (s >= 0 && (uint32_t)s < n_inv) {
+      dst[s] = (int)r;
+    }
   }
 }
 
 // ---------------------------------------------------------------------------------------------
-// Stable counting sort by bucket, one warp per (batch, head) row of length t, n_buckets <= the
-// dynamic shared memory ((n_buckets + 1) ints). Output packed as two planes of (n_rows, t) ints:
-//   out[0, row, r] = time index of the r-th row in (bucket, time) order (pad_pos for dropped rows)
-//   out[1, row, r] = its bucket id (pad_bucket for dropped rows)
-// Ids outside [0, n_buckets) go to a virtual last bucket and come out as padding.
-// Histogram (shared atomics), exclusive scan (warp shuffles), then a time-ordered scatter where
-// lanes with equal buckets rank themselves with __match_any_sync: stable by construction.
+// Block-wide scans (blockDim.x a multiple of 32, at most 1024).
 // ---------------------------------------------------------------------------------------------
 
 __device__ __forceinline__ int warp_inclusive_scan(int v, uint32_t lane) {
@@ -128,67 +97,188 @@ __device__ __forceinline__ int warp_inclusive_scan(int v, uint32_t lane) {
   return v;
 }
 
+// Exclusive scan of one value per thread over the block, in thread order; *total receives the
+// sum. Every thread of the block must call it (it synchronises the block, also on exit, so it
+// can be called in a loop).
+__device__ __forceinline__ int block_exclusive_scan(int v, int *total) {
+  __shared__ int sums[33];
+  const uint32_t lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  const int incl = warp_inclusive_scan(v, lane);
+  if (lane == 31) {
+    sums[warp] = incl;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    const int s = lane < warps ? sums[lane] : 0;
+    const int si = warp_inclusive_scan(s, lane);
+    if (lane < warps) {
+      sums[lane] = si - s;
+    }
+    if (lane == 31) {
+      sums[32] = si;
+    }
+  }
+  __syncthreads();
+  const int out = sums[warp] + incl - v;
+  *total = sums[32];
+  __syncthreads();
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Keep-mask compaction, one block per (batch, head) row of length t. Output two planes of
+// (n_rows, t) ints:
+//   out[0, row, r] = time index of the r-th kept step (time order), pad_pos for r >= kept count
+//   out[1, row, i] = compacted row of step i, -1 when step i is dropped
+// Tiles of blockDim·16 steps: each thread counts 16 consecutive steps, a block scan gives its
+// first compacted row. Stable by construction.
+// ---------------------------------------------------------------------------------------------
+
+#define COMPACT_STEPS 16
+
+extern "C" __global__ void compact_kept(const uint8_t *__restrict__ keep, int *__restrict__ out,
+                                        uint32_t n_rows, uint32_t t, int pad_pos) {
+  const uint32_t row = blockIdx.x;
+  if (row >= n_rows) {
+    return;
+  }
+  const uint8_t *k = keep + (uint64_t)row * t;
+  int *pos = out + (uint64_t)row * t;
+  int *inv = out + (uint64_t)n_rows * t + (uint64_t)row * t;
+  int carry = 0;
+  for (uint32_t base = 0; base < t; base += blockDim.x * COMPACT_STEPS) {
+    const uint32_t first = base + threadIdx.x * COMPACT_STEPS;
+    uint32_t bits = 0;
+#pragma unroll
+    for (uint32_t j = 0; j < COMPACT_STEPS; ++j) {
+      const uint32_t i = first + j;
+      if (i < t && k[i] != 0) {
+        bits |= 1u << j;
+      }
+    }
+    int total;
+    int r = carry + block_exclusive_scan(__popc(bits), &total);
+#pragma unroll
+    for (uint32_t j = 0; j < COMPACT_STEPS; ++j) {
+      const uint32_t i = first + j;
+      if (i < t) {
+        if ((bits >> j) & 1u) {
+          pos[r] = (int)i;
+          inv[i] = r++;
+        } else {
+          inv[i] = -1;
+        }
+      }
+    }
+    carry += total;
+  }
+  for (uint32_t r = (uint32_t)carry + threadIdx.x; r < t; r += blockDim.x) {
+    pos[r] = pad_pos;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stable counting sort by bucket, one block of W = blockDim/32 warps per (batch, head) row of
+// length t. Output three planes of (n_rows, t) ints:
+//   out[0, row, r] = time index of the r-th row in (bucket, time) order (pad_pos for dropped rows)
+//   out[1, row, r] = its bucket id (pad_bucket for dropped rows)
+//   out[2, row, i] = sorted row of step i, -1 for dropped steps
+// Ids outside [0, n_buckets) go to a virtual last bucket and come out as padding.
+// Dynamic shared memory: slots = n_buckets + 1 running offsets, plus W·slots per-warp counters
+// when W > 1. Histogram (shared atomics), exclusive scan, then tiles of W·32 consecutive steps:
+// lanes with equal buckets rank themselves with __match_any_sync, warps are ordered by a prefix
+// over the per-warp counts. Stable by construction.
+// ---------------------------------------------------------------------------------------------
+
 extern "C" __global__ void bucket_sort(const int *__restrict__ ids, int *__restrict__ out,
                                        uint32_t n_rows, uint32_t t, uint32_t n_buckets,
                                        int pad_pos, int pad_bucket) {
-  extern __shared__ int offsets[]; // n_buckets + 1 counters
+  extern __shared__ int offsets[]; // slots running offsets, then [W][slots] counters
   const uint32_t row = blockIdx.x;
-  const uint32_t lane = threadIdx.x;
-  if (row >= n_rows || blockDim.x != 32) {
+  if (row >= n_rows) {
     return;
   }
+  const uint32_t lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
   const uint32_t slots = n_buckets + 1;
+  int *counts = offsets + slots;
   const int *id = ids + (uint64_t)row * t;
+  const uint64_t plane = (uint64_t)n_rows * t;
   int *out_pos = out + (uint64_t)row * t;
-  int *out_bkt = out + (uint64_t)n_rows * t + (uint64_t)row * t;
+  int *out_bkt = out_pos + plane;
+  int *out_inv = out_bkt + plane;
 
-  for (uint32_t s = lane; s < slots; s += 32) {
+  for (uint32_t s = threadIdx.x; s < slots; s += blockDim.x) {
     offsets[s] = 0;
   }
-  __syncwarp();
-#pragma unroll 4
-  for (uint32_t i = lane; i < t; i += 32) {
+  __syncthreads();
+  for (uint32_t i = threadIdx.x; i < t; i += blockDim.x) {
     const int b = id[i];
-    const uint32_t slot = (b >= 0 && (uint32_t)b < n_buckets) ? (uint32_t)b : n_buckets;
-    atomicAdd(&offsets[slot], 1);
+    atomicAdd(&offsets[(b >= 0 && (uint32_t)b < n_buckets) ? (uint32_t)b : n_buckets], 1);
   }
-  __syncwarp();
-  int carry = 0;
-  for (uint32_t base = 0; base < slots; base += 32) {
-    const uint32_t s = base + lane;
-    const int c = s < slots ? offsets[s] : 0;
-    const int incl = warp_inclusive_scan(c, lane);
-    if (s < slots) {
-      offsets[s] = carry + incl - c;
+  __syncthreads();
+  if (warp == 0) {
+    int carry = 0;
+    for (uint32_t base = 0; base < slots; base += 32) {
+      const uint32_t s = base + lane;
+      const int c = s < slots ? offsets[s] : 0;
+      const int incl = warp_inclusive_scan(c, lane);
+      if (s < slots) {
+        offsets[s] = carry + incl - c;
+      }
+      carry += __shfl_sync(FULL_MASK, incl, 31);
     }
-    carry += __shfl_sync(FULL_MASK, incl, 31);
   }
-  __syncwarp();
+  __syncthreads();
 
   const uint32_t lower = (1u << lane) - 1u;
-  int next = lane < t ? id[lane] : 0; // one chunk ahead, as in compact_kept
-  for (uint32_t base = 0; base < t; base += 32) {
-    const uint32_t i = base + lane;
+  for (uint32_t base = 0; base < t; base += blockDim.x) {
+    const uint32_t i = base + threadIdx.x;
     const bool active = i < t;
-    const int b = next;
-    next = i + 32 < t ? id[i + 32] : 0;
+    const int b = active ? id[i] : 0;
     const bool valid = b >= 0 && (uint32_t)b < n_buckets;
     // Inactive lanes take a key no active lane can have.
     const int slot = !active ? -1 : (valid ? b : (int)n_buckets);
     const uint32_t peers = __match_any_sync(FULL_MASK, slot);
-    const int start = active ? offsets[slot] : 0;
-    __syncwarp();
+    const bool leader = lane == (uint32_t)(__ffs(peers) - 1);
+    int start = 0;
+    if (warps == 1) {
+      start = active ? offsets[slot] : 0;
+      __syncwarp();
+      if (active && leader) {
+        offsets[slot] = start + __popc(peers);
+      }
+      __syncwarp();
+    } else {
+      for (uint32_t e = threadIdx.x; e < warps * slots; e += blockDim.x) {
+        counts[e] = 0;
+      }
+      __syncthreads();
+      if (active && leader) {
+        counts[warp * slots + (uint32_t)slot] = __popc(peers);
+      }
+      __syncthreads();
+      // Per bucket: warps in order after the bucket's running offset.
+      for (uint32_t s = threadIdx.x; s < slots; s += blockDim.x) {
+        int run = offsets[s];
+        for (uint32_t w = 0; w < warps; ++w) {
+          const int c = counts[w * slots + s];
+          counts[w * slots + s] = run;
+          run += c;
+        }
+        offsets[s] = run;
+      }
+      __syncthreads();
+      start = active ? counts[warp * slots + (uint32_t)slot] : 0;
+      __syncthreads();
+    }
     if (active) {
       const uint32_t dst = (uint32_t)start + __popc(peers & lower);
       if (dst < t) {
         out_pos[dst] = valid ? (int)i : pad_pos;
         out_bkt[dst] = valid ? b : pad_bucket;
       }
-      if (lane == (uint32_t)(__ffs(peers) - 1)) {
-        offsets[slot] = start + __popc(peers);
-      }
+      out_inv[i] = valid && dst < t ? (int)dst : -1;
     }
-    __syncwarp();
   }
 }
 
@@ -286,6 +376,100 @@ __device__ __forceinline__ void lsh_buckets(const T *__restrict__ x, const float
 LSH(float, f32)
 LSH(__half, f16)
 LSH(__nv_bfloat16, bf16)
+
+// Thread-per-row variant for head dims D = 64 and 128 (compile-time) and 16-byte aligned x: the
+// row is read with 16-byte loads into registers, the columns are scored in chunks of 8
+// accumulators, and the rotation entries are read from global memory (one broadcast load when the
+// warp's rows share a rotation head, the usual case). Same products (k ascending fmaf chain) and
+// tie rule as lsh_buckets, so the same ids.
+#define LSH_CHUNK 8
+
+template <typename T, int D>
+__device__ __forceinline__ void lsh_rows(const T *__restrict__ x, const float *__restrict__ rot,
+                                         int *__restrict__ out, uint64_t n_rows, uint32_t t,
+                                         uint32_t heads, uint32_t group, uint32_t rot_heads,
+                                         uint32_t half) {
+  const uint64_t row = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (row >= n_rows || t == 0 || heads == 0 || group == 0 || rot_heads == 0) {
+    return;
+  }
+  constexpr int PER = 16 / sizeof(T);
+  static_assert(D % PER == 0, "row must be whole 16-byte units");
+  float xr[D];
+  const uint4 *src = reinterpret_cast<const uint4 *>(x + row * D);
+#pragma unroll
+  for (int i = 0; i < D / PER; ++i) {
+    const uint4 u = src[i];
+    const T *e = reinterpret_cast<const T *>(&u);
+#pragma unroll
+    for (int j = 0; j < PER; ++j) {
+      xr[i * PER + j] = to_float(e[j]);
+    }
+  }
+  uint32_t rh = (uint32_t)((row / t) % heads) / group;
+  rh = rh < rot_heads ? rh : rot_heads - 1;
+  const float *r = rot + (uint64_t)rh * D * half;
+  float best = -INFINITY;
+  int best_i = 0;
+  for (uint32_t c0 = 0; c0 < half; c0 += LSH_CHUNK) {
+    float acc[LSH_CHUNK];
+#pragma unroll
+    for (int j = 0; j < LSH_CHUNK; ++j) {
+      acc[j] = 0.f;
+    }
+    if (c0 + LSH_CHUNK <= half) {
+#pragma unroll 8
+      for (int k = 0; k < D; ++k) {
+        const float *rk = r + (uint64_t)k * half + c0;
+#pragma unroll
+        for (int j = 0; j < LSH_CHUNK; ++j) {
+          acc[j] = fmaf(xr[k], __ldg(rk + j), acc[j]);
+        }
+      }
+    } else {
+#pragma unroll 8
+      for (int k = 0; k < D; ++k) {
+        const float *rk = r + (uint64_t)k * half + c0;
+#pragma unroll
+        for (int j = 0; j < LSH_CHUNK; ++j) {
+          if (c0 + j < half) {
+            acc[j] = fmaf(xr[k], __ldg(rk + j), acc[j]);
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < LSH_CHUNK; ++j) {
+      const uint32_t c = c0 + j;
+      if (c < half) {
+        if (better(acc[j], (int)c, best, best_i)) {
+          best = acc[j];
+          best_i = (int)c;
+        }
+        if (better(-acc[j], (int)(c + half), best, best_i)) {
+          best = -acc[j];
+          best_i = (int)(c + half);
+        }
+      }
+    }
+  }
+  out[row] = best_i;
+}
+
+#define LSH_ROWS(T, SUFFIX, D)                                                                     \
+  extern "C" __global__ void lsh_rows_##SUFFIX##_d##D(const T *x, const float *rot, int *out,      \
+                                                       uint64_t n_rows, uint32_t t,                \
+                                                       uint32_t heads, uint32_t group,             \
+                                                       uint32_t rot_heads, uint32_t half) {        \
+    lsh_rows<T, D>(x, rot, out, n_rows, t, heads, group, rot_heads, half);                         \
+  }
+
+LSH_ROWS(float, f32, 64)
+LSH_ROWS(__half, f16, 64)
+LSH_ROWS(__nv_bfloat16, bf16, 64)
+LSH_ROWS(float, f32, 128)
+LSH_ROWS(__half, f16, 128)
+LSH_ROWS(__nv_bfloat16, bf16, 128)
 
 // ---------------------------------------------------------------------------------------------
 // Index conversion to i32: values inside [lo, hi] are copied, others become `invalid`.

@@ -23,9 +23,12 @@ use std::collections::BTreeMap;
 use anyhow::{bail, Context, Result};
 use candle::{DType, Device, Tensor, Var};
 use candle_sparse_attn::moa::{HeadSpan, MoaLayerPlan, MOA_BLOCK, MOA_SINK};
+use candle_sparse_attn::scfa::{
+    compact_kept, lsh_buckets, random_rotations, sort_by_bucket, RowKind, RowOrder,
+};
 use candle_sparse_attn::{
-    flash_attn, hash_sparse_attn, moa_attn, qk_sparse_attn, reference, AttnParams, HashConfig,
-    ScfaParams,
+    flash_attn, hash_sparse_attn, moa_attn, qk_sparse_attn, reference, sparse_causal_attn,
+    AttnParams, HashConfig, ScfaParams,
 };
 use clap::Parser;
 use serde::{Deserialize, Serialize};
@@ -60,6 +63,15 @@ struct Args {
     /// Sparse causal flash attention runs: query/key drop rates in percent (e.g. 30,50,70).
     #[arg(long, value_delimiter = ',')]
     drop: Vec<u32>,
+    /// Also time the phases of every sparse run apart (arrangement, gathers, kernel alone,
+    /// scatter; forward and forward+backward); printed, not written to the JSON.
+    #[arg(long)]
+    phases: bool,
+    /// CUDA: keep freed memory in the device's default memory pool (release threshold at
+    /// maximum, like a caching allocator) instead of returning it to the driver at every
+    /// synchronisation; applies to every method of the run alike.
+    #[arg(long)]
+    keep_pool: bool,
     /// MoA prefill runs: a sink of 64 tokens plus a uniform band of this many tokens (multiples
     /// of 64, e.g. 8192,4096).
     #[arg(long, value_delimiter = ',')]
@@ -199,9 +211,26 @@ impl Bench<'_> {
         let (b, h, n, _) = shape;
         for nb in self.args.hash.clone() {
             let cfg = HashConfig::new(nb, 0);
-            self.run(&format!("hash nb={nb}"), shape, |q, k, v| {
-                hash_sparse_attn(q, k, v, &cfg)
-            })?;
+            let label = format!("hash nb={nb}");
+            self.run(&label, shape, |q, k, v| hash_sparse_attn(q, k, v, &cfg))?;
+            if self.args.phases {
+                self.phases(&label, shape, |q, k| {
+                    let mut prep = vec![];
+                    let rot = timed(self.dev, &mut prep, "rotations", || {
+                        Ok(random_rotations(k.dim(1)?, k.dim(3)?, nb, 0, self.dev)?)
+                    })?;
+                    let (qi, ki) = timed(self.dev, &mut prep, "lsh q+k", || {
+                        Ok((lsh_buckets(q, &rot)?, lsh_buckets(k, &rot)?))
+                    })?;
+                    let orders = timed(self.dev, &mut prep, "sort q+k", || {
+                        Ok((
+                            sort_by_bucket(&qi, nb, RowKind::Query)?,
+                            sort_by_bucket(&ki, nb, RowKind::Key)?,
+                        ))
+                    })?;
+                    Ok((orders, prep))
+                })?;
+            }
         }
         for pct in self.args.drop.clone() {
             let keep = || -> Result<Tensor> {
@@ -209,10 +238,78 @@ impl Bench<'_> {
             };
             let (q_keep, k_keep) = (keep()?, keep()?);
             let p = ScfaParams::default();
-            self.run(&format!("qk drop={pct}%"), shape, |q, k, v| {
+            let label = format!("qk drop={pct}%");
+            self.run(&label, shape, |q, k, v| {
                 qk_sparse_attn(q, k, v, &q_keep, &k_keep, &p)
             })?;
+            if self.args.phases {
+                self.phases(&label, shape, |_, _| {
+                    let mut prep = vec![];
+                    let orders = timed(self.dev, &mut prep, "compaction q+k", || {
+                        Ok((
+                            compact_kept(&q_keep, RowKind::Query)?,
+                            compact_kept(&k_keep, RowKind::Key)?,
+                        ))
+                    })?;
+                    Ok((orders, prep))
+                })?;
+            }
         }
+        Ok(())
+    }
+
+    /// `--phases`: the pieces of one sparse run timed apart (medians like [`Bench::run`]): the
+    /// arrangement (`arrange` times its own steps into the list it returns), the gathers of q, k,
+    /// v, the kernel alone on the arranged rows, the scatter back; then the kernel alone forward
+    /// and backward on arranged leaf variables, beside the whole method's times in the records.
+    fn phases(
+        &self,
+        label: &str,
+        shape: (usize, usize, usize, usize),
+        arrange: impl Fn(&Tensor, &Tensor) -> Result<((RowOrder, RowOrder), Vec<(String, f64)>)>,
+    ) -> Result<()> {
+        let (b, h, n, d) = shape;
+        let (q, k, v) = self.inputs(b, h, n, d)?;
+        let ((qo, ko), mut times) = arrange(&q, &k)?;
+        let (qs, ks, vs) = timed(self.dev, &mut times, "gathers q,k,v", || {
+            Ok((qo.gather(&q)?, ko.gather(&k)?, ko.gather(&v)?))
+        })?;
+        let buckets = qo.bucket.as_ref().zip(ko.bucket.as_ref());
+        let p = ScfaParams::default();
+        let attn = |q: &Tensor, k: &Tensor, v: &Tensor| {
+            sparse_causal_attn(q, k, v, &qo.pos, &ko.pos, buckets, &p)
+        };
+        let os = timed(self.dev, &mut times, "kernel fwd", || {
+            Ok(attn(&qs, &ks, &vs)?)
+        })?;
+        timed(self.dev, &mut times, "scatter", || Ok(qo.scatter(&os)?))?;
+        let (qv, kv, vv) = (
+            Var::from_tensor(&qs)?,
+            Var::from_tensor(&ks)?,
+            Var::from_tensor(&vs)?,
+        );
+        timed(self.dev, &mut times, "kernel fwd+bwd", || {
+            attn(&qv, &kv, &vv)?
+                .narrow(3, 0, 1)?
+                .sum_all()?
+                .backward()?;
+            Ok(())
+        })?;
+        let whole = |fwd_bwd: bool| {
+            let pass = if fwd_bwd { "fwd+bwd" } else { "fwd" };
+            self.records
+                .iter()
+                .rev()
+                .find(|r| r.method == label && r.pass == pass && (r.b, r.h, r.n, r.d) == shape)
+                .map_or(f64::NAN, |r| r.ms)
+        };
+        times.push(("whole fwd".into(), whole(false)));
+        times.push(("whole fwd+bwd".into(), whole(true)));
+        let list: Vec<String> = times.iter().map(|(k, ms)| format!("{k} {ms:.3}")).collect();
+        println!(
+            "phases {label} B={b} H={h} N={n} D={d} (ms): {}",
+            list.join(" | ")
+        );
         Ok(())
     }
 
@@ -302,9 +399,18 @@ fn main() -> Result<()> {
     } else {
         vec![(1, 8, 64)]
     };
+    if args.keep_pool {
+        keep_pool(&dev)?;
+    }
     println!(
-        "device {dev:?}, dtype {dtype:?}, median of {} runs after {} warm-up",
-        args.reps, args.warmup
+        "device {dev:?}, dtype {dtype:?}, median of {} runs after {} warm-up{}",
+        args.reps,
+        args.warmup,
+        if args.keep_pool {
+            ", memory pool kept"
+        } else {
+            ""
+        }
     );
     let mut bench = Bench {
         dev: &dev,
@@ -340,6 +446,48 @@ fn main() -> Result<()> {
     }
     println!("wrote {}", args.json);
     Ok(())
+}
+
+/// `--keep-pool`: sets the release threshold of the CUDA device's default memory pool (which
+/// candle's stream-ordered allocations use) to its maximum, so memory freed between runs is
+/// reused instead of being unmapped at each synchronisation and mapped again.
+fn keep_pool(dev: &Device) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = dev {
+        use candle::cuda_backend::cudarc::driver::sys;
+        let cu_device = cuda.cuda_stream().context().cu_device();
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        let mut threshold = u64::MAX;
+        // SAFETY: the pool handle comes from the driver for a device of a live context, and the
+        // attribute value is a u64 as CU_MEMPOOL_ATTR_RELEASE_THRESHOLD requires.
+        let (got, set) = unsafe {
+            let got = sys::cuDeviceGetDefaultMemPool(&mut pool, cu_device);
+            let set = sys::cuMemPoolSetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                (&mut threshold as *mut u64).cast(),
+            );
+            (got, set)
+        };
+        if got != sys::CUresult::CUDA_SUCCESS || set != sys::CUresult::CUDA_SUCCESS {
+            bail!("--keep-pool: cuDeviceGetDefaultMemPool {got:?}, cuMemPoolSetAttribute {set:?}")
+        }
+        return Ok(());
+    }
+    bail!("--keep-pool needs a CUDA device (and a build with --features cuda), got {dev:?}")
+}
+
+/// Times `f` like [`Bench::run`] (median after warm-up), appends `(name, ms)` to `times` and
+/// returns one more result of `f`.
+fn timed<T>(
+    dev: &Device,
+    times: &mut Vec<(String, f64)>,
+    name: &str,
+    f: impl Fn() -> Result<T>,
+) -> Result<T> {
+    let ms = time_ms(dev, 2, 5, || f().map(drop))?;
+    times.push((name.to_string(), ms));
+    f()
 }
 
 /// 64×64 tiles a sink of one block plus a band of `band_blocks` blocks visits at length `n`

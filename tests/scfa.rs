@@ -434,11 +434,13 @@ fn core_op_on_arranged_rows_with_any_index_dtype() -> Result<()> {
     let q_pos = compact_kept(
         &Tensor::from_vec(q_keep, (p.b, p.hq, p.t), &cpu)?,
         RowKind::Query,
-    )?;
+    )?
+    .pos;
     let k_pos = compact_kept(
         &Tensor::from_vec(k_keep, (p.b, p.hkv, p.t), &cpu)?,
         RowKind::Key,
-    )?;
+    )?
+    .pos;
     // The reference runs on the arranged rows with the layout's own mask.
     let arranged = Inputs {
         q: gather_rows(&inputs.q, &q_pos)?,
@@ -493,15 +495,20 @@ fn core_op_with_buckets() -> Result<()> {
             .collect();
         Tensor::from_vec(v, (p.b, h, p.t), &cpu)
     };
-    let (q_pos, q_b) = sort_by_bucket(&ids(p.hq, &mut rng)?, nb as usize, RowKind::Query)?;
-    let (k_pos, k_b) = sort_by_bucket(&ids(p.hkv, &mut rng)?, nb as usize, RowKind::Key)?;
+    let q_order = sort_by_bucket(&ids(p.hq, &mut rng)?, nb as usize, RowKind::Query)?;
+    let k_order = sort_by_bucket(&ids(p.hkv, &mut rng)?, nb as usize, RowKind::Key)?;
     let inputs = Inputs::new(p, 19)?;
     let arranged = Inputs {
-        q: gather_rows(&inputs.q, &q_pos)?,
-        k: gather_rows(&inputs.k, &k_pos)?,
-        v: gather_rows(&inputs.v, &k_pos)?,
+        q: q_order.gather(&inputs.q)?,
+        k: k_order.gather(&inputs.k)?,
+        v: k_order.gather(&inputs.v)?,
         g: inputs.g.clone(),
     };
+    let (q_pos, k_pos) = (q_order.pos, k_order.pos);
+    let (q_b, k_b) = (
+        q_order.bucket.expect("q buckets"),
+        k_order.bucket.expect("k buckets"),
+    );
     let layout = SparseLayout {
         q_pos: q_pos.clone(),
         k_pos: k_pos.clone(),
@@ -541,18 +548,23 @@ fn compaction_is_stable_and_padded_long_rows() -> Result<()> {
     for dev in devices() {
         let mask = Tensor::from_vec(keep.clone(), (b, h, t), &dev)?;
         for kind in [RowKind::Query, RowKind::Key] {
-            let got = compact_kept(&mask, kind)?.flatten_all()?.to_vec1::<i32>()?;
+            let order = compact_kept(&mask, kind)?;
+            assert!(order.bucket.is_none());
+            let got = order.pos.flatten_all()?.to_vec1::<i32>()?;
+            let inv = order.inv.flatten_all()?.to_vec1::<i32>()?;
             for row in 0..b * h {
                 let mut want: Vec<i32> = (0..t)
                     .filter(|&i| keep[row * t + i] != 0)
                     .map(|i| i as i32)
                     .collect();
+                let mut want_inv = vec![-1; t];
+                for (r, &i) in want.iter().enumerate() {
+                    want_inv[i as usize] = r as i32;
+                }
                 want.resize(t, kind.pad_pos());
-                assert_eq!(
-                    &got[row * t..(row + 1) * t],
-                    &want[..],
-                    "row {row} on {dev:?}"
-                );
+                let span = row * t..(row + 1) * t;
+                assert_eq!(&got[span.clone()], &want[..], "row {row} on {dev:?}");
+                assert_eq!(&inv[span], &want_inv[..], "inverse row {row} on {dev:?}");
             }
         }
     }
@@ -574,14 +586,23 @@ fn counting_sort_is_stable_long_rows() -> Result<()> {
         for dev in devices() {
             let x = Tensor::from_vec(ids.clone(), (b, h, t), &dev)?;
             for kind in [RowKind::Query, RowKind::Key] {
-                let (pos, sorted) = sort_by_bucket(&x, nb, kind)?;
-                let pos = pos.flatten_all()?.to_vec1::<i32>()?;
-                let sorted = sorted.flatten_all()?.to_vec1::<i32>()?;
+                let order = sort_by_bucket(&x, nb, kind)?;
+                let pos = order.pos.flatten_all()?.to_vec1::<i32>()?;
+                let inv = order.inv.flatten_all()?.to_vec1::<i32>()?;
+                let sorted = order
+                    .bucket
+                    .expect("sorted ids")
+                    .flatten_all()?
+                    .to_vec1::<i32>()?;
                 for row in 0..b * h {
                     let r = &ids[row * t..(row + 1) * t];
                     let mut order: Vec<usize> =
                         (0..t).filter(|&i| (0..nb as i32).contains(&r[i])).collect();
                     order.sort_by_key(|&i| (r[i], i)); // brute force: unique composite key
+                    let mut want_inv = vec![-1; t];
+                    for (row, &i) in order.iter().enumerate() {
+                        want_inv[i] = row as i32;
+                    }
                     let mut want_pos: Vec<i32> = order.iter().map(|&i| i as i32).collect();
                     let mut want_ids: Vec<i32> = order.iter().map(|&i| r[i]).collect();
                     want_pos.resize(t, kind.pad_pos());
@@ -592,7 +613,12 @@ fn counting_sort_is_stable_long_rows() -> Result<()> {
                         &want_pos[..],
                         "nb={nb} row {row} {dev:?}"
                     );
-                    assert_eq!(&sorted[span], &want_ids[..], "nb={nb} row {row} {dev:?}");
+                    assert_eq!(
+                        &sorted[span.clone()],
+                        &want_ids[..],
+                        "nb={nb} row {row} {dev:?}"
+                    );
+                    assert_eq!(&inv[span], &want_inv[..], "nb={nb} inverse {row} {dev:?}");
                 }
             }
         }
@@ -602,39 +628,45 @@ fn counting_sort_is_stable_long_rows() -> Result<()> {
 
 #[test]
 fn lsh_buckets_match_brute_force() -> Result<()> {
-    let (b, h, hr, t, d, nb) = (2, 4, 2, 50, 64, 16);
+    let (b, h, hr, t) = (2, 4, 2, 50);
     let mut rng = StdRng::seed_from_u64(10);
-    let x = randn(&mut rng, &[b, h, t, d])?;
-    let rot = random_rotations(hr, d, nb, 3, &Device::Cpu)?;
-    let xs = x.flatten_all()?.to_vec1::<f32>()?;
-    let rs = rot.flatten_all()?.to_vec1::<f32>()?;
-    let half = nb / 2;
-    for dev in devices() {
-        let got = lsh_buckets(&x.to_device(&dev)?, &rot.to_device(&dev)?)?
-            .flatten_all()?
-            .to_vec1::<i32>()?;
-        for row in 0..b * h * t {
-            let rh = (row / t) % h / (h / hr);
-            let scores: Vec<f64> = (0..nb)
-                .map(|c| {
-                    let s: f64 = (0..d)
-                        .map(|k| xs[row * d + k] as f64 * rs[(rh * d + k) * half + c % half] as f64)
-                        .sum();
-                    if c < half {
-                        s
-                    } else {
-                        -s
-                    }
-                })
-                .collect();
-            let best = (0..nb).fold(0, |bi, c| if scores[c] > scores[bi] { c } else { bi });
-            let got_c = got[row] as usize;
-            assert!(got_c < nb, "bucket {got_c} out of range");
-            // Accept a different argmax only on a numerical tie.
-            assert!(
-                got_c == best || (scores[best] - scores[got_c]).abs() < 1e-4,
-                "row {row}: bucket {got_c} vs {best} on {dev:?}"
-            );
+    // Head dims 64 and 128 take CUDA's thread-per-row kernel, 48 the warp-per-row one; 6 buckets
+    // leave a partial column chunk, 40 a full chunk plus a partial one.
+    for (d, nb) in [(64, 16), (128, 6), (48, 40), (64, 40)] {
+        let x = randn(&mut rng, &[b, h, t, d])?;
+        let rot = random_rotations(hr, d, nb, 3, &Device::Cpu)?;
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let rs = rot.flatten_all()?.to_vec1::<f32>()?;
+        let half = nb / 2;
+        for dev in devices() {
+            let got = lsh_buckets(&x.to_device(&dev)?, &rot.to_device(&dev)?)?
+                .flatten_all()?
+                .to_vec1::<i32>()?;
+            for row in 0..b * h * t {
+                let rh = (row / t) % h / (h / hr);
+                let scores: Vec<f64> = (0..nb)
+                    .map(|c| {
+                        let s: f64 = (0..d)
+                            .map(|k| {
+                                xs[row * d + k] as f64 * rs[(rh * d + k) * half + c % half] as f64
+                            })
+                            .sum();
+                        if c < half {
+                            s
+                        } else {
+                            -s
+                        }
+                    })
+                    .collect();
+                let best = (0..nb).fold(0, |bi, c| if scores[c] > scores[bi] { c } else { bi });
+                let got_c = got[row] as usize;
+                assert!(got_c < nb, "bucket {got_c} out of range");
+                // Accept a different argmax only on a numerical tie.
+                assert!(
+                    got_c == best || (scores[best] - scores[got_c]).abs() < 1e-4,
+                    "d={d} nb={nb} row {row}: bucket {got_c} vs {best} on {dev:?}"
+                );
+            }
         }
     }
     Ok(())

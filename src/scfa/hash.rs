@@ -9,7 +9,7 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 use rand_distr::StandardNormal;
 use rayon::prelude::*;
 
-use super::RowKind;
+use super::{RowKind, RowOrder};
 
 /// Largest supported number of buckets (the CUDA counting sort keeps one counter per bucket in
 /// shared memory).
@@ -230,10 +230,19 @@ impl CustomOp2 for Lsh {
         };
         let rot = view::<f32>(sr, lr, "rotations")?;
         let rows = b * heads * t;
+        let off = lx.start_offset();
         let out = match &sx.slice {
-            S::F32(_) => Self::cuda(sx, &view::<f32>(sx, lx, "x")?, &rot, rows, dims, "f32")?,
-            S::F16(_) => Self::cuda(sx, &view::<f16>(sx, lx, "x")?, &rot, rows, dims, "f16")?,
-            S::BF16(_) => Self::cuda(sx, &view::<bf16>(sx, lx, "x")?, &rot, rows, dims, "bf16")?,
+            S::F32(_) => Self::cuda(sx, &view::<f32>(sx, lx, "x")?, off, &rot, rows, dims, "f32")?,
+            S::F16(_) => Self::cuda(sx, &view::<f16>(sx, lx, "x")?, off, &rot, rows, dims, "f16")?,
+            S::BF16(_) => Self::cuda(
+                sx,
+                &view::<bf16>(sx, lx, "x")?,
+                off,
+                &rot,
+                rows,
+                dims,
+                "bf16",
+            )?,
             _ => bail!("lsh_buckets: unsupported dtype {:?}", sx.dtype()),
         };
         Ok((out, Shape::from((b, heads, t))))
@@ -245,45 +254,38 @@ impl Lsh {
     fn cuda<T>(
         s: &candle::CudaStorage,
         x: &candle::cuda_backend::cudarc::driver::CudaView<'_, T>,
+        x_offset: usize,
         rot: &candle::cuda_backend::cudarc::driver::CudaView<'_, f32>,
         rows: usize,
         dims: LshDims,
         suffix: &str,
     ) -> Result<candle::CudaStorage> {
         use super::launch;
-        use candle::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use crate::cuda_launch::launch_config;
+        use candle::cuda_backend::cudarc::driver::PushKernelArg;
         use candle::cuda_backend::WrapErr;
 
         const WARPS: usize = 8;
         const SHARED_LIMIT: usize = 48 * 1024;
         let dev = &s.device;
         let mut out = unsafe { dev.alloc::<i32>(rows) }?;
-        if rows > 0 {
-            let LshDims {
-                t,
-                heads,
-                rot_heads,
-                d,
-                half,
-            } = dims;
-            // Lanes per row: the smallest power of two covering the columns (at most 32); the
-            // rest of the warp takes further rows, as far as the staged rows fit in shared memory.
-            let mut rows_per_warp = 32 / half.next_power_of_two().min(32);
-            let staged = |r: usize| WARPS * r * d * std::mem::size_of::<f32>();
-            while rows_per_warp > 1 && staged(rows_per_warp) > SHARED_LIMIT {
-                rows_per_warp /= 2;
-            }
-            let name = format!("lsh_buckets_{suffix}");
+        if rows == 0 {
+            return Ok(candle::CudaStorage::wrap_cuda_slice(out, dev.clone()));
+        }
+        let LshDims {
+            t,
+            heads,
+            rot_heads,
+            d,
+            half,
+        } = dims;
+        let group = (heads / rot_heads) as u32;
+        // Head dims 64 and 128 with 16-byte aligned rows: one thread per row.
+        if matches!(d, 64 | 128) && (x_offset * std::mem::size_of::<T>()).is_multiple_of(16) {
+            const THREADS: usize = 256;
+            let name = format!("lsh_rows_{suffix}_d{d}");
             let f = dev.get_or_load_custom_func(&name, launch::MODULE, launch::PTX)?;
-            let cfg = LaunchConfig {
-                grid_dim: (
-                    rows.div_ceil(WARPS * rows_per_warp).min(1 << 20) as u32,
-                    1,
-                    1,
-                ),
-                block_dim: (32 * WARPS as u32, 1, 1),
-                shared_mem_bytes: staged(rows_per_warp) as u32,
-            };
+            let cfg = launch_config("lsh_buckets", (rows.div_ceil(THREADS), 1), THREADS, 0)?;
             let mut b = f.builder();
             b.arg(x);
             b.arg(rot);
@@ -293,14 +295,44 @@ impl Lsh {
                 rows as u64,
                 t as u32,
                 heads as u32,
-                (heads / rot_heads) as u32,
+                group,
                 rot_heads as u32,
-                d as u32,
-                half as u32,
-                rows_per_warp as u32
+                half as u32
             );
             unsafe { b.launch(cfg) }.w()?;
+            return Ok(candle::CudaStorage::wrap_cuda_slice(out, dev.clone()));
         }
+        // Lanes per row: the smallest power of two covering the columns (at most 32); the rest of
+        // the warp takes further rows, as far as the staged rows fit in shared memory.
+        let mut rows_per_warp = 32 / half.next_power_of_two().min(32);
+        let staged = |r: usize| WARPS * r * d * std::mem::size_of::<f32>();
+        while rows_per_warp > 1 && staged(rows_per_warp) > SHARED_LIMIT {
+            rows_per_warp /= 2;
+        }
+        let name = format!("lsh_buckets_{suffix}");
+        let f = dev.get_or_load_custom_func(&name, launch::MODULE, launch::PTX)?;
+        let cfg = launch_config(
+            "lsh_buckets",
+            (rows.div_ceil(WARPS * rows_per_warp).min(1 << 20), 1),
+            32 * WARPS,
+            staged(rows_per_warp),
+        )?;
+        let mut b = f.builder();
+        b.arg(x);
+        b.arg(rot);
+        b.arg(&mut out);
+        candle::builder_arg!(
+            b,
+            rows as u64,
+            t as u32,
+            heads as u32,
+            group,
+            rot_heads as u32,
+            d as u32,
+            half as u32,
+            rows_per_warp as u32
+        );
+        unsafe { b.launch(cfg) }.w()?;
         Ok(candle::CudaStorage::wrap_cuda_slice(out, dev.clone()))
     }
 }
@@ -308,15 +340,16 @@ impl Lsh {
 /// Stable counting sort of every `(batch, head)` row set by (bucket, position).
 ///
 /// - `ids`: `(batch, heads, t)` i32 bucket ids, expected in `[0, n_buckets)`.
-/// - Returns `(positions, sorted_ids)`, both `(batch, heads, t)` i32: row `r` of a
-///   `(batch, head)` is original step `positions[r]` with bucket `sorted_ids[r]`; buckets are
-///   non-decreasing and positions increase inside a bucket.
+/// - Returns a [`RowOrder`], all `(batch, heads, t)` i32: arranged row `r` of a `(batch, head)`
+///   is original step `pos[r]` with bucket `bucket[r]`; buckets are non-decreasing and positions
+///   increase inside a bucket; `inv[s]` is the arranged row of step `s`.
 /// - Ids outside `[0, n_buckets)` are sorted last as padding rows (the padding position and
-///   bucket of `kind`): such rows are dropped.
+///   bucket of `kind`, `inv` = -1): such rows are dropped.
 ///
 /// O(t + n_buckets) per row: histogram, exclusive scan, time-ordered scatter. No host sync; on
-/// CUDA one warp per `(batch, head)` with the counters in shared memory.
-pub fn sort_by_bucket(ids: &Tensor, n_buckets: usize, kind: RowKind) -> Result<(Tensor, Tensor)> {
+/// CUDA one block per `(batch, head)` with the counters in shared memory (up to 32 warps ranking
+/// consecutive steps, fewer when many buckets leave no room for per-warp counters).
+pub fn sort_by_bucket(ids: &Tensor, n_buckets: usize, kind: RowKind) -> Result<RowOrder> {
     if ids.dtype() != DType::I32 || ids.rank() != 3 {
         bail!(
             "sort_by_bucket: ids must be (batch, heads, t) i32, got {:?} {:?}",
@@ -338,10 +371,14 @@ pub fn sort_by_bucket(ids: &Tensor, n_buckets: usize, kind: RowKind) -> Result<(
         pad_pos: kind.pad_pos(),
         pad_bucket: kind.pad_bucket(),
     })?;
-    Ok((packed.get(0)?, packed.get(1)?))
+    Ok(RowOrder {
+        pos: packed.get(0)?,
+        inv: packed.get(2)?,
+        bucket: Some(packed.get(1)?),
+    })
 }
 
-/// The op behind [`sort_by_bucket`]: output `(2, batch, heads, t)`, positions then ids.
+/// The op behind [`sort_by_bucket`]: output `(3, batch, heads, t)`: positions, ids, inverse.
 struct BucketSort {
     n_buckets: usize,
     pad_pos: i32,
@@ -360,13 +397,16 @@ impl CustomOp1 for BucketSort {
         };
         let (b, h, t) = l.shape().dims3()?;
         let nb = self.n_buckets;
-        let mut out = vec![0i32; 2 * ids.len()];
+        let n = ids.len();
+        let mut out = vec![0i32; 3 * n];
         if t > 0 {
-            let (pos, bkt) = out.split_at_mut(ids.len());
+            let (pos, rest) = out.split_at_mut(n);
+            let (bkt, inv) = rest.split_at_mut(n);
             pos.par_chunks_mut(t)
                 .zip(bkt.par_chunks_mut(t))
+                .zip(inv.par_chunks_mut(t))
                 .zip(ids.par_chunks(t))
-                .for_each(|((pos, bkt), ids)| {
+                .for_each(|(((pos, bkt), inv), ids)| {
                     let slot = |id: i32| usize::try_from(id).ok().filter(|&i| i < nb).unwrap_or(nb);
                     let mut offsets = vec![0usize; nb + 1];
                     ids.iter().for_each(|&id| offsets[slot(id)] += 1);
@@ -378,15 +418,15 @@ impl CustomOp1 for BucketSort {
                         let s = slot(id);
                         let dst = offsets[s];
                         offsets[s] += 1;
-                        (pos[dst], bkt[dst]) = if s < nb {
-                            (i as i32, id)
+                        (pos[dst], bkt[dst], inv[i]) = if s < nb {
+                            (i as i32, id, dst as i32)
                         } else {
-                            (self.pad_pos, self.pad_bucket)
+                            (self.pad_pos, self.pad_bucket, -1)
                         };
                     }
                 });
         }
-        Ok((CpuStorage::I32(out), Shape::from((2, b, h, t))))
+        Ok((CpuStorage::I32(out), Shape::from((3, b, h, t))))
     }
 
     #[cfg(feature = "cuda")]
@@ -399,14 +439,23 @@ impl CustomOp1 for BucketSort {
         use candle::cuda_backend::cudarc::driver::PushKernelArg;
         use candle::cuda_backend::WrapErr;
 
+        /// Shared memory the sort may use (the default per-block limit).
+        const SHARED_LIMIT: usize = 48 * 1024;
         let (b, h, t) = l.shape().dims3()?;
         let dev = &s.device;
         let ids = view::<i32>(s, l, "bucket ids")?;
         let rows = b * h;
-        let mut out = unsafe { dev.alloc::<i32>(2 * rows * t) }?;
+        let mut out = unsafe { dev.alloc::<i32>(3 * rows * t) }?;
         if rows > 0 && t > 0 {
             let f = dev.get_or_load_custom_func("bucket_sort", launch::MODULE, launch::PTX)?;
-            let shared = ((self.n_buckets + 1) * std::mem::size_of::<i32>()) as u32;
+            // Running offsets, plus per-warp counters when more than one warp ranks steps.
+            let slot_bytes = (self.n_buckets + 1) * std::mem::size_of::<i32>();
+            let warps = (SHARED_LIMIT / slot_bytes).saturating_sub(1).clamp(1, 32);
+            let shared = if warps > 1 {
+                (warps + 1) * slot_bytes
+            } else {
+                slot_bytes
+            };
             let mut builder = f.builder();
             builder.arg(&ids);
             builder.arg(&mut out);
@@ -418,11 +467,12 @@ impl CustomOp1 for BucketSort {
                 self.pad_pos,
                 self.pad_bucket
             );
-            unsafe { builder.launch(launch::warp_per_row(rows, shared)?) }.w()?;
+            let cfg = launch::block_per_row(rows, 32 * warps as u32, shared as u32)?;
+            unsafe { builder.launch(cfg) }.w()?;
         }
         Ok((
             candle::CudaStorage::wrap_cuda_slice(out, dev.clone()),
-            Shape::from((2, b, h, t)),
+            Shape::from((3, b, h, t)),
         ))
     }
 }

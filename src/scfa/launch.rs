@@ -3,7 +3,9 @@
 
 use candle::cuda_backend::cudarc::driver::{CudaView, LaunchConfig};
 use candle::cuda_backend::CudaDType;
-use candle::{bail, CudaStorage, Layout, Result};
+use candle::{CudaStorage, Layout, Result};
+
+use crate::cuda_launch::{contiguous_view, launch_config};
 
 /// Module name of `cuda/scfa_prep.cu` (unique: no other PTX is loaded under it). Kernels are
 /// loaded with `dev.get_or_load_custom_func(name, MODULE, PTX)`.
@@ -22,16 +24,18 @@ pub(crate) fn elementwise(total: usize) -> LaunchConfig {
     }
 }
 
-/// One 32-thread block (a single warp) per row.
-pub(crate) fn warp_per_row(rows: usize, shared_mem_bytes: u32) -> Result<LaunchConfig> {
-    if rows == 0 || rows > i32::MAX as usize {
-        bail!("scfa: {rows} rows cannot be launched one block each")
-    }
-    Ok(LaunchConfig {
-        grid_dim: (rows as u32, 1, 1),
-        block_dim: (32, 1, 1),
-        shared_mem_bytes,
-    })
+/// One block of `threads` threads per row.
+pub(crate) fn block_per_row(
+    rows: usize,
+    threads: u32,
+    shared_mem_bytes: u32,
+) -> Result<LaunchConfig> {
+    launch_config(
+        "scfa",
+        (rows, 1),
+        threads as usize,
+        shared_mem_bytes as usize,
+    )
 }
 
 /// The contiguous typed view of a storage behind a layout.
@@ -40,8 +44,5 @@ pub(crate) fn view<'a, T: CudaDType>(
     l: &Layout,
     name: &str,
 ) -> Result<CudaView<'a, T>> {
-    match l.contiguous_offsets() {
-        Some((start, end)) => Ok(s.as_cuda_slice::<T>()?.slice(start..end)),
-        None => bail!("scfa: {name} must be contiguous, got layout {l:?}"),
-    }
+    contiguous_view(s, l, "scfa", name)
 }

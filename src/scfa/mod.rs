@@ -11,8 +11,10 @@
 //!
 //! All pre- and post-processing (compaction, hashing, sorting, gathers, scatters) runs on the
 //! tensors' device with O(t) work per `(batch, head)` and no device-to-host copy; the padded
-//! length is `t` itself (trailing padding tiles are skipped by the kernel). Gradients reach q, k
-//! and v through [`gather_rows`] / [`scatter_rows`], whose backward is the inverse permutation.
+//! length is `t` itself (trailing padding tiles are skipped by the kernel). The arrangement is a
+//! [`RowOrder`] (positions and their inverse, computed once); every gather and scatter, forward
+//! and backward, is one gather pass by one of its two indices that writes each row once (zero
+//! rows included).
 //!
 //! Layout everywhere: q `(batch, q_heads, t, head_dim)`, k and v `(batch, kv_heads, t, head_dim)`
 //! (GQA when `kv_heads` divides `q_heads`), output like q.
@@ -27,6 +29,7 @@ mod qk;
 use candle::{bail, Device, Result, Tensor};
 
 pub use hash::{check_lsh_buckets, lsh_buckets, random_rotations, sort_by_bucket, MAX_BUCKETS};
+use permute::permute_rows;
 pub use permute::{gather_rows, scatter_rows};
 pub use qk::compact_kept;
 
@@ -59,6 +62,34 @@ impl RowKind {
             Self::Query => QUERY_PAD_BUCKET,
             Self::Key => KEY_PAD_BUCKET,
         }
+    }
+}
+
+/// An arrangement of the rows of every `(batch, head)`: compacted ([`compact_kept`]) or sorted
+/// by bucket ([`sort_by_bucket`]). All tensors are `(batch, heads, t)` i32, contiguous, on the
+/// device of the rows they arrange.
+#[derive(Clone, Debug)]
+pub struct RowOrder {
+    /// Original step of every arranged row; padding rows hold the [`RowKind`]'s padding position.
+    pub pos: Tensor,
+    /// Arranged row of every original step, `-1` for dropped steps (the inverse of `pos`).
+    pub inv: Tensor,
+    /// Bucket id of every arranged row (sorted orders only); padding rows hold the
+    /// [`RowKind`]'s padding bucket.
+    pub bucket: Option<Tensor>,
+}
+
+impl RowOrder {
+    /// Rows of `x` `(batch, heads, t, head_dim)` in this order (zero padding rows), one pass;
+    /// differentiable in `x` (the backward is [`RowOrder::scatter`]).
+    pub fn gather(&self, x: &Tensor) -> Result<Tensor> {
+        permute_rows(x, &self.pos, &self.inv)
+    }
+
+    /// Arranged rows `x` `(batch, heads, t, head_dim)` back in original order, zero rows for
+    /// dropped steps, one pass; differentiable in `x` (the backward is [`RowOrder::gather`]).
+    pub fn scatter(&self, x: &Tensor) -> Result<Tensor> {
+        permute_rows(x, &self.inv, &self.pos)
     }
 }
 
@@ -191,7 +222,7 @@ pub fn sparse_causal_attn(
 ///   Dropped queries, and kept queries with no kept visible key, output 0.
 ///
 /// Kept rows are compacted in time order ([`compact_kept`]), padded to `t` with zero rows,
-/// attended with [`sparse_causal_attn`]'s kernel and scattered back ([`scatter_rows`]).
+/// attended with [`sparse_causal_attn`]'s kernel and scattered back ([`RowOrder::scatter`]).
 /// Differentiable in q, k and v; the masks get no gradient.
 pub fn qk_sparse_attn(
     q: &Tensor,
@@ -213,9 +244,9 @@ pub fn qk_sparse_attn(
             )
         }
     }
-    let q_pos = compact_kept(q_keep, RowKind::Query)?;
-    let k_pos = compact_kept(k_keep, RowKind::Key)?;
-    arranged_attention(q, k, v, (&q_pos, &k_pos), None, params, dims)
+    let q_order = compact_kept(q_keep, RowKind::Query)?;
+    let k_order = compact_kept(k_keep, RowKind::Key)?;
+    arranged_attention(q, k, v, &q_order, &k_order, params, dims)
 }
 
 /// Hash-bucket attention with angular LSH (the paper's hash-sparse scheme).
@@ -319,37 +350,34 @@ fn bucket_attention(
     params: &ScfaParams,
     dims: Dims,
 ) -> Result<Tensor> {
-    let (q_pos, q_sorted) = sort_by_bucket(q_ids, n_buckets, RowKind::Query)?;
-    let (k_pos, k_sorted) = sort_by_bucket(k_ids, n_buckets, RowKind::Key)?;
-    arranged_attention(
-        q,
-        k,
-        v,
-        (&q_pos, &k_pos),
-        Some((q_sorted, k_sorted)),
-        params,
-        dims,
-    )
+    let q_order = sort_by_bucket(q_ids, n_buckets, RowKind::Query)?;
+    let k_order = sort_by_bucket(k_ids, n_buckets, RowKind::Key)?;
+    arranged_attention(q, k, v, &q_order, &k_order, params, dims)
 }
 
-/// Gathers q, k, v into the arranged order given by the positions (which double as gather
-/// indices: padding sentinels are out of range and gather zero rows), runs the sparse kernel and
-/// scatters the output back to `(batch, q_heads, t, head_dim)`.
+/// Gathers q, k, v into the arranged orders (zero padding rows), runs the sparse kernel on the
+/// orders' positions and buckets, and scatters the output back to `(batch, q_heads, t,
+/// head_dim)` (zero rows for dropped queries). Every move is one gather pass, forward and
+/// backward, by the orders' indices computed once.
 fn arranged_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    (q_pos, k_pos): (&Tensor, &Tensor),
-    buckets: Option<(Tensor, Tensor)>,
+    q_order: &RowOrder,
+    k_order: &RowOrder,
     params: &ScfaParams,
     dims: Dims,
 ) -> Result<Tensor> {
-    let q_s = gather_rows(q, q_pos)?;
-    let k_s = gather_rows(k, k_pos)?;
-    let v_s = gather_rows(v, k_pos)?;
+    let q_s = q_order.gather(q)?;
+    let k_s = k_order.gather(k)?;
+    let v_s = k_order.gather(v)?;
+    let buckets = match (&q_order.bucket, &k_order.bucket) {
+        (Some(qb), Some(kb)) => Some((qb.clone(), kb.clone())),
+        _ => None,
+    };
     let layout = SparseLayout {
-        q_pos: q_pos.clone(),
-        k_pos: k_pos.clone(),
+        q_pos: q_order.pos.clone(),
+        k_pos: k_order.pos.clone(),
         buckets,
         strict: params.strict,
     };
@@ -360,7 +388,7 @@ fn arranged_attention(
         params.scale(dims.d),
         Visibility::Sparse(layout),
     )?;
-    scatter_rows(&o_s, q_pos, dims.nq)
+    q_order.scatter(&o_s)
 }
 
 /// The common length of q and k for the self-attention schemes.
