@@ -400,7 +400,10 @@ fn main() -> Result<()> {
         vec![(1, 8, 64)]
     };
     if args.keep_pool {
-        keep_pool(&dev)?;
+        if !dev.is_cuda() {
+            bail!("--keep-pool needs a CUDA device (and a build with --features cuda), got {dev:?}")
+        }
+        candle_sparse_attn::keep_memory_pool(&dev)?;
     }
     println!(
         "device {dev:?}, dtype {dtype:?}, median of {} runs after {} warm-up{}",
@@ -446,35 +449,6 @@ fn main() -> Result<()> {
     }
     println!("wrote {}", args.json);
     Ok(())
-}
-
-/// `--keep-pool`: sets the release threshold of the CUDA device's default memory pool (which
-/// candle's stream-ordered allocations use) to its maximum, so memory freed between runs is
-/// reused instead of being unmapped at each synchronisation and mapped again.
-fn keep_pool(dev: &Device) -> Result<()> {
-    #[cfg(feature = "cuda")]
-    if let Device::Cuda(cuda) = dev {
-        use candle::cuda_backend::cudarc::driver::sys;
-        let cu_device = cuda.cuda_stream().context().cu_device();
-        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
-        let mut threshold = u64::MAX;
-        // SAFETY: the pool handle comes from the driver for a device of a live context, and the
-        // attribute value is a u64 as CU_MEMPOOL_ATTR_RELEASE_THRESHOLD requires.
-        let (got, set) = unsafe {
-            let got = sys::cuDeviceGetDefaultMemPool(&mut pool, cu_device);
-            let set = sys::cuMemPoolSetAttribute(
-                pool,
-                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-                (&mut threshold as *mut u64).cast(),
-            );
-            (got, set)
-        };
-        if got != sys::CUresult::CUDA_SUCCESS || set != sys::CUresult::CUDA_SUCCESS {
-            bail!("--keep-pool: cuDeviceGetDefaultMemPool {got:?}, cuMemPoolSetAttribute {set:?}")
-        }
-        return Ok(());
-    }
-    bail!("--keep-pool needs a CUDA device (and a build with --features cuda), got {dev:?}")
 }
 
 /// Times `f` like [`Bench::run`] (median after warm-up), appends `(name, ms)` to `times` and

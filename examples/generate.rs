@@ -210,7 +210,10 @@ fn device(cpu: bool) -> Result<Device> {
     if cpu {
         return Ok(Device::Cpu);
     }
-    Ok(Device::cuda_if_available(0)?)
+    let device = Device::cuda_if_available(0)?;
+    // Freed device memory stays in the pool between steps (see keep_memory_pool).
+    candle_sparse_attn::keep_memory_pool(&device)?;
+    Ok(device)
 }
 
 fn dtype(name: &str) -> Result<DType> {

@@ -215,7 +215,10 @@ fn pick_device(cpu: bool) -> Result<Device> {
     if cpu {
         return Ok(Device::Cpu);
     }
-    Ok(Device::cuda_if_available(0)?)
+    let device = Device::cuda_if_available(0)?;
+    // Freed device memory stays in the pool between steps (see keep_memory_pool).
+    candle_sparse_attn::keep_memory_pool(&device)?;
+    Ok(device)
 }
 
 /// The default corpus, fetched by the script on first use.

@@ -32,6 +32,7 @@ pub mod flash;
 #[cfg(feature = "cuda")]
 mod kernels;
 pub mod mask;
+mod memory_pool;
 pub mod moa;
 pub mod reference;
 pub mod scfa;
@@ -40,6 +41,7 @@ pub mod twilight;
 
 pub use flash::{flash_attn, flash_attn_with_visibility, AttnParams, SUPPORTED_HEAD_DIMS};
 pub use mask::{SinkBand, SparseLayout, Visibility};
+pub use memory_pool::keep_memory_pool;
 pub use moa::moa_attn;
 pub use scfa::{
     hash_sparse_attn, hash_sparse_attn_with_buckets, qk_sparse_attn, sparse_causal_attn,
