@@ -554,6 +554,72 @@ __device__ void fwd_mma(const T* q, const T* k, const T* v, T* o, float* lse, Vi
   }
 }
 
+// The query tiles one backward CTA (key tile `kt`, keys [n0, n0 + BK) of kv head `hk`) visits:
+// flat indices p = head-in-group * nqt + query tile in [0, p_end), skipping the tiles its keys are
+// invisible to (causal: before the diagonal; sink-band: outside the band's query range; sparse:
+// per-tile metadata), plus the metadata the masking needs. Shared by both backward kernels.
+template <int MODE, int BQ, int BK>
+struct BwdQueryTiles {
+  int nqt, p_end;
+  int u0, u1;        // query tiles [u0, u1) of every head (causal, sink-band)
+  int2 sb;           // sink-band span of the kv head (mode 3)
+  int4 km;           // the key tile's metadata (mode 2)
+  const int4* qm;    // the group's query-tile metadata (mode 2)
+  int strict;
+
+  __device__ BwdQueryTiles(const Vis& vis, const int4* qmeta, const int4* kmeta, int n0, int nk,
+                           int nq, int hk, int group, int bhk, int kt, long long qhead0) {
+    nqt = (nq + BQ - 1) / BQ;
+    p_end = group * nqt;
+    // Causal: the first query row seeing key n0 is n0 - off.
+    u0 = MODE == 1 ? min(nqt, max(0, n0 - vis.off) / BQ) : 0;
+    u1 = nqt;
+    sb = sb_span(vis, hk);
+    if (MODE == 3) {
+      int2 qr = sb_queries(n0, min(nk, n0 + BK), sb, nq);
+      u0 = qr.x / BQ;
+      u1 = (qr.y + BQ - 1) / BQ;
+    }
+    km = MODE == 2 ? kmeta[(long long)bhk * gridDim.x + kt] : make_int4(0, 0, 0, 0);
+    qm = qmeta + qhead0 * nqt;
+    strict = vis.strict;
+  }
+
+  // The first visited flat index >= p (p_end when none is left).
+  __device__ int next(int p) const {
+    if (MODE == 2) return next_pass_q(p, p_end, qm, km, strict);
+    if (MODE == 3) {
+      if (p >= p_end || u0 >= u1) return p_end;
+      int r = p % nqt;
+      if (r < u0) return p - r + u0;
+      if (r >= u1) return min(p_end, p - r + nqt + u0);
+      return p;
+    }
+    if (MODE == 1 && p < p_end && p % nqt < u0) return p - p % nqt + u0;
+    return p;
+  }
+};
+
+// Starts the cp.async loads of one backward query tile: rows [m0, m0 + BQ) of q and dO of the
+// query head whose first row is `qr0` into sQ / sG, their lse and delta into sL / sD (rows past
+// nq zero-filled).
+template <typename T, int BQ, int D, int NT>
+__device__ __forceinline__ void bwd_load_q(T* sQ, T* sG, float* sL, float* sD, const T* q,
+                                           const T* go, const float* lse, const float* delta,
+                                           long long qr0, int m0, int nq) {
+  load_tile<T, BQ, D, NT>(sQ, q + qr0 * D, m0, nq);
+  load_tile<T, BQ, D, NT>(sG, go + qr0 * D, m0, nq);
+  for (int r = threadIdx.x; r < 2 * BQ; r += NT) {
+    int rr = r % BQ;
+    bool ok = m0 + rr < nq;
+    long long src = qr0 + (ok ? m0 + rr : 0);
+    if (r < BQ)
+      cp_async4(sL + rr, lse + src, ok);
+    else
+      cp_async4(sD + rr, delta + src, ok);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Tensor-core backward for head dims 32 and 64 (1-D warp tiles over the keys; `bwd_mma2` below
 // serves 96 and 128), one fused kernel (FA2 style): one CTA per (key tile of BK = 16 * MR * NW keys,
@@ -585,48 +651,17 @@ __device__ void bwd_mma(const T* q, const T* k, const T* v, const T* go, const f
   int b = bhk / hkv, hk = bhk % hkv, group = hq / hkv;
   long long krow0 = (long long)bhk * nk;
   long long qhead0 = (long long)b * hq + (long long)hk * group;  // first query head of the group
-  int nqt = (nq + BQ - 1) / BQ;
-  int p_end = group * nqt;  // flat (head, query tile) index
   float sl2 = scale * LOG2E;
-
-  // Causal: the first query row seeing key n0 is n0 - off.
-  int u0 = MODE == 1 ? min(nqt, max(0, n0 - vis.off) / BQ) : 0;
-  // Sink-band: query tiles [u0, u1) of every head of the group.
-  int2 sb = sb_span(vis, hk);
-  int u1 = nqt;
-  if (MODE == 3) {
-    int2 qr = sb_queries(n0, min(nk, n0 + BK), sb, nq);
-    u0 = qr.x / BQ;
-    u1 = (qr.y + BQ - 1) / BQ;
-  }
-  int4 km = MODE == 2 ? kmeta[(long long)bhk * gridDim.x + kt] : make_int4(0, 0, 0, 0);
-  const int4* qm = qmeta + qhead0 * nqt;
-  auto next = [&](int p) {
-    if (MODE == 2) return next_pass_q(p, p_end, qm, km, vis.strict);
-    if (MODE == 3) {
-      if (p >= p_end || u0 >= u1) return p_end;
-      int r = p % nqt;
-      if (r < u0) return p - r + u0;
-      if (r >= u1) return min(p_end, p - r + nqt + u0);
-      return p;
-    }
-    if (MODE == 1 && p < p_end && p % nqt < u0) return p - p % nqt + u0;
-    return p;
-  };
+  const BwdQueryTiles<MODE, BQ, BK> tiles(vis, qmeta, kmeta, n0, nk, nq, hk, group, bhk, kt,
+                                          qhead0);
+  const int nqt = tiles.nqt, p_end = tiles.p_end;
+  const int2 sb = tiles.sb;
+  const int4 km = tiles.km;
+  const int4* qm = tiles.qm;
+  auto next = [&](int p) { return tiles.next(p); };
   auto load_q = [&](int p, int bf) {
-    int h = p / nqt, m0 = (p % nqt) * BQ;
-    long long qr0 = (qhead0 + h) * nq;
-    load_tile<T, BQ, D, NT>(sQ + bf * BQ * SD, q + qr0 * D, m0, nq);
-    load_tile<T, BQ, D, NT>(sG + bf * BQ * SD, go + qr0 * D, m0, nq);
-    for (int r = threadIdx.x; r < 2 * BQ; r += NT) {
-      int rr = r % BQ;
-      bool ok = m0 + rr < nq;
-      long long src = qr0 + (ok ? m0 + rr : 0);
-      if (r < BQ)
-        cp_async4(sL + bf * BQ + rr, lse + src, ok);
-      else
-        cp_async4(sD + bf * BQ + rr, delta + src, ok);
-    }
+    bwd_load_q<T, BQ, D, NT>(sQ + bf * BQ * SD, sG + bf * BQ * SD, sL + bf * BQ, sD + bf * BQ,
+                             q, go, lse, delta, (qhead0 + p / nqt) * nq, (p % nqt) * BQ, nq);
   };
 
   // Per-thread key rows (gq, gq+8 of each of the warp's MR tiles of 16) and their sparse keys.
@@ -846,48 +881,17 @@ __device__ void bwd_mma2(const T* q, const T* k, const T* v, const T* go, const 
   int b = bhk / hkv, hk = bhk % hkv, group = hq / hkv;
   long long krow0 = (long long)bhk * nk;
   long long qhead0 = (long long)b * hq + (long long)hk * group;  // first query head of the group
-  int nqt = (nq + BQ - 1) / BQ;
-  int p_end = group * nqt;  // flat (head, query tile) index
   float sl2 = scale * LOG2E;
-
-  // Causal: the first query row seeing key n0 is n0 - off.
-  int u0 = MODE == 1 ? min(nqt, max(0, n0 - vis.off) / BQ) : 0;
-  // Sink-band: query tiles [u0, u1) of every head of the group.
-  int2 sb = sb_span(vis, hk);
-  int u1 = nqt;
-  if (MODE == 3) {
-    int2 qr = sb_queries(n0, min(nk, n0 + BK), sb, nq);
-    u0 = qr.x / BQ;
-    u1 = (qr.y + BQ - 1) / BQ;
-  }
-  int4 km = MODE == 2 ? kmeta[(long long)bhk * gridDim.x + kt] : make_int4(0, 0, 0, 0);
-  const int4* qm = qmeta + qhead0 * nqt;
-  auto next = [&](int p) {
-    if (MODE == 2) return next_pass_q(p, p_end, qm, km, vis.strict);
-    if (MODE == 3) {
-      if (p >= p_end || u0 >= u1) return p_end;
-      int r = p % nqt;
-      if (r < u0) return p - r + u0;
-      if (r >= u1) return min(p_end, p - r + nqt + u0);
-      return p;
-    }
-    if (MODE == 1 && p < p_end && p % nqt < u0) return p - p % nqt + u0;
-    return p;
-  };
+  const BwdQueryTiles<MODE, BQ, BK> tiles(vis, qmeta, kmeta, n0, nk, nq, hk, group, bhk, kt,
+                                          qhead0);
+  const int nqt = tiles.nqt, p_end = tiles.p_end;
+  const int2 sb = tiles.sb;
+  const int4 km = tiles.km;
+  const int4* qm = tiles.qm;
+  auto next = [&](int p) { return tiles.next(p); };
   auto load_q = [&](int p, int bf) {
-    int h = p / nqt, m0 = (p % nqt) * BQ;
-    long long qr0 = (qhead0 + h) * nq;
-    load_tile<T, BQ, D, NT>(sQ + bf * BQ * SD, q + qr0 * D, m0, nq);
-    load_tile<T, BQ, D, NT>(sG + bf * BQ * SD, go + qr0 * D, m0, nq);
-    for (int r = threadIdx.x; r < 2 * BQ; r += NT) {
-      int rr = r % BQ;
-      bool ok = m0 + rr < nq;
-      long long src = qr0 + (ok ? m0 + rr : 0);
-      if (r < BQ)
-        cp_async4(sL + bf * BQ + rr, lse + src, ok);
-      else
-        cp_async4(sD + bf * BQ + rr, delta + src, ok);
-    }
+    bwd_load_q<T, BQ, D, NT>(sQ + bf * BQ * SD, sG + bf * BQ * SD, sL + bf * BQ, sD + bf * BQ,
+                             q, go, lse, delta, (qhead0 + p / nqt) * nq, (p % nqt) * BQ, nq);
   };
 
   // Per-thread key rows of phase 1 (gq, gq+8 of the warp's two tiles of 16) and their sparse keys.
