@@ -7,7 +7,8 @@
 //! - [`cache`]: the per-layer decode cache (static sink + ring per kv head, one buffer).
 //! - [`decode`]: decode attention over that cache, all heads of a layer in one launch.
 //! - [`profile`]: the attention influence (first-order loss change of masking) per 64×64 block.
-//! - [`search`]: the exact plan search (multiple-choice knapsack DP) over the candidate grid.
+//! - [`search`]: the exact plan search over the candidate grid (multiple-choice knapsack DP with
+//!   one density constraint per profiled length).
 
 pub mod cache;
 #[cfg(feature = "cuda")]
@@ -23,4 +24,4 @@ pub use decode::{moa_decode, moa_decode_scaled};
 pub use plan::{HeadSpan, MoaLayerPlan, MoaPlan, SpanRule, MOA_BLOCK, MOA_MIN_SPAN, MOA_SINK};
 pub use prefill::{moa_attn, sink_band};
 pub use profile::{profiled_attention, InfluenceTap, MoaInfluence};
-pub use search::{search_plan, SearchOptions};
+pub use search::{search_plan, PlanSearch, SearchOptions};

@@ -152,6 +152,9 @@ pub struct MoaPlan {
     /// Model the plan was profiled on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_id: Option<String>,
+    /// Sequence lengths (tokens) the influence was profiled at and the density bound applied to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profiled_lengths: Option<Vec<usize>>,
 }
 
 impl MoaPlan {
@@ -169,6 +172,7 @@ impl MoaPlan {
             sink_size: Some(MOA_SINK),
             block_size: Some(MOA_BLOCK),
             model_id: None,
+            profiled_lengths: None,
         }
     }
 
