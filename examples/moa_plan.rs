@@ -2,14 +2,16 @@
 //! - `profile` runs a Llama-architecture model (a `.gguf` file, a model directory or a Hub id)
 //!   over calibration text with the profiling attention in every layer, backpropagates the
 //!   language-model loss and writes the influence per layer / head / 64×64 block (one file per
-//!   profiled length) — `candle_sparse_models::moa::MoaProfiler`;
-//! - `optimize` turns one influence file into a plan JSON in the reference's format, with the
-//!   exact knapsack search of `candle_sparse_attn::moa::search`.
+//!   profiled length, items one at a time) — `candle_sparse_models::moa::MoaProfiler`;
+//! - `optimize` turns the influence files of one or several lengths into a plan JSON in the
+//!   reference's format, with the exact knapsack search of `candle_sparse_attn::moa::search`
+//!   (the density bound holds at every profiled length).
 //!
 //! ```text
 //! cargo run --release --example moa_plan -- profile --model data/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \
 //!     --text data/shakespeare.txt --lengths 1024,2048 --items 2 --out infl.safetensors
-//! cargo run --release --example moa_plan -- optimize --influence infl.n2048.safetensors \
+//! cargo run --release --example moa_plan -- optimize \
+//!     --influence infl.n1024.safetensors,infl.n2048.safetensors \
 //!     --kv-heads 3 --density 0.5 --max-rules 2 --out plan.json
 //! ```
 
@@ -77,13 +79,14 @@ struct ProfileArgs {
 
 #[derive(Args, Debug)]
 struct OptimizeArgs {
-    /// Influence file (safetensors) written by `profile`.
-    #[arg(long)]
-    influence: String,
+    /// Influence files (safetensors) written by `profile`, one per profiled length,
+    /// comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    influence: Vec<PathBuf>,
     /// Key/value heads of the model (the influence has one entry per query head).
     #[arg(long)]
     kv_heads: usize,
-    /// Average density bound (kept KV tokens / N over kv heads) at the profiled length.
+    /// Average density bound (kept KV tokens / N over kv heads) at every profiled length.
     #[arg(long, default_value_t = 0.5)]
     density: f64,
     /// Lower bound on the kept tokens as a fraction of the budget.
@@ -107,7 +110,11 @@ struct OptimizeArgs {
 }
 
 fn optimize(args: &OptimizeArgs) -> Result<()> {
-    let inf = MoaInfluence::load(&args.influence)?;
+    let profiles = args
+        .influence
+        .iter()
+        .map(MoaInfluence::load)
+        .collect::<candle::Result<Vec<_>>>()?;
     let opts = SearchOptions {
         density: args.density,
         lower_fraction: args.lower_fraction,
@@ -115,24 +122,31 @@ fn optimize(args: &OptimizeArgs) -> Result<()> {
         n_min: args.n_min,
         n_max: args.n_max,
     };
-    let t = std::time::Instant::now();
-    let (mut plan, a) = search_plan(&inf, args.kv_heads, &opts)?;
-    plan.model_id = args.model_id.clone();
-    plan.save(&args.out)?;
-    let groups = a.rule.len();
+    let t = Instant::now();
+    let mut found = search_plan(&profiles, args.kv_heads, &opts)?;
+    let elapsed = t.elapsed().as_secs_f64();
+    found.plan.model_id = args.model_id.clone();
+    found.plan.save(&args.out)?;
+    let plan = &found.plan;
     println!(
-        "plan for {} layers × {} query heads at N = {} ({} items): masked influence {:.4e}, \
-         mean kept {:.0} tokens per kv head ({:.3} density), {:.2} s; written to {}",
+        "plan for {} layers × {} query heads, profiled at {:?} tokens: objective (masked \
+         influence fraction summed over lengths) {:.4}, {elapsed:.2} s; written to {}",
         plan.num_layers(),
         plan.alphas[0].len(),
-        inf.length,
-        inf.items,
-        a.loss,
-        (a.weight * 64) as f64 / groups as f64,
-        (a.weight * 64) as f64 / (groups * inf.length) as f64,
-        t.elapsed().as_secs_f64(),
+        found.lengths,
+        found.assignment.loss,
         args.out
     );
+    for (i, &n) in found.lengths.iter().enumerate() {
+        let items: usize = profiles.iter().filter(|p| p.length == n).map(|p| p.items).sum();
+        println!(
+            "  N = {n} ({items} items): masked influence {:.4} of the total, mean kept {:.0} \
+             tokens per kv head (density {:.3})",
+            found.masked_fraction[i],
+            found.density[i] * n as f64,
+            found.density[i]
+        );
+    }
     Ok(())
 }
 
@@ -201,6 +215,15 @@ fn profile(args: &ProfileArgs) -> Result<()> {
         "f16" => DType::F16,
         other => bail!("unknown dtype {other:?} (f32, bf16, f16)"),
     };
+    let mut sorted = args.lengths.clone();
+    sorted.sort();
+    sorted.dedup();
+    if sorted.is_empty() || sorted[0] == 0 || sorted.len() != args.lengths.len() {
+        bail!(
+            "--lengths {:?}: give one or more distinct positive lengths",
+            args.lengths
+        )
+    }
     let (model, tokenizer) = load_llama(&args.model, args.revision.as_deref(), dtype)?;
     let text = std::fs::read_to_string(&args.text)
         .with_context(|| format!("reading {}", args.text.display()))?;

@@ -1,7 +1,8 @@
 //! MoA profiling of a whole model: on a tiny random Llama (GQA, lengths not multiples of 64) the
 //! [`MoaProfiler`]'s per-layer influence equals `block_influence` of each layer's recorded
 //! queries, keys, values and its exact `dL/dO` (taken from a zero `Var` added to the attention
-//! output), and profile → search → plan JSON gives a plan that loads, resolves and runs.
+//! output), and profile → search → plan JSON gives a plan that loads, resolves and runs, from one
+//! profiled length and from several (the density bound holding at each).
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -251,14 +252,18 @@ fn profiler_equals_block_influence_of_each_layer_with_exact_gradients() -> Resul
 
 #[test]
 fn profile_then_search_gives_a_plan_that_loads_resolves_and_runs() -> Result<()> {
-    let n = 320; // 5 blocks
     let mut rng = StdRng::seed_from_u64(9);
     let model = tiny_llama(&AttentionKind::Dense)?;
-    let mut profiler = MoaProfiler::new(&model)?;
-    profiler.add_item(&random_tokens(&mut rng, n + 1))?;
-    // Items of another length belong to another profiler.
-    assert!(profiler.add_item(&random_tokens(&mut rng, n)).is_err());
-    let inf = profiler.influence()?;
+    // Two lengths (10 and 7 blocks, the shorter one partial), one profiler per length.
+    let mut profiles = Vec::new();
+    for n in [640, 400] {
+        let mut profiler = MoaProfiler::new(&model)?;
+        profiler.add_item(&random_tokens(&mut rng, n + 1))?;
+        // Items of another length belong to another profiler.
+        assert!(profiler.add_item(&random_tokens(&mut rng, n)).is_err());
+        profiles.push(profiler.influence()?);
+    }
+    let n = 640;
 
     let opts = SearchOptions {
         density: 0.5,
@@ -267,20 +272,37 @@ fn profile_then_search_gives_a_plan_that_loads_resolves_and_runs() -> Result<()>
         n_min: 128,
         n_max: 1024,
     };
-    let (mut plan, assignment) = search_plan(&inf, KV_HEADS, &opts)?;
-    let budget = (0.5 * (n * LAYERS * KV_HEADS) as f64 / MOA_BLOCK as f64).floor() as usize;
-    assert!(
-        assignment.weight <= budget,
-        "{} > {budget}",
-        assignment.weight
-    );
-    plan.model_id = Some("tiny-llama".to_string());
+    // One length, then both.
+    let single = search_plan(&profiles[..1], KV_HEADS, &opts)?;
+    assert_eq!(single.plan.profiled_lengths, Some(vec![n]));
+    let found = search_plan(&profiles, KV_HEADS, &opts)?;
+    assert_eq!(found.lengths, vec![400, 640]);
+    for (i, &len) in found.lengths.iter().enumerate() {
+        let budget = (0.5 * (len * LAYERS * KV_HEADS) as f64 / MOA_BLOCK as f64).floor() as usize;
+        let w = found.assignment.weight[i];
+        assert!(w <= budget, "{w} > {budget} at {len}");
+        assert!(found.density[i] <= 0.5, "density {} at {len}", found.density[i]);
+    }
+    // Mismatched profiles: another model's (fewer layers) and the same length twice.
+    let mut fewer = profiles[1].clone();
+    fewer.blocks = fewer.blocks.narrow(0, 0, 1)?;
+    let e = search_plan(&[profiles[0].clone(), fewer], KV_HEADS, &opts).unwrap_err();
+    assert!(e.to_string().contains("different models"), "{e}");
+    let e = search_plan(&[profiles[0].clone(), profiles[0].clone()], KV_HEADS, &opts).unwrap_err();
+    assert!(e.to_string().contains("two profiles at 640"), "{e}");
 
+    let mut plan = found.plan;
+    plan.model_id = Some("tiny-llama".to_string());
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("plan.json");
     plan.save(&path)?;
     let back = MoaPlan::load(&path)?;
     assert_eq!(back, plan);
+    assert_eq!(back.profiled_lengths, Some(vec![400, 640]));
+    // The reference's keys are there; the metadata is extra.
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
+    assert_eq!(json["alphas"].as_array().map(Vec::len), Some(LAYERS));
+    assert_eq!(json["betas"][0].as_array().map(Vec::len), Some(Q_HEADS));
     back.validate_for(LAYERS, Q_HEADS)?;
     let spans = back.resolve(n, LAYERS, Q_HEADS, KV_HEADS, true)?;
     assert_eq!(spans.len(), LAYERS);
