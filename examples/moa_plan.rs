@@ -138,7 +138,11 @@ fn optimize(args: &OptimizeArgs) -> Result<()> {
         args.out
     );
     for (i, &n) in found.lengths.iter().enumerate() {
-        let items: usize = profiles.iter().filter(|p| p.length == n).map(|p| p.items).sum();
+        let items: usize = profiles
+            .iter()
+            .filter(|p| p.length == n)
+            .map(|p| p.items)
+            .sum();
         println!(
             "  N = {n} ({items} items): masked influence {:.4} of the total, mean kept {:.0} \
              tokens per kv head (density {:.3})",

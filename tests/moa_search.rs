@@ -134,7 +134,8 @@ fn solve_rejects_bad_instances() {
         weight: vec![vec![vec![1, 3], vec![3, 1]]],
         layer: vec![0],
     };
-    let err = |cap: &[usize], lower: &[usize], k| solve(&ks, cap, lower, k).unwrap_err().to_string();
+    let err =
+        |cap: &[usize], lower: &[usize], k| solve(&ks, cap, lower, k).unwrap_err().to_string();
     assert!(err(&[], &[], None).contains("capacities"));
     assert!(err(&[4], &[0], None).contains("weights of 1 constraints"));
     assert!(err(&[4, 4], &[0], None).contains("lower bounds"));
@@ -212,7 +213,8 @@ fn synthetic_profile(layers: usize, hq: usize, n: usize) -> Result<MoaInfluence>
     let mut data = Vec::new();
     for l in 0..layers {
         for h in 0..hq {
-            let rate = 0.05 + 0.2 * ((l * hq + h) % 5) as f32 * (n as f32 / 2048.0).powi(h as i32 % 2);
+            let rate =
+                0.05 + 0.2 * ((l * hq + h) % 5) as f32 * (n as f32 / 2048.0).powi(h as i32 % 2);
             for qb in 0..nb {
                 for kb in 0..nb {
                     data.push(if kb <= qb {
@@ -300,19 +302,28 @@ fn search_plan_rejects_bad_profiles() -> Result<()> {
     let err = |profiles: &[MoaInfluence], opts: &SearchOptions| {
         search_plan(profiles, 3, opts).unwrap_err().to_string()
     };
-    let (a, b) = (synthetic_profile(2, 6, 1024)?, synthetic_profile(2, 6, 2048)?);
+    let (a, b) = (
+        synthetic_profile(2, 6, 1024)?,
+        synthetic_profile(2, 6, 2048)?,
+    );
     assert!(err(&[], &opts).contains("no influence profile"));
     // Profiles of different models.
     let other = synthetic_profile(3, 6, 2048)?;
     let e = err(&[a.clone(), other], &opts);
-    assert!(e.contains("different models") && e.contains("2 layers × 6 heads"), "{e}");
+    assert!(
+        e.contains("different models") && e.contains("2 layers × 6 heads"),
+        "{e}"
+    );
     // The same length twice.
     assert!(err(&[b.clone(), a.clone(), b.clone()], &opts).contains("two profiles at 2048"));
     // Blocks that do not match the stated length.
     let mut wrong = b.clone();
     wrong.length = 4096;
     let e = err(&[a.clone(), wrong], &opts);
-    assert!(e.contains("4096 tokens") && e.contains("[2, 6, 32, 32]"), "{e}");
+    assert!(
+        e.contains("4096 tokens") && e.contains("[2, 6, 32, 32]"),
+        "{e}"
+    );
     // A density bound below the shortest span at the short length only: the minimum of 128
     // tokens is 25% of 512 but 12.5% of 2048 (beta = 0.125).
     let tight = SearchOptions {

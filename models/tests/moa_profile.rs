@@ -281,7 +281,11 @@ fn profile_then_search_gives_a_plan_that_loads_resolves_and_runs() -> Result<()>
         let budget = (0.5 * (len * LAYERS * KV_HEADS) as f64 / MOA_BLOCK as f64).floor() as usize;
         let w = found.assignment.weight[i];
         assert!(w <= budget, "{w} > {budget} at {len}");
-        assert!(found.density[i] <= 0.5, "density {} at {len}", found.density[i]);
+        assert!(
+            found.density[i] <= 0.5,
+            "density {} at {len}",
+            found.density[i]
+        );
     }
     // Mismatched profiles: another model's (fewer layers) and the same length twice.
     let mut fewer = profiles[1].clone();

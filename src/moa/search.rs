@@ -262,7 +262,7 @@ pub fn solve(
         )
     }
     if ks.loss.iter().any(|l| l.len() != r_count)
-        || ks.weight.iter().flatten().count() != g_count * r_count
+        || ks.weight.iter().any(|w| w.len() != r_count)
         || ks.weight.iter().flatten().any(|w| w.len() != dims)
         || ks.loss.iter().flatten().any(|l| !l.is_finite())
     {
@@ -298,7 +298,11 @@ pub fn solve(
         })
         .collect();
     let cap_u: Vec<usize> = cap.iter().zip(&unit).map(|(c, u)| c / u).collect();
-    let lower_u: Vec<usize> = lower.iter().zip(&unit).map(|(l, u)| l.div_ceil(*u)).collect();
+    let lower_u: Vec<usize> = lower
+        .iter()
+        .zip(&unit)
+        .map(|(l, u)| l.div_ceil(*u))
+        .collect();
     if lower_u.iter().zip(&cap_u).any(|(l, c)| l > c) {
         return Err(infeasible());
     }
@@ -370,7 +374,8 @@ pub fn solve(
                         }
                     }
                 }
-                let index: Vec<usize> = (0..curve.len()).filter(|&c| curve[c].is_finite()).collect();
+                let index: Vec<usize> =
+                    (0..curve.len()).filter(|&c| curve[c].is_finite()).collect();
                 let items = index.iter().map(|&c| (lgrid.coords(c), curve[c])).collect();
                 per_layer.push(Layer {
                     grid: lgrid,
@@ -541,7 +546,11 @@ pub fn search_plan(
         loss: (0..g_count)
             .map(|g| {
                 (0..rules.len())
-                    .map(|r| (0..lengths.len()).map(|i| masked[i][g][r] / totals[i]).sum())
+                    .map(|r| {
+                        (0..lengths.len())
+                            .map(|i| masked[i][g][r] / totals[i])
+                            .sum()
+                    })
                     .collect()
             })
             .collect(),
@@ -564,8 +573,18 @@ pub fn search_plan(
         .map(|&c| (opts.lower_fraction * c as f64).ceil() as usize)
         .collect();
     for (i, &n) in lengths.iter().enumerate() {
-        let least: usize = rules.iter().map(|r| rule_weight(r, n)).min().expect("rules") * g_count;
-        let most: usize = rules.iter().map(|r| rule_weight(r, n)).max().expect("rules") * g_count;
+        let least: usize = rules
+            .iter()
+            .map(|r| rule_weight(r, n))
+            .min()
+            .expect("rules")
+            * g_count;
+        let most: usize = rules
+            .iter()
+            .map(|r| rule_weight(r, n))
+            .max()
+            .expect("rules")
+            * g_count;
         if least > cap[i] || most < lower[i] {
             bail!(
                 "moa search: the density bound {} (kept tokens in [{}, {}] units of \
