@@ -12,7 +12,7 @@ use candle_nn::VarBuilder;
 use candle_sparse_attn::SUPPORTED_HEAD_DIMS;
 use serde::{Deserialize, Serialize};
 
-use crate::attention::{Attention, AttentionKind, RotaryEmbedding};
+use crate::attention::{Attention, AttentionKind, LayerCache, RotaryEmbedding};
 use crate::decoder::{CausalLm, DecoderCache};
 
 /// RoPE scaling of `config.json` (`rope_scaling`).
@@ -393,6 +393,62 @@ impl Llama {
     pub fn dtype(&self) -> DType {
         self.embed_tokens.dtype()
     }
+
+    /// Token embeddings `(b, t, hidden)` of `tokens` `(b, t)` (u32 ids).
+    pub fn embed(&self, tokens: &Tensor) -> Result<Tensor> {
+        let (b, t) = tokens.dims2()?;
+        self.embed_tokens
+            .index_select(&tokens.flatten_all()?, 0)?
+            .reshape((b, t, self.config.hidden_size))
+    }
+
+    /// Decoder layer `i` on the residual stream `x` `(b, t, hidden)` at positions
+    /// `offset..offset + t`, attending through `cache` when given (the layer's entry of a
+    /// [`DecoderCache`]): the residual stream after the layer. [`CausalLm::hidden_states`] is
+    /// [`Self::embed`], this for every layer, then [`Self::final_norm`]; calling the pieces lets
+    /// a caller recompute one layer at a time (the MoA profiler's backward).
+    pub fn layer_forward(
+        &self,
+        i: usize,
+        x: &Tensor,
+        offset: usize,
+        cache: Option<&mut dyn LayerCache>,
+    ) -> Result<Tensor> {
+        let Some(layer) = self.layers.get(i) else {
+            bail!("llama: layer {i} of a {}-layer model", self.layers.len())
+        };
+        let cfg = &self.config;
+        let (b, t, _) = x.dims3()?;
+        let (nq, nkv, hd) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
+        let eps = cfg.rms_norm_eps;
+        let h = rms_norm(x, &layer.input_layernorm, eps)?;
+        let heads = |p: &Proj, n: usize| -> Result<Tensor> {
+            p.forward(&h)?
+                .reshape((b, t, n, hd))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = self.rope.apply(&heads(&layer.q_proj, nq)?, offset)?;
+        let k = self.rope.apply(&heads(&layer.k_proj, nkv)?, offset)?;
+        let v = heads(&layer.v_proj, nkv)?;
+        let y = self
+            .attention
+            .forward(&q, &k, &v, None, cache, i, false, i as u64)?
+            .transpose(1, 2)?
+            .reshape((b, t, nq * hd))?;
+        let x = (x + layer.o_proj.forward(&y)?)?;
+        let h = rms_norm(&x, &layer.post_attention_layernorm, eps)?;
+        let gate = candle_nn::Activation::Silu.forward(&layer.gate_proj.forward(&h)?)?;
+        let mlp = layer
+            .down_proj
+            .forward(&(gate * layer.up_proj.forward(&h)?)?)?;
+        x + mlp
+    }
+
+    /// The final RMSNorm of the residual stream (before [`CausalLm::logits`]).
+    pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
+        rms_norm(x, &self.norm, self.config.rms_norm_eps)
+    }
 }
 
 impl CausalLm for Llama {
@@ -401,8 +457,7 @@ impl CausalLm for Llama {
         tokens: &Tensor,
         mut cache: Option<&mut DecoderCache>,
     ) -> Result<Tensor> {
-        let (b, t) = tokens.dims2()?;
-        let cfg = &self.config;
+        let t = tokens.dim(1)?;
         let offset = cache.as_ref().map_or(0, |c| c.len());
         if offset + t > self.max_context() {
             bail!(
@@ -420,38 +475,12 @@ impl CausalLm for Llama {
                 )
             }
         }
-        let (nq, nkv, hd) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
-        let eps = cfg.rms_norm_eps;
-        let mut x = self
-            .embed_tokens
-            .index_select(&tokens.flatten_all()?, 0)?
-            .reshape((b, t, cfg.hidden_size))?;
-        for (i, layer) in self.layers.iter().enumerate() {
-            let h = rms_norm(&x, &layer.input_layernorm, eps)?;
-            let heads = |p: &Proj, n: usize| -> Result<Tensor> {
-                p.forward(&h)?
-                    .reshape((b, t, n, hd))?
-                    .transpose(1, 2)?
-                    .contiguous()
-            };
-            let q = self.rope.apply(&heads(&layer.q_proj, nq)?, offset)?;
-            let k = self.rope.apply(&heads(&layer.k_proj, nkv)?, offset)?;
-            let v = heads(&layer.v_proj, nkv)?;
+        let mut x = self.embed(tokens)?;
+        for i in 0..self.layers.len() {
             let layer_cache = cache.as_deref_mut().map(|c| c.layer_mut(i));
-            let y = self
-                .attention
-                .forward(&q, &k, &v, None, layer_cache, i, false, i as u64)?
-                .transpose(1, 2)?
-                .reshape((b, t, nq * hd))?;
-            x = (x + layer.o_proj.forward(&y)?)?;
-            let h = rms_norm(&x, &layer.post_attention_layernorm, eps)?;
-            let gate = candle_nn::Activation::Silu.forward(&layer.gate_proj.forward(&h)?)?;
-            let mlp = layer
-                .down_proj
-                .forward(&(gate * layer.up_proj.forward(&h)?)?)?;
-            x = (x + mlp)?;
+            x = self.layer_forward(i, &x, offset, layer_cache)?;
         }
-        rms_norm(&x, &self.norm, eps)
+        self.final_norm(&x)
     }
 
     fn logits(&self, hidden: &Tensor) -> Result<Tensor> {

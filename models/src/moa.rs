@@ -11,9 +11,11 @@
 //! Profiling (the first step of making a plan): [`MoaProfiler`] runs a [`Llama`] over calibration
 //! items with [`MoaProfileAttention`] in every layer (dense attention whose backward pass adds the
 //! block influence of the layer into its [`InfluenceTap`], see
-//! [`candle_sparse_attn::moa::profiled_attention`]), backpropagates the language-model loss and
-//! returns the per layer / head / block influence that [`candle_sparse_attn::moa::search_plan`]
-//! turns into a plan.
+//! [`candle_sparse_attn::moa::profiled_attention`]), backpropagates the language-model loss in
+//! bounded memory (loss in chunks of positions, backward recomputed one layer at a time) and
+//! returns the per layer / head / block influence at the items' length that
+//! [`candle_sparse_attn::moa::search_plan`] turns into a plan (one profiler per length, the
+//! search takes several).
 
 use std::any::Any;
 use std::sync::Arc;
@@ -266,9 +268,16 @@ impl LayerCache for ProfileLayerCache {
     }
 }
 
+/// Positions per chunk of the language-model loss in [`MoaProfiler::add_item`]: the logits of
+/// at most this many positions (`× vocab` floats) exist at a time.
+pub const LOSS_CHUNK: usize = 256;
+
 /// Accumulates the MoA influence of a [`Llama`] at one length over calibration items (see the
-/// module docs). Memory is that of one forward and backward pass of one item (batch 1) plus
-/// `O(64 · length)` per head for the influence; items are processed one at a time.
+/// module docs). Items are processed one at a time and each in chunks, so memory stays bounded:
+/// the forward pass keeps only the residual stream entering each layer (`layers × length ×
+/// hidden` floats), the loss is computed [`LOSS_CHUNK`] positions at a time, and the backward
+/// pass recomputes one layer at a time from its saved input (the autograd graph of one layer),
+/// its influence computed `O(64 · length)` per head by the profiling attention.
 #[derive(Debug)]
 pub struct MoaProfiler {
     model: Llama,
@@ -298,10 +307,16 @@ impl MoaProfiler {
 
     /// Profiles one item: `tokens` (`length + 1` ids; every item of a profiler has the same
     /// length) are run as input `tokens[..length]` with targets `tokens[1..]`, the mean
-    /// cross-entropy is backpropagated and each layer's influence added to its tap. Returns the
-    /// item's mean loss in nats.
+    /// cross-entropy is backpropagated (chunked, layer by layer, see the type's docs) and each
+    /// layer's influence added to its tap. Returns the item's mean loss in nats.
     pub fn add_item(&mut self, tokens: &[u32]) -> Result<f64> {
         let length = tokens.len().saturating_sub(1);
+        if length > self.model.max_context() {
+            bail!(
+                "moa profiler: an item of {length} positions exceeds the model's context of {}",
+                self.model.max_context()
+            )
+        }
         if length == 0 || self.length.is_some_and(|l| l != length) {
             bail!(
                 "moa profiler: an item of {} tokens; items need length + 1 tokens with one length \
@@ -313,13 +328,50 @@ impl MoaProfiler {
         let device = self.model.device().clone();
         let input = Tensor::new(&tokens[..length], &device)?.unsqueeze(0)?;
         let targets = Tensor::new(&tokens[1..], &device)?;
+        let layers = self.model.num_layers();
+        // Forward without a graph (cache-less calls are plain dense attention): the residual
+        // stream entering each layer.
+        let mut inputs = Vec::with_capacity(layers);
+        let mut x = self.model.embed(&input)?;
+        for l in 0..layers {
+            let next = self.model.layer_forward(l, &x, 0, None)?.detach();
+            inputs.push(x);
+            x = next;
+        }
+        // The loss in chunks of positions: dL/dx at the top of the last layer.
+        let top = Var::from_tensor(&x)?;
+        let hidden = self.model.final_norm(top.as_tensor())?;
+        let mut grad = top.zeros_like()?;
+        let mut loss = 0f64;
+        for start in (0..length).step_by(LOSS_CHUNK) {
+            let len = LOSS_CHUNK.min(length - start);
+            let logits = self
+                .model
+                .logits(&hidden.narrow(1, start, len)?)?
+                .squeeze(0)?;
+            let part = (candle_nn::loss::cross_entropy(&logits, &targets.narrow(0, start, len)?)?
+                * (len as f64 / length as f64))?;
+            loss += part.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let grads = part.backward()?;
+            grad = (grad + grads.get(&top).expect("the loss depends on the top"))?;
+        }
+        // Backward one layer at a time, recomputed from its saved input with the profiling
+        // attention (its backward fills the layer's tap).
         let mut cache = self.model.new_cache()?;
-        let logits = self.model.forward(&input, Some(&mut cache))?.squeeze(0)?;
-        let loss = candle_nn::loss::cross_entropy(&logits, &targets)?;
-        loss.backward()?;
+        for (l, x) in inputs.iter().enumerate().rev() {
+            let x = Var::from_tensor(x)?;
+            let y = self
+                .model
+                .layer_forward(l, x.as_tensor(), 0, Some(cache.layer_mut(l)))?;
+            let grads = (y * &grad)?.sum_all()?.backward()?;
+            grad = grads
+                .get(&x)
+                .expect("a layer's output depends on its input")
+                .clone();
+        }
         self.length = Some(length);
         self.items += 1;
-        loss.to_dtype(DType::F64)?.to_scalar::<f64>()
+        Ok(loss)
     }
 
     /// The mean influence over the items so far: `(layers, q_heads, nb, nb)` blocks at the

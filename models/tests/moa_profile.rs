@@ -18,7 +18,7 @@ use candle_sparse_models::attention::{
     downcast_cache, Attention, AttentionBackend, AttentionCall, AttentionKind, LayerCache,
 };
 use candle_sparse_models::decoder::CausalLm;
-use candle_sparse_models::moa::MoaProfiler;
+use candle_sparse_models::moa::{MoaProfiler, LOSS_CHUNK};
 use candle_sparse_models::{Llama, LlamaConfig};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -184,7 +184,8 @@ impl AttentionBackend for Recorder {
 
 #[test]
 fn profiler_equals_block_influence_of_each_layer_with_exact_gradients() -> Result<()> {
-    let n = 150; // 3 blocks, the last one partial
+    let n = 300; // 5 blocks, the last one partial; two chunks of the loss (LOSS_CHUNK = 256)
+    assert!(n > LOSS_CHUNK);
     let items = 2;
     let mut rng = StdRng::seed_from_u64(5);
     let calib: Vec<Vec<u32>> = (0..items).map(|_| random_tokens(&mut rng, n + 1)).collect();
