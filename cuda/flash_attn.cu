@@ -18,6 +18,7 @@
 #include <stdint.h>
 
 #include "mma.cuh"
+#include "wgmma.cuh"
 
 #define INT_MAX_ 2147483647
 #define INT_MIN_ (-2147483647 - 1)
@@ -344,22 +345,176 @@ __device__ void bwd_simple_dkv(const T* q, const T* k, const T* v, const T* go, 
 }
 
 // ---------------------------------------------------------------------------------------------
-// Tensor-core forward: one CTA per (query tile of BM = 16 * MR * NW rows, b*hq); each warp owns
-// 16 * MR rows (MR row tiles sharing every K / V fragment it loads) and all BN columns of the score
-// tile. K/V tiles double-buffered with cp.async. One kernel per visibility mode MODE.
+// Tensor-core forward, shared parts: the key tiles a query tile visits, its rows' masks, the
+// online softmax on score fragments and the epilogue. Both forward kernels (mma.sync below, and
+// wgmma on sm_90a further down) hold scores and the output accumulator in mma.sync's m16n8
+// C-fragment layout: per warp 16 * MR rows, s[mr * N8 + n][4], acc[mr * D/8 + dt][4].
 // ---------------------------------------------------------------------------------------------
 
-// Key tiles [x, y) of BN keys that query rows [m0, m1) may see, per visibility mode: all of them
-// for full and sparse visibility (sparse skips further by tile metadata), up to the diagonal for
-// causal.
+// Key tiles of BN keys that the query rows [m0, m1) visit, in order: `first()`, then `next(t + 1)`
+// until `end`. Full: all; causal: up to the diagonal; sparse: those whose per-tile metadata passes;
+// sink-band: the sink tiles [0, gap), then the band tiles [band, end).
 template <int MODE>
-__device__ __forceinline__ int2 key_tile_range(const Vis& vis, int m0, int m1, int bn, int nkt) {
-  if constexpr (MODE == 1) {
-    int last = m1 - 1 + vis.off;  // last key the last row sees
-    return make_int2(0, last < 0 ? 0 : min(nkt, last / bn + 1));
+struct FwdKeyTiles {
+  int gap, band, end, strict;
+  int4 qm;
+  const int4* km;
+
+  __device__ __forceinline__ FwdKeyTiles(const Vis& vis, int2 sb, int m0, int m1, int bn, int nkt,
+                                         int4 qm_, const int4* km_)
+      : strict(vis.strict), qm(qm_), km(km_) {
+    end = nkt;
+    if constexpr (MODE == 1) {
+      int last = m1 - 1 + vis.off;  // last key the last row sees
+      end = last < 0 ? 0 : min(nkt, last / bn + 1);
+    }
+    gap = band = end;
+    if constexpr (MODE == 3) {
+      int3 kr = sb_keys(m0, m1, sb);
+      gap = (kr.x + bn - 1) / bn;
+      band = kr.y / bn;
+      end = min(nkt, (kr.z + bn - 1) / bn);
+    }
   }
-  return make_int2(0, nkt);
+  __device__ __forceinline__ int next(int t) const {
+    if constexpr (MODE == 2) return next_pass_k(t, end, qm, km, strict);
+    if constexpr (MODE == 3) return t >= gap && t < band ? band : t;
+    return t;
+  }
+  __device__ __forceinline__ int first() const { return next(0); }
+};
+
+// A thread's query rows (gq and gq + 8 of each of its warp's MR row tiles from w0) and, in sparse
+// mode, their positions and buckets.
+template <int MODE, int MR>
+struct FwdRows {
+  int i[MR][2], qp[MR][2], qb[MR][2];
+
+  __device__ __forceinline__ FwdRows(const Vis& vis, long long qrow0, int w0, int nq) {
+    int gq = (threadIdx.x & 31) >> 2;
+#pragma unroll
+    for (int mr = 0; mr < MR; ++mr)
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        int r = w0 + mr * 16 + gq + hf * 8;
+        i[mr][hf] = r;
+        qp[mr][hf] = INT_MIN_;
+        qb[mr][hf] = -1;
+        if (MODE == 2 && r < nq) {
+          qp[mr][hf] = vis.q_pos[qrow0 + r];
+          qb[mr][hf] = vis.has_bkt ? vis.q_bkt[qrow0 + r] : 0;
+        }
+      }
+  }
+};
+
+// Sets the invisible scores of key tile t (keys [n0, n0 + 8 * N8)) of the warp's rows [w0, w0 +
+// 16 * MR) to `masked`; skipped when the whole tile pair is visible.
+template <int MODE, int MR, int N8>
+__device__ __forceinline__ void fwd_mask(float (*s)[4], const Vis& vis, const FwdRows<MODE, MR>& rows,
+                                         const FwdKeyTiles<MODE>& tiles, int t, int w0, int nk,
+                                         long long krow0, int2 sb, float masked) {
+  constexpr int BN = 8 * N8;
+  int t4 = threadIdx.x & 3, n0 = t * BN;
+  bool need_mask = n0 + BN > nk || (MODE == 1 && n0 + BN - 1 > w0 + vis.off) ||
+                   (MODE == 2 && !tile_full(tiles.qm, tiles.km[t], vis.strict)) ||
+                   (MODE == 3 && !sb_tile_full(w0, w0 + 16 * MR, n0, n0 + BN, sb));
+  if (!need_mask) return;
+#pragma unroll
+  for (int nt = 0; nt < N8; ++nt) {
+#pragma unroll
+    for (int e2 = 0; e2 < 2; ++e2) {
+      int j = n0 + nt * 8 + 2 * t4 + e2;
+      int kp = INT_MAX_, kb = -2;
+      if (MODE == 2 && j < nk) {
+        kp = vis.k_pos[krow0 + j];
+        kb = vis.has_bkt ? vis.k_bkt[krow0 + j] : 0;
+      }
+#pragma unroll
+      for (int mr = 0; mr < MR; ++mr)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          bool ok = j < nk;
+          if constexpr (MODE == 1) ok = ok && j <= rows.i[mr][hf] + vis.off;
+          if constexpr (MODE == 2)
+            ok = ok && sparse_sees(rows.qp[mr][hf], rows.qb[mr][hf], kp, kb, vis.strict);
+          if constexpr (MODE == 3) ok = ok && sb_sees(rows.i[mr][hf], j, sb);
+          if (!ok) s[mr * N8 + nt][hf * 2 + e2] = masked;
+        }
+    }
+  }
 }
+
+// Online softmax (log2 domain) of one key tile's raw scores s (turned into probabilities in place)
+// for rows gq and gq + 8 of each row tile: updates the running max (scaled by sl2 = scale * log2 e)
+// and sum, rescales the output accumulator acc (DT fragments per row tile).
+template <int MR, int N8, int DT>
+__device__ __forceinline__ void fwd_softmax(float (*s)[4], float (*acc)[4], float (*mrow)[2],
+                                            float (*lrow)[2], float sl2) {
+#pragma unroll
+  for (int mr = 0; mr < MR; ++mr)
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      float(*sm)[4] = s + mr * N8;
+      float mx = mrow[mr][hf];
+#pragma unroll
+      for (int nt = 0; nt < N8; ++nt) {
+        sm[nt][hf * 2] *= sl2;
+        sm[nt][hf * 2 + 1] *= sl2;
+        mx = fmaxf(mx, fmaxf(sm[nt][hf * 2], sm[nt][hf * 2 + 1]));
+      }
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      float msafe = mx == neg_inf() ? 0.f : mx;
+      float alpha = fast_exp2(mrow[mr][hf] - msafe);
+      mrow[mr][hf] = mx;
+      float ls = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < N8; ++nt) {
+        sm[nt][hf * 2] = fast_exp2(sm[nt][hf * 2] - msafe);
+        sm[nt][hf * 2 + 1] = fast_exp2(sm[nt][hf * 2 + 1] - msafe);
+        ls += sm[nt][hf * 2] + sm[nt][hf * 2 + 1];
+      }
+      lrow[mr][hf] = lrow[mr][hf] * alpha + ls;
+#pragma unroll
+      for (int dt = 0; dt < DT; ++dt) {
+        acc[mr * DT + dt][hf * 2] *= alpha;
+        acc[mr * DT + dt][hf * 2 + 1] *= alpha;
+      }
+    }
+}
+
+// Writes the normalised output rows [w0, w0 + 16 * MR) and their LSE (natural log; -inf for rows
+// that saw no key).
+template <typename T, int D, int MODE, int MR>
+__device__ __forceinline__ void fwd_epilogue(T* o, float* lse, const float (*acc)[4],
+                                             const float (*mrow)[2], const float (*lrow)[2],
+                                             const FwdRows<MODE, MR>& rows, long long qrow0, int w0,
+                                             int nq) {
+  constexpr int DT = D / 8;
+  int t4 = threadIdx.x & 3;
+#pragma unroll
+  for (int mr = 0; mr < MR; ++mr) {
+    float inv[2];
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      float l = lrow[mr][hf];
+      l += __shfl_xor_sync(0xffffffffu, l, 1);
+      l += __shfl_xor_sync(0xffffffffu, l, 2);
+      inv[hf] = l > 0.f ? 1.f / l : 0.f;
+      if (t4 == 0 && rows.i[mr][hf] < nq)
+        lse[qrow0 + rows.i[mr][hf]] = l > 0.f ? mrow[mr][hf] * LN2 + logf(l) : neg_inf();
+    }
+    store_acc<T, D>(o + qrow0 * D, acc + mr * DT, w0 + mr * 16, nq, inv[0], inv[1]);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tensor-core forward (mma.sync, any sm_80+): one CTA per (query tile of BM = 16 * MR * NW rows,
+// b*hq); each warp owns 16 * MR rows (MR row tiles sharing every K / V fragment it loads) and all
+// BN columns of the score tile. K/V tiles double-buffered with cp.async. One kernel per
+// visibility mode MODE.
+// ---------------------------------------------------------------------------------------------
 
 template <typename T, int D, int NW, int MR, int BN, int MODE>
 __device__ void fwd_mma(const T* q, const T* k, const T* v, T* o, float* lse, Vis vis,
@@ -372,13 +527,12 @@ __device__ void fwd_mma(const T* q, const T* k, const T* v, T* o, float* lse, Vi
   T* sK = sQ + BM * SD;       // [2][BN][SD]
   T* sV = sK + 2 * BN * SD;   // [2][BN][SD]
 
-  int warp = threadIdx.x / 32, lane = threadIdx.x & 31, gq = lane >> 2, t4 = lane & 3;
+  int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
   // Causal: the heaviest query tiles (the last ones) start first, for a shorter tail.
   int mt = MODE == 1 ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
   int bh = blockIdx.y, m0 = mt * BM, w0 = m0 + warp * WR;
   int b = bh / hq, h = bh % hq, hk = h / (hq / hkv);
   long long qrow0 = (long long)bh * nq, krow0 = ((long long)b * hkv + hk) * nk;
-  const T* gq_ = q + qrow0 * D;
   const T* gk = k + krow0 * D;
   const T* gv = v + krow0 * D;
   int nkt = (nk + BN - 1) / BN;
@@ -386,45 +540,16 @@ __device__ void fwd_mma(const T* q, const T* k, const T* v, T* o, float* lse, Vi
   // Masked raw score: -inf once scaled, whatever the sign of the scale. (Folding the scale into
   // the exponent's FFMA measured slower at D = 64 on the H100 and no faster at D = 128.)
   float masked = sl2 >= 0.f ? neg_inf() : pos_inf();
-
-  int2 range = key_tile_range<MODE>(vis, m0, min(nq, m0 + BM), BN, nkt);
-  int t_end = range.y;
-  const int4* km = kmeta + ((long long)b * hkv + hk) * nkt;
-  int4 qm = MODE == 2 ? qmeta[(long long)bh * gridDim.x + mt] : make_int4(0, 0, 0, 0);
-  // Sink-band: key tiles [range.x, t_gap) (the sink), then [t_band, t_end) (the band).
   int2 sb = sb_span(vis, hk);
-  int t_gap = t_end, t_band = t_end;
-  if constexpr (MODE == 3) {
-    int3 kr = sb_keys(m0, min(nq, m0 + BM), sb);
-    t_gap = (kr.x + BN - 1) / BN;
-    t_band = kr.y / BN;
-    t_end = min(nkt, (kr.z + BN - 1) / BN);
-  }
-  auto next = [&](int t) {
-    if constexpr (MODE == 2) return next_pass_k(t, t_end, qm, km, vis.strict);
-    if constexpr (MODE == 3) return t >= t_gap && t < t_band ? t_band : t;
-    return t;
-  };
+  const FwdKeyTiles<MODE> tiles(vis, sb, m0, min(nq, m0 + BM), BN, nkt,
+                                MODE == 2 ? qmeta[(long long)bh * gridDim.x + mt]
+                                          : make_int4(0, 0, 0, 0),
+                                kmeta + ((long long)b * hkv + hk) * nkt);
+  const FwdRows<MODE, MR> rows(vis, qrow0, w0, nq);
 
-  // Per-thread query rows (gq, gq+8 of each of the warp's row tiles) and their sparse keys.
-  int i_r[MR][2], qp[MR][2], qb[MR][2];
-#pragma unroll
-  for (int mr = 0; mr < MR; ++mr)
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      int i = w0 + mr * 16 + gq + hf * 8;
-      i_r[mr][hf] = i;
-      qp[mr][hf] = INT_MIN_;
-      qb[mr][hf] = -1;
-      if (MODE == 2 && i < nq) {
-        qp[mr][hf] = vis.q_pos[qrow0 + i];
-        qb[mr][hf] = vis.has_bkt ? vis.q_bkt[qrow0 + i] : 0;
-      }
-    }
-
-  load_tile<T, BM, D, NT>(sQ, gq_, m0, nq);
-  int t = next(range.x);
-  if (t < t_end) {
+  load_tile<T, BM, D, NT>(sQ, q + qrow0 * D, m0, nq);
+  int t = tiles.first();
+  if (t < tiles.end) {
     load_tile<T, BN, D, NT>(sK, gk, t * BN, nk);
     load_tile<T, BN, D, NT>(sV, gv, t * BN, nk);
   }
@@ -452,9 +577,9 @@ __device__ void fwd_mma(const T* q, const T* k, const T* v, T* o, float* lse, Vi
   for (int mr = 0; mr < MR; ++mr) mrow[mr][0] = mrow[mr][1] = neg_inf(), lrow[mr][0] = lrow[mr][1] = 0.f;
 
   int buf = 0;
-  while (t < t_end) {
-    int tn = next(t + 1);
-    if (tn < t_end) {
+  while (t < tiles.end) {
+    int tn = tiles.next(t + 1);
+    if (tn < tiles.end) {
       load_tile<T, BN, D, NT>(sK + (buf ^ 1) * BN * SD, gk, tn * BN, nk);
       load_tile<T, BN, D, NT>(sV + (buf ^ 1) * BN * SD, gv, tn * BN, nk);
     }
@@ -468,90 +593,151 @@ __device__ void fwd_mma(const T* q, const T* k, const T* v, T* o, float* lse, Vi
 #pragma unroll
     for (int i = 0; i < MR * N8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
     gemm_abt<T, D, MR, N8, QREG>(s, qf, sQ, warp * WR, cK, 0);
-
-    int n0 = t * BN;
-    bool need_mask = n0 + BN > nk || (MODE == 1 && n0 + BN - 1 > w0 + vis.off) ||
-                     (MODE == 2 && !tile_full(qm, km[t], vis.strict)) ||
-                     (MODE == 3 && !sb_tile_full(w0, w0 + WR, n0, n0 + BN, sb));
-    if (need_mask) {
-#pragma unroll
-      for (int nt = 0; nt < N8; ++nt) {
-#pragma unroll
-        for (int e2 = 0; e2 < 2; ++e2) {
-          int j = n0 + nt * 8 + 2 * t4 + e2;
-          int kp = INT_MAX_, kb = -2;
-          if (MODE == 2 && j < nk) {
-            kp = vis.k_pos[krow0 + j];
-            kb = vis.has_bkt ? vis.k_bkt[krow0 + j] : 0;
-          }
-#pragma unroll
-          for (int mr = 0; mr < MR; ++mr)
-#pragma unroll
-            for (int hf = 0; hf < 2; ++hf) {
-              bool ok = j < nk;
-              if constexpr (MODE == 1) ok = ok && j <= i_r[mr][hf] + vis.off;
-              if constexpr (MODE == 2)
-                ok = ok && sparse_sees(qp[mr][hf], qb[mr][hf], kp, kb, vis.strict);
-              if constexpr (MODE == 3) ok = ok && sb_sees(i_r[mr][hf], j, sb);
-              if (!ok) s[mr * N8 + nt][hf * 2 + e2] = masked;
-            }
-        }
-      }
-    }
-
-    // Online softmax (log2 domain) for rows gq and gq+8 of each row tile.
-#pragma unroll
-    for (int mr = 0; mr < MR; ++mr)
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        float(*sm)[4] = s + mr * N8;
-        float mx = mrow[mr][hf];
-#pragma unroll
-        for (int nt = 0; nt < N8; ++nt) {
-          sm[nt][hf * 2] *= sl2;
-          sm[nt][hf * 2 + 1] *= sl2;
-          mx = fmaxf(mx, fmaxf(sm[nt][hf * 2], sm[nt][hf * 2 + 1]));
-        }
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        float msafe = mx == neg_inf() ? 0.f : mx;
-        float alpha = fast_exp2(mrow[mr][hf] - msafe);
-        mrow[mr][hf] = mx;
-        float ls = 0.f;
-#pragma unroll
-        for (int nt = 0; nt < N8; ++nt) {
-          sm[nt][hf * 2] = fast_exp2(sm[nt][hf * 2] - msafe);
-          sm[nt][hf * 2 + 1] = fast_exp2(sm[nt][hf * 2 + 1] - msafe);
-          ls += sm[nt][hf * 2] + sm[nt][hf * 2 + 1];
-        }
-        lrow[mr][hf] = lrow[mr][hf] * alpha + ls;
-#pragma unroll
-        for (int dt = 0; dt < DT; ++dt) {
-          acc[mr * DT + dt][hf * 2] *= alpha;
-          acc[mr * DT + dt][hf * 2 + 1] *= alpha;
-        }
-      }
+    fwd_mask<MODE, MR, N8>(s, vis, rows, tiles, t, w0, nk, krow0, sb, masked);
+    fwd_softmax<MR, N8, DT>(s, acc, mrow, lrow, sl2);
     gemm_pb<T, D, MR, BN / 16>(acc, s, cV, 0);
     __syncthreads();  // the buffer is refilled by the next iteration
     t = tn;
     buf ^= 1;
   }
   cp_async_wait<0>();
+  fwd_epilogue<T, D, MODE, MR>(o, lse, acc, mrow, lrow, rows, qrow0, w0, nq);
+}
 
+// ---------------------------------------------------------------------------------------------
+// Hopper forward (sm_90a only): warpgroup MMA. One CTA per (query tile of BM = 64 * NWG rows,
+// b*hq), NWG warpgroups of 64 query rows each (warp w of a warpgroup: rows 16w..16w+15). Q, K and V
+// tiles live in 128-byte-swizzled shared memory (`load_tile_sw128`), read by wgmma through matrix
+// descriptors: S = Q K^T with both operands K-major from shared memory (m64nBNk16), O += P V with P
+// from registers (the score fragments converted in place, as in mma.sync) and V read transposed
+// (MN-major, m64nDk16). K/V tiles double-buffered with cp.async by all threads; masking, online
+// softmax and epilogue shared with the mma.sync kernel.
+// ---------------------------------------------------------------------------------------------
+
+// Async copy of rows [row0, row0 + ROWS) of a (n, D) matrix into a 128-byte-swizzled shared tile
+// (the layout wgmma's SWIZZLE_128B descriptors read): D / 64 column blocks of ROWS rows x 128
+// bytes, the 16-byte chunk c of row r stored at chunk c ^ (r % 8) of its row. Rows past n are
+// zero-filled. The tile must start on a 1024-byte boundary.
+template <typename T, int ROWS, int D, int NT>
+__device__ __forceinline__ void load_tile_sw128(T* s, const T* g, int row0, int n) {
+  constexpr int CH = D / 8;
 #pragma unroll
-  for (int mr = 0; mr < MR; ++mr) {
-    float inv[2];
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      float l = lrow[mr][hf];
-      l += __shfl_xor_sync(0xffffffffu, l, 1);
-      l += __shfl_xor_sync(0xffffffffu, l, 2);
-      inv[hf] = l > 0.f ? 1.f / l : 0.f;
-      if (t4 == 0 && i_r[mr][hf] < nq)
-        lse[qrow0 + i_r[mr][hf]] = l > 0.f ? mrow[mr][hf] * LN2 + logf(l) : neg_inf();
-    }
-    store_acc<T, D>(o + qrow0 * D, acc + mr * DT, w0 + mr * 16, nq, inv[0], inv[1]);
+  for (int idx = threadIdx.x; idx < ROWS * CH; idx += NT) {
+    int r = idx / CH, c = idx % CH;
+    bool ok = row0 + r < n;
+    cp_async16(s + (c / 8) * ROWS * 64 + r * 64 + ((c % 8) ^ (r & 7)) * 8,
+               g + (long long)(ok ? row0 + r : 0) * D + c * 8, ok);
   }
+}
+
+// wgmma shared-memory matrix descriptor of a 128-byte-swizzled operand at p: stride byte offset
+// 1024 (from one 8-row group to the next), leading byte offset `lbo` (MN-major operands: from one
+// 64-element column block to the next; unused for K-major), swizzle mode 1 (128 B).
+__device__ __forceinline__ uint64_t sw128_desc(const void* p, uint32_t lbo) {
+  uint64_t a = smem_addr(p);
+  return ((a & 0x3FFFF) >> 4) | ((uint64_t)((lbo >> 4) & 0x3FFF) << 16) |
+         ((uint64_t)(1024 >> 4) << 32) | (1ull << 62);
+}
+
+template <typename T, int D, int NWG, int BN, int MODE>
+__device__ void fwd_wgmma(const T* q, const T* k, const T* v, T* o, float* lse, Vis vis,
+                          const int4* qmeta, const int4* kmeta, int hq, int hkv, int nq, int nk,
+                          float scale) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int BM = 64 * NWG, NT = 128 * NWG, N8 = BN / 8, DT = D / 8, KD = D / 16;
+  static_assert(D % 64 == 0 && BN % 64 == 0, "fwd_wgmma: D and BN must be multiples of 64");
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  // Swizzle atoms (8 rows x 128 B) must start on 1024-byte boundaries: the host adds 1 KB slack.
+  T* sQ = reinterpret_cast<T*>(smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023));
+  T* sK = sQ + BM * D;       // [2][BN * D]
+  T* sV = sK + 2 * BN * D;   // [2][BN * D]
+
+  int warp = threadIdx.x / 32, wg = warp / 4;
+  // Causal: the heaviest query tiles (the last ones) start first, for a shorter tail.
+  int mt = MODE == 1 ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+  int bh = blockIdx.y, m0 = mt * BM, w0 = m0 + warp * 16;
+  int b = bh / hq, h = bh % hq, hk = h / (hq / hkv);
+  long long qrow0 = (long long)bh * nq, krow0 = ((long long)b * hkv + hk) * nk;
+  const T* gk = k + krow0 * D;
+  const T* gv = v + krow0 * D;
+  int nkt = (nk + BN - 1) / BN;
+  float sl2 = scale * LOG2E;
+  float masked = sl2 >= 0.f ? neg_inf() : pos_inf();
+  int2 sb = sb_span(vis, hk);
+  const FwdKeyTiles<MODE> tiles(vis, sb, m0, min(nq, m0 + BM), BN, nkt,
+                                MODE == 2 ? qmeta[(long long)bh * gridDim.x + mt]
+                                          : make_int4(0, 0, 0, 0),
+                                kmeta + ((long long)b * hkv + hk) * nkt);
+  const FwdRows<MODE, 1> rows(vis, qrow0, w0, nq);
+
+  load_tile_sw128<T, BM, D, NT>(sQ, q + qrow0 * D, m0, nq);
+  int t = tiles.first();
+  if (t < tiles.end) {
+    load_tile_sw128<T, BN, D, NT>(sK, gk, t * BN, nk);
+    load_tile_sw128<T, BN, D, NT>(sV, gv, t * BN, nk);
+  }
+  cp_async_commit();
+
+  float acc[DT][4];
+#pragma unroll
+  for (int i = 0; i < DT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+  float mrow[1][2] = {{neg_inf(), neg_inf()}}, lrow[1][2] = {{0.f, 0.f}};
+  // This warpgroup's 64 query rows: the K-major A operand, k-step kk at column block kk / 4,
+  // byte offset 32 * (kk % 4) inside the swizzled 128-byte rows.
+  const T* qa = sQ + wg * 64 * 64;
+
+  int buf = 0;
+  while (t < tiles.end) {
+    int tn = tiles.next(t + 1);
+    if (tn < tiles.end) {
+      load_tile_sw128<T, BN, D, NT>(sK + (buf ^ 1) * BN * D, gk, tn * BN, nk);
+      load_tile_sw128<T, BN, D, NT>(sV + (buf ^ 1) * BN * D, gv, tn * BN, nk);
+    }
+    cp_async_commit();
+    cp_async_wait<1>();
+    fence_proxy_async();
+    __syncthreads();
+
+    const T* cK = sK + buf * BN * D;
+    const T* cV = sV + buf * BN * D;
+    float s[N8][4];
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < KD; ++kk)
+      wgmma_ss<T, BN>(s, sw128_desc(qa + (kk / 4) * BM * 64 + (kk % 4) * 16, 16),
+                      sw128_desc(cK + (kk / 4) * BN * 64 + (kk % 4) * 16, 16), kk > 0);
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_fence_regs<N8>(s);
+
+    fwd_mask<MODE, 1, N8>(s, vis, rows, tiles, t, w0, nk, krow0, sb, masked);
+    fwd_softmax<1, N8, DT>(s, acc, mrow, lrow, sl2);
+
+    // P (64 x BN, registers) x V (BN x D): the C fragments of two adjacent n-tiles are the A
+    // fragment of one k-step; V's k-step kk is its rows 16kk.. (2048 bytes per step), its column
+    // blocks BN * 128 bytes apart.
+    uint32_t pa[BN / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      pa[kk][0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+      pa[kk][1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+      pa[kk][2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      pa[kk][3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+    }
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk)
+      wgmma_rs_tb<T, D>(acc, pa[kk], sw128_desc(cV + kk * 16 * 64, BN * 128));
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_fence_regs<DT>(acc);
+    __syncthreads();  // the buffer is refilled by the next iteration
+    t = tn;
+    buf ^= 1;
+  }
+  cp_async_wait<0>();
+  fwd_epilogue<T, D, MODE, 1>(o, lse, acc, mrow, lrow, rows, qrow0, w0, nq);
+#endif
 }
 
 // The query tiles one backward CTA (key tile `kt`, keys [n0, n0 + BK) of kv head `hk`) visits:
@@ -1089,6 +1275,19 @@ __device__ void dq_convert(const float* acc, T* dq, long long n, float scale) {
 #define FWD_MMA(TN, T, D, NW, MR)                                                              \
   FWD_MMA_M(TN, T, D, NW, MR, 0) FWD_MMA_M(TN, T, D, NW, MR, 1) FWD_MMA_M(TN, T, D, NW, MR, 2) \
   FWD_MMA_M(TN, T, D, NW, MR, 3)
+// Hopper (sm_90a) forward: BM = 64 * NWG query rows, BN keys (`hopper_fwd_tiles` in cuda.rs), at
+// least MINB CTAs per SM, one kernel per visibility mode M. Built for every target (empty bodies
+// before sm_90a); the host only launches them on compute capability 9.0 with PTX that holds wgmma.
+#define FWD_WG_M(TN, T, D, NWG, BN, MINB, M)                                                     \
+  extern "C" __global__ void __launch_bounds__(NWG * 128, MINB)                                 \
+      flash_fwd_wg_##TN##_d##D##_w##NWG##_n##BN##_m##M(const T* q, const T* k, const T* v, T* o, \
+                                                       float* lse, VIS_PARAMS) {                 \
+    MAKE_VIS fwd_wgmma<T, D, NWG, BN, M>(q, k, v, o, lse, vis, qmeta, kmeta, hq, hkv, nq, nk,    \
+                                         scale);                                                 \
+  }
+#define FWD_WG(TN, T, D, NWG, BN, MINB)                                                     \
+  FWD_WG_M(TN, T, D, NWG, BN, MINB, 0) FWD_WG_M(TN, T, D, NWG, BN, MINB, 1)                 \
+  FWD_WG_M(TN, T, D, NWG, BN, MINB, 2) FWD_WG_M(TN, T, D, NWG, BN, MINB, 3)
 // Tensor-core backward: key tiles of 16 * MR * NW keys, query tiles of BQ rows (`bwd_tiles` in
 // cuda.rs), one kernel per visibility mode M (compact code for the dense modes).
 #define BWD_MMA_M(TN, T, D, NW, MR, BQ, M)                                                       \
@@ -1159,6 +1358,12 @@ ALL_D(SIMPLE, bf16, __nv_bfloat16)
   FWD_MMA(TN, T, 128, 4, 2) FWD_MMA(TN, T, 256, 4, 1)
 FWD_ALL(f16, __half)
 FWD_ALL(bf16, __nv_bfloat16)
+
+#define FWD_WG_ALL(TN, T)                                                                 \
+  FWD_WG(TN, T, 64, 2, 128, 1) FWD_WG(TN, T, 64, 3, 128, 1) FWD_WG(TN, T, 64, 2, 64, 2)     \
+  FWD_WG(TN, T, 128, 2, 128, 1) FWD_WG(TN, T, 128, 3, 64, 1) FWD_WG(TN, T, 128, 2, 64, 2)
+FWD_WG_ALL(f16, __half)
+FWD_WG_ALL(bf16, __nv_bfloat16)
 
 #define BWD_ALL(TN, T) BWD_MMA(TN, T, 32, 8, 1, 64) BWD_MMA(TN, T, 64, 4, 2, 32)
 BWD_ALL(f16, __half)
