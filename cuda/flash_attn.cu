@@ -446,11 +446,12 @@ __device__ __forceinline__ void fwd_mask(float (*s)[4], const Vis& vis, const Fw
 }
 
 // Online softmax (log2 domain) of one key tile's raw scores s (turned into probabilities in place)
-// for rows gq and gq + 8 of each row tile: updates the running max (scaled by sl2 = scale * log2 e)
-// and sum, rescales the output accumulator acc (DT fragments per row tile).
-template <int MR, int N8, int DT>
-__device__ __forceinline__ void fwd_softmax(float (*s)[4], float (*acc)[4], float (*mrow)[2],
-                                            float (*lrow)[2], float sl2) {
+// for rows gq and gq + 8 of each of the MR row tiles: updates the running max (of the scores times
+// sl2 = scale * log2 e) and sum, and returns in alpha the factor the output accumulator must be
+// rescaled by (`fwd_rescale`).
+template <int MR, int N8>
+__device__ __forceinline__ void fwd_softmax(float (*s)[4], float (*mrow)[2], float (*lrow)[2],
+                                            float (*alpha)[2], float sl2) {
 #pragma unroll
   for (int mr = 0; mr < MR; ++mr)
 #pragma unroll
@@ -466,7 +467,7 @@ __device__ __forceinline__ void fwd_softmax(float (*s)[4], float (*acc)[4], floa
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
       float msafe = mx == neg_inf() ? 0.f : mx;
-      float alpha = fast_exp2(mrow[mr][hf] - msafe);
+      alpha[mr][hf] = fast_exp2(mrow[mr][hf] - msafe);
       mrow[mr][hf] = mx;
       float ls = 0.f;
 #pragma unroll
@@ -475,12 +476,21 @@ __device__ __forceinline__ void fwd_softmax(float (*s)[4], float (*acc)[4], floa
         sm[nt][hf * 2 + 1] = fast_exp2(sm[nt][hf * 2 + 1] - msafe);
         ls += sm[nt][hf * 2] + sm[nt][hf * 2 + 1];
       }
-      lrow[mr][hf] = lrow[mr][hf] * alpha + ls;
+      lrow[mr][hf] = lrow[mr][hf] * alpha[mr][hf] + ls;
+    }
+}
+
+// Rescales the output accumulator (DT fragments per row tile) by `fwd_softmax`'s alpha.
+template <int MR, int DT>
+__device__ __forceinline__ void fwd_rescale(float (*acc)[4], const float (*alpha)[2]) {
 #pragma unroll
-      for (int dt = 0; dt < DT; ++dt) {
-        acc[mr * DT + dt][hf * 2] *= alpha;
-        acc[mr * DT + dt][hf * 2 + 1] *= alpha;
-      }
+  for (int mr = 0; mr < MR; ++mr)
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt) {
+      acc[mr * DT + dt][0] *= alpha[mr][0];
+      acc[mr * DT + dt][1] *= alpha[mr][0];
+      acc[mr * DT + dt][2] *= alpha[mr][1];
+      acc[mr * DT + dt][3] *= alpha[mr][1];
     }
 }
 
@@ -594,7 +604,9 @@ __device__ void fwd_mma(const T* q, const T* k, const T* v, T* o, float* lse, Vi
     for (int i = 0; i < MR * N8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
     gemm_abt<T, D, MR, N8, QREG>(s, qf, sQ, warp * WR, cK, 0);
     fwd_mask<MODE, MR, N8>(s, vis, rows, tiles, t, w0, nk, krow0, sb, masked);
-    fwd_softmax<MR, N8, DT>(s, acc, mrow, lrow, sl2);
+    float alpha[MR][2];
+    fwd_softmax<MR, N8>(s, mrow, lrow, alpha, sl2);
+    fwd_rescale<MR, DT>(acc, alpha);
     gemm_pb<T, D, MR, BN / 16>(acc, s, cV, 0);
     __syncthreads();  // the buffer is refilled by the next iteration
     t = tn;
@@ -639,7 +651,7 @@ __device__ __forceinline__ uint64_t sw128_desc(const void* p, uint32_t lbo) {
          ((uint64_t)(1024 >> 4) << 32) | (1ull << 62);
 }
 
-template <typename T, int D, int NWG, int BN, int MODE>
+template <typename T, int D, int NWG, int BN, bool OVERLAP, int MODE>
 __device__ void fwd_wgmma(const T* q, const T* k, const T* v, T* o, float* lse, Vis vis,
                           const int4* qmeta, const int4* kmeta, int hq, int hkv, int nq, int nk,
                           float scale) {
@@ -670,53 +682,36 @@ __device__ void fwd_wgmma(const T* q, const T* k, const T* v, T* o, float* lse, 
                                 kmeta + ((long long)b * hkv + hk) * nkt);
   const FwdRows<MODE, 1> rows(vis, qrow0, w0, nq);
 
-  load_tile_sw128<T, BM, D, NT>(sQ, q + qrow0 * D, m0, nq);
-  int t = tiles.first();
-  if (t < tiles.end) {
-    load_tile_sw128<T, BN, D, NT>(sK, gk, t * BN, nk);
-    load_tile_sw128<T, BN, D, NT>(sV, gv, t * BN, nk);
-  }
-  cp_async_commit();
-
   float acc[DT][4];
 #pragma unroll
   for (int i = 0; i < DT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
-  float mrow[1][2] = {{neg_inf(), neg_inf()}}, lrow[1][2] = {{0.f, 0.f}};
-  // This warpgroup's 64 query rows: the K-major A operand, k-step kk at column block kk / 4,
-  // byte offset 32 * (kk % 4) inside the swizzled 128-byte rows.
+  float mrow[1][2] = {{neg_inf(), neg_inf()}}, lrow[1][2] = {{0.f, 0.f}}, alpha[1][2];
+  float s[N8][4];
+  uint32_t pa[BN / 16][4];
+  // This warpgroup's 64 query rows are the K-major A operand of S = Q K^T; k-step kk sits in
+  // column block kk / 4, at byte offset 32 * (kk % 4) of the swizzled 128-byte rows (as for K).
   const T* qa = sQ + wg * 64 * 64;
-
-  int buf = 0;
-  while (t < tiles.end) {
-    int tn = tiles.next(t + 1);
-    if (tn < tiles.end) {
-      load_tile_sw128<T, BN, D, NT>(sK + (buf ^ 1) * BN * D, gk, tn * BN, nk);
-      load_tile_sw128<T, BN, D, NT>(sV + (buf ^ 1) * BN * D, gv, tn * BN, nk);
-    }
-    cp_async_commit();
-    cp_async_wait<1>();
-    fence_proxy_async();
-    __syncthreads();
-
-    const T* cK = sK + buf * BN * D;
-    const T* cV = sV + buf * BN * D;
-    float s[N8][4];
-    wgmma_fence();
+  auto issue_qk = [&](const T* cK) {
 #pragma unroll
     for (int kk = 0; kk < KD; ++kk)
       wgmma_ss<T, BN>(s, sw128_desc(qa + (kk / 4) * BM * 64 + (kk % 4) * 16, 16),
                       sw128_desc(cK + (kk / 4) * BN * 64 + (kk % 4) * 16, 16), kk > 0);
     wgmma_commit();
-    wgmma_wait<0>();
-    wgmma_fence_regs<N8>(s);
-
-    fwd_mask<MODE, 1, N8>(s, vis, rows, tiles, t, w0, nk, krow0, sb, masked);
-    fwd_softmax<1, N8, DT>(s, acc, mrow, lrow, sl2);
-
-    // P (64 x BN, registers) x V (BN x D): the C fragments of two adjacent n-tiles are the A
-    // fragment of one k-step; V's k-step kk is its rows 16kk.. (2048 bytes per step), its column
-    // blocks BN * 128 bytes apart.
-    uint32_t pa[BN / 16][4];
+  };
+  // O += P V: P from registers (pa), V's k-step kk is its rows 16kk.. (2048 bytes further), its
+  // column blocks BN * 128 bytes apart (the MN-major leading byte offset).
+  auto issue_pv = [&](const T* cV) {
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk)
+      wgmma_rs_tb<T, D>(acc, pa[kk], sw128_desc(cV + kk * 16 * 64, BN * 128));
+    wgmma_commit();
+  };
+  // Rescales O and turns the probabilities into the A fragments of P V (the C fragments of two
+  // adjacent n-tiles are the A fragment of one k-step, as in mma.sync's gemm_pb). The register
+  // fences keep the compiler from sinking this work past the next wgmma.fence, between wgmmas
+  // (where reading an accumulator would make ptxas serialize them).
+  auto rescale_to_pa = [&]() {
+    fwd_rescale<1, DT>(acc, alpha);
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) {
       pa[kk][0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
@@ -724,16 +719,107 @@ __device__ void fwd_wgmma(const T* q, const T* k, const T* v, T* o, float* lse, 
       pa[kk][2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
       pa[kk][3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
     }
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk)
-      wgmma_rs_tb<T, D>(acc, pa[kk], sw128_desc(cV + kk * 16 * 64, BN * 128));
-    wgmma_commit();
-    wgmma_wait<0>();
     wgmma_fence_regs<DT>(acc);
-    __syncthreads();  // the buffer is refilled by the next iteration
-    t = tn;
-    buf ^= 1;
+    wgmma_fence_regs_a<BN / 16>(pa);
+  };
+  // Scores of key tile t (after its S = Q K^T completed) to probabilities in s.
+  auto softmax = [&](int t) {
+    wgmma_fence_regs<N8>(s);
+    fwd_mask<MODE, 1, N8>(s, vis, rows, tiles, t, w0, nk, krow0, sb, masked);
+    fwd_softmax<1, N8>(s, mrow, lrow, alpha, sl2);
+  };
+  auto cp_ready = [&]() {  // after the cp.async wait: visible to every thread's wgmma
+    fence_proxy_async();
+    __syncthreads();
+  };
+
+  int t = tiles.first();
+  if constexpr (!OVERLAP) {
+    // Per key tile: S = Q K^T, softmax, O += P V, each waited for; K/V double-buffered.
+    load_tile_sw128<T, BM, D, NT>(sQ, q + qrow0 * D, m0, nq);
+    if (t < tiles.end) {
+      load_tile_sw128<T, BN, D, NT>(sK, gk, t * BN, nk);
+      load_tile_sw128<T, BN, D, NT>(sV, gv, t * BN, nk);
+    }
+    cp_async_commit();
+    int buf = 0;
+    while (t < tiles.end) {
+      int tn = tiles.next(t + 1);
+      if (tn < tiles.end) {
+        load_tile_sw128<T, BN, D, NT>(sK + (buf ^ 1) * BN * D, gk, tn * BN, nk);
+        load_tile_sw128<T, BN, D, NT>(sV + (buf ^ 1) * BN * D, gv, tn * BN, nk);
+      }
+      cp_async_commit();
+      cp_async_wait<1>();
+      cp_ready();
+      wgmma_fence();
+      issue_qk(sK + buf * BN * D);
+      wgmma_wait<0>();
+      softmax(t);
+      rescale_to_pa();
+      wgmma_fence();
+      issue_pv(sV + buf * BN * D);
+      wgmma_wait<0>();
+      wgmma_fence_regs<DT>(acc);
+      __syncthreads();  // the buffer is refilled by the next iteration
+      t = tn;
+      buf ^= 1;
+    }
+  } else {
+    // Software pipeline (FlashAttention-3's intra-warpgroup overlap): S of the next key tile and
+    // O += P V of this one are issued together; the next tile's softmax runs while P V is on the
+    // tensor cores, and only its rescaling of O waits for it. K and V have two slots each: the K
+    // of the tile after next and the V of the next tile load while a tile is processed (both
+    // slots they fill were last read by wgmmas completed in the previous iteration).
+    int tn = t < tiles.end ? tiles.next(t + 1) : tiles.end;
+    load_tile_sw128<T, BM, D, NT>(sQ, q + qrow0 * D, m0, nq);
+    if (t < tiles.end) load_tile_sw128<T, BN, D, NT>(sK, gk, t * BN, nk);
+    cp_async_commit();
+    if (tn < tiles.end) load_tile_sw128<T, BN, D, NT>(sK + BN * D, gk, tn * BN, nk);
+    if (t < tiles.end) load_tile_sw128<T, BN, D, NT>(sV, gv, t * BN, nk);
+    cp_async_commit();
+    if (t < tiles.end) {
+      cp_async_wait<1>();
+      cp_ready();
+      wgmma_fence();
+      issue_qk(sK);
+      wgmma_wait<0>();
+      softmax(t);
+      rescale_to_pa();  // O is still zero
+    }
+    // No wgmma is issued conditionally inside the loop: a branch between wgmmas makes ptxas
+    // serialize them. The last tile's O += P V runs after it.
+    int slot = 0;
+    while (tn < tiles.end) {
+      int tnn = tiles.next(tn + 1);
+      __syncthreads();  // every warpgroup is done with K slot `slot` and V slot `slot ^ 1`
+      if (tnn < tiles.end)
+        load_tile_sw128<T, BN, D, NT>(sK + slot * BN * D, gk, tnn * BN, nk);
+      load_tile_sw128<T, BN, D, NT>(sV + (slot ^ 1) * BN * D, gv, tn * BN, nk);
+      cp_async_commit();
+      cp_async_wait<1>();  // K of tile tn, V of tile t
+      cp_ready();
+      wgmma_fence();
+      issue_qk(sK + (slot ^ 1) * BN * D);
+      issue_pv(sV + slot * BN * D);
+      wgmma_wait<1>();
+      softmax(tn);
+      wgmma_wait<0>();
+      wgmma_fence_regs<DT>(acc);
+      wgmma_fence_regs_a<BN / 16>(pa);
+      rescale_to_pa();
+      t = tn;
+      tn = tnn;
+      slot ^= 1;
+    }
+    if (t < tiles.end) {
+      cp_async_wait<0>();
+      cp_ready();
+      wgmma_fence();
+      issue_pv(sV + slot * BN * D);
+      wgmma_wait<0>();
+      wgmma_fence_regs<DT>(acc);
+    }
   }
   cp_async_wait<0>();
   fwd_epilogue<T, D, MODE, 1>(o, lse, acc, mrow, lrow, rows, qrow0, w0, nq);
@@ -1275,19 +1361,19 @@ __device__ void dq_convert(const float* acc, T* dq, long long n, float scale) {
 #define FWD_MMA(TN, T, D, NW, MR)                                                              \
   FWD_MMA_M(TN, T, D, NW, MR, 0) FWD_MMA_M(TN, T, D, NW, MR, 1) FWD_MMA_M(TN, T, D, NW, MR, 2) \
   FWD_MMA_M(TN, T, D, NW, MR, 3)
-// Hopper (sm_90a) forward: BM = 64 * NWG query rows, BN keys (`hopper_fwd_tiles` in cuda.rs), at
-// least MINB CTAs per SM, one kernel per visibility mode M. Built for every target (empty bodies
+// Hopper (sm_90a) forward: BM = 64 * NWG query rows, BN keys, software pipeline when O is 1
+// (`HOPPER_FWD_VARIANTS` in cuda.rs), at least MINB CTAs per SM, one kernel per visibility mode M. Built for every target (empty bodies
 // before sm_90a); the host only launches them on compute capability 9.0 with PTX that holds wgmma.
-#define FWD_WG_M(TN, T, D, NWG, BN, MINB, M)                                                     \
-  extern "C" __global__ void __launch_bounds__(NWG * 128, MINB)                                 \
-      flash_fwd_wg_##TN##_d##D##_w##NWG##_n##BN##_m##M(const T* q, const T* k, const T* v, T* o, \
-                                                       float* lse, VIS_PARAMS) {                 \
-    MAKE_VIS fwd_wgmma<T, D, NWG, BN, M>(q, k, v, o, lse, vis, qmeta, kmeta, hq, hkv, nq, nk,    \
-                                         scale);                                                 \
+#define FWD_WG_M(TN, T, D, NWG, BN, O, MINB, M)                                                  \
+  extern "C" __global__ void __launch_bounds__(NWG * 128, MINB)                                   \
+      flash_fwd_wg_##TN##_d##D##_w##NWG##_n##BN##_o##O##_m##M(const T* q, const T* k, const T* v, \
+                                                              T* o, float* lse, VIS_PARAMS) {     \
+    MAKE_VIS fwd_wgmma<T, D, NWG, BN, O, M>(q, k, v, o, lse, vis, qmeta, kmeta, hq, hkv, nq, nk,  \
+                                            scale);                                               \
   }
-#define FWD_WG(TN, T, D, NWG, BN, MINB)                                                     \
-  FWD_WG_M(TN, T, D, NWG, BN, MINB, 0) FWD_WG_M(TN, T, D, NWG, BN, MINB, 1)                 \
-  FWD_WG_M(TN, T, D, NWG, BN, MINB, 2) FWD_WG_M(TN, T, D, NWG, BN, MINB, 3)
+#define FWD_WG(TN, T, D, NWG, BN, O, MINB)                                                   \
+  FWD_WG_M(TN, T, D, NWG, BN, O, MINB, 0) FWD_WG_M(TN, T, D, NWG, BN, O, MINB, 1)            \
+  FWD_WG_M(TN, T, D, NWG, BN, O, MINB, 2) FWD_WG_M(TN, T, D, NWG, BN, O, MINB, 3)
 // Tensor-core backward: key tiles of 16 * MR * NW keys, query tiles of BQ rows (`bwd_tiles` in
 // cuda.rs), one kernel per visibility mode M (compact code for the dense modes).
 #define BWD_MMA_M(TN, T, D, NW, MR, BQ, M)                                                       \
@@ -1359,9 +1445,11 @@ ALL_D(SIMPLE, bf16, __nv_bfloat16)
 FWD_ALL(f16, __half)
 FWD_ALL(bf16, __nv_bfloat16)
 
-#define FWD_WG_ALL(TN, T)                                                                 \
-  FWD_WG(TN, T, 64, 2, 128, 1) FWD_WG(TN, T, 64, 3, 128, 1) FWD_WG(TN, T, 64, 2, 64, 2)     \
-  FWD_WG(TN, T, 128, 2, 128, 1) FWD_WG(TN, T, 128, 3, 64, 1) FWD_WG(TN, T, 128, 2, 64, 2)
+#define FWD_WG_ALL(TN, T)                                                                    \
+  FWD_WG(TN, T, 64, 2, 128, 0, 1) FWD_WG(TN, T, 64, 2, 128, 1, 1)                              \
+  FWD_WG(TN, T, 64, 3, 128, 1, 1) FWD_WG(TN, T, 64, 2, 64, 1, 2)                               \
+  FWD_WG(TN, T, 128, 2, 128, 0, 1) FWD_WG(TN, T, 128, 2, 128, 1, 1)                            \
+  FWD_WG(TN, T, 128, 3, 64, 1, 1)
 FWD_WG_ALL(f16, __half)
 FWD_WG_ALL(bf16, __nv_bfloat16)
 

@@ -109,13 +109,19 @@ __device__ __forceinline__ void wgmma_commit() {
 template <int N> __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
-// Keeps the compiler from moving reads / writes of accumulator registers across the asynchronous
-// MMA (ties `n` fragments to a point in the instruction stream).
+// Keep the compiler from moving reads / writes of accumulator (f32) or A-operand (u32) registers
+// across an asynchronous MMA, or reusing the A registers before it completed: call after the wait.
 template <int NF> __device__ __forceinline__ void wgmma_fence_regs(float (*d)[4]) {
 #pragma unroll
   for (int i = 0; i < NF; ++i)
 #pragma unroll
     for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[i][e])::"memory");
+}
+template <int NF> __device__ __forceinline__ void wgmma_fence_regs_a(uint32_t (*a)[4]) {
+#pragma unroll
+  for (int i = 0; i < NF; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(a[i][e])::"memory");
 }
 // Makes this thread's generic-proxy shared-memory writes (st.shared, cp.async) visible to the async
 // proxy that wgmma reads its shared-memory operands through.

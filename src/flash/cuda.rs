@@ -30,6 +30,7 @@ use candle::cuda_backend::cudarc::driver::{
 use candle::cuda_backend::{CudaDType, WrapErr};
 use candle::{bail, CudaDevice, CudaStorage, DType, Layout, Result, Storage, Tensor};
 use half::{bf16, f16};
+use std::sync::OnceLock;
 
 use super::{Dims, FlashAttnBwd};
 use crate::cuda_launch::{contiguous_view, launch_config, load_kernel};
@@ -60,6 +61,79 @@ fn fwd_tiles(d: usize) -> (usize, usize) {
         (64, 128)
     } else {
         (128, 128)
+    }
+}
+
+/// A Hopper forward kernel variant (`FWD_WG_ALL` in flash_attn.cu).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct HopperFwd {
+    /// Head dim.
+    pub d: usize,
+    /// Warpgroups of 64 query rows per CTA.
+    pub warpgroups: usize,
+    /// Keys per tile.
+    pub keys: usize,
+    /// Software pipeline: the next tile's S = Q K^T and softmax overlap this tile's O += P V.
+    pub overlap: bool,
+}
+
+impl HopperFwd {
+    const fn new(d: usize, warpgroups: usize, keys: usize, overlap: bool) -> Self {
+        HopperFwd {
+            d,
+            warpgroups,
+            keys,
+            overlap,
+        }
+    }
+
+    /// The variant's name in kernel names and in [`FWD_KERNEL_ENV`], e.g. `w2_n128_o1`.
+    pub fn tag(&self) -> String {
+        format!(
+            "w{}_n{}_o{}",
+            self.warpgroups, self.keys, self.overlap as u8
+        )
+    }
+}
+
+/// Hopper forward variants compiled in `FWD_WG_ALL` (flash_attn.cu).
+pub(crate) const HOPPER_FWD_VARIANTS: [HopperFwd; 7] = [
+    HopperFwd::new(64, 2, 128, false),
+    HopperFwd::new(64, 2, 128, true),
+    HopperFwd::new(64, 3, 128, true),
+    HopperFwd::new(64, 2, 64, true),
+    HopperFwd::new(128, 2, 128, false),
+    HopperFwd::new(128, 2, 128, true),
+    HopperFwd::new(128, 3, 64, true),
+];
+
+/// Environment variable choosing the forward kernel of f16 / bf16 at head dims 64 and 128 on the
+/// H100 (for benchmarks and tests): a [`HopperFwd::tag`] (e.g. `w2_n128_o1`) picks that Hopper
+/// variant where it is compiled for the head dim, any other value (e.g. `mma`) the `mma.sync`
+/// kernel. Unset: the default variant of [`hopper_fwd`].
+pub(crate) const FWD_KERNEL_ENV: &str = "CANDLE_SPARSE_ATTN_FWD";
+
+/// Whether this device runs the Hopper (`wgmma`) forward: compute capability 9.0 and PTX built for
+/// sm_90a (`CUDA_COMPUTE_CAP=90`, which cudaforge turns into `compute_90a`).
+fn has_wgmma(dev: &CudaDevice) -> bool {
+    static PTX_HAS_WGMMA: OnceLock<bool> = OnceLock::new();
+    *PTX_HAS_WGMMA.get_or_init(|| kernels::FLASH_ATTN.contains("wgmma.mma_async"))
+        && dev.cuda_stream().context().compute_capability().ok() == Some((9, 0))
+}
+
+/// The Hopper forward variant for head dim `d`, or `None` where none applies (other head dims, or
+/// [`FWD_KERNEL_ENV`] asks for another kernel).
+fn hopper_fwd(d: usize) -> Option<HopperFwd> {
+    let default = match d {
+        64 => HopperFwd::new(64, 2, 128, true),
+        128 => HopperFwd::new(128, 2, 128, true),
+        _ => return None,
+    };
+    match std::env::var(FWD_KERNEL_ENV) {
+        Ok(tag) => HOPPER_FWD_VARIANTS
+            .into_iter()
+            .find(|v| v.d == d && v.tag() == tag),
+        Err(_) => Some(default),
     }
 }
 
@@ -344,7 +418,28 @@ fn fwd_t<T: CudaDType + DeviceRepr>(
     let sc = Scalars::new(dims, &va, scale);
     let fast = sq.dtype() != DType::F32 && [lq, lk, lv].iter().all(|l| aligned(l, es));
     let d = dims.d;
-    if fast {
+    let hopper = if fast && has_wgmma(&dev) {
+        hopper_fwd(d)
+    } else {
+        None
+    };
+    if let Some(hv) = hopper {
+        let (bm, bn) = (64 * hv.warpgroups, hv.keys);
+        let meta = tile_meta(&dev, &va, dims, bm, bn)?;
+        // Q and double-buffered K, V tiles, plus 1 KB to align them to the 1024-byte swizzle atoms.
+        let smem = (bm + 4 * bn) * d * es + 1024;
+        let name = format!("flash_fwd_wg_{tn}_d{d}_{}_m{}", hv.tag(), va.mode);
+        let f = func!(dev, &name, smem);
+        let mut b = f.builder();
+        b.arg(&q);
+        b.arg(&k);
+        b.arg(&v);
+        b.arg(&mut out);
+        b.arg(&mut lse);
+        push_vis(&mut b, &va, &meta, &sc);
+        let grid = (ceil_div(dims.nq, bm), dims.b * dims.hq);
+        unsafe { b.launch(cfg(grid, 128 * hv.warpgroups, smem)?) }.w()?;
+    } else if fast {
         let (bm, threads) = fwd_tiles(d);
         let meta = tile_meta(&dev, &va, dims, bm, BT)?;
         let smem = (bm + 4 * BT) * (d + 8) * es;

@@ -7,6 +7,7 @@ use candle::{DType, Device, Tensor, Var, D};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 use super::super::{FlashAttn, FlashAttnBwd};
+use super::{FWD_KERNEL_ENV, HOPPER_FWD_VARIANTS};
 use crate::mask::{
     SinkBand, SparseLayout, Visibility, KEY_PAD_BUCKET, KEY_PAD_POS, QUERY_PAD_BUCKET,
     QUERY_PAD_POS,
@@ -257,32 +258,58 @@ fn cuda_matches_reference() -> candle::Result<()> {
     } else {
         (shapes.to_vec(), &[DType::F32, DType::BF16, DType::F16][..])
     };
+    // Default kernels first; then (full runs) bf16 at head dims 64 and 128 again with each other
+    // forward kernel of those head dims (`FWD_KERNEL_ENV`: the mma.sync kernel and every Hopper
+    // variant; on GPUs without wgmma they all run the mma.sync kernel).
+    let mut passes = vec![(None, dtypes.to_vec())];
+    if !quick {
+        let variants = HOPPER_FWD_VARIANTS.iter().map(|v| v.tag());
+        for v in std::iter::once("mma".to_string()).chain(variants) {
+            passes.push((Some(v), vec![DType::BF16]));
+        }
+    }
     let mut failed = 0;
     let mut seed = 0;
-    for &dtype in dtypes {
-        let tol = match dtype {
-            DType::F32 => 1e-3,
-            DType::BF16 => 2e-2,
-            _ => 5e-3,
+    for (fwd_kernel, dtypes) in passes {
+        let shapes: Vec<_> = match &fwd_kernel {
+            None => shapes.clone(),
+            Some(v) => {
+                std::env::set_var(FWD_KERNEL_ENV, v);
+                let ds: Vec<usize> = HOPPER_FWD_VARIANTS
+                    .iter()
+                    .filter(|x| v == "mma" || *v == x.tag())
+                    .map(|x| x.d)
+                    .collect();
+                shapes.iter().copied().filter(|s| ds.contains(&s.5)).collect()
+            }
         };
-        for &shape in &shapes {
-            for kind in kinds {
-                if matches!(kind, Kind::SinkBand) && shape.3 != shape.4 {
-                    continue;
+        for &dtype in &dtypes {
+            let tol = match dtype {
+                DType::F32 => 1e-3,
+                DType::BF16 => 2e-2,
+                _ => 5e-3,
+            };
+            for &shape in &shapes {
+                for kind in kinds {
+                    if matches!(kind, Kind::SinkBand) && shape.3 != shape.4 {
+                        continue;
+                    }
+                    seed += 1;
+                    let e = case(&dev, dtype, shape, kind, seed)?;
+                    let ok = e.iter().all(|x| x.is_finite() && *x <= tol);
+                    if !ok {
+                        failed += 1;
+                    }
+                    println!(
+                        "{} {dtype:?} {shape:?} {kind:?} fwd {}: out {:.2e} lse {:.2e} dq {:.2e} dk {:.2e} dv {:.2e}",
+                        if ok { "ok  " } else { "FAIL" },
+                        fwd_kernel.as_deref().unwrap_or("default"),
+                        e[0], e[1], e[2], e[3], e[4]
+                    );
                 }
-                seed += 1;
-                let e = case(&dev, dtype, shape, kind, seed)?;
-                let ok = e.iter().all(|x| x.is_finite() && *x <= tol);
-                if !ok {
-                    failed += 1;
-                }
-                println!(
-                    "{} {dtype:?} {shape:?} {kind:?}: out {:.2e} lse {:.2e} dq {:.2e} dk {:.2e} dv {:.2e}",
-                    if ok { "ok  " } else { "FAIL" },
-                    e[0], e[1], e[2], e[3], e[4]
-                );
             }
         }
+        std::env::remove_var(FWD_KERNEL_ENV);
     }
     assert_eq!(failed, 0, "{failed} cases over tolerance");
     Ok(())
