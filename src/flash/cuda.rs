@@ -124,9 +124,10 @@ fn has_wgmma(dev: &CudaDevice) -> bool {
 /// The Hopper forward variant for head dim `d`, or `None` where none applies (other head dims, or
 /// [`FWD_KERNEL_ENV`] asks for another kernel).
 fn hopper_fwd(d: usize) -> Option<HopperFwd> {
+    // The fastest variants on the H100 (bf16 causal, 8k–32k, BENCHMARKS.md).
     let default = match d {
-        64 => HopperFwd::new(64, 2, 128, true),
-        128 => HopperFwd::new(128, 2, 128, true),
+        64 => HopperFwd::new(64, 2, 64, true),
+        128 => HopperFwd::new(128, 3, 64, true),
         _ => return None,
     };
     match std::env::var(FWD_KERNEL_ENV) {
