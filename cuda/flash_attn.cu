@@ -3,7 +3,9 @@
 //
 // Two families:
 // - tensor-core kernels (f16 / bf16): mma.sync m16n8k16 with f32 accumulation, ldmatrix,
-//   cp.async double buffering, tiles padded by 16 bytes per row (conflict-free ldmatrix);
+//   cp.async double buffering, tiles padded by 16 bytes per row (conflict-free ldmatrix); on
+//   sm_90a the forward at head dims 64 and 128 also has a Hopper kernel (`fwd_wgmma`: warpgroup
+//   MMA on 128-byte-swizzled shared tiles, software-pipelined), which the host picks on the H100;
 // - simple kernels (any dtype, one warp per row, CUDA-core f32 FMA): the f32 path (exact f32
 //   arithmetic, no TF32) and the fallback for shapes the tensor-core kernels do not cover.
 //

@@ -1,8 +1,8 @@
 //! CUDA launch side of [`super::FlashAttn`] and [`super::FlashAttnBwd`] (kernels in
 //! `cuda/flash_attn.cu`). Everything runs on candle's stream, with no host round trip.
 //!
-//! - f16 / bf16: tensor-core kernels (`mma.sync` m16n8k16, f32 accumulation), one kernel per
-//!   visibility mode. Forward tiles are 128 queries × 64 keys, 4 warps of 32 query rows (64 × 64,
+//! - f16 / bf16: tensor-core kernels (`mma.sync` m16n8k16, f32 accumulation; any sm_80+ GPU), one
+//!   kernel per visibility mode. Forward tiles are 128 queries × 64 keys, 4 warps of 32 query rows (64 × 64,
 //!   4 warps of 16 rows at head dim 256). The backward is one fused kernel per key tile of 128 keys
 //!   owning dK, dV, looping over query tiles; dQ is accumulated with f32 atomics (not bitwise
 //!   deterministic) and converted by a small kernel. Head dims 32 and 64: 1-D warp tiles over the
@@ -10,9 +10,16 @@
 //!   8 warps of 16 keys, steps of 64 at 32). Head dims 96 and 128: FlashAttention-2's 2-D warp
 //!   tiles (8 warps; S and dP per warp 32 keys × 32 queries of a 64-row step, P and dS through
 //!   shared memory, dK/dV per warp 32 keys × D/2 columns).
-//! - Performance (H100, bf16, causal, 8k–32k, see BENCHMARKS.md): forward 0.83–0.95× PyTorch
-//!   SDPA-flash at D = 64 and 0.79–0.90× at D = 128; forward+backward 0.65–0.78× at D = 64 and
-//!   0.65–0.76× at D = 128 (the 2-D backward took the D = 128 backward from 56.2 to 47.3 ms at
+//! - Hopper forward (compute capability 9.0, PTX built for sm_90a, f16 / bf16, head dims 64 and
+//!   128): `wgmma` kernels (`fwd_wgmma`), one CTA of 2–3 warpgroups of 64 query rows, Q/K/V in
+//!   128-byte-swizzled shared memory read through wgmma descriptors, P from registers, and a
+//!   software pipeline (the next key tile's S = Q K^T and softmax overlap this tile's O += P V).
+//!   Every visibility mode; [`HOPPER_FWD_VARIANTS`] lists the tile variants, [`FWD_KERNEL_ENV`]
+//!   picks one (or the `mma.sync` kernel) for benchmarks and tests.
+//! - Performance (H100, bf16, causal, 8k–32k, see BENCHMARKS.md): forward with the Hopper kernel
+//!   1.01–1.08× PyTorch SDPA-flash at D = 64 and 1.05–1.18× at D = 128 (the `mma.sync` forward:
+//!   0.83–0.97× and 0.79–0.95×); forward+backward 0.65–0.78× at D = 64 and 0.65–0.76× at D = 128
+//!   before the Hopper forward (the 2-D backward took the D = 128 backward from 56.2 to 47.3 ms at
 //!   B1 H16 N32k; at D = 64 it was 15% slower than the 1-D one, which stays there).
 //! - f32 (exact f32 arithmetic is required), head dim 256 in the backward and inputs not aligned
 //!   to 16 bytes: simple CUDA-core kernels, one warp per row.
