@@ -280,7 +280,11 @@ fn cuda_matches_reference() -> candle::Result<()> {
                     .filter(|x| v == "mma" || *v == x.tag())
                     .map(|x| x.d)
                     .collect();
-                shapes.iter().copied().filter(|s| ds.contains(&s.5)).collect()
+                shapes
+                    .iter()
+                    .copied()
+                    .filter(|s| ds.contains(&s.5))
+                    .collect()
             }
         };
         for &dtype in &dtypes {
