@@ -1447,11 +1447,7 @@ ALL_D(SIMPLE, bf16, __nv_bfloat16)
 FWD_ALL(f16, __half)
 FWD_ALL(bf16, __nv_bfloat16)
 
-#define FWD_WG_ALL(TN, T)                                                                    \
-  FWD_WG(TN, T, 64, 2, 128, 0, 1) FWD_WG(TN, T, 64, 2, 128, 1, 1)                              \
-  FWD_WG(TN, T, 64, 3, 128, 1, 1) FWD_WG(TN, T, 64, 2, 64, 1, 2)                               \
-  FWD_WG(TN, T, 128, 2, 128, 0, 1) FWD_WG(TN, T, 128, 2, 128, 1, 1)                            \
-  FWD_WG(TN, T, 128, 3, 64, 1, 1)
+#define FWD_WG_ALL(TN, T) FWD_WG(TN, T, 64, 2, 64, 1, 2) FWD_WG(TN, T, 128, 3, 64, 1, 1)
 FWD_WG_ALL(f16, __half)
 FWD_WG_ALL(bf16, __nv_bfloat16)
 

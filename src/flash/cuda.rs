@@ -14,7 +14,7 @@
 //!   128): `wgmma` kernels (`fwd_wgmma`), one CTA of 2–3 warpgroups of 64 query rows, Q/K/V in
 //!   128-byte-swizzled shared memory read through wgmma descriptors, P from registers, and a
 //!   software pipeline (the next key tile's S = Q K^T and softmax overlap this tile's O += P V).
-//!   Every visibility mode; [`HOPPER_FWD_VARIANTS`] lists the tile variants, [`FWD_KERNEL_ENV`]
+//!   Every visibility mode; [`HOPPER_FWD_VARIANTS`] lists the tile variant per head dim, [`FWD_KERNEL_ENV`]
 //!   picks one (or the `mma.sync` kernel) for benchmarks and tests.
 //! - Performance (H100, bf16, causal, 8k–32k, see BENCHMARKS.md): forward with the Hopper kernel
 //!   1.01–1.08× PyTorch SDPA-flash at D = 64 and 1.05–1.18× at D = 128 (the `mma.sync` forward:
@@ -94,7 +94,7 @@ impl HopperFwd {
         }
     }
 
-    /// The variant's name in kernel names and in [`FWD_KERNEL_ENV`], e.g. `w2_n128_o1`.
+    /// The variant's name in kernel names and in [`FWD_KERNEL_ENV`], e.g. `w2_n64_o1`.
     pub fn tag(&self) -> String {
         format!(
             "w{}_n{}_o{}",
@@ -104,20 +104,16 @@ impl HopperFwd {
 }
 
 /// Hopper forward variants compiled in `FWD_WG_ALL` (flash_attn.cu).
-pub(crate) const HOPPER_FWD_VARIANTS: [HopperFwd; 7] = [
-    HopperFwd::new(64, 2, 128, false),
-    HopperFwd::new(64, 2, 128, true),
-    HopperFwd::new(64, 3, 128, true),
-    HopperFwd::new(64, 2, 64, true),
-    HopperFwd::new(128, 2, 128, false),
-    HopperFwd::new(128, 2, 128, true),
-    HopperFwd::new(128, 3, 64, true),
-];
+///
+/// Only the fastest variant per head dim is compiled (the sweep of seven variants is in
+/// BENCHMARKS.md): every compiled kernel costs JIT time on a process's first launch with an empty
+/// driver cache (≈ 55 s with all seven, per dtype and visibility mode).
+pub(crate) const HOPPER_FWD_VARIANTS: [HopperFwd; 2] =
+    [HopperFwd::new(64, 2, 64, true), HopperFwd::new(128, 3, 64, true)];
 
 /// Environment variable choosing the forward kernel of f16 / bf16 at head dims 64 and 128 on the
-/// H100 (for benchmarks and tests): a [`HopperFwd::tag`] (e.g. `w2_n128_o1`) picks that Hopper
-/// variant where it is compiled for the head dim, any other value (e.g. `mma`) the `mma.sync`
-/// kernel. Unset: the default variant of [`hopper_fwd`].
+/// H100 (for benchmarks and tests): the head dim's [`HopperFwd::tag`] (e.g. `w2_n64_o1`) or unset
+/// picks the Hopper kernel, any other value (e.g. `mma`) the `mma.sync` kernel.
 pub(crate) const FWD_KERNEL_ENV: &str = "CANDLE_SPARSE_ATTN_FWD";
 
 /// Whether this device runs the Hopper (`wgmma`) forward: compute capability 9.0 and PTX built for
@@ -131,17 +127,10 @@ fn has_wgmma(dev: &CudaDevice) -> bool {
 /// The Hopper forward variant for head dim `d`, or `None` where none applies (other head dims, or
 /// [`FWD_KERNEL_ENV`] asks for another kernel).
 fn hopper_fwd(d: usize) -> Option<HopperFwd> {
-    // The fastest variants on the H100 (bf16 causal, 8k–32k, BENCHMARKS.md).
-    let default = match d {
-        64 => HopperFwd::new(64, 2, 64, true),
-        128 => HopperFwd::new(128, 3, 64, true),
-        _ => return None,
-    };
+    let default = HOPPER_FWD_VARIANTS.into_iter().find(|v| v.d == d)?;
     match std::env::var(FWD_KERNEL_ENV) {
-        Ok(tag) => HOPPER_FWD_VARIANTS
-            .into_iter()
-            .find(|v| v.d == d && v.tag() == tag),
-        Err(_) => Some(default),
+        Ok(tag) if tag != default.tag() => None,
+        _ => Some(default),
     }
 }
 

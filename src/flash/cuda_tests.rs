@@ -258,39 +258,30 @@ fn cuda_matches_reference() -> candle::Result<()> {
     } else {
         (shapes.to_vec(), &[DType::F32, DType::BF16, DType::F16][..])
     };
-    // Default kernels first; then (full runs) bf16 at head dims 64 and 128 again with each other
-    // forward kernel of those head dims (`FWD_KERNEL_ENV`: the mma.sync kernel and every Hopper
-    // variant; on GPUs without wgmma they all run the mma.sync kernel).
+    // Default kernels first; then (full runs) bf16 at the Hopper kernel's head dims again with the
+    // mma.sync forward (`FWD_KERNEL_ENV`; on GPUs without wgmma both passes run the mma.sync kernel).
     let mut passes = vec![(None, dtypes.to_vec())];
     if !quick {
-        let variants = HOPPER_FWD_VARIANTS.iter().map(|v| v.tag());
-        for v in std::iter::once("mma".to_string()).chain(variants) {
-            passes.push((Some(v), vec![DType::BF16]));
-        }
+        passes.push((Some("mma"), vec![DType::BF16]));
     }
     let mut failed = 0;
     let mut seed = 0;
     for (fwd_kernel, dtypes) in passes {
-        let shapes: Vec<_> = match &fwd_kernel {
+        let shapes: Vec<_> = match fwd_kernel {
             None => shapes.clone(),
             Some(v) => {
                 std::env::set_var(FWD_KERNEL_ENV, v);
-                let ds: Vec<usize> = HOPPER_FWD_VARIANTS
-                    .iter()
-                    .filter(|x| v == "mma" || *v == x.tag())
-                    .map(|x| x.d)
-                    .collect();
                 shapes
                     .iter()
                     .copied()
-                    .filter(|s| ds.contains(&s.5))
+                    .filter(|s| HOPPER_FWD_VARIANTS.iter().any(|x| x.d == s.5))
                     .collect()
             }
         };
         for &dtype in &dtypes {
             let tol = match dtype {
                 DType::F32 => 1e-3,
-                DType::BF16 => 2e-2,
+                DType::BF16 => 1e-2,
                 _ => 5e-3,
             };
             for &shape in &shapes {
@@ -307,7 +298,7 @@ fn cuda_matches_reference() -> candle::Result<()> {
                     println!(
                         "{} {dtype:?} {shape:?} {kind:?} fwd {}: out {:.2e} lse {:.2e} dq {:.2e} dk {:.2e} dv {:.2e}",
                         if ok { "ok  " } else { "FAIL" },
-                        fwd_kernel.as_deref().unwrap_or("default"),
+                        fwd_kernel.unwrap_or("default"),
                         e[0], e[1], e[2], e[3], e[4]
                     );
                 }
