@@ -29,6 +29,7 @@
 #[cfg(feature = "cuda")]
 mod cuda_launch;
 pub mod flash;
+pub mod fused;
 #[cfg(feature = "cuda")]
 mod kernels;
 pub mod mask;

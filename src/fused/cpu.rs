@@ -1,0 +1,239 @@
+//! CPU kernels of the fused ops (f32 arithmetic whatever the storage dtype; rows in parallel).
+
+use candle::{bail, CpuStorage, Layout, Result, WithDType};
+use rayon::prelude::*;
+
+use super::{rows_cols, AdamWUpdate, Heads};
+
+/// Blocks of rows of the LayerNorm gain gradient (partial sums, added by the caller).
+pub(super) const DGAIN_PARTS: usize = 16;
+
+/// The contiguous typed slice behind a layout (`what` names the caller).
+fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(&s.as_slice::<T>()?[start..end]),
+        None => bail!("{what} (cpu): input must be contiguous, got {l:?}"),
+    }
+}
+
+fn f<T: WithDType>(x: T) -> f32 {
+    x.to_f64() as f32
+}
+
+fn t<T: WithDType>(x: f32) -> T {
+    T::from_f64(x as f64)
+}
+
+/// Mean and `1/√(var + eps)` of a row.
+fn stats<T: WithDType>(x: &[T], eps: f32) -> (f32, f32) {
+    let c = x.len() as f32;
+    let mean = x.iter().map(|&v| f(v)).sum::<f32>() / c;
+    let var = x.iter().map(|&v| (f(v) - mean).powi(2)).sum::<f32>() / c;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+pub(super) fn ln_fwd<T: WithDType>(
+    (sx, lx): (&CpuStorage, &Layout),
+    (sg, lg): (&CpuStorage, &Layout),
+    eps: f32,
+) -> Result<CpuStorage> {
+    let (x, gain) = (slice::<T>(sx, lx, "layer_norm")?, slice::<T>(sg, lg, "layer_norm")?);
+    let c = rows_cols(lx).1;
+    let mut y = vec![T::from_f64(0.0); x.len()];
+    y.par_chunks_mut(c)
+        .zip(x.par_chunks(c))
+        .for_each(|(yr, xr)| {
+            let (mean, rstd) = stats(xr, eps);
+            for ((o, &v), &g) in yr.iter_mut().zip(xr).zip(gain) {
+                *o = t((f(v) - mean) * rstd * f(g));
+            }
+        });
+    Ok(T::to_cpu_storage_owned(y))
+}
+
+pub(super) fn ln_bwd_dx<T: WithDType>(
+    (sx, lx): (&CpuStorage, &Layout),
+    (sg, lg): (&CpuStorage, &Layout),
+    (sd, ld): (&CpuStorage, &Layout),
+    eps: f32,
+) -> Result<CpuStorage> {
+    let what = "layer_norm backward";
+    let (x, gain, dy) = (
+        slice::<T>(sx, lx, what)?,
+        slice::<T>(sg, lg, what)?,
+        slice::<T>(sd, ld, what)?,
+    );
+    let c = rows_cols(lx).1;
+    let mut dx = vec![T::from_f64(0.0); x.len()];
+    dx.par_chunks_mut(c)
+        .zip(x.par_chunks(c).zip(dy.par_chunks(c)))
+        .for_each(|(out, (xr, dr))| {
+            let (mean, rstd) = stats(xr, eps);
+            let (mut sg, mut sgx) = (0f32, 0f32);
+            for ((&v, &d), &g) in xr.iter().zip(dr).zip(gain) {
+                let gy = f(d) * f(g);
+                sg += gy;
+                sgx += gy * (f(v) - mean) * rstd;
+            }
+            let (sg, sgx) = (sg / c as f32, sgx / c as f32);
+            for (((o, &v), &d), &g) in out.iter_mut().zip(xr).zip(dr).zip(gain) {
+                let xh = (f(v) - mean) * rstd;
+                *o = t(rstd * (f(d) * f(g) - sg - xh * sgx));
+            }
+        });
+    Ok(T::to_cpu_storage_owned(dx))
+}
+
+/// `(DGAIN_PARTS, c)` partial sums of `dy · x̂` over blocks of rows.
+pub(super) fn ln_bwd_dgain<T: WithDType>(
+    (sx, lx): (&CpuStorage, &Layout),
+    (sd, ld): (&CpuStorage, &Layout),
+    eps: f32,
+) -> Result<Vec<f32>> {
+    let what = "layer_norm backward";
+    let (x, dy) = (slice::<T>(sx, lx, what)?, slice::<T>(sd, ld, what)?);
+    let (rows, c) = rows_cols(lx);
+    let per = rows.div_ceil(DGAIN_PARTS).max(1);
+    let mut out = vec![0f32; DGAIN_PARTS * c];
+    out.par_chunks_mut(c).enumerate().for_each(|(p, acc)| {
+        for r in (p * per).min(rows)..((p + 1) * per).min(rows) {
+            let (xr, dr) = (&x[r * c..(r + 1) * c], &dy[r * c..(r + 1) * c]);
+            let (mean, rstd) = stats(xr, eps);
+            for ((a, &v), &d) in acc.iter_mut().zip(xr).zip(dr) {
+                *a += f(d) * (f(v) - mean) * rstd;
+            }
+        }
+    });
+    Ok(out)
+}
+
+/// `0.5 · x · (1 + erf(x/√2))`.
+fn gelu(x: f32) -> f32 {
+    0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+/// `Φ(x) + x · φ(x)`, the derivative of [`gelu`].
+fn gelu_grad(x: f32) -> f32 {
+    let cdf = 0.5 * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2));
+    let pdf = (-0.5 * x * x).exp() * 0.398_942_3;
+    cdf + x * pdf
+}
+
+/// The error function (candle's).
+fn erf(x: f32) -> f32 {
+    candle::cpu::erf::erf_f32(x)
+}
+
+pub(super) fn gelu_fwd<T: WithDType>((s, l): (&CpuStorage, &Layout)) -> Result<CpuStorage> {
+    let x = slice::<T>(s, l, "gelu")?;
+    Ok(T::to_cpu_storage_owned(
+        x.par_iter().map(|&v| t(gelu(f(v)))).collect(),
+    ))
+}
+
+pub(super) fn gelu_bwd<T: WithDType>(
+    (sx, lx): (&CpuStorage, &Layout),
+    (sd, ld): (&CpuStorage, &Layout),
+) -> Result<CpuStorage> {
+    let (x, dy) = (
+        slice::<T>(sx, lx, "gelu backward")?,
+        slice::<T>(sd, ld, "gelu backward")?,
+    );
+    Ok(T::to_cpu_storage_owned(
+        x.par_iter()
+            .zip(dy)
+            .map(|(&v, &d)| t(f(d) * gelu_grad(f(v))))
+            .collect(),
+    ))
+}
+
+/// The `(vocab, c)` f32 table gradient: rows of `dy` summed by id.
+pub(super) fn emb_bwd<T: WithDType>(
+    (sd, ld): (&CpuStorage, &Layout),
+    (si, li): (&CpuStorage, &Layout),
+    vocab: usize,
+) -> Result<Vec<f32>> {
+    let what = "embedding backward";
+    let (dy, ids) = (slice::<T>(sd, ld, what)?, slice::<u32>(si, li, what)?);
+    let c = rows_cols(ld).1;
+    let mut out = vec![0f32; vocab * c];
+    for (&id, dr) in ids.iter().zip(dy.chunks(c)) {
+        let Some(row) = out.get_mut(id as usize * c..(id as usize + 1) * c) else {
+            bail!("{what}: id {id} is outside the vocabulary of {vocab}")
+        };
+        for (o, &d) in row.iter_mut().zip(dr) {
+            *o += f(d);
+        }
+    }
+    Ok(out)
+}
+
+/// Index of element `(bi, pi, hi, ti, e)` of a `(b, t, 3, h, d)` tensor.
+fn qkv_index(n: Heads, bi: usize, ti: usize, pi: usize, hi: usize) -> usize {
+    (((bi * n.t + ti) * 3 + pi) * n.h + hi) * n.d
+}
+
+pub(super) fn heads_split<T: WithDType>(
+    (s, l): (&CpuStorage, &Layout),
+    n: Heads,
+) -> Result<CpuStorage> {
+    let qkv = slice::<T>(s, l, "split_heads")?;
+    let mut out = vec![T::from_f64(0.0); n.b * n.h * n.t * n.d];
+    out.par_chunks_mut(n.d).enumerate().for_each(|(r, row)| {
+        let (ti, bh) = (r % n.t, r / n.t);
+        let i = qkv_index(n, bh / n.h, ti, n.part, bh % n.h);
+        row.copy_from_slice(&qkv[i..i + n.d]);
+    });
+    Ok(T::to_cpu_storage_owned(out))
+}
+
+pub(super) fn heads_merge<T: WithDType>(
+    (s, l): (&CpuStorage, &Layout),
+    n: Heads,
+) -> Result<CpuStorage> {
+    let dout = slice::<T>(s, l, "split_heads backward")?;
+    let mut out = vec![T::from_f64(0.0); n.b * n.t * 3 * n.h * n.d];
+    out.par_chunks_mut(3 * n.h * n.d)
+        .enumerate()
+        .for_each(|(bt, row)| {
+            let (bi, ti) = (bt / n.t, bt % n.t);
+            for hi in 0..n.h {
+                let src = ((bi * n.h + hi) * n.t + ti) * n.d;
+                let dst = (n.part * n.h + hi) * n.d;
+                row[dst..dst + n.d].copy_from_slice(&dout[src..src + n.d]);
+            }
+        });
+    Ok(T::to_cpu_storage_owned(out))
+}
+
+/// `[param | m | v]` after one AdamW step (see [`super::adamw_update`]).
+pub(super) fn adamw(
+    (sp, lp): (&CpuStorage, &Layout),
+    (ss, ls): (&CpuStorage, &Layout),
+    (sg, lg): (&CpuStorage, &Layout),
+    hp: &AdamWUpdate,
+) -> Result<Vec<f32>> {
+    let (p, s, g) = (
+        slice::<f32>(sp, lp, "adamw")?,
+        slice::<f32>(ss, ls, "adamw")?,
+        slice::<f32>(sg, lg, "adamw")?,
+    );
+    let n = p.len();
+    let mut out = vec![0f32; 3 * n];
+    let (new_p, mv) = out.split_at_mut(n);
+    let (new_m, new_v) = mv.split_at_mut(n);
+    new_p
+        .par_iter_mut()
+        .zip(new_m.par_iter_mut().zip(new_v.par_iter_mut()))
+        .enumerate()
+        .for_each(|(i, (op, (om, ov)))| {
+            let g = g[i] * hp.grad_scale;
+            let m = hp.beta1 * s[i] + (1.0 - hp.beta1) * g;
+            let v = hp.beta2 * s[n + i] + (1.0 - hp.beta2) * g * g;
+            let update = (m * hp.scale_m) / ((v * hp.scale_v).sqrt() + hp.eps);
+            *op = p[i] * (1.0 - hp.lr * hp.weight_decay) - hp.lr * update;
+            *om = m;
+            *ov = v;
+        });
+    Ok(out)
+}

@@ -1,0 +1,566 @@
+//! Fused training ops for small transformers, each a candle custom op with a CPU and a CUDA
+//! kernel (`cuda/fused.cu`) and a real backward pass, replacing chains of candle primitives whose
+//! autograd dominates a training step of a narrow model at long context:
+//!
+//! - [`layer_norm`]: LayerNorm over the last axis with a gain and no bias (gradients for the input
+//!   and the gain).
+//! - [`gelu`]: exact (erf) GELU.
+//! - [`embedding`]: row lookup whose backward scatters with f32 atomics on CUDA (candle's
+//!   `index_add` loops over the ids serially).
+//! - [`split_heads`]: one of the query / key / value parts of a fused projection
+//!   `(b, t, 3·h·d)` as a contiguous `(b, h, t, d)` tensor, gradient written in one pass.
+//! - [`adamw_update`]: one AdamW update of an f32 parameter and its moments in one kernel.
+//!
+//! Inputs are made contiguous; float ops take f32, bf16 or f16 and compute in f32.
+
+mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
+
+use candle::{bail, CpuStorage, DType, Layout, Result, Shape, Tensor};
+
+/// The dtype check shared by the float ops: f32, bf16 or f16, or an error naming `what`.
+fn check_float(what: &str, t: &Tensor) -> Result<()> {
+    match t.dtype() {
+        DType::F32 | DType::BF16 | DType::F16 => Ok(()),
+        other => bail!(
+            "{what}: dtype {other:?} is not supported (f32, bf16, f16), shape {:?}",
+            t.dims()
+        ),
+    }
+}
+
+/// Rows and width of a tensor seen as `(rows, last dim)`.
+fn rows_cols(l: &Layout) -> (usize, usize) {
+    let c = l.dims().last().copied().unwrap_or(1);
+    (l.shape().elem_count() / c.max(1), c)
+}
+
+/// LayerNorm over the last axis with a learned gain and no bias:
+/// `y = (x − mean) / √(var + eps) · gain`, statistics in f32, `y` in the dtype of `x`.
+/// `x`: `(..., c)`; `gain`: `(c,)` of the same dtype and device. Gradients reach both.
+pub fn layer_norm(x: &Tensor, gain: &Tensor, eps: f64) -> Result<Tensor> {
+    check_float("layer_norm", x)?;
+    let c = match x.dims().last() {
+        Some(&c) if c > 0 => c,
+        _ => bail!("layer_norm: x must have a non-empty last axis, got {:?}", x.dims()),
+    };
+    if gain.dims() != [c] || gain.dtype() != x.dtype() {
+        bail!(
+            "layer_norm: gain must be ({c},) {:?} to match x {:?}, got {:?} {:?}",
+            x.dtype(),
+            x.dims(),
+            gain.dims(),
+            gain.dtype()
+        )
+    }
+    if !(eps > 0.0 && eps.is_finite()) {
+        bail!("layer_norm: eps must be positive and finite, got {eps}")
+    }
+    x.contiguous()?
+        .apply_op2(&gain.contiguous()?, LayerNorm { eps: eps as f32 })
+}
+
+/// Exact GELU `x · Φ(x)` (erf form), element-wise, in the dtype of `x`, with its gradient.
+pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    check_float("gelu", x)?;
+    x.contiguous()?.apply_op1(Gelu)
+}
+
+/// Rows of `table` `(vocab, c)` picked by `ids` `(n,)` u32: `(n, c)` in the table's dtype. The
+/// backward sums the output gradient rows into the table's gradient (f32 atomics on CUDA).
+/// Ids outside the vocabulary are an error on the CPU and a device-side assertion on CUDA
+/// (candle's `index_select`).
+pub fn embedding(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    check_float("embedding", table)?;
+    if table.rank() != 2 {
+        bail!("embedding: table must be (vocab, c), got {:?}", table.dims())
+    }
+    if ids.rank() != 1 || ids.dtype() != DType::U32 {
+        bail!(
+            "embedding: ids must be (n,) u32, got {:?} {:?}",
+            ids.dims(),
+            ids.dtype()
+        )
+    }
+    table.contiguous()?.apply_op2(&ids.contiguous()?, Embedding)
+}
+
+/// Part `part` (0 = queries, 1 = keys, 2 = values) of a fused projection `qkv` `(b, t, 3·h·d)`
+/// laid out as `(b, t, 3, h, d)`, returned as a contiguous `(b, h, t, d)` tensor. The gradient
+/// of `qkv` is written in one pass (zero outside the part).
+pub fn split_heads(qkv: &Tensor, n_head: usize, part: usize) -> Result<Tensor> {
+    check_float("split_heads", qkv)?;
+    let (b, t, w) = qkv.dims3().map_err(|_| {
+        candle::Error::Msg(format!(
+            "split_heads: qkv must be (b, t, 3·h·d), got {:?}",
+            qkv.dims()
+        ))
+    })?;
+    if n_head == 0 || part > 2 || !w.is_multiple_of(3 * n_head) || w == 0 {
+        bail!(
+            "split_heads: width {w} of qkv {:?} must be a positive multiple of 3 · n_head \
+             ({n_head}), and part ({part}) 0, 1 or 2",
+            qkv.dims()
+        )
+    }
+    let heads = Heads {
+        b,
+        h: n_head,
+        t,
+        d: w / (3 * n_head),
+        part,
+    };
+    qkv.contiguous()?.apply_op1(SplitHeads(heads))
+}
+
+/// Hyper-parameters of one [`adamw_update`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWUpdate {
+    /// Learning rate.
+    pub lr: f32,
+    /// First-moment decay.
+    pub beta1: f32,
+    /// Second-moment decay.
+    pub beta2: f32,
+    /// Denominator epsilon.
+    pub eps: f32,
+    /// Decoupled weight decay (multiplied by the learning rate).
+    pub weight_decay: f32,
+    /// Bias correction of the first moment, `1 / (1 − β₁ᵗ)`.
+    pub scale_m: f32,
+    /// Bias correction of the second moment, `1 / (1 − β₂ᵗ)`.
+    pub scale_v: f32,
+    /// Factor applied to the gradient first (gradient clipping, accumulation).
+    pub grad_scale: f32,
+}
+
+/// One AdamW step: with `g = grad · grad_scale`, `m ← β₁m + (1 − β₁)g`,
+/// `v ← β₂v + (1 − β₂)g²`, `θ ← θ(1 − lr·λ) − lr · (m·scale_m) / (√(v·scale_v) + ε)`.
+/// `param` and `grad`: f32 of one shape; `state`: f32 `(2, n)` holding `m` then `v` for the
+/// `n` elements of `param`. Returns the new `(param, state)` (same shapes), computed in one
+/// kernel. No gradient.
+pub fn adamw_update(
+    param: &Tensor,
+    state: &Tensor,
+    grad: &Tensor,
+    hp: &AdamWUpdate,
+) -> Result<(Tensor, Tensor)> {
+    let n = param.elem_count();
+    let ok = param.dtype() == DType::F32
+        && grad.dtype() == DType::F32
+        && state.dtype() == DType::F32
+        && grad.shape() == param.shape()
+        && state.dims() == [2, n];
+    if !ok || n == 0 {
+        bail!(
+            "adamw_update: need f32 param and grad of one non-empty shape and f32 state (2, n), \
+             got param {:?} {:?}, grad {:?} {:?}, state {:?} {:?}",
+            param.dims(),
+            param.dtype(),
+            grad.dims(),
+            grad.dtype(),
+            state.dims(),
+            state.dtype()
+        )
+    }
+    let out = param.contiguous()?.apply_op3_no_bwd(
+        &state.contiguous()?,
+        &grad.contiguous()?,
+        &AdamWStep(*hp),
+    )?;
+    Ok((
+        out.narrow(0, 0, 1)?.reshape(param.shape())?,
+        out.narrow(0, 1, 2)?,
+    ))
+}
+
+/// Dispatches a CPU kernel generic over the float type on the storage's dtype.
+macro_rules! cpu_float {
+    ($what:expr, $s:expr, $f:ident ( $($arg:expr),* )) => {
+        match $s {
+            CpuStorage::F32(_) => cpu::$f::<f32>($($arg),*),
+            CpuStorage::BF16(_) => cpu::$f::<half::bf16>($($arg),*),
+            CpuStorage::F16(_) => cpu::$f::<half::f16>($($arg),*),
+            other => bail!(
+                "{}: dtype {:?} is not supported (f32, bf16, f16)",
+                $what,
+                candle::backend::BackendStorage::dtype(other)
+            ),
+        }
+    };
+}
+
+struct LayerNorm {
+    eps: f32,
+}
+
+impl candle::CustomOp2 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sg: &CpuStorage,
+        lg: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = cpu_float!("layer_norm", sx, ln_fwd((sx, lx), (sg, lg), self.eps))?;
+        Ok((out, lx.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        sx: &candle::CudaStorage,
+        lx: &Layout,
+        sg: &candle::CudaStorage,
+        lg: &Layout,
+    ) -> Result<(candle::CudaStorage, Shape)> {
+        let out = cuda::ln_fwd((sx, lx), (sg, lg), self.eps)?;
+        Ok((out, lx.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gain: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let dx = x.apply_op3_no_bwd(gain, &grad, &LayerNormDx { eps: self.eps })?;
+        let dgain = x
+            .apply_op2_no_bwd(&grad, &LayerNormDgain { eps: self.eps })?
+            .sum(0)?
+            .to_dtype(gain.dtype())?;
+        Ok((Some(dx), Some(dgain)))
+    }
+}
+
+/// `dx` of [`LayerNorm`] from `(x, gain, dy)`.
+struct LayerNormDx {
+    eps: f32,
+}
+
+impl candle::CustomOp3 for LayerNormDx {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm-dx"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sg: &CpuStorage,
+        lg: &Layout,
+        sd: &CpuStorage,
+        ld: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = cpu_float!(
+            "layer_norm backward",
+            sx,
+            ln_bwd_dx((sx, lx), (sg, lg), (sd, ld), self.eps)
+        )?;
+        Ok((out, lx.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        sx: &candle::CudaStorage,
+        lx: &Layout,
+        sg: &candle::CudaStorage,
+        lg: &Layout,
+        sd: &candle::CudaStorage,
+        ld: &Layout,
+    ) -> Result<(candle::CudaStorage, Shape)> {
+        let out = cuda::ln_bwd_dx((sx, lx), (sg, lg), (sd, ld), self.eps)?;
+        Ok((out, lx.shape().clone()))
+    }
+}
+
+/// Partial sums `(blocks, c)` f32 of `dy · x̂` over blocks of rows (the gain gradient of
+/// [`LayerNorm`] is their sum over the first axis), from `(x, dy)`.
+struct LayerNormDgain {
+    eps: f32,
+}
+
+impl candle::CustomOp2 for LayerNormDgain {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm-dgain"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sd: &CpuStorage,
+        ld: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (parts, c) = (cpu::DGAIN_PARTS, rows_cols(lx).1);
+        let out = cpu_float!(
+            "layer_norm backward",
+            sx,
+            ln_bwd_dgain((sx, lx), (sd, ld), self.eps)
+        )?;
+        Ok((CpuStorage::F32(out), (parts, c).into()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        sx: &candle::CudaStorage,
+        lx: &Layout,
+        sd: &candle::CudaStorage,
+        ld: &Layout,
+    ) -> Result<(candle::CudaStorage, Shape)> {
+        let (out, parts) = cuda::ln_bwd_dgain((sx, lx), (sd, ld), self.eps)?;
+        Ok((out, (parts, rows_cols(lx).1).into()))
+    }
+}
+
+struct Gelu;
+
+impl candle::CustomOp1 for Gelu {
+    fn name(&self) -> &'static str {
+        "fused-gelu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let out = cpu_float!("gelu", s, gelu_fwd((s, l)))?;
+        Ok((out, l.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle::CudaStorage, Shape)> {
+        Ok((cuda::gelu_fwd((s, l))?, l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(x.apply_op2_no_bwd(&grad.contiguous()?, &GeluBwd)?))
+    }
+}
+
+/// `dx` of [`Gelu`] from `(x, dy)`.
+struct GeluBwd;
+
+impl candle::CustomOp2 for GeluBwd {
+    fn name(&self) -> &'static str {
+        "fused-gelu-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sd: &CpuStorage,
+        ld: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = cpu_float!("gelu backward", sx, gelu_bwd((sx, lx), (sd, ld)))?;
+        Ok((out, lx.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        sx: &candle::CudaStorage,
+        lx: &Layout,
+        sd: &candle::CudaStorage,
+        ld: &Layout,
+    ) -> Result<(candle::CudaStorage, Shape)> {
+        Ok((cuda::gelu_bwd((sx, lx), (sd, ld))?, lx.shape().clone()))
+    }
+}
+
+struct Embedding;
+
+impl candle::CustomOp2 for Embedding {
+    fn name(&self) -> &'static str {
+        "fused-embedding"
+    }
+
+    fn cpu_fwd(
+        &self,
+        st: &CpuStorage,
+        lt: &Layout,
+        si: &CpuStorage,
+        li: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        use candle::backend::BackendStorage;
+        let out = st.index_select(si, lt, li, 0)?;
+        Ok((out, (li.dims()[0], lt.dims()[1]).into()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        st: &candle::CudaStorage,
+        lt: &Layout,
+        si: &candle::CudaStorage,
+        li: &Layout,
+    ) -> Result<(candle::CudaStorage, Shape)> {
+        use candle::backend::BackendStorage;
+        let out = st.index_select(si, lt, li, 0)?;
+        Ok((out, (li.dims()[0], lt.dims()[1]).into()))
+    }
+
+    fn bwd(
+        &self,
+        table: &Tensor,
+        ids: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let vocab = table.dim(0)?;
+        let dtable = grad
+            .contiguous()?
+            .apply_op2_no_bwd(ids, &EmbeddingBwd { vocab })?
+            .to_dtype(table.dtype())?;
+        Ok((Some(dtable), None))
+    }
+}
+
+/// The table gradient `(vocab, c)` f32 of [`Embedding`] from `(dy, ids)`.
+struct EmbeddingBwd {
+    vocab: usize,
+}
+
+impl candle::CustomOp2 for EmbeddingBwd {
+    fn name(&self) -> &'static str {
+        "fused-embedding-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sd: &CpuStorage,
+        ld: &Layout,
+        si: &CpuStorage,
+        li: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = cpu_float!(
+            "embedding backward",
+            sd,
+            emb_bwd((sd, ld), (si, li), self.vocab)
+        )?;
+        Ok((CpuStorage::F32(out), (self.vocab, rows_cols(ld).1).into()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        sd: &candle::CudaStorage,
+        ld: &Layout,
+        si: &candle::CudaStorage,
+        li: &Layout,
+    ) -> Result<(candle::CudaStorage, Shape)> {
+        let out = cuda::emb_bwd((sd, ld), (si, li), self.vocab)?;
+        Ok((out, (self.vocab, rows_cols(ld).1).into()))
+    }
+}
+
+/// Sizes of a fused `(b, t, 3, h, d)` projection and the part taken.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Heads {
+    b: usize,
+    h: usize,
+    t: usize,
+    d: usize,
+    part: usize,
+}
+
+/// [`split_heads`]: `(b, t, 3·h·d)` → `(b, h, t, d)`.
+struct SplitHeads(Heads);
+
+impl candle::CustomOp1 for SplitHeads {
+    fn name(&self) -> &'static str {
+        "fused-split-heads"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let n = self.0;
+        let out = cpu_float!("split_heads", s, heads_split((s, l), n))?;
+        Ok((out, (n.b, n.h, n.t, n.d).into()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle::CudaStorage, Shape)> {
+        let n = self.0;
+        Ok((cuda::heads_split((s, l), n)?, (n.b, n.h, n.t, n.d).into()))
+    }
+
+    fn bwd(&self, _qkv: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&MergeHeads(self.0))?))
+    }
+}
+
+/// The gradient of [`SplitHeads`]: `(b, h, t, d)` → `(b, t, 3·h·d)`, zero outside the part.
+struct MergeHeads(Heads);
+
+impl candle::CustomOp1 for MergeHeads {
+    fn name(&self) -> &'static str {
+        "fused-merge-heads"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let n = self.0;
+        let out = cpu_float!("split_heads backward", s, heads_merge((s, l), n))?;
+        Ok((out, (n.b, n.t, 3 * n.h * n.d).into()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle::CudaStorage, Shape)> {
+        let n = self.0;
+        Ok((cuda::heads_merge((s, l), n)?, (n.b, n.t, 3 * n.h * n.d).into()))
+    }
+}
+
+/// [`adamw_update`]: `(param, state, grad)` → `(3, n)` f32: new param, m, v.
+struct AdamWStep(AdamWUpdate);
+
+impl candle::CustomOp3 for AdamWStep {
+    fn name(&self) -> &'static str {
+        "fused-adamw"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sp: &CpuStorage,
+        lp: &Layout,
+        ss: &CpuStorage,
+        ls: &Layout,
+        sg: &CpuStorage,
+        lg: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = cpu::adamw((sp, lp), (ss, ls), (sg, lg), &self.0)?;
+        Ok((CpuStorage::F32(out), (3, lp.shape().elem_count()).into()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        sp: &candle::CudaStorage,
+        lp: &Layout,
+        ss: &candle::CudaStorage,
+        ls: &Layout,
+        sg: &candle::CudaStorage,
+        lg: &Layout,
+    ) -> Result<(candle::CudaStorage, Shape)> {
+        let out = cuda::adamw((sp, lp), (ss, ls), (sg, lg), &self.0)?;
+        Ok((out, (3, lp.shape().elem_count()).into()))
+    }
+}

@@ -1,0 +1,266 @@
+//! The fused training ops against plain candle compositions evaluated in f64 on the CPU: outputs
+//! and gradients, f32 / bf16 / f16, widths and row counts that are not multiples of the kernels'
+//! tiles, on every device of `common::devices()`; and their errors on bad input.
+
+mod common;
+
+use candle::{DType, Device, Result, Tensor, Var, D};
+use candle_sparse_attn::fused::{
+    adamw_update, embedding, gelu, layer_norm, split_heads, AdamWUpdate,
+};
+use candle_sparse_attn::reference::rel_err;
+use common::{devices, normal, tolerance};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+const DTYPES: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
+
+/// A random f32 CPU tensor.
+fn randn(rng: &mut StdRng, shape: &[usize], scale: f32) -> Result<Tensor> {
+    let n = shape.iter().product();
+    let v: Vec<f32> = normal(rng, n).into_iter().map(|x| x * scale).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu)
+}
+
+/// `f` on `inputs` (cast to `dtype`, moved to `dev`) and the gradients of `(f(..) · r).sum()`
+/// with respect to every input, all as f64 CPU tensors.
+fn run(
+    f: &dyn Fn(&[Tensor]) -> Result<Tensor>,
+    inputs: &[Tensor],
+    r: &Tensor,
+    dtype: DType,
+    dev: &Device,
+) -> Result<(Tensor, Vec<Tensor>)> {
+    let vars = inputs
+        .iter()
+        .map(|t| Var::from_tensor(&t.to_dtype(dtype)?.to_device(dev)?))
+        .collect::<Result<Vec<_>>>()?;
+    let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let out = f(&ts)?;
+    let loss = (out.to_dtype(DType::F32)? * r.to_device(dev)?)?.sum_all()?;
+    let store = loss.backward()?;
+    let grads = vars
+        .iter()
+        .map(|v| match store.get(v.as_tensor()) {
+            Some(g) => g.to_device(&Device::Cpu)?.to_dtype(DType::F64),
+            None => candle::bail!("no gradient for an input of shape {:?}", v.dims()),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((out.to_device(&Device::Cpu)?.to_dtype(DType::F64)?, grads))
+}
+
+/// Compares `fused` with `reference` (evaluated in f64 on the CPU from the inputs rounded to each
+/// dtype) on every device and dtype.
+fn compare(
+    what: &str,
+    fused: &dyn Fn(&[Tensor]) -> Result<Tensor>,
+    reference: &dyn Fn(&[Tensor]) -> Result<Tensor>,
+    inputs: &[Tensor],
+    r: &Tensor,
+) -> Result<()> {
+    for dev in devices() {
+        for dtype in DTYPES {
+            let rounded = inputs
+                .iter()
+                .map(|t| t.to_dtype(dtype)?.to_dtype(DType::F32))
+                .collect::<Result<Vec<_>>>()?;
+            let (out, grads) = run(fused, &rounded, r, dtype, &dev)?;
+            let (ref_out, ref_grads) = run(reference, &rounded, r, DType::F64, &Device::Cpu)?;
+            let tol = tolerance(dtype, &dev);
+            let err = rel_err(&out, &ref_out)?;
+            assert!(err <= tol, "{what} {dtype:?} {dev:?}: output rel err {err}");
+            for (i, (g, rg)) in grads.iter().zip(&ref_grads).enumerate() {
+                let err = rel_err(g, rg)?;
+                assert!(err <= tol, "{what} {dtype:?} {dev:?}: grad {i} rel err {err}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn composite_layer_norm(x: &Tensor, gain: &Tensor, eps: f64) -> Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let centered = x.broadcast_sub(&mean)?;
+    let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+    centered
+        .broadcast_div(&(var + eps)?.sqrt()?)?
+        .broadcast_mul(gain)
+}
+
+#[test]
+fn layer_norm_matches_composite() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(1);
+    for shape in [vec![3, 5, 45], vec![37, 384], vec![2, 9, 1000], vec![1, 1]] {
+        let c = *shape.last().unwrap();
+        let x = (randn(&mut rng, &shape, 2.0)? + 0.5)?;
+        let gain = (randn(&mut rng, &[c], 0.2)? + 1.0)?;
+        let r = randn(&mut rng, &shape, 1.0)?;
+        compare(
+            &format!("layer_norm {shape:?}"),
+            &|t| layer_norm(&t[0], &t[1], 1e-5),
+            &|t| composite_layer_norm(&t[0], &t[1], 1e-5),
+            &[x, gain],
+            &r,
+        )?;
+    }
+    Ok(())
+}
+
+#[test]
+fn gelu_matches_candle() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(2);
+    for shape in [vec![3, 7, 33], vec![1000], vec![2, 4, 1536]] {
+        let x = randn(&mut rng, &shape, 3.0)?;
+        let r = randn(&mut rng, &shape, 1.0)?;
+        compare(
+            &format!("gelu {shape:?}"),
+            &|t| gelu(&t[0]),
+            &|t| t[0].gelu_erf(),
+            &[x],
+            &r,
+        )?;
+    }
+    Ok(())
+}
+
+#[test]
+fn embedding_matches_index_select() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(3);
+    for (vocab, c, n) in [(65, 384, 1000), (7, 33, 257), (300, 8, 5)] {
+        let table = randn(&mut rng, &[vocab, c], 1.0)?;
+        let ids: Vec<u32> = (0..n).map(|_| rng.random_range(0..vocab as u32)).collect();
+        let ids = Tensor::from_vec(ids, n, &Device::Cpu)?;
+        let r = randn(&mut rng, &[n, c], 1.0)?;
+        compare(
+            &format!("embedding {vocab}x{c} n {n}"),
+            &|t| embedding(&t[0], &ids.to_device(t[0].device())?),
+            &|t| t[0].index_select(&ids, 0),
+            &[table],
+            &r,
+        )?;
+    }
+    Ok(())
+}
+
+#[test]
+fn split_heads_matches_transpose() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(4);
+    for (b, t, h, d) in [(2, 37, 3, 16), (1, 5, 6, 64), (3, 1, 1, 8)] {
+        let qkv = randn(&mut rng, &[b, t, 3 * h * d], 1.0)?;
+        for part in 0..3 {
+            let r = randn(&mut rng, &[b, h, t, d], 1.0)?;
+            compare(
+                &format!("split_heads {b}x{t}x{h}x{d} part {part}"),
+                &|x| split_heads(&x[0], h, part),
+                &|x| {
+                    x[0].reshape((b, t, 3 * h, d))?
+                        .transpose(1, 2)?
+                        .narrow(1, part * h, h)?
+                        .contiguous()
+                },
+                &[qkv.clone()],
+                &r,
+            )?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn adamw_update_matches_formula() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(5);
+    let hp = AdamWUpdate {
+        lr: 1e-2,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.1,
+        scale_m: 1.0 / (1.0 - 0.9f32.powi(3)),
+        scale_v: 1.0 / (1.0 - 0.95f32.powi(3)),
+        grad_scale: 0.5,
+    };
+    for shape in [vec![3, 45], vec![1001]] {
+        let n: usize = shape.iter().product();
+        let p = randn(&mut rng, &shape, 1.0)?;
+        let g = randn(&mut rng, &shape, 1.0)?;
+        let m = randn(&mut rng, &[n], 0.1)?;
+        let v = randn(&mut rng, &[n], 0.1)?.sqr()?;
+        let state = Tensor::stack(&[&m, &v], 0)?;
+        // The same update in f64 tensor ops.
+        let f64s = |t: &Tensor| t.to_dtype(DType::F64);
+        let (p64, g64) = (f64s(&p)?.flatten_all()?, (f64s(&g)?.flatten_all()? * 0.5)?);
+        let m1 = ((f64s(&m)? * 0.9)? + (&g64 * 0.1)?)?;
+        let v1 = ((f64s(&v)? * 0.95)? + (g64.sqr()? * 0.05)?)?;
+        let update = ((&m1 * hp.scale_m as f64)?
+            / ((&v1 * hp.scale_v as f64)?.sqrt()? + 1e-8)?)?;
+        let p1 = ((&p64 * (1.0 - 1e-3))? - (update * 1e-2)?)?;
+        for dev in devices() {
+            let on = |t: &Tensor| t.to_device(&dev);
+            let (np, ns) = adamw_update(&on(&p)?, &on(&state)?, &on(&g)?, &hp)?;
+            assert_eq!(np.dims(), p.dims());
+            assert_eq!(ns.dims(), [2, n]);
+            let tol = tolerance(DType::F32, &dev);
+            for (name, got, want) in [
+                ("param", np.flatten_all()?, p1.clone()),
+                ("m", ns.get(0)?, m1.clone()),
+                ("v", ns.get(1)?, v1.clone()),
+            ] {
+                let err = rel_err(&got, &want)?;
+                assert!(err <= tol, "adamw {shape:?} {dev:?}: {name} rel err {err}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The message of an error, or a panic if there is none.
+fn message<T>(r: Result<T>) -> String {
+    match r {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn bad_inputs_are_clear_errors() -> Result<()> {
+    for dev in devices() {
+        let x = Tensor::zeros((2, 8), DType::F32, &dev)?;
+        let e = message(layer_norm(&x, &Tensor::ones(7, DType::F32, &dev)?, 1e-5));
+        assert!(e.contains("gain must be (8,)") && e.contains("[7]"), "{e}");
+        let e = message(layer_norm(&x, &Tensor::ones(8, DType::BF16, &dev)?, 1e-5));
+        assert!(e.contains("gain"), "{e}");
+        let e = message(layer_norm(&x, &Tensor::ones(8, DType::F32, &dev)?, 0.0));
+        assert!(e.contains("eps"), "{e}");
+        let e = message(gelu(&Tensor::zeros(4, DType::U32, &dev)?));
+        assert!(e.contains("U32"), "{e}");
+        let ids = Tensor::zeros(3, DType::U32, &dev)?;
+        let e = message(embedding(&Tensor::zeros(8, DType::F32, &dev)?, &ids));
+        assert!(e.contains("(vocab, c)") && e.contains("[8]"), "{e}");
+        let e = message(embedding(&x, &ids.to_dtype(DType::I64)?));
+        assert!(e.contains("u32"), "{e}");
+        let e = message(split_heads(&Tensor::zeros((1, 4, 10), DType::F32, &dev)?, 2, 0));
+        assert!(e.contains("width 10") && e.contains("[1, 4, 10]"), "{e}");
+        let e = message(split_heads(&Tensor::zeros((1, 4, 12), DType::F32, &dev)?, 2, 3));
+        assert!(e.contains("part (3)"), "{e}");
+        let hp = AdamWUpdate {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.99,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            scale_m: 1.0,
+            scale_v: 1.0,
+            grad_scale: 1.0,
+        };
+        let state = Tensor::zeros((2, 16), DType::F32, &dev)?;
+        let e = message(adamw_update(&x, &state, &x.to_dtype(DType::BF16)?, &hp));
+        assert!(e.contains("BF16"), "{e}");
+        let e = message(adamw_update(&x, &state.narrow(1, 0, 8)?, &x, &hp));
+        assert!(e.contains("state [2, 8]"), "{e}");
+    }
+    // Out-of-vocabulary ids (CPU; on CUDA candle's index_select asserts on the device).
+    let table = Tensor::zeros((4, 8), DType::F32, &Device::Cpu)?;
+    let ids = Tensor::new(&[1u32, 4], &Device::Cpu)?;
+    assert!(embedding(&table, &ids).is_err());
+    Ok(())
+}
