@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 
 use candle::{bail, DType, Device, Result, Tensor, Var};
-use candle_sparse_attn::{SparseKScorer, SUPPORTED_HEAD_DIMS};
+use candle_sparse_attn::{fused, SparseKScorer, SUPPORTED_HEAD_DIMS};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
@@ -340,11 +340,9 @@ impl Gpt {
         }
         let dt = self.compute_dtype;
         let p = if train { cfg.dropout } else { 0.0 };
-        let (c, nh, hd) = (cfg.n_embd, cfg.n_head, cfg.head_dim());
+        let (c, nh) = (cfg.n_embd, cfg.n_head);
         let wte = in_dtype(&self.wte, dt)?;
-        let mut x = wte
-            .index_select(&idx.flatten_all()?, 0)?
-            .reshape((b, t, c))?;
+        let mut x = fused::embedding(&wte, &idx.flatten_all()?)?.reshape((b, t, c))?;
         if let Some(wpe) = &self.wpe {
             let pos = in_dtype(wpe, dt)?.narrow(0, offset, t)?;
             x = x.broadcast_add(&pos)?;
@@ -353,15 +351,14 @@ impl Gpt {
         for (i, blk) in self.blocks.iter().enumerate() {
             let layer_seed = |k: u64| mix_seed(&[seed, 1 + i as u64, k]);
             let h = layer_norm(&x, &in_dtype(&blk.ln_1, dt)?, LN_EPS)?;
-            let qkv = linear(&h, &in_dtype(&blk.c_attn, dt)?)?
-                .reshape((b, t, 3 * nh, hd))?
-                .transpose(1, 2)?;
-            let mut q = qkv.narrow(1, 0, nh)?;
-            let mut k = qkv.narrow(1, nh, nh)?;
-            let v = qkv.narrow(1, 2 * nh, nh)?;
+            // (b, t, 3·c) → contiguous (b, nh, t, hd) queries, keys and values.
+            let qkv = linear(&h, &in_dtype(&blk.c_attn, dt)?)?;
+            let mut q = fused::split_heads(&qkv, nh, 0)?;
+            let mut k = fused::split_heads(&qkv, nh, 1)?;
+            let v = fused::split_heads(&qkv, nh, 2)?;
             if let Some(rope) = &self.rope {
-                q = rope.apply(&q.contiguous()?, offset)?;
-                k = rope.apply(&k.contiguous()?, offset)?;
+                q = rope.apply(&q, offset)?;
+                k = rope.apply(&k, offset)?;
             }
             let scores = match &blk.scorer {
                 Some(s) => Some(s.forward_at(&h, offset)?),
@@ -376,7 +373,7 @@ impl Gpt {
             let y = linear(&y, &in_dtype(&blk.attn_proj, dt)?)?;
             x = (x + dropout(&y, p, layer_seed(1))?)?;
             let h = layer_norm(&x, &in_dtype(&blk.ln_2, dt)?, LN_EPS)?;
-            let h = linear(&h, &in_dtype(&blk.c_fc, dt)?)?.gelu_erf()?;
+            let h = fused::gelu(&linear(&h, &in_dtype(&blk.c_fc, dt)?)?)?;
             let h = linear(&h, &in_dtype(&blk.mlp_proj, dt)?)?;
             x = (x + dropout(&h, p, layer_seed(2))?)?;
         }

@@ -1,9 +1,9 @@
-//! Small differentiable building blocks built only from composite tensor ops (candle-nn's fused
-//! layer norm and softmax have no backward), plus seeded initialisation and dropout.
+//! Small differentiable building blocks (linear, LayerNorm through the crate's fused op with a
+//! backward, which candle-nn's lacks), plus seeded initialisation and dropout.
 
 use std::sync::{Arc, Mutex};
 
-use candle::{bail, DType, Device, Result, Shape, Tensor, Var, D};
+use candle::{bail, DType, Device, Result, Shape, Tensor, Var};
 use candle_nn::init::{Init, NormalOrUniform};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
@@ -148,16 +148,11 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 }
 
 /// Layer normalisation over the last axis with a learned gain and no bias (nanoGPT's
-/// `bias=False`), as composite ops so gradients reach both the input and the gain.
-/// The statistics are computed in f32 whatever the input dtype; the result has the input dtype.
+/// `bias=False`): the fused op [`candle_sparse_attn::fused::layer_norm`] (one kernel forward, two
+/// backward, gradients for the input and the gain). The statistics are computed in f32 whatever the
+/// input dtype; the result has the input dtype (the gain is cast to it).
 pub fn layer_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    let dtype = x.dtype();
-    let xf = x.to_dtype(DType::F32)?;
-    let mean = xf.mean_keepdim(D::Minus1)?;
-    let centered = xf.broadcast_sub(&mean)?;
-    let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-    let normed = centered.broadcast_div(&(var + eps)?.sqrt()?)?;
-    normed.to_dtype(dtype)?.broadcast_mul(weight)
+    candle_sparse_attn::fused::layer_norm(x, &weight.to_dtype(x.dtype())?, eps)
 }
 
 /// Inverted dropout with probability `p`: the mask comes from a generator seeded with `seed`, so

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 
 use candle::backprop::GradStore;
 use candle::{bail, DType, Result, Tensor, TensorId, Var};
+use candle_sparse_attn::fused;
 use serde::{Deserialize, Serialize};
 
 /// Gradients of a set of variables, summed over micro-batches (f32, the variables' shapes).
@@ -84,14 +85,15 @@ pub struct AdamWParams {
 }
 
 /// AdamW (Loshchilov & Hutter) with decoupled weight decay, the update of PyTorch and candle-nn:
-/// `θ ← θ·(1 − lr·λ) − lr · m̂ / (√v̂ + ε)` with bias-corrected moments. Moments are f32 and can
-/// be exported with [`AdamW::state`] and restored with [`AdamW::load_state`].
+/// `θ ← θ·(1 − lr·λ) − lr · m̂ / (√v̂ + ε)` with bias-corrected moments, one fused kernel per
+/// parameter ([`candle_sparse_attn::fused::adamw_update`]). Moments are f32 and can be exported
+/// with [`AdamW::state`] and restored with [`AdamW::load_state`].
 #[derive(Debug)]
 pub struct AdamW {
     params: AdamWParams,
     vars: Vec<(String, Var)>,
-    /// First and second moments per var, same order as `vars`.
-    moments: Vec<(Tensor, Tensor)>,
+    /// First and second moments per var, same order as `vars`: `(2, n)` f32, `m` then `v`.
+    moments: Vec<Tensor>,
     step: u64,
 }
 
@@ -104,7 +106,7 @@ impl AdamW {
                 if v.dtype() != DType::F32 {
                     bail!("adamw: parameter {name:?} must be f32, got {:?}", v.dtype())
                 }
-                Ok((v.zeros_like()?, v.zeros_like()?))
+                Tensor::zeros((2, v.elem_count()), DType::F32, v.device())
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
@@ -135,30 +137,36 @@ impl AdamW {
         self.step += 1;
         let p = self.params;
         let t = self.step as i32;
-        let scale_m = 1.0 / (1.0 - p.beta1.powi(t));
-        let scale_v = 1.0 / (1.0 - p.beta2.powi(t));
-        for ((_, var), (m, v)) in self.vars.iter().zip(self.moments.iter_mut()) {
+        let hp = fused::AdamWUpdate {
+            lr: p.lr as f32,
+            beta1: p.beta1 as f32,
+            beta2: p.beta2 as f32,
+            eps: p.eps as f32,
+            weight_decay: p.weight_decay as f32,
+            scale_m: (1.0 / (1.0 - p.beta1.powi(t))) as f32,
+            scale_v: (1.0 / (1.0 - p.beta2.powi(t))) as f32,
+            grad_scale: 1.0,
+        };
+        for ((_, var), state) in self.vars.iter().zip(self.moments.iter_mut()) {
             let Some(g) = grads.get(var) else { continue };
-            *m = ((&*m * p.beta1)? + (g * (1.0 - p.beta1))?)?;
-            *v = ((&*v * p.beta2)? + (g.sqr()? * (1.0 - p.beta2))?)?;
-            let update = ((&*m * scale_m)? / ((&*v * scale_v)?.sqrt()? + p.eps)?)?;
-            let decayed = (var.as_tensor() * (1.0 - p.lr * p.weight_decay))?;
-            var.set(&(decayed - (update * p.lr)?)?)?;
+            let (param, new_state) = fused::adamw_update(var.as_tensor(), state, g, &hp)?;
+            var.set(&param)?;
+            *state = new_state;
         }
         Ok(())
     }
 
     /// The moments as `{prefix}m.{name}` / `{prefix}v.{name}` tensors (the step count is stored
     /// separately by the caller).
-    pub fn state(&self, prefix: &str) -> Vec<(String, Tensor)> {
+    pub fn state(&self, prefix: &str) -> Result<Vec<(String, Tensor)>> {
         self.vars
             .iter()
             .zip(&self.moments)
-            .flat_map(|((name, _), (m, v))| {
-                [
-                    (format!("{prefix}m.{name}"), m.clone()),
-                    (format!("{prefix}v.{name}"), v.clone()),
-                ]
+            .flat_map(|((name, var), state)| {
+                ["m", "v"].into_iter().enumerate().map(move |(i, kind)| {
+                    let moment = state.get(i).and_then(|m| m.reshape(var.shape()));
+                    moment.map(|m| (format!("{prefix}{kind}.{name}"), m))
+                })
             })
             .collect()
     }
@@ -170,8 +178,9 @@ impl AdamW {
         prefix: &str,
         step: u64,
     ) -> Result<()> {
-        for ((name, var), (m, v)) in self.vars.iter().zip(self.moments.iter_mut()) {
-            for (kind, slot) in [("m", m), ("v", v)] {
+        for ((name, var), state) in self.vars.iter().zip(self.moments.iter_mut()) {
+            let mut moments = Vec::with_capacity(2);
+            for kind in ["m", "v"] {
                 let key = format!("{prefix}{kind}.{name}");
                 let Some(t) = tensors.get(&key) else {
                     bail!("checkpoint is missing optimizer state {key:?}")
@@ -183,8 +192,9 @@ impl AdamW {
                         var.dims()
                     )
                 }
-                *slot = t.to_dtype(DType::F32)?.to_device(var.device())?;
+                moments.push(t.to_dtype(DType::F32)?.to_device(var.device())?.flatten_all()?);
             }
+            *state = Tensor::stack(&moments, 0)?;
         }
         self.step = step;
         Ok(())

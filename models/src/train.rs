@@ -385,8 +385,8 @@ impl Trainer {
             .into_iter()
             .map(|(n, v)| (format!("{MODEL_PREFIX}{n}"), v.as_tensor().clone()))
             .collect();
-        tensors.extend(self.decay.state(DECAY_PREFIX));
-        tensors.extend(self.no_decay.state(NO_DECAY_PREFIX));
+        tensors.extend(self.decay.state(DECAY_PREFIX)?);
+        tensors.extend(self.no_decay.state(NO_DECAY_PREFIX)?);
         write_atomically(&dir.join(WEIGHTS_FILE), |tmp| {
             candle::safetensors::save(&tensors, tmp)
         })?;
