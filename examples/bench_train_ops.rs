@@ -10,10 +10,10 @@
 mod common;
 
 use anyhow::Result;
-use candle::{DType, Device, Tensor, Var};
-use candle_sparse_attn::{flash_attn, AttnParams};
-use candle_sparse_models::attention::AttentionKind;
-use candle_sparse_models::layers::{in_dtype, layer_norm, linear};
+use candle::{DType, Device, Tensor, Var, D};
+use candle_sparse_attn::{flash_attn, fused, AttnParams};
+use candle_sparse_models::attention::{Attention, AttentionKind};
+use candle_sparse_models::layers::{in_dtype, layer_norm, linear, SeededVars};
 use candle_sparse_models::optim::{AdamW, AdamWParams, Gradients};
 use candle_sparse_models::{Gpt, GptConfig, PositionEncoding};
 use clap::Parser;
@@ -43,14 +43,46 @@ struct Args {
     /// Vocabulary size.
     #[arg(long, default_value_t = 65)]
     vocab: usize,
+    /// Attention kinds of the per-kind rows (attention alone, whole model), repeatable.
+    #[arg(long = "kind", default_values_t = [
+        "dense".to_string(),
+        "hash_sparse:16".to_string(),
+        "qk_sparse:0.5,0.5".to_string(),
+        "sparsek:256,256".to_string(),
+    ])]
+    kinds: Vec<String>,
     /// Timed repetitions (median reported).
     #[arg(long, default_value_t = 5)]
     reps: usize,
 }
 
+/// The LayerNorm the GPT used before the fused op: candle primitives, statistics in f32.
+fn composite_layer_norm(x: &Tensor, gain: &Tensor) -> candle::Result<Tensor> {
+    let xf = x.to_dtype(DType::F32)?;
+    let mean = xf.mean_keepdim(D::Minus1)?;
+    let centered = xf.broadcast_sub(&mean)?;
+    let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = centered.broadcast_div(&(var + 1e-5)?.sqrt()?)?;
+    normed.to_dtype(x.dtype())?.broadcast_mul(gain)
+}
+
 /// `(out · r).sum()` with `r` drawn once per shape: a loss whose gradient is dense.
 fn loss_of(y: &Tensor, r: &Tensor) -> candle::Result<Tensor> {
     (y.to_dtype(DType::F32)? * r)?.sum_all()
+}
+
+/// The GPT of the char-LM runs with attention `kind`.
+fn model_config(args: &Args, kind: AttentionKind) -> GptConfig {
+    GptConfig {
+        vocab_size: args.vocab,
+        block_size: args.seq,
+        n_layer: args.layers,
+        n_head: args.heads,
+        n_embd: args.width,
+        dropout: 0.0,
+        positions: PositionEncoding::Learned,
+        attention: kind,
+    }
 }
 
 fn main() -> Result<()> {
@@ -94,7 +126,15 @@ fn main() -> Result<()> {
             Box::new(|| in_dtype(&wte, dt)?.index_select(&ids, 0)),
         ),
         (
+            "embedding (cast wte + fused)",
+            Box::new(|| fused::embedding(&in_dtype(&wte, dt)?, &ids)),
+        ),
+        (
             "layer_norm (composite)",
+            Box::new(|| composite_layer_norm(&in_dtype(&x, dt)?, &in_dtype(&gain, dt)?)),
+        ),
+        (
+            "layer_norm (fused)",
             Box::new(|| layer_norm(&in_dtype(&x, dt)?, &in_dtype(&gain, dt)?, 1e-5)),
         ),
         (
@@ -118,6 +158,15 @@ fn main() -> Result<()> {
             }),
         ),
         (
+            "qkv split_heads (fused) + cat",
+            Box::new(|| {
+                let qkv = in_dtype(&qkv, dt)?;
+                let parts = [0, 1, 2].map(|i| fused::split_heads(&qkv, nh, i));
+                let [q, k, v] = parts;
+                Tensor::cat(&[q?, k?, v?], 1)
+            }),
+        ),
+        (
             "flash attention dense (causal)",
             Box::new(|| {
                 let q = in_dtype(&qkv, dt)?
@@ -136,6 +185,10 @@ fn main() -> Result<()> {
         (
             "gelu_erf (b,t,4c)",
             Box::new(|| in_dtype(&x4, dt)?.gelu_erf()),
+        ),
+        (
+            "gelu (fused)",
+            Box::new(|| fused::gelu(&in_dtype(&x4, dt)?)),
         ),
         (
             "cast x4 only for the above",
@@ -183,32 +236,55 @@ fn main() -> Result<()> {
         println!("| {name} | {fwd:.3} | {both:.3} |");
     }
 
-    // The whole model and the optimizer, as in a training step.
-    let cfg = GptConfig {
-        vocab_size: args.vocab,
-        block_size: t,
-        n_layer: args.layers,
-        n_head: nh,
-        n_embd: c,
-        dropout: 0.0,
-        positions: PositionEncoding::Learned,
-        attention: AttentionKind::Dense,
-    };
-    let mut gpt = Gpt::new(cfg, 1, &dev)?;
-    gpt.set_compute_dtype(dt)?;
+    // Per attention kind: attention alone (queries, keys, values and the scorer's scores from
+    // the inputs above, as in one layer), then the whole model.
     let inputs = ids.reshape((b, t))?;
-    let fwd = time_ms(&dev, 2, args.reps, || {
-        gpt.loss(&inputs, &inputs, true, 1)?;
-        Ok(())
-    })?;
+    for kind in &args.kinds {
+        let kind: AttentionKind = kind.parse()?;
+        let attention = Attention::new(&kind)?;
+        let vars = SeededVars::new(1);
+        let scorer = attention.new_scorer(c, nh, vars.var_builder(&dev))?;
+        let attend = || -> candle::Result<Tensor> {
+            let qkv = in_dtype(&qkv, dt)?;
+            let [q, k, v] = [0, 1, 2].map(|i| fused::split_heads(&qkv, nh, i));
+            let scores = match &scorer {
+                Some(s) => Some(s.forward_at(&in_dtype(&x, dt)?, 0)?),
+                None => None,
+            };
+            attention
+                .forward(&q?, &k?, &v?, scores.as_ref(), None, 0, true, 1)?
+                .transpose(1, 2)?
+                .reshape((b, t, c))
+        };
+        let r = rand(&[b, t, c])?;
+        let fwd = time_ms(&dev, 2, args.reps, || {
+            attend()?;
+            Ok(())
+        })?;
+        let both = time_ms(&dev, 2, args.reps, || {
+            loss_of(&attend()?, &r)?.backward()?;
+            Ok(())
+        })?;
+        println!("| attention {kind} (one layer, with split) | {fwd:.3} | {both:.3} |");
+        let mut gpt = Gpt::new(model_config(&args, kind.clone()), 1, &dev)?;
+        gpt.set_compute_dtype(dt)?;
+        let fwd = time_ms(&dev, 2, args.reps, || {
+            gpt.loss(&inputs, &inputs, true, 1)?;
+            Ok(())
+        })?;
+        let both = time_ms(&dev, 2, args.reps, || {
+            gpt.loss(&inputs, &inputs, true, 1)?.backward()?;
+            Ok(())
+        })?;
+        println!("| model loss {kind} ({} layers) | {fwd:.3} | {both:.3} |", args.layers);
+    }
+
+    // The optimizer over the dense model's parameters, as in a training step.
+    let mut gpt = Gpt::new(model_config(&args, AttentionKind::Dense), 1, &dev)?;
+    gpt.set_compute_dtype(dt)?;
     let params = gpt.named_params();
     let vars: Vec<Var> = params.iter().map(|(_, v)| v.clone()).collect();
-    let mut store = None;
-    let both = time_ms(&dev, 2, args.reps, || {
-        store = Some(gpt.loss(&inputs, &inputs, true, 1)?.backward()?);
-        Ok(())
-    })?;
-    let store = store.expect("timed at least once");
+    let store = gpt.loss(&inputs, &inputs, true, 1)?.backward()?;
     let mut adam = AdamW::new(
         params,
         AdamWParams {
@@ -234,9 +310,8 @@ fn main() -> Result<()> {
         adam.step(&grads)?;
         Ok(())
     })?;
-    println!("| model loss ({} layers) | {fwd:.3} | {both:.3} |", args.layers);
     println!("| gradients accumulate (f32, all params) | {accumulate:.3} | |");
     println!("| clip global norm | {clip:.3} | |");
-    println!("| AdamW step (all params) | {step:.3} | |");
+    println!("| AdamW step (fused, all params) | {step:.3} | |");
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! CUDA launch side of the fused ops (kernels in `cuda/fused.cu`), all on candle's stream.
 
 use candle::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, PushKernelArg};
+use candle::backend::BackendStorage;
 use candle::cuda_backend::WrapErr;
 use candle::{bail, CudaDevice, CudaStorage, DType, Layout, Result};
 use half::{bf16, f16};
@@ -186,7 +187,7 @@ pub(super) fn emb_bwd(
         let mut b = f.builder();
         b.arg(&dy).arg(&ids).arg(&mut table).arg(&rows_i).arg(&c_i).arg(&vocab_u);
         unsafe { b.launch(elementwise(what, rows * c)?) }.w()?;
-        Ok(())
+        Ok::<(), candle::Error>(())
     })?;
     Ok(CudaStorage::wrap_cuda_slice(table, dev))
 }
