@@ -93,7 +93,11 @@ fn main() -> Result<()> {
         other => anyhow::bail!("unknown device {other}"),
     };
     candle_sparse_attn::keep_memory_pool(&dev)?;
-    let dt = if dev.is_cuda() { DType::BF16 } else { DType::F32 };
+    let dt = if dev.is_cuda() {
+        DType::BF16
+    } else {
+        DType::F32
+    };
     let (b, t, c, nh) = (args.batch, args.seq, args.width, args.heads);
     let hd = c / nh;
     let rows = b * t;
@@ -109,7 +113,9 @@ fn main() -> Result<()> {
     let w_fc = var(&[4 * c, c], 0.02)?;
     let w_proj = var(&[c, 4 * c], 0.02)?;
     // Token ids spread over the vocabulary (a fixed multiplicative pattern, no generator needed).
-    let ids: Vec<u32> = (0..rows).map(|i| ((i * 7919) % args.vocab) as u32).collect();
+    let ids: Vec<u32> = (0..rows)
+        .map(|i| ((i * 7919) % args.vocab) as u32)
+        .collect();
     let ids = Tensor::from_vec(ids, rows, &dev)?;
     let logits_var = var(&[rows, args.vocab], 1.0)?;
     let qkv = var(&[b, t, 3 * c], 1.0)?;
@@ -117,10 +123,7 @@ fn main() -> Result<()> {
     type Op<'a> = (&'a str, Box<dyn Fn() -> candle::Result<Tensor> + 'a>);
     let ops: Vec<Op> = vec![
         ("loss only (b,t,c)", Box::new(|| Ok(x.as_tensor().clone()))),
-        (
-            "cast x f32->compute",
-            Box::new(|| in_dtype(&x, dt)),
-        ),
+        ("cast x f32->compute", Box::new(|| in_dtype(&x, dt))),
         (
             "embedding (cast wte + index_select)",
             Box::new(|| in_dtype(&wte, dt)?.index_select(&ids, 0)),
@@ -137,10 +140,7 @@ fn main() -> Result<()> {
             "layer_norm (fused)",
             Box::new(|| layer_norm(&in_dtype(&x, dt)?, &in_dtype(&gain, dt)?, 1e-5)),
         ),
-        (
-            "cast x only for the above",
-            Box::new(|| in_dtype(&x, dt)),
-        ),
+        ("cast x only for the above", Box::new(|| in_dtype(&x, dt))),
         (
             "linear c_attn (c -> 3c)",
             Box::new(|| linear(&in_dtype(&x, dt)?, &in_dtype(&w_attn, dt)?)),
@@ -151,8 +151,7 @@ fn main() -> Result<()> {
                 let q = in_dtype(&qkv, dt)?
                     .reshape((b, t, 3 * nh, hd))?
                     .transpose(1, 2)?;
-                let parts = [0, 1, 2]
-                    .map(|i| q.narrow(1, i * nh, nh).and_then(|p| p.contiguous()));
+                let parts = [0, 1, 2].map(|i| q.narrow(1, i * nh, nh).and_then(|p| p.contiguous()));
                 let [q, k, v] = parts;
                 Tensor::cat(&[q?, k?, v?], 1)
             }),
@@ -190,10 +189,7 @@ fn main() -> Result<()> {
             "gelu (fused)",
             Box::new(|| fused::gelu(&in_dtype(&x4, dt)?)),
         ),
-        (
-            "cast x4 only for the above",
-            Box::new(|| in_dtype(&x4, dt)),
-        ),
+        ("cast x4 only for the above", Box::new(|| in_dtype(&x4, dt))),
         (
             "linear mlp_proj (4c -> c)",
             Box::new(|| linear(&in_dtype(&x4, dt)?, &in_dtype(&w_proj, dt)?)),
@@ -211,9 +207,7 @@ fn main() -> Result<()> {
         ),
         (
             "cross_entropy (candle_nn)",
-            Box::new(|| {
-                candle_nn::loss::cross_entropy(logits_var.as_tensor(), &ids)?.unsqueeze(0)
-            }),
+            Box::new(|| candle_nn::loss::cross_entropy(logits_var.as_tensor(), &ids)?.unsqueeze(0)),
         ),
     ];
     println!(
@@ -276,7 +270,10 @@ fn main() -> Result<()> {
             gpt.loss(&inputs, &inputs, true, 1)?.backward()?;
             Ok(())
         })?;
-        println!("| model loss {kind} ({} layers) | {fwd:.3} | {both:.3} |", args.layers);
+        println!(
+            "| model loss {kind} ({} layers) | {fwd:.3} | {both:.3} |",
+            args.layers
+        );
     }
 
     // The optimizer over the dense model's parameters, as in a training step.

@@ -71,7 +71,10 @@ fn compare(
             assert!(err <= tol, "{what} {dtype:?} {dev:?}: output rel err {err}");
             for (i, (g, rg)) in grads.iter().zip(&ref_grads).enumerate() {
                 let err = rel_err(g, rg)?;
-                assert!(err <= tol, "{what} {dtype:?} {dev:?}: grad {i} rel err {err}");
+                assert!(
+                    err <= tol,
+                    "{what} {dtype:?} {dev:?}: grad {i} rel err {err}"
+                );
             }
         }
     }
@@ -191,8 +194,7 @@ fn adamw_update_matches_formula() -> Result<()> {
         let (p64, g64) = (f64s(&p)?.flatten_all()?, (f64s(&g)?.flatten_all()? * 0.5)?);
         let m1 = ((f64s(&m)? * 0.9)? + (&g64 * 0.1)?)?;
         let v1 = ((f64s(&v)? * 0.95)? + (g64.sqr()? * 0.05)?)?;
-        let update = ((&m1 * hp.scale_m as f64)?
-            / ((&v1 * hp.scale_v as f64)?.sqrt()? + 1e-8)?)?;
+        let update = ((&m1 * hp.scale_m as f64)? / ((&v1 * hp.scale_v as f64)?.sqrt()? + 1e-8)?)?;
         let p1 = ((&p64 * (1.0 - 1e-3))? - (update * 1e-2)?)?;
         for dev in devices() {
             let on = |t: &Tensor| t.to_device(&dev);
@@ -238,9 +240,17 @@ fn bad_inputs_are_clear_errors() -> Result<()> {
         assert!(e.contains("(vocab, c)") && e.contains("[8]"), "{e}");
         let e = message(embedding(&x, &ids.to_dtype(DType::I64)?));
         assert!(e.contains("u32"), "{e}");
-        let e = message(split_heads(&Tensor::zeros((1, 4, 10), DType::F32, &dev)?, 2, 0));
+        let e = message(split_heads(
+            &Tensor::zeros((1, 4, 10), DType::F32, &dev)?,
+            2,
+            0,
+        ));
         assert!(e.contains("width 10") && e.contains("[1, 4, 10]"), "{e}");
-        let e = message(split_heads(&Tensor::zeros((1, 4, 12), DType::F32, &dev)?, 2, 3));
+        let e = message(split_heads(
+            &Tensor::zeros((1, 4, 12), DType::F32, &dev)?,
+            2,
+            3,
+        ));
         assert!(e.contains("part (3)"), "{e}");
         let hp = AdamWUpdate {
             lr: 1e-3,

@@ -192,7 +192,11 @@ impl AdamW {
                         var.dims()
                     )
                 }
-                moments.push(t.to_dtype(DType::F32)?.to_device(var.device())?.flatten_all()?);
+                moments.push(
+                    t.to_dtype(DType::F32)?
+                        .to_device(var.device())?
+                        .flatten_all()?,
+                );
             }
             *state = Tensor::stack(&moments, 0)?;
         }

@@ -37,7 +37,10 @@ pub(super) fn ln_fwd<T: WithDType>(
     (sg, lg): (&CpuStorage, &Layout),
     eps: f32,
 ) -> Result<CpuStorage> {
-    let (x, gain) = (slice::<T>(sx, lx, "layer_norm")?, slice::<T>(sg, lg, "layer_norm")?);
+    let (x, gain) = (
+        slice::<T>(sx, lx, "layer_norm")?,
+        slice::<T>(sg, lg, "layer_norm")?,
+    );
     let c = rows_cols(lx).1;
     let mut y = vec![T::from_f64(0.0); x.len()];
     y.par_chunks_mut(c)

@@ -1,7 +1,7 @@
 //! CUDA launch side of the fused ops (kernels in `cuda/fused.cu`), all on candle's stream.
 
-use candle::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, PushKernelArg};
 use candle::backend::BackendStorage;
+use candle::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, PushKernelArg};
 use candle::cuda_backend::WrapErr;
 use candle::{bail, CudaDevice, CudaStorage, DType, Layout, Result};
 use half::{bf16, f16};
@@ -42,7 +42,12 @@ macro_rules! by_dtype {
 
 /// A grid-stride launch over `n` elements.
 fn elementwise(what: &str, n: usize) -> Result<candle::cuda_backend::cudarc::driver::LaunchConfig> {
-    launch_config(what, (n.div_ceil(THREADS).clamp(1, MAX_BLOCKS), 1), THREADS, 0)
+    launch_config(
+        what,
+        (n.div_ceil(THREADS).clamp(1, MAX_BLOCKS), 1),
+        THREADS,
+        0,
+    )
 }
 
 /// A launch of one warp per row.
@@ -229,7 +234,13 @@ fn heads(
 }
 
 pub(super) fn heads_split(input: (&CudaStorage, &Layout), n: Heads) -> Result<CudaStorage> {
-    heads("split_heads", "heads_split", input, n, n.b * n.h * n.t * n.d)
+    heads(
+        "split_heads",
+        "heads_split",
+        input,
+        n,
+        n.b * n.h * n.t * n.d,
+    )
 }
 
 pub(super) fn heads_merge(input: (&CudaStorage, &Layout), n: Heads) -> Result<CudaStorage> {

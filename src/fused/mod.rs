@@ -43,7 +43,10 @@ pub fn layer_norm(x: &Tensor, gain: &Tensor, eps: f64) -> Result<Tensor> {
     check_float("layer_norm", x)?;
     let c = match x.dims().last() {
         Some(&c) if c > 0 => c,
-        _ => bail!("layer_norm: x must have a non-empty last axis, got {:?}", x.dims()),
+        _ => bail!(
+            "layer_norm: x must have a non-empty last axis, got {:?}",
+            x.dims()
+        ),
     };
     if gain.dims() != [c] || gain.dtype() != x.dtype() {
         bail!(
@@ -74,7 +77,10 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
 pub fn embedding(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
     check_float("embedding", table)?;
     if table.rank() != 2 {
-        bail!("embedding: table must be (vocab, c), got {:?}", table.dims())
+        bail!(
+            "embedding: table must be (vocab, c), got {:?}",
+            table.dims()
+        )
     }
     if ids.rank() != 1 || ids.dtype() != DType::U32 {
         bail!(
@@ -500,7 +506,9 @@ impl candle::CustomOp1 for SplitHeads {
     }
 
     fn bwd(&self, _qkv: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&MergeHeads(self.0))?))
+        Ok(Some(
+            grad.contiguous()?.apply_op1_no_bwd(&MergeHeads(self.0))?,
+        ))
     }
 }
 
@@ -525,7 +533,10 @@ impl candle::CustomOp1 for MergeHeads {
         l: &Layout,
     ) -> Result<(candle::CudaStorage, Shape)> {
         let n = self.0;
-        Ok((cuda::heads_merge((s, l), n)?, (n.b, n.t, 3 * n.h * n.d).into()))
+        Ok((
+            cuda::heads_merge((s, l), n)?,
+            (n.b, n.t, 3 * n.h * n.d).into(),
+        ))
     }
 }
 
