@@ -13,6 +13,8 @@
 //! - [`moa`]: a sink plus a sliding band of its own length per head, and the plans that set them.
 //! - [`twilight`]: top-p pruning of a base sparse selector's candidates, for decoding.
 //! - [`reference`]: the naive materialised implementation every test compares against.
+//! - [`fused`]: fused training ops with backward passes (LayerNorm, GELU, embedding, head split,
+//!   AdamW) that keep a small transformer's training step attention-bound.
 //!
 //! ```
 //! use candle::{Device, Tensor};
