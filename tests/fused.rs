@@ -161,7 +161,7 @@ fn split_heads_matches_transpose() -> Result<()> {
                         .narrow(1, part * h, h)?
                         .contiguous()
                 },
-                &[qkv.clone()],
+                std::slice::from_ref(&qkv),
                 &r,
             )?;
         }
