@@ -29,6 +29,8 @@
 //! - Sparse visibility: per-tile min/max of positions and buckets are reduced on the device first;
 //!   the kernels skip every key (query) tile that cannot hold a visible pair and apply no element
 //!   mask to tile pairs that are fully visible (one bucket, no padding, all keys before all queries).
+//!   The backward reads the query tiles' metadata 32 at a time into warp ballots (visible, fully
+//!   visible), and its CTAs whose key tile no query sees write zero dK, dV and exit.
 
 use candle::backend::BackendStorage;
 use candle::cuda_backend::cudarc::driver::{

@@ -224,7 +224,8 @@ pub fn sparse_causal_attn(
 ///   Dropped queries, and kept queries with no kept visible key, output 0.
 ///
 /// Kept rows are compacted in time order ([`compact_kept`]), padded to `t` with zero rows,
-/// attended with [`sparse_causal_attn`]'s kernel and scattered back ([`RowOrder::scatter`]).
+/// attended with [`sparse_causal_attn`]'s kernel and scattered back, as one differentiable op
+/// whose backward returns the gradients in the original order.
 /// Differentiable in q, k and v; the masks get no gradient.
 pub fn qk_sparse_attn(
     q: &Tensor,
