@@ -110,8 +110,10 @@ impl HopperFwd {
 /// Only the fastest variant per head dim is compiled (the sweep of seven variants is in
 /// BENCHMARKS.md): every compiled kernel costs JIT time on a process's first launch with an empty
 /// driver cache (≈ 55 s with all seven, per dtype and visibility mode).
-pub(crate) const HOPPER_FWD_VARIANTS: [HopperFwd; 2] =
-    [HopperFwd::new(64, 2, 64, true), HopperFwd::new(128, 3, 64, true)];
+pub(crate) const HOPPER_FWD_VARIANTS: [HopperFwd; 2] = [
+    HopperFwd::new(64, 2, 64, true),
+    HopperFwd::new(128, 3, 64, true),
+];
 
 /// Environment variable choosing the forward kernel of f16 / bf16 at head dims 64 and 128 on the
 /// H100 (for benchmarks and tests): the head dim's [`HopperFwd::tag`] (e.g. `w2_n64_o1`) or unset
