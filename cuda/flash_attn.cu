@@ -126,18 +126,6 @@ __device__ __forceinline__ int next_pass_k(int t, int end, int4 q, const int4* k
   return end;
 }
 
-// Same, scanning query tiles against one key tile.
-__device__ __forceinline__ int next_pass_q(int t, int end, const int4* qmeta, int4 k, int strict) {
-  int lane = threadIdx.x & 31;
-  for (int base = t; base < end; base += 32) {
-    int tt = base + lane;
-    bool pass = tt < end && tile_pass(qmeta[tt], k, strict);
-    unsigned bal = __ballot_sync(0xffffffffu, pass);
-    if (bal) return base + __ffs(bal) - 1;
-  }
-  return end;
-}
-
 // Per-tile metadata of positions (and buckets). `rows` = b*h rows of length n, tiles of `tile`.
 // Query tiles: x = max position over real rows (pos != -1), INT_MIN if none.
 // Key tiles:   x = min position over real rows (pos != INT_MAX), INT_MAX if none.
@@ -242,6 +230,31 @@ __device__ void bwd_delta(const T* o, const T* go, float* delta, long long rows,
   for (int c = lane; c < d; c += 32) s = fmaf(to_f(o[r * d + c]), to_f(go[r * d + c]), s);
   s = warp_sum(s);
   if (lane == 0) delta[r] = s;
+}
+
+// Delta_i = rowsum(dO_i * O_i) in f32 with 16-byte loads: 8 lanes per row (rows of d * sizeof(T)
+// bytes, a multiple of 16, and 16-byte aligned o, go), 4 rows per warp.
+template <typename T>
+__device__ void bwd_delta_vec(const T* o, const T* go, float* delta, long long rows, int d) {
+  constexpr int E = 16 / sizeof(T);  // elements per vector
+  int g = threadIdx.x & 7;
+  long long r = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / 8;
+  float s = 0.f;
+  if (r < rows) {
+    const uint4* ov = reinterpret_cast<const uint4*>(o + r * d);
+    const uint4* gv = reinterpret_cast<const uint4*>(go + r * d);
+    for (int c = g; c < d / E; c += 8) {
+      uint4 a = ov[c], b = gv[c];
+      const T* ae = reinterpret_cast<const T*>(&a);
+      const T* be = reinterpret_cast<const T*>(&b);
+#pragma unroll
+      for (int e = 0; e < E; ++e) s = fmaf(to_f(ae[e]), to_f(be[e]), s);
+    }
+  }
+  s += __shfl_xor_sync(0xffffffffu, s, 4);
+  s += __shfl_xor_sync(0xffffffffu, s, 2);
+  s += __shfl_xor_sync(0xffffffffu, s, 1);
+  if (r < rows && g == 0) delta[r] = s;
 }
 
 // dQ, one warp per query row.
@@ -832,6 +845,9 @@ __device__ void fwd_wgmma(const T* q, const T* k, const T* v, T* o, float* lse, 
 // flat indices p = head-in-group * nqt + query tile in [0, p_end), skipping the tiles its keys are
 // invisible to (causal: before the diagonal; sink-band: outside the band's query range; sparse:
 // per-tile metadata), plus the metadata the masking needs. Shared by both backward kernels.
+// Sparse mode reads the query-tile metadata 32 tiles at a time (one load per lane, two warp
+// ballots: the tiles that pass `tile_pass` and those `tile_full` proves fully visible), so a step
+// waits on no global load to find its successor. `next` must be called with non-decreasing p.
 template <int MODE, int BQ, int BK>
 struct BwdQueryTiles {
   int nqt, p_end;
@@ -840,6 +856,9 @@ struct BwdQueryTiles {
   int4 km;           // the key tile's metadata (mode 2)
   const int4* qm;    // the group's query-tile metadata (mode 2)
   int strict;
+  int wbase;         // mode 2: first flat index of the ballot words below
+  unsigned wpass;    // mode 2: bit i = flat index wbase + i passes tile_pass
+  unsigned wfull;    // mode 2: bit i = flat index wbase + i is fully visible (tile_full)
 
   __device__ BwdQueryTiles(const Vis& vis, const int4* qmeta, const int4* kmeta, int n0, int nk,
                            int nq, int hk, int group, int bhk, int kt, long long qhead0) {
@@ -857,11 +876,35 @@ struct BwdQueryTiles {
     km = MODE == 2 ? kmeta[(long long)bhk * gridDim.x + kt] : make_int4(0, 0, 0, 0);
     qm = qmeta + qhead0 * nqt;
     strict = vis.strict;
+    wbase = -32;
+    wpass = wfull = 0u;
+  }
+
+  // Mode 2: the ballot words of flat indices [base, base + 32) (every lane of the warp calls it).
+  __device__ void load_word(int base) {
+    int tt = base + (threadIdx.x & 31);
+    bool pass = false, full = false;
+    if (tt < p_end) {
+      int4 q = qm[tt];
+      pass = tile_pass(q, km, strict);
+      full = pass && tile_full(q, km, strict);
+    }
+    wpass = __ballot_sync(0xffffffffu, pass);
+    wfull = __ballot_sync(0xffffffffu, full);
+    wbase = base;
   }
 
   // The first visited flat index >= p (p_end when none is left).
-  __device__ int next(int p) const {
-    if (MODE == 2) return next_pass_q(p, p_end, qm, km, strict);
+  __device__ int next(int p) {
+    if (MODE == 2) {
+      while (p < p_end) {
+        if (p < wbase || p >= wbase + 32) load_word(p & ~31);
+        unsigned m = wpass >> (p - wbase);
+        if (m) return p + __ffs(m) - 1;
+        p = wbase + 32;
+      }
+      return p_end;
+    }
     if (MODE == 3) {
       if (p >= p_end || u0 >= u1) return p_end;
       int r = p % nqt;
@@ -872,7 +915,28 @@ struct BwdQueryTiles {
     if (MODE == 1 && p < p_end && p % nqt < u0) return p - p % nqt + u0;
     return p;
   }
+
+  // Mode 2: whether every pair of flat query tile p and the key tile is visible; p must be the
+  // index `next` returned last (its ballot word is the current one). False in other modes.
+  __device__ bool full(int p) const {
+    return MODE == 2 && p < p_end && ((wfull >> (p - wbase)) & 1u);
+  }
 };
+
+// Writes zeros to rows [n0, min(n, n0 + BK)) of two (n, D) matrices: the dK and dV of a key tile
+// that no query sees (16-byte stores; the tensor-core paths' buffers are 16-byte aligned).
+template <typename T, int BK, int D, int NT>
+__device__ __forceinline__ void bwd_zero_rows(T* a, T* b, int n0, int n) {
+  constexpr int V = D * (int)sizeof(T) / 16;  // vectors per row
+  const uint4 z = make_uint4(0u, 0u, 0u, 0u);
+  for (int idx = threadIdx.x; idx < BK * V; idx += NT) {
+    int r = n0 + idx / V;
+    if (r < n) {
+      reinterpret_cast<uint4*>(a + (long long)r * D)[idx % V] = z;
+      reinterpret_cast<uint4*>(b + (long long)r * D)[idx % V] = z;
+    }
+  }
+}
 
 // Starts the cp.async loads of one backward query tile: rows [m0, m0 + BQ) of q and dO of the
 // query head whose first row is `qr0` into sQ / sG, their lse and delta into sL / sD (rows past
@@ -926,13 +990,16 @@ __device__ void bwd_mma(const T* q, const T* k, const T* v, const T* go, const f
   long long krow0 = (long long)bhk * nk;
   long long qhead0 = (long long)b * hq + (long long)hk * group;  // first query head of the group
   float sl2 = scale * LOG2E;
-  const BwdQueryTiles<MODE, BQ, BK> tiles(vis, qmeta, kmeta, n0, nk, nq, hk, group, bhk, kt,
-                                          qhead0);
+  BwdQueryTiles<MODE, BQ, BK> tiles(vis, qmeta, kmeta, n0, nk, nq, hk, group, bhk, kt, qhead0);
   const int nqt = tiles.nqt, p_end = tiles.p_end;
   const int2 sb = tiles.sb;
-  const int4 km = tiles.km;
-  const int4* qm = tiles.qm;
   auto next = [&](int p) { return tiles.next(p); };
+  int p = next(0);
+  if (MODE >= 2 && p >= p_end) {  // no query sees these keys (sparse and sink-band modes)
+    bwd_zero_rows<T, BK, D, NT>(dk + krow0 * D, dv + krow0 * D, n0, nk);
+    return;
+  }
+  bool p_full = tiles.full(p);
   auto load_q = [&](int p, int bf) {
     bwd_load_q<T, BQ, D, NT>(sQ + bf * BQ * SD, sG + bf * BQ * SD, sL + bf * BQ, sD + bf * BQ,
                              q, go, lse, delta, (qhead0 + p / nqt) * nq, (p % nqt) * BQ, nq);
@@ -956,8 +1023,7 @@ __device__ void bwd_mma(const T* q, const T* k, const T* v, const T* go, const f
 
   load_tile<T, BK, D, NT>(sK, k + krow0 * D, n0, nk);
   load_tile<T, BK, D, NT>(sV, v + krow0 * D, n0, nk);
-  int p = next(0);
-  if (p < p_end) load_q(p, 0);
+  load_q(p, 0);
   cp_async_commit();
 
   // For small enough MR * D the warp's K and V fragments stay in registers for the query loop.
@@ -1029,6 +1095,7 @@ __device__ void bwd_mma(const T* q, const T* k, const T* v, const T* go, const f
     cp_async_wait<0>();
     __syncthreads();
     int pn = p < p_end ? next(p + 1) : p_end;
+    bool pn_full = tiles.full(pn);
     if (pn < p_end) load_q(pn, buf ^ 1);
     cp_async_commit();
     if (prev_qr0 >= 0) dq_step(sS + (buf ^ 1) * BK * SQ, prev_m0, prev_qr0);
@@ -1053,7 +1120,7 @@ __device__ void bwd_mma(const T* q, const T* k, const T* v, const T* go, const f
 
     bool need_mask = m0 + BQ > nq || n0 + BK > nk ||
                      (MODE == 1 && n0 + warp * WK + WK - 1 > m0 + vis.off) ||
-                     (MODE == 2 && !tile_full(qm[p], km, vis.strict)) ||
+                     (MODE == 2 && !p_full) ||
                      (MODE == 3 &&
                       !sb_tile_full(m0, m0 + BQ, n0 + warp * WK, n0 + warp * WK + WK, sb));
 #pragma unroll
@@ -1105,6 +1172,7 @@ __device__ void bwd_mma(const T* q, const T* k, const T* v, const T* go, const f
     prev_m0 = m0;
     prev_qr0 = qr0;
     p = pn;
+    p_full = pn_full;
     buf ^= 1;
   }
   cp_async_wait<0>();
@@ -1156,13 +1224,16 @@ __device__ void bwd_mma2(const T* q, const T* k, const T* v, const T* go, const 
   long long krow0 = (long long)bhk * nk;
   long long qhead0 = (long long)b * hq + (long long)hk * group;  // first query head of the group
   float sl2 = scale * LOG2E;
-  const BwdQueryTiles<MODE, BQ, BK> tiles(vis, qmeta, kmeta, n0, nk, nq, hk, group, bhk, kt,
-                                          qhead0);
+  BwdQueryTiles<MODE, BQ, BK> tiles(vis, qmeta, kmeta, n0, nk, nq, hk, group, bhk, kt, qhead0);
   const int nqt = tiles.nqt, p_end = tiles.p_end;
   const int2 sb = tiles.sb;
-  const int4 km = tiles.km;
-  const int4* qm = tiles.qm;
   auto next = [&](int p) { return tiles.next(p); };
+  int p = next(0);
+  if (MODE >= 2 && p >= p_end) {  // no query sees these keys (sparse and sink-band modes)
+    bwd_zero_rows<T, BK, D, NT>(dk + krow0 * D, dv + krow0 * D, n0, nk);
+    return;
+  }
+  bool p_full = tiles.full(p);
   auto load_q = [&](int p, int bf) {
     bwd_load_q<T, BQ, D, NT>(sQ + bf * BQ * SD, sG + bf * BQ * SD, sL + bf * BQ, sD + bf * BQ,
                              q, go, lse, delta, (qhead0 + p / nqt) * nq, (p % nqt) * BQ, nq);
@@ -1186,8 +1257,7 @@ __device__ void bwd_mma2(const T* q, const T* k, const T* v, const T* go, const 
 
   load_tile<T, BK, D, NT>(sK, k + krow0 * D, n0, nk);
   load_tile<T, BK, D, NT>(sV, v + krow0 * D, n0, nk);
-  int p = next(0);
-  if (p < p_end) load_q(p, 0);
+  load_q(p, 0);
   cp_async_commit();
 
   // At small head dims the warp's K and V fragments of phase 1 stay in registers.
@@ -1217,6 +1287,7 @@ __device__ void bwd_mma2(const T* q, const T* k, const T* v, const T* go, const 
     cp_async_wait<0>();
     __syncthreads();  // tile p has landed; the previous step's readers of sP, sS and buf ^ 1 are done
     int pn = next(p + 1);
+    bool pn_full = tiles.full(pn);
     if (pn < p_end) load_q(pn, buf ^ 1);
     cp_async_commit();
 
@@ -1238,7 +1309,7 @@ __device__ void bwd_mma2(const T* q, const T* k, const T* v, const T* go, const 
 
     int qa = m0 + wh * QW, ka = n0 + kg * 32;  // the warp's first query and key
     bool need_mask = m0 + BQ > nq || n0 + BK > nk || (MODE == 1 && ka + 31 > qa + vis.off) ||
-                     (MODE == 2 && !tile_full(qm[p], km, vis.strict)) ||
+                     (MODE == 2 && !p_full) ||
                      (MODE == 3 && !sb_tile_full(qa, qa + QW, ka, ka + 32, sb));
 #pragma unroll
     for (int nt = 0; nt < N8; ++nt) {
@@ -1318,6 +1389,7 @@ __device__ void bwd_mma2(const T* q, const T* k, const T* v, const T* go, const 
       }
     }
     p = pn;
+    p_full = pn_full;
     buf ^= 1;
   }
   cp_async_wait<0>();
@@ -1423,6 +1495,10 @@ __device__ void dq_convert(const float* acc, T* dq, long long n, float scale) {
   extern "C" __global__ void flash_bwd_delta_##TN(const T* o, const T* go, float* delta,       \
                                                   long long rows, int d) {                     \
     bwd_delta<T>(o, go, delta, rows, d);                                                       \
+  }                                                                                            \
+  extern "C" __global__ void flash_bwd_delta_vec_##TN(const T* o, const T* go, float* delta,   \
+                                                      long long rows, int d) {                 \
+    bwd_delta_vec<T>(o, go, delta, rows, d);                                                   \
   }
 #define DQ_CONVERT(TN, T)                                                                      \
   extern "C" __global__ void flash_bwd_dq_convert_##TN(const float* acc, T* dq, long long n,   \

@@ -29,6 +29,8 @@
 //! - Sparse visibility: per-tile min/max of positions and buckets are reduced on the device first;
 //!   the kernels skip every key (query) tile that cannot hold a visible pair and apply no element
 //!   mask to tile pairs that are fully visible (one bucket, no padding, all keys before all queries).
+//!   The backward reads the query tiles' metadata 32 at a time into warp ballots (visible, fully
+//!   visible), and its CTAs whose key tile no query sees write zero dK, dV and exit.
 
 use candle::backend::BackendStorage;
 use candle::cuda_backend::cudarc::driver::{
@@ -544,23 +546,23 @@ fn bwd_t<T: CudaDType + DeviceRepr>(
     let (nq_el, nk_el) = (rows * dims.d, dims.b * dims.hkv * dims.nk * dims.d);
     let d = dims.d;
 
-    // Delta = rowsum(dO ∘ O), f32.
+    // Delta = rowsum(dO ∘ O), f32: 16-byte loads, 8 lanes per row, where rows and both
+    // tensors are 16-byte aligned; otherwise one warp per row.
     let mut delta = unsafe { dev.alloc::<f32>(rows) }?;
     {
-        let f = func!(dev, &format!("flash_bwd_delta_{tn}"), 0);
+        let vec = (d * es).is_multiple_of(16) && aligned(go_g.1, es) && aligned(o_g.1, es);
+        let (name, grid) = if vec {
+            ("flash_bwd_delta_vec", ceil_div(rows, 32))
+        } else {
+            ("flash_bwd_delta", ceil_div(rows, SIMPLE_WARPS))
+        };
+        let f = func!(dev, &format!("{name}_{tn}"), 0);
         let mut b = f.builder();
         b.arg(&o);
         b.arg(&go);
         b.arg(&mut delta);
         candle::builder_arg!(b, rows as i64, d as i32);
-        unsafe {
-            b.launch(cfg(
-                (ceil_div(rows, SIMPLE_WARPS), 1),
-                32 * SIMPLE_WARPS,
-                0,
-            )?)
-        }
-        .w()?;
+        unsafe { b.launch(cfg((grid, 1), 32 * SIMPLE_WARPS, 0)?) }.w()?;
     }
 
     let mut packed = unsafe { dev.alloc::<T>(nq_el + 2 * nk_el) }?;

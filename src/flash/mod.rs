@@ -112,6 +112,68 @@ pub(crate) fn attention(
     scale: f32,
     visibility: Visibility,
 ) -> Result<Tensor> {
+    let op = prepare(q, k, v, scale, visibility)?;
+    q.contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+}
+
+/// The forward of [`attention`] outside autograd: the output `(b, hq, nq, d)` and the f32
+/// log-sum-exp `(b, hq, nq)` that [`backward`] takes (`-inf` for rows with no visible key). For
+/// ops that wrap the attention between other row moves and run its backward themselves.
+pub(crate) fn forward_with_lse(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f32,
+    visibility: Visibility,
+) -> Result<(Tensor, Tensor)> {
+    let op = prepare(q, k, v, scale, visibility)?;
+    let out = q
+        .contiguous()?
+        .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)?;
+    let lse = op.lse.lock().unwrap_or_else(|e| e.into_inner()).take();
+    let lse = lse.ok_or_else(|| candle::Error::Msg("flash attention: no lse".into()))?;
+    Ok((out, lse))
+}
+
+/// Gradients `(dq, dk, dv)` of the attention of q, k, v (shapes of q, k, v, their dtype) for the
+/// forward output `out` and its log-sum-exp `lse` (from [`forward_with_lse`]) and the output
+/// gradient `grad_out`, outside autograd.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+    grad_out: &Tensor,
+    lse: Tensor,
+    scale: f32,
+    visibility: Visibility,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let bwd = FlashAttnBwd {
+        scale,
+        visibility,
+        out: out.contiguous()?,
+        grad_out: grad_out.contiguous()?,
+        lse,
+    };
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let packed = q.apply_op3_no_bwd(&k, &v, &bwd)?;
+    let (nq, nk) = (q.elem_count(), k.elem_count());
+    let dq = packed.narrow(0, 0, nq)?.reshape(q.shape())?;
+    let dk = packed.narrow(0, nq, nk)?.reshape(k.shape())?;
+    let dv = packed.narrow(0, nq + nk, nk)?.reshape(v.shape())?;
+    Ok((dq, dk, dv))
+}
+
+/// Validates the inputs and the visibility of an attention call; the op to apply.
+fn prepare(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f32,
+    visibility: Visibility,
+) -> Result<FlashAttn> {
     let dims = validate(q, k, v)?;
     let side = match &visibility {
         Visibility::Sparse(layout) => {
@@ -136,14 +198,11 @@ pub(crate) fn attention(
     if !scale.is_finite() {
         bail!("flash attention: softmax scale must be finite, got {scale}")
     }
-    let visibility = visibility.contiguous()?;
-    let op = FlashAttn {
+    Ok(FlashAttn {
         scale,
-        visibility,
+        visibility: visibility.contiguous()?,
         lse: Arc::new(Mutex::new(None)),
-    };
-    q.contiguous()?
-        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+    })
 }
 
 /// Checks ranks, shapes, dtypes and devices of q, k, v; returns their sizes.
@@ -362,18 +421,16 @@ impl candle::CustomOp3 for FlashAttn {
                 lse.ok_or_else(|| candle::Error::Msg("flash attention: no lse".into()))?
             }
         };
-        let bwd = FlashAttnBwd {
-            scale: self.scale,
-            visibility: self.visibility.clone(),
-            out: out.contiguous()?,
-            grad_out: grad_out.contiguous()?,
+        let (dq, dk, dv) = backward(
+            q,
+            k,
+            v,
+            out,
+            grad_out,
             lse,
-        };
-        let packed = q.apply_op3_no_bwd(k, v, &bwd)?;
-        let (nq, nk) = (q.elem_count(), k.elem_count());
-        let dq = packed.narrow(0, 0, nq)?.reshape(q.shape())?;
-        let dk = packed.narrow(0, nq, nk)?.reshape(k.shape())?;
-        let dv = packed.narrow(0, nq + nk, nk)?.reshape(v.shape())?;
+            self.scale,
+            self.visibility.clone(),
+        )?;
         Ok((Some(dq), Some(dk), Some(dv)))
     }
 }

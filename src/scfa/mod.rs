@@ -19,6 +19,7 @@
 //! Layout everywhere: q `(batch, q_heads, t, head_dim)`, k and v `(batch, kv_heads, t, head_dim)`
 //! (GQA when `kv_heads` divides `q_heads`), output like q.
 
+mod arranged;
 mod hash;
 mod index;
 #[cfg(feature = "cuda")]
@@ -28,6 +29,7 @@ mod qk;
 
 use candle::{bail, Device, Result, Tensor};
 
+use arranged::arranged_attention;
 pub use hash::{check_lsh_buckets, lsh_buckets, random_rotations, sort_by_bucket, MAX_BUCKETS};
 use permute::permute_rows;
 pub use permute::{gather_rows, scatter_rows};
@@ -222,7 +224,8 @@ pub fn sparse_causal_attn(
 ///   Dropped queries, and kept queries with no kept visible key, output 0.
 ///
 /// Kept rows are compacted in time order ([`compact_kept`]), padded to `t` with zero rows,
-/// attended with [`sparse_causal_attn`]'s kernel and scattered back ([`RowOrder::scatter`]).
+/// attended with [`sparse_causal_attn`]'s kernel and scattered back, as one differentiable op
+/// whose backward returns the gradients in the original order.
 /// Differentiable in q, k and v; the masks get no gradient.
 pub fn qk_sparse_attn(
     q: &Tensor,
@@ -353,42 +356,6 @@ fn bucket_attention(
     let q_order = sort_by_bucket(q_ids, n_buckets, RowKind::Query)?;
     let k_order = sort_by_bucket(k_ids, n_buckets, RowKind::Key)?;
     arranged_attention(q, k, v, &q_order, &k_order, params, dims)
-}
-
-/// Gathers q, k, v into the arranged orders (zero padding rows), runs the sparse kernel on the
-/// orders' positions and buckets, and scatters the output back to `(batch, q_heads, t,
-/// head_dim)` (zero rows for dropped queries). Every move is one gather pass, forward and
-/// backward, by the orders' indices computed once.
-fn arranged_attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    q_order: &RowOrder,
-    k_order: &RowOrder,
-    params: &ScfaParams,
-    dims: Dims,
-) -> Result<Tensor> {
-    let q_s = q_order.gather(q)?;
-    let k_s = k_order.gather(k)?;
-    let v_s = k_order.gather(v)?;
-    let buckets = match (&q_order.bucket, &k_order.bucket) {
-        (Some(qb), Some(kb)) => Some((qb.clone(), kb.clone())),
-        _ => None,
-    };
-    let layout = SparseLayout {
-        q_pos: q_order.pos.clone(),
-        k_pos: k_order.pos.clone(),
-        buckets,
-        strict: params.strict,
-    };
-    let o_s = flash::attention(
-        &q_s,
-        &k_s,
-        &v_s,
-        params.scale(dims.d),
-        Visibility::Sparse(layout),
-    )?;
-    q_order.scatter(&o_s)
 }
 
 /// The common length of q and k for the self-attention schemes.

@@ -72,6 +72,57 @@ pub(crate) fn permute_rows(x: &Tensor, index: &Tensor, inverse: &Tensor) -> Resu
     )
 }
 
+/// `gather(x, index)` (see [`gather_rows`]) outside autograd: `(batch, heads, index.dim(2), dim)`.
+pub(crate) fn gather_detached(x: &Tensor, index: &Tensor) -> Result<Tensor> {
+    check("gather_rows", x, index)?;
+    let op = RowGather {
+        n_out: index.dim(2)?,
+    };
+    x.contiguous()?.apply_op2_no_bwd(&index.contiguous()?, &op)
+}
+
+/// [`gather_detached`] on the CPU storages of two contiguous tensors, for the forward of an op
+/// that holds them.
+pub(crate) fn gather_storage_cpu(x: &Tensor, index: &Tensor) -> Result<(CpuStorage, Shape)> {
+    let op = RowGather {
+        n_out: index.dim(2)?,
+    };
+    let ((sx, lx), (si, li)) = (x.storage_and_layout(), index.storage_and_layout());
+    match (&*sx, &*si) {
+        (candle::Storage::Cpu(sx), candle::Storage::Cpu(si)) => op.cpu_gather(sx, lx, si, li),
+        _ => bail!(
+            "scfa row move: x {:?} and index {:?} must be on the CPU, got {:?} and {:?}",
+            x.dims(),
+            index.dims(),
+            x.device().location(),
+            index.device().location()
+        ),
+    }
+}
+
+/// [`gather_detached`] on the CUDA storages of two contiguous tensors, for the forward of an op
+/// that holds them.
+#[cfg(feature = "cuda")]
+pub(crate) fn gather_storage_cuda(
+    x: &Tensor,
+    index: &Tensor,
+) -> Result<(candle::CudaStorage, Shape)> {
+    let op = RowGather {
+        n_out: index.dim(2)?,
+    };
+    let ((sx, lx), (si, li)) = (x.storage_and_layout(), index.storage_and_layout());
+    match (&*sx, &*si) {
+        (candle::Storage::Cuda(sx), candle::Storage::Cuda(si)) => op.cuda_gather(sx, lx, si, li),
+        _ => bail!(
+            "scfa row move: x {:?} and index {:?} must be on the GPU, got {:?} and {:?}",
+            x.dims(),
+            index.dims(),
+            x.device().location(),
+            index.device().location()
+        ),
+    }
+}
+
 /// The inverse of a row index: `(batch, heads, len)` i32 with `inv[s] = r` where
 /// `index[r] = s`, `-1` where no entry lands; out-of-range entries are skipped.
 fn invert_rows(index: &Tensor, len: usize) -> Result<Tensor> {
