@@ -6,7 +6,9 @@
 //   lists block after block (O(T * cap / BQ) work per row, no O(T^2)).
 // - sk_select: per query, the union of its block's list and the <= BQ newer candidates, cut to the
 //   top-`cap` (cut = the cap-th largest key), then tau by safeguarded Newton steps on the
-//   piecewise-linear budget function, warm-started at the previous query's tau.
+//   piecewise-linear budget function, warm-started at the previous query's tau. Each step costs
+//   O(log cap) on the sorted list (warp-wide 32-way searches plus f64 prefix sums of its scores)
+//   and one element per lane for the <= BQ newer candidates.
 // Attention, f16 / bf16 with head_dim <= 128: the blocked tensor-core kernels skt_* (see the
 // section below). Attention, f32 and head_dim 256 (one warp per query row, f32 math; keys 32 at a
 // time: lane-per-key scores, then lanes own head_dim / 32 contiguous dims for the weighted sums):
@@ -129,17 +131,35 @@ extern "C" __global__ void sk_block_lists(const float* __restrict__ u, float* __
   }
 }
 
+// Number of indices r in [0, n) with pred(r), for a prefix predicate (true on [0, count), false
+// after), found by the whole warp with 32-way probes: O(log32 n) rounds.
+template <typename P>
+__device__ __forceinline__ int warp_count_prefix(int n, int lane, P&& pred) {
+  int lo = 0, hi = n;  // the count is in [lo, hi]
+  while (hi > lo) {
+    const int step = (hi - lo + 31) / 32, r = lo + lane * step;
+    const int c = __popc(__ballot_sync(0xffffffffu, r < hi && pred(r)));
+    if (c == 0) break;
+    const int nlo = lo + (c - 1) * step + 1;
+    hi = min(hi, lo + c * step);
+    lo = nlo;
+  }
+  return lo;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Per query: cut (the cap-th largest candidate key, or j = -1), tau (-inf when <= k kept) and the
 // length of the prefix of its block's list that it attends (nattend; nlist: the block's maximum).
-// Grid (nb, rows), 8 warps; dynamic smem: (cap + BQ) * 8 bytes.
+// Grid (nb, rows), 8 warps; dynamic smem: (cap + BQ) * 8 + (cap + 1) * 8 bytes (the list, the
+// block's newer candidates, f64 prefix sums of the list's scores).
 extern "C" __global__ void sk_select(const float* __restrict__ u, const float* __restrict__ lu,
                                      const int* __restrict__ lj, float* __restrict__ tau_out,
                                      float* __restrict__ cut_u_out, int* __restrict__ cut_j_out,
                                      int* __restrict__ nlist_out, int* __restrict__ nattend_out,
                                      int T, int window, int cap, float k, int nb) {
-  extern __shared__ unsigned char smem[];
-  float* Lu = (float*)smem;
+  extern __shared__ __align__(16) unsigned char smem[];
+  double* Ps = reinterpret_cast<double*>(smem);  // [cap + 1]
+  float* Lu = reinterpret_cast<float*>(Ps + cap + 1);
   int* Lj = (int*)(Lu + cap);
   float* Eu = (float*)(Lj + cap);
   int* Ej = (int*)(Eu + BQ);
@@ -163,6 +183,21 @@ extern "C" __global__ void sk_select(const float* __restrict__ u, const float* _
   if (tid < nE) { Eu[tid] = ur[e0 + tid] + 0.f; Ej[tid] = e0 + tid; }
   __syncthreads();
   const int len = s_len;
+  // Exclusive prefix sums of the list's scores (f64), by warp 0: chunks per lane, then a scan.
+  if (warp == 0) {
+    const int per = (len + 31) / 32, r0 = min(len, lane * per), r1 = min(len, r0 + per);
+    double s = 0.0;
+    for (int r = r0; r < r1; ++r) s += Lu[r];
+    double incl = s;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      double y = __shfl_up_sync(0xffffffffu, incl, o);
+      if (lane >= o) incl += y;
+    }
+    double run = incl - s;
+    for (int r = r0; r < r1; ++r) { Ps[r] = run; run += Lu[r]; }
+    if (lane == 31) Ps[len] = incl;
+  }
   // Rank tables for the cut (the element of rank cap - 1 of the list and the first n_ext extras):
   // gtE[s] = bit t set when extra t ranks above extra s; rankL[s] = list entries above extra s;
   // gtL[r - rb] = extras above list entry r, for the only list entries that can have rank
@@ -214,30 +249,36 @@ extern "C" __global__ void sk_select(const float* __restrict__ u, const float* _
     float tau = neg_inf();
     if ((float)m > k) {
       // The list is sorted and in_top is a prefix predicate on it: its kept part is [0, lt).
-      int lt = 0, hi_l = len;
-      while (lt < hi_l) {
-        int mid = (lt + hi_l) >> 1;
-        if (in_top(Lu[mid], Lj[mid], cut_u, cut_j)) lt = mid + 1; else hi_l = mid;
+      const int lt = warp_count_prefix(len, lane, [&](int r) { return in_top(Lu[r], Lj[r], cut_u, cut_j); });
+      // This lane's extras (at most BQ = 2 * 32): score, or -inf when cut off.
+      float ze[2];
+#pragma unroll
+      for (int x = 0; x < 2; ++x) {
+        int s = lane + 32 * x;
+        ze[x] = s < n_ext && in_top(Eu[s], Ej[s], cut_u, cut_j) ? Eu[s] : neg_inf();
       }
-      float mx = lt > 0 ? Lu[0] : neg_inf(), mn = lt > 0 ? Lu[lt - 1] : __int_as_float(0x7f800000);
-      for (int s = lane; s < n_ext; s += 32)
-        if (in_top(Eu[s], Ej[s], cut_u, cut_j)) { mx = fmaxf(mx, Eu[s]); mn = fminf(mn, Eu[s]); }
+      float mx = lt > 0 ? Lu[0] : neg_inf(), mn = lt > 0 ? Lu[lt - 1] : pos_inf();
+#pragma unroll
+      for (int x = 0; x < 2; ++x)
+        if (ze[x] > neg_inf()) { mx = fmaxf(mx, ze[x]); mn = fminf(mn, ze[x]); }
       mx = warp_max(mx);
       mn = -warp_max(-mn);
+      const float ze0 = ze[0] - mx, ze1 = ze[1] - mx;  // centred (-inf: not kept)
       // f(x) = sum clip(z - x, 0, 1) over the kept scores z (centred: z - mx), with the counts of
-      // the saturated (nu) and strictly partial (ns, sum ss) entries at x.
+      // the saturated (nu) and strictly partial (ns, sum ss) entries at x. The sorted list part
+      // comes from two counts and the prefix sums (lane 0), the extras from their lanes.
       float ns, ss, nu, f;
       auto eval = [&](float x) {
+        const int a = warp_count_prefix(lt, lane, [&](int r) { return Lu[r] - mx >= x + 1.f; });
+        const int bc = warp_count_prefix(lt, lane, [&](int r) { return Lu[r] - mx > x; });
         ns = ss = nu = 0.f;
-        for (int r = lane; r < lt; r += 32) {
-          float z = Lu[r] - mx;
-          if (z >= x + 1.f) nu += 1.f; else if (z > x) { ns += 1.f; ss += z; }
+        if (lane == 0) {
+          nu = (float)a;
+          ns = (float)(bc - a);
+          ss = (float)((Ps[bc] - Ps[a]) - (double)(bc - a) * (double)mx);
         }
-        for (int s = lane; s < n_ext; s += 32) {
-          if (!in_top(Eu[s], Ej[s], cut_u, cut_j)) continue;
-          float z = Eu[s] - mx;
-          if (z >= x + 1.f) nu += 1.f; else if (z > x) { ns += 1.f; ss += z; }
-        }
+        if (ze0 >= x + 1.f) nu += 1.f; else if (ze0 > x) { ns += 1.f; ss += ze0; }
+        if (ze1 >= x + 1.f) nu += 1.f; else if (ze1 > x) { ns += 1.f; ss += ze1; }
         ns = warp_sum(ns); ss = warp_sum(ss); nu = warp_sum(nu);
         f = nu + ss - x * ns;
       };
@@ -263,11 +304,8 @@ extern "C" __global__ void sk_select(const float* __restrict__ u, const float* _
     }
     tau_prev = tau;
     // The list prefix this query attends: in the top cap and u > tau (both prefix predicates).
-    int na = 0, nb_ = len;
-    while (na < nb_) {
-      int mid = (na + nb_) >> 1;
-      if (in_top(Lu[mid], Lj[mid], cut_u, cut_j) && Lu[mid] > tau) na = mid + 1; else nb_ = mid;
-    }
+    const int na = warp_count_prefix(
+        len, lane, [&](int r) { return in_top(Lu[r], Lj[r], cut_u, cut_j) && Lu[r] > tau; });
     if (lane == 0) {
       atomicMax(&s_nl, na);
       long long o = (long long)row * T + i;
@@ -836,26 +874,90 @@ __device__ void skt_fwd(const E* __restrict__ q, const E* __restrict__ k, const 
   store_acc<E, D>(out + qrow0 * D, acc, m0 + warp * 16, T, inv[0], inv[1]);
 }
 
-// Backward, query-major (f16 / bf16): dq (scaled, in the input dtype: every row belongs to one
-// CTA), delta = dO.O, r = sum_S g_w and |S|.
+// Adds a warp's 16 x D f32 accumulator (times mul; C fragments of key rows gq and gq + 8, whose
+// positions are jk, -1: skip) into rows of the (rows, D) f32 matrix dst with vector atomics. Quad
+// pairs swap halves so that each thread adds 4 consecutive floats of one row: even t4 row gq, odd
+// t4 row gq + 8, columns 4 * (t4 / 2) .. + 4 of each 8-column chunk.
+template <int D>
+__device__ __forceinline__ void sk_red_rows(float* dst, const float (*acc)[4], const int* jk,
+                                            float mul) {
+  const int t4 = threadIdx.x & 3, odd = t4 & 1, jr = jk[odd];
+  float* dr = dst + (long long)(jr >= 0 ? jr : 0) * D + 4 * (t4 >> 1);
+#pragma unroll
+  for (int dt = 0; dt < D / 8; ++dt) {
+    float a0 = acc[dt][0] * mul, a1 = acc[dt][1] * mul, b0 = acc[dt][2] * mul,
+          b1 = acc[dt][3] * mul;
+    float r0 = __shfl_xor_sync(0xffffffffu, odd ? a0 : b0, 1);
+    float r1 = __shfl_xor_sync(0xffffffffu, odd ? a1 : b1, 1);
+    if (jr >= 0) {
+      if (odd) red_add4(dr + dt * 8, r0, r1, b0, b1);
+      else red_add4(dr + dt * 8, a0, a1, r0, r1);
+    }
+  }
+}
+
+// Stores a warp's 16 x TB f32 C fragments (rows warp * 16 + gq (+ 8), columns 8 nt + 2 t4 (+ 1))
+// as T into a shared [BQ][TB + 8] tile.
+template <typename T>
+__device__ __forceinline__ void sk_stage(T* s, const float (*x)[4]) {
+  constexpr int SP = TB + 8;
+  const int warp = threadIdx.x / 32, gq = (threadIdx.x & 31) >> 2, t4 = threadIdx.x & 3;
+#pragma unroll
+  for (int nt = 0; nt < TB / 8; ++nt)
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf)
+      *reinterpret_cast<uint32_t*>(s + (warp * 16 + gq + hf * 8) * SP + nt * 8 + 2 * t4) =
+          pack2<T>(x[nt][hf * 2], x[nt][hf * 2 + 1]);
+}
+
+// dK (times mul) or dV of the warp's 16 keys of a list tile: A^T = the staged [BQ][TB + 8] tile
+// sA (query-major: dS or P w), B = the BQ query rows sB (Q or dO), added to dst with atomics.
+// Columns in chunks of DC to bound the accumulator registers.
+template <typename E, int D>
+__device__ __forceinline__ void sk_list_grad(float* dst, const E* sA, const E* sB, const int* jk,
+                                             float mul) {
+  constexpr int SD = Pad<D>::SD, SP = TB + 8, DC = D == 96 ? 32 : (D < 64 ? D : 64);
+  const int warp = threadIdx.x / 32;
+#pragma unroll
+  for (int d0 = 0; d0 < D; d0 += DC) {
+    float acc[DC / 8][4];
+#pragma unroll
+    for (int x = 0; x < DC / 8; ++x) acc[x][0] = acc[x][1] = acc[x][2] = acc[x][3] = 0.f;
+    gemm_ss<E, 1, DC / 8, BQ / 16, SP, SD, true>(acc, sA, warp * 16, 0, sB, 0, d0);
+    sk_red_rows<D>(dst + d0, acc, jk, mul);
+  }
+}
+
+// Backward, query-major (f16 / bf16), fused: dq (scaled, in the input dtype: every row belongs to
+// one CTA), delta = dO.O, r = sum_S g_w and |S| over every tile; on the list tiles also dK, dV and
+// the score gradient of the tile's keys: P w and dS are staged in shared memory and each warp
+// multiplies them (transposed) by dO and Q for its 16 keys, added to the f32 accumulator `dacc`
+// ([dk | dv], zeroed) and to du (zeroed) with atomics (list keys are shared by many query blocks
+// and heads; not bitwise deterministic). The score gradient's -r_i / |S_i| term of the list keys
+// needs the finished r_i, so it comes last: for a sorted list, S_i is the index range
+// [s_i, nattend_i) (u_j - tau_i < 1 from s_i on). The band keys' dK, dV, du: skt_bwd_dkv_band.
 template <typename E, int D>
 __device__ void skt_bwd_dq(const E* __restrict__ q, const E* __restrict__ k,
                            const E* __restrict__ v, const E* __restrict__ o,
                            const E* __restrict__ go, const float* __restrict__ lse,
-                           E* __restrict__ dq,
-                           float* __restrict__ delta, float* __restrict__ rsum,
-                           float* __restrict__ nsup, SK_PARAMS) {
-  constexpr int SD = Pad<D>::SD, N8 = TB / 8;
+                           E* __restrict__ dq, float* __restrict__ delta, float* __restrict__ rsum,
+                           float* __restrict__ nsup, float* __restrict__ dacc,
+                           float* __restrict__ du, SK_PARAMS) {
+  constexpr int SD = Pad<D>::SD, N8 = TB / 8, SP = TB + 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  __shared__ float s_delta[BQ];
+  __shared__ float s_delta[BQ], s_gu[TB], s_rn[BQ];
+  __shared__ int s_lo[BQ], s_na[BQ];
   SkSmem<E, D, 2> sm(smem_raw);
   E* sG = sm.q + BQ * SD;
+  E* sP = reinterpret_cast<E*>(sm.j + 2 * TB);  // [BQ][SP]: P w of a list tile
+  E* sS = sP + BQ * SP;                          // [BQ][SP]: dS of a list tile
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, gq = lane >> 2, t4 = lane & 3;
   const int c = blockIdx.x, bh = blockIdx.y, b = bh / Hq, h = bh % Hq;
   const int bhk = b * Hkv + h / (Hq / Hkv), m0 = c * BQ;
-  const long long qrow0 = (long long)bh * T;
-  const E* kr = k + (long long)bhk * T * D;
-  const E* vr = v + (long long)bhk * T * D;
+  const long long qrow0 = (long long)bh * T, krow0 = (long long)bhk * T;
+  const long long nkd = (long long)B * Hkv * T * D;
+  const E* kr = k + krow0 * D;
+  const E* vr = v + krow0 * D;
   SkTiles tl = sk_tiles(c, bhk, u, lu, lj, nlist, T, window, cap, nb);
   SkRows rw(m0, bhk, T, tau, cut_u, cut_j, nattend);
   const float sl2 = scale * LOG2E;
@@ -876,6 +978,7 @@ __device__ void skt_bwd_dq(const E* __restrict__ q, const E* __restrict__ k,
       if (i < T) delta[qrow0 + i] = x;
     }
   }
+  for (int n = threadIdx.x; n < TB; n += TC_THREADS) s_gu[n] = 0.f;
   cp_async_wait<0>();
   __syncthreads();
   uint32_t qf[D / 16][4], gf[D / 16][4];
@@ -912,7 +1015,8 @@ __device__ void skt_bwd_dq(const E* __restrict__ q, const E* __restrict__ k,
       s[x][0] = s[x][1] = s[x][2] = s[x][3] = dp[x][0] = dp[x][1] = dp[x][2] = dp[x][3] = 0.f;
     gemm_abt<E, D, 1, N8, true>(s, qf, nullptr, 0, cK, 0);
     gemm_abt<E, D, 1, N8, true>(dp, gf, nullptr, 0, cV, 0);
-    sk_dispatch(tl.kind(t, m0, window), [&](auto kd) {
+    const int kind = tl.kind(t, m0, window);
+    sk_dispatch(kind, [&](auto kd) {
       constexpr int KIND = decltype(kd)::value;
 #pragma unroll
       for (int nt = 0; nt < N8; ++nt)
@@ -920,22 +1024,47 @@ __device__ void skt_bwd_dq(const E* __restrict__ q, const E* __restrict__ k,
         for (int e2 = 0; e2 < 2; ++e2) {
           int col = nt * 8 + 2 * t4 + e2;
           int j = KIND == SK_BAND ? cJ[col] : 0;
-          float uj = KIND == SK_FULL ? 0.f : cU[col];
+          float uj = KIND == SK_FULL ? 0.f : cU[col], gcol = 0.f;
 #pragma unroll
           for (int hf = 0; hf < 2; ++hf) {
             int x = hf * 2 + e2;
             float wv = sk_tile_weight<KIND>(t * TB + col, rw.na[hf], rw.i[hf], j, uj, rw.tau[hf],
                                             rw.cu[hf], rw.cj[hf], window);
             float a = wv > 0.f ? fast_exp2(s[nt][x] * sl2 - l2[hf]) : 0.f;
+            float g = a * dp[nt][x];
             if (sk_in_support<KIND>(wv, rw.i[hf], j, window)) {
-              r[hf] += a * dp[nt][x];
+              r[hf] += g;
               ns[hf] += 1.f;
+              gcol += g;
             }
             s[nt][x] = a * (wv * dp[nt][x] - dl[hf]);
+            if constexpr (KIND == SK_LIST) dp[nt][x] = a * wv;
+          }
+          if constexpr (KIND == SK_LIST) {
+            // Column sums over the warp's 16 rows (the lanes of equal t4), then over the warps.
+            gcol += __shfl_xor_sync(0xffffffffu, gcol, 4);
+            gcol += __shfl_xor_sync(0xffffffffu, gcol, 8);
+            gcol += __shfl_xor_sync(0xffffffffu, gcol, 16);
+            if (gq == 0 && gcol != 0.f) atomicAdd(&s_gu[col], gcol);
           }
         }
     });
     gemm_pb<E, D, 1, TB / 16>(acc, s, cK, 0);
+    if (kind == SK_LIST) {
+      sk_stage<E>(sP, dp);
+      sk_stage<E>(sS, s);
+      __syncthreads();
+      int jk[2];
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) jk[hf] = cJ[warp * 16 + gq + hf * 8];
+      sk_list_grad<E, D>(dacc + nkd + krow0 * D, sP, sG, jk, 1.f);
+      sk_list_grad<E, D>(dacc + krow0 * D, sS, sm.q, jk, scale);
+      for (int n = threadIdx.x; n < TB; n += TC_THREADS) {
+        float g = s_gu[n];
+        if (g != 0.f && cJ[n] >= 0) atomicAdd(du + krow0 + cJ[n], g);
+        s_gu[n] = 0.f;
+      }
+    }
     __syncthreads();
     buf ^= 1;
   }
@@ -947,39 +1076,54 @@ __device__ void skt_bwd_dq(const E* __restrict__ q, const E* __restrict__ k,
     rs += __shfl_xor_sync(0xffffffffu, rs, 2);
     n += __shfl_xor_sync(0xffffffffu, n, 1);
     n += __shfl_xor_sync(0xffffffffu, n, 2);
-    int i = rw.i[hf];
-    if (i >= 0 && t4 == 0) {
-      rsum[qrow0 + i] = rs;
-      nsup[qrow0 + i] = n;
+    int i = rw.i[hf], rr = warp * 16 + gq + hf * 8;
+    if (t4 == 0) {
+      if (i >= 0) {
+        rsum[qrow0 + i] = rs;
+        nsup[qrow0 + i] = n;
+      }
+      // This row's strict support in the list: [s_lo, na), the entries below u = tau + 1.
+      int na = i >= 0 ? rw.na[hf] : 0, lo = 0, hi = na;
+      while (lo < hi) {
+        int mid = (lo + hi) >> 1;
+        if (tl.lu[mid] - rw.tau[hf] >= 1.f) lo = mid + 1; else hi = mid;
+      }
+      s_lo[rr] = lo;
+      s_na[rr] = na;
+      s_rn[rr] = n > 0.f ? rs / n : 0.f;
     }
   }
   store_acc<E, D>(dq + qrow0 * D, acc, m0 + warp * 16, T, scale, scale);
+  __syncthreads();
+  // The list keys' -r_i / |S_i| terms of the score gradient.
+  for (int rl = threadIdx.x; rl < tl.nl; rl += TC_THREADS) {
+    float g = 0.f;
+    for (int n = 0; n < BQ; ++n)
+      if (rl >= s_lo[n] && rl < s_na[n]) g += s_rn[n];
+    if (g != 0.f) atomicAdd(du + krow0 + tl.lj[rl], -g);
+  }
 }
 
-// Backward, key side (f16 / bf16). dK, dV and du are split by where the keys come from:
-// - skt_bwd_dkv_band (runs first): one CTA per (block of TB keys, batch * kv head) walks the query
-//   blocks whose band [e_c, c*BQ + BQ) holds some of its keys, for every query head of the group,
-//   accumulates in registers and stores dK, dV (f32) and du: no atomics, and every key row is
-//   written (key j is in the band of its own block), so the outputs need no zeroing;
-// - skt_bwd_dkv (runs second): one CTA per (query block, batch * q head) walks the block's list
-//   tiles and adds to those outputs with vector atomics (list keys are shared by many query
-//   blocks and heads; not bitwise deterministic);
-// - sk_dkv_convert: dK, dV to the input dtype.
-// Both recompute S^T = K Q^T and dP^T = V dO^T per (16 keys of a warp, BQ queries) step.
+// Backward, key side (f16 / bf16), the band keys: skt_bwd_dkv_band runs after skt_bwd_dq (which
+// added the list keys' dK, dV, du into the zeroed f32 accumulators with atomics). One CTA per
+// (block of TB keys, batch * kv head) walks the query blocks whose band [e_c, c*BQ + BQ) holds
+// some of its keys, for every query head of the group, and accumulates in registers (S^T = K Q^T
+// and dP^T = V dO^T recomputed per (16 keys of a warp, BQ queries) step); every key lies in the
+// band of its own block, so this CTA owns its key rows: it adds the list part from the
+// accumulators and writes the final dK, dV in the input dtype and du (no atomics).
 
 // Per-query data of one query block for the key-side backward.
 struct SkQStats {
   float tau[BQ], cu[BQ], l2[BQ], dl[BQ], rn[BQ];
-  int cj[BQ], i[BQ], na[BQ];
+  int cj[BQ], i[BQ];
 };
 
 // Fills `st` for the query block starting at m0 (rows of q-head row qrow0, kv-head row krow0).
 __device__ __forceinline__ void sk_load_qstats(SkQStats& st, int m0, long long krow0,
                                                long long qrow0, int T, const float* tau,
                                                const float* cut_u, const int* cut_j,
-                                               const int* nattend, const float* lse,
-                                               const float* delta, const float* rsum,
-                                               const float* nsup) {
+                                               const float* lse, const float* delta,
+                                               const float* rsum, const float* nsup) {
   for (int n = threadIdx.x; n < BQ; n += TC_THREADS) {
     int i = m0 + n;
     bool ok = i < T;
@@ -988,7 +1132,6 @@ __device__ __forceinline__ void sk_load_qstats(SkQStats& st, int m0, long long k
     st.tau[n] = ok ? tau[ti] : 0.f;
     st.cu[n] = ok ? cut_u[ti] : 0.f;
     st.cj[n] = ok ? cut_j[ti] : -1;
-    st.na[n] = ok ? nattend[ti] : 0;
     st.l2[n] = ok ? lse[qi] * LOG2E : 0.f;
     st.dl[n] = ok ? delta[qi] : 0.f;
     float ns = ok ? nsup[qi] : 0.f;
@@ -997,14 +1140,13 @@ __device__ __forceinline__ void sk_load_qstats(SkQStats& st, int m0, long long k
 }
 
 // One step for the warp's 16 keys (rows warp * 16 .. of cK / cV; this thread's rows gq and gq + 8
-// have positions jk (-1: skip), scores uk and, in a list tile (KIND = SK_LIST), list indices rk)
-// against the BQ queries of sQ / sG: adds dV += (a w)^T dO to adv, dK += dS^T Q (unscaled) to
-// adk and the score gradient to gu.
-template <typename E, int D, int KIND>
+// have positions jk (-1: skip) and scores uk) against the BQ queries of sQ / sG: adds
+// dV += (a w)^T dO to adv, dK += dS^T Q (unscaled) to adk and the score gradient to gu.
+template <typename E, int D>
 __device__ __forceinline__ void skt_dkv_step(float (*adv)[4], float (*adk)[4], float* gu,
                                              const E* cK, const E* cV, const E* sQ, const E* sG,
                                              const SkQStats& st, const int* jk, const float* uk,
-                                             const int* rk, float sl2, int window) {
+                                             float sl2, int window) {
   constexpr int N8 = BQ / 8;
   const int warp = threadIdx.x / 32, t4 = threadIdx.x & 3;
   float s[N8][4], dpt[N8][4];
@@ -1021,12 +1163,10 @@ __device__ __forceinline__ void skt_dkv_step(float (*adv)[4], float (*adk)[4], f
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
         int x = hf * 2 + e2;
-        float wv = jk[hf] < 0 ? 0.f
-                              : sk_tile_weight<KIND>(rk[hf], st.na[n], i, jk[hf], uk[hf],
-                                                     st.tau[n], st.cu[n], st.cj[n], window);
+        float wv = sk_weight(i, jk[hf], uk[hf], st.tau[n], st.cu[n], st.cj[n], window);
         float a = wv > 0.f ? fast_exp2(s[nt][x] * sl2 - st.l2[n]) : 0.f;
         float dpv = dpt[nt][x];
-        if (sk_in_support<KIND>(wv, i, jk[hf], window)) gu[hf] += a * dpv - st.rn[n];
+        if (sk_in_support<SK_BAND>(wv, i, jk[hf], window)) gu[hf] += a * dpv - st.rn[n];
         s[nt][x] = a * wv;
         dpt[nt][x] = a * (wv * dpv - st.dl[n]);
       }
@@ -1047,7 +1187,8 @@ __device__ void skt_bwd_dkv_band(const E* __restrict__ q, const E* __restrict__ 
                                  const E* __restrict__ v, const E* __restrict__ go,
                                  const float* __restrict__ lse, const float* __restrict__ delta,
                                  const float* __restrict__ rsum, const float* __restrict__ nsup,
-                                 float* __restrict__ dacc, float* __restrict__ du, SK_PARAMS) {
+                                 const float* __restrict__ dacc, E* __restrict__ dk,
+                                 E* __restrict__ dv, float* __restrict__ du, SK_PARAMS) {
   constexpr int SD = Pad<D>::SD;
   static_assert(TB == BQ, "key blocks and query blocks have the same size");
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -1091,7 +1232,7 @@ __device__ void skt_bwd_dkv_band(const E* __restrict__ q, const E* __restrict__ 
     if (p + 1 < np) load_q(p + 1, buf ^ 1);
     cp_async_commit();
     int h = hk * g + p / nc, c = c_lo + p % nc;
-    sk_load_qstats(st, c * BQ, krow0, ((long long)b * Hq + h) * T, T, tau, cut_u, cut_j, nattend, lse,
+    sk_load_qstats(st, c * BQ, krow0, ((long long)b * Hq + h) * T, T, tau, cut_u, cut_j, lse,
                    delta, rsum, nsup);
     cp_async_wait<1>();
     __syncthreads();
@@ -1099,8 +1240,8 @@ __device__ void skt_bwd_dkv_band(const E* __restrict__ q, const E* __restrict__ 
     int e0 = block_start(c, window), e1 = min(T, c * BQ + BQ), jb[2];
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) jb[hf] = jk[hf] >= e0 && jk[hf] < e1 ? jk[hf] : -1;
-    skt_dkv_step<E, D, SK_BAND>(adv, adk, gu, sK, sV, sQ + buf * BQ * SD, sG + buf * BQ * SD, st,
-                                jb, uk, jb, sl2, window);
+    skt_dkv_step<E, D>(adv, adk, gu, sK, sV, sQ + buf * BQ * SD, sG + buf * BQ * SD, st, jb, uk,
+                       sl2, window);
     __syncthreads();
     buf ^= 1;
   }
@@ -1110,111 +1251,18 @@ __device__ void skt_bwd_dkv_band(const E* __restrict__ q, const E* __restrict__ 
     float gs = quad_sum(gu[hf]);
     int j = jk[hf];
     if (j < 0) continue;
-    if (t4 == 0) du[krow0 + j] = gs;
-    float* dr = dacc + (krow0 + j) * D + 2 * t4;
+    if (t4 == 0) du[krow0 + j] += gs;
+    const long long x0 = (krow0 + j) * D + 2 * t4;
 #pragma unroll
     for (int dt = 0; dt < D / 8; ++dt) {
-      *reinterpret_cast<float2*>(dr + dt * 8) =
-          make_float2(adk[dt][hf * 2] * scale, adk[dt][hf * 2 + 1] * scale);
-      *reinterpret_cast<float2*>(dr + nkd + dt * 8) = make_float2(adv[dt][hf * 2], adv[dt][hf * 2 + 1]);
+      const long long x = x0 + dt * 8;
+      float2 lk = *reinterpret_cast<const float2*>(dacc + x);
+      float2 lv = *reinterpret_cast<const float2*>(dacc + nkd + x);
+      *reinterpret_cast<uint32_t*>(dk + x) =
+          pack2<E>(adk[dt][hf * 2] * scale + lk.x, adk[dt][hf * 2 + 1] * scale + lk.y);
+      *reinterpret_cast<uint32_t*>(dv + x) =
+          pack2<E>(adv[dt][hf * 2] + lv.x, adv[dt][hf * 2 + 1] + lv.y);
     }
-  }
-}
-
-template <typename E, int D>
-__device__ void skt_bwd_dkv(const E* __restrict__ q, const E* __restrict__ k,
-                            const E* __restrict__ v, const E* __restrict__ go,
-                            const float* __restrict__ lse, const float* __restrict__ delta,
-                            const float* __restrict__ rsum, const float* __restrict__ nsup,
-                            float* __restrict__ dacc, float* __restrict__ du, SK_PARAMS) {
-  constexpr int SD = Pad<D>::SD;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  __shared__ SkQStats st;
-  SkSmem<E, D, 2> sm(smem_raw);
-  E* sG = sm.q + BQ * SD;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, gq = lane >> 2, t4 = lane & 3;
-  const int c = blockIdx.x, bh = blockIdx.y, b = bh / Hq, h = bh % Hq;
-  const int bhk = b * Hkv + h / (Hq / Hkv), m0 = c * BQ;
-  const long long qrow0 = (long long)bh * T, krow0 = (long long)bhk * T;
-  const long long nkd = (long long)B * Hkv * T * D;
-  const E* kr = k + krow0 * D;
-  const E* vr = v + krow0 * D;
-  SkTiles tl = sk_tiles(c, bhk, u, lu, lj, nlist, T, window, cap, nb);
-  if (tl.ntl == 0) return;  // the band is skt_bwd_dkv_band's
-  const float sl2 = scale * LOG2E;
-
-  load_tile<E, BQ, D, TC_THREADS>(sm.q, q + qrow0 * D, m0, T);
-  load_tile<E, BQ, D, TC_THREADS>(sG, go + qrow0 * D, m0, T);
-  sk_load_tile<E, D>(sm.k, sm.v, sm.u, sm.j, kr, vr, tl, 0);
-  cp_async_commit();
-  sk_load_qstats(st, m0, krow0, qrow0, T, tau, cut_u, cut_j, nattend, lse, delta, rsum, nsup);
-  int buf = 0;
-  for (int t = 0; t < tl.ntl; ++t) {
-    if (t + 1 < tl.ntl)
-      sk_load_tile<E, D>(sm.k + (buf ^ 1) * TB * SD, sm.v + (buf ^ 1) * TB * SD,
-                         sm.u + (buf ^ 1) * TB, sm.j + (buf ^ 1) * TB, kr, vr, tl, t + 1);
-    cp_async_commit();
-    cp_async_wait<1>();
-    __syncthreads();
-    const float* cU = sm.u + buf * TB;
-    const int* cJ = sm.j + buf * TB;
-    int jk[2], rk[2];
-    float uk[2], gu[2] = {0.f, 0.f};
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      rk[hf] = t * TB + warp * 16 + gq + hf * 8;
-      jk[hf] = cJ[warp * 16 + gq + hf * 8];
-      uk[hf] = cU[warp * 16 + gq + hf * 8];
-    }
-    float adv[D / 8][4], adk[D / 8][4];
-#pragma unroll
-    for (int x = 0; x < D / 8; ++x)
-      adv[x][0] = adv[x][1] = adv[x][2] = adv[x][3] = adk[x][0] = adk[x][1] = adk[x][2] =
-          adk[x][3] = 0.f;
-    skt_dkv_step<E, D, SK_LIST>(adv, adk, gu, sm.k + buf * TB * SD, sm.v + buf * TB * SD, sm.q,
-                                sG, st, jk, uk, rk, sl2, window);
-#pragma unroll
-    for (int pass = 0; pass < 2; ++pass) {
-      float(*acc)[4] = pass == 0 ? adv : adk;
-      float mul = pass == 0 ? 1.f : scale;
-      long long off = pass == 0 ? nkd : 0;
-      // Quad pairs swap halves so that each thread adds 4 consecutive floats of one key row:
-      // even t4 row gq, odd t4 row gq + 8, columns 4 * (t4 / 2) .. + 4 of each 8-column chunk.
-      const int odd = t4 & 1, jr = jk[odd];
-      float* dr = dacc + off + (krow0 + (jr >= 0 ? jr : 0)) * D + 4 * (t4 >> 1);
-#pragma unroll
-      for (int dt = 0; dt < D / 8; ++dt) {
-        float a0 = acc[dt][0] * mul, a1 = acc[dt][1] * mul, b0 = acc[dt][2] * mul,
-              b1 = acc[dt][3] * mul;
-        float r0 = __shfl_xor_sync(0xffffffffu, odd ? a0 : b0, 1);
-        float r1 = __shfl_xor_sync(0xffffffffu, odd ? a1 : b1, 1);
-        if (jr >= 0) {
-          if (odd) red_add4(dr + dt * 8, r0, r1, b0, b1);
-          else red_add4(dr + dt * 8, a0, a1, r0, r1);
-        }
-      }
-    }
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      float gs = quad_sum(gu[hf]);
-      if (t4 == 0 && jk[hf] >= 0 && gs != 0.f) atomicAdd(du + krow0 + jk[hf], gs);
-    }
-    __syncthreads();
-    buf ^= 1;
-  }
-  cp_async_wait<0>();
-}
-
-// dK, dV (f32 [dk | dv], n elements each, n a multiple of 4) to the input dtype.
-template <typename E>
-__device__ void sk_dkv_convert(const float* __restrict__ dacc, E* __restrict__ dk,
-                               E* __restrict__ dv, long long n) {
-  const long long n4 = n / 4;
-  for (long long x = (long long)blockIdx.x * blockDim.x + threadIdx.x; x < 2 * n4;
-       x += (long long)gridDim.x * blockDim.x) {
-    float4 a = reinterpret_cast<const float4*>(dacc)[x];
-    E* dst = x < n4 ? dk + 4 * x : dv + 4 * (x - n4);
-    *reinterpret_cast<uint2*>(dst) = make_uint2(pack2<E>(a.x, a.y), pack2<E>(a.z, a.w));
   }
 }
 
@@ -1225,20 +1273,14 @@ __device__ void sk_dkv_convert(const float* __restrict__ dacc, E* __restrict__ d
   }                                                                                             \
   extern "C" __global__ void __launch_bounds__(TC_THREADS) skt_bwd_dq_##NAME##_d##D(            \
       const TY* q, const TY* k, const TY* v, const TY* o, const TY* go, const float* lse,       \
-      TY* dq, float* delta, float* rsum, float* nsup, SK_PARAMS) {                              \
-    skt_bwd_dq<TY, D>(q, k, v, o, go, lse, dq, delta, rsum, nsup, SK_ARGS);                     \
+      TY* dq, float* delta, float* rsum, float* nsup, float* dacc, float* du, SK_PARAMS) {      \
+    skt_bwd_dq<TY, D>(q, k, v, o, go, lse, dq, delta, rsum, nsup, dacc, du, SK_ARGS);           \
   }                                                                                             \
   extern "C" __global__ void __launch_bounds__(TC_THREADS) skt_bwd_dkv_band_##NAME##_d##D(      \
       const TY* q, const TY* k, const TY* v, const TY* go, const float* lse,                    \
-      const float* delta, const float* rsum, const float* nsup, float* dacc, float* du,         \
-      SK_PARAMS) {                                                                              \
-    skt_bwd_dkv_band<TY, D>(q, k, v, go, lse, delta, rsum, nsup, dacc, du, SK_ARGS);            \
-  }                                                                                             \
-  extern "C" __global__ void __launch_bounds__(TC_THREADS) skt_bwd_dkv_##NAME##_d##D(           \
-      const TY* q, const TY* k, const TY* v, const TY* go, const float* lse,                    \
-      const float* delta, const float* rsum, const float* nsup, float* dacc, float* du,         \
-      SK_PARAMS) {                                                                              \
-    skt_bwd_dkv<TY, D>(q, k, v, go, lse, delta, rsum, nsup, dacc, du, SK_ARGS);                 \
+      const float* delta, const float* rsum, const float* nsup, const float* dacc, TY* dk,      \
+      TY* dv, float* du, SK_PARAMS) {                                                           \
+    skt_bwd_dkv_band<TY, D>(q, k, v, go, lse, delta, rsum, nsup, dacc, dk, dv, du, SK_ARGS);    \
   }
 
 #define SK_ARGS u, lu, lj, nlist, nattend, tau, cut_u, cut_j, B, Hq, Hkv, T, window, cap, nb, scale
@@ -1279,12 +1321,3 @@ SK_ALL_D(__nv_bfloat16, bf16)
 
 SKT_ALL_D(__half, f16)
 SKT_ALL_D(__nv_bfloat16, bf16)
-
-#define SK_CONVERT(TY, NAME)                                                                    \
-  extern "C" __global__ void sk_dkv_convert_##NAME(const float* dacc, TY* dk, TY* dv,           \
-                                                   long long n) {                               \
-    sk_dkv_convert<TY>(dacc, dk, dv, n);                                                        \
-  }
-
-SK_CONVERT(__half, f16)
-SK_CONVERT(__nv_bfloat16, bf16)
