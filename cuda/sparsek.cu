@@ -628,11 +628,11 @@ struct SkTiles {
     *uo = neg_inf();
     return -1;
   }
-  // The kind of tile t for the `rows` queries starting at m0 (SK_LIST, SK_FULL or SK_BAND).
-  __device__ __forceinline__ int kind(int t, int m0, int rows, int window) const {
+  // The kind of tile t for the query block starting at m0 (SK_LIST, SK_FULL or SK_BAND).
+  __device__ __forceinline__ int kind(int t, int m0, int window) const {
     if (t < ntl) return SK_LIST;
     int j0 = e0 + (t - ntl) * TB;
-    bool full = j0 + TB <= e1 && j0 + TB - 1 <= m0 && j0 > m0 + rows - 1 - window;
+    bool full = j0 + TB <= e1 && j0 + TB - 1 <= m0 && j0 > m0 + BQ - 1 - window;
     return full ? SK_FULL : SK_BAND;
   }
   // Position only (-1: none).
@@ -682,11 +682,10 @@ __device__ __forceinline__ void sk_dispatch(int k, F&& f) {
   else f(SkKind<SK_BAND>());
 }
 
-// Tiles of query block c of kv row bhk (nlist: per block, the list prefix its queries attend)
-// for the `rows` queries from c * BQ: the block's list prefix, then the band up to c * BQ + rows.
+// Tiles of query block c of kv row bhk (nlist: per block, the list prefix its queries attend).
 __device__ __forceinline__ SkTiles sk_tiles(int c, int bhk, const float* u, const float* lu,
                                             const int* lj, const int* nlist, int T, int window,
-                                            int cap, int nb, int rows = BQ) {
+                                            int cap, int nb) {
   SkTiles tl;
   long long base = ((long long)bhk * nb + c) * cap;
   tl.lu = lu + base;
@@ -694,7 +693,7 @@ __device__ __forceinline__ SkTiles sk_tiles(int c, int bhk, const float* u, cons
   tl.ur = u + (long long)bhk * T;
   tl.nl = nlist[(long long)bhk * nb + c];
   tl.e0 = min(T, block_start(c, window));
-  tl.e1 = min(T, c * BQ + rows);
+  tl.e1 = min(T, c * BQ + BQ);
   tl.ntl = (tl.nl + TB - 1) / TB;
   tl.nt = tl.ntl + (tl.e1 - tl.e0 + TB - 1) / TB;
   return tl;
@@ -702,24 +701,24 @@ __device__ __forceinline__ SkTiles sk_tiles(int c, int bhk, const float* u, cons
 
 // Async gather of tile t: K and V rows (rows of kr and vr, stride D) into padded shared tiles,
 // plus the keys' scores and positions.
-template <typename E, int D, int NT = TC_THREADS>
+template <typename E, int D>
 __device__ __forceinline__ void sk_load_tile(E* sK, E* sV, float* sU, int* sJ, const E* kr,
                                              const E* vr, const SkTiles& tl, int t) {
-  constexpr int CH = D / 8, PER = TB * 2 * CH / NT;
-  static_assert(TB * 2 * CH % NT == 0, "tile chunks per thread");
+  constexpr int CH = D / 8, PER = TB * 2 * CH / TC_THREADS;
+  static_assert(TB * 2 * CH % TC_THREADS == 0, "tile chunks per thread");
   // All row indices first (independent loads), then the copies.
   int js[PER];
 #pragma unroll
-  for (int n = 0; n < PER; ++n) js[n] = tl.key_j(t, (threadIdx.x + n * NT) / (2 * CH));
+  for (int n = 0; n < PER; ++n) js[n] = tl.key_j(t, (threadIdx.x + n * TC_THREADS) / (2 * CH));
 #pragma unroll
   for (int n = 0; n < PER; ++n) {
-    int idx = threadIdx.x + n * NT, r = idx / (2 * CH), ch = idx % (2 * CH);
+    int idx = threadIdx.x + n * TC_THREADS, r = idx / (2 * CH), ch = idx % (2 * CH);
     bool is_k = ch < CH;
     int cc = is_k ? ch : ch - CH;
     E* dst = (is_k ? sK : sV) + r * Pad<D>::SD + cc * 8;
     cp_async16(dst, (is_k ? kr : vr) + (long long)(js[n] >= 0 ? js[n] : 0) * D + cc * 8, js[n] >= 0);
   }
-  for (int r = threadIdx.x; r < TB; r += NT) {
+  for (int r = threadIdx.x; r < TB; r += TC_THREADS) {
     float uj;
     sJ[r] = tl.key(t, r, &uj);
     sU[r] = uj;
@@ -813,7 +812,7 @@ __device__ void skt_fwd(const E* __restrict__ q, const E* __restrict__ k, const 
 #pragma unroll
     for (int x = 0; x < N8; ++x) s[x][0] = s[x][1] = s[x][2] = s[x][3] = 0.f;
     gemm_abt<E, D, 1, N8, true>(s, qf, nullptr, 0, cK, 0);
-    sk_dispatch(tl.kind(t, m0, BQ, window), [&](auto kd) {
+    sk_dispatch(tl.kind(t, m0, window), [&](auto kd) {
       constexpr int KIND = decltype(kd)::value;
 #pragma unroll
       for (int nt = 0; nt < N8; ++nt)
@@ -875,17 +874,17 @@ __device__ void skt_fwd(const E* __restrict__ q, const E* __restrict__ k, const 
   store_acc<E, D>(out + qrow0 * D, acc, m0 + warp * 16, T, inv[0], inv[1]);
 }
 
-// Adds a warp's 16 x W f32 accumulator (times mul; C fragments of key rows gq and gq + 8, whose
-// positions are jk, -1: skip) into rows (stride D) of the f32 matrix dst with vector atomics. Quad
+// Adds a warp's 16 x D f32 accumulator (times mul; C fragments of key rows gq and gq + 8, whose
+// positions are jk, -1: skip) into rows of the (rows, D) f32 matrix dst with vector atomics. Quad
 // pairs swap halves so that each thread adds 4 consecutive floats of one row: even t4 row gq, odd
 // t4 row gq + 8, columns 4 * (t4 / 2) .. + 4 of each 8-column chunk.
-template <int D, int W>
+template <int D>
 __device__ __forceinline__ void sk_red_rows(float* dst, const float (*acc)[4], const int* jk,
                                             float mul) {
   const int t4 = threadIdx.x & 3, odd = t4 & 1, jr = jk[odd];
   float* dr = dst + (long long)(jr >= 0 ? jr : 0) * D + 4 * (t4 >> 1);
 #pragma unroll
-  for (int dt = 0; dt < W / 8; ++dt) {
+  for (int dt = 0; dt < D / 8; ++dt) {
     float a0 = acc[dt][0] * mul, a1 = acc[dt][1] * mul, b0 = acc[dt][2] * mul,
           b1 = acc[dt][3] * mul;
     float r0 = __shfl_xor_sync(0xffffffffu, odd ? a0 : b0, 1);
@@ -897,13 +896,8 @@ __device__ __forceinline__ void sk_red_rows(float* dst, const float (*acc)[4], c
   }
 }
 
-// Query blocks per CTA of the fused backward (skt_bwd_dq) and its threads (16 query rows a warp).
-#define DQ_BLOCKS 2
-#define DQ_ROWS (DQ_BLOCKS * BQ)
-#define DQ_THREADS (DQ_ROWS / 16 * 32)
-
 // Stores a warp's 16 x TB f32 C fragments (rows warp * 16 + gq (+ 8), columns 8 nt + 2 t4 (+ 1))
-// as T into a shared [DQ_ROWS][TB + 8] tile.
+// as T into a shared [BQ][TB + 8] tile.
 template <typename T>
 __device__ __forceinline__ void sk_stage(T* s, const float (*x)[4]) {
   constexpr int SP = TB + 8;
@@ -916,38 +910,32 @@ __device__ __forceinline__ void sk_stage(T* s, const float (*x)[4]) {
           pack2<T>(x[nt][hf * 2], x[nt][hf * 2 + 1]);
 }
 
-// dK (times mul) or dV of 16 keys of a list tile (rows k0.. of the tile, positions jk of this
-// thread's rows): A^T = the staged [DQ_ROWS][TB + 8] tile sA (query-major: dS or P w), B = the
-// DQ_ROWS query rows sB (Q or dO), added to dst with atomics. Columns in chunks of DC to bound the
-// accumulator registers.
+// dK (times mul) or dV of the warp's 16 keys of a list tile: A^T = the staged [BQ][TB + 8] tile
+// sA (query-major: dS or P w), B = the BQ query rows sB (Q or dO), added to dst with atomics.
+// Columns in chunks of DC to bound the accumulator registers.
 template <typename E, int D>
-__device__ __forceinline__ void sk_list_grad(float* dst, const E* sA, const E* sB, int k0,
-                                             const int* jk, float mul) {
+__device__ __forceinline__ void sk_list_grad(float* dst, const E* sA, const E* sB, const int* jk,
+                                             float mul) {
   constexpr int SD = Pad<D>::SD, SP = TB + 8, DC = D == 96 ? 32 : (D < 64 ? D : 64);
+  const int warp = threadIdx.x / 32;
 #pragma unroll
   for (int d0 = 0; d0 < D; d0 += DC) {
     float acc[DC / 8][4];
 #pragma unroll
     for (int x = 0; x < DC / 8; ++x) acc[x][0] = acc[x][1] = acc[x][2] = acc[x][3] = 0.f;
-    gemm_ss<E, 1, DC / 8, DQ_ROWS / 16, SP, SD, true>(acc, sA, k0, 0, sB, 0, d0);
-    sk_red_rows<D, DC>(dst + d0, acc, jk, mul);
+    gemm_ss<E, 1, DC / 8, BQ / 16, SP, SD, true>(acc, sA, warp * 16, 0, sB, 0, d0);
+    sk_red_rows<D>(dst + d0, acc, jk, mul);
   }
 }
 
-// Backward, query-major (f16 / bf16), fused, one CTA of 8 warps per pair of query blocks (c, c+1),
-// c = 2 * blockIdx.x: dq (scaled, in the input dtype: every row belongs to one CTA),
-// delta = dO.O, r = sum_S g_w and |S| over every tile; on the list tiles also dK, dV and the
-// score gradient of the tile's keys: P w and dS are staged in shared memory, and warps 0-3 (dV)
-// and 4-7 (dK) multiply them (transposed) by dO and Q for 16 keys each, added to the f32
-// accumulator `dacc` ([dk | dv], zeroed) and to du (zeroed) with atomics (list keys are shared by
-// many query blocks and heads; not bitwise deterministic). Both blocks walk block c's list: a
-// candidate older than e_c that a query of block c+1 attends is in the top cap of the prefix
-// [0, e_c), i.e. in block c's list, within the prefix block c attends (tau and the cut only
-// grow); the attended part of that sorted list is a prefix per query (found here by binary
-// search), and the band runs from e_c to the end of block c+1 (block c+1's newer list keys lie in
-// [e_c, e_{c+1})). The score gradient's -r_i / |S_i| term of the list keys needs the finished
-// r_i, so it comes last: in the sorted list, S_i is the index range [s_i, na_i) (u_j - tau_i < 1
-// from s_i on). The band keys' dK, dV, du: skt_bwd_dkv_band.
+// Backward, query-major (f16 / bf16), fused: dq (scaled, in the input dtype: every row belongs to
+// one CTA), delta = dO.O, r = sum_S g_w and |S| over every tile; on the list tiles also dK, dV and
+// the score gradient of the tile's keys: P w and dS are staged in shared memory and each warp
+// multiplies them (transposed) by dO and Q for its 16 keys, added to the f32 accumulator `dacc`
+// ([dk | dv], zeroed) and to du (zeroed) with atomics (list keys are shared by many query blocks
+// and heads; not bitwise deterministic). The score gradient's -r_i / |S_i| term of the list keys
+// needs the finished r_i, so it comes last: for a sorted list, S_i is the index range
+// [s_i, nattend_i) (u_j - tau_i < 1 from s_i on). The band keys' dK, dV, du: skt_bwd_dkv_band.
 template <typename E, int D>
 __device__ void skt_bwd_dq(const E* __restrict__ q, const E* __restrict__ k,
                            const E* __restrict__ v, const E* __restrict__ o,
@@ -955,44 +943,31 @@ __device__ void skt_bwd_dq(const E* __restrict__ q, const E* __restrict__ k,
                            E* __restrict__ dq, float* __restrict__ delta, float* __restrict__ rsum,
                            float* __restrict__ nsup, float* __restrict__ dacc,
                            float* __restrict__ du, SK_PARAMS) {
-  constexpr int SD = Pad<D>::SD, N8 = TB / 8, SP = TB + 8, NW = DQ_THREADS / 32;
+  constexpr int SD = Pad<D>::SD, N8 = TB / 8, SP = TB + 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  __shared__ float s_delta[DQ_ROWS], s_gu[TB], s_rn[DQ_ROWS];
-  __shared__ int s_lo[DQ_ROWS], s_na[DQ_ROWS];
-  SkSmem<E, D, 2 * DQ_BLOCKS> sm(smem_raw);
-  E* sG = sm.q + DQ_ROWS * SD;
-  E* sP = reinterpret_cast<E*>(sm.j + 2 * TB);  // [DQ_ROWS][SP]: P w of a list tile
-  E* sS = sP + DQ_ROWS * SP;                     // [DQ_ROWS][SP]: dS of a list tile
+  __shared__ float s_delta[BQ], s_gu[TB], s_rn[BQ];
+  __shared__ int s_lo[BQ], s_na[BQ];
+  SkSmem<E, D, 2> sm(smem_raw);
+  E* sG = sm.q + BQ * SD;
+  E* sP = reinterpret_cast<E*>(sm.j + 2 * TB);  // [BQ][SP]: P w of a list tile
+  E* sS = sP + BQ * SP;                          // [BQ][SP]: dS of a list tile
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, gq = lane >> 2, t4 = lane & 3;
-  const int c = blockIdx.x * DQ_BLOCKS, bh = blockIdx.y, b = bh / Hq, h = bh % Hq;
+  const int c = blockIdx.x, bh = blockIdx.y, b = bh / Hq, h = bh % Hq;
   const int bhk = b * Hkv + h / (Hq / Hkv), m0 = c * BQ;
   const long long qrow0 = (long long)bh * T, krow0 = (long long)bhk * T;
   const long long nkd = (long long)B * Hkv * T * D;
   const E* kr = k + krow0 * D;
   const E* vr = v + krow0 * D;
-  SkTiles tl = sk_tiles(c, bhk, u, lu, lj, nlist, T, window, cap, nb, DQ_ROWS);
+  SkTiles tl = sk_tiles(c, bhk, u, lu, lj, nlist, T, window, cap, nb);
   SkRows rw(m0, bhk, T, tau, cut_u, cut_j, nattend);
-  // Each row's attended prefix of block c's list.
-#pragma unroll
-  for (int hf = 0; hf < 2; ++hf) {
-    int lo = 0, hi = rw.i[hf] >= 0 ? tl.nl : 0;
-    while (lo < hi) {
-      int mid = (lo + hi) >> 1;
-      if (in_top(tl.lu[mid], tl.lj[mid], rw.cu[hf], rw.cj[hf]) && tl.lu[mid] > rw.tau[hf])
-        lo = mid + 1;
-      else
-        hi = mid;
-    }
-    rw.na[hf] = lo;
-  }
   const float sl2 = scale * LOG2E;
 
-  load_tile<E, DQ_ROWS, D, DQ_THREADS>(sm.q, q + qrow0 * D, m0, T);
-  load_tile<E, DQ_ROWS, D, DQ_THREADS>(sG, go + qrow0 * D, m0, T);
-  if (tl.nt > 0) sk_load_tile<E, D, DQ_THREADS>(sm.k, sm.v, sm.u, sm.j, kr, vr, tl, 0);
+  load_tile<E, BQ, D, TC_THREADS>(sm.q, q + qrow0 * D, m0, T);
+  load_tile<E, BQ, D, TC_THREADS>(sG, go + qrow0 * D, m0, T);
+  if (tl.nt > 0) sk_load_tile<E, D>(sm.k, sm.v, sm.u, sm.j, kr, vr, tl, 0);
   cp_async_commit();
   // delta = dO.O, one warp per row.
-  for (int rr = warp; rr < DQ_ROWS; rr += NW) {
+  for (int rr = warp; rr < BQ; rr += TC_WARPS) {
     int i = m0 + rr;
     float x = 0.f;
     if (i < T)
@@ -1003,7 +978,7 @@ __device__ void skt_bwd_dq(const E* __restrict__ q, const E* __restrict__ k,
       if (i < T) delta[qrow0 + i] = x;
     }
   }
-  for (int n = threadIdx.x; n < TB; n += DQ_THREADS) s_gu[n] = 0.f;
+  for (int n = threadIdx.x; n < TB; n += TC_THREADS) s_gu[n] = 0.f;
   cp_async_wait<0>();
   __syncthreads();
   uint32_t qf[D / 16][4], gf[D / 16][4];
@@ -1025,9 +1000,8 @@ __device__ void skt_bwd_dq(const E* __restrict__ q, const E* __restrict__ k,
   int buf = 0;
   for (int t = 0; t < tl.nt; ++t) {
     if (t + 1 < tl.nt)
-      sk_load_tile<E, D, DQ_THREADS>(sm.k + (buf ^ 1) * TB * SD, sm.v + (buf ^ 1) * TB * SD,
-                                     sm.u + (buf ^ 1) * TB, sm.j + (buf ^ 1) * TB, kr, vr, tl,
-                                     t + 1);
+      sk_load_tile<E, D>(sm.k + (buf ^ 1) * TB * SD, sm.v + (buf ^ 1) * TB * SD,
+                         sm.u + (buf ^ 1) * TB, sm.j + (buf ^ 1) * TB, kr, vr, tl, t + 1);
     cp_async_commit();
     cp_async_wait<1>();
     __syncthreads();
@@ -1041,7 +1015,7 @@ __device__ void skt_bwd_dq(const E* __restrict__ q, const E* __restrict__ k,
       s[x][0] = s[x][1] = s[x][2] = s[x][3] = dp[x][0] = dp[x][1] = dp[x][2] = dp[x][3] = 0.f;
     gemm_abt<E, D, 1, N8, true>(s, qf, nullptr, 0, cK, 0);
     gemm_abt<E, D, 1, N8, true>(dp, gf, nullptr, 0, cV, 0);
-    const int kind = tl.kind(t, m0, DQ_ROWS, window);
+    const int kind = tl.kind(t, m0, window);
     sk_dispatch(kind, [&](auto kd) {
       constexpr int KIND = decltype(kd)::value;
 #pragma unroll
@@ -1080,14 +1054,12 @@ __device__ void skt_bwd_dq(const E* __restrict__ q, const E* __restrict__ k,
       sk_stage<E>(sP, dp);
       sk_stage<E>(sS, s);
       __syncthreads();
-      // Warps 0-3: dV of keys 16 (warp % 4) ..; warps 4-7: dK of the same keys.
-      const int k0 = (warp % 4) * 16;
       int jk[2];
 #pragma unroll
-      for (int hf = 0; hf < 2; ++hf) jk[hf] = cJ[k0 + gq + hf * 8];
-      if (warp < 4) sk_list_grad<E, D>(dacc + nkd + krow0 * D, sP, sG, k0, jk, 1.f);
-      else sk_list_grad<E, D>(dacc + krow0 * D, sS, sm.q, k0, jk, scale);
-      for (int n = threadIdx.x; n < TB; n += DQ_THREADS) {
+      for (int hf = 0; hf < 2; ++hf) jk[hf] = cJ[warp * 16 + gq + hf * 8];
+      sk_list_grad<E, D>(dacc + nkd + krow0 * D, sP, sG, jk, 1.f);
+      sk_list_grad<E, D>(dacc + krow0 * D, sS, sm.q, jk, scale);
+      for (int n = threadIdx.x; n < TB; n += TC_THREADS) {
         float g = s_gu[n];
         if (g != 0.f && cJ[n] >= 0) atomicAdd(du + krow0 + cJ[n], g);
         s_gu[n] = 0.f;
@@ -1111,7 +1083,7 @@ __device__ void skt_bwd_dq(const E* __restrict__ q, const E* __restrict__ k,
         nsup[qrow0 + i] = n;
       }
       // This row's strict support in the list: [s_lo, na), the entries below u = tau + 1.
-      int na = rw.na[hf], lo = 0, hi = na;
+      int na = i >= 0 ? rw.na[hf] : 0, lo = 0, hi = na;
       while (lo < hi) {
         int mid = (lo + hi) >> 1;
         if (tl.lu[mid] - rw.tau[hf] >= 1.f) lo = mid + 1; else hi = mid;
@@ -1124,9 +1096,9 @@ __device__ void skt_bwd_dq(const E* __restrict__ q, const E* __restrict__ k,
   store_acc<E, D>(dq + qrow0 * D, acc, m0 + warp * 16, T, scale, scale);
   __syncthreads();
   // The list keys' -r_i / |S_i| terms of the score gradient.
-  for (int rl = threadIdx.x; rl < tl.nl; rl += DQ_THREADS) {
+  for (int rl = threadIdx.x; rl < tl.nl; rl += TC_THREADS) {
     float g = 0.f;
-    for (int n = 0; n < DQ_ROWS; ++n)
+    for (int n = 0; n < BQ; ++n)
       if (rl >= s_lo[n] && rl < s_na[n]) g += s_rn[n];
     if (g != 0.f) atomicAdd(du + krow0 + tl.lj[rl], -g);
   }
@@ -1299,7 +1271,7 @@ __device__ void skt_bwd_dkv_band(const E* __restrict__ q, const E* __restrict__ 
       const TY* q, const TY* k, const TY* v, TY* out, float* lse, SK_PARAMS) {                  \
     skt_fwd<TY, D>(q, k, v, out, lse, SK_ARGS);                                                 \
   }                                                                                             \
-  extern "C" __global__ void __launch_bounds__(DQ_THREADS) skt_bwd_dq_##NAME##_d##D(            \
+  extern "C" __global__ void __launch_bounds__(TC_THREADS) skt_bwd_dq_##NAME##_d##D(            \
       const TY* q, const TY* k, const TY* v, const TY* o, const TY* go, const float* lse,       \
       TY* dq, float* delta, float* rsum, float* nsup, float* dacc, float* du, SK_PARAMS) {      \
     skt_bwd_dq<TY, D>(q, k, v, o, go, lse, dq, delta, rsum, nsup, dacc, du, SK_ARGS);           \

@@ -180,15 +180,10 @@ fn tc_smem(d: usize, nq: usize) -> usize {
     (nq * BQ + 4 * BQ) * (d + 8) * 2 + 2 * BQ * 8
 }
 
-/// Query blocks per CTA of the fused `skt_bwd_dq` (`DQ_BLOCKS` in the .cu file; 32 threads per 16
-/// query rows).
-const DQ_BLOCKS: usize = 2;
-
 /// Dynamic shared memory of the fused `skt_bwd_dq`: [`tc_smem`] with the query and output-gradient
-/// tiles of its `DQ_BLOCKS` blocks, plus two staged `DQ_BLOCKS·BQ × (BQ + 8)` tiles (P·w and dS of
-/// a list tile).
+/// tiles, plus two staged `BQ × (BQ + 8)` tiles (P·w and dS of a list tile).
 fn tc_smem_dq(d: usize) -> usize {
-    tc_smem(d, 2 * DQ_BLOCKS) + 2 * DQ_BLOCKS * BQ * (BQ + 8) * 2
+    tc_smem(d, 2) + 2 * BQ * (BQ + 8) * 2
 }
 
 /// The trailing scalars of every attention kernel (`SK_PARAMS` after the pointers).
@@ -378,8 +373,7 @@ fn bwd_t<T: CudaDType + candle::cuda_backend::cudarc::driver::DeviceRepr>(
     let rows_k = dims.b * dims.hkv * dims.t;
     let tc = tensor_cores(dtype, dims.d);
     let launch = if tc {
-        let grid = (sel.blocks.div_ceil(DQ_BLOCKS), dims.b * dims.hq);
-        cfg(grid, DQ_BLOCKS * BQ / 16 * 32, tc_smem_dq(dims.d))?
+        cfg((sel.blocks, dims.b * dims.hq), 128, tc_smem_dq(dims.d))?
     } else {
         cfg((rows_q.div_ceil(WARPS), 1), 32 * WARPS, 0)?
     };
