@@ -874,90 +874,26 @@ __device__ void skt_fwd(const E* __restrict__ q, const E* __restrict__ k, const 
   store_acc<E, D>(out + qrow0 * D, acc, m0 + warp * 16, T, inv[0], inv[1]);
 }
 
-// Adds a warp's 16 x D f32 accumulator (times mul; C fragments of key rows gq and gq + 8, whose
-// positions are jk, -1: skip) into rows of the (rows, D) f32 matrix dst with vector atomics. Quad
-// pairs swap halves so that each thread adds 4 consecutive floats of one row: even t4 row gq, odd
-// t4 row gq + 8, columns 4 * (t4 / 2) .. + 4 of each 8-column chunk.
-template <int D>
-__device__ __forceinline__ void sk_red_rows(float* dst, const float (*acc)[4], const int* jk,
-                                            float mul) {
-  const int t4 = threadIdx.x & 3, odd = t4 & 1, jr = jk[odd];
-  float* dr = dst + (long long)(jr >= 0 ? jr : 0) * D + 4 * (t4 >> 1);
-#pragma unroll
-  for (int dt = 0; dt < D / 8; ++dt) {
-    float a0 = acc[dt][0] * mul, a1 = acc[dt][1] * mul, b0 = acc[dt][2] * mul,
-          b1 = acc[dt][3] * mul;
-    float r0 = __shfl_xor_sync(0xffffffffu, odd ? a0 : b0, 1);
-    float r1 = __shfl_xor_sync(0xffffffffu, odd ? a1 : b1, 1);
-    if (jr >= 0) {
-      if (odd) red_add4(dr + dt * 8, r0, r1, b0, b1);
-      else red_add4(dr + dt * 8, a0, a1, r0, r1);
-    }
-  }
-}
-
-// Stores a warp's 16 x TB f32 C fragments (rows warp * 16 + gq (+ 8), columns 8 nt + 2 t4 (+ 1))
-// as T into a shared [BQ][TB + 8] tile.
-template <typename T>
-__device__ __forceinline__ void sk_stage(T* s, const float (*x)[4]) {
-  constexpr int SP = TB + 8;
-  const int warp = threadIdx.x / 32, gq = (threadIdx.x & 31) >> 2, t4 = threadIdx.x & 3;
-#pragma unroll
-  for (int nt = 0; nt < TB / 8; ++nt)
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf)
-      *reinterpret_cast<uint32_t*>(s + (warp * 16 + gq + hf * 8) * SP + nt * 8 + 2 * t4) =
-          pack2<T>(x[nt][hf * 2], x[nt][hf * 2 + 1]);
-}
-
-// dK (times mul) or dV of the warp's 16 keys of a list tile: A^T = the staged [BQ][TB + 8] tile
-// sA (query-major: dS or P w), B = the BQ query rows sB (Q or dO), added to dst with atomics.
-// Columns in chunks of DC to bound the accumulator registers.
-template <typename E, int D>
-__device__ __forceinline__ void sk_list_grad(float* dst, const E* sA, const E* sB, const int* jk,
-                                             float mul) {
-  constexpr int SD = Pad<D>::SD, SP = TB + 8, DC = D == 96 ? 32 : (D < 64 ? D : 64);
-  const int warp = threadIdx.x / 32;
-#pragma unroll
-  for (int d0 = 0; d0 < D; d0 += DC) {
-    float acc[DC / 8][4];
-#pragma unroll
-    for (int x = 0; x < DC / 8; ++x) acc[x][0] = acc[x][1] = acc[x][2] = acc[x][3] = 0.f;
-    gemm_ss<E, 1, DC / 8, BQ / 16, SP, SD, true>(acc, sA, warp * 16, 0, sB, 0, d0);
-    sk_red_rows<D>(dst + d0, acc, jk, mul);
-  }
-}
-
-// Backward, query-major (f16 / bf16), fused: dq (scaled, in the input dtype: every row belongs to
-// one CTA), delta = dO.O, r = sum_S g_w and |S| over every tile; on the list tiles also dK, dV and
-// the score gradient of the tile's keys: P w and dS are staged in shared memory and each warp
-// multiplies them (transposed) by dO and Q for its 16 keys, added to the f32 accumulator `dacc`
-// ([dk | dv], zeroed) and to du (zeroed) with atomics (list keys are shared by many query blocks
-// and heads; not bitwise deterministic). The score gradient's -r_i / |S_i| term of the list keys
-// needs the finished r_i, so it comes last: for a sorted list, S_i is the index range
-// [s_i, nattend_i) (u_j - tau_i < 1 from s_i on). The band keys' dK, dV, du: skt_bwd_dkv_band.
+// Backward, query-major (f16 / bf16): dq (scaled, in the input dtype: every row belongs to one
+// CTA), delta = dO.O, r = sum_S g_w and |S|.
 template <typename E, int D>
 __device__ void skt_bwd_dq(const E* __restrict__ q, const E* __restrict__ k,
                            const E* __restrict__ v, const E* __restrict__ o,
                            const E* __restrict__ go, const float* __restrict__ lse,
-                           E* __restrict__ dq, float* __restrict__ delta, float* __restrict__ rsum,
-                           float* __restrict__ nsup, float* __restrict__ dacc,
-                           float* __restrict__ du, SK_PARAMS) {
-  constexpr int SD = Pad<D>::SD, N8 = TB / 8, SP = TB + 8;
+                           E* __restrict__ dq,
+                           float* __restrict__ delta, float* __restrict__ rsum,
+                           float* __restrict__ nsup, SK_PARAMS) {
+  constexpr int SD = Pad<D>::SD, N8 = TB / 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  __shared__ float s_delta[BQ], s_gu[TB], s_rn[BQ];
-  __shared__ int s_lo[BQ], s_na[BQ];
+  __shared__ float s_delta[BQ];
   SkSmem<E, D, 2> sm(smem_raw);
   E* sG = sm.q + BQ * SD;
-  E* sP = reinterpret_cast<E*>(sm.j + 2 * TB);  // [BQ][SP]: P w of a list tile
-  E* sS = sP + BQ * SP;                          // [BQ][SP]: dS of a list tile
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, gq = lane >> 2, t4 = lane & 3;
   const int c = blockIdx.x, bh = blockIdx.y, b = bh / Hq, h = bh % Hq;
   const int bhk = b * Hkv + h / (Hq / Hkv), m0 = c * BQ;
-  const long long qrow0 = (long long)bh * T, krow0 = (long long)bhk * T;
-  const long long nkd = (long long)B * Hkv * T * D;
-  const E* kr = k + krow0 * D;
-  const E* vr = v + krow0 * D;
+  const long long qrow0 = (long long)bh * T;
+  const E* kr = k + (long long)bhk * T * D;
+  const E* vr = v + (long long)bhk * T * D;
   SkTiles tl = sk_tiles(c, bhk, u, lu, lj, nlist, T, window, cap, nb);
   SkRows rw(m0, bhk, T, tau, cut_u, cut_j, nattend);
   const float sl2 = scale * LOG2E;
@@ -978,7 +914,6 @@ __device__ void skt_bwd_dq(const E* __restrict__ q, const E* __restrict__ k,
       if (i < T) delta[qrow0 + i] = x;
     }
   }
-  for (int n = threadIdx.x; n < TB; n += TC_THREADS) s_gu[n] = 0.f;
   cp_async_wait<0>();
   __syncthreads();
   uint32_t qf[D / 16][4], gf[D / 16][4];
@@ -1015,8 +950,7 @@ __device__ void skt_bwd_dq(const E* __restrict__ q, const E* __restrict__ k,
       s[x][0] = s[x][1] = s[x][2] = s[x][3] = dp[x][0] = dp[x][1] = dp[x][2] = dp[x][3] = 0.f;
     gemm_abt<E, D, 1, N8, true>(s, qf, nullptr, 0, cK, 0);
     gemm_abt<E, D, 1, N8, true>(dp, gf, nullptr, 0, cV, 0);
-    const int kind = tl.kind(t, m0, window);
-    sk_dispatch(kind, [&](auto kd) {
+    sk_dispatch(tl.kind(t, m0, window), [&](auto kd) {
       constexpr int KIND = decltype(kd)::value;
 #pragma unroll
       for (int nt = 0; nt < N8; ++nt)
@@ -1024,47 +958,22 @@ __device__ void skt_bwd_dq(const E* __restrict__ q, const E* __restrict__ k,
         for (int e2 = 0; e2 < 2; ++e2) {
           int col = nt * 8 + 2 * t4 + e2;
           int j = KIND == SK_BAND ? cJ[col] : 0;
-          float uj = KIND == SK_FULL ? 0.f : cU[col], gcol = 0.f;
+          float uj = KIND == SK_FULL ? 0.f : cU[col];
 #pragma unroll
           for (int hf = 0; hf < 2; ++hf) {
             int x = hf * 2 + e2;
             float wv = sk_tile_weight<KIND>(t * TB + col, rw.na[hf], rw.i[hf], j, uj, rw.tau[hf],
                                             rw.cu[hf], rw.cj[hf], window);
             float a = wv > 0.f ? fast_exp2(s[nt][x] * sl2 - l2[hf]) : 0.f;
-            float g = a * dp[nt][x];
             if (sk_in_support<KIND>(wv, rw.i[hf], j, window)) {
-              r[hf] += g;
+              r[hf] += a * dp[nt][x];
               ns[hf] += 1.f;
-              gcol += g;
             }
             s[nt][x] = a * (wv * dp[nt][x] - dl[hf]);
-            if constexpr (KIND == SK_LIST) dp[nt][x] = a * wv;
-          }
-          if constexpr (KIND == SK_LIST) {
-            // Column sums over the warp's 16 rows (the lanes of equal t4), then over the warps.
-            gcol += __shfl_xor_sync(0xffffffffu, gcol, 4);
-            gcol += __shfl_xor_sync(0xffffffffu, gcol, 8);
-            gcol += __shfl_xor_sync(0xffffffffu, gcol, 16);
-            if (gq == 0 && gcol != 0.f) atomicAdd(&s_gu[col], gcol);
           }
         }
     });
     gemm_pb<E, D, 1, TB / 16>(acc, s, cK, 0);
-    if (kind == SK_LIST) {
-      sk_stage<E>(sP, dp);
-      sk_stage<E>(sS, s);
-      __syncthreads();
-      int jk[2];
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf) jk[hf] = cJ[warp * 16 + gq + hf * 8];
-      sk_list_grad<E, D>(dacc + nkd + krow0 * D, sP, sG, jk, 1.f);
-      sk_list_grad<E, D>(dacc + krow0 * D, sS, sm.q, jk, scale);
-      for (int n = threadIdx.x; n < TB; n += TC_THREADS) {
-        float g = s_gu[n];
-        if (g != 0.f && cJ[n] >= 0) atomicAdd(du + krow0 + cJ[n], g);
-        s_gu[n] = 0.f;
-      }
-    }
     __syncthreads();
     buf ^= 1;
   }
@@ -1076,54 +985,39 @@ __device__ void skt_bwd_dq(const E* __restrict__ q, const E* __restrict__ k,
     rs += __shfl_xor_sync(0xffffffffu, rs, 2);
     n += __shfl_xor_sync(0xffffffffu, n, 1);
     n += __shfl_xor_sync(0xffffffffu, n, 2);
-    int i = rw.i[hf], rr = warp * 16 + gq + hf * 8;
-    if (t4 == 0) {
-      if (i >= 0) {
-        rsum[qrow0 + i] = rs;
-        nsup[qrow0 + i] = n;
-      }
-      // This row's strict support in the list: [s_lo, na), the entries below u = tau + 1.
-      int na = i >= 0 ? rw.na[hf] : 0, lo = 0, hi = na;
-      while (lo < hi) {
-        int mid = (lo + hi) >> 1;
-        if (tl.lu[mid] - rw.tau[hf] >= 1.f) lo = mid + 1; else hi = mid;
-      }
-      s_lo[rr] = lo;
-      s_na[rr] = na;
-      s_rn[rr] = n > 0.f ? rs / n : 0.f;
+    int i = rw.i[hf];
+    if (i >= 0 && t4 == 0) {
+      rsum[qrow0 + i] = rs;
+      nsup[qrow0 + i] = n;
     }
   }
   store_acc<E, D>(dq + qrow0 * D, acc, m0 + warp * 16, T, scale, scale);
-  __syncthreads();
-  // The list keys' -r_i / |S_i| terms of the score gradient.
-  for (int rl = threadIdx.x; rl < tl.nl; rl += TC_THREADS) {
-    float g = 0.f;
-    for (int n = 0; n < BQ; ++n)
-      if (rl >= s_lo[n] && rl < s_na[n]) g += s_rn[n];
-    if (g != 0.f) atomicAdd(du + krow0 + tl.lj[rl], -g);
-  }
 }
 
-// Backward, key side (f16 / bf16), the band keys: skt_bwd_dkv_band runs after skt_bwd_dq (which
-// added the list keys' dK, dV, du into the zeroed f32 accumulators with atomics). One CTA per
-// (block of TB keys, batch * kv head) walks the query blocks whose band [e_c, c*BQ + BQ) holds
-// some of its keys, for every query head of the group, and accumulates in registers (S^T = K Q^T
-// and dP^T = V dO^T recomputed per (16 keys of a warp, BQ queries) step); every key lies in the
-// band of its own block, so this CTA owns its key rows: it adds the list part from the
-// accumulators and writes the final dK, dV in the input dtype and du (no atomics).
+// Backward, key side (f16 / bf16). dK, dV and du are split by where the keys come from:
+// - skt_bwd_dkv_band (runs first): one CTA per (block of TB keys, batch * kv head) walks the query
+//   blocks whose band [e_c, c*BQ + BQ) holds some of its keys, for every query head of the group,
+//   accumulates in registers and stores dK, dV (f32) and du: no atomics, and every key row is
+//   written (key j is in the band of its own block), so the outputs need no zeroing;
+// - skt_bwd_dkv (runs second): one CTA per (query block, batch * q head) walks the block's list
+//   tiles and adds to those outputs with vector atomics (list keys are shared by many query
+//   blocks and heads; not bitwise deterministic);
+// - sk_dkv_convert: dK, dV to the input dtype.
+// Both recompute S^T = K Q^T and dP^T = V dO^T per (16 keys of a warp, BQ queries) step.
 
 // Per-query data of one query block for the key-side backward.
 struct SkQStats {
   float tau[BQ], cu[BQ], l2[BQ], dl[BQ], rn[BQ];
-  int cj[BQ], i[BQ];
+  int cj[BQ], i[BQ], na[BQ];
 };
 
 // Fills `st` for the query block starting at m0 (rows of q-head row qrow0, kv-head row krow0).
 __device__ __forceinline__ void sk_load_qstats(SkQStats& st, int m0, long long krow0,
                                                long long qrow0, int T, const float* tau,
                                                const float* cut_u, const int* cut_j,
-                                               const float* lse, const float* delta,
-                                               const float* rsum, const float* nsup) {
+                                               const int* nattend, const float* lse,
+                                               const float* delta, const float* rsum,
+                                               const float* nsup) {
   for (int n = threadIdx.x; n < BQ; n += TC_THREADS) {
     int i = m0 + n;
     bool ok = i < T;
@@ -1132,6 +1026,7 @@ __device__ __forceinline__ void sk_load_qstats(SkQStats& st, int m0, long long k
     st.tau[n] = ok ? tau[ti] : 0.f;
     st.cu[n] = ok ? cut_u[ti] : 0.f;
     st.cj[n] = ok ? cut_j[ti] : -1;
+    st.na[n] = ok ? nattend[ti] : 0;
     st.l2[n] = ok ? lse[qi] * LOG2E : 0.f;
     st.dl[n] = ok ? delta[qi] : 0.f;
     float ns = ok ? nsup[qi] : 0.f;
@@ -1140,13 +1035,14 @@ __device__ __forceinline__ void sk_load_qstats(SkQStats& st, int m0, long long k
 }
 
 // One step for the warp's 16 keys (rows warp * 16 .. of cK / cV; this thread's rows gq and gq + 8
-// have positions jk (-1: skip) and scores uk) against the BQ queries of sQ / sG: adds
-// dV += (a w)^T dO to adv, dK += dS^T Q (unscaled) to adk and the score gradient to gu.
-template <typename E, int D>
+// have positions jk (-1: skip), scores uk and, in a list tile (KIND = SK_LIST), list indices rk)
+// against the BQ queries of sQ / sG: adds dV += (a w)^T dO to adv, dK += dS^T Q (unscaled) to
+// adk and the score gradient to gu.
+template <typename E, int D, int KIND>
 __device__ __forceinline__ void skt_dkv_step(float (*adv)[4], float (*adk)[4], float* gu,
                                              const E* cK, const E* cV, const E* sQ, const E* sG,
                                              const SkQStats& st, const int* jk, const float* uk,
-                                             float sl2, int window) {
+                                             const int* rk, float sl2, int window) {
   constexpr int N8 = BQ / 8;
   const int warp = threadIdx.x / 32, t4 = threadIdx.x & 3;
   float s[N8][4], dpt[N8][4];
@@ -1163,10 +1059,12 @@ __device__ __forceinline__ void skt_dkv_step(float (*adv)[4], float (*adk)[4], f
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
         int x = hf * 2 + e2;
-        float wv = sk_weight(i, jk[hf], uk[hf], st.tau[n], st.cu[n], st.cj[n], window);
+        float wv = jk[hf] < 0 ? 0.f
+                              : sk_tile_weight<KIND>(rk[hf], st.na[n], i, jk[hf], uk[hf],
+                                                     st.tau[n], st.cu[n], st.cj[n], window);
         float a = wv > 0.f ? fast_exp2(s[nt][x] * sl2 - st.l2[n]) : 0.f;
         float dpv = dpt[nt][x];
-        if (sk_in_support<SK_BAND>(wv, i, jk[hf], window)) gu[hf] += a * dpv - st.rn[n];
+        if (sk_in_support<KIND>(wv, i, jk[hf], window)) gu[hf] += a * dpv - st.rn[n];
         s[nt][x] = a * wv;
         dpt[nt][x] = a * (wv * dpv - st.dl[n]);
       }
@@ -1187,8 +1085,7 @@ __device__ void skt_bwd_dkv_band(const E* __restrict__ q, const E* __restrict__ 
                                  const E* __restrict__ v, const E* __restrict__ go,
                                  const float* __restrict__ lse, const float* __restrict__ delta,
                                  const float* __restrict__ rsum, const float* __restrict__ nsup,
-                                 const float* __restrict__ dacc, E* __restrict__ dk,
-                                 E* __restrict__ dv, float* __restrict__ du, SK_PARAMS) {
+                                 float* __restrict__ dacc, float* __restrict__ du, SK_PARAMS) {
   constexpr int SD = Pad<D>::SD;
   static_assert(TB == BQ, "key blocks and query blocks have the same size");
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -1232,7 +1129,7 @@ __device__ void skt_bwd_dkv_band(const E* __restrict__ q, const E* __restrict__ 
     if (p + 1 < np) load_q(p + 1, buf ^ 1);
     cp_async_commit();
     int h = hk * g + p / nc, c = c_lo + p % nc;
-    sk_load_qstats(st, c * BQ, krow0, ((long long)b * Hq + h) * T, T, tau, cut_u, cut_j, lse,
+    sk_load_qstats(st, c * BQ, krow0, ((long long)b * Hq + h) * T, T, tau, cut_u, cut_j, nattend, lse,
                    delta, rsum, nsup);
     cp_async_wait<1>();
     __syncthreads();
@@ -1240,8 +1137,8 @@ __device__ void skt_bwd_dkv_band(const E* __restrict__ q, const E* __restrict__ 
     int e0 = block_start(c, window), e1 = min(T, c * BQ + BQ), jb[2];
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) jb[hf] = jk[hf] >= e0 && jk[hf] < e1 ? jk[hf] : -1;
-    skt_dkv_step<E, D>(adv, adk, gu, sK, sV, sQ + buf * BQ * SD, sG + buf * BQ * SD, st, jb, uk,
-                       sl2, window);
+    skt_dkv_step<E, D, SK_BAND>(adv, adk, gu, sK, sV, sQ + buf * BQ * SD, sG + buf * BQ * SD, st,
+                                jb, uk, jb, sl2, window);
     __syncthreads();
     buf ^= 1;
   }
@@ -1251,18 +1148,111 @@ __device__ void skt_bwd_dkv_band(const E* __restrict__ q, const E* __restrict__ 
     float gs = quad_sum(gu[hf]);
     int j = jk[hf];
     if (j < 0) continue;
-    if (t4 == 0) du[krow0 + j] += gs;
-    const long long x0 = (krow0 + j) * D + 2 * t4;
+    if (t4 == 0) du[krow0 + j] = gs;
+    float* dr = dacc + (krow0 + j) * D + 2 * t4;
 #pragma unroll
     for (int dt = 0; dt < D / 8; ++dt) {
-      const long long x = x0 + dt * 8;
-      float2 lk = *reinterpret_cast<const float2*>(dacc + x);
-      float2 lv = *reinterpret_cast<const float2*>(dacc + nkd + x);
-      *reinterpret_cast<uint32_t*>(dk + x) =
-          pack2<E>(adk[dt][hf * 2] * scale + lk.x, adk[dt][hf * 2 + 1] * scale + lk.y);
-      *reinterpret_cast<uint32_t*>(dv + x) =
-          pack2<E>(adv[dt][hf * 2] + lv.x, adv[dt][hf * 2 + 1] + lv.y);
+      *reinterpret_cast<float2*>(dr + dt * 8) =
+          make_float2(adk[dt][hf * 2] * scale, adk[dt][hf * 2 + 1] * scale);
+      *reinterpret_cast<float2*>(dr + nkd + dt * 8) = make_float2(adv[dt][hf * 2], adv[dt][hf * 2 + 1]);
     }
+  }
+}
+
+template <typename E, int D>
+__device__ void skt_bwd_dkv(const E* __restrict__ q, const E* __restrict__ k,
+                            const E* __restrict__ v, const E* __restrict__ go,
+                            const float* __restrict__ lse, const float* __restrict__ delta,
+                            const float* __restrict__ rsum, const float* __restrict__ nsup,
+                            float* __restrict__ dacc, float* __restrict__ du, SK_PARAMS) {
+  constexpr int SD = Pad<D>::SD;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __shared__ SkQStats st;
+  SkSmem<E, D, 2> sm(smem_raw);
+  E* sG = sm.q + BQ * SD;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, gq = lane >> 2, t4 = lane & 3;
+  const int c = blockIdx.x, bh = blockIdx.y, b = bh / Hq, h = bh % Hq;
+  const int bhk = b * Hkv + h / (Hq / Hkv), m0 = c * BQ;
+  const long long qrow0 = (long long)bh * T, krow0 = (long long)bhk * T;
+  const long long nkd = (long long)B * Hkv * T * D;
+  const E* kr = k + krow0 * D;
+  const E* vr = v + krow0 * D;
+  SkTiles tl = sk_tiles(c, bhk, u, lu, lj, nlist, T, window, cap, nb);
+  if (tl.ntl == 0) return;  // the band is skt_bwd_dkv_band's
+  const float sl2 = scale * LOG2E;
+
+  load_tile<E, BQ, D, TC_THREADS>(sm.q, q + qrow0 * D, m0, T);
+  load_tile<E, BQ, D, TC_THREADS>(sG, go + qrow0 * D, m0, T);
+  sk_load_tile<E, D>(sm.k, sm.v, sm.u, sm.j, kr, vr, tl, 0);
+  cp_async_commit();
+  sk_load_qstats(st, m0, krow0, qrow0, T, tau, cut_u, cut_j, nattend, lse, delta, rsum, nsup);
+  int buf = 0;
+  for (int t = 0; t < tl.ntl; ++t) {
+    if (t + 1 < tl.ntl)
+      sk_load_tile<E, D>(sm.k + (buf ^ 1) * TB * SD, sm.v + (buf ^ 1) * TB * SD,
+                         sm.u + (buf ^ 1) * TB, sm.j + (buf ^ 1) * TB, kr, vr, tl, t + 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    const float* cU = sm.u + buf * TB;
+    const int* cJ = sm.j + buf * TB;
+    int jk[2], rk[2];
+    float uk[2], gu[2] = {0.f, 0.f};
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      rk[hf] = t * TB + warp * 16 + gq + hf * 8;
+      jk[hf] = cJ[warp * 16 + gq + hf * 8];
+      uk[hf] = cU[warp * 16 + gq + hf * 8];
+    }
+    float adv[D / 8][4], adk[D / 8][4];
+#pragma unroll
+    for (int x = 0; x < D / 8; ++x)
+      adv[x][0] = adv[x][1] = adv[x][2] = adv[x][3] = adk[x][0] = adk[x][1] = adk[x][2] =
+          adk[x][3] = 0.f;
+    skt_dkv_step<E, D, SK_LIST>(adv, adk, gu, sm.k + buf * TB * SD, sm.v + buf * TB * SD, sm.q,
+                                sG, st, jk, uk, rk, sl2, window);
+#pragma unroll
+    for (int pass = 0; pass < 2; ++pass) {
+      float(*acc)[4] = pass == 0 ? adv : adk;
+      float mul = pass == 0 ? 1.f : scale;
+      long long off = pass == 0 ? nkd : 0;
+      // Quad pairs swap halves so that each thread adds 4 consecutive floats of one key row:
+      // even t4 row gq, odd t4 row gq + 8, columns 4 * (t4 / 2) .. + 4 of each 8-column chunk.
+      const int odd = t4 & 1, jr = jk[odd];
+      float* dr = dacc + off + (krow0 + (jr >= 0 ? jr : 0)) * D + 4 * (t4 >> 1);
+#pragma unroll
+      for (int dt = 0; dt < D / 8; ++dt) {
+        float a0 = acc[dt][0] * mul, a1 = acc[dt][1] * mul, b0 = acc[dt][2] * mul,
+              b1 = acc[dt][3] * mul;
+        float r0 = __shfl_xor_sync(0xffffffffu, odd ? a0 : b0, 1);
+        float r1 = __shfl_xor_sync(0xffffffffu, odd ? a1 : b1, 1);
+        if (jr >= 0) {
+          if (odd) red_add4(dr + dt * 8, r0, r1, b0, b1);
+          else red_add4(dr + dt * 8, a0, a1, r0, r1);
+        }
+      }
+    }
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      float gs = quad_sum(gu[hf]);
+      if (t4 == 0 && jk[hf] >= 0 && gs != 0.f) atomicAdd(du + krow0 + jk[hf], gs);
+    }
+    __syncthreads();
+    buf ^= 1;
+  }
+  cp_async_wait<0>();
+}
+
+// dK, dV (f32 [dk | dv], n elements each, n a multiple of 4) to the input dtype.
+template <typename E>
+__device__ void sk_dkv_convert(const float* __restrict__ dacc, E* __restrict__ dk,
+                               E* __restrict__ dv, long long n) {
+  const long long n4 = n / 4;
+  for (long long x = (long long)blockIdx.x * blockDim.x + threadIdx.x; x < 2 * n4;
+       x += (long long)gridDim.x * blockDim.x) {
+    float4 a = reinterpret_cast<const float4*>(dacc)[x];
+    E* dst = x < n4 ? dk + 4 * x : dv + 4 * (x - n4);
+    *reinterpret_cast<uint2*>(dst) = make_uint2(pack2<E>(a.x, a.y), pack2<E>(a.z, a.w));
   }
 }
 
@@ -1273,14 +1263,20 @@ __device__ void skt_bwd_dkv_band(const E* __restrict__ q, const E* __restrict__ 
   }                                                                                             \
   extern "C" __global__ void __launch_bounds__(TC_THREADS) skt_bwd_dq_##NAME##_d##D(            \
       const TY* q, const TY* k, const TY* v, const TY* o, const TY* go, const float* lse,       \
-      TY* dq, float* delta, float* rsum, float* nsup, float* dacc, float* du, SK_PARAMS) {      \
-    skt_bwd_dq<TY, D>(q, k, v, o, go, lse, dq, delta, rsum, nsup, dacc, du, SK_ARGS);           \
+      TY* dq, float* delta, float* rsum, float* nsup, SK_PARAMS) {                              \
+    skt_bwd_dq<TY, D>(q, k, v, o, go, lse, dq, delta, rsum, nsup, SK_ARGS);                     \
   }                                                                                             \
   extern "C" __global__ void __launch_bounds__(TC_THREADS) skt_bwd_dkv_band_##NAME##_d##D(      \
       const TY* q, const TY* k, const TY* v, const TY* go, const float* lse,                    \
-      const float* delta, const float* rsum, const float* nsup, const float* dacc, TY* dk,      \
-      TY* dv, float* du, SK_PARAMS) {                                                           \
-    skt_bwd_dkv_band<TY, D>(q, k, v, go, lse, delta, rsum, nsup, dacc, dk, dv, du, SK_ARGS);    \
+      const float* delta, const float* rsum, const float* nsup, float* dacc, float* du,         \
+      SK_PARAMS) {                                                                              \
+    skt_bwd_dkv_band<TY, D>(q, k, v, go, lse, delta, rsum, nsup, dacc, du, SK_ARGS);            \
+  }                                                                                             \
+  extern "C" __global__ void __launch_bounds__(TC_THREADS) skt_bwd_dkv_##NAME##_d##D(           \
+      const TY* q, const TY* k, const TY* v, const TY* go, const float* lse,                    \
+      const float* delta, const float* rsum, const float* nsup, float* dacc, float* du,         \
+      SK_PARAMS) {                                                                              \
+    skt_bwd_dkv<TY, D>(q, k, v, go, lse, delta, rsum, nsup, dacc, du, SK_ARGS);                 \
   }
 
 #define SK_ARGS u, lu, lj, nlist, nattend, tau, cut_u, cut_j, B, Hq, Hkv, T, window, cap, nb, scale
@@ -1321,3 +1317,12 @@ SK_ALL_D(__nv_bfloat16, bf16)
 
 SKT_ALL_D(__half, f16)
 SKT_ALL_D(__nv_bfloat16, bf16)
+
+#define SK_CONVERT(TY, NAME)                                                                    \
+  extern "C" __global__ void sk_dkv_convert_##NAME(const float* dacc, TY* dk, TY* dv,           \
+                                                   long long n) {                               \
+    sk_dkv_convert<TY>(dacc, dk, dv, n);                                                        \
+  }
+
+SK_CONVERT(__half, f16)
+SK_CONVERT(__nv_bfloat16, bf16)

@@ -8,12 +8,11 @@
 //!   through f64 prefix sums of its scores).
 //! - f16 / bf16 with head_dim ≤ 128 (`skt_*`): blocked tensor-core kernels, one CTA of 4 warps per
 //!   (block of 64 queries, batch × query head) walking the block's list prefix and its band of
-//!   newer candidates and window keys in tiles of 64 gathered keys: forward; then one fused
-//!   backward pass over the same tiles: dQ (in the input dtype), `r_i`, `|S_i|`, and on the list
-//!   tiles dK, dV and dScores of the list keys (P·w and dS staged in shared memory, multiplied by
-//!   dO and Q per key, added with f32 vector atomics to zeroed accumulators); then the band part
-//!   key-major (one CTA per block of 64 keys and kv head, over the query blocks whose band holds
-//!   them; registers), which adds the accumulated list part and writes dK, dV in the input dtype.
+//!   newer candidates and window keys in tiles of 64 gathered keys: forward; dQ (in the input
+//!   dtype) with `r_i` and `|S_i|`. dK, dV, dScores: the band part key-major (one CTA per block of
+//!   64 keys and kv head, over the query blocks whose band holds them; registers, plain stores
+//!   into the f32 accumulator, every element), then the list part query-major with vector
+//!   atomics on top, then one pass converting dK, dV to the input dtype.
 //! - f32 and head_dim 256 (`sk_*`): forward and dQ one warp per query row over window ∪
 //!   selected keys; dK, dV, dScores one warp per key row over the interval `[j, e_j)` of queries
 //!   attending it (τ_i and the cut are non-decreasing in i), found by binary search; the key
@@ -178,12 +177,6 @@ fn tensor_cores(dtype: DType, d: usize) -> bool {
 /// 8 elements, plus the tiles' scores and positions.
 fn tc_smem(d: usize, nq: usize) -> usize {
     (nq * BQ + 4 * BQ) * (d + 8) * 2 + 2 * BQ * 8
-}
-
-/// Dynamic shared memory of the fused `skt_bwd_dq`: [`tc_smem`] with the query and output-gradient
-/// tiles, plus two staged `BQ × (BQ + 8)` tiles (P·w and dS of a list tile).
-fn tc_smem_dq(d: usize) -> usize {
-    tc_smem(d, 2) + 2 * BQ * (BQ + 8) * 2
 }
 
 /// The trailing scalars of every attention kernel (`SK_PARAMS` after the pointers).
@@ -372,81 +365,76 @@ fn bwd_t<T: CudaDType + candle::cuda_backend::cudarc::driver::DeviceRepr>(
     let rows_q = dims.b * dims.hq * dims.t;
     let rows_k = dims.b * dims.hkv * dims.t;
     let tc = tensor_cores(dtype, dims.d);
+    let (prefix, smem) = if tc {
+        ("skt", tc_smem(dims.d, 2))
+    } else {
+        ("sk", 0)
+    };
     let launch = if tc {
-        cfg((sel.blocks, dims.b * dims.hq), 128, tc_smem_dq(dims.d))?
+        cfg((sel.blocks, dims.b * dims.hq), 128, smem)?
     } else {
         cfg((rows_q.div_ceil(WARPS), 1), 32 * WARPS, 0)?
     };
-    let nk = rows_k * dims.d;
-    // Written in full by the kernels below (no zeroing), except the tensor-core path's
-    // accumulators: the list keys' gradients are added to zeros.
+    // Every element of these is written by the kernels below (no zeroing).
     let mut dq = unsafe { dev.alloc::<T>(rows_q * dims.d) }?;
-    let mut dk = unsafe { dev.alloc::<T>(nk) }?;
-    let mut dv = unsafe { dev.alloc::<T>(nk) }?;
-    let mut du = dev.alloc_zeros::<f32>(rows_k)?;
+    let mut du = unsafe { dev.alloc::<f32>(rows_k) }?;
     let mut delta = unsafe { dev.alloc::<f32>(rows_q) }?;
     let mut rsum = unsafe { dev.alloc::<f32>(rows_q) }?;
     let mut nsup = unsafe { dev.alloc::<f32>(rows_q) }?;
     let sc = Scalars::new(dims, scfg, sel.blocks, scale);
     let tn = dtype_suffix(dtype, "sparsek")?;
-    if tc {
-        // f32 accumulator [dk | dv] of the list keys (atomics in skt_bwd_dq), read back by the band
-        // kernel, which writes the final dk, dv.
-        let mut dacc = dev.alloc_zeros::<f32>(2 * nk)?;
-        {
-            let name = format!("skt_bwd_dq_{tn}_d{}", dims.d);
-            let f = func!(dev, &name, tc_smem_dq(dims.d));
-            let mut b = f.builder();
-            b.arg(&q);
-            b.arg(&k);
-            b.arg(&v);
-            b.arg(&o);
-            b.arg(&go);
-            b.arg(&lse);
-            b.arg(&mut dq);
-            b.arg(&mut delta);
-            b.arg(&mut rsum);
-            b.arg(&mut nsup);
-            b.arg(&mut dacc);
-            b.arg(&mut du);
-            push_params(&mut b, &u, sel, &sc);
-            unsafe { b.launch(launch) }.w()?;
-        }
-        let smem = tc_smem(dims.d, 2);
-        let f = func!(dev, &format!("skt_bwd_dkv_band_{tn}_d{}", dims.d), smem);
+    {
+        let f = func!(dev, &format!("{prefix}_bwd_dq_{tn}_d{}", dims.d), smem);
         let mut b = f.builder();
         b.arg(&q);
         b.arg(&k);
         b.arg(&v);
+        b.arg(&o);
         b.arg(&go);
         b.arg(&lse);
-        b.arg(&delta);
-        b.arg(&rsum);
-        b.arg(&nsup);
-        b.arg(&dacc);
-        b.arg(&mut dk);
-        b.arg(&mut dv);
-        b.arg(&mut du);
+        b.arg(&mut dq);
+        b.arg(&mut delta);
+        b.arg(&mut rsum);
+        b.arg(&mut nsup);
         push_params(&mut b, &u, sel, &sc);
-        let grid = (sel.blocks, dims.b * dims.hkv);
-        unsafe { b.launch(cfg(grid, 128, smem)?) }.w()?;
-    } else {
-        {
-            let f = func!(dev, &format!("sk_bwd_dq_{tn}_d{}", dims.d), 0);
+        unsafe { b.launch(launch) }.w()?;
+    }
+    let nk = rows_k * dims.d;
+    let mut dk = unsafe { dev.alloc::<T>(nk) }?;
+    let mut dv = unsafe { dev.alloc::<T>(nk) }?;
+    if tc {
+        // f32 accumulator [dk | dv]: the band kernel stores every element, the list kernel adds.
+        let mut dacc = unsafe { dev.alloc::<f32>(2 * nk) }?;
+        for (name, grid) in [
+            ("skt_bwd_dkv_band", (sel.blocks, dims.b * dims.hkv)),
+            ("skt_bwd_dkv", (sel.blocks, dims.b * dims.hq)),
+        ] {
+            let f = func!(dev, &format!("{name}_{tn}_d{}", dims.d), smem);
             let mut b = f.builder();
             b.arg(&q);
             b.arg(&k);
             b.arg(&v);
-            b.arg(&o);
             b.arg(&go);
             b.arg(&lse);
-            b.arg(&mut dq);
-            b.arg(&mut delta);
-            b.arg(&mut rsum);
-            b.arg(&mut nsup);
+            b.arg(&delta);
+            b.arg(&rsum);
+            b.arg(&nsup);
+            b.arg(&mut dacc);
+            b.arg(&mut du);
             push_params(&mut b, &u, sel, &sc);
-            unsafe { b.launch(launch) }.w()?;
+            unsafe { b.launch(cfg(grid, 128, smem)?) }.w()?;
         }
+        let f = func!(dev, &format!("sk_dkv_convert_{tn}"), 0);
+        let mut b = f.builder();
+        b.arg(&dacc);
+        b.arg(&mut dk);
+        b.arg(&mut dv);
+        let n = nk as i64;
+        b.arg(&n);
+        let threads = 256;
+        let grid = (2 * nk / 4).div_ceil(threads).min(132 * 32);
+        unsafe { b.launch(cfg((grid, 1), threads, 0)?) }.w()?;
+    } else {
         let f = func!(dev, &format!("sk_bwd_dkv_{tn}_d{}", dims.d), 0);
         let mut b = f.builder();
         b.arg(&q);

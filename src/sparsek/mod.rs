@@ -31,24 +31,22 @@
 //!   an exact sorted scan for τ (f64). CUDA: per block of 64 queries the top-`K′` of the prefix by a
 //!   sequential merge of sorted lists, then per query its cut (the `K′`-th largest candidate), τ
 //!   (safeguarded Newton steps on the piecewise-linear budget, warm-started at the previous
-//!   query's τ, f32; each step `O(log K′)` on the sorted list through prefix sums of its scores)
-//!   and the length of the list prefix it attends. Attention, f16 / bf16 with
+//!   query's τ, f32; each step `O(log K′)` on the sorted list through f64 prefix sums of its
+//!   scores) and the length of the list prefix it attends. Attention, f16 / bf16 with
 //!   head_dim ≤ 128: blocked tensor-core kernels (mma.sync m16n8k16, f32 accumulation), one CTA
 //!   per block of 64 queries and query head. τ_i and the cut are non-decreasing in i, so the
 //!   block's queries attend a prefix of its sorted list plus the contiguous band of its newer
 //!   candidates and window keys; both are walked in tiles of 64 gathered K/V rows (cp.async,
 //!   double-buffered) with the weight `w_ij` applied per element (list tiles: one comparison with
 //!   the query's attended prefix; band tiles inside every query's window: no test). Forward:
-//!   online softmax. Backward, one query-major pass over the same tiles: dQ (written in the input
-//!   dtype), `r_i`, `|S_i|`, and for the list tiles dK, dV and the score gradient of the tile's
-//!   keys (P·w and dS staged in shared memory and multiplied, transposed, by dO and Q; added with
-//!   f32 vector atomics, since list keys are shared by many blocks and heads: not bitwise
-//!   deterministic); the list keys' `−r_i/|S_i|` terms at the end of the pass (per row the strict
-//!   support is an index range of the sorted list). Then the band part key-major (one CTA per
-//!   block of 64 keys and kv head over the query blocks whose band holds them; registers), which
-//!   adds the list part and writes dK, dV in the input dtype. f32 (and head_dim 256) keep the
-//!   exact row kernels: forward and dQ one warp per query row, dK / dV / scores one warp per key
-//!   over the interval of queries attending it (no atomics, deterministic). CUDA needs `K′ ≤ 8192`.
+//!   online softmax; dQ (written in the input dtype), `r_i`, `|S_i|`: the same walk. dK, dV and
+//!   the score gradient: the band part key-major (one CTA per block of 64 keys and kv head over
+//!   the query blocks whose band holds them; registers, plain stores), then the list tiles
+//!   query-major with each warp owning 16 keys of the tile, added with f32 vector atomics (list
+//!   keys are shared by many blocks and heads: not bitwise deterministic), then one pass to the
+//!   input dtype. f32 (and head_dim 256) keep the exact row kernels: forward and dQ one warp per
+//!   query row, dK / dV / scores one warp per key over the interval of queries attending it (no
+//!   atomics, deterministic). CUDA needs `K′ ≤ 8192`.
 //! - **Autograd**: candle's `CustomOp3` has three inputs, so `k` and `v` enter through a
 //!   one-element link op on `(k, v)`; the attention op `(q, link, scores)` reads k and v from its
 //!   own fields, and its backward hands `(dk, dv)` to the link's backward (no `[k | v]` copy).
