@@ -6,7 +6,9 @@
 //   lists block after block (O(T * cap / BQ) work per row, no O(T^2)).
 // - sk_select: per query, the union of its block's list and the <= BQ newer candidates, cut to the
 //   top-`cap` (cut = the cap-th largest key), then tau by safeguarded Newton steps on the
-//   piecewise-linear budget function, warm-started at the previous query's tau.
+//   piecewise-linear budget function, warm-started at the previous query's tau. Each step costs
+//   O(log cap) on the sorted list (warp-wide 32-way searches plus f64 prefix sums of its scores)
+//   and one element per lane for the <= BQ newer candidates.
 // Attention, f16 / bf16 with head_dim <= 128: the blocked tensor-core kernels skt_* (see the
 // section below). Attention, f32 and head_dim 256 (one warp per query row, f32 math; keys 32 at a
 // time: lane-per-key scores, then lanes own head_dim / 32 contiguous dims for the weighted sums):
@@ -129,17 +131,35 @@ extern "C" __global__ void sk_block_lists(const float* __restrict__ u, float* __
   }
 }
 
+// Number of indices r in [0, n) with pred(r), for a prefix predicate (true on [0, count), false
+// after), found by the whole warp with 32-way probes: O(log32 n) rounds.
+template <typename P>
+__device__ __forceinline__ int warp_count_prefix(int n, int lane, P&& pred) {
+  int lo = 0, hi = n;  // the count is in [lo, hi]
+  while (hi > lo) {
+    const int step = (hi - lo + 31) / 32, r = lo + lane * step;
+    const int c = __popc(__ballot_sync(0xffffffffu, r < hi && pred(r)));
+    if (c == 0) break;
+    const int nlo = lo + (c - 1) * step + 1;
+    hi = min(hi, lo + c * step);
+    lo = nlo;
+  }
+  return lo;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Per query: cut (the cap-th largest candidate key, or j = -1), tau (-inf when <= k kept) and the
 // length of the prefix of its block's list that it attends (nattend; nlist: the block's maximum).
-// Grid (nb, rows), 8 warps; dynamic smem: (cap + BQ) * 8 bytes.
+// Grid (nb, rows), 8 warps; dynamic smem: (cap + BQ) * 8 + (cap + 1) * 8 bytes (the list, the
+// block's newer candidates, f64 prefix sums of the list's scores).
 extern "C" __global__ void sk_select(const float* __restrict__ u, const float* __restrict__ lu,
                                      const int* __restrict__ lj, float* __restrict__ tau_out,
                                      float* __restrict__ cut_u_out, int* __restrict__ cut_j_out,
                                      int* __restrict__ nlist_out, int* __restrict__ nattend_out,
                                      int T, int window, int cap, float k, int nb) {
-  extern __shared__ unsigned char smem[];
-  float* Lu = (float*)smem;
+  extern __shared__ __align__(16) unsigned char smem[];
+  double* Ps = reinterpret_cast<double*>(smem);  // [cap + 1]
+  float* Lu = reinterpret_cast<float*>(Ps + cap + 1);
   int* Lj = (int*)(Lu + cap);
   float* Eu = (float*)(Lj + cap);
   int* Ej = (int*)(Eu + BQ);
@@ -163,6 +183,21 @@ extern "C" __global__ void sk_select(const float* __restrict__ u, const float* _
   if (tid < nE) { Eu[tid] = ur[e0 + tid] + 0.f; Ej[tid] = e0 + tid; }
   __syncthreads();
   const int len = s_len;
+  // Exclusive prefix sums of the list's scores (f64), by warp 0: chunks per lane, then a scan.
+  if (warp == 0) {
+    const int per = (len + 31) / 32, r0 = min(len, lane * per), r1 = min(len, r0 + per);
+    double s = 0.0;
+    for (int r = r0; r < r1; ++r) s += Lu[r];
+    double incl = s;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      double y = __shfl_up_sync(0xffffffffu, incl, o);
+      if (lane >= o) incl += y;
+    }
+    double run = incl - s;
+    for (int r = r0; r < r1; ++r) { Ps[r] = run; run += Lu[r]; }
+    if (lane == 31) Ps[len] = incl;
+  }
   // Rank tables for the cut (the element of rank cap - 1 of the list and the first n_ext extras):
   // gtE[s] = bit t set when extra t ranks above extra s; rankL[s] = list entries above extra s;
   // gtL[r - rb] = extras above list entry r, for the only list entries that can have rank
@@ -214,30 +249,36 @@ extern "C" __global__ void sk_select(const float* __restrict__ u, const float* _
     float tau = neg_inf();
     if ((float)m > k) {
       // The list is sorted and in_top is a prefix predicate on it: its kept part is [0, lt).
-      int lt = 0, hi_l = len;
-      while (lt < hi_l) {
-        int mid = (lt + hi_l) >> 1;
-        if (in_top(Lu[mid], Lj[mid], cut_u, cut_j)) lt = mid + 1; else hi_l = mid;
+      const int lt = warp_count_prefix(len, lane, [&](int r) { return in_top(Lu[r], Lj[r], cut_u, cut_j); });
+      // This lane's extras (at most BQ = 2 * 32): score, or -inf when cut off.
+      float ze[2];
+#pragma unroll
+      for (int x = 0; x < 2; ++x) {
+        int s = lane + 32 * x;
+        ze[x] = s < n_ext && in_top(Eu[s], Ej[s], cut_u, cut_j) ? Eu[s] : neg_inf();
       }
-      float mx = lt > 0 ? Lu[0] : neg_inf(), mn = lt > 0 ? Lu[lt - 1] : __int_as_float(0x7f800000);
-      for (int s = lane; s < n_ext; s += 32)
-        if (in_top(Eu[s], Ej[s], cut_u, cut_j)) { mx = fmaxf(mx, Eu[s]); mn = fminf(mn, Eu[s]); }
+      float mx = lt > 0 ? Lu[0] : neg_inf(), mn = lt > 0 ? Lu[lt - 1] : pos_inf();
+#pragma unroll
+      for (int x = 0; x < 2; ++x)
+        if (ze[x] > neg_inf()) { mx = fmaxf(mx, ze[x]); mn = fminf(mn, ze[x]); }
       mx = warp_max(mx);
       mn = -warp_max(-mn);
+      const float ze0 = ze[0] - mx, ze1 = ze[1] - mx;  // centred (-inf: not kept)
       // f(x) = sum clip(z - x, 0, 1) over the kept scores z (centred: z - mx), with the counts of
-      // the saturated (nu) and strictly partial (ns, sum ss) entries at x.
+      // the saturated (nu) and strictly partial (ns, sum ss) entries at x. The sorted list part
+      // comes from two counts and the prefix sums (lane 0), the extras from their lanes.
       float ns, ss, nu, f;
       auto eval = [&](float x) {
+        const int a = warp_count_prefix(lt, lane, [&](int r) { return Lu[r] - mx >= x + 1.f; });
+        const int bc = warp_count_prefix(lt, lane, [&](int r) { return Lu[r] - mx > x; });
         ns = ss = nu = 0.f;
-        for (int r = lane; r < lt; r += 32) {
-          float z = Lu[r] - mx;
-          if (z >= x + 1.f) nu += 1.f; else if (z > x) { ns += 1.f; ss += z; }
+        if (lane == 0) {
+          nu = (float)a;
+          ns = (float)(bc - a);
+          ss = (float)((Ps[bc] - Ps[a]) - (double)(bc - a) * (double)mx);
         }
-        for (int s = lane; s < n_ext; s += 32) {
-          if (!in_top(Eu[s], Ej[s], cut_u, cut_j)) continue;
-          float z = Eu[s] - mx;
-          if (z >= x + 1.f) nu += 1.f; else if (z > x) { ns += 1.f; ss += z; }
-        }
+        if (ze0 >= x + 1.f) nu += 1.f; else if (ze0 > x) { ns += 1.f; ss += ze0; }
+        if (ze1 >= x + 1.f) nu += 1.f; else if (ze1 > x) { ns += 1.f; ss += ze1; }
         ns = warp_sum(ns); ss = warp_sum(ss); nu = warp_sum(nu);
         f = nu + ss - x * ns;
       };
@@ -263,11 +304,8 @@ extern "C" __global__ void sk_select(const float* __restrict__ u, const float* _
     }
     tau_prev = tau;
     // The list prefix this query attends: in the top cap and u > tau (both prefix predicates).
-    int na = 0, nb_ = len;
-    while (na < nb_) {
-      int mid = (na + nb_) >> 1;
-      if (in_top(Lu[mid], Lj[mid], cut_u, cut_j) && Lu[mid] > tau) na = mid + 1; else nb_ = mid;
-    }
+    const int na = warp_count_prefix(
+        len, lane, [&](int r) { return in_top(Lu[r], Lj[r], cut_u, cut_j) && Lu[r] > tau; });
     if (lane == 0) {
       atomicMax(&s_nl, na);
       long long o = (long long)row * T + i;

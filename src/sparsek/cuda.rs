@@ -4,7 +4,8 @@
 //! - Selection: one CTA per `(batch, kv_head)` builds the top-`K′` list of the prefix before every
 //!   block of 64 queries by merging sorted lists (`O(T·K′/64)` memory); then per query the cut
 //!   (its `K′`-th largest candidate) and τ (safeguarded Newton steps on the piecewise-linear
-//!   budget, warm-started at the previous query's τ, f32).
+//!   budget, warm-started at the previous query's τ, f32; each step `O(log K′)` on the sorted list
+//!   through f64 prefix sums of its scores).
 //! - f16 / bf16 with head_dim ≤ 128 (`skt_*`): blocked tensor-core kernels, one CTA of 4 warps per
 //!   (block of 64 queries, batch × query head) walking the block's list prefix and its band of
 //!   newer candidates and window keys in tiles of 64 gathered keys: forward; dQ (in the input
@@ -133,7 +134,8 @@ pub(crate) fn select(
     let mut list_len = unsafe { dev.alloc::<i32>(rows * blocks) }?;
     let mut nattend = unsafe { dev.alloc::<i32>(rows * t) }?;
     {
-        let smem = (cap + BQ) * 8;
+        // The list and the block's newer candidates (score, position), the list's f64 prefix sums.
+        let smem = (cap + BQ) * 8 + (cap + 1) * 8;
         let f = func!(dev, "sk_select", smem);
         let mut b = f.builder();
         let k = scfg.k as f32;

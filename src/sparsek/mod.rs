@@ -31,7 +31,8 @@
 //!   an exact sorted scan for τ (f64). CUDA: per block of 64 queries the top-`K′` of the prefix by a
 //!   sequential merge of sorted lists, then per query its cut (the `K′`-th largest candidate), τ
 //!   (safeguarded Newton steps on the piecewise-linear budget, warm-started at the previous
-//!   query's τ, f32) and the length of the list prefix it attends. Attention, f16 / bf16 with
+//!   query's τ, f32; each step `O(log K′)` on the sorted list through f64 prefix sums of its
+//!   scores) and the length of the list prefix it attends. Attention, f16 / bf16 with
 //!   head_dim ≤ 128: blocked tensor-core kernels (mma.sync m16n8k16, f32 accumulation), one CTA
 //!   per block of 64 queries and query head. τ_i and the cut are non-decreasing in i, so the
 //!   block's queries attend a prefix of its sorted list plus the contiguous band of its newer
@@ -53,22 +54,24 @@
 //!   path never syncs with the host and does not check them.
 //!
 //! # Performance (measured: H100, bf16, B = 4, H = 48, D = 64, k = 256, window = 256, K′ = 512)
-//! Forward + backward through the loss `(out·g).sum()`: 30.9 / 59.8 / 122.3 / 241.8 ms at 8k /
-//! 16k / 32k / 64k tokens (linear: ×1.93, ×2.05, ×1.98), beside the dense [`crate::flash_attn`]
-//! at 38.4 / 125.1 / 432.8 ms (1.24× / 2.09× / 3.54× faster). With the output gradient handed in
-//! directly (no loss ops; the op's own time): 21.7 / 41.9 / 84.8 / 170.7 ms against dense 28.9 /
-//! 106.3 / 400.4 ms (1.33× / 2.53× / 4.72×). Forward alone 6.5 / 12.4 / 24.8 / 50.1 ms; device
-//! memory in use after the backward 2.40 / 4.15 / 7.40 / 13.83 GiB (table and command in
-//! BENCHMARKS.md). At 16k the kernels take 35.2 ms: selection 0.8 + 4.9, forward 6.1, dQ 8.3,
-//! dK / dV / dScores 5.3 (band) + 9.1 (list tiles) + 0.8 (conversion); the rest is candle's
-//! gradient accumulation (zeros + add per gradient, as for the dense op). Before (k and v packed
-//! into one `[k | v]` input, an f32 gradient buffer converted by separate ops): 84.2 ms at 16k
-//! with the loss, kernels 42.9 ms. Not yet at the 5× target (≈ 21 ms seeded at 16k). The blocked
-//! kernels are bound by their element-wise loops (weights, exponentials, score gradient) at
-//! about 230 registers per thread (8 warps per SM), not by memory; next: two row tiles per warp
-//! (as the dense kernels) to halve the shared-memory traffic per MMA, per-thread query data for
-//! the key-side step, and prefix sums over the sorted list so that each of `sk_select`'s Newton
-//! passes costs `O(log K′)` instead of a scan.
+//! Forward + backward through the loss `(out·g).sum()`: 30.5 / 60.6 / 121.7 / 261.0 ms at 8k /
+//! 16k / 32k / 64k tokens (linear: ×1.99, ×2.01, ×2.14), beside the dense [`crate::flash_attn`]
+//! at 40.6 / 125.0 / 444.1 ms (1.33× / 2.07× / 3.65× faster). With the output gradient handed in
+//! directly (no loss ops; the op's own time): 21.5 / 46.8 / 92.8 / 170.7 ms against dense 30.2 /
+//! 108.0 / 402.2 ms (1.41× / 2.31× / 4.33×; the seeded 16k time is noisy between runs: 42.0 and
+//! 42.9 ms in two other runs of the same selection). Forward alone 5.8 / 11.8 / 23.3 / 47.1 ms;
+//! device memory in use after the backward 2.43 / 4.15 / 7.33 / 13.83 GiB (table and command in
+//! BENCHMARKS.md). At 16k the kernels take 33.8 ms: selection 0.76 + 3.41, forward 6.05, dQ 8.36,
+//! dK / dV / dScores 5.31 (band) + 9.10 (list tiles) + 0.82 (conversion); the rest is candle's
+//! gradient accumulation (zeros + add per gradient, as for the dense op). `sk_select` took 4.86
+//! ms while each Newton step scanned the list; with prefix sums over the sorted list each step is
+//! `O(log K′)`. Not yet at the 5× target (≈ 21 ms seeded at 16k). Measured and dropped: one fused
+//! query-major backward that reuses dQ's S and dP for the list keys' dK / dV (staged in shared
+//! memory, atomics as now) took 17.6 ms against 8.4 + 9.1 ms, so the list part's cost is not the
+//! recomputation; the suspect is its f32 atomics (estimated ≈ 13 GB of `red` traffic at 16k), to confirm
+//! with ncu's L2 metrics before the next design (fewer, larger flushes per key). Other next
+//! steps: two row tiles per warp (as the dense kernels) to halve the shared-memory traffic per
+//! MMA, and per-thread query data for the key-side step.
 
 mod attn;
 mod cache;
