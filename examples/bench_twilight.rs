@@ -1,6 +1,7 @@
 //! Twilight decode benchmark: one decode attention step (Quest selection + INT4 estimate + top-p +
 //! sparse attention) against dense decode over the full cache (`flash_attn`, q_len 1), plus the
-//! time of each stage, the kept fraction and the output error vs dense.
+//! time of each call of the step (`step: ...`, the fused paths on CUDA), of each stage function
+//! on its own, the kept fraction and the output error vs dense.
 //!
 //! Inputs are **synthetic keys with realistic structure** (no real-model keys are available
 //! here): per head a rank-8 signal whose coefficients drift by 64-token segment ("topics", so
@@ -31,8 +32,9 @@ use common::{dense_decode_ms, time_ms};
 use anyhow::Result;
 use candle::{DType, Device, Tensor, D};
 use candle_sparse_attn::twilight::{
-    decode_layer, estimate_scores, page_scores, sparse_decode_attention, top_indices, top_p,
-    union_per_group, TwilightCache, TwilightConfig,
+    decode_layer, estimate_scores, page_scores, prune_and_union, sparse_decode_attention,
+    top_indices, top_p, union_per_group, BaseSelector, QuestSelector, TwilightCache,
+    TwilightConfig,
 };
 use candle_sparse_attn::{flash_attn, reference, AttnParams};
 use clap::Parser;
@@ -266,7 +268,23 @@ fn main() -> Result<()> {
     let stage = |name: &'static str, f: &mut dyn FnMut() -> Result<()>| -> Result<(&str, f64)> {
         Ok((name, time_ms(&dev, WARMUP, reps, f)?))
     };
+    let quest = QuestSelector {
+        budget: args.budget,
+    };
+    // The decode step's calls (fused on CUDA), then the stage functions one by one.
     let stages = vec![
+        stage("step: Quest select", &mut || {
+            quest.select(&cache, &q3)?;
+            Ok(())
+        })?,
+        stage("step: prune + union", &mut || {
+            prune_and_union(&cache, &q3, &cand, sc, args.p)?;
+            Ok(())
+        })?,
+        stage("step: sparse attention", &mut || {
+            sparse_decode_attention(&cache, &q3, &lists, sc)?;
+            Ok(())
+        })?,
         stage("select: page scores", &mut || {
             page_scores(&cache, &q3)?;
             Ok(())
@@ -285,10 +303,6 @@ fn main() -> Result<()> {
         })?,
         stage("GQA union", &mut || {
             union_per_group(&kept, hkv, t)?;
-            Ok(())
-        })?,
-        stage("sparse attention", &mut || {
-            sparse_decode_attention(&cache, &q3, &lists, sc)?;
             Ok(())
         })?,
     ];
