@@ -231,6 +231,8 @@ __device__ void quest_select(const T* __restrict__ q, const T* __restrict__ pmin
     if (warp < group) {
       // Lane l holds digits 255 - 8l .. 248 - 8l (descending); find the digit where the count
       // from the top reaches need.
+      const int nd = need[warp];
+      __syncwarp();
       int c[8], mine = 0;
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
@@ -243,7 +245,6 @@ __device__ void quest_select(const T* __restrict__ q, const T* __restrict__ pmin
         const int y = __shfl_up_sync(FULL_MASK, incl, o);
         if (lane >= o) incl += y;
       }
-      const int nd = need[warp];
       int run = incl - mine;
       if (run < nd && nd <= incl) {
 #pragma unroll
