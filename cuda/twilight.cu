@@ -171,7 +171,7 @@ __device__ void page_scores(const T* __restrict__ q, const T* __restrict__ pmin,
 // by a radix select over 8-bit digits (4 histogram passes, all heads at once, warp-aggregated
 // shared-memory atomics), then an order-preserving compaction (one warp per head, ballots),
 // expanded to token ids like tw_top_indices: out (b, hq, k * expand), ascending, ties to the lower
-// page index. Dynamic shared memory: group * (D + np) words.
+// page index. Dynamic shared memory: group * (D + np + k) words.
 // ---------------------------------------------------------------------------------------------
 template <typename T, int D>
 __device__ void quest_select(const T* __restrict__ q, const T* __restrict__ pmin,
@@ -260,11 +260,12 @@ __device__ void quest_select(const T* __restrict__ q, const T* __restrict__ pmin
     }
     __syncthreads();
   }
-  // Compaction: every key > tau, and the first need[h] keys equal to tau, in page order.
+  // Compaction: every key > tau, and the first need[h] keys equal to tau, in page order, into
+  // sel (group * k page ids after the keys); then every thread writes the expanded token ids.
+  uint32_t* sel = keys + group * np;
   if (warp < group) {
     const uint32_t tau = pref[warp];
     int take = need[warp];
-    uint32_t* o = out + (q0 + warp) * (long long)k * expand;
     int pos = 0;
     for (int base = 0; base < np; base += 32) {
       const int i = base + lane;
@@ -275,15 +276,16 @@ __device__ void quest_select(const T* __restrict__ q, const T* __restrict__ pmin
       const bool keep = gt || (eq && __popc(eqm & below) < take);
       take -= min(take, __popc(eqm));
       const unsigned km = __ballot_sync(FULL_MASK, keep);
-      if (keep) {
-        const long long slot = pos + __popc(km & below);
-        for (int j = 0; j < expand; ++j) {
-          const long long t = (long long)i * expand + j;
-          o[slot * expand + j] = t < valid_len ? (uint32_t)t : NO_TOKEN;
-        }
-      }
+      if (keep) sel[warp * k + pos + __popc(km & below)] = (uint32_t)i;
       pos += __popc(km);
     }
+  }
+  __syncthreads();
+  const int per_head = k * expand;
+  for (int idx = threadIdx.x; idx < group * per_head; idx += blockDim.x) {
+    const int h = idx / per_head, r = idx - h * per_head;
+    const long long t = (long long)sel[h * k + r / expand] * expand + r % expand;
+    out[(q0 + h) * per_head + r] = t < valid_len ? (uint32_t)t : NO_TOKEN;
   }
 }
 

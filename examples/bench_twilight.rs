@@ -80,6 +80,11 @@ struct Args {
     /// Synthetic query: per-channel Gaussian noise.
     #[arg(long, default_value_t = 0.2)]
     q_noise: f64,
+    /// CUDA: keep freed memory in the device's default memory pool (release threshold at
+    /// maximum, like a caching allocator, as `generate` does) instead of returning it to the
+    /// driver at every synchronisation; applies to dense decode and Twilight alike.
+    #[arg(long)]
+    keep_pool: bool,
     /// Real attention inputs from `generate dump-qkv` (see the module docs) instead of the
     /// synthetic ones; sets head_dim 64 and heads = 3 × kv heads.
     #[arg(long)]
@@ -231,6 +236,12 @@ fn main() -> Result<()> {
         _ => Device::Cpu,
     };
     let (b, hq, d, t) = (args.batch, args.heads, args.head_dim, args.context);
+    if args.keep_pool {
+        if !dev.is_cuda() {
+            anyhow::bail!("--keep-pool needs a CUDA device, got {dev:?}")
+        }
+        candle_sparse_attn::keep_memory_pool(&dev)?;
+    }
     let (cache, q) = match &args.qkv {
         Some(path) => load_real(&args, path, &dev)?,
         None => build(&args, &dev)?,
@@ -334,8 +345,16 @@ fn main() -> Result<()> {
     let gbs = |bytes: f64, ms: f64| bytes / (ms * 1e-3) / 1e9;
 
     println!(
-        "Twilight decode: B={b} Hq={hq} Hkv={hkv} D={d} T={t} bf16, p={} B0={} page={} on {:?}",
-        args.p, args.budget, args.page_size, dev
+        "Twilight decode: B={b} Hq={hq} Hkv={hkv} D={d} T={t} bf16, p={} B0={} page={} on {:?}{}",
+        args.p,
+        args.budget,
+        args.page_size,
+        dev,
+        if args.keep_pool {
+            ", memory pool kept"
+        } else {
+            ""
+        }
     );
     println!("{:<28} {:>10} {:>12}", "what", "ms", "GB/s");
     println!(
@@ -376,7 +395,7 @@ fn main() -> Result<()> {
     let json = serde_json::json!({
         "batch": b, "q_heads": hq, "kv_heads": hkv, "head_dim": d, "context": t, "dtype": "bf16",
         "p": args.p, "base_budget": args.budget, "page_size": args.page_size,
-        "device": format!("{dev:?}"), "inputs": inputs,
+        "device": format!("{dev:?}"), "inputs": inputs, "keep_pool": args.keep_pool,
         "dense_ms": dense_ms, "dense_gbps": gbs(dense_bytes, dense_ms),
         "twilight_ms": twilight_ms, "twilight_gbps": gbs(twilight_bytes, twilight_ms),
         "quest_only_ms": base_only_ms, "speedup": dense_ms / twilight_ms,

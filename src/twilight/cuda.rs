@@ -195,7 +195,7 @@ fn quest_select_t<T: CudaDType + DeviceRepr>(
     let (b, hq, d) = q.dims3()?;
     let (hkv, np, ps) = (cache.kv_heads(), cache.num_pages(), cache.page_size());
     let group = hq / hkv;
-    let smem = group * (d + np) * 4;
+    let smem = group * (d + np + keep) * 4;
     if group > MAX_GROUP || smem > FUSED_SMEM || keep == 0 || keep > np {
         return Ok(None);
     }
