@@ -718,16 +718,17 @@ fn fused_paths_match_stages() -> Result<()> {
             let keep = budget.div_ceil(16).min(t.div_ceil(16));
             let cand = QuestSelector { budget }.select(&c.cache, &q3)?;
             let staged = top_indices(&page_scores(&c.cache, &q3)?, keep, 16, t)?;
-            assert_eq!(vec3::<u32>(&cand)?, vec3::<u32>(&staged)?, "{what} selection");
+            assert_eq!(
+                vec3::<u32>(&cand)?,
+                vec3::<u32>(&staged)?,
+                "{what} selection"
+            );
             let scale = 1.0 / (d as f32).sqrt();
             let est = estimate_scores(&c.cache, &q3, &cand, scale)?;
             let (kept, lists) = prune_and_union(&c.cache, &q3, &cand, scale, p)?;
             let want = vec3::<u32>(&top_p(&est, &cand, p)?)?;
-            let (kept, est, cand_h) = (
-                vec3::<u32>(&kept)?,
-                vec3::<f32>(&est)?,
-                vec3::<u32>(&cand)?,
-            );
+            let (kept, est, cand_h) =
+                (vec3::<u32>(&kept)?, vec3::<f32>(&est)?, vec3::<u32>(&cand)?);
             let (mut diff, mut total) = (0, 0);
             for bi in 0..b {
                 for h in 0..hq {
@@ -741,7 +742,10 @@ fn fused_paths_match_stages() -> Result<()> {
                     check_top_p_row(&w, &mask, p, &format!("{what} b{bi} h{h}"));
                 }
             }
-            assert!(diff * 100 <= total, "{what}: fused and staged top-p differ in {diff} of {total}");
+            assert!(
+                diff * 100 <= total,
+                "{what}: fused and staged top-p differ in {diff} of {total}"
+            );
             let kept_t = Tensor::from_vec(
                 kept.concat().concat(),
                 (b, hq, kept[0][0].len()),
@@ -790,8 +794,14 @@ fn quest_select_ties() -> Result<()> {
         let cand = vec3::<u32>(&QuestSelector { budget: 6 * ps }.select(&cache, &q3)?)?;
         let scores = vec3::<f32>(&page_scores(&cache, &q3)?)?;
         for h in 0..hq {
-            let best = scores[0][h].iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let top: Vec<usize> = (0..64).filter(|&p| scores[0][h][p] == best).take(6).collect();
+            let best = scores[0][h]
+                .iter()
+                .copied()
+                .fold(f32::NEG_INFINITY, f32::max);
+            let top: Vec<usize> = (0..64)
+                .filter(|&p| scores[0][h][p] == best)
+                .take(6)
+                .collect();
             assert_eq!(top.len(), 6, "{dev:?}: 16 tied pages per class");
             let want: Vec<u32> = top
                 .iter()

@@ -138,7 +138,15 @@ fn page_scores_t<T: CudaDType + DeviceRepr>(cache: &TwilightCache, q: &Tensor) -
         np as i32
     );
     let pages_per_block = 256 / row_lanes(d, q.dtype());
-    unsafe { a.launch(launch_config(WHAT, (np.div_ceil(pages_per_block), b * hkv), 256, smem)?) }.w()?;
+    unsafe {
+        a.launch(launch_config(
+            WHAT,
+            (np.div_ceil(pages_per_block), b * hkv),
+            256,
+            smem,
+        )?)
+    }
+    .w()?;
     Ok(wrap_slice(out, &dev, (b, hq, np)))
 }
 
