@@ -696,7 +696,8 @@ __device__ void prune_union(const T* __restrict__ q, const uint8_t* __restrict__
 // RowSplit::LPR lanes (16-byte loads), so a warp holds 32 / LPR tokens at a time, two steps in
 // flight; online softmax in f32 per lane group, merged over the warp by shuffles and over the
 // warps in shared memory. The block writes unnormalised partial o (b*hq, nchunks, D) and
-// (max, sum) (b*hq, nchunks, 2).
+// (max, sum) (b*hq, nchunks, 2). G (1, 2, 4 or 8, at least the group) bounds the query heads
+// held in registers, so that small groups keep the occupancy high.
 // ---------------------------------------------------------------------------------------------
 #define CHUNK 64
 #define ATT_WARPS 4
@@ -704,13 +705,12 @@ __device__ void prune_union(const T* __restrict__ q, const uint8_t* __restrict__
 
 // One token's online-softmax update of every query head of the group (`valid` false: the row
 // only takes part in the shuffles).
-template <int EPT, int LPR>
-__device__ __forceinline__ void attn_update(const float (&qr)[MAXG][EPT], const float (&kx)[EPT],
+template <int EPT, int LPR, int G>
+__device__ __forceinline__ void attn_update(const float (&qr)[G][EPT], const float (&kx)[EPT],
                                             const float (&vx)[EPT], bool valid, int group,
-                                            float (&o)[MAXG][EPT], float (&m)[MAXG],
-                                            float (&l)[MAXG]) {
+                                            float (&o)[G][EPT], float (&m)[G], float (&l)[G]) {
 #pragma unroll
-  for (int h = 0; h < MAXG; ++h) {
+  for (int h = 0; h < G; ++h) {
     if (h < group) {
       float s = 0.f;
 #pragma unroll
@@ -728,7 +728,7 @@ __device__ __forceinline__ void attn_update(const float (&qr)[MAXG][EPT], const 
   }
 }
 
-template <typename T, int D>
+template <typename T, int D, int G>
 __device__ void attn_chunk(const T* __restrict__ q, const T* __restrict__ k,
                            const T* __restrict__ v, const uint32_t* __restrict__ lists,
                            float* __restrict__ part_o, float* __restrict__ part_ml, int hq, int hkv,
@@ -742,9 +742,9 @@ __device__ void attn_chunk(const T* __restrict__ q, const T* __restrict__ k,
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int sub = lane % LPR, slot = lane / LPR;
   const long long q_row0 = (long long)(row / hkv) * hq + (long long)(row % hkv) * group;
-  float qr[MAXG][EPT];
+  float qr[G][EPT];
 #pragma unroll
-  for (int h = 0; h < MAXG; ++h) {
+  for (int h = 0; h < G; ++h) {
     if (h < group) {
       load_f<T, EPT>(q + (q_row0 + h) * D + sub * EPT, qr[h]);
 #pragma unroll
@@ -758,9 +758,9 @@ __device__ void attn_chunk(const T* __restrict__ q, const T* __restrict__ k,
   const T* vb = v + (long long)row * cap * D + sub * EPT;
   for (int chunk = blockIdx.x; chunk * CHUNK < count; chunk += gridDim.x) {
     const int start = chunk * CHUNK, end = min(count, start + CHUNK);
-    float o[MAXG][EPT], m[MAXG], l[MAXG];
+    float o[G][EPT], m[G], l[G];
 #pragma unroll
-    for (int h = 0; h < MAXG; ++h) {
+    for (int h = 0; h < G; ++h) {
       m[h] = neg_inf();
       l[h] = 0.f;
 #pragma unroll
@@ -774,14 +774,14 @@ __device__ void attn_chunk(const T* __restrict__ q, const T* __restrict__ k,
       load_f<T, EPT>(vb + t0 * D, v0);
       load_f<T, EPT>(kb + t1 * D, k1);
       load_f<T, EPT>(vb + t1 * D, v1);
-      attn_update<EPT, LPR>(qr, k0, v0, i0 < end, group, o, m, l);
-      attn_update<EPT, LPR>(qr, k1, v1, i1 < end, group, o, m, l);
+      attn_update<EPT, LPR, G>(qr, k0, v0, i0 < end, group, o, m, l);
+      attn_update<EPT, LPR, G>(qr, k1, v1, i1 < end, group, o, m, l);
     }
     // Merge the TPW token slots of the warp (lanes sub, sub + LPR, ... hold the same channels).
 #pragma unroll
     for (int off = LPR; off < 32; off <<= 1) {
 #pragma unroll
-      for (int h = 0; h < MAXG; ++h) {
+      for (int h = 0; h < G; ++h) {
         if (h < group) {
           const float mo = __shfl_xor_sync(FULL_MASK, m[h], off);
           const float lo = __shfl_xor_sync(FULL_MASK, l[h], off);
@@ -801,7 +801,7 @@ __device__ void attn_chunk(const T* __restrict__ q, const T* __restrict__ k,
     float* mine = sh + warp * group * (D + 2);
     if (slot == 0) {
 #pragma unroll
-      for (int h = 0; h < MAXG; ++h) {
+      for (int h = 0; h < G; ++h) {
         if (h < group) {
 #pragma unroll
           for (int e = 0; e < EPT; ++e) mine[h * (D + 2) + sub * EPT + e] = o[h][e];
@@ -861,6 +861,14 @@ __device__ void attn_merge(const float* __restrict__ part_o, const float* __rest
 // ---------------------------------------------------------------------------------------------
 // Instantiations: TN in {f32, f16, bf16}, D in {32, 64, 96, 128, 256}.
 // ---------------------------------------------------------------------------------------------
+#define PER_G(TN, T, D, G)                                                                       \
+  extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)                                   \
+      tw_attn_##TN##_d##D##_g##G(const T* q, const T* k, const T* v, const uint32_t* lists,      \
+                                 float* part_o, float* part_ml, int hq, int hkv, int cap,        \
+                                 int width, int nchunks, float scale) {                          \
+    attn_chunk<T, D, G>(q, k, v, lists, part_o, part_ml, hq, hkv, cap, width, nchunks, scale);   \
+  }
+
 #define PER_D(TN, T, D)                                                                          \
   extern "C" __global__ void __launch_bounds__(256)                                              \
       tw_page_scores_##TN##_d##D(const T* q, const T* pmin, const T* pmax, float* out, int hq,   \
@@ -887,12 +895,7 @@ __device__ void attn_merge(const float* __restrict__ part_o, const float* __rest
                               int len, int n, float scale) {                                     \
     estimate<T, D>(q, codes, scale_min, cand, est, hq, hkv, cap, len, n, scale);                 \
   }                                                                                              \
-  extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)                                   \
-      tw_attn_##TN##_d##D(const T* q, const T* k, const T* v, const uint32_t* lists,             \
-                          float* part_o, float* part_ml, int hq, int hkv, int cap, int width,    \
-                          int nchunks, float scale) {                                            \
-    attn_chunk<T, D>(q, k, v, lists, part_o, part_ml, hq, hkv, cap, width, nchunks, scale);      \
-  }
+  PER_G(TN, T, D, 1) PER_G(TN, T, D, 2) PER_G(TN, T, D, 4) PER_G(TN, T, D, 8)
 
 #define PER_T(TN, T)                                                                             \
   PER_D(TN, T, 32) PER_D(TN, T, 64) PER_D(TN, T, 96) PER_D(TN, T, 128) PER_D(TN, T, 256)         \

@@ -1,7 +1,9 @@
 //! Twilight decode benchmark: one decode attention step (Quest selection + INT4 estimate + top-p +
 //! sparse attention) against dense decode over the full cache (`flash_attn`, q_len 1), plus the
 //! time of each call of the step (`step: ...`, the fused paths on CUDA), of each stage function
-//! on its own, the kept fraction and the output error vs dense.
+//! on its own, the kept fraction and the output error vs dense. Every time is the median of
+//! `--reps` runs with a device synchronisation after each; the "back to back" rows time 10 calls
+//! between two synchronisations (per call), as a model queues its layers.
 //!
 //! Inputs are **synthetic keys with realistic structure** (no real-model keys are available
 //! here): per head a rank-8 signal whose coefficients drift by 64-token segment ("topics", so
@@ -228,6 +230,8 @@ fn load_real(args: &Args, path: &std::path::Path, dev: &Device) -> Result<(Twili
 
 /// Warm-up runs before each timing.
 const WARMUP: usize = 2;
+/// Calls per timing in the back-to-back rows.
+const CHAIN: usize = 10;
 
 fn main() -> Result<()> {
     let args = Args::parse();
@@ -261,6 +265,24 @@ fn main() -> Result<()> {
         decode_layer(2, &cache, &q, &cfg)?;
         Ok(())
     })?;
+    // Back to back: CHAIN calls between two synchronisations (as the layers of a model's decode
+    // step are queued), the time per call; the device's time where launching keeps ahead of it.
+    let params = AttnParams {
+        softmax_scale: None,
+        causal: false,
+    };
+    let dense_chain_ms = time_ms(&dev, WARMUP, reps, || {
+        for _ in 0..CHAIN {
+            flash_attn(&q, &keys, &values, &params)?;
+        }
+        Ok(())
+    })? / CHAIN as f64;
+    let twilight_chain_ms = time_ms(&dev, WARMUP, reps, || {
+        for _ in 0..CHAIN {
+            decode_layer(2, &cache, &q, &cfg)?;
+        }
+        Ok(())
+    })? / CHAIN as f64;
     let base_only_ms = time_ms(&dev, WARMUP, reps, || {
         decode_layer(2, &cache, &q, &TwilightConfig { p: 1.0, ..cfg })?;
         Ok(())
@@ -321,15 +343,7 @@ fn main() -> Result<()> {
     // Quality and sizes (read back once, outside the timed loops).
     let step = decode_layer(2, &cache, &q, &cfg)?;
     let kept_fraction = step.kept_fraction()?.to_scalar::<f32>()?;
-    let dense = flash_attn(
-        &q,
-        &keys,
-        &values,
-        &AttnParams {
-            softmax_scale: None,
-            causal: false,
-        },
-    )?;
+    let dense = flash_attn(&q, &keys, &values, &params)?;
     let rel_err = reference::rel_err(&step.output, &dense)?;
     let union_tokens = step
         .lists
@@ -373,12 +387,25 @@ fn main() -> Result<()> {
         "{:<28} {:>10.3} {:>12}",
         "quest only (p = 1)", base_only_ms, ""
     );
+    println!(
+        "{:<28} {:>10.3} {:>12.0}",
+        "dense, back to back",
+        dense_chain_ms,
+        gbs(dense_bytes, dense_chain_ms)
+    );
+    println!(
+        "{:<28} {:>10.3} {:>12.0}",
+        "twilight, back to back",
+        twilight_chain_ms,
+        gbs(twilight_bytes, twilight_chain_ms)
+    );
     for (name, ms) in &stages {
         println!("  {name:<26} {ms:>10.3}");
     }
     println!(
-        "speed-up {:.2}x, kept fraction {:.4} ({:.0} tokens/head), union tokens/kv head {:.0}, rel err vs dense {:.4}",
+        "speed-up {:.2}x (back to back {:.2}x), kept fraction {:.4} ({:.0} tokens/head), union tokens/kv head {:.0}, rel err vs dense {:.4}",
         dense_ms / twilight_ms,
+        dense_chain_ms / twilight_chain_ms,
         kept_fraction,
         kept_fraction as f64 * t as f64,
         union_tokens / (b * hkv) as f64,
@@ -399,6 +426,8 @@ fn main() -> Result<()> {
         "dense_ms": dense_ms, "dense_gbps": gbs(dense_bytes, dense_ms),
         "twilight_ms": twilight_ms, "twilight_gbps": gbs(twilight_bytes, twilight_ms),
         "quest_only_ms": base_only_ms, "speedup": dense_ms / twilight_ms,
+        "dense_back_to_back_ms": dense_chain_ms, "twilight_back_to_back_ms": twilight_chain_ms,
+        "speedup_back_to_back": dense_chain_ms / twilight_chain_ms,
         "stages_ms": stages.iter().map(|(n, ms)| (n.to_string(), serde_json::json!(ms))).collect::<serde_json::Map<_, _>>(),
         "kept_fraction": kept_fraction, "union_tokens_per_kv_head": union_tokens / (b * hkv) as f64,
         "rel_err_vs_dense": rel_err,

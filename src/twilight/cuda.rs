@@ -481,7 +481,9 @@ fn attend_t<T: CudaDType + DeviceRepr>(
     let mut part_ml = unsafe { dev.alloc::<f32>(b * hq * nchunks * 2) }?;
     let tn = dtype_suffix(q.dtype(), WHAT)?;
     let smem = 4 * group * (d + 2) * 4;
-    let f = func!(dev, &format!("tw_attn_{tn}_d{d}"), smem);
+    // The kernel holds `group.next_power_of_two()` query heads in registers.
+    let g = group.next_power_of_two();
+    let f = func!(dev, &format!("tw_attn_{tn}_d{d}_g{g}"), smem);
     let mut a = f.builder();
     a.arg(&qv);
     a.arg(&kv);
