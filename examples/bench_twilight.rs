@@ -1,6 +1,9 @@
 //! Twilight decode benchmark: one decode attention step (Quest selection + INT4 estimate + top-p +
 //! sparse attention) against dense decode over the full cache (`flash_attn`, q_len 1), plus the
-//! time of each stage, the kept fraction and the output error vs dense.
+//! time of each call of the step (`step: ...`, the fused paths on CUDA), of each stage function
+//! on its own, the kept fraction and the output error vs dense. Every time is the median of
+//! `--reps` runs with a device synchronisation after each; the "back to back" rows time 10 calls
+//! between two synchronisations (per call), as a model queues its layers.
 //!
 //! Inputs are **synthetic keys with realistic structure** (no real-model keys are available
 //! here): per head a rank-8 signal whose coefficients drift by 64-token segment ("topics", so
@@ -31,8 +34,9 @@ use common::{dense_decode_ms, time_ms};
 use anyhow::Result;
 use candle::{DType, Device, Tensor, D};
 use candle_sparse_attn::twilight::{
-    decode_layer, estimate_scores, page_scores, sparse_decode_attention, top_indices, top_p,
-    union_per_group, TwilightCache, TwilightConfig,
+    decode_layer, estimate_scores, page_scores, prune_and_union, sparse_decode_attention,
+    top_indices, top_p, union_per_group, BaseSelector, QuestSelector, TwilightCache,
+    TwilightConfig,
 };
 use candle_sparse_attn::{flash_attn, reference, AttnParams};
 use clap::Parser;
@@ -78,6 +82,11 @@ struct Args {
     /// Synthetic query: per-channel Gaussian noise.
     #[arg(long, default_value_t = 0.2)]
     q_noise: f64,
+    /// CUDA: keep freed memory in the device's default memory pool (release threshold at
+    /// maximum, like a caching allocator, as `generate` does) instead of returning it to the
+    /// driver at every synchronisation; applies to dense decode and Twilight alike.
+    #[arg(long)]
+    keep_pool: bool,
     /// Real attention inputs from `generate dump-qkv` (see the module docs) instead of the
     /// synthetic ones; sets head_dim 64 and heads = 3 × kv heads.
     #[arg(long)]
@@ -221,6 +230,8 @@ fn load_real(args: &Args, path: &std::path::Path, dev: &Device) -> Result<(Twili
 
 /// Warm-up runs before each timing.
 const WARMUP: usize = 2;
+/// Calls per timing in the back-to-back rows.
+const CHAIN: usize = 10;
 
 fn main() -> Result<()> {
     let args = Args::parse();
@@ -229,6 +240,12 @@ fn main() -> Result<()> {
         _ => Device::Cpu,
     };
     let (b, hq, d, t) = (args.batch, args.heads, args.head_dim, args.context);
+    if args.keep_pool {
+        if !dev.is_cuda() {
+            anyhow::bail!("--keep-pool needs a CUDA device, got {dev:?}")
+        }
+        candle_sparse_attn::keep_memory_pool(&dev)?;
+    }
     let (cache, q) = match &args.qkv {
         Some(path) => load_real(&args, path, &dev)?,
         None => build(&args, &dev)?,
@@ -248,6 +265,24 @@ fn main() -> Result<()> {
         decode_layer(2, &cache, &q, &cfg)?;
         Ok(())
     })?;
+    // Back to back: CHAIN calls between two synchronisations (as the layers of a model's decode
+    // step are queued), the time per call; the device's time where launching keeps ahead of it.
+    let params = AttnParams {
+        softmax_scale: None,
+        causal: false,
+    };
+    let dense_chain_ms = time_ms(&dev, WARMUP, reps, || {
+        for _ in 0..CHAIN {
+            flash_attn(&q, &keys, &values, &params)?;
+        }
+        Ok(())
+    })? / CHAIN as f64;
+    let twilight_chain_ms = time_ms(&dev, WARMUP, reps, || {
+        for _ in 0..CHAIN {
+            decode_layer(2, &cache, &q, &cfg)?;
+        }
+        Ok(())
+    })? / CHAIN as f64;
     let base_only_ms = time_ms(&dev, WARMUP, reps, || {
         decode_layer(2, &cache, &q, &TwilightConfig { p: 1.0, ..cfg })?;
         Ok(())
@@ -266,7 +301,23 @@ fn main() -> Result<()> {
     let stage = |name: &'static str, f: &mut dyn FnMut() -> Result<()>| -> Result<(&str, f64)> {
         Ok((name, time_ms(&dev, WARMUP, reps, f)?))
     };
+    let quest = QuestSelector {
+        budget: args.budget,
+    };
+    // The decode step's calls (fused on CUDA), then the stage functions one by one.
     let stages = vec![
+        stage("step: Quest select", &mut || {
+            quest.select(&cache, &q3)?;
+            Ok(())
+        })?,
+        stage("step: prune + union", &mut || {
+            prune_and_union(&cache, &q3, &cand, sc, args.p)?;
+            Ok(())
+        })?,
+        stage("step: sparse attention", &mut || {
+            sparse_decode_attention(&cache, &q3, &lists, sc)?;
+            Ok(())
+        })?,
         stage("select: page scores", &mut || {
             page_scores(&cache, &q3)?;
             Ok(())
@@ -287,24 +338,12 @@ fn main() -> Result<()> {
             union_per_group(&kept, hkv, t)?;
             Ok(())
         })?,
-        stage("sparse attention", &mut || {
-            sparse_decode_attention(&cache, &q3, &lists, sc)?;
-            Ok(())
-        })?,
     ];
 
     // Quality and sizes (read back once, outside the timed loops).
     let step = decode_layer(2, &cache, &q, &cfg)?;
     let kept_fraction = step.kept_fraction()?.to_scalar::<f32>()?;
-    let dense = flash_attn(
-        &q,
-        &keys,
-        &values,
-        &AttnParams {
-            softmax_scale: None,
-            causal: false,
-        },
-    )?;
+    let dense = flash_attn(&q, &keys, &values, &params)?;
     let rel_err = reference::rel_err(&step.output, &dense)?;
     let union_tokens = step
         .lists
@@ -320,8 +359,16 @@ fn main() -> Result<()> {
     let gbs = |bytes: f64, ms: f64| bytes / (ms * 1e-3) / 1e9;
 
     println!(
-        "Twilight decode: B={b} Hq={hq} Hkv={hkv} D={d} T={t} bf16, p={} B0={} page={} on {:?}",
-        args.p, args.budget, args.page_size, dev
+        "Twilight decode: B={b} Hq={hq} Hkv={hkv} D={d} T={t} bf16, p={} B0={} page={} on {:?}{}",
+        args.p,
+        args.budget,
+        args.page_size,
+        dev,
+        if args.keep_pool {
+            ", memory pool kept"
+        } else {
+            ""
+        }
     );
     println!("{:<28} {:>10} {:>12}", "what", "ms", "GB/s");
     println!(
@@ -340,12 +387,25 @@ fn main() -> Result<()> {
         "{:<28} {:>10.3} {:>12}",
         "quest only (p = 1)", base_only_ms, ""
     );
+    println!(
+        "{:<28} {:>10.3} {:>12.0}",
+        "dense, back to back",
+        dense_chain_ms,
+        gbs(dense_bytes, dense_chain_ms)
+    );
+    println!(
+        "{:<28} {:>10.3} {:>12.0}",
+        "twilight, back to back",
+        twilight_chain_ms,
+        gbs(twilight_bytes, twilight_chain_ms)
+    );
     for (name, ms) in &stages {
         println!("  {name:<26} {ms:>10.3}");
     }
     println!(
-        "speed-up {:.2}x, kept fraction {:.4} ({:.0} tokens/head), union tokens/kv head {:.0}, rel err vs dense {:.4}",
+        "speed-up {:.2}x (back to back {:.2}x), kept fraction {:.4} ({:.0} tokens/head), union tokens/kv head {:.0}, rel err vs dense {:.4}",
         dense_ms / twilight_ms,
+        dense_chain_ms / twilight_chain_ms,
         kept_fraction,
         kept_fraction as f64 * t as f64,
         union_tokens / (b * hkv) as f64,
@@ -362,10 +422,12 @@ fn main() -> Result<()> {
     let json = serde_json::json!({
         "batch": b, "q_heads": hq, "kv_heads": hkv, "head_dim": d, "context": t, "dtype": "bf16",
         "p": args.p, "base_budget": args.budget, "page_size": args.page_size,
-        "device": format!("{dev:?}"), "inputs": inputs,
+        "device": format!("{dev:?}"), "inputs": inputs, "keep_pool": args.keep_pool,
         "dense_ms": dense_ms, "dense_gbps": gbs(dense_bytes, dense_ms),
         "twilight_ms": twilight_ms, "twilight_gbps": gbs(twilight_bytes, twilight_ms),
         "quest_only_ms": base_only_ms, "speedup": dense_ms / twilight_ms,
+        "dense_back_to_back_ms": dense_chain_ms, "twilight_back_to_back_ms": twilight_chain_ms,
+        "speedup_back_to_back": dense_chain_ms / twilight_chain_ms,
         "stages_ms": stages.iter().map(|(n, ms)| (n.to_string(), serde_json::json!(ms))).collect::<serde_json::Map<_, _>>(),
         "kept_fraction": kept_fraction, "union_tokens_per_kv_head": union_tokens / (b * hkv) as f64,
         "rel_err_vs_dense": rel_err,

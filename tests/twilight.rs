@@ -9,7 +9,7 @@ mod common;
 use candle::{DType, Device, Result, Tensor};
 use candle_sparse_attn::reference;
 use candle_sparse_attn::twilight::{
-    decode_layer, decode_with, estimate_scores, page_scores, quantize_int4,
+    decode_layer, decode_with, estimate_scores, page_scores, prune_and_union, quantize_int4,
     sparse_decode_attention, top_indices, top_p, union_per_group, BaseSelector, FullSelector,
     QuestSelector, TopKSelector, TwilightCache, TwilightConfig, WindowSelector, NO_TOKEN,
     TOP_P_EPS,
@@ -696,6 +696,122 @@ fn other_base_selectors() -> Result<()> {
             assert_eq!(step.output.dims(), &[1, 2, 1, 32]);
         }
     }
+    Ok(())
+}
+
+/// The fused paths of a decode step (Quest selection in one call; estimate + top-p + union in
+/// one call, one kernel each on CUDA) against the stage functions they replace, on every device:
+/// selection exactly (ties included), the pruner up to the `TOP_P_EPS` ties of top-p, the union
+/// exactly.
+#[test]
+fn fused_paths_match_stages() -> Result<()> {
+    for dev in devices() {
+        for (dtype, shape, budget, p) in [
+            (DType::BF16, (2, 8, 2, 2000, 128), 512usize, 0.95f32),
+            (DType::F32, (2, 6, 2, 1001, 64), 300, 0.8),
+            (DType::F16, (1, 3, 3, 700, 32), 700, 0.9),
+        ] {
+            let (b, hq, hkv, t, d) = shape;
+            let c = case(&dev, dtype, shape, 16, t + 30, 13)?;
+            let q3 = c.q.squeeze(2)?.contiguous()?;
+            let what = format!("{dev:?} {dtype:?} {shape:?}");
+            let keep = budget.div_ceil(16).min(t.div_ceil(16));
+            let cand = QuestSelector { budget }.select(&c.cache, &q3)?;
+            let staged = top_indices(&page_scores(&c.cache, &q3)?, keep, 16, t)?;
+            assert_eq!(
+                vec3::<u32>(&cand)?,
+                vec3::<u32>(&staged)?,
+                "{what} selection"
+            );
+            let scale = 1.0 / (d as f32).sqrt();
+            let est = estimate_scores(&c.cache, &q3, &cand, scale)?;
+            let (kept, lists) = prune_and_union(&c.cache, &q3, &cand, scale, p)?;
+            let want = vec3::<u32>(&top_p(&est, &cand, p)?)?;
+            let (kept, est, cand_h) =
+                (vec3::<u32>(&kept)?, vec3::<f32>(&est)?, vec3::<u32>(&cand)?);
+            let (mut diff, mut total) = (0, 0);
+            for bi in 0..b {
+                for h in 0..hq {
+                    let w = softmax(&est[bi][h]);
+                    let mask: Vec<bool> = kept[bi][h].iter().map(|&x| x != NO_TOKEN).collect();
+                    for (j, &x) in kept[bi][h].iter().enumerate() {
+                        assert!(x == NO_TOKEN || x == cand_h[bi][h][j], "{what}: kept ids");
+                        diff += (mask[j] != (want[bi][h][j] != NO_TOKEN)) as usize;
+                        total += mask[j] as usize;
+                    }
+                    check_top_p_row(&w, &mask, p, &format!("{what} b{bi} h{h}"));
+                }
+            }
+            assert!(
+                diff * 100 <= total,
+                "{what}: fused and staged top-p differ in {diff} of {total}"
+            );
+            let kept_t = Tensor::from_vec(
+                kept.concat().concat(),
+                (b, hq, kept[0][0].len()),
+                &Device::Cpu,
+            )?;
+            let want_lists = vec3::<u32>(&union_per_group(&kept_t, hkv, t)?)?;
+            let lists = vec3::<u32>(&lists)?;
+            for bi in 0..b {
+                for g in 0..hkv {
+                    let (got, want) = (&lists[bi][g], &want_lists[bi][g]);
+                    assert_eq!(got[0], want[0], "{what} union count b{bi} g{g}");
+                    let n = got[0] as usize;
+                    assert_eq!(got[1..1 + n], want[1..1 + n], "{what} union b{bi} g{g}");
+                }
+            }
+            // p = 1: every finite candidate, unchanged.
+            let (all, _) = prune_and_union(&c.cache, &q3, &cand, scale, 1.0)?;
+            assert_eq!(vec3::<u32>(&all)?, cand_h, "{what} p = 1");
+        }
+    }
+    Ok(())
+}
+
+/// Quest selection with many equal page scores (pages repeating with period 4): ties go to the
+/// lower page index, in the fused path as in the stages and the CPU.
+#[test]
+fn quest_select_ties() -> Result<()> {
+    let (b, hq, hkv, d, ps) = (1, 4, 2, 64, 16);
+    let t = 64 * ps;
+    let mut rng = StdRng::seed_from_u64(14);
+    let period = gaussian(&mut rng, hkv * 4 * ps * d);
+    let mut k = vec![0f32; b * hkv * t * d];
+    for h in 0..hkv {
+        for tok in 0..t {
+            let src = (h * 4 * ps + tok % (4 * ps)) * d;
+            k[(h * t + tok) * d..(h * t + tok + 1) * d].copy_from_slice(&period[src..src + d]);
+        }
+    }
+    let q = gaussian(&mut rng, b * hq * d);
+    let mut results = Vec::new();
+    for dev in devices() {
+        let kt = Tensor::from_vec(k.clone(), (b, hkv, t, d), &dev)?;
+        let mut cache = TwilightCache::new(b, hkv, d, t, ps, DType::F32, &dev)?;
+        cache.append(&kt, &kt)?;
+        let q3 = Tensor::from_vec(q.clone(), (b, hq, d), &dev)?;
+        let cand = vec3::<u32>(&QuestSelector { budget: 6 * ps }.select(&cache, &q3)?)?;
+        let scores = vec3::<f32>(&page_scores(&cache, &q3)?)?;
+        for h in 0..hq {
+            let best = scores[0][h]
+                .iter()
+                .copied()
+                .fold(f32::NEG_INFINITY, f32::max);
+            let top: Vec<usize> = (0..64)
+                .filter(|&p| scores[0][h][p] == best)
+                .take(6)
+                .collect();
+            assert_eq!(top.len(), 6, "{dev:?}: 16 tied pages per class");
+            let want: Vec<u32> = top
+                .iter()
+                .flat_map(|&p| (p * ps..(p + 1) * ps).map(|x| x as u32))
+                .collect();
+            assert_eq!(cand[0][h], want, "{dev:?} h{h}");
+        }
+        results.push(cand);
+    }
+    assert!(results.windows(2).all(|w| w[0] == w[1]));
     Ok(())
 }
 

@@ -7,8 +7,9 @@ use super::cuda;
 use super::{check_ids, cpu, on_device, TwilightCache};
 
 /// Tokens per work item of the CUDA attention: each `(batch, kv head)` list is split into chunks
-/// of this many tokens, each attended by one block (partial output + log-sum-exp), then merged.
-pub const ATTN_CHUNK: usize = 128;
+/// of this many tokens (`CHUNK` in `cuda/twilight.cu`), each attended by one block (partial
+/// output + log-sum-exp), then merged; up to 16 blocks per list loop over its chunks.
+pub const ATTN_CHUNK: usize = 64;
 
 /// GQA union: for each `(batch, kv head)`, the ascending union of the kept tokens of its
 /// `q_heads / kv_heads` query heads.

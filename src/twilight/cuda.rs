@@ -1,6 +1,7 @@
-//! CUDA launch side of every Twilight stage (kernels in `cuda/twilight.cu`). Everything runs on
+//! CUDA launch side of every Twilight stage (kernels in `cuda/twilight.cu`), and of the two fused
+//! fast paths of a decode step (Quest selection; estimate + top-p + union). Everything runs on
 //! candle's stream; the only allocations are the stage outputs and per-call scratch (the union
-//! bitmap, the attention partials), and nothing is copied to the host.
+//! bitmap of the staged path, the attention partials), and nothing is copied to the host.
 
 use candle::cuda_backend::cudarc::driver::{CudaView, DeviceRepr, PushKernelArg};
 use candle::cuda_backend::{CudaDType, WrapErr};
@@ -19,6 +20,21 @@ const WHAT: &str = "twilight";
 const MAX_DYN_SMEM: usize = 227 * 1024 - 1024;
 /// Query heads per KV head the attention kernel holds in registers (`MAXG` in the .cu file).
 const MAX_GROUP: usize = 8;
+/// Blocks per `(batch, kv head)` of the attention kernel (`ATT_MAX_BLOCKS`); each loops over the
+/// list's chunks.
+const ATTN_MAX_BLOCKS: usize = 16;
+
+/// Threads that share one `head_dim` row in the row-parallel kernels (`RowSplit::LPR` in the .cu
+/// file): the largest power of two `≤ 32` dividing `d` that leaves each thread a 16-byte vector
+/// where `d` allows it.
+fn row_lanes(d: usize, dtype: DType) -> usize {
+    let vec = 16 / dtype.size_in_bytes();
+    let mut l = 32;
+    while l > 1 && (d % l != 0 || d / l < vec) {
+        l /= 2;
+    }
+    l
+}
 
 type Guard<'a> = (StorageRef<'a>, &'a Layout);
 
@@ -121,7 +137,16 @@ fn page_scores_t<T: CudaDType + DeviceRepr>(cache: &TwilightCache, q: &Tensor) -
         i32_of(pcap, "pages")?,
         np as i32
     );
-    unsafe { a.launch(launch_config(WHAT, (np.div_ceil(8), b * hkv), 256, smem)?) }.w()?;
+    let pages_per_block = 256 / row_lanes(d, q.dtype());
+    unsafe {
+        a.launch(launch_config(
+            WHAT,
+            (np.div_ceil(pages_per_block), b * hkv),
+            256,
+            smem,
+        )?)
+    }
+    .w()?;
     Ok(wrap_slice(out, &dev, (b, hq, np)))
 }
 
@@ -151,6 +176,72 @@ pub(crate) fn top_indices(
     );
     unsafe { a.launch(launch_config(WHAT, (b * h, 1), 1024, smem)?) }.w()?;
     Ok(wrap_slice(out, &dev, (b, h, k * expand)))
+}
+
+/// Dynamic shared memory of the fused kernels is kept below this, so that two blocks of 1024
+/// threads can share an SM at the sizes of the benchmarks; larger problems take the staged path.
+const FUSED_SMEM: usize = 160 * 1024;
+
+/// The Quest selection in one kernel per `(batch, kv head)` (page scores of the group's query
+/// heads in shared memory, radix select of the top `keep` pages, expansion to token ids): the
+/// same result as `top_indices(page_scores(q), keep, page_size, len)`. `None` where it does not
+/// fit (group above [`MAX_GROUP`], or the scores above [`FUSED_SMEM`]).
+pub(crate) fn quest_select(
+    cache: &TwilightCache,
+    q: &Tensor,
+    keep: usize,
+) -> Result<Option<Tensor>> {
+    float_dispatch!(q.dtype(), quest_select_t, cache, q, keep)
+}
+
+fn quest_select_t<T: CudaDType + DeviceRepr>(
+    cache: &TwilightCache,
+    q: &Tensor,
+    keep: usize,
+) -> Result<Option<Tensor>> {
+    let dev = cuda_device(q)?;
+    let (b, hq, d) = q.dims3()?;
+    let (hkv, np, ps) = (cache.kv_heads(), cache.num_pages(), cache.page_size());
+    let group = hq / hkv;
+    let smem = group * (d + np + keep) * 4;
+    if group > MAX_GROUP || smem > FUSED_SMEM || keep == 0 || keep > np {
+        return Ok(None);
+    }
+    let pcap = cache.page_min().dim(2)?;
+    let (gq, gmin, gmax) = (
+        q.storage_and_layout(),
+        cache.page_min().storage_and_layout(),
+        cache.page_max().storage_and_layout(),
+    );
+    let (qv, minv, maxv) = (
+        view::<T>(&gq, "q")?,
+        buffer::<T>(&gmin, "page_min")?,
+        buffer::<T>(&gmax, "page_max")?,
+    );
+    let width = keep * ps;
+    let mut out = unsafe { dev.alloc::<u32>(b * hq * width) }?;
+    let f = func!(
+        dev,
+        &format!("tw_quest_select_{}_d{d}", dtype_suffix(q.dtype(), WHAT)?),
+        smem
+    );
+    let mut a = f.builder();
+    a.arg(&qv);
+    a.arg(&minv);
+    a.arg(&maxv);
+    a.arg(&mut out);
+    candle::builder_arg!(
+        a,
+        i32_of(hq, "heads")?,
+        hkv as i32,
+        i32_of(pcap, "pages")?,
+        np as i32,
+        keep as i32,
+        i32_of(ps, "page size")?,
+        i32_of(cache.len(), "len")?
+    );
+    unsafe { a.launch(launch_config(WHAT, (b * hkv, 1), 1024, smem)?) }.w()?;
+    Ok(Some(wrap_slice(out, &dev, (b, hq, width))))
 }
 
 /// See [`super::estimate_scores`].
@@ -233,6 +324,82 @@ pub(crate) fn top_p(est: &Tensor, candidates: &Tensor, p: f32) -> Result<Tensor>
     Ok(wrap_slice(out, &dev, (b, h, n)))
 }
 
+/// Estimate, top-p and the GQA union in one kernel per `(batch, kv head)` (see
+/// [`super::prune_and_union`]): `(kept, lists)`. `None` where it does not fit (group above
+/// [`MAX_GROUP`], or the group's estimates plus the union bitmap above [`FUSED_SMEM`]).
+pub(crate) fn prune_and_union(
+    cache: &TwilightCache,
+    q: &Tensor,
+    candidates: &Tensor,
+    scale: f32,
+    p: f32,
+) -> Result<Option<(Tensor, Tensor)>> {
+    float_dispatch!(q.dtype(), prune_t, cache, q, candidates, scale, p)
+}
+
+fn prune_t<T: CudaDType + DeviceRepr>(
+    cache: &TwilightCache,
+    q: &Tensor,
+    candidates: &Tensor,
+    scale: f32,
+    p: f32,
+) -> Result<Option<(Tensor, Tensor)>> {
+    let dev = cuda_device(q)?;
+    let (b, hq, d) = q.dims3()?;
+    let (hkv, len) = (cache.kv_heads(), cache.len());
+    let group = hq / hkv;
+    let n = candidates.dim(2)?;
+    let smem = (group * (d + n) + len.div_ceil(32)) * 4;
+    if group > MAX_GROUP || smem > FUSED_SMEM {
+        return Ok(None);
+    }
+    let width = 1 + (group * n).min(len);
+    let (gq, gc, gcodes, gsm) = (
+        q.storage_and_layout(),
+        candidates.storage_and_layout(),
+        cache.k_codes().storage_and_layout(),
+        cache.k_scale_min().storage_and_layout(),
+    );
+    let (qv, cv, codes, sm) = (
+        view::<T>(&gq, "q")?,
+        view::<u32>(&gc, "candidates")?,
+        buffer::<u8>(&gcodes, "k_codes")?,
+        buffer::<f16>(&gsm, "k_scale_min")?,
+    );
+    let mut kept = unsafe { dev.alloc::<u32>(b * hq * n) }?;
+    let mut lists = unsafe { dev.alloc::<u32>(b * hkv * width) }?;
+    let f = func!(
+        dev,
+        &format!("tw_prune_union_{}_d{d}", dtype_suffix(q.dtype(), WHAT)?),
+        smem
+    );
+    let mut a = f.builder();
+    a.arg(&qv);
+    a.arg(&codes);
+    a.arg(&sm);
+    a.arg(&cv);
+    a.arg(&mut kept);
+    a.arg(&mut lists);
+    candle::builder_arg!(
+        a,
+        hq as i32,
+        hkv as i32,
+        i32_of(cache.capacity(), "capacity")?,
+        i32_of(len, "len")?,
+        i32_of(n, "candidates")?,
+        i32_of(width, "list width")?,
+        scale,
+        p,
+        TOP_P_EPS,
+        TOP_P_MAX_ITERS as i32
+    );
+    unsafe { a.launch(launch_config(WHAT, (b * hkv, 1), 1024, smem)?) }.w()?;
+    Ok(Some((
+        wrap_slice(kept, &dev, (b, hq, n)),
+        wrap_slice(lists, &dev, (b, hkv, width)),
+    )))
+}
+
 /// See [`super::union_per_group`]: a zeroed `(b, kv_heads, len)` u8 bitmap, marked, then
 /// compacted per row.
 pub(crate) fn union_per_group(
@@ -271,8 +438,9 @@ pub(crate) fn union_per_group(
     Ok(wrap_slice(lists, &dev, (b, kv_heads, width)))
 }
 
-/// See [`super::sparse_decode_attention`]: chunks of [`ATTN_CHUNK`] list entries per block, then
-/// a merge over the chunks of each query head.
+/// See [`super::sparse_decode_attention`]: chunks of [`ATTN_CHUNK`] list entries (at most
+/// [`ATTN_MAX_BLOCKS`] blocks per list, each looping over chunks), then a merge over the chunks of
+/// each query head.
 pub(crate) fn sparse_decode_attention(
     cache: &TwilightCache,
     q: &Tensor,
@@ -313,7 +481,9 @@ fn attend_t<T: CudaDType + DeviceRepr>(
     let mut part_ml = unsafe { dev.alloc::<f32>(b * hq * nchunks * 2) }?;
     let tn = dtype_suffix(q.dtype(), WHAT)?;
     let smem = 4 * group * (d + 2) * 4;
-    let f = func!(dev, &format!("tw_attn_{tn}_d{d}"), smem);
+    // The kernel holds `group.next_power_of_two()` query heads in registers.
+    let g = group.next_power_of_two();
+    let f = func!(dev, &format!("tw_attn_{tn}_d{d}_g{g}"), smem);
     let mut a = f.builder();
     a.arg(&qv);
     a.arg(&kv);
@@ -330,7 +500,8 @@ fn attend_t<T: CudaDType + DeviceRepr>(
         nchunks as i32,
         scale
     );
-    unsafe { a.launch(launch_config(WHAT, (nchunks, b * hkv), 128, smem)?) }.w()?;
+    let blocks = nchunks.min(ATTN_MAX_BLOCKS);
+    unsafe { a.launch(launch_config(WHAT, (blocks, b * hkv), 128, smem)?) }.w()?;
     let mut out = unsafe { dev.alloc::<T>(b * hq * d) }?;
     let f = func!(dev, &format!("tw_merge_{tn}"), 0);
     let mut a = f.builder();

@@ -9,6 +9,8 @@
 //!    of the cache ([`TwilightCache`]); every other token is `-inf`.
 //! 3. **Prune** ([`top_p`]): `ŵ = softmax(ŝ)` over the candidates only, then the smallest set
 //!    `I1 = {ŵ > t}` with mass `≥ p`, `t` found by binary search from the true row maximum.
+//!    Stages 2–3 and the union of stage 4 run as one call, [`prune_and_union`] (one fused kernel
+//!    per `(batch, kv head)` on CUDA).
 //! 4. **Attend** ([`union_per_group`], [`sparse_decode_attention`]): exact attention with the
 //!    full-precision K and V over, per KV head, the **union** of its query heads' `I1` (GQA
 //!    "group varlen": every query head of a group attends over the same tokens; the union keeps
@@ -31,7 +33,7 @@ use candle::{bail, DType, Result, Tensor};
 
 pub use attend::{sparse_decode_attention, union_per_group, ATTN_CHUNK};
 pub use cache::{quantize_int4, TwilightCache};
-pub use prune::{estimate_scores, top_p, TOP_P_EPS, TOP_P_MAX_ITERS};
+pub use prune::{estimate_scores, prune_and_union, top_p, TOP_P_EPS, TOP_P_MAX_ITERS};
 pub use select::{
     page_scores, top_indices, BaseSelector, FullSelector, QuestSelector, TopKSelector,
     WindowSelector,
@@ -166,13 +168,12 @@ pub fn decode_with(
     let q3 = cache.check_query(q)?;
     let scale = 1.0 / (cache.head_dim() as f32).sqrt();
     let candidates = selector.select(cache, &q3)?;
-    let kept = if cfg.p >= 1.0 {
-        candidates
+    let (kept, lists) = if cfg.p >= 1.0 {
+        let lists = union_per_group(&candidates, cache.kv_heads(), cache.len())?;
+        (candidates, lists)
     } else {
-        let est = estimate_scores(cache, &q3, &candidates, scale)?;
-        top_p(&est, &candidates, cfg.p)?
+        prune_and_union(cache, &q3, &candidates, scale, cfg.p)?
     };
-    let lists = union_per_group(&kept, cache.kv_heads(), cache.len())?;
     let out = sparse_decode_attention(cache, &q3, &lists, scale)?;
     Ok(TwilightStep {
         output: out.unsqueeze(2)?,

@@ -4,7 +4,7 @@ use candle::{bail, DType, Result, Tensor};
 
 #[cfg(feature = "cuda")]
 use super::cuda;
-use super::{check_ids, cpu, on_device, TwilightCache};
+use super::{check_ids, cpu, on_device, union_per_group, TwilightCache};
 
 /// Stop the top-p search once the weights left in `(lo, hi]` lie within this of each other.
 pub const TOP_P_EPS: f32 = 1e-5;
@@ -77,4 +77,40 @@ pub fn top_p(est: &Tensor, candidates: &Tensor, p: f32) -> Result<Tensor> {
         cpu::top_p(&est, &candidates, p),
         cuda::top_p(&est, &candidates, p)
     )
+}
+
+/// The whole pruner of a decode step: `top_p(estimate_scores(q, candidates), candidates, p)` and
+/// its [`union_per_group`], as `(kept, lists)` with the shapes of those two functions.
+///
+/// On CUDA this is one kernel per `(batch, kv head)` (estimates in shared memory, the threshold
+/// search of each query head on its own warps, the union in a shared bitmap) where the group's
+/// estimates fit in shared memory (`≤ 8` query heads per kv head); elsewhere, and on the CPU, the
+/// three stages run one after the other. Both give the same sets up to the `TOP_P_EPS` ties of
+/// [`top_p`] (sums in another order).
+pub fn prune_and_union(
+    cache: &TwilightCache,
+    q: &Tensor,
+    candidates: &Tensor,
+    scale: f32,
+    p: f32,
+) -> Result<(Tensor, Tensor)> {
+    let (b, hq, _) = cache.check_stage_query(q, "prune")?;
+    if !(p > 0.0 && p <= 1.0) {
+        bail!("twilight: p must be in (0, 1], got {p}")
+    }
+    if !scale.is_finite() {
+        bail!("twilight: estimate scale must be finite, got {scale}")
+    }
+    check_ids("candidates", candidates, b, hq, cache.device())?;
+    let (q, candidates) = (q.contiguous()?, candidates.contiguous()?);
+    #[cfg(feature = "cuda")]
+    if q.device().is_cuda() {
+        if let Some(fused) = cuda::prune_and_union(cache, &q, &candidates, scale, p)? {
+            return Ok(fused);
+        }
+    }
+    let est = estimate_scores(cache, &q, &candidates, scale)?;
+    let kept = top_p(&est, &candidates, p)?;
+    let lists = union_per_group(&kept, cache.kv_heads(), cache.len())?;
+    Ok((kept, lists))
 }

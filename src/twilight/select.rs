@@ -23,6 +23,10 @@ pub trait BaseSelector {
 /// over the page's keys; the top `min(ceil(budget / page_size), pages)` pages are kept (ties go to
 /// the lower page index). Candidates are their tokens in ascending order, a partial last page
 /// padded with [`super::NO_TOKEN`]. Reads `pages · 2 · head_dim` bound values per query head.
+///
+/// On CUDA, scoring and selection are one kernel per `(batch, kv head)` where the group's page
+/// scores fit in shared memory (`≤ 8` query heads per kv head), with the same result as
+/// [`top_indices`] over [`page_scores`] (the two stages, which run elsewhere and on the CPU).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct QuestSelector {
     /// Budget `B0` in tokens (> 0).
@@ -36,6 +40,13 @@ impl BaseSelector for QuestSelector {
         }
         let pages = cache.num_pages();
         let keep = self.budget.div_ceil(cache.page_size()).min(pages);
+        #[cfg(feature = "cuda")]
+        if q.device().is_cuda() {
+            cache.check_stage_query(q, "quest select")?;
+            if let Some(fused) = cuda::quest_select(cache, &q.contiguous()?, keep)? {
+                return Ok(fused);
+            }
+        }
         let scores = page_scores(cache, q)?;
         top_indices(&scores, keep, cache.page_size(), cache.len())
     }
