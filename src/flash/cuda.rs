@@ -424,49 +424,42 @@ fn fwd_t<T: CudaDType + DeviceRepr>(
     } else {
         None
     };
-    if let Some(hv) = hopper {
+    // Kernel, tile metadata, grid, threads and shared memory: the Hopper kernel where it applies,
+    // else the mma.sync kernel, else the simple one (one warp per query row).
+    let (name, meta, grid, threads, smem) = if let Some(hv) = hopper {
         let (bm, bn) = (64 * hv.warpgroups, hv.keys);
+        let name = format!("flash_fwd_wg_{tn}_d{d}_{}_m{}", hv.tag(), va.mode);
         let meta = tile_meta(&dev, &va, dims, bm, bn)?;
+        let grid = (ceil_div(dims.nq, bm), dims.b * dims.hq);
         // Q and double-buffered K, V tiles, plus 1 KB to align them to the 1024-byte swizzle atoms.
         let smem = (bm + 4 * bn) * d * es + 1024;
-        let name = format!("flash_fwd_wg_{tn}_d{d}_{}_m{}", hv.tag(), va.mode);
-        let f = func!(dev, &name, smem);
-        let mut b = f.builder();
-        b.arg(&q);
-        b.arg(&k);
-        b.arg(&v);
-        b.arg(&mut out);
-        b.arg(&mut lse);
-        push_vis(&mut b, &va, &meta, &sc);
-        let grid = (ceil_div(dims.nq, bm), dims.b * dims.hq);
-        unsafe { b.launch(cfg(grid, 128 * hv.warpgroups, smem)?) }.w()?;
+        (name, meta, grid, 128 * hv.warpgroups, smem)
     } else if fast {
         let (bm, threads) = fwd_tiles(d);
+        let name = format!("flash_fwd_{tn}_d{d}_m{}", va.mode);
         let meta = tile_meta(&dev, &va, dims, bm, BT)?;
-        let smem = (bm + 4 * BT) * (d + 8) * es;
-        let f = func!(dev, &format!("flash_fwd_{tn}_d{d}_m{}", va.mode), smem);
-        let mut b = f.builder();
-        b.arg(&q);
-        b.arg(&k);
-        b.arg(&v);
-        b.arg(&mut out);
-        b.arg(&mut lse);
-        push_vis(&mut b, &va, &meta, &sc);
         let grid = (ceil_div(dims.nq, bm), dims.b * dims.hq);
-        unsafe { b.launch(cfg(grid, threads, smem)?) }.w()?;
+        (name, meta, grid, threads, (bm + 4 * BT) * (d + 8) * es)
     } else {
+        let name = format!("flash_fwd_simple_{tn}_d{d}");
         let meta = (dummy.clone(), dummy.clone());
-        let f = func!(dev, &format!("flash_fwd_simple_{tn}_d{d}"), 0);
-        let mut b = f.builder();
-        b.arg(&q);
-        b.arg(&k);
-        b.arg(&v);
-        b.arg(&mut out);
-        b.arg(&mut lse);
-        push_vis(&mut b, &va, &meta, &sc);
-        let grid = (ceil_div(rows, SIMPLE_WARPS), 1);
-        unsafe { b.launch(cfg(grid, 32 * SIMPLE_WARPS, 0)?) }.w()?;
-    }
+        (
+            name,
+            meta,
+            (ceil_div(rows, SIMPLE_WARPS), 1),
+            32 * SIMPLE_WARPS,
+            0,
+        )
+    };
+    let f = func!(dev, &name, smem);
+    let mut b = f.builder();
+    b.arg(&q);
+    b.arg(&k);
+    b.arg(&v);
+    b.arg(&mut out);
+    b.arg(&mut lse);
+    push_vis(&mut b, &va, &meta, &sc);
+    unsafe { b.launch(cfg(grid, threads, smem)?) }.w()?;
     Ok((
         CudaStorage::wrap_cuda_slice(out, dev.clone()),
         CudaStorage::wrap_cuda_slice(lse, dev),
