@@ -30,7 +30,7 @@ const ATTN_MAX_BLOCKS: usize = 16;
 fn row_lanes(d: usize, dtype: DType) -> usize {
     let vec = 16 / dtype.size_in_bytes();
     let mut l = 32;
-    while l > 1 && (d % l != 0 || d / l < vec) {
+    while l > 1 && (!d.is_multiple_of(l) || d / l < vec) {
         l /= 2;
     }
     l
