@@ -22,8 +22,32 @@ pub fn attention(
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
     let (_, hq, _, _) = q.dims4()?;
-    let hkv = k.dim(1)?;
-    let (k, v) = (repeat_kv(k, hq / hkv)?, repeat_kv(v, hq / hkv)?);
+    let v = repeat_kv(v, hq / v.dim(1)?)?;
+    let (scores, max, sum) = softmax_parts(q, k, scale, mask)?;
+    scores
+        .broadcast_sub(&max)?
+        .exp()?
+        .broadcast_div(&sum)?
+        .matmul(&v)
+}
+
+/// The log-sum-exp `(b, hq, nq, 1)` of the scaled, masked scores of [`attention`] (0 for rows that
+/// see no key), differentiable in q and k.
+pub fn log_sum_exp(q: &Tensor, k: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<Tensor> {
+    let (_, max, sum) = softmax_parts(q, k, scale, mask)?;
+    sum.log()? + max
+}
+
+/// Scaled masked scores, their detached row max (0 where a row sees nothing) and the row sums of
+/// `exp(scores - max)` (1 where a row sees nothing).
+fn softmax_parts(
+    q: &Tensor,
+    k: &Tensor,
+    scale: f64,
+    mask: Option<&Tensor>,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (_, hq, _, _) = q.dims4()?;
+    let k = repeat_kv(k, hq / k.dim(1)?)?;
     let scores = (q.matmul(&k.t()?)? * scale)?;
     let neg_inf = Tensor::full(f64::NEG_INFINITY, scores.shape(), scores.device())?
         .to_dtype(scores.dtype())?;
@@ -35,10 +59,9 @@ pub fn attention(
     let max = max
         .eq(f64::NEG_INFINITY)?
         .where_cond(&max.zeros_like()?, &max)?;
-    let e = scores.broadcast_sub(&max)?.exp()?;
-    let sum = e.sum_keepdim(D::Minus1)?;
+    let sum = scores.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?;
     let sum = sum.eq(0.0)?.where_cond(&sum.ones_like()?, &sum)?;
-    e.broadcast_div(&sum)?.matmul(&v)
+    Ok((scores, max, sum))
 }
 
 /// Repeats every kv head `n` times along the head axis: `(b, h, s, d)` → `(b, h·n, s, d)`.
