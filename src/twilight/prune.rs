@@ -25,11 +25,7 @@ pub fn estimate_scores(
     candidates: &Tensor,
     scale: f32,
 ) -> Result<Tensor> {
-    let (b, hq, _) = cache.check_stage_query(q, "estimate")?;
-    if !scale.is_finite() {
-        bail!("twilight: estimate scale must be finite, got {scale}")
-    }
-    check_ids("candidates", candidates, b, hq, cache.device())?;
+    check_estimate_inputs(cache, q, candidates, scale, "estimate")?;
     let (q, candidates) = (q.contiguous()?, candidates.contiguous()?);
     on_device!(
         q.device(),
@@ -53,9 +49,7 @@ pub fn estimate_scores(
 ///
 /// Returns `(batch, heads, n)` u32: the candidate's id where kept, [`super::NO_TOKEN`] elsewhere.
 pub fn top_p(est: &Tensor, candidates: &Tensor, p: f32) -> Result<Tensor> {
-    if !(p > 0.0 && p <= 1.0) {
-        bail!("twilight: p must be in (0, 1], got {p}")
-    }
+    check_p(p)?;
     if est.dtype() != DType::F32 {
         bail!("twilight: top_p scores must be f32, got {:?}", est.dtype())
     }
@@ -94,14 +88,8 @@ pub fn prune_and_union(
     scale: f32,
     p: f32,
 ) -> Result<(Tensor, Tensor)> {
-    let (b, hq, _) = cache.check_stage_query(q, "prune")?;
-    if !(p > 0.0 && p <= 1.0) {
-        bail!("twilight: p must be in (0, 1], got {p}")
-    }
-    if !scale.is_finite() {
-        bail!("twilight: estimate scale must be finite, got {scale}")
-    }
-    check_ids("candidates", candidates, b, hq, cache.device())?;
+    check_estimate_inputs(cache, q, candidates, scale, "prune")?;
+    check_p(p)?;
     let (q, candidates) = (q.contiguous()?, candidates.contiguous()?);
     #[cfg(feature = "cuda")]
     if q.device().is_cuda() {
@@ -113,4 +101,28 @@ pub fn prune_and_union(
     let kept = top_p(&est, &candidates, p)?;
     let lists = union_per_group(&kept, cache.kv_heads(), cache.len())?;
     Ok((kept, lists))
+}
+
+/// The checks of [`estimate_scores`]' inputs (`stage` names the caller in the query's errors).
+fn check_estimate_inputs(
+    cache: &TwilightCache,
+    q: &Tensor,
+    candidates: &Tensor,
+    scale: f32,
+    stage: &str,
+) -> Result<()> {
+    let (b, hq, _) = cache.check_stage_query(q, stage)?;
+    if !scale.is_finite() {
+        bail!("twilight: estimate scale must be finite, got {scale}")
+    }
+    check_ids("candidates", candidates, b, hq, cache.device())?;
+    Ok(())
+}
+
+/// The top-p mass must be in `(0, 1]`.
+fn check_p(p: f32) -> Result<()> {
+    if !(p > 0.0 && p <= 1.0) {
+        bail!("twilight: p must be in (0, 1], got {p}")
+    }
+    Ok(())
 }
