@@ -4,7 +4,8 @@
 //   (summed over blocks by the caller).
 // - gelu_fwd / gelu_bwd: exact (erf) GELU, element-wise, f32 math.
 // - emb_bwd: embedding backward, atomicAdd of each output-gradient row into an f32 table.
-// - heads_split / heads_merge: (b, t, 3, h, d) <-> one part (b, h, t, d) of the fused qkv.
+// - heads_split / heads_merge: (b, t, parts, h, d) <-> one part (b, h, t, d) (parts 3: the fused
+//   qkv projection; parts 1: heads of a plain (b, t, h·d) tensor).
 // - adamw_step: one AdamW update of an f32 parameter, its moments and gradient.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -144,34 +145,34 @@ __device__ void emb_bwd(const T* __restrict__ dy, const uint32_t* __restrict__ i
   }
 }
 
-// out (b, h, t, d) = part `p` of qkv (b, t, 3, h, d); one thread per output element.
+// out (b, h, t, d) = part `p` of x (b, t, parts, h, d); one thread per output element.
 template <typename T>
-__device__ void heads_split(const T* __restrict__ qkv, T* __restrict__ out, int b, int h, int t,
-                            int d, int p) {
+__device__ void heads_split(const T* __restrict__ x, T* __restrict__ out, int b, int h, int t,
+                            int d, int parts, int p) {
   size_t n = (size_t)b * h * t * d;
   for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
        i += (size_t)gridDim.x * blockDim.x) {
     size_t e = i % d, r = i / d;
     size_t ti = r % t, bh = r / t;
     size_t hi = bh % h, bi = bh / h;
-    out[i] = qkv[(((bi * t + ti) * 3 + p) * h + hi) * d + e];
+    out[i] = x[(((bi * t + ti) * parts + p) * h + hi) * d + e];
   }
 }
 
-// The gradient of heads_split: dqkv (b, t, 3, h, d) holds dout (b, h, t, d) in part `p` and
-// zeros elsewhere; one thread per dqkv element.
+// The inverse of heads_split (and its gradient): dx (b, t, parts, h, d) holds dout (b, h, t, d)
+// in part `p` and zeros in the other parts; one thread per dx element.
 template <typename T>
-__device__ void heads_merge(const T* __restrict__ dout, T* __restrict__ dqkv, int b, int h, int t,
-                            int d, int p) {
-  size_t n = (size_t)b * t * 3 * h * d;
+__device__ void heads_merge(const T* __restrict__ dout, T* __restrict__ dx, int b, int h, int t,
+                            int d, int parts, int p) {
+  size_t n = (size_t)b * t * parts * h * d;
   for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
        i += (size_t)gridDim.x * blockDim.x) {
     size_t e = i % d, r = i / d;
     size_t hi = r % h;
     r /= h;
-    size_t pi = r % 3, bt = r / 3;
+    size_t pi = r % parts, bt = r / parts;
     size_t ti = bt % t, bi = bt / t;
-    dqkv[i] = pi == (size_t)p ? dout[((bi * h + hi) * t + ti) * d + e] : from_f<T>(0.f);
+    dx[i] = pi == (size_t)p ? dout[((bi * h + hi) * t + ti) * d + e] : from_f<T>(0.f);
   }
 }
 
@@ -196,13 +197,13 @@ __device__ void heads_merge(const T* __restrict__ dout, T* __restrict__ dqkv, in
                                             int rows, int c, uint32_t vocab) {                    \
     emb_bwd(dy, ids, table_grad, rows, c, vocab);                                                      \
   }                                                                                               \
-  extern "C" __global__ void heads_split_##NAME(const TY* qkv, TY* out, int b, int h, int t,      \
-                                                int d, int p) {                                   \
-    heads_split(qkv, out, b, h, t, d, p);                                                         \
+  extern "C" __global__ void heads_split_##NAME(const TY* x, TY* out, int b, int h, int t,        \
+                                                int d, int parts, int p) {                        \
+    heads_split(x, out, b, h, t, d, parts, p);                                                    \
   }                                                                                               \
-  extern "C" __global__ void heads_merge_##NAME(const TY* dout, TY* dqkv, int b, int h, int t,    \
-                                                int d, int p) {                                   \
-    heads_merge(dout, dqkv, b, h, t, d, p);                                                       \
+  extern "C" __global__ void heads_merge_##NAME(const TY* dout, TY* dx, int b, int h, int t,      \
+                                                int d, int parts, int p) {                        \
+    heads_merge(dout, dx, b, h, t, d, parts, p);                                                  \
   }
 
 INSTANTIATE(float, f32)

@@ -489,3 +489,59 @@ TO_I32(uint8_t, u8)
 TO_I32(uint32_t, u32)
 TO_I32(int32_t, i32)
 TO_I32(int64_t, i64)
+
+// ---------------------------------------------------------------------------------------------
+// Counter-based random numbers (src/scfa/random.rs computes the same on the CPU): value i of the
+// stream keyed by key = mix64(seed) is mix64(key + (i + 1)·γ), SplitMix64.
+// ---------------------------------------------------------------------------------------------
+
+#define SPLITMIX_GAMMA 0x9e3779b97f4a7c15ull
+
+__device__ __forceinline__ uint64_t mix64(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+__device__ __forceinline__ uint64_t stream_value(uint64_t key, uint64_t i) {
+  return mix64(key + (i + 1) * SPLITMIX_GAMMA);
+}
+
+// keep[i] = 1 iff the top 24 bits of value i are >= threshold (of 2^24 draws, `threshold` drop).
+extern "C" __global__ void random_keep(uint8_t *__restrict__ keep, uint64_t n, uint64_t key,
+                                       uint32_t threshold) {
+  const uint64_t stride = (uint64_t)gridDim.x * blockDim.x;
+  for (uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+    keep[i] = (uint32_t)(stream_value(key, i) >> 40) >= threshold ? 1 : 0;
+  }
+}
+
+// Standard normal number e of the stream (Box-Muller in double from values 2e and 2e + 1).
+__device__ __forceinline__ double stream_gaussian(uint64_t key, uint64_t e) {
+  const double unit = 1.0 / 9007199254740992.0; // 2^-53
+  const double u1 = (double)((stream_value(key, 2 * e) >> 11) + 1) * unit;
+  const double u2 = (double)(stream_value(key, 2 * e + 1) >> 11) * unit;
+  return sqrt(-2.0 * log(u1)) * cos(2.0 * 3.141592653589793 * u2);
+}
+
+// out (heads, dim, cols) f32: Gaussian entries (flat index e), each column (over dim) divided by
+// its double L2 norm. One thread per (head, column); the column is generated twice.
+extern "C" __global__ void normalised_gaussian(float *__restrict__ out, uint32_t heads,
+                                               uint32_t dim, uint32_t cols, uint64_t key) {
+  const uint64_t n = (uint64_t)heads * cols;
+  const uint64_t stride = (uint64_t)gridDim.x * blockDim.x;
+  for (uint64_t j = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; j < n; j += stride) {
+    const uint64_t h = j / cols, c = j % cols;
+    double sum = 0.0;
+    for (uint32_t k = 0; k < dim; ++k) {
+      const double z = stream_gaussian(key, (h * dim + k) * cols + c);
+      sum += z * z;
+    }
+    const double norm = sqrt(sum);
+    for (uint32_t k = 0; k < dim; ++k) {
+      const uint64_t e = (h * dim + k) * cols + c;
+      const double z = stream_gaussian(key, e);
+      out[e] = (float)(norm > 0.0 ? z / norm : z);
+    }
+  }
+}

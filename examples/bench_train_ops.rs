@@ -11,13 +11,21 @@ mod common;
 
 use anyhow::Result;
 use candle::{DType, Device, Tensor, Var, D};
-use candle_sparse_attn::{flash_attn, fused, AttnParams};
+use candle_sparse_attn::scfa::{
+    compact_kept, gather_rows, lsh_buckets, random_keep, random_rotations, sort_by_bucket, RowKind,
+};
+use candle_sparse_attn::{
+    flash_attn, fused, hash_sparse_attn, qk_sparse_attn, sparse_causal_attn, AttnParams,
+    HashConfig, ScfaParams,
+};
 use candle_sparse_models::attention::{Attention, AttentionKind};
 use candle_sparse_models::layers::{in_dtype, layer_norm, linear, SeededVars};
 use candle_sparse_models::optim::{AdamW, AdamWParams, Gradients};
 use candle_sparse_models::{Gpt, GptConfig, PositionEncoding};
 use clap::Parser;
 use common::time_ms;
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use std::time::Instant;
 
 #[derive(Parser, Debug)]
 #[command(about = "Time each op of a char-LM training step (forward and forward+backward)")]
@@ -54,6 +62,9 @@ struct Args {
     /// Timed repetitions (median reported).
     #[arg(long, default_value_t = 5)]
     reps: usize,
+    /// Only the per-stage breakdown of one layer's attention (hash and qk pipelines).
+    #[arg(long)]
+    breakdown_only: bool,
 }
 
 /// The LayerNorm the GPT used before the fused op: candle primitives, statistics in f32.
@@ -100,6 +111,10 @@ fn main() -> Result<()> {
     };
     let (b, t, c, nh) = (args.batch, args.seq, args.width, args.heads);
     let hd = c / nh;
+    attention_breakdown(&args, &dev, dt)?;
+    if args.breakdown_only {
+        return Ok(());
+    }
     let rows = b * t;
     let var = |shape: &[usize], std: f32| -> candle::Result<Var> {
         Var::from_tensor(&Tensor::randn(0f32, std, shape, &dev)?)
@@ -310,5 +325,308 @@ fn main() -> Result<()> {
     println!("| gradients accumulate (f32, all params) | {accumulate:.3} | |");
     println!("| clip global norm | {clip:.3} | |");
     println!("| AdamW step (fused, all params) | {step:.3} | |");
+    Ok(())
+}
+
+/// Median host time in ms of enqueuing `f` (the device synchronised before, not after): close to
+/// the synchronised time when `f` waits for the device somewhere.
+fn enqueue_ms(dev: &Device, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    let mut times = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        dev.synchronize()?;
+        let t = Instant::now();
+        f()?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    dev.synchronize()?;
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+/// One layer's attention at the training shape, stage by stage: the preprocessing of the hash
+/// and query/key-dropping pipelines, the sparse kernel on already-arranged rows, the glue around
+/// attention, and the whole calls (synchronised time and host enqueue time).
+fn attention_breakdown(args: &Args, dev: &Device, dt: DType) -> Result<()> {
+    let (b, t, c, nh) = (args.batch, args.seq, args.width, args.heads);
+    let hd = c / nh;
+    let reps = args.reps;
+    let qkv = Var::from_tensor(&Tensor::randn(0f32, 1f32, (b, t, 3 * c), dev)?.to_dtype(dt)?)?;
+    let [q, k, v] = [0, 1, 2].map(|i| fused::split_heads(qkv.as_tensor(), nh, i).unwrap());
+    let (qv, kv, vv) = (
+        Var::from_tensor(&q)?,
+        Var::from_tensor(&k)?,
+        Var::from_tensor(&v)?,
+    );
+    let r = Tensor::randn(0f32, 1f32, (b, nh, t, hd), dev)?;
+    let r_btc = Tensor::randn(0f32, 1f32, (b, t, c), dev)?;
+    let sync_ms = |f: &mut dyn FnMut() -> candle::Result<()>| time_ms(dev, 2, reps, || Ok(f()?));
+    let row = |name: &str, ms: f64| println!("| {name} | {ms:.3} |");
+    println!("Attention breakdown, one layer, B={b} H={nh} T={t} D={hd} {dt:?}; median ms");
+    println!("| stage | ms |");
+    println!("|---|---|");
+    row(
+        "loss only (b,h,t,d) fwd+bwd",
+        sync_ms(&mut || {
+            loss_of(qv.as_tensor(), &r)?.backward()?;
+            Ok(())
+        })?,
+    );
+    row(
+        "split_heads x3 fwd",
+        sync_ms(&mut || {
+            for i in 0..3 {
+                fused::split_heads(qkv.as_tensor(), nh, i)?;
+            }
+            Ok(())
+        })?,
+    );
+    row(
+        "split_heads x3 fwd+bwd (loss on q+k+v)",
+        sync_ms(&mut || {
+            let [q, k, v] = [0, 1, 2].map(|i| fused::split_heads(qkv.as_tensor(), nh, i));
+            loss_of(&((q? + k?)? + v?)?, &r)?.backward()?;
+            Ok(())
+        })?,
+    );
+    // The GPT's q/k/v since step2: three projections (rows of c_attn) and one-part head splits.
+    let h_in = Var::from_tensor(&Tensor::randn(0f32, 1f32, (b, t, c), dev)?.to_dtype(dt)?)?;
+    let w_attn = Var::from_tensor(&Tensor::randn(0f32, 0.02f32, (3 * c, c), dev)?)?;
+    row(
+        "c_attn linear + split_heads x3 fwd+bwd (one projection)",
+        sync_ms(&mut || {
+            let qkv = linear(h_in.as_tensor(), &in_dtype(&w_attn, dt)?)?;
+            let [q, k, v] = [0, 1, 2].map(|i| fused::split_heads(&qkv, nh, i));
+            loss_of(&((q? + k?)? + v?)?, &r)?.backward()?;
+            Ok(())
+        })?,
+    );
+    row(
+        "c_attn as 3 linears + to_heads x3 fwd+bwd",
+        sync_ms(&mut || {
+            let w = in_dtype(&w_attn, dt)?;
+            let [q, k, v] = [0, 1, 2]
+                .map(|i| fused::to_heads(&linear(h_in.as_tensor(), &w.narrow(0, i * c, c)?)?, nh));
+            loss_of(&((q? + k?)? + v?)?, &r)?.backward()?;
+            Ok(())
+        })?,
+    );
+    row(
+        "output transpose+reshape fwd+bwd",
+        sync_ms(&mut || {
+            let y = qv.as_tensor().transpose(1, 2)?.reshape((b, t, c))?;
+            loss_of(&y, &r_btc)?.backward()?;
+            Ok(())
+        })?,
+    );
+    row(
+        "output merge_heads fwd+bwd",
+        sync_ms(&mut || {
+            loss_of(&fused::merge_heads(qv.as_tensor())?, &r_btc)?.backward()?;
+            Ok(())
+        })?,
+    );
+    let dense = || {
+        flash_attn(
+            qv.as_tensor(),
+            kv.as_tensor(),
+            vv.as_tensor(),
+            &AttnParams::default(),
+        )
+    };
+    row("dense flash fwd", sync_ms(&mut || dense().map(|_| ()))?);
+    row(
+        "dense flash fwd+bwd",
+        sync_ms(&mut || {
+            loss_of(&dense()?, &r)?.backward()?;
+            Ok(())
+        })?,
+    );
+
+    // Hash-sparse with 16 buckets, stage by stage.
+    let n_buckets = 16;
+    row(
+        "hash: random_rotations (on the device)",
+        sync_ms(&mut || random_rotations(nh, hd, n_buckets, 7, dev).map(|_| ()))?,
+    );
+    let rot = random_rotations(nh, hd, n_buckets, 7, dev)?;
+    row(
+        "hash: lsh_buckets q + k",
+        sync_ms(&mut || {
+            lsh_buckets(&q, &rot)?;
+            lsh_buckets(&k, &rot).map(|_| ())
+        })?,
+    );
+    let (q_ids, k_ids) = (lsh_buckets(&q, &rot)?, lsh_buckets(&k, &rot)?);
+    row(
+        "hash: sort_by_bucket q + k",
+        sync_ms(&mut || {
+            sort_by_bucket(&q_ids, n_buckets, RowKind::Query)?;
+            sort_by_bucket(&k_ids, n_buckets, RowKind::Key).map(|_| ())
+        })?,
+    );
+    let qo = sort_by_bucket(&q_ids, n_buckets, RowKind::Query)?;
+    let ko = sort_by_bucket(&k_ids, n_buckets, RowKind::Key)?;
+    row(
+        "hash: gather q, k, v",
+        sync_ms(&mut || {
+            gather_rows(&q, &qo.pos)?;
+            gather_rows(&k, &ko.pos)?;
+            gather_rows(&v, &ko.pos).map(|_| ())
+        })?,
+    );
+    let (qs, ks, vs) = (
+        Var::from_tensor(&gather_rows(&q, &qo.pos)?)?,
+        Var::from_tensor(&gather_rows(&k, &ko.pos)?)?,
+        Var::from_tensor(&gather_rows(&v, &ko.pos)?)?,
+    );
+    let (qb, kb) = (qo.bucket.clone().unwrap(), ko.bucket.clone().unwrap());
+    let hash_kernel = || {
+        sparse_causal_attn(
+            qs.as_tensor(),
+            ks.as_tensor(),
+            vs.as_tensor(),
+            &qo.pos,
+            &ko.pos,
+            Some((&qb, &kb)),
+            &ScfaParams::default(),
+        )
+    };
+    row(
+        "hash: sparse kernel on arranged rows fwd",
+        sync_ms(&mut || hash_kernel().map(|_| ()))?,
+    );
+    row(
+        "hash: sparse kernel on arranged rows fwd+bwd",
+        sync_ms(&mut || {
+            loss_of(&hash_kernel()?, &r)?.backward()?;
+            Ok(())
+        })?,
+    );
+    let hash = || {
+        hash_sparse_attn(
+            qv.as_tensor(),
+            kv.as_tensor(),
+            vv.as_tensor(),
+            &HashConfig::new(n_buckets, 7),
+        )
+    };
+    row(
+        "hash: hash_sparse_attn fwd",
+        sync_ms(&mut || hash().map(|_| ()))?,
+    );
+    row(
+        "hash: hash_sparse_attn fwd+bwd",
+        sync_ms(&mut || {
+            loss_of(&hash()?, &r)?.backward()?;
+            Ok(())
+        })?,
+    );
+    row(
+        "hash: hash_sparse_attn fwd, host enqueue",
+        enqueue_ms(dev, reps, || {
+            hash()?;
+            Ok(())
+        })?,
+    );
+
+    // Query/key dropping 50%/50%, the masks drawn as the model draws them (before step2: host
+    // generator and a copy).
+    let host_masks = || -> candle::Result<(Tensor, Tensor)> {
+        let mut rng = StdRng::seed_from_u64(3);
+        let mut keep = || {
+            let m: Vec<u8> = (0..b * nh * t)
+                .map(|_| u8::from(rng.random::<f32>() >= 0.5))
+                .collect();
+            Tensor::from_vec(m, (b, nh, t), dev)
+        };
+        Ok((keep()?, keep()?))
+    };
+    let masks = || -> candle::Result<(Tensor, Tensor)> {
+        Ok((
+            random_keep((b, nh, t), 0.5, 3, dev)?,
+            random_keep((b, nh, t), 0.5, 4, dev)?,
+        ))
+    };
+    row(
+        "qk: keep masks, host generator + copy",
+        sync_ms(&mut || host_masks().map(|_| ()))?,
+    );
+    row(
+        "qk: keep masks, host generator + copy, host enqueue",
+        enqueue_ms(dev, reps, || {
+            host_masks()?;
+            Ok(())
+        })?,
+    );
+    row(
+        "qk: keep masks, random_keep on the device",
+        sync_ms(&mut || masks().map(|_| ()))?,
+    );
+    let (q_keep, k_keep) = masks()?;
+    row(
+        "qk: compact_kept q + k",
+        sync_ms(&mut || {
+            compact_kept(&q_keep, RowKind::Query)?;
+            compact_kept(&k_keep, RowKind::Key).map(|_| ())
+        })?,
+    );
+    let qo = compact_kept(&q_keep, RowKind::Query)?;
+    let ko = compact_kept(&k_keep, RowKind::Key)?;
+    let (qs, ks, vs) = (
+        Var::from_tensor(&gather_rows(&q, &qo.pos)?)?,
+        Var::from_tensor(&gather_rows(&k, &ko.pos)?)?,
+        Var::from_tensor(&gather_rows(&v, &ko.pos)?)?,
+    );
+    let qk_kernel = || {
+        sparse_causal_attn(
+            qs.as_tensor(),
+            ks.as_tensor(),
+            vs.as_tensor(),
+            &qo.pos,
+            &ko.pos,
+            None,
+            &ScfaParams::default(),
+        )
+    };
+    row(
+        "qk: sparse kernel on arranged rows fwd",
+        sync_ms(&mut || qk_kernel().map(|_| ()))?,
+    );
+    row(
+        "qk: sparse kernel on arranged rows fwd+bwd",
+        sync_ms(&mut || {
+            loss_of(&qk_kernel()?, &r)?.backward()?;
+            Ok(())
+        })?,
+    );
+    let qk = |q_keep: &Tensor, k_keep: &Tensor| {
+        qk_sparse_attn(
+            qv.as_tensor(),
+            kv.as_tensor(),
+            vv.as_tensor(),
+            q_keep,
+            k_keep,
+            &ScfaParams::default(),
+        )
+    };
+    row(
+        "qk: qk_sparse_attn fwd (masks given)",
+        sync_ms(&mut || qk(&q_keep, &k_keep).map(|_| ()))?,
+    );
+    row(
+        "qk: qk_sparse_attn fwd+bwd (masks given)",
+        sync_ms(&mut || {
+            loss_of(&qk(&q_keep, &k_keep)?, &r)?.backward()?;
+            Ok(())
+        })?,
+    );
+    row(
+        "qk: qk_sparse_attn fwd with masks, host enqueue",
+        enqueue_ms(dev, reps, || {
+            let (a, b) = masks()?;
+            qk(&a, &b)?;
+            Ok(())
+        })?,
+    );
     Ok(())
 }

@@ -6,7 +6,7 @@ mod common;
 
 use candle::{DType, Device, Result, Tensor, Var, D};
 use candle_sparse_attn::fused::{
-    adamw_update, embedding, gelu, layer_norm, split_heads, AdamWUpdate,
+    adamw_update, embedding, gelu, layer_norm, merge_heads, split_heads, to_heads, AdamWUpdate,
 };
 use candle_sparse_attn::reference::rel_err;
 use common::{devices, normal, tolerance};
@@ -170,6 +170,32 @@ fn split_heads_matches_transpose() -> Result<()> {
 }
 
 #[test]
+fn to_heads_and_merge_heads_match_transpose() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(14);
+    for (b, t, h, d) in [(2, 37, 3, 16), (1, 5, 6, 64), (3, 1, 1, 8)] {
+        let x = randn(&mut rng, &[b, t, h * d], 1.0)?;
+        let r = randn(&mut rng, &[b, h, t, d], 1.0)?;
+        compare(
+            &format!("to_heads {b}x{t}x{h}x{d}"),
+            &|x| to_heads(&x[0], h),
+            &|x| x[0].reshape((b, t, h, d))?.transpose(1, 2)?.contiguous(),
+            std::slice::from_ref(&x),
+            &r,
+        )?;
+        let y = randn(&mut rng, &[b, h, t, d], 1.0)?;
+        let r = randn(&mut rng, &[b, t, h * d], 1.0)?;
+        compare(
+            &format!("merge_heads {b}x{t}x{h}x{d}"),
+            &|x| merge_heads(&x[0]),
+            &|x| x[0].transpose(1, 2)?.reshape((b, t, h * d)),
+            std::slice::from_ref(&y),
+            &r,
+        )?;
+    }
+    Ok(())
+}
+
+#[test]
 fn adamw_update_matches_formula() -> Result<()> {
     let mut rng = StdRng::seed_from_u64(5);
     let hp = AdamWUpdate {
@@ -252,6 +278,15 @@ fn bad_inputs_are_clear_errors() -> Result<()> {
             3,
         ));
         assert!(e.contains("part (3)"), "{e}");
+        let e = message(to_heads(&Tensor::zeros((1, 4, 10), DType::F32, &dev)?, 3));
+        assert!(e.contains("width 10") && e.contains("[1, 4, 10]"), "{e}");
+        let e = message(to_heads(&Tensor::zeros((4, 10), DType::F32, &dev)?, 2));
+        assert!(e.contains("(b, t, h·d)") && e.contains("[4, 10]"), "{e}");
+        let e = message(merge_heads(&Tensor::zeros((1, 4, 10), DType::F32, &dev)?));
+        assert!(
+            e.contains("(b, h, t, d)") && e.contains("[1, 4, 10]"),
+            "{e}"
+        );
         let hp = AdamWUpdate {
             lr: 1e-3,
             beta1: 0.9,

@@ -7,8 +7,8 @@ mod common;
 
 use candle::{DType, Device, Result, Tensor, Var};
 use candle_sparse_attn::scfa::{
-    self, compact_kept, gather_rows, lsh_buckets, random_rotations, scatter_rows, sort_by_bucket,
-    RowKind,
+    self, compact_kept, gather_rows, lsh_buckets, random_keep, random_rotations, scatter_rows,
+    sort_by_bucket, RowKind,
 };
 use candle_sparse_attn::{
     hash_sparse_attn, hash_sparse_attn_with_buckets, qk_sparse_attn, reference, sparse_causal_attn,
@@ -416,6 +416,37 @@ fn lsh_hash_attention_matches_reference_and_is_reproducible() -> Result<()> {
 // ----------------------------------------------------------------------------------------------
 // The core op on caller-arranged rows
 // ----------------------------------------------------------------------------------------------
+
+#[test]
+fn device_random_draws_are_seeded_and_agree_across_devices() -> Result<()> {
+    let host_u8 = |t: &Tensor| -> Result<Vec<u8>> {
+        t.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<u8>()
+    };
+    let shape = (2, 3, 5000);
+    let cpu = host_u8(&random_keep(shape, 0.3, 9, &Device::Cpu)?)?;
+    let kept = cpu.iter().filter(|&&k| k == 1).count() as f64 / cpu.len() as f64;
+    assert!((kept - 0.7).abs() < 0.02, "kept fraction {kept}");
+    assert!(cpu.iter().all(|&k| k <= 1));
+    assert_ne!(cpu, host_u8(&random_keep(shape, 0.3, 10, &Device::Cpu)?)?);
+    assert!(host_u8(&random_keep(shape, 0.0, 9, &Device::Cpu)?)?
+        .iter()
+        .all(|&k| k == 1));
+    let r_cpu = random_rotations(3, 64, 16, 5, &Device::Cpu)?;
+    for dev in devices() {
+        // Keep masks are bit-identical on every device, rotations equal to f32 rounding.
+        assert_eq!(host_u8(&random_keep(shape, 0.3, 9, &dev)?)?, cpu, "{dev:?}");
+        let r = random_rotations(3, 64, 16, 5, &dev)?;
+        assert_eq!(r.dims(), [3, 64, 8]);
+        let err = reference::rel_err(&r.to_device(&Device::Cpu)?, &r_cpu)?;
+        assert!(
+            err < 1e-6,
+            "rotations on {dev:?} differ from the CPU's: {err}"
+        );
+        let e = random_keep(shape, 1.0, 0, &dev).unwrap_err().to_string();
+        assert!(e.contains("drop") && e.contains("[0, 1)"), "{e}");
+    }
+    Ok(())
+}
 
 #[test]
 fn core_op_on_arranged_rows_with_any_index_dtype() -> Result<()> {

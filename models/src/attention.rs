@@ -35,11 +35,11 @@ use std::sync::Arc;
 use candle::{bail, DType, Device, Result, Tensor, D};
 use candle_nn::VarBuilder;
 use candle_sparse_attn::moa::MoaPlan;
+use candle_sparse_attn::scfa::random_keep;
 use candle_sparse_attn::{
     flash_attn, hash_sparse_attn, qk_sparse_attn, AttnParams, HashConfig, ScfaParams,
     SparseKConfig, SparseKScorer, SparseKScorerConfig, TwilightConfig,
 };
-use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::moa::MoaAttention;
@@ -504,15 +504,13 @@ impl AttentionBackend for QkSparseAttention {
     /// resumed runs repeat the choice; in training and evaluation alike, as in the reference),
     /// then runs sparse causal flash attention over the kept rows. Dropped queries output 0.
     fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor, call: &AttentionCall) -> Result<Tensor> {
-        let mut rng = StdRng::seed_from_u64(call.seed);
-        let mut keep = |x: &Tensor, drop: f32| -> Result<Tensor> {
+        // Drawn on the device (no host generator, no copy in the middle of the forward pass).
+        let keep = |x: &Tensor, drop: f32, seed: u64| -> Result<Tensor> {
             let (b, h, t, _) = x.dims4()?;
-            let mask: Vec<u8> = (0..b * h * t)
-                .map(|_| u8::from(rng.random::<f32>() >= drop))
-                .collect();
-            Tensor::from_vec(mask, (b, h, t), x.device())
+            random_keep((b, h, t), drop, seed, x.device())
         };
-        let (q_keep, k_keep) = (keep(q, self.drop_q)?, keep(k, self.drop_k)?);
+        let q_keep = keep(q, self.drop_q, call.seed)?;
+        let k_keep = keep(k, self.drop_k, call.seed.wrapping_add(1))?;
         let params = ScfaParams {
             softmax_scale: call.softmax_scale,
             strict: false,

@@ -351,11 +351,14 @@ impl Gpt {
         for (i, blk) in self.blocks.iter().enumerate() {
             let layer_seed = |k: u64| mix_seed(&[seed, 1 + i as u64, k]);
             let h = layer_norm(&x, &in_dtype(&blk.ln_1, dt)?, LN_EPS)?;
-            // (b, t, 3·c) → contiguous (b, nh, t, hd) queries, keys and values.
-            let qkv = linear(&h, &in_dtype(&blk.c_attn, dt)?)?;
-            let mut q = fused::split_heads(&qkv, nh, 0)?;
-            let mut k = fused::split_heads(&qkv, nh, 1)?;
-            let v = fused::split_heads(&qkv, nh, 2)?;
+            // Queries, keys and values as contiguous (b, nh, t, hd): one projection per part (the
+            // rows of c_attn), so that autograd sums three (b, t, c) input gradients instead of
+            // three zero-padded (b, t, 3·c) ones.
+            let c_attn = in_dtype(&blk.c_attn, dt)?;
+            let project = |part: usize| -> Result<Tensor> {
+                fused::to_heads(&linear(&h, &c_attn.narrow(0, part * c, c)?)?, nh)
+            };
+            let (mut q, mut k, v) = (project(0)?, project(1)?, project(2)?);
             if let Some(rope) = &self.rope {
                 q = rope.apply(&q, offset)?;
                 k = rope.apply(&k, offset)?;
@@ -365,11 +368,17 @@ impl Gpt {
                 None => None,
             };
             let cache = caches.as_deref_mut().map(|c| c.layer_mut(i));
-            let y = self
-                .attention
-                .forward(&q, &k, &v, scores.as_ref(), cache, i, train, layer_seed(0))?
-                .transpose(1, 2)?
-                .reshape((b, t, c))?;
+            let y = self.attention.forward(
+                &q,
+                &k,
+                &v,
+                scores.as_ref(),
+                cache,
+                i,
+                train,
+                layer_seed(0),
+            )?;
+            let y = fused::merge_heads(&y)?;
             let y = linear(&y, &in_dtype(&blk.attn_proj, dt)?)?;
             x = (x + dropout(&y, p, layer_seed(1))?)?;
             let h = layer_norm(&x, &in_dtype(&blk.ln_2, dt)?, LN_EPS)?;

@@ -8,10 +8,24 @@ use candle::{bail, DType, Result, Tensor, TensorId, Var};
 use candle_sparse_attn::fused;
 use serde::{Deserialize, Serialize};
 
-/// Gradients of a set of variables, summed over micro-batches (f32, the variables' shapes).
-#[derive(Debug, Default)]
+/// Gradients of a set of variables, summed over micro-batches (f32, the variables' shapes), with
+/// a pending scale factor set by clipping ([`Gradients::clip_global_norm`]) and applied by the
+/// consumer ([`AdamW::step`] folds it into its update kernel instead of rescaling every tensor).
+#[derive(Debug)]
 pub struct Gradients {
     grads: HashMap<TensorId, Tensor>,
+    /// Factor the stored tensors are to be multiplied by ([`Gradients::get`] returns them
+    /// unscaled).
+    scale: f64,
+}
+
+impl Default for Gradients {
+    fn default() -> Self {
+        Self {
+            grads: HashMap::new(),
+            scale: 1.0,
+        }
+    }
 }
 
 impl Gradients {
@@ -20,11 +34,25 @@ impl Gradients {
         Self::default()
     }
 
+    /// The pending factor of every stored gradient (1 unless clipped): the gradient of `var` is
+    /// `scale() · get(var)`.
+    pub fn scale(&self) -> f64 {
+        self.scale
+    }
+
     /// Adds the gradient of every var in `vars` found in `store` (scaled by `scale`).
     pub fn accumulate(&mut self, store: &GradStore, vars: &[Var], scale: f64) -> Result<()> {
+        if self.scale != 1.0 {
+            // Accumulating after clipping: apply the pending factor first.
+            for g in self.grads.values_mut() {
+                *g = (&*g * self.scale)?;
+            }
+            self.scale = 1.0;
+        }
         for var in vars {
             if let Some(g) = store.get(var.as_tensor()) {
-                let g = (g.to_dtype(DType::F32)? * scale)?;
+                let g = g.to_dtype(DType::F32)?;
+                let g = if scale == 1.0 { g } else { (g * scale)? };
                 let id = var.as_tensor().id();
                 let sum = match self.grads.remove(&id) {
                     Some(prev) => (prev + g)?,
@@ -36,7 +64,7 @@ impl Gradients {
         Ok(())
     }
 
-    /// The gradient of `var`, if any.
+    /// The stored gradient of `var`, if any, before the pending [`Gradients::scale`].
     pub fn get(&self, var: &Var) -> Option<&Tensor> {
         self.grads.get(&var.as_tensor().id())
     }
@@ -52,18 +80,17 @@ impl Gradients {
             return Ok(0.0);
         }
         let sum = Tensor::stack(&squares, 0)?.sum_all()?.to_scalar::<f32>()?;
-        Ok((sum as f64).sqrt())
+        Ok((sum as f64).sqrt() * self.scale.abs())
     }
 
     /// Scales all gradients so their global norm is at most `max_norm`; returns the norm before
     /// clipping.
+    ///
+    /// The tensors are not touched: the factor is kept as the pending [`Gradients::scale`].
     pub fn clip_global_norm(&mut self, max_norm: f64) -> Result<f64> {
         let norm = self.global_norm()?;
         if norm > max_norm && norm.is_finite() {
-            let scale = max_norm / (norm + 1e-6);
-            for g in self.grads.values_mut() {
-                *g = (&*g * scale)?;
-            }
+            self.scale *= max_norm / (norm + 1e-6);
         }
         Ok(norm)
     }
@@ -132,7 +159,7 @@ impl AdamW {
         self.step
     }
 
-    /// One update of every var that has a gradient in `grads`.
+    /// One update of every var that has a gradient in `grads` (its pending scale included).
     pub fn step(&mut self, grads: &Gradients) -> Result<()> {
         self.step += 1;
         let p = self.params;
@@ -145,7 +172,7 @@ impl AdamW {
             weight_decay: p.weight_decay as f32,
             scale_m: (1.0 / (1.0 - p.beta1.powi(t))) as f32,
             scale_v: (1.0 / (1.0 - p.beta2.powi(t))) as f32,
-            grad_scale: 1.0,
+            grad_scale: grads.scale() as f32,
         };
         for ((_, var), state) in self.vars.iter().zip(self.moments.iter_mut()) {
             let Some(g) = grads.get(var) else { continue };

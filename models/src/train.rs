@@ -317,13 +317,14 @@ impl Trainer {
             let (x, y) = data.batch(Split::Train, c.batch_size, block, batch_seed, &device)?;
             let dropout_seed = mix_seed(&[c.seed, TRAIN_DROPOUT_TAG, step, micro]);
             let loss = self.model.loss(&x, &y, true, dropout_seed)?;
+            phases.forward += clock.lap()?;
+            grads.accumulate(&loss.backward()?, &self.vars, 1.0 / c.grad_accum as f64)?;
+            // Read after the backward is queued, so the host does not wait between the passes.
             let loss_value = loss.to_scalar::<f32>()? as f64;
             if !loss_value.is_finite() {
                 bail!("training diverged: loss {loss_value} at step {step}")
             }
             loss_sum += loss_value;
-            phases.forward += clock.lap()?;
-            grads.accumulate(&loss.backward()?, &self.vars, 1.0 / c.grad_accum as f64)?;
             phases.backward += clock.lap()?;
         }
         let grad_norm = if c.grad_clip > 0.0 {

@@ -172,20 +172,20 @@ pub(super) fn emb_bwd<T: WithDType>(
 }
 
 /// Index of element `(bi, pi, hi, ti, e)` of a `(b, t, 3, h, d)` tensor.
-fn qkv_index(n: Heads, bi: usize, ti: usize, pi: usize, hi: usize) -> usize {
-    (((bi * n.t + ti) * 3 + pi) * n.h + hi) * n.d
+fn parts_index(n: Heads, bi: usize, ti: usize, pi: usize, hi: usize) -> usize {
+    (((bi * n.t + ti) * n.parts + pi) * n.h + hi) * n.d
 }
 
 pub(super) fn heads_split<T: WithDType>(
     (s, l): (&CpuStorage, &Layout),
     n: Heads,
 ) -> Result<CpuStorage> {
-    let qkv = slice::<T>(s, l, "split_heads")?;
+    let x = slice::<T>(s, l, "heads split")?;
     let mut out = vec![T::from_f64(0.0); n.b * n.h * n.t * n.d];
     out.par_chunks_mut(n.d).enumerate().for_each(|(r, row)| {
         let (ti, bh) = (r % n.t, r / n.t);
-        let i = qkv_index(n, bh / n.h, ti, n.part, bh % n.h);
-        row.copy_from_slice(&qkv[i..i + n.d]);
+        let i = parts_index(n, bh / n.h, ti, n.part, bh % n.h);
+        row.copy_from_slice(&x[i..i + n.d]);
     });
     Ok(T::to_cpu_storage_owned(out))
 }
@@ -194,9 +194,9 @@ pub(super) fn heads_merge<T: WithDType>(
     (s, l): (&CpuStorage, &Layout),
     n: Heads,
 ) -> Result<CpuStorage> {
-    let dout = slice::<T>(s, l, "split_heads backward")?;
-    let mut out = vec![T::from_f64(0.0); n.b * n.t * 3 * n.h * n.d];
-    out.par_chunks_mut(3 * n.h * n.d)
+    let dout = slice::<T>(s, l, "heads merge")?;
+    let mut out = vec![T::from_f64(0.0); n.b * n.t * n.parts * n.h * n.d];
+    out.par_chunks_mut(n.parts * n.h * n.d)
         .enumerate()
         .for_each(|(bt, row)| {
             let (bi, ti) = (bt / n.t, bt % n.t);

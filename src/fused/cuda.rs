@@ -197,13 +197,14 @@ pub(super) fn emb_bwd(
     Ok(CudaStorage::wrap_cuda_slice(table, dev))
 }
 
-/// The `i32` sizes `(b, h, t, d, part)` of a heads launch.
-fn heads_args(what: &str, n: Heads) -> Result<[i32; 5]> {
+/// The `i32` sizes `(b, h, t, d, parts, part)` of a heads launch.
+fn heads_args(what: &str, n: Heads) -> Result<[i32; 6]> {
     Ok([
         i32_arg(what, n.b)?,
         i32_arg(what, n.h)?,
         i32_arg(what, n.t)?,
         i32_arg(what, n.d)?,
+        i32_arg(what, n.parts)?,
         i32_arg(what, n.part)?,
     ])
 }
@@ -235,7 +236,7 @@ fn heads(
 
 pub(super) fn heads_split(input: (&CudaStorage, &Layout), n: Heads) -> Result<CudaStorage> {
     heads(
-        "split_heads",
+        "heads split",
         "heads_split",
         input,
         n,
@@ -244,8 +245,8 @@ pub(super) fn heads_split(input: (&CudaStorage, &Layout), n: Heads) -> Result<Cu
 }
 
 pub(super) fn heads_merge(input: (&CudaStorage, &Layout), n: Heads) -> Result<CudaStorage> {
-    let len = n.b * n.t * 3 * n.h * n.d;
-    heads("split_heads backward", "heads_merge", input, n, len)
+    let len = n.b * n.t * n.parts * n.h * n.d;
+    heads("heads merge", "heads_merge", input, n, len)
 }
 
 /// `[param | m | v]` after one AdamW step, `(3, n)` f32.

@@ -9,6 +9,8 @@
 //!   `index_add` loops over the ids serially).
 //! - [`split_heads`]: one of the query / key / value parts of a fused projection
 //!   `(b, t, 3·h·d)` as a contiguous `(b, h, t, d)` tensor, gradient written in one pass.
+//! - [`to_heads`] / [`merge_heads`]: `(b, t, h·d)` ↔ `(b, h, t, d)`, each the other's backward
+//!   (one pass each way, no transpose copies in autograd).
 //! - [`adamw_update`]: one AdamW update of an f32 parameter and its moments in one kernel.
 //!
 //! Inputs are made contiguous; float ops take f32, bf16 or f16 and compute in f32.
@@ -115,9 +117,58 @@ pub fn split_heads(qkv: &Tensor, n_head: usize, part: usize) -> Result<Tensor> {
         h: n_head,
         t,
         d: w / (3 * n_head),
+        parts: 3,
         part,
     };
     qkv.contiguous()?.apply_op1(SplitHeads(heads))
+}
+
+/// Heads of `x` `(b, t, h·d)` as a contiguous `(b, h, t, d)` tensor (the transpose of
+/// `x.reshape((b, t, h, d))`); the backward is [`merge_heads`] of the gradient.
+pub fn to_heads(x: &Tensor, n_head: usize) -> Result<Tensor> {
+    check_float("to_heads", x)?;
+    let (b, t, w) = x.dims3().map_err(|_| {
+        candle::Error::Msg(format!(
+            "to_heads: x must be (b, t, h·d), got {:?}",
+            x.dims()
+        ))
+    })?;
+    if n_head == 0 || w == 0 || !w.is_multiple_of(n_head) {
+        bail!(
+            "to_heads: width {w} of x {:?} must be a positive multiple of n_head ({n_head})",
+            x.dims()
+        )
+    }
+    let heads = Heads {
+        b,
+        h: n_head,
+        t,
+        d: w / n_head,
+        parts: 1,
+        part: 0,
+    };
+    x.contiguous()?.apply_op1(SplitHeads(heads))
+}
+
+/// Heads `x` `(b, h, t, d)` merged into a contiguous `(b, t, h·d)` tensor (the inverse of
+/// [`to_heads`], which is its backward).
+pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
+    check_float("merge_heads", x)?;
+    let (b, h, t, d) = x.dims4().map_err(|_| {
+        candle::Error::Msg(format!(
+            "merge_heads: x must be (b, h, t, d), got {:?}",
+            x.dims()
+        ))
+    })?;
+    let heads = Heads {
+        b,
+        h,
+        t,
+        d,
+        parts: 1,
+        part: 0,
+    };
+    x.contiguous()?.apply_op1(MergeHeads(heads))
 }
 
 /// Hyper-parameters of one [`adamw_update`].
@@ -471,17 +522,19 @@ impl candle::CustomOp2 for EmbeddingBwd {
     }
 }
 
-/// Sizes of a fused `(b, t, 3, h, d)` projection and the part taken.
+/// Sizes of a `(b, t, parts, h, d)` tensor (3 parts: a fused q/k/v projection) and the part
+/// taken.
 #[derive(Clone, Copy, Debug, PartialEq)]
 struct Heads {
     b: usize,
     h: usize,
     t: usize,
     d: usize,
+    parts: usize,
     part: usize,
 }
 
-/// [`split_heads`]: `(b, t, 3·h·d)` → `(b, h, t, d)`.
+/// [`split_heads`] and [`to_heads`]: `(b, t, parts·h·d)` → part `part` as `(b, h, t, d)`.
 struct SplitHeads(Heads);
 
 impl candle::CustomOp1 for SplitHeads {
@@ -491,7 +544,7 @@ impl candle::CustomOp1 for SplitHeads {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let n = self.0;
-        let out = cpu_float!("split_heads", s, heads_split((s, l), n))?;
+        let out = cpu_float!("heads split", s, heads_split((s, l), n))?;
         Ok((out, (n.b, n.h, n.t, n.d).into()))
     }
 
@@ -512,7 +565,8 @@ impl candle::CustomOp1 for SplitHeads {
     }
 }
 
-/// The gradient of [`SplitHeads`]: `(b, h, t, d)` → `(b, t, 3·h·d)`, zero outside the part.
+/// The gradient of [`SplitHeads`] and [`merge_heads`]: `(b, h, t, d)` → `(b, t, parts·h·d)`,
+/// zero outside the part.
 struct MergeHeads(Heads);
 
 impl candle::CustomOp1 for MergeHeads {
@@ -522,8 +576,8 @@ impl candle::CustomOp1 for MergeHeads {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let n = self.0;
-        let out = cpu_float!("split_heads backward", s, heads_merge((s, l), n))?;
-        Ok((out, (n.b, n.t, 3 * n.h * n.d).into()))
+        let out = cpu_float!("heads merge", s, heads_merge((s, l), n))?;
+        Ok((out, (n.b, n.t, n.parts * n.h * n.d).into()))
     }
 
     #[cfg(feature = "cuda")]
@@ -535,7 +589,14 @@ impl candle::CustomOp1 for MergeHeads {
         let n = self.0;
         Ok((
             cuda::heads_merge((s, l), n)?,
-            (n.b, n.t, 3 * n.h * n.d).into(),
+            (n.b, n.t, n.parts * n.h * n.d).into(),
+        ))
+    }
+
+    /// The backward takes the part back out (for [`merge_heads`]: [`to_heads`]).
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(
+            grad.contiguous()?.apply_op1_no_bwd(&SplitHeads(self.0))?,
         ))
     }
 }

@@ -5,8 +5,6 @@ use candle::backend::BackendStorage;
 use candle::{
     bail, CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Result, Shape, Tensor,
 };
-use rand::{rngs::StdRng, Rng, SeedableRng};
-use rand_distr::StandardNormal;
 use rayon::prelude::*;
 
 use super::{RowKind, RowOrder};
@@ -21,9 +19,9 @@ const MAX_LSH_HEAD_DIM: usize = 1024;
 /// Random rotations for angular LSH: `(heads, head_dim, n_buckets / 2)` f32 on `device`, entries
 /// drawn from N(0, 1) and every column (over `head_dim`) L2-normalised.
 ///
-/// Drawn on the CPU from `seed` (rand's `StdRng`, so the same seed gives the same rotations with
-/// the same rand version) and copied to `device` once. `n_buckets` must be even, in
-/// `2..=`[`MAX_BUCKETS`].
+/// A pure function of `seed`, drawn on `device` itself (one kernel on CUDA, no host generator and
+/// no copy; see [`super::random`]); the CPU and CUDA values agree up to the last bits of f64
+/// `ln` / `cos`. `n_buckets` must be even, in `2..=`[`MAX_BUCKETS`].
 pub fn random_rotations(
     heads: usize,
     head_dim: usize,
@@ -35,23 +33,7 @@ pub fn random_rotations(
     if heads == 0 || head_dim == 0 {
         bail!("random_rotations: heads ({heads}) and head_dim ({head_dim}) must be non-zero")
     }
-    let half = n_buckets / 2;
-    let mut rng = StdRng::seed_from_u64(seed);
-    let mut r: Vec<f32> = (0..heads * head_dim * half)
-        .map(|_| rng.sample::<f32, _>(StandardNormal))
-        .collect();
-    for head in r.chunks_mut(head_dim * half) {
-        for c in 0..half {
-            let norm = (0..head_dim)
-                .map(|k| head[k * half + c].powi(2))
-                .sum::<f32>()
-                .sqrt();
-            if norm > 0.0 {
-                (0..head_dim).for_each(|k| head[k * half + c] /= norm);
-            }
-        }
-    }
-    Tensor::from_vec(r, (heads, head_dim, half), &Device::Cpu)?.to_device(device)
+    super::random::normalised_gaussian((heads, head_dim, n_buckets / 2), seed, device)
 }
 
 /// `n_buckets` for angular LSH: even, in `2..=MAX_BUCKETS`.

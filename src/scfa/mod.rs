@@ -26,6 +26,7 @@ mod index;
 mod launch;
 mod permute;
 mod qk;
+mod random;
 
 use candle::{bail, Device, Result, Tensor};
 
@@ -34,6 +35,7 @@ pub use hash::{check_lsh_buckets, lsh_buckets, random_rotations, sort_by_bucket,
 use permute::permute_rows;
 pub use permute::{gather_rows, scatter_rows};
 pub use qk::compact_kept;
+pub use random::random_keep;
 
 use crate::flash::{self, Dims};
 use crate::mask::{
@@ -258,8 +260,7 @@ pub fn qk_sparse_attn(
 ///   or bf16. Returns `(batch, q_heads, t, head_dim)` in the original order.
 /// - Buckets: `argmax([x·R, −x·R])` ([`lsh_buckets`]) for queries and keys with the same
 ///   rotation R (per kv head when `config.per_head`; a query head uses its kv head's), R from
-///   `config.rotations` or drawn from `config.seed` ([`random_rotations`], copied to the device
-///   once per call).
+///   `config.rotations` or drawn on the device from `config.seed` ([`random_rotations`]).
 /// - Query `s` sees key `s'` iff they share a bucket and `s >= s'` (`>` when strict); queries
 ///   with no such key output 0.
 ///
