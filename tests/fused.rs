@@ -6,7 +6,8 @@ mod common;
 
 use candle::{DType, Device, Result, Tensor, Var, D};
 use candle_sparse_attn::fused::{
-    adamw_update, embedding, gelu, layer_norm, merge_heads, split_heads, to_heads, AdamWUpdate,
+    adamw_update, embedding, gelu, layer_norm, linear, merge_heads, split_heads, to_heads,
+    AdamWUpdate,
 };
 use candle_sparse_attn::reference::rel_err;
 use common::{devices, normal, tolerance};
@@ -170,6 +171,32 @@ fn split_heads_matches_transpose() -> Result<()> {
 }
 
 #[test]
+fn linear_matches_matmul() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(15);
+    for (x_shape, out) in [(vec![2, 37, 24], 40), (vec![5, 64], 3), (vec![7], 9)] {
+        let k = *x_shape.last().unwrap();
+        let x = randn(&mut rng, &x_shape, 1.0)?;
+        let w = randn(&mut rng, &[out, k], 0.3)?;
+        let mut y_shape = x_shape.clone();
+        *y_shape.last_mut().unwrap() = out;
+        let r = randn(&mut rng, &y_shape, 1.0)?;
+        compare(
+            &format!("linear {x_shape:?} x ({out}, {k})"),
+            &|t| linear(&t[0], &t[1]),
+            &|t| {
+                let rows = t[0].elem_count() / k;
+                t[0].reshape((rows, k))?
+                    .matmul(&t[1].t()?)?
+                    .reshape(y_shape.as_slice())
+            },
+            &[x.clone(), w],
+            &r,
+        )?;
+    }
+    Ok(())
+}
+
+#[test]
 fn to_heads_and_merge_heads_match_transpose() -> Result<()> {
     let mut rng = StdRng::seed_from_u64(14);
     for (b, t, h, d) in [(2, 37, 3, 16), (1, 5, 6, 64), (3, 1, 1, 8)] {
@@ -278,6 +305,16 @@ fn bad_inputs_are_clear_errors() -> Result<()> {
             3,
         ));
         assert!(e.contains("part (3)"), "{e}");
+        let e = message(linear(
+            &Tensor::zeros((2, 5), DType::F32, &dev)?,
+            &Tensor::zeros((3, 4), DType::F32, &dev)?,
+        ));
+        assert!(e.contains("[2, 5]") && e.contains("[3, 4]"), "{e}");
+        let e = message(linear(
+            &Tensor::zeros((2, 4), DType::F32, &dev)?,
+            &Tensor::zeros((3, 4), DType::BF16, &dev)?,
+        ));
+        assert!(e.contains("BF16"), "{e}");
         let e = message(to_heads(&Tensor::zeros((1, 4, 10), DType::F32, &dev)?, 3));
         assert!(e.contains("width 10") && e.contains("[1, 4, 10]"), "{e}");
         let e = message(to_heads(&Tensor::zeros((4, 10), DType::F32, &dev)?, 2));

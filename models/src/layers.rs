@@ -127,24 +127,14 @@ pub fn in_dtype(var: &Var, dtype: DType) -> Result<Tensor> {
     }
 }
 
-/// `x · wᵀ` for `x`: `(..., in)` and `w`: `(out, in)`; returns `(..., out)`. No bias.
+/// `x · wᵀ` for `x`: `(..., in)` and `w`: `(out, in)`; returns `(..., out)`. No bias. The fused
+/// op [`candle_sparse_attn::fused::linear`] (one autograd node, no reshape nodes whose gradients
+/// candle would zero-fill and add).
 pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let dims = x.dims().to_vec();
-    let Some((&input, lead)) = dims.split_last() else {
+    if x.rank() == 0 {
         bail!("linear: input must have rank at least 1, got a scalar")
-    };
-    let (out, w_in) = w.dims2()?;
-    if w_in != input {
-        bail!(
-            "linear: input {dims:?} does not match weight {:?}",
-            w.dims()
-        )
     }
-    let rows: usize = lead.iter().product();
-    let y = x.reshape((rows, input))?.matmul(&w.t()?)?;
-    let mut out_dims = lead.to_vec();
-    out_dims.push(out);
-    y.reshape(out_dims)
+    candle_sparse_attn::fused::linear(x, w)
 }
 
 /// Layer normalisation over the last axis with a learned gain and no bias (nanoGPT's

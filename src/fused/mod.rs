@@ -9,6 +9,9 @@
 //!   `index_add` loops over the ids serially).
 //! - [`split_heads`]: one of the query / key / value parts of a fused projection
 //!   `(b, t, 3·h·d)` as a contiguous `(b, h, t, d)` tensor, gradient written in one pass.
+//! - [`linear`]: `x · wᵀ` as one node whose backward returns both gradients (candle's reshape,
+//!   transpose, matmul, reshape chain costs autograd a zero fill and an add of the activation
+//!   per reshape).
 //! - [`to_heads`] / [`merge_heads`]: `(b, t, h·d)` ↔ `(b, h, t, d)`, each the other's backward
 //!   (one pass each way, no transpose copies in autograd).
 //! - [`adamw_update`]: one AdamW update of an f32 parameter and its moments in one kernel.
@@ -19,6 +22,7 @@ mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
 
+use candle::backend::BackendStorage;
 use candle::{bail, CpuStorage, DType, Layout, Result, Shape, Tensor};
 
 /// The dtype check shared by the float ops: f32, bf16 or f16, or an error naming `what`.
@@ -169,6 +173,28 @@ pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
         part: 0,
     };
     x.contiguous()?.apply_op1(MergeHeads(heads))
+}
+
+/// `x · wᵀ` for `x` `(..., in)` and `w` `(out, in)` of one float dtype (f32, bf16, f16 or
+/// f64); returns `(..., out)`.
+/// One matmul (cuBLAS on CUDA) on the contiguous inputs; the backward computes `dx = dy · w` and
+/// `dw = dyᵀ · x` directly.
+pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if x.dtype() != DType::F64 {
+        check_float("linear", x)?;
+    }
+    let input = x.dims().last().copied();
+    match w.dims() {
+        &[_, w_in] if x.rank() >= 1 && input == Some(w_in) && w.dtype() == x.dtype() => {}
+        _ => bail!(
+            "linear: x {:?} {:?} does not match weight {:?} {:?} (expected (..., in) and (out, in) of one dtype)",
+            x.dims(),
+            x.dtype(),
+            w.dims(),
+            w.dtype()
+        ),
+    }
+    x.contiguous()?.apply_op2(&w.contiguous()?, Linear)
 }
 
 /// Hyper-parameters of one [`adamw_update`].
@@ -519,6 +545,71 @@ impl candle::CustomOp2 for EmbeddingBwd {
     ) -> Result<(candle::CudaStorage, Shape)> {
         let out = cuda::emb_bwd((sd, ld), (si, li), self.vocab)?;
         Ok((out, (self.vocab, rows_cols(ld).1).into()))
+    }
+}
+
+/// [`linear`]: inputs `x` `(..., in)` and `w` `(out, in)`, both contiguous.
+struct Linear;
+
+impl Linear {
+    /// The batch-of-one matmul arguments `(bmnk, x layout, wᵀ layout)` and the output shape.
+    fn args(
+        lx: &Layout,
+        lw: &Layout,
+    ) -> Result<((usize, usize, usize, usize), Layout, Layout, Shape)> {
+        let (rows, k) = rows_cols(lx);
+        let (n, _) = lw.shape().dims2()?;
+        let x = Layout::contiguous_with_offset((1, rows, k), lx.start_offset());
+        let wt = Layout::contiguous_with_offset((1, n, k), lw.start_offset()).transpose(1, 2)?;
+        let mut dims = lx.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = n;
+        }
+        Ok(((1, rows, n, k), x, wt, Shape::from(dims)))
+    }
+}
+
+impl candle::CustomOp2 for Linear {
+    fn name(&self) -> &'static str {
+        "fused-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (bmnk, x, wt, shape) = Self::args(lx, lw)?;
+        Ok((sx.matmul(sw, bmnk, &x, &wt)?, shape))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        sx: &candle::CudaStorage,
+        lx: &Layout,
+        sw: &candle::CudaStorage,
+        lw: &Layout,
+    ) -> Result<(candle::CudaStorage, Shape)> {
+        let (bmnk, x, wt, shape) = Self::args(lx, lw)?;
+        Ok((sx.matmul(sw, bmnk, &x, &wt)?, shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (n, k) = w.dims2()?;
+        let rows = x.elem_count() / k.max(1);
+        let dy = grad.contiguous()?.reshape((rows, n))?;
+        let dx = dy.matmul(w)?.reshape(x.shape())?;
+        let dw = dy.t()?.matmul(&x.reshape((rows, k))?)?;
+        Ok((Some(dx), Some(dw)))
     }
 }
 
