@@ -551,12 +551,12 @@ impl candle::CustomOp2 for EmbeddingBwd {
 /// [`linear`]: inputs `x` `(..., in)` and `w` `(out, in)`, both contiguous.
 struct Linear;
 
+/// Sizes `(batch, m, n, k)` of a matmul.
+type Bmnk = (usize, usize, usize, usize);
+
 impl Linear {
     /// The batch-of-one matmul arguments `(bmnk, x layout, wᵀ layout)` and the output shape.
-    fn args(
-        lx: &Layout,
-        lw: &Layout,
-    ) -> Result<((usize, usize, usize, usize), Layout, Layout, Shape)> {
+    fn args(lx: &Layout, lw: &Layout) -> Result<(Bmnk, Layout, Layout, Shape)> {
         let (rows, k) = rows_cols(lx);
         let (n, _) = lw.shape().dims2()?;
         let x = Layout::contiguous_with_offset((1, rows, k), lx.start_offset());
