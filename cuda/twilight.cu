@@ -171,12 +171,14 @@ __device__ void page_scores(const T* __restrict__ q, const T* __restrict__ pmin,
 // by a radix select over 8-bit digits (4 histogram passes, all heads at once, warp-aggregated
 // shared-memory atomics), then an order-preserving compaction (one warp per head, ballots),
 // expanded to token ids like tw_top_indices: out (b, hq, k * expand), ascending, ties to the lower
-// page index. Dynamic shared memory: group * (D + np + k) words.
+// page index. The first `sink` and the last `recent` pages score +inf (always kept). Dynamic
+// shared memory: group * (D + np + k) words.
 // ---------------------------------------------------------------------------------------------
 template <typename T, int D>
 __device__ void quest_select(const T* __restrict__ q, const T* __restrict__ pmin,
                              const T* __restrict__ pmax, uint32_t* __restrict__ out, int hq,
-                             int hkv, int pcap, int np, int k, int expand, int valid_len) {
+                             int hkv, int pcap, int np, int k, int expand, int valid_len,
+                             int sink, int recent) {
   using S = RowSplit<T, D>;
   extern __shared__ float sh[];
   __shared__ int hist[MAXG * 256];
@@ -201,10 +203,12 @@ __device__ void quest_select(const T* __restrict__ q, const T* __restrict__ pmin
     page_bound<T, D>(sq, pmin, pmax, row, pcap, page0, np, group, s0);
     page_bound<T, D>(sq, pmin, pmax, row, pcap, page1, np, group, s1);
     if (threadIdx.x % S::LPR == 0) {
+      const bool pin0 = page0 < sink || page0 >= np - recent;
+      const bool pin1 = page1 < sink || page1 >= np - recent;
 #pragma unroll
       for (int h = 0; h < MAXG; ++h) {
-        if (h < group && page0 < np) keys[h * np + page0] = order_key(s0[h]);
-        if (h < group && page1 < np) keys[h * np + page1] = order_key(s1[h]);
+        if (h < group && page0 < np) keys[h * np + page0] = order_key(pin0 ? INFINITY : s0[h]);
+        if (h < group && page1 < np) keys[h * np + page1] = order_key(pin1 ? INFINITY : s1[h]);
       }
     }
   }
@@ -878,8 +882,9 @@ __device__ void attn_merge(const float* __restrict__ part_o, const float* __rest
   extern "C" __global__ void __launch_bounds__(1024)                                             \
       tw_quest_select_##TN##_d##D(const T* q, const T* pmin, const T* pmax, uint32_t* out,       \
                                   int hq, int hkv, int pcap, int np, int k, int expand,          \
-                                  int valid_len) {                                               \
-    quest_select<T, D>(q, pmin, pmax, out, hq, hkv, pcap, np, k, expand, valid_len);             \
+                                  int valid_len, int sink, int recent) {                         \
+    quest_select<T, D>(q, pmin, pmax, out, hq, hkv, pcap, np, k, expand, valid_len, sink,        \
+                       recent);                                                                  \
   }                                                                                              \
   extern "C" __global__ void __launch_bounds__(1024)                                             \
       tw_prune_union_##TN##_d##D(const T* q, const uint8_t* codes, const __half2* scale_min,     \

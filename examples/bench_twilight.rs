@@ -255,7 +255,7 @@ fn main() -> Result<()> {
         p: args.p,
         base_budget: args.budget,
         page_size: args.page_size,
-        dense_layers: 2,
+        ..TwilightConfig::default()
     };
     let (keys, values) = (cache.keys()?, cache.values()?);
     let reps = args.reps;
@@ -301,9 +301,7 @@ fn main() -> Result<()> {
     let stage = |name: &'static str, f: &mut dyn FnMut() -> Result<()>| -> Result<(&str, f64)> {
         Ok((name, time_ms(&dev, WARMUP, reps, f)?))
     };
-    let quest = QuestSelector {
-        budget: args.budget,
-    };
+    let quest = QuestSelector::new(args.budget);
     // The decode step's calls (fused on CUDA), then the stage functions one by one.
     let stages = vec![
         stage("step: Quest select", &mut || {

@@ -28,6 +28,10 @@ use candle_sparse_models::attention::AttentionKind;
 use candle_sparse_models::{
     generate, load_model, perplexity, perplexity_decode, CausalLm, Sampler, SamplingOptions,
 };
+use candle_sparse_attn::twilight::{
+    estimate_scores, sparse_decode_attention, top_p, union_per_group, BaseSelector, FullSelector,
+    QuestSelector, TwilightCache,
+};
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser, Debug)]
@@ -51,6 +55,38 @@ enum Command {
     /// Records real attention inputs: after a dense prefill of --context tokens of a text, the
     /// decode query of the next token and the cached keys and values of the chosen layers.
     DumpQkv(DumpArgs),
+    /// Twilight's stages measured on a dense decode of real text: per layer, the exact attention
+    /// mass each stage keeps (Quest candidates, INT4 top-p, the same top-p on exact scores, the
+    /// GQA union), the kept fractions, the INT4 score error and the attention output error.
+    TwilightStats(TwilightStatsArgs),
+}
+
+#[derive(Args, Debug)]
+struct TwilightStatsArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// UTF-8 text the prompts are cut from.
+    #[arg(long)]
+    text_file: std::path::PathBuf,
+    /// Prompt length in tokens (prefilled densely).
+    #[arg(long, default_value_t = 2048)]
+    prompt_len: usize,
+    /// Decode steps per prompt (teacher-forced on the text, dense outputs).
+    #[arg(long, default_value_t = 16)]
+    steps: usize,
+    /// Number of prompts, at evenly spaced offsets of the text.
+    #[arg(long, default_value_t = 2)]
+    prompts: usize,
+    /// Configurations measured at every step, `P,B0,SINK_PAGES,RECENT_PAGES` separated by `;`
+    /// (`B0 = 0`: every token, i.e. top-p alone); pages of 16 tokens.
+    #[arg(long, default_value = "0.95,1024,0,0;0.95,1024,1,1;1,1024,1,1;0.95,0,0,0")]
+    variants: String,
+    /// Print the per-layer table of every variant (else only the summary over layers >= 2).
+    #[arg(long)]
+    per_layer: bool,
+    /// Read only the first N bytes of the text file.
+    #[arg(long, default_value_t = 400_000)]
+    max_bytes: usize,
 }
 
 #[derive(Args, Debug)]
@@ -97,7 +133,8 @@ struct ModelArgs {
     #[arg(long)]
     revision: Option<String>,
     /// Attention kind: dense, hash_sparse:N_BUCKETS, qk_sparse:DROP_Q,DROP_K,
-    /// twilight:P,BASE_BUDGET[,PAGE_SIZE[,DENSE_LAYERS]] (page size 16, 2 dense layers by default).
+    /// twilight:P,BASE_BUDGET[,PAGE_SIZE[,DENSE_LAYERS[,SINK_PAGES,RECENT_PAGES]]] (page size 16,
+    /// 2 dense layers, 1 pinned sink page and 1 pinned recent page by default).
     #[arg(long, default_value = "dense")]
     attention: AttentionKind,
     /// Compute dtype: f32, bf16 or f16.
@@ -753,5 +790,375 @@ fn main() -> Result<()> {
         Command::Compare(args) => run_compare(args),
         Command::ExportHf(args) => run_export(args),
         Command::DumpQkv(args) => run_dump(args),
+        Command::TwilightStats(args) => run_twilight_stats(args),
     }
+}
+
+/// One configuration measured by `twilight-stats`.
+#[derive(Clone, Copy, Debug)]
+struct ProbeVariant {
+    p: f32,
+    /// `None`: every token (top-p alone).
+    quest: Option<QuestSelector>,
+}
+
+impl std::fmt::Display for ProbeVariant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.quest {
+            Some(q) => write!(
+                f,
+                "p {} B0 {} pins {}+{}",
+                self.p, q.budget, q.sink_pages, q.recent_pages
+            ),
+            None => write!(f, "p {} B0 all", self.p),
+        }
+    }
+}
+
+/// Sums over (decode step, query head) of one variant and layer (see [`ProbeStats::row`]).
+#[derive(Clone, Debug, Default)]
+struct ProbeStats {
+    n: f64,
+    cand_frac: f64,
+    cand_mass: f64,
+    kept_frac: f64,
+    kept_mass: f64,
+    exact_kept_frac: f64,
+    exact_kept_mass: f64,
+    union_frac: f64,
+    union_mass: f64,
+    est_rms: f64,
+    out_err: f64,
+    sink_in: f64,
+    last_in: f64,
+}
+
+impl ProbeStats {
+    fn add(&mut self, o: &ProbeStats) {
+        let ProbeStats {
+            n,
+            cand_frac,
+            cand_mass,
+            kept_frac,
+            kept_mass,
+            exact_kept_frac,
+            exact_kept_mass,
+            union_frac,
+            union_mass,
+            est_rms,
+            out_err,
+            sink_in,
+            last_in,
+        } = self;
+        for (a, b) in [
+            (n, o.n),
+            (cand_frac, o.cand_frac),
+            (cand_mass, o.cand_mass),
+            (kept_frac, o.kept_frac),
+            (kept_mass, o.kept_mass),
+            (exact_kept_frac, o.exact_kept_frac),
+            (exact_kept_mass, o.exact_kept_mass),
+            (union_frac, o.union_frac),
+            (union_mass, o.union_mass),
+            (est_rms, o.est_rms),
+            (out_err, o.out_err),
+            (sink_in, o.sink_in),
+            (last_in, o.last_in),
+        ] {
+            *a += b;
+        }
+    }
+
+    /// Means, as a table row: candidates (fraction, exact mass), INT4 top-p kept (fraction,
+    /// mass), exact-score top-p over the same candidates (fraction, mass), GQA union (fraction,
+    /// mass), RMS of the INT4 score error over the candidates, relative output error, and the
+    /// share of heads whose candidates hold token 0 and the current token.
+    fn row(&self) -> String {
+        let m = |x: f64| x / self.n.max(1.0);
+        format!(
+            "| {:.1}% | {:.4} | {:.2}% | {:.4} | {:.2}% | {:.4} | {:.2}% | {:.4} | {:.3} | {:.4} | {:.0}% | {:.0}% |",
+            100.0 * m(self.cand_frac),
+            m(self.cand_mass),
+            100.0 * m(self.kept_frac),
+            m(self.kept_mass),
+            100.0 * m(self.exact_kept_frac),
+            m(self.exact_kept_mass),
+            100.0 * m(self.union_frac),
+            m(self.union_mass),
+            m(self.est_rms),
+            m(self.out_err),
+            100.0 * m(self.sink_in),
+            100.0 * m(self.last_in),
+        )
+    }
+}
+
+const PROBE_HEADER: &str = "| cand. | cand. mass | kept (INT4) | kept mass | kept (exact) | exact mass | union | union mass | est. RMS | out err | sink in | current in |";
+
+/// Dense attention that, at every decode step, also runs Twilight's stages over a
+/// [`TwilightCache`] of the same keys and values and records [`ProbeStats`] per variant and layer.
+#[derive(Debug)]
+struct TwilightProbe {
+    variants: Vec<ProbeVariant>,
+    capacity: usize,
+    /// `stats[variant][layer]`.
+    stats: std::sync::Mutex<Vec<Vec<ProbeStats>>>,
+}
+
+#[derive(Debug)]
+struct ProbeCache {
+    layer: usize,
+    cache: Option<TwilightCache>,
+}
+
+impl candle_sparse_models::LayerCache for ProbeCache {
+    fn len(&self) -> usize {
+        self.cache.as_ref().map_or(0, TwilightCache::len)
+    }
+    fn reset(&mut self) {
+        self.cache = None
+    }
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
+}
+
+/// Rows of a `(1, heads, n)` tensor on the host.
+fn rows<T: candle::WithDType>(t: &candle::Tensor) -> candle::Result<Vec<Vec<T>>> {
+    t.to_device(&Device::Cpu)?.squeeze(0)?.to_vec2::<T>()
+}
+
+impl TwilightProbe {
+    /// The stats of every variant for one decode step of `layer`: `q3` `(1, hq, d)`, `dense`
+    /// `(1, hq, d)` the exact output.
+    fn measure(
+        &self,
+        layer: usize,
+        cache: &TwilightCache,
+        q3: &candle::Tensor,
+        dense: &candle::Tensor,
+    ) -> candle::Result<()> {
+        let (_, hq, d) = q3.dims3()?;
+        let (t, group) = (cache.len(), hq / cache.kv_heads());
+        let scale = 1.0 / (d as f32).sqrt();
+        let keys = candle_sparse_attn::reference::repeat_kv(&cache.keys()?, group)?
+            .to_dtype(DType::F32)?;
+        let exact = (q3.to_dtype(DType::F32)?.unsqueeze(2)?.matmul(&keys.t()?)? * scale as f64)?
+            .squeeze(2)?;
+        let weights = rows::<f32>(&candle_nn::ops::softmax_last_dim(&exact)?)?;
+        let exact_rows = rows::<f32>(&exact)?;
+        let dense_rows = rows::<f32>(&dense.to_dtype(DType::F32)?)?;
+        let mass = |h: usize, ids: &[u32]| -> f64 {
+            ids.iter()
+                .filter(|&&i| (i as usize) < t)
+                .map(|&i| weights[h][i as usize] as f64)
+                .sum()
+        };
+        let count = |ids: &[u32]| ids.iter().filter(|&&i| (i as usize) < t).count() as f64;
+        let mut out = Vec::with_capacity(self.variants.len());
+        for v in &self.variants {
+            let cand = match &v.quest {
+                Some(quest) => quest.select(cache, q3)?,
+                None => FullSelector.select(cache, q3)?,
+            };
+            let est = estimate_scores(cache, q3, &cand, scale)?;
+            let kept = if v.p < 1.0 {
+                top_p(&est, &cand, v.p)?
+            } else {
+                cand.clone()
+            };
+            let cand_rows = rows::<u32>(&cand)?;
+            // The oracle: the same top-p over the exact scores of the candidates.
+            let exact_est: Vec<f32> = cand_rows
+                .iter()
+                .enumerate()
+                .flat_map(|(h, r)| {
+                    r.iter()
+                        .map(|&i| {
+                            if (i as usize) < t {
+                                exact_rows[h][i as usize]
+                            } else {
+                                f32::NEG_INFINITY
+                            }
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            let exact_est = candle::Tensor::from_vec(exact_est, cand.shape(), cand.device())?;
+            let exact_kept = rows::<u32>(&top_p(&exact_est, &cand, v.p)?)?;
+            let lists = union_per_group(&kept, cache.kv_heads(), t)?;
+            let sparse = rows::<f32>(
+                &sparse_decode_attention(cache, q3, &lists, scale)?.to_dtype(DType::F32)?,
+            )?;
+            let (kept, est, lists) = (rows::<u32>(&kept)?, rows::<f32>(&est)?, rows::<u32>(&lists)?);
+            let mut s = ProbeStats::default();
+            for h in 0..hq {
+                let union = &lists[h / group][1..1 + lists[h / group][0] as usize];
+                let (mut se, mut ne) = (0f64, 0f64);
+                for (&i, &e) in cand_rows[h].iter().zip(&est[h]) {
+                    if (i as usize) < t {
+                        se += ((e - exact_rows[h][i as usize]) as f64).powi(2);
+                        ne += 1.0;
+                    }
+                }
+                let diff: f64 = (0..d)
+                    .map(|c| ((sparse[h][c] - dense_rows[h][c]) as f64).powi(2))
+                    .sum();
+                let norm: f64 = (0..d).map(|c| (dense_rows[h][c] as f64).powi(2)).sum();
+                s.add(&ProbeStats {
+                    n: 1.0,
+                    cand_frac: count(&cand_rows[h]) / t as f64,
+                    cand_mass: mass(h, &cand_rows[h]),
+                    kept_frac: count(&kept[h]) / t as f64,
+                    kept_mass: mass(h, &kept[h]),
+                    exact_kept_frac: count(&exact_kept[h]) / t as f64,
+                    exact_kept_mass: mass(h, &exact_kept[h]),
+                    union_frac: union.len() as f64 / t as f64,
+                    union_mass: mass(h, union),
+                    est_rms: (se / ne.max(1.0)).sqrt(),
+                    out_err: (diff / norm.max(1e-30)).sqrt(),
+                    sink_in: cand_rows[h].contains(&0) as u8 as f64,
+                    last_in: cand_rows[h].contains(&(t as u32 - 1)) as u8 as f64,
+                });
+            }
+            out.push(s);
+        }
+        let mut stats = self.stats.lock().expect("stats lock");
+        for (vi, s) in out.iter().enumerate() {
+            if stats[vi].len() <= layer {
+                stats[vi].resize(layer + 1, ProbeStats::default());
+            }
+            stats[vi][layer].add(s);
+        }
+        Ok(())
+    }
+}
+
+impl candle_sparse_models::AttentionBackend for TwilightProbe {
+    fn name(&self) -> String {
+        "twilight probe (dense)".to_string()
+    }
+    fn supports_kv_cache(&self) -> bool {
+        true
+    }
+    fn forward(
+        &self,
+        q: &candle::Tensor,
+        k: &candle::Tensor,
+        v: &candle::Tensor,
+        call: &candle_sparse_models::AttentionCall,
+    ) -> candle::Result<candle::Tensor> {
+        candle_sparse_models::attention::DenseAttention.forward(q, k, v, call)
+    }
+    fn new_cache(&self, layer: usize) -> candle::Result<Box<dyn candle_sparse_models::LayerCache>> {
+        Ok(Box::new(ProbeCache { layer, cache: None }))
+    }
+    fn forward_cached(
+        &self,
+        q: &candle::Tensor,
+        k: &candle::Tensor,
+        v: &candle::Tensor,
+        cache: &mut dyn candle_sparse_models::LayerCache,
+        call: &candle_sparse_models::AttentionCall,
+    ) -> candle::Result<candle::Tensor> {
+        let layer = candle_sparse_models::downcast_cache::<ProbeCache>(cache, "twilight probe")?;
+        let (b, h, _, d) = k.dims4()?;
+        if layer.cache.is_none() {
+            layer.cache = Some(TwilightCache::new(
+                b,
+                h,
+                d,
+                self.capacity,
+                16,
+                k.dtype(),
+                k.device(),
+            )?);
+        }
+        let cache = layer.cache.as_mut().expect("allocated above");
+        cache.append(k, v)?;
+        let (keys, values) = (cache.keys()?.contiguous()?, cache.values()?.contiguous()?);
+        let out = self.forward(q, &keys, &values, call)?;
+        if q.dim(2)? == 1 {
+            let q3 = q.squeeze(2)?.contiguous()?;
+            self.measure(layer.layer, cache, &q3, &out.squeeze(2)?)?;
+        }
+        Ok(out)
+    }
+}
+
+fn run_twilight_stats(args: &TwilightStatsArgs) -> Result<()> {
+    let device = device(args.model.cpu)?;
+    let variants = args
+        .variants
+        .split(';')
+        .map(|v| {
+            let f: Vec<&str> = v.split(',').map(str::trim).collect();
+            let [p, b0, sink, recent] = f.as_slice() else {
+                bail!("--variants: {v:?} is not P,B0,SINK_PAGES,RECENT_PAGES")
+            };
+            let budget: usize = b0.parse()?;
+            Ok(ProbeVariant {
+                p: p.parse()?,
+                quest: (budget > 0).then_some(QuestSelector {
+                    budget,
+                    sink_pages: sink.parse()?,
+                    recent_pages: recent.parse()?,
+                }),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let gguf = candle_sparse_models::gguf::GgufFile::open(std::path::Path::new(&args.model.model))
+        .with_context(|| format!("--model {:?} must be a .gguf file", args.model.model))?;
+    let mut model = gguf.load_llama(&AttentionKind::Dense, dtype(&args.model.dtype)?, &device)?;
+    let probe = std::sync::Arc::new(TwilightProbe {
+        variants: variants.clone(),
+        capacity: args.prompt_len + args.steps,
+        stats: std::sync::Mutex::new(vec![Vec::new(); variants.len()]),
+    });
+    model.set_attention(candle_sparse_models::Attention::with_backend(probe.clone()));
+    let ids = tokenize_file(&gguf.tokenizer()?, &args.text_file, args.max_bytes)?;
+    let window = args.prompt_len + args.steps;
+    if args.steps == 0 || args.prompts == 0 || ids.len() < window {
+        bail!(
+            "twilight-stats: need --steps > 0, --prompts > 0 and at least {window} tokens ({} in {})",
+            ids.len(),
+            args.text_file.display()
+        )
+    }
+    for i in 0..args.prompts {
+        let offset = i * (ids.len() - window) / args.prompts.max(2).saturating_sub(1).max(1);
+        let mut cache = model.new_cache()?;
+        let start = Instant::now();
+        for (j, chunk) in std::iter::once(&ids[offset..offset + args.prompt_len])
+            .chain(ids[offset + args.prompt_len..offset + window].chunks(1))
+            .enumerate()
+        {
+            let tokens = candle::Tensor::new(chunk, &device)?.unsqueeze(0)?;
+            model.forward(&tokens, Some(&mut cache))?;
+            if j == 0 {
+                eprintln!("prompt {i} (tokens {offset}..): prefill {:.1}s", start.elapsed().as_secs_f64());
+            }
+        }
+        eprintln!("prompt {i}: {} decode steps, {:.1}s", args.steps, start.elapsed().as_secs_f64());
+    }
+    let stats = probe.stats.lock().expect("stats lock");
+    println!(
+        "twilight-stats: {} prompts x {} steps after {} prompt tokens; means over steps and query heads",
+        args.prompts, args.steps, args.prompt_len
+    );
+    println!("\n| config | layers {PROBE_HEADER}\n|{}", "---|".repeat(14));
+    for (v, per_layer) in variants.iter().zip(stats.iter()) {
+        let mut sparse = ProbeStats::default();
+        per_layer.iter().skip(2).for_each(|s| sparse.add(s));
+        println!("| {v} | 2-{} {}", per_layer.len() - 1, sparse.row());
+    }
+    if args.per_layer {
+        for (v, per_layer) in variants.iter().zip(stats.iter()) {
+            println!("\n{v}\n\n| layer {PROBE_HEADER}\n|{}", "---|".repeat(13));
+            for (l, s) in per_layer.iter().enumerate() {
+                println!("| {l} {}", s.row());
+            }
+        }
+    }
+    Ok(())
 }

@@ -305,7 +305,7 @@ fn quest_scores_bound_and_top_pages() -> Result<()> {
             }
         }
         // Top pages: budget 20 tokens → 3 pages of 8; the partial last page pads with NO_TOKEN.
-        let cand = vec3::<u32>(&QuestSelector { budget: 20 }.select(&c.cache, &q3)?)?;
+        let cand = vec3::<u32>(&QuestSelector::unpinned(20).select(&c.cache, &q3)?)?;
         for bi in 0..b {
             for h in 0..hq {
                 let mut order: Vec<usize> = (0..pages).collect();
@@ -322,7 +322,7 @@ fn quest_scores_bound_and_top_pages() -> Result<()> {
             }
         }
         // Budget above the context: every token.
-        let all = vec3::<u32>(&QuestSelector { budget: 1000 }.select(&c.cache, &q3)?)?;
+        let all = vec3::<u32>(&QuestSelector::unpinned(1000).select(&c.cache, &q3)?)?;
         let mut ids: Vec<u32> = all[1][3]
             .iter()
             .copied()
@@ -330,6 +330,62 @@ fn quest_scores_bound_and_top_pages() -> Result<()> {
             .collect();
         ids.sort();
         assert_eq!(ids, (0..t as u32).collect::<Vec<_>>());
+    }
+    Ok(())
+}
+
+/// Pinned pages: the first `sink_pages` and the last `recent_pages` pages are always selected,
+/// inside the budget (lower page indices first when they alone exceed it), the rest by bound;
+/// a partial last page pads with NO_TOKEN. Against a host ranking of the page scores, on every
+/// device (the fused CUDA kernel and the staged path).
+#[test]
+fn quest_pins_sink_and_recent_pages() -> Result<()> {
+    for dev in devices() {
+        for dtype in [DType::F32, DType::BF16] {
+            let (b, hq, hkv, t, d, ps) = (2, 4, 2, 203, 64, 16);
+            let c = case(&dev, dtype, (b, hq, hkv, t, d), ps, 256, 21)?;
+            let q3 = c.q.squeeze(2)?.contiguous()?;
+            let scores = vec3::<f32>(&page_scores(&c.cache, &q3)?)?;
+            let pages = t.div_ceil(ps);
+            for (sink, recent, keep) in [(1, 1, 5), (2, 3, 6), (0, 2, 4), (3, 0, 4), (3, 3, 4)] {
+                let quest = QuestSelector {
+                    budget: keep * ps - 3,
+                    sink_pages: sink,
+                    recent_pages: recent,
+                };
+                let cand = vec3::<u32>(&quest.select(&c.cache, &q3)?)?;
+                for bi in 0..b {
+                    for h in 0..hq {
+                        let rank = |p: usize| {
+                            if p < sink || p + recent >= pages {
+                                f32::INFINITY
+                            } else {
+                                scores[bi][h][p]
+                            }
+                        };
+                        let mut order: Vec<usize> = (0..pages).collect();
+                        order.sort_by(|&x, &y| rank(y).total_cmp(&rank(x)));
+                        let mut top = order[..keep].to_vec();
+                        top.sort();
+                        let pinned = (0..pages).filter(|&p| p < sink || p + recent >= pages);
+                        for p in pinned.take(keep) {
+                            assert!(top.contains(&p), "page {p} pinned");
+                        }
+                        let want: Vec<u32> = top
+                            .iter()
+                            .flat_map(|&p| {
+                                (p * ps..p * ps + ps)
+                                    .map(|tk| if tk < t { tk as u32 } else { NO_TOKEN })
+                            })
+                            .collect();
+                        assert_eq!(
+                            cand[bi][h], want,
+                            "{dev:?} {dtype:?} sink {sink} recent {recent} b{bi} h{h}"
+                        );
+                    }
+                }
+            }
+        }
     }
     Ok(())
 }
@@ -552,6 +608,7 @@ fn p1_full_budget_equals_dense_decoding() -> Result<()> {
                 base_budget: 400,
                 page_size: 16,
                 dense_layers: 2,
+                ..TwilightConfig::default()
             };
             let want = reference::attention(&c.q_host, &c.k, &c.v, 1.0 / (d as f64).sqrt(), None)?;
             for layer in [0, 5] {
@@ -580,6 +637,7 @@ fn pipeline_matches_oracle() -> Result<()> {
             base_budget: 160,
             page_size: ps,
             dense_layers: 0,
+            ..TwilightConfig::default()
         };
         let step = decode_layer(3, &c.cache, &c.q, &cfg)?;
         let (k, q, deq) = (
@@ -604,8 +662,16 @@ fn pipeline_matches_oracle() -> Result<()> {
                         })
                         .sum()
                 };
+                // The default config pins the first and the last page.
+                let rank = |p: usize| {
+                    if p == 0 || p == pages - 1 {
+                        f32::INFINITY
+                    } else {
+                        bound(p)
+                    }
+                };
                 let mut order: Vec<usize> = (0..pages).collect();
-                order.sort_by(|&x, &y| bound(y).total_cmp(&bound(x)));
+                order.sort_by(|&x, &y| rank(y).total_cmp(&rank(x)));
                 let cands: Vec<usize> = order[..10]
                     .iter()
                     .flat_map(|&p| p * ps..(p * ps + ps).min(t))
@@ -684,6 +750,7 @@ fn other_base_selectors() -> Result<()> {
             base_budget: 16,
             page_size: 16,
             dense_layers: 0,
+            ..TwilightConfig::default()
         };
         for sel in [
             &FullSelector as &dyn BaseSelector,
@@ -716,7 +783,7 @@ fn fused_paths_match_stages() -> Result<()> {
             let q3 = c.q.squeeze(2)?.contiguous()?;
             let what = format!("{dev:?} {dtype:?} {shape:?}");
             let keep = budget.div_ceil(16).min(t.div_ceil(16));
-            let cand = QuestSelector { budget }.select(&c.cache, &q3)?;
+            let cand = QuestSelector::unpinned(budget).select(&c.cache, &q3)?;
             let staged = top_indices(&page_scores(&c.cache, &q3)?, keep, 16, t)?;
             assert_eq!(
                 vec3::<u32>(&cand)?,
@@ -791,7 +858,7 @@ fn quest_select_ties() -> Result<()> {
         let mut cache = TwilightCache::new(b, hkv, d, t, ps, DType::F32, &dev)?;
         cache.append(&kt, &kt)?;
         let q3 = Tensor::from_vec(q.clone(), (b, hq, d), &dev)?;
-        let cand = vec3::<u32>(&QuestSelector { budget: 6 * ps }.select(&cache, &q3)?)?;
+        let cand = vec3::<u32>(&QuestSelector::unpinned(6 * ps).select(&cache, &q3)?)?;
         let scores = vec3::<f32>(&page_scores(&cache, &q3)?)?;
         for h in 0..hq {
             let best = scores[0][h]
@@ -828,6 +895,7 @@ fn cuda_matches_cpu_bf16() -> Result<()> {
         base_budget: 512,
         page_size: 16,
         dense_layers: 0,
+        ..TwilightConfig::default()
     };
     let cpu = case(&devs[0], DType::BF16, shape, 16, 2048, 11)?;
     let gpu = case(&devs[1], DType::BF16, shape, 16, 2048, 11)?;
@@ -865,6 +933,7 @@ fn bad_inputs_are_errors() -> Result<()> {
         base_budget: 32,
         page_size: 16,
         dense_layers: 0,
+        ..TwilightConfig::default()
     };
     for p in [0.0, -0.1, 1.5, f32::NAN] {
         expect(
@@ -971,7 +1040,7 @@ fn bad_inputs_are_errors() -> Result<()> {
         .unwrap_err()
         .to_string()
         .contains("(0, 1]"));
-    assert!(QuestSelector { budget: 0 }
+    assert!(QuestSelector::unpinned(0)
         .select(&c.cache, &c.q.squeeze(2)?)
         .is_err());
     assert!(WindowSelector { sink: 0, window: 0 }

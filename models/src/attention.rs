@@ -79,6 +79,12 @@ pub enum AttentionKind {
         page_size: usize,
         /// The first `dense_layers` layers decode densely.
         dense_layers: usize,
+        /// Leading pages Quest always keeps (the attention sink), inside the budget (default 1).
+        #[serde(default = "default_sink_pages")]
+        sink_pages: usize,
+        /// Trailing pages Quest always keeps (the current page and those before it; default 1).
+        #[serde(default = "default_recent_pages")]
+        recent_pages: usize,
     },
     /// MoA ([`crate::moa`]): per kv head a sink plus a sliding band whose lengths come from a plan
     /// file resolved at `N = prompt + max_new_tokens`; the prompt uses the sink + band pattern,
@@ -146,11 +152,15 @@ impl AttentionKind {
                 base_budget,
                 page_size,
                 dense_layers,
+                sink_pages,
+                recent_pages,
             } => Some(TwilightConfig {
                 p,
                 base_budget,
                 page_size,
                 dense_layers,
+                sink_pages,
+                recent_pages,
             }),
             _ => None,
         }
@@ -185,8 +195,18 @@ impl AttentionKind {
     }
 }
 
+/// Sink pages pinned by Twilight's Quest selector when a config leaves them out.
+fn default_sink_pages() -> usize {
+    TwilightConfig::default().sink_pages
+}
+
+/// Recent pages pinned by Twilight's Quest selector when a config leaves them out.
+fn default_recent_pages() -> usize {
+    TwilightConfig::default().recent_pages
+}
+
 /// The command-line spelling: `dense`, `hash_sparse:N_BUCKETS`, `qk_sparse:DROP_Q,DROP_K`,
-/// `twilight:P,BASE_BUDGET,PAGE_SIZE,DENSE_LAYERS`, `moa:PLAN_JSON,MAX_NEW_TOKENS`,
+/// `twilight:P,BASE_BUDGET,PAGE_SIZE,DENSE_LAYERS,SINK_PAGES,RECENT_PAGES`, `moa:PLAN_JSON,MAX_NEW_TOKENS`,
 /// `sparsek:K,WINDOW`.
 impl fmt::Display for AttentionKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -199,7 +219,12 @@ impl fmt::Display for AttentionKind {
                 base_budget,
                 page_size,
                 dense_layers,
-            } => write!(f, "twilight:{p},{base_budget},{page_size},{dense_layers}"),
+                sink_pages,
+                recent_pages,
+            } => write!(
+                f,
+                "twilight:{p},{base_budget},{page_size},{dense_layers},{sink_pages},{recent_pages}"
+            ),
             Self::Moa {
                 plan,
                 max_new_tokens,
@@ -210,14 +235,14 @@ impl fmt::Display for AttentionKind {
 }
 
 /// Parses the [`Display`](fmt::Display) spelling (`-` may replace `_`), validating the values.
-/// Twilight's last two values may be left out: `twilight:P,BASE_BUDGET` means page size 16 and
-/// 2 dense layers (the paper's setting); `moa:PLAN_JSON` means 1024 new tokens.
+/// Twilight's last values may be left out: `twilight:P,BASE_BUDGET` means page size 16, 2 dense
+/// layers (the paper's setting) and one pinned sink and recent page each; `moa:PLAN_JSON` means 1024 new tokens.
 impl FromStr for AttentionKind {
     type Err = candle::Error;
 
     fn from_str(s: &str) -> Result<Self> {
         const FORMS: &str = "dense, hash_sparse:N_BUCKETS, qk_sparse:DROP_Q,DROP_K, \
-                             twilight:P,BASE_BUDGET[,PAGE_SIZE[,DENSE_LAYERS]], \
+                             twilight:P,BASE_BUDGET[,PAGE_SIZE[,DENSE_LAYERS[,SINK,RECENT]]], \
                              moa:PLAN_JSON[,MAX_NEW_TOKENS], sparsek:K,WINDOW";
         // A plan path is taken verbatim (no `-` to `_` normalisation).
         if let Some(a) = s.trim().strip_prefix("moa:") {
@@ -266,9 +291,10 @@ impl FromStr for AttentionKind {
             }
             ("twilight", Some(a)) => {
                 let parts: Vec<&str> = a.split(',').map(str::trim).collect();
-                if !(2..=4).contains(&parts.len()) {
+                if !matches!(parts.len(), 2..=4 | 6) {
                     bail!(
-                        "attention {s:?}: twilight needs P,BASE_BUDGET[,PAGE_SIZE[,DENSE_LAYERS]]"
+                        "attention {s:?}: twilight needs \
+                         P,BASE_BUDGET[,PAGE_SIZE[,DENSE_LAYERS[,SINK_PAGES,RECENT_PAGES]]]"
                     )
                 }
                 let count = |i: usize, what: &str, default: usize| -> Result<usize> {
@@ -286,6 +312,8 @@ impl FromStr for AttentionKind {
                     base_budget: count(1, "base budget", defaults.base_budget)?,
                     page_size: count(2, "page size", defaults.page_size)?,
                     dense_layers: count(3, "dense layer count", defaults.dense_layers)?,
+                    sink_pages: count(4, "sink page count", defaults.sink_pages)?,
+                    recent_pages: count(5, "recent page count", defaults.recent_pages)?,
                 }
             }
             ("sparsek" | "sparse_k", Some(a)) => {

@@ -93,6 +93,8 @@ fn kv_cache_decoding_matches_full_forward() -> Result<()> {
             base_budget: 64,
             page_size: 4,
             dense_layers: 0,
+            sink_pages: 1,
+            recent_pages: 1,
         };
         let sparsek = [
             // Prefix 4 ≥ window: prefill through sparsek_attn, then steps.
@@ -215,6 +217,8 @@ fn attention_kind_parses_and_serializes() -> Result<()> {
                 base_budget: 256,
                 page_size: 16,
                 dense_layers: 2,
+                sink_pages: 1,
+                recent_pages: 1,
             },
         ),
         (
@@ -235,6 +239,8 @@ fn attention_kind_parses_and_serializes() -> Result<()> {
                 base_budget: 64,
                 page_size: 8,
                 dense_layers: 1,
+                sink_pages: 1,
+                recent_pages: 1,
             },
         ),
     ];

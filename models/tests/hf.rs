@@ -490,6 +490,8 @@ fn every_attention_kind_runs() -> Result<()> {
             base_budget: 4,
             page_size: 2,
             dense_layers: 1,
+            sink_pages: 1,
+            recent_pages: 1,
         },
     ];
     // qk_sparse dropping nothing is dense attention.
@@ -573,6 +575,8 @@ fn twilight_p1_with_every_page_equals_dense_decoding() -> Result<()> {
                 base_budget: 64,
                 page_size: 4,
                 dense_layers,
+                sink_pages: 1,
+                recent_pages: 1,
             };
             let model = load_dir(&dir, &kind);
             let mut cache = model.new_cache()?;
@@ -625,6 +629,8 @@ fn twilight_prunes_below_the_base_budget_and_scores_decode_perplexity() -> Resul
             base_budget: 8,
             page_size: 4,
             dense_layers: 0,
+            sink_pages: 1,
+            recent_pages: 1,
         },
     );
     let pruned = load_dir(
@@ -634,6 +640,8 @@ fn twilight_prunes_below_the_base_budget_and_scores_decode_perplexity() -> Resul
             base_budget: 8,
             page_size: 4,
             dense_layers: 0,
+            sink_pages: 1,
+            recent_pages: 1,
         },
     );
     let prefix = 24;
@@ -684,6 +692,8 @@ fn a_cache_of_another_kind_is_rejected() -> Result<()> {
         base_budget: 8,
         page_size: 4,
         dense_layers: 0,
+        sink_pages: 1,
+        recent_pages: 1,
     })?;
     let dense = Attention::new(&AttentionKind::Dense)?;
     let q = Tensor::zeros((1, 2, 1, 32), DType::F32, &DEV)?;

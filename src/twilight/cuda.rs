@@ -185,19 +185,22 @@ const FUSED_SMEM: usize = 160 * 1024;
 /// The Quest selection in one kernel per `(batch, kv head)` (page scores of the group's query
 /// heads in shared memory, radix select of the top `keep` pages, expansion to token ids): the
 /// same result as `top_indices(page_scores(q), keep, page_size, len)`. `None` where it does not
-/// fit (group above [`MAX_GROUP`], or the scores above [`FUSED_SMEM`]).
+/// fit (group above [`MAX_GROUP`], or the scores above [`FUSED_SMEM`]). `pinned` = (sink pages,
+/// recent pages) always kept (scored `+inf`).
 pub(crate) fn quest_select(
     cache: &TwilightCache,
     q: &Tensor,
     keep: usize,
+    pinned: (usize, usize),
 ) -> Result<Option<Tensor>> {
-    float_dispatch!(q.dtype(), quest_select_t, cache, q, keep)
+    float_dispatch!(q.dtype(), quest_select_t, cache, q, keep, pinned)
 }
 
 fn quest_select_t<T: CudaDType + DeviceRepr>(
     cache: &TwilightCache,
     q: &Tensor,
     keep: usize,
+    (sink, recent): (usize, usize),
 ) -> Result<Option<Tensor>> {
     let dev = cuda_device(q)?;
     let (b, hq, d) = q.dims3()?;
@@ -238,7 +241,9 @@ fn quest_select_t<T: CudaDType + DeviceRepr>(
         np as i32,
         keep as i32,
         i32_of(ps, "page size")?,
-        i32_of(cache.len(), "len")?
+        i32_of(cache.len(), "len")?,
+        sink.min(np) as i32,
+        recent.min(np) as i32
     );
     unsafe { a.launch(launch_config(WHAT, (b * hkv, 1), 1024, smem)?) }.w()?;
     Ok(Some(wrap_slice(out, &dev, (b, hq, width))))

@@ -54,17 +54,25 @@ pub struct TwilightConfig {
     pub page_size: usize,
     /// The first `dense_layers` layers decode densely (the paper keeps 2).
     pub dense_layers: usize,
+    /// Leading pages Quest always keeps (the attention sink), inside the budget.
+    pub sink_pages: usize,
+    /// Trailing pages Quest always keeps (the current page and those before it), inside the
+    /// budget.
+    pub recent_pages: usize,
 }
 
 impl Default for TwilightConfig {
     /// The paper's LLaMA setting: p = 0.95, Quest with B0 = 8192 tokens in 16-token pages, first
-    /// two layers dense.
+    /// two layers dense; the first and the last page pinned ([`QuestSelector::new`]).
     fn default() -> Self {
+        let quest = QuestSelector::new(8192);
         Self {
             p: 0.95,
-            base_budget: 8192,
+            base_budget: quest.budget,
             page_size: 16,
             dense_layers: 2,
+            sink_pages: quest.sink_pages,
+            recent_pages: quest.recent_pages,
         }
     }
 }
@@ -144,6 +152,8 @@ pub fn decode_layer(
     } else {
         let quest = QuestSelector {
             budget: cfg.base_budget,
+            sink_pages: cfg.sink_pages,
+            recent_pages: cfg.recent_pages,
         };
         decode_with(cache, q, cfg, &quest)
     }

@@ -24,6 +24,11 @@ pub trait BaseSelector {
 /// the lower page index). Candidates are their tokens in ascending order, a partial last page
 /// padded with [`super::NO_TOKEN`]. Reads `pages · 2 · head_dim` bound values per query head.
 ///
+/// The first `sink_pages` pages (the attention sink) and the last `recent_pages` pages (the page
+/// of the current token and those before it) are always kept, inside the budget: they rank above
+/// every bound (if they alone exceed the budget, the lower page indices win). Quest's kernels
+/// always keep the current page; [`QuestSelector::new`] pins one sink page and one recent page.
+///
 /// On CUDA, scoring and selection are one kernel per `(batch, kv head)` where the group's page
 /// scores fit in shared memory (`≤ 8` query heads per kv head), with the same result as
 /// [`top_indices`] over [`page_scores`] (the two stages, which run elsewhere and on the CPU).
@@ -31,6 +36,30 @@ pub trait BaseSelector {
 pub struct QuestSelector {
     /// Budget `B0` in tokens (> 0).
     pub budget: usize,
+    /// Leading pages always kept (counted in the budget).
+    pub sink_pages: usize,
+    /// Trailing pages always kept (counted in the budget).
+    pub recent_pages: usize,
+}
+
+impl QuestSelector {
+    /// Quest with budget `B0 = budget` tokens, the first and the last page pinned.
+    pub fn new(budget: usize) -> Self {
+        Self {
+            budget,
+            sink_pages: 1,
+            recent_pages: 1,
+        }
+    }
+
+    /// Quest without pinned pages (selection by bounds alone, as the Twilight reference code).
+    pub fn unpinned(budget: usize) -> Self {
+        Self {
+            budget,
+            sink_pages: 0,
+            recent_pages: 0,
+        }
+    }
 }
 
 impl BaseSelector for QuestSelector {
@@ -43,13 +72,29 @@ impl BaseSelector for QuestSelector {
         #[cfg(feature = "cuda")]
         if q.device().is_cuda() {
             cache.check_stage_query(q, "quest select")?;
-            if let Some(fused) = cuda::quest_select(cache, &q.contiguous()?, keep)? {
+            let pinned = (self.sink_pages, self.recent_pages);
+            if let Some(fused) = cuda::quest_select(cache, &q.contiguous()?, keep, pinned)? {
                 return Ok(fused);
             }
         }
-        let scores = page_scores(cache, q)?;
+        let scores = pin_pages(&page_scores(cache, q)?, self.sink_pages, self.recent_pages)?;
         top_indices(&scores, keep, cache.page_size(), cache.len())
     }
+}
+
+/// `scores` `(batch, heads, pages)` f32 with the first `sink` and the last `recent` pages set to
+/// `+inf` (on the scores' device, no host round trip).
+fn pin_pages(scores: &Tensor, sink: usize, recent: usize) -> Result<Tensor> {
+    let np = scores.dim(2)?;
+    if sink == 0 && recent == 0 {
+        return Ok(scores.clone());
+    }
+    let page = Tensor::arange(0u32, np as u32, scores.device())?;
+    let pinned = (page.lt(sink.min(np) as u32)? + page.ge(np.saturating_sub(recent) as u32)?)?
+        .gt(0u32)?
+        .broadcast_as(scores.shape())?;
+    let inf = Tensor::new(f32::INFINITY, scores.device())?.broadcast_as(scores.shape())?;
+    pinned.where_cond(&inf, scores)
 }
 
 /// Exact top-k: the `min(budget, len)` tokens with the largest `q·k` (full-precision keys, ties to
