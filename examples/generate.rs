@@ -10,10 +10,12 @@
 //!     --attention twilight:0.95,256 --text-file data/shakespeare.txt --prompt-len 1536
 //! ```
 //!
-//! `compare` measures a decode-only sparse kind (Twilight) against dense decoding of the same
-//! model on windows of a text: greedy continuations (free-running token agreement, and
-//! teacher-forced top-1 agreement on the dense continuation) and decode-style perplexity of
-//! the text after the prompt, with the kept fraction.
+//! `compare` measures decode-only sparse kinds (Twilight; `--attention` and every `--also`)
+//! against dense decoding of the same model on windows of a text: greedy continuations
+//! (free-running token agreement, and teacher-forced top-1 agreement on the dense continuation;
+//! `--new-tokens 0` skips them) and decode-style perplexity of the text after the prompt, with the
+//! top-1 agreement with dense on that text and the kept fraction. `twilight-stats` measures the
+//! attention mass each Twilight stage keeps, per layer.
 //!
 //! `--model` takes a `.gguf` file, a local directory (config.json, model.safetensors or a
 //! sharded index, tokenizer.json), or a Hub model id (the Hugging Face cache, offline when
@@ -241,6 +243,9 @@ struct CompareArgs {
     /// Read only the first N bytes of the text file (tokenizing a large file is slow).
     #[arg(long, default_value_t = 400_000)]
     max_bytes: usize,
+    /// Further kinds measured against the same dense reference (repeatable).
+    #[arg(long)]
+    also: Vec<AttentionKind>,
 }
 
 fn device(cpu: bool) -> Result<Device> {
@@ -513,8 +518,19 @@ fn greedy_step(
     Ok(logits.get(input.len() - 1)?.argmax(0)?.to_scalar::<u32>()?)
 }
 
+/// The measurements of one sparse kind over the prompts of `compare`.
+#[derive(Debug, Default)]
+struct CompareTotals {
+    free_equal: usize,
+    forced_equal: usize,
+    generated: usize,
+    text_equal: usize,
+    nll: f64,
+    scored: usize,
+    kept: Vec<f64>,
+}
+
 fn run_compare(args: &CompareArgs) -> Result<()> {
-    let sparse = load(&args.model)?;
     let dense_args = ModelArgs {
         attention: AttentionKind::Dense,
         model: args.model.model.clone(),
@@ -523,7 +539,22 @@ fn run_compare(args: &CompareArgs) -> Result<()> {
         cpu: args.model.cpu,
     };
     let dense = load(&dense_args)?;
-    let ids = tokenize_file(&sparse.tokenizer, &args.text_file, args.max_bytes)?;
+    let kinds: Vec<AttentionKind> = std::iter::once(args.model.attention.clone())
+        .chain(args.also.iter().cloned())
+        .collect();
+    let sparse = kinds
+        .iter()
+        .map(|kind| {
+            load(&ModelArgs {
+                attention: kind.clone(),
+                model: args.model.model.clone(),
+                revision: args.model.revision.clone(),
+                dtype: args.model.dtype.clone(),
+                cpu: args.model.cpu,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let ids = tokenize_file(&dense.tokenizer, &args.text_file, args.max_bytes)?;
     let window = args.prompt_len + args.new_tokens.max(args.score_tokens);
     if args.prompt_len == 0 || args.prompts == 0 || ids.len() < window {
         bail!(
@@ -533,10 +564,9 @@ fn run_compare(args: &CompareArgs) -> Result<()> {
             args.text_file.display()
         )
     }
-    let (sm, dm) = (sparse.model.as_ref(), dense.model.as_ref());
-    let (mut free_equal, mut forced_equal, mut total) = (0usize, 0usize, 0usize);
-    let (mut nll_dense, mut nll_sparse, mut scored) = (0.0, 0.0, 0usize);
-    let mut kept = Vec::new();
+    let dm = dense.model.as_ref();
+    let mut totals: Vec<CompareTotals> = kinds.iter().map(|_| CompareTotals::default()).collect();
+    let mut nll_dense = 0.0;
     for i in 0..args.prompts {
         let offset = i * (ids.len() - window) / args.prompts.max(2).saturating_sub(1).max(1);
         let prompt = &ids[offset..offset + args.prompt_len];
@@ -551,79 +581,107 @@ fn run_compare(args: &CompareArgs) -> Result<()> {
                 |_| Ok(()),
             )?)
         };
+        let text = &ids[offset..offset + args.prompt_len + args.score_tokens];
         let start = Instant::now();
-        let (reference, dense_stats) = greedy(dm)?;
-        let dense_secs = start.elapsed().as_secs_f64();
-        let start = Instant::now();
-        let (free, sparse_stats) = greedy(sm)?;
-        let sparse_secs = start.elapsed().as_secs_f64();
-        // Teacher forcing: the sparse model decodes the dense continuation.
-        let mut cache = sm.new_cache()?;
-        let mut forced = vec![greedy_step(sm, prompt, &mut cache)?];
-        for &t in &reference[..reference.len() - 1] {
-            forced.push(greedy_step(sm, &[t], &mut cache)?);
-        }
-        let equal = |a: &[u32]| a.iter().zip(&reference).filter(|(x, y)| x == y).count();
-        let first_diff = free
-            .iter()
-            .zip(&reference)
-            .position(|(x, y)| x != y)
-            .map_or("none".to_string(), |p| p.to_string());
-        free_equal += equal(&free);
-        forced_equal += equal(&forced);
-        total += reference.len();
-        kept.extend(sparse_stats.kept_fractions.iter().copied());
+        let reference = if args.new_tokens > 0 {
+            greedy(dm)?.0
+        } else {
+            Vec::new()
+        };
+        let dense_ppl = if args.score_tokens > 0 {
+            Some(perplexity_decode(dm, text, args.prompt_len)?)
+        } else {
+            None
+        };
         println!(
-            "prompt {i} (tokens {offset}..{}): free-running {}/{} equal (first difference at \
-             {first_diff}), teacher-forced {}/{}; kept fraction {:.4}; dense {:.1}s, sparse {:.1}s \
-             ({:.2} vs {:.2} decode tokens/s)",
+            "prompt {i} (tokens {offset}..{}): dense reference {:.1}s",
             offset + args.prompt_len,
-            equal(&free),
-            reference.len(),
-            equal(&forced),
-            reference.len(),
-            sparse_stats.mean_kept_fraction().unwrap_or(1.0),
-            dense_secs,
-            sparse_secs,
-            dense_stats.generation_tokens_per_s(),
-            sparse_stats.generation_tokens_per_s(),
+            start.elapsed().as_secs_f64()
         );
-        if args.score_tokens > 0 {
-            let text = &ids[offset..offset + args.prompt_len + args.score_tokens];
-            let d = perplexity_decode(dm, text, args.prompt_len)?;
-            let s = perplexity_decode(sm, text, args.prompt_len)?;
-            println!(
-                "prompt {i}: decode-style perplexity of the next {} text tokens: dense {:.3}, \
-                 sparse {:.3} (kept fraction {:.4})",
-                args.score_tokens,
-                d.perplexity(),
-                s.perplexity(),
-                s.mean_kept_fraction.unwrap_or(1.0)
-            );
-            nll_dense += d.total_nll;
-            nll_sparse += s.total_nll;
-            scored += d.scored_tokens;
+        for ((kind, loaded), total) in kinds.iter().zip(&sparse).zip(&mut totals) {
+            let sm = loaded.model.as_ref();
+            let start = Instant::now();
+            let mut line = format!("prompt {i} {kind}:");
+            if args.new_tokens > 0 {
+                let (free, stats) = greedy(sm)?;
+                // Teacher forcing: the sparse model decodes the dense continuation.
+                let mut cache = sm.new_cache()?;
+                let mut forced = vec![greedy_step(sm, prompt, &mut cache)?];
+                for &t in &reference[..reference.len() - 1] {
+                    forced.push(greedy_step(sm, &[t], &mut cache)?);
+                }
+                let equal = |a: &[u32]| a.iter().zip(&reference).filter(|(x, y)| x == y).count();
+                let first_diff = free
+                    .iter()
+                    .zip(&reference)
+                    .position(|(x, y)| x != y)
+                    .map_or("none".to_string(), |p| p.to_string());
+                total.free_equal += equal(&free);
+                total.forced_equal += equal(&forced);
+                total.generated += reference.len();
+                total.kept.extend(stats.kept_fractions.iter().copied());
+                line += &format!(
+                    " free-running {}/{} equal (first difference at {first_diff}), \
+                     teacher-forced {}/{}, kept fraction {:.4};",
+                    equal(&free),
+                    reference.len(),
+                    equal(&forced),
+                    reference.len(),
+                    stats.mean_kept_fraction().unwrap_or(1.0),
+                );
+            }
+            if let Some(d) = &dense_ppl {
+                let s = perplexity_decode(sm, text, args.prompt_len)?;
+                let agree = s
+                    .predictions
+                    .iter()
+                    .zip(&d.predictions)
+                    .filter(|(a, b)| a == b)
+                    .count();
+                total.text_equal += agree;
+                total.nll += s.total_nll;
+                total.scored += s.scored_tokens;
+                if args.new_tokens == 0 {
+                    total.kept.extend(s.mean_kept_fraction);
+                }
+                line += &format!(
+                    " decode-style perplexity of the next {} text tokens: dense {:.3}, sparse \
+                     {:.3}, top-1 equal to dense {agree}/{} (kept fraction {:.4});",
+                    args.score_tokens,
+                    d.perplexity(),
+                    s.perplexity(),
+                    s.scored_tokens,
+                    s.mean_kept_fraction.unwrap_or(1.0)
+                );
+            }
+            println!("{line} {:.1}s", start.elapsed().as_secs_f64());
         }
+        nll_dense += dense_ppl.map_or(0.0, |d| d.total_nll);
     }
-    let mean_kept = kept.iter().sum::<f64>() / kept.len().max(1) as f64;
     println!(
-        "attention {} vs dense over {} prompts of {} tokens: free-running agreement {:.2}% \
-         ({free_equal}/{total}), teacher-forced agreement {:.2}% ({forced_equal}/{total}), mean \
-         kept fraction {mean_kept:.4}",
-        args.model.attention,
-        args.prompts,
-        args.prompt_len,
-        100.0 * free_equal as f64 / total as f64,
-        100.0 * forced_equal as f64 / total as f64,
+        "\n{} prompts of {} tokens, {} greedy tokens and {} scored text tokens each\n\n\
+         | kind | kept fraction | free-running | teacher-forced | text top-1 | ppl dense | ppl sparse | Δ ppl |\n\
+         |---|---|---|---|---|---|---|---|",
+        args.prompts, args.prompt_len, args.new_tokens, args.score_tokens
     );
-    if scored > 0 {
+    for (kind, t) in kinds.iter().zip(&totals) {
+        let pct = |a: usize, n: usize| {
+            if n == 0 {
+                "-".to_string()
+            } else {
+                format!("{:.1}% ({a}/{n})", 100.0 * a as f64 / n as f64)
+            }
+        };
         let (pd, ps) = (
-            (nll_dense / scored as f64).exp(),
-            (nll_sparse / scored as f64).exp(),
+            (nll_dense / t.scored.max(1) as f64).exp(),
+            (t.nll / t.scored.max(1) as f64).exp(),
         );
         println!(
-            "decode-style perplexity over {scored} tokens: dense {pd:.4}, sparse {ps:.4} \
-             ({:+.2}%)",
+            "| {kind} | {:.2}% | {} | {} | {} | {pd:.3} | {ps:.3} | {:+.2}% |",
+            100.0 * t.kept.iter().sum::<f64>() / t.kept.len().max(1) as f64,
+            pct(t.free_equal, t.generated),
+            pct(t.forced_equal, t.generated),
+            pct(t.text_equal, t.scored),
             100.0 * (ps / pd - 1.0)
         );
     }

@@ -272,7 +272,7 @@ pub fn generate(
 }
 
 /// Result of [`perplexity`].
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct PerplexityReport {
     /// Tokens whose prediction was scored.
     pub scored_tokens: usize,
@@ -283,6 +283,9 @@ pub struct PerplexityReport {
     /// Mean kept fraction of the sparse decode layers over the scored decode steps
     /// ([`perplexity_decode`] with a sparse decoder); `None` otherwise.
     pub mean_kept_fraction: Option<f64>,
+    /// The model's argmax token at each scored position ([`perplexity_decode`]; empty for
+    /// [`perplexity`]), to compare the top-1 predictions of two models on the same text.
+    pub predictions: Vec<u32>,
 }
 
 impl PerplexityReport {
@@ -325,6 +328,7 @@ pub fn perplexity(
         total_nll: 0.0,
         windows: 0,
         mean_kept_fraction: None,
+        predictions: Vec::new(),
     };
     // `scored_until`: targets at positions < scored_until are done (position 0 is never a target).
     let mut scored_until = 1;
@@ -385,12 +389,14 @@ pub fn perplexity_decode(
     let mut cache = model.new_cache()?;
     let mut total_nll = 0.0;
     let mut kept_fractions = Vec::new();
+    let mut predictions = Vec::with_capacity(tokens.len() - prefix_len);
     let mut input = &tokens[..prefix_len];
     for (position, &target) in tokens.iter().enumerate().skip(prefix_len) {
         let logits = model.forward(&Tensor::new(input, device)?.unsqueeze(0)?, Some(&mut cache))?;
         let last = logits.squeeze(0)?.get(input.len() - 1)?;
         let log_probs = candle_nn::ops::log_softmax(&last, D::Minus1)?;
         total_nll -= f64::from(log_probs.get(target as usize)?.to_scalar::<f32>()?);
+        predictions.push(log_probs.argmax(0)?.to_scalar::<u32>()?);
         if position > prefix_len {
             kept_fractions.extend(cache.kept_fraction()?);
         }
@@ -401,5 +407,6 @@ pub fn perplexity_decode(
         total_nll,
         windows: tokens.len() - prefix_len,
         mean_kept_fraction: mean(&kept_fractions),
+        predictions,
     })
 }
