@@ -244,6 +244,23 @@ fn attention_kind_parses_and_serializes() -> Result<()> {
             },
         ),
     ];
+    let kinds = kinds.into_iter().chain([(
+        "twilight:0.95,1024,16,2,0,3",
+        AttentionKind::Twilight {
+            p: 0.95,
+            base_budget: 1024,
+            page_size: 16,
+            dense_layers: 2,
+            sink_pages: 0,
+            recent_pages: 3,
+        },
+    )]);
+    // Configs written before the pinned pages existed get one sink and one recent page.
+    let old_json = r#"{"kind":"twilight","p":0.9,"base_budget":64,"page_size":8,"dense_layers":1}"#;
+    assert_eq!(
+        serde_json::from_str::<AttentionKind>(old_json).unwrap(),
+        "twilight:0.9,64,8,1".parse::<AttentionKind>()?
+    );
     for (text, kind) in kinds {
         assert_eq!(kind.to_string().parse::<AttentionKind>()?, kind);
         assert_eq!(text.parse::<AttentionKind>()?, kind);

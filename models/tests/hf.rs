@@ -653,12 +653,13 @@ fn twilight_prunes_below_the_base_budget_and_scores_decode_perplexity() -> Resul
     let log_probs =
         candle_nn::ops::log_softmax(&dense.forward(&tokens(&ids), None)?.squeeze(0)?, D::Minus1)?;
     let mut full_nll = 0.0;
+    let mut full_argmax = Vec::new();
     for (position, &target) in ids.iter().enumerate().skip(prefix) {
-        full_nll -= log_probs
-            .get(position - 1)?
-            .get(target as usize)?
-            .to_scalar::<f32>()? as f64;
+        let row = log_probs.get(position - 1)?;
+        full_nll -= row.get(target as usize)?.to_scalar::<f32>()? as f64;
+        full_argmax.push(row.argmax(0)?.to_scalar::<u32>()?);
     }
+    assert_eq!(reference.predictions, full_argmax, "decode-step argmax");
     assert!(
         (reference.total_nll - full_nll).abs() < 1e-3 * full_nll.abs(),
         "decode {} vs full {full_nll}",
