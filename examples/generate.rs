@@ -26,13 +26,13 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle::{DType, Device};
-use candle_sparse_models::attention::AttentionKind;
-use candle_sparse_models::{
-    generate, load_model, perplexity, perplexity_decode, CausalLm, Sampler, SamplingOptions,
-};
 use candle_sparse_attn::twilight::{
     estimate_scores, sparse_decode_attention, top_p, union_per_group, BaseSelector, FullSelector,
     QuestSelector, TwilightCache,
+};
+use candle_sparse_models::attention::AttentionKind;
+use candle_sparse_models::{
+    generate, load_model, perplexity, perplexity_decode, CausalLm, Sampler, SamplingOptions,
 };
 use clap::{Args, Parser, Subcommand};
 
@@ -81,7 +81,10 @@ struct TwilightStatsArgs {
     prompts: usize,
     /// Configurations measured at every step, `P,B0,SINK_PAGES,RECENT_PAGES` separated by `;`
     /// (`B0 = 0`: every token, i.e. top-p alone); pages of 16 tokens.
-    #[arg(long, default_value = "0.95,1024,0,0;0.95,1024,1,1;1,1024,1,1;0.95,0,0,0")]
+    #[arg(
+        long,
+        default_value = "0.95,1024,0,0;0.95,1024,1,1;1,1024,1,1;0.95,0,0,0"
+    )]
     variants: String,
     /// Print the per-layer table of every variant (else only the summary over layers >= 2).
     #[arg(long)]
@@ -1048,7 +1051,11 @@ impl TwilightProbe {
             let sparse = rows::<f32>(
                 &sparse_decode_attention(cache, q3, &lists, scale)?.to_dtype(DType::F32)?,
             )?;
-            let (kept, est, lists) = (rows::<u32>(&kept)?, rows::<f32>(&est)?, rows::<u32>(&lists)?);
+            let (kept, est, lists) = (
+                rows::<u32>(&kept)?,
+                rows::<f32>(&est)?,
+                rows::<u32>(&lists)?,
+            );
             let mut s = ProbeStats::default();
             for h in 0..hq {
                 let union = &lists[h / group][1..1 + lists[h / group][0] as usize];
@@ -1194,10 +1201,17 @@ fn run_twilight_stats(args: &TwilightStatsArgs) -> Result<()> {
             let tokens = candle::Tensor::new(chunk, &device)?.unsqueeze(0)?;
             model.forward(&tokens, Some(&mut cache))?;
             if j == 0 {
-                eprintln!("prompt {i} (tokens {offset}..): prefill {:.1}s", start.elapsed().as_secs_f64());
+                eprintln!(
+                    "prompt {i} (tokens {offset}..): prefill {:.1}s",
+                    start.elapsed().as_secs_f64()
+                );
             }
         }
-        eprintln!("prompt {i}: {} decode steps, {:.1}s", args.steps, start.elapsed().as_secs_f64());
+        eprintln!(
+            "prompt {i}: {} decode steps, {:.1}s",
+            args.steps,
+            start.elapsed().as_secs_f64()
+        );
     }
     let stats = probe.stats.lock().expect("stats lock");
     println!(

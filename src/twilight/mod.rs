@@ -4,7 +4,11 @@
 //! One decode step per layer, every stage on the device of the cache (CPU or CUDA), no host
 //! round trip:
 //! 1. **Select** ([`BaseSelector`], default [`QuestSelector`]): candidate tokens `I0` per query
-//!    head, at most `base_budget` of them.
+//!    head, at most `base_budget` of them (rounded up to whole pages). Quest always keeps the
+//!    first [`TwilightConfig::sink_pages`] pages and the last [`TwilightConfig::recent_pages`]
+//!    (the page of the current token): a partial last page has a smaller bound than full pages
+//!    and lost the ranking in about half of SmolLM2's heads, although recent tokens carry much
+//!    attention (EXPERIMENTS.md).
 //! 2. **Estimate** ([`estimate_scores`]): `ŝ_j = scale · q·k̂_j` for `j ∈ I0` with the INT4 keys
 //!    of the cache ([`TwilightCache`]); every other token is `-inf`.
 //! 3. **Prune** ([`top_p`]): `ŵ = softmax(ŝ)` over the candidates only, then the smallest set
