@@ -679,13 +679,17 @@ fn run_compare(args: &CompareArgs) -> Result<()> {
             (nll_dense / t.scored.max(1) as f64).exp(),
             (t.nll / t.scored.max(1) as f64).exp(),
         );
+        let ppl = if t.scored == 0 {
+            "- | - | -".to_string()
+        } else {
+            format!("{pd:.3} | {ps:.3} | {:+.2}%", 100.0 * (ps / pd - 1.0))
+        };
         println!(
-            "| {kind} | {:.2}% | {} | {} | {} | {pd:.3} | {ps:.3} | {:+.2}% |",
+            "| {kind} | {:.2}% | {} | {} | {} | {ppl} |",
             100.0 * t.kept.iter().sum::<f64>() / t.kept.len().max(1) as f64,
             pct(t.free_equal, t.generated),
             pct(t.forced_equal, t.generated),
             pct(t.text_equal, t.scored),
-            100.0 * (ps / pd - 1.0)
         );
     }
     Ok(())
