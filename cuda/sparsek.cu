@@ -353,6 +353,28 @@ __device__ __forceinline__ float dot_row(const float* __restrict__ xs, const E* 
   return s;
 }
 
+// Dot product of two rows of N elements (16-byte vector loads when both are aligned).
+template <typename E, int N>
+__device__ __forceinline__ float dot_rows(const E* __restrict__ a, const E* __restrict__ b) {
+  float s = 0.f;
+  constexpr int V = 16 / sizeof(E);
+  if (N % V == 0 &&
+      ((reinterpret_cast<uintptr_t>(a) | reinterpret_cast<uintptr_t>(b)) & 15) == 0) {
+#pragma unroll
+    for (int c = 0; c < N / V; ++c) {
+      uint4 x = reinterpret_cast<const uint4*>(a)[c], y = reinterpret_cast<const uint4*>(b)[c];
+      const E* ex = reinterpret_cast<const E*>(&x);
+      const E* ey = reinterpret_cast<const E*>(&y);
+#pragma unroll
+      for (int v = 0; v < V; ++v) s += to_f(ex[v]) * to_f(ey[v]);
+    }
+  } else {
+#pragma unroll 8
+    for (int d = 0; d < N; ++d) s += to_f(a[d]) * to_f(b[d]);
+  }
+  return s;
+}
+
 // Enumerates the keys query i attends to, 32 at a time (lane-parallel): f(ok, j, w) is called by
 // the whole warp per chunk, lane t holding candidate t (ok = attended, weight w).
 template <typename F>
@@ -590,12 +612,22 @@ __device__ void sk_bwd_dkv(const E* __restrict__ q, const E* __restrict__ k,
 // queries, batch * q head). tau_i and the cut are non-decreasing in i, so every query of block c
 // attends a prefix of the block's sorted list (length nl = the largest per-query prefix) plus the
 // band [e_c, c*BQ + BQ) of newer candidates and window keys. Both are walked in tiles of TB keys
-// (K, V rows gathered with cp.async, double-buffered); the mma tiles apply the per-element weight
-// w_ij (1 in the window, clip(u_j - tau_i, 0, 1) for selected candidates, 0 = not attended).
+// (K, V rows gathered with cp.async, double-buffered: tile t + 1 copies while tile t computes,
+// and the positions and scores of tile t + 2 load into registers meanwhile, so the gather's index
+// read is off the critical path); the mma tiles apply the per-element weight w_ij (1 in the
+// window, clip(u_j - tau_i, 0, 1) for selected candidates, 0 = not attended). The kernels are
+// latency-bound: at head_dim <= 64 they are compiled for 3 resident CTAs per SM (168 registers;
+// small spills), which ran dQ 8.3 -> 5.3 ms and dK / dV 5.2 + 8.9 -> 4.0 + 7.1 ms at 16k; the
+// forward, whose weights are recomputed in its second element-wise pass to fit, 6.0 -> 6.9 ms
+// (BENCHMARKS.md, "SparseK: occupancy").
 // ---------------------------------------------------------------------------------------------
 
 #define TB 64
 #define TC_WARPS 4
+// Resident CTAs per SM the tensor-core kernels are compiled for: 3 up to head_dim 64 (caps their
+// registers at 168; uncapped they used up to 255 and ran 2 CTAs, 12.5% occupancy), 2 above (their
+// shared memory allows no more).
+#define SKT_MIN_BLOCKS(D) ((D) <= 64 ? 3 : 2)
 #define TC_THREADS (TC_WARPS * 32)
 
 // Tile kinds, uniform over a CTA's tile, so that most tiles skip the general weight test:
@@ -699,29 +731,41 @@ __device__ __forceinline__ SkTiles sk_tiles(int c, int bhk, const float* u, cons
   return tl;
 }
 
-// Async gather of tile t: K and V rows (rows of kr and vr, stride D) into padded shared tiles,
-// plus the keys' scores and positions.
+// Gathering a key tile takes three steps, so that tile t + 2's positions and scores load (global
+// memory, one round trip) while tile t computes: sk_fetch_key reads them into registers (one
+// key per thread of the first TB), sk_store_key puts them into the tile's shared slots, and after
+// a barrier sk_issue_kv starts the async copies of the K and V rows into padded shared tiles.
+struct SkKey {
+  int j;  // -1: none
+  float u;
+};
+
+__device__ __forceinline__ SkKey sk_fetch_key(const SkTiles& tl, int t) {
+  static_assert(TB <= TC_THREADS, "one key per thread");
+  SkKey x{-1, neg_inf()};
+  if (threadIdx.x < TB) x.j = tl.key(t, threadIdx.x, &x.u);
+  return x;
+}
+
+__device__ __forceinline__ void sk_store_key(float* sU, int* sJ, SkKey x) {
+  if (threadIdx.x < TB) {
+    sJ[threadIdx.x] = x.j;
+    sU[threadIdx.x] = x.u;
+  }
+}
+
 template <typename E, int D>
-__device__ __forceinline__ void sk_load_tile(E* sK, E* sV, float* sU, int* sJ, const E* kr,
-                                             const E* vr, const SkTiles& tl, int t) {
+__device__ __forceinline__ void sk_issue_kv(E* sK, E* sV, const int* sJ, const E* kr,
+                                            const E* vr) {
   constexpr int CH = D / 8, PER = TB * 2 * CH / TC_THREADS;
   static_assert(TB * 2 * CH % TC_THREADS == 0, "tile chunks per thread");
-  // All row indices first (independent loads), then the copies.
-  int js[PER];
-#pragma unroll
-  for (int n = 0; n < PER; ++n) js[n] = tl.key_j(t, (threadIdx.x + n * TC_THREADS) / (2 * CH));
 #pragma unroll
   for (int n = 0; n < PER; ++n) {
     int idx = threadIdx.x + n * TC_THREADS, r = idx / (2 * CH), ch = idx % (2 * CH);
     bool is_k = ch < CH;
-    int cc = is_k ? ch : ch - CH;
+    int cc = is_k ? ch : ch - CH, j = sJ[r];
     E* dst = (is_k ? sK : sV) + r * Pad<D>::SD + cc * 8;
-    cp_async16(dst, (is_k ? kr : vr) + (long long)(js[n] >= 0 ? js[n] : 0) * D + cc * 8, js[n] >= 0);
-  }
-  for (int r = threadIdx.x; r < TB; r += TC_THREADS) {
-    float uj;
-    sJ[r] = tl.key(t, r, &uj);
-    sU[r] = uj;
+    cp_async16(dst, (is_k ? kr : vr) + (long long)(j >= 0 ? j : 0) * D + cc * 8, j >= 0);
   }
 }
 
@@ -783,14 +827,14 @@ __device__ void skt_fwd(const E* __restrict__ q, const E* __restrict__ k, const 
   const float sl2 = scale * LOG2E;
 
   load_tile<E, BQ, D, TC_THREADS>(sm.q, q + qrow0 * D, m0, T);
-  if (tl.nt > 0) sk_load_tile<E, D>(sm.k, sm.v, sm.u, sm.j, kr, vr, tl, 0);
+  if (tl.nt > 0) sk_store_key(sm.u, sm.j, sk_fetch_key(tl, 0));
+  __syncthreads();
+  if (tl.nt > 0) sk_issue_kv<E, D>(sm.k, sm.v, sm.j, kr, vr);
+  SkKey nx{-1, neg_inf()};
+  if (tl.nt > 1) nx = sk_fetch_key(tl, 1);
   cp_async_commit();
   cp_async_wait<0>();
   __syncthreads();
-  uint32_t qf[D / 16][4];
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk)
-    ldsm_x4(qf[kk], sm.q + (warp * 16 + (lane & 15)) * SD + kk * 16 + (lane >> 4) * 8);
 
   float acc[D / 8][4];
 #pragma unroll
@@ -798,64 +842,72 @@ __device__ void skt_fwd(const E* __restrict__ q, const E* __restrict__ k, const 
   float mrow[2] = {neg_inf(), neg_inf()}, lrow[2] = {0.f, 0.f};
   int buf = 0;
   for (int t = 0; t < tl.nt; ++t) {
-    if (t + 1 < tl.nt)
-      sk_load_tile<E, D>(sm.k + (buf ^ 1) * TB * SD, sm.v + (buf ^ 1) * TB * SD,
-                         sm.u + (buf ^ 1) * TB, sm.j + (buf ^ 1) * TB, kr, vr, tl, t + 1);
-    cp_async_commit();
-    cp_async_wait<1>();
+    // Tile t + 1's keys into their slots, tile t + 2's into registers; after the barrier tile
+    // t's K and V are visible and tile t + 1's copies start (into the buffers tile t - 1 used).
+    if (t + 1 < tl.nt) sk_store_key(sm.u + (buf ^ 1) * TB, sm.j + (buf ^ 1) * TB, nx);
+    if (t + 2 < tl.nt) nx = sk_fetch_key(tl, t + 2);
+    cp_async_wait<0>();
     __syncthreads();
+    if (t + 1 < tl.nt)
+      sk_issue_kv<E, D>(sm.k + (buf ^ 1) * TB * SD, sm.v + (buf ^ 1) * TB * SD,
+                        sm.j + (buf ^ 1) * TB, kr, vr);
+    cp_async_commit();
     const E* cK = sm.k + buf * TB * SD;
     const E* cV = sm.v + buf * TB * SD;
     const float* cU = sm.u + buf * TB;
     const int* cJ = sm.j + buf * TB;
-    float s[N8][4], w[N8][4];
+    float s[N8][4];
 #pragma unroll
     for (int x = 0; x < N8; ++x) s[x][0] = s[x][1] = s[x][2] = s[x][3] = 0.f;
-    gemm_abt<E, D, 1, N8, true>(s, qf, nullptr, 0, cK, 0);
+    // Q fragments from shared memory at every tile (not held in registers: 3 CTAs per SM).
+    gemm_abt<E, D, 1, N8, false>(s, nullptr, sm.q, warp * 16, cK, 0);
     sk_dispatch(tl.kind(t, m0, window), [&](auto kd) {
       constexpr int KIND = decltype(kd)::value;
+      // The weight of element (nt, e2) of row half hf (recomputed in the second pass instead of
+      // kept in registers: fewer registers, more resident CTAs).
+      auto weight = [&](int nt, int e2, int hf) {
+        int col = nt * 8 + 2 * t4 + e2;
+        int j = KIND == SK_BAND ? cJ[col] : 0;
+        float uj = KIND == SK_FULL ? 0.f : cU[col];
+        return sk_tile_weight<KIND>(t * TB + col, rw.na[hf], rw.i[hf], j, uj, rw.tau[hf],
+                                    rw.cu[hf], rw.cj[hf], window);
+      };
 #pragma unroll
       for (int nt = 0; nt < N8; ++nt)
 #pragma unroll
-        for (int e2 = 0; e2 < 2; ++e2) {
-          int col = nt * 8 + 2 * t4 + e2;
-          int j = KIND == SK_BAND ? cJ[col] : 0;
-          float uj = KIND == SK_FULL ? 0.f : cU[col];
+        for (int e2 = 0; e2 < 2; ++e2)
 #pragma unroll
           for (int hf = 0; hf < 2; ++hf) {
-            float wv = sk_tile_weight<KIND>(t * TB + col, rw.na[hf], rw.i[hf], j, uj, rw.tau[hf],
-                                            rw.cu[hf], rw.cj[hf], window);
-            w[nt][hf * 2 + e2] = wv;
-            s[nt][hf * 2 + e2] = wv > 0.f ? s[nt][hf * 2 + e2] * sl2 : neg_inf();
+            float& x = s[nt][hf * 2 + e2];
+            x = weight(nt, e2, hf) > 0.f ? x * sl2 : neg_inf();
           }
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        float mx = mrow[hf];
+#pragma unroll
+        for (int nt = 0; nt < N8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][hf * 2], s[nt][hf * 2 + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        float msafe = mx == neg_inf() ? 0.f : mx;
+        float alpha = fast_exp2(mrow[hf] - msafe);
+        mrow[hf] = mx;
+        float ls = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < N8; ++nt)
+#pragma unroll
+          for (int e2 = 0; e2 < 2; ++e2) {
+            float e = fast_exp2(s[nt][hf * 2 + e2] - msafe);
+            ls += e;
+            s[nt][hf * 2 + e2] = e > 0.f ? e * weight(nt, e2, hf) : 0.f;
+          }
+        lrow[hf] = lrow[hf] * alpha + ls;
+#pragma unroll
+        for (int dt = 0; dt < D / 8; ++dt) {
+          acc[dt][hf * 2] *= alpha;
+          acc[dt][hf * 2 + 1] *= alpha;
         }
-    });
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      float mx = mrow[hf];
-#pragma unroll
-      for (int nt = 0; nt < N8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][hf * 2], s[nt][hf * 2 + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      float msafe = mx == neg_inf() ? 0.f : mx;
-      float alpha = fast_exp2(mrow[hf] - msafe);
-      mrow[hf] = mx;
-      float ls = 0.f;
-#pragma unroll
-      for (int nt = 0; nt < N8; ++nt)
-#pragma unroll
-        for (int e2 = 0; e2 < 2; ++e2) {
-          float e = fast_exp2(s[nt][hf * 2 + e2] - msafe);
-          ls += e;
-          s[nt][hf * 2 + e2] = e * w[nt][hf * 2 + e2];
-        }
-      lrow[hf] = lrow[hf] * alpha + ls;
-#pragma unroll
-      for (int dt = 0; dt < D / 8; ++dt) {
-        acc[dt][hf * 2] *= alpha;
-        acc[dt][hf * 2 + 1] *= alpha;
       }
-    }
+    });
     gemm_pb<E, D, 1, TB / 16>(acc, s, cV, 0);
     __syncthreads();
     buf ^= 1;
@@ -900,28 +952,27 @@ __device__ void skt_bwd_dq(const E* __restrict__ q, const E* __restrict__ k,
 
   load_tile<E, BQ, D, TC_THREADS>(sm.q, q + qrow0 * D, m0, T);
   load_tile<E, BQ, D, TC_THREADS>(sG, go + qrow0 * D, m0, T);
-  if (tl.nt > 0) sk_load_tile<E, D>(sm.k, sm.v, sm.u, sm.j, kr, vr, tl, 0);
+  if (tl.nt > 0) sk_store_key(sm.u, sm.j, sk_fetch_key(tl, 0));
+  __syncthreads();
+  if (tl.nt > 0) sk_issue_kv<E, D>(sm.k, sm.v, sm.j, kr, vr);
+  SkKey nx{-1, neg_inf()};
+  if (tl.nt > 1) nx = sk_fetch_key(tl, 1);
   cp_async_commit();
-  // delta = dO.O, one warp per row.
-  for (int rr = warp; rr < BQ; rr += TC_WARPS) {
-    int i = m0 + rr;
-    float x = 0.f;
-    if (i < T)
-      for (int d = lane; d < D; d += 32) x += to_f(o[(qrow0 + i) * D + d]) * to_f(go[(qrow0 + i) * D + d]);
-    x = warp_sum(x);
-    if (lane == 0) {
+  // delta = dO.O: each warp its 16 rows, two lanes per row (half a row each), every load of the
+  // warp issued at once.
+  static_assert(BQ == TC_WARPS * 16, "16 rows per warp");
+  {
+    const int rr = warp * 16 + (lane >> 1), i = m0 + rr, half = (lane & 1) * (D / 2);
+    float x = i < T ? dot_rows<E, D / 2>(o + (qrow0 + i) * D + half, go + (qrow0 + i) * D + half)
+                    : 0.f;
+    x += __shfl_xor_sync(0xffffffffu, x, 1);
+    if ((lane & 1) == 0) {
       s_delta[rr] = x;
       if (i < T) delta[qrow0 + i] = x;
     }
   }
   cp_async_wait<0>();
   __syncthreads();
-  uint32_t qf[D / 16][4], gf[D / 16][4];
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    ldsm_x4(qf[kk], sm.q + (warp * 16 + (lane & 15)) * SD + kk * 16 + (lane >> 4) * 8);
-    ldsm_x4(gf[kk], sG + (warp * 16 + (lane & 15)) * SD + kk * 16 + (lane >> 4) * 8);
-  }
   float l2[2], dl[2], r[2] = {0.f, 0.f}, ns[2] = {0.f, 0.f};
 #pragma unroll
   for (int hf = 0; hf < 2; ++hf) {
@@ -934,12 +985,16 @@ __device__ void skt_bwd_dq(const E* __restrict__ q, const E* __restrict__ k,
   for (int x = 0; x < D / 8; ++x) acc[x][0] = acc[x][1] = acc[x][2] = acc[x][3] = 0.f;
   int buf = 0;
   for (int t = 0; t < tl.nt; ++t) {
-    if (t + 1 < tl.nt)
-      sk_load_tile<E, D>(sm.k + (buf ^ 1) * TB * SD, sm.v + (buf ^ 1) * TB * SD,
-                         sm.u + (buf ^ 1) * TB, sm.j + (buf ^ 1) * TB, kr, vr, tl, t + 1);
-    cp_async_commit();
-    cp_async_wait<1>();
+    // Tile t + 1's keys into their slots, tile t + 2's into registers; after the barrier tile
+    // t's K and V are visible and tile t + 1's copies start (into the buffers tile t - 1 used).
+    if (t + 1 < tl.nt) sk_store_key(sm.u + (buf ^ 1) * TB, sm.j + (buf ^ 1) * TB, nx);
+    if (t + 2 < tl.nt) nx = sk_fetch_key(tl, t + 2);
+    cp_async_wait<0>();
     __syncthreads();
+    if (t + 1 < tl.nt)
+      sk_issue_kv<E, D>(sm.k + (buf ^ 1) * TB * SD, sm.v + (buf ^ 1) * TB * SD,
+                        sm.j + (buf ^ 1) * TB, kr, vr);
+    cp_async_commit();
     const E* cK = sm.k + buf * TB * SD;
     const E* cV = sm.v + buf * TB * SD;
     const float* cU = sm.u + buf * TB;
@@ -948,8 +1003,10 @@ __device__ void skt_bwd_dq(const E* __restrict__ q, const E* __restrict__ k,
 #pragma unroll
     for (int x = 0; x < N8; ++x)
       s[x][0] = s[x][1] = s[x][2] = s[x][3] = dp[x][0] = dp[x][1] = dp[x][2] = dp[x][3] = 0.f;
-    gemm_abt<E, D, 1, N8, true>(s, qf, nullptr, 0, cK, 0);
-    gemm_abt<E, D, 1, N8, true>(dp, gf, nullptr, 0, cV, 0);
+    // Q and dO fragments from shared memory at every tile (not held in registers: fewer
+    // registers, more resident CTAs).
+    gemm_abt<E, D, 1, N8, false>(s, nullptr, sm.q, warp * 16, cK, 0);
+    gemm_abt<E, D, 1, N8, false>(dp, nullptr, sG, warp * 16, cV, 0);
     sk_dispatch(tl.kind(t, m0, window), [&](auto kd) {
       constexpr int KIND = decltype(kd)::value;
 #pragma unroll
@@ -1183,17 +1240,25 @@ __device__ void skt_bwd_dkv(const E* __restrict__ q, const E* __restrict__ k,
 
   load_tile<E, BQ, D, TC_THREADS>(sm.q, q + qrow0 * D, m0, T);
   load_tile<E, BQ, D, TC_THREADS>(sG, go + qrow0 * D, m0, T);
-  sk_load_tile<E, D>(sm.k, sm.v, sm.u, sm.j, kr, vr, tl, 0);
+  if (tl.ntl > 0) sk_store_key(sm.u, sm.j, sk_fetch_key(tl, 0));
+  __syncthreads();
+  if (tl.ntl > 0) sk_issue_kv<E, D>(sm.k, sm.v, sm.j, kr, vr);
+  SkKey nx{-1, neg_inf()};
+  if (tl.ntl > 1) nx = sk_fetch_key(tl, 1);
   cp_async_commit();
   sk_load_qstats(st, m0, krow0, qrow0, T, tau, cut_u, cut_j, nattend, lse, delta, rsum, nsup);
   int buf = 0;
   for (int t = 0; t < tl.ntl; ++t) {
-    if (t + 1 < tl.ntl)
-      sk_load_tile<E, D>(sm.k + (buf ^ 1) * TB * SD, sm.v + (buf ^ 1) * TB * SD,
-                         sm.u + (buf ^ 1) * TB, sm.j + (buf ^ 1) * TB, kr, vr, tl, t + 1);
-    cp_async_commit();
-    cp_async_wait<1>();
+    // Tile t + 1's keys into their slots, tile t + 2's into registers; after the barrier tile
+    // t's K and V are visible and tile t + 1's copies start (into the buffers tile t - 1 used).
+    if (t + 1 < tl.ntl) sk_store_key(sm.u + (buf ^ 1) * TB, sm.j + (buf ^ 1) * TB, nx);
+    if (t + 2 < tl.ntl) nx = sk_fetch_key(tl, t + 2);
+    cp_async_wait<0>();
     __syncthreads();
+    if (t + 1 < tl.ntl)
+      sk_issue_kv<E, D>(sm.k + (buf ^ 1) * TB * SD, sm.v + (buf ^ 1) * TB * SD,
+                        sm.j + (buf ^ 1) * TB, kr, vr);
+    cp_async_commit();
     const float* cU = sm.u + buf * TB;
     const int* cJ = sm.j + buf * TB;
     int jk[2], rk[2];
@@ -1257,22 +1322,22 @@ __device__ void sk_dkv_convert(const float* __restrict__ dacc, E* __restrict__ d
 }
 
 #define SKT_INSTANTIATE(TY, NAME, D)                                                            \
-  extern "C" __global__ void __launch_bounds__(TC_THREADS) skt_fwd_##NAME##_d##D(               \
+  extern "C" __global__ void __launch_bounds__(TC_THREADS, SKT_MIN_BLOCKS(D)) skt_fwd_##NAME##_d##D(               \
       const TY* q, const TY* k, const TY* v, TY* out, float* lse, SK_PARAMS) {                  \
     skt_fwd<TY, D>(q, k, v, out, lse, SK_ARGS);                                                 \
   }                                                                                             \
-  extern "C" __global__ void __launch_bounds__(TC_THREADS) skt_bwd_dq_##NAME##_d##D(            \
+  extern "C" __global__ void __launch_bounds__(TC_THREADS, SKT_MIN_BLOCKS(D)) skt_bwd_dq_##NAME##_d##D(            \
       const TY* q, const TY* k, const TY* v, const TY* o, const TY* go, const float* lse,       \
       TY* dq, float* delta, float* rsum, float* nsup, SK_PARAMS) {                              \
     skt_bwd_dq<TY, D>(q, k, v, o, go, lse, dq, delta, rsum, nsup, SK_ARGS);                     \
   }                                                                                             \
-  extern "C" __global__ void __launch_bounds__(TC_THREADS) skt_bwd_dkv_band_##NAME##_d##D(      \
+  extern "C" __global__ void __launch_bounds__(TC_THREADS, SKT_MIN_BLOCKS(D)) skt_bwd_dkv_band_##NAME##_d##D(      \
       const TY* q, const TY* k, const TY* v, const TY* go, const float* lse,                    \
       const float* delta, const float* rsum, const float* nsup, float* dacc, float* du,         \
       SK_PARAMS) {                                                                              \
     skt_bwd_dkv_band<TY, D>(q, k, v, go, lse, delta, rsum, nsup, dacc, du, SK_ARGS);            \
   }                                                                                             \
-  extern "C" __global__ void __launch_bounds__(TC_THREADS) skt_bwd_dkv_##NAME##_d##D(           \
+  extern "C" __global__ void __launch_bounds__(TC_THREADS, SKT_MIN_BLOCKS(D)) skt_bwd_dkv_##NAME##_d##D(           \
       const TY* q, const TY* k, const TY* v, const TY* go, const float* lse,                    \
       const float* delta, const float* rsum, const float* nsup, float* dacc, float* du,         \
       SK_PARAMS) {                                                                              \

@@ -328,6 +328,14 @@ fn cases() -> Vec<(&'static str, Case)> {
     full.slope = 0.01;
     full.seed = 11;
     v.push(("tiles_t300_w150_full_band", full));
+    // Seven query blocks (the last one partial) with lists of four tiles that change from block
+    // to block (the kernels prefetch the keys of tile t + 2 while tile t computes).
+    let mut long = Case::new(420, 100, 37);
+    long.b = 1;
+    long.d = 64;
+    long.slope = 0.004;
+    long.seed = 12;
+    v.push(("tiles_t420_w37_long_lists", long));
     v
 }
 
@@ -624,13 +632,13 @@ fn gpu() -> Option<Device> {
 #[test]
 fn cuda_matches_reference() -> R<()> {
     let Some(dev) = gpu() else { return Ok(()) };
-    // SPARSEK_QUICK: a small subset (for compute-sanitizer): the first two cases and the last
-    // (full-window band tiles).
+    // SPARSEK_QUICK: a small subset (for compute-sanitizer): the first two cases and the last two
+    // (full-window band tiles; long lists).
     let quick = std::env::var("SPARSEK_QUICK").is_ok();
     let all = cases();
     let n = all.len();
     for (idx, (name, c)) in all.into_iter().enumerate() {
-        if quick && idx >= 2 && idx + 1 < n {
+        if quick && idx >= 2 && idx + 2 < n {
             continue;
         }
         check(name, &c, &dev, DType::F32, 1e-3)?;
@@ -706,6 +714,13 @@ impl candle::CustomOp1 for SeedGrad {
 #[ignore]
 fn cuda_bench() -> R<()> {
     let Some(dev) = gpu() else { return Ok(()) };
+    // SPARSEK_BENCH_KEEP_POOL: keep freed device memory in the pool (what train_char_lm and
+    // bench_attention --keep-pool do) instead of unmapping it at every synchronisation.
+    let keep_pool = std::env::var("SPARSEK_BENCH_KEEP_POOL").is_ok();
+    if keep_pool {
+        candle_sparse_attn::keep_memory_pool(&dev)?;
+    }
+    println!("BENCH memory pool kept: {keep_pool}");
     let (b, h, d) = (4, 48, 64);
     let cfg = SparseKConfig::new(256, 256);
     let sync = |dev: &Device| dev.synchronize();

@@ -12,7 +12,8 @@
 //!   dtype) with `r_i` and `|S_i|`. dK, dV, dScores: the band part key-major (one CTA per block of
 //!   64 keys and kv head, over the query blocks whose band holds them; registers, plain stores
 //!   into the f32 accumulator, every element), then the list part query-major with vector
-//!   atomics on top, then one pass converting dK, dV to the input dtype.
+//!   atomics on top, then one pass converting dK, dV to the input dtype. Compiled for 3
+//!   resident CTAs per SM at head_dim ≤ 64 (the kernels are latency-bound), 2 above.
 //! - f32 and head_dim 256 (`sk_*`): forward and dQ one warp per query row over window ∪
 //!   selected keys; dK, dV, dScores one warp per key row over the interval `[j, e_j)` of queries
 //!   attending it (τ_i and the cut are non-decreasing in i), found by binary search; the key
@@ -276,14 +277,14 @@ fn fwd_t<T: CudaDType + candle::cuda_backend::cudarc::driver::DeviceRepr>(
     let sc = Scalars::new(dims, scfg, sel.blocks, scale);
     let tc = tensor_cores(sq.dtype(), dims.d);
     let (prefix, smem) = if tc {
-        ("skt", tc_smem(dims.d, 1))
+        ("skt_fwd", tc_smem(dims.d, 1))
     } else {
-        ("sk", 0)
+        ("sk_fwd", 0)
     };
     let f = func!(
         dev,
         &format!(
-            "{prefix}_fwd_{}_d{}",
+            "{prefix}_{}_d{}",
             dtype_suffix(sq.dtype(), "sparsek")?,
             dims.d
         ),

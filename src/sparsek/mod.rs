@@ -37,7 +37,8 @@
 //!   per block of 64 queries and query head. τ_i and the cut are non-decreasing in i, so the
 //!   block's queries attend a prefix of its sorted list plus the contiguous band of its newer
 //!   candidates and window keys; both are walked in tiles of 64 gathered K/V rows (cp.async,
-//!   double-buffered) with the weight `w_ij` applied per element (list tiles: one comparison with
+//!   double-buffered, the keys' positions read two tiles ahead; 3 CTAs per SM at head_dim ≤ 64)
+//!   with the weight `w_ij` applied per element (list tiles: one comparison with
 //!   the query's attended prefix; band tiles inside every query's window: no test). Forward:
 //!   online softmax; dQ (written in the input dtype), `r_i`, `|S_i|`: the same walk. dK, dV and
 //!   the score gradient: the band part key-major (one CTA per block of 64 keys and kv head over
@@ -54,24 +55,24 @@
 //!   path never syncs with the host and does not check them.
 //!
 //! # Performance (measured: H100, bf16, B = 4, H = 48, D = 64, k = 256, window = 256, K′ = 512)
-//! Forward + backward through the loss `(out·g).sum()`: 30.5 / 60.6 / 121.7 / 261.0 ms at 8k /
-//! 16k / 32k / 64k tokens (linear: ×1.99, ×2.01, ×2.14), beside the dense [`crate::flash_attn`]
-//! at 40.6 / 125.0 / 444.1 ms (1.33× / 2.07× / 3.65× faster). With the output gradient handed in
-//! directly (no loss ops; the op's own time): 21.5 / 46.8 / 92.8 / 170.7 ms against dense 30.2 /
-//! 108.0 / 402.2 ms (1.41× / 2.31× / 4.33×; the seeded 16k time is noisy between runs: 42.0 and
-//! 42.9 ms in two other runs of the same selection). Forward alone 5.8 / 11.8 / 23.3 / 47.1 ms;
-//! device memory in use after the backward 2.43 / 4.15 / 7.33 / 13.83 GiB (table and command in
-//! BENCHMARKS.md). At 16k the kernels take 33.8 ms: selection 0.76 + 3.41, forward 6.05, dQ 8.36,
-//! dK / dV / dScores 5.31 (band) + 9.10 (list tiles) + 0.82 (conversion); the rest is candle's
-//! gradient accumulation (zeros + add per gradient, as for the dense op). `sk_select` took 4.86
-//! ms while each Newton step scanned the list; with prefix sums over the sorted list each step is
-//! `O(log K′)`. Not yet at the 5× target (≈ 21 ms seeded at 16k). Measured and dropped: one fused
-//! query-major backward that reuses dQ's S and dP for the list keys' dK / dV (staged in shared
-//! memory, atomics as now) took 17.6 ms against 8.4 + 9.1 ms, so the list part's cost is not the
-//! recomputation; the suspect is its f32 atomics (estimated ≈ 13 GB of `red` traffic at 16k), to confirm
-//! with ncu's L2 metrics before the next design (fewer, larger flushes per key). Other next
-//! steps: two row tiles per warp (as the dense kernels) to halve the shared-memory traffic per
-//! MMA, and per-thread query data for the key-side step.
+//! Forward + backward through the loss `(out·g).sum()`: 27.9 / 55.2 / 111.0 ms at 8k / 16k / 32k
+//! tokens (linear: ×1.98, ×2.01), beside the dense [`crate::flash_attn`] at 39.4 / 122.0 / 427.7
+//! ms (1.41× / 2.21× / 3.85× faster); with the output gradient handed in directly (no loss ops;
+//! the op's own time) 18.5 / 37.5 / 74.7 ms against 29.6 / 104.0 / 391.9 ms (1.60× / 2.78× /
+//! 5.25×). With the CUDA memory pool kept (as `train_char_lm` runs) 16k takes 49.8 / 32.1 ms
+//! (2.33× / 3.07×). Device memory in use after the backward 2.40 / 4.15 / 7.40 GiB. At 16k the
+//! kernels take 28.3 ms: selection 0.76 + 3.41, forward 6.92, dQ 5.27, dK / dV / dScores 4.04
+//! (band) + 7.07 (list tiles, f32 atomics) + 0.83 (conversion); the rest is candle's gradient
+//! accumulation (zeros + add per gradient, as for the dense op). The tensor-core kernels are
+//! latency-bound: compiled for 3 CTAs per SM at head_dim ≤ 64 (168 registers) instead of 2
+//! (232–255), dQ went 8.3 → 5.3 ms and dK / dV 14.0 → 11.1 ms, while the forward, which
+//! recomputes its weights to fit, went 6.0 → 6.9 ms (table and commands in BENCHMARKS.md,
+//! "SparseK: occupancy"). Not yet at the 5× target (≈ 20 ms seeded at 16k). Measured and
+//! dropped: halving the list kernel's atomics (one CTA per pair of query blocks) saved 0.3 ms
+//! there but cost the band kernel 0.5 ms; a fused query-major backward (session 4). Next steps:
+//! keep the forward's weights in registers at 3 CTAs; `sk_select` (instruction-bound: one warp
+//! per query, Newton steps with warp-wide searches) with one lane per query; more CTAs for
+//! `sk_block_lists` (one per batch × kv head).
 
 mod attn;
 mod cache;
