@@ -663,8 +663,8 @@ __device__ void fwd_mma(const T* q, const T* k, const T* v, T* o, float* lse, Vi
 //   S = Q K^T (both operands K-major from shared memory, m64nBNk16) and O += P V (P from
 //   registers, V read MN-major, m64nDk16) through wgmma descriptors, software-pipelined: S of the
 //   next key tile is issued together with P V of this one, so the next softmax runs while P V is
-//   on the tensor cores. With PP (two consumers), the warpgroups take turns issuing their GEMMs
-//   (named barriers), so one warpgroup's softmax overlaps the other's GEMMs.
+//   on the tensor cores. (FlashAttention-3's ping-pong of two consumers, taking turns issuing
+//   their GEMMs through named barriers, measured 3.5% slower here at D 128; see BENCHMARKS.md.)
 // Masking, online softmax and the epilogue are shared with the mma.sync kernel.
 // ---------------------------------------------------------------------------------------------
 
@@ -722,12 +722,9 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
         : "memory");
   } while (!done);
 }
-// Named barrier `id` (1..15) over `threads` threads: wait for them, or only arrive.
+// Waits for `threads` threads at named barrier `id` (1..15).
 __device__ __forceinline__ void named_bar_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
-}
-__device__ __forceinline__ void named_bar_arrive(int id, int threads) {
-  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 // Warpgroup register reallocation (every thread of the warpgroup executes it).
 template <int N> __device__ __forceinline__ void setmaxnreg_inc() {
@@ -737,14 +734,13 @@ template <int N> __device__ __forceinline__ void setmaxnreg_dec() {
   asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
 }
 
-template <typename T, int D, int NC, int BN, int S, bool PP, int MODE>
+template <typename T, int D, int NC, int BN, int S, int MODE>
 __device__ void fwd_wgmma(const T* q, const T* k, const T* v, T* o, float* lse, Vis vis,
                           const int4* qmeta, const int4* kmeta, int hq, int hkv, int nq, int nk,
                           float scale) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int BM = 64 * NC, N8 = BN / 8, DT = D / 8, KD = D / 16;
   static_assert(D % 64 == 0 && BN % 64 == 0, "fwd_wgmma: D and BN must be multiples of 64");
-  static_assert(!PP || NC == 2, "fwd_wgmma: ping-pong needs two consumer warpgroups");
   // Registers: the launch gives every thread REG0 (the 64K split evenly, `__launch_bounds__(.., 1)`);
   // the producer gives back all but PREG, the consumers take them (a multiple of 8, at most 240).
   constexpr int REG0 = 65536 / (128 * (NC + 1)) / 8 * 8, PREG = 24;
@@ -856,28 +852,16 @@ __device__ void fwd_wgmma(const T* q, const T* k, const T* v, T* o, float* lse, 
   auto release = [&](uint64_t* bar) {
     if ((threadIdx.x & 31) == 0) mbar_arrive(bar);
   };
-  // Ping-pong: consumer c issues its GEMMs on its turn (named barrier 1 + c) and then passes the
-  // turn to the other one (barrier 2 - c); consumer 0 starts, consumer 1 does not pass its last.
-  auto take_turn = [&]() {
-    if constexpr (PP) named_bar_sync(1 + c, 256);
-  };
-  auto pass_turn = [&](bool last) {
-    if constexpr (PP)
-      if (!(last && c == 1)) named_bar_arrive(2 - c, 256);
-  };
 
   cp_async_wait<0>();
   fence_proxy_async();
-  named_bar_sync(3 + c, 128);  // the warpgroup's Q rows are in shared memory
+  named_bar_sync(1 + c, 128);  // the warpgroup's Q rows are in shared memory
   int t = tiles.first(), i = 0;  // key tile t is the i-th one visited
-  if (PP && c == 1 && t < tiles.end) named_bar_arrive(1, 256);
   if (t < tiles.end) {
     wait_full(full_k, 0);
     fence_proxy_async();
-    take_turn();
     wgmma_fence();
     issue_qk(sK);
-    pass_turn(false);
     wgmma_wait<0>();
     release(empty_k);
     softmax(t);
@@ -891,11 +875,9 @@ __device__ void fwd_wgmma(const T* q, const T* k, const T* v, T* o, float* lse, 
     wait_full(full_k, i + 1);
     wait_full(full_v, i);
     fence_proxy_async();
-    take_turn();
     wgmma_fence();
     issue_qk(sK + sk * BN * D);
     issue_pv(sV + sv * BN * D);
-    pass_turn(false);
     wgmma_wait<1>();
     release(empty_k + sk);
     softmax(tn);
@@ -911,10 +893,8 @@ __device__ void fwd_wgmma(const T* q, const T* k, const T* v, T* o, float* lse, 
   if (t < tiles.end) {
     wait_full(full_v, i);
     fence_proxy_async();
-    take_turn();
     wgmma_fence();
     issue_pv(sV + (i % S) * BN * D);
-    pass_turn(true);
     wgmma_wait<0>();
     wgmma_fence_regs<DT>(acc);
   }
@@ -1517,20 +1497,19 @@ __device__ void dq_convert(const float* acc, T* dq, long long n, float scale) {
   FWD_MMA_M(TN, T, D, NW, MR, 0) FWD_MMA_M(TN, T, D, NW, MR, 1) FWD_MMA_M(TN, T, D, NW, MR, 2) \
   FWD_MMA_M(TN, T, D, NW, MR, 3)
 // Hopper (sm_90a) forward: NC consumer warpgroups of 64 query rows plus one producer warpgroup,
-// BN keys per tile, S pipeline stages, ping-pong of the two consumers when P is 1
-// (`HOPPER_FWD_VARIANTS` in cuda.rs), one kernel per visibility mode M. Built for every target
-// (empty bodies before sm_90a); the host only launches them on compute capability 9.0 with PTX that
-// holds wgmma.
-#define FWD_WG_M(TN, T, D, NC, BN, S, P, M)                                                      \
+// BN keys per tile, S pipeline stages (`HOPPER_FWD_VARIANTS` in cuda.rs), one kernel per
+// visibility mode M. Built for every target (empty bodies before sm_90a); the host only launches
+// them on compute capability 9.0 with PTX that holds wgmma.
+#define FWD_WG_M(TN, T, D, NC, BN, S, M)                                                         \
   extern "C" __global__ void __launch_bounds__((NC + 1) * 128, 1)                               \
-      flash_fwd_wg_##TN##_d##D##_w##NC##_n##BN##_s##S##_p##P##_m##M(                            \
+      flash_fwd_wg_##TN##_d##D##_w##NC##_n##BN##_s##S##_m##M(                                   \
           const T* q, const T* k, const T* v, T* o, float* lse, VIS_PARAMS) {                   \
-    MAKE_VIS fwd_wgmma<T, D, NC, BN, S, P, M>(q, k, v, o, lse, vis, qmeta, kmeta, hq, hkv, nq,  \
-                                              nk, scale);                                       \
+    MAKE_VIS fwd_wgmma<T, D, NC, BN, S, M>(q, k, v, o, lse, vis, qmeta, kmeta, hq, hkv, nq, nk, \
+                                           scale);                                              \
   }
-#define FWD_WG(TN, T, D, NC, BN, S, P)                                                   \
-  FWD_WG_M(TN, T, D, NC, BN, S, P, 0) FWD_WG_M(TN, T, D, NC, BN, S, P, 1)                \
-  FWD_WG_M(TN, T, D, NC, BN, S, P, 2) FWD_WG_M(TN, T, D, NC, BN, S, P, 3)
+#define FWD_WG(TN, T, D, NC, BN, S)                                                \
+  FWD_WG_M(TN, T, D, NC, BN, S, 0) FWD_WG_M(TN, T, D, NC, BN, S, 1)                \
+  FWD_WG_M(TN, T, D, NC, BN, S, 2) FWD_WG_M(TN, T, D, NC, BN, S, 3)
 // Tensor-core backward: key tiles of 16 * MR * NW keys, query tiles of BQ rows (`bwd_tiles` in
 // cuda.rs), one kernel per visibility mode M (compact code for the dense modes).
 #define BWD_MMA_M(TN, T, D, NW, MR, BQ, M)                                                       \
@@ -1606,10 +1585,8 @@ ALL_D(SIMPLE, bf16, __nv_bfloat16)
 FWD_ALL(f16, __half)
 FWD_ALL(bf16, __nv_bfloat16)
 
-#define FWD_WG_ALL(TN, T)                                                                      \
-  FWD_WG(TN, T, 64, 3, 128, 2, 0) FWD_WG(TN, T, 64, 2, 128, 2, 1) FWD_WG(TN, T, 64, 3, 64, 2, 0) \
-  FWD_WG(TN, T, 128, 2, 128, 2, 1) FWD_WG(TN, T, 128, 2, 128, 2, 0)                            \
-  FWD_WG(TN, T, 128, 3, 64, 2, 0) FWD_WG(TN, T, 128, 2, 128, 3, 1)
+#define FWD_WG_ALL(TN, T) \
+  FWD_WG(TN, T, 64, 3, 128, 2) FWD_WG(TN, T, 128, 3, 64, 2) FWD_WG(TN, T, 128, 2, 128, 2)
 FWD_WG_ALL(f16, __half)
 FWD_WG_ALL(bf16, __nv_bfloat16)
 

@@ -15,9 +15,8 @@
 //!   producer warpgroup streams K / V tiles with cp.async into a ring of 128-byte-swizzled shared
 //!   stages (mbarriers), 2–3 consumer warpgroups of 64 query rows (registers reallocated with
 //!   `setmaxnreg`) run S = Q Kᵀ and O += P V through wgmma descriptors with P from registers, in a
-//!   software pipeline (the next key tile's S = Q Kᵀ and softmax overlap this tile's O += P V) and,
-//!   with two consumers, ping-pong (one warpgroup's softmax overlaps the other's GEMMs). Every
-//!   visibility mode; [`HOPPER_FWD_VARIANTS`] lists the tile variants per head dim,
+//!   software pipeline (the next key tile's S = Q Kᵀ and softmax overlap this tile's O += P V).
+//!   Every visibility mode; [`HOPPER_FWD_VARIANTS`] lists the tile variants per head dim,
 //!   [`FWD_KERNEL_ENV`] picks one (or the `mma.sync` kernel) for benchmarks and tests.
 //! - Performance (H100, bf16, causal, 8k–32k, see BENCHMARKS.md): forward with the Hopper kernel
 //!   1.01–1.08× PyTorch SDPA-flash at D = 64 and 1.05–1.18× at D = 128 (the `mma.sync` forward:
@@ -87,27 +86,21 @@ pub(crate) struct HopperFwd {
     pub keys: usize,
     /// K / V pipeline stages in shared memory.
     pub stages: usize,
-    /// Ping-pong: the two consumer warpgroups take turns issuing their GEMMs.
-    pub pingpong: bool,
 }
 
 impl HopperFwd {
-    const fn new(d: usize, warpgroups: usize, keys: usize, stages: usize, pingpong: bool) -> Self {
+    const fn new(d: usize, warpgroups: usize, keys: usize, stages: usize) -> Self {
         HopperFwd {
             d,
             warpgroups,
             keys,
             stages,
-            pingpong,
         }
     }
 
-    /// The variant's name in kernel names and in [`FWD_KERNEL_ENV`], e.g. `w2_n128_s2_p1`.
+    /// The variant's name in kernel names and in [`FWD_KERNEL_ENV`], e.g. `w3_n64_s2`.
     pub fn tag(&self) -> String {
-        format!(
-            "w{}_n{}_s{}_p{}",
-            self.warpgroups, self.keys, self.stages, self.pingpong as u8
-        )
+        format!("w{}_n{}_s{}", self.warpgroups, self.keys, self.stages)
     }
 
     /// Query rows per CTA.
@@ -131,21 +124,17 @@ impl HopperFwd {
 /// is its default, [`FWD_KERNEL_ENV`] picks another.
 ///
 /// Every compiled kernel costs JIT time on a process's first launch with an empty driver cache
-/// (≈ 8 s per variant, per dtype and visibility mode), so only the winners of the sweeps in
-/// BENCHMARKS.md stay.
-pub(crate) const HOPPER_FWD_VARIANTS: [HopperFwd; 7] = [
-    HopperFwd::new(64, 3, 128, 2, false),
-    HopperFwd::new(64, 2, 128, 2, true),
-    HopperFwd::new(64, 3, 64, 2, false),
-    HopperFwd::new(128, 2, 128, 2, true),
-    HopperFwd::new(128, 2, 128, 2, false),
-    HopperFwd::new(128, 3, 64, 2, false),
-    HopperFwd::new(128, 2, 128, 3, true),
+/// (several seconds per variant, dtype and visibility mode), so only the winners of the sweep in
+/// BENCHMARKS.md stay, plus the runner-up at D = 128 (tied with the default at 16k).
+pub(crate) const HOPPER_FWD_VARIANTS: [HopperFwd; 3] = [
+    HopperFwd::new(64, 3, 128, 2),
+    HopperFwd::new(128, 3, 64, 2),
+    HopperFwd::new(128, 2, 128, 2),
 ];
 
 /// Environment variable choosing the forward kernel of f16 / bf16 at head dims 64 and 128 on the
 /// H100 (for benchmarks and tests): unset picks the head dim's default Hopper variant, a
-/// [`HopperFwd::tag`] of the head dim (e.g. `w2_n128_s2_p1`) that variant, any other value (e.g.
+/// [`HopperFwd::tag`] of the head dim (e.g. `w2_n128_s2`) that variant, any other value (e.g.
 /// `mma`) the `mma.sync` kernel.
 pub(crate) const FWD_KERNEL_ENV: &str = "CANDLE_SPARSE_ATTN_FWD";
 
