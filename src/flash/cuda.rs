@@ -19,8 +19,8 @@
 //!   Every visibility mode; [`HOPPER_FWD_VARIANTS`] lists the tile variants per head dim,
 //!   [`FWD_KERNEL_ENV`] picks one (or the `mma.sync` kernel) for benchmarks and tests.
 //! - Performance (H100, bf16, causal, 8k–32k, see BENCHMARKS.md): forward with the Hopper kernel
-//!   1.01–1.08× PyTorch SDPA-flash at D = 64 and 1.05–1.18× at D = 128 (the `mma.sync` forward:
-//!   0.83–0.97× and 0.79–0.95×); forward+backward 0.65–0.78× at D = 64 and 0.65–0.76× at D = 128
+//!   1.35–1.47× PyTorch SDPA-flash and 0.97–1.00× cuDNN at D = 64, 1.22–1.41× SDPA-flash and
+//!   0.67–0.79× cuDNN at D = 128 (the `mma.sync` forward: 0.83–0.97× and 0.79–0.95× SDPA-flash); forward+backward 0.65–0.78× at D = 64 and 0.65–0.76× at D = 128
 //!   before the Hopper forward (the 2-D backward took the D = 128 backward from 56.2 to 47.3 ms at
 //!   B1 H16 N32k; at D = 64 it was 15% slower than the 1-D one, which stays there).
 //! - f32 (exact f32 arithmetic is required), head dim 256 in the backward and inputs not aligned

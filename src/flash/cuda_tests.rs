@@ -277,14 +277,16 @@ fn cuda_matches_reference() -> candle::Result<()> {
             None => shapes.clone(),
             Some(v) => {
                 std::env::set_var(FWD_KERNEL_ENV, v);
-                let variant_d = HOPPER_FWD_VARIANTS.iter().find(|x| x.tag() == *v).map(|x| x.d);
+                let variant_d = HOPPER_FWD_VARIANTS
+                    .iter()
+                    .find(|x| x.tag() == *v)
+                    .map(|x| x.d);
                 shapes
                     .iter()
                     .copied()
                     .filter(|s| {
-                        variant_d.map_or(HOPPER_FWD_VARIANTS.iter().any(|x| x.d == s.5), |d| {
-                            d == s.5
-                        })
+                        variant_d
+                            .map_or(HOPPER_FWD_VARIANTS.iter().any(|x| x.d == s.5), |d| d == s.5)
                     })
                     .collect()
             }
