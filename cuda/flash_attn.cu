@@ -5,7 +5,8 @@
 // - tensor-core kernels (f16 / bf16): mma.sync m16n8k16 with f32 accumulation, ldmatrix,
 //   cp.async double buffering, tiles padded by 16 bytes per row (conflict-free ldmatrix); on
 //   sm_90a the forward at head dims 64 and 128 also has a Hopper kernel (`fwd_wgmma`: warpgroup
-//   MMA on 128-byte-swizzled shared tiles, software-pipelined), which the host picks on the H100;
+//   MMA on 128-byte-swizzled shared tiles, a producer warpgroup feeding consumer warpgroups
+//   through mbarriers, software-pipelined), which the host picks on the H100;
 // - simple kernels (any dtype, one warp per row, CUDA-core f32 FMA): the f32 path (exact f32
 //   arithmetic, no TF32) and the fallback for shapes the tensor-core kernels do not cover.
 //
@@ -534,6 +535,34 @@ __device__ __forceinline__ void fwd_epilogue(T* o, float* lse, const float (*acc
   }
 }
 
+// The query tile and kv head of one forward CTA (grid: query tiles of BM rows x b*hq) and what its
+// key loop needs; shared by both tensor-core forward kernels.
+template <int MODE>
+struct FwdCta {
+  int mt, bh, hk, m0;
+  long long qrow0, krow0;  // first flat row of the query head in q / o, of the kv head in k / v
+  int2 sb;
+  float sl2;     // scale * log2 e
+  float masked;  // masked raw score: -inf once scaled, whatever the sign of the scale
+  FwdKeyTiles<MODE> tiles;
+
+  __device__ __forceinline__ FwdCta(const Vis& vis, const int4* qmeta, const int4* kmeta, int hq,
+                                    int hkv, int nq, int nk, float scale, int bm, int bn)
+      // Causal: the heaviest query tiles (the last ones) start first, for a shorter tail.
+      : mt(MODE == 1 ? gridDim.x - 1 - blockIdx.x : blockIdx.x),
+        bh(blockIdx.y),
+        hk(bh % hq / (hq / hkv)),
+        m0(mt * bm),
+        qrow0((long long)bh * nq),
+        krow0(((long long)(bh / hq) * hkv + hk) * nk),
+        sb(sb_span(vis, hk)),
+        sl2(scale * LOG2E),
+        masked(sl2 >= 0.f ? neg_inf() : pos_inf()),
+        tiles(vis, sb, m0, min(nq, m0 + bm), bn, (nk + bn - 1) / bn,
+              MODE == 2 ? qmeta[(long long)bh * gridDim.x + mt] : make_int4(0, 0, 0, 0),
+              kmeta + ((long long)(bh / hq) * hkv + hk) * ((nk + bn - 1) / bn)) {}
+};
+
 // ---------------------------------------------------------------------------------------------
 // Tensor-core forward (mma.sync, any sm_80+): one CTA per (query tile of BM = 16 * MR * NW rows,
 // b*hq); each warp owns 16 * MR rows (MR row tiles sharing every K / V fragment it loads) and all
@@ -553,26 +582,17 @@ __device__ void fwd_mma(const T* q, const T* k, const T* v, T* o, float* lse, Vi
   T* sV = sK + 2 * BN * SD;   // [2][BN][SD]
 
   int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
-  // Causal: the heaviest query tiles (the last ones) start first, for a shorter tail.
-  int mt = MODE == 1 ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
-  int bh = blockIdx.y, m0 = mt * BM, w0 = m0 + warp * WR;
-  int b = bh / hq, h = bh % hq, hk = h / (hq / hkv);
-  long long qrow0 = (long long)bh * nq, krow0 = ((long long)b * hkv + hk) * nk;
-  const T* gk = k + krow0 * D;
-  const T* gv = v + krow0 * D;
-  int nkt = (nk + BN - 1) / BN;
-  float sl2 = scale * LOG2E;
-  // Masked raw score: -inf once scaled, whatever the sign of the scale. (Folding the scale into
-  // the exponent's FFMA measured slower at D = 64 on the H100 and no faster at D = 128.)
-  float masked = sl2 >= 0.f ? neg_inf() : pos_inf();
-  int2 sb = sb_span(vis, hk);
-  const FwdKeyTiles<MODE> tiles(vis, sb, m0, min(nq, m0 + BM), BN, nkt,
-                                MODE == 2 ? qmeta[(long long)bh * gridDim.x + mt]
-                                          : make_int4(0, 0, 0, 0),
-                                kmeta + ((long long)b * hkv + hk) * nkt);
+  // (Folding the scale into the exponent's FFMA measured slower at D = 64 on the H100 and no
+  // faster at D = 128.)
+  const FwdCta<MODE> cta(vis, qmeta, kmeta, hq, hkv, nq, nk, scale, BM, BN);
+  const FwdKeyTiles<MODE>& tiles = cta.tiles;
+  int w0 = cta.m0 + warp * WR;
+  long long qrow0 = cta.qrow0;
+  const T* gk = k + cta.krow0 * D;
+  const T* gv = v + cta.krow0 * D;
   const FwdRows<MODE, MR> rows(vis, qrow0, w0, nq);
 
-  load_tile<T, BM, D, NT>(sQ, q + qrow0 * D, m0, nq);
+  load_tile<T, BM, D, NT>(sQ, q + qrow0 * D, cta.m0, nq);
   int t = tiles.first();
   if (t < tiles.end) {
     load_tile<T, BN, D, NT>(sK, gk, t * BN, nk);
@@ -618,9 +638,9 @@ __device__ void fwd_mma(const T* q, const T* k, const T* v, T* o, float* lse, Vi
 #pragma unroll
     for (int i = 0; i < MR * N8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
     gemm_abt<T, D, MR, N8, QREG>(s, qf, sQ, warp * WR, cK, 0);
-    fwd_mask<MODE, MR, N8>(s, vis, rows, tiles, t, w0, nk, krow0, sb, masked);
+    fwd_mask<MODE, MR, N8>(s, vis, rows, tiles, t, w0, nk, cta.krow0, cta.sb, cta.masked);
     float alpha[MR][2];
-    fwd_softmax<MR, N8>(s, mrow, lrow, alpha, sl2);
+    fwd_softmax<MR, N8>(s, mrow, lrow, alpha, cta.sl2);
     fwd_rescale<MR, DT>(acc, alpha);
     gemm_pb<T, D, MR, BN / 16>(acc, s, cV, 0);
     __syncthreads();  // the buffer is refilled by the next iteration
@@ -632,28 +652,39 @@ __device__ void fwd_mma(const T* q, const T* k, const T* v, T* o, float* lse, Vi
 }
 
 // ---------------------------------------------------------------------------------------------
-// Hopper forward (sm_90a only): warpgroup MMA. One CTA per (query tile of BM = 64 * NWG rows,
-// b*hq), NWG warpgroups of 64 query rows each (warp w of a warpgroup: rows 16w..16w+15). Q, K and V
-// tiles live in 128-byte-swizzled shared memory (`load_tile_sw128`), read by wgmma through matrix
-// descriptors: S = Q K^T with both operands K-major from shared memory (m64nBNk16), O += P V with P
-// from registers (the score fragments converted in place, as in mma.sync) and V read transposed
-// (MN-major, m64nDk16). K/V tiles double-buffered with cp.async by all threads; masking, online
-// softmax and epilogue shared with the mma.sync kernel.
+// Hopper forward (sm_90a only): warpgroup MMA with warp specialisation (FlashAttention-3's
+// design). One CTA per (query tile of BM = 64 * NC rows, b*hq) has one producer warpgroup and NC
+// consumer warpgroups of 64 query rows each (warp w of a consumer: rows 16w..16w+15).
+// - The producer (its registers cut to 24 by `setmaxnreg`) streams the K and V tiles of BN keys
+//   with cp.async into a ring of S stages of 128-byte-swizzled shared tiles (`load_tile_sw128`);
+//   per stage, "full" mbarriers complete when a tile has landed (cp.async.mbarrier.arrive) and
+//   "empty" ones when every consumer warp has finished reading it.
+// - The consumers (registers raised to up to 240) load their own Q rows once, then run
+//   S = Q K^T (both operands K-major from shared memory, m64nBNk16) and O += P V (P from
+//   registers, V read MN-major, m64nDk16) through wgmma descriptors, software-pipelined: S of the
+//   next key tile is issued together with P V of this one, so the next softmax runs while P V is
+//   on the tensor cores. (FlashAttention-3's ping-pong of two consumers, taking turns issuing
+//   their GEMMs through named barriers, measured 3.5% slower here at D 128; see BENCHMARKS.md.)
+// Masking, online softmax and the epilogue are shared with the mma.sync kernel.
 // ---------------------------------------------------------------------------------------------
 
 // Async copy of rows [row0, row0 + ROWS) of a (n, D) matrix into a 128-byte-swizzled shared tile
-// (the layout wgmma's SWIZZLE_128B descriptors read): D / 64 column blocks of ROWS rows x 128
-// bytes, the 16-byte chunk c of row r stored at chunk c ^ (r % 8) of its row. Rows past n are
-// zero-filled. The tile must start on a 1024-byte boundary.
+// (the layout wgmma's SWIZZLE_128B descriptors read) by NT threads (this one is number tid): D / 64
+// column blocks of ROWS rows x 128 bytes, the 16-byte chunk c of row r stored at chunk c ^ (r % 8)
+// of its row. Rows past n are zero-filled. The tile must start on a 1024-byte boundary. A thread
+// copies the same chunk c of rows r0, r0 + RS, ... (RS = NT / (D / 8), a multiple of 8, so the
+// swizzle is the same for all of them).
 template <typename T, int ROWS, int D, int NT>
-__device__ __forceinline__ void load_tile_sw128(T* s, const T* g, int row0, int n) {
-  constexpr int CH = D / 8;
+__device__ __forceinline__ void load_tile_sw128(T* s, const T* g, int row0, int n, int tid) {
+  constexpr int CH = D / 8, RS = NT / CH;
+  static_assert(NT % CH == 0 && RS % 8 == 0 && ROWS % RS == 0, "load_tile_sw128: tile shape");
+  int r0 = tid / CH, c = tid % CH;
+  T* sp = s + (c / 8) * ROWS * 64 + r0 * 64 + ((c % 8) ^ (r0 & 7)) * 8;
+  const T* gp = g + (long long)(row0 + r0) * D + c * 8;
 #pragma unroll
-  for (int idx = threadIdx.x; idx < ROWS * CH; idx += NT) {
-    int r = idx / CH, c = idx % CH;
-    bool ok = row0 + r < n;
-    cp_async16(s + (c / 8) * ROWS * 64 + r * 64 + ((c % 8) ^ (r & 7)) * 8,
-               g + (long long)(ok ? row0 + r : 0) * D + c * 8, ok);
+  for (int j = 0; j < ROWS / RS; ++j) {
+    bool ok = row0 + r0 + j * RS < n;
+    cp_async16(sp + j * RS * 64, ok ? gp + (long long)j * RS * D : g, ok);
   }
 }
 
@@ -666,36 +697,111 @@ __device__ __forceinline__ uint64_t sw128_desc(const void* p, uint32_t lbo) {
          ((uint64_t)(1024 >> 4) << 32) | (1ull << 62);
 }
 
-template <typename T, int D, int NWG, int BN, bool OVERLAP, int MODE>
+// mbarrier (shared-memory barrier) primitives: init with the expected arrivals per phase; arrive;
+// arrive once every cp.async this thread issued so far has landed (counts as one of the expected
+// arrivals); wait for the completion of the phase of the given parity.
+__device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(count)
+               : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_addr(bar)) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive_cp_async(uint64_t* bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(smem_addr(bar))
+               : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  uint32_t a = smem_addr(bar), done;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(a), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+// Waits for `threads` threads at named barrier `id` (1..15).
+__device__ __forceinline__ void named_bar_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+// Warpgroup register reallocation (every thread of the warpgroup executes it).
+template <int N> __device__ __forceinline__ void setmaxnreg_inc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+template <int N> __device__ __forceinline__ void setmaxnreg_dec() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+
+template <typename T, int D, int NC, int BN, int S, int MODE>
 __device__ void fwd_wgmma(const T* q, const T* k, const T* v, T* o, float* lse, Vis vis,
                           const int4* qmeta, const int4* kmeta, int hq, int hkv, int nq, int nk,
                           float scale) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  constexpr int BM = 64 * NWG, NT = 128 * NWG, N8 = BN / 8, DT = D / 8, KD = D / 16;
+  constexpr int BM = 64 * NC, N8 = BN / 8, DT = D / 8, KD = D / 16;
   static_assert(D % 64 == 0 && BN % 64 == 0, "fwd_wgmma: D and BN must be multiples of 64");
+  // Registers: the launch gives every thread REG0 (the 64K split evenly, `__launch_bounds__(.., 1)`);
+  // the producer gives back all but PREG, the consumers take them (a multiple of 8, at most 240).
+  constexpr int REG0 = 65536 / (128 * (NC + 1)) / 8 * 8, PREG = 24;
+  constexpr int CREG0 = (REG0 * (NC + 1) - PREG) / NC / 8 * 8;
+  constexpr int CREG = CREG0 > 240 ? 240 : CREG0;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   // Swizzle atoms (8 rows x 128 B) must start on 1024-byte boundaries: the host adds 1 KB slack.
   T* sQ = reinterpret_cast<T*>(smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023));
-  T* sK = sQ + BM * D;       // [2][BN * D]
-  T* sV = sK + 2 * BN * D;   // [2][BN * D]
+  T* sK = sQ + BM * D;      // [S][BN * D]
+  T* sV = sK + S * BN * D;  // [S][BN * D]
+  uint64_t* full_k = reinterpret_cast<uint64_t*>(sV + S * BN * D);  // [S] each
+  uint64_t* full_v = full_k + S;
+  uint64_t* empty_k = full_v + S;
+  uint64_t* empty_v = empty_k + S;
 
-  int warp = threadIdx.x / 32, wg = warp / 4;
-  // Causal: the heaviest query tiles (the last ones) start first, for a shorter tail.
-  int mt = MODE == 1 ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
-  int bh = blockIdx.y, m0 = mt * BM, w0 = m0 + warp * 16;
-  int b = bh / hq, h = bh % hq, hk = h / (hq / hkv);
-  long long qrow0 = (long long)bh * nq, krow0 = ((long long)b * hkv + hk) * nk;
-  const T* gk = k + krow0 * D;
-  const T* gv = v + krow0 * D;
-  int nkt = (nk + BN - 1) / BN;
-  float sl2 = scale * LOG2E;
-  float masked = sl2 >= 0.f ? neg_inf() : pos_inf();
-  int2 sb = sb_span(vis, hk);
-  const FwdKeyTiles<MODE> tiles(vis, sb, m0, min(nq, m0 + BM), BN, nkt,
-                                MODE == 2 ? qmeta[(long long)bh * gridDim.x + mt]
-                                          : make_int4(0, 0, 0, 0),
-                                kmeta + ((long long)b * hkv + hk) * nkt);
-  const FwdRows<MODE, 1> rows(vis, qrow0, w0, nq);
+  const FwdCta<MODE> cta(vis, qmeta, kmeta, hq, hkv, nq, nk, scale, BM, BN);
+  const FwdKeyTiles<MODE>& tiles = cta.tiles;
+  int wg = threadIdx.x / 128, warp = threadIdx.x / 32;
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int i = 0; i < S; ++i) {
+      mbar_init(full_k + i, 128);
+      mbar_init(full_v + i, 128);
+      mbar_init(empty_k + i, 4 * NC);
+      mbar_init(empty_v + i, 4 * NC);
+    }
+  }
+  __syncthreads();
+
+  if (wg == 0) {
+    // Producer: the i-th key tile goes to stage i % S once the consumers released that stage's
+    // previous tile (round i / S - 1; their wgmma reads of it have completed). No proxy fence here:
+    // it would wait for this thread's cp.async in flight.
+    setmaxnreg_dec<PREG>();
+    const T* gk = k + cta.krow0 * D;
+    const T* gv = v + cta.krow0 * D;
+    int i = 0;
+    for (int t = tiles.first(); t < tiles.end; t = tiles.next(t + 1), ++i) {
+      int st = i % S;
+      uint32_t parity = ((i / S) & 1) ^ 1;
+      if (i >= S) mbar_wait(empty_k + st, parity);
+      load_tile_sw128<T, BN, D, 128>(sK + st * BN * D, gk, t * BN, nk, threadIdx.x);
+      mbar_arrive_cp_async(full_k + st);
+      if (i >= S) mbar_wait(empty_v + st, parity);
+      load_tile_sw128<T, BN, D, 128>(sV + st * BN * D, gv, t * BN, nk, threadIdx.x);
+      mbar_arrive_cp_async(full_v + st);
+    }
+    asm volatile("cp.async.wait_all;\n" ::: "memory");
+    return;
+  }
+
+  setmaxnreg_inc<CREG>();
+  int c = wg - 1;  // consumer index
+  int w0 = cta.m0 + c * 64 + (warp % 4) * 16;
+  // This warpgroup's 64 query rows, the K-major A operand of S = Q K^T: D / 64 column blocks of
+  // 64 rows; k-step kk sits in column block kk / 4, at byte offset 32 * (kk % 4) of the swizzled
+  // 128-byte rows (as for K).
+  T* qa = sQ + c * 64 * D;
+  load_tile_sw128<T, 64, D, 128>(qa, q + cta.qrow0 * D, cta.m0 + c * 64, nq, threadIdx.x - 128 * wg);
+  cp_async_commit();
+  const FwdRows<MODE, 1> rows(vis, cta.qrow0, w0, nq);
 
   float acc[DT][4];
 #pragma unroll
@@ -703,13 +809,10 @@ __device__ void fwd_wgmma(const T* q, const T* k, const T* v, T* o, float* lse, 
   float mrow[1][2] = {{neg_inf(), neg_inf()}}, lrow[1][2] = {{0.f, 0.f}}, alpha[1][2];
   float s[N8][4];
   uint32_t pa[BN / 16][4];
-  // This warpgroup's 64 query rows are the K-major A operand of S = Q K^T; k-step kk sits in
-  // column block kk / 4, at byte offset 32 * (kk % 4) of the swizzled 128-byte rows (as for K).
-  const T* qa = sQ + wg * 64 * 64;
   auto issue_qk = [&](const T* cK) {
 #pragma unroll
     for (int kk = 0; kk < KD; ++kk)
-      wgmma_ss<T, BN>(s, sw128_desc(qa + (kk / 4) * BM * 64 + (kk % 4) * 16, 16),
+      wgmma_ss<T, BN>(s, sw128_desc(qa + (kk / 4) * 64 * 64 + (kk % 4) * 16, 16),
                       sw128_desc(cK + (kk / 4) * BN * 64 + (kk % 4) * 16, 16), kk > 0);
     wgmma_commit();
   };
@@ -740,104 +843,62 @@ __device__ void fwd_wgmma(const T* q, const T* k, const T* v, T* o, float* lse, 
   // Scores of key tile t (after its S = Q K^T completed) to probabilities in s.
   auto softmax = [&](int t) {
     wgmma_fence_regs<N8>(s);
-    fwd_mask<MODE, 1, N8>(s, vis, rows, tiles, t, w0, nk, krow0, sb, masked);
-    fwd_softmax<1, N8>(s, mrow, lrow, alpha, sl2);
+    fwd_mask<MODE, 1, N8>(s, vis, rows, tiles, t, w0, nk, cta.krow0, cta.sb, cta.masked);
+    fwd_softmax<1, N8>(s, mrow, lrow, alpha, cta.sl2);
   };
-  auto cp_ready = [&]() {  // after the cp.async wait: visible to every thread's wgmma
-    fence_proxy_async();
-    __syncthreads();
+  // Stage of the i-th key tile ready (its cp.async data then visible to this thread's wgmma), and
+  // released by this warp.
+  auto wait_full = [&](uint64_t* bar, int i) { mbar_wait(bar + i % S, (i / S) & 1); };
+  auto release = [&](uint64_t* bar) {
+    if ((threadIdx.x & 31) == 0) mbar_arrive(bar);
   };
 
-  int t = tiles.first();
-  if constexpr (!OVERLAP) {
-    // Per key tile: S = Q K^T, softmax, O += P V, each waited for; K/V double-buffered.
-    load_tile_sw128<T, BM, D, NT>(sQ, q + qrow0 * D, m0, nq);
-    if (t < tiles.end) {
-      load_tile_sw128<T, BN, D, NT>(sK, gk, t * BN, nk);
-      load_tile_sw128<T, BN, D, NT>(sV, gv, t * BN, nk);
-    }
-    cp_async_commit();
-    int buf = 0;
-    while (t < tiles.end) {
-      int tn = tiles.next(t + 1);
-      if (tn < tiles.end) {
-        load_tile_sw128<T, BN, D, NT>(sK + (buf ^ 1) * BN * D, gk, tn * BN, nk);
-        load_tile_sw128<T, BN, D, NT>(sV + (buf ^ 1) * BN * D, gv, tn * BN, nk);
-      }
-      cp_async_commit();
-      cp_async_wait<1>();
-      cp_ready();
-      wgmma_fence();
-      issue_qk(sK + buf * BN * D);
-      wgmma_wait<0>();
-      softmax(t);
-      rescale_to_pa();
-      wgmma_fence();
-      issue_pv(sV + buf * BN * D);
-      wgmma_wait<0>();
-      wgmma_fence_regs<DT>(acc);
-      __syncthreads();  // the buffer is refilled by the next iteration
-      t = tn;
-      buf ^= 1;
-    }
-  } else {
-    // Software pipeline (FlashAttention-3's intra-warpgroup overlap): S of the next key tile and
-    // O += P V of this one are issued together; the next tile's softmax runs while P V is on the
-    // tensor cores, and only its rescaling of O waits for it. K and V have two slots each: the K
-    // of the tile after next and the V of the next tile load while a tile is processed (both
-    // slots they fill were last read by wgmmas completed in the previous iteration).
-    int tn = t < tiles.end ? tiles.next(t + 1) : tiles.end;
-    load_tile_sw128<T, BM, D, NT>(sQ, q + qrow0 * D, m0, nq);
-    if (t < tiles.end) load_tile_sw128<T, BN, D, NT>(sK, gk, t * BN, nk);
-    cp_async_commit();
-    if (tn < tiles.end) load_tile_sw128<T, BN, D, NT>(sK + BN * D, gk, tn * BN, nk);
-    if (t < tiles.end) load_tile_sw128<T, BN, D, NT>(sV, gv, t * BN, nk);
-    cp_async_commit();
-    if (t < tiles.end) {
-      cp_async_wait<1>();
-      cp_ready();
-      wgmma_fence();
-      issue_qk(sK);
-      wgmma_wait<0>();
-      softmax(t);
-      rescale_to_pa();  // O is still zero
-    }
-    // No wgmma is issued conditionally inside the loop: a branch between wgmmas makes ptxas
-    // serialize them. The last tile's O += P V runs after it.
-    int slot = 0;
-    while (tn < tiles.end) {
-      int tnn = tiles.next(tn + 1);
-      __syncthreads();  // every warpgroup is done with K slot `slot` and V slot `slot ^ 1`
-      if (tnn < tiles.end)
-        load_tile_sw128<T, BN, D, NT>(sK + slot * BN * D, gk, tnn * BN, nk);
-      load_tile_sw128<T, BN, D, NT>(sV + (slot ^ 1) * BN * D, gv, tn * BN, nk);
-      cp_async_commit();
-      cp_async_wait<1>();  // K of tile tn, V of tile t
-      cp_ready();
-      wgmma_fence();
-      issue_qk(sK + (slot ^ 1) * BN * D);
-      issue_pv(sV + slot * BN * D);
-      wgmma_wait<1>();
-      softmax(tn);
-      wgmma_wait<0>();
-      wgmma_fence_regs<DT>(acc);
-      wgmma_fence_regs_a<BN / 16>(pa);
-      rescale_to_pa();
-      t = tn;
-      tn = tnn;
-      slot ^= 1;
-    }
-    if (t < tiles.end) {
-      cp_async_wait<0>();
-      cp_ready();
-      wgmma_fence();
-      issue_pv(sV + slot * BN * D);
-      wgmma_wait<0>();
-      wgmma_fence_regs<DT>(acc);
-    }
-  }
   cp_async_wait<0>();
-  fwd_epilogue<T, D, MODE, 1>(o, lse, acc, mrow, lrow, rows, qrow0, w0, nq);
+  fence_proxy_async();
+  named_bar_sync(1 + c, 128);  // the warpgroup's Q rows are in shared memory
+  int t = tiles.first(), i = 0;  // key tile t is the i-th one visited
+  if (t < tiles.end) {
+    wait_full(full_k, 0);
+    fence_proxy_async();
+    wgmma_fence();
+    issue_qk(sK);
+    wgmma_wait<0>();
+    release(empty_k);
+    softmax(t);
+    rescale_to_pa();  // O is still zero
+  }
+  // No wgmma is issued conditionally inside the loop: a branch between wgmmas makes ptxas
+  // serialize them. The last tile's O += P V runs after it.
+  int tn = t < tiles.end ? tiles.next(t + 1) : tiles.end;
+  while (tn < tiles.end) {
+    int sk = (i + 1) % S, sv = i % S;
+    wait_full(full_k, i + 1);
+    wait_full(full_v, i);
+    fence_proxy_async();
+    wgmma_fence();
+    issue_qk(sK + sk * BN * D);
+    issue_pv(sV + sv * BN * D);
+    wgmma_wait<1>();
+    release(empty_k + sk);
+    softmax(tn);
+    wgmma_wait<0>();
+    release(empty_v + sv);
+    wgmma_fence_regs<DT>(acc);
+    wgmma_fence_regs_a<BN / 16>(pa);
+    rescale_to_pa();
+    t = tn;
+    tn = tiles.next(tn + 1);
+    ++i;
+  }
+  if (t < tiles.end) {
+    wait_full(full_v, i);
+    fence_proxy_async();
+    wgmma_fence();
+    issue_pv(sV + (i % S) * BN * D);
+    wgmma_wait<0>();
+    wgmma_fence_regs<DT>(acc);
+  }
+  fwd_epilogue<T, D, MODE, 1>(o, lse, acc, mrow, lrow, rows, cta.qrow0, w0, nq);
 #endif
 }
 
@@ -1435,19 +1496,20 @@ __device__ void dq_convert(const float* acc, T* dq, long long n, float scale) {
 #define FWD_MMA(TN, T, D, NW, MR)                                                              \
   FWD_MMA_M(TN, T, D, NW, MR, 0) FWD_MMA_M(TN, T, D, NW, MR, 1) FWD_MMA_M(TN, T, D, NW, MR, 2) \
   FWD_MMA_M(TN, T, D, NW, MR, 3)
-// Hopper (sm_90a) forward: BM = 64 * NWG query rows, BN keys, software pipeline when O is 1
-// (`HOPPER_FWD_VARIANTS` in cuda.rs), at least MINB CTAs per SM, one kernel per visibility mode M. Built for every target (empty bodies
-// before sm_90a); the host only launches them on compute capability 9.0 with PTX that holds wgmma.
-#define FWD_WG_M(TN, T, D, NWG, BN, O, MINB, M)                                                  \
-  extern "C" __global__ void __launch_bounds__(NWG * 128, MINB)                                   \
-      flash_fwd_wg_##TN##_d##D##_w##NWG##_n##BN##_o##O##_m##M(const T* q, const T* k, const T* v, \
-                                                              T* o, float* lse, VIS_PARAMS) {     \
-    MAKE_VIS fwd_wgmma<T, D, NWG, BN, O, M>(q, k, v, o, lse, vis, qmeta, kmeta, hq, hkv, nq, nk,  \
-                                            scale);                                               \
+// Hopper (sm_90a) forward: NC consumer warpgroups of 64 query rows plus one producer warpgroup,
+// BN keys per tile, S pipeline stages (`HOPPER_FWD_VARIANTS` in cuda.rs), one kernel per
+// visibility mode M. Built for every target (empty bodies before sm_90a); the host only launches
+// them on compute capability 9.0 with PTX that holds wgmma.
+#define FWD_WG_M(TN, T, D, NC, BN, S, M)                                                         \
+  extern "C" __global__ void __launch_bounds__((NC + 1) * 128, 1)                               \
+      flash_fwd_wg_##TN##_d##D##_w##NC##_n##BN##_s##S##_m##M(                                   \
+          const T* q, const T* k, const T* v, T* o, float* lse, VIS_PARAMS) {                   \
+    MAKE_VIS fwd_wgmma<T, D, NC, BN, S, M>(q, k, v, o, lse, vis, qmeta, kmeta, hq, hkv, nq, nk, \
+                                           scale);                                              \
   }
-#define FWD_WG(TN, T, D, NWG, BN, O, MINB)                                                   \
-  FWD_WG_M(TN, T, D, NWG, BN, O, MINB, 0) FWD_WG_M(TN, T, D, NWG, BN, O, MINB, 1)            \
-  FWD_WG_M(TN, T, D, NWG, BN, O, MINB, 2) FWD_WG_M(TN, T, D, NWG, BN, O, MINB, 3)
+#define FWD_WG(TN, T, D, NC, BN, S)                                                \
+  FWD_WG_M(TN, T, D, NC, BN, S, 0) FWD_WG_M(TN, T, D, NC, BN, S, 1)                \
+  FWD_WG_M(TN, T, D, NC, BN, S, 2) FWD_WG_M(TN, T, D, NC, BN, S, 3)
 // Tensor-core backward: key tiles of 16 * MR * NW keys, query tiles of BQ rows (`bwd_tiles` in
 // cuda.rs), one kernel per visibility mode M (compact code for the dense modes).
 #define BWD_MMA_M(TN, T, D, NW, MR, BQ, M)                                                       \
@@ -1523,7 +1585,8 @@ ALL_D(SIMPLE, bf16, __nv_bfloat16)
 FWD_ALL(f16, __half)
 FWD_ALL(bf16, __nv_bfloat16)
 
-#define FWD_WG_ALL(TN, T) FWD_WG(TN, T, 64, 2, 64, 1, 2) FWD_WG(TN, T, 128, 3, 64, 1, 1)
+#define FWD_WG_ALL(TN, T) \
+  FWD_WG(TN, T, 64, 3, 128, 2) FWD_WG(TN, T, 128, 3, 64, 2) FWD_WG(TN, T, 128, 2, 128, 2)
 FWD_WG_ALL(f16, __half)
 FWD_WG_ALL(bf16, __nv_bfloat16)
 

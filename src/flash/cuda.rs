@@ -11,14 +11,16 @@
 //!   tiles (8 warps; S and dP per warp 32 keys × 32 queries of a 64-row step, P and dS through
 //!   shared memory, dK/dV per warp 32 keys × D/2 columns).
 //! - Hopper forward (compute capability 9.0, PTX built for sm_90a, f16 / bf16, head dims 64 and
-//!   128): `wgmma` kernels (`fwd_wgmma`), one CTA of 2–3 warpgroups of 64 query rows, Q/K/V in
-//!   128-byte-swizzled shared memory read through wgmma descriptors, P from registers, and a
-//!   software pipeline (the next key tile's S = Q K^T and softmax overlap this tile's O += P V).
-//!   Every visibility mode; [`HOPPER_FWD_VARIANTS`] lists the tile variant per head dim, [`FWD_KERNEL_ENV`]
-//!   picks one (or the `mma.sync` kernel) for benchmarks and tests.
+//!   128): `wgmma` kernels (`fwd_wgmma`), warp-specialised like FlashAttention-3: per CTA one
+//!   producer warpgroup streams K / V tiles with cp.async into a ring of 128-byte-swizzled shared
+//!   stages (mbarriers), 2–3 consumer warpgroups of 64 query rows (registers reallocated with
+//!   `setmaxnreg`) run S = Q Kᵀ and O += P V through wgmma descriptors with P from registers, in a
+//!   software pipeline (the next key tile's S = Q Kᵀ and softmax overlap this tile's O += P V).
+//!   Every visibility mode; [`HOPPER_FWD_VARIANTS`] lists the tile variants per head dim,
+//!   [`FWD_KERNEL_ENV`] picks one (or the `mma.sync` kernel) for benchmarks and tests.
 //! - Performance (H100, bf16, causal, 8k–32k, see BENCHMARKS.md): forward with the Hopper kernel
-//!   1.01–1.08× PyTorch SDPA-flash at D = 64 and 1.05–1.18× at D = 128 (the `mma.sync` forward:
-//!   0.83–0.97× and 0.79–0.95×); forward+backward 0.65–0.78× at D = 64 and 0.65–0.76× at D = 128
+//!   1.35–1.47× PyTorch SDPA-flash and 0.97–1.00× cuDNN at D = 64, 1.22–1.41× SDPA-flash and
+//!   0.67–0.79× cuDNN at D = 128 (the `mma.sync` forward: 0.83–0.97× and 0.79–0.95× SDPA-flash); forward+backward 0.65–0.78× at D = 64 and 0.65–0.76× at D = 128
 //!   before the Hopper forward (the 2-D backward took the D = 128 backward from 56.2 to 47.3 ms at
 //!   B1 H16 N32k; at D = 64 it was 15% slower than the 1-D one, which stays there).
 //! - f32 (exact f32 arithmetic is required), head dim 256 in the backward and inputs not aligned
@@ -78,46 +80,63 @@ fn fwd_tiles(d: usize) -> (usize, usize) {
 pub(crate) struct HopperFwd {
     /// Head dim.
     pub d: usize,
-    /// Warpgroups of 64 query rows per CTA.
+    /// Consumer warpgroups of 64 query rows per CTA (plus one producer warpgroup).
     pub warpgroups: usize,
     /// Keys per tile.
     pub keys: usize,
-    /// Software pipeline: the next tile's S = Q K^T and softmax overlap this tile's O += P V.
-    pub overlap: bool,
+    /// K / V pipeline stages in shared memory.
+    pub stages: usize,
 }
 
 impl HopperFwd {
-    const fn new(d: usize, warpgroups: usize, keys: usize, overlap: bool) -> Self {
+    const fn new(d: usize, warpgroups: usize, keys: usize, stages: usize) -> Self {
         HopperFwd {
             d,
             warpgroups,
             keys,
-            overlap,
+            stages,
         }
     }
 
-    /// The variant's name in kernel names and in [`FWD_KERNEL_ENV`], e.g. `w2_n64_o1`.
+    /// The variant's name in kernel names and in [`FWD_KERNEL_ENV`], e.g. `w3_n64_s2`.
     pub fn tag(&self) -> String {
-        format!(
-            "w{}_n{}_o{}",
-            self.warpgroups, self.keys, self.overlap as u8
-        )
+        format!("w{}_n{}_s{}", self.warpgroups, self.keys, self.stages)
+    }
+
+    /// Query rows per CTA.
+    fn rows(&self) -> usize {
+        64 * self.warpgroups
+    }
+
+    /// Threads per CTA: the consumer warpgroups and the producer.
+    fn threads(&self) -> usize {
+        128 * (self.warpgroups + 1)
+    }
+
+    /// Dynamic shared memory for elements of `es` bytes: the Q tile and the K, V stages, 1 KB to
+    /// align them to the 1024-byte swizzle atoms, and four mbarriers per stage.
+    fn smem(&self, es: usize) -> usize {
+        (self.rows() + 2 * self.stages * self.keys) * self.d * es + 1024 + 32 * self.stages
     }
 }
 
-/// Hopper forward variants compiled in `FWD_WG_ALL` (flash_attn.cu).
+/// Hopper forward variants compiled in `FWD_WG_ALL` (flash_attn.cu); the first one of a head dim
+/// is its default, [`FWD_KERNEL_ENV`] picks another.
 ///
-/// Only the fastest variant per head dim is compiled (the sweep of seven variants is in
-/// BENCHMARKS.md): every compiled kernel costs JIT time on a process's first launch with an empty
-/// driver cache (≈ 55 s with all seven, per dtype and visibility mode).
-pub(crate) const HOPPER_FWD_VARIANTS: [HopperFwd; 2] = [
-    HopperFwd::new(64, 2, 64, true),
-    HopperFwd::new(128, 3, 64, true),
+/// Every compiled kernel costs JIT time on a process's first launch with an empty driver cache
+/// (several seconds per variant, dtype and visibility mode), so only the winners of the sweep in
+/// BENCHMARKS.md stay, plus the runner-up at D = 128 (faster than the default on dense causal at
+/// 8k, equal at 16k–32k, slower on MoA's sink + band).
+pub(crate) const HOPPER_FWD_VARIANTS: [HopperFwd; 3] = [
+    HopperFwd::new(64, 3, 128, 2),
+    HopperFwd::new(128, 3, 64, 2),
+    HopperFwd::new(128, 2, 128, 2),
 ];
 
 /// Environment variable choosing the forward kernel of f16 / bf16 at head dims 64 and 128 on the
-/// H100 (for benchmarks and tests): the head dim's [`HopperFwd::tag`] (e.g. `w2_n64_o1`) or unset
-/// picks the Hopper kernel, any other value (e.g. `mma`) the `mma.sync` kernel.
+/// H100 (for benchmarks and tests): unset picks the head dim's default Hopper variant, a
+/// [`HopperFwd::tag`] of the head dim (e.g. `w2_n128_s2`) that variant, any other value (e.g.
+/// `mma`) the `mma.sync` kernel.
 pub(crate) const FWD_KERNEL_ENV: &str = "CANDLE_SPARSE_ATTN_FWD";
 
 /// Whether this device runs the Hopper (`wgmma`) forward: compute capability 9.0 and PTX built for
@@ -131,10 +150,10 @@ fn has_wgmma(dev: &CudaDevice) -> bool {
 /// The Hopper forward variant for head dim `d`, or `None` where none applies (other head dims, or
 /// [`FWD_KERNEL_ENV`] asks for another kernel).
 fn hopper_fwd(d: usize) -> Option<HopperFwd> {
-    let default = HOPPER_FWD_VARIANTS.into_iter().find(|v| v.d == d)?;
+    let mut of_d = HOPPER_FWD_VARIANTS.into_iter().filter(|v| v.d == d);
     match std::env::var(FWD_KERNEL_ENV) {
-        Ok(tag) if tag != default.tag() => None,
-        _ => Some(default),
+        Ok(tag) => of_d.find(|v| v.tag() == tag),
+        Err(_) => of_d.next(),
     }
 }
 
@@ -427,13 +446,10 @@ fn fwd_t<T: CudaDType + DeviceRepr>(
     // Kernel, tile metadata, grid, threads and shared memory: the Hopper kernel where it applies,
     // else the mma.sync kernel, else the simple one (one warp per query row).
     let (name, meta, grid, threads, smem) = if let Some(hv) = hopper {
-        let (bm, bn) = (64 * hv.warpgroups, hv.keys);
         let name = format!("flash_fwd_wg_{tn}_d{d}_{}_m{}", hv.tag(), va.mode);
-        let meta = tile_meta(&dev, &va, dims, bm, bn)?;
-        let grid = (ceil_div(dims.nq, bm), dims.b * dims.hq);
-        // Q and double-buffered K, V tiles, plus 1 KB to align them to the 1024-byte swizzle atoms.
-        let smem = (bm + 4 * bn) * d * es + 1024;
-        (name, meta, grid, 128 * hv.warpgroups, smem)
+        let meta = tile_meta(&dev, &va, dims, hv.rows(), hv.keys)?;
+        let grid = (ceil_div(dims.nq, hv.rows()), dims.b * dims.hq);
+        (name, meta, grid, hv.threads(), hv.smem(es))
     } else if fast {
         let (bm, threads) = fwd_tiles(d);
         let name = format!("flash_fwd_{tn}_d{d}_m{}", va.mode);

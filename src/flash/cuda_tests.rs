@@ -259,22 +259,35 @@ fn cuda_matches_reference() -> candle::Result<()> {
         (shapes.to_vec(), &[DType::F32, DType::BF16, DType::F16][..])
     };
     // Default kernels first; then (full runs) bf16 at the Hopper kernel's head dims again with the
-    // mma.sync forward (`FWD_KERNEL_ENV`; on GPUs without wgmma both passes run the mma.sync kernel).
+    // mma.sync forward and with every other compiled Hopper variant (`FWD_KERNEL_ENV`; on GPUs
+    // without wgmma these passes run the mma.sync kernel).
     let mut passes = vec![(None, dtypes.to_vec())];
     if !quick {
-        passes.push((Some("mma"), vec![DType::BF16]));
+        passes.push((Some("mma".to_string()), vec![DType::BF16]));
+        for (i, v) in HOPPER_FWD_VARIANTS.iter().enumerate() {
+            if HOPPER_FWD_VARIANTS[..i].iter().any(|x| x.d == v.d) {
+                passes.push((Some(v.tag()), vec![DType::BF16]));
+            }
+        }
     }
     let mut failed = 0;
     let mut seed = 0;
     for (fwd_kernel, dtypes) in passes {
-        let shapes: Vec<_> = match fwd_kernel {
+        let shapes: Vec<_> = match &fwd_kernel {
             None => shapes.clone(),
             Some(v) => {
                 std::env::set_var(FWD_KERNEL_ENV, v);
+                let variant_d = HOPPER_FWD_VARIANTS
+                    .iter()
+                    .find(|x| x.tag() == *v)
+                    .map(|x| x.d);
                 shapes
                     .iter()
                     .copied()
-                    .filter(|s| HOPPER_FWD_VARIANTS.iter().any(|x| x.d == s.5))
+                    .filter(|s| {
+                        variant_d
+                            .map_or(HOPPER_FWD_VARIANTS.iter().any(|x| x.d == s.5), |d| d == s.5)
+                    })
                     .collect()
             }
         };
@@ -298,7 +311,7 @@ fn cuda_matches_reference() -> candle::Result<()> {
                     println!(
                         "{} {dtype:?} {shape:?} {kind:?} fwd {}: out {:.2e} lse {:.2e} dq {:.2e} dk {:.2e} dv {:.2e}",
                         if ok { "ok  " } else { "FAIL" },
-                        fwd_kernel.unwrap_or("default"),
+                        fwd_kernel.as_deref().unwrap_or("default"),
                         e[0], e[1], e[2], e[3], e[4]
                     );
                 }
