@@ -438,7 +438,11 @@ fn fwd_t<T: CudaDType + DeviceRepr>(
     let sc = Scalars::new(dims, &va, scale);
     let fast = sq.dtype() != DType::F32 && [lq, lk, lv].iter().all(|l| aligned(l, es));
     let d = dims.d;
-    let hopper = if fast && has_wgmma(&dev) {
+    // Bucketed sparse visibility (LSH attention) at head dim ≤ 64 keeps the mma.sync kernel unless
+    // a Hopper variant is asked for by name: nearly every tile needs the element mask there and the
+    // Hopper consumers spill on it (hash 16 at 16k: 10.7 ms vs 8.0 ms, BENCHMARKS.md).
+    let bucketed_small = va.has_bkt != 0 && d <= 64 && std::env::var(FWD_KERNEL_ENV).is_err();
+    let hopper = if fast && !bucketed_small && has_wgmma(&dev) {
         hopper_fwd(d)
     } else {
         None
