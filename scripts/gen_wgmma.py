@@ -82,3 +82,31 @@ __device__ __forceinline__ void fence_proxy_async() {
 }
 
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL""")
+
+# Backward (flash_bwd_wgmma.cuh): dQ = dS K with both operands MN-major in shared memory.
+print("""
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+
+// D (+)= A * B, A (64 x 16) and B (16 x N) both MN-major in shared memory (descriptors, transposed
+// reads); D = A * B when scale_d == 0.
+template <typename T, int N>
+__device__ __forceinline__ void wgmma_ss_tt(float (*d)[4], uint64_t da, uint64_t db, int scale_d);
+""")
+for ctype, tn in TYPES:
+    for n in NS:
+        nr = n // 2
+        regs = ", ".join(f"%{i}" for i in range(nr))
+        outs = ", ".join(f'"+f"(d[{i // 4}][{i % 4}])' for i in range(nr))
+        print(f"""template <>
+__device__ __forceinline__ void wgmma_ss_tt<{ctype}, {n}>(float (*d)[4], uint64_t da, uint64_t db,
+                                                          int scale_d) {{
+  asm volatile(
+      "{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{nr + 2}, 0;\\n"
+      "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{tn}.{tn} "
+      "{{{regs}}}, %{nr}, %{nr + 1}, p, 1, 1, 1, 1;\\n}}\\n"
+      : {outs}
+      : "l"(da), "l"(db), "r"(scale_d));
+}}
+""")
+print("#endif  // __CUDA_ARCH_FEAT_SM90_ALL")

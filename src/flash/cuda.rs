@@ -150,6 +150,25 @@ fn bwd_tiles(d: usize) -> (&'static str, usize, usize, usize) {
     }
 }
 
+/// Hopper backward tiles compiled in `BWD_WG_ALL` (flash_attn.cu): (head dim, warpgroups of 64
+/// keys per CTA, query rows per step).
+pub(crate) const HOPPER_BWD_TILES: [(usize, usize, usize); 2] = [(64, 2, 128), (128, 2, 64)];
+
+/// Environment variable choosing the backward kernel of f16 / bf16 at head dims 64 and 128 on the
+/// H100 (for benchmarks and tests): unset or `wgmma` picks the Hopper kernel, any other value (e.g.
+/// `mma`) the `mma.sync` kernel.
+pub(crate) const BWD_KERNEL_ENV: &str = "CANDLE_SPARSE_ATTN_BWD";
+
+/// The Hopper backward tiles (warpgroups, query rows per step) for head dim `d`, or `None` where
+/// none applies (other head dims, or [`BWD_KERNEL_ENV`] asks for another kernel).
+fn hopper_bwd(d: usize) -> Option<(usize, usize)> {
+    let (_, warpgroups, rows) = HOPPER_BWD_TILES.into_iter().find(|t| t.0 == d)?;
+    match std::env::var(BWD_KERNEL_ENV) {
+        Ok(v) if v != "wgmma" => None,
+        _ => Some((warpgroups, rows)),
+    }
+}
+
 fn ceil_div(a: usize, b: usize) -> usize {
     a.div_ceil(b)
 }
@@ -571,11 +590,23 @@ fn bwd_t<T: CudaDType + DeviceRepr>(
     let (mut dk, mut dv) = dkv.split_at_mut(nk_el);
     if fast {
         // One fused kernel: dK, dV per key tile, dQ by f32 atomics, then dQ to the input dtype.
-        let (kname, bk, bq, threads) = bwd_tiles(d);
+        // The Hopper kernel where it applies, else the mma.sync one.
+        let hopper = if has_wgmma(&dev) { hopper_bwd(d) } else { None };
+        let (name, bk, bq, threads, smem) = if let Some((warpgroups, bq)) = hopper {
+            let bk = 64 * warpgroups;
+            // K, V, double-buffered Q, dO and lse, delta, the dS^T tile, plus 1 KB to align the
+            // tiles to the 1024-byte swizzle atoms.
+            let smem = (2 * bk * d + 4 * bq * d + bk * bq) * es + 4 * bq * 4 + 1024;
+            let name = format!("flash_bwd_wg_{tn}_d{d}_m{}", va.mode);
+            (name, bk, bq, 128 * warpgroups, smem)
+        } else {
+            let (kname, bk, bq, threads) = bwd_tiles(d);
+            let smem = (2 * bk + 4 * bq) * (d + 8) * es + 2 * bk * (bq + 8) * es + 4 * bq * 4;
+            (format!("{kname}_{tn}_d{d}_m{}", va.mode), bk, bq, threads, smem)
+        };
         let meta = tile_meta(&dev, &va, dims, bq, bk)?;
         let mut dq_acc = dev.alloc_zeros::<f32>(nq_el)?;
-        let smem = (2 * bk + 4 * bq) * (d + 8) * es + 2 * bk * (bq + 8) * es + 4 * bq * 4;
-        let f = func!(dev, &format!("{kname}_{tn}_d{d}_m{}", va.mode), smem);
+        let f = func!(dev, &name, smem);
         let mut b = f.builder();
         b.arg(&q);
         b.arg(&k);

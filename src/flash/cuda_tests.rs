@@ -7,7 +7,7 @@ use candle::{DType, Device, Tensor, Var, D};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 use super::super::{FlashAttn, FlashAttnBwd};
-use super::{FWD_KERNEL_ENV, HOPPER_FWD_VARIANTS};
+use super::{BWD_KERNEL_ENV, FWD_KERNEL_ENV, HOPPER_FWD_VARIANTS};
 use crate::mask::{
     SinkBand, SparseLayout, Visibility, KEY_PAD_BUCKET, KEY_PAD_POS, QUERY_PAD_BUCKET,
     QUERY_PAD_POS,
@@ -258,8 +258,9 @@ fn cuda_matches_reference() -> candle::Result<()> {
     } else {
         (shapes.to_vec(), &[DType::F32, DType::BF16, DType::F16][..])
     };
-    // Default kernels first; then (full runs) bf16 at the Hopper kernel's head dims again with the
-    // mma.sync forward (`FWD_KERNEL_ENV`; on GPUs without wgmma both passes run the mma.sync kernel).
+    // Default kernels first; then (full runs) bf16 at the Hopper kernels' head dims again with the
+    // mma.sync forward and backward (`FWD_KERNEL_ENV`, `BWD_KERNEL_ENV`; on GPUs without wgmma both
+    // passes run the mma.sync kernels).
     let mut passes = vec![(None, dtypes.to_vec())];
     if !quick {
         passes.push((Some("mma"), vec![DType::BF16]));
@@ -271,6 +272,7 @@ fn cuda_matches_reference() -> candle::Result<()> {
             None => shapes.clone(),
             Some(v) => {
                 std::env::set_var(FWD_KERNEL_ENV, v);
+                std::env::set_var(BWD_KERNEL_ENV, v);
                 shapes
                     .iter()
                     .copied()
@@ -296,7 +298,7 @@ fn cuda_matches_reference() -> candle::Result<()> {
                         failed += 1;
                     }
                     println!(
-                        "{} {dtype:?} {shape:?} {kind:?} fwd {}: out {:.2e} lse {:.2e} dq {:.2e} dk {:.2e} dv {:.2e}",
+                        "{} {dtype:?} {shape:?} {kind:?} kernels {}: out {:.2e} lse {:.2e} dq {:.2e} dk {:.2e} dv {:.2e}",
                         if ok { "ok  " } else { "FAIL" },
                         fwd_kernel.unwrap_or("default"),
                         e[0], e[1], e[2], e[3], e[4]
@@ -305,6 +307,7 @@ fn cuda_matches_reference() -> candle::Result<()> {
             }
         }
         std::env::remove_var(FWD_KERNEL_ENV);
+        std::env::remove_var(BWD_KERNEL_ENV);
     }
     assert_eq!(failed, 0, "{failed} cases over tolerance");
     Ok(())
