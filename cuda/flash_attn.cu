@@ -1481,20 +1481,21 @@ __device__ void dq_convert(const float* acc, T* dq, long long n, float scale) {
 #define BWD2_MMA(TN, T, D, BQ, MRQ)                                    \
   BWD2_MMA_M(TN, T, D, BQ, MRQ, 0) BWD2_MMA_M(TN, T, D, BQ, MRQ, 1) \
   BWD2_MMA_M(TN, T, D, BQ, MRQ, 2) BWD2_MMA_M(TN, T, D, BQ, MRQ, 3)
-// Hopper (sm_90a) backward: key tiles of BK = 64 * NWG keys, query tiles of BQ rows
-// (`HOPPER_BWD_TILES` in cuda.rs), one kernel per visibility mode M. Built for every target (empty
-// bodies before sm_90a); the host only launches them where it launches the Hopper forward.
-#define BWD_WG_M(TN, T, D, NWG, BQ, M)                                                           \
+// Hopper (sm_90a) backward: key tiles of BK = 64 * NWG keys, query tiles of BQ rows, dQ pipelined
+// into the next step when P is 1 (`HOPPER_BWD_VARIANTS` in cuda.rs), one kernel per visibility mode
+// M. Built for every target (empty bodies before sm_90a); the host only launches them where it
+// launches the Hopper forward.
+#define BWD_WG_M(TN, T, D, NWG, BQ, P, M)                                                        \
   extern "C" __global__ void __launch_bounds__(NWG * 128, 1)                                    \
-      flash_bwd_wg_##TN##_d##D##_m##M(const T* q, const T* k, const T* v, const T* go,          \
-                                      const float* lse, const float* delta, T* dk, T* dv,       \
-                                      float* dqa, VIS_PARAMS) {                                 \
-    MAKE_VIS bwd_wgmma<T, D, NWG, BQ, M>(q, k, v, go, lse, delta, dk, dv, dqa, vis, qmeta,      \
-                                         kmeta, hq, hkv, nq, nk, scale);                        \
+      flash_bwd_wg_##TN##_d##D##_w##NWG##_q##BQ##_p##P##_m##M(                                  \
+          const T* q, const T* k, const T* v, const T* go, const float* lse,                    \
+          const float* delta, T* dk, T* dv, float* dqa, VIS_PARAMS) {                           \
+    MAKE_VIS bwd_wgmma<T, D, NWG, BQ, P, M>(q, k, v, go, lse, delta, dk, dv, dqa, vis, qmeta,   \
+                                            kmeta, hq, hkv, nq, nk, scale);                     \
   }
-#define BWD_WG(TN, T, D, NWG, BQ)                                    \
-  BWD_WG_M(TN, T, D, NWG, BQ, 0) BWD_WG_M(TN, T, D, NWG, BQ, 1) \
-  BWD_WG_M(TN, T, D, NWG, BQ, 2) BWD_WG_M(TN, T, D, NWG, BQ, 3)
+#define BWD_WG(TN, T, D, NWG, BQ, P)                                      \
+  BWD_WG_M(TN, T, D, NWG, BQ, P, 0) BWD_WG_M(TN, T, D, NWG, BQ, P, 1) \
+  BWD_WG_M(TN, T, D, NWG, BQ, P, 2) BWD_WG_M(TN, T, D, NWG, BQ, P, 3)
 #define SIMPLE(TN, T, D)                                                                        \
   extern "C" __global__ void flash_fwd_simple_##TN##_d##D(const T* q, const T* k, const T* v,   \
                                                           T* o, float* lse, VIS_PARAMS) {       \
@@ -1556,6 +1557,8 @@ BWD_ALL(bf16, __nv_bfloat16)
 BWD2_ALL(f16, __half)
 BWD2_ALL(bf16, __nv_bfloat16)
 
-#define BWD_WG_ALL(TN, T) BWD_WG(TN, T, 64, 2, 128) BWD_WG(TN, T, 128, 2, 64)
+#define BWD_WG_ALL(TN, T)                                                                   \
+  BWD_WG(TN, T, 64, 2, 128, 0) BWD_WG(TN, T, 64, 2, 128, 1) BWD_WG(TN, T, 128, 2, 64, 0) \
+  BWD_WG(TN, T, 128, 2, 64, 1)
 BWD_WG_ALL(f16, __half)
 BWD_WG_ALL(bf16, __nv_bfloat16)

@@ -11,7 +11,11 @@
 // - dS^T goes to shared memory; after a barrier, dQ = dS K (both operands MN-major) over all BK
 //   keys for its share of the query tile (query slice w % (BQ / 64), columns (w / (BQ / 64)) * DN..)
 //   is added with f32 vector atomics into the zeroed (b, hq, nq, D) buffer of `flash_bwd_dq_convert`.
-template <typename T, int D, int NWG, int BQ, int MODE>
+// With PIPE, a step's dQ product is issued at the start of the next step, ahead of its S^T and dP^T
+// (dS^T double-buffered; the step's first barrier also publishes dS^T, a discarded product on the
+// first step keeps every wgmma unconditional), and its atomics run while they are on the tensor
+// cores.
+template <typename T, int D, int NWG, int BQ, bool PIPE, int MODE>
 __device__ void bwd_wgmma(const T* q, const T* k, const T* v, const T* go, const float* lse,
                           const float* delta, T* dk, T* dv, float* dqa, Vis vis, const int4* qmeta,
                           const int4* kmeta, int hq, int hkv, int nq, int nk, float scale) {
@@ -27,8 +31,8 @@ __device__ void bwd_wgmma(const T* q, const T* k, const T* v, const T* go, const
   T* sV = sK + BK * D;
   T* sQ = sV + BK * D;      // [2][BQ * D]
   T* sG = sQ + 2 * BQ * D;  // [2][BQ * D]
-  T* sS = sG + 2 * BQ * D;  // dS^T: BK rows (keys) x BQ columns (queries)
-  float* sL = reinterpret_cast<float*>(sS + BK * BQ);  // [2][BQ] lse
+  T* sS = sG + 2 * BQ * D;  // [1 + PIPE][BK * BQ] dS^T: BK rows (keys) x BQ columns (queries)
+  float* sL = reinterpret_cast<float*>(sS + (1 + PIPE) * BK * BQ);  // [2][BQ] lse
   float* sD = sL + 2 * BQ;                              // [2][BQ] delta
 
   int warp = threadIdx.x / 32, lane = threadIdx.x & 31, gq = lane >> 2, t4 = lane & 3;
@@ -82,16 +86,50 @@ __device__ void bwd_wgmma(const T* q, const T* k, const T* v, const T* go, const
   // column block kk / 4, at byte offset 32 * (kk % 4) of the swizzled rows).
   const T* ka = sK + wg * 64 * 64;
   const T* va = sV + wg * 64 * 64;
-  // dQ = dS K: A = this warpgroup's query slice of dS^T (column block of 64 queries, MN-major),
-  // B = K's column block(s) of this warpgroup's DN columns (MN-major, like V in the forward).
-  const T* dsa_s = sS + (wg % QS) * BK * 64;
+  // dQ = dS K: A = this warpgroup's query slice of dS^T (column block of 64 queries at dsa_off,
+  // MN-major), B = K's column block(s) of this warpgroup's DN columns (MN-major, like V in the
+  // forward).
+  const int dsa_off = (wg % QS) * BK * 64;
   const T* kb_s = sK + (wg / QS) * (DN / 64) * BK * 64;
 
-  int buf = 0;
+  // dQ rows of the share: lane pairs (t4, t4 ^ 1) swap halves, the even lane adds 4 columns of
+  // row gq, the odd lane 4 columns of row gq + 8, one 16-byte vector reduction each.
+  float aq[DN / 8][4];
+  auto dq_add = [&](int m0, long long qr0) {
+    bool odd = t4 & 1;
+    int i = m0 + (wg % QS) * 64 + (warp % 4) * 16 + gq + (odd ? 8 : 0);
+    float* row = dqa + (qr0 + i) * D + (wg / QS) * DN + 2 * (t4 & 2);
+#pragma unroll
+    for (int dt = 0; dt < DN / 8; ++dt) {
+      float y0 = __shfl_xor_sync(0xffffffffu, odd ? aq[dt][0] : aq[dt][2], 1);
+      float y1 = __shfl_xor_sync(0xffffffffu, odd ? aq[dt][1] : aq[dt][3], 1);
+      if (i < nq) {
+        if (odd)
+          red_add4(row + dt * 8, y0, y1, aq[dt][2], aq[dt][3]);
+        else
+          red_add4(row + dt * 8, aq[dt][0], aq[dt][1], y0, y1);
+      }
+    }
+  };
+
+  // dQ share = dS K over the BK keys from the dS^T buffer cS (k-step kk: keys 16kk.., 2048 bytes
+  // further in both operands).
+  auto issue_dq = [&](const T* cS) {
+#pragma unroll
+    for (int kk = 0; kk < BK / 16; ++kk)
+      wgmma_ss_tt<T, DN>(aq, sw128_desc(cS + dsa_off + kk * 16 * 64, BK * 128),
+                         sw128_desc(kb_s + kk * 16 * 64, BK * 128), kk > 0);
+    wgmma_commit();
+  };
+
+  int buf = 0, prev_m0 = 0;
+  long long prev_qr0 = -1;  // PIPE: the previous query tile (its dQ product not yet issued)
   while (p < p_end) {
     cp_async_wait<0>();
     fence_proxy_async();
-    __syncthreads();  // tile p landed; every warpgroup is done with buf ^ 1 and sS
+    // Tile p landed; every warpgroup is done with buf ^ 1 and (without PIPE) sS, and (PIPE) the
+    // previous step's dS^T is in sS[buf ^ 1].
+    __syncthreads();
     int pn = tiles.next(p + 1);
     bool pn_full = tiles.full(pn);
     if (pn < p_end) load_q(pn, buf ^ 1);
@@ -107,6 +145,7 @@ __device__ void bwd_wgmma(const T* q, const T* k, const T* v, const T* go, const
     // S^T and dP^T (64 keys x BQ queries), issued together.
     float s[N8][4], dp[N8][4];
     wgmma_fence();
+    if constexpr (PIPE) issue_dq(sS + (buf ^ 1) * BK * BQ);
 #pragma unroll
     for (int kk = 0; kk < KD; ++kk)
       wgmma_ss<T, BQ>(s, sw128_desc(ka + (kk / 4) * BK * 64 + (kk % 4) * 16, 16),
@@ -117,6 +156,11 @@ __device__ void bwd_wgmma(const T* q, const T* k, const T* v, const T* go, const
       wgmma_ss<T, BQ>(dp, sw128_desc(va + (kk / 4) * BK * 64 + (kk % 4) * 16, 16),
                       sw128_desc(cG + (kk / 4) * BQ * 64 + (kk % 4) * 16, 16), kk > 0);
     wgmma_commit();
+    if constexpr (PIPE) {  // the previous step's dQ product is done
+      wgmma_wait<2>();
+      wgmma_fence_regs<DN / 8>(aq);
+      if (prev_qr0 >= 0) dq_add(prev_m0, prev_qr0);
+    }
 
     int ka0 = n0 + wr;  // the warp's first key
     bool need_mask = m0 + BQ > nq || n0 + BK > nk || (MODE == 1 && ka0 + 15 > m0 + vis.off) ||
@@ -179,12 +223,13 @@ __device__ void bwd_wgmma(const T* q, const T* k, const T* v, const T* go, const
     }
     // dS^T element (key row r, query column c) sits in column block c / 64, row r, 16-byte chunk
     // (c % 64 / 8) ^ (r % 8) (the swizzle of load_tile_sw128); r % 8 == gq here.
+    T* cS = sS + (PIPE ? buf : 0) * BK * BQ;
 #pragma unroll
     for (int nt = 0; nt < N8; ++nt)
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
         int r = wr + gq + hf * 8;
-        *reinterpret_cast<uint32_t*>(sS + (nt / 8) * BK * 64 + r * 64 + ((nt % 8) ^ gq) * 8 +
+        *reinterpret_cast<uint32_t*>(cS + (nt / 8) * BK * 64 + r * 64 + ((nt % 8) ^ gq) * 8 +
                                      2 * t4) = da[nt / 2][(nt % 2) * 2 + hf];
       }
     fence_proxy_async();
@@ -198,40 +243,36 @@ __device__ void bwd_wgmma(const T* q, const T* k, const T* v, const T* go, const
     for (int kk = 0; kk < BQ / 16; ++kk)
       wgmma_rs_tb<T, D>(adk, da[kk], sw128_desc(cQ + kk * 16 * 64, BQ * 128));
     wgmma_commit();
-    __syncthreads();  // every warpgroup's dS^T is in sS
-
-    // dQ share = dS K over the BK keys (k-step kk: keys 16kk.., 2048 bytes further in both).
-    float aq[DN / 8][4];
-#pragma unroll
-    for (int kk = 0; kk < BK / 16; ++kk)
-      wgmma_ss_tt<T, DN>(aq, sw128_desc(dsa_s + kk * 16 * 64, BK * 128),
-                         sw128_desc(kb_s + kk * 16 * 64, BK * 128), kk > 0);
-    wgmma_commit();
-    wgmma_wait<0>();
+    if constexpr (!PIPE) {
+      __syncthreads();  // every warpgroup's dS^T is in sS
+      issue_dq(cS);
+    }
+    wgmma_wait<0>();  // this step's Q, dO buffer and P, dS fragments are free
     wgmma_fence_regs<DT>(adv);
     wgmma_fence_regs<DT>(adk);
-    wgmma_fence_regs<DN / 8>(aq);
     wgmma_fence_regs_a<BQ / 16>(pa);
     wgmma_fence_regs_a<BQ / 16>(da);
-    // Lane pairs (t4, t4 ^ 1) swap halves: the even lane adds 4 columns of row gq, the odd lane
-    // 4 columns of row gq + 8, one 16-byte vector reduction each.
-    bool odd = t4 & 1;
-    int i = m0 + (wg % QS) * 64 + (warp % 4) * 16 + gq + (odd ? 8 : 0);
-    float* row = dqa + (qr0 + i) * D + (wg / QS) * DN + 2 * (t4 & 2);
-#pragma unroll
-    for (int dt = 0; dt < DN / 8; ++dt) {
-      float y0 = __shfl_xor_sync(0xffffffffu, odd ? aq[dt][0] : aq[dt][2], 1);
-      float y1 = __shfl_xor_sync(0xffffffffu, odd ? aq[dt][1] : aq[dt][3], 1);
-      if (i < nq) {
-        if (odd)
-          red_add4(row + dt * 8, y0, y1, aq[dt][2], aq[dt][3]);
-        else
-          red_add4(row + dt * 8, aq[dt][0], aq[dt][1], y0, y1);
-      }
+    if constexpr (PIPE) {
+      prev_m0 = m0;
+      prev_qr0 = qr0;
+    } else {
+      wgmma_fence_regs<DN / 8>(aq);
+      dq_add(m0, qr0);
     }
     p = pn;
     p_full = pn_full;
     buf ^= 1;
+  }
+  if constexpr (PIPE) {
+    if (prev_qr0 >= 0) {  // the last step's dQ
+      fence_proxy_async();
+      __syncthreads();
+      wgmma_fence();
+      issue_dq(sS + (buf ^ 1) * BK * BQ);
+      wgmma_wait<0>();
+      wgmma_fence_regs<DN / 8>(aq);
+      dq_add(prev_m0, prev_qr0);
+    }
   }
   cp_async_wait<0>();
   store_acc<T, D>(dk + krow0 * D, adk, n0 + wr, nk, scale, scale);

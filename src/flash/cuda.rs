@@ -150,22 +150,74 @@ fn bwd_tiles(d: usize) -> (&'static str, usize, usize, usize) {
     }
 }
 
-/// Hopper backward tiles compiled in `BWD_WG_ALL` (flash_attn.cu): (head dim, warpgroups of 64
-/// keys per CTA, query rows per step).
-pub(crate) const HOPPER_BWD_TILES: [(usize, usize, usize); 2] = [(64, 2, 128), (128, 2, 64)];
+/// A Hopper backward kernel variant (`BWD_WG_ALL` in flash_attn.cu).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct HopperBwd {
+    /// Head dim.
+    pub d: usize,
+    /// Warpgroups of 64 keys per CTA.
+    pub warpgroups: usize,
+    /// Query rows per step.
+    pub rows: usize,
+    /// A step's dQ product is issued at the start of the next step and its atomics overlap that
+    /// step's S^T and dP^T (dS^T double-buffered).
+    pub pipelined: bool,
+}
+
+impl HopperBwd {
+    const fn new(d: usize, warpgroups: usize, rows: usize, pipelined: bool) -> Self {
+        HopperBwd {
+            d,
+            warpgroups,
+            rows,
+            pipelined,
+        }
+    }
+
+    /// The variant's name in kernel names and in [`BWD_KERNEL_ENV`], e.g. `w2_q128_p1`.
+    pub fn tag(&self) -> String {
+        format!(
+            "w{}_q{}_p{}",
+            self.warpgroups, self.rows, self.pipelined as u8
+        )
+    }
+
+    /// Keys per CTA.
+    fn keys(&self) -> usize {
+        64 * self.warpgroups
+    }
+
+    /// Shared memory in bytes for elements of `es` bytes: K, V, double-buffered Q, dO, lse and
+    /// delta, one or two dS^T tiles, plus 1 KB to align the tiles to the 1024-byte swizzle atoms.
+    fn smem(&self, es: usize) -> usize {
+        let (bk, bq) = (self.keys(), self.rows);
+        let ds_tiles = 1 + self.pipelined as usize;
+        (2 * bk * self.d + 4 * bq * self.d + ds_tiles * bk * bq) * es + 4 * bq * 4 + 1024
+    }
+}
+
+/// Hopper backward variants compiled in `BWD_WG_ALL` (flash_attn.cu); the first one of a head dim
+/// is its default.
+pub(crate) const HOPPER_BWD_VARIANTS: [HopperBwd; 4] = [
+    HopperBwd::new(64, 2, 128, true),
+    HopperBwd::new(128, 2, 64, true),
+    HopperBwd::new(64, 2, 128, false),
+    HopperBwd::new(128, 2, 64, false),
+];
 
 /// Environment variable choosing the backward kernel of f16 / bf16 at head dims 64 and 128 on the
-/// H100 (for benchmarks and tests): unset or `wgmma` picks the Hopper kernel, any other value (e.g.
-/// `mma`) the `mma.sync` kernel.
+/// H100 (for benchmarks and tests): unset picks the head dim's default Hopper variant, a
+/// comma-separated list of [`HopperBwd::tag`]s (e.g. `w2_q128_p1,w2_q64_p1`) the listed variant of
+/// the head dim, any other value (e.g. `mma`) the `mma.sync` kernel.
 pub(crate) const BWD_KERNEL_ENV: &str = "CANDLE_SPARSE_ATTN_BWD";
 
-/// The Hopper backward tiles (warpgroups, query rows per step) for head dim `d`, or `None` where
-/// none applies (other head dims, or [`BWD_KERNEL_ENV`] asks for another kernel).
-fn hopper_bwd(d: usize) -> Option<(usize, usize)> {
-    let (_, warpgroups, rows) = HOPPER_BWD_TILES.into_iter().find(|t| t.0 == d)?;
+/// The Hopper backward variant for head dim `d`, or `None` where none applies (other head dims, or
+/// [`BWD_KERNEL_ENV`] asks for the `mma.sync` kernel).
+fn hopper_bwd(d: usize) -> Option<HopperBwd> {
+    let mut variants = HOPPER_BWD_VARIANTS.into_iter().filter(|v| v.d == d);
     match std::env::var(BWD_KERNEL_ENV) {
-        Ok(v) if v != "wgmma" => None,
-        _ => Some((warpgroups, rows)),
+        Ok(tags) => variants.find(|v| tags.split(',').any(|t| t == v.tag())),
+        Err(_) => variants.next(),
     }
 }
 
@@ -592,17 +644,19 @@ fn bwd_t<T: CudaDType + DeviceRepr>(
         // One fused kernel: dK, dV per key tile, dQ by f32 atomics, then dQ to the input dtype.
         // The Hopper kernel where it applies, else the mma.sync one.
         let hopper = if has_wgmma(&dev) { hopper_bwd(d) } else { None };
-        let (name, bk, bq, threads, smem) = if let Some((warpgroups, bq)) = hopper {
-            let bk = 64 * warpgroups;
-            // K, V, double-buffered Q, dO and lse, delta, the dS^T tile, plus 1 KB to align the
-            // tiles to the 1024-byte swizzle atoms.
-            let smem = (2 * bk * d + 4 * bq * d + bk * bq) * es + 4 * bq * 4 + 1024;
-            let name = format!("flash_bwd_wg_{tn}_d{d}_m{}", va.mode);
-            (name, bk, bq, 128 * warpgroups, smem)
+        let (name, bk, bq, threads, smem) = if let Some(hv) = hopper {
+            let name = format!("flash_bwd_wg_{tn}_d{d}_{}_m{}", hv.tag(), va.mode);
+            (name, hv.keys(), hv.rows, 128 * hv.warpgroups, hv.smem(es))
         } else {
             let (kname, bk, bq, threads) = bwd_tiles(d);
             let smem = (2 * bk + 4 * bq) * (d + 8) * es + 2 * bk * (bq + 8) * es + 4 * bq * 4;
-            (format!("{kname}_{tn}_d{d}_m{}", va.mode), bk, bq, threads, smem)
+            (
+                format!("{kname}_{tn}_d{d}_m{}", va.mode),
+                bk,
+                bq,
+                threads,
+                smem,
+            )
         };
         let meta = tile_meta(&dev, &va, dims, bq, bk)?;
         let mut dq_acc = dev.alloc_zeros::<f32>(nq_el)?;
