@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Writes cuda/wgmma.cuh: the inline-PTX wrappers of Hopper's warpgroup MMA used by the sm_90a
-flash-attention forward (one function per dtype and N; an asm statement needs every accumulator
-register spelled out). Usage: python3 scripts/gen_wgmma.py > cuda/wgmma.cuh"""
+flash-attention forward and backward (one function per dtype and N; an asm statement needs every
+accumulator register spelled out). Usage: python3 scripts/gen_wgmma.py > cuda/wgmma.cuh"""
 
 NS = [64, 128]
 TYPES = [("__half", "f16"), ("__nv_bfloat16", "bf16")]

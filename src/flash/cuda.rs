@@ -16,11 +16,19 @@
 //!   software pipeline (the next key tile's S = Q K^T and softmax overlap this tile's O += P V).
 //!   Every visibility mode; [`HOPPER_FWD_VARIANTS`] lists the tile variant per head dim, [`FWD_KERNEL_ENV`]
 //!   picks one (or the `mma.sync` kernel) for benchmarks and tests.
+//! - Hopper backward (same conditions): `wgmma` kernels (`bwd_wgmma` in cuda/flash_bwd_wgmma.cuh),
+//!   FlashAttention-3's layout without warp specialisation: a CTA of 2 warpgroups owns dK, dV of
+//!   128 keys and loops over query tiles (128 rows at head dim 64, 64 at 128); S^T = K Q^T and
+//!   dP^T = V dO^T from swizzled shared memory, P^T and dS^T as the register A operand of
+//!   dV += P^T dO and dK += dS^T Q, dS^T through shared memory for dQ = dS K, dQ by f32 atomics
+//!   as in the `mma.sync` backward. [`HOPPER_BWD_VARIANTS`] lists the variants, [`BWD_KERNEL_ENV`]
+//!   picks one (or the `mma.sync` kernel).
 //! - Performance (H100, bf16, causal, 8k–32k, see BENCHMARKS.md): forward with the Hopper kernel
 //!   1.01–1.08× PyTorch SDPA-flash at D = 64 and 1.05–1.18× at D = 128 (the `mma.sync` forward:
-//!   0.83–0.97× and 0.79–0.95×); forward+backward 0.65–0.78× at D = 64 and 0.65–0.76× at D = 128
-//!   before the Hopper forward (the 2-D backward took the D = 128 backward from 56.2 to 47.3 ms at
-//!   B1 H16 N32k; at D = 64 it was 15% slower than the 1-D one, which stays there).
+//!   0.83–0.97× and 0.79–0.95×); forward+backward with the Hopper backward 0.85–0.90× at D = 64
+//!   and 0.92–0.98× at D = 128 (0.80–0.86× with the `mma.sync` backward; 0.65–0.78× and
+//!   0.65–0.76× before the Hopper forward; the 2-D `mma.sync` backward took the D = 128 backward
+//!   from 56.2 to 47.3 ms at B1 H16 N32k, at D = 64 it was 15% slower than the 1-D one).
 //! - f32 (exact f32 arithmetic is required), head dim 256 in the backward and inputs not aligned
 //!   to 16 bytes: simple CUDA-core kernels, one warp per row.
 //! - Sink-band visibility (MoA): per query tile the sink tiles then the band tiles (per key tile in
