@@ -1000,14 +1000,19 @@ __device__ __forceinline__ void bwd_zero_rows(T* a, T* b, int n0, int n) {
 }
 
 // Starts the cp.async loads of one backward query tile: rows [m0, m0 + BQ) of q and dO of the
-// query head whose first row is `qr0` into sQ / sG, their lse and delta into sL / sD (rows past
-// nq zero-filled).
-template <typename T, int BQ, int D, int NT>
+// query head whose first row is `qr0` into sQ / sG (padded tiles, or 128-byte-swizzled ones when
+// SW), their lse and delta into sL / sD (rows past nq zero-filled).
+template <typename T, int BQ, int D, int NT, bool SW = false>
 __device__ __forceinline__ void bwd_load_q(T* sQ, T* sG, float* sL, float* sD, const T* q,
                                            const T* go, const float* lse, const float* delta,
                                            long long qr0, int m0, int nq) {
-  load_tile<T, BQ, D, NT>(sQ, q + qr0 * D, m0, nq);
-  load_tile<T, BQ, D, NT>(sG, go + qr0 * D, m0, nq);
+  if constexpr (SW) {
+    load_tile_sw128<T, BQ, D, NT>(sQ, q + qr0 * D, m0, nq);
+    load_tile_sw128<T, BQ, D, NT>(sG, go + qr0 * D, m0, nq);
+  } else {
+    load_tile<T, BQ, D, NT>(sQ, q + qr0 * D, m0, nq);
+    load_tile<T, BQ, D, NT>(sG, go + qr0 * D, m0, nq);
+  }
   for (int r = threadIdx.x; r < 2 * BQ; r += NT) {
     int rr = r % BQ;
     bool ok = m0 + rr < nq;
@@ -1462,6 +1467,8 @@ __device__ void bwd_mma2(const T* q, const T* k, const T* v, const T* go, const 
   }
 }
 
+#include "flash_bwd_wgmma.cuh"
+
 // dq = scale * acc, in the output dtype (n a multiple of 4).
 template <typename T>
 __device__ void dq_convert(const float* acc, T* dq, long long n, float scale) {
@@ -1536,6 +1543,21 @@ __device__ void dq_convert(const float* acc, T* dq, long long n, float scale) {
 #define BWD2_MMA(TN, T, D, BQ, MRQ)                                    \
   BWD2_MMA_M(TN, T, D, BQ, MRQ, 0) BWD2_MMA_M(TN, T, D, BQ, MRQ, 1) \
   BWD2_MMA_M(TN, T, D, BQ, MRQ, 2) BWD2_MMA_M(TN, T, D, BQ, MRQ, 3)
+// Hopper (sm_90a) backward: key tiles of BK = 64 * NWG keys, query tiles of BQ rows, dQ pipelined
+// into the next step when P is 1 (`HOPPER_BWD_VARIANTS` in cuda.rs), one kernel per visibility mode
+// M. Built for every target (empty bodies before sm_90a); the host only launches them where it
+// launches the Hopper forward.
+#define BWD_WG_M(TN, T, D, NWG, BQ, P, M)                                                        \
+  extern "C" __global__ void __launch_bounds__(NWG * 128, 1)                                    \
+      flash_bwd_wg_##TN##_d##D##_w##NWG##_q##BQ##_p##P##_m##M(                                  \
+          const T* q, const T* k, const T* v, const T* go, const float* lse,                    \
+          const float* delta, T* dk, T* dv, float* dqa, VIS_PARAMS) {                           \
+    MAKE_VIS bwd_wgmma<T, D, NWG, BQ, P, M>(q, k, v, go, lse, delta, dk, dv, dqa, vis, qmeta,   \
+                                            kmeta, hq, hkv, nq, nk, scale);                     \
+  }
+#define BWD_WG(TN, T, D, NWG, BQ, P)                                      \
+  BWD_WG_M(TN, T, D, NWG, BQ, P, 0) BWD_WG_M(TN, T, D, NWG, BQ, P, 1) \
+  BWD_WG_M(TN, T, D, NWG, BQ, P, 2) BWD_WG_M(TN, T, D, NWG, BQ, P, 3)
 #define SIMPLE(TN, T, D)                                                                        \
   extern "C" __global__ void flash_fwd_simple_##TN##_d##D(const T* q, const T* k, const T* v,   \
                                                           T* o, float* lse, VIS_PARAMS) {       \
@@ -1597,3 +1619,9 @@ BWD_ALL(bf16, __nv_bfloat16)
 #define BWD2_ALL(TN, T) BWD2_MMA(TN, T, 96, 64, 1) BWD2_MMA(TN, T, 128, 64, 2)
 BWD2_ALL(f16, __half)
 BWD2_ALL(bf16, __nv_bfloat16)
+
+#define BWD_WG_ALL(TN, T)                                                                   \
+  BWD_WG(TN, T, 64, 2, 128, 0) BWD_WG(TN, T, 64, 2, 128, 1) BWD_WG(TN, T, 128, 2, 64, 0) \
+  BWD_WG(TN, T, 128, 2, 64, 1)
+BWD_WG_ALL(f16, __half)
+BWD_WG_ALL(bf16, __nv_bfloat16)

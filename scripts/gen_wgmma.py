@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Writes cuda/wgmma.cuh: the inline-PTX wrappers of Hopper's warpgroup MMA used by the sm_90a
-flash-attention forward (one function per dtype and N; an asm statement needs every accumulator
-register spelled out). Usage: python3 scripts/gen_wgmma.py > cuda/wgmma.cuh"""
+flash-attention forward and backward (one function per dtype and N; an asm statement needs every
+accumulator register spelled out). Usage: python3 scripts/gen_wgmma.py > cuda/wgmma.cuh"""
 
 NS = [64, 128]
 TYPES = [("__half", "f16"), ("__nv_bfloat16", "bf16")]
@@ -82,3 +82,31 @@ __device__ __forceinline__ void fence_proxy_async() {
 }
 
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL""")
+
+# Backward (flash_bwd_wgmma.cuh): dQ = dS K with both operands MN-major in shared memory.
+print("""
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+
+// D (+)= A * B, A (64 x 16) and B (16 x N) both MN-major in shared memory (descriptors, transposed
+// reads); D = A * B when scale_d == 0.
+template <typename T, int N>
+__device__ __forceinline__ void wgmma_ss_tt(float (*d)[4], uint64_t da, uint64_t db, int scale_d);
+""")
+for ctype, tn in TYPES:
+    for n in NS:
+        nr = n // 2
+        regs = ", ".join(f"%{i}" for i in range(nr))
+        outs = ", ".join(f'"+f"(d[{i // 4}][{i % 4}])' for i in range(nr))
+        print(f"""template <>
+__device__ __forceinline__ void wgmma_ss_tt<{ctype}, {n}>(float (*d)[4], uint64_t da, uint64_t db,
+                                                          int scale_d) {{
+  asm volatile(
+      "{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{nr + 2}, 0;\\n"
+      "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{tn}.{tn} "
+      "{{{regs}}}, %{nr}, %{nr + 1}, p, 1, 1, 1, 1;\\n}}\\n"
+      : {outs}
+      : "l"(da), "l"(db), "r"(scale_d));
+}}
+""")
+print("#endif  // __CUDA_ARCH_FEAT_SM90_ALL")

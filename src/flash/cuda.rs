@@ -18,11 +18,18 @@
 //!   software pipeline (the next key tile's S = Q Kᵀ and softmax overlap this tile's O += P V).
 //!   Every visibility mode; [`HOPPER_FWD_VARIANTS`] lists the tile variants per head dim,
 //!   [`FWD_KERNEL_ENV`] picks one (or the `mma.sync` kernel) for benchmarks and tests.
+//! - Hopper backward (same conditions): `wgmma` kernels (`bwd_wgmma` in cuda/flash_bwd_wgmma.cuh),
+//!   FlashAttention-3's layout without warp specialisation: a CTA of 2 warpgroups owns dK, dV of
+//!   128 keys and loops over query tiles (128 rows at head dim 64, 64 at 128); S^T = K Q^T and
+//!   dP^T = V dO^T from swizzled shared memory, P^T and dS^T as the register A operand of
+//!   dV += P^T dO and dK += dS^T Q, dS^T through shared memory for dQ = dS K, dQ by f32 atomics
+//!   as in the `mma.sync` backward. [`HOPPER_BWD_VARIANTS`] lists the variants, [`BWD_KERNEL_ENV`]
+//!   picks one (or the `mma.sync` kernel).
 //! - Performance (H100, bf16, causal, 8k–32k, see BENCHMARKS.md): forward with the Hopper kernel
 //!   1.35–1.47× PyTorch SDPA-flash and 0.97–1.00× cuDNN at D = 64, 1.22–1.41× SDPA-flash and
-//!   0.67–0.79× cuDNN at D = 128 (the `mma.sync` forward: 0.83–0.97× and 0.79–0.95× SDPA-flash); forward+backward 0.65–0.78× at D = 64 and 0.65–0.76× at D = 128
-//!   before the Hopper forward (the 2-D backward took the D = 128 backward from 56.2 to 47.3 ms at
-//!   B1 H16 N32k; at D = 64 it was 15% slower than the 1-D one, which stays there).
+//!   0.67–0.79× cuDNN at D = 128 (the `mma.sync` forward: 0.83–0.97× and 0.79–0.95× SDPA-flash);
+//!   forward+backward with the Hopper backward (measured beside the previous Hopper forward)
+//!   0.85–0.90× at D = 64 and 0.92–0.98× at D = 128 (0.80–0.86× with the `mma.sync` backward).
 //! - f32 (exact f32 arithmetic is required), head dim 256 in the backward and inputs not aligned
 //!   to 16 bytes: simple CUDA-core kernels, one warp per row.
 //! - Sink-band visibility (MoA): per query tile the sink tiles then the band tiles (per key tile in
@@ -166,6 +173,77 @@ fn bwd_tiles(d: usize) -> (&'static str, usize, usize, usize) {
         32 => ("flash_bwd", 128, 64, 256),
         64 => ("flash_bwd", 128, 32, 128),
         _ => ("flash_bwd2", 128, 64, 256),
+    }
+}
+
+/// A Hopper backward kernel variant (`BWD_WG_ALL` in flash_attn.cu).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct HopperBwd {
+    /// Head dim.
+    pub d: usize,
+    /// Warpgroups of 64 keys per CTA.
+    pub warpgroups: usize,
+    /// Query rows per step.
+    pub rows: usize,
+    /// A step's dQ product is issued at the start of the next step and its atomics overlap that
+    /// step's S^T and dP^T (dS^T double-buffered).
+    pub pipelined: bool,
+}
+
+impl HopperBwd {
+    const fn new(d: usize, warpgroups: usize, rows: usize, pipelined: bool) -> Self {
+        HopperBwd {
+            d,
+            warpgroups,
+            rows,
+            pipelined,
+        }
+    }
+
+    /// The variant's name in kernel names and in [`BWD_KERNEL_ENV`], e.g. `w2_q128_p1`.
+    pub fn tag(&self) -> String {
+        format!(
+            "w{}_q{}_p{}",
+            self.warpgroups, self.rows, self.pipelined as u8
+        )
+    }
+
+    /// Keys per CTA.
+    fn keys(&self) -> usize {
+        64 * self.warpgroups
+    }
+
+    /// Shared memory in bytes for elements of `es` bytes: K, V, double-buffered Q, dO, lse and
+    /// delta, one or two dS^T tiles, plus 1 KB to align the tiles to the 1024-byte swizzle atoms.
+    fn smem(&self, es: usize) -> usize {
+        let (bk, bq) = (self.keys(), self.rows);
+        let ds_tiles = 1 + self.pipelined as usize;
+        (2 * bk * self.d + 4 * bq * self.d + ds_tiles * bk * bq) * es + 4 * bq * 4 + 1024
+    }
+}
+
+/// Hopper backward variants compiled in `BWD_WG_ALL` (flash_attn.cu); the first one of a head dim
+/// is its default.
+pub(crate) const HOPPER_BWD_VARIANTS: [HopperBwd; 4] = [
+    HopperBwd::new(64, 2, 128, true),
+    HopperBwd::new(128, 2, 64, true),
+    HopperBwd::new(64, 2, 128, false),
+    HopperBwd::new(128, 2, 64, false),
+];
+
+/// Environment variable choosing the backward kernel of f16 / bf16 at head dims 64 and 128 on the
+/// H100 (for benchmarks and tests): unset picks the head dim's default Hopper variant, a
+/// comma-separated list of [`HopperBwd::tag`]s (e.g. `w2_q128_p1,w2_q64_p1`) the listed variant of
+/// the head dim, any other value (e.g. `mma`) the `mma.sync` kernel.
+pub(crate) const BWD_KERNEL_ENV: &str = "CANDLE_SPARSE_ATTN_BWD";
+
+/// The Hopper backward variant for head dim `d`, or `None` where none applies (other head dims, or
+/// [`BWD_KERNEL_ENV`] asks for the `mma.sync` kernel).
+fn hopper_bwd(d: usize) -> Option<HopperBwd> {
+    let mut variants = HOPPER_BWD_VARIANTS.into_iter().filter(|v| v.d == d);
+    match std::env::var(BWD_KERNEL_ENV) {
+        Ok(tags) => variants.find(|v| tags.split(',').any(|t| t == v.tag())),
+        Err(_) => variants.next(),
     }
 }
 
@@ -591,11 +669,25 @@ fn bwd_t<T: CudaDType + DeviceRepr>(
     let (mut dk, mut dv) = dkv.split_at_mut(nk_el);
     if fast {
         // One fused kernel: dK, dV per key tile, dQ by f32 atomics, then dQ to the input dtype.
-        let (kname, bk, bq, threads) = bwd_tiles(d);
+        // The Hopper kernel where it applies, else the mma.sync one.
+        let hopper = if has_wgmma(&dev) { hopper_bwd(d) } else { None };
+        let (name, bk, bq, threads, smem) = if let Some(hv) = hopper {
+            let name = format!("flash_bwd_wg_{tn}_d{d}_{}_m{}", hv.tag(), va.mode);
+            (name, hv.keys(), hv.rows, 128 * hv.warpgroups, hv.smem(es))
+        } else {
+            let (kname, bk, bq, threads) = bwd_tiles(d);
+            let smem = (2 * bk + 4 * bq) * (d + 8) * es + 2 * bk * (bq + 8) * es + 4 * bq * 4;
+            (
+                format!("{kname}_{tn}_d{d}_m{}", va.mode),
+                bk,
+                bq,
+                threads,
+                smem,
+            )
+        };
         let meta = tile_meta(&dev, &va, dims, bq, bk)?;
         let mut dq_acc = dev.alloc_zeros::<f32>(nq_el)?;
-        let smem = (2 * bk + 4 * bq) * (d + 8) * es + 2 * bk * (bq + 8) * es + 4 * bq * 4;
-        let f = func!(dev, &format!("{kname}_{tn}_d{d}_m{}", va.mode), smem);
+        let f = func!(dev, &name, smem);
         let mut b = f.builder();
         b.arg(&q);
         b.arg(&k);

@@ -7,7 +7,7 @@ use candle::{DType, Device, Tensor, Var, D};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 use super::super::{FlashAttn, FlashAttnBwd};
-use super::{FWD_KERNEL_ENV, HOPPER_FWD_VARIANTS};
+use super::{BWD_KERNEL_ENV, FWD_KERNEL_ENV, HOPPER_BWD_VARIANTS, HOPPER_FWD_VARIANTS};
 use crate::mask::{
     SinkBand, SparseLayout, Visibility, KEY_PAD_BUCKET, KEY_PAD_POS, QUERY_PAD_BUCKET,
     QUERY_PAD_POS,
@@ -258,39 +258,46 @@ fn cuda_matches_reference() -> candle::Result<()> {
     } else {
         (shapes.to_vec(), &[DType::F32, DType::BF16, DType::F16][..])
     };
-    // Default kernels first; then (full runs) bf16 at the Hopper kernel's head dims again with the
-    // mma.sync forward and with every other compiled Hopper variant (`FWD_KERNEL_ENV`; on GPUs
-    // without wgmma these passes run the mma.sync kernel).
-    let mut passes = vec![(None, dtypes.to_vec())];
+    // Default kernels first; then (full runs) bf16 at the Hopper kernels' head dims again with the
+    // mma.sync forward and backward (`FWD_KERNEL_ENV`, `BWD_KERNEL_ENV`; on GPUs without wgmma both
+    // passes run the mma.sync kernels), and with each other Hopper forward and backward variant.
+    // A pass: (forward kernel, backward kernel, dtypes, head dims); `None` = default.
+    let mut passes: Vec<(Option<String>, Option<String>, Vec<DType>, Vec<usize>)> =
+        vec![(None, None, dtypes.to_vec(), vec![])];
     if !quick {
-        passes.push((Some("mma".to_string()), vec![DType::BF16]));
+        let dims = HOPPER_FWD_VARIANTS.iter().map(|v| v.d).collect();
+        let mma = Some("mma".to_string());
+        passes.push((mma.clone(), mma, vec![DType::BF16], dims));
         for (i, v) in HOPPER_FWD_VARIANTS.iter().enumerate() {
-            if HOPPER_FWD_VARIANTS[..i].iter().any(|x| x.d == v.d) {
-                passes.push((Some(v.tag()), vec![DType::BF16]));
+            if HOPPER_FWD_VARIANTS[..i].iter().any(|w| w.d == v.d) {
+                passes.push((Some(v.tag()), None, vec![DType::BF16], vec![v.d]));
+            }
+        }
+        for (i, v) in HOPPER_BWD_VARIANTS.iter().enumerate() {
+            if HOPPER_BWD_VARIANTS[..i].iter().any(|w| w.d == v.d) {
+                passes.push((None, Some(v.tag()), vec![DType::BF16], vec![v.d]));
             }
         }
     }
     let mut failed = 0;
     let mut seed = 0;
-    for (fwd_kernel, dtypes) in passes {
-        let shapes: Vec<_> = match &fwd_kernel {
-            None => shapes.clone(),
-            Some(v) => {
-                std::env::set_var(FWD_KERNEL_ENV, v);
-                let variant_d = HOPPER_FWD_VARIANTS
-                    .iter()
-                    .find(|x| x.tag() == *v)
-                    .map(|x| x.d);
-                shapes
-                    .iter()
-                    .copied()
-                    .filter(|s| {
-                        variant_d
-                            .map_or(HOPPER_FWD_VARIANTS.iter().any(|x| x.d == s.5), |d| d == s.5)
-                    })
-                    .collect()
+    for (fwd_kernel, bwd_kernel, dtypes, dims) in passes {
+        for (env, kernel) in [(FWD_KERNEL_ENV, &fwd_kernel), (BWD_KERNEL_ENV, &bwd_kernel)] {
+            match kernel {
+                Some(v) => std::env::set_var(env, v),
+                None => std::env::remove_var(env),
             }
-        };
+        }
+        let label = format!(
+            "fwd {} bwd {}",
+            fwd_kernel.as_deref().unwrap_or("default"),
+            bwd_kernel.as_deref().unwrap_or("default")
+        );
+        let shapes: Vec<_> = shapes
+            .iter()
+            .copied()
+            .filter(|s| dims.is_empty() || dims.contains(&s.5))
+            .collect();
         for &dtype in &dtypes {
             let tol = match dtype {
                 DType::F32 => 1e-3,
@@ -309,15 +316,15 @@ fn cuda_matches_reference() -> candle::Result<()> {
                         failed += 1;
                     }
                     println!(
-                        "{} {dtype:?} {shape:?} {kind:?} fwd {}: out {:.2e} lse {:.2e} dq {:.2e} dk {:.2e} dv {:.2e}",
+                        "{} {dtype:?} {shape:?} {kind:?} {label}: out {:.2e} lse {:.2e} dq {:.2e} dk {:.2e} dv {:.2e}",
                         if ok { "ok  " } else { "FAIL" },
-                        fwd_kernel.as_deref().unwrap_or("default"),
                         e[0], e[1], e[2], e[3], e[4]
                     );
                 }
             }
         }
         std::env::remove_var(FWD_KERNEL_ENV);
+        std::env::remove_var(BWD_KERNEL_ENV);
     }
     assert_eq!(failed, 0, "{failed} cases over tolerance");
     Ok(())
