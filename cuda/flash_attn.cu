@@ -1007,8 +1007,8 @@ __device__ __forceinline__ void bwd_load_q(T* sQ, T* sG, float* sL, float* sD, c
                                            const T* go, const float* lse, const float* delta,
                                            long long qr0, int m0, int nq) {
   if constexpr (SW) {
-    load_tile_sw128<T, BQ, D, NT>(sQ, q + qr0 * D, m0, nq);
-    load_tile_sw128<T, BQ, D, NT>(sG, go + qr0 * D, m0, nq);
+    load_tile_sw128<T, BQ, D, NT>(sQ, q + qr0 * D, m0, nq, threadIdx.x);
+    load_tile_sw128<T, BQ, D, NT>(sG, go + qr0 * D, m0, nq, threadIdx.x);
   } else {
     load_tile<T, BQ, D, NT>(sQ, q + qr0 * D, m0, nq);
     load_tile<T, BQ, D, NT>(sG, go + qr0 * D, m0, nq);

@@ -71,8 +71,8 @@ __device__ void bwd_wgmma(const T* q, const T* k, const T* v, const T* go, const
     }
   }
 
-  load_tile_sw128<T, BK, D, NT>(sK, k + krow0 * D, n0, nk);
-  load_tile_sw128<T, BK, D, NT>(sV, v + krow0 * D, n0, nk);
+  load_tile_sw128<T, BK, D, NT>(sK, k + krow0 * D, n0, nk, threadIdx.x);
+  load_tile_sw128<T, BK, D, NT>(sV, v + krow0 * D, n0, nk, threadIdx.x);
   load_q(p, 0);
   cp_async_commit();
 
