@@ -262,8 +262,8 @@ fn cuda_matches_reference() -> candle::Result<()> {
     // mma.sync forward and backward (`FWD_KERNEL_ENV`, `BWD_KERNEL_ENV`; on GPUs without wgmma both
     // passes run the mma.sync kernels), and with each other Hopper forward and backward variant.
     // A pass: (forward kernel, backward kernel, dtypes, head dims); `None` = default.
-    let mut passes: Vec<(Option<String>, Option<String>, Vec<DType>, Vec<usize>)> =
-        vec![(None, None, dtypes.to_vec(), vec![])];
+    type Pass = (Option<String>, Option<String>, Vec<DType>, Vec<usize>);
+    let mut passes: Vec<Pass> = vec![(None, None, dtypes.to_vec(), vec![])];
     if !quick {
         let dims = HOPPER_FWD_VARIANTS.iter().map(|v| v.d).collect();
         let mma = Some("mma".to_string());
