@@ -361,6 +361,21 @@ fn attention_breakdown(args: &Args, dev: &Device, dt: DType) -> Result<()> {
     let r_btc = Tensor::randn(0f32, 1f32, (b, t, c), dev)?;
     let sync_ms = |f: &mut dyn FnMut() -> candle::Result<()>| time_ms(dev, 2, reps, || Ok(f()?));
     let row = |name: &str, ms: f64| println!("| {name} | {ms:.3} |");
+    // Two rows for `f`: "{stem} fwd{tail}" and "{stem} fwd+bwd{tail}" (backward of `(out·r).sum()`).
+    let fwd_rows = |stem: &str, tail: &str, f: &dyn Fn() -> candle::Result<Tensor>| -> Result<()> {
+        row(
+            &format!("{stem} fwd{tail}"),
+            sync_ms(&mut || f().map(|_| ()))?,
+        );
+        row(
+            &format!("{stem} fwd+bwd{tail}"),
+            sync_ms(&mut || {
+                loss_of(&f()?, &r)?.backward()?;
+                Ok(())
+            })?,
+        );
+        Ok(())
+    };
     println!("Attention breakdown, one layer, B={b} H={nh} T={t} D={hd} {dt:?}; median ms");
     println!("| stage | ms |");
     println!("|---|---|");
@@ -433,14 +448,7 @@ fn attention_breakdown(args: &Args, dev: &Device, dt: DType) -> Result<()> {
             &AttnParams::default(),
         )
     };
-    row("dense flash fwd", sync_ms(&mut || dense().map(|_| ()))?);
-    row(
-        "dense flash fwd+bwd",
-        sync_ms(&mut || {
-            loss_of(&dense()?, &r)?.backward()?;
-            Ok(())
-        })?,
-    );
+    fwd_rows("dense flash", "", &dense)?;
 
     // Hash-sparse with 16 buckets, stage by stage.
     let n_buckets = 16;
@@ -491,17 +499,7 @@ fn attention_breakdown(args: &Args, dev: &Device, dt: DType) -> Result<()> {
             &ScfaParams::default(),
         )
     };
-    row(
-        "hash: sparse kernel on arranged rows fwd",
-        sync_ms(&mut || hash_kernel().map(|_| ()))?,
-    );
-    row(
-        "hash: sparse kernel on arranged rows fwd+bwd",
-        sync_ms(&mut || {
-            loss_of(&hash_kernel()?, &r)?.backward()?;
-            Ok(())
-        })?,
-    );
+    fwd_rows("hash: sparse kernel on arranged rows", "", &hash_kernel)?;
     let hash = || {
         hash_sparse_attn(
             qv.as_tensor(),
@@ -510,17 +508,7 @@ fn attention_breakdown(args: &Args, dev: &Device, dt: DType) -> Result<()> {
             &HashConfig::new(n_buckets, 7),
         )
     };
-    row(
-        "hash: hash_sparse_attn fwd",
-        sync_ms(&mut || hash().map(|_| ()))?,
-    );
-    row(
-        "hash: hash_sparse_attn fwd+bwd",
-        sync_ms(&mut || {
-            loss_of(&hash()?, &r)?.backward()?;
-            Ok(())
-        })?,
-    );
+    fwd_rows("hash: hash_sparse_attn", "", &hash)?;
     row(
         "hash: hash_sparse_attn fwd, host enqueue",
         enqueue_ms(dev, reps, || {
@@ -588,17 +576,7 @@ fn attention_breakdown(args: &Args, dev: &Device, dt: DType) -> Result<()> {
             &ScfaParams::default(),
         )
     };
-    row(
-        "qk: sparse kernel on arranged rows fwd",
-        sync_ms(&mut || qk_kernel().map(|_| ()))?,
-    );
-    row(
-        "qk: sparse kernel on arranged rows fwd+bwd",
-        sync_ms(&mut || {
-            loss_of(&qk_kernel()?, &r)?.backward()?;
-            Ok(())
-        })?,
-    );
+    fwd_rows("qk: sparse kernel on arranged rows", "", &qk_kernel)?;
     let qk = |q_keep: &Tensor, k_keep: &Tensor| {
         qk_sparse_attn(
             qv.as_tensor(),
@@ -609,17 +587,9 @@ fn attention_breakdown(args: &Args, dev: &Device, dt: DType) -> Result<()> {
             &ScfaParams::default(),
         )
     };
-    row(
-        "qk: qk_sparse_attn fwd (masks given)",
-        sync_ms(&mut || qk(&q_keep, &k_keep).map(|_| ()))?,
-    );
-    row(
-        "qk: qk_sparse_attn fwd+bwd (masks given)",
-        sync_ms(&mut || {
-            loss_of(&qk(&q_keep, &k_keep)?, &r)?.backward()?;
-            Ok(())
-        })?,
-    );
+    fwd_rows("qk: qk_sparse_attn", " (masks given)", &|| {
+        qk(&q_keep, &k_keep)
+    })?;
     row(
         "qk: qk_sparse_attn fwd with masks, host enqueue",
         enqueue_ms(dev, reps, || {
