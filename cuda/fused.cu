@@ -6,6 +6,7 @@
 // - emb_bwd: embedding backward, atomicAdd of each output-gradient row into an f32 table.
 // - heads_split / heads_merge: (b, t, parts, h, d) <-> one part (b, h, t, d) (parts 3: the fused
 //   qkv projection; parts 1: heads of a plain (b, t, h·d) tensor).
+// - xent: softmax cross-entropy per row (loss and logit gradient), one warp per row.
 // - adamw_step: one AdamW update of an f32 parameter, its moments and gradient.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -176,6 +177,33 @@ __device__ void heads_merge(const T* __restrict__ dout, T* __restrict__ dx, int 
   }
 }
 
+// loss[r] = logsumexp(row) - row[target]; grad[r, j] = (softmax(row)_j - [j == target]) * scale;
+// one warp per row, f32 math. A target outside [0, v) gives a NaN loss and a zero gradient row.
+template <typename T>
+__device__ void xent(const T* __restrict__ logits, const uint32_t* __restrict__ targets,
+                     float* __restrict__ loss, T* __restrict__ grad, int rows, int v,
+                     float scale) {
+  int lane = threadIdx.x & 31;
+  int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (row >= rows) return;
+  size_t off = (size_t)row * v;
+  uint32_t target = targets[row];
+  float m = __int_as_float(0xff800000);  // -inf
+  for (int j = lane; j < v; j += 32) m = fmaxf(m, to_f(logits[off + j]));
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(FULL, m, o));
+  float s = 0.f;
+  for (int j = lane; j < v; j += 32) s += expf(to_f(logits[off + j]) - m);
+  s = warp_sum(s);
+  bool valid = target < (uint32_t)v;
+  if (lane == 0) loss[row] = valid ? logf(s) + m - to_f(logits[off + target]) : __int_as_float(0x7fffffff);
+  float inv = 1.f / s;
+  for (int j = lane; j < v; j += 32) {
+    float p = expf(to_f(logits[off + j]) - m) * inv - ((uint32_t)j == target ? 1.f : 0.f);
+    grad[off + j] = from_f<T>(valid ? p * scale : 0.f);
+  }
+}
+
 #define INSTANTIATE(TY, NAME)                                                                     \
   extern "C" __global__ void ln_fwd_##NAME(const TY* x, const TY* gain, TY* y, int rows, int c,  \
                                            float eps) {                                           \
@@ -204,6 +232,10 @@ __device__ void heads_merge(const T* __restrict__ dout, T* __restrict__ dx, int 
   extern "C" __global__ void heads_merge_##NAME(const TY* dout, TY* dx, int b, int h, int t,      \
                                                 int d, int parts, int p) {                        \
     heads_merge(dout, dx, b, h, t, d, parts, p);                                                  \
+  }                                                                                               \
+  extern "C" __global__ void xent_##NAME(const TY* logits, const uint32_t* targets, float* loss,  \
+                                         TY* grad, int rows, int v, float scale) {                \
+    xent(logits, targets, loss, grad, rows, v, scale);                                            \
   }
 
 INSTANTIATE(float, f32)

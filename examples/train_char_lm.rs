@@ -163,6 +163,10 @@ struct TrainArgs {
     /// each phase at the end (profiling; slightly slower).
     #[arg(long)]
     phase_timing: bool,
+    /// Compute gradients with candle's autograd over the whole model (the reference path)
+    /// instead of the fused training pass.
+    #[arg(long)]
+    autograd: bool,
 }
 
 #[derive(Args, Debug)]
@@ -361,6 +365,7 @@ fn train(args: TrainArgs) -> Result<()> {
     let mut window_tokens = 0usize;
     let mut window_time = 0f64;
     trainer.set_phase_timing(args.phase_timing);
+    trainer.set_autograd(args.autograd);
     // Phase times of the second half of the run (start-up and kernel loading excluded).
     let mut phase_sum = (PhaseTimes::default(), 0usize);
     while trainer.step() < cfg.max_steps {
@@ -372,6 +377,9 @@ fn train(args: TrainArgs) -> Result<()> {
             sum.forward += p.forward;
             sum.backward += p.backward;
             sum.optimizer += p.optimizer;
+            sum.forward_host += p.forward_host;
+            sum.backward_host += p.backward_host;
+            sum.optimizer_host += p.optimizer_host;
             *n += 1;
         }
         window_tokens += stats.tokens;
@@ -424,10 +432,13 @@ fn train(args: TrainArgs) -> Result<()> {
         let ms = |s: f64| 1e3 * s / n as f64;
         println!(
             "Phase times (mean of the last {n} steps): forward {:.1} ms, backward {:.1} ms, \
-             optimizer {:.1} ms.",
+             optimizer {:.1} ms; host enqueue {:.1} / {:.1} / {:.1} ms.",
             ms(sum.forward),
             ms(sum.backward),
-            ms(sum.optimizer)
+            ms(sum.optimizer),
+            ms(sum.forward_host),
+            ms(sum.backward_host),
+            ms(sum.optimizer_host)
         );
     }
     println!("Checkpoint, log.csv and loss.png in {}.", out.display());

@@ -18,7 +18,7 @@ use crate::decoder::DecoderCache;
 use crate::layers::{dropout, in_dtype, layer_norm, linear, mix_seed, normal_var, SeededVars};
 
 /// LayerNorm epsilon (PyTorch's default, as in nanoGPT).
-const LN_EPS: f64 = 1e-5;
+pub(crate) const LN_EPS: f64 = 1e-5;
 /// Standard deviation of the N(0, σ²) initialisation.
 const INIT_STD: f64 = 0.02;
 
@@ -109,23 +109,23 @@ impl GptConfig {
 
 /// Parameters of one transformer block (weights are `(out, in)`).
 #[derive(Debug)]
-struct Block {
+pub(crate) struct Block {
     /// `(n_embd,)` gain of the attention LayerNorm.
-    ln_1: Var,
+    pub(crate) ln_1: Var,
     /// `(3·n_embd, n_embd)` fused query, key, value projection.
-    c_attn: Var,
+    pub(crate) c_attn: Var,
     /// `(n_embd, n_embd)` attention output projection.
-    attn_proj: Var,
+    pub(crate) attn_proj: Var,
     /// `(n_embd,)` gain of the MLP LayerNorm.
-    ln_2: Var,
+    pub(crate) ln_2: Var,
     /// `(4·n_embd, n_embd)` MLP up projection.
-    c_fc: Var,
+    pub(crate) c_fc: Var,
     /// `(n_embd, 4·n_embd)` MLP down projection.
-    mlp_proj: Var,
+    pub(crate) mlp_proj: Var,
     /// The attention kind's key scorer (SparseK), reading the attention LayerNorm's output.
-    scorer: Option<SparseKScorer>,
+    pub(crate) scorer: Option<SparseKScorer>,
     /// The scorer's parameters, named under `h.{i}.` (empty without a scorer).
-    scorer_params: Vec<(String, Var)>,
+    pub(crate) scorer_params: Vec<(String, Var)>,
 }
 
 /// Options of [`Gpt::generate`].
@@ -144,18 +144,18 @@ pub struct SampleOptions {
 /// The GPT model.
 #[derive(Debug)]
 pub struct Gpt {
-    config: GptConfig,
+    pub(crate) config: GptConfig,
     /// `(vocab_size, n_embd)` token embeddings, also the output head.
-    wte: Var,
+    pub(crate) wte: Var,
     /// `(block_size, n_embd)` learned positions (absent with RoPE).
-    wpe: Option<Var>,
-    blocks: Vec<Block>,
+    pub(crate) wpe: Option<Var>,
+    pub(crate) blocks: Vec<Block>,
     /// `(n_embd,)` final LayerNorm gain.
-    ln_f: Var,
-    attention: Attention,
-    rope: Option<RotaryEmbedding>,
-    compute_dtype: DType,
-    device: Device,
+    pub(crate) ln_f: Var,
+    pub(crate) attention: Attention,
+    pub(crate) rope: Option<RotaryEmbedding>,
+    pub(crate) compute_dtype: DType,
+    pub(crate) device: Device,
 }
 
 impl Gpt {

@@ -150,26 +150,45 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 /// re-seeded with `seed` for every call, so a call's mask depends only on its seed); on the CPU
 /// from a seeded host generator. The two devices draw different masks. Identity when `p == 0`.
 pub fn dropout(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
+    let keep = dropout_keep(x.shape(), x.dtype(), p, seed, x.device())?;
+    apply_dropout(x, keep.as_ref(), p)
+}
+
+/// The keep mask of [`dropout`] for a tensor of `shape` and `dtype`: 1 where kept, 0 where
+/// dropped (the same draw as [`dropout`] with this seed), or `None` when `p == 0`.
+pub fn dropout_keep(
+    shape: &Shape,
+    dtype: DType,
+    p: f32,
+    seed: u64,
+    device: &Device,
+) -> Result<Option<Tensor>> {
     if p == 0.0 {
-        return Ok(x.clone());
+        return Ok(None);
     }
     if !(0.0..1.0).contains(&p) {
         bail!("dropout probability must be in [0, 1), got {p}")
     }
-    let scale = 1.0 / (1.0 - p);
-    let keep = if x.device().is_cuda() {
-        x.device().set_seed(seed)?;
-        Tensor::rand(0f32, 1f32, x.shape(), x.device())?
-            .ge(p)?
-            .to_dtype(x.dtype())?
+    let keep = if device.is_cuda() {
+        device.set_seed(seed)?;
+        Tensor::rand(0f32, 1f32, shape, device)?.ge(p)?
     } else {
         let mut rng = StdRng::seed_from_u64(seed);
-        let mask: Vec<u8> = (0..x.elem_count())
+        let mask: Vec<u8> = (0..shape.elem_count())
             .map(|_| u8::from(rng.random::<f32>() >= p))
             .collect();
-        Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?
+        Tensor::from_vec(mask, shape, device)?
     };
-    (x * keep)? * scale as f64
+    Ok(Some(keep.to_dtype(dtype)?))
+}
+
+/// `x · keep / (1 − p)` for a mask from [`dropout_keep`] (`x` itself for `None`); also the
+/// backward of dropout applied to an output gradient.
+pub fn apply_dropout(x: &Tensor, keep: Option<&Tensor>, p: f32) -> Result<Tensor> {
+    match keep {
+        None => Ok(x.clone()),
+        Some(keep) => (x * keep)? * (1.0 / (1.0 - p)) as f64,
+    }
 }
 
 #[cfg(test)]

@@ -26,6 +26,7 @@ pub mod decoder;
 pub mod generate;
 pub mod gguf;
 pub mod gpt;
+pub mod gpt_grad;
 pub mod gpt2;
 pub mod hub;
 pub mod layers;
@@ -48,6 +49,7 @@ pub use generate::{
     SamplingOptions,
 };
 pub use gpt::{Gpt, GptConfig, PositionEncoding, SampleOptions};
+pub use gpt_grad::TrainingPass;
 pub use gpt2::{Gpt2, Gpt2Config};
 pub use llama::{Llama, LlamaConfig};
 pub use train::{CheckpointMeta, PhaseTimes, Precision, StepStats, TrainConfig, Trainer};

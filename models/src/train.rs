@@ -189,21 +189,44 @@ pub struct StepStats {
 }
 
 /// Seconds spent in each phase of one training step (the device is synchronised at each phase
-/// boundary, which costs a little throughput; for profiling only).
+/// boundary, which costs a little throughput; for profiling only), and the host's share of each:
+/// the time to enqueue the phase's work before waiting for the device. A phase whose host time is
+/// close to its total is bound by the host (launch overhead), not by the device.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct PhaseTimes {
     /// Batch sampling and the forward pass with the loss, summed over micro-batches.
     pub forward: f64,
-    /// `loss.backward()` and gradient accumulation, summed over micro-batches.
+    /// The backward pass and gradient accumulation, summed over micro-batches.
     pub backward: f64,
     /// Gradient clipping and the optimizer updates.
     pub optimizer: f64,
+    /// Host time enqueuing the forward phase.
+    pub forward_host: f64,
+    /// Host time enqueuing the backward phase (up to the read of the loss).
+    pub backward_host: f64,
+    /// Host time of the optimizer phase (it reads the gradient norm back, so it waits for the
+    /// device once).
+    pub optimizer_host: f64,
+}
+
+impl PhaseTimes {
+    fn add_forward(&mut self, (total, host): (f64, f64)) {
+        self.forward += total;
+        self.forward_host += host;
+    }
+
+    fn add_backward(&mut self, (total, host): (f64, f64)) {
+        self.backward += total;
+        self.backward_host += host;
+    }
 }
 
 /// Lap timer that synchronises the device before reading the clock (a no-op when off).
 struct PhaseClock<'a> {
     device: Option<&'a Device>,
     last: std::time::Instant,
+    /// Host time of the current phase, if marked by [`PhaseClock::enqueued`].
+    host: Option<f64>,
 }
 
 impl<'a> PhaseClock<'a> {
@@ -214,19 +237,32 @@ impl<'a> PhaseClock<'a> {
         Ok(Self {
             device: on.then_some(device),
             last: std::time::Instant::now(),
+            host: None,
         })
     }
 
-    /// Seconds since the previous lap (0 when off).
-    fn lap(&mut self) -> Result<f64> {
+    /// Marks the end of the current phase's enqueuing (before a read that waits for the device).
+    fn enqueued(&mut self) {
+        if self.device.is_some() {
+            self.host = Some(self.last.elapsed().as_secs_f64());
+        }
+    }
+
+    /// `(total, host)` seconds since the previous lap: `host` up to [`PhaseClock::enqueued`] or,
+    /// without a mark, up to this call (both 0 when off).
+    fn lap(&mut self) -> Result<(f64, f64)> {
         let Some(device) = self.device else {
-            return Ok(0.0);
+            return Ok((0.0, 0.0));
         };
+        let host = self
+            .host
+            .take()
+            .unwrap_or_else(|| self.last.elapsed().as_secs_f64());
         device.synchronize()?;
         let now = std::time::Instant::now();
         let dt = (now - self.last).as_secs_f64();
         self.last = now;
-        Ok(dt)
+        Ok((dt, host))
     }
 }
 
@@ -242,6 +278,7 @@ pub struct Trainer {
     config: TrainConfig,
     step: usize,
     phase_timing: bool,
+    autograd: bool,
 }
 
 impl Trainer {
@@ -273,6 +310,7 @@ impl Trainer {
             config,
             step: 0,
             phase_timing: false,
+            autograd: false,
         })
     }
 
@@ -302,6 +340,13 @@ impl Trainer {
         self.phase_timing = on;
     }
 
+    /// Computes the gradients with candle's autograd over the whole model ([`Gpt::loss`], then
+    /// `backward`: the reference) instead of the fused training pass ([`Gpt::training_pass`], the
+    /// default; same loss and gradients up to rounding, faster).
+    pub fn set_autograd(&mut self, on: bool) {
+        self.autograd = on;
+    }
+
     /// One optimizer step over `grad_accum` micro-batches of the training split.
     pub fn train_step(&mut self, data: &CharDataset) -> Result<StepStats> {
         let c = &self.config;
@@ -316,16 +361,26 @@ impl Trainer {
             let batch_seed = mix_seed(&[c.seed, TRAIN_BATCH_TAG, step, micro]);
             let (x, y) = data.batch(Split::Train, c.batch_size, block, batch_seed, &device)?;
             let dropout_seed = mix_seed(&[c.seed, TRAIN_DROPOUT_TAG, step, micro]);
-            let loss = self.model.loss(&x, &y, true, dropout_seed)?;
-            phases.forward += clock.lap()?;
-            grads.accumulate(&loss.backward()?, &self.vars, 1.0 / c.grad_accum as f64)?;
+            let (loss, store) = if self.autograd {
+                let loss = self.model.loss(&x, &y, true, dropout_seed)?;
+                phases.add_forward(clock.lap()?);
+                let store = loss.backward()?;
+                (loss, store)
+            } else {
+                let pass = self.model.training_pass(&x, &y, true, dropout_seed)?;
+                phases.add_forward(clock.lap()?);
+                let loss = pass.loss().clone();
+                (loss, pass.backward()?)
+            };
+            grads.accumulate(&store, &self.vars, 1.0 / c.grad_accum as f64)?;
+            clock.enqueued();
             // Read after the backward is queued, so the host does not wait between the passes.
             let loss_value = loss.to_scalar::<f32>()? as f64;
             if !loss_value.is_finite() {
                 bail!("training diverged: loss {loss_value} at step {step}")
             }
             loss_sum += loss_value;
-            phases.backward += clock.lap()?;
+            phases.add_backward(clock.lap()?);
         }
         let grad_norm = if c.grad_clip > 0.0 {
             grads.clip_global_norm(c.grad_clip)?
@@ -337,7 +392,7 @@ impl Trainer {
         self.no_decay.set_learning_rate(lr);
         self.decay.step(&grads)?;
         self.no_decay.step(&grads)?;
-        phases.optimizer = clock.lap()?;
+        (phases.optimizer, phases.optimizer_host) = clock.lap()?;
         self.step += 1;
         Ok(StepStats {
             step: self.step - 1,

@@ -2,6 +2,7 @@
 //! decoding equals the full forward, sampling is seeded.
 
 use candle::{Device, Result, Tensor};
+use candle_sparse_attn::reference::rel_err;
 use candle_sparse_models::{AttentionKind, Gpt, GptConfig, PositionEncoding, SampleOptions};
 
 fn config(attention: AttentionKind, positions: PositionEncoding) -> GptConfig {
@@ -50,7 +51,8 @@ fn every_parameter_gets_a_nonzero_gradient() -> Result<()> {
             PositionEncoding::Rope { theta: 10000.0 },
         ] {
             let model = Gpt::new(config(attention.clone(), positions.clone()), 3, &dev)?;
-            let grads = model.loss(&x, &y, true, 5)?.backward()?;
+            // The trainer's fused pass (the autograd path is compared with it below).
+            let grads = model.training_pass(&x, &y, true, 5)?.backward()?;
             let params = model.named_params();
             let scorer_params = params
                 .iter()
@@ -77,6 +79,65 @@ fn every_parameter_gets_a_nonzero_gradient() -> Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// The fused training pass (the trainer's default) gives the loss and gradients of candle's
+/// autograd over [`Gpt::loss`], for every attention kind and both position encodings, with
+/// dropout on, and at a sequence shorter than the block (positions padded in the gradient).
+#[test]
+fn fused_training_pass_matches_autograd() -> Result<()> {
+    let dev = Device::Cpu;
+    let (x, y) = batch(&dev)?;
+    let short = (x.narrow(1, 0, 12)?, y.narrow(1, 0, 12)?);
+    for attention in available_kinds() {
+        for positions in [
+            PositionEncoding::Learned,
+            PositionEncoding::Rope { theta: 10000.0 },
+        ] {
+            let model = Gpt::new(config(attention.clone(), positions.clone()), 3, &dev)?;
+            for (x, y) in [(&x, &y), (&short.0, &short.1)] {
+                let what = format!("{attention} / {positions:?} / t = {}", x.dim(1)?);
+                let reference = model.loss(x, y, true, 7)?;
+                let reference_grads = reference.backward()?;
+                let pass = model.training_pass(x, y, true, 7)?;
+                let loss = pass.loss().to_scalar::<f32>()?;
+                let expected = reference.to_scalar::<f32>()?;
+                assert!(
+                    (loss - expected).abs() <= 1e-5 * expected.abs(),
+                    "{what}: loss {loss} vs autograd {expected}"
+                );
+                let grads = pass.backward()?;
+                for (name, var) in model.named_params() {
+                    let got = grads.get(var.as_tensor()).expect("fused gradient");
+                    let want = reference_grads.get(var.as_tensor()).expect("autograd gradient");
+                    assert_eq!(got.dims(), var.dims(), "{what}: {name}");
+                    let err = rel_err(got, want)?;
+                    assert!(err <= 1e-4, "{what}: gradient of {name}: rel err {err:.2e}");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Bad inputs of the fused pass are refused with the shapes named.
+#[test]
+fn fused_training_pass_rejects_bad_shapes() -> Result<()> {
+    let dev = Device::Cpu;
+    let (x, y) = batch(&dev)?;
+    let model = Gpt::new(
+        config(AttentionKind::Dense, PositionEncoding::Learned),
+        3,
+        &dev,
+    )?;
+    let err = model
+        .training_pass(&x, &y.narrow(1, 0, 8)?, true, 1)
+        .unwrap_err();
+    assert!(err.to_string().contains("targets [2, 8]"), "{err}");
+    let long = Tensor::zeros((1, 17), candle::DType::U32, &dev)?;
+    let err = model.training_pass(&long, &long, true, 1).unwrap_err();
+    assert!(err.to_string().contains("block_size 16"), "{err}");
     Ok(())
 }
 

@@ -209,6 +209,37 @@ pub(super) fn heads_merge<T: WithDType>(
     Ok(T::to_cpu_storage_owned(out))
 }
 
+/// Per-row losses (f32) and the logit gradient (the logits' dtype) of
+/// [`super::cross_entropy_with_grad`].
+pub(super) fn xent<T: WithDType>(
+    (sl, ll): (&CpuStorage, &Layout),
+    (st, lt): (&CpuStorage, &Layout),
+    grad_scale: f32,
+) -> Result<(Vec<f32>, CpuStorage)> {
+    let what = "cross_entropy_with_grad";
+    let (logits, targets) = (slice::<T>(sl, ll, what)?, slice::<u32>(st, lt, what)?);
+    let v = rows_cols(ll).1;
+    if let Some(&bad) = targets.iter().find(|&&id| id as usize >= v) {
+        bail!("{what}: target {bad} is outside the {v} classes of logits {ll:?}")
+    }
+    let mut losses = vec![0f32; targets.len()];
+    let mut grad = vec![T::from_f64(0.0); logits.len()];
+    losses
+        .par_iter_mut()
+        .zip(grad.par_chunks_mut(v).zip(logits.par_chunks(v)))
+        .zip(targets.par_iter())
+        .for_each(|((loss, (gr, row)), &target)| {
+            let max = row.iter().map(|&x| f(x)).fold(f32::NEG_INFINITY, f32::max);
+            let sum: f32 = row.iter().map(|&x| (f(x) - max).exp()).sum();
+            *loss = sum.ln() + max - f(row[target as usize]);
+            for (j, (g, &x)) in gr.iter_mut().zip(row).enumerate() {
+                let p = (f(x) - max).exp() / sum - f32::from(j == target as usize);
+                *g = t(p * grad_scale);
+            }
+        });
+    Ok((losses, T::to_cpu_storage_owned(grad)))
+}
+
 /// `[param | m | v]` after one AdamW step (see [`super::adamw_update`]).
 pub(super) fn adamw(
     (sp, lp): (&CpuStorage, &Layout),

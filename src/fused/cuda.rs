@@ -282,3 +282,38 @@ pub(super) fn adamw(
     unsafe { b.launch(elementwise(what, n)?) }.w()?;
     Ok(CudaStorage::wrap_cuda_slice(out, dev))
 }
+
+/// A scalar f32 zero.
+pub(super) fn scalar_zero(dev: &CudaDevice) -> Result<CudaStorage> {
+    let z = dev.alloc_zeros::<f32>(1)?;
+    Ok(CudaStorage::wrap_cuda_slice(z, dev.clone()))
+}
+
+/// Per-row losses `(n,)` f32 and the logit gradient `(n, v)` of
+/// [`super::cross_entropy_with_grad`], one warp per row.
+pub(super) fn xent(
+    (sl, ll): (&CudaStorage, &Layout),
+    (st, lt): (&CudaStorage, &Layout),
+    grad_scale: f32,
+) -> Result<(CudaStorage, CudaStorage)> {
+    let what = "cross_entropy_with_grad";
+    let dev = sl.device().clone();
+    let (rows, v) = rows_cols(ll);
+    let (rows_i, v_i) = (i32_arg(what, rows)?, i32_arg(what, v)?);
+    let targets = contiguous_view::<u32>(st, lt, what, "targets")?;
+    let mut losses = alloc::<f32>(&dev, rows)?;
+    by_dtype!(what, sl.dtype(), T => {
+        let logits = contiguous_view::<T>(sl, ll, what, "logits")?;
+        let mut grad = alloc::<T>(&dev, rows * v)?;
+        let name = format!("xent_{}", dtype_suffix(sl.dtype(), what)?);
+        let f = load_kernel!(dev, name, MODULE, kernels::FUSED, 0);
+        let mut b = f.builder();
+        b.arg(&logits).arg(&targets).arg(&mut losses).arg(&mut grad);
+        b.arg(&rows_i).arg(&v_i).arg(&grad_scale);
+        unsafe { b.launch(per_row(what, rows)?) }.w()?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(losses, dev.clone()),
+            CudaStorage::wrap_cuda_slice(grad, dev),
+        ))
+    })
+}

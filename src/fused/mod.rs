@@ -16,6 +16,12 @@
 //!   (one pass each way, no transpose copies in autograd).
 //! - [`adamw_update`]: one AdamW update of an f32 parameter and its moments in one kernel.
 //!
+//! For training loops that run their own backward pass (the char-level GPT's fused training
+//! pass), the backward kernels are also public, without autograd: [`layer_norm_backward`],
+//! [`gelu_backward`], [`embedding_backward`], [`linear_backward`], plus
+//! [`cross_entropy_with_grad`] (softmax cross-entropy's losses and logit gradients in one kernel)
+//! and [`backward_from`] (candle's backward of a sub-graph seeded with a given output gradient).
+//!
 //! Inputs are made contiguous; float ops take f32, bf16 or f16 and compute in f32.
 
 mod cpu;
@@ -23,7 +29,9 @@ mod cpu;
 mod cuda;
 
 use candle::backend::BackendStorage;
-use candle::{bail, CpuStorage, DType, Layout, Result, Shape, Tensor};
+use candle::backprop::GradStore;
+use candle::op::BackpropOp;
+use candle::{bail, CpuStorage, DType, Layout, Result, Shape, Storage, Tensor};
 
 /// The dtype check shared by the float ops: f32, bf16 or f16, or an error naming `what`.
 fn check_float(what: &str, t: &Tensor) -> Result<()> {
@@ -40,6 +48,22 @@ fn check_float(what: &str, t: &Tensor) -> Result<()> {
 fn rows_cols(l: &Layout) -> (usize, usize) {
     let c = l.dims().last().copied().unwrap_or(1);
     (l.shape().elem_count() / c.max(1), c)
+}
+
+/// Dispatches a CPU kernel generic over the float type on the storage's dtype.
+macro_rules! cpu_float {
+    ($what:expr, $s:expr, $f:ident ( $($arg:expr),* )) => {
+        match $s {
+            CpuStorage::F32(_) => cpu::$f::<f32>($($arg),*),
+            CpuStorage::BF16(_) => cpu::$f::<half::bf16>($($arg),*),
+            CpuStorage::F16(_) => cpu::$f::<half::f16>($($arg),*),
+            other => bail!(
+                "{}: dtype {:?} is not supported (f32, bf16, f16)",
+                $what,
+                candle::backend::BackendStorage::dtype(other)
+            ),
+        }
+    };
 }
 
 /// LayerNorm over the last axis with a learned gain and no bias:
@@ -197,6 +221,197 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op2(&w.contiguous()?, Linear)
 }
 
+/// The gradients `(dx, dgain)` of [`layer_norm`] `(x, gain, eps)` for the output gradient `dy`
+/// (the shape of `x`): `dx` in the dtype of `x`, `dgain` `(c,)` f32. No autograd.
+pub fn layer_norm_backward(
+    x: &Tensor,
+    gain: &Tensor,
+    dy: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor)> {
+    if dy.shape() != x.shape() || dy.dtype() != x.dtype() || gain.dtype() != x.dtype() {
+        bail!(
+            "layer_norm_backward: dy {:?} {:?} and gain {:?} {:?} must match x {:?} {:?}",
+            dy.dims(),
+            dy.dtype(),
+            gain.dims(),
+            gain.dtype(),
+            x.dims(),
+            x.dtype()
+        )
+    }
+    let (x, gain, dy) = (x.contiguous()?, gain.contiguous()?, dy.contiguous()?);
+    let eps = eps as f32;
+    let dx = x.apply_op3_no_bwd(&gain, &dy, &LayerNormDx { eps })?;
+    let dgain = x.apply_op2_no_bwd(&dy, &LayerNormDgain { eps })?.sum(0)?;
+    Ok((dx, dgain))
+}
+
+/// The input gradient of [`gelu`] at `x` for the output gradient `dy` (same shape and dtype).
+/// No autograd.
+pub fn gelu_backward(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    check_float("gelu_backward", x)?;
+    if dy.shape() != x.shape() || dy.dtype() != x.dtype() {
+        bail!(
+            "gelu_backward: dy {:?} {:?} must match x {:?} {:?}",
+            dy.dims(),
+            dy.dtype(),
+            x.dims(),
+            x.dtype()
+        )
+    }
+    x.contiguous()?.apply_op2_no_bwd(&dy.contiguous()?, &GeluBwd)
+}
+
+/// The table gradient `(vocab, c)` f32 of [`embedding`]: the rows of `dy` `(n, c)` summed by
+/// `ids` `(n,)` u32 (f32 atomics on CUDA). Ids outside the vocabulary are an error on the CPU and
+/// skipped on CUDA. No autograd.
+pub fn embedding_backward(dy: &Tensor, ids: &Tensor, vocab: usize) -> Result<Tensor> {
+    check_float("embedding_backward", dy)?;
+    let ok = dy.rank() == 2
+        && ids.dims() == [dy.dim(0)?]
+        && ids.dtype() == DType::U32
+        && vocab > 0;
+    if !ok {
+        bail!(
+            "embedding_backward: need dy (n, c), ids (n,) u32 and vocab > 0, got dy {:?}, ids \
+             {:?} {:?}, vocab {vocab}",
+            dy.dims(),
+            ids.dims(),
+            ids.dtype()
+        )
+    }
+    dy.contiguous()?
+        .apply_op2_no_bwd(&ids.contiguous()?, &EmbeddingBwd { vocab })
+}
+
+/// The gradients `(dx, dw)` of [`linear`] `(x, w)` for the output gradient `dy` `(..., out)`:
+/// `dx = dy · w` (the shape of `x`) and `dw = dyᵀ · x` `(out, in)`, both in the dtype of `x`.
+/// Two matmuls, no autograd.
+pub fn linear_backward(x: &Tensor, w: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (n, k) = w.dims2()?;
+    let rows = x.elem_count() / k.max(1);
+    if dy.elem_count() != rows * n || x.dims().last() != Some(&k) || dy.dims().last() != Some(&n)
+    {
+        bail!(
+            "linear_backward: x {:?}, w {:?} and dy {:?} do not fit x (..., in), w (out, in), \
+             dy (..., out)",
+            x.dims(),
+            w.dims(),
+            dy.dims()
+        )
+    }
+    let dy = dy.contiguous()?.reshape((rows, n))?;
+    let dx = dy.matmul(&w.contiguous()?)?.reshape(x.shape())?;
+    let dw = dy.t()?.matmul(&x.contiguous()?.reshape((rows, k))?)?;
+    Ok((dx, dw))
+}
+
+/// Softmax cross-entropy of `logits` `(n, v)` (f32, bf16 or f16) against `targets` `(n,)` u32,
+/// with its gradient, in one kernel (one warp per row on CUDA, f32 math): returns the per-row
+/// losses `(n,)` f32, `logsumexp(row) − row[target]`, and `dlogits` `(n, v)` in the logits'
+/// dtype, `(softmax(row) − onehot(target)) · grad_scale` (`grad_scale = 1/n` for the gradient of
+/// the mean). A target outside `0..v` is an error on the CPU and gives a NaN loss (and a zero
+/// gradient row) on CUDA. No autograd.
+pub fn cross_entropy_with_grad(
+    logits: &Tensor,
+    targets: &Tensor,
+    grad_scale: f32,
+) -> Result<(Tensor, Tensor)> {
+    check_float("cross_entropy_with_grad", logits)?;
+    let (n, v) = match logits.dims() {
+        &[n, v] if v > 0 => (n, v),
+        _ => bail!(
+            "cross_entropy_with_grad: logits must be (n, v) with v > 0, got {:?}",
+            logits.dims()
+        ),
+    };
+    if targets.dims() != [n] || targets.dtype() != DType::U32 {
+        bail!(
+            "cross_entropy_with_grad: targets must be ({n},) u32 for logits {:?}, got {:?} {:?}",
+            logits.dims(),
+            targets.dims(),
+            targets.dtype()
+        )
+    }
+    if !grad_scale.is_finite() {
+        bail!("cross_entropy_with_grad: grad_scale must be finite, got {grad_scale}")
+    }
+    let (logits, targets) = (logits.contiguous()?, targets.contiguous()?);
+    let (sl, ll) = logits.storage_and_layout();
+    let (st, lt) = targets.storage_and_layout();
+    let (losses, dlogits) = match (&*sl, &*st) {
+        (Storage::Cpu(sl), Storage::Cpu(st)) => {
+            let (losses, d) = cpu_float!(
+                "cross_entropy_with_grad",
+                sl,
+                xent((sl, ll), (st, lt), grad_scale)
+            )?;
+            (Storage::Cpu(CpuStorage::F32(losses)), Storage::Cpu(d))
+        }
+        #[cfg(feature = "cuda")]
+        (Storage::Cuda(sl), Storage::Cuda(st)) => {
+            let (losses, d) = cuda::xent((sl, ll), (st, lt), grad_scale)?;
+            (Storage::Cuda(losses), Storage::Cuda(d))
+        }
+        _ => bail!(
+            "cross_entropy_with_grad: logits on {:?} and targets on {:?} must share a CPU or \
+             CUDA device",
+            logits.device().location(),
+            targets.device().location()
+        ),
+    };
+    let none = BackpropOp::none;
+    Ok((
+        Tensor::from_storage(losses, n, none(), false),
+        Tensor::from_storage(dlogits, (n, v), none(), false),
+    ))
+}
+
+/// Runs candle's backward pass from `y` as if `y` were an intermediate result whose gradient is
+/// `dy` (same shape and dtype): the returned store holds the gradients of every variable `y`
+/// depends on (and of the tensors in between), as `(y · dy).sum_all().backward()` would, without
+/// the product and the sum. Used to differentiate a pluggable sub-graph (an attention backend)
+/// inside a hand-written backward pass.
+pub fn backward_from(y: &Tensor, dy: &Tensor) -> Result<GradStore> {
+    if dy.shape() != y.shape() || dy.dtype() != y.dtype() {
+        bail!(
+            "backward_from: dy {:?} {:?} must match y {:?} {:?}",
+            dy.dims(),
+            dy.dtype(),
+            y.dims(),
+            y.dtype()
+        )
+    }
+    y.apply_op1(SeedGrad(dy.detach()))?.backward()
+}
+
+/// [`backward_from`]: a scalar f32 zero whose backward hands out the stored gradient.
+struct SeedGrad(Tensor);
+
+impl candle::CustomOp1 for SeedGrad {
+    fn name(&self) -> &'static str {
+        "fused-seed-grad"
+    }
+
+    fn cpu_fwd(&self, _s: &CpuStorage, _l: &Layout) -> Result<(CpuStorage, Shape)> {
+        Ok((CpuStorage::F32(vec![0.0]), Shape::from(())))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle::CudaStorage,
+        _l: &Layout,
+    ) -> Result<(candle::CudaStorage, Shape)> {
+        Ok((cuda::scalar_zero(s.device())?, Shape::from(())))
+    }
+
+    fn bwd(&self, _y: &Tensor, _res: &Tensor, _grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(self.0.clone()))
+    }
+}
+
 /// Hyper-parameters of one [`adamw_update`].
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamWUpdate {
@@ -258,22 +473,6 @@ pub fn adamw_update(
     ))
 }
 
-/// Dispatches a CPU kernel generic over the float type on the storage's dtype.
-macro_rules! cpu_float {
-    ($what:expr, $s:expr, $f:ident ( $($arg:expr),* )) => {
-        match $s {
-            CpuStorage::F32(_) => cpu::$f::<f32>($($arg),*),
-            CpuStorage::BF16(_) => cpu::$f::<half::bf16>($($arg),*),
-            CpuStorage::F16(_) => cpu::$f::<half::f16>($($arg),*),
-            other => bail!(
-                "{}: dtype {:?} is not supported (f32, bf16, f16)",
-                $what,
-                candle::backend::BackendStorage::dtype(other)
-            ),
-        }
-    };
-}
-
 struct LayerNorm {
     eps: f32,
 }
@@ -313,13 +512,8 @@ impl candle::CustomOp2 for LayerNorm {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.contiguous()?;
-        let dx = x.apply_op3_no_bwd(gain, &grad, &LayerNormDx { eps: self.eps })?;
-        let dgain = x
-            .apply_op2_no_bwd(&grad, &LayerNormDgain { eps: self.eps })?
-            .sum(0)?
-            .to_dtype(gain.dtype())?;
-        Ok((Some(dx), Some(dgain)))
+        let (dx, dgain) = layer_norm_backward(x, gain, grad, self.eps as f64)?;
+        Ok((Some(dx), Some(dgain.to_dtype(gain.dtype())?)))
     }
 }
 
@@ -427,7 +621,7 @@ impl candle::CustomOp1 for Gelu {
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(x.apply_op2_no_bwd(&grad.contiguous()?, &GeluBwd)?))
+        Ok(Some(gelu_backward(x, grad)?))
     }
 }
 
@@ -501,11 +695,7 @@ impl candle::CustomOp2 for Embedding {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let vocab = table.dim(0)?;
-        let dtable = grad
-            .contiguous()?
-            .apply_op2_no_bwd(ids, &EmbeddingBwd { vocab })?
-            .to_dtype(table.dtype())?;
+        let dtable = embedding_backward(grad, ids, table.dim(0)?)?.to_dtype(table.dtype())?;
         Ok((Some(dtable), None))
     }
 }
@@ -604,11 +794,7 @@ impl candle::CustomOp2 for Linear {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (n, k) = w.dims2()?;
-        let rows = x.elem_count() / k.max(1);
-        let dy = grad.contiguous()?.reshape((rows, n))?;
-        let dx = dy.matmul(w)?.reshape(x.shape())?;
-        let dw = dy.t()?.matmul(&x.reshape((rows, k))?)?;
+let (dx, dw) = linear_backward(x, w, grad)?;
         Ok((Some(dx), Some(dw)))
     }
 }

@@ -1,0 +1,330 @@
+//! The fused training pass of a [`Gpt`]: the forward pass keeping what the backward needs, then
+//! a hand-written backward through the blocks, without candle's autograd for the model body.
+//!
+//! candle's autograd gives every node's input gradient a zero fill and an add, and every op of the
+//! model body is a node (the residual adds, the position broadcast, the casts of the weights, the
+//! head's cast and cross-entropy). This pass calls the fused ops' backward kernels directly
+//! ([`fused::layer_norm_backward`], [`fused::gelu_backward`], [`fused::linear_backward`],
+//! [`fused::embedding_backward`]): the residual gradient is passed along, each weight gradient is
+//! one matmul (returned as f32), and the loss and the logit gradient come from one softmax
+//! cross-entropy kernel ([`fused::cross_entropy_with_grad`]).
+//!
+//! The attention stays pluggable: each layer runs its
+//! [`AttentionBackend`](crate::attention::AttentionBackend) (with RoPE and the kind's key scorer)
+//! under a local candle autograd on detached queries, keys and values (and the scorer's input),
+//! differentiated by [`fused::backward_from`] seeded with the attention output's gradient. So every
+//! attention kind, a user's own included, trains through it, and the scorer's parameters get their
+//! gradients from that local graph.
+//!
+//! The loss and gradients are those of `Gpt::loss(..).backward()` (the reference, which the tests
+//! compare against for every attention kind), with the same dropout masks and random attention
+//! decisions for a seed. The pass covers what training does (whole sequences from position 0,
+//! no KV cache); inference and evaluation use [`Gpt::forward`] / [`Gpt::loss`].
+
+use candle::backprop::GradStore;
+use candle::{bail, DType, Result, Tensor, Var};
+use candle_sparse_attn::fused;
+
+use crate::gpt::{Block, Gpt, LN_EPS};
+use crate::layers::{apply_dropout, dropout_keep, mix_seed};
+
+/// One block's parameters in the compute dtype, detached from autograd.
+struct BlockWeights {
+    ln_1: Tensor,
+    c_attn: Tensor,
+    attn_proj: Tensor,
+    ln_2: Tensor,
+    c_fc: Tensor,
+    mlp_proj: Tensor,
+}
+
+/// The local autograd graph of one layer's attention: its leaves and its output.
+struct LayerAttention {
+    /// Queries, keys, values `(b, h, t, d)` before RoPE.
+    q: Var,
+    k: Var,
+    v: Var,
+    /// The key scorer's input (the attention LayerNorm's output), for kinds with a scorer.
+    h: Option<Var>,
+    /// The attention output `(b, h, t, d)`, tracked back to the leaves.
+    y: Tensor,
+}
+
+/// What the backward of one block needs (all `(b, t, ·)` in the compute dtype).
+struct SavedBlock {
+    w: BlockWeights,
+    /// Block input (the attention LayerNorm's input).
+    x_in: Tensor,
+    /// The attention LayerNorm's output.
+    h1: Tensor,
+    attn: LayerAttention,
+    /// The attention output with heads merged, `(b, t, c)`.
+    y_merged: Tensor,
+    keep_attn: Option<Tensor>,
+    /// The residual stream after the attention (the MLP LayerNorm's input).
+    x_mid: Tensor,
+    /// The MLP LayerNorm's output.
+    h2: Tensor,
+    /// The MLP up projection before and after GELU, `(b, t, 4c)`.
+    fc: Tensor,
+    act: Tensor,
+    keep_mlp: Option<Tensor>,
+}
+
+/// A forward pass of [`Gpt::training_pass`] waiting for its [`TrainingPass::backward`].
+pub struct TrainingPass<'a> {
+    model: &'a Gpt,
+    loss: Tensor,
+    /// Token ids `(b·t,)`.
+    ids: Tensor,
+    dims: (usize, usize),
+    dropout: f32,
+    /// Token embeddings (and head) in the compute dtype.
+    wte: Tensor,
+    keep_emb: Option<Tensor>,
+    blocks: Vec<SavedBlock>,
+    /// Input and output of the final LayerNorm, and its gain.
+    xf_in: Tensor,
+    xf: Tensor,
+    ln_f: Tensor,
+    /// Gradient of the mean loss with respect to the logits, `(b, t, vocab)`.
+    dlogits: Tensor,
+}
+
+impl std::fmt::Debug for TrainingPass<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TrainingPass")
+            .field("dims", &self.dims)
+            .field("blocks", &self.blocks.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Gpt {
+    /// The forward pass of training on `inputs` and `targets` `(batch, seq)` u32 (positions
+    /// `0..seq`, `seq ≤ block_size`), keeping the activations the backward needs: the mean
+    /// cross-entropy is [`TrainingPass::loss`], the parameters' gradients come from
+    /// [`TrainingPass::backward`]. Same loss, gradients, dropout masks (`seed`, when `train`) and
+    /// random attention decisions as [`Gpt::loss`] followed by candle's `backward`, which stays
+    /// the reference (see the module docs).
+    pub fn training_pass(
+        &self,
+        inputs: &Tensor,
+        targets: &Tensor,
+        train: bool,
+        seed: u64,
+    ) -> Result<TrainingPass<'_>> {
+        let (b, t) = inputs.dims2()?;
+        let cfg = &self.config;
+        if targets.dims() != [b, t] {
+            bail!(
+                "gpt training pass: targets {:?} must match inputs {:?}",
+                targets.dims(),
+                inputs.dims()
+            )
+        }
+        if t > cfg.block_size {
+            bail!(
+                "gpt training pass: sequence length {t} exceeds block_size {}",
+                cfg.block_size
+            )
+        }
+        let (dt, dev, c) = (self.compute_dtype, &self.device, cfg.n_embd);
+        let cast = |v: &Var| v.as_tensor().detach().to_dtype(dt);
+        let p = if train { cfg.dropout } else { 0.0 };
+        let ids = inputs.flatten_all()?;
+        let wte = cast(&self.wte)?;
+        let mut x = fused::embedding(&wte, &ids)?.reshape((b, t, c))?;
+        if let Some(wpe) = &self.wpe {
+            x = x.broadcast_add(&cast(wpe)?.narrow(0, 0, t)?)?;
+        }
+        let keep_emb = dropout_keep(x.shape(), dt, p, mix_seed(&[seed, 0]), dev)?;
+        x = apply_dropout(&x, keep_emb.as_ref(), p)?;
+        let mut blocks = Vec::with_capacity(self.blocks.len());
+        for (i, blk) in self.blocks.iter().enumerate() {
+            let layer_seed = |k: u64| mix_seed(&[seed, 1 + i as u64, k]);
+            let w = BlockWeights {
+                ln_1: cast(&blk.ln_1)?,
+                c_attn: cast(&blk.c_attn)?,
+                attn_proj: cast(&blk.attn_proj)?,
+                ln_2: cast(&blk.ln_2)?,
+                c_fc: cast(&blk.c_fc)?,
+                mlp_proj: cast(&blk.mlp_proj)?,
+            };
+            let h1 = fused::layer_norm(&x, &w.ln_1, LN_EPS)?;
+            let qkv = fused::linear(&h1, &w.c_attn)?;
+            let attn = self.attend(blk, i, &h1, &qkv, train, layer_seed(0))?;
+            let y_merged = fused::merge_heads(&attn.y.detach())?;
+            let y = fused::linear(&y_merged, &w.attn_proj)?;
+            let keep_attn = dropout_keep(y.shape(), dt, p, layer_seed(1), dev)?;
+            let x_mid = (&x + apply_dropout(&y, keep_attn.as_ref(), p)?)?;
+            let h2 = fused::layer_norm(&x_mid, &w.ln_2, LN_EPS)?;
+            let fc = fused::linear(&h2, &w.c_fc)?;
+            let act = fused::gelu(&fc)?;
+            let m = fused::linear(&act, &w.mlp_proj)?;
+            let keep_mlp = dropout_keep(m.shape(), dt, p, layer_seed(2), dev)?;
+            let x_out = (&x_mid + apply_dropout(&m, keep_mlp.as_ref(), p)?)?;
+            blocks.push(SavedBlock {
+                w,
+                x_in: std::mem::replace(&mut x, x_out),
+                h1,
+                attn,
+                y_merged,
+                keep_attn,
+                x_mid,
+                h2,
+                fc,
+                act,
+                keep_mlp,
+            });
+        }
+        let ln_f = cast(&self.ln_f)?;
+        let xf = fused::layer_norm(&x, &ln_f, LN_EPS)?;
+        let logits = fused::linear(&xf, &wte)?.reshape((b * t, cfg.vocab_size))?;
+        let scale = 1.0 / (b * t).max(1) as f32;
+        let (losses, dlogits) =
+            fused::cross_entropy_with_grad(&logits, &targets.flatten_all()?, scale)?;
+        Ok(TrainingPass {
+            model: self,
+            loss: losses.mean_all()?,
+            ids,
+            dims: (b, t),
+            dropout: p,
+            wte,
+            keep_emb,
+            blocks,
+            xf_in: x,
+            xf,
+            ln_f,
+            dlogits: dlogits.reshape((b, t, cfg.vocab_size))?,
+        })
+    }
+
+    /// One layer's attention (RoPE, key scorer, backend) on fresh leaves: queries, keys and
+    /// values split from `qkv` `(b, t, 3c)`, and the scorer's input `h1` for kinds with one.
+    fn attend(
+        &self,
+        blk: &Block,
+        layer: usize,
+        h1: &Tensor,
+        qkv: &Tensor,
+        train: bool,
+        seed: u64,
+    ) -> Result<LayerAttention> {
+        let nh = self.config.n_head;
+        let leaf = |part: usize| Var::from_tensor(&fused::split_heads(qkv, nh, part)?);
+        let (q, k, v) = (leaf(0)?, leaf(1)?, leaf(2)?);
+        let (mut qr, mut kr) = (q.as_tensor().clone(), k.as_tensor().clone());
+        if let Some(rope) = &self.rope {
+            qr = rope.apply(&qr, 0)?;
+            kr = rope.apply(&kr, 0)?;
+        }
+        let (h, scores) = match &blk.scorer {
+            Some(scorer) => {
+                let h = Var::from_tensor(h1)?;
+                let scores = scorer.forward_at(h.as_tensor(), 0)?;
+                (Some(h), Some(scores))
+            }
+            None => (None, None),
+        };
+        let y = self.attention.forward(
+            &qr,
+            &kr,
+            v.as_tensor(),
+            scores.as_ref(),
+            None,
+            layer,
+            train,
+            seed,
+        )?;
+        Ok(LayerAttention { q, k, v, h, y })
+    }
+}
+
+impl TrainingPass<'_> {
+    /// The mean cross-entropy (nats per token), a scalar f32.
+    pub fn loss(&self) -> &Tensor {
+        &self.loss
+    }
+
+    /// The gradients of [`Self::loss`] with respect to every parameter of the model (f32, the
+    /// parameters' shapes), keyed by the parameters' tensors as candle's `backward` keys them.
+    /// Frees the saved activations block by block.
+    pub fn backward(self) -> Result<GradStore> {
+        let model = self.model;
+        let cfg = &model.config;
+        let (b, t) = self.dims;
+        let (c, nh, p) = (cfg.n_embd, cfg.n_head, self.dropout);
+        let (dt, dev) = (model.compute_dtype, &model.device);
+        let f32_of = |g: &Tensor| g.to_dtype(DType::F32);
+        let mut grads = GradStore::default();
+
+        let (dxf, dwte_head) = fused::linear_backward(&self.xf, &self.wte, &self.dlogits)?;
+        let (mut dx, dln_f) = fused::layer_norm_backward(&self.xf_in, &self.ln_f, &dxf, LN_EPS)?;
+        grads.insert(model.ln_f.as_tensor(), dln_f);
+        for (saved, blk) in self.blocks.into_iter().zip(&model.blocks).rev() {
+            let w = &saved.w;
+            // MLP: x_out = x_mid + dropout(gelu(h2 · c_fcᵀ) · mlp_projᵀ), h2 = ln_2(x_mid).
+            let dm = apply_dropout(&dx, saved.keep_mlp.as_ref(), p)?;
+            let (dact, dw_mlp_proj) = fused::linear_backward(&saved.act, &w.mlp_proj, &dm)?;
+            let dfc = fused::gelu_backward(&saved.fc, &dact)?;
+            let (dh2, dw_fc) = fused::linear_backward(&saved.h2, &w.c_fc, &dfc)?;
+            let (dx_ln2, dln_2) =
+                fused::layer_norm_backward(&saved.x_mid, &w.ln_2, &dh2, LN_EPS)?;
+            dx = (dx + dx_ln2)?;
+            // Attention: x_mid = x_in + dropout(merge(attn(q, k, v)) · attn_projᵀ).
+            let da = apply_dropout(&dx, saved.keep_attn.as_ref(), p)?;
+            let (dy_merged, dw_attn_proj) =
+                fused::linear_backward(&saved.y_merged, &w.attn_proj, &da)?;
+            let dy = fused::to_heads(&dy_merged, nh)?;
+            let local = fused::backward_from(&saved.attn.y, &dy)?;
+            let merged_grad = |leaf: &Var| match local.get(leaf.as_tensor()) {
+                Some(g) => fused::merge_heads(g),
+                None => Tensor::zeros((b, t, c), dt, dev),
+            };
+            let attn = &saved.attn;
+            let dqkv = Tensor::cat(
+                &[
+                    merged_grad(&attn.q)?,
+                    merged_grad(&attn.k)?,
+                    merged_grad(&attn.v)?,
+                ],
+                2,
+            )?;
+            let (mut dh1, dw_c_attn) = fused::linear_backward(&saved.h1, &w.c_attn, &dqkv)?;
+            if let Some(g) = attn.h.as_ref().and_then(|h| local.get(h.as_tensor())) {
+                dh1 = (dh1 + g.to_dtype(dt)?)?;
+            }
+            for (_, var) in &blk.scorer_params {
+                if let Some(g) = local.get(var.as_tensor()) {
+                    grads.insert(var.as_tensor(), f32_of(g)?);
+                }
+            }
+            let (dx_ln1, dln_1) = fused::layer_norm_backward(&saved.x_in, &w.ln_1, &dh1, LN_EPS)?;
+            dx = (dx + dx_ln1)?;
+            for (var, g) in [
+                (&blk.ln_1, dln_1),
+                (&blk.c_attn, f32_of(&dw_c_attn)?),
+                (&blk.attn_proj, f32_of(&dw_attn_proj)?),
+                (&blk.ln_2, dln_2),
+                (&blk.c_fc, f32_of(&dw_fc)?),
+                (&blk.mlp_proj, f32_of(&dw_mlp_proj)?),
+            ] {
+                grads.insert(var.as_tensor(), g);
+            }
+        }
+        let dx = apply_dropout(&dx, self.keep_emb.as_ref(), p)?;
+        if let Some(wpe) = &model.wpe {
+            let dpos = f32_of(&dx.sum(0)?)?;
+            let rest = cfg.block_size - t;
+            let dpos = match rest {
+                0 => dpos,
+                _ => Tensor::cat(&[dpos, Tensor::zeros((rest, c), DType::F32, dev)?], 0)?,
+            };
+            grads.insert(wpe.as_tensor(), dpos);
+        }
+        let demb = fused::embedding_backward(&dx.reshape((b * t, c))?, &self.ids, cfg.vocab_size)?;
+        grads.insert(model.wte.as_tensor(), (demb + f32_of(&dwte_head)?)?);
+        Ok(grads)
+    }
+}
