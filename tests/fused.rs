@@ -6,8 +6,9 @@ mod common;
 
 use candle::{DType, Device, Result, Tensor, Var, D};
 use candle_sparse_attn::fused::{
-    adamw_update, embedding, gelu, layer_norm, linear, merge_heads, split_heads, to_heads,
-    AdamWUpdate,
+    adamw_update, backward_from, cross_entropy_with_grad, embedding, embedding_backward, gelu,
+    gelu_backward, layer_norm, layer_norm_backward, linear, linear_backward, merge_heads,
+    split_heads, to_heads, AdamWUpdate,
 };
 use candle_sparse_attn::reference::rel_err;
 use common::{devices, normal, tolerance};
@@ -268,6 +269,112 @@ fn adamw_update_matches_formula() -> Result<()> {
     Ok(())
 }
 
+/// Per-row losses and logit gradients of softmax cross-entropy in f64 tensor ops.
+fn reference_cross_entropy(
+    logits: &Tensor,
+    targets: &[u32],
+    scale: f64,
+) -> Result<(Tensor, Tensor)> {
+    let l = logits.to_dtype(DType::F64)?;
+    let v = l.dim(1)?;
+    let max = l.max_keepdim(1)?;
+    let e = l.broadcast_sub(&max)?.exp()?;
+    let sum = e.sum_keepdim(1)?;
+    let onehot: Vec<f64> = targets
+        .iter()
+        .flat_map(|&t| (0..v).map(move |j| f64::from(u8::from(j == t as usize))))
+        .collect();
+    let onehot = Tensor::from_vec(onehot, l.shape(), &Device::Cpu)?;
+    let picked = (&l * &onehot)?.sum(1)?;
+    let losses = ((sum.log()? + max)?.squeeze(1)? - picked)?;
+    let grad = ((e.broadcast_div(&sum)? - onehot)? * scale)?;
+    Ok((losses, grad))
+}
+
+#[test]
+fn cross_entropy_with_grad_matches_log_softmax() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(8);
+    // Vocabularies below, at and above a warp's width; row counts that fill no block evenly.
+    for (n, v) in [(1, 1), (7, 31), (45, 65), (130, 100), (3, 257)] {
+        let logits = randn(&mut rng, &[n, v], 3.0)?;
+        let targets: Vec<u32> = (0..n).map(|_| rng.random_range(0..v as u32)).collect();
+        let scale = 1.0 / n as f32;
+        for dev in devices() {
+            let t = Tensor::new(targets.as_slice(), &dev)?;
+            for dtype in DTYPES {
+                let rounded = logits.to_dtype(dtype)?;
+                let (want_loss, want_grad) =
+                    reference_cross_entropy(&rounded, &targets, scale as f64)?;
+                let (loss, grad) = cross_entropy_with_grad(&rounded.to_device(&dev)?, &t, scale)?;
+                assert_eq!((loss.dims(), loss.dtype()), (&[n][..], DType::F32));
+                assert_eq!((grad.dims(), grad.dtype()), (&[n, v][..], dtype));
+                let tol = tolerance(dtype, &dev);
+                let err = rel_err(&loss, &want_loss)?;
+                assert!(err <= tol, "xent ({n}, {v}) {dtype:?} {dev:?}: loss rel err {err}");
+                // Gradients of rows of one class are all zero: compare them absolutely.
+                let err = rel_err(&grad, &want_grad)?;
+                assert!(
+                    err <= tol || (v == 1 && err < 1e-6),
+                    "xent ({n}, {v}) {dtype:?} {dev:?}: grad rel err {err}"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The public backward functions equal the gradients candle's autograd takes through the ops.
+#[test]
+fn backward_functions_match_autograd() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(9);
+    for dev in devices() {
+        let on = |t: Tensor| -> Result<Var> { Var::from_tensor(&t.to_device(&dev)?) };
+        let x = on(randn(&mut rng, &[3, 5, 40], 1.0)?)?;
+        let gain = on(randn(&mut rng, &[40], 1.0)?)?;
+        let w = on(randn(&mut rng, &[24, 40], 0.3)?)?;
+        let ids = Tensor::new(&[2u32, 0, 2, 5, 1], &dev)?;
+        let table = on(randn(&mut rng, &[6, 40], 1.0)?)?;
+        let ln = layer_norm(x.as_tensor(), gain.as_tensor(), 1e-5)?;
+        let lin = linear(x.as_tensor(), w.as_tensor())?;
+        let act = gelu(x.as_tensor())?;
+        let emb = embedding(table.as_tensor(), &ids)?;
+        let tol = tolerance(DType::F32, &dev);
+        let close = |what: &str, a: &Tensor, b: Option<&Tensor>| -> Result<()> {
+            let err = rel_err(a, b.expect("autograd gradient"))?;
+            assert!(err <= tol, "{what} {dev:?}: rel err {err}");
+            Ok(())
+        };
+        for (y, n) in [(&ln, 0), (&lin, 1), (&act, 2), (&emb, 3)] {
+            let dy = randn(&mut rng, y.dims(), 1.0)?.to_device(&dev)?;
+            let store = backward_from(y, &dy)?;
+            // backward_from equals the backward of (y · dy).sum().
+            let product = (y * &dy)?.sum_all()?.backward()?;
+            match n {
+                0 => {
+                    let (dx, dgain) = layer_norm_backward(x.as_tensor(), gain.as_tensor(), &dy, 1e-5)?;
+                    close("layer_norm dx", &dx, store.get(x.as_tensor()))?;
+                    close("layer_norm dgain", &dgain, store.get(gain.as_tensor()))?;
+                    close("backward_from", &dx, product.get(x.as_tensor()))?;
+                }
+                1 => {
+                    let (dx, dw) = linear_backward(x.as_tensor(), w.as_tensor(), &dy)?;
+                    close("linear dx", &dx, store.get(x.as_tensor()))?;
+                    close("linear dw", &dw, store.get(w.as_tensor()))?;
+                }
+                2 => {
+                    let dx = gelu_backward(x.as_tensor(), &dy)?;
+                    close("gelu dx", &dx, store.get(x.as_tensor()))?;
+                }
+                _ => {
+                    let dt = embedding_backward(&dy, &ids, 6)?;
+                    close("embedding dtable", &dt, store.get(table.as_tensor()))?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The message of an error, or a panic if there is none.
 fn message<T>(r: Result<T>) -> String {
     match r {
@@ -340,6 +447,33 @@ fn bad_inputs_are_clear_errors() -> Result<()> {
         let e = message(adamw_update(&x, &state.narrow(1, 0, 8)?, &x, &hp));
         assert!(e.contains("state [2, 8]"), "{e}");
     }
+    for dev in devices() {
+        let logits = Tensor::zeros((4, 5), DType::F32, &dev)?;
+        let targets = Tensor::zeros(4, DType::U32, &dev)?;
+        let e = message(cross_entropy_with_grad(&logits, &targets.narrow(0, 0, 3)?, 1.0));
+        assert!(e.contains("(4,) u32") && e.contains("[3]"), "{e}");
+        let e = message(cross_entropy_with_grad(&logits, &targets.to_dtype(DType::I64)?, 1.0));
+        assert!(e.contains("I64"), "{e}");
+        let e = message(cross_entropy_with_grad(&logits.flatten_all()?, &targets, 1.0));
+        assert!(e.contains("(n, v)") && e.contains("[20]"), "{e}");
+        let e = message(cross_entropy_with_grad(&logits, &targets, f32::NAN));
+        assert!(e.contains("grad_scale"), "{e}");
+        let e = message(backward_from(&logits, &logits.to_dtype(DType::BF16)?));
+        assert!(e.contains("[4, 5]") && e.contains("BF16"), "{e}");
+        let gain = Tensor::ones(5, DType::F32, &dev)?;
+        let e = message(layer_norm_backward(&logits, &gain, &targets, 1e-5));
+        assert!(e.contains("dy [4]"), "{e}");
+        let e = message(gelu_backward(&logits, &logits.narrow(0, 0, 2)?));
+        assert!(e.contains("[2, 5]") && e.contains("[4, 5]"), "{e}");
+        let e = message(embedding_backward(&logits, &targets.narrow(0, 0, 2)?, 3));
+        assert!(e.contains("ids [2]"), "{e}");
+        let e = message(linear_backward(&logits, &gain.reshape((1, 5))?, &logits));
+        assert!(e.contains("dy [4, 5]"), "{e}");
+    }
+    // Targets outside the classes (CPU; a NaN loss on CUDA).
+    let logits = Tensor::zeros((2, 3), DType::F32, &Device::Cpu)?;
+    let e = message(cross_entropy_with_grad(&logits, &Tensor::new(&[0u32, 3], &Device::Cpu)?, 1.0));
+    assert!(e.contains("target 3"), "{e}");
     // Out-of-vocabulary ids (CPU; on CUDA candle's index_select asserts on the device).
     let table = Tensor::zeros((4, 8), DType::F32, &Device::Cpu)?;
     let ids = Tensor::new(&[1u32, 4], &Device::Cpu)?;
