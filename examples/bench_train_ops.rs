@@ -65,6 +65,10 @@ struct Args {
     /// Only the per-stage breakdown of one layer's attention (hash and qk pipelines).
     #[arg(long)]
     breakdown_only: bool,
+    /// Only the whole-model rows: candle's autograd against the fused training pass (time, host
+    /// enqueue time, and the largest relative difference of their gradients).
+    #[arg(long)]
+    model_only: bool,
 }
 
 /// The LayerNorm the GPT used before the fused op: candle primitives, statistics in f32.
@@ -111,6 +115,9 @@ fn main() -> Result<()> {
     };
     let (b, t, c, nh) = (args.batch, args.seq, args.width, args.heads);
     let hd = c / nh;
+    if args.model_only {
+        return model_rows(&args, &dev, dt);
+    }
     attention_breakdown(&args, &dev, dt)?;
     if args.breakdown_only {
         return Ok(());
@@ -325,6 +332,60 @@ fn main() -> Result<()> {
     println!("| gradients accumulate (f32, all params) | {accumulate:.3} | |");
     println!("| clip global norm | {clip:.3} | |");
     println!("| AdamW step (fused, all params) | {step:.3} | |");
+    Ok(())
+}
+
+/// Per attention kind, the whole model's loss and gradients (dropout 0.1) by candle's autograd
+/// (`Gpt::loss` + `backward`) and by the fused training pass (`Gpt::training_pass`): synchronised
+/// and host-enqueue medians, and the largest relative error of a parameter gradient of the fused
+/// pass against autograd.
+fn model_rows(args: &Args, dev: &Device, dt: DType) -> Result<()> {
+    let (b, t) = (args.batch, args.seq);
+    let ids = |shift: usize| -> Vec<u32> {
+        (0..b * t)
+            .map(|i| (((i + shift) * 7919) % args.vocab) as u32)
+            .collect()
+    };
+    let inputs = Tensor::from_vec(ids(0), (b, t), dev)?;
+    let targets = Tensor::from_vec(ids(1), (b, t), dev)?;
+    println!(
+        "\n| model loss + gradients ({} layers, {dt:?}) | autograd ms | autograd host ms | fused ms | fused host ms | max grad rel err (param) |",
+        args.layers
+    );
+    println!("|---|---|---|---|---|---|");
+    for kind in &args.kinds {
+        let kind: AttentionKind = kind.parse()?;
+        let mut cfg = model_config(args, kind.clone());
+        cfg.dropout = 0.1;
+        let mut gpt = Gpt::new(cfg, 1, dev)?;
+        gpt.set_compute_dtype(dt)?;
+        let autograd = || -> Result<candle::backprop::GradStore> {
+            Ok(gpt.loss(&inputs, &targets, true, 1)?.backward()?)
+        };
+        let fused_pass = || -> Result<candle::backprop::GradStore> {
+            Ok(gpt.training_pass(&inputs, &targets, true, 1)?.backward()?)
+        };
+        let a_ms = time_ms(dev, 2, args.reps, || autograd().map(drop))?;
+        let a_host = enqueue_ms(dev, args.reps, || autograd().map(drop))?;
+        let f_ms = time_ms(dev, 2, args.reps, || fused_pass().map(drop))?;
+        let f_host = enqueue_ms(dev, args.reps, || fused_pass().map(drop))?;
+        let (reference, fused) = (autograd()?, fused_pass()?);
+        let mut worst = (0f64, String::new());
+        for (name, var) in gpt.named_params() {
+            let (Some(f), Some(r)) = (fused.get(var.as_tensor()), reference.get(var.as_tensor()))
+            else {
+                anyhow::bail!("{kind}: no gradient of {name}")
+            };
+            let err = candle_sparse_attn::reference::rel_err(f, r)?;
+            if err > worst.0 || err.is_nan() {
+                worst = (err, name);
+            }
+        }
+        println!(
+            "| {kind} | {a_ms:.3} | {a_host:.3} | {f_ms:.3} | {f_host:.3} | {:.2e} ({}) |",
+            worst.0, worst.1
+        );
+    }
     Ok(())
 }
 

@@ -310,7 +310,10 @@ fn cross_entropy_with_grad_matches_log_softmax() -> Result<()> {
                 assert_eq!((grad.dims(), grad.dtype()), (&[n, v][..], dtype));
                 let tol = tolerance(dtype, &dev);
                 let err = rel_err(&loss, &want_loss)?;
-                assert!(err <= tol, "xent ({n}, {v}) {dtype:?} {dev:?}: loss rel err {err}");
+                assert!(
+                    err <= tol,
+                    "xent ({n}, {v}) {dtype:?} {dev:?}: loss rel err {err}"
+                );
                 // Gradients of rows of one class are all zero: compare them absolutely.
                 let err = rel_err(&grad, &want_grad)?;
                 assert!(
@@ -351,7 +354,8 @@ fn backward_functions_match_autograd() -> Result<()> {
             let product = (y * &dy)?.sum_all()?.backward()?;
             match n {
                 0 => {
-                    let (dx, dgain) = layer_norm_backward(x.as_tensor(), gain.as_tensor(), &dy, 1e-5)?;
+                    let (dx, dgain) =
+                        layer_norm_backward(x.as_tensor(), gain.as_tensor(), &dy, 1e-5)?;
                     close("layer_norm dx", &dx, store.get(x.as_tensor()))?;
                     close("layer_norm dgain", &dgain, store.get(gain.as_tensor()))?;
                     close("backward_from", &dx, product.get(x.as_tensor()))?;
@@ -450,11 +454,23 @@ fn bad_inputs_are_clear_errors() -> Result<()> {
     for dev in devices() {
         let logits = Tensor::zeros((4, 5), DType::F32, &dev)?;
         let targets = Tensor::zeros(4, DType::U32, &dev)?;
-        let e = message(cross_entropy_with_grad(&logits, &targets.narrow(0, 0, 3)?, 1.0));
+        let e = message(cross_entropy_with_grad(
+            &logits,
+            &targets.narrow(0, 0, 3)?,
+            1.0,
+        ));
         assert!(e.contains("(4,) u32") && e.contains("[3]"), "{e}");
-        let e = message(cross_entropy_with_grad(&logits, &targets.to_dtype(DType::I64)?, 1.0));
+        let e = message(cross_entropy_with_grad(
+            &logits,
+            &targets.to_dtype(DType::I64)?,
+            1.0,
+        ));
         assert!(e.contains("I64"), "{e}");
-        let e = message(cross_entropy_with_grad(&logits.flatten_all()?, &targets, 1.0));
+        let e = message(cross_entropy_with_grad(
+            &logits.flatten_all()?,
+            &targets,
+            1.0,
+        ));
         assert!(e.contains("(n, v)") && e.contains("[20]"), "{e}");
         let e = message(cross_entropy_with_grad(&logits, &targets, f32::NAN));
         assert!(e.contains("grad_scale"), "{e}");
@@ -472,7 +488,11 @@ fn bad_inputs_are_clear_errors() -> Result<()> {
     }
     // Targets outside the classes (CPU; a NaN loss on CUDA).
     let logits = Tensor::zeros((2, 3), DType::F32, &Device::Cpu)?;
-    let e = message(cross_entropy_with_grad(&logits, &Tensor::new(&[0u32, 3], &Device::Cpu)?, 1.0));
+    let e = message(cross_entropy_with_grad(
+        &logits,
+        &Tensor::new(&[0u32, 3], &Device::Cpu)?,
+        1.0,
+    ));
     assert!(e.contains("target 3"), "{e}");
     // Out-of-vocabulary ids (CPU; on CUDA candle's index_select asserts on the device).
     let table = Tensor::zeros((4, 8), DType::F32, &Device::Cpu)?;

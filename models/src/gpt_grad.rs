@@ -269,8 +269,7 @@ impl TrainingPass<'_> {
             let (dact, dw_mlp_proj) = fused::linear_backward(&saved.act, &w.mlp_proj, &dm)?;
             let dfc = fused::gelu_backward(&saved.fc, &dact)?;
             let (dh2, dw_fc) = fused::linear_backward(&saved.h2, &w.c_fc, &dfc)?;
-            let (dx_ln2, dln_2) =
-                fused::layer_norm_backward(&saved.x_mid, &w.ln_2, &dh2, LN_EPS)?;
+            let (dx_ln2, dln_2) = fused::layer_norm_backward(&saved.x_mid, &w.ln_2, &dh2, LN_EPS)?;
             dx = (dx + dx_ln2)?;
             // Attention: x_mid = x_in + dropout(merge(attn(q, k, v)) · attn_projᵀ).
             let da = apply_dropout(&dx, saved.keep_attn.as_ref(), p)?;

@@ -26,8 +26,8 @@ pub mod decoder;
 pub mod generate;
 pub mod gguf;
 pub mod gpt;
-pub mod gpt_grad;
 pub mod gpt2;
+pub mod gpt_grad;
 pub mod hub;
 pub mod layers;
 pub mod llama;
@@ -49,7 +49,7 @@ pub use generate::{
     SamplingOptions,
 };
 pub use gpt::{Gpt, GptConfig, PositionEncoding, SampleOptions};
-pub use gpt_grad::TrainingPass;
 pub use gpt2::{Gpt2, Gpt2Config};
+pub use gpt_grad::TrainingPass;
 pub use llama::{Llama, LlamaConfig};
 pub use train::{CheckpointMeta, PhaseTimes, Precision, StepStats, TrainConfig, Trainer};

@@ -110,7 +110,9 @@ fn fused_training_pass_matches_autograd() -> Result<()> {
                 let grads = pass.backward()?;
                 for (name, var) in model.named_params() {
                     let got = grads.get(var.as_tensor()).expect("fused gradient");
-                    let want = reference_grads.get(var.as_tensor()).expect("autograd gradient");
+                    let want = reference_grads
+                        .get(var.as_tensor())
+                        .expect("autograd gradient");
                     assert_eq!(got.dims(), var.dims(), "{what}: {name}");
                     let err = rel_err(got, want)?;
                     assert!(err <= 1e-4, "{what}: gradient of {name}: rel err {err:.2e}");

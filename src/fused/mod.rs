@@ -260,7 +260,8 @@ pub fn gelu_backward(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
             x.dtype()
         )
     }
-    x.contiguous()?.apply_op2_no_bwd(&dy.contiguous()?, &GeluBwd)
+    x.contiguous()?
+        .apply_op2_no_bwd(&dy.contiguous()?, &GeluBwd)
 }
 
 /// The table gradient `(vocab, c)` f32 of [`embedding`]: the rows of `dy` `(n, c)` summed by
@@ -268,10 +269,7 @@ pub fn gelu_backward(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
 /// skipped on CUDA. No autograd.
 pub fn embedding_backward(dy: &Tensor, ids: &Tensor, vocab: usize) -> Result<Tensor> {
     check_float("embedding_backward", dy)?;
-    let ok = dy.rank() == 2
-        && ids.dims() == [dy.dim(0)?]
-        && ids.dtype() == DType::U32
-        && vocab > 0;
+    let ok = dy.rank() == 2 && ids.dims() == [dy.dim(0)?] && ids.dtype() == DType::U32 && vocab > 0;
     if !ok {
         bail!(
             "embedding_backward: need dy (n, c), ids (n,) u32 and vocab > 0, got dy {:?}, ids \
@@ -291,8 +289,7 @@ pub fn embedding_backward(dy: &Tensor, ids: &Tensor, vocab: usize) -> Result<Ten
 pub fn linear_backward(x: &Tensor, w: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
     let (n, k) = w.dims2()?;
     let rows = x.elem_count() / k.max(1);
-    if dy.elem_count() != rows * n || x.dims().last() != Some(&k) || dy.dims().last() != Some(&n)
-    {
+    if dy.elem_count() != rows * n || x.dims().last() != Some(&k) || dy.dims().last() != Some(&n) {
         bail!(
             "linear_backward: x {:?}, w {:?} and dy {:?} do not fit x (..., in), w (out, in), \
              dy (..., out)",
@@ -794,7 +791,7 @@ impl candle::CustomOp2 for Linear {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-let (dx, dw) = linear_backward(x, w, grad)?;
+        let (dx, dw) = linear_backward(x, w, grad)?;
         Ok((Some(dx), Some(dw)))
     }
 }
