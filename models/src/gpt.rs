@@ -4,6 +4,10 @@
 //! configurable compute dtype (f32, or bf16 with f32 master weights). Attention kinds with a key
 //! scorer (SparseK) add one per block, scoring the attention LayerNorm's output
 //! ([`crate::sparsek`]).
+//!
+//! Training computes gradients with [`Gpt::training_pass`] ([`crate::gpt_grad`]: a hand-written
+//! backward through the fused kernels, the attention under a local autograd); [`Gpt::loss`]
+//! followed by candle's `backward` is the reference it is tested against.
 
 use std::collections::HashMap;
 

@@ -1,6 +1,8 @@
 //! Training a [`Gpt`] on a [`CharDataset`]: two AdamW groups (weight decay on matrices only),
 //! warm-up + cosine learning rate, global-norm clipping, gradient accumulation, seeded batches
-//! and dropout, evaluation, and checkpoints that resume exactly.
+//! and dropout, evaluation, and checkpoints that resume exactly. Gradients come from the fused
+//! training pass ([`Gpt::training_pass`]) unless [`Trainer::set_autograd`] asks for candle's
+//! autograd over the whole model (the reference path).
 //!
 //! A checkpoint is a directory with three files, each written atomically (temporary file, then
 //! rename): `checkpoint.safetensors` (parameters under `model.`, AdamW moments under
