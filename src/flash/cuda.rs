@@ -672,8 +672,8 @@ fn bwd_t<T: CudaDType + DeviceRepr>(
         // One fused kernel: dK, dV per key tile, dQ by f32 atomics, then dQ to the input dtype.
         // The Hopper kernel where it applies, else the mma.sync one. Bucketed sparse visibility
         // (LSH attention) at head dim <= 64 keeps the mma.sync kernel unless a Hopper variant is
-        // asked for by name: with few query tiles per key tile its per-CTA cost is lower (hash 16,
-        // B4 H6 8k: 1.75 vs 1.95 ms fwd+bwd; B4 H48 16k: 25.0 vs 28.1 ms, BENCHMARKS.md).
+        // asked for by name: with few query tiles per key tile its per-CTA cost is lower (hash 16
+        // fwd+bwd, B4 H6 8k: 1.72 vs 1.93 ms; B4 H48 16k: 24.8 vs 28.1 ms; BENCHMARKS.md).
         let bucketed_small = va.has_bkt != 0 && d <= 64 && std::env::var(BWD_KERNEL_ENV).is_err();
         let hopper = if has_wgmma(&dev) && !bucketed_small {
             hopper_bwd(d)
