@@ -24,7 +24,8 @@
 //!   dP^T = V dO^T from swizzled shared memory, P^T and dS^T as the register A operand of
 //!   dV += P^T dO and dK += dS^T Q, dS^T through shared memory for dQ = dS K, dQ by f32 atomics
 //!   as in the `mma.sync` backward. [`HOPPER_BWD_VARIANTS`] lists the variants, [`BWD_KERNEL_ENV`]
-//!   picks one (or the `mma.sync` kernel).
+//!   picks one (or the `mma.sync` kernel). Bucketed sparse visibility at head dim <= 64 runs the
+//!   `mma.sync` backward by default (faster there, like its forward).
 //! - Performance (H100, bf16, causal, 8k–32k, see BENCHMARKS.md): forward with the Hopper kernel
 //!   1.35–1.47× PyTorch SDPA-flash and 0.97–1.00× cuDNN at D = 64, 1.22–1.41× SDPA-flash and
 //!   0.67–0.79× cuDNN at D = 128 (the `mma.sync` forward: 0.83–0.97× and 0.79–0.95× SDPA-flash);
@@ -669,8 +670,16 @@ fn bwd_t<T: CudaDType + DeviceRepr>(
     let (mut dk, mut dv) = dkv.split_at_mut(nk_el);
     if fast {
         // One fused kernel: dK, dV per key tile, dQ by f32 atomics, then dQ to the input dtype.
-        // The Hopper kernel where it applies, else the mma.sync one.
-        let hopper = if has_wgmma(&dev) { hopper_bwd(d) } else { None };
+        // The Hopper kernel where it applies, else the mma.sync one. Bucketed sparse visibility
+        // (LSH attention) at head dim <= 64 keeps the mma.sync kernel unless a Hopper variant is
+        // asked for by name: with few query tiles per key tile its per-CTA cost is lower (hash 16
+        // fwd+bwd, B4 H6 8k: 1.72 vs 1.93 ms; B4 H48 16k: 24.8 vs 28.1 ms; BENCHMARKS.md).
+        let bucketed_small = va.has_bkt != 0 && d <= 64 && std::env::var(BWD_KERNEL_ENV).is_err();
+        let hopper = if has_wgmma(&dev) && !bucketed_small {
+            hopper_bwd(d)
+        } else {
+            None
+        };
         let (name, bk, bq, threads, smem) = if let Some(hv) = hopper {
             let name = format!("flash_bwd_wg_{tn}_d{d}_{}_m{}", hv.tag(), va.mode);
             (name, hv.keys(), hv.rows, 128 * hv.warpgroups, hv.smem(es))
