@@ -92,7 +92,7 @@ extern "C" __global__ void sk_project_f32(const float* __restrict__ z, float* __
 //   merging the g earlier groups' lists, then block by block as before, writing each block's list.
 // The longest CTA does G - 1 list merges plus S block merges instead of nb block merges; with
 // G = 1 this is the single sequential pass per row.
-// Dynamic smem of both: 3 * cap * 8 + 2 * BQ * 8 bytes.
+// Dynamic smem of both: (2 * cap + max(cap, BQ) + BQ) * 8 bytes.
 
 // The running list (a), the merge target (b) and a sorted list to merge in (x), in shared memory.
 struct SkListBufs {
@@ -106,9 +106,11 @@ struct SkListBufs {
     aj = (int*)(au + cap);
     bu = (float*)(aj + cap);
     bj = (int*)(bu + cap);
+    // x holds either a group's list (cap entries) or a block's new keys (BQ entries).
+    const int nx = max(cap, BQ);
     xu = (float*)(bj + cap);
-    xj = (int*)(xu + cap);
-    cu = (float*)(xj + cap);
+    xj = (int*)(xu + nx);
+    cu = (float*)(xj + nx);
     cj = (int*)(cu + BQ);
     len = 0;
   }

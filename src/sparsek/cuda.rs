@@ -121,7 +121,7 @@ pub(crate) fn select(
     let group = list_group(blocks);
     let groups = blocks.div_ceil(group);
     let g_i = group as i32;
-    let smem = 3 * cap * 8 + 2 * BQ * 8;
+    let smem = (2 * cap + cap.max(BQ) + BQ) * 8;
     // Each earlier group's own top-`K′` list (the last group's is never needed).
     let nglist = rows * groups * cap;
     let mut glist_u = unsafe { dev.alloc::<f32>(nglist.max(1)) }?;
