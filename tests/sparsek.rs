@@ -336,8 +336,8 @@ fn cases() -> Vec<(&'static str, Case)> {
     long.slope = 0.004;
     long.seed = 12;
     v.push(("tiles_t420_w37_long_lists", long));
-    // Eighteen query blocks: the CUDA list construction cuts them into three groups of six
-    // (two group lists merged into the last group's start, lists cut at K′ = 40).
+    // Eighteen query blocks with K′ = 40 < 64 (a block adds more keys than a list holds): long
+    // chains of list merges.
     let mut groups = Case::new(1100, 20, 30);
     groups.b = 1;
     groups.hq = 1;
