@@ -336,6 +336,16 @@ fn cases() -> Vec<(&'static str, Case)> {
     long.slope = 0.004;
     long.seed = 12;
     v.push(("tiles_t420_w37_long_lists", long));
+    // Eighteen query blocks with K′ = 40 < 64 (a block adds more keys than a list holds): long
+    // chains of list merges.
+    let mut groups = Case::new(1100, 20, 30);
+    groups.b = 1;
+    groups.hq = 1;
+    groups.hkv = 1;
+    groups.d = 64;
+    groups.slope = 0.002;
+    groups.seed = 13;
+    v.push(("list_groups_t1100", groups));
     v
 }
 
@@ -721,7 +731,13 @@ fn cuda_bench() -> R<()> {
         candle_sparse_attn::keep_memory_pool(&dev)?;
     }
     println!("BENCH memory pool kept: {keep_pool}");
-    let (b, h, d) = (4, 48, 64);
+    // SPARSEK_BENCH_HEADS: q and kv heads (default 48; the char-LM GPT has 6).
+    let h = match std::env::var("SPARSEK_BENCH_HEADS") {
+        Ok(s) => s.trim().parse()?,
+        Err(_) => 48,
+    };
+    let (b, d) = (4, 64);
+    println!("BENCH shape B{b} H{h} D{d}");
     let cfg = SparseKConfig::new(256, 256);
     let sync = |dev: &Device| dev.synchronize();
     // SPARSEK_BENCH_SEQ: comma-separated lengths (default 8k, 16k, 32k); the dense op runs up to 32k.
