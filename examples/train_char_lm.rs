@@ -374,12 +374,7 @@ fn train(args: TrainArgs) -> Result<()> {
         let dt = t0.elapsed().as_secs_f64();
         if let Some(p) = stats.phases.filter(|_| 2 * stats.step >= cfg.max_steps) {
             let (sum, n) = &mut phase_sum;
-            sum.forward += p.forward;
-            sum.backward += p.backward;
-            sum.optimizer += p.optimizer;
-            sum.forward_host += p.forward_host;
-            sum.backward_host += p.backward_host;
-            sum.optimizer_host += p.optimizer_host;
+            *sum += p;
             *n += 1;
         }
         window_tokens += stats.tokens;

@@ -314,12 +314,7 @@ impl TrainingPass<'_> {
         }
         let dx = apply_dropout(&dx, self.keep_emb.as_ref(), p)?;
         if let Some(wpe) = &model.wpe {
-            let dpos = f32_of(&dx.sum(0)?)?;
-            let rest = cfg.block_size - t;
-            let dpos = match rest {
-                0 => dpos,
-                _ => Tensor::cat(&[dpos, Tensor::zeros((rest, c), DType::F32, dev)?], 0)?,
-            };
+            let dpos = f32_of(&dx.sum(0)?)?.pad_with_zeros(0, 0, cfg.block_size - t)?;
             grads.insert(wpe.as_tensor(), dpos);
         }
         let demb = fused::embedding_backward(&dx.reshape((b * t, c))?, &self.ids, cfg.vocab_size)?;

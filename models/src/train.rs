@@ -211,6 +211,18 @@ pub struct PhaseTimes {
     pub optimizer_host: f64,
 }
 
+impl std::ops::AddAssign for PhaseTimes {
+    /// Field-wise sum (to average the phases over steps).
+    fn add_assign(&mut self, rhs: Self) {
+        self.forward += rhs.forward;
+        self.backward += rhs.backward;
+        self.optimizer += rhs.optimizer;
+        self.forward_host += rhs.forward_host;
+        self.backward_host += rhs.backward_host;
+        self.optimizer_host += rhs.optimizer_host;
+    }
+}
+
 impl PhaseTimes {
     fn add_forward(&mut self, (total, host): (f64, f64)) {
         self.forward += total;

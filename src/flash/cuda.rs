@@ -156,11 +156,15 @@ fn has_wgmma(dev: &CudaDevice) -> bool {
 }
 
 /// The Hopper forward variant for head dim `d`, or `None` where none applies (other head dims, or
-/// [`FWD_KERNEL_ENV`] asks for another kernel).
-fn hopper_fwd(d: usize) -> Option<HopperFwd> {
+/// [`FWD_KERNEL_ENV`] asks for another kernel). `bucketed` (LSH) visibility at head dim ≤ 64 keeps
+/// the mma.sync kernel unless a Hopper variant is asked for by name: nearly every tile needs the
+/// element mask there and the Hopper consumers spill on it (hash 16 at 16k: 10.7 ms vs 8.0 ms,
+/// BENCHMARKS.md).
+fn hopper_fwd(d: usize, bucketed: bool) -> Option<HopperFwd> {
     let mut of_d = HOPPER_FWD_VARIANTS.into_iter().filter(|v| v.d == d);
     match std::env::var(FWD_KERNEL_ENV) {
         Ok(tag) => of_d.find(|v| v.tag() == tag),
+        Err(_) if bucketed && d <= 64 => None,
         Err(_) => of_d.next(),
     }
 }
@@ -239,11 +243,15 @@ pub(crate) const HOPPER_BWD_VARIANTS: [HopperBwd; 4] = [
 pub(crate) const BWD_KERNEL_ENV: &str = "CANDLE_SPARSE_ATTN_BWD";
 
 /// The Hopper backward variant for head dim `d`, or `None` where none applies (other head dims, or
-/// [`BWD_KERNEL_ENV`] asks for the `mma.sync` kernel).
-fn hopper_bwd(d: usize) -> Option<HopperBwd> {
+/// [`BWD_KERNEL_ENV`] asks for the `mma.sync` kernel). `bucketed` (LSH) visibility at head dim
+/// ≤ 64 keeps the `mma.sync` kernel unless a Hopper variant is asked for by name: with few query
+/// tiles per key tile its per-CTA cost is lower (hash 16 fwd+bwd, B4 H6 8k: 1.72 vs 1.93 ms;
+/// B4 H48 16k: 24.8 vs 28.1 ms; BENCHMARKS.md).
+fn hopper_bwd(d: usize, bucketed: bool) -> Option<HopperBwd> {
     let mut variants = HOPPER_BWD_VARIANTS.into_iter().filter(|v| v.d == d);
     match std::env::var(BWD_KERNEL_ENV) {
         Ok(tags) => variants.find(|v| tags.split(',').any(|t| t == v.tag())),
+        Err(_) if bucketed && d <= 64 => None,
         Err(_) => variants.next(),
     }
 }
@@ -517,12 +525,8 @@ fn fwd_t<T: CudaDType + DeviceRepr>(
     let sc = Scalars::new(dims, &va, scale);
     let fast = sq.dtype() != DType::F32 && [lq, lk, lv].iter().all(|l| aligned(l, es));
     let d = dims.d;
-    // Bucketed sparse visibility (LSH attention) at head dim ≤ 64 keeps the mma.sync kernel unless
-    // a Hopper variant is asked for by name: nearly every tile needs the element mask there and the
-    // Hopper consumers spill on it (hash 16 at 16k: 10.7 ms vs 8.0 ms, BENCHMARKS.md).
-    let bucketed_small = va.has_bkt != 0 && d <= 64 && std::env::var(FWD_KERNEL_ENV).is_err();
-    let hopper = if fast && !bucketed_small && has_wgmma(&dev) {
-        hopper_fwd(d)
+    let hopper = if fast && has_wgmma(&dev) {
+        hopper_fwd(d, va.has_bkt != 0)
     } else {
         None
     };
@@ -670,13 +674,9 @@ fn bwd_t<T: CudaDType + DeviceRepr>(
     let (mut dk, mut dv) = dkv.split_at_mut(nk_el);
     if fast {
         // One fused kernel: dK, dV per key tile, dQ by f32 atomics, then dQ to the input dtype.
-        // The Hopper kernel where it applies, else the mma.sync one. Bucketed sparse visibility
-        // (LSH attention) at head dim <= 64 keeps the mma.sync kernel unless a Hopper variant is
-        // asked for by name: with few query tiles per key tile its per-CTA cost is lower (hash 16
-        // fwd+bwd, B4 H6 8k: 1.72 vs 1.93 ms; B4 H48 16k: 24.8 vs 28.1 ms; BENCHMARKS.md).
-        let bucketed_small = va.has_bkt != 0 && d <= 64 && std::env::var(BWD_KERNEL_ENV).is_err();
-        let hopper = if has_wgmma(&dev) && !bucketed_small {
-            hopper_bwd(d)
+        // The Hopper kernel where it applies (see `hopper_bwd`), else the mma.sync one.
+        let hopper = if has_wgmma(&dev) {
+            hopper_bwd(d, va.has_bkt != 0)
         } else {
             None
         };
