@@ -1,13 +1,18 @@
 // Fused training ops of the char-level GPT (see src/fused/cuda.rs for the launch side):
-// - ln_fwd / ln_bwd_dx / ln_bwd_dgain: LayerNorm over the last axis with a gain and no bias, one
-//   warp per row, statistics in f32; the gain gradient is reduced per block into f32 partials
-//   (summed over blocks by the caller).
-// - gelu_fwd / gelu_bwd: exact (erf) GELU, element-wise, f32 math.
+// - ln_fwd / ln_bwd: LayerNorm over the last axis with a gain and no bias, one warp per row,
+//   statistics in f32; the backward writes the input gradient (plus an optional residual) and
+//   reduces the gain gradient per block into f32 partials (summed over blocks by the caller).
+// - add_ln_fwd: a residual add and the LayerNorm of its result, one warp per row.
+// - gelu_fwd / gelu_bwd: exact (erf) GELU, element-wise (16-byte vectors when aligned), f32 math.
 // - emb_bwd: embedding backward, atomicAdd of each output-gradient row into an f32 table.
 // - heads_split / heads_merge: (b, t, parts, h, d) <-> one part (b, h, t, d) (parts 3: the fused
-//   qkv projection; parts 1: heads of a plain (b, t, h·d) tensor).
+//   qkv projection; parts 1: heads of a plain (b, t, h·d) tensor); heads_split3 / heads_merge3:
+//   all three parts at once. Pure copies in units of 16, 4 or 2 bytes (the caller picks the
+//   widest that divides a head row and its offsets), 32-bit index math.
 // - xent: softmax cross-entropy per row (loss and logit gradient), one warp per row.
 // - adamw_step: one AdamW update of an f32 parameter, its moments and gradient.
+// - sumsq_partial / sum_f32: sum of squares of many f32 tensors (a table of pointers), per-block
+//   partials then one block summing them in a fixed order.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
@@ -59,52 +64,47 @@ __device__ void ln_fwd(const T* __restrict__ x, const T* __restrict__ gain, T* _
   for (int j = lane; j < c; j += 32) yr[j] = from_f<T>((to_f(xr[j]) - mean) * rstd * to_f(gain[j]));
 }
 
-// dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = dy * gain; one warp per row.
+// dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = dy * gain (plus acc[row] when acc is
+// not null), one warp per row, rows strided over the grid; partial[blockIdx.x, j] = sum over this
+// block's rows of dy * xhat (f32). Dynamic shared memory: one row of c floats per warp (each lane
+// owns its columns, so no atomics).
 template <typename T>
-__device__ void ln_bwd_dx(const T* __restrict__ x, const T* __restrict__ gain,
-                          const T* __restrict__ dy, T* __restrict__ dx, int rows, int c,
-                          float eps) {
+__device__ void ln_bwd(const T* __restrict__ x, const T* __restrict__ gain,
+                       const T* __restrict__ dy, const T* __restrict__ acc, T* __restrict__ dx,
+                       float* __restrict__ partial, int rows, int c, float eps) {
+  extern __shared__ float wacc[];
   int lane = threadIdx.x & 31;
-  int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-  if (row >= rows) return;
-  size_t off = (size_t)row * c;
-  float mean, rstd;
-  row_stats(x + off, c, eps, lane, mean, rstd);
-  float sg = 0.f, sgx = 0.f;
-  for (int j = lane; j < c; j += 32) {
-    float g = to_f(dy[off + j]) * to_f(gain[j]);
-    float xh = (to_f(x[off + j]) - mean) * rstd;
-    sg += g;
-    sgx += g * xh;
-  }
-  sg = warp_sum(sg) / c;
-  sgx = warp_sum(sgx) / c;
-  for (int j = lane; j < c; j += 32) {
-    float g = to_f(dy[off + j]) * to_f(gain[j]);
-    float xh = (to_f(x[off + j]) - mean) * rstd;
-    dx[off + j] = from_f<T>(rstd * (g - sg - xh * sgx));
-  }
-}
-
-// partial[blockIdx.x, j] = sum over this block's rows of dy * xhat (f32, shared-memory atomics);
-// rows are strided over the grid, one warp per row at a time. Dynamic shared memory: c floats.
-template <typename T>
-__device__ void ln_bwd_dgain(const T* __restrict__ x, const T* __restrict__ dy,
-                             float* __restrict__ partial, int rows, int c, float eps) {
-  extern __shared__ float acc[];
-  for (int j = threadIdx.x; j < c; j += blockDim.x) acc[j] = 0.f;
-  __syncthreads();
-  int lane = threadIdx.x & 31;
-  int warps = blockDim.x >> 5;
-  for (int row = blockIdx.x * warps + (threadIdx.x >> 5); row < rows; row += gridDim.x * warps) {
+  int warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  float* mine = wacc + (size_t)warp * c;
+  for (int j = lane; j < c; j += 32) mine[j] = 0.f;
+  for (int row = blockIdx.x * warps + warp; row < rows; row += gridDim.x * warps) {
     size_t off = (size_t)row * c;
     float mean, rstd;
     row_stats(x + off, c, eps, lane, mean, rstd);
-    for (int j = lane; j < c; j += 32)
-      atomicAdd(&acc[j], to_f(dy[off + j]) * (to_f(x[off + j]) - mean) * rstd);
+    float sg = 0.f, sgx = 0.f;
+    for (int j = lane; j < c; j += 32) {
+      float g = to_f(dy[off + j]) * to_f(gain[j]);
+      float xh = (to_f(x[off + j]) - mean) * rstd;
+      sg += g;
+      sgx += g * xh;
+    }
+    sg = warp_sum(sg) / c;
+    sgx = warp_sum(sgx) / c;
+    for (int j = lane; j < c; j += 32) {
+      float d = to_f(dy[off + j]);
+      float xh = (to_f(x[off + j]) - mean) * rstd;
+      float out = rstd * (d * to_f(gain[j]) - sg - xh * sgx);
+      if (acc) out += to_f(acc[off + j]);
+      dx[off + j] = from_f<T>(out);
+      mine[j] += d * xh;
+    }
   }
   __syncthreads();
-  for (int j = threadIdx.x; j < c; j += blockDim.x) partial[(size_t)blockIdx.x * c + j] = acc[j];
+  for (int j = threadIdx.x; j < c; j += blockDim.x) {
+    float s = 0.f;
+    for (int w = 0; w < warps; ++w) s += wacc[(size_t)w * c + j];
+    partial[(size_t)blockIdx.x * c + j] = s;
+  }
 }
 
 __device__ __forceinline__ float gelu_f(float x) {
@@ -117,19 +117,84 @@ __device__ __forceinline__ float gelu_grad_f(float x) {
   return cdf + x * pdf;
 }
 
+// Element-wise kernels over n elements: 16-byte vectors of V = 16 / sizeof(T) elements when every
+// pointer is 16-byte aligned, then the scalar tail (all scalar otherwise); grid-stride loops.
+template <typename T>
+struct Vec16 {
+  static constexpr int V = 16 / sizeof(T);
+  union {
+    uint4 raw;
+    T e[V];
+  };
+};
+
+__device__ __forceinline__ bool aligned16(const void* a, const void* b, const void* c) {
+  return (((uintptr_t)a | (uintptr_t)b | (uintptr_t)c) & 15) == 0;
+}
+
 template <typename T>
 __device__ void gelu_fwd(const T* __restrict__ x, T* __restrict__ y, size_t n) {
-  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
-       i += (size_t)gridDim.x * blockDim.x)
-    y[i] = from_f<T>(gelu_f(to_f(x[i])));
+  constexpr int V = Vec16<T>::V;
+  size_t start = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+  size_t stride = (size_t)gridDim.x * blockDim.x;
+  size_t nv = aligned16(x, y, y) ? n / V : 0;
+  for (size_t i = start; i < nv; i += stride) {
+    Vec16<T> a, out;
+    a.raw = reinterpret_cast<const uint4*>(x)[i];
+#pragma unroll
+    for (int k = 0; k < V; ++k) out.e[k] = from_f<T>(gelu_f(to_f(a.e[k])));
+    reinterpret_cast<uint4*>(y)[i] = out.raw;
+  }
+  for (size_t i = nv * V + start; i < n; i += stride) y[i] = from_f<T>(gelu_f(to_f(x[i])));
 }
 
 template <typename T>
 __device__ void gelu_bwd(const T* __restrict__ x, const T* __restrict__ dy, T* __restrict__ dx,
                          size_t n) {
-  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
-       i += (size_t)gridDim.x * blockDim.x)
+  constexpr int V = Vec16<T>::V;
+  size_t start = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+  size_t stride = (size_t)gridDim.x * blockDim.x;
+  size_t nv = aligned16(x, dy, dx) ? n / V : 0;
+  for (size_t i = start; i < nv; i += stride) {
+    Vec16<T> a, g, out;
+    a.raw = reinterpret_cast<const uint4*>(x)[i];
+    g.raw = reinterpret_cast<const uint4*>(dy)[i];
+#pragma unroll
+    for (int k = 0; k < V; ++k) out.e[k] = from_f<T>(to_f(g.e[k]) * gelu_grad_f(to_f(a.e[k])));
+    reinterpret_cast<uint4*>(dx)[i] = out.raw;
+  }
+  for (size_t i = nv * V + start; i < n; i += stride)
     dx[i] = from_f<T>(to_f(dy[i]) * gelu_grad_f(to_f(x[i])));
+}
+
+// s = x + delta (rounded to T) and y = LayerNorm(s) * gain, one warp per row: the residual add
+// before every LayerNorm of the GPT's forward in one pass. Row r of x takes row r % delta_rows of
+// delta (delta_rows = rows, or fewer for a delta broadcast over the leading axes).
+template <typename T>
+__device__ void add_ln_fwd(const T* __restrict__ x, const T* __restrict__ delta,
+                           const T* __restrict__ gain, T* __restrict__ s, T* __restrict__ y,
+                           int rows, int delta_rows, int c, float eps) {
+  int lane = threadIdx.x & 31;
+  int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (row >= rows) return;
+  size_t off = (size_t)row * c;
+  const T* dr = delta + (size_t)(row % delta_rows) * c;
+  float sum = 0.f;
+  for (int j = lane; j < c; j += 32) {
+    T v = from_f<T>(to_f(x[off + j]) + to_f(dr[j]));
+    s[off + j] = v;
+    sum += to_f(v);
+  }
+  float mean = warp_sum(sum) / c;
+  // Each lane reads back only the elements of s it wrote.
+  float q = 0.f;
+  for (int j = lane; j < c; j += 32) {
+    float d = to_f(s[off + j]) - mean;
+    q += d * d;
+  }
+  float rstd = rsqrtf(warp_sum(q) / c + eps);
+  for (int j = lane; j < c; j += 32)
+    y[off + j] = from_f<T>((to_f(s[off + j]) - mean) * rstd * to_f(gain[j]));
 }
 
 // table_grad[ids[r], j] += dy[r, j] for every row r (f32 atomics; the caller zeroes the table;
@@ -146,36 +211,100 @@ __device__ void emb_bwd(const T* __restrict__ dy, const uint32_t* __restrict__ i
   }
 }
 
-// out (b, h, t, d) = part `p` of x (b, t, parts, h, d); one thread per output element.
-template <typename T>
-__device__ void heads_split(const T* __restrict__ x, T* __restrict__ out, int b, int h, int t,
-                            int d, int parts, int p) {
-  size_t n = (size_t)b * h * t * d;
-  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
-       i += (size_t)gridDim.x * blockDim.x) {
-    size_t e = i % d, r = i / d;
-    size_t ti = r % t, bh = r / t;
-    size_t hi = bh % h, bi = bh / h;
-    out[i] = x[(((bi * t + ti) * parts + p) * h + hi) * d + e];
+// The heads kernels copy units U (uint4, uint32_t or uint16_t); du = units per head row of d
+// elements. Index of unit e of row (bi, ti, pi, hi) in a (b, t, parts, h, du) tensor:
+__device__ __forceinline__ unsigned parts_at(unsigned bi, unsigned ti, unsigned pi, unsigned hi,
+                                             unsigned e, unsigned t, unsigned parts, unsigned h,
+                                             unsigned du) {
+  return (((bi * t + ti) * parts + pi) * h + hi) * du + e;
+}
+
+// out (b, h, t, du) = part p of x (b, t, parts, h, du); one thread per output unit.
+template <typename U>
+__device__ void heads_split(const U* __restrict__ x, U* __restrict__ out, unsigned b, unsigned h,
+                            unsigned t, unsigned du, unsigned parts, unsigned p) {
+  unsigned n = b * h * t * du;
+  for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+    unsigned e = i % du, r = i / du;
+    unsigned ti = r % t, bh = r / t;
+    out[i] = x[parts_at(bh / h, ti, p, bh % h, e, t, parts, h, du)];
   }
 }
 
-// The inverse of heads_split (and its gradient): dx (b, t, parts, h, d) holds dout (b, h, t, d)
-// in part `p` and zeros in the other parts; one thread per dx element.
-template <typename T>
-__device__ void heads_merge(const T* __restrict__ dout, T* __restrict__ dx, int b, int h, int t,
-                            int d, int parts, int p) {
-  size_t n = (size_t)b * t * parts * h * d;
-  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
-       i += (size_t)gridDim.x * blockDim.x) {
-    size_t e = i % d, r = i / d;
-    size_t hi = r % h;
-    r /= h;
-    size_t pi = r % parts, bt = r / parts;
-    size_t ti = bt % t, bi = bt / t;
-    dx[i] = pi == (size_t)p ? dout[((bi * h + hi) * t + ti) * d + e] : from_f<T>(0.f);
+// q, k, v (b, h, t, du) = the three parts of x (b, t, 3, h, du); one thread per output unit of each.
+template <typename U>
+__device__ void heads_split3(const U* __restrict__ x, U* __restrict__ q, U* __restrict__ k,
+                             U* __restrict__ v, unsigned b, unsigned h, unsigned t, unsigned du) {
+  unsigned n = b * h * t * du;
+  for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+    unsigned e = i % du, r = i / du;
+    unsigned ti = r % t, bh = r / t;
+    unsigned src = parts_at(bh / h, ti, 0, bh % h, e, t, 3, h, du);
+    unsigned stride = h * du;
+    q[i] = x[src];
+    k[i] = x[src + stride];
+    v[i] = x[src + 2 * stride];
   }
 }
+
+// The inverse of heads_split (and its gradient): dx (b, t, parts, h, du) holds dout (b, h, t, du)
+// in part p and zeros in the other parts; one thread per dx unit.
+template <typename U>
+__device__ void heads_merge(const U* __restrict__ dout, U* __restrict__ dx, unsigned b, unsigned h,
+                            unsigned t, unsigned du, unsigned parts, unsigned p) {
+  unsigned n = b * t * parts * h * du;
+  for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+    unsigned e = i % du, r = i / du;
+    unsigned hi = r % h;
+    r /= h;
+    unsigned pi = r % parts, bt = r / parts;
+    unsigned ti = bt % t, bi = bt / t;
+    U zero{};
+    dx[i] = pi == p ? dout[((bi * h + hi) * t + ti) * du + e] : zero;
+  }
+}
+
+// The inverse of heads_split3: x (b, t, 3, h, du) from q, k, v (b, h, t, du); one thread per x unit.
+template <typename U>
+__device__ void heads_merge3(const U* __restrict__ q, const U* __restrict__ k,
+                             const U* __restrict__ v, U* __restrict__ x, unsigned b, unsigned h,
+                             unsigned t, unsigned du) {
+  unsigned n = b * t * 3 * h * du;
+  for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+    unsigned e = i % du, r = i / du;
+    unsigned hi = r % h;
+    r /= h;
+    unsigned pi = r % 3, bt = r / 3;
+    unsigned ti = bt % t, bi = bt / t;
+    unsigned src = ((bi * h + hi) * t + ti) * du + e;
+    x[i] = pi == 0 ? q[src] : pi == 1 ? k[src] : v[src];
+  }
+}
+
+#define INSTANTIATE_HEADS(U, NAME)                                                                \
+  extern "C" __global__ void heads_split_##NAME(const U* x, U* out, unsigned b, unsigned h,       \
+                                                unsigned t, unsigned du, unsigned parts,          \
+                                                unsigned p) {                                     \
+    heads_split(x, out, b, h, t, du, parts, p);                                                   \
+  }                                                                                               \
+  extern "C" __global__ void heads_split3_##NAME(const U* x, U* q, U* k, U* v, unsigned b,        \
+                                                 unsigned h, unsigned t, unsigned du) {           \
+    heads_split3(x, q, k, v, b, h, t, du);                                                        \
+  }                                                                                               \
+  extern "C" __global__ void heads_merge_##NAME(const U* dout, U* dx, unsigned b, unsigned h,     \
+                                                unsigned t, unsigned du, unsigned parts,          \
+                                                unsigned p) {                                     \
+    heads_merge(dout, dx, b, h, t, du, parts, p);                                                 \
+  }                                                                                               \
+  extern "C" __global__ void heads_merge3_##NAME(const U* q, const U* k, const U* v, U* x,        \
+                                                 unsigned b, unsigned h, unsigned t,              \
+                                                 unsigned du) {                                   \
+    heads_merge3(q, k, v, x, b, h, t, du);                                                        \
+  }
+
+INSTANTIATE_HEADS(uint4, u16)
+INSTANTIATE_HEADS(uint32_t, u4)
+INSTANTIATE_HEADS(uint16_t, u2)
 
 // loss[r] = logsumexp(row) - row[target]; grad[r, j] = (softmax(row)_j - [j == target]) * scale;
 // one warp per row, f32 math. A target outside [0, v) gives a NaN loss and a zero gradient row.
@@ -209,13 +338,15 @@ __device__ void xent(const T* __restrict__ logits, const uint32_t* __restrict__ 
                                            float eps) {                                           \
     ln_fwd(x, gain, y, rows, c, eps);                                                             \
   }                                                                                               \
-  extern "C" __global__ void ln_bwd_dx_##NAME(const TY* x, const TY* gain, const TY* dy, TY* dx,  \
-                                              int rows, int c, float eps) {                       \
-    ln_bwd_dx(x, gain, dy, dx, rows, c, eps);                                                     \
+  extern "C" __global__ void ln_bwd_##NAME(const TY* x, const TY* gain, const TY* dy,          \
+                                           const TY* acc, TY* dx, float* partial, int rows,       \
+                                           int c, float eps) {                                    \
+    ln_bwd(x, gain, dy, acc, dx, partial, rows, c, eps);                                          \
   }                                                                                               \
-  extern "C" __global__ void ln_bwd_dgain_##NAME(const TY* x, const TY* dy, float* partial,       \
-                                                 int rows, int c, float eps) {                    \
-    ln_bwd_dgain(x, dy, partial, rows, c, eps);                                                   \
+  extern "C" __global__ void add_ln_fwd_##NAME(const TY* x, const TY* delta, const TY* gain,      \
+                                               TY* s, TY* y, int rows, int delta_rows, int c,     \
+                                               float eps) {                                       \
+    add_ln_fwd(x, delta, gain, s, y, rows, delta_rows, c, eps);                                   \
   }                                                                                               \
   extern "C" __global__ void gelu_fwd_##NAME(const TY* x, TY* y, size_t n) { gelu_fwd(x, y, n); } \
   extern "C" __global__ void gelu_bwd_##NAME(const TY* x, const TY* dy, TY* dx, size_t n) {       \
@@ -224,14 +355,6 @@ __device__ void xent(const T* __restrict__ logits, const uint32_t* __restrict__ 
   extern "C" __global__ void emb_bwd_##NAME(const TY* dy, const uint32_t* ids, float* table_grad, \
                                             int rows, int c, uint32_t vocab) {                    \
     emb_bwd(dy, ids, table_grad, rows, c, vocab);                                                      \
-  }                                                                                               \
-  extern "C" __global__ void heads_split_##NAME(const TY* x, TY* out, int b, int h, int t,        \
-                                                int d, int parts, int p) {                        \
-    heads_split(x, out, b, h, t, d, parts, p);                                                    \
-  }                                                                                               \
-  extern "C" __global__ void heads_merge_##NAME(const TY* dout, TY* dx, int b, int h, int t,      \
-                                                int d, int parts, int p) {                        \
-    heads_merge(dout, dx, b, h, t, d, parts, p);                                                  \
   }                                                                                               \
   extern "C" __global__ void xent_##NAME(const TY* logits, const uint32_t* targets, float* loss,  \
                                          TY* grad, int rows, int v, float scale) {                \
@@ -260,4 +383,39 @@ extern "C" __global__ void adamw_step(const float* __restrict__ param,
     out[n + i] = m;
     out[2 * n + i] = v;
   }
+}
+
+__device__ __forceinline__ float block_sum(float v) {
+  __shared__ float warp_sums[32];
+  v = warp_sum(v);
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) warp_sums[warp] = v;
+  __syncthreads();
+  v = threadIdx.x < (blockDim.x >> 5) ? warp_sums[threadIdx.x] : 0.f;
+  return warp == 0 ? warp_sum(v) : 0.f;
+}
+
+// partial[blockIdx.y * gridDim.x + blockIdx.x] = sum of squares of this block's share of tensor
+// blockIdx.y (ptrs[i]: f32 data of lens[i] elements).
+extern "C" __global__ void sumsq_partial(const uint64_t* __restrict__ ptrs,
+                                         const uint64_t* __restrict__ lens,
+                                         float* __restrict__ partial) {
+  const float* x = reinterpret_cast<const float*>(ptrs[blockIdx.y]);
+  size_t n = lens[blockIdx.y];
+  float s = 0.f;
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+       i += (size_t)gridDim.x * blockDim.x) {
+    float v = x[i];
+    s += v * v;
+  }
+  s = block_sum(s);
+  if (threadIdx.x == 0) partial[(size_t)blockIdx.y * gridDim.x + blockIdx.x] = s;
+}
+
+// out[0] = sum of x[0..n) in a fixed order; one block.
+extern "C" __global__ void sum_f32(const float* __restrict__ x, float* __restrict__ out, int n) {
+  float s = 0.f;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) s += x[i];
+  s = block_sum(s);
+  if (threadIdx.x == 0) out[0] = s;
 }

@@ -6,9 +6,10 @@ mod common;
 
 use candle::{DType, Device, Result, Tensor, Var, D};
 use candle_sparse_attn::fused::{
-    adamw_update, backward_from, cross_entropy_with_grad, embedding, embedding_backward, gelu,
-    gelu_backward, layer_norm, layer_norm_backward, linear, linear_backward, merge_heads,
-    split_heads, to_heads, AdamWUpdate,
+    adamw_update, add_layer_norm, backward_from, cross_entropy_with_grad, embedding,
+    embedding_backward, gelu, gelu_backward, layer_norm, layer_norm_backward,
+    layer_norm_backward_add, linear, linear_backward, merge_heads, merge_qkv, split_heads,
+    split_qkv, sum_of_squares, to_heads, AdamWUpdate,
 };
 use candle_sparse_attn::reference::rel_err;
 use common::{devices, normal, tolerance};
@@ -168,6 +169,194 @@ fn split_heads_matches_transpose() -> Result<()> {
             )?;
         }
     }
+    Ok(())
+}
+
+#[test]
+fn split_qkv_and_merge_qkv_match_transpose() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(16);
+    // d = 64: 16-byte units in every dtype; 6 (f32) and 3: 4- and 2-byte units.
+    for (b, t, h, d) in [
+        (2, 37, 3, 16),
+        (1, 5, 6, 64),
+        (3, 1, 1, 8),
+        (2, 9, 2, 6),
+        (1, 4, 5, 3),
+    ] {
+        let qkv = randn(&mut rng, &[b, t, 3 * h * d], 1.0)?;
+        let parts = randn(&mut rng, &[3, b, h, t, d], 1.0)?;
+        for dev in devices() {
+            for dtype in DTYPES {
+                let tol = tolerance(dtype, &dev);
+                let x = qkv.to_dtype(dtype)?.to_device(&dev)?;
+                let vars = split_qkv(&x, h)?;
+                let heads = qkv
+                    .to_dtype(dtype)?
+                    .reshape((b, t, 3, h, d))?
+                    .permute((2, 0, 3, 1, 4))?;
+                for (i, var) in vars.iter().enumerate() {
+                    assert!(var.as_tensor().is_variable() && var.dims() == [b, h, t, d]);
+                    let want = heads.get(i)?.to_dtype(DType::F64)?;
+                    let got = var
+                        .as_tensor()
+                        .to_device(&Device::Cpu)?
+                        .to_dtype(DType::F64)?;
+                    let err = rel_err(&got, &want)?;
+                    assert!(
+                        err <= tol,
+                        "split_qkv {b}x{t}x{h}x{d} {dtype:?} {dev:?} part {i}: {err}"
+                    );
+                }
+                let p = parts.to_dtype(dtype)?.to_device(&dev)?;
+                let merged = merge_qkv(&p.get(0)?, &p.get(1)?, &p.get(2)?)?;
+                let want = parts
+                    .to_dtype(dtype)?
+                    .permute((1, 3, 0, 2, 4))?
+                    .reshape((b, t, 3 * h * d))?
+                    .to_dtype(DType::F64)?;
+                let got = merged.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
+                let err = rel_err(&got, &want)?;
+                assert!(
+                    err <= tol,
+                    "merge_qkv {b}x{t}x{h}x{d} {dtype:?} {dev:?}: {err}"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn layer_norm_backward_add_matches_sum() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(17);
+    for shape in [vec![3, 5, 45], vec![37, 384], vec![2, 9, 1000]] {
+        let c = *shape.last().unwrap();
+        let x = (randn(&mut rng, &shape, 2.0)? + 0.5)?;
+        let gain = (randn(&mut rng, &[c], 0.2)? + 1.0)?;
+        let dy = randn(&mut rng, &shape, 1.0)?;
+        let acc = randn(&mut rng, &shape, 1.0)?;
+        let f64s = |t: &Tensor| t.to_dtype(DType::F64);
+        // The reference: candle's autograd of the composite LayerNorm in f64.
+        let xv = Var::from_tensor(&f64s(&x)?)?;
+        let gv = Var::from_tensor(&f64s(&gain)?)?;
+        let y = composite_layer_norm(xv.as_tensor(), gv.as_tensor(), 1e-5)?;
+        let store = (y * f64s(&dy)?)?.sum_all()?.backward()?;
+        let grad = |v: &Var| store.get(v.as_tensor()).cloned().expect("gradient");
+        let (ref_dx, ref_dgain) = (grad(&xv), grad(&gv));
+        let want = (ref_dx + f64s(&acc)?)?;
+        for dev in devices() {
+            for dtype in DTYPES {
+                let on = |t: &Tensor| t.to_dtype(dtype)?.to_device(&dev);
+                let (dx, dgain) =
+                    layer_norm_backward_add(&on(&x)?, &on(&gain)?, &on(&dy)?, &on(&acc)?, 1e-5)?;
+                assert_eq!(dgain.dtype(), DType::F32);
+                let tol = tolerance(dtype, &dev);
+                let back = |t: &Tensor| t.to_device(&Device::Cpu)?.to_dtype(DType::F64);
+                let err = rel_err(&back(&dx)?, &want)?;
+                assert!(
+                    err <= tol,
+                    "ln backward add {shape:?} {dtype:?} {dev:?}: dx {err}"
+                );
+                let err = rel_err(&back(&dgain)?, &ref_dgain)?;
+                assert!(
+                    err <= tol,
+                    "ln backward add {shape:?} {dtype:?} {dev:?}: dgain {err}"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn add_layer_norm_matches_add_then_layer_norm() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(19);
+    // (x shape, delta shape): same shape, and a delta broadcast over the batch.
+    let cases: [(&[usize], &[usize]); 3] = [
+        (&[3, 5, 45], &[3, 5, 45]),
+        (&[2, 37, 384], &[37, 384]),
+        (&[2, 9, 1000], &[2, 9, 1000]),
+    ];
+    for (xs, ds) in cases {
+        let c = *xs.last().unwrap();
+        let x = (randn(&mut rng, xs, 2.0)? + 0.5)?;
+        let delta = randn(&mut rng, ds, 1.0)?;
+        let gain = (randn(&mut rng, &[c], 0.2)? + 1.0)?;
+        for dev in devices() {
+            for dtype in DTYPES {
+                let on = |t: &Tensor| t.to_dtype(dtype)?.to_device(&dev);
+                let (sum, y) = add_layer_norm(&on(&x)?, &on(&delta)?, &on(&gain)?, 1e-5)?;
+                // The reference: candle's add in the dtype, then the LayerNorm in f64.
+                let want_sum = on(&x)?
+                    .to_device(&Device::Cpu)?
+                    .broadcast_add(&on(&delta)?.to_device(&Device::Cpu)?)?
+                    .to_dtype(DType::F64)?;
+                let gain64 = on(&gain)?.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
+                let want_y = composite_layer_norm(&want_sum, &gain64, 1e-5)?;
+                let tol = tolerance(dtype, &dev);
+                let err = rel_err(&sum, &want_sum)?;
+                assert!(
+                    err <= tol,
+                    "add_layer_norm {xs:?}+{ds:?} {dtype:?} {dev:?}: sum {err}"
+                );
+                let err = rel_err(&y, &want_y)?;
+                assert!(
+                    err <= tol,
+                    "add_layer_norm {xs:?}+{ds:?} {dtype:?} {dev:?}: y {err}"
+                );
+            }
+        }
+    }
+    let x = Tensor::zeros((2, 4, 8), DType::F32, &Device::Cpu)?;
+    let gain = Tensor::ones(8, DType::F32, &Device::Cpu)?;
+    let e = message(add_layer_norm(
+        &x,
+        &Tensor::zeros((3, 8), DType::F32, &Device::Cpu)?,
+        &gain,
+        1e-5,
+    ));
+    assert!(e.contains("trailing part") && e.contains("[3, 8]"), "{e}");
+    Ok(())
+}
+
+#[test]
+fn sum_of_squares_matches_sum_all() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(18);
+    let shapes: [&[usize]; 5] = [&[3, 45], &[1], &[8192, 384], &[1001], &[2, 3, 4]];
+    let tensors = shapes
+        .iter()
+        .map(|s| randn(&mut rng, s, 1.0))
+        .collect::<Result<Vec<_>>>()?;
+    let want: f64 = tensors
+        .iter()
+        .map(|t| t.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>())
+        .sum::<Result<f64>>()?;
+    for dev in devices() {
+        let on_dev = tensors
+            .iter()
+            .map(|t| t.to_device(&dev))
+            .collect::<Result<Vec<_>>>()?;
+        let got = sum_of_squares(&on_dev)?.to_scalar::<f32>()? as f64;
+        assert!(
+            ((got - want) / want).abs() <= 1e-5,
+            "sum_of_squares {dev:?}: {got} vs {want}"
+        );
+        // A view with an offset (the second half of a tensor).
+        let half = on_dev[2].narrow(0, 4096, 4096)?;
+        let got = sum_of_squares(std::slice::from_ref(&half))?.to_scalar::<f32>()? as f64;
+        let want = half
+            .to_dtype(DType::F64)?
+            .sqr()?
+            .sum_all()?
+            .to_scalar::<f64>()?;
+        assert!(
+            ((got - want) / want).abs() <= 1e-5,
+            "sum_of_squares view {dev:?}"
+        );
+        let e = message(sum_of_squares(&[on_dev[0].to_dtype(DType::BF16)?]));
+        assert!(e.contains("must be f32"), "{e}");
+    }
+    assert_eq!(sum_of_squares(&[])?.to_scalar::<f32>()?, 0.0);
     Ok(())
 }
 

@@ -4,15 +4,18 @@
 //! candle's autograd gives every node's input gradient a zero fill and an add, and every op of the
 //! model body is a node (the residual adds, the position broadcast, the casts of the weights, the
 //! head's cast and cross-entropy). This pass calls the fused ops' backward kernels directly
-//! ([`fused::layer_norm_backward`], [`fused::gelu_backward`], [`fused::linear_backward`],
-//! [`fused::embedding_backward`]): the residual gradient is passed along, each weight gradient is
+//! ([`fused::layer_norm_backward_add`], [`fused::gelu_backward`], [`fused::linear_backward`],
+//! [`fused::embedding_backward`]): the residual gradient is passed along (each LayerNorm's input
+//! gradient added to it in the LayerNorm's backward kernel), each weight gradient is
 //! one matmul (returned as f32), and the loss and the logit gradient come from one softmax
 //! cross-entropy kernel ([`fused::cross_entropy_with_grad`]).
 //!
 //! The attention stays pluggable: each layer runs its
 //! [`AttentionBackend`](crate::attention::AttentionBackend) (with RoPE and the kind's key scorer)
-//! under a local candle autograd on detached queries, keys and values (and the scorer's input),
-//! differentiated by [`fused::backward_from`] seeded with the attention output's gradient. So every
+//! under a local candle autograd on detached queries, keys and values (fresh leaves written by
+//! [`fused::split_qkv`], their gradients merged back by [`fused::merge_qkv`]; and the scorer's
+//! input), differentiated by [`fused::backward_from`] seeded with the attention output's gradient.
+//! So every
 //! attention kind, a user's own included, trains through it, and the scorer's parameters get their
 //! gradients from that local graph.
 //!
@@ -29,6 +32,7 @@ use crate::gpt::{Block, Gpt, LN_EPS};
 use crate::layers::{apply_dropout, dropout_keep, mix_seed};
 
 /// One block's parameters in the compute dtype, detached from autograd.
+#[derive(Clone)]
 struct BlockWeights {
     ln_1: Tensor,
     c_attn: Tensor,
@@ -134,38 +138,61 @@ impl Gpt {
         let p = if train { cfg.dropout } else { 0.0 };
         let ids = inputs.flatten_all()?;
         let wte = cast(&self.wte)?;
-        let mut x = fused::embedding(&wte, &ids)?.reshape((b, t, c))?;
-        if let Some(wpe) = &self.wpe {
-            x = x.broadcast_add(&cast(wpe)?.narrow(0, 0, t)?)?;
-        }
-        let keep_emb = dropout_keep(x.shape(), dt, p, mix_seed(&[seed, 0]), dev)?;
-        x = apply_dropout(&x, keep_emb.as_ref(), p)?;
+        let weights = self
+            .blocks
+            .iter()
+            .map(|blk| {
+                Ok(BlockWeights {
+                    ln_1: cast(&blk.ln_1)?,
+                    c_attn: cast(&blk.c_attn)?,
+                    attn_proj: cast(&blk.attn_proj)?,
+                    ln_2: cast(&blk.ln_2)?,
+                    c_fc: cast(&blk.c_fc)?,
+                    mlp_proj: cast(&blk.mlp_proj)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let ln_f = cast(&self.ln_f)?;
+        // The gain of the LayerNorm after each residual add: the next block's ln_1, then ln_f.
+        let next_gain = |i: usize| weights.get(i).map_or(&ln_f, |w| &w.ln_1);
+        let emb = fused::embedding(&wte, &ids)?.reshape((b, t, c))?;
+        let keep_emb = dropout_keep(emb.shape(), dt, p, mix_seed(&[seed, 0]), dev)?;
+        // x: the residual stream; h: its LayerNorm by the next gain (computed with the add).
+        let (mut x, mut h) = match (&self.wpe, &keep_emb) {
+            (Some(wpe), None) => {
+                let pos = cast(wpe)?.narrow(0, 0, t)?;
+                fused::add_layer_norm(&emb, &pos, next_gain(0), LN_EPS)?
+            }
+            _ => {
+                let x = match &self.wpe {
+                    Some(wpe) => emb.broadcast_add(&cast(wpe)?.narrow(0, 0, t)?)?,
+                    None => emb,
+                };
+                let x = apply_dropout(&x, keep_emb.as_ref(), p)?;
+                let h = fused::layer_norm(&x, next_gain(0), LN_EPS)?;
+                (x, h)
+            }
+        };
         let mut blocks = Vec::with_capacity(self.blocks.len());
-        for (i, blk) in self.blocks.iter().enumerate() {
+        for (i, (blk, w)) in self.blocks.iter().zip(weights.iter()).enumerate() {
             let layer_seed = |k: u64| mix_seed(&[seed, 1 + i as u64, k]);
-            let w = BlockWeights {
-                ln_1: cast(&blk.ln_1)?,
-                c_attn: cast(&blk.c_attn)?,
-                attn_proj: cast(&blk.attn_proj)?,
-                ln_2: cast(&blk.ln_2)?,
-                c_fc: cast(&blk.c_fc)?,
-                mlp_proj: cast(&blk.mlp_proj)?,
-            };
-            let h1 = fused::layer_norm(&x, &w.ln_1, LN_EPS)?;
+            let h1 = h;
             let qkv = fused::linear(&h1, &w.c_attn)?;
             let attn = self.attend(blk, i, &h1, &qkv, train, layer_seed(0))?;
             let y_merged = fused::merge_heads(&attn.y.detach())?;
             let y = fused::linear(&y_merged, &w.attn_proj)?;
             let keep_attn = dropout_keep(y.shape(), dt, p, layer_seed(1), dev)?;
-            let x_mid = (&x + apply_dropout(&y, keep_attn.as_ref(), p)?)?;
-            let h2 = fused::layer_norm(&x_mid, &w.ln_2, LN_EPS)?;
+            let y = apply_dropout(&y, keep_attn.as_ref(), p)?;
+            let (x_mid, h2) = fused::add_layer_norm(&x, &y, &w.ln_2, LN_EPS)?;
             let fc = fused::linear(&h2, &w.c_fc)?;
             let act = fused::gelu(&fc)?;
             let m = fused::linear(&act, &w.mlp_proj)?;
             let keep_mlp = dropout_keep(m.shape(), dt, p, layer_seed(2), dev)?;
-            let x_out = (&x_mid + apply_dropout(&m, keep_mlp.as_ref(), p)?)?;
+            let m = apply_dropout(&m, keep_mlp.as_ref(), p)?;
+            let (x_out, h_next) = fused::add_layer_norm(&x_mid, &m, next_gain(i + 1), LN_EPS)?;
+            h = h_next;
             blocks.push(SavedBlock {
-                w,
+                w: w.clone(),
                 x_in: std::mem::replace(&mut x, x_out),
                 h1,
                 attn,
@@ -178,8 +205,7 @@ impl Gpt {
                 keep_mlp,
             });
         }
-        let ln_f = cast(&self.ln_f)?;
-        let xf = fused::layer_norm(&x, &ln_f, LN_EPS)?;
+        let xf = h;
         let logits = fused::linear(&xf, &wte)?.reshape((b * t, cfg.vocab_size))?;
         let scale = 1.0 / (b * t).max(1) as f32;
         let (losses, dlogits) =
@@ -211,9 +237,7 @@ impl Gpt {
         train: bool,
         seed: u64,
     ) -> Result<LayerAttention> {
-        let nh = self.config.n_head;
-        let leaf = |part: usize| Var::from_tensor(&fused::split_heads(qkv, nh, part)?);
-        let (q, k, v) = (leaf(0)?, leaf(1)?, leaf(2)?);
+        let [q, k, v] = fused::split_qkv(qkv, self.config.n_head)?;
         let (mut qr, mut kr) = (q.as_tensor().clone(), k.as_tensor().clone());
         if let Some(rope) = &self.rope {
             qr = rope.apply(&qr, 0)?;
@@ -255,7 +279,7 @@ impl TrainingPass<'_> {
         let cfg = &model.config;
         let (b, t) = self.dims;
         let (c, nh, p) = (cfg.n_embd, cfg.n_head, self.dropout);
-        let (dt, dev) = (model.compute_dtype, &model.device);
+        let dt = model.compute_dtype;
         let f32_of = |g: &Tensor| g.to_dtype(DType::F32);
         let mut grads = GradStore::default();
 
@@ -269,26 +293,23 @@ impl TrainingPass<'_> {
             let (dact, dw_mlp_proj) = fused::linear_backward(&saved.act, &w.mlp_proj, &dm)?;
             let dfc = fused::gelu_backward(&saved.fc, &dact)?;
             let (dh2, dw_fc) = fused::linear_backward(&saved.h2, &w.c_fc, &dfc)?;
-            let (dx_ln2, dln_2) = fused::layer_norm_backward(&saved.x_mid, &w.ln_2, &dh2, LN_EPS)?;
-            dx = (dx + dx_ln2)?;
+            let dln_2;
+            (dx, dln_2) = fused::layer_norm_backward_add(&saved.x_mid, &w.ln_2, &dh2, &dx, LN_EPS)?;
             // Attention: x_mid = x_in + dropout(merge(attn(q, k, v)) · attn_projᵀ).
             let da = apply_dropout(&dx, saved.keep_attn.as_ref(), p)?;
             let (dy_merged, dw_attn_proj) =
                 fused::linear_backward(&saved.y_merged, &w.attn_proj, &da)?;
             let dy = fused::to_heads(&dy_merged, nh)?;
             let local = fused::backward_from(&saved.attn.y, &dy)?;
-            let merged_grad = |leaf: &Var| match local.get(leaf.as_tensor()) {
-                Some(g) => fused::merge_heads(g),
-                None => Tensor::zeros((b, t, c), dt, dev),
-            };
             let attn = &saved.attn;
-            let dqkv = Tensor::cat(
-                &[
-                    merged_grad(&attn.q)?,
-                    merged_grad(&attn.k)?,
-                    merged_grad(&attn.v)?,
-                ],
-                2,
+            let leaf_grad = |leaf: &Var| match local.get(leaf.as_tensor()) {
+                Some(g) => Ok(g.clone()),
+                None => leaf.zeros_like(),
+            };
+            let dqkv = fused::merge_qkv(
+                &leaf_grad(&attn.q)?,
+                &leaf_grad(&attn.k)?,
+                &leaf_grad(&attn.v)?,
             )?;
             let (mut dh1, dw_c_attn) = fused::linear_backward(&saved.h1, &w.c_attn, &dqkv)?;
             if let Some(g) = attn.h.as_ref().and_then(|h| local.get(h.as_tensor())) {
@@ -299,8 +320,8 @@ impl TrainingPass<'_> {
                     grads.insert(var.as_tensor(), f32_of(g)?);
                 }
             }
-            let (dx_ln1, dln_1) = fused::layer_norm_backward(&saved.x_in, &w.ln_1, &dh1, LN_EPS)?;
-            dx = (dx + dx_ln1)?;
+            let dln_1;
+            (dx, dln_1) = fused::layer_norm_backward_add(&saved.x_in, &w.ln_1, &dh1, &dx, LN_EPS)?;
             for (var, g) in [
                 (&blk.ln_1, dln_1),
                 (&blk.c_attn, f32_of(&dw_c_attn)?),

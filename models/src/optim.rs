@@ -69,17 +69,14 @@ impl Gradients {
         self.grads.get(&var.as_tensor().id())
     }
 
-    /// The L2 norm of all gradients together (summed on the device, one read back).
+    /// The L2 norm of all gradients together: one sum of squares on the device
+    /// ([`fused::sum_of_squares`], two launches on CUDA), one read back.
     pub fn global_norm(&self) -> Result<f64> {
-        let squares = self
-            .grads
-            .values()
-            .map(|g| g.to_dtype(DType::F32)?.sqr()?.sum_all())
-            .collect::<Result<Vec<_>>>()?;
-        if squares.is_empty() {
+        if self.grads.is_empty() {
             return Ok(0.0);
         }
-        let sum = Tensor::stack(&squares, 0)?.sum_all()?.to_scalar::<f32>()?;
+        let grads: Vec<Tensor> = self.grads.values().cloned().collect();
+        let sum = fused::sum_of_squares(&grads)?.to_scalar::<f32>()?;
         Ok((sum as f64).sqrt() * self.scale.abs())
     }
 

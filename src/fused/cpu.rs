@@ -9,7 +9,11 @@ use super::{rows_cols, AdamWUpdate, Heads};
 pub(super) const DGAIN_PARTS: usize = 16;
 
 /// The contiguous typed slice behind a layout (`what` names the caller).
-fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [T]> {
+pub(super) fn slice<'a, T: WithDType>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    what: &str,
+) -> Result<&'a [T]> {
     match l.contiguous_offsets() {
         Some((start, end)) => Ok(&s.as_slice::<T>()?[start..end]),
         None => bail!("{what} (cpu): input must be contiguous, got {l:?}"),
@@ -206,6 +210,28 @@ pub(super) fn heads_merge<T: WithDType>(
                 row[dst..dst + n.d].copy_from_slice(&dout[src..src + n.d]);
             }
         });
+    Ok(T::to_cpu_storage_owned(out))
+}
+
+/// `(b, t, 3, h, d)` from the three `(b, h, t, d)` parts (see [`super::merge_qkv`]).
+pub(super) fn heads_merge3<T: WithDType>(
+    parts: [(&CpuStorage, &Layout); 3],
+    n: Heads,
+) -> Result<CpuStorage> {
+    let [q, k, v] = parts.map(|(s, l)| slice::<T>(s, l, "merge_qkv"));
+    let srcs = [q?, k?, v?];
+    let width = 3 * n.h * n.d;
+    let mut out = vec![T::from_f64(0.0); n.b * n.t * width];
+    out.par_chunks_mut(width).enumerate().for_each(|(bt, row)| {
+        let (bi, ti) = (bt / n.t, bt % n.t);
+        for (pi, src) in srcs.iter().enumerate() {
+            for hi in 0..n.h {
+                let from = ((bi * n.h + hi) * n.t + ti) * n.d;
+                let to = (pi * n.h + hi) * n.d;
+                row[to..to + n.d].copy_from_slice(&src[from..from + n.d]);
+            }
+        }
+    });
     Ok(T::to_cpu_storage_owned(out))
 }
 

@@ -1,7 +1,7 @@
 //! CUDA launch side of the fused ops (kernels in `cuda/fused.cu`), all on candle's stream.
 
 use candle::backend::BackendStorage;
-use candle::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, PushKernelArg};
+use candle::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, PushKernelArg};
 use candle::cuda_backend::WrapErr;
 use candle::{bail, CudaDevice, CudaStorage, DType, Layout, Result};
 use half::{bf16, f16};
@@ -16,8 +16,12 @@ const MODULE: &str = "candle_sparse_attn::fused";
 const THREADS: usize = 256;
 /// Blocks of the grid-stride element-wise kernels (enough to fill an H100 several times).
 const MAX_BLOCKS: usize = 4096;
-/// Blocks of the LayerNorm gain-gradient kernel (each writes one row of f32 partial sums).
-const DGAIN_BLOCKS: usize = 264;
+/// Most blocks of the LayerNorm backward (each writes one row of f32 gain-gradient partial sums).
+const LN_BWD_BLOCKS: usize = 1056;
+/// Shared memory of the LayerNorm backward's per-warp gain accumulators, at most.
+const LN_BWD_SMEM: usize = 96 * 1024;
+/// Blocks of the sum-of-squares kernel per tensor.
+const SUMSQ_BLOCKS: usize = 64;
 
 /// Runs `$body` with `$T` bound to the Rust type of float dtype `$dtype`.
 macro_rules! by_dtype {
@@ -86,52 +90,79 @@ pub(super) fn ln_fwd(
     })
 }
 
-pub(super) fn ln_bwd_dx(
+/// `(x + delta, LayerNorm(x + delta) · gain)`, one warp per row.
+pub(super) fn add_ln_fwd(
+    (sx, lx): (&CudaStorage, &Layout),
+    (sd, ld): (&CudaStorage, &Layout),
+    (sg, lg): (&CudaStorage, &Layout),
+    eps: f32,
+) -> Result<(CudaStorage, CudaStorage)> {
+    let what = "add_layer_norm";
+    let dev = sx.device().clone();
+    let (rows, c) = rows_cols(lx);
+    let (rows_i, c_i) = (i32_arg(what, rows)?, i32_arg(what, c)?);
+    let delta_rows = i32_arg(what, rows_cols(ld).0)?;
+    by_dtype!(what, sx.dtype(), T => {
+        let x = contiguous_view::<T>(sx, lx, what, "x")?;
+        let d = contiguous_view::<T>(sd, ld, what, "delta")?;
+        let g = contiguous_view::<T>(sg, lg, what, "gain")?;
+        let mut sum = alloc::<T>(&dev, rows * c)?;
+        let mut y = alloc::<T>(&dev, rows * c)?;
+        let name = format!("add_ln_fwd_{}", dtype_suffix(sx.dtype(), what)?);
+        let f = load_kernel!(dev, name, MODULE, kernels::FUSED, 0);
+        let mut b = f.builder();
+        b.arg(&x).arg(&d).arg(&g).arg(&mut sum).arg(&mut y);
+        b.arg(&rows_i).arg(&delta_rows).arg(&c_i).arg(&eps);
+        unsafe { b.launch(per_row(what, rows)?) }.w()?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(sum, dev.clone()),
+            CudaStorage::wrap_cuda_slice(y, dev),
+        ))
+    })
+}
+
+/// The input gradient of the LayerNorm (plus `acc` when given, same shape and dtype as `x`) and
+/// the partial sums of the gain gradient, `(blocks, c)` f32, with the number of blocks.
+pub(super) fn ln_bwd(
     (sx, lx): (&CudaStorage, &Layout),
     (sg, lg): (&CudaStorage, &Layout),
     (sd, ld): (&CudaStorage, &Layout),
+    acc: Option<(&CudaStorage, &Layout)>,
     eps: f32,
-) -> Result<CudaStorage> {
+) -> Result<(CudaStorage, CudaStorage, usize)> {
     let what = "layer_norm backward";
     let dev = sx.device().clone();
     let (rows, c) = rows_cols(lx);
     let (rows_i, c_i) = (i32_arg(what, rows)?, i32_arg(what, c)?);
+    // One row of c f32 accumulators per warp in shared memory: fewer warps for wide rows.
+    let warps = (LN_BWD_SMEM / (4 * c)).clamp(1, THREADS / 32);
+    let smem = warps * c * 4;
+    let blocks = rows.div_ceil(warps).clamp(1, LN_BWD_BLOCKS);
     by_dtype!(what, sx.dtype(), T => {
         let x = contiguous_view::<T>(sx, lx, what, "x")?;
         let g = contiguous_view::<T>(sg, lg, what, "gain")?;
         let dy = contiguous_view::<T>(sd, ld, what, "dy")?;
+        let acc = acc
+            .map(|(s, l)| contiguous_view::<T>(s, l, what, "residual"))
+            .transpose()?;
         let mut dx = alloc::<T>(&dev, rows * c)?;
-        let name = format!("ln_bwd_dx_{}", dtype_suffix(sx.dtype(), what)?);
-        let f = load_kernel!(dev, name, MODULE, kernels::FUSED, 0);
-        let mut b = f.builder();
-        b.arg(&x).arg(&g).arg(&dy).arg(&mut dx).arg(&rows_i).arg(&c_i).arg(&eps);
-        unsafe { b.launch(per_row(what, rows)?) }.w()?;
-        Ok(CudaStorage::wrap_cuda_slice(dx, dev))
-    })
-}
-
-/// Partial sums of the gain gradient, `(blocks, c)` f32, and the number of blocks.
-pub(super) fn ln_bwd_dgain(
-    (sx, lx): (&CudaStorage, &Layout),
-    (sd, ld): (&CudaStorage, &Layout),
-    eps: f32,
-) -> Result<(CudaStorage, usize)> {
-    let what = "layer_norm backward";
-    let dev = sx.device().clone();
-    let (rows, c) = rows_cols(lx);
-    let (rows_i, c_i) = (i32_arg(what, rows)?, i32_arg(what, c)?);
-    let blocks = rows.div_ceil(THREADS / 32).clamp(1, DGAIN_BLOCKS);
-    let smem = c * 4;
-    by_dtype!(what, sx.dtype(), T => {
-        let x = contiguous_view::<T>(sx, lx, what, "x")?;
-        let dy = contiguous_view::<T>(sd, ld, what, "dy")?;
         let mut partial = alloc::<f32>(&dev, blocks * c)?;
-        let name = format!("ln_bwd_dgain_{}", dtype_suffix(sx.dtype(), what)?);
+        let name = format!("ln_bwd_{}", dtype_suffix(sx.dtype(), what)?);
         let f = load_kernel!(dev, name, MODULE, kernels::FUSED, smem);
+        let null: u64 = 0;
         let mut b = f.builder();
-        b.arg(&x).arg(&dy).arg(&mut partial).arg(&rows_i).arg(&c_i).arg(&eps);
-        unsafe { b.launch(launch_config(what, (blocks, 1), THREADS, smem)?) }.w()?;
-        Ok((CudaStorage::wrap_cuda_slice(partial, dev), blocks))
+        b.arg(&x).arg(&g).arg(&dy);
+        match &acc {
+            Some(acc) => b.arg(acc),
+            None => b.arg(&null),
+        };
+        b.arg(&mut dx).arg(&mut partial).arg(&rows_i).arg(&c_i).arg(&eps);
+        unsafe { b.launch(launch_config(what, (blocks, 1), warps * 32, smem)?) }.w()?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(dx, dev.clone()),
+            CudaStorage::wrap_cuda_slice(partial, dev),
+            blocks,
+        ))
     })
 }
 
@@ -197,16 +228,37 @@ pub(super) fn emb_bwd(
     Ok(CudaStorage::wrap_cuda_slice(table, dev))
 }
 
-/// The `i32` sizes `(b, h, t, d, parts, part)` of a heads launch.
-fn heads_args(what: &str, n: Heads) -> Result<[i32; 6]> {
-    Ok([
-        i32_arg(what, n.b)?,
-        i32_arg(what, n.h)?,
-        i32_arg(what, n.t)?,
-        i32_arg(what, n.d)?,
-        i32_arg(what, n.parts)?,
-        i32_arg(what, n.part)?,
-    ])
+/// The copy unit of the heads kernels: the widest of 16, 4 or 2 bytes dividing a head row of `d`
+/// elements of `dtype` and every input's start offset (`offsets`, in elements); returns its
+/// kernel suffix and the units per head row.
+fn heads_unit(
+    what: &str,
+    dtype: DType,
+    d: usize,
+    offsets: &[usize],
+) -> Result<(&'static str, u32)> {
+    let size = dtype.size_in_bytes();
+    let unit = [(16, "u16"), (4, "u4"), (2, "u2")]
+        .into_iter()
+        .find(|(u, _)| (d * size) % u == 0 && offsets.iter().all(|o| (o * size) % u == 0));
+    match unit {
+        Some((u, name)) => {
+            let du = u32::try_from(d * size / u).map_err(|_| {
+                candle::Error::Msg(format!("{what} (cuda): head dim {d} too large"))
+            })?;
+            Ok((name, du))
+        }
+        None => bail!("{what} (cuda): dtype {dtype:?} is not supported (f32, bf16, f16)"),
+    }
+}
+
+/// The `u32` sizes of a heads launch, checked so that every unit index fits in 32 bits.
+fn heads_dims(what: &str, n: Heads, du: u32) -> Result<[u32; 3]> {
+    let total = n.b * n.t * n.parts.max(3) * n.h * du as usize;
+    if total > u32::MAX as usize {
+        bail!("{what} (cuda): {n:?} is too large for 32-bit indices")
+    }
+    Ok([n.b as u32, n.h as u32, n.t as u32])
 }
 
 /// `kernel` (`heads_split` or `heads_merge`) from `(s, l)` into `out_len` elements.
@@ -218,18 +270,17 @@ fn heads(
     out_len: usize,
 ) -> Result<CudaStorage> {
     let dev = s.device().clone();
-    let args = heads_args(what, n)?;
+    let (unit, du) = heads_unit(what, s.dtype(), n.d, &[l.start_offset()])?;
+    let [b_, h_, t_] = heads_dims(what, n, du)?;
+    let (parts, part) = (n.parts as u32, n.part as u32);
+    let units = out_len / n.d * du as usize;
     by_dtype!(what, s.dtype(), T => {
         let src = contiguous_view::<T>(s, l, what, "input")?;
         let mut out = alloc::<T>(&dev, out_len)?;
-        let name = format!("{kernel}_{}", dtype_suffix(s.dtype(), what)?);
-        let f = load_kernel!(dev, name, MODULE, kernels::FUSED, 0);
+        let f = load_kernel!(dev, format!("{kernel}_{unit}"), MODULE, kernels::FUSED, 0);
         let mut b = f.builder();
-        b.arg(&src).arg(&mut out);
-        for a in &args {
-            b.arg(a);
-        }
-        unsafe { b.launch(elementwise(what, out_len)?) }.w()?;
+        b.arg(&src).arg(&mut out).arg(&b_).arg(&h_).arg(&t_).arg(&du).arg(&parts).arg(&part);
+        unsafe { b.launch(elementwise(what, units)?) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(out, dev))
     })
 }
@@ -247,6 +298,95 @@ pub(super) fn heads_split(input: (&CudaStorage, &Layout), n: Heads) -> Result<Cu
 pub(super) fn heads_merge(input: (&CudaStorage, &Layout), n: Heads) -> Result<CudaStorage> {
     let len = n.b * n.t * n.parts * n.h * n.d;
     heads("heads merge", "heads_merge", input, n, len)
+}
+
+/// The three parts of `(b, t, 3, h, d)` as `(b, h, t, d)` storages, in one pass.
+pub(super) fn heads_split3((s, l): (&CudaStorage, &Layout), n: Heads) -> Result<[CudaStorage; 3]> {
+    let what = "split_qkv";
+    let dev = s.device().clone();
+    let (unit, du) = heads_unit(what, s.dtype(), n.d, &[l.start_offset()])?;
+    let [b_, h_, t_] = heads_dims(what, n, du)?;
+    let len = n.b * n.h * n.t * n.d;
+    let units = n.b * n.h * n.t * du as usize;
+    by_dtype!(what, s.dtype(), T => {
+        let src = contiguous_view::<T>(s, l, what, "qkv")?;
+        let mut q = alloc::<T>(&dev, len)?;
+        let mut k = alloc::<T>(&dev, len)?;
+        let mut v = alloc::<T>(&dev, len)?;
+        let f = load_kernel!(dev, format!("heads_split3_{unit}"), MODULE, kernels::FUSED, 0);
+        let mut b = f.builder();
+        b.arg(&src).arg(&mut q).arg(&mut k).arg(&mut v);
+        b.arg(&b_).arg(&h_).arg(&t_).arg(&du);
+        unsafe { b.launch(elementwise(what, units)?) }.w()?;
+        Ok([q, k, v].map(|x| CudaStorage::wrap_cuda_slice(x, dev.clone())))
+    })
+}
+
+/// `(b, t, 3, h, d)` from the three `(b, h, t, d)` parts, in one pass.
+pub(super) fn heads_merge3(parts: [(&CudaStorage, &Layout); 3], n: Heads) -> Result<CudaStorage> {
+    let what = "merge_qkv";
+    let s = parts[0].0;
+    let dev = s.device().clone();
+    let offsets = parts.map(|(_, l)| l.start_offset());
+    let (unit, du) = heads_unit(what, s.dtype(), n.d, &offsets)?;
+    let [b_, h_, t_] = heads_dims(what, n, du)?;
+    let len = 3 * n.b * n.h * n.t * n.d;
+    let units = 3 * n.b * n.h * n.t * du as usize;
+    by_dtype!(what, s.dtype(), T => {
+        let [(sq, lq), (sk, lk), (sv, lv)] = parts;
+        let q = contiguous_view::<T>(sq, lq, what, "q")?;
+        let k = contiguous_view::<T>(sk, lk, what, "k")?;
+        let v = contiguous_view::<T>(sv, lv, what, "v")?;
+        let mut out = alloc::<T>(&dev, len)?;
+        let f = load_kernel!(dev, format!("heads_merge3_{unit}"), MODULE, kernels::FUSED, 0);
+        let mut b = f.builder();
+        b.arg(&q).arg(&k).arg(&v).arg(&mut out).arg(&b_).arg(&h_).arg(&t_).arg(&du);
+        unsafe { b.launch(elementwise(what, units)?) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(out, dev))
+    })
+}
+
+/// The sum of squares of every element of the f32 `tensors` (contiguous), a `(1,)` f32 storage:
+/// one launch over a device table of pointers (per-block partials), then one block summing the
+/// partials in a fixed order.
+pub(super) fn sum_of_squares(
+    dev: &CudaDevice,
+    tensors: &[(&CudaStorage, &Layout)],
+) -> Result<CudaStorage> {
+    let what = "sum_of_squares";
+    let n = tensors.len();
+    if n == 0 || n > 65535 {
+        bail!("{what} (cuda): need 1 to 65535 tensors, got {n}")
+    }
+    let stream = dev.cuda_stream();
+    let views = tensors
+        .iter()
+        .enumerate()
+        .map(|(i, (s, l))| contiguous_view::<f32>(s, l, what, &format!("tensor {i}")))
+        .collect::<Result<Vec<_>>>()?;
+    let mut ptrs = Vec::with_capacity(n);
+    let mut guards = Vec::with_capacity(n);
+    for v in &views {
+        let (ptr, guard) = v.device_ptr(&stream);
+        ptrs.push(ptr);
+        guards.push(guard);
+    }
+    let lens: Vec<u64> = views.iter().map(|v| v.len() as u64).collect();
+    let ptrs = dev.clone_htod(&ptrs)?;
+    let lens = dev.clone_htod(&lens)?;
+    let mut partial = alloc::<f32>(dev, n * SUMSQ_BLOCKS)?;
+    let f = load_kernel!(dev, "sumsq_partial", MODULE, kernels::FUSED, 0);
+    let mut b = f.builder();
+    b.arg(&ptrs).arg(&lens).arg(&mut partial);
+    unsafe { b.launch(launch_config(what, (SUMSQ_BLOCKS, n), THREADS, 0)?) }.w()?;
+    drop(guards);
+    let mut out = alloc::<f32>(dev, 1)?;
+    let parts = i32_arg(what, n * SUMSQ_BLOCKS)?;
+    let f = load_kernel!(dev, "sum_f32", MODULE, kernels::FUSED, 0);
+    let mut b = f.builder();
+    b.arg(&partial).arg(&mut out).arg(&parts);
+    unsafe { b.launch(launch_config(what, (1, 1), 1024, 0)?) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
 }
 
 /// `[param | m | v]` after one AdamW step, `(3, n)` f32.

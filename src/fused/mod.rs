@@ -31,7 +31,7 @@ mod cuda;
 use candle::backend::BackendStorage;
 use candle::backprop::GradStore;
 use candle::op::BackpropOp;
-use candle::{bail, CpuStorage, DType, Layout, Result, Shape, Storage, Tensor};
+use candle::{bail, CpuStorage, DType, Layout, Result, Shape, Storage, Tensor, Var};
 
 /// The dtype check shared by the float ops: f32, bf16 or f16, or an error naming `what`.
 fn check_float(what: &str, t: &Tensor) -> Result<()> {
@@ -92,6 +92,66 @@ pub fn layer_norm(x: &Tensor, gain: &Tensor, eps: f64) -> Result<Tensor> {
     }
     x.contiguous()?
         .apply_op2(&gain.contiguous()?, LayerNorm { eps: eps as f32 })
+}
+
+/// A residual add followed by [`layer_norm`]: returns `(s, layer_norm(s, gain, eps))` with
+/// `s = x + delta` (rounded to the dtype of `x`, as candle's add), in one pass on CUDA. `x`
+/// `(..., c)`; `delta` of its dtype and shape, or of a trailing part of its shape (broadcast over
+/// the leading axes: position embeddings `(t, c)` for `x` `(b, t, c)`); `gain` `(c,)`. No autograd
+/// (for hand-written training passes: the gradient of `s` is [`layer_norm_backward_add`]'s).
+pub fn add_layer_norm(
+    x: &Tensor,
+    delta: &Tensor,
+    gain: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor)> {
+    check_float("add_layer_norm", x)?;
+    let c = x.dims().last().copied().unwrap_or(0);
+    if !x.dims().ends_with(delta.dims())
+        || delta.rank() == 0
+        || delta.dtype() != x.dtype()
+        || gain.dims() != [c]
+        || gain.dtype() != x.dtype()
+        || c == 0
+    {
+        bail!(
+            "add_layer_norm: delta {:?} {:?} (the shape of x or a trailing part of it) and gain \
+             {:?} {:?} must match x {:?} {:?} (gain (c,), c > 0)",
+            delta.dims(),
+            delta.dtype(),
+            gain.dims(),
+            gain.dtype(),
+            x.dims(),
+            x.dtype()
+        )
+    }
+    if !(eps > 0.0 && eps.is_finite()) {
+        bail!("add_layer_norm: eps must be positive and finite, got {eps}")
+    }
+    let (x, delta, gain) = (x.contiguous()?, delta.contiguous()?, gain.contiguous()?);
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() {
+        let (sx, lx) = x.storage_and_layout();
+        let (sd, ld) = delta.storage_and_layout();
+        let (sg, lg) = gain.storage_and_layout();
+        let (Storage::Cuda(sx), Storage::Cuda(sd), Storage::Cuda(sg)) = (&*sx, &*sd, &*sg) else {
+            bail!(
+                "add_layer_norm: x, delta and gain must share one device, got {:?}, {:?}, {:?}",
+                x.device().location(),
+                delta.device().location(),
+                gain.device().location()
+            )
+        };
+        let (sum, y) = cuda::add_ln_fwd((sx, lx), (sd, ld), (sg, lg), eps as f32)?;
+        let none = BackpropOp::none;
+        return Ok((
+            Tensor::from_storage(Storage::Cuda(sum), x.shape(), none(), false),
+            Tensor::from_storage(Storage::Cuda(y), x.shape(), none(), false),
+        ));
+    }
+    let sum = x.detach().broadcast_add(&delta.detach())?;
+    let y = sum.apply_op2_no_bwd(&gain, &LayerNorm { eps: eps as f32 })?;
+    Ok((sum, y))
 }
 
 /// Exact GELU `x · Φ(x)` (erf form), element-wise, in the dtype of `x`, with its gradient.
@@ -199,6 +259,174 @@ pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(MergeHeads(heads))
 }
 
+/// The queries, keys and values of a fused projection `qkv` `(b, t, 3·h·d)` (laid out as
+/// `(b, t, 3, h, d)`) as three contiguous `(b, h, t, d)` tensors, written in one pass and returned
+/// as fresh variables: leaves of a local autograd graph without the copy `Var::from_tensor` makes
+/// of a plain tensor. Their gradients go back with [`merge_qkv`]. No autograd to `qkv`.
+pub fn split_qkv(qkv: &Tensor, n_head: usize) -> Result<[Var; 3]> {
+    check_float("split_qkv", qkv)?;
+    let (b, t, w) = qkv.dims3().map_err(|_| {
+        candle::Error::Msg(format!(
+            "split_qkv: qkv must be (b, t, 3·h·d), got {:?}",
+            qkv.dims()
+        ))
+    })?;
+    if n_head == 0 || w == 0 || !w.is_multiple_of(3 * n_head) {
+        bail!(
+            "split_qkv: width {w} of qkv {:?} must be a positive multiple of 3 · n_head ({n_head})",
+            qkv.dims()
+        )
+    }
+    let n = Heads {
+        b,
+        h: n_head,
+        t,
+        d: w / (3 * n_head),
+        parts: 3,
+        part: 0,
+    };
+    let qkv = qkv.contiguous()?;
+    let (s, l) = qkv.storage_and_layout();
+    let parts: [Storage; 3] = match &*s {
+        Storage::Cpu(s) => {
+            let part = |part| cpu_float!("split_qkv", s, heads_split((s, l), Heads { part, ..n }));
+            [part(0)?, part(1)?, part(2)?].map(Storage::Cpu)
+        }
+        #[cfg(feature = "cuda")]
+        Storage::Cuda(s) => cuda::heads_split3((s, l), n)?.map(Storage::Cuda),
+        #[allow(unreachable_patterns)]
+        _ => bail!(
+            "split_qkv: device {:?} is not supported (cpu, cuda)",
+            qkv.device().location()
+        ),
+    };
+    let shape = Shape::from((b, n_head, t, n.d));
+    let [q, k, v] = parts.map(|p| Tensor::from_storage(p, shape.clone(), BackpropOp::none(), true));
+    Ok([
+        Var::from_tensor(&q)?,
+        Var::from_tensor(&k)?,
+        Var::from_tensor(&v)?,
+    ])
+}
+
+/// The inverse of [`split_qkv`]: queries, keys and values `(b, h, t, d)` (one shape and dtype)
+/// merged into a contiguous `(b, t, 3·h·d)` tensor in one pass (the gradient of the fused
+/// projection). No autograd.
+pub fn merge_qkv(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    check_float("merge_qkv", q)?;
+    let (b, h, t, d) = q.dims4().map_err(|_| {
+        candle::Error::Msg(format!(
+            "merge_qkv: q must be (b, h, t, d), got {:?}",
+            q.dims()
+        ))
+    })?;
+    if [k, v]
+        .iter()
+        .any(|x| x.shape() != q.shape() || x.dtype() != q.dtype())
+    {
+        bail!(
+            "merge_qkv: q {:?} {:?}, k {:?} {:?} and v {:?} {:?} must have one shape and dtype",
+            q.dims(),
+            q.dtype(),
+            k.dims(),
+            k.dtype(),
+            v.dims(),
+            v.dtype()
+        )
+    }
+    let n = Heads {
+        b,
+        h,
+        t,
+        d,
+        parts: 3,
+        part: 0,
+    };
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let (sq, lq) = q.storage_and_layout();
+    let (sk, lk) = k.storage_and_layout();
+    let (sv, lv) = v.storage_and_layout();
+    let out = match (&*sq, &*sk, &*sv) {
+        (Storage::Cpu(sq), Storage::Cpu(sk), Storage::Cpu(sv)) => Storage::Cpu(cpu_float!(
+            "merge_qkv",
+            sq,
+            heads_merge3([(sq, lq), (sk, lk), (sv, lv)], n)
+        )?),
+        #[cfg(feature = "cuda")]
+        (Storage::Cuda(sq), Storage::Cuda(sk), Storage::Cuda(sv)) => {
+            Storage::Cuda(cuda::heads_merge3([(sq, lq), (sk, lk), (sv, lv)], n)?)
+        }
+        _ => bail!(
+            "merge_qkv: q, k and v must share a CPU or CUDA device, got {:?}, {:?}, {:?}",
+            q.device().location(),
+            k.device().location(),
+            v.device().location()
+        ),
+    };
+    Ok(Tensor::from_storage(
+        out,
+        (b, t, 3 * h * d),
+        BackpropOp::none(),
+        false,
+    ))
+}
+
+/// The sum of the squares of every element of `tensors` (f32, one device; any shapes), a scalar
+/// f32: on CUDA one kernel over a table of pointers plus one block adding the per-block partial
+/// sums in a fixed order (the global gradient norm in two launches instead of a reduction per
+/// tensor). An empty list sums to zero on the CPU. No autograd.
+pub fn sum_of_squares(tensors: &[Tensor]) -> Result<Tensor> {
+    let Some(first) = tensors.first() else {
+        return Tensor::zeros((), DType::F32, &candle::Device::Cpu);
+    };
+    let dev = first.device();
+    for (i, t) in tensors.iter().enumerate() {
+        if t.dtype() != DType::F32 || !t.device().same_device(dev) {
+            bail!(
+                "sum_of_squares: tensor {i} {:?} {:?} on {:?} must be f32 on {:?}",
+                t.dims(),
+                t.dtype(),
+                t.device().location(),
+                dev.location()
+            )
+        }
+    }
+    let tensors = tensors
+        .iter()
+        .map(Tensor::contiguous)
+        .collect::<Result<Vec<_>>>()?;
+    let storages: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
+    let out = match dev {
+        candle::Device::Cpu => {
+            let mut sum = 0f64;
+            for (s, l) in &storages {
+                let Storage::Cpu(s) = &**s else {
+                    bail!("sum_of_squares: tensors must share one device")
+                };
+                let x = cpu::slice::<f32>(s, l, "sum_of_squares")?;
+                sum += x.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>();
+            }
+            Storage::Cpu(CpuStorage::F32(vec![sum as f32]))
+        }
+        #[cfg(feature = "cuda")]
+        candle::Device::Cuda(cuda_dev) => {
+            let parts = storages
+                .iter()
+                .map(|(s, l)| match &**s {
+                    Storage::Cuda(s) => Ok((s, *l)),
+                    _ => bail!("sum_of_squares: tensors must share one device"),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Storage::Cuda(cuda::sum_of_squares(cuda_dev, &parts)?)
+        }
+        other => bail!(
+            "sum_of_squares: device {:?} is not supported (cpu, cuda)",
+            other.location()
+        ),
+    };
+    Ok(Tensor::from_storage(out, (), BackpropOp::none(), false))
+}
+
 /// `x · wᵀ` for `x` `(..., in)` and `w` `(out, in)` of one float dtype (f32, bf16, f16 or
 /// f64); returns `(..., out)`.
 /// One matmul (cuBLAS on CUDA) on the contiguous inputs; the backward computes `dx = dy · w` and
@@ -229,21 +457,99 @@ pub fn layer_norm_backward(
     dy: &Tensor,
     eps: f64,
 ) -> Result<(Tensor, Tensor)> {
-    if dy.shape() != x.shape() || dy.dtype() != x.dtype() || gain.dtype() != x.dtype() {
+    ln_backward(x, gain, dy, None, eps)
+}
+
+/// [`layer_norm_backward`] with the input gradient added to `acc` (the shape and dtype of `x`) in
+/// the same kernel: returns `(acc + dx, dgain)`. For a residual stream whose gradient already
+/// holds the skip path's part. No autograd.
+pub fn layer_norm_backward_add(
+    x: &Tensor,
+    gain: &Tensor,
+    dy: &Tensor,
+    acc: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor)> {
+    ln_backward(x, gain, dy, Some(acc), eps)
+}
+
+/// [`layer_norm_backward`] and [`layer_norm_backward_add`]: one kernel on CUDA writes `dx` (plus
+/// `acc`) and per-block partial sums of the gain gradient, summed here.
+fn ln_backward(
+    x: &Tensor,
+    gain: &Tensor,
+    dy: &Tensor,
+    acc: Option<&Tensor>,
+    eps: f64,
+) -> Result<(Tensor, Tensor)> {
+    check_float("layer_norm_backward", x)?;
+    let c = x.dims().last().copied().unwrap_or(0);
+    let acc_ok = acc.is_none_or(|a| a.shape() == x.shape() && a.dtype() == x.dtype());
+    if dy.shape() != x.shape()
+        || dy.dtype() != x.dtype()
+        || gain.dtype() != x.dtype()
+        || gain.dims() != [c]
+        || c == 0
+        || !acc_ok
+    {
         bail!(
-            "layer_norm_backward: dy {:?} {:?} and gain {:?} {:?} must match x {:?} {:?}",
+            "layer_norm_backward: dy {:?} {:?}, gain {:?} {:?} and residual {:?} must match x \
+             {:?} {:?} (gain (c,), c > 0)",
             dy.dims(),
             dy.dtype(),
             gain.dims(),
             gain.dtype(),
+            acc.map(|a| (a.dims(), a.dtype())),
             x.dims(),
             x.dtype()
         )
     }
     let (x, gain, dy) = (x.contiguous()?, gain.contiguous()?, dy.contiguous()?);
+    let acc = acc.map(Tensor::contiguous).transpose()?;
     let eps = eps as f32;
-    let dx = x.apply_op3_no_bwd(&gain, &dy, &LayerNormDx { eps })?;
-    let dgain = x.apply_op2_no_bwd(&dy, &LayerNormDgain { eps })?.sum(0)?;
+    let (sx, lx) = x.storage_and_layout();
+    let (sg, lg) = gain.storage_and_layout();
+    let (sd, ld) = dy.storage_and_layout();
+    let acc_storage = acc.as_ref().map(|a| a.storage_and_layout());
+    let (dx, partial, parts) = match (&*sx, &*sg, &*sd) {
+        (Storage::Cpu(sx), Storage::Cpu(sg), Storage::Cpu(sd)) => {
+            let what = "layer_norm backward";
+            let dx = cpu_float!(what, sx, ln_bwd_dx((sx, lx), (sg, lg), (sd, ld), eps))?;
+            let partial = cpu_float!(what, sx, ln_bwd_dgain((sx, lx), (sd, ld), eps))?;
+            (
+                Storage::Cpu(dx),
+                Storage::Cpu(CpuStorage::F32(partial)),
+                cpu::DGAIN_PARTS,
+            )
+        }
+        #[cfg(feature = "cuda")]
+        (Storage::Cuda(sx), Storage::Cuda(sg), Storage::Cuda(sd)) => {
+            let acc = match &acc_storage {
+                Some((s, l)) => match &**s {
+                    Storage::Cuda(s) => Some((s, *l)),
+                    _ => bail!("layer_norm_backward: the residual must be on the device of x"),
+                },
+                None => None,
+            };
+            let (dx, partial, parts) = cuda::ln_bwd((sx, lx), (sg, lg), (sd, ld), acc, eps)?;
+            (Storage::Cuda(dx), Storage::Cuda(partial), parts)
+        }
+        _ => bail!(
+            "layer_norm_backward: x, gain and dy must share a CPU or CUDA device, got {:?}, {:?}, \
+             {:?}",
+            x.device().location(),
+            gain.device().location(),
+            dy.device().location()
+        ),
+    };
+    let none = BackpropOp::none;
+    let dx = Tensor::from_storage(dx, x.shape(), none(), false);
+    let dgain = Tensor::from_storage(partial, (parts, c), none(), false).sum(0)?;
+    let dx = match &acc {
+        // The CPU kernel leaves the residual out: add it here.
+        Some(a) if !x.device().is_cuda() => (dx + a)?,
+        _ => dx,
+    };
     Ok((dx, dgain))
 }
 
@@ -511,88 +817,6 @@ impl candle::CustomOp2 for LayerNorm {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (dx, dgain) = layer_norm_backward(x, gain, grad, self.eps as f64)?;
         Ok((Some(dx), Some(dgain.to_dtype(gain.dtype())?)))
-    }
-}
-
-/// `dx` of [`LayerNorm`] from `(x, gain, dy)`.
-struct LayerNormDx {
-    eps: f32,
-}
-
-impl candle::CustomOp3 for LayerNormDx {
-    fn name(&self) -> &'static str {
-        "fused-layer-norm-dx"
-    }
-
-    fn cpu_fwd(
-        &self,
-        sx: &CpuStorage,
-        lx: &Layout,
-        sg: &CpuStorage,
-        lg: &Layout,
-        sd: &CpuStorage,
-        ld: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let out = cpu_float!(
-            "layer_norm backward",
-            sx,
-            ln_bwd_dx((sx, lx), (sg, lg), (sd, ld), self.eps)
-        )?;
-        Ok((out, lx.shape().clone()))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        sx: &candle::CudaStorage,
-        lx: &Layout,
-        sg: &candle::CudaStorage,
-        lg: &Layout,
-        sd: &candle::CudaStorage,
-        ld: &Layout,
-    ) -> Result<(candle::CudaStorage, Shape)> {
-        let out = cuda::ln_bwd_dx((sx, lx), (sg, lg), (sd, ld), self.eps)?;
-        Ok((out, lx.shape().clone()))
-    }
-}
-
-/// Partial sums `(blocks, c)` f32 of `dy · x̂` over blocks of rows (the gain gradient of
-/// [`LayerNorm`] is their sum over the first axis), from `(x, dy)`.
-struct LayerNormDgain {
-    eps: f32,
-}
-
-impl candle::CustomOp2 for LayerNormDgain {
-    fn name(&self) -> &'static str {
-        "fused-layer-norm-dgain"
-    }
-
-    fn cpu_fwd(
-        &self,
-        sx: &CpuStorage,
-        lx: &Layout,
-        sd: &CpuStorage,
-        ld: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (parts, c) = (cpu::DGAIN_PARTS, rows_cols(lx).1);
-        let out = cpu_float!(
-            "layer_norm backward",
-            sx,
-            ln_bwd_dgain((sx, lx), (sd, ld), self.eps)
-        )?;
-        Ok((CpuStorage::F32(out), (parts, c).into()))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        sx: &candle::CudaStorage,
-        lx: &Layout,
-        sd: &candle::CudaStorage,
-        ld: &Layout,
-    ) -> Result<(candle::CudaStorage, Shape)> {
-        let (out, parts) = cuda::ln_bwd_dgain((sx, lx), (sd, ld), self.eps)?;
-        Ok((out, (parts, rows_cols(lx).1).into()))
     }
 }
 
