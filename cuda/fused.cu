@@ -11,6 +11,8 @@
 //   widest that divides a head row and its offsets), 32-bit index math.
 // - xent: softmax cross-entropy per row (loss and logit gradient), one warp per row.
 // - adamw_step: one AdamW update of an f32 parameter, its moments and gradient.
+// - adamw_many: AdamW updates of many f32 parameters and their moments in place (a table of
+//   pointers), one launch.
 // - sumsq_partial / sum_f32: sum of squares of many f32 tensors (a table of pointers), per-block
 //   partials then one block summing them in a fixed order.
 #include <cuda_bf16.h>
@@ -382,6 +384,28 @@ extern "C" __global__ void adamw_step(const float* __restrict__ param,
     out[i] = param[i] * (1.f - lr * weight_decay) - lr * update;
     out[n + i] = m;
     out[2 * n + i] = v;
+  }
+}
+
+// In-place AdamW of many tensors: table row blockIdx.y = (param, state, grad, n) with param and
+// grad of n f32 and state (2, n) f32 (m then v); the update of adamw_step.
+extern "C" __global__ void adamw_many(const uint64_t* __restrict__ table, float lr, float beta1,
+                                      float beta2, float eps, float weight_decay, float scale_m,
+                                      float scale_v, float grad_scale) {
+  const uint64_t* row = table + 4 * (size_t)blockIdx.y;
+  float* param = reinterpret_cast<float*>(row[0]);
+  float* state = reinterpret_cast<float*>(row[1]);
+  const float* grad = reinterpret_cast<const float*>(row[2]);
+  size_t n = row[3];
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+       i += (size_t)gridDim.x * blockDim.x) {
+    float g = grad[i] * grad_scale;
+    float m = beta1 * state[i] + (1.f - beta1) * g;
+    float v = beta2 * state[n + i] + (1.f - beta2) * g * g;
+    float update = (m * scale_m) / (sqrtf(v * scale_v) + eps);
+    param[i] = param[i] * (1.f - lr * weight_decay) - lr * update;
+    state[i] = m;
+    state[n + i] = v;
   }
 }
 

@@ -109,15 +109,16 @@ pub struct AdamWParams {
 }
 
 /// AdamW (Loshchilov & Hutter) with decoupled weight decay, the update of PyTorch and candle-nn:
-/// `θ ← θ·(1 − lr·λ) − lr · m̂ / (√v̂ + ε)` with bias-corrected moments, one fused kernel per
-/// parameter ([`candle_sparse_attn::fused::adamw_update`]). Moments are f32 and can be exported
-/// with [`AdamW::state`] and restored with [`AdamW::load_state`].
+/// `θ ← θ·(1 − lr·λ) − lr · m̂ / (√v̂ + ε)` with bias-corrected moments, every parameter updated in
+/// place by one fused launch ([`candle_sparse_attn::fused::adamw_update_many`]). Moments are f32
+/// and can be exported with [`AdamW::state`] and restored with [`AdamW::load_state`].
 #[derive(Debug)]
 pub struct AdamW {
     params: AdamWParams,
     vars: Vec<(String, Var)>,
-    /// First and second moments per var, same order as `vars`: `(2, n)` f32, `m` then `v`.
-    moments: Vec<Tensor>,
+    /// First and second moments per var, same order as `vars`: `(2, n)` f32, `m` then `v`
+    /// (updated in place).
+    moments: Vec<Var>,
     step: u64,
 }
 
@@ -130,7 +131,7 @@ impl AdamW {
                 if v.dtype() != DType::F32 {
                     bail!("adamw: parameter {name:?} must be f32, got {:?}", v.dtype())
                 }
-                Tensor::zeros((2, v.elem_count()), DType::F32, v.device())
+                Var::zeros((2, v.elem_count()), DType::F32, v.device())
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
@@ -171,13 +172,15 @@ impl AdamW {
             scale_v: (1.0 / (1.0 - p.beta2.powi(t))) as f32,
             grad_scale: grads.scale() as f32,
         };
-        for ((_, var), state) in self.vars.iter().zip(self.moments.iter_mut()) {
-            let Some(g) = grads.get(var) else { continue };
-            let (param, new_state) = fused::adamw_update(var.as_tensor(), state, g, &hp)?;
-            var.set(&param)?;
-            *state = new_state;
+        let (mut params, mut states, mut gs) = (vec![], vec![], vec![]);
+        for ((_, var), state) in self.vars.iter().zip(&self.moments) {
+            if let Some(g) = grads.get(var) {
+                params.push(var);
+                states.push(state);
+                gs.push(g);
+            }
         }
-        Ok(())
+        fused::adamw_update_many(&params, &states, &gs, &hp)
     }
 
     /// The moments as `{prefix}m.{name}` / `{prefix}v.{name}` tensors (the step count is stored
@@ -188,7 +191,8 @@ impl AdamW {
             .zip(&self.moments)
             .flat_map(|((name, var), state)| {
                 ["m", "v"].into_iter().enumerate().map(move |(i, kind)| {
-                    let moment = state.get(i).and_then(|m| m.reshape(var.shape()));
+                    // A copy: the moments are updated in place by later steps.
+                    let moment = state.get(i).and_then(|m| m.reshape(var.shape())?.copy());
                     moment.map(|m| (format!("{prefix}{kind}.{name}"), m))
                 })
             })
@@ -222,7 +226,7 @@ impl AdamW {
                         .flatten_all()?,
                 );
             }
-            *state = Tensor::stack(&moments, 0)?;
+            *state = Var::from_tensor(&Tensor::stack(&moments, 0)?)?;
         }
         self.step = step;
         Ok(())

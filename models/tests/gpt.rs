@@ -84,7 +84,8 @@ fn every_parameter_gets_a_nonzero_gradient() -> Result<()> {
 
 /// The fused training pass (the trainer's default) gives the loss and gradients of candle's
 /// autograd over [`Gpt::loss`], for every attention kind and both position encodings, with
-/// dropout on, and at a sequence shorter than the block (positions padded in the gradient).
+/// dropout on and off, and at a sequence shorter than the block (positions padded in the
+/// gradient).
 #[test]
 fn fused_training_pass_matches_autograd() -> Result<()> {
     let dev = Device::Cpu;
@@ -96,11 +97,13 @@ fn fused_training_pass_matches_autograd() -> Result<()> {
             PositionEncoding::Rope { theta: 10000.0 },
         ] {
             let model = Gpt::new(config(attention.clone(), positions.clone()), 3, &dev)?;
-            for (x, y) in [(&x, &y), (&short.0, &short.1)] {
-                let what = format!("{attention} / {positions:?} / t = {}", x.dim(1)?);
-                let reference = model.loss(x, y, true, 7)?;
+            // train = false: no dropout (the position add fused into the first LayerNorm).
+            let cases = [(&x, &y, true), (&short.0, &short.1, true), (&x, &y, false)];
+            for (x, y, train) in cases {
+                let what = format!("{attention} / {positions:?} / t = {} / {train}", x.dim(1)?);
+                let reference = model.loss(x, y, train, 7)?;
                 let reference_grads = reference.backward()?;
-                let pass = model.training_pass(x, y, true, 7)?;
+                let pass = model.training_pass(x, y, train, 7)?;
                 let loss = pass.loss().to_scalar::<f32>()?;
                 let expected = reference.to_scalar::<f32>()?;
                 assert!(

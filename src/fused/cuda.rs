@@ -423,6 +423,65 @@ pub(super) fn adamw(
     Ok(CudaStorage::wrap_cuda_slice(out, dev))
 }
 
+/// AdamW of many `(param, state, grad)` f32 storages in place (`state`: `(2, n)` m then v), one
+/// launch over a device table of pointers. The caller guarantees that nothing else reads or
+/// writes the params and states while the update is queued (they are updated like `Var::set`).
+pub(super) fn adamw_many(
+    dev: &CudaDevice,
+    items: &[[(&CudaStorage, &Layout); 3]],
+    hp: &AdamWUpdate,
+) -> Result<()> {
+    let what = "adamw_update_many";
+    let count = items.len();
+    if count == 0 {
+        return Ok(());
+    }
+    if count > 65535 {
+        bail!("{what} (cuda): at most 65535 tensors, got {count}")
+    }
+    let stream = dev.cuda_stream();
+    let mut views = Vec::with_capacity(3 * count);
+    for (i, item) in items.iter().enumerate() {
+        for ((s, l), name) in item.iter().zip(["param", "state", "grad"]) {
+            views.push(contiguous_view::<f32>(s, l, what, &format!("{name} {i}"))?);
+        }
+    }
+    let mut table = Vec::with_capacity(4 * count);
+    let mut guards = Vec::with_capacity(3 * count);
+    let mut largest = 0;
+    for item in views.chunks(3) {
+        for v in item {
+            let (ptr, guard) = v.device_ptr(&stream);
+            table.push(ptr);
+            guards.push(guard);
+        }
+        let n = item[0].len();
+        largest = largest.max(n);
+        table.push(n as u64);
+    }
+    let table = dev.clone_htod(&table)?;
+    let f = load_kernel!(dev, "adamw_many", MODULE, kernels::FUSED, 0);
+    let mut b = f.builder();
+    b.arg(&table);
+    let scalars = [
+        hp.lr,
+        hp.beta1,
+        hp.beta2,
+        hp.eps,
+        hp.weight_decay,
+        hp.scale_m,
+        hp.scale_v,
+        hp.grad_scale,
+    ];
+    for x in &scalars {
+        b.arg(x);
+    }
+    let blocks = largest.div_ceil(THREADS * 8).clamp(1, 1024);
+    unsafe { b.launch(launch_config(what, (blocks, count), THREADS, 0)?) }.w()?;
+    drop(guards);
+    Ok(())
+}
+
 /// A scalar f32 zero.
 pub(super) fn scalar_zero(dev: &CudaDevice) -> Result<CudaStorage> {
     let z = dev.alloc_zeros::<f32>(1)?;

@@ -14,13 +14,19 @@
 //!   per reshape).
 //! - [`to_heads`] / [`merge_heads`]: `(b, t, h·d)` ↔ `(b, h, t, d)`, each the other's backward
 //!   (one pass each way, no transpose copies in autograd).
-//! - [`adamw_update`]: one AdamW update of an f32 parameter and its moments in one kernel.
+//! - [`adamw_update`]: one AdamW update of an f32 parameter and its moments in one kernel;
+//!   [`adamw_update_many`]: many parameters in place, one launch on CUDA.
 //!
 //! For training loops that run their own backward pass (the char-level GPT's fused training
-//! pass), the backward kernels are also public, without autograd: [`layer_norm_backward`],
+//! pass), the backward kernels are also public, without autograd: [`layer_norm_backward`] (and
+//! [`layer_norm_backward_add`], adding a residual gradient in the same kernel),
 //! [`gelu_backward`], [`embedding_backward`], [`linear_backward`], plus
 //! [`cross_entropy_with_grad`] (softmax cross-entropy's losses and logit gradients in one kernel)
-//! and [`backward_from`] (candle's backward of a sub-graph seeded with a given output gradient).
+//! and [`backward_from`] (candle's backward of a sub-graph seeded with a given output gradient);
+//! and forward pieces without autograd: [`add_layer_norm`] (a residual add and the next
+//! LayerNorm in one pass), [`split_qkv`] / [`merge_qkv`] (all three parts of a fused q/k/v
+//! projection in one pass each way) and [`sum_of_squares`] (a global gradient norm in two
+//! launches).
 //!
 //! Inputs are made contiguous; float ops take f32, bf16 or f16 and compute in f32.
 
@@ -510,7 +516,6 @@ fn ln_backward(
     let (sx, lx) = x.storage_and_layout();
     let (sg, lg) = gain.storage_and_layout();
     let (sd, ld) = dy.storage_and_layout();
-    let acc_storage = acc.as_ref().map(|a| a.storage_and_layout());
     let (dx, partial, parts) = match (&*sx, &*sg, &*sd) {
         (Storage::Cpu(sx), Storage::Cpu(sg), Storage::Cpu(sd)) => {
             let what = "layer_norm backward";
@@ -524,6 +529,7 @@ fn ln_backward(
         }
         #[cfg(feature = "cuda")]
         (Storage::Cuda(sx), Storage::Cuda(sg), Storage::Cuda(sd)) => {
+            let acc_storage = acc.as_ref().map(|a| a.storage_and_layout());
             let acc = match &acc_storage {
                 Some((s, l)) => match &**s {
                     Storage::Cuda(s) => Some((s, *l)),
@@ -774,6 +780,97 @@ pub fn adamw_update(
         out.narrow(0, 0, 1)?.reshape(param.shape())?,
         out.narrow(0, 1, 2)?,
     ))
+}
+
+/// [`adamw_update`] of many parameters in place: `params[i]` (f32) and `states[i]` (f32 `(2, n)`,
+/// `m` then `v`, a [`Var`] owned by the optimiser) take their new values as [`Var::set`] would
+/// give them (tensors sharing their storage see the update), from `grads[i]` (f32, the shape of
+/// `params[i]`). On CUDA one kernel over a table of pointers (instead of a launch and a copy per
+/// parameter). No gradient.
+pub fn adamw_update_many(
+    params: &[&Var],
+    states: &[&Var],
+    grads: &[&Tensor],
+    hp: &AdamWUpdate,
+) -> Result<()> {
+    if params.len() != states.len() || params.len() != grads.len() {
+        bail!(
+            "adamw_update_many: {} params, {} states and {} grads must be as many",
+            params.len(),
+            states.len(),
+            grads.len()
+        )
+    }
+    for (i, ((p, s), g)) in params.iter().zip(states).zip(grads).enumerate() {
+        let n = p.elem_count();
+        let ok = [p.dtype(), s.dtype(), g.dtype()] == [DType::F32; 3]
+            && g.shape() == p.shape()
+            && s.dims() == [2, n]
+            && n > 0
+            && p.as_tensor().is_contiguous()
+            && s.as_tensor().is_contiguous()
+            && p.device().same_device(s.device())
+            && p.device().same_device(g.device());
+        if !ok {
+            bail!(
+                "adamw_update_many: item {i} needs contiguous f32 param and grad of one non-empty \
+                 shape and f32 state (2, n) on one device, got param {:?} {:?}, grad {:?} {:?}, \
+                 state {:?} {:?}",
+                p.dims(),
+                p.dtype(),
+                g.dims(),
+                g.dtype(),
+                s.dims(),
+                s.dtype()
+            )
+        }
+    }
+    let Some(first) = params.first() else {
+        return Ok(());
+    };
+    match first.device() {
+        #[cfg(feature = "cuda")]
+        candle::Device::Cuda(dev) => {
+            let grads = grads
+                .iter()
+                .map(|g| g.contiguous())
+                .collect::<Result<Vec<_>>>()?;
+            let guards: Vec<_> = params
+                .iter()
+                .zip(states)
+                .zip(&grads)
+                .map(|((p, s), g)| {
+                    [
+                        p.as_tensor().storage_and_layout(),
+                        s.as_tensor().storage_and_layout(),
+                        g.storage_and_layout(),
+                    ]
+                })
+                .collect();
+            let items = guards
+                .iter()
+                .map(|item| {
+                    let mut out = Vec::with_capacity(3);
+                    for (s, l) in item {
+                        match &**s {
+                            Storage::Cuda(s) => out.push((s, *l)),
+                            _ => bail!("adamw_update_many: tensors must share one CUDA device"),
+                        }
+                    }
+                    Ok([out[0], out[1], out[2]])
+                })
+                .collect::<Result<Vec<_>>>()?;
+            cuda::adamw_many(dev, &items, hp)
+        }
+        _ => {
+            for ((p, s), g) in params.iter().zip(states).zip(grads) {
+                let (new_p, new_s) = adamw_update(p.as_tensor(), s.as_tensor(), g, hp)?;
+                p.set(&new_p)?;
+                s.set(&new_s)?;
+            }
+            Ok(())
+        }
+    }
 }
 
 struct LayerNorm {
