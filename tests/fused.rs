@@ -6,8 +6,8 @@ mod common;
 
 use candle::{DType, Device, Result, Tensor, Var, D};
 use candle_sparse_attn::fused::{
-    adamw_update, add_layer_norm, backward_from, cross_entropy_with_grad, embedding,
-    embedding_backward, gelu, gelu_backward, layer_norm, layer_norm_backward,
+    adamw_update, adamw_update_many, add_layer_norm, backward_from, cross_entropy_with_grad,
+    embedding, embedding_backward, gelu, gelu_backward, layer_norm, layer_norm_backward,
     layer_norm_backward_add, linear, linear_backward, merge_heads, merge_qkv, split_heads,
     split_qkv, sum_of_squares, to_heads, AdamWUpdate,
 };
@@ -454,6 +454,66 @@ fn adamw_update_matches_formula() -> Result<()> {
                 assert!(err <= tol, "adamw {shape:?} {dev:?}: {name} rel err {err}");
             }
         }
+    }
+    Ok(())
+}
+
+#[test]
+fn adamw_update_many_matches_one_at_a_time() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(20);
+    let hp = AdamWUpdate {
+        lr: 1e-2,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.1,
+        scale_m: 1.0 / (1.0 - 0.9f32.powi(2)),
+        scale_v: 1.0 / (1.0 - 0.95f32.powi(2)),
+        grad_scale: 0.7,
+    };
+    let shapes: [&[usize]; 4] = [&[3, 45], &[1], &[8192, 384], &[1001]];
+    for dev in devices() {
+        let mut params = vec![];
+        let mut states = vec![];
+        let mut grads = vec![];
+        let mut want = vec![];
+        for shape in shapes {
+            let n: usize = shape.iter().product();
+            let p = randn(&mut rng, shape, 1.0)?.to_device(&dev)?;
+            let g = randn(&mut rng, shape, 1.0)?.to_device(&dev)?;
+            let m = randn(&mut rng, &[n], 0.1)?;
+            let v = randn(&mut rng, &[n], 0.1)?.sqr()?;
+            let state = Tensor::stack(&[&m, &v], 0)?.to_device(&dev)?;
+            want.push(adamw_update(&p, &state, &g, &hp)?);
+            params.push(Var::from_tensor(&p)?);
+            states.push(Var::from_tensor(&state)?);
+            grads.push(g);
+        }
+        let param_refs: Vec<&Var> = params.iter().collect();
+        let state_refs: Vec<&Var> = states.iter().collect();
+        let grad_refs: Vec<&Tensor> = grads.iter().collect();
+        adamw_update_many(&param_refs, &state_refs, &grad_refs, &hp)?;
+        let tol = tolerance(DType::F32, &dev);
+        for (i, (wp, ws)) in want.iter().enumerate() {
+            let err = rel_err(params[i].as_tensor(), wp)?;
+            assert!(
+                err <= tol,
+                "adamw_update_many {dev:?} param {i}: rel err {err}"
+            );
+            let err = rel_err(states[i].as_tensor(), ws)?;
+            assert!(
+                err <= tol,
+                "adamw_update_many {dev:?} state {i}: rel err {err}"
+            );
+        }
+        let short = Var::zeros((2, 3), DType::F32, &dev)?;
+        let e = message(adamw_update_many(
+            &[&params[0]],
+            &[&short],
+            &[&grads[0]],
+            &hp,
+        ));
+        assert!(e.contains("item 0") && e.contains("state [2, 3]"), "{e}");
     }
     Ok(())
 }
