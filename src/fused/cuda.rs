@@ -240,7 +240,9 @@ fn heads_unit(
     let size = dtype.size_in_bytes();
     let unit = [(16, "u16"), (4, "u4"), (2, "u2")]
         .into_iter()
-        .find(|(u, _)| (d * size) % u == 0 && offsets.iter().all(|o| (o * size) % u == 0));
+        .find(|(u, _)| {
+            (d * size).is_multiple_of(*u) && offsets.iter().all(|o| (o * size).is_multiple_of(*u))
+        });
     match unit {
         Some((u, name)) => {
             let du = u32::try_from(d * size / u).map_err(|_| {
@@ -252,10 +254,11 @@ fn heads_unit(
     }
 }
 
-/// The `u32` sizes of a heads launch, checked so that every unit index fits in 32 bits.
+/// The `u32` sizes of a heads launch, checked so that every unit index (and its grid-stride
+/// successor) fits in 32 bits.
 fn heads_dims(what: &str, n: Heads, du: u32) -> Result<[u32; 3]> {
     let total = n.b * n.t * n.parts.max(3) * n.h * du as usize;
-    if total > u32::MAX as usize {
+    if total > i32::MAX as usize {
         bail!("{what} (cuda): {n:?} is too large for 32-bit indices")
     }
     Ok([n.b as u32, n.h as u32, n.t as u32])
