@@ -1,9 +1,11 @@
 // SparseK attention kernels (see src/sparsek/cuda.rs for the launch side and the design).
 //
 // Selection: per (batch, kv head) row of scores u[T]:
-// - sk_block_lists: one CTA per row; for every block c of BQ queries, the top-`cap` keys of the
+// - sk_group_lists + sk_block_lists: for every block c of BQ queries, the top-`cap` keys of the
 //   prefix [0, e_c), e_c = max(0, c*BQ - window), by (u, j) descending, built by merging sorted
-//   lists block after block (O(T * cap / BQ) work per row, no O(T^2)).
+//   lists block after block (O(T * cap / BQ) work per row, no O(T^2)); the blocks of a row are
+//   cut into groups whose starting lists come from merging the earlier groups' own lists, so
+//   that the groups run in parallel.
 // - sk_select: per query, the union of its block's list and the <= BQ newer candidates, cut to the
 //   top-`cap` (cut = the cap-th largest key), then tau by safeguarded Newton steps on the
 //   piecewise-linear budget function, warm-started at the previous query's tau. Each step costs
@@ -82,52 +84,115 @@ extern "C" __global__ void sk_project_f32(const float* __restrict__ z, float* __
 
 // ---------------------------------------------------------------------------------------------
 // Per-block top-cap lists of the prefix: out lists (rows, nb, cap), padding u = -inf, j = -1.
-// One CTA per row; dynamic smem: 2 * cap * 8 + 2 * BQ * 8 bytes.
-extern "C" __global__ void sk_block_lists(const float* __restrict__ u, float* __restrict__ lu_out,
-                                          int* __restrict__ lj_out, int T, int window, int cap,
-                                          int nb) {
-  extern __shared__ unsigned char smem[];
-  float* au = (float*)smem;
-  int* aj = (int*)(au + cap);
-  float* bu = (float*)(aj + cap);
-  int* bj = (int*)(bu + cap);
-  float* cu = (float*)(bj + cap);
-  int* cj = (int*)(cu + BQ);
-  float* su = (float*)(cj + BQ);
-  int* sj = (int*)(su + BQ);
-  const int row = blockIdx.x, tid = threadIdx.x, bs = blockDim.x;
-  const float* ur = u + (long long)row * T;
-  int len = 0;
-  for (int c = 0; c < nb; ++c) {
-    long long base = ((long long)row * nb + c) * cap;
-    for (int r = tid; r < cap; r += bs) {
-      lu_out[base + r] = r < len ? au[r] : neg_inf();
-      lj_out[base + r] = r < len ? aj[r] : -1;
-    }
-    int e0 = min(T, block_start(c, window)), e1 = min(T, block_start(c + 1, window));
-    int n = e1 - e0;
-    if (n <= 0 || c + 1 == nb) continue;
-    if (tid < n) { cu[tid] = ur[e0 + tid] + 0.f; cj[tid] = e0 + tid; }
-    __syncthreads();
-    if (tid < n) {
-      int rank = 0;
-      for (int s = 0; s < n; ++s) rank += gt(cu[s], cj[s], cu[tid], cj[tid]);
-      su[rank] = cu[tid];
-      sj[rank] = cj[tid];
-    }
-    __syncthreads();
+// The blocks are cut into groups of S consecutive blocks, so that the rows' sequential merges
+// run in parallel:
+// - sk_group_lists (grid (G - 1, rows)): the sorted top-cap of the keys that group g adds,
+//   [e_{gS}, e_{(g+1)S}), built block by block (S merges);
+// - sk_block_lists (grid (G, rows)): group g's starting list, the top-cap of [0, e_{gS}), by
+//   merging the g earlier groups' lists, then block by block as before, writing each block's list.
+// The longest CTA does G - 1 list merges plus S block merges instead of nb block merges; with
+// G = 1 this is the single sequential pass per row.
+// Dynamic smem of both: (2 * cap + max(cap, BQ) + BQ) * 8 bytes.
+
+// The running list (a), the merge target (b) and a sorted list to merge in (x), in shared memory.
+struct SkListBufs {
+  float *au, *bu, *xu;
+  int *aj, *bj, *xj;
+  float* cu;
+  int* cj;
+  int len;
+  __device__ SkListBufs(unsigned char* raw, int cap) {
+    au = (float*)raw;
+    aj = (int*)(au + cap);
+    bu = (float*)(aj + cap);
+    bj = (int*)(bu + cap);
+    // x holds either a group's list (cap entries) or a block's new keys (BQ entries).
+    const int nx = max(cap, BQ);
+    xu = (float*)(bj + cap);
+    xj = (int*)(xu + nx);
+    cu = (float*)(xj + nx);
+    cj = (int*)(cu + BQ);
+    len = 0;
+  }
+  // Merges the sorted list x[0, n) into a (keeping the top cap); every thread calls it.
+  __device__ void merge_x(int n, int cap) {
+    const int tid = threadIdx.x, bs = blockDim.x;
     for (int r = tid; r < len; r += bs) {
-      int pos = r + count_gt(su, sj, n, au[r], aj[r]);
+      int pos = r + count_gt(xu, xj, n, au[r], aj[r]);
       if (pos < cap) { bu[pos] = au[r]; bj[pos] = aj[r]; }
     }
     for (int s = tid; s < n; s += bs) {
-      int pos = s + count_gt(au, aj, len, su[s], sj[s]);
-      if (pos < cap) { bu[pos] = su[s]; bj[pos] = sj[s]; }
+      int pos = s + count_gt(au, aj, len, xu[s], xj[s]);
+      if (pos < cap) { bu[pos] = xu[s]; bj[pos] = xj[s]; }
     }
     __syncthreads();
     len = min(cap, len + n);
     float* tu = au; au = bu; bu = tu;
     int* tj = aj; aj = bj; bj = tj;
+  }
+  // Adds the keys [e0, e1) (at most BQ) of the score row ur.
+  __device__ void add_keys(const float* ur, int e0, int e1, int cap) {
+    const int tid = threadIdx.x, n = e1 - e0;
+    if (n <= 0) return;
+    if (tid < n) { cu[tid] = ur[e0 + tid] + 0.f; cj[tid] = e0 + tid; }
+    __syncthreads();
+    if (tid < n) {
+      int rank = 0;
+      for (int s = 0; s < n; ++s) rank += gt(cu[s], cj[s], cu[tid], cj[tid]);
+      xu[rank] = cu[tid];
+      xj[rank] = cj[tid];
+    }
+    __syncthreads();
+    merge_x(n, cap);
+  }
+};
+
+extern "C" __global__ void sk_group_lists(const float* __restrict__ u, float* __restrict__ gu,
+                                          int* __restrict__ gj, int* __restrict__ glen, int T,
+                                          int window, int cap, int nb, int S) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  SkListBufs L(smem, cap);
+  const int g = blockIdx.x, row = blockIdx.y, G = gridDim.x + 1;
+  const float* ur = u + (long long)row * T;
+  for (int c = g * S; c < (g + 1) * S; ++c)
+    L.add_keys(ur, min(T, block_start(c, window)), min(T, block_start(c + 1, window)), cap);
+  const long long base = ((long long)row * G + g) * cap;
+  for (int r = threadIdx.x; r < L.len; r += blockDim.x) {
+    gu[base + r] = L.au[r];
+    gj[base + r] = L.aj[r];
+  }
+  if (threadIdx.x == 0) glen[(long long)row * G + g] = L.len;
+}
+
+extern "C" __global__ void sk_block_lists(const float* __restrict__ u,
+                                          const float* __restrict__ gu,
+                                          const int* __restrict__ gj,
+                                          const int* __restrict__ glen, float* __restrict__ lu_out,
+                                          int* __restrict__ lj_out, int T, int window, int cap,
+                                          int nb, int S) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  SkListBufs L(smem, cap);
+  const int g = blockIdx.x, row = blockIdx.y, G = gridDim.x, tid = threadIdx.x, bs = blockDim.x;
+  const float* ur = u + (long long)row * T;
+  for (int h = 0; h < g; ++h) {
+    const long long base = ((long long)row * G + h) * cap;
+    const int n = glen[(long long)row * G + h];
+    for (int r = tid; r < n; r += bs) {
+      L.xu[r] = gu[base + r];
+      L.xj[r] = gj[base + r];
+    }
+    __syncthreads();
+    L.merge_x(n, cap);
+  }
+  const int c1 = min(nb, (g + 1) * S);
+  for (int c = g * S; c < c1; ++c) {
+    long long base = ((long long)row * nb + c) * cap;
+    for (int r = tid; r < cap; r += bs) {
+      lu_out[base + r] = r < L.len ? L.au[r] : neg_inf();
+      lj_out[base + r] = r < L.len ? L.aj[r] : -1;
+    }
+    if (c + 1 < c1)
+      L.add_keys(ur, min(T, block_start(c, window)), min(T, block_start(c + 1, window)), cap);
   }
 }
 
