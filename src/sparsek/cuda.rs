@@ -6,8 +6,8 @@
 //!   about `sqrt(2·blocks)` groups, each starting from the merged lists of the earlier groups
 //!   (built by a first kernel), so the groups run in parallel; then per query the cut
 //!   (its `K′`-th largest candidate) and τ (safeguarded Newton steps on the piecewise-linear
-//!   budget, warm-started at the previous query's τ, f32; each step `O(log K′)` on the sorted list
-//!   through f64 prefix sums of its scores).
+//!   budget, f32, one thread per query; each step `O(log K′)` on the sorted list through f64
+//!   prefix sums of its scores).
 //! - f16 / bf16 with head_dim ≤ 128 (`skt_*`): blocked tensor-core kernels, one CTA of 4 warps per
 //!   (block of 64 queries, batch × query head) walking the block's list prefix and its band of
 //!   newer candidates and window keys in tiles of 64 gathered keys: forward; dQ (in the input
@@ -181,7 +181,8 @@ pub(crate) fn select(
         b.arg(&cap_i);
         b.arg(&k);
         b.arg(&nb_i);
-        unsafe { b.launch(cfg((blocks, rows), 32 * WARPS, smem)?) }.w()?;
+        // One thread per query of the block.
+        unsafe { b.launch(cfg((blocks, rows), BQ, smem)?) }.w()?;
     }
     Ok(Selection {
         list_u: Arc::new(list_u),
