@@ -1,14 +1,16 @@
 // SparseK attention kernels (see src/sparsek/cuda.rs for the launch side and the design).
 //
 // Selection: per (batch, kv head) row of scores u[T]:
-// - sk_block_lists: one CTA per row; for every block c of BQ queries, the top-`cap` keys of the
+// - sk_group_lists + sk_block_lists: for every block c of BQ queries, the top-`cap` keys of the
 //   prefix [0, e_c), e_c = max(0, c*BQ - window), by (u, j) descending, built by merging sorted
-//   lists block after block (O(T * cap / BQ) work per row, no O(T^2)).
-// - sk_select: per query, the union of its block's list and the <= BQ newer candidates, cut to the
-//   top-`cap` (cut = the cap-th largest key), then tau by safeguarded Newton steps on the
-//   piecewise-linear budget function, warm-started at the previous query's tau. Each step costs
-//   O(log cap) on the sorted list (warp-wide 32-way searches plus f64 prefix sums of its scores)
-//   and one element per lane for the <= BQ newer candidates.
+//   lists block after block (O(T * cap / BQ) work per row, no O(T^2)); the blocks of a row are
+//   cut into groups whose starting lists come from merging the earlier groups' own lists, so
+//   that the groups run in parallel.
+// - sk_select: per query (one thread each), the union of its block's list and the <= BQ newer
+//   candidates, cut to the top-`cap` (cut = the cap-th largest key), then tau by safeguarded
+//   Newton steps on the piecewise-linear budget function from the middle of a bracket read off
+//   the sorted list. Each step costs O(log cap) on the sorted list (binary searches plus f64
+//   prefix sums of its scores) and one term per kept newer candidate (<= BQ).
 // Attention, f16 / bf16 with head_dim <= 128: the blocked tensor-core kernels skt_* (see the
 // section below). Attention, f32 and head_dim 256 (one warp per query row, f32 math; keys 32 at a
 // time: lane-per-key scores, then lanes own head_dim / 32 contiguous dims for the weighted sums):
@@ -82,81 +84,239 @@ extern "C" __global__ void sk_project_f32(const float* __restrict__ z, float* __
 
 // ---------------------------------------------------------------------------------------------
 // Per-block top-cap lists of the prefix: out lists (rows, nb, cap), padding u = -inf, j = -1.
-// One CTA per row; dynamic smem: 2 * cap * 8 + 2 * BQ * 8 bytes.
-extern "C" __global__ void sk_block_lists(const float* __restrict__ u, float* __restrict__ lu_out,
-                                          int* __restrict__ lj_out, int T, int window, int cap,
-                                          int nb) {
-  extern __shared__ unsigned char smem[];
-  float* au = (float*)smem;
-  int* aj = (int*)(au + cap);
-  float* bu = (float*)(aj + cap);
-  int* bj = (int*)(bu + cap);
-  float* cu = (float*)(bj + cap);
-  int* cj = (int*)(cu + BQ);
-  float* su = (float*)(cj + BQ);
-  int* sj = (int*)(su + BQ);
-  const int row = blockIdx.x, tid = threadIdx.x, bs = blockDim.x;
-  const float* ur = u + (long long)row * T;
-  int len = 0;
-  for (int c = 0; c < nb; ++c) {
-    long long base = ((long long)row * nb + c) * cap;
-    for (int r = tid; r < cap; r += bs) {
-      lu_out[base + r] = r < len ? au[r] : neg_inf();
-      lj_out[base + r] = r < len ? aj[r] : -1;
-    }
-    int e0 = min(T, block_start(c, window)), e1 = min(T, block_start(c + 1, window));
-    int n = e1 - e0;
-    if (n <= 0 || c + 1 == nb) continue;
-    if (tid < n) { cu[tid] = ur[e0 + tid] + 0.f; cj[tid] = e0 + tid; }
-    __syncthreads();
-    if (tid < n) {
-      int rank = 0;
-      for (int s = 0; s < n; ++s) rank += gt(cu[s], cj[s], cu[tid], cj[tid]);
-      su[rank] = cu[tid];
-      sj[rank] = cj[tid];
-    }
-    __syncthreads();
+// The blocks are cut into groups of S consecutive blocks, so that the rows' sequential merges
+// run in parallel:
+// - sk_group_lists (grid (G - 1, rows)): the sorted top-cap of the keys that group g adds,
+//   [e_{gS}, e_{(g+1)S}), built block by block (S merges);
+// - sk_block_lists (grid (G, rows)): group g's starting list, the top-cap of [0, e_{gS}), by
+//   merging the g earlier groups' lists, then block by block as before, writing each block's list.
+// The longest CTA does G - 1 list merges plus S block merges instead of nb block merges; with
+// G = 1 this is the single sequential pass per row.
+// Dynamic smem of both: (2 * cap + max(cap, BQ) + BQ) * 8 bytes.
+
+// The running list (a), the merge target (b) and a sorted list to merge in (x), in shared memory.
+struct SkListBufs {
+  float *au, *bu, *xu;
+  int *aj, *bj, *xj;
+  float* cu;
+  int* cj;
+  int len;
+  __device__ SkListBufs(unsigned char* raw, int cap) {
+    au = (float*)raw;
+    aj = (int*)(au + cap);
+    bu = (float*)(aj + cap);
+    bj = (int*)(bu + cap);
+    // x holds either a group's list (cap entries) or a block's new keys (BQ entries).
+    const int nx = max(cap, BQ);
+    xu = (float*)(bj + cap);
+    xj = (int*)(xu + nx);
+    cu = (float*)(xj + nx);
+    cj = (int*)(cu + BQ);
+    len = 0;
+  }
+  // Merges the sorted list x[0, n) into a (keeping the top cap); every thread calls it.
+  __device__ void merge_x(int n, int cap) {
+    const int tid = threadIdx.x, bs = blockDim.x;
     for (int r = tid; r < len; r += bs) {
-      int pos = r + count_gt(su, sj, n, au[r], aj[r]);
+      int pos = r + count_gt(xu, xj, n, au[r], aj[r]);
       if (pos < cap) { bu[pos] = au[r]; bj[pos] = aj[r]; }
     }
     for (int s = tid; s < n; s += bs) {
-      int pos = s + count_gt(au, aj, len, su[s], sj[s]);
-      if (pos < cap) { bu[pos] = su[s]; bj[pos] = sj[s]; }
+      int pos = s + count_gt(au, aj, len, xu[s], xj[s]);
+      if (pos < cap) { bu[pos] = xu[s]; bj[pos] = xj[s]; }
     }
     __syncthreads();
     len = min(cap, len + n);
     float* tu = au; au = bu; bu = tu;
     int* tj = aj; aj = bj; bj = tj;
   }
+  // Adds the keys [e0, e1) (at most BQ) of the score row ur.
+  __device__ void add_keys(const float* ur, int e0, int e1, int cap) {
+    const int tid = threadIdx.x, n = e1 - e0;
+    if (n <= 0) return;
+    if (tid < n) { cu[tid] = ur[e0 + tid] + 0.f; cj[tid] = e0 + tid; }
+    __syncthreads();
+    if (tid < n) {
+      int rank = 0;
+      for (int s = 0; s < n; ++s) rank += gt(cu[s], cj[s], cu[tid], cj[tid]);
+      xu[rank] = cu[tid];
+      xj[rank] = cj[tid];
+    }
+    __syncthreads();
+    merge_x(n, cap);
+  }
+};
+
+extern "C" __global__ void sk_group_lists(const float* __restrict__ u, float* __restrict__ gu,
+                                          int* __restrict__ gj, int* __restrict__ glen, int T,
+                                          int window, int cap, int nb, int S) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  SkListBufs L(smem, cap);
+  const int g = blockIdx.x, row = blockIdx.y, G = gridDim.x + 1;
+  const float* ur = u + (long long)row * T;
+  for (int c = g * S; c < (g + 1) * S; ++c)
+    L.add_keys(ur, min(T, block_start(c, window)), min(T, block_start(c + 1, window)), cap);
+  const long long base = ((long long)row * G + g) * cap;
+  for (int r = threadIdx.x; r < L.len; r += blockDim.x) {
+    gu[base + r] = L.au[r];
+    gj[base + r] = L.aj[r];
+  }
+  if (threadIdx.x == 0) glen[(long long)row * G + g] = L.len;
+}
+
+extern "C" __global__ void sk_block_lists(const float* __restrict__ u,
+                                          const float* __restrict__ gu,
+                                          const int* __restrict__ gj,
+                                          const int* __restrict__ glen, float* __restrict__ lu_out,
+                                          int* __restrict__ lj_out, int T, int window, int cap,
+                                          int nb, int S) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  SkListBufs L(smem, cap);
+  const int g = blockIdx.x, row = blockIdx.y, G = gridDim.x, tid = threadIdx.x, bs = blockDim.x;
+  const float* ur = u + (long long)row * T;
+  for (int h = 0; h < g; ++h) {
+    const long long base = ((long long)row * G + h) * cap;
+    const int n = glen[(long long)row * G + h];
+    for (int r = tid; r < n; r += bs) {
+      L.xu[r] = gu[base + r];
+      L.xj[r] = gj[base + r];
+    }
+    __syncthreads();
+    L.merge_x(n, cap);
+  }
+  const int c1 = min(nb, (g + 1) * S);
+  for (int c = g * S; c < c1; ++c) {
+    long long base = ((long long)row * nb + c) * cap;
+    for (int r = tid; r < cap; r += bs) {
+      lu_out[base + r] = r < L.len ? L.au[r] : neg_inf();
+      lj_out[base + r] = r < L.len ? L.aj[r] : -1;
+    }
+    if (c + 1 < c1)
+      L.add_keys(ur, min(T, block_start(c, window)), min(T, block_start(c + 1, window)), cap);
+  }
 }
 
 // Number of indices r in [0, n) with pred(r), for a prefix predicate (true on [0, count), false
-// after), found by the whole warp with 32-way probes: O(log32 n) rounds.
+// after), by binary search (one thread).
 template <typename P>
-__device__ __forceinline__ int warp_count_prefix(int n, int lane, P&& pred) {
-  int lo = 0, hi = n;  // the count is in [lo, hi]
-  while (hi > lo) {
-    const int step = (hi - lo + 31) / 32, r = lo + lane * step;
-    const int c = __popc(__ballot_sync(0xffffffffu, r < hi && pred(r)));
-    if (c == 0) break;
-    const int nlo = lo + (c - 1) * step + 1;
-    hi = min(hi, lo + c * step);
-    lo = nlo;
+__device__ __forceinline__ int count_prefix(int n, P&& pred) {
+  int lo = 0, hi = n;
+  while (lo < hi) {
+    const int mid = (lo + hi) >> 1;
+    if (pred(mid)) lo = mid + 1; else hi = mid;
   }
   return lo;
+}
+
+// What sk_select finds for one query.
+struct SkQuerySel {
+  float tau, cut_u;
+  int cut_j, nattend;
+};
+
+// The selection of one query, by one thread, from its block's tables in shared memory: the
+// sorted list (Lu, Lj, len entries; Ps its exclusive f64 prefix sums), the block's newer
+// candidates (Eu, Ej) of which the query sees the first n_ext, and the rank tables of sk_select.
+__device__ __forceinline__ SkQuerySel sk_select_query(
+    const float* Lu, const int* Lj, const double* Ps, int len, const float* Eu, const int* Ej,
+    int n_ext, const unsigned long long* gtE, const int* rankL, const unsigned long long* gtL,
+    int rb, int cap, float k) {
+  SkQuerySel o{neg_inf(), neg_inf(), -1, 0};
+  const int total = len + n_ext;
+  const unsigned long long first = n_ext >= 64 ? ~0ull : (1ull << n_ext) - 1;
+  if (total > cap) {
+    // The cut is the key of rank cap - 1 in the union. A list entry r ranks r + (extras above
+    // it), increasing in r: the first r in [cap - 1 - n_ext, min(len, cap)) of rank >= cap - 1
+    // is the cut if its rank is cap - 1; otherwise the cut is an extra.
+    const int r0 = max(0, cap - 1 - n_ext), r1 = min(len, cap);
+    const int r = r0 + count_prefix(r1 - r0, [&](int x) {
+                    return r0 + x + __popcll(gtL[r0 + x - rb] & first) < cap - 1;
+                  });
+    if (r < r1 && r + __popcll(gtL[r - rb] & first) == cap - 1) {
+      o.cut_u = Lu[r];
+      o.cut_j = Lj[r];
+    } else {
+      for (int s = 0; s < n_ext; ++s)
+        if (rankL[s] + __popcll(gtE[s] & first) == cap - 1) {
+          o.cut_u = Eu[s];
+          o.cut_j = Ej[s];
+          break;
+        }
+    }
+  }
+  const float cut_u = o.cut_u;
+  const int cut_j = o.cut_j;
+  if ((float)min(total, cap) > k) {
+    // The list is sorted and in_top is a prefix predicate on it: its kept part is [0, lt).
+    const int lt = count_prefix(len, [&](int r) { return in_top(Lu[r], Lj[r], cut_u, cut_j); });
+    // The kept extras (bit s) and the kept scores' range.
+    unsigned long long kept = 0;
+    float mx = lt > 0 ? Lu[0] : neg_inf(), mn = lt > 0 ? Lu[lt - 1] : pos_inf();
+    for (int s = 0; s < n_ext; ++s)
+      if (in_top(Eu[s], Ej[s], cut_u, cut_j)) {
+        kept |= 1ull << s;
+        mx = fmaxf(mx, Eu[s]);
+        mn = fminf(mn, Eu[s]);
+      }
+    // f(x) = sum clip(z - x, 0, 1) over the kept scores z (centred: z - mx), with the counts of
+    // the saturated (nu) and strictly partial (ns, sum ss) entries at x: the sorted list part
+    // from two binary searches and the prefix sums, the extras one by one.
+    float ns, ss, nu, f;
+    auto eval = [&](float x) {
+      const int a = count_prefix(lt, [&](int r) { return Lu[r] - mx >= x + 1.f; });
+      const int bc = count_prefix(lt, [&](int r) { return Lu[r] - mx > x; });
+      nu = (float)a;
+      ns = (float)(bc - a);
+      ss = (float)((Ps[bc] - Ps[a]) - (double)(bc - a) * (double)mx);
+      for (unsigned long long m = kept; m; m &= m - 1) {
+        const float z = Eu[__ffsll(m) - 1] - mx;
+        if (z >= x + 1.f) nu += 1.f; else if (z > x) { ns += 1.f; ss += z; }
+      }
+      f = nu + ss - x * ns;
+    };
+    // Safeguarded Newton on the piecewise-linear f: from x, jump to the root of x's linear
+    // piece, (ss + nu - k) / ns, when it lies inside the bracket [lo, hi] (f(lo) >= k > f(hi)),
+    // else bisect. The last step is the closed form of the root's piece (the polish).
+    float lo = mn - mx - 1.f, hi = 0.f;
+    // A tighter start: the root lies in [z_(kk) - 1, z_(kk)] (z_(kk): the kk-th largest kept
+    // score, kk = k integer), the list's kk-th entry is at most z_(kk) and, with e kept extras,
+    // its (kk - e)-th at least z_(kk).
+    const int kk = (int)k, e = __popcll(kept);
+    if ((float)kk == k && kk <= lt) lo = fmaxf(lo, Lu[kk - 1] - mx - 1.f);
+    if ((float)kk == k && kk - e >= 1 && kk - e <= lt) hi = fminf(hi, Lu[kk - e - 1] - mx);
+    float x = 0.5f * (lo + hi), t = x;
+    for (int it = 0; it < 64; ++it) {
+      eval(x);
+      if (ns == 0.f && f == k) { t = x; break; }  // flat piece at height k (gap >= 1)
+      if (f >= k) lo = x; else hi = x;
+      float xn = ns > 0.f ? (ss + nu - k) / ns : 0.5f * (lo + hi);
+      t = xn;
+      float tol = 1e-6f * fmaxf(1.f, fabsf(x));
+      if (ns > 0.f && fabsf(xn - x) <= tol) break;
+      if (!(xn > lo && xn < hi)) xn = 0.5f * (lo + hi);
+      if (hi - lo <= tol) { t = ns > 0.f ? fminf(fmaxf(t, lo), hi) : x; break; }
+      x = xn;
+    }
+    o.tau = t + mx;
+  }
+  // The list prefix this query attends: in the top cap and u > tau (both prefix predicates).
+  const float tau = o.tau;
+  o.nattend =
+      count_prefix(len, [&](int r) { return in_top(Lu[r], Lj[r], cut_u, cut_j) && Lu[r] > tau; });
+  return o;
 }
 
 // ---------------------------------------------------------------------------------------------
 // Per query: cut (the cap-th largest candidate key, or j = -1), tau (-inf when <= k kept) and the
 // length of the prefix of its block's list that it attends (nattend; nlist: the block's maximum).
-// Grid (nb, rows), 8 warps; dynamic smem: (cap + BQ) * 8 + (cap + 1) * 8 bytes (the list, the
-// block's newer candidates, f64 prefix sums of the list's scores).
-extern "C" __global__ void sk_select(const float* __restrict__ u, const float* __restrict__ lu,
-                                     const int* __restrict__ lj, float* __restrict__ tau_out,
-                                     float* __restrict__ cut_u_out, int* __restrict__ cut_j_out,
-                                     int* __restrict__ nlist_out, int* __restrict__ nattend_out,
-                                     int T, int window, int cap, float k, int nb) {
+// Grid (nb, rows), BQ threads: the block's tables built together, then one thread per query
+// (sk_select_query). Dynamic smem: (cap + BQ) * 8 + (cap + 1) * 8 bytes (the list, the block's
+// newer candidates, f64 prefix sums of the list's scores).
+extern "C" __global__ void __launch_bounds__(BQ) sk_select(
+    const float* __restrict__ u, const float* __restrict__ lu, const int* __restrict__ lj,
+    float* __restrict__ tau_out, float* __restrict__ cut_u_out, int* __restrict__ cut_j_out,
+    int* __restrict__ nlist_out, int* __restrict__ nattend_out, int T, int window, int cap,
+    float k, int nb) {
   extern __shared__ __align__(16) unsigned char smem[];
   double* Ps = reinterpret_cast<double*>(smem);  // [cap + 1]
   float* Lu = reinterpret_cast<float*>(Ps + cap + 1);
@@ -165,7 +325,7 @@ extern "C" __global__ void sk_select(const float* __restrict__ u, const float* _
   int* Ej = (int*)(Eu + BQ);
   __shared__ int s_len, s_nl;
   const int c = blockIdx.x, row = blockIdx.y, tid = threadIdx.x;
-  const int warp = tid / 32, lane = tid & 31, nwarps = blockDim.x / 32;
+  const int warp = tid / 32, lane = tid & 31;
   if (tid == 0) s_len = s_nl = 0;
   __syncthreads();
   long long base = ((long long)row * nb + c) * cap;
@@ -211,109 +371,25 @@ extern "C" __global__ void sk_select(const float* __restrict__ u, const float* _
     gtE[tid] = mk;
     rankL[tid] = count_gt(Lu, Lj, len, Eu[tid], Ej[tid]);
   }
-  if (tid >= BQ && tid < 2 * BQ + 1 && rb + tid - BQ < len) {
-    int r = rb + tid - BQ;
+  for (int x = tid; x <= BQ && rb + x < len; x += blockDim.x) {
+    const int r = rb + x;
     unsigned long long mk = 0;
     for (int t = 0; t < nE; ++t) mk |= (unsigned long long)gt(Eu[t], Ej[t], Lu[r], Lj[r]) << t;
-    gtL[tid - BQ] = mk;
+    gtL[x] = mk;
   }
   __syncthreads();
-  // Each warp takes a run of consecutive queries and starts its search for tau at the previous
-  // query's tau (tau is non-decreasing in i and the candidate sets differ by one key): one or two
-  // passes instead of a search from the middle of the bracket.
-  const int per = (BQ + nwarps - 1) / nwarps;
-  float tau_prev = neg_inf();
-  for (int qi = warp * per; qi < min(BQ, (warp + 1) * per); ++qi) {
-    int i = c * BQ + qi;
-    if (i >= T) break;
-    int n_ext = min(nE, max(0, i - window + 1 - e0));
-    int total = len + n_ext;
-    float cut_u = neg_inf();
-    int cut_j = -1;
-    if (total > cap) {
-      const unsigned long long first = n_ext >= 64 ? ~0ull : (1ull << n_ext) - 1;
-      int found = -1;  // encoded: s (extra) or n_ext + r (list)
-      for (int s = lane; s < n_ext; s += 32)
-        if (rankL[s] + __popcll(gtE[s] & first) == cap - 1) found = s;
-      for (int r = max(0, cap - 1 - n_ext) + lane; r < len && r < cap; r += 32)
-        if (r + __popcll(gtL[r - rb] & first) == cap - 1) found = n_ext + r;
-      unsigned ball = __ballot_sync(0xffffffffu, found >= 0);
-      int src = __ffs(ball) - 1;
-      found = __shfl_sync(0xffffffffu, found, src < 0 ? 0 : src);
-      if (src >= 0) {
-        if (found < n_ext) { cut_u = Eu[found]; cut_j = Ej[found]; }
-        else { cut_u = Lu[found - n_ext]; cut_j = Lj[found - n_ext]; }
-      }
-    }
-    int m = min(total, cap);
-    float tau = neg_inf();
-    if ((float)m > k) {
-      // The list is sorted and in_top is a prefix predicate on it: its kept part is [0, lt).
-      const int lt = warp_count_prefix(len, lane, [&](int r) { return in_top(Lu[r], Lj[r], cut_u, cut_j); });
-      // This lane's extras (at most BQ = 2 * 32): score, or -inf when cut off.
-      float ze[2];
-#pragma unroll
-      for (int x = 0; x < 2; ++x) {
-        int s = lane + 32 * x;
-        ze[x] = s < n_ext && in_top(Eu[s], Ej[s], cut_u, cut_j) ? Eu[s] : neg_inf();
-      }
-      float mx = lt > 0 ? Lu[0] : neg_inf(), mn = lt > 0 ? Lu[lt - 1] : pos_inf();
-#pragma unroll
-      for (int x = 0; x < 2; ++x)
-        if (ze[x] > neg_inf()) { mx = fmaxf(mx, ze[x]); mn = fminf(mn, ze[x]); }
-      mx = warp_max(mx);
-      mn = -warp_max(-mn);
-      const float ze0 = ze[0] - mx, ze1 = ze[1] - mx;  // centred (-inf: not kept)
-      // f(x) = sum clip(z - x, 0, 1) over the kept scores z (centred: z - mx), with the counts of
-      // the saturated (nu) and strictly partial (ns, sum ss) entries at x. The sorted list part
-      // comes from two counts and the prefix sums (lane 0), the extras from their lanes.
-      float ns, ss, nu, f;
-      auto eval = [&](float x) {
-        const int a = warp_count_prefix(lt, lane, [&](int r) { return Lu[r] - mx >= x + 1.f; });
-        const int bc = warp_count_prefix(lt, lane, [&](int r) { return Lu[r] - mx > x; });
-        ns = ss = nu = 0.f;
-        if (lane == 0) {
-          nu = (float)a;
-          ns = (float)(bc - a);
-          ss = (float)((Ps[bc] - Ps[a]) - (double)(bc - a) * (double)mx);
-        }
-        if (ze0 >= x + 1.f) nu += 1.f; else if (ze0 > x) { ns += 1.f; ss += ze0; }
-        if (ze1 >= x + 1.f) nu += 1.f; else if (ze1 > x) { ns += 1.f; ss += ze1; }
-        ns = warp_sum(ns); ss = warp_sum(ss); nu = warp_sum(nu);
-        f = nu + ss - x * ns;
-      };
-      // Safeguarded Newton on the piecewise-linear f: from x, jump to the root of x's linear
-      // piece, (ss + nu - k) / ns, when it lies inside the bracket [lo, hi] (f(lo) >= k > f(hi)),
-      // else bisect. The last step is the closed form of the root's piece (the polish).
-      float lo = mn - mx - 1.f, hi = 0.f;
-      float x = tau_prev > neg_inf() ? fminf(fmaxf(tau_prev - mx, lo), hi) : 0.5f * (lo + hi);
-      float t = x;
-      for (int it = 0; it < 64; ++it) {
-        eval(x);
-        if (ns == 0.f && f == k) { t = x; break; }  // flat piece at height k (gap >= 1)
-        if (f >= k) lo = x; else hi = x;
-        float xn = ns > 0.f ? (ss + nu - k) / ns : 0.5f * (lo + hi);
-        t = xn;
-        float tol = 1e-6f * fmaxf(1.f, fabsf(x));
-        if (ns > 0.f && fabsf(xn - x) <= tol) break;
-        if (!(xn > lo && xn < hi)) xn = 0.5f * (lo + hi);
-        if (hi - lo <= tol) { t = ns > 0.f ? fminf(fmaxf(t, lo), hi) : x; break; }
-        x = xn;
-      }
-      tau = t + mx;
-    }
-    tau_prev = tau;
-    // The list prefix this query attends: in the top cap and u > tau (both prefix predicates).
-    const int na = warp_count_prefix(
-        len, lane, [&](int r) { return in_top(Lu[r], Lj[r], cut_u, cut_j) && Lu[r] > tau; });
-    if (lane == 0) {
-      atomicMax(&s_nl, na);
-      long long o = (long long)row * T + i;
-      tau_out[o] = tau;
-      cut_u_out[o] = cut_u;
-      cut_j_out[o] = cut_j;
-      nattend_out[o] = na;
-    }
+  // One thread per query.
+  const int i = c * BQ + tid;
+  if (i < T) {
+    const int n_ext = min(nE, max(0, i - window + 1 - e0));
+    const SkQuerySel s =
+        sk_select_query(Lu, Lj, Ps, len, Eu, Ej, n_ext, gtE, rankL, gtL, rb, cap, k);
+    const long long o = (long long)row * T + i;
+    tau_out[o] = s.tau;
+    cut_u_out[o] = s.cut_u;
+    cut_j_out[o] = s.cut_j;
+    nattend_out[o] = s.nattend;
+    atomicMax(&s_nl, s.nattend);
   }
   __syncthreads();
   if (tid == 0) nlist_out[(long long)row * nb + c] = s_nl;

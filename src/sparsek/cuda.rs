@@ -1,11 +1,13 @@
 //! CUDA launch side of SparseK (kernels in `cuda/sparsek.cu`). Everything runs on candle's
 //! stream with no host round trip.
 //!
-//! - Selection: one CTA per `(batch, kv_head)` builds the top-`K′` list of the prefix before every
-//!   block of 64 queries by merging sorted lists (`O(T·K′/64)` memory); then per query the cut
+//! - Selection: the top-`K′` list of the prefix before every block of 64 queries, by merging
+//!   sorted lists (`O(T·K′/64)` memory); the blocks of a `(batch, kv_head)` row are cut into
+//!   about `sqrt(2·blocks)` groups, each starting from the merged lists of the earlier groups
+//!   (built by a first kernel), so the groups run in parallel; then per query the cut
 //!   (its `K′`-th largest candidate) and τ (safeguarded Newton steps on the piecewise-linear
-//!   budget, warm-started at the previous query's τ, f32; each step `O(log K′)` on the sorted list
-//!   through f64 prefix sums of its scores).
+//!   budget, f32, one thread per query; each step `O(log K′)` on the sorted list through f64
+//!   prefix sums of its scores).
 //! - f16 / bf16 with head_dim ≤ 128 (`skt_*`): blocked tensor-core kernels, one CTA of 4 warps per
 //!   (block of 64 queries, batch × query head) walking the block's list prefix and its band of
 //!   newer candidates and window keys in tiles of 64 gathered keys: forward; dQ (in the input
@@ -116,18 +118,44 @@ pub(crate) fn select(
     let mut list_u = unsafe { dev.alloc::<f32>(rows * blocks * cap) }?;
     let mut list_j = unsafe { dev.alloc::<i32>(rows * blocks * cap) }?;
     let (t_i, w_i, cap_i, nb_i) = (t as i32, scfg.window as i32, cap as i32, blocks as i32);
+    let group = list_group(blocks);
+    let groups = blocks.div_ceil(group);
+    let g_i = group as i32;
+    let smem = (2 * cap + cap.max(BQ) + BQ) * 8;
+    // Each earlier group's own top-`K′` list (the last group's is never needed).
+    let nglist = rows * groups * cap;
+    let mut glist_u = unsafe { dev.alloc::<f32>(nglist.max(1)) }?;
+    let mut glist_j = unsafe { dev.alloc::<i32>(nglist.max(1)) }?;
+    let mut glen = unsafe { dev.alloc::<i32>((rows * groups).max(1)) }?;
+    if groups > 1 {
+        let f = func!(dev, "sk_group_lists", smem);
+        let mut b = f.builder();
+        b.arg(&u);
+        b.arg(&mut glist_u);
+        b.arg(&mut glist_j);
+        b.arg(&mut glen);
+        b.arg(&t_i);
+        b.arg(&w_i);
+        b.arg(&cap_i);
+        b.arg(&nb_i);
+        b.arg(&g_i);
+        unsafe { b.launch(cfg((groups - 1, rows), 256, smem)?) }.w()?;
+    }
     {
-        let smem = (2 * cap + 2 * BQ) * 8;
         let f = func!(dev, "sk_block_lists", smem);
         let mut b = f.builder();
         b.arg(&u);
+        b.arg(&glist_u);
+        b.arg(&glist_j);
+        b.arg(&glen);
         b.arg(&mut list_u);
         b.arg(&mut list_j);
         b.arg(&t_i);
         b.arg(&w_i);
         b.arg(&cap_i);
         b.arg(&nb_i);
-        unsafe { b.launch(cfg((rows, 1), 256, smem)?) }.w()?;
+        b.arg(&g_i);
+        unsafe { b.launch(cfg((groups, rows), 256, smem)?) }.w()?;
     }
     let mut tau = unsafe { dev.alloc::<f32>(rows * t) }?;
     let mut cut_u = unsafe { dev.alloc::<f32>(rows * t) }?;
@@ -153,7 +181,8 @@ pub(crate) fn select(
         b.arg(&cap_i);
         b.arg(&k);
         b.arg(&nb_i);
-        unsafe { b.launch(cfg((blocks, rows), 32 * WARPS, smem)?) }.w()?;
+        // One thread per query of the block.
+        unsafe { b.launch(cfg((blocks, rows), BQ, smem)?) }.w()?;
     }
     Ok(Selection {
         list_u: Arc::new(list_u),
@@ -165,6 +194,23 @@ pub(crate) fn select(
         cut_j: Arc::new(cut_j),
         blocks,
     })
+}
+
+/// Environment variable setting the number of query blocks per group of the list construction
+/// (`sk_group_lists` / `sk_block_lists`); a value ≥ the number of blocks gives the single
+/// sequential pass per `(batch, kv head)` (for comparisons).
+pub(crate) const LIST_GROUP_ENV: &str = "SPARSEK_LIST_GROUP";
+
+/// Query blocks per group of the list construction: `ceil(sqrt(2·blocks))` by default, which
+/// balances the longest CTA's work (the earlier groups' lists merged, each about twice a block's
+/// merge, plus its own blocks).
+fn list_group(blocks: usize) -> usize {
+    let default = ((2 * blocks) as f64).sqrt().ceil() as usize;
+    std::env::var(LIST_GROUP_ENV)
+        .ok()
+        .and_then(|s| s.parse::<usize>().ok())
+        .unwrap_or(default)
+        .clamp(1, blocks.max(1))
 }
 
 /// Whether the blocked tensor-core kernels (`skt_*`: f16 / bf16, head_dim ≤ 128) run; otherwise

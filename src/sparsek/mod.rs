@@ -28,18 +28,20 @@
 //! - **Score gradient**: `g_w[i,j] = α_ij (dO_i·v_j)` summed over the GQA group, then the SPARSEK
 //!   backward per row, summed over all rows that have `j` in their strict support `S_i`.
 //! - **Kernels**: CPU: an incremental top-`K′` structure per kv head (one insertion per query) and
-//!   an exact sorted scan for τ (f64). CUDA: per block of 64 queries the top-`K′` of the prefix by a
-//!   sequential merge of sorted lists, then per query its cut (the `K′`-th largest candidate), τ
-//!   (safeguarded Newton steps on the piecewise-linear budget, warm-started at the previous
-//!   query's τ, f32; each step `O(log K′)` on the sorted list through f64 prefix sums of its
-//!   scores) and the length of the list prefix it attends. Attention, f16 / bf16 with
-//!   head_dim ≤ 128: blocked tensor-core kernels (mma.sync m16n8k16, f32 accumulation), one CTA
-//!   per block of 64 queries and query head. τ_i and the cut are non-decreasing in i, so the
-//!   block's queries attend a prefix of its sorted list plus the contiguous band of its newer
-//!   candidates and window keys; both are walked in tiles of 64 gathered K/V rows (cp.async,
-//!   double-buffered, the keys' positions read two tiles ahead; 3 CTAs per SM at head_dim ≤ 64)
-//!   with the weight `w_ij` applied per element (list tiles: one comparison with
-//!   the query's attended prefix; band tiles inside every query's window: no test). Forward:
+//!   an exact sorted scan for τ (f64). CUDA: per block of 64 queries the top-`K′` of the prefix by
+//!   merging sorted lists (the blocks of a row in groups that run in parallel, each group starting
+//!   from the earlier groups' merged lists), then per query, one thread each, its cut (the
+//!   `K′`-th largest candidate), τ (safeguarded Newton steps on the piecewise-linear budget from a
+//!   bracket read off the sorted list, f32; each step `O(log K′)` on the list through binary
+//!   searches and f64 prefix sums of its scores) and the length of the list prefix it attends.
+//!   Attention, f16 / bf16 with head_dim ≤ 128: blocked tensor-core kernels (mma.sync m16n8k16,
+//!   f32 accumulation), one CTA per block of 64 queries and query head. τ_i and the cut are
+//!   non-decreasing in i, so the block's queries attend a prefix of its sorted list plus the
+//!   contiguous band of its newer candidates and window keys; both are walked in tiles of 64
+//!   gathered K/V rows (cp.async, double-buffered, the keys' positions read two tiles ahead; 3
+//!   CTAs per SM at head_dim ≤ 64) with the weight `w_ij` applied per element (list tiles: one
+//!   comparison with the query's attended prefix; band tiles inside every query's window: no
+//!   test). Forward:
 //!   online softmax; dQ (written in the input dtype), `r_i`, `|S_i|`: the same walk. dK, dV and
 //!   the score gradient: the band part key-major (one CTA per block of 64 keys and kv head over
 //!   the query blocks whose band holds them; registers, plain stores), then the list tiles
@@ -69,10 +71,14 @@
 //! recomputes its weights to fit, went 6.0 → 6.9 ms (table and commands in BENCHMARKS.md,
 //! "SparseK: occupancy"). Not yet at the 5× target (≈ 20 ms seeded at 16k). Measured and
 //! dropped: halving the list kernel's atomics (one CTA per pair of query blocks) saved 0.3 ms
-//! there but cost the band kernel 0.5 ms; a fused query-major backward (session 4). Next steps:
-//! keep the forward's weights in registers at 3 CTAs; `sk_select` (instruction-bound: one warp
-//! per query, Newton steps with warp-wide searches) with one lane per query; more CTAs for
-//! `sk_block_lists` (one per batch × kv head).
+//! there but cost the band kernel 0.5 ms; a fused query-major backward (session 4). Since then
+//! (BENCHMARKS.md, "SparseK: one thread per query in the selection"): the list construction runs
+//! in parallel groups (B4 H6 8k, the GPT layer: forward 1.06 → 0.81 ms) and `sk_select` takes
+//! one thread per query instead of one warp; 16k with the pool kept 50.39 / 32.27 → 48.07 /
+//! 30.02 ms, forward 10.67 → 8.39 ms (dense 83.2 ms seeded in session 6: 2.77×; still short of
+//! 5×). Next steps: keep the forward's weights in registers at 3 CTAs; one backward pass for dQ
+//! and the list tiles' dK / dV (the score gradient's `−mean_S` term per key over the interval of
+//! queries whose support holds it, from prefix sums of `r_i / |S_i|`).
 
 mod attn;
 mod cache;
