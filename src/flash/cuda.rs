@@ -122,9 +122,13 @@ impl HopperFwd {
     }
 
     /// Dynamic shared memory for elements of `es` bytes: the Q tile and the K, V stages, 1 KB to
-    /// align them to the 1024-byte swizzle atoms, and four mbarriers per stage.
+    /// align them to the 1024-byte swizzle atoms, four mbarriers per stage and, per stage, the
+    /// keys' positions and buckets (i32, sparse mode).
     fn smem(&self, es: usize) -> usize {
-        (self.rows() + 2 * self.stages * self.keys) * self.d * es + 1024 + 32 * self.stages
+        (self.rows() + 2 * self.stages * self.keys) * self.d * es
+            + 1024
+            + 32 * self.stages
+            + 8 * self.stages * self.keys
     }
 }
 
@@ -542,7 +546,9 @@ fn fwd_t<T: CudaDType + DeviceRepr>(
         let name = format!("flash_fwd_{tn}_d{d}_m{}", va.mode);
         let meta = tile_meta(&dev, &va, dims, bm, BT)?;
         let grid = (ceil_div(dims.nq, bm), dims.b * dims.hq);
-        (name, meta, grid, threads, (bm + 4 * BT) * (d + 8) * es)
+        // Q, two K and V buffers, two buffers of key positions and buckets (i32, sparse mode).
+        let smem = (bm + 4 * BT) * (d + 8) * es + 16 * BT;
+        (name, meta, grid, threads, smem)
     } else {
         let name = format!("flash_fwd_simple_{tn}_d{d}");
         let meta = (dummy.clone(), dummy.clone());
