@@ -133,11 +133,24 @@ __device__ __forceinline__ int next_pass_k(int t, int end, int4 q, const int4* k
 // y, z = min, max bucket over real rows (0 without buckets), (INT_MAX, INT_MIN) if none.
 // Query tiles: w = min position, INT_MIN if a row is padding. Key tiles: w = max position, INT_MAX
 // if a row is padding.
+// One warp per tile: coalesced loads, lane l reading rows l, l + 32, ..., then warp reductions.
+__device__ __forceinline__ int warp_min_i(int x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x = min(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
+}
+__device__ __forceinline__ int warp_max_i(int x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x = max(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
+}
+
 extern "C" __global__ void flash_tile_meta(const int* pos, const int* bkt, int4* meta, int rows,
                                            int n, int tile, int is_query, int has_bkt) {
   int ntiles = (n + tile - 1) / tile;
-  long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  long long idx = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / 32;  // uniform per warp
   if (idx >= (long long)rows * ntiles) return;
+  int lane = threadIdx.x & 31;
   long long r = idx / ntiles;
   int t = (int)(idx % ntiles);
   int x = is_query ? INT_MIN_ : INT_MAX_;
@@ -145,7 +158,7 @@ extern "C" __global__ void flash_tile_meta(const int* pos, const int* bkt, int4*
   bool pad = false;
   int lo = INT_MAX_, hi = INT_MIN_;
   int end = min(n, (t + 1) * tile);
-  for (int i = t * tile; i < end; ++i) {
+  for (int i = t * tile + lane; i < end; i += 32) {
     int p = pos[r * n + i];
     bool real = is_query ? p != -1 : p != INT_MAX_;
     pad = pad || !real;
@@ -156,8 +169,13 @@ extern "C" __global__ void flash_tile_meta(const int* pos, const int* bkt, int4*
     lo = min(lo, b);
     hi = max(hi, b);
   }
+  x = is_query ? warp_max_i(x) : warp_min_i(x);
+  w = is_query ? warp_min_i(w) : warp_max_i(w);
+  lo = warp_min_i(lo);
+  hi = warp_max_i(hi);
+  pad = __any_sync(0xffffffffu, pad);
   if (pad) w = is_query ? INT_MIN_ : INT_MAX_;
-  meta[idx] = make_int4(x, lo, hi, w);
+  if (lane == 0) meta[idx] = make_int4(x, lo, hi, w);
 }
 
 // Fills n bytes with 0xFF (NaN in f32 / f16 / bf16): debug poisoning of outputs.

@@ -416,7 +416,8 @@ fn tile_meta(
         b.arg(bkt);
         b.arg(&mut meta);
         candle::builder_arg!(b, rows as i32, n as i32, tile as i32, is_q, va.has_bkt);
-        unsafe { b.launch(cfg((ceil_div(total, 256), 1), 256, 0)?) }.w()?;
+        // One warp per tile.
+        unsafe { b.launch(cfg((ceil_div(total, 8), 1), 256, 0)?) }.w()?;
         Ok::<_, candle::Error>(meta)
     };
     let qm = build(&va.q_pos, &va.q_bkt, dims.b * dims.hq, dims.nq, tq, 1)?;
