@@ -450,18 +450,18 @@ struct FwdKeyTiles {
   }
 };
 
-// Sparse mode: the positions (then, with buckets, the buckets) of keys [n0, n0 + BN) of the kv
-// head whose first flat row is krow0, copied asynchronously to s[0, BN) (and s[BN, 2 * BN)) by NT
-// threads (this one is number tid); keys past nk read as 0 (the mask tests j < nk itself).
-template <int BN, int NT>
-__device__ __forceinline__ void load_key_vis(int* s, const Vis& vis, long long krow0, int n0, int nk,
-                                             int tid) {
-  int n = vis.has_bkt ? 2 * BN : BN;
-  for (int c = tid; c < n; c += NT) {
-    int j = n0 + c % BN;
-    bool ok = j < nk;
-    const int* src = c < BN ? vis.k_pos : vis.k_bkt;
-    cp_async4(s + c, src + (ok ? krow0 + j : 0), ok);
+// Sparse mode: the positions `pos` (then, when `has_bkt`, the buckets `bkt`) of rows [r0, r0 + N)
+// of the head whose first flat row is row0, copied asynchronously to s[0, N) (and s[N, 2 * N)) by
+// NT threads (this one is number tid); rows past n read as 0 (the masks test the row bound
+// themselves).
+template <int N, int NT>
+__device__ __forceinline__ void load_pos_bkt(int* s, const int* pos, const int* bkt, int has_bkt,
+                                             long long row0, int r0, int n, int tid) {
+  int m = has_bkt ? 2 * N : N;
+  for (int c = tid; c < m; c += NT) {
+    int j = r0 + c % N;
+    bool ok = j < n;
+    cp_async4(s + c, (c < N ? pos : bkt) + (ok ? row0 + j : 0), ok);
   }
 }
 
@@ -492,7 +492,7 @@ struct FwdRows {
 // Sets the invisible scores of key tile t (keys [n0, n0 + 8 * N8)) of the warp's rows [w0, w0 +
 // 16 * MR) to `masked`; skipped when the whole tile pair is visible (sparse mode: `full`, from
 // `FwdKeyTiles::full`). Sparse mode reads the tile's key positions and buckets from `kvis`
-// (`load_key_vis`).
+// (`load_pos_bkt`).
 template <int MODE, int MR, int N8>
 __device__ __forceinline__ void fwd_mask(float (*s)[4], const Vis& vis, const FwdRows<MODE, MR>& rows,
                                          bool full, const int* kvis, int t, int w0, int nk, int2 sb,
@@ -669,7 +669,8 @@ __device__ void fwd_mma(const T* q, const T* k, const T* v, T* o, float* lse, Vi
   if (t < tiles.end) {
     load_tile<T, BN, D, NT>(sK, gk, t * BN, nk);
     load_tile<T, BN, D, NT>(sV, gv, t * BN, nk);
-    if constexpr (MODE == 2) load_key_vis<BN, NT>(sKv, vis, cta.krow0, t * BN, nk, threadIdx.x);
+    if constexpr (MODE == 2) load_pos_bkt<BN, NT>(sKv, vis.k_pos, vis.k_bkt, vis.has_bkt, cta.krow0, t * BN, nk,
+                                  threadIdx.x);
   }
   cp_async_commit();
 
@@ -702,7 +703,8 @@ __device__ void fwd_mma(const T* q, const T* k, const T* v, T* o, float* lse, Vi
       load_tile<T, BN, D, NT>(sK + (buf ^ 1) * BN * SD, gk, tn * BN, nk);
       load_tile<T, BN, D, NT>(sV + (buf ^ 1) * BN * SD, gv, tn * BN, nk);
       if constexpr (MODE == 2)
-        load_key_vis<BN, NT>(sKv + (buf ^ 1) * 2 * BN, vis, cta.krow0, tn * BN, nk, threadIdx.x);
+        load_pos_bkt<BN, NT>(sKv + (buf ^ 1) * 2 * BN, vis.k_pos, vis.k_bkt, vis.has_bkt,
+                             cta.krow0, tn * BN, nk, threadIdx.x);
     }
     cp_async_commit();
     cp_async_wait<1>();
@@ -865,7 +867,8 @@ __device__ void fwd_wgmma(const T* q, const T* k, const T* v, T* o, float* lse, 
       if (i >= S) mbar_wait(empty_v + st, parity);
       load_tile_sw128<T, BN, D, 128>(sV + st * BN * D, gv, t * BN, nk, threadIdx.x);
       if constexpr (MODE == 2)
-        load_key_vis<BN, 128>(sKv + st * 2 * BN, vis, cta.krow0, t * BN, nk, threadIdx.x);
+        load_pos_bkt<BN, 128>(sKv + st * 2 * BN, vis.k_pos, vis.k_bkt, vis.has_bkt, cta.krow0,
+                              t * BN, nk, threadIdx.x);
       mbar_arrive_cp_async(full_v + st);
     }
     asm volatile("cp.async.wait_all;\n" ::: "memory");
@@ -1133,6 +1136,7 @@ __device__ void bwd_mma(const T* q, const T* k, const T* v, const T* go, const f
   T* sS = sG + 2 * BQ * SD;    // [2][BK][SQ] dS^T
   float* sL = reinterpret_cast<float*>(sS + 2 * BK * SQ);  // [2][BQ] lse
   float* sD = sL + 2 * BQ;                              // [2][BQ] delta
+  int* sQv = reinterpret_cast<int*>(sD + 2 * BQ);  // [2][2 * BQ] query positions, buckets (mode 2)
 
   int warp = threadIdx.x / 32, lane = threadIdx.x & 31, gq = lane >> 2, t4 = lane & 3;
   int kt = blockIdx.x, bhk = blockIdx.y, n0 = kt * BK;
@@ -1151,8 +1155,13 @@ __device__ void bwd_mma(const T* q, const T* k, const T* v, const T* go, const f
   }
   bool p_full = tiles.full(p);
   auto load_q = [&](int p, int bf) {
+    long long qr0 = (qhead0 + p / nqt) * nq;
+    int m0 = (p % nqt) * BQ;
     bwd_load_q<T, BQ, D, NT>(sQ + bf * BQ * SD, sG + bf * BQ * SD, sL + bf * BQ, sD + bf * BQ,
-                             q, go, lse, delta, (qhead0 + p / nqt) * nq, (p % nqt) * BQ, nq);
+                             q, go, lse, delta, qr0, m0, nq);
+    if constexpr (MODE == 2)
+      load_pos_bkt<BQ, NT>(sQv + bf * 2 * BQ, vis.q_pos, vis.q_bkt, vis.has_bkt, qr0, m0, nq,
+                           threadIdx.x);
   };
 
   // Per-thread key rows (gq, gq+8 of each of the warp's MR tiles of 16) and their sparse keys.
@@ -1255,6 +1264,7 @@ __device__ void bwd_mma(const T* q, const T* k, const T* v, const T* go, const f
     const T* cG = sG + buf * BQ * SD;
     const float* cL = sL + buf * BQ;
     const float* cD = sD + buf * BQ;
+    const int* cQv = sQv + buf * 2 * BQ;
     T* cS = sS + buf * BK * SQ;
     int h = p / nqt, m0 = (p % nqt) * BQ;
     long long qr0 = (qhead0 + h) * nq;
@@ -1278,10 +1288,10 @@ __device__ void bwd_mma(const T* q, const T* k, const T* v, const T* go, const f
 #pragma unroll
       for (int e2 = 0; e2 < 2; ++e2) {
         int c = nt * 8 + 2 * t4 + e2, i = m0 + c;
-        int qp = INT_MIN_, qb = -1;
-        if (MODE == 2 && need_mask && i < nq) {
-          qp = vis.q_pos[qr0 + i];
-          qb = vis.has_bkt ? vis.q_bkt[qr0 + i] : 0;
+        int qp = 0, qb = 0;
+        if (MODE == 2 && need_mask) {
+          qp = cQv[c];
+          if (vis.has_bkt) qb = cQv[BQ + c];
         }
         float L = cL[c], dl = cD[c];
         L = L == neg_inf() ? pos_inf() : L * LOG2E;  // stranded row: P = 0

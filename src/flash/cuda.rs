@@ -222,12 +222,13 @@ impl HopperBwd {
         64 * self.warpgroups
     }
 
-    /// Shared memory in bytes for elements of `es` bytes: K, V, double-buffered Q, dO, lse and
-    /// delta, one or two dS^T tiles, plus 1 KB to align the tiles to the 1024-byte swizzle atoms.
+    /// Shared memory in bytes for elements of `es` bytes: K, V, double-buffered Q, dO, lse,
+    /// delta and query positions and buckets (i32, sparse mode), one or two dS^T tiles, plus 1 KB
+    /// to align the tiles to the 1024-byte swizzle atoms.
     fn smem(&self, es: usize) -> usize {
         let (bk, bq) = (self.keys(), self.rows);
         let ds_tiles = 1 + self.pipelined as usize;
-        (2 * bk * self.d + 4 * bq * self.d + ds_tiles * bk * bq) * es + 4 * bq * 4 + 1024
+        (2 * bk * self.d + 4 * bq * self.d + ds_tiles * bk * bq) * es + 8 * bq * 4 + 1024
     }
 }
 
@@ -692,7 +693,9 @@ fn bwd_t<T: CudaDType + DeviceRepr>(
             (name, hv.keys(), hv.rows, 128 * hv.warpgroups, hv.smem(es))
         } else {
             let (kname, bk, bq, threads) = bwd_tiles(d);
-            let smem = (2 * bk + 4 * bq) * (d + 8) * es + 2 * bk * (bq + 8) * es + 4 * bq * 4;
+            // K, V, two Q and dO tiles, two dS^T tiles, two lse and delta rows, two rows of query
+            // positions and buckets (i32, sparse mode; `flash_bwd` only).
+            let smem = (2 * bk + 4 * bq) * (d + 8) * es + 2 * bk * (bq + 8) * es + 8 * bq * 4;
             (
                 format!("{kname}_{tn}_d{d}_m{}", va.mode),
                 bk,
