@@ -162,8 +162,9 @@ fn has_wgmma(dev: &CudaDevice) -> bool {
 /// The Hopper forward variant for head dim `d`, or `None` where none applies (other head dims, or
 /// [`FWD_KERNEL_ENV`] asks for another kernel). `bucketed` (LSH) visibility at head dim ≤ 64 keeps
 /// the mma.sync kernel unless a Hopper variant is asked for by name: nearly every tile needs the
-/// element mask there and the Hopper consumers spill on it (hash 16 at 16k: 10.7 ms vs 8.0 ms,
-/// BENCHMARKS.md).
+/// element mask there. (The Hopper consumers spilled on it, hash 16 at 16k: 10.7 ms vs 8.0 ms;
+/// with the mask's key positions in shared memory they no longer do and both kernels measure the
+/// same, hash 16 at B4 H6 8k: 0.47 vs 0.45–0.47 ms; BENCHMARKS.md.)
 fn hopper_fwd(d: usize, bucketed: bool) -> Option<HopperFwd> {
     let mut of_d = HOPPER_FWD_VARIANTS.into_iter().filter(|v| v.d == d);
     match std::env::var(FWD_KERNEL_ENV) {
