@@ -133,11 +133,24 @@ __device__ __forceinline__ int next_pass_k(int t, int end, int4 q, const int4* k
 // y, z = min, max bucket over real rows (0 without buckets), (INT_MAX, INT_MIN) if none.
 // Query tiles: w = min position, INT_MIN if a row is padding. Key tiles: w = max position, INT_MAX
 // if a row is padding.
+// One warp per tile: coalesced loads, lane l reading rows l, l + 32, ..., then warp reductions.
+__device__ __forceinline__ int warp_min_i(int x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x = min(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
+}
+__device__ __forceinline__ int warp_max_i(int x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x = max(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
+}
+
 extern "C" __global__ void flash_tile_meta(const int* pos, const int* bkt, int4* meta, int rows,
                                            int n, int tile, int is_query, int has_bkt) {
   int ntiles = (n + tile - 1) / tile;
-  long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  long long idx = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / 32;  // uniform per warp
   if (idx >= (long long)rows * ntiles) return;
+  int lane = threadIdx.x & 31;
   long long r = idx / ntiles;
   int t = (int)(idx % ntiles);
   int x = is_query ? INT_MIN_ : INT_MAX_;
@@ -145,7 +158,7 @@ extern "C" __global__ void flash_tile_meta(const int* pos, const int* bkt, int4*
   bool pad = false;
   int lo = INT_MAX_, hi = INT_MIN_;
   int end = min(n, (t + 1) * tile);
-  for (int i = t * tile; i < end; ++i) {
+  for (int i = t * tile + lane; i < end; i += 32) {
     int p = pos[r * n + i];
     bool real = is_query ? p != -1 : p != INT_MAX_;
     pad = pad || !real;
@@ -156,8 +169,13 @@ extern "C" __global__ void flash_tile_meta(const int* pos, const int* bkt, int4*
     lo = min(lo, b);
     hi = max(hi, b);
   }
+  x = is_query ? warp_max_i(x) : warp_min_i(x);
+  w = is_query ? warp_min_i(w) : warp_max_i(w);
+  lo = warp_min_i(lo);
+  hi = warp_max_i(hi);
+  pad = __any_sync(0xffffffffu, pad);
   if (pad) w = is_query ? INT_MIN_ : INT_MAX_;
-  meta[idx] = make_int4(x, lo, hi, w);
+  if (lane == 0) meta[idx] = make_int4(x, lo, hi, w);
 }
 
 // Fills n bytes with 0xFF (NaN in f32 / f16 / bf16): debug poisoning of outputs.
@@ -369,16 +387,22 @@ __device__ void bwd_simple_dkv(const T* q, const T* k, const T* v, const T* go, 
 
 // Key tiles of BN keys that the query rows [m0, m1) visit, in order: `first()`, then `next(t + 1)`
 // until `end`. Full: all; causal: up to the diagonal; sparse: those whose per-tile metadata passes;
-// sink-band: the sink tiles [0, gap), then the band tiles [band, end).
+// sink-band: the sink tiles [0, gap), then the band tiles [band, end). Sparse mode reads the
+// key-tile metadata 32 tiles at a time (one load per lane, two warp ballots: the tiles that pass
+// `tile_pass` and those `tile_full` proves fully visible), so a step waits on no global load to
+// find its successor; `next` must be called with non-decreasing t by every lane of the warp.
 template <int MODE>
 struct FwdKeyTiles {
   int gap, band, end, strict;
   int4 qm;
   const int4* km;
+  int wbase;       // mode 2: first key tile of the ballot words below
+  unsigned wpass;  // mode 2: bit i = key tile wbase + i passes tile_pass
+  unsigned wfull;  // mode 2: bit i = key tile wbase + i is fully visible (tile_full)
 
   __device__ __forceinline__ FwdKeyTiles(const Vis& vis, int2 sb, int m0, int m1, int bn, int nkt,
                                          int4 qm_, const int4* km_)
-      : strict(vis.strict), qm(qm_), km(km_) {
+      : strict(vis.strict), qm(qm_), km(km_), wbase(-32), wpass(0u), wfull(0u) {
     end = nkt;
     if constexpr (MODE == 1) {
       int last = m1 - 1 + vis.off;  // last key the last row sees
@@ -392,13 +416,54 @@ struct FwdKeyTiles {
       end = min(nkt, (kr.z + bn - 1) / bn);
     }
   }
-  __device__ __forceinline__ int next(int t) const {
-    if constexpr (MODE == 2) return next_pass_k(t, end, qm, km, strict);
+  // Mode 2: the ballot words of key tiles [base, base + 32).
+  __device__ __forceinline__ void load_word(int base) {
+    int tt = base + (threadIdx.x & 31);
+    bool pass = false, full = false;
+    if (tt < end) {
+      int4 k = km[tt];
+      pass = tile_pass(qm, k, strict);
+      full = pass && tile_full(qm, k, strict);
+    }
+    wpass = __ballot_sync(0xffffffffu, pass);
+    wfull = __ballot_sync(0xffffffffu, full);
+    wbase = base;
+  }
+  __device__ __forceinline__ int next(int t) {
+    if constexpr (MODE == 2) {
+      while (t < end) {
+        if (t >= wbase + 32) load_word(t & ~31);
+        unsigned m = wpass >> (t - wbase);
+        if (m) return t + __ffs(m) - 1;
+        t = wbase + 32;
+      }
+      return end;
+    }
     if constexpr (MODE == 3) return t >= gap && t < band ? band : t;
     return t;
   }
-  __device__ __forceinline__ int first() const { return next(0); }
+  __device__ __forceinline__ int first() { return next(0); }
+  // Mode 2: whether key tile t, the last answer of `next`, is fully visible to the query tile (no
+  // element mask needed). False in other modes.
+  __device__ __forceinline__ bool full(int t) const {
+    return MODE == 2 && ((wfull >> (t - wbase)) & 1u);
+  }
 };
+
+// Sparse mode: the positions `pos` (then, when `has_bkt`, the buckets `bkt`) of rows [r0, r0 + N)
+// of the head whose first flat row is row0, copied asynchronously to s[0, N) (and s[N, 2 * N)) by
+// NT threads (this one is number tid); rows past n read as 0 (the masks test the row bound
+// themselves).
+template <int N, int NT>
+__device__ __forceinline__ void load_pos_bkt(int* s, const int* pos, const int* bkt, int has_bkt,
+                                             long long row0, int r0, int n, int tid) {
+  int m = has_bkt ? 2 * N : N;
+  for (int c = tid; c < m; c += NT) {
+    int j = r0 + c % N;
+    bool ok = j < n;
+    cp_async4(s + c, (c < N ? pos : bkt) + (ok ? row0 + j : 0), ok);
+  }
+}
 
 // A thread's query rows (gq and gq + 8 of each of its warp's MR row tiles from w0) and, in sparse
 // mode, their positions and buckets.
@@ -425,27 +490,30 @@ struct FwdRows {
 };
 
 // Sets the invisible scores of key tile t (keys [n0, n0 + 8 * N8)) of the warp's rows [w0, w0 +
-// 16 * MR) to `masked`; skipped when the whole tile pair is visible.
+// 16 * MR) to `masked`; skipped when the whole tile pair is visible (sparse mode: `full`, from
+// `FwdKeyTiles::full`). Sparse mode reads the tile's key positions and buckets from `kvis`
+// (`load_pos_bkt`).
 template <int MODE, int MR, int N8>
 __device__ __forceinline__ void fwd_mask(float (*s)[4], const Vis& vis, const FwdRows<MODE, MR>& rows,
-                                         const FwdKeyTiles<MODE>& tiles, int t, int w0, int nk,
-                                         long long krow0, int2 sb, float masked) {
+                                         bool full, const int* kvis, int t, int w0, int nk, int2 sb,
+                                         float masked) {
   constexpr int BN = 8 * N8;
   int t4 = threadIdx.x & 3, n0 = t * BN;
   bool need_mask = n0 + BN > nk || (MODE == 1 && n0 + BN - 1 > w0 + vis.off) ||
-                   (MODE == 2 && !tile_full(tiles.qm, tiles.km[t], vis.strict)) ||
+                   (MODE == 2 && !full) ||
                    (MODE == 3 && !sb_tile_full(w0, w0 + 16 * MR, n0, n0 + BN, sb));
   if (!need_mask) return;
 #pragma unroll
   for (int nt = 0; nt < N8; ++nt) {
+    int c = nt * 8 + 2 * t4;
+    int2 kp = make_int2(0, 0), kb = make_int2(0, 0);
+    if constexpr (MODE == 2) {
+      kp = *reinterpret_cast<const int2*>(kvis + c);
+      if (vis.has_bkt) kb = *reinterpret_cast<const int2*>(kvis + BN + c);
+    }
 #pragma unroll
     for (int e2 = 0; e2 < 2; ++e2) {
-      int j = n0 + nt * 8 + 2 * t4 + e2;
-      int kp = INT_MAX_, kb = -2;
-      if (MODE == 2 && j < nk) {
-        kp = vis.k_pos[krow0 + j];
-        kb = vis.has_bkt ? vis.k_bkt[krow0 + j] : 0;
-      }
+      int j = n0 + c + e2;
 #pragma unroll
       for (int mr = 0; mr < MR; ++mr)
 #pragma unroll
@@ -453,9 +521,11 @@ __device__ __forceinline__ void fwd_mask(float (*s)[4], const Vis& vis, const Fw
           bool ok = j < nk;
           if constexpr (MODE == 1) ok = ok && j <= rows.i[mr][hf] + vis.off;
           if constexpr (MODE == 2)
-            ok = ok && sparse_sees(rows.qp[mr][hf], rows.qb[mr][hf], kp, kb, vis.strict);
+            ok = ok && sparse_sees(rows.qp[mr][hf], rows.qb[mr][hf], e2 ? kp.y : kp.x,
+                                   e2 ? kb.y : kb.x, vis.strict);
           if constexpr (MODE == 3) ok = ok && sb_sees(rows.i[mr][hf], j, sb);
-          if (!ok) s[mr * N8 + nt][hf * 2 + e2] = masked;
+          float& x = s[mr * N8 + nt][hf * 2 + e2];
+          x = ok ? x : masked;
         }
     }
   }
@@ -548,8 +618,9 @@ struct FwdCta {
 
   __device__ __forceinline__ FwdCta(const Vis& vis, const int4* qmeta, const int4* kmeta, int hq,
                                     int hkv, int nq, int nk, float scale, int bm, int bn)
-      // Causal: the heaviest query tiles (the last ones) start first, for a shorter tail.
-      : mt(MODE == 1 ? gridDim.x - 1 - blockIdx.x : blockIdx.x),
+      // Causal and sparse: the heaviest query tiles (the last ones; in sparse mode, the trailing
+      // padding tiles of compacted rows end at once) start first, for a shorter tail.
+      : mt(MODE == 1 || MODE == 2 ? gridDim.x - 1 - blockIdx.x : blockIdx.x),
         bh(blockIdx.y),
         hk(bh % hq / (hq / hkv)),
         m0(mt * bm),
@@ -580,12 +651,13 @@ __device__ void fwd_mma(const T* q, const T* k, const T* v, T* o, float* lse, Vi
   T* sQ = reinterpret_cast<T*>(smem_raw);
   T* sK = sQ + BM * SD;       // [2][BN][SD]
   T* sV = sK + 2 * BN * SD;   // [2][BN][SD]
+  int* sKv = reinterpret_cast<int*>(sV + 2 * BN * SD);  // [2][2 * BN] key positions, buckets (mode 2)
 
   int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
   // (Folding the scale into the exponent's FFMA measured slower at D = 64 on the H100 and no
   // faster at D = 128.)
   const FwdCta<MODE> cta(vis, qmeta, kmeta, hq, hkv, nq, nk, scale, BM, BN);
-  const FwdKeyTiles<MODE>& tiles = cta.tiles;
+  FwdKeyTiles<MODE> tiles = cta.tiles;
   int w0 = cta.m0 + warp * WR;
   long long qrow0 = cta.qrow0;
   const T* gk = k + cta.krow0 * D;
@@ -597,6 +669,8 @@ __device__ void fwd_mma(const T* q, const T* k, const T* v, T* o, float* lse, Vi
   if (t < tiles.end) {
     load_tile<T, BN, D, NT>(sK, gk, t * BN, nk);
     load_tile<T, BN, D, NT>(sV, gv, t * BN, nk);
+    if constexpr (MODE == 2) load_pos_bkt<BN, NT>(sKv, vis.k_pos, vis.k_bkt, vis.has_bkt, cta.krow0, t * BN, nk,
+                                  threadIdx.x);
   }
   cp_async_commit();
 
@@ -623,10 +697,14 @@ __device__ void fwd_mma(const T* q, const T* k, const T* v, T* o, float* lse, Vi
 
   int buf = 0;
   while (t < tiles.end) {
+    bool full = tiles.full(t);
     int tn = tiles.next(t + 1);
     if (tn < tiles.end) {
       load_tile<T, BN, D, NT>(sK + (buf ^ 1) * BN * SD, gk, tn * BN, nk);
       load_tile<T, BN, D, NT>(sV + (buf ^ 1) * BN * SD, gv, tn * BN, nk);
+      if constexpr (MODE == 2)
+        load_pos_bkt<BN, NT>(sKv + (buf ^ 1) * 2 * BN, vis.k_pos, vis.k_bkt, vis.has_bkt,
+                             cta.krow0, tn * BN, nk, threadIdx.x);
     }
     cp_async_commit();
     cp_async_wait<1>();
@@ -638,7 +716,7 @@ __device__ void fwd_mma(const T* q, const T* k, const T* v, T* o, float* lse, Vi
 #pragma unroll
     for (int i = 0; i < MR * N8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
     gemm_abt<T, D, MR, N8, QREG>(s, qf, sQ, warp * WR, cK, 0);
-    fwd_mask<MODE, MR, N8>(s, vis, rows, tiles, t, w0, nk, cta.krow0, cta.sb, cta.masked);
+    fwd_mask<MODE, MR, N8>(s, vis, rows, full, sKv + buf * 2 * BN, t, w0, nk, cta.sb, cta.masked);
     float alpha[MR][2];
     fwd_softmax<MR, N8>(s, mrow, lrow, alpha, cta.sl2);
     fwd_rescale<MR, DT>(acc, alpha);
@@ -755,9 +833,11 @@ __device__ void fwd_wgmma(const T* q, const T* k, const T* v, T* o, float* lse, 
   uint64_t* full_v = full_k + S;
   uint64_t* empty_k = full_v + S;
   uint64_t* empty_v = empty_k + S;
+  // Mode 2: [S][2 * BN] key positions and buckets, staged with the V tile of the same stage.
+  int* sKv = reinterpret_cast<int*>(empty_v + S);
 
   const FwdCta<MODE> cta(vis, qmeta, kmeta, hq, hkv, nq, nk, scale, BM, BN);
-  const FwdKeyTiles<MODE>& tiles = cta.tiles;
+  FwdKeyTiles<MODE> tiles = cta.tiles;
   int wg = threadIdx.x / 128, warp = threadIdx.x / 32;
   if (threadIdx.x == 0) {
 #pragma unroll
@@ -786,6 +866,9 @@ __device__ void fwd_wgmma(const T* q, const T* k, const T* v, T* o, float* lse, 
       mbar_arrive_cp_async(full_k + st);
       if (i >= S) mbar_wait(empty_v + st, parity);
       load_tile_sw128<T, BN, D, 128>(sV + st * BN * D, gv, t * BN, nk, threadIdx.x);
+      if constexpr (MODE == 2)
+        load_pos_bkt<BN, 128>(sKv + st * 2 * BN, vis.k_pos, vis.k_bkt, vis.has_bkt, cta.krow0,
+                              t * BN, nk, threadIdx.x);
       mbar_arrive_cp_async(full_v + st);
     }
     asm volatile("cp.async.wait_all;\n" ::: "memory");
@@ -840,17 +923,21 @@ __device__ void fwd_wgmma(const T* q, const T* k, const T* v, T* o, float* lse, 
     wgmma_fence_regs<DT>(acc);
     wgmma_fence_regs_a<BN / 16>(pa);
   };
-  // Scores of key tile t (after its S = Q K^T completed) to probabilities in s.
-  auto softmax = [&](int t) {
-    wgmma_fence_regs<N8>(s);
-    fwd_mask<MODE, 1, N8>(s, vis, rows, tiles, t, w0, nk, cta.krow0, cta.sb, cta.masked);
-    fwd_softmax<1, N8>(s, mrow, lrow, alpha, cta.sl2);
-  };
   // Stage of the i-th key tile ready (its cp.async data then visible to this thread's wgmma), and
   // released by this warp.
   auto wait_full = [&](uint64_t* bar, int i) { mbar_wait(bar + i % S, (i / S) & 1); };
   auto release = [&](uint64_t* bar) {
     if ((threadIdx.x & 31) == 0) mbar_arrive(bar);
+  };
+  // Scores of key tile t, the i-th one visited (after its S = Q K^T completed), to probabilities in
+  // s. Sparse mode: the element mask waits for the tile's key positions (they come with its V).
+  auto softmax = [&](int t, int i) {
+    wgmma_fence_regs<N8>(s);
+    bool full = tiles.full(t);
+    if (MODE == 2 && (!full || (t + 1) * BN > nk)) wait_full(full_v, i);
+    fwd_mask<MODE, 1, N8>(s, vis, rows, full, sKv + (i % S) * 2 * BN, t, w0, nk, cta.sb,
+                          cta.masked);
+    fwd_softmax<1, N8>(s, mrow, lrow, alpha, cta.sl2);
   };
 
   cp_async_wait<0>();
@@ -864,7 +951,7 @@ __device__ void fwd_wgmma(const T* q, const T* k, const T* v, T* o, float* lse, 
     issue_qk(sK);
     wgmma_wait<0>();
     release(empty_k);
-    softmax(t);
+    softmax(t, 0);
     rescale_to_pa();  // O is still zero
   }
   // No wgmma is issued conditionally inside the loop: a branch between wgmmas makes ptxas
@@ -880,7 +967,7 @@ __device__ void fwd_wgmma(const T* q, const T* k, const T* v, T* o, float* lse, 
     issue_pv(sV + sv * BN * D);
     wgmma_wait<1>();
     release(empty_k + sk);
-    softmax(tn);
+    softmax(tn, i + 1);
     wgmma_wait<0>();
     release(empty_v + sv);
     wgmma_fence_regs<DT>(acc);
@@ -1049,6 +1136,7 @@ __device__ void bwd_mma(const T* q, const T* k, const T* v, const T* go, const f
   T* sS = sG + 2 * BQ * SD;    // [2][BK][SQ] dS^T
   float* sL = reinterpret_cast<float*>(sS + 2 * BK * SQ);  // [2][BQ] lse
   float* sD = sL + 2 * BQ;                              // [2][BQ] delta
+  int* sQv = reinterpret_cast<int*>(sD + 2 * BQ);  // [2][2 * BQ] query positions, buckets (mode 2)
 
   int warp = threadIdx.x / 32, lane = threadIdx.x & 31, gq = lane >> 2, t4 = lane & 3;
   int kt = blockIdx.x, bhk = blockIdx.y, n0 = kt * BK;
@@ -1067,8 +1155,13 @@ __device__ void bwd_mma(const T* q, const T* k, const T* v, const T* go, const f
   }
   bool p_full = tiles.full(p);
   auto load_q = [&](int p, int bf) {
+    long long qr0 = (qhead0 + p / nqt) * nq;
+    int m0 = (p % nqt) * BQ;
     bwd_load_q<T, BQ, D, NT>(sQ + bf * BQ * SD, sG + bf * BQ * SD, sL + bf * BQ, sD + bf * BQ,
-                             q, go, lse, delta, (qhead0 + p / nqt) * nq, (p % nqt) * BQ, nq);
+                             q, go, lse, delta, qr0, m0, nq);
+    if constexpr (MODE == 2)
+      load_pos_bkt<BQ, NT>(sQv + bf * 2 * BQ, vis.q_pos, vis.q_bkt, vis.has_bkt, qr0, m0, nq,
+                           threadIdx.x);
   };
 
   // Per-thread key rows (gq, gq+8 of each of the warp's MR tiles of 16) and their sparse keys.
@@ -1171,6 +1264,7 @@ __device__ void bwd_mma(const T* q, const T* k, const T* v, const T* go, const f
     const T* cG = sG + buf * BQ * SD;
     const float* cL = sL + buf * BQ;
     const float* cD = sD + buf * BQ;
+    const int* cQv = sQv + buf * 2 * BQ;
     T* cS = sS + buf * BK * SQ;
     int h = p / nqt, m0 = (p % nqt) * BQ;
     long long qr0 = (qhead0 + h) * nq;
@@ -1194,10 +1288,10 @@ __device__ void bwd_mma(const T* q, const T* k, const T* v, const T* go, const f
 #pragma unroll
       for (int e2 = 0; e2 < 2; ++e2) {
         int c = nt * 8 + 2 * t4 + e2, i = m0 + c;
-        int qp = INT_MIN_, qb = -1;
-        if (MODE == 2 && need_mask && i < nq) {
-          qp = vis.q_pos[qr0 + i];
-          qb = vis.has_bkt ? vis.q_bkt[qr0 + i] : 0;
+        int qp = 0, qb = 0;
+        if (MODE == 2 && need_mask) {
+          qp = cQv[c];
+          if (vis.has_bkt) qb = cQv[BQ + c];
         }
         float L = cL[c], dl = cD[c];
         L = L == neg_inf() ? pos_inf() : L * LOG2E;  // stranded row: P = 0

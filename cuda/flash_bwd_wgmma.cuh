@@ -34,6 +34,7 @@ __device__ void bwd_wgmma(const T* q, const T* k, const T* v, const T* go, const
   T* sS = sG + 2 * BQ * D;  // [1 + PIPE][BK * BQ] dS^T: BK rows (keys) x BQ columns (queries)
   float* sL = reinterpret_cast<float*>(sS + (1 + PIPE) * BK * BQ);  // [2][BQ] lse
   float* sD = sL + 2 * BQ;                              // [2][BQ] delta
+  int* sQv = reinterpret_cast<int*>(sD + 2 * BQ);  // [2][2 * BQ] query positions, buckets (mode 2)
 
   int warp = threadIdx.x / 32, lane = threadIdx.x & 31, gq = lane >> 2, t4 = lane & 3;
   int wg = warp / 4, wr = wg * 64 + (warp % 4) * 16;  // the warp's first key row in the tile
@@ -52,9 +53,13 @@ __device__ void bwd_wgmma(const T* q, const T* k, const T* v, const T* go, const
   }
   bool p_full = tiles.full(p);
   auto load_q = [&](int p, int bf) {
+    long long qr0 = (qhead0 + p / nqt) * nq;
+    int m0 = (p % nqt) * BQ;
     bwd_load_q<T, BQ, D, NT, true>(sQ + bf * BQ * D, sG + bf * BQ * D, sL + bf * BQ,
-                                   sD + bf * BQ, q, go, lse, delta, (qhead0 + p / nqt) * nq,
-                                   (p % nqt) * BQ, nq);
+                                   sD + bf * BQ, q, go, lse, delta, qr0, m0, nq);
+    if constexpr (MODE == 2)
+      load_pos_bkt<BQ, NT>(sQv + bf * 2 * BQ, vis.q_pos, vis.q_bkt, vis.has_bkt, qr0, m0, nq,
+                           threadIdx.x);
   };
 
   // Per-thread key rows (gq, gq + 8 of the warp's 16) and their sparse keys.
@@ -139,6 +144,7 @@ __device__ void bwd_wgmma(const T* q, const T* k, const T* v, const T* go, const
     const T* cG = sG + buf * BQ * D;
     const float* cL = sL + buf * BQ;
     const float* cD = sD + buf * BQ;
+    const int* cQv = sQv + buf * 2 * BQ;
     int h = p / nqt, m0 = (p % nqt) * BQ;
     long long qr0 = (qhead0 + h) * nq;
 
@@ -174,10 +180,10 @@ __device__ void bwd_wgmma(const T* q, const T* k, const T* v, const T* go, const
 #pragma unroll
       for (int e2 = 0; e2 < 2; ++e2) {
         int c = nt * 8 + 2 * t4 + e2, i = m0 + c;
-        int qp = INT_MIN_, qb = -1;
-        if (MODE == 2 && need_mask && i < nq) {
-          qp = vis.q_pos[qr0 + i];
-          qb = vis.has_bkt ? vis.q_bkt[qr0 + i] : 0;
+        int qp = 0, qb = 0;
+        if (MODE == 2 && need_mask) {
+          qp = cQv[c];
+          if (vis.has_bkt) qb = cQv[BQ + c];
         }
         float L = cL[c];
         L = L == neg_inf() ? pos_inf() : L * LOG2E;  // stranded row: P = 0

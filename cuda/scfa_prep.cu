@@ -379,9 +379,9 @@ LSH(__nv_bfloat16, bf16)
 
 // Thread-per-row variant for head dims D = 64 and 128 (compile-time) and 16-byte aligned x: the
 // row is read with 16-byte loads into registers, the columns are scored in chunks of 8
-// accumulators, and the rotation entries are read from global memory (one broadcast load when the
-// warp's rows share a rotation head, the usual case). Same products (k ascending fmaf chain) and
-// tie rule as lsh_buckets, so the same ids.
+// accumulators, and the rotation entries are read from global memory (one broadcast load, of 16
+// bytes where aligned, when the warp's rows share a rotation head, the usual case). Same products
+// (k ascending fmaf chain) and tie rule as lsh_buckets, so the same ids.
 #define LSH_CHUNK 8
 
 template <typename T, int D>
@@ -409,6 +409,8 @@ __device__ __forceinline__ void lsh_rows(const T *__restrict__ x, const float *_
   uint32_t rh = (uint32_t)((row / t) % heads) / group;
   rh = rh < rot_heads ? rh : rot_heads - 1;
   const float *r = rot + (uint64_t)rh * D * half;
+  // Rotation rows read as float4 where they are 16-byte aligned.
+  const bool vec4 = half % 4 == 0 && reinterpret_cast<uintptr_t>(rot) % 16 == 0;
   float best = -INFINITY;
   int best_i = 0;
   for (uint32_t c0 = 0; c0 < half; c0 += LSH_CHUNK) {
@@ -417,7 +419,20 @@ __device__ __forceinline__ void lsh_rows(const T *__restrict__ x, const float *_
     for (int j = 0; j < LSH_CHUNK; ++j) {
       acc[j] = 0.f;
     }
-    if (c0 + LSH_CHUNK <= half) {
+    if (c0 + LSH_CHUNK <= half && vec4) {
+#pragma unroll 8
+      for (int k = 0; k < D; ++k) {
+        const float4 *rk = reinterpret_cast<const float4 *>(r + (uint64_t)k * half + c0);
+#pragma unroll
+        for (int j4 = 0; j4 < LSH_CHUNK / 4; ++j4) {
+          const float4 w = __ldg(rk + j4);
+          acc[4 * j4] = fmaf(xr[k], w.x, acc[4 * j4]);
+          acc[4 * j4 + 1] = fmaf(xr[k], w.y, acc[4 * j4 + 1]);
+          acc[4 * j4 + 2] = fmaf(xr[k], w.z, acc[4 * j4 + 2]);
+          acc[4 * j4 + 3] = fmaf(xr[k], w.w, acc[4 * j4 + 3]);
+        }
+      }
+    } else if (c0 + LSH_CHUNK <= half) {
 #pragma unroll 8
       for (int k = 0; k < D; ++k) {
         const float *rk = r + (uint64_t)k * half + c0;
@@ -525,20 +540,25 @@ __device__ __forceinline__ double stream_gaussian(uint64_t key, uint64_t e) {
 }
 
 // out (heads, dim, cols) f32: Gaussian entries (flat index e), each column (over dim) divided by
-// its double L2 norm. One thread per (head, column); the column is generated twice.
+// its double L2 norm. One warp per (head, column): lane l generates entries l, l + 32, ... of the
+// column (twice: for the norm, a warp sum, then for the output).
 extern "C" __global__ void normalised_gaussian(float *__restrict__ out, uint32_t heads,
                                                uint32_t dim, uint32_t cols, uint64_t key) {
   const uint64_t n = (uint64_t)heads * cols;
-  const uint64_t stride = (uint64_t)gridDim.x * blockDim.x;
-  for (uint64_t j = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; j < n; j += stride) {
+  const uint32_t lane = threadIdx.x % 32;
+  const uint64_t warps = (uint64_t)gridDim.x * blockDim.x / 32;
+  for (uint64_t j = ((uint64_t)blockIdx.x * blockDim.x + threadIdx.x) / 32; j < n; j += warps) {
     const uint64_t h = j / cols, c = j % cols;
     double sum = 0.0;
-    for (uint32_t k = 0; k < dim; ++k) {
+    for (uint32_t k = lane; k < dim; k += 32) {
       const double z = stream_gaussian(key, (h * dim + k) * cols + c);
       sum += z * z;
     }
+    for (int off = 16; off > 0; off >>= 1) {
+      sum += __shfl_xor_sync(FULL_MASK, sum, off);
+    }
     const double norm = sqrt(sum);
-    for (uint32_t k = 0; k < dim; ++k) {
+    for (uint32_t k = lane; k < dim; k += 32) {
       const uint64_t e = (h * dim + k) * cols + c;
       const double z = stream_gaussian(key, e);
       out[e] = (float)(norm > 0.0 ? z / norm : z);

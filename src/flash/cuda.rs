@@ -122,9 +122,13 @@ impl HopperFwd {
     }
 
     /// Dynamic shared memory for elements of `es` bytes: the Q tile and the K, V stages, 1 KB to
-    /// align them to the 1024-byte swizzle atoms, and four mbarriers per stage.
+    /// align them to the 1024-byte swizzle atoms, four mbarriers per stage and, per stage, the
+    /// keys' positions and buckets (i32, sparse mode).
     fn smem(&self, es: usize) -> usize {
-        (self.rows() + 2 * self.stages * self.keys) * self.d * es + 1024 + 32 * self.stages
+        (self.rows() + 2 * self.stages * self.keys) * self.d * es
+            + 1024
+            + 32 * self.stages
+            + 8 * self.stages * self.keys
     }
 }
 
@@ -158,8 +162,9 @@ fn has_wgmma(dev: &CudaDevice) -> bool {
 /// The Hopper forward variant for head dim `d`, or `None` where none applies (other head dims, or
 /// [`FWD_KERNEL_ENV`] asks for another kernel). `bucketed` (LSH) visibility at head dim ≤ 64 keeps
 /// the mma.sync kernel unless a Hopper variant is asked for by name: nearly every tile needs the
-/// element mask there and the Hopper consumers spill on it (hash 16 at 16k: 10.7 ms vs 8.0 ms,
-/// BENCHMARKS.md).
+/// element mask there. (The Hopper consumers spilled on it, hash 16 at 16k: 10.7 ms vs 8.0 ms;
+/// with the mask's key positions in shared memory they no longer do and both kernels measure the
+/// same, hash 16 at B4 H6 8k: 0.47 vs 0.45–0.47 ms; BENCHMARKS.md.)
 fn hopper_fwd(d: usize, bucketed: bool) -> Option<HopperFwd> {
     let mut of_d = HOPPER_FWD_VARIANTS.into_iter().filter(|v| v.d == d);
     match std::env::var(FWD_KERNEL_ENV) {
@@ -218,12 +223,13 @@ impl HopperBwd {
         64 * self.warpgroups
     }
 
-    /// Shared memory in bytes for elements of `es` bytes: K, V, double-buffered Q, dO, lse and
-    /// delta, one or two dS^T tiles, plus 1 KB to align the tiles to the 1024-byte swizzle atoms.
+    /// Shared memory in bytes for elements of `es` bytes: K, V, double-buffered Q, dO, lse,
+    /// delta and query positions and buckets (i32, sparse mode), one or two dS^T tiles, plus 1 KB
+    /// to align the tiles to the 1024-byte swizzle atoms.
     fn smem(&self, es: usize) -> usize {
         let (bk, bq) = (self.keys(), self.rows);
         let ds_tiles = 1 + self.pipelined as usize;
-        (2 * bk * self.d + 4 * bq * self.d + ds_tiles * bk * bq) * es + 4 * bq * 4 + 1024
+        (2 * bk * self.d + 4 * bq * self.d + ds_tiles * bk * bq) * es + 8 * bq * 4 + 1024
     }
 }
 
@@ -412,7 +418,8 @@ fn tile_meta(
         b.arg(bkt);
         b.arg(&mut meta);
         candle::builder_arg!(b, rows as i32, n as i32, tile as i32, is_q, va.has_bkt);
-        unsafe { b.launch(cfg((ceil_div(total, 256), 1), 256, 0)?) }.w()?;
+        // One warp per tile.
+        unsafe { b.launch(cfg((ceil_div(total, 8), 1), 256, 0)?) }.w()?;
         Ok::<_, candle::Error>(meta)
     };
     let qm = build(&va.q_pos, &va.q_bkt, dims.b * dims.hq, dims.nq, tq, 1)?;
@@ -542,7 +549,9 @@ fn fwd_t<T: CudaDType + DeviceRepr>(
         let name = format!("flash_fwd_{tn}_d{d}_m{}", va.mode);
         let meta = tile_meta(&dev, &va, dims, bm, BT)?;
         let grid = (ceil_div(dims.nq, bm), dims.b * dims.hq);
-        (name, meta, grid, threads, (bm + 4 * BT) * (d + 8) * es)
+        // Q, two K and V buffers, two buffers of key positions and buckets (i32, sparse mode).
+        let smem = (bm + 4 * BT) * (d + 8) * es + 16 * BT;
+        (name, meta, grid, threads, smem)
     } else {
         let name = format!("flash_fwd_simple_{tn}_d{d}");
         let meta = (dummy.clone(), dummy.clone());
@@ -685,7 +694,9 @@ fn bwd_t<T: CudaDType + DeviceRepr>(
             (name, hv.keys(), hv.rows, 128 * hv.warpgroups, hv.smem(es))
         } else {
             let (kname, bk, bq, threads) = bwd_tiles(d);
-            let smem = (2 * bk + 4 * bq) * (d + 8) * es + 2 * bk * (bq + 8) * es + 4 * bq * 4;
+            // K, V, two Q and dO tiles, two dS^T tiles, two lse and delta rows, two rows of query
+            // positions and buckets (i32, sparse mode; `flash_bwd` only).
+            let smem = (2 * bk + 4 * bq) * (d + 8) * es + 2 * bk * (bq + 8) * es + 8 * bq * 4;
             (
                 format!("{kname}_{tn}_d{d}_m{}", va.mode),
                 bk,

@@ -122,7 +122,7 @@ mod cuda {
         Ok(wrap_slice(out, dev, n))
     }
 
-    /// One thread per `(head, column)`.
+    /// One warp per `(head, column)`.
     pub(super) fn gaussian(
         dev: &CudaDevice,
         (heads, dim, cols): (usize, usize, usize),
@@ -136,7 +136,7 @@ mod cuda {
             let mut b = f.builder();
             b.arg(&mut out);
             candle::builder_arg!(b, heads as u32, dim as u32, cols as u32, key);
-            unsafe { b.launch(launch::elementwise(heads * cols)) }.w()?;
+            unsafe { b.launch(launch::elementwise(heads * cols * 32)) }.w()?;
         }
         Ok(wrap_slice(out, dev, (heads, dim, cols)))
     }
