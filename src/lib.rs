@@ -15,6 +15,8 @@
 //! - [`reference`]: the naive materialised implementation every test compares against.
 //! - [`fused`]: fused training ops with backward passes (LayerNorm, GELU, embedding, head split,
 //!   AdamW) that keep a small transformer's training step attention-bound.
+//! - [`tape`]: the dense and SCFA attentions outside autograd, with their backward kept, for
+//!   training passes that run their own backward.
 //!
 //! ```
 //! use candle::{Device, Tensor};
@@ -40,15 +42,18 @@ pub mod moa;
 pub mod reference;
 pub mod scfa;
 pub mod sparsek;
+pub mod tape;
 pub mod twilight;
 
-pub use flash::{flash_attn, flash_attn_with_visibility, AttnParams, SUPPORTED_HEAD_DIMS};
+pub use flash::{
+    flash_attn, flash_attn_taped, flash_attn_with_visibility, AttnParams, SUPPORTED_HEAD_DIMS,
+};
 pub use mask::{SinkBand, SparseLayout, Visibility};
 pub use memory_pool::keep_memory_pool;
 pub use moa::moa_attn;
 pub use scfa::{
-    hash_sparse_attn, hash_sparse_attn_with_buckets, qk_sparse_attn, sparse_causal_attn,
-    HashConfig, ScfaParams,
+    hash_sparse_attn, hash_sparse_attn_taped, hash_sparse_attn_with_buckets, qk_sparse_attn,
+    qk_sparse_attn_taped, sparse_causal_attn, HashConfig, ScfaParams,
 };
 pub use sparsek::{
     sparsek, sparsek_attn, SparseKCache, SparseKConfig, SparseKScorer, SparseKScorerConfig,

@@ -36,9 +36,11 @@ use candle::{bail, DType, Device, Result, Tensor, D};
 use candle_nn::VarBuilder;
 use candle_sparse_attn::moa::MoaPlan;
 use candle_sparse_attn::scfa::random_keep;
+use candle_sparse_attn::tape::AttentionTape;
 use candle_sparse_attn::{
-    flash_attn, hash_sparse_attn, qk_sparse_attn, AttnParams, HashConfig, ScfaParams,
-    SparseKConfig, SparseKScorer, SparseKScorerConfig, TwilightConfig,
+    flash_attn, flash_attn_taped, hash_sparse_attn, hash_sparse_attn_taped, qk_sparse_attn,
+    qk_sparse_attn_taped, AttnParams, HashConfig, ScfaParams, SparseKConfig, SparseKScorer,
+    SparseKScorerConfig, TwilightConfig,
 };
 use serde::{Deserialize, Serialize};
 
@@ -373,6 +375,22 @@ pub trait AttentionBackend: Send + Sync + fmt::Debug {
     /// Computes the attention output.
     fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor, call: &AttentionCall) -> Result<Tensor>;
 
+    /// [`Self::forward`] outside candle's autograd, for training passes that run their own
+    /// backward (the GPT's fused pass): the same output and an [`AttentionTape`] whose backward
+    /// gives `(dq, dk, dv)` directly, without autograd's zero fill and add per input gradient.
+    /// `None` (the default) where the kind has no such path; the caller then differentiates
+    /// [`Self::forward`] with autograd.
+    fn forward_taped(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        call: &AttentionCall,
+    ) -> Result<Option<(Tensor, AttentionTape)>> {
+        let _ = (q, k, v, call);
+        Ok(None)
+    }
+
     /// The key scorer this kind needs in every layer of width `d_model` with `kv_heads` kv
     /// heads, or `None` (the default): the kind reads no [`AttentionCall::key_scores`] and adds
     /// no parameters. With `Some`, each model layer owns a [`SparseKScorer`] built from this
@@ -473,15 +491,26 @@ impl AttentionBackend for DenseAttention {
     }
 
     fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor, call: &AttentionCall) -> Result<Tensor> {
-        flash_attn(
-            q,
-            k,
-            v,
-            &AttnParams {
-                softmax_scale: call.softmax_scale,
-                causal: call.causal,
-            },
-        )
+        flash_attn(q, k, v, &Self::params(call))
+    }
+
+    fn forward_taped(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        call: &AttentionCall,
+    ) -> Result<Option<(Tensor, AttentionTape)>> {
+        flash_attn_taped(q, k, v, &Self::params(call)).map(Some)
+    }
+}
+
+impl DenseAttention {
+    fn params(call: &AttentionCall) -> AttnParams {
+        AttnParams {
+            softmax_scale: call.softmax_scale,
+            causal: call.causal,
+        }
     }
 }
 
@@ -504,9 +533,25 @@ impl AttentionBackend for HashSparseAttention {
     /// Angular-LSH buckets with rotations drawn from `call.seed` (re-drawn every step, as in
     /// the reference model), then sparse causal flash attention inside each bucket.
     fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor, call: &AttentionCall) -> Result<Tensor> {
+        hash_sparse_attn(q, k, v, &self.config(call))
+    }
+
+    fn forward_taped(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        call: &AttentionCall,
+    ) -> Result<Option<(Tensor, AttentionTape)>> {
+        hash_sparse_attn_taped(q, k, v, &self.config(call)).map(Some)
+    }
+}
+
+impl HashSparseAttention {
+    fn config(&self, call: &AttentionCall) -> HashConfig {
         let mut config = HashConfig::new(self.n_buckets, call.seed);
         config.softmax_scale = call.softmax_scale;
-        hash_sparse_attn(q, k, v, &config)
+        config
     }
 }
 
@@ -532,7 +577,31 @@ impl AttentionBackend for QkSparseAttention {
     /// resumed runs repeat the choice; in training and evaluation alike, as in the reference),
     /// then runs sparse causal flash attention over the kept rows. Dropped queries output 0.
     fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor, call: &AttentionCall) -> Result<Tensor> {
-        // Drawn on the device (no host generator, no copy in the middle of the forward pass).
+        let (q_keep, k_keep, params) = self.masks(q, k, call)?;
+        qk_sparse_attn(q, k, v, &q_keep, &k_keep, &params)
+    }
+
+    fn forward_taped(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        call: &AttentionCall,
+    ) -> Result<Option<(Tensor, AttentionTape)>> {
+        let (q_keep, k_keep, params) = self.masks(q, k, call)?;
+        qk_sparse_attn_taped(q, k, v, &q_keep, &k_keep, &params).map(Some)
+    }
+}
+
+impl QkSparseAttention {
+    /// The keep masks of queries and keys (drawn on the device: no host generator, no copy in
+    /// the middle of the forward pass) and the SCFA parameters.
+    fn masks(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        call: &AttentionCall,
+    ) -> Result<(Tensor, Tensor, ScfaParams)> {
         let keep = |x: &Tensor, drop: f32, seed: u64| -> Result<Tensor> {
             let (b, h, t, _) = x.dims4()?;
             random_keep((b, h, t), drop, seed, x.device())
@@ -543,7 +612,7 @@ impl AttentionBackend for QkSparseAttention {
             softmax_scale: call.softmax_scale,
             strict: false,
         };
-        qk_sparse_attn(q, k, v, &q_keep, &k_keep, &params)
+        Ok((q_keep, k_keep, params))
     }
 }
 
@@ -754,6 +823,31 @@ impl Attention {
             )
         }
         Ok(attention)
+    }
+
+    /// Causal attention of `q` `(batch, q_heads, seq, head_dim)` over `k`, `v`
+    /// `(batch, kv_heads, seq, head_dim)` of the same positions, without a cache and outside
+    /// candle's autograd ([`AttentionBackend::forward_taped`]): the output and its tape, or
+    /// `None` for kinds without that path or with a [key scorer](AttentionBackend::key_scorer)
+    /// (whose scores need autograd).
+    pub fn forward_taped(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        layer: usize,
+        train: bool,
+        seed: u64,
+    ) -> Result<Option<(Tensor, AttentionTape)>> {
+        let call = AttentionCall {
+            softmax_scale: self.softmax_scale,
+            causal: true,
+            train,
+            seed,
+            layer,
+            key_scores: None,
+        };
+        self.backend.forward_taped(q, k, v, &call)
     }
 
     /// Causal attention of `q` `(batch, q_heads, q_len, head_dim)` over `k`, `v`

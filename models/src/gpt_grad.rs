@@ -10,14 +10,16 @@
 //! one matmul (returned as f32), and the loss and the logit gradient come from one softmax
 //! cross-entropy kernel ([`fused::cross_entropy_with_grad`]).
 //!
-//! The attention stays pluggable: each layer runs its
+//! The attention stays pluggable. Kinds with a taped path
+//! ([`AttentionBackend::forward_taped`](crate::attention::AttentionBackend::forward_taped): dense,
+//! hash-sparse, QK-sparse) run outside autograd when the layer has no RoPE and no key scorer, and
+//! their tape returns dq, dk, dv directly. Otherwise each layer runs its
 //! [`AttentionBackend`](crate::attention::AttentionBackend) (with RoPE and the kind's key scorer)
 //! under a local candle autograd on detached queries, keys and values (fresh leaves written by
 //! [`fused::split_qkv`], their gradients merged back by [`fused::merge_qkv`]; and the scorer's
 //! input), differentiated by [`fused::backward_from`] seeded with the attention output's gradient.
-//! So every
-//! attention kind, a user's own included, trains through it, and the scorer's parameters get their
-//! gradients from that local graph.
+//! So every attention kind, a user's own included, trains through it, and the scorer's
+//! parameters get their gradients from that local graph.
 //!
 //! The loss and gradients are those of `Gpt::loss(..).backward()` (the reference, which the tests
 //! compare against for every attention kind), with the same dropout masks and random attention
@@ -27,6 +29,8 @@
 use candle::backprop::GradStore;
 use candle::{bail, DType, Result, Tensor, Var};
 use candle_sparse_attn::fused;
+
+use candle_sparse_attn::tape::AttentionTape;
 
 use crate::gpt::{Block, Gpt, LN_EPS};
 use crate::layers::{apply_dropout, dropout_keep, mix_seed};
@@ -42,16 +46,31 @@ struct BlockWeights {
     mlp_proj: Tensor,
 }
 
-/// The local autograd graph of one layer's attention: its leaves and its output.
-struct LayerAttention {
-    /// Queries, keys, values `(b, h, t, d)` before RoPE.
-    q: Var,
-    k: Var,
-    v: Var,
-    /// The key scorer's input (the attention LayerNorm's output), for kinds with a scorer.
-    h: Option<Var>,
-    /// The attention output `(b, h, t, d)`, tracked back to the leaves.
-    y: Tensor,
+/// One layer's attention as the backward needs it.
+enum LayerAttention {
+    /// Run outside autograd ([`AttentionBackend::forward_taped`](crate::attention::AttentionBackend::forward_taped)): the output `(b, h, t, d)` and
+    /// the tape its `(dq, dk, dv)` come from.
+    Taped { y: Tensor, tape: AttentionTape },
+    /// Run under a local autograd graph (RoPE, a key scorer, or a kind without a taped path).
+    Graph {
+        /// Queries, keys, values `(b, h, t, d)` before RoPE.
+        q: Var,
+        k: Var,
+        v: Var,
+        /// The key scorer's input (the attention LayerNorm's output), for kinds with a scorer.
+        h: Option<Var>,
+        /// The attention output `(b, h, t, d)`, tracked back to the leaves.
+        y: Tensor,
+    },
+}
+
+impl LayerAttention {
+    /// The attention output `(b, h, t, d)`, detached.
+    fn output(&self) -> Tensor {
+        match self {
+            Self::Taped { y, .. } | Self::Graph { y, .. } => y.detach(),
+        }
+    }
 }
 
 /// What the backward of one block needs (all `(b, t, ·)` in the compute dtype).
@@ -179,7 +198,7 @@ impl Gpt {
             let h1 = h;
             let qkv = fused::linear(&h1, &w.c_attn)?;
             let attn = self.attend(blk, i, &h1, &qkv, train, layer_seed(0))?;
-            let y_merged = fused::merge_heads(&attn.y.detach())?;
+            let y_merged = fused::merge_heads(&attn.output())?;
             let y = fused::linear(&y_merged, &w.attn_proj)?;
             let keep_attn = dropout_keep(y.shape(), dt, p, layer_seed(1), dev)?;
             let y = apply_dropout(&y, keep_attn.as_ref(), p)?;
@@ -226,8 +245,10 @@ impl Gpt {
         })
     }
 
-    /// One layer's attention (RoPE, key scorer, backend) on fresh leaves: queries, keys and
-    /// values split from `qkv` `(b, t, 3c)`, and the scorer's input `h1` for kinds with one.
+    /// One layer's attention on queries, keys and values split from `qkv` `(b, t, 3c)`: outside
+    /// autograd when the kind has a taped path and the layer needs no RoPE or key scorer,
+    /// otherwise (RoPE, key scorer, backend) under a local graph on fresh leaves, with the
+    /// scorer's input `h1` as a leaf too.
     fn attend(
         &self,
         blk: &Block,
@@ -238,6 +259,19 @@ impl Gpt {
         seed: u64,
     ) -> Result<LayerAttention> {
         let [q, k, v] = fused::split_qkv(qkv, self.config.n_head)?;
+        if self.rope.is_none() && blk.scorer.is_none() {
+            let taped = self.attention.forward_taped(
+                q.as_tensor(),
+                k.as_tensor(),
+                v.as_tensor(),
+                layer,
+                train,
+                seed,
+            )?;
+            if let Some((y, tape)) = taped {
+                return Ok(LayerAttention::Taped { y, tape });
+            }
+        }
         let (mut qr, mut kr) = (q.as_tensor().clone(), k.as_tensor().clone());
         if let Some(rope) = &self.rope {
             qr = rope.apply(&qr, 0)?;
@@ -261,7 +295,7 @@ impl Gpt {
             train,
             seed,
         )?;
-        Ok(LayerAttention { q, k, v, h, y })
+        Ok(LayerAttention::Graph { q, k, v, h, y })
     }
 }
 
@@ -300,26 +334,31 @@ impl TrainingPass<'_> {
             let (dy_merged, dw_attn_proj) =
                 fused::linear_backward(&saved.y_merged, &w.attn_proj, &da)?;
             let dy = fused::to_heads(&dy_merged, nh)?;
-            let local = fused::backward_from(&saved.attn.y, &dy)?;
-            let attn = &saved.attn;
-            let leaf_grad = |leaf: &Var| match local.get(leaf.as_tensor()) {
-                Some(g) => Ok(g.clone()),
-                None => leaf.zeros_like(),
-            };
-            let dqkv = fused::merge_qkv(
-                &leaf_grad(&attn.q)?,
-                &leaf_grad(&attn.k)?,
-                &leaf_grad(&attn.v)?,
-            )?;
-            let (mut dh1, dw_c_attn) = fused::linear_backward(&saved.h1, &w.c_attn, &dqkv)?;
-            if let Some(g) = attn.h.as_ref().and_then(|h| local.get(h.as_tensor())) {
-                dh1 = (dh1 + g.to_dtype(dt)?)?;
-            }
-            for (_, var) in &blk.scorer_params {
-                if let Some(g) = local.get(var.as_tensor()) {
-                    grads.insert(var.as_tensor(), f32_of(g)?);
+            let (dh1, dw_c_attn) = match &saved.attn {
+                LayerAttention::Taped { tape, .. } => {
+                    let (dq, dk, dv) = tape.backward(&dy)?;
+                    let dqkv = fused::merge_qkv(&dq, &dk, &dv)?;
+                    fused::linear_backward(&saved.h1, &w.c_attn, &dqkv)?
                 }
-            }
+                LayerAttention::Graph { q, k, v, h, y } => {
+                    let local = fused::backward_from(y, &dy)?;
+                    let leaf_grad = |leaf: &Var| match local.get(leaf.as_tensor()) {
+                        Some(g) => Ok(g.clone()),
+                        None => leaf.zeros_like(),
+                    };
+                    let dqkv = fused::merge_qkv(&leaf_grad(q)?, &leaf_grad(k)?, &leaf_grad(v)?)?;
+                    let (mut dh1, dw) = fused::linear_backward(&saved.h1, &w.c_attn, &dqkv)?;
+                    if let Some(g) = h.as_ref().and_then(|h| local.get(h.as_tensor())) {
+                        dh1 = (dh1 + g.to_dtype(dt)?)?;
+                    }
+                    for (_, var) in &blk.scorer_params {
+                        if let Some(g) = local.get(var.as_tensor()) {
+                            grads.insert(var.as_tensor(), f32_of(g)?);
+                        }
+                    }
+                    (dh1, dw)
+                }
+            };
             let dln_1;
             (dx, dln_1) = fused::layer_norm_backward_add(&saved.x_in, &w.ln_1, &dh1, &dx, LN_EPS)?;
             for (var, g) in [

@@ -24,8 +24,8 @@
 //!   dP^T = V dO^T from swizzled shared memory, P^T and dS^T as the register A operand of
 //!   dV += P^T dO and dK += dS^T Q, dS^T through shared memory for dQ = dS K, dQ by f32 atomics
 //!   as in the `mma.sync` backward. [`HOPPER_BWD_VARIANTS`] lists the variants, [`BWD_KERNEL_ENV`]
-//!   picks one (or the `mma.sync` kernel). Bucketed sparse visibility at head dim <= 64 runs the
-//!   `mma.sync` backward by default (faster there, like its forward).
+//!   picks one (or the `mma.sync` kernel). Bucketed sparse visibility runs it too (faster on a
+//!   training model's uneven buckets); its forward stays on `mma.sync` at head dim <= 64.
 //! - Performance (H100, bf16, causal, 8k–32k, see BENCHMARKS.md): forward with the Hopper kernel
 //!   1.35–1.47× PyTorch SDPA-flash and 0.97–1.00× cuDNN at D = 64, 1.22–1.41× SDPA-flash and
 //!   0.67–0.79× cuDNN at D = 128 (the `mma.sync` forward: 0.83–0.97× and 0.79–0.95× SDPA-flash);
@@ -249,15 +249,15 @@ pub(crate) const HOPPER_BWD_VARIANTS: [HopperBwd; 4] = [
 pub(crate) const BWD_KERNEL_ENV: &str = "CANDLE_SPARSE_ATTN_BWD";
 
 /// The Hopper backward variant for head dim `d`, or `None` where none applies (other head dims, or
-/// [`BWD_KERNEL_ENV`] asks for the `mma.sync` kernel). `bucketed` (LSH) visibility at head dim
-/// ≤ 64 keeps the `mma.sync` kernel unless a Hopper variant is asked for by name: with few query
-/// tiles per key tile its per-CTA cost is lower (hash 16 fwd+bwd, B4 H6 8k: 1.72 vs 1.93 ms;
-/// B4 H48 16k: 24.8 vs 28.1 ms; BENCHMARKS.md).
-fn hopper_bwd(d: usize, bucketed: bool) -> Option<HopperBwd> {
+/// [`BWD_KERNEL_ENV`] asks for the `mma.sync` kernel). Bucketed (LSH) visibility runs it too: on
+/// random inputs the `mma.sync` kernel was faster at head dim 64 (hash 16 fwd+bwd, B4 H6 8k: 1.72
+/// vs 1.93 ms), but on a training model's queries and keys, whose buckets are uneven, the Hopper
+/// kernel is (char-LM step at 8k × 4: backward 12.2 vs 13.5 ms; at 16k × 2: 15.7 vs 19.2 ms;
+/// EXPERIMENTS.md).
+fn hopper_bwd(d: usize) -> Option<HopperBwd> {
     let mut variants = HOPPER_BWD_VARIANTS.into_iter().filter(|v| v.d == d);
     match std::env::var(BWD_KERNEL_ENV) {
         Ok(tags) => variants.find(|v| tags.split(',').any(|t| t == v.tag())),
-        Err(_) if bucketed && d <= 64 => None,
         Err(_) => variants.next(),
     }
 }
@@ -684,11 +684,7 @@ fn bwd_t<T: CudaDType + DeviceRepr>(
     if fast {
         // One fused kernel: dK, dV per key tile, dQ by f32 atomics, then dQ to the input dtype.
         // The Hopper kernel where it applies (see `hopper_bwd`), else the mma.sync one.
-        let hopper = if has_wgmma(&dev) {
-            hopper_bwd(d, va.has_bkt != 0)
-        } else {
-            None
-        };
+        let hopper = if has_wgmma(&dev) { hopper_bwd(d) } else { None };
         let (name, bk, bq, threads, smem) = if let Some(hv) = hopper {
             let name = format!("flash_bwd_wg_{tn}_d{d}_{}_m{}", hv.tag(), va.mode);
             (name, hv.keys(), hv.rows, 128 * hv.warpgroups, hv.smem(es))

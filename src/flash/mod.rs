@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use candle::{bail, CpuStorage, DType, Layout, Result, Shape, Tensor};
 
 use crate::mask::Visibility;
+use crate::tape::AttentionTape;
 
 /// Head dimensions the kernels are compiled for.
 pub const SUPPORTED_HEAD_DIMS: [usize; 5] = [32, 64, 96, 128, 256];
@@ -83,6 +84,20 @@ pub fn flash_attn(q: &Tensor, k: &Tensor, v: &Tensor, params: &AttnParams) -> Re
     // Validate before reading head_dim, so a wrong rank is reported as such.
     let head_dim = validate(q, k, v)?.d;
     attention(q, k, v, params.scale(head_dim), params.visibility())
+}
+
+/// [`flash_attn`] outside candle's autograd: the same output and an [`AttentionTape`] whose
+/// backward gives the same `(dq, dk, dv)` (see [`crate::tape`]).
+pub fn flash_attn_taped(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    params: &AttnParams,
+) -> Result<(Tensor, AttentionTape)> {
+    let head_dim = validate(q, k, v)?.d;
+    let visibility = params.visibility();
+    // `prepare`'s checks (visibility side tensors, scale) run in `forward_with_lse`.
+    AttentionTape::flash(q, k, v, params.scale(head_dim), visibility)
 }
 
 /// Flash attention with an explicit [`Visibility`]: the public entry for sparse layouts

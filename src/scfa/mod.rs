@@ -30,7 +30,8 @@ mod random;
 
 use candle::{bail, Device, Result, Tensor};
 
-use arranged::arranged_attention;
+pub(crate) use arranged::ArrangedAttn;
+use arranged::{arranged_attention, arranged_taped};
 pub use hash::{check_lsh_buckets, lsh_buckets, random_rotations, sort_by_bucket, MAX_BUCKETS};
 use permute::permute_rows;
 pub use permute::{gather_rows, scatter_rows};
@@ -41,6 +42,7 @@ use crate::flash::{self, Dims};
 use crate::mask::{
     SparseLayout, Visibility, KEY_PAD_BUCKET, KEY_PAD_POS, QUERY_PAD_BUCKET, QUERY_PAD_POS,
 };
+use crate::tape::AttentionTape;
 
 /// Whether a set of rows are queries or keys: selects the padding sentinels they get.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -237,6 +239,32 @@ pub fn qk_sparse_attn(
     k_keep: &Tensor,
     params: &ScfaParams,
 ) -> Result<Tensor> {
+    let (q_order, k_order, dims) = qk_orders(q, k, v, q_keep, k_keep)?;
+    arranged_attention(q, k, v, &q_order, &k_order, params, dims)
+}
+
+/// [`qk_sparse_attn`] outside candle's autograd: the same output and an [`AttentionTape`] whose
+/// backward gives the same `(dq, dk, dv)` (see [`crate::tape`]).
+pub fn qk_sparse_attn_taped(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    q_keep: &Tensor,
+    k_keep: &Tensor,
+    params: &ScfaParams,
+) -> Result<(Tensor, AttentionTape)> {
+    let (q_order, k_order, dims) = qk_orders(q, k, v, q_keep, k_keep)?;
+    arranged_taped(q, k, v, &q_order, &k_order, params, dims)
+}
+
+/// Validates the inputs of [`qk_sparse_attn`] and compacts the kept rows.
+fn qk_orders(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    q_keep: &Tensor,
+    k_keep: &Tensor,
+) -> Result<(RowOrder, RowOrder, Dims)> {
     let dims = flash::validate(q, k, v)?;
     let t = self_attention_len(&dims, q, k)?;
     for (mask, name, heads) in [(q_keep, "q_keep", dims.hq), (k_keep, "k_keep", dims.hkv)] {
@@ -251,7 +279,7 @@ pub fn qk_sparse_attn(
     }
     let q_order = compact_kept(q_keep, RowKind::Query)?;
     let k_order = compact_kept(k_keep, RowKind::Key)?;
-    arranged_attention(q, k, v, &q_order, &k_order, params, dims)
+    Ok((q_order, k_order, dims))
 }
 
 /// Hash-bucket attention with angular LSH (the paper's hash-sparse scheme).
@@ -267,6 +295,30 @@ pub fn qk_sparse_attn(
 /// Rows are sorted by (bucket, position) with a stable counting sort ([`sort_by_bucket`]),
 /// attended, and scattered back. Differentiable in q, k and v (the bucket ids are not).
 pub fn hash_sparse_attn(q: &Tensor, k: &Tensor, v: &Tensor, config: &HashConfig) -> Result<Tensor> {
+    let (q_order, k_order, dims) = hash_orders(q, k, v, config)?;
+    arranged_attention(q, k, v, &q_order, &k_order, &config.params(), dims)
+}
+
+/// [`hash_sparse_attn`] outside candle's autograd: the same output and an [`AttentionTape`]
+/// whose backward gives the same `(dq, dk, dv)` (see [`crate::tape`]).
+pub fn hash_sparse_attn_taped(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    config: &HashConfig,
+) -> Result<(Tensor, AttentionTape)> {
+    let (q_order, k_order, dims) = hash_orders(q, k, v, config)?;
+    arranged_taped(q, k, v, &q_order, &k_order, &config.params(), dims)
+}
+
+/// Validates the inputs of [`hash_sparse_attn`], hashes queries and keys and sorts them by
+/// bucket.
+fn hash_orders(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    config: &HashConfig,
+) -> Result<(RowOrder, RowOrder, Dims)> {
     let dims = flash::validate(q, k, v)?;
     self_attention_len(&dims, q, k)?;
     hash::check_lsh_buckets(config.n_buckets)?;
@@ -303,15 +355,8 @@ pub fn hash_sparse_attn(q: &Tensor, k: &Tensor, v: &Tensor, config: &HashConfig)
     };
     let q_ids = lsh_buckets(q, &rotations)?;
     let k_ids = lsh_buckets(k, &rotations)?;
-    bucket_attention(
-        q,
-        k,
-        v,
-        (&q_ids, &k_ids),
-        config.n_buckets,
-        &config.params(),
-        dims,
-    )
+    let (q_order, k_order) = bucket_orders(&q_ids, &k_ids, config.n_buckets)?;
+    Ok((q_order, k_order, dims))
 }
 
 /// Hash-bucket attention with caller-made bucket ids.
@@ -341,22 +386,15 @@ pub fn hash_sparse_attn_with_buckets(
     let hi = n_buckets as i64 - 1;
     let q_ids = index::to_i32(q_bucket, "q_bucket", 0, hi, -1)?;
     let k_ids = index::to_i32(k_bucket, "k_bucket", 0, hi, -1)?;
-    bucket_attention(q, k, v, (&q_ids, &k_ids), n_buckets, params, dims)
+    let (q_order, k_order) = bucket_orders(&q_ids, &k_ids, n_buckets)?;
+    arranged_attention(q, k, v, &q_order, &k_order, params, dims)
 }
 
-/// Sorts by bucket, attends, scatters back.
-fn bucket_attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    (q_ids, k_ids): (&Tensor, &Tensor),
-    n_buckets: usize,
-    params: &ScfaParams,
-    dims: Dims,
-) -> Result<Tensor> {
+/// Query and key rows sorted by (bucket, position).
+fn bucket_orders(q_ids: &Tensor, k_ids: &Tensor, n_buckets: usize) -> Result<(RowOrder, RowOrder)> {
     let q_order = sort_by_bucket(q_ids, n_buckets, RowKind::Query)?;
     let k_order = sort_by_bucket(k_ids, n_buckets, RowKind::Key)?;
-    arranged_attention(q, k, v, &q_order, &k_order, params, dims)
+    Ok((q_order, k_order))
 }
 
 /// The common length of q and k for the self-attention schemes.

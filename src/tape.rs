@@ -1,0 +1,120 @@
+//! Attention outside candle's autograd, for hand-written training passes.
+//!
+//! [`flash_attn`](crate::flash_attn), [`hash_sparse_attn`](crate::hash_sparse_attn) and
+//! [`qk_sparse_attn`](crate::qk_sparse_attn) are differentiable ops: candle's `backward` calls
+//! their backward kernels, and gives each input's gradient a zero fill and an add on the way
+//! (`GradStore::or_insert`), three passes over `(batch, heads, seq, head_dim)` tensors per call
+//! that a training pass with its own backward does not need. Their `_taped` twins
+//! ([`crate::flash_attn_taped`], [`crate::hash_sparse_attn_taped`],
+//! [`crate::qk_sparse_attn_taped`]) run the same forward kernels without building a graph and
+//! return an [`AttentionTape`] whose [`AttentionTape::backward`] runs the same backward kernels and
+//! returns `(dq, dk, dv)` directly. Outputs and gradients are those of the differentiable ops.
+
+use candle::{Result, Tensor};
+
+use crate::flash;
+use crate::mask::Visibility;
+use crate::scfa::ArrangedAttn;
+
+/// What the backward of one attention call needs: made by the `_taped` entry points (see the
+/// module docs), consumed by [`AttentionTape::backward`].
+pub struct AttentionTape(Saved);
+
+enum Saved {
+    /// Flash attention over q, k, v as given.
+    Flash {
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        out: Tensor,
+        /// f32 log-sum-exp `(batch, q_heads, q_len)`.
+        lse: Tensor,
+        scale: f32,
+        visibility: Visibility,
+    },
+    /// Flash attention over rows gathered into arranged orders (the SCFA schemes).
+    Arranged(ArrangedAttn),
+}
+
+impl std::fmt::Debug for AttentionTape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match &self.0 {
+            Saved::Flash { .. } => "flash",
+            Saved::Arranged(_) => "arranged",
+        };
+        f.debug_struct("AttentionTape")
+            .field("kind", &kind)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AttentionTape {
+    /// A tape of flash attention: the forward of `q`, `k`, `v` (contiguous) under `visibility`,
+    /// the output and the tape.
+    pub(crate) fn flash(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        scale: f32,
+        visibility: Visibility,
+    ) -> Result<(Tensor, Self)> {
+        let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+        let (out, lse) = flash::forward_with_lse(&q, &k, &v, scale, visibility.clone())?;
+        let saved = Saved::Flash {
+            q,
+            k,
+            v,
+            out: out.clone(),
+            lse,
+            scale,
+            visibility,
+        };
+        Ok((out, Self(saved)))
+    }
+
+    /// A tape of an arranged (SCFA) attention whose forward already ran; `out` is its output in
+    /// the original order.
+    pub(crate) fn arranged(op: ArrangedAttn) -> Result<(Tensor, Self)> {
+        let out = op.output()?;
+        Ok((out, Self(Saved::Arranged(op))))
+    }
+
+    /// Gradients `(dq, dk, dv)` (the shapes and dtype of q, k, v) for the output gradient `dy`
+    /// (the output's shape and dtype).
+    pub fn backward(&self, dy: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        match &self.0 {
+            Saved::Flash {
+                q,
+                k,
+                v,
+                out,
+                lse,
+                scale,
+                visibility,
+            } => {
+                check_grad(dy, out)?;
+                flash::backward(q, k, v, out, dy, lse.clone(), *scale, visibility.clone())
+            }
+            Saved::Arranged(op) => op.grads(&dy.detach()),
+        }
+    }
+}
+
+/// `dy` must match the output it is the gradient of.
+pub(crate) fn check_grad(dy: &Tensor, out: &Tensor) -> Result<()> {
+    if dy.dims() != out.dims()
+        || dy.dtype() != out.dtype()
+        || !dy.device().same_device(out.device())
+    {
+        candle::bail!(
+            "attention tape: dy {:?} {:?} on {:?} must match the output {:?} {:?} on {:?}",
+            dy.dims(),
+            dy.dtype(),
+            dy.device().location(),
+            out.dims(),
+            out.dtype(),
+            out.device().location()
+        )
+    }
+    Ok(())
+}
