@@ -3,7 +3,7 @@
 `ncu --metrics gpu__time_duration.sum --csv train_char_lm train ... --max-steps 2` (EXPERIMENTS.md,
 "Step 4"). The second step is taken (from the kernel after the first step's AdamW launches to the
 end of the second's) and split into forward (up to the cross-entropy and the loss mean), backward
-and optimizer (from the first sum-of-squares kernel); kernels are summed by name per phase.
+and optimizer (from the first sum-of-squares kernel, `sumsq_partial`); kernels are summed by name per phase.
 Usage: scripts/ncu-step.py NCU.csv"""
 import collections
 import csv
@@ -19,7 +19,7 @@ if len(ends) < 2:
     sys.exit("ncu-step: need two training steps (two groups of AdamW launches)")
 step = kernels[ends[0] + 1 : ends[1] + 1]
 loss = next(i for i, (n, _) in enumerate(step) if n.startswith("xent")) + 3
-opt = next(i for i, (n, _) in enumerate(step) if "sqr" in n)
+opt = next(i for i, (n, _) in enumerate(step) if n.startswith("sumsq"))
 for label, part in [("forward", step[:loss]), ("backward", step[loss:opt]), ("optimizer", step[opt:])]:
     sums = collections.defaultdict(lambda: [0, 0.0])
     for n, us in part:
