@@ -24,8 +24,8 @@
 //!   dP^T = V dO^T from swizzled shared memory, P^T and dS^T as the register A operand of
 //!   dV += P^T dO and dK += dS^T Q, dS^T through shared memory for dQ = dS K, dQ by f32 atomics
 //!   as in the `mma.sync` backward. [`HOPPER_BWD_VARIANTS`] lists the variants, [`BWD_KERNEL_ENV`]
-//!   picks one (or the `mma.sync` kernel). Bucketed sparse visibility runs it too (faster on a
-//!   training model's uneven buckets); its forward stays on `mma.sync` at head dim <= 64.
+//!   picks one (or the `mma.sync` kernel). Bucketed sparse visibility runs the Hopper kernels too
+//!   (faster on a training model's uneven buckets).
 //! - Performance (H100, bf16, causal, 8k–32k, see BENCHMARKS.md): forward with the Hopper kernel
 //!   1.35–1.47× PyTorch SDPA-flash and 0.97–1.00× cuDNN at D = 64, 1.22–1.41× SDPA-flash and
 //!   0.67–0.79× cuDNN at D = 128 (the `mma.sync` forward: 0.83–0.97× and 0.79–0.95× SDPA-flash);
@@ -160,16 +160,14 @@ fn has_wgmma(dev: &CudaDevice) -> bool {
 }
 
 /// The Hopper forward variant for head dim `d`, or `None` where none applies (other head dims, or
-/// [`FWD_KERNEL_ENV`] asks for another kernel). `bucketed` (LSH) visibility at head dim ≤ 64 keeps
-/// the mma.sync kernel unless a Hopper variant is asked for by name: nearly every tile needs the
-/// element mask there. (The Hopper consumers spilled on it, hash 16 at 16k: 10.7 ms vs 8.0 ms;
-/// with the mask's key positions in shared memory they no longer do and both kernels measure the
-/// same, hash 16 at B4 H6 8k: 0.47 vs 0.45–0.47 ms; BENCHMARKS.md.)
-fn hopper_fwd(d: usize, bucketed: bool) -> Option<HopperFwd> {
+/// [`FWD_KERNEL_ENV`] asks for another kernel). Bucketed (LSH) visibility runs it too: on random
+/// inputs both kernels measure the same (hash 16 at B4 H6 8k: 0.47 vs 0.45–0.47 ms, BENCHMARKS.md),
+/// on a training model's uneven buckets the Hopper kernel is faster (char-LM step at 16k × 2:
+/// forward 7.6–7.8 vs 8.5–8.7 ms; equal at 8k × 4; EXPERIMENTS.md).
+fn hopper_fwd(d: usize) -> Option<HopperFwd> {
     let mut of_d = HOPPER_FWD_VARIANTS.into_iter().filter(|v| v.d == d);
     match std::env::var(FWD_KERNEL_ENV) {
         Ok(tag) => of_d.find(|v| v.tag() == tag),
-        Err(_) if bucketed && d <= 64 => None,
         Err(_) => of_d.next(),
     }
 }
@@ -533,7 +531,7 @@ fn fwd_t<T: CudaDType + DeviceRepr>(
     let fast = sq.dtype() != DType::F32 && [lq, lk, lv].iter().all(|l| aligned(l, es));
     let d = dims.d;
     let hopper = if fast && has_wgmma(&dev) {
-        hopper_fwd(d, va.has_bkt != 0)
+        hopper_fwd(d)
     } else {
         None
     };
