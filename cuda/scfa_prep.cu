@@ -184,38 +184,79 @@ extern "C" __global__ void compact_kept(const uint8_t *__restrict__ keep, int *_
 //   out[1, row, r] = its bucket id (pad_bucket for dropped rows)
 //   out[2, row, i] = sorted row of step i, -1 for dropped steps
 // Ids outside [0, n_buckets) go to a virtual last bucket and come out as padding.
-// Dynamic shared memory: slots = n_buckets + 1 running offsets, plus W·slots per-warp counters
-// when W > 1. Histogram (shared atomics), exclusive scan, then tiles of W·32 consecutive steps:
-// lanes with equal buckets rank themselves with __match_any_sync, warps are ordered by a prefix
-// over the per-warp counts. Stable by construction.
+// Warp w owns the w-th of W consecutive segments of the row (whole 32-step chunks but the last),
+// so the block synchronises only twice:
+//   1. each warp counts its segment per slot (slots = n_buckets + 1) into its own row of counters
+//      (lanes with equal slots combine with __match_any_sync, the lowest lane adds);
+//   2. per slot, the total over the warps; an exclusive scan over the slots gives each bucket's
+//      first row; per slot, the warps' counts become their first rows in warp (= time) order;
+//   3. each warp walks its segment again in order, ranking equal slots by lane and advancing its
+//      own running offsets.
+// Dynamic shared memory: slots running offsets, plus W·slots per-warp counters when W > 1 (W = 1
+// uses the offsets as its counters). Stable by construction.
 // ---------------------------------------------------------------------------------------------
 
 extern "C" __global__ void bucket_sort(const int *__restrict__ ids, int *__restrict__ out,
                                        uint32_t n_rows, uint32_t t, uint32_t n_buckets,
                                        int pad_pos, int pad_bucket) {
-  extern __shared__ int offsets[]; // slots running offsets, then [W][slots] counters
+  extern __shared__ int offsets[]; // slots bucket starts, then [W][slots] counters when W > 1
   const uint32_t row = blockIdx.x;
   if (row >= n_rows) {
     return;
   }
   const uint32_t lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
   const uint32_t slots = n_buckets + 1;
-  int *counts = offsets + slots;
+  int *counts = warps > 1 ? offsets + slots : offsets;
+  int *mine = counts + (uint64_t)warp * slots;
   const int *id = ids + (uint64_t)row * t;
   const uint64_t plane = (uint64_t)n_rows * t;
   int *out_pos = out + (uint64_t)row * t;
   int *out_bkt = out_pos + plane;
   int *out_inv = out_bkt + plane;
+  // Warp segments: whole chunks of 32 steps, [lo, hi).
+  const uint32_t seg = ((t + 32 * warps - 1) / (32 * warps)) * 32;
+  const uint64_t lo64 = (uint64_t)warp * seg;
+  const uint32_t lo = lo64 < t ? (uint32_t)lo64 : t;
+  const uint32_t hi = (uint64_t)lo + seg < t ? lo + seg : t;
+  const uint32_t lower = (1u << lane) - 1u;
 
-  for (uint32_t s = threadIdx.x; s < slots; s += blockDim.x) {
-    offsets[s] = 0;
+  for (uint32_t e = threadIdx.x; e < warps * slots; e += blockDim.x) {
+    counts[e] = 0;
+  }
+  if (warps > 1) {
+    for (uint32_t s = threadIdx.x; s < slots; s += blockDim.x) {
+      offsets[s] = 0;
+    }
   }
   __syncthreads();
-  for (uint32_t i = threadIdx.x; i < t; i += blockDim.x) {
-    const int b = id[i];
-    atomicAdd(&offsets[(b >= 0 && (uint32_t)b < n_buckets) ? (uint32_t)b : n_buckets], 1);
+
+  // 1. Per-warp counts of the segment (only this warp touches its counters).
+  for (uint32_t base = lo; base < hi; base += 32) {
+    const uint32_t i = base + lane;
+    const bool active = i < hi;
+    const int b = active ? id[i] : 0;
+    const bool valid = b >= 0 && (uint32_t)b < n_buckets;
+    // Inactive lanes take a key no active lane can have.
+    const int slot = !active ? -1 : (valid ? b : (int)n_buckets);
+    const uint32_t peers = __match_any_sync(FULL_MASK, slot);
+    if (active && lane == (uint32_t)(__ffs(peers) - 1)) {
+      mine[slot] += __popc(peers);
+    }
+    __syncwarp();
   }
   __syncthreads();
+
+  // 2. Bucket starts, then each warp's first row per slot.
+  if (warps > 1) {
+    for (uint32_t s = threadIdx.x; s < slots; s += blockDim.x) {
+      int total = 0;
+      for (uint32_t w = 0; w < warps; ++w) {
+        total += counts[w * slots + s];
+      }
+      offsets[s] = total;
+    }
+    __syncthreads();
+  }
   if (warp == 0) {
     int carry = 0;
     for (uint32_t base = 0; base < slots; base += 32) {
@@ -229,48 +270,32 @@ extern "C" __global__ void bucket_sort(const int *__restrict__ ids, int *__restr
     }
   }
   __syncthreads();
+  if (warps > 1) {
+    for (uint32_t s = threadIdx.x; s < slots; s += blockDim.x) {
+      int run = offsets[s];
+      for (uint32_t w = 0; w < warps; ++w) {
+        const int c = counts[w * slots + s];
+        counts[w * slots + s] = run;
+        run += c;
+      }
+    }
+    __syncthreads();
+  }
 
-  const uint32_t lower = (1u << lane) - 1u;
-  for (uint32_t base = 0; base < t; base += blockDim.x) {
-    const uint32_t i = base + threadIdx.x;
-    const bool active = i < t;
+  // 3. Ranks: this warp's running offsets, in time order.
+  for (uint32_t base = lo; base < hi; base += 32) {
+    const uint32_t i = base + lane;
+    const bool active = i < hi;
     const int b = active ? id[i] : 0;
     const bool valid = b >= 0 && (uint32_t)b < n_buckets;
-    // Inactive lanes take a key no active lane can have.
     const int slot = !active ? -1 : (valid ? b : (int)n_buckets);
     const uint32_t peers = __match_any_sync(FULL_MASK, slot);
-    const bool leader = lane == (uint32_t)(__ffs(peers) - 1);
-    int start = 0;
-    if (warps == 1) {
-      start = active ? offsets[slot] : 0;
-      __syncwarp();
-      if (active && leader) {
-        offsets[slot] = start + __popc(peers);
-      }
-      __syncwarp();
-    } else {
-      for (uint32_t e = threadIdx.x; e < warps * slots; e += blockDim.x) {
-        counts[e] = 0;
-      }
-      __syncthreads();
-      if (active && leader) {
-        counts[warp * slots + (uint32_t)slot] = __popc(peers);
-      }
-      __syncthreads();
-      // Per bucket: warps in order after the bucket's running offset.
-      for (uint32_t s = threadIdx.x; s < slots; s += blockDim.x) {
-        int run = offsets[s];
-        for (uint32_t w = 0; w < warps; ++w) {
-          const int c = counts[w * slots + s];
-          counts[w * slots + s] = run;
-          run += c;
-        }
-        offsets[s] = run;
-      }
-      __syncthreads();
-      start = active ? counts[warp * slots + (uint32_t)slot] : 0;
-      __syncthreads();
+    const int start = active ? mine[slot] : 0;
+    __syncwarp();
+    if (active && lane == (uint32_t)(__ffs(peers) - 1)) {
+      mine[slot] = start + __popc(peers);
     }
+    __syncwarp();
     if (active) {
       const uint32_t dst = (uint32_t)start + __popc(peers & lower);
       if (dst < t) {

@@ -604,9 +604,15 @@ fn compaction_is_stable_and_padded_long_rows() -> Result<()> {
 
 #[test]
 fn counting_sort_is_stable_long_rows() -> Result<()> {
-    let (b, h, t) = (2, 2, 10_000);
+    let (b, h) = (2, 2);
     let mut rng = StdRng::seed_from_u64(9);
-    for nb in [1usize, 3, 16, 64, 8192] {
+    // Long rows split over 32 warp segments (the last one partial), and short rows that leave
+    // most warps without steps.
+    let cases = [1usize, 3, 16, 64, 8192]
+        .map(|nb| (nb, 10_000))
+        .into_iter()
+        .chain([(16, 37), (5, 13)]);
+    for (nb, t) in cases {
         let mut ids: Vec<i32> = (0..b * h * t)
             .map(|_| rng.random_range(0..nb as i32))
             .collect();

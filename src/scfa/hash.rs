@@ -338,8 +338,9 @@ impl Lsh {
 ///   bucket of `kind`, `inv` = -1): such rows are dropped.
 ///
 /// O(t + n_buckets) per row: histogram, exclusive scan, time-ordered scatter. No host sync; on
-/// CUDA one block per `(batch, head)` with the counters in shared memory (up to 32 warps ranking
-/// consecutive steps, fewer when many buckets leave no room for per-warp counters).
+/// CUDA one block per `(batch, head)` with the counters in shared memory (up to 32 warps, each
+/// counting then ranking its own consecutive segment of the row, ordered by a prefix over the
+/// per-warp counts; fewer warps when many buckets leave no room for per-warp counters).
 pub fn sort_by_bucket(ids: &Tensor, n_buckets: usize, kind: RowKind) -> Result<RowOrder> {
     if ids.dtype() != DType::I32 || ids.rank() != 3 {
         bail!(
