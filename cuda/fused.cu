@@ -3,6 +3,14 @@
 //   statistics in f32; the backward writes the input gradient (plus an optional residual) and
 //   reduces the gain gradient per block into f32 partials (summed over blocks by the caller).
 // - add_ln_fwd: a residual add and the LayerNorm of its result, one warp per row.
+//   The three LayerNorm kernels come in register-resident variants `<name>_<dtype>_v<V>n<N>`: the
+//   warp loads its row once (lane l owns chunks l, l + 32, ... of V elements, at most N chunks:
+//   16-byte loads for V = 16 / sizeof(T), scalar loads for V = 1), computes the statistics (and
+//   the backward's two row sums) from registers and writes each output once; the backward keeps
+//   its gain-gradient sums in registers across its rows. The host picks the smallest N that holds
+//   the row (V = 16 / sizeof(T) when c is a multiple of V and every pointer is 16-byte aligned,
+//   else V = 1); wider rows use the plain `<name>_<dtype>` kernels, which re-read the row from
+//   memory. A vector variant checks the alignment again and falls back to the plain code.
 // - gelu_fwd / gelu_bwd: exact (erf) GELU, element-wise (16-byte vectors when aligned), f32 math.
 // - emb_bwd: embedding backward, atomicAdd of each output-gradient row into an f32 table.
 // - heads_split / heads_merge: (b, t, parts, h, d) <-> one part (b, h, t, d) (parts 3: the fused
@@ -199,6 +207,243 @@ __device__ void add_ln_fwd(const T* __restrict__ x, const T* __restrict__ delta,
     y[off + j] = from_f<T>((to_f(s[off + j]) - mean) * rstd * to_f(gain[j]));
 }
 
+// ---- Register-resident LayerNorm rows ----------------------------------------------------------
+// A chunk of V elements of T moved as one load / store of V·sizeof(T) bytes (V = 1: one element).
+template <int BYTES> struct RawUnit;
+template <> struct RawUnit<16> { typedef uint4 type; };
+template <> struct RawUnit<8> { typedef uint2 type; };
+template <> struct RawUnit<4> { typedef unsigned int type; };
+template <> struct RawUnit<2> { typedef unsigned short type; };
+
+template <typename T, int V>
+struct Chunk {
+  typedef typename RawUnit<V * sizeof(T)>::type U;
+  union {
+    U raw;
+    T e[V];
+  };
+};
+
+// p must be aligned to V·sizeof(T) bytes.
+template <typename T, int V>
+__device__ __forceinline__ Chunk<T, V> ld_chunk(const T* p) {
+  Chunk<T, V> c;
+  c.raw = *reinterpret_cast<const typename Chunk<T, V>::U*>(p);
+  return c;
+}
+template <typename T, int V>
+__device__ __forceinline__ void st_chunk(T* p, const Chunk<T, V>& c) {
+  *reinterpret_cast<typename Chunk<T, V>::U*>(p) = c.raw;
+}
+
+__device__ __forceinline__ bool aligned_to(const void* p, unsigned bytes) {
+  return ((uintptr_t)p & (uintptr_t)(bytes - 1)) == 0;
+}
+
+// Whether a row of c elements fits the register variant <T, V, N> with these pointers (null ones
+// are skipped): c a multiple of V, c <= 32·N·V, every pointer aligned to V·sizeof(T).
+template <typename T, int V, int N>
+__device__ __forceinline__ bool regs_fit(int c, const void* a, const void* b, const void* d,
+                                         const void* e, const void* f) {
+  const unsigned bytes = V * sizeof(T);
+  return c > 0 && c % V == 0 && c <= 32 * N * V && aligned_to(a, bytes) && aligned_to(b, bytes) &&
+         aligned_to(d, bytes) && aligned_to(e, bytes) && aligned_to(f, bytes);
+}
+
+// Mean and 1/sqrt(var + eps) of a row held in registers (chunk i of this lane: lane + 32·i, valid
+// below `chunks`), two passes over the registers, f32.
+template <typename T, int V, int N>
+__device__ __forceinline__ void regs_stats(const Chunk<T, V> (&v)[N], int lane, int chunks, int c,
+                                           float eps, float& mean, float& rstd) {
+  float s = 0.f;
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+    if (lane + 32 * i < chunks) {
+#pragma unroll
+      for (int k = 0; k < V; ++k) s += to_f(v[i].e[k]);
+    }
+  mean = warp_sum(s) / c;
+  float q = 0.f;
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+    if (lane + 32 * i < chunks) {
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        float d = to_f(v[i].e[k]) - mean;
+        q += d * d;
+      }
+    }
+  rstd = rsqrtf(warp_sum(q) / c + eps);
+}
+
+// ln_fwd with the row in registers (one read of x, one write of y).
+template <typename T, int V, int N>
+__device__ void ln_fwd_regs(const T* __restrict__ x, const T* __restrict__ gain,
+                            T* __restrict__ y, int rows, int c, float eps) {
+  if (!regs_fit<T, V, N>(c, x, gain, y, x, x)) {
+    ln_fwd(x, gain, y, rows, c, eps);
+    return;
+  }
+  int lane = threadIdx.x & 31;
+  int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (row >= rows) return;
+  const int chunks = c / V;
+  const T* xr = x + (size_t)row * c;
+  T* yr = y + (size_t)row * c;
+  Chunk<T, V> v[N];
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    int ch = lane + 32 * i;
+    if (ch < chunks) v[i] = ld_chunk<T, V>(xr + (size_t)ch * V);
+  }
+  float mean, rstd;
+  regs_stats<T, V, N>(v, lane, chunks, c, eps, mean, rstd);
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    int ch = lane + 32 * i;
+    if (ch < chunks) {
+      Chunk<T, V> g = ld_chunk<T, V>(gain + (size_t)ch * V), out;
+#pragma unroll
+      for (int k = 0; k < V; ++k)
+        out.e[k] = from_f<T>((to_f(v[i].e[k]) - mean) * rstd * to_f(g.e[k]));
+      st_chunk<T, V>(yr + (size_t)ch * V, out);
+    }
+  }
+}
+
+// add_ln_fwd with the row in registers: x and delta read once, s and y written once; the
+// statistics use s rounded to T, as in add_ln_fwd.
+template <typename T, int V, int N>
+__device__ void add_ln_fwd_regs(const T* __restrict__ x, const T* __restrict__ delta,
+                                const T* __restrict__ gain, T* __restrict__ s,
+                                T* __restrict__ y, int rows, int delta_rows, int c, float eps) {
+  if (!regs_fit<T, V, N>(c, x, delta, gain, s, y)) {
+    add_ln_fwd(x, delta, gain, s, y, rows, delta_rows, c, eps);
+    return;
+  }
+  int lane = threadIdx.x & 31;
+  int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (row >= rows) return;
+  const int chunks = c / V;
+  size_t off = (size_t)row * c;
+  const T* dr = delta + (size_t)(row % delta_rows) * c;
+  Chunk<T, V> v[N];
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    int ch = lane + 32 * i;
+    if (ch < chunks) {
+      Chunk<T, V> a = ld_chunk<T, V>(x + off + (size_t)ch * V);
+      Chunk<T, V> b = ld_chunk<T, V>(dr + (size_t)ch * V);
+#pragma unroll
+      for (int k = 0; k < V; ++k) v[i].e[k] = from_f<T>(to_f(a.e[k]) + to_f(b.e[k]));
+      st_chunk<T, V>(s + off + (size_t)ch * V, v[i]);
+    }
+  }
+  float mean, rstd;
+  regs_stats<T, V, N>(v, lane, chunks, c, eps, mean, rstd);
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    int ch = lane + 32 * i;
+    if (ch < chunks) {
+      Chunk<T, V> g = ld_chunk<T, V>(gain + (size_t)ch * V), out;
+#pragma unroll
+      for (int k = 0; k < V; ++k)
+        out.e[k] = from_f<T>((to_f(v[i].e[k]) - mean) * rstd * to_f(g.e[k]));
+      st_chunk<T, V>(y + off + (size_t)ch * V, out);
+    }
+  }
+}
+
+// ln_bwd with each row in registers: x, dy (and acc) read once, dx written once; the gain and this
+// lane's gain-gradient sums stay in registers across the warp's rows (rows strided over the grid)
+// and go through the per-warp shared rows (c floats each) only at the end, summed over the warps
+// in order into partial[blockIdx.x, :] as in ln_bwd.
+template <typename T, int V, int N>
+__device__ void ln_bwd_regs(const T* __restrict__ x, const T* __restrict__ gain,
+                            const T* __restrict__ dy, const T* __restrict__ acc,
+                            T* __restrict__ dx, float* __restrict__ partial, int rows, int c,
+                            float eps) {
+  if (!regs_fit<T, V, N>(c, x, gain, dy, acc ? (const void*)acc : (const void*)x, dx)) {
+    ln_bwd(x, gain, dy, acc, dx, partial, rows, c, eps);
+    return;
+  }
+  extern __shared__ float wacc[];
+  int lane = threadIdx.x & 31;
+  int warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const int chunks = c / V;
+  Chunk<T, V> g[N];
+  float dg[N][V];
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    int ch = lane + 32 * i;
+    if (ch < chunks) g[i] = ld_chunk<T, V>(gain + (size_t)ch * V);
+#pragma unroll
+    for (int k = 0; k < V; ++k) dg[i][k] = 0.f;
+  }
+  for (int row = blockIdx.x * warps + warp; row < rows; row += gridDim.x * warps) {
+    size_t off = (size_t)row * c;
+    Chunk<T, V> xv[N], dv[N];
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      int ch = lane + 32 * i;
+      if (ch < chunks) {
+        xv[i] = ld_chunk<T, V>(x + off + (size_t)ch * V);
+        dv[i] = ld_chunk<T, V>(dy + off + (size_t)ch * V);
+      }
+    }
+    float mean, rstd;
+    regs_stats<T, V, N>(xv, lane, chunks, c, eps, mean, rstd);
+    float sg = 0.f, sgx = 0.f;
+#pragma unroll
+    for (int i = 0; i < N; ++i)
+      if (lane + 32 * i < chunks) {
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+          float gg = to_f(dv[i].e[k]) * to_f(g[i].e[k]);
+          float xh = (to_f(xv[i].e[k]) - mean) * rstd;
+          sg += gg;
+          sgx += gg * xh;
+        }
+      }
+    sg = warp_sum(sg) / c;
+    sgx = warp_sum(sgx) / c;
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      int ch = lane + 32 * i;
+      if (ch < chunks) {
+        Chunk<T, V> a, out;
+        if (acc) a = ld_chunk<T, V>(acc + off + (size_t)ch * V);
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+          float d = to_f(dv[i].e[k]);
+          float xh = (to_f(xv[i].e[k]) - mean) * rstd;
+          float o = rstd * (d * to_f(g[i].e[k]) - sg - xh * sgx);
+          if (acc) o += to_f(a.e[k]);
+          out.e[k] = from_f<T>(o);
+          dg[i][k] += d * xh;
+        }
+        st_chunk<T, V>(dx + off + (size_t)ch * V, out);
+      }
+    }
+  }
+  // Each lane owns its columns of its warp's shared row: no atomics.
+  float* mine = wacc + (size_t)warp * c;
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    int ch = lane + 32 * i;
+    if (ch < chunks) {
+#pragma unroll
+      for (int k = 0; k < V; ++k) mine[ch * V + k] = dg[i][k];
+    }
+  }
+  __syncthreads();
+  for (int j = threadIdx.x; j < c; j += blockDim.x) {
+    float s = 0.f;
+    for (int w = 0; w < warps; ++w) s += wacc[(size_t)w * c + j];
+    partial[(size_t)blockIdx.x * c + j] = s;
+  }
+}
+
 // table_grad[ids[r], j] += dy[r, j] for every row r (f32 atomics; the caller zeroes the table;
 // ids outside the vocabulary are skipped, the forward rejects them).
 template <typename T>
@@ -366,6 +611,53 @@ __device__ void xent(const T* __restrict__ logits, const uint32_t* __restrict__ 
 INSTANTIATE(float, f32)
 INSTANTIATE(__nv_bfloat16, bf16)
 INSTANTIATE(__half, f16)
+
+// Register variants of the LayerNorm kernels: <dtype>_v<V>n<N> (see the top of the file), at most
+// 256 threads per block. The backward asks for enough resident blocks (a register cap) that
+// small rows keep many warps per SM (bf16 / f16 rows of up to 512 elements: 3 blocks, 80
+// registers, no spills with sm_90).
+#define LN_BWD_MIN_BLOCKS(V, N)                                                                   \
+  ((V) * (N) <= 8 ? 4 : ((V) * (N) <= 16 && (V) == 8) ? 3 : (V) * (N) <= 32 ? 2 : 1)
+
+#define INSTANTIATE_LN_REGS(TY, NAME, V, N)                                                       \
+  extern "C" __global__ void ln_fwd_##NAME##_v##V##n##N(const TY* x, const TY* gain, TY* y,      \
+                                                        int rows, int c, float eps) {            \
+    ln_fwd_regs<TY, V, N>(x, gain, y, rows, c, eps);                                              \
+  }                                                                                               \
+  extern "C" __global__ void add_ln_fwd_##NAME##_v##V##n##N(const TY* x, const TY* delta,        \
+                                                            const TY* gain, TY* s, TY* y,        \
+                                                            int rows, int delta_rows, int c,     \
+                                                            float eps) {                         \
+    add_ln_fwd_regs<TY, V, N>(x, delta, gain, s, y, rows, delta_rows, c, eps);                    \
+  }                                                                                               \
+  extern "C" __global__ void __launch_bounds__(256, LN_BWD_MIN_BLOCKS(V, N))                    \
+      ln_bwd_##NAME##_v##V##n##N(const TY* x, const TY* gain,                                     \
+                                                        const TY* dy, const TY* acc, TY* dx,     \
+                                                        float* partial, int rows, int c,         \
+                                                        float eps) {                             \
+    ln_bwd_regs<TY, V, N>(x, gain, dy, acc, dx, partial, rows, c, eps);                           \
+  }
+
+// Vector chunks (16 bytes): N = 1, 2, 4, 8 (rows of up to 32·8·16 = 4096 bytes).
+#define INSTANTIATE_LN_VEC(TY, NAME, V)                                                           \
+  INSTANTIATE_LN_REGS(TY, NAME, V, 1)                                                             \
+  INSTANTIATE_LN_REGS(TY, NAME, V, 2)                                                             \
+  INSTANTIATE_LN_REGS(TY, NAME, V, 4)                                                             \
+  INSTANTIATE_LN_REGS(TY, NAME, V, 8)
+// Scalar chunks (any width or alignment): N = 1, 2, 4, 8, 16 (rows of up to 512 elements).
+#define INSTANTIATE_LN_SCALAR(TY, NAME)                                                           \
+  INSTANTIATE_LN_REGS(TY, NAME, 1, 1)                                                             \
+  INSTANTIATE_LN_REGS(TY, NAME, 1, 2)                                                             \
+  INSTANTIATE_LN_REGS(TY, NAME, 1, 4)                                                             \
+  INSTANTIATE_LN_REGS(TY, NAME, 1, 8)                                                             \
+  INSTANTIATE_LN_REGS(TY, NAME, 1, 16)
+
+INSTANTIATE_LN_VEC(float, f32, 4)
+INSTANTIATE_LN_VEC(__nv_bfloat16, bf16, 8)
+INSTANTIATE_LN_VEC(__half, f16, 8)
+INSTANTIATE_LN_SCALAR(float, f32)
+INSTANTIATE_LN_SCALAR(__nv_bfloat16, bf16)
+INSTANTIATE_LN_SCALAR(__half, f16)
 
 // AdamW on f32 tensors of n elements: g = grad * grad_scale; m, v updated; the new parameter,
 // first and second moments go to out[0..n), out[n..2n), out[2n..3n). state holds m then v.

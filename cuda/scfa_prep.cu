@@ -184,38 +184,79 @@ extern "C" __global__ void compact_kept(const uint8_t *__restrict__ keep, int *_
 //   out[1, row, r] = its bucket id (pad_bucket for dropped rows)
 //   out[2, row, i] = sorted row of step i, -1 for dropped steps
 // Ids outside [0, n_buckets) go to a virtual last bucket and come out as padding.
-// Dynamic shared memory: slots = n_buckets + 1 running offsets, plus W·slots per-warp counters
-// when W > 1. Histogram (shared atomics), exclusive scan, then tiles of W·32 consecutive steps:
-// lanes with equal buckets rank themselves with __match_any_sync, warps are ordered by a prefix
-// over the per-warp counts. Stable by construction.
+// Warp w owns the w-th of W consecutive segments of the row (whole 32-step chunks but the last),
+// so the block synchronises only twice:
+//   1. each warp counts its segment per slot (slots = n_buckets + 1) into its own row of counters
+//      (lanes with equal slots combine with __match_any_sync, the lowest lane adds);
+//   2. per slot, the total over the warps; an exclusive scan over the slots gives each bucket's
+//      first row; per slot, the warps' counts become their first rows in warp (= time) order;
+//   3. each warp walks its segment again in order, ranking equal slots by lane and advancing its
+//      own running offsets.
+// Dynamic shared memory: slots running offsets, plus W·slots per-warp counters when W > 1 (W = 1
+// uses the offsets as its counters). Stable by construction.
 // ---------------------------------------------------------------------------------------------
 
 extern "C" __global__ void bucket_sort(const int *__restrict__ ids, int *__restrict__ out,
                                        uint32_t n_rows, uint32_t t, uint32_t n_buckets,
                                        int pad_pos, int pad_bucket) {
-  extern __shared__ int offsets[]; // slots running offsets, then [W][slots] counters
+  extern __shared__ int offsets[]; // slots bucket starts, then [W][slots] counters when W > 1
   const uint32_t row = blockIdx.x;
   if (row >= n_rows) {
     return;
   }
   const uint32_t lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
   const uint32_t slots = n_buckets + 1;
-  int *counts = offsets + slots;
+  int *counts = warps > 1 ? offsets + slots : offsets;
+  int *mine = counts + (uint64_t)warp * slots;
   const int *id = ids + (uint64_t)row * t;
   const uint64_t plane = (uint64_t)n_rows * t;
   int *out_pos = out + (uint64_t)row * t;
   int *out_bkt = out_pos + plane;
   int *out_inv = out_bkt + plane;
+  // Warp segments: whole chunks of 32 steps, [lo, hi).
+  const uint32_t seg = ((t + 32 * warps - 1) / (32 * warps)) * 32;
+  const uint64_t lo64 = (uint64_t)warp * seg;
+  const uint32_t lo = lo64 < t ? (uint32_t)lo64 : t;
+  const uint32_t hi = (uint64_t)lo + seg < t ? lo + seg : t;
+  const uint32_t lower = (1u << lane) - 1u;
 
-  for (uint32_t s = threadIdx.x; s < slots; s += blockDim.x) {
-    offsets[s] = 0;
+  for (uint32_t e = threadIdx.x; e < warps * slots; e += blockDim.x) {
+    counts[e] = 0;
+  }
+  if (warps > 1) {
+    for (uint32_t s = threadIdx.x; s < slots; s += blockDim.x) {
+      offsets[s] = 0;
+    }
   }
   __syncthreads();
-  for (uint32_t i = threadIdx.x; i < t; i += blockDim.x) {
-    const int b = id[i];
-    atomicAdd(&offsets[(b >= 0 && (uint32_t)b < n_buckets) ? (uint32_t)b : n_buckets], 1);
+
+  // 1. Per-warp counts of the segment (only this warp touches its counters).
+  for (uint32_t base = lo; base < hi; base += 32) {
+    const uint32_t i = base + lane;
+    const bool active = i < hi;
+    const int b = active ? id[i] : 0;
+    const bool valid = b >= 0 && (uint32_t)b < n_buckets;
+    // Inactive lanes take a key no active lane can have.
+    const int slot = !active ? -1 : (valid ? b : (int)n_buckets);
+    const uint32_t peers = __match_any_sync(FULL_MASK, slot);
+    if (active && lane == (uint32_t)(__ffs(peers) - 1)) {
+      mine[slot] += __popc(peers);
+    }
+    __syncwarp();
   }
   __syncthreads();
+
+  // 2. Bucket starts, then each warp's first row per slot.
+  if (warps > 1) {
+    for (uint32_t s = threadIdx.x; s < slots; s += blockDim.x) {
+      int total = 0;
+      for (uint32_t w = 0; w < warps; ++w) {
+        total += counts[w * slots + s];
+      }
+      offsets[s] = total;
+    }
+    __syncthreads();
+  }
   if (warp == 0) {
     int carry = 0;
     for (uint32_t base = 0; base < slots; base += 32) {
@@ -229,48 +270,32 @@ extern "C" __global__ void bucket_sort(const int *__restrict__ ids, int *__restr
     }
   }
   __syncthreads();
+  if (warps > 1) {
+    for (uint32_t s = threadIdx.x; s < slots; s += blockDim.x) {
+      int run = offsets[s];
+      for (uint32_t w = 0; w < warps; ++w) {
+        const int c = counts[w * slots + s];
+        counts[w * slots + s] = run;
+        run += c;
+      }
+    }
+    __syncthreads();
+  }
 
-  const uint32_t lower = (1u << lane) - 1u;
-  for (uint32_t base = 0; base < t; base += blockDim.x) {
-    const uint32_t i = base + threadIdx.x;
-    const bool active = i < t;
+  // 3. Ranks: this warp's running offsets, in time order.
+  for (uint32_t base = lo; base < hi; base += 32) {
+    const uint32_t i = base + lane;
+    const bool active = i < hi;
     const int b = active ? id[i] : 0;
     const bool valid = b >= 0 && (uint32_t)b < n_buckets;
-    // Inactive lanes take a key no active lane can have.
     const int slot = !active ? -1 : (valid ? b : (int)n_buckets);
     const uint32_t peers = __match_any_sync(FULL_MASK, slot);
-    const bool leader = lane == (uint32_t)(__ffs(peers) - 1);
-    int start = 0;
-    if (warps == 1) {
-      start = active ? offsets[slot] : 0;
-      __syncwarp();
-      if (active && leader) {
-        offsets[slot] = start + __popc(peers);
-      }
-      __syncwarp();
-    } else {
-      for (uint32_t e = threadIdx.x; e < warps * slots; e += blockDim.x) {
-        counts[e] = 0;
-      }
-      __syncthreads();
-      if (active && leader) {
-        counts[warp * slots + (uint32_t)slot] = __popc(peers);
-      }
-      __syncthreads();
-      // Per bucket: warps in order after the bucket's running offset.
-      for (uint32_t s = threadIdx.x; s < slots; s += blockDim.x) {
-        int run = offsets[s];
-        for (uint32_t w = 0; w < warps; ++w) {
-          const int c = counts[w * slots + s];
-          counts[w * slots + s] = run;
-          run += c;
-        }
-        offsets[s] = run;
-      }
-      __syncthreads();
-      start = active ? counts[warp * slots + (uint32_t)slot] : 0;
-      __syncthreads();
+    const int start = active ? mine[slot] : 0;
+    __syncwarp();
+    if (active && lane == (uint32_t)(__ffs(peers) - 1)) {
+      mine[slot] = start + __popc(peers);
     }
+    __syncwarp();
     if (active) {
       const uint32_t dst = (uint32_t)start + __popc(peers & lower);
       if (dst < t) {
@@ -377,40 +402,81 @@ LSH(float, f32)
 LSH(__half, f16)
 LSH(__nv_bfloat16, bf16)
 
-// Thread-per-row variant for head dims D = 64 and 128 (compile-time) and 16-byte aligned x: the
-// row is read with 16-byte loads into registers, the columns are scored in chunks of 8
-// accumulators, and the rotation entries are read from global memory (one broadcast load, of 16
-// bytes where aligned, when the warp's rows share a rotation head, the usual case). Same products
-// (k ascending fmaf chain) and tie rule as lsh_buckets, so the same ids.
+// Thread-per-row variant for head dims D = 64 and 128 (compile-time) and 16-byte aligned x. Block
+// b takes rows tile·blockDim .. of sequence seq (seq = b / tiles, tile = b % tiles; a sequence is
+// the t rows of one (batch, head)), so all its rows share one rotation head, which the block
+// stages in shared memory first (D·half floats, dynamic; the host checks the size). Each thread
+// reads its row with 16-byte loads into registers (kept packed, D fully unrolled so every index is
+// static: no local memory), scores the columns in chunks of 8 accumulators with the rotation
+// entries read from shared memory (the whole warp reads one address: a broadcast, 16 bytes at a
+// time when half % 4 == 0). Same products (k ascending fmaf chain from 0) and tie rule as
+// lsh_buckets, so the same ids.
 #define LSH_CHUNK 8
+
+__device__ __forceinline__ uint32_t word_of(const uint4 &u, int w) {
+  return w == 0 ? u.x : w == 1 ? u.y : w == 2 ? u.z : u.w;
+}
+
+// Element j (static after unrolling) of a 16-byte unit of T, as f32 (exact).
+template <typename T> struct Unit16;
+template <> struct Unit16<float> {
+  static constexpr int PER = 4;
+  static __device__ __forceinline__ float get(const uint4 &u, int j) {
+    return __uint_as_float(word_of(u, j));
+  }
+};
+template <> struct Unit16<__nv_bfloat16> {
+  static constexpr int PER = 8;
+  static __device__ __forceinline__ float get(const uint4 &u, int j) {
+    const uint32_t w = word_of(u, j >> 1);
+    return __uint_as_float((j & 1) ? (w & 0xffff0000u) : (w << 16));
+  }
+};
+template <> struct Unit16<__half> {
+  static constexpr int PER = 8;
+  static __device__ __forceinline__ float get(const uint4 &u, int j) {
+    const uint32_t w = word_of(u, j >> 1);
+    return __half2float(__ushort_as_half((unsigned short)((j & 1) ? (w >> 16) : (w & 0xffffu))));
+  }
+};
 
 template <typename T, int D>
 __device__ __forceinline__ void lsh_rows(const T *__restrict__ x, const float *__restrict__ rot,
-                                         int *__restrict__ out, uint64_t n_rows, uint32_t t,
+                                         int *__restrict__ out, uint32_t seqs, uint32_t t,
                                          uint32_t heads, uint32_t group, uint32_t rot_heads,
-                                         uint32_t half) {
-  const uint64_t row = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x;
-  if (row >= n_rows || t == 0 || heads == 0 || group == 0 || rot_heads == 0) {
+                                         uint32_t half, uint32_t tiles) {
+  extern __shared__ float4 staged_rot4[];
+  float *rs = reinterpret_cast<float *>(staged_rot4);
+  if (t == 0 || heads == 0 || group == 0 || rot_heads == 0 || tiles == 0) {
     return;
   }
-  constexpr int PER = 16 / sizeof(T);
-  static_assert(D % PER == 0, "row must be whole 16-byte units");
-  float xr[D];
-  const uint4 *src = reinterpret_cast<const uint4 *>(x + row * D);
-#pragma unroll
-  for (int i = 0; i < D / PER; ++i) {
-    const uint4 u = src[i];
-    const T *e = reinterpret_cast<const T *>(&u);
-#pragma unroll
-    for (int j = 0; j < PER; ++j) {
-      xr[i * PER + j] = to_float(e[j]);
-    }
+  // Uniform over the block: every thread reaches the barrier below or none does.
+  const uint32_t seq = blockIdx.x / tiles, tile = blockIdx.x % tiles;
+  if (seq >= seqs) {
+    return;
   }
-  uint32_t rh = (uint32_t)((row / t) % heads) / group;
+  uint32_t rh = (seq % heads) / group;
   rh = rh < rot_heads ? rh : rot_heads - 1;
   const float *r = rot + (uint64_t)rh * D * half;
-  // Rotation rows read as float4 where they are 16-byte aligned.
-  const bool vec4 = half % 4 == 0 && reinterpret_cast<uintptr_t>(rot) % 16 == 0;
+  for (uint32_t e = threadIdx.x; e < (uint32_t)D * half; e += blockDim.x) {
+    rs[e] = r[e];
+  }
+  __syncthreads();
+  const uint64_t ti = (uint64_t)tile * blockDim.x + threadIdx.x;
+  if (ti >= t) {
+    return;
+  }
+  const uint64_t row = (uint64_t)seq * t + ti;
+  typedef Unit16<T> U;
+  static_assert(D % U::PER == 0, "row must be whole 16-byte units");
+  constexpr int UNITS = D / U::PER;
+  uint4 xu[UNITS];
+  const uint4 *src = reinterpret_cast<const uint4 *>(x + row * D);
+#pragma unroll
+  for (int i = 0; i < UNITS; ++i) {
+    xu[i] = src[i];
+  }
+  const bool vec4 = half % 4 == 0;
   float best = -INFINITY;
   int best_i = 0;
   for (uint32_t c0 = 0; c0 < half; c0 += LSH_CHUNK) {
@@ -420,35 +486,30 @@ __device__ __forceinline__ void lsh_rows(const T *__restrict__ x, const float *_
       acc[j] = 0.f;
     }
     if (c0 + LSH_CHUNK <= half && vec4) {
-#pragma unroll 8
+      // (k·half + c0) is a multiple of 4: float4 reads of the staged rotation.
+      const float4 *rk = staged_rot4 + c0 / 4;
+      const uint32_t step = half / 4;
+#pragma unroll
       for (int k = 0; k < D; ++k) {
-        const float4 *rk = reinterpret_cast<const float4 *>(r + (uint64_t)k * half + c0);
+        const float xk = U::get(xu[k / U::PER], k % U::PER);
 #pragma unroll
         for (int j4 = 0; j4 < LSH_CHUNK / 4; ++j4) {
-          const float4 w = __ldg(rk + j4);
-          acc[4 * j4] = fmaf(xr[k], w.x, acc[4 * j4]);
-          acc[4 * j4 + 1] = fmaf(xr[k], w.y, acc[4 * j4 + 1]);
-          acc[4 * j4 + 2] = fmaf(xr[k], w.z, acc[4 * j4 + 2]);
-          acc[4 * j4 + 3] = fmaf(xr[k], w.w, acc[4 * j4 + 3]);
-        }
-      }
-    } else if (c0 + LSH_CHUNK <= half) {
-#pragma unroll 8
-      for (int k = 0; k < D; ++k) {
-        const float *rk = r + (uint64_t)k * half + c0;
-#pragma unroll
-        for (int j = 0; j < LSH_CHUNK; ++j) {
-          acc[j] = fmaf(xr[k], __ldg(rk + j), acc[j]);
+          const float4 w = rk[(uint32_t)k * step + j4];
+          acc[4 * j4] = fmaf(xk, w.x, acc[4 * j4]);
+          acc[4 * j4 + 1] = fmaf(xk, w.y, acc[4 * j4 + 1]);
+          acc[4 * j4 + 2] = fmaf(xk, w.z, acc[4 * j4 + 2]);
+          acc[4 * j4 + 3] = fmaf(xk, w.w, acc[4 * j4 + 3]);
         }
       }
     } else {
-#pragma unroll 8
+#pragma unroll
       for (int k = 0; k < D; ++k) {
-        const float *rk = r + (uint64_t)k * half + c0;
+        const float xk = U::get(xu[k / U::PER], k % U::PER);
+        const float *rk = rs + (uint32_t)k * half + c0;
 #pragma unroll
         for (int j = 0; j < LSH_CHUNK; ++j) {
           if (c0 + j < half) {
-            acc[j] = fmaf(xr[k], __ldg(rk + j), acc[j]);
+            acc[j] = fmaf(xk, rk[j], acc[j]);
           }
         }
       }
@@ -473,10 +534,10 @@ __device__ __forceinline__ void lsh_rows(const T *__restrict__ x, const float *_
 
 #define LSH_ROWS(T, SUFFIX, D)                                                                     \
   extern "C" __global__ void lsh_rows_##SUFFIX##_d##D(const T *x, const float *rot, int *out,      \
-                                                       uint64_t n_rows, uint32_t t,                \
-                                                       uint32_t heads, uint32_t group,             \
-                                                       uint32_t rot_heads, uint32_t half) {        \
-    lsh_rows<T, D>(x, rot, out, n_rows, t, heads, group, rot_heads, half);                         \
+                                                       uint32_t seqs, uint32_t t, uint32_t heads,  \
+                                                       uint32_t group, uint32_t rot_heads,         \
+                                                       uint32_t half, uint32_t tiles) {            \
+    lsh_rows<T, D>(x, rot, out, seqs, t, heads, group, rot_heads, half, tiles);                    \
   }
 
 LSH_ROWS(float, f32, 64)

@@ -252,6 +252,55 @@ fn main() -> Result<()> {
         println!("| {name} | {fwd:.3} | {both:.3} |");
     }
 
+    // The row kernels of the fused training pass (no autograd) on (B·T, C) rows of the compute
+    // dtype, and the LSH of one (b, heads, t, head_dim) tensor with 16 buckets; each timed run
+    // queues 10 calls (ms per call, so the synchronisation is amortised).
+    {
+        let ln_in = || Tensor::randn(0f32, 1f32, (rows, c), &dev)?.to_dtype(dt);
+        let (xl, dl, dyl, accl) = (ln_in()?, ln_in()?, ln_in()?, ln_in()?);
+        let gl = (Tensor::randn(0f32, 0.2f32, c, &dev)? + 1.0)?.to_dtype(dt)?;
+        let heads_x = Tensor::randn(0f32, 1f32, (b, nh, t, hd), &dev)?.to_dtype(dt)?;
+        let rot = random_rotations(nh, hd, 16, 7, &dev)?;
+        let per_call = |f: &dyn Fn() -> candle::Result<()>| -> Result<f64> {
+            const CALLS: usize = 10;
+            let ms = time_ms(&dev, 2, args.reps, || {
+                for _ in 0..CALLS {
+                    f()?;
+                }
+                Ok(())
+            })?;
+            Ok(ms / CALLS as f64)
+        };
+        type Call<'a> = (&'a str, Box<dyn Fn() -> candle::Result<()> + 'a>);
+        let calls: Vec<Call> = vec![
+            (
+                "fused::layer_norm (rows, c)",
+                Box::new(|| fused::layer_norm(&xl, &gl, 1e-5).map(|_| ())),
+            ),
+            (
+                "fused::add_layer_norm (rows, c)",
+                Box::new(|| fused::add_layer_norm(&xl, &dl, &gl, 1e-5).map(|_| ())),
+            ),
+            (
+                "fused::layer_norm_backward (rows, c)",
+                Box::new(|| fused::layer_norm_backward(&xl, &gl, &dyl, 1e-5).map(|_| ())),
+            ),
+            (
+                "fused::layer_norm_backward_add (rows, c)",
+                Box::new(|| {
+                    fused::layer_norm_backward_add(&xl, &gl, &dyl, &accl, 1e-5).map(|_| ())
+                }),
+            ),
+            (
+                "lsh_buckets (b, heads, t, head_dim), 16 buckets",
+                Box::new(|| lsh_buckets(&heads_x, &rot).map(|_| ())),
+            ),
+        ];
+        for (name, f) in &calls {
+            println!("| {name} | {:.4} | |", per_call(f.as_ref())?);
+        }
+    }
+
     // Per attention kind: attention alone (queries, keys, values and the scorer's scores from
     // the inputs above, as in one layer), then the whole model.
     let inputs = ids.reshape((b, t))?;

@@ -96,7 +96,21 @@ fn composite_layer_norm(x: &Tensor, gain: &Tensor, eps: f64) -> Result<Tensor> {
 #[test]
 fn layer_norm_matches_composite() -> Result<()> {
     let mut rng = StdRng::seed_from_u64(1);
-    for shape in [vec![3, 5, 45], vec![37, 384], vec![2, 9, 1000], vec![1, 1]] {
+    // CUDA picks a kernel per width: 16-byte chunks held in registers (384, 96, 1000, 2048 with
+    // 1 to 8 chunks per lane), single elements in registers (45, 385, 1), or rows re-read from
+    // memory (2100: too wide for registers without 16-byte chunks for bf16 / f16, too many chunks
+    // for f32).
+    let shapes = [
+        vec![3, 5, 45],
+        vec![37, 384],
+        vec![2, 9, 1000],
+        vec![1, 1],
+        vec![11, 385],
+        vec![2, 7, 96],
+        vec![3, 2048],
+        vec![5, 2100],
+    ];
+    for shape in shapes {
         let c = *shape.last().unwrap();
         let x = (randn(&mut rng, &shape, 2.0)? + 0.5)?;
         let gain = (randn(&mut rng, &[c], 0.2)? + 1.0)?;
@@ -229,7 +243,17 @@ fn split_qkv_and_merge_qkv_match_transpose() -> Result<()> {
 #[test]
 fn layer_norm_backward_add_matches_sum() -> Result<()> {
     let mut rng = StdRng::seed_from_u64(17);
-    for shape in [vec![3, 5, 45], vec![37, 384], vec![2, 9, 1000]] {
+    let shapes = [
+        vec![3, 5, 45],
+        vec![37, 384],
+        vec![2, 9, 1000],
+        vec![11, 385],
+        vec![2, 7, 96],
+        vec![3, 2048],
+        vec![5, 2100],
+        vec![9001, 40],
+    ];
+    for shape in shapes {
         let c = *shape.last().unwrap();
         let x = (randn(&mut rng, &shape, 2.0)? + 0.5)?;
         let gain = (randn(&mut rng, &[c], 0.2)? + 1.0)?;
@@ -272,10 +296,13 @@ fn layer_norm_backward_add_matches_sum() -> Result<()> {
 fn add_layer_norm_matches_add_then_layer_norm() -> Result<()> {
     let mut rng = StdRng::seed_from_u64(19);
     // (x shape, delta shape): same shape, and a delta broadcast over the batch.
-    let cases: [(&[usize], &[usize]); 3] = [
+    let cases: [(&[usize], &[usize]); 6] = [
         (&[3, 5, 45], &[3, 5, 45]),
         (&[2, 37, 384], &[37, 384]),
         (&[2, 9, 1000], &[2, 9, 1000]),
+        (&[3, 385], &[3, 385]),
+        (&[2, 5, 96], &[5, 96]),
+        (&[3, 2100], &[3, 2100]),
     ];
     for (xs, ds) in cases {
         let c = *xs.last().unwrap();
@@ -316,6 +343,74 @@ fn add_layer_norm_matches_add_then_layer_norm() -> Result<()> {
         1e-5,
     ));
     assert!(e.contains("trailing part") && e.contains("[3, 8]"), "{e}");
+    Ok(())
+}
+
+/// The LayerNorm ops on views that start one element into their buffer (no 16-byte alignment, so
+/// CUDA takes its single-element kernels) equal the same ops on contiguous copies.
+#[test]
+fn layer_norm_ops_on_unaligned_views() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(23);
+    let (rows, c) = (37, 384);
+    // A (rows, c) view at element offset 1 of a longer buffer.
+    let view = |rng: &mut StdRng, scale: f32, shift: f64| -> Result<Tensor> {
+        (randn(rng, &[rows * c + 1], scale)? + shift)?
+            .narrow(0, 1, rows * c)?
+            .reshape((rows, c))
+    };
+    let (x, delta, dy, acc) = (
+        view(&mut rng, 2.0, 0.5)?,
+        view(&mut rng, 1.0, 0.0)?,
+        view(&mut rng, 1.0, 0.0)?,
+        view(&mut rng, 1.0, 0.0)?,
+    );
+    let gain = (randn(&mut rng, &[c + 1], 0.2)? + 1.0)?.narrow(0, 1, c)?;
+    for dev in devices() {
+        for dtype in DTYPES {
+            // Casting keeps the layout (a contiguous view at offset 1) on either device.
+            let on = |t: &Tensor| -> Result<Tensor> {
+                let t = t.to_device(&dev)?;
+                let (n, c) = t.dims2()?;
+                let pad = Tensor::zeros(1, DType::F32, &dev)?;
+                Tensor::cat(&[&pad, &t.flatten_all()?], 0)?
+                    .to_dtype(dtype)?
+                    .narrow(0, 1, n * c)?
+                    .reshape((n, c))
+            };
+            let on1 = |t: &Tensor| -> Result<Tensor> {
+                let t = t.to_device(&dev)?;
+                let pad = Tensor::zeros(1, DType::F32, &dev)?;
+                Tensor::cat(&[&pad, &t], 0)?
+                    .to_dtype(dtype)?
+                    .narrow(0, 1, t.dim(0)?)
+            };
+            let (xv, dv, yv, av, gv) = (on(&x)?, on(&delta)?, on(&dy)?, on(&acc)?, on1(&gain)?);
+            assert_eq!(xv.layout().start_offset(), 1);
+            let copy = |t: &Tensor| t.copy();
+            let back = |t: &Tensor| t.to_device(&Device::Cpu)?.to_dtype(DType::F64);
+            let tol = tolerance(dtype, &dev);
+            let check = |what: &str, a: &Tensor, b: &Tensor| -> Result<()> {
+                let err = rel_err(&back(a)?, &back(b)?)?;
+                assert!(err <= tol, "{what} {dtype:?} {dev:?}: rel err {err}");
+                Ok(())
+            };
+            let y = layer_norm(&xv, &gv, 1e-5)?;
+            check(
+                "layer_norm",
+                &y,
+                &layer_norm(&copy(&xv)?, &copy(&gv)?, 1e-5)?,
+            )?;
+            let (s1, y1) = add_layer_norm(&xv, &dv, &gv, 1e-5)?;
+            let (s2, y2) = add_layer_norm(&copy(&xv)?, &copy(&dv)?, &copy(&gv)?, 1e-5)?;
+            check("add_layer_norm sum", &s1, &s2)?;
+            check("add_layer_norm y", &y1, &y2)?;
+            let (dx1, dg1) = layer_norm_backward_add(&xv, &gv, &yv, &av, 1e-5)?;
+            let (dx2, dg2) =
+                layer_norm_backward_add(&copy(&xv)?, &copy(&gv)?, &copy(&yv)?, &copy(&av)?, 1e-5)?;
+            check("ln backward add dx", &dx1, &dx2)?;
+            check("ln backward add dgain", &dg1, &dg2)?;
+        }
+    }
     Ok(())
 }
 

@@ -604,9 +604,15 @@ fn compaction_is_stable_and_padded_long_rows() -> Result<()> {
 
 #[test]
 fn counting_sort_is_stable_long_rows() -> Result<()> {
-    let (b, h, t) = (2, 2, 10_000);
+    let (b, h) = (2, 2);
     let mut rng = StdRng::seed_from_u64(9);
-    for nb in [1usize, 3, 16, 64, 8192] {
+    // Long rows split over 32 warp segments (the last one partial), and short rows that leave
+    // most warps without steps.
+    let cases = [1usize, 3, 16, 64, 8192]
+        .map(|nb| (nb, 10_000))
+        .into_iter()
+        .chain([(16, 37), (5, 13)]);
+    for (nb, t) in cases {
         let mut ids: Vec<i32> = (0..b * h * t)
             .map(|_| rng.random_range(0..nb as i32))
             .collect();
@@ -659,14 +665,27 @@ fn counting_sort_is_stable_long_rows() -> Result<()> {
 
 #[test]
 fn lsh_buckets_match_brute_force() -> Result<()> {
-    let (b, h, hr, t) = (2, 4, 2, 50);
+    let (b, h, hr) = (2, 4, 2);
     let mut rng = StdRng::seed_from_u64(10);
-    // Head dims 64 and 128 take CUDA's thread-per-row kernel, 48 the warp-per-row one; 6 buckets
-    // leave a partial column chunk, 40 a full chunk plus a partial one.
-    for (d, nb) in [(64, 16), (128, 6), (48, 40), (64, 40)] {
-        let x = randn(&mut rng, &[b, h, t, d])?;
+    // Head dims 64 and 128 take CUDA's thread-per-row kernel (blocks of 256 rows inside one
+    // sequence: t = 300 and 257 give partial tiles), 48 the warp-per-row one; 6 buckets leave a
+    // partial column chunk, 40 a full chunk plus a partial one, 30 scalar rotation reads, 1024
+    // (d = 64) a rotation too large for shared memory; f32, bf16 and f16 rows.
+    let cases = [
+        (64, 16, 50, DType::F32),
+        (128, 6, 50, DType::F32),
+        (48, 40, 50, DType::F32),
+        (64, 40, 50, DType::F32),
+        (64, 16, 300, DType::BF16),
+        (128, 64, 257, DType::BF16),
+        (64, 30, 300, DType::F16),
+        (128, 40, 50, DType::F16),
+        (64, 1024, 20, DType::BF16),
+    ];
+    for (d, nb, t, dtype) in cases {
+        let x = randn(&mut rng, &[b, h, t, d])?.to_dtype(dtype)?;
         let rot = random_rotations(hr, d, nb, 3, &Device::Cpu)?;
-        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let rs = rot.flatten_all()?.to_vec1::<f32>()?;
         let half = nb / 2;
         for dev in devices() {
@@ -695,7 +714,7 @@ fn lsh_buckets_match_brute_force() -> Result<()> {
                 // Accept a different argmax only on a numerical tie.
                 assert!(
                     got_c == best || (scores[best] - scores[got_c]).abs() < 1e-4,
-                    "d={d} nb={nb} row {row}: bucket {got_c} vs {best} on {dev:?}"
+                    "d={d} nb={nb} t={t} {dtype:?} row {row}: bucket {got_c} vs {best} on {dev:?}"
                 );
             }
         }

@@ -1,6 +1,7 @@
 //! CUDA launch side of the fused ops (kernels in `cuda/fused.cu`), all on candle's stream.
 
 use candle::backend::BackendStorage;
+use candle::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
 use candle::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, PushKernelArg};
 use candle::cuda_backend::WrapErr;
 use candle::{bail, CudaDevice, CudaStorage, DType, Layout, Result};
@@ -16,7 +17,8 @@ const MODULE: &str = "candle_sparse_attn::fused";
 const THREADS: usize = 256;
 /// Blocks of the grid-stride element-wise kernels (enough to fill an H100 several times).
 const MAX_BLOCKS: usize = 4096;
-/// Most blocks of the LayerNorm backward (each writes one row of f32 gain-gradient partial sums).
+/// Most blocks of the LayerNorm backward (each writes one row of f32 gain-gradient partial sums;
+/// fewer when one wave of resident blocks is smaller).
 const LN_BWD_BLOCKS: usize = 1056;
 /// Shared memory of the LayerNorm backward's per-warp gain accumulators, at most.
 const LN_BWD_SMEM: usize = 96 * 1024;
@@ -64,6 +66,32 @@ fn alloc<T: DeviceRepr>(dev: &CudaDevice, n: usize) -> Result<CudaSlice<T>> {
     unsafe { dev.alloc::<T>(n) }
 }
 
+/// The name of the LayerNorm kernel `base` (`ln_fwd`, `add_ln_fwd`, `ln_bwd`) for rows of `c`
+/// elements of `dtype` whose tensors start at element `offsets`: a register-resident variant
+/// `{base}_{dtype}_v{V}n{N}` (16-byte chunks of V elements when c is a multiple of V and every
+/// start is 16-byte aligned, else single elements; N chunks per lane, the smallest of the compiled
+/// counts holding the row), or the plain `{base}_{dtype}` kernel for wider rows.
+fn ln_kernel(base: &str, dtype: DType, c: usize, offsets: &[usize], what: &str) -> Result<String> {
+    let suffix = dtype_suffix(dtype, what)?;
+    let size = dtype.size_in_bytes();
+    let vec = 16 / size;
+    let aligned = offsets.iter().all(|o| (o * size).is_multiple_of(16));
+    let pick = |v: usize, max_n: usize| {
+        let n = c.div_ceil(32 * v).next_power_of_two();
+        (n <= max_n).then_some((v, n))
+    };
+    let variant = if c.is_multiple_of(vec) && aligned {
+        pick(vec, 8)
+    } else {
+        None
+    }
+    .or_else(|| pick(1, 16));
+    Ok(match variant {
+        Some((v, n)) => format!("{base}_{suffix}_v{v}n{n}"),
+        None => format!("{base}_{suffix}"),
+    })
+}
+
 fn i32_arg(what: &str, v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| candle::Error::Msg(format!("{what} (cuda): size {v} too large")))
 }
@@ -81,7 +109,8 @@ pub(super) fn ln_fwd(
         let x = contiguous_view::<T>(sx, lx, what, "x")?;
         let g = contiguous_view::<T>(sg, lg, what, "gain")?;
         let mut y = alloc::<T>(&dev, rows * c)?;
-        let name = format!("ln_fwd_{}", dtype_suffix(sx.dtype(), what)?);
+        let offsets = [lx.start_offset(), lg.start_offset()];
+        let name = ln_kernel("ln_fwd", sx.dtype(), c, &offsets, what)?;
         let f = load_kernel!(dev, name, MODULE, kernels::FUSED, 0);
         let mut b = f.builder();
         b.arg(&x).arg(&g).arg(&mut y).arg(&rows_i).arg(&c_i).arg(&eps);
@@ -108,7 +137,8 @@ pub(super) fn add_ln_fwd(
         let g = contiguous_view::<T>(sg, lg, what, "gain")?;
         let mut sum = alloc::<T>(&dev, rows * c)?;
         let mut y = alloc::<T>(&dev, rows * c)?;
-        let name = format!("add_ln_fwd_{}", dtype_suffix(sx.dtype(), what)?);
+        let offsets = [lx.start_offset(), ld.start_offset(), lg.start_offset()];
+        let name = ln_kernel("add_ln_fwd", sx.dtype(), c, &offsets, what)?;
         let f = load_kernel!(dev, name, MODULE, kernels::FUSED, 0);
         let mut b = f.builder();
         b.arg(&x).arg(&d).arg(&g).arg(&mut sum).arg(&mut y);
@@ -137,7 +167,22 @@ pub(super) fn ln_bwd(
     // One row of c f32 accumulators per warp in shared memory: fewer warps for wide rows.
     let warps = (LN_BWD_SMEM / (4 * c)).clamp(1, THREADS / 32);
     let smem = warps * c * 4;
-    let blocks = rows.div_ceil(warps).clamp(1, LN_BWD_BLOCKS);
+    let mut offsets = vec![lx.start_offset(), lg.start_offset(), ld.start_offset()];
+    offsets.extend(acc.map(|(_, l)| l.start_offset()));
+    let name = ln_kernel("ln_bwd", sx.dtype(), c, &offsets, what)?;
+    let f = load_kernel!(dev, name, MODULE, kernels::FUSED, smem);
+    // One wave of blocks striding over the rows (as many as fit on every SM at once, at most
+    // LN_BWD_BLOCKS): fewer blocks also mean fewer gain-gradient partials to sum.
+    let sms = dev
+        .cuda_stream()
+        .context()
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .w()?;
+    let per_sm = f
+        .occupancy_max_active_blocks_per_multiprocessor((warps * 32) as u32, smem, None)
+        .w()?;
+    let wave = (sms.max(1) as usize) * (per_sm.max(1) as usize);
+    let blocks = rows.div_ceil(warps).clamp(1, wave.min(LN_BWD_BLOCKS));
     by_dtype!(what, sx.dtype(), T => {
         let x = contiguous_view::<T>(sx, lx, what, "x")?;
         let g = contiguous_view::<T>(sg, lg, what, "gain")?;
@@ -147,8 +192,6 @@ pub(super) fn ln_bwd(
             .transpose()?;
         let mut dx = alloc::<T>(&dev, rows * c)?;
         let mut partial = alloc::<f32>(&dev, blocks * c)?;
-        let name = format!("ln_bwd_{}", dtype_suffix(sx.dtype(), what)?);
-        let f = load_kernel!(dev, name, MODULE, kernels::FUSED, smem);
         let null: u64 = 0;
         let mut b = f.builder();
         b.arg(&x).arg(&g).arg(&dy);

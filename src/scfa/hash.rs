@@ -262,24 +262,33 @@ impl Lsh {
             half,
         } = dims;
         let group = (heads / rot_heads) as u32;
-        // Head dims 64 and 128 with 16-byte aligned rows: one thread per row.
-        if matches!(d, 64 | 128) && (x_offset * std::mem::size_of::<T>()).is_multiple_of(16) {
+        // Head dims 64 and 128 with 16-byte aligned rows and a rotation head that fits in shared
+        // memory: one thread per row, blocks of THREADS rows inside one (batch, head) sequence.
+        let rot_bytes = d * half * std::mem::size_of::<f32>();
+        if matches!(d, 64 | 128)
+            && (x_offset * std::mem::size_of::<T>()).is_multiple_of(16)
+            && rot_bytes <= SHARED_LIMIT
+            && rows <= u32::MAX as usize
+        {
             const THREADS: usize = 256;
+            let seqs = rows / t;
+            let tiles = t.div_ceil(THREADS);
             let name = format!("lsh_rows_{suffix}_d{d}");
             let f = dev.get_or_load_custom_func(&name, launch::MODULE, launch::PTX)?;
-            let cfg = launch_config("lsh_buckets", (rows.div_ceil(THREADS), 1), THREADS, 0)?;
+            let cfg = launch_config("lsh_buckets", (seqs * tiles, 1), THREADS, rot_bytes)?;
             let mut b = f.builder();
             b.arg(x);
             b.arg(rot);
             b.arg(&mut out);
             candle::builder_arg!(
                 b,
-                rows as u64,
+                seqs as u32,
                 t as u32,
                 heads as u32,
                 group,
                 rot_heads as u32,
-                half as u32
+                half as u32,
+                tiles as u32
             );
             unsafe { b.launch(cfg) }.w()?;
             return Ok(candle::CudaStorage::wrap_cuda_slice(out, dev.clone()));
@@ -329,8 +338,9 @@ impl Lsh {
 ///   bucket of `kind`, `inv` = -1): such rows are dropped.
 ///
 /// O(t + n_buckets) per row: histogram, exclusive scan, time-ordered scatter. No host sync; on
-/// CUDA one block per `(batch, head)` with the counters in shared memory (up to 32 warps ranking
-/// consecutive steps, fewer when many buckets leave no room for per-warp counters).
+/// CUDA one block per `(batch, head)` with the counters in shared memory (up to 32 warps, each
+/// counting then ranking its own consecutive segment of the row, ordered by a prefix over the
+/// per-warp counts; fewer warps when many buckets leave no room for per-warp counters).
 pub fn sort_by_bucket(ids: &Tensor, n_buckets: usize, kind: RowKind) -> Result<RowOrder> {
     if ids.dtype() != DType::I32 || ids.rank() != 3 {
         bail!(
