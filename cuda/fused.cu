@@ -276,6 +276,26 @@ __device__ __forceinline__ void regs_stats(const Chunk<T, V> (&v)[N], int lane, 
   rstd = rsqrtf(warp_sum(q) / c + eps);
 }
 
+// The LayerNorm of the row held in v (chunk lane + 32 i in v[i]) by gain, written to yr.
+template <typename T, int V, int N>
+__device__ __forceinline__ void regs_norm_store(const Chunk<T, V> (&v)[N], int lane, int chunks,
+                                                int c, float eps, const T* __restrict__ gain,
+                                                T* __restrict__ yr) {
+  float mean, rstd;
+  regs_stats<T, V, N>(v, lane, chunks, c, eps, mean, rstd);
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    int ch = lane + 32 * i;
+    if (ch < chunks) {
+      Chunk<T, V> g = ld_chunk<T, V>(gain + (size_t)ch * V), out;
+#pragma unroll
+      for (int k = 0; k < V; ++k)
+        out.e[k] = from_f<T>((to_f(v[i].e[k]) - mean) * rstd * to_f(g.e[k]));
+      st_chunk<T, V>(yr + (size_t)ch * V, out);
+    }
+  }
+}
+
 // ln_fwd with the row in registers (one read of x, one write of y).
 template <typename T, int V, int N>
 __device__ void ln_fwd_regs(const T* __restrict__ x, const T* __restrict__ gain,
@@ -296,19 +316,7 @@ __device__ void ln_fwd_regs(const T* __restrict__ x, const T* __restrict__ gain,
     int ch = lane + 32 * i;
     if (ch < chunks) v[i] = ld_chunk<T, V>(xr + (size_t)ch * V);
   }
-  float mean, rstd;
-  regs_stats<T, V, N>(v, lane, chunks, c, eps, mean, rstd);
-#pragma unroll
-  for (int i = 0; i < N; ++i) {
-    int ch = lane + 32 * i;
-    if (ch < chunks) {
-      Chunk<T, V> g = ld_chunk<T, V>(gain + (size_t)ch * V), out;
-#pragma unroll
-      for (int k = 0; k < V; ++k)
-        out.e[k] = from_f<T>((to_f(v[i].e[k]) - mean) * rstd * to_f(g.e[k]));
-      st_chunk<T, V>(yr + (size_t)ch * V, out);
-    }
-  }
+  regs_norm_store<T, V, N>(v, lane, chunks, c, eps, gain, yr);
 }
 
 // add_ln_fwd with the row in registers: x and delta read once, s and y written once; the
@@ -339,19 +347,7 @@ __device__ void add_ln_fwd_regs(const T* __restrict__ x, const T* __restrict__ d
       st_chunk<T, V>(s + off + (size_t)ch * V, v[i]);
     }
   }
-  float mean, rstd;
-  regs_stats<T, V, N>(v, lane, chunks, c, eps, mean, rstd);
-#pragma unroll
-  for (int i = 0; i < N; ++i) {
-    int ch = lane + 32 * i;
-    if (ch < chunks) {
-      Chunk<T, V> g = ld_chunk<T, V>(gain + (size_t)ch * V), out;
-#pragma unroll
-      for (int k = 0; k < V; ++k)
-        out.e[k] = from_f<T>((to_f(v[i].e[k]) - mean) * rstd * to_f(g.e[k]));
-      st_chunk<T, V>(y + off + (size_t)ch * V, out);
-    }
-  }
+  regs_norm_store<T, V, N>(v, lane, chunks, c, eps, gain, y + off);
 }
 
 // ln_bwd with each row in registers: x, dy (and acc) read once, dx written once; the gain and this
