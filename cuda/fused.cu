@@ -655,6 +655,19 @@ INSTANTIATE_LN_SCALAR(float, f32)
 INSTANTIATE_LN_SCALAR(__nv_bfloat16, bf16)
 INSTANTIATE_LN_SCALAR(__half, f16)
 
+// One AdamW element: g = grad * grad_scale; the moments m, v are updated in place; returns the
+// new parameter.
+__device__ __forceinline__ float adamw_element(float param, float grad, float& m, float& v,
+                                               float lr, float beta1, float beta2, float eps,
+                                               float weight_decay, float scale_m, float scale_v,
+                                               float grad_scale) {
+  float g = grad * grad_scale;
+  m = beta1 * m + (1.f - beta1) * g;
+  v = beta2 * v + (1.f - beta2) * g * g;
+  float update = (m * scale_m) / (sqrtf(v * scale_v) + eps);
+  return param * (1.f - lr * weight_decay) - lr * update;
+}
+
 // AdamW on f32 tensors of n elements: g = grad * grad_scale; m, v updated; the new parameter,
 // first and second moments go to out[0..n), out[n..2n), out[2n..3n). state holds m then v.
 extern "C" __global__ void adamw_step(const float* __restrict__ param,
@@ -665,11 +678,9 @@ extern "C" __global__ void adamw_step(const float* __restrict__ param,
                                       float grad_scale) {
   for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
        i += (size_t)gridDim.x * blockDim.x) {
-    float g = grad[i] * grad_scale;
-    float m = beta1 * state[i] + (1.f - beta1) * g;
-    float v = beta2 * state[n + i] + (1.f - beta2) * g * g;
-    float update = (m * scale_m) / (sqrtf(v * scale_v) + eps);
-    out[i] = param[i] * (1.f - lr * weight_decay) - lr * update;
+    float m = state[i], v = state[n + i];
+    out[i] = adamw_element(param[i], grad[i], m, v, lr, beta1, beta2, eps, weight_decay, scale_m,
+                           scale_v, grad_scale);
     out[n + i] = m;
     out[2 * n + i] = v;
   }
@@ -687,11 +698,9 @@ extern "C" __global__ void adamw_many(const uint64_t* __restrict__ table, float 
   size_t n = row[3];
   for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
        i += (size_t)gridDim.x * blockDim.x) {
-    float g = grad[i] * grad_scale;
-    float m = beta1 * state[i] + (1.f - beta1) * g;
-    float v = beta2 * state[n + i] + (1.f - beta2) * g * g;
-    float update = (m * scale_m) / (sqrtf(v * scale_v) + eps);
-    param[i] = param[i] * (1.f - lr * weight_decay) - lr * update;
+    float m = state[i], v = state[n + i];
+    param[i] = adamw_element(param[i], grad[i], m, v, lr, beta1, beta2, eps, weight_decay, scale_m,
+                             scale_v, grad_scale);
     state[i] = m;
     state[n + i] = v;
   }

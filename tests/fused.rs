@@ -369,22 +369,14 @@ fn layer_norm_ops_on_unaligned_views() -> Result<()> {
         for dtype in DTYPES {
             // Casting keeps the layout (a contiguous view at offset 1) on either device.
             let on = |t: &Tensor| -> Result<Tensor> {
-                let t = t.to_device(&dev)?;
-                let (n, c) = t.dims2()?;
+                let flat = t.to_device(&dev)?.flatten_all()?;
                 let pad = Tensor::zeros(1, DType::F32, &dev)?;
-                Tensor::cat(&[&pad, &t.flatten_all()?], 0)?
+                Tensor::cat(&[&pad, &flat], 0)?
                     .to_dtype(dtype)?
-                    .narrow(0, 1, n * c)?
-                    .reshape((n, c))
+                    .narrow(0, 1, flat.dim(0)?)?
+                    .reshape(t.shape())
             };
-            let on1 = |t: &Tensor| -> Result<Tensor> {
-                let t = t.to_device(&dev)?;
-                let pad = Tensor::zeros(1, DType::F32, &dev)?;
-                Tensor::cat(&[&pad, &t], 0)?
-                    .to_dtype(dtype)?
-                    .narrow(0, 1, t.dim(0)?)
-            };
-            let (xv, dv, yv, av, gv) = (on(&x)?, on(&delta)?, on(&dy)?, on(&acc)?, on1(&gain)?);
+            let (xv, dv, yv, av, gv) = (on(&x)?, on(&delta)?, on(&dy)?, on(&acc)?, on(&gain)?);
             assert_eq!(xv.layout().start_offset(), 1);
             let copy = |t: &Tensor| t.copy();
             let back = |t: &Tensor| t.to_device(&Device::Cpu)?.to_dtype(DType::F64);

@@ -435,6 +435,20 @@ pub(super) fn sum_of_squares(
     Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
 }
 
+/// The scalar arguments of the AdamW kernels (`adamw_step`, `adamw_many`), in their order.
+fn adamw_scalars(hp: &AdamWUpdate) -> [f32; 8] {
+    [
+        hp.lr,
+        hp.beta1,
+        hp.beta2,
+        hp.eps,
+        hp.weight_decay,
+        hp.scale_m,
+        hp.scale_v,
+        hp.grad_scale,
+    ]
+}
+
 /// `[param | m | v]` after one AdamW step, `(3, n)` f32.
 pub(super) fn adamw(
     (sp, lp): (&CudaStorage, &Layout),
@@ -452,16 +466,7 @@ pub(super) fn adamw(
     let f = load_kernel!(dev, "adamw_step", MODULE, kernels::FUSED, 0);
     let mut b = f.builder();
     b.arg(&p).arg(&s).arg(&g).arg(&mut out).arg(&n);
-    let scalars = [
-        hp.lr,
-        hp.beta1,
-        hp.beta2,
-        hp.eps,
-        hp.weight_decay,
-        hp.scale_m,
-        hp.scale_v,
-        hp.grad_scale,
-    ];
+    let scalars = adamw_scalars(hp);
     for x in &scalars {
         b.arg(x);
     }
@@ -509,16 +514,7 @@ pub(super) fn adamw_many(
     let f = load_kernel!(dev, "adamw_many", MODULE, kernels::FUSED, 0);
     let mut b = f.builder();
     b.arg(&table);
-    let scalars = [
-        hp.lr,
-        hp.beta1,
-        hp.beta2,
-        hp.eps,
-        hp.weight_decay,
-        hp.scale_m,
-        hp.scale_v,
-        hp.grad_scale,
-    ];
+    let scalars = adamw_scalars(hp);
     for x in &scalars {
         b.arg(x);
     }
