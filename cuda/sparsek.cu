@@ -25,6 +25,8 @@
 #include <stdint.h>
 
 #include "mma.cuh"
+#include "wgmma.cuh"
+#include "hopper.cuh"
 
 #define BQ 64
 
@@ -863,14 +865,14 @@ struct SkSmem {
   }
 };
 
-// Per-thread query rows of the query-major kernels (rows gq and gq + 8 of the warp's 16).
+// Per-thread query rows of the query-major kernels (rows gq and gq + 8 of warp `warp`'s 16).
 struct SkRows {
   int i[2], na[2];
   float tau[2], cu[2];
   int cj[2];
-  __device__ SkRows(int m0, int bhk, int T, const float* tau_, const float* cut_u,
+  __device__ SkRows(int m0, int warp, int bhk, int T, const float* tau_, const float* cut_u,
                     const int* cut_j, const int* nattend) {
-    int warp = threadIdx.x / 32, gq = (threadIdx.x & 31) >> 2;
+    int gq = (threadIdx.x & 31) >> 2;
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
       int r = m0 + warp * 16 + gq + hf * 8;
@@ -899,7 +901,7 @@ __device__ void skt_fwd(const E* __restrict__ q, const E* __restrict__ k, const 
   const E* kr = k + (long long)bhk * T * D;
   const E* vr = v + (long long)bhk * T * D;
   SkTiles tl = sk_tiles(c, bhk, u, lu, lj, nlist, T, window, cap, nb);
-  SkRows rw(m0, bhk, T, tau, cut_u, cut_j, nattend);
+  SkRows rw(m0, warp, bhk, T, tau, cut_u, cut_j, nattend);
   const float sl2 = scale * LOG2E;
 
   load_tile<E, BQ, D, TC_THREADS>(sm.q, q + qrow0 * D, m0, T);
@@ -1023,7 +1025,7 @@ __device__ void skt_bwd_dq(const E* __restrict__ q, const E* __restrict__ k,
   const E* kr = k + (long long)bhk * T * D;
   const E* vr = v + (long long)bhk * T * D;
   SkTiles tl = sk_tiles(c, bhk, u, lu, lj, nlist, T, window, cap, nb);
-  SkRows rw(m0, bhk, T, tau, cut_u, cut_j, nattend);
+  SkRows rw(m0, warp, bhk, T, tau, cut_u, cut_j, nattend);
   const float sl2 = scale * LOG2E;
 
   load_tile<E, BQ, D, TC_THREADS>(sm.q, q + qrow0 * D, m0, T);
@@ -1397,6 +1399,456 @@ __device__ void sk_dkv_convert(const float* __restrict__ dacc, E* __restrict__ d
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Hopper (sm_90a) forward and dQ (f16 / bf16, head_dim 64 and 128): the same tile walk as skt_fwd
+// and skt_bwd_dq, with warpgroup MMA and warp specialisation (as flash_attn.cu's fwd_wgmma). One
+// CTA of two warpgroups per (block of BQ queries, batch * q head):
+// - the producer warpgroup gathers tile t's K and V rows (positions read one tile ahead) with
+//   cp.async into stage t % SKW_STAGES of 128-byte-swizzled shared tiles, the keys' scores with
+//   the V rows; "full" mbarriers complete when a stage has landed, "empty" ones when the consumer's
+//   four warps have finished reading it;
+// - the consumer warpgroup holds the block's 64 query rows (Q, and dO for dQ) in shared memory
+//   and runs S = Q K^T (and dP = dO V^T) from shared memory, then O += (P * w) V (dQ += dS K) with
+//   the left operand from registers. The forward issues S of tile t + 1 together with P V of tile
+//   t, so the weights and softmax of t + 1 overlap the tensor cores' P V.
+// Weights, masks and per-row statistics are those of the mma.sync kernels. Built for every target
+// (empty bodies before sm_90a); the host launches them only on compute capability 9.0.
+// ---------------------------------------------------------------------------------------------
+
+#define SKW_STAGES 2
+#define SKW_THREADS 256
+// Resident CTAs per SM: 2 at head_dim 64 (128 registers per thread at launch), 1 at 128. The
+// producer warpgroup gives back all but SKW_PRODUCER_REGS registers, the consumer takes them.
+#define SKW_MIN_BLOCKS(D) ((D) <= 64 ? 2 : 1)
+#define SKW_PRODUCER_REGS 40
+__host__ __device__ constexpr int skw_consumer_regs(int d) {
+  return (2 * (65536 / (SKW_THREADS * SKW_MIN_BLOCKS(d)) / 8 * 8) - SKW_PRODUCER_REGS) / 8 * 8 > 240
+             ? 240
+             : (2 * (65536 / (SKW_THREADS * SKW_MIN_BLOCKS(d)) / 8 * 8) - SKW_PRODUCER_REGS) / 8 * 8;
+}
+
+// Shared memory of the Hopper kernels: NQ query-side tiles [BQ][D] (Q, dO), S stages of K and V
+// tiles [TB][D] (all 128-byte swizzled, 1024-byte aligned: the host adds 1 KB of slack), the
+// stages' key scores [S][TB], then the stages' mbarriers.
+template <typename E, int D, int NQ, int S>
+struct SkwSmem {
+  static constexpr int BYTES =
+      1024 + (NQ * BQ * D + 2 * S * TB * D) * (int)sizeof(E) + S * TB * 4 + 4 * S * 8;
+  E *q, *k, *v;
+  float* u;
+  uint64_t *full_k, *full_v, *empty_k, *empty_v;
+  __device__ SkwSmem(unsigned char* raw) {
+    q = reinterpret_cast<E*>(raw + ((1024 - (smem_addr(raw) & 1023)) & 1023));
+    k = q + NQ * BQ * D;
+    v = k + S * TB * D;
+    u = reinterpret_cast<float*>(v + S * TB * D);
+    full_k = reinterpret_cast<uint64_t*>(u + S * TB);
+    full_v = full_k + S;
+    empty_k = full_v + S;
+    empty_v = empty_k + S;
+  }
+  // Thread 0: every stage's barriers (full: the producer's 128 threads; empty: 4 consumer warps).
+  __device__ void init() const {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    if (threadIdx.x == 0)
+#pragma unroll
+      for (int i = 0; i < S; ++i) {
+        mbar_init(full_k + i, 128);
+        mbar_init(full_v + i, 128);
+        mbar_init(empty_k + i, 4);
+        mbar_init(empty_v + i, 4);
+      }
+#endif
+  }
+};
+
+// The producer warpgroup (threads 0..127): tile t's K rows into stage t % S (full_k), then its V
+// rows and the keys' scores (full_v), each stage reused once the consumer released it. A thread
+// copies 16-byte chunk cc of the tile's rows r0, r0 + RS, ... (the same swizzle for all of them),
+// gathering list tiles by the list's positions (read one tile ahead) and band tiles contiguously;
+// missing keys are zero-filled (their weight is 0).
+template <typename E, int D, int NQ, int S>
+__device__ void skw_produce(const SkwSmem<E, D, NQ, S>& sm, const SkTiles& tl, const E* kr,
+                            const E* vr) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int CH = D / 8, RS = 128 / CH, NR = TB / RS;
+  static_assert(RS % 8 == 0 && TB % RS == 0, "skw_produce: tile shape");
+  const int tid = threadIdx.x, r0 = tid / CH, cc = tid % CH;
+  const int soff = (cc / 8) * TB * 64 + r0 * 64 + ((cc % 8) ^ (r0 & 7)) * 8;
+  int jr[NR];
+  auto fetch = [&](int t, int* j) {
+#pragma unroll
+    for (int m = 0; m < NR; ++m) j[m] = t < tl.nt ? tl.key_j(t, r0 + m * RS) : -1;
+  };
+  fetch(0, jr);
+  for (int t = 0; t < tl.nt; ++t) {
+    int jn[NR];
+    fetch(t + 1, jn);
+    const int st = t % S;
+    const uint32_t parity = ((t / S) & 1) ^ 1;
+    if (t >= S) mbar_wait(sm.empty_k + st, parity);
+    E* dk = sm.k + st * TB * D + soff;
+#pragma unroll
+    for (int m = 0; m < NR; ++m)
+      cp_async16(dk + m * RS * 64, kr + (long long)max(jr[m], 0) * D + cc * 8, jr[m] >= 0);
+    mbar_arrive_cp_async(sm.full_k + st);
+    if (t >= S) mbar_wait(sm.empty_v + st, parity);
+    E* dv = sm.v + st * TB * D + soff;
+#pragma unroll
+    for (int m = 0; m < NR; ++m)
+      cp_async16(dv + m * RS * 64, vr + (long long)max(jr[m], 0) * D + cc * 8, jr[m] >= 0);
+    if (tid < TB) {
+      bool ok;
+      const float* src;
+      if (t < tl.ntl) {
+        int rr = t * TB + tid;
+        ok = rr < tl.nl;
+        src = tl.lu + (ok ? rr : 0);
+      } else {
+        int j = tl.e0 + (t - tl.ntl) * TB + tid;
+        ok = j < tl.e1;
+        src = tl.ur + (ok ? j : 0);
+      }
+      cp_async4(sm.u + st * TB + tid, src, ok);
+    }
+    mbar_arrive_cp_async(sm.full_v + st);
+#pragma unroll
+    for (int m = 0; m < NR; ++m) jr[m] = jn[m];
+  }
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+#endif
+}
+
+// The weight of element (nt, e2) of row half hf of tile t (kind KIND; scores cU of the stage).
+template <int KIND>
+__device__ __forceinline__ float skw_weight(const SkTiles& tl, const SkRows& rw, const float* cU,
+                                            int t, int nt, int e2, int hf, int window) {
+  int col = nt * 8 + 2 * (threadIdx.x & 3) + e2;
+  int j = KIND == SK_BAND ? tl.e0 + (t - tl.ntl) * TB + col : 0;
+  float uj = KIND == SK_FULL ? 0.f : cU[col];
+  return sk_tile_weight<KIND>(t * TB + col, rw.na[hf], rw.i[hf], j, uj, rw.tau[hf], rw.cu[hf],
+                              rw.cj[hf], window);
+}
+
+template <typename E, int D>
+__device__ void skw_fwd(const E* __restrict__ q, const E* __restrict__ k, const E* __restrict__ v,
+                        E* __restrict__ out, float* __restrict__ lse, SK_PARAMS) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int S = SKW_STAGES, N8 = TB / 8, DT = D / 8, KD = D / 16;
+  static_assert(D % 64 == 0, "skw_fwd: head_dim 64 or 128");
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const SkwSmem<E, D, 1, S> sm(smem_raw);
+  const int c = blockIdx.x, bh = blockIdx.y, b = bh / Hq, h = bh % Hq;
+  const int bhk = b * Hkv + h / (Hq / Hkv), m0 = c * BQ;
+  const long long qrow0 = (long long)bh * T;
+  const E* kr = k + (long long)bhk * T * D;
+  const E* vr = v + (long long)bhk * T * D;
+  const SkTiles tl = sk_tiles(c, bhk, u, lu, lj, nlist, T, window, cap, nb);
+  sm.init();
+  __syncthreads();
+  if (threadIdx.x < 128) {
+    setmaxnreg_dec<SKW_PRODUCER_REGS>();
+    skw_produce<E, D, 1, S>(sm, tl, kr, vr);
+    return;
+  }
+  setmaxnreg_inc<skw_consumer_regs(D)>();
+  const int tid = threadIdx.x - 128, warp = tid / 32, lane = tid & 31, t4 = lane & 3;
+  load_tile_sw128<E, BQ, D, 128>(sm.q, q + qrow0 * D, m0, T, tid);
+  cp_async_commit();
+  const SkRows rw(m0, warp, bhk, T, tau, cut_u, cut_j, nattend);
+  const float sl2 = scale * LOG2E;
+
+  float acc[DT][4];
+#pragma unroll
+  for (int x = 0; x < DT; ++x) acc[x][0] = acc[x][1] = acc[x][2] = acc[x][3] = 0.f;
+  float mrow[2] = {neg_inf(), neg_inf()}, lrow[2] = {0.f, 0.f}, alpha[2] = {1.f, 1.f};
+  float s[N8][4];
+  uint32_t pa[TB / 16][4];
+  auto issue_qk = [&](const E* cK) {
+#pragma unroll
+    for (int kk = 0; kk < KD; ++kk)
+      wgmma_ss<E, TB>(s, sw128_desc(sm.q + (kk / 4) * BQ * 64 + (kk % 4) * 16, 16),
+                      sw128_desc(cK + (kk / 4) * TB * 64 + (kk % 4) * 16, 16), kk > 0);
+    wgmma_commit();
+  };
+  auto issue_pv = [&](const E* cV) {
+#pragma unroll
+    for (int kk = 0; kk < TB / 16; ++kk)
+      wgmma_rs_tb<E, D>(acc, pa[kk], sw128_desc(cV + kk * 16 * 64, TB * 128));
+    wgmma_commit();
+  };
+  auto wait_full = [&](uint64_t* bar, int i) { mbar_wait(bar + i % S, (i / S) & 1); };
+  auto release = [&](uint64_t* bar) {
+    if (lane == 0) mbar_arrive(bar);
+  };
+  // Tile t (the i-th visited) after its S = Q K^T: weights, online softmax (alpha: the rescale
+  // of O, applied by rescale_to_pa once the previous P V completed), s = e^(s - m) * w.
+  auto softmax = [&](int t, int i) {
+    wgmma_fence_regs<N8>(s);
+    const int kind = tl.kind(t, m0, window);
+    if (kind != SK_FULL) wait_full(sm.full_v, i);
+    const float* cU = sm.u + (i % S) * TB;
+    sk_dispatch(kind, [&](auto kd) {
+      constexpr int KIND = decltype(kd)::value;
+      // The weights are recomputed in the second pass instead of kept (registers: 2 CTAs per SM).
+      auto weight = [&](int nt, int e2, int hf) {
+        return skw_weight<KIND>(tl, rw, cU, t, nt, e2, hf, window);
+      };
+#pragma unroll
+      for (int nt = 0; nt < N8; ++nt)
+#pragma unroll
+        for (int e2 = 0; e2 < 2; ++e2)
+#pragma unroll
+          for (int hf = 0; hf < 2; ++hf) {
+            float& x = s[nt][hf * 2 + e2];
+            x = weight(nt, e2, hf) > 0.f ? x * sl2 : neg_inf();
+          }
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        float mx = mrow[hf];
+#pragma unroll
+        for (int nt = 0; nt < N8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][hf * 2], s[nt][hf * 2 + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        float msafe = mx == neg_inf() ? 0.f : mx;
+        alpha[hf] = fast_exp2(mrow[hf] - msafe);
+        mrow[hf] = mx;
+        float ls = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < N8; ++nt)
+#pragma unroll
+          for (int e2 = 0; e2 < 2; ++e2) {
+            float e = fast_exp2(s[nt][hf * 2 + e2] - msafe);
+            ls += e;
+            s[nt][hf * 2 + e2] = e > 0.f ? e * weight(nt, e2, hf) : 0.f;
+          }
+        lrow[hf] = lrow[hf] * alpha[hf] + ls;
+      }
+    });
+  };
+  auto rescale_to_pa = [&]() {
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt) {
+      acc[dt][0] *= alpha[0];
+      acc[dt][1] *= alpha[0];
+      acc[dt][2] *= alpha[1];
+      acc[dt][3] *= alpha[1];
+    }
+#pragma unroll
+    for (int kk = 0; kk < TB / 16; ++kk) {
+      pa[kk][0] = pack2<E>(s[2 * kk][0], s[2 * kk][1]);
+      pa[kk][1] = pack2<E>(s[2 * kk][2], s[2 * kk][3]);
+      pa[kk][2] = pack2<E>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      pa[kk][3] = pack2<E>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+    }
+    wgmma_fence_regs<DT>(acc);
+    wgmma_fence_regs_a<TB / 16>(pa);
+  };
+
+  cp_async_wait<0>();
+  fence_proxy_async();
+  named_bar_sync(1, 128);  // the Q rows are in shared memory
+  // Every block has at least one tile (its band holds its own keys). No wgmma is issued
+  // conditionally inside the loop (a branch between wgmmas makes ptxas serialise them).
+  wait_full(sm.full_k, 0);
+  fence_proxy_async();
+  wgmma_fence();
+  issue_qk(sm.k);
+  wgmma_wait<0>();
+  release(sm.empty_k);
+  softmax(0, 0);
+  rescale_to_pa();  // O is still zero
+  int i = 0;
+  for (; i + 1 < tl.nt; ++i) {
+    const int sk = (i + 1) % S, sv = i % S;
+    wait_full(sm.full_k, i + 1);
+    wait_full(sm.full_v, i);
+    fence_proxy_async();
+    wgmma_fence();
+    issue_qk(sm.k + sk * TB * D);
+    issue_pv(sm.v + sv * TB * D);
+    wgmma_wait<1>();
+    release(sm.empty_k + sk);
+    softmax(i + 1, i + 1);
+    wgmma_wait<0>();
+    release(sm.empty_v + sv);
+    wgmma_fence_regs<DT>(acc);
+    wgmma_fence_regs_a<TB / 16>(pa);
+    rescale_to_pa();
+  }
+  wait_full(sm.full_v, i);
+  fence_proxy_async();
+  wgmma_fence();
+  issue_pv(sm.v + (i % S) * TB * D);
+  wgmma_wait<0>();
+  wgmma_fence_regs<DT>(acc);
+
+  float inv[2];
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    float l = lrow[hf];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    inv[hf] = l > 0.f ? 1.f / l : 0.f;
+    if (t4 == 0 && rw.i[hf] >= 0)
+      lse[qrow0 + rw.i[hf]] = l > 0.f ? mrow[hf] * LN2 + logf(l) : neg_inf();
+  }
+  store_acc<E, D>(out + qrow0 * D, acc, m0 + warp * 16, T, inv[0], inv[1]);
+#endif
+}
+
+// dQ (scaled, in the input dtype), delta = dO.O, r = sum_S g_w and |S| per row, as skt_bwd_dq.
+// Per tile: S = Q K^T and dP = dO V^T, then dS = P (w dP - delta) and dQ += dS K.
+template <typename E, int D>
+__device__ void skw_bwd_dq(const E* __restrict__ q, const E* __restrict__ k,
+                           const E* __restrict__ v, const E* __restrict__ o,
+                           const E* __restrict__ go, const float* __restrict__ lse,
+                           E* __restrict__ dq, float* __restrict__ delta,
+                           float* __restrict__ rsum, float* __restrict__ nsup, SK_PARAMS) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int S = SKW_STAGES, N8 = TB / 8, DT = D / 8, KD = D / 16;
+  static_assert(D % 64 == 0, "skw_bwd_dq: head_dim 64 or 128");
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const SkwSmem<E, D, 2, S> sm(smem_raw);
+  E* sG = sm.q + BQ * D;
+  const int c = blockIdx.x, bh = blockIdx.y, b = bh / Hq, h = bh % Hq;
+  const int bhk = b * Hkv + h / (Hq / Hkv), m0 = c * BQ;
+  const long long qrow0 = (long long)bh * T;
+  const E* kr = k + (long long)bhk * T * D;
+  const E* vr = v + (long long)bhk * T * D;
+  const SkTiles tl = sk_tiles(c, bhk, u, lu, lj, nlist, T, window, cap, nb);
+  sm.init();
+  __syncthreads();
+  if (threadIdx.x < 128) {
+    setmaxnreg_dec<SKW_PRODUCER_REGS>();
+    skw_produce<E, D, 2, S>(sm, tl, kr, vr);
+    return;
+  }
+  setmaxnreg_inc<skw_consumer_regs(D)>();
+  const int tid = threadIdx.x - 128, warp = tid / 32, lane = tid & 31, gq = lane >> 2;
+  load_tile_sw128<E, BQ, D, 128>(sm.q, q + qrow0 * D, m0, T, tid);
+  load_tile_sw128<E, BQ, D, 128>(sG, go + qrow0 * D, m0, T, tid);
+  cp_async_commit();
+  const SkRows rw(m0, warp, bhk, T, tau, cut_u, cut_j, nattend);
+  const float sl2 = scale * LOG2E;
+  // delta = dO.O of the warp's 16 rows, two lanes per row; the lane of (row, half) keeps it for
+  // the rows its fragments hold.
+  float dl[2], l2[2];
+  {
+    const int rr = warp * 16 + (lane >> 1), i = m0 + rr, half = (lane & 1) * (D / 2);
+    float x = i < T ? dot_rows<E, D / 2>(o + (qrow0 + i) * D + half, go + (qrow0 + i) * D + half)
+                    : 0.f;
+    x += __shfl_xor_sync(0xffffffffu, x, 1);
+    if ((lane & 1) == 0 && i < T) delta[qrow0 + i] = x;
+    // Row gq + 8 hf of the warp is held by lanes 2 (gq + 8 hf) and 2 (gq + 8 hf) + 1.
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      dl[hf] = __shfl_sync(0xffffffffu, x, 2 * (gq + 8 * hf));
+      l2[hf] = rw.i[hf] >= 0 ? lse[qrow0 + rw.i[hf]] * LOG2E : 0.f;
+    }
+  }
+  float acc[DT][4], r[2] = {0.f, 0.f}, ns[2] = {0.f, 0.f};
+#pragma unroll
+  for (int x = 0; x < DT; ++x) acc[x][0] = acc[x][1] = acc[x][2] = acc[x][3] = 0.f;
+  float s[N8][4], dp[N8][4];
+  uint32_t pa[TB / 16][4];
+  auto wait_full = [&](uint64_t* bar, int i) { mbar_wait(bar + i % S, (i / S) & 1); };
+
+  cp_async_wait<0>();
+  fence_proxy_async();
+  named_bar_sync(1, 128);  // the Q and dO rows are in shared memory
+  for (int t = 0; t < tl.nt; ++t) {
+    const int st = t % S;
+    const E* cK = sm.k + st * TB * D;
+    const E* cV = sm.v + st * TB * D;
+    wait_full(sm.full_k, t);
+    wait_full(sm.full_v, t);
+    fence_proxy_async();
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < KD; ++kk)
+      wgmma_ss<E, TB>(s, sw128_desc(sm.q + (kk / 4) * BQ * 64 + (kk % 4) * 16, 16),
+                      sw128_desc(cK + (kk / 4) * TB * 64 + (kk % 4) * 16, 16), kk > 0);
+#pragma unroll
+    for (int kk = 0; kk < KD; ++kk)
+      wgmma_ss<E, TB>(dp, sw128_desc(sG + (kk / 4) * BQ * 64 + (kk % 4) * 16, 16),
+                      sw128_desc(cV + (kk / 4) * TB * 64 + (kk % 4) * 16, 16), kk > 0);
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_fence_regs<N8>(s);
+    wgmma_fence_regs<N8>(dp);
+    const float* cU = sm.u + st * TB;
+    sk_dispatch(tl.kind(t, m0, window), [&](auto kd) {
+      constexpr int KIND = decltype(kd)::value;
+#pragma unroll
+      for (int nt = 0; nt < N8; ++nt)
+#pragma unroll
+        for (int e2 = 0; e2 < 2; ++e2)
+#pragma unroll
+          for (int hf = 0; hf < 2; ++hf) {
+            const int x = hf * 2 + e2;
+            float wv = skw_weight<KIND>(tl, rw, cU, t, nt, e2, hf, window);
+            int j = KIND == SK_BAND ? tl.e0 + (t - tl.ntl) * TB + nt * 8 + 2 * (lane & 3) + e2 : 0;
+            float a = wv > 0.f ? fast_exp2(s[nt][x] * sl2 - l2[hf]) : 0.f;
+            if (sk_in_support<KIND>(wv, rw.i[hf], j, window)) {
+              r[hf] += a * dp[nt][x];
+              ns[hf] += 1.f;
+            }
+            s[nt][x] = a * (wv * dp[nt][x] - dl[hf]);
+          }
+    });
+#pragma unroll
+    for (int kk = 0; kk < TB / 16; ++kk) {
+      pa[kk][0] = pack2<E>(s[2 * kk][0], s[2 * kk][1]);
+      pa[kk][1] = pack2<E>(s[2 * kk][2], s[2 * kk][3]);
+      pa[kk][2] = pack2<E>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      pa[kk][3] = pack2<E>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+    }
+    wgmma_fence_regs<DT>(acc);
+    wgmma_fence_regs_a<TB / 16>(pa);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < TB / 16; ++kk)
+      wgmma_rs_tb<E, D>(acc, pa[kk], sw128_desc(cK + kk * 16 * 64, TB * 128));
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_fence_regs<DT>(acc);
+    wgmma_fence_regs_a<TB / 16>(pa);
+    if (lane == 0) {
+      mbar_arrive(sm.empty_k + st);
+      mbar_arrive(sm.empty_v + st);
+    }
+  }
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    float rs = r[hf], n = ns[hf];
+    rs += __shfl_xor_sync(0xffffffffu, rs, 1);
+    rs += __shfl_xor_sync(0xffffffffu, rs, 2);
+    n += __shfl_xor_sync(0xffffffffu, n, 1);
+    n += __shfl_xor_sync(0xffffffffu, n, 2);
+    int i = rw.i[hf];
+    if (i >= 0 && (lane & 3) == 0) {
+      rsum[qrow0 + i] = rs;
+      nsup[qrow0 + i] = n;
+    }
+  }
+  store_acc<E, D>(dq + qrow0 * D, acc, m0 + warp * 16, T, scale, scale);
+#endif
+}
+
+#define SKW_INSTANTIATE(TY, NAME, D)                                                            \
+  extern "C" __global__ void __launch_bounds__(SKW_THREADS, SKW_MIN_BLOCKS(D))                  \
+      skw_fwd_##NAME##_d##D(const TY* q, const TY* k, const TY* v, TY* out, float* lse,         \
+                            SK_PARAMS) {                                                        \
+    skw_fwd<TY, D>(q, k, v, out, lse, SK_ARGS);                                                 \
+  }                                                                                             \
+  extern "C" __global__ void __launch_bounds__(SKW_THREADS, SKW_MIN_BLOCKS(D))                  \
+      skw_bwd_dq_##NAME##_d##D(const TY* q, const TY* k, const TY* v, const TY* o,              \
+                               const TY* go, const float* lse, TY* dq, float* delta,            \
+                               float* rsum, float* nsup, SK_PARAMS) {                           \
+    skw_bwd_dq<TY, D>(q, k, v, o, go, lse, dq, delta, rsum, nsup, SK_ARGS);                     \
+  }
+
 #define SKT_INSTANTIATE(TY, NAME, D)                                                            \
   extern "C" __global__ void __launch_bounds__(TC_THREADS, SKT_MIN_BLOCKS(D)) skt_fwd_##NAME##_d##D(               \
       const TY* q, const TY* k, const TY* v, TY* out, float* lse, SK_PARAMS) {                  \
@@ -1458,6 +1910,10 @@ SK_ALL_D(__nv_bfloat16, bf16)
 
 SKT_ALL_D(__half, f16)
 SKT_ALL_D(__nv_bfloat16, bf16)
+SKW_INSTANTIATE(__half, f16, 64)
+SKW_INSTANTIATE(__half, f16, 128)
+SKW_INSTANTIATE(__nv_bfloat16, bf16, 64)
+SKW_INSTANTIATE(__nv_bfloat16, bf16, 128)
 
 #define SK_CONVERT(TY, NAME)                                                                    \
   extern "C" __global__ void sk_dkv_convert_##NAME(const float* dacc, TY* dk, TY* dv,           \

@@ -22,6 +22,15 @@ macro_rules! load_kernel {
 }
 pub(crate) use load_kernel;
 
+/// Whether this device runs the Hopper (`wgmma`) kernels: compute capability 9.0 and PTX built for
+/// sm_90a (`CUDA_COMPUTE_CAP=90`, which cudaforge turns into `compute_90a`; every `cuda/*.cu` file
+/// is built for the same target, so flash_attn.cu's PTX answers for all of them).
+pub(crate) fn has_wgmma(dev: &CudaDevice) -> bool {
+    static PTX_HAS_WGMMA: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *PTX_HAS_WGMMA.get_or_init(|| crate::kernels::FLASH_ATTN.contains("wgmma.mma_async"))
+        && dev.cuda_stream().context().compute_capability().ok() == Some((9, 0))
+}
+
 /// A 2-D grid of 1-D blocks, checked against the device limits (`what` names the caller).
 pub(crate) fn launch_config(
     what: &str,

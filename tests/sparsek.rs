@@ -319,6 +319,15 @@ fn cases() -> Vec<(&'static str, Case)> {
     d96.slope = 0.003;
     d96.seed = 10;
     v.push(("tiles_t255_w33_d96", d96));
+    // Head dim 128 (the Hopper kernels' second size): GQA pair, lists of two tiles.
+    let mut d128 = Case::new(203, 70, 45);
+    d128.b = 1;
+    d128.hq = 4;
+    d128.hkv = 2;
+    d128.d = 128;
+    d128.slope = 0.005;
+    d128.seed = 21;
+    v.push(("tiles_t203_w45_d128_gqa", d128));
     // Windows longer than two tiles: band tiles inside every query's window (no weight test),
     // lists of two tiles.
     let mut full = Case::new(300, 40, 150);
@@ -643,12 +652,16 @@ fn gpu() -> Option<Device> {
 fn cuda_matches_reference() -> R<()> {
     let Some(dev) = gpu() else { return Ok(()) };
     // SPARSEK_QUICK: a small subset (for compute-sanitizer): the first two cases and the last two
-    // (full-window band tiles; long lists).
+    // (full-window band tiles; long lists). SPARSEK_ONLY=name,name: only those cases.
     let quick = std::env::var("SPARSEK_QUICK").is_ok();
+    let only = std::env::var("SPARSEK_ONLY").ok();
     let all = cases();
     let n = all.len();
     for (idx, (name, c)) in all.into_iter().enumerate() {
         if quick && idx >= 2 && idx + 2 < n {
+            continue;
+        }
+        if only.as_ref().is_some_and(|o| !o.split(',').any(|x| x == name)) {
             continue;
         }
         check(name, &c, &dev, DType::F32, 1e-3)?;

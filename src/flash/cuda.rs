@@ -49,10 +49,9 @@ use candle::cuda_backend::cudarc::driver::{
 use candle::cuda_backend::{CudaDType, WrapErr};
 use candle::{bail, CudaDevice, CudaStorage, DType, Layout, Result, Storage, Tensor};
 use half::{bf16, f16};
-use std::sync::OnceLock;
 
 use super::{Dims, FlashAttnBwd};
-use crate::cuda_launch::{contiguous_view, launch_config, load_kernel};
+use crate::cuda_launch::{contiguous_view, has_wgmma, launch_config, load_kernel};
 use crate::kernels;
 use crate::mask::Visibility;
 
@@ -150,14 +149,6 @@ pub(crate) const HOPPER_FWD_VARIANTS: [HopperFwd; 3] = [
 /// [`HopperFwd::tag`] of the head dim (e.g. `w2_n128_s2`) that variant, any other value (e.g.
 /// `mma`) the `mma.sync` kernel.
 pub(crate) const FWD_KERNEL_ENV: &str = "CANDLE_SPARSE_ATTN_FWD";
-
-/// Whether this device runs the Hopper (`wgmma`) forward: compute capability 9.0 and PTX built for
-/// sm_90a (`CUDA_COMPUTE_CAP=90`, which cudaforge turns into `compute_90a`).
-fn has_wgmma(dev: &CudaDevice) -> bool {
-    static PTX_HAS_WGMMA: OnceLock<bool> = OnceLock::new();
-    *PTX_HAS_WGMMA.get_or_init(|| kernels::FLASH_ATTN.contains("wgmma.mma_async"))
-        && dev.cuda_stream().context().compute_capability().ok() == Some((9, 0))
-}
 
 /// The Hopper forward variant for head dim `d`, or `None` where none applies (other head dims, or
 /// [`FWD_KERNEL_ENV`] asks for another kernel). Bucketed (LSH) visibility runs it too: on random

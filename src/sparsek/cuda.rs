@@ -26,12 +26,14 @@ use std::sync::Arc;
 use candle::backend::BackendStorage;
 use candle::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 use candle::cuda_backend::{CudaDType, WrapErr};
-use candle::{bail, CudaStorage, DType, Layout, Result, Shape, Storage, Tensor};
+use candle::{bail, CudaDevice, CudaStorage, DType, Layout, Result, Shape, Storage, Tensor};
 use half::{bf16, f16};
 
 use super::attn::Dims;
 use super::SparseKConfig;
-use crate::cuda_launch::{contiguous_view, dtype_suffix, launch_config, load_kernel, wrap_slice};
+use crate::cuda_launch::{
+    contiguous_view, dtype_suffix, has_wgmma, launch_config, load_kernel, wrap_slice,
+};
 use crate::kernels;
 
 /// Module name of `cuda/sparsek.cu`'s PTX in candle's custom-module cache.
@@ -219,6 +221,34 @@ fn tensor_cores(dtype: DType, d: usize) -> bool {
     dtype != DType::F32 && d <= 128
 }
 
+/// Environment switch of the forward and dQ kernels: `mma` runs the `mma.sync` kernels (`skt_*`)
+/// where the Hopper ones (`skw_*`) would run.
+pub(crate) const KERNEL_ENV: &str = "CANDLE_SPARSE_ATTN_SPARSEK";
+
+/// Pipeline stages of the Hopper kernels (`SKW_STAGES` in the .cu file).
+const HOPPER_STAGES: usize = 2;
+
+/// The query-major kernels (forward, dQ) of one call: kernel-name prefix (`sk`, `skt`, `skw`),
+/// threads per block and dynamic shared memory for `nq` query-side tiles. The Hopper kernels
+/// (`skw_*`: warpgroup MMA, a producer warpgroup gathering K / V) run on compute capability 9.0
+/// for f16 / bf16 at head_dim 64 and 128 unless [`KERNEL_ENV`] is `mma`.
+fn query_major(dev: &CudaDevice, dtype: DType, d: usize, nq: usize) -> (&'static str, usize, usize) {
+    if !tensor_cores(dtype, d) {
+        return ("sk", 32 * WARPS, 0);
+    }
+    let hopper = matches!(d, 64 | 128)
+        && has_wgmma(dev)
+        && std::env::var(KERNEL_ENV).map_or(true, |v| v != "mma");
+    if hopper {
+        // SkwSmem: 1 KB alignment slack, query tiles, K / V stages, stage scores, 4 mbarriers per
+        // stage.
+        let smem = 1024 + (nq * BQ * d + 2 * HOPPER_STAGES * BQ * d) * 2 + HOPPER_STAGES * BQ * 4;
+        ("skw", 256, smem + 4 * HOPPER_STAGES * 8)
+    } else {
+        ("skt", 128, tc_smem(d, nq))
+    }
+}
+
 /// Dynamic shared memory of a tensor-core kernel with `nq` query-side tiles (`SkSmem` in the .cu
 /// file): `nq` tiles of 64 query rows plus double-buffered K and V tiles of 64 keys, rows padded by
 /// 8 elements, plus the tiles' scores and positions.
@@ -321,16 +351,11 @@ fn fwd_t<T: CudaDType + candle::cuda_backend::cudarc::driver::DeviceRepr>(
     let mut out = unsafe { dev.alloc::<T>(rows * dims.d) }?;
     let mut lse = unsafe { dev.alloc::<f32>(rows) }?;
     let sc = Scalars::new(dims, scfg, sel.blocks, scale);
-    let tc = tensor_cores(sq.dtype(), dims.d);
-    let (prefix, smem) = if tc {
-        ("skt_fwd", tc_smem(dims.d, 1))
-    } else {
-        ("sk_fwd", 0)
-    };
+    let (prefix, threads, smem) = query_major(&dev, sq.dtype(), dims.d, 1);
     let f = func!(
         dev,
         &format!(
-            "{prefix}_{}_d{}",
+            "{prefix}_fwd_{}_d{}",
             dtype_suffix(sq.dtype(), "sparsek")?,
             dims.d
         ),
@@ -343,10 +368,10 @@ fn fwd_t<T: CudaDType + candle::cuda_backend::cudarc::driver::DeviceRepr>(
     b.arg(&mut out);
     b.arg(&mut lse);
     push_params(&mut b, &u, sel, &sc);
-    let launch = if tc {
-        cfg((sel.blocks, dims.b * dims.hq), 128, smem)?
+    let launch = if tensor_cores(sq.dtype(), dims.d) {
+        cfg((sel.blocks, dims.b * dims.hq), threads, smem)?
     } else {
-        cfg((rows.div_ceil(WARPS), 1), 32 * WARPS, 0)?
+        cfg((rows.div_ceil(WARPS), 1), threads, 0)?
     };
     unsafe { b.launch(launch) }.w()?;
     Ok((
@@ -412,15 +437,11 @@ fn bwd_t<T: CudaDType + candle::cuda_backend::cudarc::driver::DeviceRepr>(
     let rows_q = dims.b * dims.hq * dims.t;
     let rows_k = dims.b * dims.hkv * dims.t;
     let tc = tensor_cores(dtype, dims.d);
-    let (prefix, smem) = if tc {
-        ("skt", tc_smem(dims.d, 2))
-    } else {
-        ("sk", 0)
-    };
+    let (prefix, threads, smem) = query_major(&dev, dtype, dims.d, 2);
     let launch = if tc {
-        cfg((sel.blocks, dims.b * dims.hq), 128, smem)?
+        cfg((sel.blocks, dims.b * dims.hq), threads, smem)?
     } else {
-        cfg((rows_q.div_ceil(WARPS), 1), 32 * WARPS, 0)?
+        cfg((rows_q.div_ceil(WARPS), 1), threads, 0)?
     };
     // Every element of these is written by the kernels below (no zeroing).
     let mut dq = unsafe { dev.alloc::<T>(rows_q * dims.d) }?;
@@ -456,6 +477,7 @@ fn bwd_t<T: CudaDType + candle::cuda_backend::cudarc::driver::DeviceRepr>(
             ("skt_bwd_dkv_band", (sel.blocks, dims.b * dims.hkv)),
             ("skt_bwd_dkv", (sel.blocks, dims.b * dims.hq)),
         ] {
+            let smem = tc_smem(dims.d, 2);
             let f = func!(dev, &format!("{name}_{tn}_d{}", dims.d), smem);
             let mut b = f.builder();
             b.arg(&q);
