@@ -1403,10 +1403,10 @@ __device__ void sk_dkv_convert(const float* __restrict__ dacc, E* __restrict__ d
 // Hopper (sm_90a) forward and dQ (f16 / bf16, head_dim 64 and 128): the same tile walk as skt_fwd
 // and skt_bwd_dq, with warpgroup MMA and warp specialisation (as flash_attn.cu's fwd_wgmma). One
 // CTA of two warpgroups per (block of BQ queries, batch * q head):
-// - the producer warpgroup gathers tile t's K and V rows (positions read one tile ahead) with
-//   cp.async into stage t % SKW_STAGES of 128-byte-swizzled shared tiles, the keys' scores with
-//   the V rows; "full" mbarriers complete when a stage has landed, "empty" ones when the consumer's
-//   four warps have finished reading it;
+// - the producer warpgroup copies the positions of the block's list into shared memory, then
+//   gathers tile t's K and V rows with cp.async into stage t % S of 128-byte-swizzled shared
+//   tiles, the keys' scores with the V rows; "full" mbarriers complete when a stage has landed,
+//   "empty" ones when the consumer's four warps have finished reading it;
 // - the consumer warpgroup holds the block's 64 query rows (Q, and dO for dQ) in shared memory
 //   and runs S = Q K^T (and dP = dO V^T) from shared memory, then O += (P * w) V (dQ += dS K) with
 //   the left operand from registers. The forward issues S of tile t + 1 together with P V of tile
@@ -1415,28 +1415,27 @@ __device__ void sk_dkv_convert(const float* __restrict__ dacc, E* __restrict__ d
 // (empty bodies before sm_90a); the host launches them only on compute capability 9.0.
 // ---------------------------------------------------------------------------------------------
 
-#define SKW_STAGES 2
 #define SKW_THREADS 256
-// Resident CTAs per SM: 2 at head_dim 64 (128 registers per thread at launch), 1 at 128. The
-// producer warpgroup gives back all but SKW_PRODUCER_REGS registers, the consumer takes them.
-#define SKW_MIN_BLOCKS(D) ((D) <= 64 ? 2 : 1)
-#define SKW_PRODUCER_REGS 40
-__host__ __device__ constexpr int skw_consumer_regs(int d) {
-  return (2 * (65536 / (SKW_THREADS * SKW_MIN_BLOCKS(d)) / 8 * 8) - SKW_PRODUCER_REGS) / 8 * 8 > 240
+// Registers: the launch gives every thread 65536 / (SKW_THREADS * MINB) (MINB resident CTAs per
+// SM, rounded down to a multiple of 8); the producer warpgroup gives back all but
+// SKW_PRODUCER_REGS, the consumer takes them (at most 240).
+#define SKW_PRODUCER_REGS 24
+__host__ __device__ constexpr int skw_consumer_regs(int minb) {
+  return (2 * (65536 / (SKW_THREADS * minb) / 8 * 8) - SKW_PRODUCER_REGS) / 8 * 8 > 240
              ? 240
-             : (2 * (65536 / (SKW_THREADS * SKW_MIN_BLOCKS(d)) / 8 * 8) - SKW_PRODUCER_REGS) / 8 * 8;
+             : (2 * (65536 / (SKW_THREADS * minb) / 8 * 8) - SKW_PRODUCER_REGS) / 8 * 8;
 }
 
 // Shared memory of the Hopper kernels: NQ query-side tiles [BQ][D] (Q, dO), S stages of K and V
 // tiles [TB][D] (all 128-byte swizzled, 1024-byte aligned: the host adds 1 KB of slack), the
-// stages' key scores [S][TB], then the stages' mbarriers.
+// stages' key scores [S][TB], the stages' mbarriers, then the positions of the block's list
+// [cap rounded up to a multiple of 4].
 template <typename E, int D, int NQ, int S>
 struct SkwSmem {
-  static constexpr int BYTES =
-      1024 + (NQ * BQ * D + 2 * S * TB * D) * (int)sizeof(E) + S * TB * 4 + 4 * S * 8;
   E *q, *k, *v;
   float* u;
   uint64_t *full_k, *full_v, *empty_k, *empty_v;
+  int* lj;
   __device__ SkwSmem(unsigned char* raw) {
     q = reinterpret_cast<E*>(raw + ((1024 - (smem_addr(raw) & 1023)) & 1023));
     k = q + NQ * BQ * D;
@@ -1446,6 +1445,7 @@ struct SkwSmem {
     full_v = full_k + S;
     empty_k = full_v + S;
     empty_v = empty_k + S;
+    lj = reinterpret_cast<int*>(empty_v + S);
   }
   // Thread 0: every stage's barriers (full: the producer's 128 threads; empty: 4 consumer warps).
   __device__ void init() const {
@@ -1462,11 +1462,12 @@ struct SkwSmem {
   }
 };
 
-// The producer warpgroup (threads 0..127): tile t's K rows into stage t % S (full_k), then its V
-// rows and the keys' scores (full_v), each stage reused once the consumer released it. A thread
-// copies 16-byte chunk cc of the tile's rows r0, r0 + RS, ... (the same swizzle for all of them),
-// gathering list tiles by the list's positions (read one tile ahead) and band tiles contiguously;
-// missing keys are zero-filled (their weight is 0).
+// The producer warpgroup (threads 0..127). First the positions of the block's attended list
+// prefix into shared memory (so that no tile waits on a global index read), then per tile t its K
+// rows into stage t % S (full_k), its V rows and the keys' scores (full_v), each stage reused
+// once the consumer released it. A thread copies 16-byte chunk cc of the tile's rows r0, r0 + RS,
+// ... (the same swizzle for all of them), gathering list tiles by position and band tiles
+// contiguously; missing keys are zero-filled (their weight is 0).
 template <typename E, int D, int NQ, int S>
 __device__ void skw_produce(const SkwSmem<E, D, NQ, S>& sm, const SkTiles& tl, const E* kr,
                             const E* vr) {
@@ -1475,15 +1476,23 @@ __device__ void skw_produce(const SkwSmem<E, D, NQ, S>& sm, const SkTiles& tl, c
   static_assert(RS % 8 == 0 && TB % RS == 0, "skw_produce: tile shape");
   const int tid = threadIdx.x, r0 = tid / CH, cc = tid % CH;
   const int soff = (cc / 8) * TB * 64 + r0 * 64 + ((cc % 8) ^ (r0 & 7)) * 8;
-  int jr[NR];
-  auto fetch = [&](int t, int* j) {
-#pragma unroll
-    for (int m = 0; m < NR; ++m) j[m] = t < tl.nt ? tl.key_j(t, r0 + m * RS) : -1;
-  };
-  fetch(0, jr);
+  for (int x = tid; x < tl.nl; x += 128) cp_async4(sm.lj + x, tl.lj + x, true);
+  cp_async_commit();
+  cp_async_wait<0>();
+  named_bar_sync(2, 128);
   for (int t = 0; t < tl.nt; ++t) {
-    int jn[NR];
-    fetch(t + 1, jn);
+    int jr[NR];
+#pragma unroll
+    for (int m = 0; m < NR; ++m) {
+      int r = r0 + m * RS;
+      if (t < tl.ntl) {
+        int rr = t * TB + r;
+        jr[m] = rr < tl.nl ? sm.lj[rr] : -1;
+      } else {
+        int j = tl.e0 + (t - tl.ntl) * TB + r;
+        jr[m] = j < tl.e1 ? j : -1;
+      }
+    }
     const int st = t % S;
     const uint32_t parity = ((t / S) & 1) ^ 1;
     if (t >= S) mbar_wait(sm.empty_k + st, parity);
@@ -1512,8 +1521,6 @@ __device__ void skw_produce(const SkwSmem<E, D, NQ, S>& sm, const SkTiles& tl, c
       cp_async4(sm.u + st * TB + tid, src, ok);
     }
     mbar_arrive_cp_async(sm.full_v + st);
-#pragma unroll
-    for (int m = 0; m < NR; ++m) jr[m] = jn[m];
   }
   asm volatile("cp.async.wait_all;\n" ::: "memory");
 #endif
@@ -1530,11 +1537,11 @@ __device__ __forceinline__ float skw_weight(const SkTiles& tl, const SkRows& rw,
                               rw.cj[hf], window);
 }
 
-template <typename E, int D>
+template <typename E, int D, int S, int MINB, bool KEEPW>
 __device__ void skw_fwd(const E* __restrict__ q, const E* __restrict__ k, const E* __restrict__ v,
                         E* __restrict__ out, float* __restrict__ lse, SK_PARAMS) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  constexpr int S = SKW_STAGES, N8 = TB / 8, DT = D / 8, KD = D / 16;
+  constexpr int N8 = TB / 8, DT = D / 8, KD = D / 16;
   static_assert(D % 64 == 0, "skw_fwd: head_dim 64 or 128");
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const SkwSmem<E, D, 1, S> sm(smem_raw);
@@ -1551,7 +1558,7 @@ __device__ void skw_fwd(const E* __restrict__ q, const E* __restrict__ k, const 
     skw_produce<E, D, 1, S>(sm, tl, kr, vr);
     return;
   }
-  setmaxnreg_inc<skw_consumer_regs(D)>();
+  setmaxnreg_inc<skw_consumer_regs(MINB)>();
   const int tid = threadIdx.x - 128, warp = tid / 32, lane = tid & 31, t4 = lane & 3;
   load_tile_sw128<E, BQ, D, 128>(sm.q, q + qrow0 * D, m0, T, tid);
   cp_async_commit();
@@ -1590,9 +1597,12 @@ __device__ void skw_fwd(const E* __restrict__ q, const E* __restrict__ k, const 
     const float* cU = sm.u + (i % S) * TB;
     sk_dispatch(kind, [&](auto kd) {
       constexpr int KIND = decltype(kd)::value;
-      // The weights are recomputed in the second pass instead of kept (registers: 2 CTAs per SM).
+      // KEEPW: the weights stay in registers for the second pass; otherwise recomputed there
+      // (fewer registers).
+      float w[KEEPW ? N8 : 1][4];
       auto weight = [&](int nt, int e2, int hf) {
-        return skw_weight<KIND>(tl, rw, cU, t, nt, e2, hf, window);
+        if constexpr (KEEPW) return w[nt][hf * 2 + e2];
+        else return skw_weight<KIND>(tl, rw, cU, t, nt, e2, hf, window);
       };
 #pragma unroll
       for (int nt = 0; nt < N8; ++nt)
@@ -1600,8 +1610,10 @@ __device__ void skw_fwd(const E* __restrict__ q, const E* __restrict__ k, const 
         for (int e2 = 0; e2 < 2; ++e2)
 #pragma unroll
           for (int hf = 0; hf < 2; ++hf) {
+            float wv = skw_weight<KIND>(tl, rw, cU, t, nt, e2, hf, window);
+            if constexpr (KEEPW) w[nt][hf * 2 + e2] = wv;
             float& x = s[nt][hf * 2 + e2];
-            x = weight(nt, e2, hf) > 0.f ? x * sl2 : neg_inf();
+            x = wv > 0.f ? x * sl2 : neg_inf();
           }
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
@@ -1699,14 +1711,14 @@ __device__ void skw_fwd(const E* __restrict__ q, const E* __restrict__ k, const 
 
 // dQ (scaled, in the input dtype), delta = dO.O, r = sum_S g_w and |S| per row, as skt_bwd_dq.
 // Per tile: S = Q K^T and dP = dO V^T, then dS = P (w dP - delta) and dQ += dS K.
-template <typename E, int D>
+template <typename E, int D, int S, int MINB>
 __device__ void skw_bwd_dq(const E* __restrict__ q, const E* __restrict__ k,
                            const E* __restrict__ v, const E* __restrict__ o,
                            const E* __restrict__ go, const float* __restrict__ lse,
                            E* __restrict__ dq, float* __restrict__ delta,
                            float* __restrict__ rsum, float* __restrict__ nsup, SK_PARAMS) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  constexpr int S = SKW_STAGES, N8 = TB / 8, DT = D / 8, KD = D / 16;
+  constexpr int N8 = TB / 8, DT = D / 8, KD = D / 16;
   static_assert(D % 64 == 0, "skw_bwd_dq: head_dim 64 or 128");
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const SkwSmem<E, D, 2, S> sm(smem_raw);
@@ -1724,7 +1736,7 @@ __device__ void skw_bwd_dq(const E* __restrict__ q, const E* __restrict__ k,
     skw_produce<E, D, 2, S>(sm, tl, kr, vr);
     return;
   }
-  setmaxnreg_inc<skw_consumer_regs(D)>();
+  setmaxnreg_inc<skw_consumer_regs(MINB)>();
   const int tid = threadIdx.x - 128, warp = tid / 32, lane = tid & 31, gq = lane >> 2;
   load_tile_sw128<E, BQ, D, 128>(sm.q, q + qrow0 * D, m0, T, tid);
   load_tile_sw128<E, BQ, D, 128>(sG, go + qrow0 * D, m0, T, tid);
@@ -1836,18 +1848,28 @@ __device__ void skw_bwd_dq(const E* __restrict__ q, const E* __restrict__ k,
 #endif
 }
 
-#define SKW_INSTANTIATE(TY, NAME, D)                                                            \
-  extern "C" __global__ void __launch_bounds__(SKW_THREADS, SKW_MIN_BLOCKS(D))                  \
-      skw_fwd_##NAME##_d##D(const TY* q, const TY* k, const TY* v, TY* out, float* lse,         \
-                            SK_PARAMS) {                                                        \
-    skw_fwd<TY, D>(q, k, v, out, lse, SK_ARGS);                                                 \
-  }                                                                                             \
-  extern "C" __global__ void __launch_bounds__(SKW_THREADS, SKW_MIN_BLOCKS(D))                  \
-      skw_bwd_dq_##NAME##_d##D(const TY* q, const TY* k, const TY* v, const TY* o,              \
-                               const TY* go, const float* lse, TY* dq, float* delta,            \
-                               float* rsum, float* nsup, SK_PARAMS) {                           \
-    skw_bwd_dq<TY, D>(q, k, v, o, go, lse, dq, delta, rsum, nsup, SK_ARGS);                     \
+// Hopper kernels: tag _s{stages}_m{CTAs per SM}[_w{weights kept}] (`HOPPER_VARIANTS` in cuda.rs).
+#define SKW_FWD(TY, NAME, D, S, MINB, KW)                                                       \
+  extern "C" __global__ void __launch_bounds__(SKW_THREADS, MINB)                               \
+      skw_fwd_##NAME##_d##D##_s##S##_m##MINB##_w##KW(const TY* q, const TY* k, const TY* v,     \
+                                                     TY* out, float* lse, SK_PARAMS) {          \
+    skw_fwd<TY, D, S, MINB, KW>(q, k, v, out, lse, SK_ARGS);                                    \
   }
+#define SKW_DQ(TY, NAME, D, S, MINB)                                                            \
+  extern "C" __global__ void __launch_bounds__(SKW_THREADS, MINB)                               \
+      skw_bwd_dq_##NAME##_d##D##_s##S##_m##MINB(                                                \
+          const TY* q, const TY* k, const TY* v, const TY* o, const TY* go, const float* lse,   \
+          TY* dq, float* delta, float* rsum, float* nsup, SK_PARAMS) {                          \
+    skw_bwd_dq<TY, D, S, MINB>(q, k, v, o, go, lse, dq, delta, rsum, nsup, SK_ARGS);            \
+  }
+#define SKW_ALL(TY, NAME)                                                                       \
+  SKW_FWD(TY, NAME, 64, 4, 2, 0)                                                                \
+  SKW_FWD(TY, NAME, 64, 4, 2, 1)                                                                \
+  SKW_FWD(TY, NAME, 64, 3, 3, 0)                                                                \
+  SKW_DQ(TY, NAME, 64, 4, 2)                                                                    \
+  SKW_DQ(TY, NAME, 64, 3, 3)                                                                    \
+  SKW_FWD(TY, NAME, 128, 4, 1, 1)                                                               \
+  SKW_DQ(TY, NAME, 128, 4, 1)
 
 #define SKT_INSTANTIATE(TY, NAME, D)                                                            \
   extern "C" __global__ void __launch_bounds__(TC_THREADS, SKT_MIN_BLOCKS(D)) skt_fwd_##NAME##_d##D(               \
@@ -1910,10 +1932,8 @@ SK_ALL_D(__nv_bfloat16, bf16)
 
 SKT_ALL_D(__half, f16)
 SKT_ALL_D(__nv_bfloat16, bf16)
-SKW_INSTANTIATE(__half, f16, 64)
-SKW_INSTANTIATE(__half, f16, 128)
-SKW_INSTANTIATE(__nv_bfloat16, bf16, 64)
-SKW_INSTANTIATE(__nv_bfloat16, bf16, 128)
+SKW_ALL(__half, f16)
+SKW_ALL(__nv_bfloat16, bf16)
 
 #define SK_CONVERT(TY, NAME)                                                                    \
   extern "C" __global__ void sk_dkv_convert_##NAME(const float* dacc, TY* dk, TY* dv,           \

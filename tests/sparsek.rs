@@ -661,7 +661,10 @@ fn cuda_matches_reference() -> R<()> {
         if quick && idx >= 2 && idx + 2 < n {
             continue;
         }
-        if only.as_ref().is_some_and(|o| !o.split(',').any(|x| x == name)) {
+        if only
+            .as_ref()
+            .is_some_and(|o| !o.split(',').any(|x| x == name))
+        {
             continue;
         }
         check(name, &c, &dev, DType::F32, 1e-3)?;

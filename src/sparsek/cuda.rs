@@ -222,31 +222,121 @@ fn tensor_cores(dtype: DType, d: usize) -> bool {
 }
 
 /// Environment switch of the forward and dQ kernels: `mma` runs the `mma.sync` kernels (`skt_*`)
-/// where the Hopper ones (`skw_*`) would run.
+/// where the Hopper ones (`skw_*`) would run; a [`HopperVariant::tag`] picks that variant.
 pub(crate) const KERNEL_ENV: &str = "CANDLE_SPARSE_ATTN_SPARSEK";
 
-/// Pipeline stages of the Hopper kernels (`SKW_STAGES` in the .cu file).
-const HOPPER_STAGES: usize = 2;
+/// A compiled Hopper forward / dQ variant (`SKW_ALL` in the .cu file).
+#[derive(Clone, Copy, Debug)]
+struct HopperVariant {
+    d: usize,
+    /// K / V pipeline stages.
+    stages: usize,
+    /// Resident CTAs per SM the kernels are compiled for.
+    ctas: usize,
+    /// Whether the forward keeps the weights in registers between its two element-wise passes.
+    keep_weights: bool,
+}
 
-/// The query-major kernels (forward, dQ) of one call: kernel-name prefix (`sk`, `skt`, `skw`),
-/// threads per block and dynamic shared memory for `nq` query-side tiles. The Hopper kernels
-/// (`skw_*`: warpgroup MMA, a producer warpgroup gathering K / V) run on compute capability 9.0
-/// for f16 / bf16 at head_dim 64 and 128 unless [`KERNEL_ENV`] is `mma`.
-fn query_major(dev: &CudaDevice, dtype: DType, d: usize, nq: usize) -> (&'static str, usize, usize) {
+/// The Hopper variants, the default of each head dim first.
+const HOPPER_VARIANTS: [HopperVariant; 4] = [
+    HopperVariant {
+        d: 64,
+        stages: 4,
+        ctas: 2,
+        keep_weights: false,
+    },
+    HopperVariant {
+        d: 64,
+        stages: 4,
+        ctas: 2,
+        keep_weights: true,
+    },
+    HopperVariant {
+        d: 64,
+        stages: 3,
+        ctas: 3,
+        keep_weights: false,
+    },
+    HopperVariant {
+        d: 128,
+        stages: 4,
+        ctas: 1,
+        keep_weights: true,
+    },
+];
+
+impl HopperVariant {
+    /// The variant's name in [`KERNEL_ENV`], e.g. `s4_m2_w0`.
+    fn tag(&self) -> String {
+        format!(
+            "s{}_m{}_w{}",
+            self.stages,
+            self.ctas,
+            u8::from(self.keep_weights)
+        )
+    }
+}
+
+/// The query-major kernels (forward, dQ) of one call.
+struct QueryMajor {
+    /// Names of the forward and dQ kernels for dtype suffix `tn` and head dim `d`.
+    fwd: String,
+    dq: String,
+    threads: usize,
+    /// Dynamic shared memory of the forward and of dQ.
+    smem_fwd: usize,
+    smem_dq: usize,
+}
+
+/// The query-major kernels of a call: the row kernels (`sk_*`) for f32 and head_dim 256, the
+/// Hopper kernels (`skw_*`: warpgroup MMA, a producer warpgroup gathering K / V) on compute
+/// capability 9.0 for f16 / bf16 at head_dim 64 and 128 unless [`KERNEL_ENV`] says otherwise,
+/// else the `mma.sync` kernels (`skt_*`). `cap` (K′) sizes the Hopper kernels' list buffer.
+fn query_major(dev: &CudaDevice, dtype: DType, d: usize, cap: usize) -> Result<QueryMajor> {
+    let tn = dtype_suffix(dtype, "sparsek")?;
     if !tensor_cores(dtype, d) {
-        return ("sk", 32 * WARPS, 0);
+        return Ok(QueryMajor {
+            fwd: format!("sk_fwd_{tn}_d{d}"),
+            dq: format!("sk_bwd_dq_{tn}_d{d}"),
+            threads: 32 * WARPS,
+            smem_fwd: 0,
+            smem_dq: 0,
+        });
     }
-    let hopper = matches!(d, 64 | 128)
-        && has_wgmma(dev)
-        && std::env::var(KERNEL_ENV).map_or(true, |v| v != "mma");
-    if hopper {
-        // SkwSmem: 1 KB alignment slack, query tiles, K / V stages, stage scores, 4 mbarriers per
-        // stage.
-        let smem = 1024 + (nq * BQ * d + 2 * HOPPER_STAGES * BQ * d) * 2 + HOPPER_STAGES * BQ * 4;
-        ("skw", 256, smem + 4 * HOPPER_STAGES * 8)
-    } else {
-        ("skt", 128, tc_smem(d, nq))
-    }
+    let env = std::env::var(KERNEL_ENV).ok();
+    let mut of_d = HOPPER_VARIANTS.into_iter().filter(|v| v.d == d);
+    let hopper = match env.as_deref() {
+        _ if !has_wgmma(dev) => None,
+        Some(tag) => of_d.find(|v| v.tag() == tag),
+        None => of_d.next(),
+    };
+    Ok(match hopper {
+        Some(v) => {
+            // SkwSmem: 1 KB alignment slack, query tiles, K / V stages, stage scores, 4 mbarriers
+            // per stage, the block's list positions.
+            let smem = |nq: usize| {
+                1024 + (nq * BQ * d + 2 * v.stages * BQ * d) * 2
+                    + v.stages * BQ * 4
+                    + 4 * v.stages * 8
+                    + cap.next_multiple_of(4) * 4
+            };
+            let (s, m) = (v.stages, v.ctas);
+            QueryMajor {
+                fwd: format!("skw_fwd_{tn}_d{d}_s{s}_m{m}_w{}", u8::from(v.keep_weights)),
+                dq: format!("skw_bwd_dq_{tn}_d{d}_s{s}_m{m}"),
+                threads: 256,
+                smem_fwd: smem(1),
+                smem_dq: smem(2),
+            }
+        }
+        None => QueryMajor {
+            fwd: format!("skt_fwd_{tn}_d{d}"),
+            dq: format!("skt_bwd_dq_{tn}_d{d}"),
+            threads: 128,
+            smem_fwd: tc_smem(d, 1),
+            smem_dq: tc_smem(d, 2),
+        },
+    })
 }
 
 /// Dynamic shared memory of a tensor-core kernel with `nq` query-side tiles (`SkSmem` in the .cu
@@ -351,16 +441,8 @@ fn fwd_t<T: CudaDType + candle::cuda_backend::cudarc::driver::DeviceRepr>(
     let mut out = unsafe { dev.alloc::<T>(rows * dims.d) }?;
     let mut lse = unsafe { dev.alloc::<f32>(rows) }?;
     let sc = Scalars::new(dims, scfg, sel.blocks, scale);
-    let (prefix, threads, smem) = query_major(&dev, sq.dtype(), dims.d, 1);
-    let f = func!(
-        dev,
-        &format!(
-            "{prefix}_fwd_{}_d{}",
-            dtype_suffix(sq.dtype(), "sparsek")?,
-            dims.d
-        ),
-        smem,
-    );
+    let qm = query_major(&dev, sq.dtype(), dims.d, scfg.cap())?;
+    let f = func!(dev, &qm.fwd, qm.smem_fwd);
     let mut b = f.builder();
     b.arg(&q);
     b.arg(&k);
@@ -369,9 +451,9 @@ fn fwd_t<T: CudaDType + candle::cuda_backend::cudarc::driver::DeviceRepr>(
     b.arg(&mut lse);
     push_params(&mut b, &u, sel, &sc);
     let launch = if tensor_cores(sq.dtype(), dims.d) {
-        cfg((sel.blocks, dims.b * dims.hq), threads, smem)?
+        cfg((sel.blocks, dims.b * dims.hq), qm.threads, qm.smem_fwd)?
     } else {
-        cfg((rows.div_ceil(WARPS), 1), threads, 0)?
+        cfg((rows.div_ceil(WARPS), 1), qm.threads, 0)?
     };
     unsafe { b.launch(launch) }.w()?;
     Ok((
@@ -437,11 +519,11 @@ fn bwd_t<T: CudaDType + candle::cuda_backend::cudarc::driver::DeviceRepr>(
     let rows_q = dims.b * dims.hq * dims.t;
     let rows_k = dims.b * dims.hkv * dims.t;
     let tc = tensor_cores(dtype, dims.d);
-    let (prefix, threads, smem) = query_major(&dev, dtype, dims.d, 2);
+    let qm = query_major(&dev, dtype, dims.d, scfg.cap())?;
     let launch = if tc {
-        cfg((sel.blocks, dims.b * dims.hq), threads, smem)?
+        cfg((sel.blocks, dims.b * dims.hq), qm.threads, qm.smem_dq)?
     } else {
-        cfg((rows_q.div_ceil(WARPS), 1), threads, 0)?
+        cfg((rows_q.div_ceil(WARPS), 1), qm.threads, 0)?
     };
     // Every element of these is written by the kernels below (no zeroing).
     let mut dq = unsafe { dev.alloc::<T>(rows_q * dims.d) }?;
@@ -452,7 +534,7 @@ fn bwd_t<T: CudaDType + candle::cuda_backend::cudarc::driver::DeviceRepr>(
     let sc = Scalars::new(dims, scfg, sel.blocks, scale);
     let tn = dtype_suffix(dtype, "sparsek")?;
     {
-        let f = func!(dev, &format!("{prefix}_bwd_dq_{tn}_d{}", dims.d), smem);
+        let f = func!(dev, &qm.dq, qm.smem_dq);
         let mut b = f.builder();
         b.arg(&q);
         b.arg(&k);
