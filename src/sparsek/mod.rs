@@ -88,7 +88,8 @@ mod cuda;
 mod project;
 mod scorer;
 
-pub use attn::sparsek_attn;
+pub(crate) use attn::SparseKRun;
+pub use attn::{sparsek_attn, sparsek_attn_taped};
 pub use cache::SparseKCache;
 pub use project::sparsek;
 pub use scorer::{SparseKScorer, SparseKScorerConfig};
