@@ -1,24 +1,43 @@
 //! Attention outside candle's autograd, for hand-written training passes.
 //!
-//! [`flash_attn`](crate::flash_attn), [`hash_sparse_attn`](crate::hash_sparse_attn) and
-//! [`qk_sparse_attn`](crate::qk_sparse_attn) are differentiable ops: candle's `backward` calls
-//! their backward kernels, and gives each input's gradient a zero fill and an add on the way
-//! (`GradStore::or_insert`), three passes over `(batch, heads, seq, head_dim)` tensors per call
-//! that a training pass with its own backward does not need. Their `_taped` twins
-//! ([`crate::flash_attn_taped`], [`crate::hash_sparse_attn_taped`],
-//! [`crate::qk_sparse_attn_taped`]) run the same forward kernels without building a graph and
-//! return an [`AttentionTape`] whose [`AttentionTape::backward`] runs the same backward kernels and
-//! returns `(dq, dk, dv)` directly. Outputs and gradients are those of the differentiable ops.
+//! [`flash_attn`](crate::flash_attn), [`hash_sparse_attn`](crate::hash_sparse_attn),
+//! [`qk_sparse_attn`](crate::qk_sparse_attn) and [`sparsek_attn`](crate::sparsek_attn) are
+//! differentiable ops: candle's `backward` calls their backward kernels, and gives each input's
+//! gradient a zero fill and an add on the way (`GradStore::or_insert`), three passes over
+//! `(batch, heads, seq, head_dim)` tensors per call that a training pass with its own backward
+//! does not need. Their `_taped` twins ([`crate::flash_attn_taped`],
+//! [`crate::hash_sparse_attn_taped`], [`crate::qk_sparse_attn_taped`],
+//! [`crate::sparsek_attn_taped`]) run the same forward kernels without building a graph and
+//! return an [`AttentionTape`] whose [`AttentionTape::grads`] runs the same backward kernels and
+//! returns the inputs' gradients directly: `dq`, `dk`, `dv`, and for SparseK also the scores'
+//! `dscores` ([`AttentionGrads`]). [`AttentionTape::backward`] is the `(dq, dk, dv)` shorthand for
+//! the tapes without scores. Outputs and gradients are those of the differentiable ops.
 
 use candle::{Result, Tensor};
 
 use crate::flash;
 use crate::mask::Visibility;
 use crate::scfa::ArrangedAttn;
+use crate::sparsek::SparseKRun;
 
 /// What the backward of one attention call needs: made by the `_taped` entry points (see the
-/// module docs), consumed by [`AttentionTape::backward`].
+/// module docs), consumed by [`AttentionTape::grads`] (or [`AttentionTape::backward`]).
 pub struct AttentionTape(Saved);
+
+/// The input gradients of one taped attention call, from [`AttentionTape::grads`].
+#[derive(Debug)]
+pub struct AttentionGrads {
+    /// Gradient of the queries: the shape and dtype of q.
+    pub dq: Tensor,
+    /// Gradient of the keys: the shape and dtype of k.
+    pub dk: Tensor,
+    /// Gradient of the values: the shape and dtype of v.
+    pub dv: Tensor,
+    /// Gradient of the key scores `(batch, kv_heads, seq)` f32 for a
+    /// [`sparsek_attn_taped`](crate::sparsek_attn_taped) tape; `None` for the kinds without
+    /// scores.
+    pub dscores: Option<Tensor>,
+}
 
 enum Saved {
     /// Flash attention over q, k, v as given.
@@ -34,6 +53,8 @@ enum Saved {
     },
     /// Flash attention over rows gathered into arranged orders (the SCFA schemes).
     Arranged(ArrangedAttn),
+    /// SparseK attention (selection and attention), with the scores.
+    SparseK(SparseKRun),
 }
 
 impl std::fmt::Debug for AttentionTape {
@@ -41,6 +62,7 @@ impl std::fmt::Debug for AttentionTape {
         let kind = match &self.0 {
             Saved::Flash { .. } => "flash",
             Saved::Arranged(_) => "arranged",
+            Saved::SparseK(_) => "sparsek",
         };
         f.debug_struct("AttentionTape")
             .field("kind", &kind)
@@ -79,10 +101,17 @@ impl AttentionTape {
         Ok((out, Self(Saved::Arranged(op))))
     }
 
-    /// Gradients `(dq, dk, dv)` (the shapes and dtype of q, k, v) for the output gradient `dy`
-    /// (the output's shape and dtype).
-    pub fn backward(&self, dy: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-        match &self.0 {
+    /// A tape of a SparseK attention whose forward already ran.
+    pub(crate) fn sparsek(run: SparseKRun) -> Result<(Tensor, Self)> {
+        let out = run.output().clone();
+        Ok((out, Self(Saved::SparseK(run))))
+    }
+
+    /// The input gradients for the output gradient `dy` (the output's shape, dtype and device;
+    /// an error otherwise): `dq`, `dk`, `dv` in the shapes and dtype of q, k, v, and `dscores`
+    /// `(batch, kv_heads, seq)` f32 for a SparseK tape (`None` for the others).
+    pub fn grads(&self, dy: &Tensor) -> Result<AttentionGrads> {
+        let ((dq, dk, dv), dscores) = match &self.0 {
             Saved::Flash {
                 q,
                 k,
@@ -93,10 +122,38 @@ impl AttentionTape {
                 visibility,
             } => {
                 check_grad(dy, out)?;
-                flash::backward(q, k, v, out, dy, lse.clone(), *scale, visibility.clone())
+                let grads =
+                    flash::backward(q, k, v, out, dy, lse.clone(), *scale, visibility.clone())?;
+                (grads, None)
             }
-            Saved::Arranged(op) => op.grads(&dy.detach()),
+            Saved::Arranged(op) => (op.grads(&dy.detach())?, None),
+            Saved::SparseK(run) => {
+                let (dq, dk, dv, dscores) = run.grads(dy)?;
+                ((dq, dk, dv), Some(dscores))
+            }
+        };
+        Ok(AttentionGrads {
+            dq,
+            dk,
+            dv,
+            dscores,
+        })
+    }
+
+    /// Gradients `(dq, dk, dv)` (the shapes and dtype of q, k, v) for the output gradient `dy`
+    /// (the output's shape and dtype), for the tapes without scores. A SparseK tape is refused
+    /// (its scores' gradient would be lost silently, leaving the scorer untrained): use
+    /// [`Self::grads`].
+    pub fn backward(&self, dy: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        if let Saved::SparseK(_) = &self.0 {
+            candle::bail!(
+                "attention tape: a sparsek tape also gives the scores' gradient; call grads, \
+                 not backward (dy {:?})",
+                dy.dims()
+            )
         }
+        let AttentionGrads { dq, dk, dv, .. } = self.grads(dy)?;
+        Ok((dq, dk, dv))
     }
 }
 

@@ -1,16 +1,17 @@
 //! The `_taped` entry points (`candle_sparse_attn::tape`) against their differentiable ops: the
-//! same output and the same `(dq, dk, dv)` as autograd, on every device, f32 and bf16, GQA,
-//! lengths that are not multiples of the tile; and a clear error for a gradient of the wrong
-//! shape.
+//! same output and the same `(dq, dk, dv)` (and SparseK's `dscores`) as autograd, on every
+//! device, f32 and bf16, GQA, lengths that are not multiples of the tile; and a clear error for a
+//! gradient of the wrong shape.
 
 mod common;
 
 use candle::{DType, Device, Result, Tensor, Var};
 use candle_sparse_attn::scfa::random_keep;
-use candle_sparse_attn::tape::AttentionTape;
+use candle_sparse_attn::tape::{AttentionGrads, AttentionTape};
 use candle_sparse_attn::{
     flash_attn, flash_attn_taped, hash_sparse_attn, hash_sparse_attn_taped, qk_sparse_attn,
-    qk_sparse_attn_taped, AttnParams, HashConfig, ScfaParams,
+    qk_sparse_attn_taped, sparsek_attn, sparsek_attn_taped, AttnParams, HashConfig, ScfaParams,
+    SparseKConfig,
 };
 use common::devices;
 use rand::rngs::StdRng;
@@ -60,6 +61,21 @@ fn rel_err(a: &Tensor, b: &Tensor) -> Result<f64> {
     Ok(diff / norm.max(1e-30))
 }
 
+/// `got` equals `want` (same shape and dtype): the same kernels on the same inputs, equal up to
+/// the f32 accumulation order of the bf16 autograd product that seeds `want`.
+fn assert_same(what: &str, got: &Tensor, want: &Tensor) -> Result<()> {
+    assert_eq!(got.dims(), want.dims(), "{what}");
+    assert_eq!(got.dtype(), want.dtype(), "{what}");
+    let err = rel_err(got, want)?;
+    let bar = if got.dtype() == DType::F32 {
+        1e-6
+    } else {
+        1e-2
+    };
+    assert!(err <= bar, "{what}: rel err {err}");
+    Ok(())
+}
+
 #[test]
 fn taped_matches_autograd() -> Result<()> {
     for dev in devices() {
@@ -91,13 +107,8 @@ fn taped_matches_autograd() -> Result<()> {
                     ("dv", dv, grads.get(vv.as_tensor()).unwrap().clone()),
                 ];
                 for (what, got, want) in pairs {
-                    assert_eq!(got.dims(), want.dims(), "{name} {what} {dtype:?} {dev:?}");
+                    assert_same(&format!("{name} {what} {dtype:?} {dev:?}"), &got, &want)?;
                     assert_eq!(got.dtype(), dtype, "{name} {what} {dtype:?} {dev:?}");
-                    let err = rel_err(&got, &want)?;
-                    // The same kernels on the same inputs: equal up to the f32 accumulation
-                    // order of the bf16 autograd product above.
-                    let bar = if dtype == DType::F32 { 1e-6 } else { 1e-2 };
-                    assert!(err <= bar, "{name} {what} {dtype:?} {dev:?}: rel err {err}");
                 }
             }
         }
@@ -116,5 +127,78 @@ fn taped_backward_rejects_a_wrong_gradient() -> Result<()> {
         let err = tape.backward(&wrong).expect_err(name).to_string();
         assert!(err.contains("must match the output"), "{name}: {err}");
     }
+    Ok(())
+}
+
+/// A SparseK configuration that selects (t = 150 > window + k) over random scores.
+fn sparsek_config() -> SparseKConfig {
+    SparseKConfig::new(8, 16)
+}
+
+/// [`sparsek_attn_taped`] against [`sparsek_attn`] under autograd: the same output and
+/// `dq`, `dk`, `dv`, `dscores`.
+#[test]
+fn sparsek_taped_matches_autograd() -> Result<()> {
+    let cfg = sparsek_config();
+    for dev in devices() {
+        for dtype in [DType::F32, DType::BF16] {
+            let (b, hq, hkv, t, d) = (2, 4, 2, 150, 64);
+            let draw = |shape: &[usize], seed: u64| -> Result<Tensor> {
+                let n = shape.iter().product();
+                let data = common::normal(&mut StdRng::seed_from_u64(seed), n);
+                Tensor::from_vec(data, shape, &dev)
+            };
+            let (q, k, v) = (
+                draw(&[b, hq, t, d], 1)?.to_dtype(dtype)?,
+                draw(&[b, hkv, t, d], 2)?.to_dtype(dtype)?,
+                draw(&[b, hkv, t, d], 3)?.to_dtype(dtype)?,
+            );
+            let scores = draw(&[b, hkv, t], 5)?;
+            let dy = draw(&[b, hq, t, d], 4)?.to_dtype(dtype)?;
+            let vars = [&q, &k, &v, &scores].map(|x| Var::from_tensor(x).unwrap());
+            let [qv, kv, vv, sv] = vars.each_ref().map(|x| x.as_tensor());
+            let y = sparsek_attn(qv, kv, vv, sv, &cfg)?;
+            let grads = (y.to_dtype(DType::F32)? * dy.to_dtype(DType::F32)?)?
+                .sum_all()?
+                .backward()?;
+            let (y_t, tape) = sparsek_attn_taped(&q, &k, &v, &scores, &cfg)?;
+            let AttentionGrads {
+                dq,
+                dk,
+                dv,
+                dscores,
+            } = tape.grads(&dy)?;
+            let dscores = dscores.expect("a sparsek tape gives the scores' gradient");
+            let pairs = [
+                ("out", y_t, y),
+                ("dq", dq, grads.get(qv).unwrap().clone()),
+                ("dk", dk, grads.get(kv).unwrap().clone()),
+                ("dv", dv, grads.get(vv).unwrap().clone()),
+                ("dscores", dscores, grads.get(sv).unwrap().clone()),
+            ];
+            for (what, got, want) in pairs {
+                assert_same(&format!("sparsek {what} {dtype:?} {dev:?}"), &got, &want)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A SparseK tape refuses an output gradient of the wrong shape, and refuses `backward`, which
+/// would drop the scores' gradient.
+#[test]
+fn sparsek_tape_rejects_a_wrong_gradient_and_backward() -> Result<()> {
+    let dev = Device::Cpu;
+    let q = Tensor::randn(0f32, 1., (1, 2, 40, 64), &dev)?;
+    let (k, v) = (q.narrow(1, 0, 1)?, q.narrow(1, 1, 1)?);
+    let scores = Tensor::randn(0f32, 1., (1, 1, 40), &dev)?;
+    let (_, tape) = sparsek_attn_taped(&q, &k, &v, &scores, &sparsek_config())?;
+    let wrong = Tensor::zeros((1, 2, 39, 64), DType::F32, &dev)?;
+    let err = tape.grads(&wrong).expect_err("wrong dy").to_string();
+    assert!(err.contains("must match the output"), "{err}");
+    assert!(err.contains("[1, 2, 39, 64]"), "{err}");
+    let dy = Tensor::zeros((1, 2, 40, 64), DType::F32, &dev)?;
+    let err = tape.backward(&dy).expect_err("backward").to_string();
+    assert!(err.contains("call grads"), "{err}");
     Ok(())
 }

@@ -376,8 +376,10 @@ pub trait AttentionBackend: Send + Sync + fmt::Debug {
     fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor, call: &AttentionCall) -> Result<Tensor>;
 
     /// [`Self::forward`] outside candle's autograd, for training passes that run their own
-    /// backward (the GPT's fused pass): the same output and an [`AttentionTape`] whose backward
-    /// gives `(dq, dk, dv)` directly, without autograd's zero fill and add per input gradient.
+    /// backward (the GPT's fused pass): the same output and an [`AttentionTape`] whose
+    /// [`grads`](AttentionTape::grads) give `dq`, `dk`, `dv` (and, for kinds with a
+    /// [key scorer](Self::key_scorer), the gradient of [`AttentionCall::key_scores`], which the
+    /// caller passes detached) directly, without autograd's zero fill and add per input gradient.
     /// `None` (the default) where the kind has no such path; the caller then differentiates
     /// [`Self::forward`] with autograd.
     fn forward_taped(
@@ -828,13 +830,16 @@ impl Attention {
     /// Causal attention of `q` `(batch, q_heads, seq, head_dim)` over `k`, `v`
     /// `(batch, kv_heads, seq, head_dim)` of the same positions, without a cache and outside
     /// candle's autograd ([`AttentionBackend::forward_taped`]): the output and its tape, or
-    /// `None` for kinds without that path or with a [key scorer](AttentionBackend::key_scorer)
-    /// (whose scores need autograd).
+    /// `None` for kinds without that path. `key_scores` `(batch, kv_heads, seq)` f32, detached,
+    /// are the layer scorer's scores, required by kinds with a
+    /// [key scorer](AttentionBackend::key_scorer); their gradient is the tape's `dscores`.
+    #[allow(clippy::too_many_arguments)]
     pub fn forward_taped(
         &self,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
+        key_scores: Option<&Tensor>,
         layer: usize,
         train: bool,
         seed: u64,
@@ -845,7 +850,7 @@ impl Attention {
             train,
             seed,
             layer,
-            key_scores: None,
+            key_scores,
         };
         self.backend.forward_taped(q, k, v, &call)
     }

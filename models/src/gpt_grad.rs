@@ -12,8 +12,12 @@
 //!
 //! The attention stays pluggable. Kinds with a taped path
 //! ([`AttentionBackend::forward_taped`](crate::attention::AttentionBackend::forward_taped): dense,
-//! hash-sparse, QK-sparse) run outside autograd when the layer has no RoPE and no key scorer, and
-//! their tape returns dq, dk, dv directly. Otherwise each layer runs its
+//! hash-sparse, QK-sparse, SparseK) run outside autograd when the layer has no RoPE, and their
+//! tape returns dq, dk, dv directly. A layer with a key scorer (SparseK) computes its scores under
+//! a small local graph on the scorer's input (a fresh leaf) and hands them detached to the taped
+//! attention; the tape's scores' gradient seeds that graph's backward ([`fused::backward_from`]),
+//! which gives the scorer's input and parameters their gradients. Otherwise (RoPE, or a kind
+//! without a taped path) each layer runs its
 //! [`AttentionBackend`](crate::attention::AttentionBackend) (with RoPE and the kind's key scorer)
 //! under a local candle autograd on detached queries, keys and values (fresh leaves written by
 //! [`fused::split_qkv`], their gradients merged back by [`fused::merge_qkv`]; and the scorer's
@@ -30,7 +34,7 @@ use candle::backprop::GradStore;
 use candle::{bail, DType, Result, Tensor, Var};
 use candle_sparse_attn::fused;
 
-use candle_sparse_attn::tape::AttentionTape;
+use candle_sparse_attn::tape::{AttentionGrads, AttentionTape};
 
 use crate::gpt::{Block, Gpt, LN_EPS};
 use crate::layers::{apply_dropout, dropout_keep, mix_seed};
@@ -46,12 +50,26 @@ struct BlockWeights {
     mlp_proj: Tensor,
 }
 
+/// A layer's key scores under a local autograd graph.
+struct LocalScores {
+    /// The scorer's input (the attention LayerNorm's output) `(b, t, c)`, a fresh leaf.
+    h: Var,
+    /// The scores `(b, hkv, t)` f32, tracked back to `h` and the scorer's parameters.
+    scores: Tensor,
+}
+
 /// One layer's attention as the backward needs it.
 enum LayerAttention {
-    /// Run outside autograd ([`AttentionBackend::forward_taped`](crate::attention::AttentionBackend::forward_taped)): the output `(b, h, t, d)` and
-    /// the tape its `(dq, dk, dv)` come from.
-    Taped { y: Tensor, tape: AttentionTape },
-    /// Run under a local autograd graph (RoPE, a key scorer, or a kind without a taped path).
+    /// Run outside autograd
+    /// ([`AttentionBackend::forward_taped`](crate::attention::AttentionBackend::forward_taped)):
+    /// the output `(b, h, t, d)`, the tape its gradients come from, and for kinds with a key
+    /// scorer the scores the tape was given (detached), whose gradient the tape returns.
+    Taped {
+        y: Tensor,
+        tape: AttentionTape,
+        scores: Option<LocalScores>,
+    },
+    /// Run under a local autograd graph (RoPE, or a kind without a taped path).
     Graph {
         /// Queries, keys, values `(b, h, t, d)` before RoPE.
         q: Var,
@@ -71,6 +89,28 @@ impl LayerAttention {
             Self::Taped { y, .. } | Self::Graph { y, .. } => y.detach(),
         }
     }
+}
+
+/// The scorer's share of a local backward `local` whose graph holds the scorer's input `h`: adds
+/// `h`'s gradient to `dh1` (the attention LayerNorm's output gradient, `(b, t, c)` in its dtype)
+/// and inserts the scorer parameters' gradients (f32) into `grads`.
+fn scorer_grads(
+    local: &GradStore,
+    h: &Var,
+    blk: &Block,
+    mut dh1: Tensor,
+    grads: &mut GradStore,
+) -> Result<Tensor> {
+    if let Some(g) = local.get(h.as_tensor()) {
+        let g = g.to_dtype(dh1.dtype())?;
+        dh1 = (dh1 + g)?;
+    }
+    for (_, var) in &blk.scorer_params {
+        if let Some(g) = local.get(var.as_tensor()) {
+            grads.insert(var.as_tensor(), g.to_dtype(DType::F32)?);
+        }
+    }
+    Ok(dh1)
 }
 
 /// What the backward of one block needs (all `(b, t, ·)` in the compute dtype).
@@ -245,10 +285,11 @@ impl Gpt {
         })
     }
 
-    /// One layer's attention on queries, keys and values split from `qkv` `(b, t, 3c)`: outside
-    /// autograd when the kind has a taped path and the layer needs no RoPE or key scorer,
-    /// otherwise (RoPE, key scorer, backend) under a local graph on fresh leaves, with the
-    /// scorer's input `h1` as a leaf too.
+    /// One layer's attention on queries, keys and values split from `qkv` `(b, t, 3c)`, the key
+    /// scores (kinds with a scorer) computed under a local graph on the scorer's input `h1` as a
+    /// fresh leaf: outside autograd when the kind has a taped path and the layer needs no RoPE
+    /// (the scores handed over detached), otherwise (RoPE, backend) under a local graph on fresh
+    /// leaves q, k, v that the scores join.
     fn attend(
         &self,
         blk: &Block,
@@ -259,17 +300,27 @@ impl Gpt {
         seed: u64,
     ) -> Result<LayerAttention> {
         let [q, k, v] = fused::split_qkv(qkv, self.config.n_head)?;
-        if self.rope.is_none() && blk.scorer.is_none() {
+        let scores = match &blk.scorer {
+            Some(scorer) => {
+                let h = Var::from_tensor(h1)?;
+                let scores = scorer.forward_at(h.as_tensor(), 0)?;
+                Some(LocalScores { h, scores })
+            }
+            None => None,
+        };
+        if self.rope.is_none() {
+            let detached = scores.as_ref().map(|s| s.scores.detach());
             let taped = self.attention.forward_taped(
                 q.as_tensor(),
                 k.as_tensor(),
                 v.as_tensor(),
+                detached.as_ref(),
                 layer,
                 train,
                 seed,
             )?;
             if let Some((y, tape)) = taped {
-                return Ok(LayerAttention::Taped { y, tape });
+                return Ok(LayerAttention::Taped { y, tape, scores });
             }
         }
         let (mut qr, mut kr) = (q.as_tensor().clone(), k.as_tensor().clone());
@@ -277,24 +328,17 @@ impl Gpt {
             qr = rope.apply(&qr, 0)?;
             kr = rope.apply(&kr, 0)?;
         }
-        let (h, scores) = match &blk.scorer {
-            Some(scorer) => {
-                let h = Var::from_tensor(h1)?;
-                let scores = scorer.forward_at(h.as_tensor(), 0)?;
-                (Some(h), Some(scores))
-            }
-            None => (None, None),
-        };
         let y = self.attention.forward(
             &qr,
             &kr,
             v.as_tensor(),
-            scores.as_ref(),
+            scores.as_ref().map(|s| &s.scores),
             None,
             layer,
             train,
             seed,
         )?;
+        let h = scores.map(|s| s.h);
         Ok(LayerAttention::Graph { q, k, v, h, y })
     }
 }
@@ -313,7 +357,6 @@ impl TrainingPass<'_> {
         let cfg = &model.config;
         let (b, t) = self.dims;
         let (c, nh, p) = (cfg.n_embd, cfg.n_head, self.dropout);
-        let dt = model.compute_dtype;
         let f32_of = |g: &Tensor| g.to_dtype(DType::F32);
         let mut grads = GradStore::default();
 
@@ -335,10 +378,22 @@ impl TrainingPass<'_> {
                 fused::linear_backward(&saved.y_merged, &w.attn_proj, &da)?;
             let dy = fused::to_heads(&dy_merged, nh)?;
             let (dh1, dw_c_attn) = match &saved.attn {
-                LayerAttention::Taped { tape, .. } => {
-                    let (dq, dk, dv) = tape.backward(&dy)?;
+                LayerAttention::Taped { tape, scores, .. } => {
+                    let AttentionGrads {
+                        dq,
+                        dk,
+                        dv,
+                        dscores,
+                    } = tape.grads(&dy)?;
                     let dqkv = fused::merge_qkv(&dq, &dk, &dv)?;
-                    fused::linear_backward(&saved.h1, &w.c_attn, &dqkv)?
+                    let (mut dh1, dw) = fused::linear_backward(&saved.h1, &w.c_attn, &dqkv)?;
+                    // No scores' gradient where the kind ran without them (SparseK's window
+                    // covering the sequence: dense attention), as under autograd.
+                    if let (Some(LocalScores { h, scores }), Some(dscores)) = (scores, dscores) {
+                        let local = fused::backward_from(scores, &dscores)?;
+                        dh1 = scorer_grads(&local, h, blk, dh1, &mut grads)?;
+                    }
+                    (dh1, dw)
                 }
                 LayerAttention::Graph { q, k, v, h, y } => {
                     let local = fused::backward_from(y, &dy)?;
@@ -347,16 +402,11 @@ impl TrainingPass<'_> {
                         None => leaf.zeros_like(),
                     };
                     let dqkv = fused::merge_qkv(&leaf_grad(q)?, &leaf_grad(k)?, &leaf_grad(v)?)?;
-                    let (mut dh1, dw) = fused::linear_backward(&saved.h1, &w.c_attn, &dqkv)?;
-                    if let Some(g) = h.as_ref().and_then(|h| local.get(h.as_tensor())) {
-                        dh1 = (dh1 + g.to_dtype(dt)?)?;
+                    let (dh1, dw) = fused::linear_backward(&saved.h1, &w.c_attn, &dqkv)?;
+                    match h {
+                        Some(h) => (scorer_grads(&local, h, blk, dh1, &mut grads)?, dw),
+                        None => (dh1, dw),
                     }
-                    for (_, var) in &blk.scorer_params {
-                        if let Some(g) = local.get(var.as_tensor()) {
-                            grads.insert(var.as_tensor(), f32_of(g)?);
-                        }
-                    }
-                    (dh1, dw)
                 }
             };
             let dln_1;

@@ -7,7 +7,8 @@
 //!
 //! - Training and full forward: [`sparsek_attn`] over the sequence; when the window covers every
 //!   key (`window ≥ seq`) there is nothing to select and the layer is dense causal attention
-//!   (identical output; the scorer gets no gradient from such a call).
+//!   (identical output; the scorer gets no gradient from such a call). The GPT's fused training
+//!   pass runs [`sparsek_attn_taped`] instead (outside autograd, the same output and gradients).
 //! - Decoding: each layer owns a [`SparseKCache`] (window ring plus a candidate pool of at most
 //!   `K′ = 2k` keys, evicting keys that can never be selected again), so memory per layer and kv
 //!   head stays `O(window + 2k)`. A prompt at least `window` long is prefilled with
@@ -17,8 +18,10 @@
 use std::any::Any;
 
 use candle::{bail, Result, Tensor};
+use candle_sparse_attn::tape::AttentionTape;
 use candle_sparse_attn::{
-    flash_attn, sparsek_attn, AttnParams, SparseKCache, SparseKConfig, SparseKScorerConfig,
+    flash_attn, flash_attn_taped, sparsek_attn, sparsek_attn_taped, AttnParams, SparseKCache,
+    SparseKConfig, SparseKScorerConfig,
 };
 
 use crate::attention::{downcast_cache, AttentionBackend, AttentionCall, LayerCache};
@@ -37,6 +40,29 @@ impl SparseKAttention {
             softmax_scale: call.softmax_scale,
             ..self.config
         }
+    }
+
+    /// Checks a whole-sequence call (causal, `q_len == kv_len`); the parameters of the dense
+    /// causal attention that replaces SparseK when the window covers every key, else `None`.
+    fn dense_params(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        call: &AttentionCall,
+    ) -> Result<Option<AttnParams>> {
+        let (tq, tk) = (q.dim(2)?, k.dim(2)?);
+        if tq != tk || !call.causal {
+            bail!(
+                "attention {}: needs causal self-attention over one sequence, got q {:?} and k {:?}",
+                self.name(),
+                q.dims(),
+                k.dims()
+            )
+        }
+        Ok((self.config.window >= tk).then_some(AttnParams {
+            softmax_scale: call.softmax_scale,
+            causal: true,
+        }))
     }
 
     /// The call's key scores, checked against the keys `(batch, kv_heads, n, head_dim)`.
@@ -81,23 +107,28 @@ impl AttentionBackend for SparseKAttention {
     /// the window covers every key.
     fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor, call: &AttentionCall) -> Result<Tensor> {
         let u = self.scores(k, call)?;
-        let (tq, tk) = (q.dim(2)?, k.dim(2)?);
-        if tq != tk || !call.causal {
-            bail!(
-                "attention {}: needs causal self-attention over one sequence, got q {:?} and k {:?}",
-                self.name(),
-                q.dims(),
-                k.dims()
-            )
+        match self.dense_params(q, k, call)? {
+            Some(params) => flash_attn(q, k, v, &params),
+            None => sparsek_attn(q, k, v, u, &self.config_for(call)),
         }
-        if self.config.window >= tk {
-            let params = AttnParams {
-                softmax_scale: call.softmax_scale,
-                causal: true,
-            };
-            return flash_attn(q, k, v, &params);
+    }
+
+    /// [`sparsek_attn_taped`] as [`Self::forward`] runs [`sparsek_attn`] (its tape gives the
+    /// scores' gradient), [`flash_attn_taped`] when the window covers every key (no scores'
+    /// gradient).
+    fn forward_taped(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        call: &AttentionCall,
+    ) -> Result<Option<(Tensor, AttentionTape)>> {
+        let u = self.scores(k, call)?;
+        match self.dense_params(q, k, call)? {
+            Some(params) => flash_attn_taped(q, k, v, &params),
+            None => sparsek_attn_taped(q, k, v, u, &self.config_for(call)),
         }
-        sparsek_attn(q, k, v, u, &self.config_for(call))
+        .map(Some)
     }
 
     fn new_cache(&self, _layer: usize) -> Result<Box<dyn LayerCache>> {

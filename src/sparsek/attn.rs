@@ -7,6 +7,7 @@ use candle::{bail, CpuStorage, DType, Device, Layout, Result, Shape, Tensor};
 
 use super::cpu::{self, HostSelection};
 use super::SparseKConfig;
+use crate::tape::{check_grad, AttentionTape};
 
 /// Sizes of one call: q `(b, hq, t, d)`, k and v `(b, hkv, t, d)`, scores `(b, hkv, t)`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,25 +40,42 @@ pub fn sparsek_attn(
     cfg: &SparseKConfig,
 ) -> Result<Tensor> {
     let dims = validate(q, k, v, scores, cfg)?;
-    let (k, v) = (k.contiguous()?, v.contiguous()?);
+    let forward = SparseKForward::new(k, v, cfg, dims)?;
     // CustomOp3 takes three inputs: k and v join the graph through a one-element link tensor; the
     // attention op reads them from its fields and hands their gradients to the link's backward.
     let kv_grads = Arc::new(Mutex::new(None));
-    let link = k.apply_op2(
-        &v,
+    let link = forward.k.apply_op2(
+        &forward.v,
         KvLink {
             grads: kv_grads.clone(),
         },
     )?;
-    let op = SparseKAttn {
-        cfg: *cfg,
-        scale: cfg.scale(dims.d),
-        k,
-        v,
-        kv_grads,
-        saved: Arc::new(Mutex::new(None)),
-    };
+    let op = SparseKAttn { forward, kv_grads };
     q.contiguous()?.apply_op3(&link, &scores.contiguous()?, op)
+}
+
+/// [`sparsek_attn`] outside candle's autograd: the same validation, kernels and output, and an
+/// [`AttentionTape`] whose [`AttentionTape::grads`] gives the same `dq`, `dk`, `dv` (the dtype
+/// and shapes of q, k, v) and `dscores` (`(batch, kv_heads, seq)` f32) as autograd through
+/// [`sparsek_attn`] (see [`crate::tape`]).
+pub fn sparsek_attn_taped(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scores: &Tensor,
+    cfg: &SparseKConfig,
+) -> Result<(Tensor, AttentionTape)> {
+    let dims = validate(q, k, v, scores, cfg)?;
+    let forward = SparseKForward::new(k, v, cfg, dims)?;
+    let (q, scores) = (q.contiguous()?, scores.contiguous()?);
+    let (out, saved) = forward.run(&q, &scores)?;
+    AttentionTape::sparsek(SparseKRun {
+        forward,
+        q,
+        scores,
+        out,
+        saved,
+    })
 }
 
 fn validate(
@@ -213,27 +231,126 @@ impl candle::CustomOp2 for KvLink {
     }
 }
 
-/// The attention op. Inputs q `(b, hq, t, d)`, the [`KvLink`] of `k` and `v` (both
-/// `(b, hkv, t, d)`, contiguous, held here), scores `(b, hkv, t)` f32; output `(b, hq, t, d)` in the
-/// input dtype.
-struct SparseKAttn {
+/// Selection and attention of one call, as a `CustomOp3` without backward over
+/// `(q, any tensor on q's device, scores)`: k and v are fields (the middle input is not read; the
+/// differentiable op passes the [`KvLink`] there), the forward stashes its [`Saved`] in `saved`.
+/// Inputs q `(b, hq, t, d)` and scores `(b, hkv, t)` f32, contiguous; output `(b, hq, t, d)` in
+/// the input dtype.
+struct SparseKForward {
     cfg: SparseKConfig,
     scale: f32,
+    /// Keys and values `(b, hkv, t, d)`, contiguous.
     k: Tensor,
     v: Tensor,
-    kv_grads: KvGrads,
+    dims: Dims,
     saved: Arc<Mutex<Option<Saved>>>,
 }
 
-impl SparseKAttn {
-    fn dims(&self, lq: &Layout) -> Result<Dims> {
-        let (b, hq, t, d) = lq.shape().dims4()?;
-        let hkv = self.k.dims4()?.1;
-        Ok(Dims { b, hq, hkv, t, d })
+impl SparseKForward {
+    /// The forward of a call whose inputs passed [`validate`] with `dims`.
+    fn new(k: &Tensor, v: &Tensor, cfg: &SparseKConfig, dims: Dims) -> Result<Self> {
+        Ok(Self {
+            cfg: *cfg,
+            scale: cfg.scale(dims.d),
+            k: k.contiguous()?,
+            v: v.contiguous()?,
+            dims,
+            saved: Arc::new(Mutex::new(None)),
+        })
     }
 
     fn save(&self, saved: Saved) {
         *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(saved);
+    }
+
+    /// Runs the forward on `q` and `scores` (contiguous) outside autograd: the output and what
+    /// the backward needs.
+    fn run(&self, q: &Tensor, scores: &Tensor) -> Result<(Tensor, Saved)> {
+        let out = q.apply_op3_no_bwd(&self.k, scores, self)?;
+        let saved = self.saved.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let saved =
+            saved.ok_or_else(|| candle::Error::Msg("sparsek_attn: no saved selection".into()))?;
+        Ok((out, saved))
+    }
+
+    /// Gradients `(dq, dk, dv, du)` (the dtype of q, k, v; du f32 `(b, hkv, t)`) for the output
+    /// gradient `grad_out`, from the inputs `q` and `scores` (contiguous), the output and the
+    /// forward's [`Saved`].
+    fn backward(
+        &self,
+        (q, scores): (&Tensor, &Tensor),
+        (out, grad_out): (&Tensor, &Tensor),
+        saved: &Saved,
+    ) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
+        let dims = self.dims;
+        let (out, grad_out) = (out.contiguous()?, grad_out.contiguous()?);
+        match &saved.selection {
+            Selection::Cpu(sel) => {
+                let (dq, dk, dv, du) = cpu::backward(
+                    &host(q)?,
+                    &host(&self.k)?,
+                    &host(&self.v)?,
+                    sel,
+                    &host(&out)?,
+                    &host(&grad_out)?,
+                    &host(&saved.lse)?,
+                    dims,
+                    self.cfg.window,
+                    self.scale,
+                );
+                let dev = q.device();
+                let like = |x: Vec<f32>, t: &Tensor| {
+                    Tensor::from_vec(x, t.shape(), dev)?.to_dtype(t.dtype())
+                };
+                Ok((
+                    like(dq, q)?,
+                    like(dk, &self.k)?,
+                    like(dv, &self.v)?,
+                    Tensor::from_vec(du, scores.shape(), dev)?,
+                ))
+            }
+            #[cfg(feature = "cuda")]
+            Selection::Cuda(sel) => super::cuda::backward(
+                (q, &self.k, &self.v, scores),
+                sel,
+                dims,
+                &self.cfg,
+                self.scale,
+                (&out, &grad_out, &saved.lse),
+            ),
+        }
+    }
+}
+
+/// The differentiable attention op: [`SparseKForward`] over q, the [`KvLink`] of its k and v, and
+/// the scores, with the backward that hands `(dk, dv)` to the link.
+struct SparseKAttn {
+    forward: SparseKForward,
+    kv_grads: KvGrads,
+}
+
+/// One [`sparsek_attn_taped`] call: its forward, inputs q and scores (contiguous), output and
+/// forward statistics, for [`AttentionTape`].
+pub(crate) struct SparseKRun {
+    forward: SparseKForward,
+    q: Tensor,
+    scores: Tensor,
+    out: Tensor,
+    saved: Saved,
+}
+
+impl SparseKRun {
+    /// The output `(b, hq, t, d)`.
+    pub(crate) fn output(&self) -> &Tensor {
+        &self.out
+    }
+
+    /// Gradients `(dq, dk, dv, dscores)` for the output gradient `grad_out` (the output's shape,
+    /// dtype and device).
+    pub(crate) fn grads(&self, grad_out: &Tensor) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
+        check_grad(grad_out, &self.out)?;
+        self.forward
+            .backward((&self.q, &self.scores), (&self.out, grad_out), &self.saved)
     }
 }
 
@@ -262,9 +379,9 @@ fn host(t: &Tensor) -> Result<Vec<f32>> {
     t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
 }
 
-impl candle::CustomOp3 for SparseKAttn {
+impl candle::CustomOp3 for SparseKForward {
     fn name(&self) -> &'static str {
-        "sparsek-attn"
+        "sparsek-attn-forward"
     }
 
     fn cpu_fwd(
@@ -276,7 +393,7 @@ impl candle::CustomOp3 for SparseKAttn {
         su: &CpuStorage,
         lu: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let dims = self.dims(lq)?;
+        let dims = self.dims;
         let u = host_scores(su, lu)?;
         let sel = cpu::select(u, dims.t, self.cfg.k, self.cfg.window, self.cfg.cap());
         let (k, v) = (host(&self.k)?, host(&self.v)?);
@@ -299,7 +416,7 @@ impl candle::CustomOp3 for SparseKAttn {
         su: &candle::CudaStorage,
         lu: &Layout,
     ) -> Result<(candle::CudaStorage, Shape)> {
-        let dims = self.dims(lq)?;
+        let dims = self.dims;
         let sel = super::cuda::select((su, lu), dims, &self.cfg)?;
         let (out, lse) = super::cuda::forward(
             (sq, lq),
@@ -322,6 +439,37 @@ impl candle::CustomOp3 for SparseKAttn {
         });
         Ok((out, lq.shape().clone()))
     }
+}
+
+impl candle::CustomOp3 for SparseKAttn {
+    fn name(&self) -> &'static str {
+        "sparsek-attn"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sq: &CpuStorage,
+        lq: &Layout,
+        sl: &CpuStorage,
+        ll: &Layout,
+        su: &CpuStorage,
+        lu: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.forward.cpu_fwd(sq, lq, sl, ll, su, lu)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        sq: &candle::CudaStorage,
+        lq: &Layout,
+        sl: &candle::CudaStorage,
+        ll: &Layout,
+        su: &candle::CudaStorage,
+        lu: &Layout,
+    ) -> Result<(candle::CudaStorage, Shape)> {
+        self.forward.cuda_fwd(sq, lq, sl, ll, su, lu)
+    }
 
     fn bwd(
         &self,
@@ -331,60 +479,13 @@ impl candle::CustomOp3 for SparseKAttn {
         out: &Tensor,
         grad_out: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let stashed = self.saved.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let f = &self.forward;
+        let stashed = f.saved.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let saved = match stashed {
             Some(s) => s,
-            None => {
-                let op = SparseKAttn {
-                    cfg: self.cfg,
-                    scale: self.scale,
-                    k: self.k.clone(),
-                    v: self.v.clone(),
-                    kv_grads: self.kv_grads.clone(),
-                    saved: Arc::new(Mutex::new(None)),
-                };
-                q.apply_op3_no_bwd(link, u, &op)?;
-                let s = op.saved.lock().unwrap_or_else(|e| e.into_inner()).take();
-                s.ok_or_else(|| candle::Error::Msg("sparsek_attn: no saved selection".into()))?
-            }
+            None => f.run(q, u)?.1,
         };
-        let dims = self.dims(q.layout())?;
-        let (out, grad_out) = (out.contiguous()?, grad_out.contiguous()?);
-        let (dq, dk, dv, du) = match &saved.selection {
-            Selection::Cpu(sel) => {
-                let (dq, dk, dv, du) = cpu::backward(
-                    &host(q)?,
-                    &host(&self.k)?,
-                    &host(&self.v)?,
-                    sel,
-                    &host(&out)?,
-                    &host(&grad_out)?,
-                    &host(&saved.lse)?,
-                    dims,
-                    self.cfg.window,
-                    self.scale,
-                );
-                let dev = q.device();
-                let like = |x: Vec<f32>, t: &Tensor| {
-                    Tensor::from_vec(x, t.shape(), dev)?.to_dtype(t.dtype())
-                };
-                (
-                    like(dq, q)?,
-                    like(dk, &self.k)?,
-                    like(dv, &self.v)?,
-                    Tensor::from_vec(du, u.shape(), dev)?,
-                )
-            }
-            #[cfg(feature = "cuda")]
-            Selection::Cuda(sel) => super::cuda::backward(
-                (q, &self.k, &self.v, u),
-                sel,
-                dims,
-                &self.cfg,
-                self.scale,
-                (&out, &grad_out, &saved.lse),
-            )?,
-        };
+        let (dq, dk, dv, du) = f.backward((q, u), (out, grad_out), &saved)?;
         // Without a graph behind the link (k and v not tracked) nobody collects dk, dv.
         if link.track_op() {
             *self.kv_grads.lock().unwrap_or_else(|e| e.into_inner()) = Some((dk, dv));

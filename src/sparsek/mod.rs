@@ -7,7 +7,9 @@
 //!   simplex `{0 ≤ p ≤ 1, Σp = k}`, with its backward `g_z = 1_S ⊙ (g − mean_S g)`.
 //! - [`SparseKScorer`]: the scoring network (per kv head: linear score plus a position slope).
 //! - [`sparsek_attn`]: the attention op (selection fused with attention, CPU and CUDA, forward and
-//!   backward; gradients reach `q`, `k`, `v` and the scores).
+//!   backward; gradients reach `q`, `k`, `v` and the scores); [`sparsek_attn_taped`] runs the same
+//!   kernels outside autograd and returns an [`AttentionTape`](crate::tape::AttentionTape) whose
+//!   gradients include the scores'.
 //! - [`SparseKCache`]: the decode KV cache that evicts keys that can never be selected again.
 //!
 //! # Documented choices (the paper's method section was not available; see the spec)
@@ -88,7 +90,8 @@ mod cuda;
 mod project;
 mod scorer;
 
-pub use attn::sparsek_attn;
+pub(crate) use attn::SparseKRun;
+pub use attn::{sparsek_attn, sparsek_attn_taped};
 pub use cache::SparseKCache;
 pub use project::sparsek;
 pub use scorer::{SparseKScorer, SparseKScorerConfig};
