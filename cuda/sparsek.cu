@@ -1710,7 +1710,8 @@ __device__ void skw_fwd(const E* __restrict__ q, const E* __restrict__ k, const 
 }
 
 // dQ (scaled, in the input dtype), delta = dO.O, r = sum_S g_w and |S| per row, as skt_bwd_dq.
-// Per tile: S = Q K^T and dP = dO V^T, then dS = P (w dP - delta) and dQ += dS K.
+// Per tile: S = Q K^T and dP = dO V^T, then dS = P (w dP - delta) and dQ += dS K, the next tile's
+// S and dP issued ahead of this tile's dQ.
 template <typename E, int D, int S, int MINB>
 __device__ void skw_bwd_dq(const E* __restrict__ q, const E* __restrict__ k,
                            const E* __restrict__ v, const E* __restrict__ o,
@@ -1769,10 +1770,10 @@ __device__ void skw_bwd_dq(const E* __restrict__ q, const E* __restrict__ k,
   cp_async_wait<0>();
   fence_proxy_async();
   named_bar_sync(1, 128);  // the Q and dO rows are in shared memory
-  for (int t = 0; t < tl.nt; ++t) {
-    const int st = t % S;
-    const E* cK = sm.k + st * TB * D;
-    const E* cV = sm.v + st * TB * D;
+  // S = Q K^T and dP = dO V^T of tile t (one commit group).
+  auto issue_sdp = [&](int t) {
+    const E* cK = sm.k + (t % S) * TB * D;
+    const E* cV = sm.v + (t % S) * TB * D;
     wait_full(sm.full_k, t);
     wait_full(sm.full_v, t);
     fence_proxy_async();
@@ -1786,10 +1787,12 @@ __device__ void skw_bwd_dq(const E* __restrict__ q, const E* __restrict__ k,
       wgmma_ss<E, TB>(dp, sw128_desc(sG + (kk / 4) * BQ * 64 + (kk % 4) * 16, 16),
                       sw128_desc(cV + (kk / 4) * TB * 64 + (kk % 4) * 16, 16), kk > 0);
     wgmma_commit();
-    wgmma_wait<0>();
+  };
+  // dS = P (w dP - delta) of tile t into s (its S and dP complete), with r and |S|.
+  auto grad_scores = [&](int t) {
     wgmma_fence_regs<N8>(s);
     wgmma_fence_regs<N8>(dp);
-    const float* cU = sm.u + st * TB;
+    const float* cU = sm.u + (t % S) * TB;
     sk_dispatch(tl.kind(t, m0, window), [&](auto kd) {
       constexpr int KIND = decltype(kd)::value;
 #pragma unroll
@@ -1809,6 +1812,9 @@ __device__ void skw_bwd_dq(const E* __restrict__ q, const E* __restrict__ k,
             s[nt][x] = a * (wv * dp[nt][x] - dl[hf]);
           }
     });
+  };
+  // dS to the A fragments of dQ += dS K (the previous tile's dQ complete).
+  auto to_pa = [&]() {
 #pragma unroll
     for (int kk = 0; kk < TB / 16; ++kk) {
       pa[kk][0] = pack2<E>(s[2 * kk][0], s[2 * kk][1]);
@@ -1818,19 +1824,37 @@ __device__ void skw_bwd_dq(const E* __restrict__ q, const E* __restrict__ k,
     }
     wgmma_fence_regs<DT>(acc);
     wgmma_fence_regs_a<TB / 16>(pa);
+  };
+  auto issue_dq = [&](int t) {
+    const E* cK = sm.k + (t % S) * TB * D;
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < TB / 16; ++kk)
       wgmma_rs_tb<E, D>(acc, pa[kk], sw128_desc(cK + kk * 16 * 64, TB * 128));
     wgmma_commit();
+  };
+  // Software-pipelined: S and dP of tile t + 1 are issued before dQ of tile t, so dS of t + 1 is
+  // computed while the tensor cores run dQ of t. No wgmma is issued conditionally inside the loop.
+  issue_sdp(0);
+  wgmma_wait<0>();
+  grad_scores(0);
+  to_pa();
+  int t = 0;
+  for (; t + 1 < tl.nt; ++t) {
+    issue_sdp(t + 1);
+    issue_dq(t);
+    wgmma_wait<1>();  // S and dP of tile t + 1 (committed first) complete
+    grad_scores(t + 1);
     wgmma_wait<0>();
-    wgmma_fence_regs<DT>(acc);
-    wgmma_fence_regs_a<TB / 16>(pa);
     if (lane == 0) {
-      mbar_arrive(sm.empty_k + st);
-      mbar_arrive(sm.empty_v + st);
+      mbar_arrive(sm.empty_k + t % S);
+      mbar_arrive(sm.empty_v + t % S);
     }
+    to_pa();
   }
+  issue_dq(t);
+  wgmma_wait<0>();
+  wgmma_fence_regs<DT>(acc);
 #pragma unroll
   for (int hf = 0; hf < 2; ++hf) {
     float rs = r[hf], n = ns[hf];
@@ -1866,6 +1890,7 @@ __device__ void skw_bwd_dq(const E* __restrict__ q, const E* __restrict__ k,
   SKW_FWD(TY, NAME, 64, 4, 2, 0)                                                                \
   SKW_FWD(TY, NAME, 64, 4, 2, 1)                                                                \
   SKW_FWD(TY, NAME, 64, 3, 3, 0)                                                                \
+  SKW_FWD(TY, NAME, 64, 3, 3, 1)                                                                \
   SKW_DQ(TY, NAME, 64, 4, 2)                                                                    \
   SKW_DQ(TY, NAME, 64, 3, 3)                                                                    \
   SKW_FWD(TY, NAME, 128, 4, 1, 1)                                                               \

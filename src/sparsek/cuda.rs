@@ -11,7 +11,11 @@
 //! - f16 / bf16 with head_dim ≤ 128 (`skt_*`): blocked tensor-core kernels, one CTA of 4 warps per
 //!   (block of 64 queries, batch × query head) walking the block's list prefix and its band of
 //!   newer candidates and window keys in tiles of 64 gathered keys: forward; dQ (in the input
-//!   dtype) with `r_i` and `|S_i|`. dK, dV, dScores: the band part key-major (one CTA per block of
+//!   dtype) with `r_i` and `|S_i|`. On compute capability 9.0 at head_dim 64 and 128 the forward
+//!   and dQ run as Hopper kernels instead (`skw_*`: a producer warpgroup gathers the K / V rows
+//!   into a ring of 128-byte-swizzled stages, a consumer warpgroup runs warpgroup MMA; variants in
+//!   [`HOPPER_FWD`] / [`HOPPER_DQ`], [`KERNEL_ENV`] picks one or the `mma.sync` kernels). dK, dV,
+//!   dScores: the band part key-major (one CTA per block of
 //!   64 keys and kv head, over the query blocks whose band holds them; registers, plain stores
 //!   into the f32 accumulator, every element), then the list part query-major with vector
 //!   atomics on top, then one pass converting dK, dV to the input dtype. Compiled for 3
@@ -222,66 +226,93 @@ fn tensor_cores(dtype: DType, d: usize) -> bool {
 }
 
 /// Environment switch of the forward and dQ kernels: `mma` runs the `mma.sync` kernels (`skt_*`)
-/// where the Hopper ones (`skw_*`) would run; a [`HopperVariant::tag`] picks that variant.
+/// where the Hopper ones (`skw_*`) would run; a comma-separated list of [`HopperVariant::tag`]s
+/// picks those variants (forward tags end in `_w0` / `_w1`), e.g. `s4_m2_w0,s4_m2`.
 pub(crate) const KERNEL_ENV: &str = "CANDLE_SPARSE_ATTN_SPARSEK";
 
-/// A compiled Hopper forward / dQ variant (`SKW_ALL` in the .cu file).
+/// A compiled Hopper forward or dQ variant (`SKW_ALL` in the .cu file).
 #[derive(Clone, Copy, Debug)]
 struct HopperVariant {
     d: usize,
     /// K / V pipeline stages.
     stages: usize,
-    /// Resident CTAs per SM the kernels are compiled for.
+    /// Resident CTAs per SM the kernel is compiled for.
     ctas: usize,
-    /// Whether the forward keeps the weights in registers between its two element-wise passes.
-    keep_weights: bool,
+    /// Forward only: whether the weights stay in registers between the two element-wise passes.
+    keep_weights: Option<bool>,
 }
 
-/// The Hopper variants, the default of each head dim first.
-const HOPPER_VARIANTS: [HopperVariant; 4] = [
+const fn variant(
+    d: usize,
+    stages: usize,
+    ctas: usize,
+    keep_weights: Option<bool>,
+) -> HopperVariant {
     HopperVariant {
-        d: 64,
-        stages: 4,
-        ctas: 2,
-        keep_weights: false,
-    },
-    HopperVariant {
-        d: 64,
-        stages: 4,
-        ctas: 2,
-        keep_weights: true,
-    },
-    HopperVariant {
-        d: 64,
-        stages: 3,
-        ctas: 3,
-        keep_weights: false,
-    },
-    HopperVariant {
-        d: 128,
-        stages: 4,
-        ctas: 1,
-        keep_weights: true,
-    },
+        d,
+        stages,
+        ctas,
+        keep_weights,
+    }
+}
+
+/// The Hopper forward variants, the default of each head dim first. B4 H48 16k bf16 (H100,
+/// BENCHMARKS.md): forward with selection 5.48 ms keeping the weights, 8.59 ms recomputing them,
+/// 7.51 ms recomputing at 3 CTAs per SM.
+const HOPPER_FWD: [HopperVariant; 5] = [
+    variant(64, 4, 2, Some(true)),
+    variant(64, 4, 2, Some(false)),
+    variant(64, 3, 3, Some(false)),
+    variant(64, 3, 3, Some(true)),
+    variant(128, 4, 1, Some(true)),
+];
+
+/// The Hopper dQ variants, the default of each head dim first (3 CTAs per SM: the backward ran
+/// about 0.6 ms faster at B4 H48 16k).
+const HOPPER_DQ: [HopperVariant; 3] = [
+    variant(64, 3, 3, None),
+    variant(64, 4, 2, None),
+    variant(128, 4, 1, None),
 ];
 
 impl HopperVariant {
-    /// The variant's name in [`KERNEL_ENV`], e.g. `s4_m2_w0`.
+    /// The variant's name in [`KERNEL_ENV`]: `s{stages}_m{ctas}`, plus `_w{0|1}` for the forward.
     fn tag(&self) -> String {
-        format!(
-            "s{}_m{}_w{}",
-            self.stages,
-            self.ctas,
-            u8::from(self.keep_weights)
-        )
+        let w = self.keep_weights.map(|k| format!("_w{}", u8::from(k)));
+        format!("s{}_m{}{}", self.stages, self.ctas, w.unwrap_or_default())
+    }
+
+    /// The variant of head dim `d` in `list` that the environment names, else the default;
+    /// `None` when [`KERNEL_ENV`] asks for the `mma.sync` kernels or `d` has none.
+    fn pick(list: &[HopperVariant], d: usize, env: Option<&str>) -> Option<HopperVariant> {
+        let mut of_d = list.iter().copied().filter(|v| v.d == d);
+        match env {
+            Some("mma") => None,
+            Some(tags) => {
+                let named = of_d.clone().find(|v| tags.split(',').any(|t| t == v.tag()));
+                named.or_else(|| of_d.next())
+            }
+            None => of_d.next(),
+        }
+    }
+
+    /// Dynamic shared memory (`SkwSmem`): 1 KB alignment slack, `nq` query tiles, the K / V
+    /// stages, the stages' scores, 4 mbarriers per stage, the block's `cap` list positions.
+    fn smem(&self, nq: usize, cap: usize) -> usize {
+        let (d, s) = (self.d, self.stages);
+        1024 + (nq * BQ * d + 2 * s * BQ * d) * 2
+            + s * BQ * 4
+            + 4 * s * 8
+            + cap.next_multiple_of(4) * 4
     }
 }
 
 /// The query-major kernels (forward, dQ) of one call.
 struct QueryMajor {
-    /// Names of the forward and dQ kernels for dtype suffix `tn` and head dim `d`.
+    /// Names of the forward and dQ kernels.
     fwd: String,
     dq: String,
+    /// Threads per block of both.
     threads: usize,
     /// Dynamic shared memory of the forward and of dQ.
     smem_fwd: usize,
@@ -290,8 +321,8 @@ struct QueryMajor {
 
 /// The query-major kernels of a call: the row kernels (`sk_*`) for f32 and head_dim 256, the
 /// Hopper kernels (`skw_*`: warpgroup MMA, a producer warpgroup gathering K / V) on compute
-/// capability 9.0 for f16 / bf16 at head_dim 64 and 128 unless [`KERNEL_ENV`] says otherwise,
-/// else the `mma.sync` kernels (`skt_*`). `cap` (K′) sizes the Hopper kernels' list buffer.
+/// capability 9.0 for f16 / bf16 at head_dim 64 and 128 unless [`KERNEL_ENV`] is `mma`, else the
+/// `mma.sync` kernels (`skt_*`). `cap` (K′) sizes the Hopper kernels' list buffer.
 fn query_major(dev: &CudaDevice, dtype: DType, d: usize, cap: usize) -> Result<QueryMajor> {
     let tn = dtype_suffix(dtype, "sparsek")?;
     if !tensor_cores(dtype, d) {
@@ -304,31 +335,23 @@ fn query_major(dev: &CudaDevice, dtype: DType, d: usize, cap: usize) -> Result<Q
         });
     }
     let env = std::env::var(KERNEL_ENV).ok();
-    let mut of_d = HOPPER_VARIANTS.into_iter().filter(|v| v.d == d);
-    let hopper = match env.as_deref() {
-        _ if !has_wgmma(dev) => None,
-        Some(tag) => of_d.find(|v| v.tag() == tag),
-        None => of_d.next(),
+    let hopper = if has_wgmma(dev) {
+        HopperVariant::pick(&HOPPER_FWD, d, env.as_deref()).zip(HopperVariant::pick(
+            &HOPPER_DQ,
+            d,
+            env.as_deref(),
+        ))
+    } else {
+        None
     };
     Ok(match hopper {
-        Some(v) => {
-            // SkwSmem: 1 KB alignment slack, query tiles, K / V stages, stage scores, 4 mbarriers
-            // per stage, the block's list positions.
-            let smem = |nq: usize| {
-                1024 + (nq * BQ * d + 2 * v.stages * BQ * d) * 2
-                    + v.stages * BQ * 4
-                    + 4 * v.stages * 8
-                    + cap.next_multiple_of(4) * 4
-            };
-            let (s, m) = (v.stages, v.ctas);
-            QueryMajor {
-                fwd: format!("skw_fwd_{tn}_d{d}_s{s}_m{m}_w{}", u8::from(v.keep_weights)),
-                dq: format!("skw_bwd_dq_{tn}_d{d}_s{s}_m{m}"),
-                threads: 256,
-                smem_fwd: smem(1),
-                smem_dq: smem(2),
-            }
-        }
+        Some((f, q)) => QueryMajor {
+            fwd: format!("skw_fwd_{tn}_d{d}_{}", f.tag()),
+            dq: format!("skw_bwd_dq_{tn}_d{d}_{}", q.tag()),
+            threads: 256,
+            smem_fwd: f.smem(1, cap),
+            smem_dq: q.smem(2, cap),
+        },
         None => QueryMajor {
             fwd: format!("skt_fwd_{tn}_d{d}"),
             dq: format!("skt_bwd_dq_{tn}_d{d}"),

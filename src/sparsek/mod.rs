@@ -44,7 +44,12 @@
 //!   CTAs per SM at head_dim ≤ 64) with the weight `w_ij` applied per element (list tiles: one
 //!   comparison with the query's attended prefix; band tiles inside every query's window: no
 //!   test). Forward:
-//!   online softmax; dQ (written in the input dtype), `r_i`, `|S_i|`: the same walk. dK, dV and
+//!   online softmax; dQ (written in the input dtype), `r_i`, `|S_i|`: the same walk. On Hopper
+//!   (compute capability 9.0, head_dim 64 / 128) the forward and dQ run the same walk with
+//!   warpgroup MMA: a producer warpgroup copies the block's list positions into shared memory and
+//!   gathers each tile's K / V rows into a ring of stages (mbarriers), a consumer warpgroup runs
+//!   `S = QKᵀ` (and `dP = dO Vᵀ`) from shared memory and `O += (P∘w) V` (`dQ += dS K`) from
+//!   registers, the next tile's scores overlapping this tile's second product. dK, dV and
 //!   the score gradient: the band part key-major (one CTA per block of 64 keys and kv head over
 //!   the query blocks whose band holds them; registers, plain stores), then the list tiles
 //!   query-major with each warp owning 16 keys of the tile, added with f32 vector atomics (list
