@@ -257,21 +257,22 @@ const fn variant(
 }
 
 /// The Hopper forward variants, the default of each head dim first. B4 H48 16k bf16 (H100,
-/// BENCHMARKS.md): forward with selection 5.48 ms keeping the weights, 8.59 ms recomputing them,
-/// 7.51 ms recomputing at 3 CTAs per SM.
+/// BENCHMARKS.md, "SparseK: Hopper forward and dQ"), forward with selection: 4.96 ms at 3 CTAs per
+/// SM keeping the weights in registers, 5.52 ms at 2 CTAs keeping them, 7.51 / 8.59 ms
+/// recomputing them at 3 / 2 CTAs (the `mma.sync` forward: 8.28 ms).
 const HOPPER_FWD: [HopperVariant; 5] = [
+    variant(64, 3, 3, Some(true)),
     variant(64, 4, 2, Some(true)),
     variant(64, 4, 2, Some(false)),
     variant(64, 3, 3, Some(false)),
-    variant(64, 3, 3, Some(true)),
     variant(128, 4, 1, Some(true)),
 ];
 
-/// The Hopper dQ variants, the default of each head dim first (3 CTAs per SM: the backward ran
-/// about 0.6 ms faster at B4 H48 16k).
+/// The Hopper dQ variants, the default of each head dim first (at B4 H48 16k the two head-dim-64
+/// variants measure the same within 0.1 ms).
 const HOPPER_DQ: [HopperVariant; 3] = [
-    variant(64, 3, 3, None),
     variant(64, 4, 2, None),
+    variant(64, 3, 3, None),
     variant(128, 4, 1, None),
 ];
 
