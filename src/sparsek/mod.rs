@@ -64,28 +64,20 @@
 //!   path never syncs with the host and does not check them.
 //!
 //! # Performance (measured: H100, bf16, B = 4, H = 48, D = 64, k = 256, window = 256, K′ = 512)
-//! Forward + backward through the loss `(out·g).sum()`: 27.9 / 55.2 / 111.0 ms at 8k / 16k / 32k
-//! tokens (linear: ×1.98, ×2.01), beside the dense [`crate::flash_attn`] at 39.4 / 122.0 / 427.7
-//! ms (1.41× / 2.21× / 3.85× faster); with the output gradient handed in directly (no loss ops;
-//! the op's own time) 18.5 / 37.5 / 74.7 ms against 29.6 / 104.0 / 391.9 ms (1.60× / 2.78× /
-//! 5.25×). With the CUDA memory pool kept (as `train_char_lm` runs) 16k takes 49.8 / 32.1 ms
-//! (2.33× / 3.07×). Device memory in use after the backward 2.40 / 4.15 / 7.40 GiB. At 16k the
-//! kernels take 28.3 ms: selection 0.76 + 3.41, forward 6.92, dQ 5.27, dK / dV / dScores 4.04
-//! (band) + 7.07 (list tiles, f32 atomics) + 0.83 (conversion); the rest is candle's gradient
-//! accumulation (zeros + add per gradient, as for the dense op). The tensor-core kernels are
-//! latency-bound: compiled for 3 CTAs per SM at head_dim ≤ 64 (168 registers) instead of 2
-//! (232–255), dQ went 8.3 → 5.3 ms and dK / dV 14.0 → 11.1 ms, while the forward, which
-//! recomputes its weights to fit, went 6.0 → 6.9 ms (table and commands in BENCHMARKS.md,
-//! "SparseK: occupancy"). Not yet at the 5× target (≈ 20 ms seeded at 16k). Measured and
-//! dropped: halving the list kernel's atomics (one CTA per pair of query blocks) saved 0.3 ms
-//! there but cost the band kernel 0.5 ms; a fused query-major backward (session 4). Since then
-//! (BENCHMARKS.md, "SparseK: one thread per query in the selection"): the list construction runs
-//! in parallel groups (B4 H6 8k, the GPT layer: forward 1.06 → 0.81 ms) and `sk_select` takes
-//! one thread per query instead of one warp; 16k with the pool kept 50.39 / 32.27 → 48.07 /
-//! 30.02 ms, forward 10.67 → 8.39 ms (dense 83.2 ms seeded in session 6: 2.77×; still short of
-//! 5×). Next steps: keep the forward's weights in registers at 3 CTAs; one backward pass for dQ
-//! and the list tiles' dK / dV (the score gradient's `−mean_S` term per key over the interval of
-//! queries whose support holds it, from prefix sums of `r_i / |S_i|`).
+//! Forward + backward with the output gradient handed in (the op's own time, CUDA memory pool
+//! kept as `train_char_lm` runs): 24.8 ms at 16k and 49.8 ms at 32k tokens (×2.01), against the
+//! dense [`crate::flash_attn`] at 83.1 / 322.0 ms: **3.35× / 6.46× faster**; forward alone 4.9 /
+//! 9.8 ms. Without the pool kept: 13.9 / 28.1 / 56.0 / 111.4 ms at 8k / 16k / 32k / 64k (×2.02,
+//! ×1.99, ×1.99) with 2.33 / 4.02 / 7.30 / 13.80 GiB in use after the backward. Through the loss
+//! `(out·g).sum()` add the loss ops' ≈ 18 ms at 16k. The 5× target at 16k (≈ 16.6 ms) is not
+//! reached. At 16k the kernels take about 21 ms: selection 1.6 (lists 0.6, `sk_select` 1.0),
+//! Hopper forward ≈ 3.3, Hopper dQ ≈ 4.0, dK / dV / dScores 4.1 (band) + 7.1 (list tiles) + 0.8
+//! (conversion); the rest is candle's per-gradient zero + add, as for the dense op. The list
+//! tiles' dK / dV kernel is bound by its f32 atomics (89 % of L2 throughput): every query block
+//! adds the gradients of its list keys. Tables, commands and the history of each step are in
+//! BENCHMARKS.md ("SparseK attention (H100)" and its subsections). Next steps: fewer atomics
+//! for the list keys (a CTA walking several query blocks' union of lists and adding each key
+//! once), the key side on warpgroup MMA.
 
 mod attn;
 mod cache;
