@@ -405,6 +405,8 @@ extern "C" __global__ void __launch_bounds__(BQ) sk_select(
       const float *__restrict__ tau, const float *__restrict__ cut_u,                           \
       const int *__restrict__ cut_j, int B, int Hq, int Hkv, int T, int window, int cap, int nb, \
       float scale
+// The SK_PARAMS arguments, passed on.
+#define SK_ARGS u, lu, lj, nlist, nattend, tau, cut_u, cut_j, B, Hq, Hkv, T, window, cap, nb, scale
 
 #define FULL 0xffffffffu
 #define WARPS 8
@@ -1537,28 +1539,91 @@ __device__ __forceinline__ float skw_weight(const SkTiles& tl, const SkRows& rw,
                               rw.cj[hf], window);
 }
 
-template <typename E, int D, int S, int MINB, bool KEEPW>
-__device__ void skw_fwd(const E* __restrict__ q, const E* __restrict__ k, const E* __restrict__ v,
-                        E* __restrict__ out, float* __restrict__ lse, SK_PARAMS) {
+// What a Hopper kernel's CTA works on: query block c of (batch, q head) bh, its kv row bhk and
+// that row's K and V, and the block's tiles.
+template <typename E, int D>
+struct SkwCta {
+  int c, bhk, m0;
+  long long qrow0;
+  const E *kr, *vr;
+  SkTiles tl;
+  __device__ SkwCta(const E* k, const E* v, SK_PARAMS) {
+    c = blockIdx.x;
+    const int bh = blockIdx.y, b = bh / Hq, h = bh % Hq;
+    bhk = b * Hkv + h / (Hq / Hkv);
+    m0 = c * BQ;
+    qrow0 = (long long)bh * T;
+    kr = k + (long long)bhk * T * D;
+    vr = v + (long long)bhk * T * D;
+    tl = sk_tiles(c, bhk, u, lu, lj, nlist, T, window, cap, nb);
+  }
+};
+
+// Splits the CTA: the producer warpgroup streams the tiles and returns true (the caller returns);
+// the consumer warpgroup takes its registers and gets false.
+template <typename E, int D, int NQ, int S, int MINB>
+__device__ __forceinline__ bool skw_split_producer(const SkwSmem<E, D, NQ, S>& sm,
+                                                   const SkwCta<E, D>& cta) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  constexpr int N8 = TB / 8, DT = D / 8, KD = D / 16;
-  static_assert(D % 64 == 0, "skw_fwd: head_dim 64 or 128");
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  const SkwSmem<E, D, 1, S> sm(smem_raw);
-  const int c = blockIdx.x, bh = blockIdx.y, b = bh / Hq, h = bh % Hq;
-  const int bhk = b * Hkv + h / (Hq / Hkv), m0 = c * BQ;
-  const long long qrow0 = (long long)bh * T;
-  const E* kr = k + (long long)bhk * T * D;
-  const E* vr = v + (long long)bhk * T * D;
-  const SkTiles tl = sk_tiles(c, bhk, u, lu, lj, nlist, T, window, cap, nb);
   sm.init();
   __syncthreads();
   if (threadIdx.x < 128) {
     setmaxnreg_dec<SKW_PRODUCER_REGS>();
-    skw_produce<E, D, 1, S>(sm, tl, kr, vr);
-    return;
+    skw_produce<E, D, NQ, S>(sm, cta.tl, cta.kr, cta.vr);
+    return true;
   }
   setmaxnreg_inc<skw_consumer_regs(MINB)>();
+#endif
+  return false;
+}
+
+// Issues acc = A B^T for the consumer's 64 rows A (sA, [BQ][D]) and a stage's 64 keys B (sB,
+// [TB][D]), both swizzled in shared memory (one commit group is the caller's).
+template <typename E, int D>
+__device__ __forceinline__ void skw_issue_abt(float (*acc)[4], const E* sA, const E* sB) {
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk)
+    wgmma_ss<E, TB>(acc, sw128_desc(sA + (kk / 4) * BQ * 64 + (kk % 4) * 16, 16),
+                    sw128_desc(sB + (kk / 4) * TB * 64 + (kk % 4) * 16, 16), kk > 0);
+}
+
+// Issues acc += P B for P in registers (pa: the A fragments of a 64 x TB tile) and a stage's 64
+// rows B (sB, [TB][D], read MN-major), then commits.
+template <typename E, int D>
+__device__ __forceinline__ void skw_issue_pb(float (*acc)[4], const uint32_t (*pa)[4],
+                                             const E* sB) {
+#pragma unroll
+  for (int kk = 0; kk < TB / 16; ++kk)
+    wgmma_rs_tb<E, D>(acc, pa[kk], sw128_desc(sB + kk * 16 * 64, TB * 128));
+  wgmma_commit();
+}
+
+// The C fragments of a 64 x TB tile (s) as the A fragments of the next product (two adjacent
+// n-tiles make one k-step, as in mma.sync's gemm_pb).
+template <typename E>
+__device__ __forceinline__ void skw_pack_a(uint32_t (*pa)[4], const float (*s)[4]) {
+#pragma unroll
+  for (int kk = 0; kk < TB / 16; ++kk) {
+    pa[kk][0] = pack2<E>(s[2 * kk][0], s[2 * kk][1]);
+    pa[kk][1] = pack2<E>(s[2 * kk][2], s[2 * kk][3]);
+    pa[kk][2] = pack2<E>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+    pa[kk][3] = pack2<E>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+  }
+}
+
+template <typename E, int D, int S, int MINB>
+__device__ void skw_fwd(const E* __restrict__ q, const E* __restrict__ k, const E* __restrict__ v,
+                        E* __restrict__ out, float* __restrict__ lse, SK_PARAMS) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int N8 = TB / 8, DT = D / 8;
+  static_assert(D % 64 == 0, "skw_fwd: head_dim 64 or 128");
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const SkwSmem<E, D, 1, S> sm(smem_raw);
+  const SkwCta<E, D> cta(k, v, SK_ARGS);
+  if (skw_split_producer<E, D, 1, S, MINB>(sm, cta)) return;
+  const SkTiles& tl = cta.tl;
+  const int m0 = cta.m0, bhk = cta.bhk;
+  const long long qrow0 = cta.qrow0;
   const int tid = threadIdx.x - 128, warp = tid / 32, lane = tid & 31, t4 = lane & 3;
   load_tile_sw128<E, BQ, D, 128>(sm.q, q + qrow0 * D, m0, T, tid);
   cp_async_commit();
@@ -1572,18 +1637,10 @@ __device__ void skw_fwd(const E* __restrict__ q, const E* __restrict__ k, const 
   float s[N8][4];
   uint32_t pa[TB / 16][4];
   auto issue_qk = [&](const E* cK) {
-#pragma unroll
-    for (int kk = 0; kk < KD; ++kk)
-      wgmma_ss<E, TB>(s, sw128_desc(sm.q + (kk / 4) * BQ * 64 + (kk % 4) * 16, 16),
-                      sw128_desc(cK + (kk / 4) * TB * 64 + (kk % 4) * 16, 16), kk > 0);
+    skw_issue_abt<E, D>(s, sm.q, cK);
     wgmma_commit();
   };
-  auto issue_pv = [&](const E* cV) {
-#pragma unroll
-    for (int kk = 0; kk < TB / 16; ++kk)
-      wgmma_rs_tb<E, D>(acc, pa[kk], sw128_desc(cV + kk * 16 * 64, TB * 128));
-    wgmma_commit();
-  };
+  auto issue_pv = [&](const E* cV) { skw_issue_pb<E, D>(acc, pa, cV); };
   auto wait_full = [&](uint64_t* bar, int i) { mbar_wait(bar + i % S, (i / S) & 1); };
   auto release = [&](uint64_t* bar) {
     if (lane == 0) mbar_arrive(bar);
@@ -1597,13 +1654,9 @@ __device__ void skw_fwd(const E* __restrict__ q, const E* __restrict__ k, const 
     const float* cU = sm.u + (i % S) * TB;
     sk_dispatch(kind, [&](auto kd) {
       constexpr int KIND = decltype(kd)::value;
-      // KEEPW: the weights stay in registers for the second pass; otherwise recomputed there
-      // (fewer registers).
-      float w[KEEPW ? N8 : 1][4];
-      auto weight = [&](int nt, int e2, int hf) {
-        if constexpr (KEEPW) return w[nt][hf * 2 + e2];
-        else return skw_weight<KIND>(tl, rw, cU, t, nt, e2, hf, window);
-      };
+      // The weights stay in registers for the second pass (recomputing them there, each a
+      // shared-memory read of the key's score and the weight test, cost 3 ms at B4 H48 16k).
+      float w[N8][4];
 #pragma unroll
       for (int nt = 0; nt < N8; ++nt)
 #pragma unroll
@@ -1611,7 +1664,7 @@ __device__ void skw_fwd(const E* __restrict__ q, const E* __restrict__ k, const 
 #pragma unroll
           for (int hf = 0; hf < 2; ++hf) {
             float wv = skw_weight<KIND>(tl, rw, cU, t, nt, e2, hf, window);
-            if constexpr (KEEPW) w[nt][hf * 2 + e2] = wv;
+            w[nt][hf * 2 + e2] = wv;
             float& x = s[nt][hf * 2 + e2];
             x = wv > 0.f ? x * sl2 : neg_inf();
           }
@@ -1632,7 +1685,7 @@ __device__ void skw_fwd(const E* __restrict__ q, const E* __restrict__ k, const 
           for (int e2 = 0; e2 < 2; ++e2) {
             float e = fast_exp2(s[nt][hf * 2 + e2] - msafe);
             ls += e;
-            s[nt][hf * 2 + e2] = e > 0.f ? e * weight(nt, e2, hf) : 0.f;
+            s[nt][hf * 2 + e2] = e > 0.f ? e * w[nt][hf * 2 + e2] : 0.f;
           }
         lrow[hf] = lrow[hf] * alpha[hf] + ls;
       }
@@ -1646,13 +1699,7 @@ __device__ void skw_fwd(const E* __restrict__ q, const E* __restrict__ k, const 
       acc[dt][2] *= alpha[1];
       acc[dt][3] *= alpha[1];
     }
-#pragma unroll
-    for (int kk = 0; kk < TB / 16; ++kk) {
-      pa[kk][0] = pack2<E>(s[2 * kk][0], s[2 * kk][1]);
-      pa[kk][1] = pack2<E>(s[2 * kk][2], s[2 * kk][3]);
-      pa[kk][2] = pack2<E>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      pa[kk][3] = pack2<E>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-    }
+    skw_pack_a<E>(pa, s);
     wgmma_fence_regs<DT>(acc);
     wgmma_fence_regs_a<TB / 16>(pa);
   };
@@ -1719,25 +1766,16 @@ __device__ void skw_bwd_dq(const E* __restrict__ q, const E* __restrict__ k,
                            E* __restrict__ dq, float* __restrict__ delta,
                            float* __restrict__ rsum, float* __restrict__ nsup, SK_PARAMS) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  constexpr int N8 = TB / 8, DT = D / 8, KD = D / 16;
+  constexpr int N8 = TB / 8, DT = D / 8;
   static_assert(D % 64 == 0, "skw_bwd_dq: head_dim 64 or 128");
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const SkwSmem<E, D, 2, S> sm(smem_raw);
   E* sG = sm.q + BQ * D;
-  const int c = blockIdx.x, bh = blockIdx.y, b = bh / Hq, h = bh % Hq;
-  const int bhk = b * Hkv + h / (Hq / Hkv), m0 = c * BQ;
-  const long long qrow0 = (long long)bh * T;
-  const E* kr = k + (long long)bhk * T * D;
-  const E* vr = v + (long long)bhk * T * D;
-  const SkTiles tl = sk_tiles(c, bhk, u, lu, lj, nlist, T, window, cap, nb);
-  sm.init();
-  __syncthreads();
-  if (threadIdx.x < 128) {
-    setmaxnreg_dec<SKW_PRODUCER_REGS>();
-    skw_produce<E, D, 2, S>(sm, tl, kr, vr);
-    return;
-  }
-  setmaxnreg_inc<skw_consumer_regs(MINB)>();
+  const SkwCta<E, D> cta(k, v, SK_ARGS);
+  if (skw_split_producer<E, D, 2, S, MINB>(sm, cta)) return;
+  const SkTiles& tl = cta.tl;
+  const int m0 = cta.m0, bhk = cta.bhk;
+  const long long qrow0 = cta.qrow0;
   const int tid = threadIdx.x - 128, warp = tid / 32, lane = tid & 31, gq = lane >> 2;
   load_tile_sw128<E, BQ, D, 128>(sm.q, q + qrow0 * D, m0, T, tid);
   load_tile_sw128<E, BQ, D, 128>(sG, go + qrow0 * D, m0, T, tid);
@@ -1778,14 +1816,8 @@ __device__ void skw_bwd_dq(const E* __restrict__ q, const E* __restrict__ k,
     wait_full(sm.full_v, t);
     fence_proxy_async();
     wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < KD; ++kk)
-      wgmma_ss<E, TB>(s, sw128_desc(sm.q + (kk / 4) * BQ * 64 + (kk % 4) * 16, 16),
-                      sw128_desc(cK + (kk / 4) * TB * 64 + (kk % 4) * 16, 16), kk > 0);
-#pragma unroll
-    for (int kk = 0; kk < KD; ++kk)
-      wgmma_ss<E, TB>(dp, sw128_desc(sG + (kk / 4) * BQ * 64 + (kk % 4) * 16, 16),
-                      sw128_desc(cV + (kk / 4) * TB * 64 + (kk % 4) * 16, 16), kk > 0);
+    skw_issue_abt<E, D>(s, sm.q, cK);
+    skw_issue_abt<E, D>(dp, sG, cV);
     wgmma_commit();
   };
   // dS = P (w dP - delta) of tile t into s (its S and dP complete), with r and |S|.
@@ -1815,23 +1847,13 @@ __device__ void skw_bwd_dq(const E* __restrict__ q, const E* __restrict__ k,
   };
   // dS to the A fragments of dQ += dS K (the previous tile's dQ complete).
   auto to_pa = [&]() {
-#pragma unroll
-    for (int kk = 0; kk < TB / 16; ++kk) {
-      pa[kk][0] = pack2<E>(s[2 * kk][0], s[2 * kk][1]);
-      pa[kk][1] = pack2<E>(s[2 * kk][2], s[2 * kk][3]);
-      pa[kk][2] = pack2<E>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      pa[kk][3] = pack2<E>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-    }
+    skw_pack_a<E>(pa, s);
     wgmma_fence_regs<DT>(acc);
     wgmma_fence_regs_a<TB / 16>(pa);
   };
   auto issue_dq = [&](int t) {
-    const E* cK = sm.k + (t % S) * TB * D;
     wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < TB / 16; ++kk)
-      wgmma_rs_tb<E, D>(acc, pa[kk], sw128_desc(cK + kk * 16 * 64, TB * 128));
-    wgmma_commit();
+    skw_issue_pb<E, D>(acc, pa, sm.k + (t % S) * TB * D);
   };
   // Software-pipelined: S and dP of tile t + 1 are issued before dQ of tile t, so dS of t + 1 is
   // computed while the tensor cores run dQ of t. No wgmma is issued conditionally inside the loop.
@@ -1872,12 +1894,12 @@ __device__ void skw_bwd_dq(const E* __restrict__ q, const E* __restrict__ k,
 #endif
 }
 
-// Hopper kernels: tag _s{stages}_m{CTAs per SM}[_w{weights kept}] (`HOPPER_VARIANTS` in cuda.rs).
-#define SKW_FWD(TY, NAME, D, S, MINB, KW)                                                       \
+// Hopper kernels: tag _s{stages}_m{CTAs per SM} (`HOPPER_FWD`, `HOPPER_DQ` in cuda.rs).
+#define SKW_FWD(TY, NAME, D, S, MINB)                                                           \
   extern "C" __global__ void __launch_bounds__(SKW_THREADS, MINB)                               \
-      skw_fwd_##NAME##_d##D##_s##S##_m##MINB##_w##KW(const TY* q, const TY* k, const TY* v,     \
-                                                     TY* out, float* lse, SK_PARAMS) {          \
-    skw_fwd<TY, D, S, MINB, KW>(q, k, v, out, lse, SK_ARGS);                                    \
+      skw_fwd_##NAME##_d##D##_s##S##_m##MINB(const TY* q, const TY* k, const TY* v, TY* out,    \
+                                             float* lse, SK_PARAMS) {                           \
+    skw_fwd<TY, D, S, MINB>(q, k, v, out, lse, SK_ARGS);                                        \
   }
 #define SKW_DQ(TY, NAME, D, S, MINB)                                                            \
   extern "C" __global__ void __launch_bounds__(SKW_THREADS, MINB)                               \
@@ -1887,13 +1909,11 @@ __device__ void skw_bwd_dq(const E* __restrict__ q, const E* __restrict__ k,
     skw_bwd_dq<TY, D, S, MINB>(q, k, v, o, go, lse, dq, delta, rsum, nsup, SK_ARGS);            \
   }
 #define SKW_ALL(TY, NAME)                                                                       \
-  SKW_FWD(TY, NAME, 64, 4, 2, 0)                                                                \
-  SKW_FWD(TY, NAME, 64, 4, 2, 1)                                                                \
-  SKW_FWD(TY, NAME, 64, 3, 3, 0)                                                                \
-  SKW_FWD(TY, NAME, 64, 3, 3, 1)                                                                \
+  SKW_FWD(TY, NAME, 64, 3, 3)                                                                   \
+  SKW_FWD(TY, NAME, 64, 4, 2)                                                                   \
   SKW_DQ(TY, NAME, 64, 4, 2)                                                                    \
   SKW_DQ(TY, NAME, 64, 3, 3)                                                                    \
-  SKW_FWD(TY, NAME, 128, 4, 1, 1)                                                               \
+  SKW_FWD(TY, NAME, 128, 4, 1)                                                                  \
   SKW_DQ(TY, NAME, 128, 4, 1)
 
 #define SKT_INSTANTIATE(TY, NAME, D)                                                            \
@@ -1919,7 +1939,6 @@ __device__ void skw_bwd_dq(const E* __restrict__ q, const E* __restrict__ k,
     skt_bwd_dkv<TY, D>(q, k, v, go, lse, delta, rsum, nsup, dacc, du, SK_ARGS);                 \
   }
 
-#define SK_ARGS u, lu, lj, nlist, nattend, tau, cut_u, cut_j, B, Hq, Hkv, T, window, cap, nb, scale
 
 #define SK_INSTANTIATE(TY, NAME, D)                                                             \
   extern "C" __global__ void sk_fwd_##NAME##_d##D(const TY* q, const TY* k, const TY* v,        \

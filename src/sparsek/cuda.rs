@@ -226,8 +226,8 @@ fn tensor_cores(dtype: DType, d: usize) -> bool {
 }
 
 /// Environment switch of the forward and dQ kernels: `mma` runs the `mma.sync` kernels (`skt_*`)
-/// where the Hopper ones (`skw_*`) would run; a comma-separated list of [`HopperVariant::tag`]s
-/// picks those variants (forward tags end in `_w0` / `_w1`), e.g. `s4_m2_w0,s4_m2`.
+/// where the Hopper ones (`skw_*`) would run; a comma-separated list of `fwd:TAG` / `dq:TAG`
+/// ([`HopperVariant::tag`]) picks those variants, e.g. `fwd:s4_m2,dq:s3_m3`.
 pub(crate) const KERNEL_ENV: &str = "CANDLE_SPARSE_ATTN_SPARSEK";
 
 /// A compiled Hopper forward or dQ variant (`SKW_ALL` in the .cu file).
@@ -238,60 +238,44 @@ struct HopperVariant {
     stages: usize,
     /// Resident CTAs per SM the kernel is compiled for.
     ctas: usize,
-    /// Forward only: whether the weights stay in registers between the two element-wise passes.
-    keep_weights: Option<bool>,
 }
 
-const fn variant(
-    d: usize,
-    stages: usize,
-    ctas: usize,
-    keep_weights: Option<bool>,
-) -> HopperVariant {
-    HopperVariant {
-        d,
-        stages,
-        ctas,
-        keep_weights,
-    }
+const fn variant(d: usize, stages: usize, ctas: usize) -> HopperVariant {
+    HopperVariant { d, stages, ctas }
 }
 
 /// The Hopper forward variants, the default of each head dim first. B4 H48 16k bf16 (H100,
-/// BENCHMARKS.md, "SparseK: Hopper forward and dQ"), forward with selection: 4.96 ms at 3 CTAs per
-/// SM keeping the weights in registers, 5.52 ms at 2 CTAs keeping them, 7.51 / 8.59 ms
-/// recomputing them at 3 / 2 CTAs (the `mma.sync` forward: 8.28 ms).
-const HOPPER_FWD: [HopperVariant; 5] = [
-    variant(64, 3, 3, Some(true)),
-    variant(64, 4, 2, Some(true)),
-    variant(64, 4, 2, Some(false)),
-    variant(64, 3, 3, Some(false)),
-    variant(128, 4, 1, Some(true)),
-];
+/// BENCHMARKS.md, "SparseK: Hopper forward and dQ"), forward with selection: 4.96 ms at 3 CTAs
+/// per SM, 5.52 ms at 2 (the `mma.sync` forward: 8.28 ms).
+const HOPPER_FWD: [HopperVariant; 3] = [variant(64, 3, 3), variant(64, 4, 2), variant(128, 4, 1)];
 
 /// The Hopper dQ variants, the default of each head dim first (at B4 H48 16k the two head-dim-64
 /// variants measure the same within 0.1 ms).
-const HOPPER_DQ: [HopperVariant; 3] = [
-    variant(64, 4, 2, None),
-    variant(64, 3, 3, None),
-    variant(128, 4, 1, None),
-];
+const HOPPER_DQ: [HopperVariant; 3] = [variant(64, 4, 2), variant(64, 3, 3), variant(128, 4, 1)];
 
 impl HopperVariant {
-    /// The variant's name in [`KERNEL_ENV`]: `s{stages}_m{ctas}`, plus `_w{0|1}` for the forward.
+    /// The variant's name: `s{stages}_m{ctas}`.
     fn tag(&self) -> String {
-        let w = self.keep_weights.map(|k| format!("_w{}", u8::from(k)));
-        format!("s{}_m{}{}", self.stages, self.ctas, w.unwrap_or_default())
+        format!("s{}_m{}", self.stages, self.ctas)
     }
 
-    /// The variant of head dim `d` in `list` that the environment names, else the default;
-    /// `None` when [`KERNEL_ENV`] asks for the `mma.sync` kernels or `d` has none.
-    fn pick(list: &[HopperVariant], d: usize, env: Option<&str>) -> Option<HopperVariant> {
+    /// The variant of head dim `d` in `list` that [`KERNEL_ENV`] (`env`) names with `prefix`
+    /// (`fwd:` or `dq:`), else the default; `None` when it asks for the `mma.sync` kernels.
+    fn pick(
+        list: &[HopperVariant],
+        d: usize,
+        prefix: &str,
+        env: Option<&str>,
+    ) -> Option<HopperVariant> {
         let mut of_d = list.iter().copied().filter(|v| v.d == d);
         match env {
             Some("mma") => None,
             Some(tags) => {
-                let named = of_d.clone().find(|v| tags.split(',').any(|t| t == v.tag()));
-                named.or_else(|| of_d.next())
+                let named = |v: &HopperVariant| {
+                    let tag = format!("{prefix}{}", v.tag());
+                    tags.split(',').any(|t| t == tag)
+                };
+                of_d.clone().find(named).or_else(|| of_d.next())
             }
             None => of_d.next(),
         }
@@ -337,11 +321,8 @@ fn query_major(dev: &CudaDevice, dtype: DType, d: usize, cap: usize) -> Result<Q
     }
     let env = std::env::var(KERNEL_ENV).ok();
     let hopper = if has_wgmma(dev) {
-        HopperVariant::pick(&HOPPER_FWD, d, env.as_deref()).zip(HopperVariant::pick(
-            &HOPPER_DQ,
-            d,
-            env.as_deref(),
-        ))
+        let fwd = HopperVariant::pick(&HOPPER_FWD, d, "fwd:", env.as_deref());
+        fwd.zip(HopperVariant::pick(&HOPPER_DQ, d, "dq:", env.as_deref()))
     } else {
         None
     };
