@@ -889,6 +889,97 @@ struct SkRows {
   }
 };
 
+// One tile's online-softmax step on scores s (two row halves per thread): weight(nt, e2, hf) is
+// the element's weight (0: not attended); s becomes e^(s - m) * w, m (mrow) and the unweighted
+// sum l (lrow) are updated, alpha is the factor the output accumulator must be rescaled by.
+template <int N8, typename W>
+__device__ __forceinline__ void sk_online_softmax(float (*s)[4], float* mrow, float* lrow,
+                                                  float* alpha, float sl2, W&& weight) {
+#pragma unroll
+  for (int nt = 0; nt < N8; ++nt)
+#pragma unroll
+    for (int e2 = 0; e2 < 2; ++e2)
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        float& x = s[nt][hf * 2 + e2];
+        x = weight(nt, e2, hf) > 0.f ? x * sl2 : neg_inf();
+      }
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    float mx = mrow[hf];
+#pragma unroll
+    for (int nt = 0; nt < N8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][hf * 2], s[nt][hf * 2 + 1]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    float msafe = mx == neg_inf() ? 0.f : mx;
+    alpha[hf] = fast_exp2(mrow[hf] - msafe);
+    mrow[hf] = mx;
+    float ls = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < N8; ++nt)
+#pragma unroll
+      for (int e2 = 0; e2 < 2; ++e2) {
+        float e = fast_exp2(s[nt][hf * 2 + e2] - msafe);
+        ls += e;
+        s[nt][hf * 2 + e2] = e > 0.f ? e * weight(nt, e2, hf) : 0.f;
+      }
+    lrow[hf] = lrow[hf] * alpha[hf] + ls;
+  }
+}
+
+// The forward's epilogue: l summed over the row's four threads, the LSE (log2-domain m) stored,
+// the warp's 16 output rows from r0 stored as acc / l.
+template <typename E, int D>
+__device__ __forceinline__ void sk_fwd_epilogue(E* out, float* lse, const float (*acc)[4],
+                                                const float* mrow, const float* lrow,
+                                                const SkRows& rw, long long qrow0, int r0,
+                                                int T) {
+  float inv[2];
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    float l = lrow[hf];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    inv[hf] = l > 0.f ? 1.f / l : 0.f;
+    if ((threadIdx.x & 3) == 0 && rw.i[hf] >= 0)
+      lse[qrow0 + rw.i[hf]] = l > 0.f ? mrow[hf] * LN2 + logf(l) : neg_inf();
+  }
+  store_acc<E, D>(out + qrow0 * D, acc, r0, T, inv[0], inv[1]);
+}
+
+// dS of one element (score s, dP value dp, weight wv) of query i and key j: P (w dP - delta),
+// adding P dP to r and 1 to |S| when the key is strictly inside the query's support.
+template <int KIND>
+__device__ __forceinline__ float sk_grad_score(float s, float dp, float wv, float l2, float dl,
+                                               float sl2, int i, int j, int window, float& r,
+                                               float& ns) {
+  float a = wv > 0.f ? fast_exp2(s * sl2 - l2) : 0.f;
+  if (sk_in_support<KIND>(wv, i, j, window)) {
+    r += a * dp;
+    ns += 1.f;
+  }
+  return a * (wv * dp - dl);
+}
+
+// The per-row sums r and |S| of the warp's rows (over the row's four threads), stored.
+__device__ __forceinline__ void sk_store_support(float* rsum, float* nsup, const float* r,
+                                                 const float* ns, const SkRows& rw,
+                                                 long long qrow0) {
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    float rs = r[hf], n = ns[hf];
+    rs += __shfl_xor_sync(0xffffffffu, rs, 1);
+    rs += __shfl_xor_sync(0xffffffffu, rs, 2);
+    n += __shfl_xor_sync(0xffffffffu, n, 1);
+    n += __shfl_xor_sync(0xffffffffu, n, 2);
+    int i = rw.i[hf];
+    if (i >= 0 && (threadIdx.x & 3) == 0) {
+      rsum[qrow0 + i] = rs;
+      nsup[qrow0 + i] = n;
+    }
+  }
+}
+
 // Forward (f16 / bf16): online softmax over the tiles, P = e^s weighted by w before P.V.
 template <typename E, int D>
 __device__ void skt_fwd(const E* __restrict__ q, const E* __restrict__ k, const E* __restrict__ v,
@@ -952,40 +1043,14 @@ __device__ void skt_fwd(const E* __restrict__ q, const E* __restrict__ k, const 
         return sk_tile_weight<KIND>(t * TB + col, rw.na[hf], rw.i[hf], j, uj, rw.tau[hf],
                                     rw.cu[hf], rw.cj[hf], window);
       };
+      float alpha[2];
+      sk_online_softmax<N8>(s, mrow, lrow, alpha, sl2, weight);
 #pragma unroll
-      for (int nt = 0; nt < N8; ++nt)
-#pragma unroll
-        for (int e2 = 0; e2 < 2; ++e2)
-#pragma unroll
-          for (int hf = 0; hf < 2; ++hf) {
-            float& x = s[nt][hf * 2 + e2];
-            x = weight(nt, e2, hf) > 0.f ? x * sl2 : neg_inf();
-          }
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        float mx = mrow[hf];
-#pragma unroll
-        for (int nt = 0; nt < N8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][hf * 2], s[nt][hf * 2 + 1]));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        float msafe = mx == neg_inf() ? 0.f : mx;
-        float alpha = fast_exp2(mrow[hf] - msafe);
-        mrow[hf] = mx;
-        float ls = 0.f;
-#pragma unroll
-        for (int nt = 0; nt < N8; ++nt)
-#pragma unroll
-          for (int e2 = 0; e2 < 2; ++e2) {
-            float e = fast_exp2(s[nt][hf * 2 + e2] - msafe);
-            ls += e;
-            s[nt][hf * 2 + e2] = e > 0.f ? e * weight(nt, e2, hf) : 0.f;
-          }
-        lrow[hf] = lrow[hf] * alpha + ls;
-#pragma unroll
-        for (int dt = 0; dt < D / 8; ++dt) {
-          acc[dt][hf * 2] *= alpha;
-          acc[dt][hf * 2 + 1] *= alpha;
-        }
+      for (int dt = 0; dt < D / 8; ++dt) {
+        acc[dt][0] *= alpha[0];
+        acc[dt][1] *= alpha[0];
+        acc[dt][2] *= alpha[1];
+        acc[dt][3] *= alpha[1];
       }
     });
     gemm_pb<E, D, 1, TB / 16>(acc, s, cV, 0);
@@ -993,17 +1058,7 @@ __device__ void skt_fwd(const E* __restrict__ q, const E* __restrict__ k, const 
     buf ^= 1;
   }
   cp_async_wait<0>();
-  float inv[2];
-#pragma unroll
-  for (int hf = 0; hf < 2; ++hf) {
-    float l = lrow[hf];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    inv[hf] = l > 0.f ? 1.f / l : 0.f;
-    if (t4 == 0 && rw.i[hf] >= 0)
-      lse[qrow0 + rw.i[hf]] = l > 0.f ? mrow[hf] * LN2 + logf(l) : neg_inf();
-  }
-  store_acc<E, D>(out + qrow0 * D, acc, m0 + warp * 16, T, inv[0], inv[1]);
+  sk_fwd_epilogue<E, D>(out, lse, acc, mrow, lrow, rw, qrow0, m0 + warp * 16, T);
 }
 
 // Backward, query-major (f16 / bf16): dq (scaled, in the input dtype: every row belongs to one
@@ -1101,12 +1156,8 @@ __device__ void skt_bwd_dq(const E* __restrict__ q, const E* __restrict__ k,
             int x = hf * 2 + e2;
             float wv = sk_tile_weight<KIND>(t * TB + col, rw.na[hf], rw.i[hf], j, uj, rw.tau[hf],
                                             rw.cu[hf], rw.cj[hf], window);
-            float a = wv > 0.f ? fast_exp2(s[nt][x] * sl2 - l2[hf]) : 0.f;
-            if (sk_in_support<KIND>(wv, rw.i[hf], j, window)) {
-              r[hf] += a * dp[nt][x];
-              ns[hf] += 1.f;
-            }
-            s[nt][x] = a * (wv * dp[nt][x] - dl[hf]);
+            s[nt][x] = sk_grad_score<KIND>(s[nt][x], dp[nt][x], wv, l2[hf], dl[hf], sl2, rw.i[hf],
+                                           j, window, r[hf], ns[hf]);
           }
         }
     });
@@ -1115,19 +1166,7 @@ __device__ void skt_bwd_dq(const E* __restrict__ q, const E* __restrict__ k,
     buf ^= 1;
   }
   cp_async_wait<0>();
-#pragma unroll
-  for (int hf = 0; hf < 2; ++hf) {
-    float rs = r[hf], n = ns[hf];
-    rs += __shfl_xor_sync(0xffffffffu, rs, 1);
-    rs += __shfl_xor_sync(0xffffffffu, rs, 2);
-    n += __shfl_xor_sync(0xffffffffu, n, 1);
-    n += __shfl_xor_sync(0xffffffffu, n, 2);
-    int i = rw.i[hf];
-    if (i >= 0 && t4 == 0) {
-      rsum[qrow0 + i] = rs;
-      nsup[qrow0 + i] = n;
-    }
-  }
+  sk_store_support(rsum, nsup, r, ns, rw, qrow0);
   store_acc<E, D>(dq + qrow0 * D, acc, m0 + warp * 16, T, scale, scale);
 }
 
@@ -1624,7 +1663,7 @@ __device__ void skw_fwd(const E* __restrict__ q, const E* __restrict__ k, const 
   const SkTiles& tl = cta.tl;
   const int m0 = cta.m0, bhk = cta.bhk;
   const long long qrow0 = cta.qrow0;
-  const int tid = threadIdx.x - 128, warp = tid / 32, lane = tid & 31, t4 = lane & 3;
+  const int tid = threadIdx.x - 128, warp = tid / 32, lane = tid & 31;
   load_tile_sw128<E, BQ, D, 128>(sm.q, q + qrow0 * D, m0, T, tid);
   cp_async_commit();
   const SkRows rw(m0, warp, bhk, T, tau, cut_u, cut_j, nattend);
@@ -1662,33 +1701,10 @@ __device__ void skw_fwd(const E* __restrict__ q, const E* __restrict__ k, const 
 #pragma unroll
         for (int e2 = 0; e2 < 2; ++e2)
 #pragma unroll
-          for (int hf = 0; hf < 2; ++hf) {
-            float wv = skw_weight<KIND>(tl, rw, cU, t, nt, e2, hf, window);
-            w[nt][hf * 2 + e2] = wv;
-            float& x = s[nt][hf * 2 + e2];
-            x = wv > 0.f ? x * sl2 : neg_inf();
-          }
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        float mx = mrow[hf];
-#pragma unroll
-        for (int nt = 0; nt < N8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][hf * 2], s[nt][hf * 2 + 1]));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        float msafe = mx == neg_inf() ? 0.f : mx;
-        alpha[hf] = fast_exp2(mrow[hf] - msafe);
-        mrow[hf] = mx;
-        float ls = 0.f;
-#pragma unroll
-        for (int nt = 0; nt < N8; ++nt)
-#pragma unroll
-          for (int e2 = 0; e2 < 2; ++e2) {
-            float e = fast_exp2(s[nt][hf * 2 + e2] - msafe);
-            ls += e;
-            s[nt][hf * 2 + e2] = e > 0.f ? e * w[nt][hf * 2 + e2] : 0.f;
-          }
-        lrow[hf] = lrow[hf] * alpha[hf] + ls;
-      }
+          for (int hf = 0; hf < 2; ++hf)
+            w[nt][hf * 2 + e2] = skw_weight<KIND>(tl, rw, cU, t, nt, e2, hf, window);
+      sk_online_softmax<N8>(s, mrow, lrow, alpha, sl2,
+                            [&](int nt, int e2, int hf) { return w[nt][hf * 2 + e2]; });
     });
   };
   auto rescale_to_pa = [&]() {
@@ -1742,17 +1758,7 @@ __device__ void skw_fwd(const E* __restrict__ q, const E* __restrict__ k, const 
   wgmma_wait<0>();
   wgmma_fence_regs<DT>(acc);
 
-  float inv[2];
-#pragma unroll
-  for (int hf = 0; hf < 2; ++hf) {
-    float l = lrow[hf];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    inv[hf] = l > 0.f ? 1.f / l : 0.f;
-    if (t4 == 0 && rw.i[hf] >= 0)
-      lse[qrow0 + rw.i[hf]] = l > 0.f ? mrow[hf] * LN2 + logf(l) : neg_inf();
-  }
-  store_acc<E, D>(out + qrow0 * D, acc, m0 + warp * 16, T, inv[0], inv[1]);
+  sk_fwd_epilogue<E, D>(out, lse, acc, mrow, lrow, rw, qrow0, m0 + warp * 16, T);
 #endif
 }
 
@@ -1836,12 +1842,8 @@ __device__ void skw_bwd_dq(const E* __restrict__ q, const E* __restrict__ k,
             const int x = hf * 2 + e2;
             float wv = skw_weight<KIND>(tl, rw, cU, t, nt, e2, hf, window);
             int j = KIND == SK_BAND ? tl.e0 + (t - tl.ntl) * TB + nt * 8 + 2 * (lane & 3) + e2 : 0;
-            float a = wv > 0.f ? fast_exp2(s[nt][x] * sl2 - l2[hf]) : 0.f;
-            if (sk_in_support<KIND>(wv, rw.i[hf], j, window)) {
-              r[hf] += a * dp[nt][x];
-              ns[hf] += 1.f;
-            }
-            s[nt][x] = a * (wv * dp[nt][x] - dl[hf]);
+            s[nt][x] = sk_grad_score<KIND>(s[nt][x], dp[nt][x], wv, l2[hf], dl[hf], sl2, rw.i[hf],
+                                           j, window, r[hf], ns[hf]);
           }
     });
   };
@@ -1877,19 +1879,7 @@ __device__ void skw_bwd_dq(const E* __restrict__ q, const E* __restrict__ k,
   issue_dq(t);
   wgmma_wait<0>();
   wgmma_fence_regs<DT>(acc);
-#pragma unroll
-  for (int hf = 0; hf < 2; ++hf) {
-    float rs = r[hf], n = ns[hf];
-    rs += __shfl_xor_sync(0xffffffffu, rs, 1);
-    rs += __shfl_xor_sync(0xffffffffu, rs, 2);
-    n += __shfl_xor_sync(0xffffffffu, n, 1);
-    n += __shfl_xor_sync(0xffffffffu, n, 2);
-    int i = rw.i[hf];
-    if (i >= 0 && (lane & 3) == 0) {
-      rsum[qrow0 + i] = rs;
-      nsup[qrow0 + i] = n;
-    }
-  }
+  sk_store_support(rsum, nsup, r, ns, rw, qrow0);
   store_acc<E, D>(dq + qrow0 * D, acc, m0 + warp * 16, T, scale, scale);
 #endif
 }
