@@ -1313,8 +1313,14 @@ __device__ void skt_bwd_dkv_band(const E* __restrict__ q, const E* __restrict__ 
     int e0 = block_start(c, window), e1 = min(T, c * BQ + BQ), jb[2];
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) jb[hf] = jk[hf] >= e0 && jk[hf] < e1 ? jk[hf] : -1;
-    skt_dkv_step<E, D, SK_BAND>(adv, adk, gu, sK, sV, sQ + buf * BQ * SD, sG + buf * BQ * SD, st,
-                                jb, uk, jb, sl2, window);
+    // Every key of this block before every query of block c and inside its window: weight 1, no
+    // test and no score gradient (SK_FULL; padding queries have zero Q and dO rows).
+    const bool full = c > kb && j0 > c * BQ + BQ - 1 - window;
+    const E *cQ = sQ + buf * BQ * SD, *cG = sG + buf * BQ * SD;
+    if (full)
+      skt_dkv_step<E, D, SK_FULL>(adv, adk, gu, sK, sV, cQ, cG, st, jb, uk, jb, sl2, window);
+    else
+      skt_dkv_step<E, D, SK_BAND>(adv, adk, gu, sK, sV, cQ, cG, st, jb, uk, jb, sl2, window);
     __syncthreads();
     buf ^= 1;
   }

@@ -65,13 +65,14 @@
 //!
 //! # Performance (measured: H100, bf16, B = 4, H = 48, D = 64, k = 256, window = 256, K′ = 512)
 //! Forward + backward with the output gradient handed in (the op's own time, CUDA memory pool
-//! kept as `train_char_lm` runs): 24.8 ms at 16k and 49.8 ms at 32k tokens (×2.01), against the
-//! dense [`crate::flash_attn`] at 83.1 / 322.0 ms: **3.35× / 6.46× faster**; forward alone 4.9 /
-//! 9.8 ms. Without the pool kept: 13.9 / 28.1 / 56.0 / 111.4 ms at 8k / 16k / 32k / 64k (×2.02,
-//! ×1.99, ×1.99) with 2.33 / 4.02 / 7.30 / 13.80 GiB in use after the backward. Through the loss
-//! `(out·g).sum()` add the loss ops' ≈ 18 ms at 16k. The 5× target at 16k (≈ 16.6 ms) is not
-//! reached. At 16k the kernels take about 21 ms: selection 1.6 (lists 0.6, `sk_select` 1.0),
-//! Hopper forward ≈ 3.3, Hopper dQ ≈ 4.0, dK / dV / dScores 4.1 (band) + 7.1 (list tiles) + 0.8
+//! kept as `train_char_lm` runs): 24.4 ms at 16k and 48.7 ms at 32k tokens (×1.99), against the
+//! dense [`crate::flash_attn`] at 83.7 / 323.1 ms: **3.42× / 6.63× faster**; forward alone 5.0 /
+//! 9.9 ms. Without the pool kept (before the band kernel's last change, about 0.7 ms slower):
+//! 13.9 / 28.1 / 56.0 / 111.4 ms at 8k / 16k / 32k / 64k (×2.02, ×1.99, ×1.99) with 2.33 / 4.02 /
+//! 7.30 / 13.80 GiB in use after the backward. Through the loss `(out·g).sum()` add the loss ops'
+//! ≈ 18 ms at 16k. The 5× target at 16k (≈ 16.7 ms) is not reached. At 16k the kernels take
+//! 20.1 ms: selection 1.6 (lists 0.6, `sk_select` 1.0), Hopper forward 3.45, Hopper dQ 3.80,
+//! dK / dV / dScores 3.37 (band) + 7.06 (list tiles) + 0.82
 //! (conversion); the rest is candle's per-gradient zero + add, as for the dense op. The list
 //! tiles' dK / dV kernel is bound by its f32 atomics (89 % of L2 throughput): every query block
 //! adds the gradients of its list keys. Tables, commands and the history of each step are in
