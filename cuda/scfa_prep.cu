@@ -220,6 +220,14 @@ extern "C" __global__ void bucket_sort(const int *__restrict__ ids, int *__restr
   const uint32_t hi = (uint64_t)lo + seg < t ? lo + seg : t;
   const uint32_t lower = (1u << lane) - 1u;
 
+  // Slot of step i of the segment: its bucket, n_buckets for an invalid id, and for steps past
+  // the segment (inactive lanes) -1, a key no active lane can have.
+  auto slot_of = [&](uint32_t i) -> int {
+    if (i >= hi) return -1;
+    const int b = id[i];
+    return b >= 0 && (uint32_t)b < n_buckets ? b : (int)n_buckets;
+  };
+
   for (uint32_t e = threadIdx.x; e < warps * slots; e += blockDim.x) {
     counts[e] = 0;
   }
@@ -234,10 +242,7 @@ extern "C" __global__ void bucket_sort(const int *__restrict__ ids, int *__restr
   for (uint32_t base = lo; base < hi; base += 32) {
     const uint32_t i = base + lane;
     const bool active = i < hi;
-    const int b = active ? id[i] : 0;
-    const bool valid = b >= 0 && (uint32_t)b < n_buckets;
-    // Inactive lanes take a key no active lane can have.
-    const int slot = !active ? -1 : (valid ? b : (int)n_buckets);
+    const int slot = slot_of(i);
     const uint32_t peers = __match_any_sync(FULL_MASK, slot);
     if (active && lane == (uint32_t)(__ffs(peers) - 1)) {
       mine[slot] += __popc(peers);
@@ -286,9 +291,7 @@ extern "C" __global__ void bucket_sort(const int *__restrict__ ids, int *__restr
   for (uint32_t base = lo; base < hi; base += 32) {
     const uint32_t i = base + lane;
     const bool active = i < hi;
-    const int b = active ? id[i] : 0;
-    const bool valid = b >= 0 && (uint32_t)b < n_buckets;
-    const int slot = !active ? -1 : (valid ? b : (int)n_buckets);
+    const int slot = slot_of(i);
     const uint32_t peers = __match_any_sync(FULL_MASK, slot);
     const int start = active ? mine[slot] : 0;
     __syncwarp();
@@ -297,10 +300,11 @@ extern "C" __global__ void bucket_sort(const int *__restrict__ ids, int *__restr
     }
     __syncwarp();
     if (active) {
+      const bool valid = slot < (int)n_buckets;  // the slot is the row's bucket
       const uint32_t dst = (uint32_t)start + __popc(peers & lower);
       if (dst < t) {
         out_pos[dst] = valid ? (int)i : pad_pos;
-        out_bkt[dst] = valid ? b : pad_bucket;
+        out_bkt[dst] = valid ? slot : pad_bucket;
       }
       out_inv[i] = valid && dst < t ? (int)dst : -1;
     }

@@ -297,7 +297,9 @@ struct QueryMajor {
     /// Names of the forward and dQ kernels.
     fwd: String,
     dq: String,
-    /// Threads per block of both.
+    /// Grid and threads per block of both: one block per (query block, batch × q head) for the
+    /// tensor-core kernels, `WARPS` query rows per block for the row kernels.
+    grid: (usize, usize),
     threads: usize,
     /// Dynamic shared memory of the forward and of dQ.
     smem_fwd: usize,
@@ -307,13 +309,22 @@ struct QueryMajor {
 /// The query-major kernels of a call: the row kernels (`sk_*`) for f32 and head_dim 256, the
 /// Hopper kernels (`skw_*`: warpgroup MMA, a producer warpgroup gathering K / V) on compute
 /// capability 9.0 for f16 / bf16 at head_dim 64 and 128 unless [`KERNEL_ENV`] is `mma`, else the
-/// `mma.sync` kernels (`skt_*`). `cap` (K′) sizes the Hopper kernels' list buffer.
-fn query_major(dev: &CudaDevice, dtype: DType, d: usize, cap: usize) -> Result<QueryMajor> {
+/// `mma.sync` kernels (`skt_*`), for a call of `dims` with `blocks` query blocks; K′ sizes the
+/// Hopper kernels' list buffer.
+fn query_major(
+    dev: &CudaDevice,
+    dtype: DType,
+    dims: Dims,
+    scfg: &SparseKConfig,
+    blocks: usize,
+) -> Result<QueryMajor> {
+    let (d, cap) = (dims.d, scfg.cap());
     let tn = dtype_suffix(dtype, "sparsek")?;
     if !tensor_cores(dtype, d) {
         return Ok(QueryMajor {
             fwd: format!("sk_fwd_{tn}_d{d}"),
             dq: format!("sk_bwd_dq_{tn}_d{d}"),
+            grid: ((dims.b * dims.hq * dims.t).div_ceil(WARPS), 1),
             threads: 32 * WARPS,
             smem_fwd: 0,
             smem_dq: 0,
@@ -326,10 +337,12 @@ fn query_major(dev: &CudaDevice, dtype: DType, d: usize, cap: usize) -> Result<Q
     } else {
         None
     };
+    let grid = (blocks, dims.b * dims.hq);
     Ok(match hopper {
         Some((f, q)) => QueryMajor {
             fwd: format!("skw_fwd_{tn}_d{d}_{}", f.tag()),
             dq: format!("skw_bwd_dq_{tn}_d{d}_{}", q.tag()),
+            grid,
             threads: 256,
             smem_fwd: f.smem(1, cap),
             smem_dq: q.smem(2, cap),
@@ -337,6 +350,7 @@ fn query_major(dev: &CudaDevice, dtype: DType, d: usize, cap: usize) -> Result<Q
         None => QueryMajor {
             fwd: format!("skt_fwd_{tn}_d{d}"),
             dq: format!("skt_bwd_dq_{tn}_d{d}"),
+            grid,
             threads: 128,
             smem_fwd: tc_smem(d, 1),
             smem_dq: tc_smem(d, 2),
@@ -446,7 +460,7 @@ fn fwd_t<T: CudaDType + candle::cuda_backend::cudarc::driver::DeviceRepr>(
     let mut out = unsafe { dev.alloc::<T>(rows * dims.d) }?;
     let mut lse = unsafe { dev.alloc::<f32>(rows) }?;
     let sc = Scalars::new(dims, scfg, sel.blocks, scale);
-    let qm = query_major(&dev, sq.dtype(), dims.d, scfg.cap())?;
+    let qm = query_major(&dev, sq.dtype(), dims, scfg, sel.blocks)?;
     let f = func!(dev, &qm.fwd, qm.smem_fwd);
     let mut b = f.builder();
     b.arg(&q);
@@ -455,12 +469,7 @@ fn fwd_t<T: CudaDType + candle::cuda_backend::cudarc::driver::DeviceRepr>(
     b.arg(&mut out);
     b.arg(&mut lse);
     push_params(&mut b, &u, sel, &sc);
-    let launch = if tensor_cores(sq.dtype(), dims.d) {
-        cfg((sel.blocks, dims.b * dims.hq), qm.threads, qm.smem_fwd)?
-    } else {
-        cfg((rows.div_ceil(WARPS), 1), qm.threads, 0)?
-    };
-    unsafe { b.launch(launch) }.w()?;
+    unsafe { b.launch(cfg(qm.grid, qm.threads, qm.smem_fwd)?) }.w()?;
     Ok((
         CudaStorage::wrap_cuda_slice(out, dev.clone()),
         CudaStorage::wrap_cuda_slice(lse, dev),
@@ -524,12 +533,7 @@ fn bwd_t<T: CudaDType + candle::cuda_backend::cudarc::driver::DeviceRepr>(
     let rows_q = dims.b * dims.hq * dims.t;
     let rows_k = dims.b * dims.hkv * dims.t;
     let tc = tensor_cores(dtype, dims.d);
-    let qm = query_major(&dev, dtype, dims.d, scfg.cap())?;
-    let launch = if tc {
-        cfg((sel.blocks, dims.b * dims.hq), qm.threads, qm.smem_dq)?
-    } else {
-        cfg((rows_q.div_ceil(WARPS), 1), qm.threads, 0)?
-    };
+    let qm = query_major(&dev, dtype, dims, scfg, sel.blocks)?;
     // Every element of these is written by the kernels below (no zeroing).
     let mut dq = unsafe { dev.alloc::<T>(rows_q * dims.d) }?;
     let mut du = unsafe { dev.alloc::<f32>(rows_k) }?;
@@ -552,7 +556,7 @@ fn bwd_t<T: CudaDType + candle::cuda_backend::cudarc::driver::DeviceRepr>(
         b.arg(&mut rsum);
         b.arg(&mut nsup);
         push_params(&mut b, &u, sel, &sc);
-        unsafe { b.launch(launch) }.w()?;
+        unsafe { b.launch(cfg(qm.grid, qm.threads, qm.smem_dq)?) }.w()?;
     }
     let nk = rows_k * dims.d;
     let mut dk = unsafe { dev.alloc::<T>(nk) }?;
