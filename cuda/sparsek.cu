@@ -1210,25 +1210,18 @@ __device__ __forceinline__ void sk_load_qstats(SkQStats& st, int m0, long long k
   }
 }
 
-// One step for the warp's 16 keys (rows warp * 16 .. of cK / cV; this thread's rows gq and gq + 8
-// have positions jk (-1: skip), scores uk and, in a list tile (KIND = SK_LIST), list indices rk)
-// against the BQ queries of sQ / sG: adds dV += (a w)^T dO to adv, dK += dS^T Q (unscaled) to
-// adk and the score gradient to gu.
-template <typename E, int D, int KIND>
-__device__ __forceinline__ void skt_dkv_step(float (*adv)[4], float (*adk)[4], float* gu,
-                                             const E* cK, const E* cV, const E* sQ, const E* sG,
+// The element-wise part of a key-side step: S^T (s) and dP^T (dpt) of this thread's two key rows
+// (positions jk, -1: skip; scores uk; list indices rk for SK_LIST) against the BQ queries of `st`
+// (C fragments, rows gq and gq + 8 of the warp's 16, column n = nt * 8 + 2 t4 + e2) become
+// P^T w (s) and dS^T (dpt), and the score gradient of the keys strictly inside a query's support
+// is added to gu.
+template <int KIND>
+__device__ __forceinline__ void sk_dkv_grads(float (*s)[4], float (*dpt)[4], float* gu,
                                              const SkQStats& st, const int* jk, const float* uk,
                                              const int* rk, float sl2, int window) {
-  constexpr int N8 = BQ / 8;
-  const int warp = threadIdx.x / 32, t4 = threadIdx.x & 3;
-  float s[N8][4], dpt[N8][4];
+  const int t4 = threadIdx.x & 3;
 #pragma unroll
-  for (int x = 0; x < N8; ++x)
-    s[x][0] = s[x][1] = s[x][2] = s[x][3] = dpt[x][0] = dpt[x][1] = dpt[x][2] = dpt[x][3] = 0.f;
-  gemm_abt<E, D, 1, N8, false>(s, nullptr, cK, warp * 16, sQ, 0);
-  gemm_abt<E, D, 1, N8, false>(dpt, nullptr, cV, warp * 16, sG, 0);
-#pragma unroll
-  for (int nt = 0; nt < N8; ++nt)
+  for (int nt = 0; nt < BQ / 8; ++nt)
 #pragma unroll
     for (int e2 = 0; e2 < 2; ++e2) {
       int n = nt * 8 + 2 * t4 + e2, i = st.i[n];
@@ -1245,6 +1238,25 @@ __device__ __forceinline__ void skt_dkv_step(float (*adv)[4], float (*adk)[4], f
         dpt[nt][x] = a * (wv * dpv - st.dl[n]);
       }
     }
+}
+
+// One step for the warp's 16 keys (rows warp * 16 .. of cK / cV) against the BQ queries of sQ /
+// sG (sk_dkv_grads' arguments): adds dV += (a w)^T dO to adv, dK += dS^T Q (unscaled) to adk and
+// the score gradient to gu.
+template <typename E, int D, int KIND>
+__device__ __forceinline__ void skt_dkv_step(float (*adv)[4], float (*adk)[4], float* gu,
+                                             const E* cK, const E* cV, const E* sQ, const E* sG,
+                                             const SkQStats& st, const int* jk, const float* uk,
+                                             const int* rk, float sl2, int window) {
+  constexpr int N8 = BQ / 8;
+  const int warp = threadIdx.x / 32;
+  float s[N8][4], dpt[N8][4];
+#pragma unroll
+  for (int x = 0; x < N8; ++x)
+    s[x][0] = s[x][1] = s[x][2] = s[x][3] = dpt[x][0] = dpt[x][1] = dpt[x][2] = dpt[x][3] = 0.f;
+  gemm_abt<E, D, 1, N8, false>(s, nullptr, cK, warp * 16, sQ, 0);
+  gemm_abt<E, D, 1, N8, false>(dpt, nullptr, cV, warp * 16, sG, 0);
+  sk_dkv_grads<KIND>(s, dpt, gu, st, jk, uk, rk, sl2, window);
   gemm_pb<E, D, 1, BQ / 16>(adv, s, sG, 0);
   gemm_pb<E, D, 1, BQ / 16>(adk, dpt, sQ, 0);
 }
@@ -1341,6 +1353,42 @@ __device__ void skt_bwd_dkv_band(const E* __restrict__ q, const E* __restrict__ 
   }
 }
 
+// Adds the key-side accumulators of this thread's two key rows (positions jk, -1: none; C
+// fragments adv, adk of D columns; score gradients gu) to the f32 accumulator [dK | dV] (dK
+// scaled) and to du, with vector atomics.
+template <int D>
+__device__ __forceinline__ void sk_add_dkv(float* dacc, float* du, long long nkd, long long krow0,
+                                           const int* jk, const float (*adv)[4],
+                                           const float (*adk)[4], const float* gu, float scale) {
+  const int t4 = threadIdx.x & 3;
+#pragma unroll
+  for (int pass = 0; pass < 2; ++pass) {
+    const float(*acc)[4] = pass == 0 ? adv : adk;
+    float mul = pass == 0 ? 1.f : scale;
+    long long off = pass == 0 ? nkd : 0;
+    // Quad pairs swap halves so that each thread adds 4 consecutive floats of one key row:
+    // even t4 row gq, odd t4 row gq + 8, columns 4 * (t4 / 2) .. + 4 of each 8-column chunk.
+    const int odd = t4 & 1, jr = jk[odd];
+    float* dr = dacc + off + (krow0 + (jr >= 0 ? jr : 0)) * D + 4 * (t4 >> 1);
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) {
+      float a0 = acc[dt][0] * mul, a1 = acc[dt][1] * mul, b0 = acc[dt][2] * mul,
+            b1 = acc[dt][3] * mul;
+      float r0 = __shfl_xor_sync(0xffffffffu, odd ? a0 : b0, 1);
+      float r1 = __shfl_xor_sync(0xffffffffu, odd ? a1 : b1, 1);
+      if (jr >= 0) {
+        if (odd) red_add4(dr + dt * 8, r0, r1, b0, b1);
+        else red_add4(dr + dt * 8, a0, a1, r0, r1);
+      }
+    }
+  }
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    float gs = quad_sum(gu[hf]);
+    if (t4 == 0 && jk[hf] >= 0 && gs != 0.f) atomicAdd(du + krow0 + jk[hf], gs);
+  }
+}
+
 template <typename E, int D>
 __device__ void skt_bwd_dkv(const E* __restrict__ q, const E* __restrict__ k,
                             const E* __restrict__ v, const E* __restrict__ go,
@@ -1352,7 +1400,7 @@ __device__ void skt_bwd_dkv(const E* __restrict__ q, const E* __restrict__ k,
   __shared__ SkQStats st;
   SkSmem<E, D, 2> sm(smem_raw);
   E* sG = sm.q + BQ * SD;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, gq = lane >> 2, t4 = lane & 3;
+  const int warp = threadIdx.x / 32, gq = (threadIdx.x & 31) >> 2;
   const int c = blockIdx.x, bh = blockIdx.y, b = bh / Hq, h = bh % Hq;
   const int bhk = b * Hkv + h / (Hq / Hkv), m0 = c * BQ;
   const long long qrow0 = (long long)bh * T, krow0 = (long long)bhk * T;
@@ -1401,32 +1449,7 @@ __device__ void skt_bwd_dkv(const E* __restrict__ q, const E* __restrict__ k,
           adk[x][3] = 0.f;
     skt_dkv_step<E, D, SK_LIST>(adv, adk, gu, sm.k + buf * TB * SD, sm.v + buf * TB * SD, sm.q,
                                 sG, st, jk, uk, rk, sl2, window);
-#pragma unroll
-    for (int pass = 0; pass < 2; ++pass) {
-      float(*acc)[4] = pass == 0 ? adv : adk;
-      float mul = pass == 0 ? 1.f : scale;
-      long long off = pass == 0 ? nkd : 0;
-      // Quad pairs swap halves so that each thread adds 4 consecutive floats of one key row:
-      // even t4 row gq, odd t4 row gq + 8, columns 4 * (t4 / 2) .. + 4 of each 8-column chunk.
-      const int odd = t4 & 1, jr = jk[odd];
-      float* dr = dacc + off + (krow0 + (jr >= 0 ? jr : 0)) * D + 4 * (t4 >> 1);
-#pragma unroll
-      for (int dt = 0; dt < D / 8; ++dt) {
-        float a0 = acc[dt][0] * mul, a1 = acc[dt][1] * mul, b0 = acc[dt][2] * mul,
-              b1 = acc[dt][3] * mul;
-        float r0 = __shfl_xor_sync(0xffffffffu, odd ? a0 : b0, 1);
-        float r1 = __shfl_xor_sync(0xffffffffu, odd ? a1 : b1, 1);
-        if (jr >= 0) {
-          if (odd) red_add4(dr + dt * 8, r0, r1, b0, b1);
-          else red_add4(dr + dt * 8, a0, a1, r0, r1);
-        }
-      }
-    }
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      float gs = quad_sum(gu[hf]);
-      if (t4 == 0 && jk[hf] >= 0 && gs != 0.f) atomicAdd(du + krow0 + jk[hf], gs);
-    }
+    sk_add_dkv<D>(dacc, du, nkd, krow0, jk, adv, adk, gu, scale);
     __syncthreads();
     buf ^= 1;
   }
@@ -1890,6 +1913,358 @@ __device__ void skw_bwd_dq(const E* __restrict__ q, const E* __restrict__ k,
 #endif
 }
 
+// ---------------------------------------------------------------------------------------------
+// Hopper list part of dK, dV and du (f16 / bf16, head_dim 64 and 128), replacing skt_bwd_dkv on
+// compute capability 9.0. One warpgroup per (group of G consecutive query blocks, batch * q head):
+// the lists of consecutive blocks share most of their keys, so the CTA walks the union of the G
+// blocks' attended list prefixes once, accumulating each key tile's dK, dV over the G blocks in
+// registers (warpgroup MMA, the keys as the M side) before one vector-atomic add: G times fewer
+// atomics than a walk per block.
+// - The union: block g's list is the top-cap of the prefix [0, e_g); an old key (position < e_0)
+//   of a later block's list is in block 0's list (fewer keys rank above it in the shorter prefix),
+//   at the index a binary search finds; a new key (e_0 <= j < e_{G-1}) has slot cap + j - e_0.
+//   Each slot gets the mask of the blocks whose attended prefix holds it; the slots are sorted by
+//   mask (first block, then last block: the masks are intervals when tau is monotone), so that a
+//   tile of 64 union keys runs only for the blocks of its mask's union.
+// - Weights: sk_weight for keys older than the block's band start e_g (newer keys are the band
+//   kernel's), which for a list key is exactly the forward's list weight; its tests fold into one
+//   threshold per query (SkListQuery).
+// Shared memory: G query tiles Q and dO (128-byte swizzled), two K / V tile buffers (the union's
+// construction uses them as scratch first), the G blocks' SkListQuery records, the union (positions, scores,
+// masks), the tiles' masks and the list of steps (tile, block).
+// Per-query data of the list kernel, one 32-byte record per query: key (u, j) is attended when
+// u > th or (u == th and j >= tj), with th, tj folded from tau and the cut (the cut only matters
+// when it lies above tau); th = +inf for padding queries.
+struct __align__(16) SkListQuery {
+  float th, tau, l2, dl, rn;
+  int tj;
+  float pad[2];
+};
+
+template <int G>
+__host__ __device__ constexpr int skw_list_slots(int cap) { return cap + (G - 1) * BQ; }
+
+template <typename E, int D, int G>
+__device__ void skw_bwd_dkv_list(const E* __restrict__ q, const E* __restrict__ k,
+                                 const E* __restrict__ v, const E* __restrict__ go,
+                                 const float* __restrict__ lse, const float* __restrict__ delta,
+                                 const float* __restrict__ rsum, const float* __restrict__ nsup,
+                                 float* __restrict__ dacc, float* __restrict__ du, SK_PARAMS) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int N8 = BQ / 8, DT = D / 8;
+  static_assert(D % 64 == 0 && G >= 1 && G <= 8, "skw_bwd_dkv_list: head_dim 64 or 128");
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  E* sQ = reinterpret_cast<E*>(smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023));
+  E* sG = sQ + G * BQ * D;
+  E* sK = sG + G * BQ * D;  // [2][TB * D]
+  E* sV = sK + 2 * TB * D;  // [2][TB * D]
+  SkListQuery* sq = reinterpret_cast<SkListQuery*>(sV + 2 * TB * D);  // [G * BQ]
+  const int ni = skw_list_slots<G>(cap);
+  int* uj = reinterpret_cast<int*>(sq + G * BQ);         // [ni] union positions
+  float* uu = reinterpret_cast<float*>(uj + ni);         // [ni] union scores
+  uint8_t* um = reinterpret_cast<uint8_t*>(uu + ni);     // [ni] union masks
+  uint8_t* tmask = um + ni;                              // [ni / TB + 1] tile masks
+  uint16_t* steps = reinterpret_cast<uint16_t*>(           // [(ni / TB + 1) * G] steps
+      tmask + (ni / TB + 2) / 2 * 2);
+  // Scratch of the union's construction (in the K / V buffers): block 0's list, the slot masks.
+  float* sLu = reinterpret_cast<float*>(sK);
+  int* sLj = reinterpret_cast<int*>(sLu + cap);
+  int* mark = sLj + cap;
+  __shared__ int s_off[1 << G], s_nu, s_nsteps;
+
+  const int tid = threadIdx.x, warp = tid / 32, gq = (tid & 31) >> 2;
+  const int c0 = blockIdx.x * G, bh = blockIdx.y, b = bh / Hq, h = bh % Hq;
+  const int bhk = b * Hkv + h / (Hq / Hkv), gl = min(G, nb - c0);
+  const long long qrow0 = (long long)bh * T, krow0 = (long long)bhk * T;
+  const long long nkd = (long long)B * Hkv * T * D, lrow = (long long)bhk * nb;
+  const E* kr = k + krow0 * D;
+  const E* vr = v + krow0 * D;
+  const float* ur = u + krow0;
+  const float sl2 = scale * LOG2E;
+  const int e_first = min(T, block_start(c0, window));
+
+  bool any = false;
+  for (int g = 0; g < gl; ++g) any |= nlist[lrow + c0 + g] > 0;
+  if (!any) return;  // only band keys (the band kernel's)
+
+  for (int g = 0; g < gl; ++g) {
+    load_tile_sw128<E, BQ, D, 128>(sQ + g * BQ * D, q + qrow0 * D, (c0 + g) * BQ, T, tid);
+    load_tile_sw128<E, BQ, D, 128>(sG + g * BQ * D, go + qrow0 * D, (c0 + g) * BQ, T, tid);
+  }
+  cp_async_commit();
+  for (int n = tid; n < G * BQ; n += 128) {
+    const int i = (c0 + n / BQ) * BQ + n % BQ;
+    const bool ok = n / BQ < gl && i < T;
+    const long long ti = krow0 + i, qi = qrow0 + i;
+    SkListQuery x{pos_inf(), 0.f, 0.f, 0.f, 0.f, INT_MAX, {0.f, 0.f}};
+    if (ok) {
+      const float ta = tau[ti], cu = cut_u[ti];
+      const int cj = cut_j[ti];
+      const bool by_tau = cj < 0 || ta >= cu;
+      x.th = by_tau ? ta : cu;
+      x.tj = by_tau ? INT_MAX : cj;
+      x.tau = ta;
+      x.l2 = lse[qi] * LOG2E;
+      x.dl = delta[qi];
+      const float ns = nsup[qi];
+      x.rn = ns > 0.f ? rsum[qi] / ns : 0.f;
+    }
+    sq[n] = x;
+  }
+
+  // The union: block 0's list into shared memory, every block's attended prefix marks its slots.
+  const float* lu0 = lu + (lrow + c0) * cap;
+  const int* lj0 = lj + (lrow + c0) * cap;
+  for (int r = tid; r < cap; r += 128) {
+    sLu[r] = lu0[r];
+    sLj[r] = lj0[r];
+  }
+  for (int x = tid; x < ni; x += 128) mark[x] = 0;
+  if (tid < (1 << G)) s_off[tid] = 0;
+  __syncthreads();
+  for (int g = 0; g < gl; ++g) {
+    const long long base = (lrow + c0 + g) * cap;
+    const int nl = nlist[lrow + c0 + g];
+    for (int r = tid; r < nl; r += 128) {
+      const int j = lj[base + r];
+      if (j < 0) continue;
+      const int x = g == 0 ? r
+                  : j < e_first ? count_gt(sLu, sLj, cap, lu[base + r], j)
+                                : cap + j - e_first;
+      atomicOr(mark + x, 1 << g);
+    }
+  }
+  __syncthreads();
+  for (int x = tid; x < ni; x += 128)
+    if (mark[x]) atomicAdd(s_off + mark[x], 1);
+  __syncthreads();
+  if (tid == 0) {
+    // Bins in the order of (first block, last block) of the mask, exclusive offsets.
+    int pos = 0;
+    for (int a = 0; a < G; ++a)
+      for (int z = a; z < G; ++z)
+        for (int m = 1; m < (1 << G); ++m)
+          if (__ffs(m) - 1 == a && 31 - __clz(m) == z) {
+            const int n = s_off[m];
+            s_off[m] = pos;
+            pos += n;
+          }
+    s_nu = pos;
+  }
+  __syncthreads();
+  const int nu = s_nu, nt = (nu + TB - 1) / TB;
+  for (int x = tid; x < ni; x += 128) {
+    const int m = mark[x];
+    if (!m) continue;
+    const int p = atomicAdd(s_off + m, 1);
+    const int j = x < cap ? sLj[x] : e_first + x - cap;
+    uj[p] = j;
+    uu[p] = x < cap ? sLu[x] : ur[j] + 0.f;
+    um[p] = (uint8_t)m;
+  }
+  __syncthreads();
+  for (int t = tid; t < nt; t += 128) {
+    int m = 0;
+    for (int r = t * TB; r < min(nu, t * TB + TB); ++r) m |= um[r];
+    tmask[t] = (uint8_t)m;
+  }
+  __syncthreads();
+  if (tid == 0) {  // the steps: (tile, block) for the blocks of each tile's mask
+    int n = 0;
+    for (int t = 0; t < nt; ++t)
+      for (int m = tmask[t]; m; m &= m - 1) steps[n++] = (uint16_t)(t << 4 | (__ffs(m) - 1));
+    s_nsteps = n;
+  }
+  // Tile t's K and V rows into buffer t & 1 (zero rows past the union).
+  auto gather = [&](int t) {
+    constexpr int CH = D / 8, RS = 128 / CH, NR = TB / RS;
+    const int r0 = tid / CH, cc = tid % CH;
+    const int soff = (cc / 8) * TB * 64 + r0 * 64 + ((cc % 8) ^ (r0 & 7)) * 8;
+    E* dk = sK + (t & 1) * TB * D + soff;
+    E* dv = sV + (t & 1) * TB * D + soff;
+#pragma unroll
+    for (int m = 0; m < NR; ++m) {
+      const int rr = t * TB + r0 + m * RS, j = rr < nu ? uj[rr] : -1;
+      cp_async16(dk + m * RS * 64, kr + (long long)max(j, 0) * D + cc * 8, j >= 0);
+      cp_async16(dv + m * RS * 64, vr + (long long)max(j, 0) * D + cc * 8, j >= 0);
+    }
+    cp_async_commit();
+  };
+  __syncthreads();  // the scratch is dead, the tile masks are visible
+  gather(0);
+  if (nt > 1) gather(1);
+
+  float adk[DT][4], adv[DT][4], gu[2] = {0.f, 0.f}, gs[2];
+#pragma unroll
+  for (int x = 0; x < DT; ++x)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) adk[x][e] = adv[x][e] = 0.f;
+  float s[N8][4], dp[N8][4];
+  uint32_t pa[BQ / 16][4], da[BQ / 16][4];
+  int jk[2];  // the current tile's positions of this thread's two key rows
+  auto keys = [&](int t, int* j, float* uo) {
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int rr = t * TB + warp * 16 + gq + hf * 8;
+      j[hf] = rr < nu ? uj[rr] : -1;
+      uo[hf] = rr < nu ? uu[rr] : 0.f;
+    }
+  };
+  // S^T = K Q^T and dP^T = V dO^T of step (tile t, block g), one commit group.
+  auto issue_sdp = [&](int t, int g) {
+    wgmma_fence();
+    skw_issue_abt<E, D>(s, sK + (t & 1) * TB * D, sQ + g * BQ * D);
+    skw_issue_abt<E, D>(dp, sV + (t & 1) * TB * D, sG + g * BQ * D);
+    wgmma_commit();
+  };
+  // The weights of step (t, g) (sk_weight for the list keys, its tests folded into th, tj; keys
+  // of the block's band are the band kernel's): they depend only on positions and scores, so at
+  // head_dim 64 they are computed while the step's S^T and dP^T are on the tensor cores (at 128
+  // the registers are short: after).
+  constexpr bool early_weights = D <= 64;
+  float wv[N8][4];
+  // This thread's two key rows of tile t for block g: positions j, scores uk (-inf: none, or in
+  // the block's band).
+  auto row_keys = [&](int t, int g, int* j, float* uk) {
+    keys(t, j, uk);
+    const int eg = min(T, block_start(c0 + g, window));
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf)
+      if (j[hf] < 0 || j[hf] >= eg) uk[hf] = neg_inf();
+  };
+  auto weight = [](float uk, int j, float th, int tj, float ta) {
+    const bool on = uk > th || (uk == th && j >= tj);
+    return on ? fminf(uk - ta, 1.f) : 0.f;
+  };
+  auto weights = [&](int t, int g) {
+    int j[2];
+    float uk[2];
+    row_keys(t, g, j, uk);
+    const SkListQuery* cq = sq + g * BQ + 2 * (tid & 3);
+#pragma unroll
+    for (int nt = 0; nt < N8; ++nt)
+#pragma unroll
+      for (int e2 = 0; e2 < 2; ++e2) {
+        const float th = cq[nt * 8 + e2].th, ta = cq[nt * 8 + e2].tau;
+        const int tj = cq[nt * 8 + e2].tj;
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) wv[nt][hf * 2 + e2] = weight(uk[hf], j[hf], th, tj, ta);
+      }
+  };
+  // P^T w and dS^T of step (t, g) into s, dp (its S^T and dP^T complete; its weights in wv at
+  // head_dim 64, computed here at 128), its score gradient into gs (sk_dkv_grads' arithmetic).
+  auto grads = [&](int t, int g) {
+    wgmma_fence_regs<N8>(s);
+    wgmma_fence_regs<N8>(dp);
+    gs[0] = gs[1] = 0.f;
+    const SkListQuery* cq = sq + g * BQ + 2 * (tid & 3);
+    auto element = [&](int nt, int x, int hf, float w, float l2, float dl, float rn) {
+      const float a = w > 0.f ? fast_exp2(s[nt][x] * sl2 - l2) : 0.f;
+      const float dpv = dp[nt][x];
+      if (w > 0.f && w < 1.f) gs[hf] += a * dpv - rn;
+      s[nt][x] = a * w;
+      dp[nt][x] = a * (w * dpv - dl);
+    };
+    if constexpr (early_weights) {
+#pragma unroll
+      for (int nt = 0; nt < N8; ++nt)
+#pragma unroll
+        for (int e2 = 0; e2 < 2; ++e2) {
+          const float l2 = cq[nt * 8 + e2].l2, dl = cq[nt * 8 + e2].dl, rn = cq[nt * 8 + e2].rn;
+#pragma unroll
+          for (int hf = 0; hf < 2; ++hf)
+            element(nt, hf * 2 + e2, hf, wv[nt][hf * 2 + e2], l2, dl, rn);
+        }
+    } else {
+      int j[2];
+      float uk[2];
+      row_keys(t, g, j, uk);
+#pragma unroll
+      for (int nt = 0; nt < N8; ++nt)
+#pragma unroll
+        for (int e2 = 0; e2 < 2; ++e2) {
+          const SkListQuery c = cq[nt * 8 + e2];
+#pragma unroll
+          for (int hf = 0; hf < 2; ++hf)
+            element(nt, hf * 2 + e2, hf, weight(uk[hf], j[hf], c.th, c.tj, c.tau), c.l2, c.dl,
+                    c.rn);
+        }
+    }
+  };
+  // The step's P^T w and dS^T as the A fragments of dV, dK (the previous dV, dK complete).
+  auto to_a = [&]() {
+    skw_pack_a<E>(pa, s);
+    skw_pack_a<E>(da, dp);
+    wgmma_fence_regs_a<BQ / 16>(pa);
+    wgmma_fence_regs_a<BQ / 16>(da);
+  };
+  // dV += P^T dO and dK += dS^T Q of block g (two commit groups).
+  auto issue_pb = [&](int g) {
+    wgmma_fence();
+    skw_issue_pb<E, D>(adv, pa, sG + g * BQ * D);
+    skw_issue_pb<E, D>(adk, da, sQ + g * BQ * D);
+  };
+
+  cp_async_wait<1>();  // Q, dO and tile 0 landed (tile 1 may be in flight)
+  if (nt == 1) cp_async_wait<0>();
+  fence_proxy_async();
+  __syncthreads();
+  // Software-pipelined over the steps (tile t, block g) of the list: S^T and dP^T of the next
+  // step are issued before dV, dK of this one, so the next step's element-wise work overlaps them
+  // on the tensor cores. No wgmma is issued conditionally inside the loop.
+  const int ns = s_nsteps;
+  if (ns == 0) return;
+  int t = steps[0] >> 4, g = steps[0] & 15;
+  float uk0[2];
+  keys(t, jk, uk0);
+  issue_sdp(t, g);
+  if constexpr (early_weights) weights(t, g);
+  wgmma_wait<0>();
+  grads(t, g);
+  to_a();
+  gu[0] = gs[0];
+  gu[1] = gs[1];
+  for (int n = 0; n + 1 < ns; ++n) {
+    const int tn = steps[n + 1] >> 4, gn = steps[n + 1] & 15;
+    if (tn != t) {
+      // Tile tn's rows landed; every warp is done with tile t's buffer (its S^T and dP^T
+      // complete), which tile tn + 1 takes.
+      cp_async_wait<0>();
+      fence_proxy_async();
+      __syncthreads();
+      if (tn + 1 < nt) gather(tn + 1);
+    }
+    issue_sdp(tn, gn);
+    issue_pb(g);
+    if constexpr (early_weights) weights(tn, gn);
+    wgmma_wait<2>();
+    grads(tn, gn);
+    wgmma_wait<0>();
+    wgmma_fence_regs<DT>(adv);
+    wgmma_fence_regs<DT>(adk);
+    if (tn != t) {
+      sk_add_dkv<D>(dacc, du, nkd, krow0, jk, adv, adk, gu, scale);
+#pragma unroll
+      for (int x = 0; x < DT; ++x)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) adk[x][e] = adv[x][e] = 0.f;
+      gu[0] = gu[1] = 0.f;
+      keys(tn, jk, uk0);
+    }
+    to_a();
+    gu[0] += gs[0];
+    gu[1] += gs[1];
+    t = tn;
+    g = gn;
+  }
+  issue_pb(g);
+  wgmma_wait<0>();
+  wgmma_fence_regs<DT>(adv);
+  wgmma_fence_regs<DT>(adk);
+  sk_add_dkv<D>(dacc, du, nkd, krow0, jk, adv, adk, gu, scale);
+#endif
+}
+
 // Hopper kernels: tag _s{stages}_m{CTAs per SM} (`HOPPER_FWD`, `HOPPER_DQ` in cuda.rs).
 #define SKW_FWD(TY, NAME, D, S, MINB)                                                           \
   extern "C" __global__ void __launch_bounds__(SKW_THREADS, MINB)                               \
@@ -1904,7 +2279,18 @@ __device__ void skw_bwd_dq(const E* __restrict__ q, const E* __restrict__ k,
           TY* dq, float* delta, float* rsum, float* nsup, SK_PARAMS) {                          \
     skw_bwd_dq<TY, D, S, MINB>(q, k, v, o, go, lse, dq, delta, rsum, nsup, SK_ARGS);            \
   }
+// The Hopper list dK / dV kernel, G query blocks per CTA (`list_dkv` in cuda.rs).
+#define SKW_LIST(TY, NAME, D, G, MINB)                                                          \
+  extern "C" __global__ void __launch_bounds__(128, MINB)                                       \
+      skw_bwd_dkv_list_##NAME##_d##D##_g##G##_m##MINB(                                          \
+      const TY* q, const TY* k, const TY* v, const TY* go, const float* lse,                    \
+      const float* delta, const float* rsum, const float* nsup, float* dacc, float* du,         \
+      SK_PARAMS) {                                                                              \
+    skw_bwd_dkv_list<TY, D, G>(q, k, v, go, lse, delta, rsum, nsup, dacc, du, SK_ARGS);         \
+  }
 #define SKW_ALL(TY, NAME)                                                                       \
+  SKW_LIST(TY, NAME, 64, 4, 2)                                                                  \
+  SKW_LIST(TY, NAME, 128, 2, 1)                                                                 \
   SKW_FWD(TY, NAME, 64, 3, 3)                                                                   \
   SKW_FWD(TY, NAME, 64, 4, 2)                                                                   \
   SKW_DQ(TY, NAME, 64, 4, 2)                                                                    \

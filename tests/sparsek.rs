@@ -806,7 +806,33 @@ fn cuda_bench() -> R<()> {
             );
             Ok((ms[0], ms[1]))
         };
+        // The op's kernels alone: the taped forward and `grads`, without autograd's zero fill and
+        // add per input gradient (see `candle_sparse_attn::tape`).
+        let taped =
+            |name: &str,
+             f: &dyn Fn() -> candle::Result<(Tensor, candle_sparse_attn::tape::AttentionTape)>|
+             -> R<f64> {
+                let run = || -> R<()> {
+                    let (_, tape) = f()?;
+                    let grads = tape.grads(&go)?;
+                    sync(&dev)?;
+                    drop(grads);
+                    Ok(())
+                };
+                run()?;
+                let iters = 3;
+                let t0 = std::time::Instant::now();
+                for _ in 0..iters {
+                    run()?;
+                }
+                let ms = t0.elapsed().as_secs_f64() * 1e3 / iters as f64;
+                println!("BENCH t={t} {name}: fwd+bwd {ms:.2} ms (taped)");
+                Ok(ms)
+            };
         let sk = time("sparsek", &|| sparsek_attn(&q, &k, &v, &u, &cfg))?;
+        let sk_taped = taped("sparsek", &|| {
+            candle_sparse_attn::sparsek_attn_taped(&q, &k, &v, &u, &cfg)
+        })?;
         // Forward only, for the breakdown.
         let t0 = std::time::Instant::now();
         for _ in 0..3 {
@@ -823,10 +849,19 @@ fn cuda_bench() -> R<()> {
         let dense = time("dense flash_attn", &|| {
             candle_sparse_attn::flash_attn(&q, &k, &v, &candle_sparse_attn::AttnParams::default())
         })?;
+        let dense_taped = taped("dense flash_attn", &|| {
+            candle_sparse_attn::flash_attn_taped(
+                &q,
+                &k,
+                &v,
+                &candle_sparse_attn::AttnParams::default(),
+            )
+        })?;
         println!(
-            "BENCH t={t} speedup dense/sparsek = {:.2}x (loss), {:.2}x (seeded)",
+            "BENCH t={t} speedup dense/sparsek = {:.2}x (loss), {:.2}x (seeded), {:.2}x (taped)",
             dense.0 / sk.0,
-            dense.1 / sk.1
+            dense.1 / sk.1,
+            dense_taped / sk_taped
         );
     }
     Ok(())

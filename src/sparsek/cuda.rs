@@ -365,6 +365,65 @@ fn tc_smem(d: usize, nq: usize) -> usize {
     (nq * BQ + 4 * BQ) * (d + 8) * 2 + 2 * BQ * 8
 }
 
+/// A key-side kernel (dK, dV, dScores for f16 / bf16 at head_dim ≤ 128): name, grid, threads per
+/// block and dynamic shared memory.
+struct KeySideKernel {
+    name: String,
+    grid: (usize, usize),
+    threads: usize,
+    smem: usize,
+}
+
+/// Largest dynamic shared memory of one block on compute capability 9.0.
+const MAX_SMEM_SM90: usize = 227 * 1024;
+
+/// The list dK / dV kernel of a call: on compute capability 9.0 at head_dim 64 and 128 (unless
+/// [`KERNEL_ENV`] is `mma`) the Hopper kernel `skw_bwd_dkv_list` (one warpgroup per group of
+/// `G` query blocks, 4 at head_dim 64, 2 at 128: the union of their lists walked once, fewer
+/// atomics), when K′ leaves its shared memory within the limit; else `skt_bwd_dkv` (one CTA per
+/// query block).
+fn list_dkv(
+    dev: &CudaDevice,
+    dtype: DType,
+    dims: Dims,
+    cap: usize,
+    blocks: usize,
+) -> Result<KeySideKernel> {
+    let (d, tn) = (dims.d, dtype_suffix(dtype, "sparsek")?);
+    let hopper = has_wgmma(dev)
+        && (d == 64 || d == 128)
+        && std::env::var(KERNEL_ENV).ok().as_deref() != Some("mma");
+    // Query blocks per CTA and resident CTAs per SM (`SKW_LIST` in the .cu file).
+    let (g, ctas) = if d == 64 { (4, 2) } else { (2, 1) };
+    // Union slots, the union construction's scratch (block 0's list and the slot masks, in the
+    // K / V buffers), then the layout of the .cu file: 1 KB alignment slack, G query tiles of Q
+    // and dO, 2 K / V buffers, G SkQStats (2 KB), the union (position, score, mask per slot), the
+    // tile masks and the steps.
+    let slots = cap + (g - 1) * BQ;
+    let scratch = (2 * cap + slots) * 4;
+    let tiles = slots / BQ + 1;
+    let smem = 1024
+        + (2 * g * BQ * d + 4 * BQ * d) * 2
+        + g * 2048
+        + slots * 9
+        + tiles.next_multiple_of(2)
+        + tiles * g * 2;
+    if hopper && scratch <= 4 * BQ * d * 2 && smem <= MAX_SMEM_SM90 {
+        return Ok(KeySideKernel {
+            name: format!("skw_bwd_dkv_list_{tn}_d{d}_g{g}_m{ctas}"),
+            grid: (blocks.div_ceil(g), dims.b * dims.hq),
+            threads: 128,
+            smem,
+        });
+    }
+    Ok(KeySideKernel {
+        name: format!("skt_bwd_dkv_{tn}_d{d}"),
+        grid: (blocks, dims.b * dims.hq),
+        threads: 128,
+        smem: tc_smem(d, 2),
+    })
+}
+
 /// The trailing scalars of every attention kernel (`SK_PARAMS` after the pointers).
 struct Scalars([i32; 7], f32);
 
@@ -564,12 +623,15 @@ fn bwd_t<T: CudaDType + candle::cuda_backend::cudarc::driver::DeviceRepr>(
     if tc {
         // f32 accumulator [dk | dv]: the band kernel stores every element, the list kernel adds.
         let mut dacc = unsafe { dev.alloc::<f32>(2 * nk) }?;
-        for (name, grid) in [
-            ("skt_bwd_dkv_band", (sel.blocks, dims.b * dims.hkv)),
-            ("skt_bwd_dkv", (sel.blocks, dims.b * dims.hq)),
-        ] {
-            let smem = tc_smem(dims.d, 2);
-            let f = func!(dev, &format!("{name}_{tn}_d{}", dims.d), smem);
+        let list = list_dkv(&dev, dtype, dims, scfg.cap(), sel.blocks)?;
+        let band = KeySideKernel {
+            name: format!("skt_bwd_dkv_band_{tn}_d{}", dims.d),
+            grid: (sel.blocks, dims.b * dims.hkv),
+            threads: 128,
+            smem: tc_smem(dims.d, 2),
+        };
+        for kernel in [band, list] {
+            let f = func!(dev, &kernel.name, kernel.smem);
             let mut b = f.builder();
             b.arg(&q);
             b.arg(&k);
@@ -582,7 +644,7 @@ fn bwd_t<T: CudaDType + candle::cuda_backend::cudarc::driver::DeviceRepr>(
             b.arg(&mut dacc);
             b.arg(&mut du);
             push_params(&mut b, &u, sel, &sc);
-            unsafe { b.launch(cfg(grid, 128, smem)?) }.w()?;
+            unsafe { b.launch(cfg(kernel.grid, kernel.threads, kernel.smem)?) }.w()?;
         }
         let f = func!(dev, &format!("sk_dkv_convert_{tn}"), 0);
         let mut b = f.builder();
