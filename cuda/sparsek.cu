@@ -1187,6 +1187,43 @@ struct SkQStats {
   int cj[BQ], i[BQ], na[BQ];
 };
 
+// One query's entry of SkQStats: query i (rows qrow0 + i, krow0 + i; padding past T).
+struct SkQStat {
+  float tau, cu, l2, dl, rn;
+  int cj, i, na;
+  __device__ __forceinline__ void put(SkQStats& st, int n) const {
+    st.i[n] = i;
+    st.tau[n] = tau;
+    st.cu[n] = cu;
+    st.cj[n] = cj;
+    st.na[n] = na;
+    st.l2[n] = l2;
+    st.dl[n] = dl;
+    st.rn[n] = rn;
+  }
+};
+
+__device__ __forceinline__ SkQStat sk_fetch_qstat(int i, long long krow0, long long qrow0, int T,
+                                                  const float* tau, const float* cut_u,
+                                                  const int* cut_j, const int* nattend,
+                                                  const float* lse, const float* delta,
+                                                  const float* rsum, const float* nsup) {
+  SkQStat x{0.f, 0.f, 0.f, 0.f, 0.f, -1, -1, 0};
+  if (i < T) {
+    const long long ti = krow0 + i, qi = qrow0 + i;
+    x.i = i;
+    x.tau = tau[ti];
+    x.cu = cut_u[ti];
+    x.cj = cut_j[ti];
+    x.na = nattend[ti];
+    x.l2 = lse[qi] * LOG2E;
+    x.dl = delta[qi];
+    const float ns = nsup[qi];
+    x.rn = ns > 0.f ? rsum[qi] / ns : 0.f;
+  }
+  return x;
+}
+
 // Fills `st` for the query block starting at m0 (rows of q-head row qrow0, kv-head row krow0).
 __device__ __forceinline__ void sk_load_qstats(SkQStats& st, int m0, long long krow0,
                                                long long qrow0, int T, const float* tau,
@@ -1194,20 +1231,9 @@ __device__ __forceinline__ void sk_load_qstats(SkQStats& st, int m0, long long k
                                                const int* nattend, const float* lse,
                                                const float* delta, const float* rsum,
                                                const float* nsup) {
-  for (int n = threadIdx.x; n < BQ; n += TC_THREADS) {
-    int i = m0 + n;
-    bool ok = i < T;
-    long long ti = krow0 + i, qi = qrow0 + i;
-    st.i[n] = ok ? i : -1;
-    st.tau[n] = ok ? tau[ti] : 0.f;
-    st.cu[n] = ok ? cut_u[ti] : 0.f;
-    st.cj[n] = ok ? cut_j[ti] : -1;
-    st.na[n] = ok ? nattend[ti] : 0;
-    st.l2[n] = ok ? lse[qi] * LOG2E : 0.f;
-    st.dl[n] = ok ? delta[qi] : 0.f;
-    float ns = ok ? nsup[qi] : 0.f;
-    st.rn[n] = ns > 0.f ? rsum[qi] / ns : 0.f;
-  }
+  for (int n = threadIdx.x; n < BQ; n += TC_THREADS)
+    sk_fetch_qstat(m0 + n, krow0, qrow0, T, tau, cut_u, cut_j, nattend, lse, delta, rsum, nsup)
+        .put(st, n);
 }
 
 // The element-wise part of a key-side step: S^T (s) and dP^T (dpt) of this thread's two key rows
@@ -1268,6 +1294,31 @@ __device__ __forceinline__ float quad_sum(float g) {
   return g;
 }
 
+// Stores the key-side accumulators of this thread's two key rows (positions jk, -1: none; C
+// fragments adv, adk; score gradients gu) into the f32 accumulator [dK | dV] (dK scaled) and du.
+template <int D>
+__device__ __forceinline__ void sk_store_dkv(float* dacc, float* du, long long nkd,
+                                             long long krow0, const int* jk,
+                                             const float (*adv)[4], const float (*adk)[4],
+                                             const float* gu, float scale) {
+  const int t4 = threadIdx.x & 3;
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    float gs = quad_sum(gu[hf]);
+    int j = jk[hf];
+    if (j < 0) continue;
+    if (t4 == 0) du[krow0 + j] = gs;
+    float* dr = dacc + (krow0 + j) * D + 2 * t4;
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) {
+      *reinterpret_cast<float2*>(dr + dt * 8) =
+          make_float2(adk[dt][hf * 2] * scale, adk[dt][hf * 2 + 1] * scale);
+      *reinterpret_cast<float2*>(dr + nkd + dt * 8) =
+          make_float2(adv[dt][hf * 2], adv[dt][hf * 2 + 1]);
+    }
+  }
+}
+
 template <typename E, int D>
 __device__ void skt_bwd_dkv_band(const E* __restrict__ q, const E* __restrict__ k,
                                  const E* __restrict__ v, const E* __restrict__ go,
@@ -1282,7 +1333,7 @@ __device__ void skt_bwd_dkv_band(const E* __restrict__ q, const E* __restrict__ 
   E* sV = sK + TB * SD;
   E* sQ = sV + TB * SD;   // [2][BQ][SD]
   E* sG = sQ + 2 * BQ * SD;  // [2][BQ][SD]
-  const int warp = threadIdx.x / 32, gq = (threadIdx.x & 31) >> 2, t4 = threadIdx.x & 3;
+  const int warp = threadIdx.x / 32, gq = (threadIdx.x & 31) >> 2;
   const int kb = blockIdx.x, bhk = blockIdx.y, b = bhk / Hkv, hk = bhk % Hkv, g = Hq / Hkv;
   const long long krow0 = (long long)bhk * T, nkd = (long long)B * Hkv * T * D;
   const int j0 = kb * TB;
@@ -1337,20 +1388,7 @@ __device__ void skt_bwd_dkv_band(const E* __restrict__ q, const E* __restrict__ 
     buf ^= 1;
   }
   cp_async_wait<0>();
-#pragma unroll
-  for (int hf = 0; hf < 2; ++hf) {
-    float gs = quad_sum(gu[hf]);
-    int j = jk[hf];
-    if (j < 0) continue;
-    if (t4 == 0) du[krow0 + j] = gs;
-    float* dr = dacc + (krow0 + j) * D + 2 * t4;
-#pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt) {
-      *reinterpret_cast<float2*>(dr + dt * 8) =
-          make_float2(adk[dt][hf * 2] * scale, adk[dt][hf * 2 + 1] * scale);
-      *reinterpret_cast<float2*>(dr + nkd + dt * 8) = make_float2(adv[dt][hf * 2], adv[dt][hf * 2 + 1]);
-    }
-  }
+  sk_store_dkv<D>(dacc, du, nkd, krow0, jk, adv, adk, gu, scale);
 }
 
 // Adds the key-side accumulators of this thread's two key rows (positions jk, -1: none; C
@@ -1914,6 +1952,113 @@ __device__ void skw_bwd_dq(const E* __restrict__ q, const E* __restrict__ k,
 }
 
 // ---------------------------------------------------------------------------------------------
+// Hopper band part of dK, dV and du (f16 / bf16, head_dim 64 and 128), replacing
+// skt_bwd_dkv_band on compute capability 9.0: the same walk (one warpgroup per block of TB keys
+// and batch * kv head, over the query blocks whose band holds them, every query head of the
+// group), with S^T, dP^T, dV and dK on warpgroup MMA (the keys as M, as in flash_attn.cu's
+// bwd_wgmma) and the element-wise step of the mma.sync kernel. Q and dO tiles are double-buffered
+// with cp.async; a step's query statistics are read into registers during the previous step.
+template <typename E, int D>
+__device__ void skw_bwd_dkv_band(const E* __restrict__ q, const E* __restrict__ k,
+                                 const E* __restrict__ v, const E* __restrict__ go,
+                                 const float* __restrict__ lse, const float* __restrict__ delta,
+                                 const float* __restrict__ rsum, const float* __restrict__ nsup,
+                                 float* __restrict__ dacc, float* __restrict__ du, SK_PARAMS) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int N8 = BQ / 8, DT = D / 8;
+  static_assert(D % 64 == 0 && TB == BQ, "skw_bwd_dkv_band: head_dim 64 or 128");
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  E* sK = reinterpret_cast<E*>(smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023));
+  E* sV = sK + TB * D;
+  E* sQ = sV + TB * D;       // [2][BQ * D]
+  E* sG = sQ + 2 * BQ * D;   // [2][BQ * D]
+  SkQStats* st = reinterpret_cast<SkQStats*>(sG + 2 * BQ * D);  // [2]
+  const int tid = threadIdx.x, warp = tid / 32, gq = (tid & 31) >> 2;
+  const int kb = blockIdx.x, bhk = blockIdx.y, b = bhk / Hkv, hk = bhk % Hkv, g = Hq / Hkv;
+  const long long krow0 = (long long)bhk * T, nkd = (long long)B * Hkv * T * D;
+  const int j0 = kb * TB;
+  const float sl2 = scale * LOG2E;
+  load_tile_sw128<E, TB, D, 128>(sK, k + krow0 * D, j0, T, tid);
+  load_tile_sw128<E, TB, D, 128>(sV, v + krow0 * D, j0, T, tid);
+  int jk[2];
+  float uk[2];
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    int j = j0 + warp * 16 + gq + hf * 8;
+    jk[hf] = j < T ? j : -1;
+    uk[hf] = j < T ? u[krow0 + j] + 0.f : neg_inf();
+  }
+  // Query blocks c with keys of this block in their band: c >= kb and c * BQ - window < j0 + TB.
+  const int c_lo = kb, nc = min(nb - 1, (j0 + TB - 1 + window) / BQ) - c_lo + 1, np = g * nc;
+  auto qrow = [&](int p) { return ((long long)b * Hq + hk * g + p / nc) * T; };
+  auto load_q = [&](int p, int buf) {
+    const int m0 = (c_lo + p % nc) * BQ;
+    load_tile_sw128<E, BQ, D, 128>(sQ + buf * BQ * D, q + qrow(p) * D, m0, T, tid);
+    load_tile_sw128<E, BQ, D, 128>(sG + buf * BQ * D, go + qrow(p) * D, m0, T, tid);
+    cp_async_commit();
+  };
+  auto fetch = [&](int p) {
+    return sk_fetch_qstat((c_lo + p % nc) * BQ + tid, krow0, qrow(p), T, tau, cut_u, cut_j,
+                          nattend, lse, delta, rsum, nsup);
+  };
+  load_q(0, 0);
+  if (tid < BQ) fetch(0).put(st[0], tid);
+  float adk[DT][4], adv[DT][4], gu[2] = {0.f, 0.f};
+#pragma unroll
+  for (int x = 0; x < DT; ++x)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) adk[x][e] = adv[x][e] = 0.f;
+  float s[N8][4], dp[N8][4];
+  uint32_t pa[BQ / 16][4], da[BQ / 16][4];
+  int buf = 0;
+  for (int p = 0; p < np; ++p) {
+    // Step p's Q, dO and statistics are visible; every warp is done with step p - 1's buffers.
+    cp_async_wait<0>();
+    fence_proxy_async();
+    __syncthreads();
+    SkQStat nx;
+    if (p + 1 < np) {
+      load_q(p + 1, buf ^ 1);
+      if (tid < BQ) nx = fetch(p + 1);
+    }
+    const E* cQ = sQ + buf * BQ * D;
+    const E* cG = sG + buf * BQ * D;
+    wgmma_fence();
+    skw_issue_abt<E, D>(s, sK, cQ);
+    skw_issue_abt<E, D>(dp, sV, cG);
+    wgmma_commit();
+    // Only the keys of block c's band [e0, e1); the older ones come from its list. Keys before
+    // every query of block c and inside its window: weight 1, no test (SK_FULL).
+    const int c = c_lo + p % nc, e0 = block_start(c, window), e1 = min(T, c * BQ + BQ);
+    int jb[2];
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) jb[hf] = jk[hf] >= e0 && jk[hf] < e1 ? jk[hf] : -1;
+    const bool full = c > kb && j0 > c * BQ + BQ - 1 - window;
+    wgmma_wait<0>();
+    wgmma_fence_regs<N8>(s);
+    wgmma_fence_regs<N8>(dp);
+    if (full)
+      sk_dkv_grads<SK_FULL>(s, dp, gu, st[buf], jb, uk, jb, sl2, window);
+    else
+      sk_dkv_grads<SK_BAND>(s, dp, gu, st[buf], jb, uk, jb, sl2, window);
+    skw_pack_a<E>(pa, s);
+    skw_pack_a<E>(da, dp);
+    wgmma_fence_regs_a<BQ / 16>(pa);
+    wgmma_fence_regs_a<BQ / 16>(da);
+    wgmma_fence();
+    skw_issue_pb<E, D>(adv, pa, cG);
+    skw_issue_pb<E, D>(adk, da, cQ);
+    if (p + 1 < np && tid < BQ) nx.put(st[buf ^ 1], tid);
+    wgmma_wait<0>();
+    wgmma_fence_regs<DT>(adv);
+    wgmma_fence_regs<DT>(adk);
+    buf ^= 1;
+  }
+  sk_store_dkv<D>(dacc, du, nkd, krow0, jk, adv, adk, gu, scale);
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
 // Hopper list part of dK, dV and du (f16 / bf16, head_dim 64 and 128), replacing skt_bwd_dkv on
 // compute capability 9.0. One warpgroup per (group of G consecutive query blocks, batch * q head):
 // the lists of consecutive blocks share most of their keys, so the CTA walks the union of the G
@@ -2288,7 +2433,17 @@ __device__ void skw_bwd_dkv_list(const E* __restrict__ q, const E* __restrict__ 
       SK_PARAMS) {                                                                              \
     skw_bwd_dkv_list<TY, D, G>(q, k, v, go, lse, delta, rsum, nsup, dacc, du, SK_ARGS);         \
   }
+// The Hopper band dK / dV kernel (`band_dkv` in cuda.rs).
+#define SKW_BAND(TY, NAME, D, MINB)                                                             \
+  extern "C" __global__ void __launch_bounds__(128, MINB) skw_bwd_dkv_band_##NAME##_d##D(       \
+      const TY* q, const TY* k, const TY* v, const TY* go, const float* lse,                    \
+      const float* delta, const float* rsum, const float* nsup, float* dacc, float* du,         \
+      SK_PARAMS) {                                                                              \
+    skw_bwd_dkv_band<TY, D>(q, k, v, go, lse, delta, rsum, nsup, dacc, du, SK_ARGS);            \
+  }
 #define SKW_ALL(TY, NAME)                                                                       \
+  SKW_BAND(TY, NAME, 64, 3)                                                                     \
+  SKW_BAND(TY, NAME, 128, 1)                                                                    \
   SKW_LIST(TY, NAME, 64, 4, 2)                                                                  \
   SKW_LIST(TY, NAME, 128, 2, 1)                                                                 \
   SKW_FWD(TY, NAME, 64, 3, 3)                                                                   \

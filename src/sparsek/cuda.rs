@@ -377,11 +377,41 @@ struct KeySideKernel {
 /// Largest dynamic shared memory of one block on compute capability 9.0.
 const MAX_SMEM_SM90: usize = 227 * 1024;
 
-/// The list dK / dV kernel of a call: on compute capability 9.0 at head_dim 64 and 128 (unless
-/// [`KERNEL_ENV`] is `mma`) the Hopper kernel `skw_bwd_dkv_list` (one warpgroup per group of
-/// `G` query blocks, 4 at head_dim 64, 2 at 128: the union of their lists walked once, fewer
-/// atomics), when K′ leaves its shared memory within the limit; else `skt_bwd_dkv` (one CTA per
-/// query block).
+/// Whether the Hopper key-side kernels run: compute capability 9.0, head_dim 64 or 128, and
+/// [`KERNEL_ENV`] not `mma`.
+fn hopper_key_side(dev: &CudaDevice, d: usize) -> bool {
+    has_wgmma(dev)
+        && (d == 64 || d == 128)
+        && std::env::var(KERNEL_ENV).ok().as_deref() != Some("mma")
+}
+
+/// The band dK / dV kernel of a call (one CTA per block of 64 keys and batch × kv head): the
+/// Hopper kernel `skw_bwd_dkv_band` (warpgroup MMA; Q and dO tiles double-buffered, 2 KB of
+/// statistics per buffer) where [`hopper_key_side`], else `skt_bwd_dkv_band`.
+fn band_dkv(dev: &CudaDevice, dtype: DType, dims: Dims, blocks: usize) -> Result<KeySideKernel> {
+    let (d, tn) = (dims.d, dtype_suffix(dtype, "sparsek")?);
+    let grid = (blocks, dims.b * dims.hkv);
+    Ok(if hopper_key_side(dev, d) {
+        KeySideKernel {
+            name: format!("skw_bwd_dkv_band_{tn}_d{d}"),
+            grid,
+            threads: 128,
+            smem: 1024 + 6 * BQ * d * 2 + 2 * 2048,
+        }
+    } else {
+        KeySideKernel {
+            name: format!("skt_bwd_dkv_band_{tn}_d{d}"),
+            grid,
+            threads: 128,
+            smem: tc_smem(d, 2),
+        }
+    })
+}
+
+/// The list dK / dV kernel of a call: where [`hopper_key_side`], the Hopper kernel
+/// `skw_bwd_dkv_list` (one warpgroup per group of `G` query blocks, 4 at head_dim 64, 2 at 128:
+/// the union of their lists walked once, fewer atomics) when K′ leaves its shared memory within
+/// the limit; else `skt_bwd_dkv` (one CTA per query block).
 fn list_dkv(
     dev: &CudaDevice,
     dtype: DType,
@@ -390,9 +420,7 @@ fn list_dkv(
     blocks: usize,
 ) -> Result<KeySideKernel> {
     let (d, tn) = (dims.d, dtype_suffix(dtype, "sparsek")?);
-    let hopper = has_wgmma(dev)
-        && (d == 64 || d == 128)
-        && std::env::var(KERNEL_ENV).ok().as_deref() != Some("mma");
+    let hopper = hopper_key_side(dev, d);
     // Query blocks per CTA and resident CTAs per SM (`SKW_LIST` in the .cu file).
     let (g, ctas) = if d == 64 { (4, 2) } else { (2, 1) };
     // Union slots, the union construction's scratch (block 0's list and the slot masks, in the
@@ -624,12 +652,7 @@ fn bwd_t<T: CudaDType + candle::cuda_backend::cudarc::driver::DeviceRepr>(
         // f32 accumulator [dk | dv]: the band kernel stores every element, the list kernel adds.
         let mut dacc = unsafe { dev.alloc::<f32>(2 * nk) }?;
         let list = list_dkv(&dev, dtype, dims, scfg.cap(), sel.blocks)?;
-        let band = KeySideKernel {
-            name: format!("skt_bwd_dkv_band_{tn}_d{}", dims.d),
-            grid: (sel.blocks, dims.b * dims.hkv),
-            threads: 128,
-            smem: tc_smem(dims.d, 2),
-        };
+        let band = band_dkv(&dev, dtype, dims, sel.blocks)?;
         for kernel in [band, list] {
             let f = func!(dev, &kernel.name, kernel.smem);
             let mut b = f.builder();
