@@ -2074,9 +2074,12 @@ __device__ void skw_bwd_dkv_band(const E* __restrict__ q, const E* __restrict__ 
 // - Weights: sk_weight for keys older than the block's band start e_g (newer keys are the band
 //   kernel's), which for a list key is exactly the forward's list weight; its tests fold into one
 //   threshold per query (SkListQuery).
+// - Steps (tile, block): with PIPE the next step's S^T, dP^T are issued before this step's dV,
+//   dK (more registers: head_dim 128, one CTA per SM anyway); without, one step at a time, which
+//   at head_dim 64 fits three CTAs per SM (G = 2) and is faster there.
 // Shared memory: G query tiles Q and dO (128-byte swizzled), two K / V tile buffers (the union's
-// construction uses them as scratch first), the G blocks' SkListQuery records, the union (positions, scores,
-// masks), the tiles' masks and the list of steps (tile, block).
+// construction uses them as scratch first), the G blocks' SkListQuery records, the union
+// (positions, scores, masks), the tiles' masks and the list of steps.
 // Per-query data of the list kernel, one 32-byte record per query: key (u, j) is attended when
 // u > th or (u == th and j >= tj), with th, tj folded from tau and the cut (the cut only matters
 // when it lies above tau); th = +inf for padding queries.
@@ -2089,7 +2092,7 @@ struct __align__(16) SkListQuery {
 template <int G>
 __host__ __device__ constexpr int skw_list_slots(int cap) { return cap + (G - 1) * BQ; }
 
-template <typename E, int D, int G>
+template <typename E, int D, int G, bool PIPE>
 __device__ void skw_bwd_dkv_list(const E* __restrict__ q, const E* __restrict__ k,
                                  const E* __restrict__ v, const E* __restrict__ go,
                                  const float* __restrict__ lse, const float* __restrict__ delta,
@@ -2237,7 +2240,7 @@ __device__ void skw_bwd_dkv_list(const E* __restrict__ q, const E* __restrict__ 
   };
   __syncthreads();  // the scratch is dead, the tile masks are visible
   gather(0);
-  if (nt > 1) gather(1);
+  if (PIPE && nt > 1) gather(1);
 
   float adk[DT][4], adv[DT][4], gu[2] = {0.f, 0.f}, gs[2];
 #pragma unroll
@@ -2266,7 +2269,7 @@ __device__ void skw_bwd_dkv_list(const E* __restrict__ q, const E* __restrict__ 
   // of the block's band are the band kernel's): they depend only on positions and scores, so at
   // head_dim 64 they are computed while the step's S^T and dP^T are on the tensor cores (at 128
   // the registers are short: after).
-  constexpr bool early_weights = D <= 64;
+  constexpr bool early_weights = PIPE && D <= 64;
   float wv[N8][4];
   // This thread's two key rows of tile t for block g: positions j, scores uk (-inf: none, or in
   // the block's band).
@@ -2350,63 +2353,93 @@ __device__ void skw_bwd_dkv_list(const E* __restrict__ q, const E* __restrict__ 
     skw_issue_pb<E, D>(adk, da, sQ + g * BQ * D);
   };
 
-  cp_async_wait<1>();  // Q, dO and tile 0 landed (tile 1 may be in flight)
-  if (nt == 1) cp_async_wait<0>();
-  fence_proxy_async();
-  __syncthreads();
-  // Software-pipelined over the steps (tile t, block g) of the list: S^T and dP^T of the next
-  // step are issued before dV, dK of this one, so the next step's element-wise work overlaps them
-  // on the tensor cores. No wgmma is issued conditionally inside the loop.
   const int ns = s_nsteps;
   if (ns == 0) return;
-  int t = steps[0] >> 4, g = steps[0] & 15;
   float uk0[2];
-  keys(t, jk, uk0);
-  issue_sdp(t, g);
-  if constexpr (early_weights) weights(t, g);
-  wgmma_wait<0>();
-  grads(t, g);
-  to_a();
-  gu[0] = gs[0];
-  gu[1] = gs[1];
-  for (int n = 0; n + 1 < ns; ++n) {
-    const int tn = steps[n + 1] >> 4, gn = steps[n + 1] & 15;
-    if (tn != t) {
-      // Tile tn's rows landed; every warp is done with tile t's buffer (its S^T and dP^T
-      // complete), which tile tn + 1 takes.
-      cp_async_wait<0>();
-      fence_proxy_async();
-      __syncthreads();
-      if (tn + 1 < nt) gather(tn + 1);
-    }
-    issue_sdp(tn, gn);
-    issue_pb(g);
-    if constexpr (early_weights) weights(tn, gn);
-    wgmma_wait<2>();
-    grads(tn, gn);
+  auto flush = [&]() {
+    sk_add_dkv<D>(dacc, du, nkd, krow0, jk, adv, adk, gu, scale);
+#pragma unroll
+    for (int x = 0; x < DT; ++x)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) adk[x][e] = adv[x][e] = 0.f;
+    gu[0] = gu[1] = 0.f;
+  };
+  auto acc_done = [&]() {
     wgmma_wait<0>();
     wgmma_fence_regs<DT>(adv);
     wgmma_fence_regs<DT>(adk);
-    if (tn != t) {
-      sk_add_dkv<D>(dacc, du, nkd, krow0, jk, adv, adk, gu, scale);
-#pragma unroll
-      for (int x = 0; x < DT; ++x)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) adk[x][e] = adv[x][e] = 0.f;
-      gu[0] = gu[1] = 0.f;
-      keys(tn, jk, uk0);
-    }
+  };
+  if constexpr (PIPE) {
+    cp_async_wait<1>();  // Q, dO and tile 0 landed (tile 1 may be in flight)
+    if (nt == 1) cp_async_wait<0>();
+    fence_proxy_async();
+    __syncthreads();
+    // Software-pipelined over the steps (tile t, block g) of the list: S^T and dP^T of the next
+    // step are issued before dV, dK of this one, so the next step's element-wise work overlaps
+    // them on the tensor cores. No wgmma is issued conditionally inside the loop.
+    int t = steps[0] >> 4, g = steps[0] & 15;
+    keys(t, jk, uk0);
+    issue_sdp(t, g);
+    if constexpr (early_weights) weights(t, g);
+    wgmma_wait<0>();
+    grads(t, g);
     to_a();
-    gu[0] += gs[0];
-    gu[1] += gs[1];
-    t = tn;
-    g = gn;
+    gu[0] = gs[0];
+    gu[1] = gs[1];
+    for (int n = 0; n + 1 < ns; ++n) {
+      const int tn = steps[n + 1] >> 4, gn = steps[n + 1] & 15;
+      if (tn != t) {
+        // Tile tn's rows landed; every warp is done with tile t's buffer (its S^T and dP^T
+        // complete), which tile tn + 1 takes.
+        cp_async_wait<0>();
+        fence_proxy_async();
+        __syncthreads();
+        if (tn + 1 < nt) gather(tn + 1);
+      }
+      issue_sdp(tn, gn);
+      issue_pb(g);
+      if constexpr (early_weights) weights(tn, gn);
+      wgmma_wait<2>();
+      grads(tn, gn);
+      acc_done();
+      if (tn != t) {
+        flush();
+        keys(tn, jk, uk0);
+      }
+      to_a();
+      gu[0] += gs[0];
+      gu[1] += gs[1];
+      t = tn;
+      g = gn;
+    }
+    issue_pb(g);
+    acc_done();
+  } else {
+    // One step at a time; tile t + 1's rows are gathered while tile t's steps run.
+    int tprev = -1;
+    for (int n = 0; n < ns; ++n) {
+      const int t = steps[n] >> 4, g = steps[n] & 15;
+      if (t != tprev) {
+        if (tprev >= 0) flush();
+        // Tile t's rows landed; every warp is done with tile t - 1's buffer, which t + 1 takes.
+        cp_async_wait<0>();
+        fence_proxy_async();
+        __syncthreads();
+        if (t + 1 < nt) gather(t + 1);
+        keys(t, jk, uk0);
+        tprev = t;
+      }
+      issue_sdp(t, g);
+      wgmma_wait<0>();
+      grads(t, g);
+      to_a();
+      issue_pb(g);
+      acc_done();
+      gu[0] += gs[0];
+      gu[1] += gs[1];
+    }
   }
-  issue_pb(g);
-  wgmma_wait<0>();
-  wgmma_fence_regs<DT>(adv);
-  wgmma_fence_regs<DT>(adk);
-  sk_add_dkv<D>(dacc, du, nkd, krow0, jk, adv, adk, gu, scale);
+  flush();
 #endif
 }
 
@@ -2425,13 +2458,13 @@ __device__ void skw_bwd_dkv_list(const E* __restrict__ q, const E* __restrict__ 
     skw_bwd_dq<TY, D, S, MINB>(q, k, v, o, go, lse, dq, delta, rsum, nsup, SK_ARGS);            \
   }
 // The Hopper list dK / dV kernel, G query blocks per CTA (`list_dkv` in cuda.rs).
-#define SKW_LIST(TY, NAME, D, G, MINB)                                                          \
+#define SKW_LIST(TY, NAME, D, G, MINB, PIPE, TAG)                                               \
   extern "C" __global__ void __launch_bounds__(128, MINB)                                       \
-      skw_bwd_dkv_list_##NAME##_d##D##_g##G##_m##MINB(                                          \
+      skw_bwd_dkv_list_##NAME##_d##D##_g##G##_m##MINB##TAG(                                     \
       const TY* q, const TY* k, const TY* v, const TY* go, const float* lse,                    \
       const float* delta, const float* rsum, const float* nsup, float* dacc, float* du,         \
       SK_PARAMS) {                                                                              \
-    skw_bwd_dkv_list<TY, D, G>(q, k, v, go, lse, delta, rsum, nsup, dacc, du, SK_ARGS);         \
+    skw_bwd_dkv_list<TY, D, G, PIPE>(q, k, v, go, lse, delta, rsum, nsup, dacc, du, SK_ARGS);   \
   }
 // The Hopper band dK / dV kernel (`band_dkv` in cuda.rs).
 #define SKW_BAND(TY, NAME, D, MINB)                                                             \
@@ -2444,8 +2477,8 @@ __device__ void skw_bwd_dkv_list(const E* __restrict__ q, const E* __restrict__ 
 #define SKW_ALL(TY, NAME)                                                                       \
   SKW_BAND(TY, NAME, 64, 3)                                                                     \
   SKW_BAND(TY, NAME, 128, 1)                                                                    \
-  SKW_LIST(TY, NAME, 64, 4, 2)                                                                  \
-  SKW_LIST(TY, NAME, 128, 2, 1)                                                                 \
+  SKW_LIST(TY, NAME, 64, 2, 3, false, )                                                         \
+  SKW_LIST(TY, NAME, 128, 2, 1, true, _p)                                                       \
   SKW_FWD(TY, NAME, 64, 3, 3)                                                                   \
   SKW_FWD(TY, NAME, 64, 4, 2)                                                                   \
   SKW_DQ(TY, NAME, 64, 4, 2)                                                                    \

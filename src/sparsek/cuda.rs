@@ -409,8 +409,8 @@ fn band_dkv(dev: &CudaDevice, dtype: DType, dims: Dims, blocks: usize) -> Result
 }
 
 /// The list dK / dV kernel of a call: where [`hopper_key_side`], the Hopper kernel
-/// `skw_bwd_dkv_list` (one warpgroup per group of `G` query blocks, 4 at head_dim 64, 2 at 128:
-/// the union of their lists walked once, fewer atomics) when K′ leaves its shared memory within
+/// `skw_bwd_dkv_list` (one warpgroup per group of 2 query blocks: the union of their lists
+/// walked once, half the atomics) when K′ leaves its shared memory within
 /// the limit; else `skt_bwd_dkv` (one CTA per query block).
 fn list_dkv(
     dev: &CudaDevice,
@@ -421,8 +421,10 @@ fn list_dkv(
 ) -> Result<KeySideKernel> {
     let (d, tn) = (dims.d, dtype_suffix(dtype, "sparsek")?);
     let hopper = hopper_key_side(dev, d);
-    // Query blocks per CTA and resident CTAs per SM (`SKW_LIST` in the .cu file).
-    let (g, ctas) = if d == 64 { (4, 2) } else { (2, 1) };
+    // Query blocks per CTA, resident CTAs per SM, software-pipelined (`SKW_LIST` in the .cu
+    // file). At head_dim 64 three resident CTAs of 2 blocks beat two of 4 blocks, pipelined or
+    // not (B4 H48 16k: 4.72 ms against 5.51 and 5.78).
+    let (g, ctas, pipe) = if d == 64 { (2, 3, false) } else { (2, 1, true) };
     // Union slots, the union construction's scratch (block 0's list and the slot masks, in the
     // K / V buffers), then the layout of the .cu file: 1 KB alignment slack, G query tiles of Q
     // and dO, 2 K / V buffers, G SkQStats (2 KB), the union (position, score, mask per slot), the
@@ -438,7 +440,10 @@ fn list_dkv(
         + tiles * g * 2;
     if hopper && scratch <= 4 * BQ * d * 2 && smem <= MAX_SMEM_SM90 {
         return Ok(KeySideKernel {
-            name: format!("skw_bwd_dkv_list_{tn}_d{d}_g{g}_m{ctas}"),
+            name: format!(
+                "skw_bwd_dkv_list_{tn}_d{d}_g{g}_m{ctas}{}",
+                if pipe { "_p" } else { "" }
+            ),
             grid: (blocks.div_ceil(g), dims.b * dims.hq),
             threads: 128,
             smem,
