@@ -15,11 +15,15 @@
 //!   and dQ run as Hopper kernels instead (`skw_*`: a producer warpgroup gathers the K / V rows
 //!   into a ring of 128-byte-swizzled stages, a consumer warpgroup runs warpgroup MMA; variants in
 //!   [`HOPPER_FWD`] / [`HOPPER_DQ`], [`KERNEL_ENV`] picks one or the `mma.sync` kernels). dK, dV,
-//!   dScores: the band part key-major (one CTA per block of
-//!   64 keys and kv head, over the query blocks whose band holds them; registers, plain stores
-//!   into the f32 accumulator, every element), then the list part query-major with vector
-//!   atomics on top, then one pass converting dK, dV to the input dtype. Compiled for 3
-//!   resident CTAs per SM at head_dim ≤ 64 (the kernels are latency-bound), 2 above.
+//!   dScores: the band part key-major (one CTA per block of 64 keys and kv head, over the query
+//!   blocks whose band holds them; registers, plain stores into the f32 accumulator, every
+//!   element), then the list part with vector atomics on top (one CTA per query block, or on
+//!   compute capability 9.0 one warpgroup per pair of query blocks walking the union of their
+//!   lists once: half the atomics), then one pass converting dK, dV to the input dtype. On
+//!   compute capability 9.0 at head_dim 64 and 128 both key-side kernels run on warpgroup MMA
+//!   (`skw_bwd_dkv_band`, `skw_bwd_dkv_list`; [`KERNEL_ENV`] `mma` keeps the `mma.sync` ones).
+//!   The `mma.sync` kernels are compiled for 3 resident CTAs per SM at head_dim ≤ 64 (the
+//!   kernels are latency-bound), 2 above; so are the Hopper key-side kernels at head_dim 64.
 //! - f32 and head_dim 256 (`sk_*`): forward and dQ one warp per query row over window ∪
 //!   selected keys; dK, dV, dScores one warp per key row over the interval `[j, e_j)` of queries
 //!   attending it (τ_i and the cut are non-decreasing in i), found by binary search; the key
@@ -225,8 +229,8 @@ fn tensor_cores(dtype: DType, d: usize) -> bool {
     dtype != DType::F32 && d <= 128
 }
 
-/// Environment switch of the forward and dQ kernels: `mma` runs the `mma.sync` kernels (`skt_*`)
-/// where the Hopper ones (`skw_*`) would run; a comma-separated list of `fwd:TAG` / `dq:TAG`
+/// Environment switch of the tensor-core kernels: `mma` runs the `mma.sync` kernels (`skt_*`)
+/// where the Hopper ones (`skw_*`: forward, dQ, band and list dK / dV) would run; a comma-separated list of `fwd:TAG` / `dq:TAG`
 /// ([`HopperVariant::tag`]) picks those variants, e.g. `fwd:s4_m2,dq:s3_m3`.
 pub(crate) const KERNEL_ENV: &str = "CANDLE_SPARSE_ATTN_SPARSEK";
 

@@ -64,21 +64,21 @@
 //!   path never syncs with the host and does not check them.
 //!
 //! # Performance (measured: H100, bf16, B = 4, H = 48, D = 64, k = 256, window = 256, K′ = 512)
-//! Forward + backward with the output gradient handed in (the op's own time, CUDA memory pool
-//! kept as `train_char_lm` runs): 24.4 ms at 16k and 48.7 ms at 32k tokens (×1.99), against the
-//! dense [`crate::flash_attn`] at 83.7 / 323.1 ms: **3.42× / 6.63× faster**; forward alone 5.0 /
-//! 9.9 ms. Without the pool kept (before the band kernel's last change, about 0.7 ms slower):
-//! 13.9 / 28.1 / 56.0 / 111.4 ms at 8k / 16k / 32k / 64k (×2.02, ×1.99, ×1.99) with 2.33 / 4.02 /
-//! 7.30 / 13.80 GiB in use after the backward. Through the loss `(out·g).sum()` add the loss ops'
-//! ≈ 18 ms at 16k. The 5× target at 16k (≈ 16.7 ms) is not reached. At 16k the kernels take
-//! 20.1 ms: selection 1.6 (lists 0.6, `sk_select` 1.0), Hopper forward 3.45, Hopper dQ 3.80,
-//! dK / dV / dScores 3.37 (band) + 7.06 (list tiles) + 0.82
-//! (conversion); the rest is candle's per-gradient zero + add, as for the dense op. The list
-//! tiles' dK / dV kernel is bound by its f32 atomics (89 % of L2 throughput): every query block
-//! adds the gradients of its list keys. Tables, commands and the history of each step are in
-//! BENCHMARKS.md ("SparseK attention (H100)" and its subsections). Next steps: fewer atomics
-//! for the list keys (a CTA walking several query blocks' union of lists and adding each key
-//! once), the key side on warpgroup MMA.
+//! Forward + backward of the op's kernels ([`sparsek_attn_taped`] and its tape's `grads`, memory
+//! pool kept as `train_char_lm` runs): 8.5 / 16.9 / 33.6 / 67.5 ms at 8k / 16k / 32k / 64k tokens
+//! (×1.98, ×2.01 per doubling), against the dense [`crate::flash_attn`]'s 20.2 / 79.4 / 311.9 ms:
+//! **2.37× / 4.69× / 9.28× faster**. Through candle's autograd with the output gradient handed
+//! in, both ops pay four zero-fill + add passes over their input gradients (3.7 ms at 16k): 21.4
+//! against 82.7 ms at 16k (3.87×), 42.2 against 319.5 ms at 32k (7.57×). Forward alone 4.9 ms at
+//! 16k. Memory grows linearly (2.33 / 4.02 / 7.30 / 13.80 GiB in use after the backward, 8k to
+//! 64k, without the pool). The 5× target at 16k (≈ 15.9 ms for the kernels) is not reached. At
+//! 16k the kernels take 17.2 ms: selection 1.6 (lists 0.6, `sk_select` 1.0), forward 3.5, dQ 3.9,
+//! dK / dV / dScores 2.7 (band) + 4.8 (list keys, a warpgroup per pair of query blocks walking
+//! the union of their lists) + 0.8 (conversion), all warpgroup MMA on Hopper. Tables, commands
+//! and the history of each step are in BENCHMARKS.md ("SparseK attention (H100)" and its
+//! subsections, the latest "SparseK: the key side on Hopper"). Next steps: a cheaper union (its
+//! construction runs per CTA), the conversion folded into the last key-side kernel, the
+//! selection's Newton steps.
 
 mod attn;
 mod cache;
