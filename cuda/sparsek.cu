@@ -407,6 +407,14 @@ extern "C" __global__ void __launch_bounds__(BQ) sk_select(
       float scale
 // The SK_PARAMS arguments, passed on.
 #define SK_ARGS u, lu, lj, nlist, nattend, tau, cut_u, cut_j, B, Hq, Hkv, T, window, cap, nb, scale
+// Arguments of the key-side kernels (element type E): the inputs, the output gradient, the
+// forward's LSE, dQ's per-row delta, r and |S|, and the outputs (the f32 accumulator [dK | dV],
+// du), then SK_PARAMS.
+#define SK_DKV_PARAMS                                                                           \
+  const E *__restrict__ q, const E *__restrict__ k, const E *__restrict__ v,                   \
+      const E *__restrict__ go, const float *__restrict__ lse, const float *__restrict__ delta, \
+      const float *__restrict__ rsum, const float *__restrict__ nsup, float *__restrict__ dacc,  \
+      float *__restrict__ du, SK_PARAMS
 
 #define FULL 0xffffffffu
 #define WARPS 8
@@ -1319,12 +1327,61 @@ __device__ __forceinline__ void sk_store_dkv(float* dacc, float* du, long long n
   }
 }
 
+// Zeroes two sets of NF C fragments (the key-side dK and dV accumulators).
+template <int NF>
+__device__ __forceinline__ void sk_zero_frags(float (*a)[4], float (*b)[4]) {
+#pragma unroll
+  for (int x = 0; x < NF; ++x)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) a[x][e] = b[x][e] = 0.f;
+}
+
+// The key block of a band kernel's CTA (blockIdx.x: TB keys from j0; blockIdx.y: batch * kv
+// head) and its steps: the query blocks whose band holds some of its keys (c >= kb and
+// c * BQ - window < j0 + TB), for every query head of the kv head's group (step p: head p / nc,
+// block c_lo + p % nc). jk, uk: this thread's two key rows (warp * 16 + gq + 8 hf; -1 past T)
+// and their scores.
+struct SkBandCta {
+  int kb, T, j0, c_lo, nc, np;
+  long long krow0, nkd, qrow0;  // qrow0: the first row of the group's first query head
+  int jk[2];
+  float uk[2];
+  __device__ SkBandCta(const float* u, int B, int Hq, int Hkv, int T_, int D, int window, int nb)
+      : T(T_) {
+    const int bhk = blockIdx.y, warp = threadIdx.x / 32, gq = (threadIdx.x & 31) >> 2;
+    const int g = Hq / Hkv;
+    kb = blockIdx.x;
+    krow0 = (long long)bhk * T;
+    nkd = (long long)B * Hkv * T * D;
+    qrow0 = ((long long)(bhk / Hkv) * Hq + (bhk % Hkv) * g) * T;
+    j0 = kb * TB;
+    c_lo = kb;
+    nc = min(nb - 1, (j0 + TB - 1 + window) / BQ) - c_lo + 1;
+    np = g * nc;
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int j = j0 + warp * 16 + gq + hf * 8;
+      jk[hf] = j < T ? j : -1;
+      uk[hf] = j < T ? u[krow0 + j] + 0.f : neg_inf();
+    }
+  }
+  // First row of step p's query head.
+  __device__ __forceinline__ long long qrow(int p) const { return qrow0 + (long long)(p / nc) * T; }
+  __device__ __forceinline__ int block(int p) const { return c_lo + p % nc; }
+  // The thread's keys inside block c's band [e_c, c * BQ + BQ) (-1 otherwise: the older ones come
+  // from its list), and whether every key of the block lies before every query of block c and
+  // inside its window (weight 1, no test and no score gradient: SK_FULL; padding queries have zero
+  // Q and dO rows).
+  __device__ __forceinline__ bool band_keys(int c, int window, int* jb) const {
+    const int e0 = block_start(c, window), e1 = min(T, c * BQ + BQ);
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) jb[hf] = jk[hf] >= e0 && jk[hf] < e1 ? jk[hf] : -1;
+    return c > kb && j0 > c * BQ + BQ - 1 - window;
+  }
+};
+
 template <typename E, int D>
-__device__ void skt_bwd_dkv_band(const E* __restrict__ q, const E* __restrict__ k,
-                                 const E* __restrict__ v, const E* __restrict__ go,
-                                 const float* __restrict__ lse, const float* __restrict__ delta,
-                                 const float* __restrict__ rsum, const float* __restrict__ nsup,
-                                 float* __restrict__ dacc, float* __restrict__ du, SK_PARAMS) {
+__device__ void skt_bwd_dkv_band(SK_DKV_PARAMS) {
   constexpr int SD = Pad<D>::SD;
   static_assert(TB == BQ, "key blocks and query blocks have the same size");
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -1333,28 +1390,14 @@ __device__ void skt_bwd_dkv_band(const E* __restrict__ q, const E* __restrict__ 
   E* sV = sK + TB * SD;
   E* sQ = sV + TB * SD;   // [2][BQ][SD]
   E* sG = sQ + 2 * BQ * SD;  // [2][BQ][SD]
-  const int warp = threadIdx.x / 32, gq = (threadIdx.x & 31) >> 2;
-  const int kb = blockIdx.x, bhk = blockIdx.y, b = bhk / Hkv, hk = bhk % Hkv, g = Hq / Hkv;
-  const long long krow0 = (long long)bhk * T, nkd = (long long)B * Hkv * T * D;
-  const int j0 = kb * TB;
+  const SkBandCta kc(u, B, Hq, Hkv, T, D, window, nb);
   const float sl2 = scale * LOG2E;
-  load_tile<E, TB, D, TC_THREADS>(sK, k + krow0 * D, j0, T);
-  load_tile<E, TB, D, TC_THREADS>(sV, v + krow0 * D, j0, T);
-  int jk[2];
-  float uk[2];
-#pragma unroll
-  for (int hf = 0; hf < 2; ++hf) {
-    int j = j0 + warp * 16 + gq + hf * 8;
-    jk[hf] = j < T ? j : -1;
-    uk[hf] = j < T ? u[krow0 + j] + 0.f : neg_inf();
-  }
-  // Query blocks c with keys of this block in their band: c >= kb and c * BQ - window < j0 + TB.
-  const int c_lo = kb, nc = min(nb - 1, (j0 + TB - 1 + window) / BQ) - c_lo + 1, np = g * nc;
+  load_tile<E, TB, D, TC_THREADS>(sK, k + kc.krow0 * D, kc.j0, T);
+  load_tile<E, TB, D, TC_THREADS>(sV, v + kc.krow0 * D, kc.j0, T);
   auto load_q = [&](int p, int buf) {
-    int h = hk * g + p / nc, c = c_lo + p % nc;
-    long long qrow0 = ((long long)b * Hq + h) * T;
-    load_tile<E, BQ, D, TC_THREADS>(sQ + buf * BQ * SD, q + qrow0 * D, c * BQ, T);
-    load_tile<E, BQ, D, TC_THREADS>(sG + buf * BQ * SD, go + qrow0 * D, c * BQ, T);
+    const int m0 = kc.block(p) * BQ;
+    load_tile<E, BQ, D, TC_THREADS>(sQ + buf * BQ * SD, q + kc.qrow(p) * D, m0, T);
+    load_tile<E, BQ, D, TC_THREADS>(sG + buf * BQ * SD, go + kc.qrow(p) * D, m0, T);
   };
   load_q(0, 0);
   cp_async_commit();
@@ -1364,31 +1407,26 @@ __device__ void skt_bwd_dkv_band(const E* __restrict__ q, const E* __restrict__ 
     adv[x][0] = adv[x][1] = adv[x][2] = adv[x][3] = adk[x][0] = adk[x][1] = adk[x][2] =
         adk[x][3] = 0.f;
   int buf = 0;
-  for (int p = 0; p < np; ++p) {
-    if (p + 1 < np) load_q(p + 1, buf ^ 1);
+  for (int p = 0; p < kc.np; ++p) {
+    if (p + 1 < kc.np) load_q(p + 1, buf ^ 1);
     cp_async_commit();
-    int h = hk * g + p / nc, c = c_lo + p % nc;
-    sk_load_qstats(st, c * BQ, krow0, ((long long)b * Hq + h) * T, T, tau, cut_u, cut_j, nattend, lse,
-                   delta, rsum, nsup);
+    const int c = kc.block(p);
+    sk_load_qstats(st, c * BQ, kc.krow0, kc.qrow(p), T, tau, cut_u, cut_j, nattend, lse, delta,
+                   rsum, nsup);
     cp_async_wait<1>();
     __syncthreads();
-    // Only the keys of block c's band [e0, e1); the older ones come from its list.
-    int e0 = block_start(c, window), e1 = min(T, c * BQ + BQ), jb[2];
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) jb[hf] = jk[hf] >= e0 && jk[hf] < e1 ? jk[hf] : -1;
-    // Every key of this block before every query of block c and inside its window: weight 1, no
-    // test and no score gradient (SK_FULL; padding queries have zero Q and dO rows).
-    const bool full = c > kb && j0 > c * BQ + BQ - 1 - window;
+    int jb[2];
+    const bool full = kc.band_keys(c, window, jb);
     const E *cQ = sQ + buf * BQ * SD, *cG = sG + buf * BQ * SD;
     if (full)
-      skt_dkv_step<E, D, SK_FULL>(adv, adk, gu, sK, sV, cQ, cG, st, jb, uk, jb, sl2, window);
+      skt_dkv_step<E, D, SK_FULL>(adv, adk, gu, sK, sV, cQ, cG, st, jb, kc.uk, jb, sl2, window);
     else
-      skt_dkv_step<E, D, SK_BAND>(adv, adk, gu, sK, sV, cQ, cG, st, jb, uk, jb, sl2, window);
+      skt_dkv_step<E, D, SK_BAND>(adv, adk, gu, sK, sV, cQ, cG, st, jb, kc.uk, jb, sl2, window);
     __syncthreads();
     buf ^= 1;
   }
   cp_async_wait<0>();
-  sk_store_dkv<D>(dacc, du, nkd, krow0, jk, adv, adk, gu, scale);
+  sk_store_dkv<D>(dacc, du, kc.nkd, kc.krow0, kc.jk, adv, adk, gu, scale);
 }
 
 // Adds the key-side accumulators of this thread's two key rows (positions jk, -1: none; C
@@ -1428,11 +1466,7 @@ __device__ __forceinline__ void sk_add_dkv(float* dacc, float* du, long long nkd
 }
 
 template <typename E, int D>
-__device__ void skt_bwd_dkv(const E* __restrict__ q, const E* __restrict__ k,
-                            const E* __restrict__ v, const E* __restrict__ go,
-                            const float* __restrict__ lse, const float* __restrict__ delta,
-                            const float* __restrict__ rsum, const float* __restrict__ nsup,
-                            float* __restrict__ dacc, float* __restrict__ du, SK_PARAMS) {
+__device__ void skt_bwd_dkv(SK_DKV_PARAMS) {
   constexpr int SD = Pad<D>::SD;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __shared__ SkQStats st;
@@ -1959,11 +1993,7 @@ __device__ void skw_bwd_dq(const E* __restrict__ q, const E* __restrict__ k,
 // bwd_wgmma) and the element-wise step of the mma.sync kernel. Q and dO tiles are double-buffered
 // with cp.async; a step's query statistics are read into registers during the previous step.
 template <typename E, int D>
-__device__ void skw_bwd_dkv_band(const E* __restrict__ q, const E* __restrict__ k,
-                                 const E* __restrict__ v, const E* __restrict__ go,
-                                 const float* __restrict__ lse, const float* __restrict__ delta,
-                                 const float* __restrict__ rsum, const float* __restrict__ nsup,
-                                 float* __restrict__ dacc, float* __restrict__ du, SK_PARAMS) {
+__device__ void skw_bwd_dkv_band(SK_DKV_PARAMS) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int N8 = BQ / 8, DT = D / 8;
   static_assert(D % 64 == 0 && TB == BQ, "skw_bwd_dkv_band: head_dim 64 or 128");
@@ -1973,51 +2003,35 @@ __device__ void skw_bwd_dkv_band(const E* __restrict__ q, const E* __restrict__ 
   E* sQ = sV + TB * D;       // [2][BQ * D]
   E* sG = sQ + 2 * BQ * D;   // [2][BQ * D]
   SkQStats* st = reinterpret_cast<SkQStats*>(sG + 2 * BQ * D);  // [2]
-  const int tid = threadIdx.x, warp = tid / 32, gq = (tid & 31) >> 2;
-  const int kb = blockIdx.x, bhk = blockIdx.y, b = bhk / Hkv, hk = bhk % Hkv, g = Hq / Hkv;
-  const long long krow0 = (long long)bhk * T, nkd = (long long)B * Hkv * T * D;
-  const int j0 = kb * TB;
+  const int tid = threadIdx.x;
+  const SkBandCta kc(u, B, Hq, Hkv, T, D, window, nb);
   const float sl2 = scale * LOG2E;
-  load_tile_sw128<E, TB, D, 128>(sK, k + krow0 * D, j0, T, tid);
-  load_tile_sw128<E, TB, D, 128>(sV, v + krow0 * D, j0, T, tid);
-  int jk[2];
-  float uk[2];
-#pragma unroll
-  for (int hf = 0; hf < 2; ++hf) {
-    int j = j0 + warp * 16 + gq + hf * 8;
-    jk[hf] = j < T ? j : -1;
-    uk[hf] = j < T ? u[krow0 + j] + 0.f : neg_inf();
-  }
-  // Query blocks c with keys of this block in their band: c >= kb and c * BQ - window < j0 + TB.
-  const int c_lo = kb, nc = min(nb - 1, (j0 + TB - 1 + window) / BQ) - c_lo + 1, np = g * nc;
-  auto qrow = [&](int p) { return ((long long)b * Hq + hk * g + p / nc) * T; };
+  load_tile_sw128<E, TB, D, 128>(sK, k + kc.krow0 * D, kc.j0, T, tid);
+  load_tile_sw128<E, TB, D, 128>(sV, v + kc.krow0 * D, kc.j0, T, tid);
   auto load_q = [&](int p, int buf) {
-    const int m0 = (c_lo + p % nc) * BQ;
-    load_tile_sw128<E, BQ, D, 128>(sQ + buf * BQ * D, q + qrow(p) * D, m0, T, tid);
-    load_tile_sw128<E, BQ, D, 128>(sG + buf * BQ * D, go + qrow(p) * D, m0, T, tid);
+    const int m0 = kc.block(p) * BQ;
+    load_tile_sw128<E, BQ, D, 128>(sQ + buf * BQ * D, q + kc.qrow(p) * D, m0, T, tid);
+    load_tile_sw128<E, BQ, D, 128>(sG + buf * BQ * D, go + kc.qrow(p) * D, m0, T, tid);
     cp_async_commit();
   };
   auto fetch = [&](int p) {
-    return sk_fetch_qstat((c_lo + p % nc) * BQ + tid, krow0, qrow(p), T, tau, cut_u, cut_j,
+    return sk_fetch_qstat(kc.block(p) * BQ + tid, kc.krow0, kc.qrow(p), T, tau, cut_u, cut_j,
                           nattend, lse, delta, rsum, nsup);
   };
   load_q(0, 0);
   if (tid < BQ) fetch(0).put(st[0], tid);
   float adk[DT][4], adv[DT][4], gu[2] = {0.f, 0.f};
-#pragma unroll
-  for (int x = 0; x < DT; ++x)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) adk[x][e] = adv[x][e] = 0.f;
+  sk_zero_frags<DT>(adk, adv);
   float s[N8][4], dp[N8][4];
   uint32_t pa[BQ / 16][4], da[BQ / 16][4];
   int buf = 0;
-  for (int p = 0; p < np; ++p) {
+  for (int p = 0; p < kc.np; ++p) {
     // Step p's Q, dO and statistics are visible; every warp is done with step p - 1's buffers.
     cp_async_wait<0>();
     fence_proxy_async();
     __syncthreads();
     SkQStat nx;
-    if (p + 1 < np) {
+    if (p + 1 < kc.np) {
       load_q(p + 1, buf ^ 1);
       if (tid < BQ) nx = fetch(p + 1);
     }
@@ -2027,20 +2041,15 @@ __device__ void skw_bwd_dkv_band(const E* __restrict__ q, const E* __restrict__ 
     skw_issue_abt<E, D>(s, sK, cQ);
     skw_issue_abt<E, D>(dp, sV, cG);
     wgmma_commit();
-    // Only the keys of block c's band [e0, e1); the older ones come from its list. Keys before
-    // every query of block c and inside its window: weight 1, no test (SK_FULL).
-    const int c = c_lo + p % nc, e0 = block_start(c, window), e1 = min(T, c * BQ + BQ);
     int jb[2];
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) jb[hf] = jk[hf] >= e0 && jk[hf] < e1 ? jk[hf] : -1;
-    const bool full = c > kb && j0 > c * BQ + BQ - 1 - window;
+    const bool full = kc.band_keys(kc.block(p), window, jb);
     wgmma_wait<0>();
     wgmma_fence_regs<N8>(s);
     wgmma_fence_regs<N8>(dp);
     if (full)
-      sk_dkv_grads<SK_FULL>(s, dp, gu, st[buf], jb, uk, jb, sl2, window);
+      sk_dkv_grads<SK_FULL>(s, dp, gu, st[buf], jb, kc.uk, jb, sl2, window);
     else
-      sk_dkv_grads<SK_BAND>(s, dp, gu, st[buf], jb, uk, jb, sl2, window);
+      sk_dkv_grads<SK_BAND>(s, dp, gu, st[buf], jb, kc.uk, jb, sl2, window);
     skw_pack_a<E>(pa, s);
     skw_pack_a<E>(da, dp);
     wgmma_fence_regs_a<BQ / 16>(pa);
@@ -2048,13 +2057,13 @@ __device__ void skw_bwd_dkv_band(const E* __restrict__ q, const E* __restrict__ 
     wgmma_fence();
     skw_issue_pb<E, D>(adv, pa, cG);
     skw_issue_pb<E, D>(adk, da, cQ);
-    if (p + 1 < np && tid < BQ) nx.put(st[buf ^ 1], tid);
+    if (p + 1 < kc.np && tid < BQ) nx.put(st[buf ^ 1], tid);
     wgmma_wait<0>();
     wgmma_fence_regs<DT>(adv);
     wgmma_fence_regs<DT>(adk);
     buf ^= 1;
   }
-  sk_store_dkv<D>(dacc, du, nkd, krow0, jk, adv, adk, gu, scale);
+  sk_store_dkv<D>(dacc, du, kc.nkd, kc.krow0, kc.jk, adv, adk, gu, scale);
 #endif
 }
 
@@ -2093,11 +2102,7 @@ template <int G>
 __host__ __device__ constexpr int skw_list_slots(int cap) { return cap + (G - 1) * BQ; }
 
 template <typename E, int D, int G, bool PIPE>
-__device__ void skw_bwd_dkv_list(const E* __restrict__ q, const E* __restrict__ k,
-                                 const E* __restrict__ v, const E* __restrict__ go,
-                                 const float* __restrict__ lse, const float* __restrict__ delta,
-                                 const float* __restrict__ rsum, const float* __restrict__ nsup,
-                                 float* __restrict__ dacc, float* __restrict__ du, SK_PARAMS) {
+__device__ void skw_bwd_dkv_list(SK_DKV_PARAMS) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int N8 = BQ / 8, DT = D / 8;
   static_assert(D % 64 == 0 && G >= 1 && G <= 8, "skw_bwd_dkv_list: head_dim 64 or 128");
@@ -2243,10 +2248,7 @@ __device__ void skw_bwd_dkv_list(const E* __restrict__ q, const E* __restrict__ 
   if (PIPE && nt > 1) gather(1);
 
   float adk[DT][4], adv[DT][4], gu[2] = {0.f, 0.f}, gs[2];
-#pragma unroll
-  for (int x = 0; x < DT; ++x)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) adk[x][e] = adv[x][e] = 0.f;
+  sk_zero_frags<DT>(adk, adv);
   float s[N8][4], dp[N8][4];
   uint32_t pa[BQ / 16][4], da[BQ / 16][4];
   int jk[2];  // the current tile's positions of this thread's two key rows
@@ -2358,10 +2360,7 @@ __device__ void skw_bwd_dkv_list(const E* __restrict__ q, const E* __restrict__ 
   float uk0[2];
   auto flush = [&]() {
     sk_add_dkv<D>(dacc, du, nkd, krow0, jk, adv, adk, gu, scale);
-#pragma unroll
-    for (int x = 0; x < DT; ++x)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) adk[x][e] = adv[x][e] = 0.f;
+    sk_zero_frags<DT>(adk, adv);
     gu[0] = gu[1] = 0.f;
   };
   auto acc_done = [&]() {
