@@ -2267,79 +2267,38 @@ __device__ void skw_bwd_dkv_list(SK_DKV_PARAMS) {
     skw_issue_abt<E, D>(dp, sV + (t & 1) * TB * D, sG + g * BQ * D);
     wgmma_commit();
   };
-  // The weights of step (t, g) (sk_weight for the list keys, its tests folded into th, tj; keys
-  // of the block's band are the band kernel's): they depend only on positions and scores, so at
-  // head_dim 64 they are computed while the step's S^T and dP^T are on the tensor cores (at 128
-  // the registers are short: after).
-  constexpr bool early_weights = PIPE && D <= 64;
-  float wv[N8][4];
-  // This thread's two key rows of tile t for block g: positions j, scores uk (-inf: none, or in
-  // the block's band).
-  auto row_keys = [&](int t, int g, int* j, float* uk) {
+  // P^T w and dS^T of step (t, g) into s, dp (its S^T and dP^T complete), its score gradient
+  // into gs (sk_dkv_grads' arithmetic). The weight is sk_weight for the list keys, its tests
+  // folded into th, tj; keys of the block's band (-inf here) are the band kernel's.
+  auto grads = [&](int t, int g) {
+    wgmma_fence_regs<N8>(s);
+    wgmma_fence_regs<N8>(dp);
+    gs[0] = gs[1] = 0.f;
+    int j[2];
+    float uk[2];
     keys(t, j, uk);
     const int eg = min(T, block_start(c0 + g, window));
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf)
       if (j[hf] < 0 || j[hf] >= eg) uk[hf] = neg_inf();
-  };
-  auto weight = [](float uk, int j, float th, int tj, float ta) {
-    const bool on = uk > th || (uk == th && j >= tj);
-    return on ? fminf(uk - ta, 1.f) : 0.f;
-  };
-  auto weights = [&](int t, int g) {
-    int j[2];
-    float uk[2];
-    row_keys(t, g, j, uk);
     const SkListQuery* cq = sq + g * BQ + 2 * (tid & 3);
 #pragma unroll
     for (int nt = 0; nt < N8; ++nt)
 #pragma unroll
       for (int e2 = 0; e2 < 2; ++e2) {
-        const float th = cq[nt * 8 + e2].th, ta = cq[nt * 8 + e2].tau;
-        const int tj = cq[nt * 8 + e2].tj;
+        const SkListQuery c = cq[nt * 8 + e2];
 #pragma unroll
-        for (int hf = 0; hf < 2; ++hf) wv[nt][hf * 2 + e2] = weight(uk[hf], j[hf], th, tj, ta);
+        for (int hf = 0; hf < 2; ++hf) {
+          const int x = hf * 2 + e2;
+          const bool on = uk[hf] > c.th || (uk[hf] == c.th && j[hf] >= c.tj);
+          const float w = on ? fminf(uk[hf] - c.tau, 1.f) : 0.f;
+          const float a = w > 0.f ? fast_exp2(s[nt][x] * sl2 - c.l2) : 0.f;
+          const float dpv = dp[nt][x];
+          if (w > 0.f && w < 1.f) gs[hf] += a * dpv - c.rn;
+          s[nt][x] = a * w;
+          dp[nt][x] = a * (w * dpv - c.dl);
+        }
       }
-  };
-  // P^T w and dS^T of step (t, g) into s, dp (its S^T and dP^T complete; its weights in wv at
-  // head_dim 64, computed here at 128), its score gradient into gs (sk_dkv_grads' arithmetic).
-  auto grads = [&](int t, int g) {
-    wgmma_fence_regs<N8>(s);
-    wgmma_fence_regs<N8>(dp);
-    gs[0] = gs[1] = 0.f;
-    const SkListQuery* cq = sq + g * BQ + 2 * (tid & 3);
-    auto element = [&](int nt, int x, int hf, float w, float l2, float dl, float rn) {
-      const float a = w > 0.f ? fast_exp2(s[nt][x] * sl2 - l2) : 0.f;
-      const float dpv = dp[nt][x];
-      if (w > 0.f && w < 1.f) gs[hf] += a * dpv - rn;
-      s[nt][x] = a * w;
-      dp[nt][x] = a * (w * dpv - dl);
-    };
-    if constexpr (early_weights) {
-#pragma unroll
-      for (int nt = 0; nt < N8; ++nt)
-#pragma unroll
-        for (int e2 = 0; e2 < 2; ++e2) {
-          const float l2 = cq[nt * 8 + e2].l2, dl = cq[nt * 8 + e2].dl, rn = cq[nt * 8 + e2].rn;
-#pragma unroll
-          for (int hf = 0; hf < 2; ++hf)
-            element(nt, hf * 2 + e2, hf, wv[nt][hf * 2 + e2], l2, dl, rn);
-        }
-    } else {
-      int j[2];
-      float uk[2];
-      row_keys(t, g, j, uk);
-#pragma unroll
-      for (int nt = 0; nt < N8; ++nt)
-#pragma unroll
-        for (int e2 = 0; e2 < 2; ++e2) {
-          const SkListQuery c = cq[nt * 8 + e2];
-#pragma unroll
-          for (int hf = 0; hf < 2; ++hf)
-            element(nt, hf * 2 + e2, hf, weight(uk[hf], j[hf], c.th, c.tj, c.tau), c.l2, c.dl,
-                    c.rn);
-        }
-    }
   };
   // The step's P^T w and dS^T as the A fragments of dV, dK (the previous dV, dK complete).
   auto to_a = [&]() {
@@ -2379,7 +2338,6 @@ __device__ void skw_bwd_dkv_list(SK_DKV_PARAMS) {
     int t = steps[0] >> 4, g = steps[0] & 15;
     keys(t, jk, uk0);
     issue_sdp(t, g);
-    if constexpr (early_weights) weights(t, g);
     wgmma_wait<0>();
     grads(t, g);
     to_a();
@@ -2397,7 +2355,6 @@ __device__ void skw_bwd_dkv_list(SK_DKV_PARAMS) {
       }
       issue_sdp(tn, gn);
       issue_pb(g);
-      if constexpr (early_weights) weights(tn, gn);
       wgmma_wait<2>();
       grads(tn, gn);
       acc_done();
