@@ -34,15 +34,22 @@
 __device__ __forceinline__ bool gt(float ua, int ja, float ub, int jb) {
   return ua > ub || (ua == ub && ja > jb);
 }
-// Number of entries of a descending list that rank above (u, j).
-__device__ __forceinline__ int count_gt(const float* lu, const int* lj, int n, float u, int j) {
+// Number of indices r in [0, n) with pred(r), for a prefix predicate (true on [0, count), false
+// after), by binary search (one thread).
+template <typename P>
+__device__ __forceinline__ int count_prefix(int n, P&& pred) {
   int lo = 0, hi = n;
   while (lo < hi) {
-    int mid = (lo + hi) >> 1;
-    if (gt(lu[mid], lj[mid], u, j)) lo = mid + 1; else hi = mid;
+    const int mid = (lo + hi) >> 1;
+    if (pred(mid)) lo = mid + 1; else hi = mid;
   }
   return lo;
 }
+// Number of entries of a descending list that rank above (u, j).
+__device__ __forceinline__ int count_gt(const float* lu, const int* lj, int n, float u, int j) {
+  return count_prefix(n, [&](int r) { return gt(lu[r], lj[r], u, j); });
+}
+
 // Whether key (u, j) is in the top-cap set whose smallest key is (cu, cj); cj < 0: no cut.
 __device__ __forceinline__ bool in_top(float u, int j, float cu, int cj) {
   return cj < 0 || !gt(cu, cj, u, j);
@@ -196,18 +203,6 @@ extern "C" __global__ void sk_block_lists(const float* __restrict__ u,
     if (c + 1 < c1)
       L.add_keys(ur, min(T, block_start(c, window)), min(T, block_start(c + 1, window)), cap);
   }
-}
-
-// Number of indices r in [0, n) with pred(r), for a prefix predicate (true on [0, count), false
-// after), by binary search (one thread).
-template <typename P>
-__device__ __forceinline__ int count_prefix(int n, P&& pred) {
-  int lo = 0, hi = n;
-  while (lo < hi) {
-    const int mid = (lo + hi) >> 1;
-    if (pred(mid)) lo = mid + 1; else hi = mid;
-  }
-  return lo;
 }
 
 // What sk_select finds for one query.
@@ -408,13 +403,13 @@ extern "C" __global__ void __launch_bounds__(BQ) sk_select(
 // The SK_PARAMS arguments, passed on.
 #define SK_ARGS u, lu, lj, nlist, nattend, tau, cut_u, cut_j, B, Hq, Hkv, T, window, cap, nb, scale
 // Arguments of the key-side kernels (element type E): the inputs, the output gradient, the
-// forward's LSE, dQ's per-row delta, r and |S|, and the outputs (the f32 accumulator [dK | dV],
-// du), then SK_PARAMS.
+// forward's LSE, dQ's per-row delta, r and |S|, and the outputs (the f32 accumulator [dK | dV]
+// and du, which the list kernel adds to; dK and dV, which the band kernel writes), then SK_PARAMS.
 #define SK_DKV_PARAMS                                                                           \
   const E *__restrict__ q, const E *__restrict__ k, const E *__restrict__ v,                   \
       const E *__restrict__ go, const float *__restrict__ lse, const float *__restrict__ delta, \
       const float *__restrict__ rsum, const float *__restrict__ nsup, float *__restrict__ dacc,  \
-      float *__restrict__ du, SK_PARAMS
+      float *__restrict__ du, E *__restrict__ dk, E *__restrict__ dv, SK_PARAMS
 
 #define FULL 0xffffffffu
 #define WARPS 8
@@ -1071,14 +1066,28 @@ __device__ void skt_fwd(const E* __restrict__ q, const E* __restrict__ k, const 
 
 // Backward, query-major (f16 / bf16): dq (scaled, in the input dtype: every row belongs to one
 // CTA), delta = dO.O, r = sum_S g_w and |S|.
+// Zeroes this CTA's share of the f32 buffer p[0, n) (n a multiple of 4, p 16-byte aligned) with
+// 16-byte stores by threads tid of nthreads: the dQ kernels clear the key-side accumulator for
+// the list kernel's atomics (n = 0: nothing), hidden under their math instead of a pass of its own.
+__device__ __forceinline__ void sk_zero_share(float* p, long long n, int tid, int nthreads) {
+  const long long n4 = n / 4, ncta = (long long)gridDim.x * gridDim.y;
+  const long long per = (n4 + ncta - 1) / ncta;
+  const long long x0 = ((long long)blockIdx.y * gridDim.x + blockIdx.x) * per;
+  const long long x1 = min(n4, x0 + per);
+  for (long long x = x0 + tid; x < x1; x += nthreads)
+    reinterpret_cast<float4*>(p)[x] = make_float4(0.f, 0.f, 0.f, 0.f);
+}
+
 template <typename E, int D>
 __device__ void skt_bwd_dq(const E* __restrict__ q, const E* __restrict__ k,
                            const E* __restrict__ v, const E* __restrict__ o,
                            const E* __restrict__ go, const float* __restrict__ lse,
                            E* __restrict__ dq,
                            float* __restrict__ delta, float* __restrict__ rsum,
-                           float* __restrict__ nsup, SK_PARAMS) {
+                           float* __restrict__ nsup, float* __restrict__ dacc, long long nacc,
+                           SK_PARAMS) {
   constexpr int SD = Pad<D>::SD, N8 = TB / 8;
+  sk_zero_share(dacc, nacc, threadIdx.x, TC_THREADS);
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __shared__ float s_delta[BQ];
   SkSmem<E, D, 2> sm(smem_raw);
@@ -1179,14 +1188,14 @@ __device__ void skt_bwd_dq(const E* __restrict__ q, const E* __restrict__ k,
 }
 
 // Backward, key side (f16 / bf16). dK, dV and du are split by where the keys come from:
-// - skt_bwd_dkv_band (runs first): one CTA per (block of TB keys, batch * kv head) walks the query
+// - skt_bwd_dkv (runs first): one CTA per (query block, batch * q head) walks the block's list
+//   tiles and adds to the f32 accumulator [dK | dV] and to du with vector atomics (list keys are
+//   shared by many query blocks and heads; not bitwise deterministic); the dQ kernel before it
+//   zeroed the accumulator (sk_zero_share);
+// - skt_bwd_dkv_band (runs last): one CTA per (block of TB keys, batch * kv head) walks the query
 //   blocks whose band [e_c, c*BQ + BQ) holds some of its keys, for every query head of the group,
-//   accumulates in registers and stores dK, dV (f32) and du: no atomics, and every key row is
-//   written (key j is in the band of its own block), so the outputs need no zeroing;
-// - skt_bwd_dkv (runs second): one CTA per (query block, batch * q head) walks the block's list
-//   tiles and adds to those outputs with vector atomics (list keys are shared by many query
-//   blocks and heads; not bitwise deterministic);
-// - sk_dkv_convert: dK, dV to the input dtype.
+//   accumulates in registers, then adds the list part and writes dK, dV in the input dtype and du
+//   (sk_finish_dkv): every key row is written (key j is in the band of its own block).
 // Both recompute S^T = K Q^T and dP^T = V dO^T per (16 keys of a warp, BQ queries) step.
 
 // Per-query data of one query block for the key-side backward.
@@ -1302,27 +1311,34 @@ __device__ __forceinline__ float quad_sum(float g) {
   return g;
 }
 
-// Stores the key-side accumulators of this thread's two key rows (positions jk, -1: none; C
-// fragments adv, adk; score gradients gu) into the f32 accumulator [dK | dV] (dK scaled) and du.
-template <int D>
-__device__ __forceinline__ void sk_store_dkv(float* dacc, float* du, long long nkd,
-                                             long long krow0, const int* jk,
-                                             const float (*adv)[4], const float (*adk)[4],
-                                             const float* gu, float scale) {
+// Finishes this thread's two key rows (positions jk, -1: none; C fragments adv, adk; score
+// gradients gu) after the list kernel: dK = scale * adk + the accumulator's dK row, dV likewise,
+// written in the input dtype, and du += the rows' score gradients.
+template <typename E, int D>
+__device__ __forceinline__ void sk_finish_dkv(const float* dacc, float* du, E* dk, E* dv,
+                                              long long nkd, long long krow0, const int* jk,
+                                              const float (*adv)[4], const float (*adk)[4],
+                                              const float* gu, float scale) {
   const int t4 = threadIdx.x & 3;
 #pragma unroll
   for (int hf = 0; hf < 2; ++hf) {
     float gs = quad_sum(gu[hf]);
     int j = jk[hf];
     if (j < 0) continue;
-    if (t4 == 0) du[krow0 + j] = gs;
-    float* dr = dacc + (krow0 + j) * D + 2 * t4;
+    if (t4 == 0) du[krow0 + j] += gs;
+    const long long o = (krow0 + j) * D + 2 * t4;
+    float2 lk[D / 8], lv[D / 8];
 #pragma unroll
     for (int dt = 0; dt < D / 8; ++dt) {
-      *reinterpret_cast<float2*>(dr + dt * 8) =
-          make_float2(adk[dt][hf * 2] * scale, adk[dt][hf * 2 + 1] * scale);
-      *reinterpret_cast<float2*>(dr + nkd + dt * 8) =
-          make_float2(adv[dt][hf * 2], adv[dt][hf * 2 + 1]);
+      lk[dt] = *reinterpret_cast<const float2*>(dacc + o + dt * 8);
+      lv[dt] = *reinterpret_cast<const float2*>(dacc + nkd + o + dt * 8);
+    }
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) {
+      *reinterpret_cast<uint32_t*>(dk + o + dt * 8) = pack2<E>(
+          adk[dt][hf * 2] * scale + lk[dt].x, adk[dt][hf * 2 + 1] * scale + lk[dt].y);
+      *reinterpret_cast<uint32_t*>(dv + o + dt * 8) =
+          pack2<E>(adv[dt][hf * 2] + lv[dt].x, adv[dt][hf * 2 + 1] + lv[dt].y);
     }
   }
 }
@@ -1426,7 +1442,7 @@ __device__ void skt_bwd_dkv_band(SK_DKV_PARAMS) {
     buf ^= 1;
   }
   cp_async_wait<0>();
-  sk_store_dkv<D>(dacc, du, kc.nkd, kc.krow0, kc.jk, adv, adk, gu, scale);
+  sk_finish_dkv<E, D>(dacc, du, dk, dv, kc.nkd, kc.krow0, kc.jk, adv, adk, gu, scale);
 }
 
 // Adds the key-side accumulators of this thread's two key rows (positions jk, -1: none; C
@@ -1529,18 +1545,6 @@ __device__ void skt_bwd_dkv(SK_DKV_PARAMS) {
 }
 
 // dK, dV (f32 [dk | dv], n elements each, n a multiple of 4) to the input dtype.
-template <typename E>
-__device__ void sk_dkv_convert(const float* __restrict__ dacc, E* __restrict__ dk,
-                               E* __restrict__ dv, long long n) {
-  const long long n4 = n / 4;
-  for (long long x = (long long)blockIdx.x * blockDim.x + threadIdx.x; x < 2 * n4;
-       x += (long long)gridDim.x * blockDim.x) {
-    float4 a = reinterpret_cast<const float4*>(dacc)[x];
-    E* dst = x < n4 ? dk + 4 * x : dv + 4 * (x - n4);
-    *reinterpret_cast<uint2*>(dst) = make_uint2(pack2<E>(a.x, a.y), pack2<E>(a.z, a.w));
-  }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Hopper (sm_90a) forward and dQ (f16 / bf16, head_dim 64 and 128): the same tile walk as skt_fwd
 // and skt_bwd_dq, with warpgroup MMA and warp specialisation (as flash_attn.cu's fwd_wgmma). One
@@ -1699,17 +1703,20 @@ struct SkwCta {
   }
 };
 
-// Splits the CTA: the producer warpgroup streams the tiles and returns true (the caller returns);
-// the consumer warpgroup takes its registers and gets false.
+// Splits the CTA: the producer warpgroup streams the tiles, then zeroes the CTA's share of
+// zero[0, nzero) (sk_zero_share) and returns true (the caller returns); the consumer warpgroup
+// takes its registers and gets false.
 template <typename E, int D, int NQ, int S, int MINB>
 __device__ __forceinline__ bool skw_split_producer(const SkwSmem<E, D, NQ, S>& sm,
-                                                   const SkwCta<E, D>& cta) {
+                                                   const SkwCta<E, D>& cta,
+                                                   float* zero = nullptr, long long nzero = 0) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   sm.init();
   __syncthreads();
   if (threadIdx.x < 128) {
     setmaxnreg_dec<SKW_PRODUCER_REGS>();
     skw_produce<E, D, NQ, S>(sm, cta.tl, cta.kr, cta.vr);
+    sk_zero_share(zero, nzero, threadIdx.x, 128);
     return true;
   }
   setmaxnreg_inc<skw_consumer_regs(MINB)>();
@@ -1871,7 +1878,8 @@ __device__ void skw_bwd_dq(const E* __restrict__ q, const E* __restrict__ k,
                            const E* __restrict__ v, const E* __restrict__ o,
                            const E* __restrict__ go, const float* __restrict__ lse,
                            E* __restrict__ dq, float* __restrict__ delta,
-                           float* __restrict__ rsum, float* __restrict__ nsup, SK_PARAMS) {
+                           float* __restrict__ rsum, float* __restrict__ nsup,
+                           float* __restrict__ dacc, long long nacc, SK_PARAMS) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int N8 = TB / 8, DT = D / 8;
   static_assert(D % 64 == 0, "skw_bwd_dq: head_dim 64 or 128");
@@ -1879,7 +1887,7 @@ __device__ void skw_bwd_dq(const E* __restrict__ q, const E* __restrict__ k,
   const SkwSmem<E, D, 2, S> sm(smem_raw);
   E* sG = sm.q + BQ * D;
   const SkwCta<E, D> cta(k, v, SK_ARGS);
-  if (skw_split_producer<E, D, 2, S, MINB>(sm, cta)) return;
+  if (skw_split_producer<E, D, 2, S, MINB>(sm, cta, dacc, nacc)) return;
   const SkTiles& tl = cta.tl;
   const int m0 = cta.m0, bhk = cta.bhk;
   const long long qrow0 = cta.qrow0;
@@ -2063,7 +2071,7 @@ __device__ void skw_bwd_dkv_band(SK_DKV_PARAMS) {
     wgmma_fence_regs<DT>(adk);
     buf ^= 1;
   }
-  sk_store_dkv<D>(dacc, du, kc.nkd, kc.krow0, kc.jk, adv, adk, gu, scale);
+  sk_finish_dkv<E, D>(dacc, du, dk, dv, kc.nkd, kc.krow0, kc.jk, adv, adk, gu, scale);
 #endif
 }
 
@@ -2410,8 +2418,10 @@ __device__ void skw_bwd_dkv_list(SK_DKV_PARAMS) {
   extern "C" __global__ void __launch_bounds__(SKW_THREADS, MINB)                               \
       skw_bwd_dq_##NAME##_d##D##_s##S##_m##MINB(                                                \
           const TY* q, const TY* k, const TY* v, const TY* o, const TY* go, const float* lse,   \
-          TY* dq, float* delta, float* rsum, float* nsup, SK_PARAMS) {                          \
-    skw_bwd_dq<TY, D, S, MINB>(q, k, v, o, go, lse, dq, delta, rsum, nsup, SK_ARGS);            \
+          TY* dq, float* delta, float* rsum, float* nsup, float* dacc, long long nacc,          \
+          SK_PARAMS) {                                                                          \
+    skw_bwd_dq<TY, D, S, MINB>(q, k, v, o, go, lse, dq, delta, rsum, nsup, dacc, nacc,          \
+                               SK_ARGS);                                                        \
   }
 // The Hopper list dK / dV kernel, G query blocks per CTA (`list_dkv` in cuda.rs).
 #define SKW_LIST(TY, NAME, D, G, MINB, PIPE, TAG)                                               \
@@ -2419,16 +2429,18 @@ __device__ void skw_bwd_dkv_list(SK_DKV_PARAMS) {
       skw_bwd_dkv_list_##NAME##_d##D##_g##G##_m##MINB##TAG(                                     \
       const TY* q, const TY* k, const TY* v, const TY* go, const float* lse,                    \
       const float* delta, const float* rsum, const float* nsup, float* dacc, float* du,         \
-      SK_PARAMS) {                                                                              \
-    skw_bwd_dkv_list<TY, D, G, PIPE>(q, k, v, go, lse, delta, rsum, nsup, dacc, du, SK_ARGS);   \
+      TY* dk, TY* dv, SK_PARAMS) {                                                              \
+    skw_bwd_dkv_list<TY, D, G, PIPE>(q, k, v, go, lse, delta, rsum, nsup, dacc, du, dk, dv,     \
+        SK_ARGS);                                                                               \
   }
 // The Hopper band dK / dV kernel (`band_dkv` in cuda.rs).
 #define SKW_BAND(TY, NAME, D, MINB)                                                             \
   extern "C" __global__ void __launch_bounds__(128, MINB) skw_bwd_dkv_band_##NAME##_d##D(       \
       const TY* q, const TY* k, const TY* v, const TY* go, const float* lse,                    \
       const float* delta, const float* rsum, const float* nsup, float* dacc, float* du,         \
-      SK_PARAMS) {                                                                              \
-    skw_bwd_dkv_band<TY, D>(q, k, v, go, lse, delta, rsum, nsup, dacc, du, SK_ARGS);            \
+      TY* dk, TY* dv, SK_PARAMS) {                                                              \
+    skw_bwd_dkv_band<TY, D>(q, k, v, go, lse, delta, rsum, nsup, dacc, du, dk, dv,              \
+        SK_ARGS);                                                                               \
   }
 #define SKW_ALL(TY, NAME)                                                                       \
   SKW_BAND(TY, NAME, 64, 3)                                                                     \
@@ -2449,20 +2461,23 @@ __device__ void skw_bwd_dkv_list(SK_DKV_PARAMS) {
   }                                                                                             \
   extern "C" __global__ void __launch_bounds__(TC_THREADS, SKT_MIN_BLOCKS(D)) skt_bwd_dq_##NAME##_d##D(            \
       const TY* q, const TY* k, const TY* v, const TY* o, const TY* go, const float* lse,       \
-      TY* dq, float* delta, float* rsum, float* nsup, SK_PARAMS) {                              \
-    skt_bwd_dq<TY, D>(q, k, v, o, go, lse, dq, delta, rsum, nsup, SK_ARGS);                     \
+      TY* dq, float* delta, float* rsum, float* nsup, float* dacc, long long nacc,              \
+      SK_PARAMS) {                                                                              \
+    skt_bwd_dq<TY, D>(q, k, v, o, go, lse, dq, delta, rsum, nsup, dacc, nacc, SK_ARGS);         \
   }                                                                                             \
   extern "C" __global__ void __launch_bounds__(TC_THREADS, SKT_MIN_BLOCKS(D)) skt_bwd_dkv_band_##NAME##_d##D(      \
       const TY* q, const TY* k, const TY* v, const TY* go, const float* lse,                    \
       const float* delta, const float* rsum, const float* nsup, float* dacc, float* du,         \
-      SK_PARAMS) {                                                                              \
-    skt_bwd_dkv_band<TY, D>(q, k, v, go, lse, delta, rsum, nsup, dacc, du, SK_ARGS);            \
+      TY* dk, TY* dv, SK_PARAMS) {                                                              \
+    skt_bwd_dkv_band<TY, D>(q, k, v, go, lse, delta, rsum, nsup, dacc, du, dk, dv,              \
+        SK_ARGS);                                                                               \
   }                                                                                             \
   extern "C" __global__ void __launch_bounds__(TC_THREADS, SKT_MIN_BLOCKS(D)) skt_bwd_dkv_##NAME##_d##D(           \
       const TY* q, const TY* k, const TY* v, const TY* go, const float* lse,                    \
       const float* delta, const float* rsum, const float* nsup, float* dacc, float* du,         \
-      SK_PARAMS) {                                                                              \
-    skt_bwd_dkv<TY, D>(q, k, v, go, lse, delta, rsum, nsup, dacc, du, SK_ARGS);                 \
+      TY* dk, TY* dv, SK_PARAMS) {                                                              \
+    skt_bwd_dkv<TY, D>(q, k, v, go, lse, delta, rsum, nsup, dacc, du, dk, dv,                   \
+        SK_ARGS);                                                                               \
   }
 
 
@@ -2505,11 +2520,102 @@ SKT_ALL_D(__nv_bfloat16, bf16)
 SKW_ALL(__half, f16)
 SKW_ALL(__nv_bfloat16, bf16)
 
-#define SK_CONVERT(TY, NAME)                                                                    \
-  extern "C" __global__ void sk_dkv_convert_##NAME(const float* dacc, TY* dk, TY* dv,           \
-                                                   long long n) {                               \
-    sk_dkv_convert<TY>(dacc, dk, dv, n);                                                        \
+// ---------------------------------------------------------------------------------------------
+// Key scorer (src/sparsek/scorer.rs): u[b, h, j] = x[b, j, :] . w[h, :] + delta[h] * (offset + j)
+// in f32, x (B * T rows of C) in E, w (H, C) and delta (H) f32, u (B, H, T) f32; heads 8 at a time.
+#define SK_SCORE_HEADS 8
+// Forward: one warp per row of x (w is small and stays in the caches).
+template <typename E>
+__device__ void sk_score_fwd(const E* __restrict__ x, const float* __restrict__ w,
+                             const float* __restrict__ delta, float* __restrict__ u, int B, int T,
+                             int C, int H, int offset) {
+  const int lane = threadIdx.x & 31;
+  const long long row = (long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  if (row >= (long long)B * T) return;
+  const E* xr = x + row * C;
+  const int b = (int)(row / T), j = (int)(row % T);
+  for (int h0 = 0; h0 < H; h0 += SK_SCORE_HEADS) {
+    float acc[SK_SCORE_HEADS];
+#pragma unroll
+    for (int h = 0; h < SK_SCORE_HEADS; ++h) acc[h] = 0.f;
+    for (int c = lane; c < C; c += 32) {
+      const float xv = to_f(xr[c]);
+#pragma unroll
+      for (int h = 0; h < SK_SCORE_HEADS; ++h)
+        if (h0 + h < H) acc[h] += xv * w[(h0 + h) * C + c];
+    }
+#pragma unroll
+    for (int h = 0; h < SK_SCORE_HEADS; ++h) {
+      if (h0 + h >= H) break;
+      const float s = warp_sum(acc[h]);
+      if (lane == 0)
+        u[((long long)b * H + h0 + h) * T + j] = s + delta[h0 + h] * (float)(offset + j);
+    }
+  }
+}
+
+// Backward for du (B, H, T) f32, one CTA per SK_SCORE_ROWS rows of x, threads over the columns:
+// dx = du^T w (+ dx_in when given) in E; dw (H, C) and dpos (H) f32, zeroed by the caller, get
+// this CTA's sums du x and du * (offset + j) with atomics. Shared memory: SK_SCORE_ROWS * H floats.
+#define SK_SCORE_ROWS 64
+template <typename E>
+__device__ void sk_score_bwd(const E* __restrict__ x, const float* __restrict__ w,
+                             const float* __restrict__ du, const E* __restrict__ dx_in,
+                             E* __restrict__ dx, float* __restrict__ dw, float* __restrict__ dpos,
+                             int B, int T, int C, int H, int offset) {
+  extern __shared__ float dus[];  // [SK_SCORE_ROWS][H]
+  const long long n = (long long)B * T, r0 = (long long)blockIdx.x * SK_SCORE_ROWS;
+  const int nr = (int)min((long long)SK_SCORE_ROWS, n - r0);
+  const int tid = threadIdx.x, bs = blockDim.x, warp = tid / 32, lane = tid & 31;
+  for (int i = tid; i < nr * H; i += bs) {
+    const int h = i / nr, r = i % nr;
+    const long long row = r0 + r;
+    dus[r * H + h] = du[((row / T) * H + h) * T + row % T];
+  }
+  __syncthreads();
+  for (int h = warp; h < H; h += bs / 32) {
+    float s = 0.f;
+    for (int r = lane; r < nr; r += 32) s += dus[r * H + h] * (float)(offset + (r0 + r) % T);
+    s = warp_sum(s);
+    if (lane == 0) atomicAdd(dpos + h, s);
+  }
+  for (int c = tid; c < C; c += bs) {
+    for (int h0 = 0; h0 < H; h0 += SK_SCORE_HEADS) {
+      float acc[SK_SCORE_HEADS];
+#pragma unroll
+      for (int h = 0; h < SK_SCORE_HEADS; ++h) acc[h] = 0.f;
+      for (int r = 0; r < nr; ++r) {
+        const float xv = to_f(x[(r0 + r) * C + c]);
+#pragma unroll
+        for (int h = 0; h < SK_SCORE_HEADS; ++h)
+          if (h0 + h < H) acc[h] += dus[r * H + h0 + h] * xv;
+      }
+#pragma unroll
+      for (int h = 0; h < SK_SCORE_HEADS; ++h)
+        if (h0 + h < H) atomicAdd(dw + (h0 + h) * C + c, acc[h]);
+    }
+    for (int r = 0; r < nr; ++r) {
+      const long long o = (r0 + r) * C + c;
+      float g = dx_in != nullptr ? to_f(dx_in[o]) : 0.f;
+      for (int h = 0; h < H; ++h) g += dus[r * H + h] * w[h * C + c];
+      dx[o] = from_f<E>(g);
+    }
+  }
+}
+
+#define SK_SCORE(TY, NAME)                                                                      \
+  extern "C" __global__ void sk_score_fwd_##NAME(const TY* x, const float* w, const float* delta, \
+                                                 float* u, int B, int T, int C, int H,          \
+                                                 int offset) {                                  \
+    sk_score_fwd<TY>(x, w, delta, u, B, T, C, H, offset);                                       \
+  }                                                                                             \
+  extern "C" __global__ void sk_score_bwd_##NAME(const TY* x, const float* w, const float* du,  \
+                                                 const TY* dx_in, TY* dx, float* dw,            \
+                                                 float* dpos, int B, int T, int C, int H,       \
+                                                 int offset) {                                  \
+    sk_score_bwd<TY>(x, w, du, dx_in, dx, dw, dpos, B, T, C, H, offset);                        \
   }
 
-SK_CONVERT(__half, f16)
-SK_CONVERT(__nv_bfloat16, bf16)
+SK_SCORE(float, f32)
+SK_SCORE(__half, f16)
+SK_SCORE(__nv_bfloat16, bf16)

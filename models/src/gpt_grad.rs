@@ -50,25 +50,14 @@ struct BlockWeights {
     mlp_proj: Tensor,
 }
 
-/// A layer's key scores under a local autograd graph.
-struct LocalScores {
-    /// The scorer's input (the attention LayerNorm's output) `(b, t, c)`, a fresh leaf.
-    h: Var,
-    /// The scores `(b, hkv, t)` f32, tracked back to `h` and the scorer's parameters.
-    scores: Tensor,
-}
-
 /// One layer's attention as the backward needs it.
 enum LayerAttention {
     /// Run outside autograd
     /// ([`AttentionBackend::forward_taped`](crate::attention::AttentionBackend::forward_taped)):
-    /// the output `(b, h, t, d)`, the tape its gradients come from, and for kinds with a key
-    /// scorer the scores the tape was given (detached), whose gradient the tape returns.
-    Taped {
-        y: Tensor,
-        tape: AttentionTape,
-        scores: Option<LocalScores>,
-    },
+    /// the output `(b, h, t, d)` and the tape its gradients come from; for kinds with a key
+    /// scorer the tape also returns the scores' gradient, which the scorer's own backward
+    /// ([`SparseKScorer::backward`](candle_sparse_attn::SparseKScorer::backward)) takes on.
+    Taped { y: Tensor, tape: AttentionTape },
     /// Run under a local autograd graph (RoPE, or a kind without a taped path).
     Graph {
         /// Queries, keys, values `(b, h, t, d)` before RoPE.
@@ -94,7 +83,7 @@ impl LayerAttention {
 /// The scorer's share of a local backward `local` whose graph holds the scorer's input `h`: adds
 /// `h`'s gradient to `dh1` (the attention LayerNorm's output gradient, `(b, t, c)` in its dtype)
 /// and inserts the scorer parameters' gradients (f32) into `grads`.
-fn scorer_grads(
+fn local_scorer_grads(
     local: &GradStore,
     h: &Var,
     blk: &Block,
@@ -285,11 +274,10 @@ impl Gpt {
         })
     }
 
-    /// One layer's attention on queries, keys and values split from `qkv` `(b, t, 3c)`, the key
-    /// scores (kinds with a scorer) computed under a local graph on the scorer's input `h1` as a
-    /// fresh leaf: outside autograd when the kind has a taped path and the layer needs no RoPE
-    /// (the scores handed over detached), otherwise (RoPE, backend) under a local graph on fresh
-    /// leaves q, k, v that the scores join.
+    /// One layer's attention on queries, keys and values split from `qkv` `(b, t, 3c)`, with the
+    /// key scores of the scorer's input `h1` for kinds with a scorer: outside autograd when the
+    /// kind has a taped path and the layer needs no RoPE (the scores too), otherwise (RoPE,
+    /// backend) under a local graph on fresh leaves q, k, v and `h1` that the scores join.
     fn attend(
         &self,
         blk: &Block,
@@ -300,29 +288,29 @@ impl Gpt {
         seed: u64,
     ) -> Result<LayerAttention> {
         let [q, k, v] = fused::split_qkv(qkv, self.config.n_head)?;
-        let scores = match &blk.scorer {
-            Some(scorer) => {
-                let h = Var::from_tensor(h1)?;
-                let scores = scorer.forward_at(h.as_tensor(), 0)?;
-                Some(LocalScores { h, scores })
-            }
-            None => None,
-        };
         if self.rope.is_none() {
-            let detached = scores.as_ref().map(|s| s.scores.detach());
+            let scores = blk.scorer.as_ref().map(|s| s.scores(h1, 0)).transpose()?;
             let taped = self.attention.forward_taped(
                 q.as_tensor(),
                 k.as_tensor(),
                 v.as_tensor(),
-                detached.as_ref(),
+                scores.as_ref(),
                 layer,
                 train,
                 seed,
             )?;
             if let Some((y, tape)) = taped {
-                return Ok(LayerAttention::Taped { y, tape, scores });
+                return Ok(LayerAttention::Taped { y, tape });
             }
         }
+        let scores = match &blk.scorer {
+            Some(scorer) => {
+                let h = Var::from_tensor(h1)?;
+                let scores = scorer.forward_at(h.as_tensor(), 0)?;
+                Some((h, scores))
+            }
+            None => None,
+        };
         let (mut qr, mut kr) = (q.as_tensor().clone(), k.as_tensor().clone());
         if let Some(rope) = &self.rope {
             qr = rope.apply(&qr, 0)?;
@@ -332,13 +320,13 @@ impl Gpt {
             &qr,
             &kr,
             v.as_tensor(),
-            scores.as_ref().map(|s| &s.scores),
+            scores.as_ref().map(|(_, s)| s),
             None,
             layer,
             train,
             seed,
         )?;
-        let h = scores.map(|s| s.h);
+        let h = scores.map(|(h, _)| h);
         Ok(LayerAttention::Graph { q, k, v, h, y })
     }
 }
@@ -378,7 +366,7 @@ impl TrainingPass<'_> {
                 fused::linear_backward(&saved.y_merged, &w.attn_proj, &da)?;
             let dy = fused::to_heads(&dy_merged, nh)?;
             let (dh1, dw_c_attn) = match &saved.attn {
-                LayerAttention::Taped { tape, scores, .. } => {
+                LayerAttention::Taped { tape, .. } => {
                     let AttentionGrads {
                         dq,
                         dk,
@@ -389,9 +377,12 @@ impl TrainingPass<'_> {
                     let (mut dh1, dw) = fused::linear_backward(&saved.h1, &w.c_attn, &dqkv)?;
                     // No scores' gradient where the kind ran without them (SparseK's window
                     // covering the sequence: dense attention), as under autograd.
-                    if let (Some(LocalScores { h, scores }), Some(dscores)) = (scores, dscores) {
-                        let local = fused::backward_from(scores, &dscores)?;
-                        dh1 = scorer_grads(&local, h, blk, dh1, &mut grads)?;
+                    if let (Some(scorer), Some(dscores)) = (&blk.scorer, dscores) {
+                        let g = scorer.backward(&saved.h1, 0, &dscores, Some(&dh1))?;
+                        let [weight, slope] = scorer.params();
+                        grads.insert(weight, g.weight);
+                        grads.insert(slope, g.slope);
+                        dh1 = g.dx;
                     }
                     (dh1, dw)
                 }
@@ -404,7 +395,7 @@ impl TrainingPass<'_> {
                     let dqkv = fused::merge_qkv(&leaf_grad(q)?, &leaf_grad(k)?, &leaf_grad(v)?)?;
                     let (dh1, dw) = fused::linear_backward(&saved.h1, &w.c_attn, &dqkv)?;
                     match h {
-                        Some(h) => (scorer_grads(&local, h, blk, dh1, &mut grads)?, dw),
+                        Some(h) => (local_scorer_grads(&local, h, blk, dh1, &mut grads)?, dw),
                         None => (dh1, dw),
                     }
                 }

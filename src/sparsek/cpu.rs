@@ -11,6 +11,7 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use super::attn::Dims;
+use super::scorer::ScoreDims;
 use super::tau_sorted;
 
 /// A candidate key ordered by `(score, position)`: equal scores rank the newer key higher.
@@ -268,4 +269,57 @@ pub(crate) fn backward(
             }
         });
     (dq, dk, dv, du)
+}
+
+/// Key scorer forward: `u[b, h, j] = x[b, j] · w[h] + δ[h]·(offset + j)` for `x` `(b·t, c)`, `w`
+/// `(h, c)`, `δ` `(h)`: returns `u` `(b, h, t)` f32 (f32 arithmetic, rayon over rows of `u`).
+pub(crate) fn score_forward(x: &[f32], w: &[f32], delta: &[f32], d: ScoreDims) -> Vec<f32> {
+    let mut u = vec![0f32; d.b * d.h * d.t];
+    u.par_chunks_mut(d.t).enumerate().for_each(|(bh, row)| {
+        let (b, h) = (bh / d.h, bh % d.h);
+        let wh = &w[h * d.c..(h + 1) * d.c];
+        for (j, uj) in row.iter_mut().enumerate() {
+            let xr = &x[(b * d.t + j) * d.c..][..d.c];
+            *uj = dot(xr, wh) + delta[h] * (d.offset + j) as f32;
+        }
+    });
+    u
+}
+
+/// Key scorer backward for `du` `(b, h, t)`: `dx = duᵀ · w` `(b·t, c)`, `dw = du · x` `(h, c)` and
+/// `dδ[h] = Σ du[b, h, j]·(offset + j)` (f32 arithmetic).
+pub(crate) fn score_backward(
+    x: &[f32],
+    w: &[f32],
+    du: &[f32],
+    d: ScoreDims,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let g = |b: usize, h: usize, j: usize| du[(b * d.h + h) * d.t + j];
+    let mut dx = vec![0f32; d.b * d.t * d.c];
+    dx.par_chunks_mut(d.c).enumerate().for_each(|(row, dxr)| {
+        let (b, j) = (row / d.t, row % d.t);
+        for h in 0..d.h {
+            let gh = g(b, h, j);
+            for (o, wv) in dxr.iter_mut().zip(&w[h * d.c..(h + 1) * d.c]) {
+                *o += gh * wv;
+            }
+        }
+    });
+    let mut dw = vec![0f32; d.h * d.c];
+    dw.par_chunks_mut(d.c).enumerate().for_each(|(h, dwr)| {
+        for row in 0..d.b * d.t {
+            let gh = g(row / d.t, h, row % d.t);
+            for (o, xv) in dwr.iter_mut().zip(&x[row * d.c..(row + 1) * d.c]) {
+                *o += gh * xv;
+            }
+        }
+    });
+    let ddelta = (0..d.h)
+        .map(|h| {
+            (0..d.b * d.t)
+                .map(|row| g(row / d.t, h, row % d.t) * (d.offset + row % d.t) as f32)
+                .sum()
+        })
+        .collect();
+    (dx, dw, ddelta)
 }

@@ -11,15 +11,16 @@
 //! - f16 / bf16 with head_dim ≤ 128 (`skt_*`): blocked tensor-core kernels, one CTA of 4 warps per
 //!   (block of 64 queries, batch × query head) walking the block's list prefix and its band of
 //!   newer candidates and window keys in tiles of 64 gathered keys: forward; dQ (in the input
-//!   dtype) with `r_i` and `|S_i|`. On compute capability 9.0 at head_dim 64 and 128 the forward
-//!   and dQ run as Hopper kernels instead (`skw_*`: a producer warpgroup gathers the K / V rows
-//!   into a ring of 128-byte-swizzled stages, a consumer warpgroup runs warpgroup MMA; variants in
-//!   [`HOPPER_FWD`] / [`HOPPER_DQ`], [`KERNEL_ENV`] picks one or the `mma.sync` kernels). dK, dV,
-//!   dScores: the band part key-major (one CTA per block of 64 keys and kv head, over the query
-//!   blocks whose band holds them; registers, plain stores into the f32 accumulator, every
-//!   element), then the list part with vector atomics on top (one CTA per query block, or on
+//!   dtype) with `r_i` and `|S_i|`, zeroing the key side's f32 accumulator on the way. On compute
+//!   capability 9.0 at head_dim 64 and 128 the forward and dQ run as Hopper kernels instead
+//!   (`skw_*`: a producer warpgroup gathers the K / V rows into a ring of 128-byte-swizzled
+//!   stages, a consumer warpgroup runs warpgroup MMA; variants in [`HOPPER_FWD`] /
+//!   [`HOPPER_DQ`], [`KERNEL_ENV`] picks one or the `mma.sync` kernels). dK, dV, dScores: the
+//!   list part with vector atomics into the f32 accumulator (one CTA per query block, or on
 //!   compute capability 9.0 one warpgroup per pair of query blocks walking the union of their
-//!   lists once: half the atomics), then one pass converting dK, dV to the input dtype. On
+//!   lists once: half the atomics), then the band part key-major (one CTA per block of 64 keys
+//!   and kv head, over the query blocks whose band holds them, in registers), which adds the
+//!   accumulator's rows to its own and writes dK, dV in the input dtype (every row). On
 //!   compute capability 9.0 at head_dim 64 and 128 both key-side kernels run on warpgroup MMA
 //!   (`skw_bwd_dkv_band`, `skw_bwd_dkv_list`; [`KERNEL_ENV`] `mma` keeps the `mma.sync` ones).
 //!   The `mma.sync` kernels are compiled for 3 resident CTAs per SM at head_dim ≤ 64 (the
@@ -38,6 +39,7 @@ use candle::{bail, CudaDevice, CudaStorage, DType, Layout, Result, Shape, Storag
 use half::{bf16, f16};
 
 use super::attn::Dims;
+use super::scorer::ScoreDims;
 use super::SparseKConfig;
 use crate::cuda_launch::{
     contiguous_view, dtype_suffix, has_wgmma, launch_config, load_kernel, wrap_slice,
@@ -503,6 +505,14 @@ fn push_params<'a>(
     b.arg(&sc.1);
 }
 
+/// The CUDA device of a tensor, or an error naming it.
+fn cuda_device(t: &Tensor, name: &str) -> Result<CudaDevice> {
+    match t.device() {
+        candle::Device::Cuda(d) => Ok(d.clone()),
+        other => bail!("sparsek (cuda): {name} is on {:?}", other.location()),
+    }
+}
+
 /// The CUDA storage behind a tensor, as a contiguous view.
 fn carried<'a, T: CudaDType>(
     g: &'a (candle::StorageRef<'_>, &Layout),
@@ -612,10 +622,7 @@ fn bwd_t<T: CudaDType + candle::cuda_backend::cudarc::driver::DeviceRepr>(
             )
         }
     }
-    let dev = match q.device() {
-        candle::Device::Cuda(d) => d.clone(),
-        other => bail!("sparsek (cuda): q is on {:?}", other.location()),
-    };
+    let dev = cuda_device(q, "q")?;
     let guards = [q, k, v, out, grad_out].map(|t| t.storage_and_layout());
     let (ug, lg) = (u.storage_and_layout(), lse.storage_and_layout());
     let (q, k, v, o, go) = (
@@ -630,14 +637,25 @@ fn bwd_t<T: CudaDType + candle::cuda_backend::cudarc::driver::DeviceRepr>(
     let rows_k = dims.b * dims.hkv * dims.t;
     let tc = tensor_cores(dtype, dims.d);
     let qm = query_major(&dev, dtype, dims, scfg, sel.blocks)?;
-    // Every element of these is written by the kernels below (no zeroing).
+    let nk = rows_k * dims.d;
+    // Every element of these is written by the kernels below (no zeroing), but for the
+    // tensor-core path's f32 accumulator [dK | dV], which its dQ kernel zeroes, and du, which its
+    // list kernel adds to.
     let mut dq = unsafe { dev.alloc::<T>(rows_q * dims.d) }?;
-    let mut du = unsafe { dev.alloc::<f32>(rows_k) }?;
+    let mut dk = unsafe { dev.alloc::<T>(nk) }?;
+    let mut dv = unsafe { dev.alloc::<T>(nk) }?;
+    let (mut dacc, mut du) = if tc {
+        let dacc = unsafe { dev.alloc::<f32>(2 * nk) }?;
+        (Some(dacc), dev.alloc_zeros::<f32>(rows_k)?)
+    } else {
+        (None, unsafe { dev.alloc::<f32>(rows_k) }?)
+    };
     let mut delta = unsafe { dev.alloc::<f32>(rows_q) }?;
     let mut rsum = unsafe { dev.alloc::<f32>(rows_q) }?;
     let mut nsup = unsafe { dev.alloc::<f32>(rows_q) }?;
     let sc = Scalars::new(dims, scfg, sel.blocks, scale);
     let tn = dtype_suffix(dtype, "sparsek")?;
+    let nacc = 2 * nk as i64;
     {
         let f = func!(dev, &qm.dq, qm.smem_dq);
         let mut b = f.builder();
@@ -651,18 +669,19 @@ fn bwd_t<T: CudaDType + candle::cuda_backend::cudarc::driver::DeviceRepr>(
         b.arg(&mut delta);
         b.arg(&mut rsum);
         b.arg(&mut nsup);
+        if let Some(dacc) = dacc.as_mut() {
+            b.arg(dacc);
+            b.arg(&nacc);
+        }
         push_params(&mut b, &u, sel, &sc);
         unsafe { b.launch(cfg(qm.grid, qm.threads, qm.smem_dq)?) }.w()?;
     }
-    let nk = rows_k * dims.d;
-    let mut dk = unsafe { dev.alloc::<T>(nk) }?;
-    let mut dv = unsafe { dev.alloc::<T>(nk) }?;
-    if tc {
-        // f32 accumulator [dk | dv]: the band kernel stores every element, the list kernel adds.
-        let mut dacc = unsafe { dev.alloc::<f32>(2 * nk) }?;
+    if let Some(dacc) = dacc.as_mut() {
+        // The list kernel adds its keys' parts to the accumulator and du, then the band kernel adds
+        // its own and writes dK and dV.
         let list = list_dkv(&dev, dtype, dims, scfg.cap(), sel.blocks)?;
         let band = band_dkv(&dev, dtype, dims, sel.blocks)?;
-        for kernel in [band, list] {
+        for kernel in [list, band] {
             let f = func!(dev, &kernel.name, kernel.smem);
             let mut b = f.builder();
             b.arg(&q);
@@ -673,21 +692,13 @@ fn bwd_t<T: CudaDType + candle::cuda_backend::cudarc::driver::DeviceRepr>(
             b.arg(&delta);
             b.arg(&rsum);
             b.arg(&nsup);
-            b.arg(&mut dacc);
+            b.arg(&mut *dacc);
             b.arg(&mut du);
+            b.arg(&mut dk);
+            b.arg(&mut dv);
             push_params(&mut b, &u, sel, &sc);
             unsafe { b.launch(cfg(kernel.grid, kernel.threads, kernel.smem)?) }.w()?;
         }
-        let f = func!(dev, &format!("sk_dkv_convert_{tn}"), 0);
-        let mut b = f.builder();
-        b.arg(&dacc);
-        b.arg(&mut dk);
-        b.arg(&mut dv);
-        let n = nk as i64;
-        b.arg(&n);
-        let threads = 256;
-        let grid = (2 * nk / 4).div_ceil(threads).min(132 * 32);
-        unsafe { b.launch(cfg((grid, 1), threads, 0)?) }.w()?;
     } else {
         let f = func!(dev, &format!("sk_bwd_dkv_{tn}_d{}", dims.d), 0);
         let mut b = f.builder();
@@ -711,5 +722,126 @@ fn bwd_t<T: CudaDType + candle::cuda_backend::cudarc::driver::DeviceRepr>(
         wrap_slice(dk, &dev, k_shape),
         wrap_slice(dv, &dev, k_shape),
         wrap_slice(du, &dev, (dims.b, dims.hkv, dims.t)),
+    ))
+}
+
+/// Rows of x per CTA of `sk_score_bwd` (`SK_SCORE_ROWS` in the .cu file).
+const SCORE_ROWS: usize = 64;
+
+/// Key scorer forward (`sk_score_fwd`, one warp per row of `x`): `x` `(b·t, c)` f32 / f16 / bf16,
+/// `w` `(h, c)` and `δ` `(h)` f32 → `u` `(b, h, t)` f32.
+pub(crate) fn score_forward(
+    (sx, lx): (&CudaStorage, &Layout),
+    (sw, lw): (&CudaStorage, &Layout),
+    (sd, ld): (&CudaStorage, &Layout),
+    d: ScoreDims,
+) -> Result<CudaStorage> {
+    let (w, delta) = (view::<f32>(sw, lw, "w")?, view::<f32>(sd, ld, "delta")?);
+    let x = (sx.device(), sx.dtype());
+    match sx.dtype() {
+        DType::F32 => score_fwd_t(x, view::<f32>(sx, lx, "x")?, w, delta, d),
+        DType::F16 => score_fwd_t(x, view::<f16>(sx, lx, "x")?, w, delta, d),
+        DType::BF16 => score_fwd_t(x, view::<bf16>(sx, lx, "x")?, w, delta, d),
+        other => bail!("sparsek scorer (cuda): unsupported dtype {other:?}"),
+    }
+}
+
+fn score_fwd_t<T: CudaDType>(
+    (dev, dtype): (&CudaDevice, DType),
+    x: CudaView<'_, T>,
+    w: CudaView<'_, f32>,
+    delta: CudaView<'_, f32>,
+    d: ScoreDims,
+) -> Result<CudaStorage> {
+    let tn = dtype_suffix(dtype, "sparsek scorer")?;
+    let mut u = unsafe { dev.alloc::<f32>(d.b * d.h * d.t) }?;
+    let f = func!(dev, &format!("sk_score_fwd_{tn}"), 0);
+    let mut b = f.builder();
+    b.arg(&x);
+    b.arg(&w);
+    b.arg(&delta);
+    b.arg(&mut u);
+    candle::builder_arg!(
+        b,
+        d.b as i32,
+        d.t as i32,
+        d.c as i32,
+        d.h as i32,
+        d.offset as i32
+    );
+    let rows = d.b * d.t;
+    unsafe { b.launch(cfg((rows.div_ceil(WARPS), 1), 32 * WARPS, 0)?) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(u, dev.clone()))
+}
+
+/// Key scorer backward (`sk_score_bwd`, one CTA per [`SCORE_ROWS`] rows of `x`) for `du`
+/// `(b, h, t)` f32: `dx` `(b, t, c)` in the dtype of `x` (plus `dx_add`, same shape and dtype,
+/// when given), `dw` `(h, c)` and `dδ` `(h)` f32.
+pub(crate) fn score_backward(
+    x: &Tensor,
+    w: &Tensor,
+    du: &Tensor,
+    dx_add: Option<&Tensor>,
+    d: ScoreDims,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    match x.dtype() {
+        DType::F32 => score_bwd_t::<f32>(x, w, du, dx_add, d),
+        DType::F16 => score_bwd_t::<f16>(x, w, du, dx_add, d),
+        DType::BF16 => score_bwd_t::<bf16>(x, w, du, dx_add, d),
+        other => bail!("sparsek scorer (cuda): unsupported dtype {other:?}"),
+    }
+}
+
+fn score_bwd_t<T: CudaDType + candle::cuda_backend::cudarc::driver::DeviceRepr>(
+    x: &Tensor,
+    w: &Tensor,
+    du: &Tensor,
+    dx_add: Option<&Tensor>,
+    d: ScoreDims,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let dev = cuda_device(x, "x")?;
+    let tn = dtype_suffix(x.dtype(), "sparsek scorer")?;
+    let guards = [x, w, du].map(|t| t.storage_and_layout());
+    let add_guard = dx_add.map(|t| t.storage_and_layout());
+    let x = carried::<T>(&guards[0], "x")?;
+    let (w, du) = (
+        carried::<f32>(&guards[1], "w")?,
+        carried::<f32>(&guards[2], "du")?,
+    );
+    let add = add_guard
+        .as_ref()
+        .map(|g| carried::<T>(g, "dx_add"))
+        .transpose()?;
+    let rows = d.b * d.t;
+    let mut dx = unsafe { dev.alloc::<T>(rows * d.c) }?;
+    let mut dw = dev.alloc_zeros::<f32>(d.h * d.c)?;
+    let mut dpos = dev.alloc_zeros::<f32>(d.h)?;
+    let smem = SCORE_ROWS * d.h * 4;
+    let f = func!(dev, &format!("sk_score_bwd_{tn}"), smem);
+    let mut b = f.builder();
+    let null = 0u64;
+    b.arg(&x);
+    b.arg(&w);
+    b.arg(&du);
+    match &add {
+        Some(a) => b.arg(a),
+        None => b.arg(&null),
+    };
+    b.arg(&mut dx);
+    b.arg(&mut dw);
+    b.arg(&mut dpos);
+    candle::builder_arg!(
+        b,
+        d.b as i32,
+        d.t as i32,
+        d.c as i32,
+        d.h as i32,
+        d.offset as i32
+    );
+    unsafe { b.launch(cfg((rows.div_ceil(SCORE_ROWS), 1), 128, smem)?) }.w()?;
+    Ok((
+        wrap_slice(dx, &dev, (d.b, d.t, d.c)),
+        wrap_slice(dw, &dev, (d.h, d.c)),
+        wrap_slice(dpos, &dev, d.h),
     ))
 }

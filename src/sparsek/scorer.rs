@@ -1,7 +1,12 @@
-//! The SparseK scoring network: one scalar score per key-side token and kv head.
+//! The SparseK scoring network: one scalar score per key-side token and kv head, as one op with
+//! a CPU and a CUDA kernel each way (`sk_score_fwd` / `sk_score_bwd` in `cuda/sparsek.cu`).
 
-use candle::{DType, Result, Tensor};
+use candle::{bail, CpuStorage, DType, Layout, Result, Shape, Tensor};
 use candle_nn::{Init, VarBuilder};
+
+use super::cpu;
+#[cfg(feature = "cuda")]
+use super::cuda;
 
 /// Sizes and initialisation of a [`SparseKScorer`].
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -25,7 +30,7 @@ impl SparseKScorerConfig {
     }
 }
 
-/// `u[b, h, j] = x_j · w_h + δ_h · j`, computed in f32.
+/// `u[b, h, j] = x_j · w_h + δ_h · j`, computed in f32 (one kernel; `x` is read in its own dtype).
 ///
 /// Parameters (names under the VarBuilder prefix):
 /// - `weight` `(kv_heads, d_model)`, Kaiming-normal init;
@@ -67,30 +72,195 @@ impl SparseKScorer {
         (self.slope.to_dtype(DType::F32)?.exp()? + 1.0)?.log()
     }
 
+    /// The weight `(kv_heads, d_model)` and the raw slope ρ `(kv_heads)`: the tensors of the
+    /// VarBuilder's variables, in the order of [`ScorerGrads`].
+    pub fn params(&self) -> [&Tensor; 2] {
+        [&self.weight, &self.slope]
+    }
+
     /// Scores of tokens `x` `(batch, seq, d_model)` (any float dtype) sitting at absolute positions
-    /// `offset..offset + seq`: returns `(batch, kv_heads, seq)` f32.
+    /// `offset..offset + seq`: returns `(batch, kv_heads, seq)` f32, with autograd to `x` and the
+    /// parameters.
     pub fn forward_at(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
-        let (b, t, dm) = x.dims3()?;
-        let (h, dw) = self.weight.dims2()?;
-        if dm != dw {
-            candle::bail!(
+        let (w, op) = self.op(x, offset)?;
+        x.contiguous()?.apply_op3(&w, &self.slopes()?, op)
+    }
+
+    /// [`Self::forward_at`] without autograd, for loops that run their own backward with
+    /// [`Self::backward`].
+    pub fn scores(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
+        let (w, op) = self.op(x, offset)?;
+        x.contiguous()?.apply_op3_no_bwd(&w, &self.slopes()?, &op)
+    }
+
+    /// The gradients of [`Self::scores`] `(x, offset)` for the scores' gradient `du`
+    /// `(batch, kv_heads, seq)` f32, without autograd: `dx` in the shape and dtype of `x` (plus
+    /// `dx_add` when given, e.g. the rest of `x`'s gradient) and the parameters' gradients (f32).
+    pub fn backward(
+        &self,
+        x: &Tensor,
+        offset: usize,
+        du: &Tensor,
+        dx_add: Option<&Tensor>,
+    ) -> Result<ScorerGrads> {
+        let (w, op) = self.op(x, offset)?;
+        let (dx, weight, ddelta) = op.backward(&x.contiguous()?, &w, du, dx_add)?;
+        // δ = softplus(ρ): dδ/dρ = sigmoid(ρ).
+        let slope = (ddelta * candle_nn::ops::sigmoid(&self.slope.to_dtype(DType::F32)?)?)?;
+        Ok(ScorerGrads { dx, weight, slope })
+    }
+
+    /// The f32 weight and the op of a call on `x`, whose shape is checked against the weight.
+    fn op(&self, x: &Tensor, offset: usize) -> Result<(Tensor, ScoreOp)> {
+        let (h, c) = self.weight.dims2()?;
+        let (b, t, dm) = match x.dims() {
+            &[b, t, dm] => (b, t, dm),
+            _ => bail!(
+                "sparsek scorer: x must be (batch, seq, d_model = {c}), got {:?}",
+                x.dims()
+            ),
+        };
+        if dm != c {
+            bail!(
                 "sparsek scorer: x {:?} does not match weight (kv_heads, d_model) = {:?}",
                 x.dims(),
-                [h, dw]
+                [h, c]
             )
         }
-        let w = self.weight.to_dtype(DType::F32)?;
-        let lin = x
-            .to_dtype(DType::F32)?
-            .reshape((b * t, dm))?
-            .matmul(&w.t()?)?
-            .reshape((b, t, h))?
-            .transpose(1, 2)?;
-        let pos = Tensor::arange(offset as u32, (offset + t) as u32, x.device())?
-            .to_dtype(DType::F32)?
-            .reshape((1, 1, t))?;
-        let slope = self.slopes()?.reshape((1, h, 1))?;
-        lin.broadcast_add(&pos.broadcast_mul(&slope)?)?.contiguous()
+        if offset + t > i32::MAX as usize || b * t * c > i32::MAX as usize * 32 {
+            bail!(
+                "sparsek scorer: x {:?} at offset {offset} is too large",
+                x.dims()
+            )
+        }
+        let d = ScoreDims { b, t, c, h, offset };
+        Ok((self.weight.to_dtype(DType::F32)?, ScoreOp(d)))
+    }
+}
+
+/// The gradients of a [`SparseKScorer`] call ([`SparseKScorer::backward`]).
+#[derive(Clone, Debug)]
+pub struct ScorerGrads {
+    /// The input's gradient, in its shape and dtype.
+    pub dx: Tensor,
+    /// The weight's gradient `(kv_heads, d_model)` f32.
+    pub weight: Tensor,
+    /// The raw slope ρ's gradient `(kv_heads)` f32.
+    pub slope: Tensor,
+}
+
+/// Sizes of a scorer call: batch, sequence, model width, kv heads, first position.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ScoreDims {
+    pub b: usize,
+    pub t: usize,
+    pub c: usize,
+    pub h: usize,
+    pub offset: usize,
+}
+
+/// `u = x · wᵀ + δ·(offset + j)` for `x` `(b, t, c)` (f32, f16, bf16), `w` `(h, c)` f32 and `δ`
+/// `(h)` f32: `u` `(b, h, t)` f32. Backward: `dx` (dtype of `x`), `dw`, `dδ`.
+struct ScoreOp(ScoreDims);
+
+impl ScoreOp {
+    /// `(dx [+ dx_add], dw, dδ)` for `du` `(b, h, t)` f32.
+    fn backward(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        du: &Tensor,
+        dx_add: Option<&Tensor>,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let d = self.0;
+        if du.dims() != [d.b, d.h, d.t] || du.dtype() != DType::F32 {
+            bail!(
+                "sparsek scorer: du must be ({}, {}, {}) f32, got {:?} {:?}",
+                d.b,
+                d.h,
+                d.t,
+                du.dims(),
+                du.dtype()
+            )
+        }
+        if let Some(a) = dx_add {
+            if a.shape() != x.shape() || a.dtype() != x.dtype() {
+                bail!(
+                    "sparsek scorer: dx_add must be {:?} {:?}, got {:?} {:?}",
+                    x.dims(),
+                    x.dtype(),
+                    a.dims(),
+                    a.dtype()
+                )
+            }
+        }
+        let du = du.contiguous()?;
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            let dx_add = dx_add.map(|a| a.contiguous()).transpose()?;
+            return cuda::score_backward(x, w, &du, dx_add.as_ref(), d);
+        }
+        let f32_of = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
+        let (dx, dw, ddelta) = cpu::score_backward(&f32_of(x)?, &f32_of(w)?, &f32_of(&du)?, d);
+        let dev = x.device();
+        let mut dx = Tensor::from_vec(dx, x.shape(), dev)?.to_dtype(x.dtype())?;
+        if let Some(a) = dx_add {
+            dx = (dx + a)?;
+        }
+        Ok((
+            dx,
+            Tensor::from_vec(dw, (d.h, d.c), dev)?,
+            Tensor::from_vec(ddelta, d.h, dev)?,
+        ))
+    }
+}
+
+impl candle::CustomOp3 for ScoreOp {
+    fn name(&self) -> &'static str {
+        "sparsek-scorer"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+        sd: &CpuStorage,
+        ld: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = self.0;
+        let (x, w) = (cpu::as_f32(sx, lx, "x")?, cpu::as_f32(sw, lw, "w")?);
+        let delta = cpu::as_f32(sd, ld, "delta")?;
+        let u = cpu::score_forward(&x, &w, &delta, d);
+        Ok((CpuStorage::F32(u), Shape::from((d.b, d.h, d.t))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        sx: &candle::CudaStorage,
+        lx: &Layout,
+        sw: &candle::CudaStorage,
+        lw: &Layout,
+        sd: &candle::CudaStorage,
+        ld: &Layout,
+    ) -> Result<(candle::CudaStorage, Shape)> {
+        let d = self.0;
+        let u = cuda::score_forward((sx, lx), (sw, lw), (sd, ld), d)?;
+        Ok((u, Shape::from((d.b, d.h, d.t))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _delta: &Tensor,
+        _u: &Tensor,
+        du: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, ddelta) = self.backward(x, w, du, None)?;
+        Ok((Some(dx), Some(dw), Some(ddelta)))
     }
 }
 
