@@ -1312,11 +1312,12 @@ __device__ __forceinline__ float quad_sum(float g) {
 }
 
 // Finishes this thread's two key rows (positions jk, -1: none; C fragments adv, adk; score
-// gradients gu) after the list kernel: dK = scale * adk + the accumulator's dK row, dV likewise,
-// written in the input dtype, and du += the rows' score gradients.
-template <typename E, int D>
-__device__ __forceinline__ void sk_finish_dkv(const float* dacc, float* du, E* dk, E* dv,
-                                              long long nkd, long long krow0, const int* jk,
+// gradients gu) after the list kernel: dK = scale * adk + the list's dK part, dV likewise, written
+// in the input dtype, and du += the rows' score gradients. list_part(kv, j, col) reads the list's
+// float2 at key j, columns col, col + 1 of dK (kv = 0) or dV (kv = 1).
+template <typename E, int D, typename ListPart>
+__device__ __forceinline__ void sk_finish_dkv(ListPart&& list_part, float* du, E* dk, E* dv,
+                                              long long krow0, const int* jk,
                                               const float (*adv)[4], const float (*adk)[4],
                                               const float* gu, float scale) {
   const int t4 = threadIdx.x & 3;
@@ -1330,8 +1331,8 @@ __device__ __forceinline__ void sk_finish_dkv(const float* dacc, float* du, E* d
     float2 lk[D / 8], lv[D / 8];
 #pragma unroll
     for (int dt = 0; dt < D / 8; ++dt) {
-      lk[dt] = *reinterpret_cast<const float2*>(dacc + o + dt * 8);
-      lv[dt] = *reinterpret_cast<const float2*>(dacc + nkd + o + dt * 8);
+      lk[dt] = list_part(0, j, dt * 8 + 2 * t4);
+      lv[dt] = list_part(1, j, dt * 8 + 2 * t4);
     }
 #pragma unroll
     for (int dt = 0; dt < D / 8; ++dt) {
@@ -1442,7 +1443,10 @@ __device__ void skt_bwd_dkv_band(SK_DKV_PARAMS) {
     buf ^= 1;
   }
   cp_async_wait<0>();
-  sk_finish_dkv<E, D>(dacc, du, dk, dv, kc.nkd, kc.krow0, kc.jk, adv, adk, gu, scale);
+  auto list_part = [&](int kv, int j, int col) {
+    return *reinterpret_cast<const float2*>(dacc + kv * kc.nkd + (kc.krow0 + j) * D + col);
+  };
+  sk_finish_dkv<E, D>(list_part, du, dk, dv, kc.krow0, kc.jk, adv, adk, gu, scale);
 }
 
 // Adds the key-side accumulators of this thread's two key rows (positions jk, -1: none; C
@@ -2011,8 +2015,25 @@ __device__ void skw_bwd_dkv_band(SK_DKV_PARAMS) {
   E* sQ = sV + TB * D;       // [2][BQ * D]
   E* sG = sQ + 2 * BQ * D;   // [2][BQ * D]
   SkQStats* st = reinterpret_cast<SkQStats*>(sG + 2 * BQ * D);  // [2]
+  float* sAcc = reinterpret_cast<float*>(st + 2);  // [TB][D]: the list's dK rows
   const int tid = threadIdx.x;
   const SkBandCta kc(u, B, Hq, Hkv, T, D, window, nb);
+  // The list kernel's dK / dV rows of the CTA's keys, staged during the last step for the finish
+  // (f32, 16-byte chunks XOR-swizzled by row): dK in sAcc, dV rows [0, TB / 2) and [TB / 2, TB) in
+  // the free Q and dO buffers fb.
+  auto acc_row = [&](int kv, int r, int fb) {
+    return kv == 0 ? sAcc + r * D
+                   : reinterpret_cast<float*>((r < TB / 2 ? sQ : sG) + fb * BQ * D) +
+                         (r % (TB / 2)) * D;
+  };
+  auto stage_acc = [&](int fb) {
+    for (int x = tid; x < TB * D / 2; x += 128) {
+      const int kv = x / (TB * D / 4), r = x / (D / 4) % TB, c4 = x % (D / 4), j = kc.j0 + r;
+      cp_async16(acc_row(kv, r, fb) + (c4 ^ (r & 7)) * 4,
+                 dacc + kv * kc.nkd + (kc.krow0 + min(j, T - 1)) * D + c4 * 4, j < T);
+    }
+    cp_async_commit();
+  };
   const float sl2 = scale * LOG2E;
   load_tile_sw128<E, TB, D, 128>(sK, k + kc.krow0 * D, kc.j0, T, tid);
   load_tile_sw128<E, TB, D, 128>(sV, v + kc.krow0 * D, kc.j0, T, tid);
@@ -2042,6 +2063,8 @@ __device__ void skw_bwd_dkv_band(SK_DKV_PARAMS) {
     if (p + 1 < kc.np) {
       load_q(p + 1, buf ^ 1);
       if (tid < BQ) nx = fetch(p + 1);
+    } else {
+      stage_acc(buf ^ 1);
     }
     const E* cQ = sQ + buf * BQ * D;
     const E* cG = sG + buf * BQ * D;
@@ -2071,7 +2094,15 @@ __device__ void skw_bwd_dkv_band(SK_DKV_PARAMS) {
     wgmma_fence_regs<DT>(adk);
     buf ^= 1;
   }
-  sk_finish_dkv<E, D>(dacc, du, dk, dv, kc.nkd, kc.krow0, kc.jk, adv, adk, gu, scale);
+  cp_async_wait<0>();
+  __syncthreads();
+  // buf is the staging buffers' index again (flipped once more after the last step).
+  auto list_part = [&](int kv, int j, int col) {
+    const int r = j - kc.j0;
+    return *reinterpret_cast<const float2*>(acc_row(kv, r, buf) + ((col / 4) ^ (r & 7)) * 4 +
+                                            (col & 3));
+  };
+  sk_finish_dkv<E, D>(list_part, du, dk, dv, kc.krow0, kc.jk, adv, adk, gu, scale);
 #endif
 }
 
@@ -2554,15 +2585,32 @@ __device__ void sk_score_fwd(const E* __restrict__ x, const float* __restrict__ 
   }
 }
 
-// Backward for du (B, H, T) f32, one CTA per SK_SCORE_ROWS rows of x, threads over the columns:
-// dx = du^T w (+ dx_in when given) in E; dw (H, C) and dpos (H) f32, zeroed by the caller, get
-// this CTA's sums du x and du * (offset + j) with atomics. Shared memory: SK_SCORE_ROWS * H floats.
+// Backward for du (B, H, T) f32, in two kernels:
+// - sk_score_bwd_dx: dx = du^T w (+ dx_in when given) in E, one thread per element of x;
+// - sk_score_bwd_dw: dw (H, C) and dpos (H) f32, zeroed by the caller, get the sums du x and
+//   du * (offset + j) of one CTA's SK_SCORE_ROWS rows of x (threads over the columns) with
+//   atomics. Shared memory: SK_SCORE_ROWS * H floats.
+template <typename E>
+__device__ void sk_score_bwd_dx(const float* __restrict__ w, const float* __restrict__ du,
+                                const E* __restrict__ dx_in, E* __restrict__ dx, int B, int T,
+                                int C, int H) {
+  const long long n = (long long)B * T * C;
+  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+       i += (long long)gridDim.x * blockDim.x) {
+    const long long row = i / C;
+    const int c = (int)(i % C), j = (int)(row % T);
+    const float* dur = du + (row / T) * H * T + j;
+    float g = dx_in != nullptr ? to_f(dx_in[i]) : 0.f;
+    for (int h = 0; h < H; ++h) g += dur[(long long)h * T] * w[h * C + c];
+    dx[i] = from_f<E>(g);
+  }
+}
+
 #define SK_SCORE_ROWS 64
 template <typename E>
-__device__ void sk_score_bwd(const E* __restrict__ x, const float* __restrict__ w,
-                             const float* __restrict__ du, const E* __restrict__ dx_in,
-                             E* __restrict__ dx, float* __restrict__ dw, float* __restrict__ dpos,
-                             int B, int T, int C, int H, int offset) {
+__device__ void sk_score_bwd_dw(const E* __restrict__ x, const float* __restrict__ du,
+                                float* __restrict__ dw, float* __restrict__ dpos, int B, int T,
+                                int C, int H, int offset) {
   extern __shared__ float dus[];  // [SK_SCORE_ROWS][H]
   const long long n = (long long)B * T, r0 = (long long)blockIdx.x * SK_SCORE_ROWS;
   const int nr = (int)min((long long)SK_SCORE_ROWS, n - r0);
@@ -2584,6 +2632,7 @@ __device__ void sk_score_bwd(const E* __restrict__ x, const float* __restrict__ 
       float acc[SK_SCORE_HEADS];
 #pragma unroll
       for (int h = 0; h < SK_SCORE_HEADS; ++h) acc[h] = 0.f;
+#pragma unroll 8
       for (int r = 0; r < nr; ++r) {
         const float xv = to_f(x[(r0 + r) * C + c]);
 #pragma unroll
@@ -2594,12 +2643,6 @@ __device__ void sk_score_bwd(const E* __restrict__ x, const float* __restrict__ 
       for (int h = 0; h < SK_SCORE_HEADS; ++h)
         if (h0 + h < H) atomicAdd(dw + (h0 + h) * C + c, acc[h]);
     }
-    for (int r = 0; r < nr; ++r) {
-      const long long o = (r0 + r) * C + c;
-      float g = dx_in != nullptr ? to_f(dx_in[o]) : 0.f;
-      for (int h = 0; h < H; ++h) g += dus[r * H + h] * w[h * C + c];
-      dx[o] = from_f<E>(g);
-    }
   }
 }
 
@@ -2609,11 +2652,15 @@ __device__ void sk_score_bwd(const E* __restrict__ x, const float* __restrict__ 
                                                  int offset) {                                  \
     sk_score_fwd<TY>(x, w, delta, u, B, T, C, H, offset);                                       \
   }                                                                                             \
-  extern "C" __global__ void sk_score_bwd_##NAME(const TY* x, const float* w, const float* du,  \
-                                                 const TY* dx_in, TY* dx, float* dw,            \
-                                                 float* dpos, int B, int T, int C, int H,       \
-                                                 int offset) {                                  \
-    sk_score_bwd<TY>(x, w, du, dx_in, dx, dw, dpos, B, T, C, H, offset);                        \
+  extern "C" __global__ void sk_score_bwd_dx_##NAME(const float* w, const float* du,            \
+                                                    const TY* dx_in, TY* dx, int B, int T,      \
+                                                    int C, int H) {                             \
+    sk_score_bwd_dx<TY>(w, du, dx_in, dx, B, T, C, H);                                          \
+  }                                                                                             \
+  extern "C" __global__ void sk_score_bwd_dw_##NAME(const TY* x, const float* du, float* dw,    \
+                                                    float* dpos, int B, int T, int C, int H,    \
+                                                    int offset) {                               \
+    sk_score_bwd_dw<TY>(x, du, dw, dpos, B, T, C, H, offset);                                   \
   }
 
 SK_SCORE(float, f32)

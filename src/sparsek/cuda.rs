@@ -393,7 +393,8 @@ fn hopper_key_side(dev: &CudaDevice, d: usize) -> bool {
 
 /// The band dK / dV kernel of a call (one CTA per block of 64 keys and batch × kv head): the
 /// Hopper kernel `skw_bwd_dkv_band` (warpgroup MMA; Q and dO tiles double-buffered, 2 KB of
-/// statistics per buffer) where [`hopper_key_side`], else `skt_bwd_dkv_band`.
+/// statistics per buffer, the list's f32 dK rows staged for the finish) where
+/// [`hopper_key_side`], else `skt_bwd_dkv_band`.
 fn band_dkv(dev: &CudaDevice, dtype: DType, dims: Dims, blocks: usize) -> Result<KeySideKernel> {
     let (d, tn) = (dims.d, dtype_suffix(dtype, "sparsek")?);
     let grid = (blocks, dims.b * dims.hkv);
@@ -402,7 +403,7 @@ fn band_dkv(dev: &CudaDevice, dtype: DType, dims: Dims, blocks: usize) -> Result
             name: format!("skw_bwd_dkv_band_{tn}_d{d}"),
             grid,
             threads: 128,
-            smem: 1024 + 6 * BQ * d * 2 + 2 * 2048,
+            smem: 1024 + 6 * BQ * d * 2 + 2 * 2048 + BQ * d * 4,
         }
     } else {
         KeySideKernel {
@@ -725,7 +726,7 @@ fn bwd_t<T: CudaDType + candle::cuda_backend::cudarc::driver::DeviceRepr>(
     ))
 }
 
-/// Rows of x per CTA of `sk_score_bwd` (`SK_SCORE_ROWS` in the .cu file).
+/// Rows of x per CTA of `sk_score_bwd_dw` (`SK_SCORE_ROWS` in the .cu file).
 const SCORE_ROWS: usize = 64;
 
 /// Key scorer forward (`sk_score_fwd`, one warp per row of `x`): `x` `(b·t, c)` f32 / f16 / bf16,
@@ -774,9 +775,9 @@ fn score_fwd_t<T: CudaDType>(
     Ok(CudaStorage::wrap_cuda_slice(u, dev.clone()))
 }
 
-/// Key scorer backward (`sk_score_bwd`, one CTA per [`SCORE_ROWS`] rows of `x`) for `du`
-/// `(b, h, t)` f32: `dx` `(b, t, c)` in the dtype of `x` (plus `dx_add`, same shape and dtype,
-/// when given), `dw` `(h, c)` and `dδ` `(h)` f32.
+/// Key scorer backward for `du` `(b, h, t)` f32: `dx` `(b, t, c)` in the dtype of `x` (plus
+/// `dx_add`, same shape and dtype, when given; `sk_score_bwd_dx`, one thread per element), `dw`
+/// `(h, c)` and `dδ` `(h)` f32 (`sk_score_bwd_dw`, one CTA per [`SCORE_ROWS`] rows of `x`).
 pub(crate) fn score_backward(
     x: &Tensor,
     w: &Tensor,
@@ -812,33 +813,43 @@ fn score_bwd_t<T: CudaDType + candle::cuda_backend::cudarc::driver::DeviceRepr>(
         .as_ref()
         .map(|g| carried::<T>(g, "dx_add"))
         .transpose()?;
-    let rows = d.b * d.t;
-    let mut dx = unsafe { dev.alloc::<T>(rows * d.c) }?;
+    let (rows, n) = (d.b * d.t, d.b * d.t * d.c);
+    let dims = [d.b, d.t, d.c, d.h].map(|x| x as i32);
+    let mut dx = unsafe { dev.alloc::<T>(n) }?;
+    {
+        let f = func!(dev, &format!("sk_score_bwd_dx_{tn}"), 0);
+        let mut b = f.builder();
+        let null = 0u64;
+        b.arg(&w);
+        b.arg(&du);
+        match &add {
+            Some(a) => b.arg(a),
+            None => b.arg(&null),
+        };
+        b.arg(&mut dx);
+        for x in &dims {
+            b.arg(x);
+        }
+        let grid = n.div_ceil(256).min(132 * 16);
+        unsafe { b.launch(cfg((grid, 1), 256, 0)?) }.w()?;
+    }
     let mut dw = dev.alloc_zeros::<f32>(d.h * d.c)?;
     let mut dpos = dev.alloc_zeros::<f32>(d.h)?;
-    let smem = SCORE_ROWS * d.h * 4;
-    let f = func!(dev, &format!("sk_score_bwd_{tn}"), smem);
-    let mut b = f.builder();
-    let null = 0u64;
-    b.arg(&x);
-    b.arg(&w);
-    b.arg(&du);
-    match &add {
-        Some(a) => b.arg(a),
-        None => b.arg(&null),
-    };
-    b.arg(&mut dx);
-    b.arg(&mut dw);
-    b.arg(&mut dpos);
-    candle::builder_arg!(
-        b,
-        d.b as i32,
-        d.t as i32,
-        d.c as i32,
-        d.h as i32,
-        d.offset as i32
-    );
-    unsafe { b.launch(cfg((rows.div_ceil(SCORE_ROWS), 1), 128, smem)?) }.w()?;
+    {
+        let smem = SCORE_ROWS * d.h * 4;
+        let f = func!(dev, &format!("sk_score_bwd_dw_{tn}"), smem);
+        let mut b = f.builder();
+        b.arg(&x);
+        b.arg(&du);
+        b.arg(&mut dw);
+        b.arg(&mut dpos);
+        for x in &dims {
+            b.arg(x);
+        }
+        let offset = d.offset as i32;
+        b.arg(&offset);
+        unsafe { b.launch(cfg((rows.div_ceil(SCORE_ROWS), 1), 128, smem)?) }.w()?;
+    }
     Ok((
         wrap_slice(dx, &dev, (d.b, d.t, d.c)),
         wrap_slice(dw, &dev, (d.h, d.c)),
