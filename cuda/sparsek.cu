@@ -2586,7 +2586,7 @@ __device__ void sk_score_fwd(const E* __restrict__ x, const float* __restrict__ 
 }
 
 // Backward for du (B, H, T) f32, in two kernels:
-// - sk_score_bwd_dx: dx = du^T w (+ dx_in when given) in E, one thread per element of x;
+// - sk_score_bwd_dx: dx = du^T w (+ dx_in when given) in E, a CTA per row of x at a time;
 // - sk_score_bwd_dw: dw (H, C) and dpos (H) f32, zeroed by the caller, get the sums du x and
 //   du * (offset + j) of one CTA's SK_SCORE_ROWS rows of x (threads over the columns) with
 //   atomics. Shared memory: SK_SCORE_ROWS * H floats.
@@ -2594,15 +2594,14 @@ template <typename E>
 __device__ void sk_score_bwd_dx(const float* __restrict__ w, const float* __restrict__ du,
                                 const E* __restrict__ dx_in, E* __restrict__ dx, int B, int T,
                                 int C, int H) {
-  const long long n = (long long)B * T * C;
-  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-       i += (long long)gridDim.x * blockDim.x) {
-    const long long row = i / C;
-    const int c = (int)(i % C), j = (int)(row % T);
-    const float* dur = du + (row / T) * H * T + j;
-    float g = dx_in != nullptr ? to_f(dx_in[i]) : 0.f;
-    for (int h = 0; h < H; ++h) g += dur[(long long)h * T] * w[h * C + c];
-    dx[i] = from_f<E>(g);
+  for (int row = blockIdx.x; row < B * T; row += gridDim.x) {
+    const float* dur = du + (long long)(row / T) * H * T + row % T;
+    const long long r0 = (long long)row * C;
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+      float g = dx_in != nullptr ? to_f(dx_in[r0 + c]) : 0.f;
+      for (int h = 0; h < H; ++h) g += dur[(long long)h * T] * w[h * C + c];
+      dx[r0 + c] = from_f<E>(g);
+    }
   }
 }
 

@@ -776,7 +776,7 @@ fn score_fwd_t<T: CudaDType>(
 }
 
 /// Key scorer backward for `du` `(b, h, t)` f32: `dx` `(b, t, c)` in the dtype of `x` (plus
-/// `dx_add`, same shape and dtype, when given; `sk_score_bwd_dx`, one thread per element), `dw`
+/// `dx_add`, same shape and dtype, when given; `sk_score_bwd_dx`, a CTA per row at a time), `dw`
 /// `(h, c)` and `dδ` `(h)` f32 (`sk_score_bwd_dw`, one CTA per [`SCORE_ROWS`] rows of `x`).
 pub(crate) fn score_backward(
     x: &Tensor,
@@ -830,8 +830,7 @@ fn score_bwd_t<T: CudaDType + candle::cuda_backend::cudarc::driver::DeviceRepr>(
         for x in &dims {
             b.arg(x);
         }
-        let grid = n.div_ceil(256).min(132 * 16);
-        unsafe { b.launch(cfg((grid, 1), 256, 0)?) }.w()?;
+        unsafe { b.launch(cfg((rows.min(132 * 32), 1), 128, 0)?) }.w()?;
     }
     let mut dw = dev.alloc_zeros::<f32>(d.h * d.c)?;
     let mut dpos = dev.alloc_zeros::<f32>(d.h)?;

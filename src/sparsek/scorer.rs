@@ -127,7 +127,7 @@ impl SparseKScorer {
                 [h, c]
             )
         }
-        if offset + t > i32::MAX as usize || b * t * c > i32::MAX as usize * 32 {
+        if offset + t > i32::MAX as usize || b * t > i32::MAX as usize {
             bail!(
                 "sparsek scorer: x {:?} at offset {offset} is too large",
                 x.dims()
