@@ -2569,7 +2569,6 @@ __device__ void sk_score_fwd(const E* __restrict__ x, const float* __restrict__ 
     float acc[SK_SCORE_HEADS];
 #pragma unroll
     for (int h = 0; h < SK_SCORE_HEADS; ++h) acc[h] = 0.f;
-#pragma unroll 4
     for (int c = lane; c < C; c += 32) {
       const float xv = to_f(xr[c]);
 #pragma unroll
@@ -2600,18 +2599,7 @@ __device__ void sk_score_bwd_dx(const float* __restrict__ w, const float* __rest
     const long long r0 = (long long)row * C;
     for (int c = threadIdx.x; c < C; c += blockDim.x) {
       float g = dx_in != nullptr ? to_f(dx_in[r0 + c]) : 0.f;
-      for (int h0 = 0; h0 < H; h0 += SK_SCORE_HEADS) {
-        // All loads of the chunk first (one latency, not one per head).
-        float gh[SK_SCORE_HEADS], wh[SK_SCORE_HEADS];
-#pragma unroll
-        for (int h = 0; h < SK_SCORE_HEADS; ++h) {
-          const bool in = h0 + h < H;
-          gh[h] = in ? dur[(long long)(h0 + h) * T] : 0.f;
-          wh[h] = in ? w[(h0 + h) * C + c] : 0.f;
-        }
-#pragma unroll
-        for (int h = 0; h < SK_SCORE_HEADS; ++h) g += gh[h] * wh[h];
-      }
+      for (int h = 0; h < H; ++h) g += dur[(long long)h * T] * w[h * C + c];
       dx[r0 + c] = from_f<E>(g);
     }
   }
