@@ -5,7 +5,9 @@
 //! Pieces:
 //! - [`sparsek`]: the SPARSEK operator alone, the projection of each row of scores onto the capped
 //!   simplex `{0 ≤ p ≤ 1, Σp = k}`, with its backward `g_z = 1_S ⊙ (g − mean_S g)`.
-//! - [`SparseKScorer`]: the scoring network (per kv head: linear score plus a position slope).
+//! - [`SparseKScorer`]: the scoring network (per kv head: linear score plus a position slope), one
+//!   op with CPU and CUDA kernels; [`SparseKScorer::backward`] gives its gradients without autograd
+//!   ([`ScorerGrads`]) for training loops that run their own backward.
 //! - [`sparsek_attn`]: the attention op (selection fused with attention, CPU and CUDA, forward and
 //!   backward; gradients reach `q`, `k`, `v` and the scores); [`sparsek_attn_taped`] runs the same
 //!   kernels outside autograd and returns an [`AttentionTape`](crate::tape::AttentionTape) whose
@@ -92,7 +94,7 @@ pub(crate) use attn::SparseKRun;
 pub use attn::{sparsek_attn, sparsek_attn_taped};
 pub use cache::SparseKCache;
 pub use project::sparsek;
-pub use scorer::{SparseKScorer, SparseKScorerConfig};
+pub use scorer::{ScorerGrads, SparseKScorer, SparseKScorerConfig};
 
 use candle::{bail, Result};
 
