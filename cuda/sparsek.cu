@@ -2586,44 +2586,14 @@ __device__ void sk_score_fwd(const E* __restrict__ x, const float* __restrict__ 
 }
 
 // Backward for du (B, H, T) f32, in two kernels:
-// - sk_score_bwd_dx: dx = du^T w (+ dx_in when given) in E, a CTA per row of x at a time
-//   (weights in registers for H <= SK_SCORE_HEADS and C <= SK_SCORE_COLS * blockDim);
+// - sk_score_bwd_dx: dx = du^T w (+ dx_in when given) in E, a CTA per row of x at a time;
 // - sk_score_bwd_dw: dw (H, C) and dpos (H) f32, zeroed by the caller, get the sums du x and
 //   du * (offset + j) of one CTA's SK_SCORE_ROWS rows of x (threads over the columns) with
 //   atomics. Shared memory: SK_SCORE_ROWS * H floats.
-#define SK_SCORE_COLS 4
 template <typename E>
 __device__ void sk_score_bwd_dx(const float* __restrict__ w, const float* __restrict__ du,
                                 const E* __restrict__ dx_in, E* __restrict__ dx, int B, int T,
                                 int C, int H) {
-  const int tid = threadIdx.x, bs = blockDim.x;
-  if (H <= SK_SCORE_HEADS && C <= SK_SCORE_COLS * bs) {
-    // Thread tid owns columns tid + k * bs with their weights in registers and reads each row's
-    // H score gradients once.
-    float wr[SK_SCORE_COLS][SK_SCORE_HEADS];
-#pragma unroll
-    for (int k = 0; k < SK_SCORE_COLS; ++k)
-#pragma unroll
-      for (int h = 0; h < SK_SCORE_HEADS; ++h)
-        wr[k][h] = tid + k * bs < C && h < H ? w[h * C + tid + k * bs] : 0.f;
-    for (int row = blockIdx.x; row < B * T; row += gridDim.x) {
-      const float* dur = du + (long long)(row / T) * H * T + row % T;
-      float g[SK_SCORE_HEADS];
-#pragma unroll
-      for (int h = 0; h < SK_SCORE_HEADS; ++h) g[h] = h < H ? dur[(long long)h * T] : 0.f;
-      const long long r0 = (long long)row * C;
-#pragma unroll
-      for (int k = 0; k < SK_SCORE_COLS; ++k) {
-        const int c = tid + k * bs;
-        if (c >= C) break;
-        float s = dx_in != nullptr ? to_f(dx_in[r0 + c]) : 0.f;
-#pragma unroll
-        for (int h = 0; h < SK_SCORE_HEADS; ++h) s += g[h] * wr[k][h];
-        dx[r0 + c] = from_f<E>(s);
-      }
-    }
-    return;
-  }
   for (int row = blockIdx.x; row < B * T; row += gridDim.x) {
     const float* dur = du + (long long)(row / T) * H * T + row % T;
     const long long r0 = (long long)row * C;

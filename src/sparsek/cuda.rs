@@ -830,9 +830,7 @@ fn score_bwd_t<T: CudaDType + candle::cuda_backend::cudarc::driver::DeviceRepr>(
         for x in &dims {
             b.arg(x);
         }
-        // Enough threads that each owns at most `SK_SCORE_COLS` = 4 columns (up to 1024 threads).
-        let threads = d.c.div_ceil(4).next_multiple_of(32).clamp(128, 1024);
-        unsafe { b.launch(cfg((rows.min(132 * 16), 1), threads, 0)?) }.w()?;
+        unsafe { b.launch(cfg((rows.min(132 * 32), 1), 128, 0)?) }.w()?;
     }
     let mut dw = dev.alloc_zeros::<f32>(d.h * d.c)?;
     let mut dpos = dev.alloc_zeros::<f32>(d.h)?;
