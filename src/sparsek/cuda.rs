@@ -785,18 +785,17 @@ pub(crate) fn score_backward(
     dx_add: Option<&Tensor>,
     d: ScoreDims,
 ) -> Result<(Tensor, Tensor, Tensor)> {
+    let inputs = (x, w, du);
     match x.dtype() {
-        DType::F32 => score_bwd_t::<f32>(x, w, du, dx_add, d),
-        DType::F16 => score_bwd_t::<f16>(x, w, du, dx_add, d),
-        DType::BF16 => score_bwd_t::<bf16>(x, w, du, dx_add, d),
+        DType::F32 => score_bwd_t::<f32>(inputs, dx_add, d),
+        DType::F16 => score_bwd_t::<f16>(inputs, dx_add, d),
+        DType::BF16 => score_bwd_t::<bf16>(inputs, dx_add, d),
         other => bail!("sparsek scorer (cuda): unsupported dtype {other:?}"),
     }
 }
 
 fn score_bwd_t<T: CudaDType + candle::cuda_backend::cudarc::driver::DeviceRepr>(
-    x: &Tensor,
-    w: &Tensor,
-    du: &Tensor,
+    (x, w, du): (&Tensor, &Tensor, &Tensor),
     dx_add: Option<&Tensor>,
     d: ScoreDims,
 ) -> Result<(Tensor, Tensor, Tensor)> {
