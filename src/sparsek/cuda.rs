@@ -232,8 +232,9 @@ fn tensor_cores(dtype: DType, d: usize) -> bool {
 }
 
 /// Environment switch of the tensor-core kernels: `mma` runs the `mma.sync` kernels (`skt_*`)
-/// where the Hopper ones (`skw_*`: forward, dQ, band and list dK / dV) would run; a comma-separated list of `fwd:TAG` / `dq:TAG`
-/// ([`HopperVariant::tag`]) picks those variants, e.g. `fwd:s4_m2,dq:s3_m3`.
+/// where the Hopper ones (`skw_*`: forward, dQ, band and list dK / dV) would run; a
+/// comma-separated list of `fwd:TAG` / `dq:TAG` ([`HopperVariant::tag`]) picks those variants,
+/// e.g. `fwd:s4_m2,dq:s3_m3`.
 pub(crate) const KERNEL_ENV: &str = "CANDLE_SPARSE_ATTN_SPARSEK";
 
 /// A compiled Hopper forward or dQ variant (`SKW_ALL` in the .cu file).

@@ -1,5 +1,6 @@
 //! The SparseK scoring network: one scalar score per key-side token and kv head, as one op with
-//! a CPU and a CUDA kernel each way (`sk_score_fwd` / `sk_score_bwd` in `cuda/sparsek.cu`).
+//! CPU and CUDA kernels each way (`sk_score_fwd`; `sk_score_bwd_dx`, `sk_score_bwd_dw` in
+//! `cuda/sparsek.cu`).
 
 use candle::{bail, CpuStorage, DType, Layout, Result, Shape, Tensor};
 use candle_nn::{Init, VarBuilder};
@@ -203,12 +204,13 @@ impl ScoreOp {
         let f32_of = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
         let (dx, dw, ddelta) = cpu::score_backward(&f32_of(x)?, &f32_of(w)?, &f32_of(&du)?, d);
         let dev = x.device();
-        let mut dx = Tensor::from_vec(dx, x.shape(), dev)?.to_dtype(x.dtype())?;
+        // The addend joins in f32, one rounding to x's dtype, as in the CUDA kernel.
+        let mut dx = Tensor::from_vec(dx, x.shape(), dev)?;
         if let Some(a) = dx_add {
-            dx = (dx + a)?;
+            dx = (dx + a.to_dtype(DType::F32)?)?;
         }
         Ok((
-            dx,
+            dx.to_dtype(x.dtype())?,
             Tensor::from_vec(dw, (d.h, d.c), dev)?,
             Tensor::from_vec(ddelta, d.h, dev)?,
         ))
