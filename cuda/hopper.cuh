@@ -35,6 +35,11 @@ __device__ __forceinline__ uint64_t sw128_desc(const void* p, uint32_t lbo) {
   return ((a & 0x3FFFF) >> 4) | ((uint64_t)((lbo >> 4) & 0x3FFF) << 16) |
          ((uint64_t)(1024 >> 4) << 32) | (1ull << 62);
 }
+// sw128_desc(p + bytes, lbo) from d = sw128_desc(p, lbo), for `bytes` a multiple of 16 that keeps
+// p + bytes inside the same shared allocation: only the start-address field (bits 0-13) moves.
+__device__ __forceinline__ uint64_t sw128_desc_add(uint64_t d, uint32_t bytes) {
+  return ((d >> 32) << 32) | (uint32_t)((uint32_t)d + (bytes >> 4));
+}
 
 // mbarrier (shared-memory barrier) primitives: init with the expected arrivals per phase; arrive;
 // arrive once every cp.async this thread issued so far has landed (counts as one of the expected

@@ -16,7 +16,7 @@
 // time: lane-per-key scores, then lanes own head_dim / 32 contiguous dims for the weighted sums):
 // - sk_fwd: window keys (weight 1) + the block list scanned until the first key with p = 0 (the
 //   list is sorted, so the rest has p = 0) + the newer candidates.
-// - sk_bwd_dq: dq per row plus delta = dO.O, r = sum_S g_w and |S| per row.
+// - sk_bwd_dq: dq per row plus delta = dO.O and r / |S| (r = sum_S g_w; 0 when S is empty).
 // - sk_bwd_dkv: one warp per key: tau_i and cut_i are non-decreasing in i, so the queries that
 //   attend key j form the interval [j, e_j) (window then selected), taken 32 queries at a time;
 //   dk, dv and du accumulate in registers: no atomics, deterministic.
@@ -403,12 +403,12 @@ extern "C" __global__ void __launch_bounds__(BQ) sk_select(
 // The SK_PARAMS arguments, passed on.
 #define SK_ARGS u, lu, lj, nlist, nattend, tau, cut_u, cut_j, B, Hq, Hkv, T, window, cap, nb, scale
 // Arguments of the key-side kernels (element type E): the inputs, the output gradient, the
-// forward's LSE, dQ's per-row delta, r and |S|, and the outputs (the f32 accumulator [dK | dV]
+// forward's LSE, dQ's per-row delta and r / |S|, and the outputs (the f32 accumulator [dK | dV]
 // and du, which the list kernel adds to; dK and dV, which the band kernel writes), then SK_PARAMS.
 #define SK_DKV_PARAMS                                                                           \
   const E *__restrict__ q, const E *__restrict__ k, const E *__restrict__ v,                   \
       const E *__restrict__ go, const float *__restrict__ lse, const float *__restrict__ delta, \
-      const float *__restrict__ rsum, const float *__restrict__ nsup, float *__restrict__ dacc,  \
+      const float *__restrict__ rmean, float *__restrict__ dacc,                                 \
       float *__restrict__ du, E *__restrict__ dk, E *__restrict__ dv, SK_PARAMS
 
 #define FULL 0xffffffffu
@@ -549,14 +549,14 @@ __device__ void sk_fwd(const E* __restrict__ q, const E* __restrict__ k, const E
   if (lane == 0) lse[rowq] = l > 0.f ? m + __logf(l) : neg_inf();
 }
 
-// dq (scaled, in the input dtype) per query row, plus delta = dO.O, r = sum over S of g_w and |S|.
+// dq (scaled, in the input dtype) per query row, plus delta = dO.O and r / |S| (r = sum over S
+// of g_w; 0 when S is empty).
 template <typename E, int D>
 __device__ void sk_bwd_dq(const E* __restrict__ q, const E* __restrict__ k,
                           const E* __restrict__ v, const E* __restrict__ o,
                           const E* __restrict__ go, const float* __restrict__ lse,
                           E* __restrict__ dq,
-                          float* __restrict__ delta, float* __restrict__ rsum,
-                          float* __restrict__ nsup, SK_PARAMS) {
+                          float* __restrict__ delta, float* __restrict__ rmean, SK_PARAMS) {
   constexpr int P = D / 32;
   __shared__ float qs_all[WARPS][D], gs_all[WARPS][D];
   int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
@@ -608,7 +608,10 @@ __device__ void sk_bwd_dq(const E* __restrict__ q, const E* __restrict__ k,
   ns = warp_sum(ns);
 #pragma unroll
   for (int t = 0; t < P; ++t) dq[rowq * D + lane * P + t] = from_f<E>(acc[t] * scale);
-  if (lane == 0) { delta[rowq] = dl; rsum[rowq] = r; nsup[rowq] = ns; }
+  if (lane == 0) {
+    delta[rowq] = dl;
+    rmean[rowq] = ns > 0.f ? r / ns : 0.f;
+  }
 }
 
 // dk, dv (in the input dtype) and du per key row, over the interval of queries attending it,
@@ -617,7 +620,7 @@ template <typename E, int D>
 __device__ void sk_bwd_dkv(const E* __restrict__ q, const E* __restrict__ k,
                            const E* __restrict__ v, const E* __restrict__ go,
                            const float* __restrict__ lse, const float* __restrict__ delta,
-                           const float* __restrict__ rsum, const float* __restrict__ nsup,
+                           const float* __restrict__ rmean,
                            E* __restrict__ dk_out, E* __restrict__ dv_out,
                            float* __restrict__ du, SK_PARAMS) {
   constexpr int P = D / 32;
@@ -663,7 +666,7 @@ __device__ void sk_bwd_dkv(const E* __restrict__ q, const E* __restrict__ k,
         float a = __expf(s - lse[rowq]);
         cq = a * (w * gvj - delta[rowq]);
         cg = a * w;
-        if (cand && w < 1.f) gu += a * gvj - rsum[rowq] / nsup[rowq];
+        if (cand && w < 1.f) gu += a * gvj - rmean[rowq];
       }
 #pragma unroll 4
       for (int t = 0; t < 32; ++t) {
@@ -924,7 +927,7 @@ __device__ __forceinline__ void sk_online_softmax(float (*s)[4], float* mrow, fl
       for (int e2 = 0; e2 < 2; ++e2) {
         float e = fast_exp2(s[nt][hf * 2 + e2] - msafe);
         ls += e;
-        s[nt][hf * 2 + e2] = e > 0.f ? e * weight(nt, e2, hf) : 0.f;
+        s[nt][hf * 2 + e2] = e * weight(nt, e2, hf);  // e = 0 where the weight is 0
       }
     lrow[hf] = lrow[hf] * alpha[hf] + ls;
   }
@@ -964,8 +967,9 @@ __device__ __forceinline__ float sk_grad_score(float s, float dp, float wv, floa
   return a * (wv * dp - dl);
 }
 
-// The per-row sums r and |S| of the warp's rows (over the row's four threads), stored.
-__device__ __forceinline__ void sk_store_support(float* rsum, float* nsup, const float* r,
+// The per-row sums r and |S| of the warp's rows (over the row's four threads), stored as r / |S|
+// (0 when S is empty).
+__device__ __forceinline__ void sk_store_support(float* rmean, const float* r,
                                                  const float* ns, const SkRows& rw,
                                                  long long qrow0) {
 #pragma unroll
@@ -976,10 +980,7 @@ __device__ __forceinline__ void sk_store_support(float* rsum, float* nsup, const
     n += __shfl_xor_sync(0xffffffffu, n, 1);
     n += __shfl_xor_sync(0xffffffffu, n, 2);
     int i = rw.i[hf];
-    if (i >= 0 && (threadIdx.x & 3) == 0) {
-      rsum[qrow0 + i] = rs;
-      nsup[qrow0 + i] = n;
-    }
+    if (i >= 0 && (threadIdx.x & 3) == 0) rmean[qrow0 + i] = n > 0.f ? rs / n : 0.f;
   }
 }
 
@@ -1065,7 +1066,7 @@ __device__ void skt_fwd(const E* __restrict__ q, const E* __restrict__ k, const 
 }
 
 // Backward, query-major (f16 / bf16): dq (scaled, in the input dtype: every row belongs to one
-// CTA), delta = dO.O, r = sum_S g_w and |S|.
+// CTA), delta = dO.O and r / |S| (r = sum_S g_w).
 // Zeroes this CTA's share of the f32 buffer p[0, n) (n a multiple of 4, p 16-byte aligned) with
 // 16-byte stores by threads tid of nthreads: the dQ kernels clear the key-side accumulator for
 // the list kernel's atomics (n = 0: nothing), hidden under their math instead of a pass of its own.
@@ -1083,8 +1084,8 @@ __device__ void skt_bwd_dq(const E* __restrict__ q, const E* __restrict__ k,
                            const E* __restrict__ v, const E* __restrict__ o,
                            const E* __restrict__ go, const float* __restrict__ lse,
                            E* __restrict__ dq,
-                           float* __restrict__ delta, float* __restrict__ rsum,
-                           float* __restrict__ nsup, float* __restrict__ dacc, long long nacc,
+                           float* __restrict__ delta, float* __restrict__ rmean,
+                           float* __restrict__ dacc, long long nacc,
                            SK_PARAMS) {
   constexpr int SD = Pad<D>::SD, N8 = TB / 8;
   sk_zero_share(dacc, nacc, threadIdx.x, TC_THREADS);
@@ -1183,7 +1184,7 @@ __device__ void skt_bwd_dq(const E* __restrict__ q, const E* __restrict__ k,
     buf ^= 1;
   }
   cp_async_wait<0>();
-  sk_store_support(rsum, nsup, r, ns, rw, qrow0);
+  sk_store_support(rmean, r, ns, rw, qrow0);
   store_acc<E, D>(dq + qrow0 * D, acc, m0 + warp * 16, T, scale, scale);
 }
 
@@ -1224,7 +1225,7 @@ __device__ __forceinline__ SkQStat sk_fetch_qstat(int i, long long krow0, long l
                                                   const float* tau, const float* cut_u,
                                                   const int* cut_j, const int* nattend,
                                                   const float* lse, const float* delta,
-                                                  const float* rsum, const float* nsup) {
+                                                  const float* rmean) {
   SkQStat x{0.f, 0.f, 0.f, 0.f, 0.f, -1, -1, 0};
   if (i < T) {
     const long long ti = krow0 + i, qi = qrow0 + i;
@@ -1235,8 +1236,7 @@ __device__ __forceinline__ SkQStat sk_fetch_qstat(int i, long long krow0, long l
     x.na = nattend[ti];
     x.l2 = lse[qi] * LOG2E;
     x.dl = delta[qi];
-    const float ns = nsup[qi];
-    x.rn = ns > 0.f ? rsum[qi] / ns : 0.f;
+    x.rn = rmean[qi];
   }
   return x;
 }
@@ -1246,10 +1246,9 @@ __device__ __forceinline__ void sk_load_qstats(SkQStats& st, int m0, long long k
                                                long long qrow0, int T, const float* tau,
                                                const float* cut_u, const int* cut_j,
                                                const int* nattend, const float* lse,
-                                               const float* delta, const float* rsum,
-                                               const float* nsup) {
+                                               const float* delta, const float* rmean) {
   for (int n = threadIdx.x; n < BQ; n += TC_THREADS)
-    sk_fetch_qstat(m0 + n, krow0, qrow0, T, tau, cut_u, cut_j, nattend, lse, delta, rsum, nsup)
+    sk_fetch_qstat(m0 + n, krow0, qrow0, T, tau, cut_u, cut_j, nattend, lse, delta, rmean)
         .put(st, n);
 }
 
@@ -1429,7 +1428,7 @@ __device__ void skt_bwd_dkv_band(SK_DKV_PARAMS) {
     cp_async_commit();
     const int c = kc.block(p);
     sk_load_qstats(st, c * BQ, kc.krow0, kc.qrow(p), T, tau, cut_u, cut_j, nattend, lse, delta,
-                   rsum, nsup);
+                   rmean);
     cp_async_wait<1>();
     __syncthreads();
     int jb[2];
@@ -1511,7 +1510,7 @@ __device__ void skt_bwd_dkv(SK_DKV_PARAMS) {
   SkKey nx{-1, neg_inf()};
   if (tl.ntl > 1) nx = sk_fetch_key(tl, 1);
   cp_async_commit();
-  sk_load_qstats(st, m0, krow0, qrow0, T, tau, cut_u, cut_j, nattend, lse, delta, rsum, nsup);
+  sk_load_qstats(st, m0, krow0, qrow0, T, tau, cut_u, cut_j, nattend, lse, delta, rmean);
   int buf = 0;
   for (int t = 0; t < tl.ntl; ++t) {
     // Tile t + 1's keys into their slots, tile t + 2's into registers; after the barrier tile
@@ -1732,10 +1731,11 @@ __device__ __forceinline__ bool skw_split_producer(const SkwSmem<E, D, NQ, S>& s
 // [TB][D]), both swizzled in shared memory (one commit group is the caller's).
 template <typename E, int D>
 __device__ __forceinline__ void skw_issue_abt(float (*acc)[4], const E* sA, const E* sB) {
+  const uint64_t da = sw128_desc(sA, 16), db = sw128_desc(sB, 16);
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk)
-    wgmma_ss<E, TB>(acc, sw128_desc(sA + (kk / 4) * BQ * 64 + (kk % 4) * 16, 16),
-                    sw128_desc(sB + (kk / 4) * TB * 64 + (kk % 4) * 16, 16), kk > 0);
+    wgmma_ss<E, TB>(acc, sw128_desc_add(da, ((kk / 4) * BQ * 64 + (kk % 4) * 16) * sizeof(E)),
+                    sw128_desc_add(db, ((kk / 4) * TB * 64 + (kk % 4) * 16) * sizeof(E)), kk > 0);
 }
 
 // Issues acc += P B for P in registers (pa: the A fragments of a 64 x TB tile) and a stage's 64
@@ -1743,9 +1743,10 @@ __device__ __forceinline__ void skw_issue_abt(float (*acc)[4], const E* sA, cons
 template <typename E, int D>
 __device__ __forceinline__ void skw_issue_pb(float (*acc)[4], const uint32_t (*pa)[4],
                                              const E* sB) {
+  const uint64_t db = sw128_desc(sB, TB * 128);
 #pragma unroll
   for (int kk = 0; kk < TB / 16; ++kk)
-    wgmma_rs_tb<E, D>(acc, pa[kk], sw128_desc(sB + kk * 16 * 64, TB * 128));
+    wgmma_rs_tb<E, D>(acc, pa[kk], sw128_desc_add(db, kk * 16 * 64 * sizeof(E)));
   wgmma_commit();
 }
 
@@ -1874,7 +1875,7 @@ __device__ void skw_fwd(const E* __restrict__ q, const E* __restrict__ k, const 
 #endif
 }
 
-// dQ (scaled, in the input dtype), delta = dO.O, r = sum_S g_w and |S| per row, as skt_bwd_dq.
+// dQ (scaled, in the input dtype), delta = dO.O and r / |S| per row, as skt_bwd_dq.
 // Per tile: S = Q K^T and dP = dO V^T, then dS = P (w dP - delta) and dQ += dS K, the next tile's
 // S and dP issued ahead of this tile's dQ.
 template <typename E, int D, int S, int MINB>
@@ -1882,7 +1883,7 @@ __device__ void skw_bwd_dq(const E* __restrict__ q, const E* __restrict__ k,
                            const E* __restrict__ v, const E* __restrict__ o,
                            const E* __restrict__ go, const float* __restrict__ lse,
                            E* __restrict__ dq, float* __restrict__ delta,
-                           float* __restrict__ rsum, float* __restrict__ nsup,
+                           float* __restrict__ rmean,
                            float* __restrict__ dacc, long long nacc, SK_PARAMS) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int N8 = TB / 8, DT = D / 8;
@@ -1992,7 +1993,7 @@ __device__ void skw_bwd_dq(const E* __restrict__ q, const E* __restrict__ k,
   issue_dq(t);
   wgmma_wait<0>();
   wgmma_fence_regs<DT>(acc);
-  sk_store_support(rsum, nsup, r, ns, rw, qrow0);
+  sk_store_support(rmean, r, ns, rw, qrow0);
   store_acc<E, D>(dq + qrow0 * D, acc, m0 + warp * 16, T, scale, scale);
 #endif
 }
@@ -2045,7 +2046,7 @@ __device__ void skw_bwd_dkv_band(SK_DKV_PARAMS) {
   };
   auto fetch = [&](int p) {
     return sk_fetch_qstat(kc.block(p) * BQ + tid, kc.krow0, kc.qrow(p), T, tau, cut_u, cut_j,
-                          nattend, lse, delta, rsum, nsup);
+                          nattend, lse, delta, rmean);
   };
   load_q(0, 0);
   if (tid < BQ) fetch(0).put(st[0], tid);
@@ -2198,8 +2199,7 @@ __device__ void skw_bwd_dkv_list(SK_DKV_PARAMS) {
       x.tau = ta;
       x.l2 = lse[qi] * LOG2E;
       x.dl = delta[qi];
-      const float ns = nsup[qi];
-      x.rn = ns > 0.f ? rsum[qi] / ns : 0.f;
+      x.rn = rmean[qi];
     }
     sq[n] = x;
   }
@@ -2329,11 +2329,13 @@ __device__ void skw_bwd_dkv_list(SK_DKV_PARAMS) {
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf) {
           const int x = hf * 2 + e2;
+          // on implies u > tau (th >= tau), so w > 0 exactly when on.
           const bool on = uk[hf] > c.th || (uk[hf] == c.th && j[hf] >= c.tj);
-          const float w = on ? fminf(uk[hf] - c.tau, 1.f) : 0.f;
-          const float a = w > 0.f ? fast_exp2(s[nt][x] * sl2 - c.l2) : 0.f;
+          const float d = uk[hf] - c.tau;
+          const float w = on ? fminf(d, 1.f) : 0.f;
+          const float a = on ? fast_exp2(s[nt][x] * sl2 - c.l2) : 0.f;
           const float dpv = dp[nt][x];
-          if (w > 0.f && w < 1.f) gs[hf] += a * dpv - c.rn;
+          gs[hf] += on && d < 1.f ? a * dpv - c.rn : 0.f;
           s[nt][x] = a * w;
           dp[nt][x] = a * (w * dpv - c.dl);
         }
@@ -2449,9 +2451,9 @@ __device__ void skw_bwd_dkv_list(SK_DKV_PARAMS) {
   extern "C" __global__ void __launch_bounds__(SKW_THREADS, MINB)                               \
       skw_bwd_dq_##NAME##_d##D##_s##S##_m##MINB(                                                \
           const TY* q, const TY* k, const TY* v, const TY* o, const TY* go, const float* lse,   \
-          TY* dq, float* delta, float* rsum, float* nsup, float* dacc, long long nacc,          \
+          TY* dq, float* delta, float* rmean, float* dacc, long long nacc,          \
           SK_PARAMS) {                                                                          \
-    skw_bwd_dq<TY, D, S, MINB>(q, k, v, o, go, lse, dq, delta, rsum, nsup, dacc, nacc,          \
+    skw_bwd_dq<TY, D, S, MINB>(q, k, v, o, go, lse, dq, delta, rmean, dacc, nacc,          \
                                SK_ARGS);                                                        \
   }
 // The Hopper list dK / dV kernel, G query blocks per CTA (`list_dkv` in cuda.rs).
@@ -2459,18 +2461,18 @@ __device__ void skw_bwd_dkv_list(SK_DKV_PARAMS) {
   extern "C" __global__ void __launch_bounds__(128, MINB)                                       \
       skw_bwd_dkv_list_##NAME##_d##D##_g##G##_m##MINB##TAG(                                     \
       const TY* q, const TY* k, const TY* v, const TY* go, const float* lse,                    \
-      const float* delta, const float* rsum, const float* nsup, float* dacc, float* du,         \
+      const float* delta, const float* rmean, float* dacc, float* du,         \
       TY* dk, TY* dv, SK_PARAMS) {                                                              \
-    skw_bwd_dkv_list<TY, D, G, PIPE>(q, k, v, go, lse, delta, rsum, nsup, dacc, du, dk, dv,     \
+    skw_bwd_dkv_list<TY, D, G, PIPE>(q, k, v, go, lse, delta, rmean, dacc, du, dk, dv,     \
         SK_ARGS);                                                                               \
   }
 // The Hopper band dK / dV kernel (`band_dkv` in cuda.rs).
 #define SKW_BAND(TY, NAME, D, MINB)                                                             \
   extern "C" __global__ void __launch_bounds__(128, MINB) skw_bwd_dkv_band_##NAME##_d##D(       \
       const TY* q, const TY* k, const TY* v, const TY* go, const float* lse,                    \
-      const float* delta, const float* rsum, const float* nsup, float* dacc, float* du,         \
+      const float* delta, const float* rmean, float* dacc, float* du,         \
       TY* dk, TY* dv, SK_PARAMS) {                                                              \
-    skw_bwd_dkv_band<TY, D>(q, k, v, go, lse, delta, rsum, nsup, dacc, du, dk, dv,              \
+    skw_bwd_dkv_band<TY, D>(q, k, v, go, lse, delta, rmean, dacc, du, dk, dv,              \
         SK_ARGS);                                                                               \
   }
 #define SKW_ALL(TY, NAME)                                                                       \
@@ -2492,22 +2494,22 @@ __device__ void skw_bwd_dkv_list(SK_DKV_PARAMS) {
   }                                                                                             \
   extern "C" __global__ void __launch_bounds__(TC_THREADS, SKT_MIN_BLOCKS(D)) skt_bwd_dq_##NAME##_d##D(            \
       const TY* q, const TY* k, const TY* v, const TY* o, const TY* go, const float* lse,       \
-      TY* dq, float* delta, float* rsum, float* nsup, float* dacc, long long nacc,              \
+      TY* dq, float* delta, float* rmean, float* dacc, long long nacc,              \
       SK_PARAMS) {                                                                              \
-    skt_bwd_dq<TY, D>(q, k, v, o, go, lse, dq, delta, rsum, nsup, dacc, nacc, SK_ARGS);         \
+    skt_bwd_dq<TY, D>(q, k, v, o, go, lse, dq, delta, rmean, dacc, nacc, SK_ARGS);         \
   }                                                                                             \
   extern "C" __global__ void __launch_bounds__(TC_THREADS, SKT_MIN_BLOCKS(D)) skt_bwd_dkv_band_##NAME##_d##D(      \
       const TY* q, const TY* k, const TY* v, const TY* go, const float* lse,                    \
-      const float* delta, const float* rsum, const float* nsup, float* dacc, float* du,         \
+      const float* delta, const float* rmean, float* dacc, float* du,         \
       TY* dk, TY* dv, SK_PARAMS) {                                                              \
-    skt_bwd_dkv_band<TY, D>(q, k, v, go, lse, delta, rsum, nsup, dacc, du, dk, dv,              \
+    skt_bwd_dkv_band<TY, D>(q, k, v, go, lse, delta, rmean, dacc, du, dk, dv,              \
         SK_ARGS);                                                                               \
   }                                                                                             \
   extern "C" __global__ void __launch_bounds__(TC_THREADS, SKT_MIN_BLOCKS(D)) skt_bwd_dkv_##NAME##_d##D(           \
       const TY* q, const TY* k, const TY* v, const TY* go, const float* lse,                    \
-      const float* delta, const float* rsum, const float* nsup, float* dacc, float* du,         \
+      const float* delta, const float* rmean, float* dacc, float* du,         \
       TY* dk, TY* dv, SK_PARAMS) {                                                              \
-    skt_bwd_dkv<TY, D>(q, k, v, go, lse, delta, rsum, nsup, dacc, du, dk, dv,                   \
+    skt_bwd_dkv<TY, D>(q, k, v, go, lse, delta, rmean, dacc, du, dk, dv,                   \
         SK_ARGS);                                                                               \
   }
 
@@ -2519,14 +2521,14 @@ __device__ void skw_bwd_dkv_list(SK_DKV_PARAMS) {
   }                                                                                             \
   extern "C" __global__ void sk_bwd_dq_##NAME##_d##D(                                           \
       const TY* q, const TY* k, const TY* v, const TY* o, const TY* go, const float* lse,       \
-      TY* dq, float* delta, float* rsum, float* nsup, SK_PARAMS) {                              \
-    sk_bwd_dq<TY, D>(q, k, v, o, go, lse, dq, delta, rsum, nsup, SK_ARGS);                      \
+      TY* dq, float* delta, float* rmean, SK_PARAMS) {                              \
+    sk_bwd_dq<TY, D>(q, k, v, o, go, lse, dq, delta, rmean, SK_ARGS);                      \
   }                                                                                             \
   extern "C" __global__ void sk_bwd_dkv_##NAME##_d##D(                                          \
       const TY* q, const TY* k, const TY* v, const TY* go, const float* lse,                    \
-      const float* delta, const float* rsum, const float* nsup, TY* dk, TY* dv, float* du,      \
+      const float* delta, const float* rmean, TY* dk, TY* dv, float* du,      \
       SK_PARAMS) {                                                                              \
-    sk_bwd_dkv<TY, D>(q, k, v, go, lse, delta, rsum, nsup, dk, dv, du, SK_ARGS);                \
+    sk_bwd_dkv<TY, D>(q, k, v, go, lse, delta, rmean, dk, dv, du, SK_ARGS);                \
   }
 
 #define SK_ALL_D(TY, NAME)                                                                      \

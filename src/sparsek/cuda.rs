@@ -653,8 +653,7 @@ fn bwd_t<T: CudaDType + candle::cuda_backend::cudarc::driver::DeviceRepr>(
         (None, unsafe { dev.alloc::<f32>(rows_k) }?)
     };
     let mut delta = unsafe { dev.alloc::<f32>(rows_q) }?;
-    let mut rsum = unsafe { dev.alloc::<f32>(rows_q) }?;
-    let mut nsup = unsafe { dev.alloc::<f32>(rows_q) }?;
+    let mut rmean = unsafe { dev.alloc::<f32>(rows_q) }?;
     let sc = Scalars::new(dims, scfg, sel.blocks, scale);
     let tn = dtype_suffix(dtype, "sparsek")?;
     let nacc = 2 * nk as i64;
@@ -669,8 +668,7 @@ fn bwd_t<T: CudaDType + candle::cuda_backend::cudarc::driver::DeviceRepr>(
         b.arg(&lse);
         b.arg(&mut dq);
         b.arg(&mut delta);
-        b.arg(&mut rsum);
-        b.arg(&mut nsup);
+        b.arg(&mut rmean);
         if let Some(dacc) = dacc.as_mut() {
             b.arg(dacc);
             b.arg(&nacc);
@@ -692,8 +690,7 @@ fn bwd_t<T: CudaDType + candle::cuda_backend::cudarc::driver::DeviceRepr>(
             b.arg(&go);
             b.arg(&lse);
             b.arg(&delta);
-            b.arg(&rsum);
-            b.arg(&nsup);
+            b.arg(&rmean);
             b.arg(&mut *dacc);
             b.arg(&mut du);
             b.arg(&mut dk);
@@ -710,8 +707,7 @@ fn bwd_t<T: CudaDType + candle::cuda_backend::cudarc::driver::DeviceRepr>(
         b.arg(&go);
         b.arg(&lse);
         b.arg(&delta);
-        b.arg(&rsum);
-        b.arg(&nsup);
+        b.arg(&rmean);
         b.arg(&mut dk);
         b.arg(&mut dv);
         b.arg(&mut du);
