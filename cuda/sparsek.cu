@@ -720,10 +720,22 @@ __device__ void sk_bwd_dkv(const E* __restrict__ q, const E* __restrict__ k,
 // - SK_LIST: a list tile; every key is a candidate of every query of the block (it lies before
 //   e_c), and query i attends exactly the list prefix [0, nattend_i), weight min(u - tau_i, 1);
 // - SK_FULL: a band tile inside the window of every query of the block: weight 1;
+// - SK_DIAG: a band tile inside every query's window that some queries precede (the diagonal):
+//   weight 1 up to the causal edge;
+// - SK_EDGE: a band tile before every query that some windows do not cover (the band's first):
+//   weight 1 inside the window, else the selection's weight;
 // - SK_BAND: any other band tile: sk_weight.
 #define SK_LIST 0
 #define SK_FULL 1
 #define SK_BAND 2
+#define SK_DIAG 3
+#define SK_EDGE 4
+
+// The kind of a band tile from whether all its keys precede all its queries (causal) and lie in
+// all their windows (in_window).
+__device__ __forceinline__ int sk_band_kind(bool causal, bool in_window) {
+  return causal ? (in_window ? SK_FULL : SK_EDGE) : (in_window ? SK_DIAG : SK_BAND);
+}
 
 // The key tiles of one query block.
 struct SkTiles {
@@ -746,12 +758,11 @@ struct SkTiles {
     *uo = neg_inf();
     return -1;
   }
-  // The kind of tile t for the query block starting at m0 (SK_LIST, SK_FULL or SK_BAND).
+  // The kind of tile t for the query block starting at m0.
   __device__ __forceinline__ int kind(int t, int m0, int window) const {
     if (t < ntl) return SK_LIST;
-    int j0 = e0 + (t - ntl) * TB;
-    bool full = j0 + TB <= e1 && j0 + TB - 1 <= m0 && j0 > m0 + BQ - 1 - window;
-    return full ? SK_FULL : SK_BAND;
+    const int j0 = e0 + (t - ntl) * TB;
+    return sk_band_kind(j0 + TB <= e1 && j0 + TB - 1 <= m0, j0 > m0 + BQ - 1 - window);
   }
   // Position only (-1: none).
   __device__ __forceinline__ int key_j(int t, int r) const {
@@ -774,6 +785,10 @@ __device__ __forceinline__ float sk_weight(int i, int j, float uj, float tau_i, 
 }
 
 template <int K> struct SkKind { static constexpr int value = K; };
+// Whether a tile kind's weights read the keys' positions (band tiles but SK_FULL) and scores.
+template <int KIND> constexpr bool sk_needs_j = KIND != SK_LIST && KIND != SK_FULL;
+template <int KIND> constexpr bool sk_needs_u = KIND != SK_FULL && KIND != SK_DIAG;
+__device__ __forceinline__ bool sk_needs_u_rt(int kind) { return kind != SK_FULL && kind != SK_DIAG; }
 
 // Weight of a key (list index r for SK_LIST, position j, score uj) for query i (attended list
 // prefix na, tau, cut (cu, cj)) in a tile of kind KIND.
@@ -782,13 +797,18 @@ __device__ __forceinline__ float sk_tile_weight(int r, int na, int i, int j, flo
                                                 float cu, int cj, int window) {
   if constexpr (KIND == SK_LIST) return r < na ? fminf(uj - tau, 1.f) : 0.f;
   else if constexpr (KIND == SK_FULL) return 1.f;
+  else if constexpr (KIND == SK_DIAG) return j >= 0 && j <= i ? 1.f : 0.f;
+  else if constexpr (KIND == SK_EDGE)
+    return j > i - window ? 1.f
+           : uj > tau && in_top(uj, j, cu, cj) ? fminf(uj - tau, 1.f)
+                                                 : 0.f;
   else return sk_weight(i, j, uj, tau, cu, cj, window);
 }
 
 // Whether a weight enters the SPARSEK backward (key j strictly inside the support of query i).
 template <int KIND>
 __device__ __forceinline__ bool sk_in_support(float wv, int i, int j, int window) {
-  if constexpr (KIND == SK_FULL) return false;
+  if constexpr (KIND == SK_FULL || KIND == SK_DIAG) return false;
   else return wv > 0.f && wv < 1.f && (KIND == SK_LIST || j <= i - window);
 }
 
@@ -797,6 +817,8 @@ template <typename F>
 __device__ __forceinline__ void sk_dispatch(int k, F&& f) {
   if (k == SK_LIST) f(SkKind<SK_LIST>());
   else if (k == SK_FULL) f(SkKind<SK_FULL>());
+  else if (k == SK_DIAG) f(SkKind<SK_DIAG>());
+  else if (k == SK_EDGE) f(SkKind<SK_EDGE>());
   else f(SkKind<SK_BAND>());
 }
 
@@ -1042,8 +1064,8 @@ __device__ void skt_fwd(const E* __restrict__ q, const E* __restrict__ k, const 
       // kept in registers: fewer registers, more resident CTAs).
       auto weight = [&](int nt, int e2, int hf) {
         int col = nt * 8 + 2 * t4 + e2;
-        int j = KIND == SK_BAND ? cJ[col] : 0;
-        float uj = KIND == SK_FULL ? 0.f : cU[col];
+        int j = sk_needs_j<KIND> ? cJ[col] : 0;
+        float uj = sk_needs_u<KIND> ? cU[col] : 0.f;
         return sk_tile_weight<KIND>(t * TB + col, rw.na[hf], rw.i[hf], j, uj, rw.tau[hf],
                                     rw.cu[hf], rw.cj[hf], window);
       };
@@ -1167,8 +1189,8 @@ __device__ void skt_bwd_dq(const E* __restrict__ q, const E* __restrict__ k,
 #pragma unroll
         for (int e2 = 0; e2 < 2; ++e2) {
           int col = nt * 8 + 2 * t4 + e2;
-          int j = KIND == SK_BAND ? cJ[col] : 0;
-          float uj = KIND == SK_FULL ? 0.f : cU[col];
+          int j = sk_needs_j<KIND> ? cJ[col] : 0;
+          float uj = sk_needs_u<KIND> ? cU[col] : 0.f;
 #pragma unroll
           for (int hf = 0; hf < 2; ++hf) {
             int x = hf * 2 + e2;
@@ -1385,14 +1407,14 @@ struct SkBandCta {
   __device__ __forceinline__ long long qrow(int p) const { return qrow0 + (long long)(p / nc) * T; }
   __device__ __forceinline__ int block(int p) const { return c_lo + p % nc; }
   // The thread's keys inside block c's band [e_c, c * BQ + BQ) (-1 otherwise: the older ones come
-  // from its list), and whether every key of the block lies before every query of block c and
-  // inside its window (weight 1, no test and no score gradient: SK_FULL; padding queries have zero
-  // Q and dO rows).
-  __device__ __forceinline__ bool band_keys(int c, int window, int* jb) const {
+  // from its list), and the step's tile kind from whether every key of the block lies before
+  // every query of block c and inside its window (SK_FULL: weight 1, no test and no score
+  // gradient; padding queries have zero Q and dO rows).
+  __device__ __forceinline__ int band_keys(int c, int window, int* jb) const {
     const int e0 = block_start(c, window), e1 = min(T, c * BQ + BQ);
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) jb[hf] = jk[hf] >= e0 && jk[hf] < e1 ? jk[hf] : -1;
-    return c > kb && j0 > c * BQ + BQ - 1 - window;
+    return sk_band_kind(c > kb, j0 > c * BQ + BQ - 1 - window);
   }
 };
 
@@ -1432,12 +1454,12 @@ __device__ void skt_bwd_dkv_band(SK_DKV_PARAMS) {
     cp_async_wait<1>();
     __syncthreads();
     int jb[2];
-    const bool full = kc.band_keys(c, window, jb);
+    const int kind = kc.band_keys(c, window, jb);
     const E *cQ = sQ + buf * BQ * SD, *cG = sG + buf * BQ * SD;
-    if (full)
-      skt_dkv_step<E, D, SK_FULL>(adv, adk, gu, sK, sV, cQ, cG, st, jb, kc.uk, jb, sl2, window);
-    else
-      skt_dkv_step<E, D, SK_BAND>(adv, adk, gu, sK, sV, cQ, cG, st, jb, kc.uk, jb, sl2, window);
+    sk_dispatch(kind, [&](auto kd) {
+      skt_dkv_step<E, D, decltype(kd)::value>(adv, adk, gu, sK, sV, cQ, cG, st, jb, kc.uk, jb, sl2,
+                                             window);
+    });
     __syncthreads();
     buf ^= 1;
   }
@@ -1680,8 +1702,8 @@ template <int KIND>
 __device__ __forceinline__ float skw_weight(const SkTiles& tl, const SkRows& rw, const float* cU,
                                             int t, int nt, int e2, int hf, int window) {
   int col = nt * 8 + 2 * (threadIdx.x & 3) + e2;
-  int j = KIND == SK_BAND ? tl.e0 + (t - tl.ntl) * TB + col : 0;
-  float uj = KIND == SK_FULL ? 0.f : cU[col];
+  int j = sk_needs_j<KIND> ? tl.e0 + (t - tl.ntl) * TB + col : 0;
+  float uj = sk_needs_u<KIND> ? cU[col] : 0.f;
   return sk_tile_weight<KIND>(t * TB + col, rw.na[hf], rw.i[hf], j, uj, rw.tau[hf], rw.cu[hf],
                               rw.cj[hf], window);
 }
@@ -1802,7 +1824,7 @@ __device__ void skw_fwd(const E* __restrict__ q, const E* __restrict__ k, const 
   auto softmax = [&](int t, int i) {
     wgmma_fence_regs<N8>(s);
     const int kind = tl.kind(t, m0, window);
-    if (kind != SK_FULL) wait_full(sm.full_v, i);
+    if (sk_needs_u_rt(kind)) wait_full(sm.full_v, i);  // the stage's key scores
     const float* cU = sm.u + (i % S) * TB;
     sk_dispatch(kind, [&](auto kd) {
       constexpr int KIND = decltype(kd)::value;
@@ -1955,7 +1977,8 @@ __device__ void skw_bwd_dq(const E* __restrict__ q, const E* __restrict__ k,
           for (int hf = 0; hf < 2; ++hf) {
             const int x = hf * 2 + e2;
             float wv = skw_weight<KIND>(tl, rw, cU, t, nt, e2, hf, window);
-            int j = KIND == SK_BAND ? tl.e0 + (t - tl.ntl) * TB + nt * 8 + 2 * (lane & 3) + e2 : 0;
+            int j = sk_needs_j<KIND> ? tl.e0 + (t - tl.ntl) * TB + nt * 8 + 2 * (lane & 3) + e2
+                                     : 0;
             s[nt][x] = sk_grad_score<KIND>(s[nt][x], dp[nt][x], wv, l2[hf], dl[hf], sl2, rw.i[hf],
                                            j, window, r[hf], ns[hf]);
           }
@@ -2074,14 +2097,13 @@ __device__ void skw_bwd_dkv_band(SK_DKV_PARAMS) {
     skw_issue_abt<E, D>(dp, sV, cG);
     wgmma_commit();
     int jb[2];
-    const bool full = kc.band_keys(kc.block(p), window, jb);
+    const int kind = kc.band_keys(kc.block(p), window, jb);
     wgmma_wait<0>();
     wgmma_fence_regs<N8>(s);
     wgmma_fence_regs<N8>(dp);
-    if (full)
-      sk_dkv_grads<SK_FULL>(s, dp, gu, st[buf], jb, kc.uk, jb, sl2, window);
-    else
-      sk_dkv_grads<SK_BAND>(s, dp, gu, st[buf], jb, kc.uk, jb, sl2, window);
+    sk_dispatch(kind, [&](auto kd) {
+      sk_dkv_grads<decltype(kd)::value>(s, dp, gu, st[buf], jb, kc.uk, jb, sl2, window);
+    });
     skw_pack_a<E>(pa, s);
     skw_pack_a<E>(da, dp);
     wgmma_fence_regs_a<BQ / 16>(pa);
