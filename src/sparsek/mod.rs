@@ -67,20 +67,22 @@
 //!
 //! # Performance (measured: H100, bf16, B = 4, H = 48, D = 64, k = 256, window = 256, K′ = 512)
 //! Forward + backward of the op's kernels ([`sparsek_attn_taped`] and its tape's `grads`, memory
-//! pool kept as `train_char_lm` runs): 16.4 / 32.9 ms at 16k / 32k tokens (×2.01), against the
-//! dense [`crate::flash_attn`]'s 79.1 / 312.2 ms: **4.83× / 9.48× faster** (8k and 64k, session
-//! 10: 8.5 / 67.5 ms, 2.37× and linear growth). Through candle's autograd with the output
-//! gradient handed in, both ops pay four zero-fill + add passes over their input gradients (3.7 ms
-//! at 16k): 21.1 against 83.1 ms at 16k (3.94×), 41.2 against 321.3 ms at 32k (7.79×). Forward
-//! alone 4.9 ms at 16k. Memory grows linearly (2.33 / 4.02 / 7.30 / 13.80 GiB in use after the
-//! backward, 8k to 64k, without the pool). The 5× target at 16k (≈ 15.9 ms for the kernels) is
-//! not reached. At 16k the kernels take 16.7 ms (ncu): selection 1.6 (lists 0.6, `sk_select` 1.0),
-//! forward 3.5, dQ 4.0 (its producer warpgroup also zeroes the key side's f32 accumulator), dK /
-//! dV / dScores 4.7 (list keys with vector atomics, a warpgroup per pair of query blocks walking
-//! the union of their lists) + 3.0 (band keys, adding the list part and writing dK, dV in the
-//! input dtype), all warpgroup MMA on Hopper. Tables, commands and the history of each step are
-//! in BENCHMARKS.md ("SparseK attention (H100)" and its subsections, the latest "SparseK: the
-//! conversion folded into the band kernel").
+//! pool kept as `train_char_lm` runs): 15.4 / 30.9 ms at 16k / 32k tokens (×2.01), against the
+//! dense [`crate::flash_attn`]'s 80.2 / 312.3 ms measured in the same run: **5.21× / 10.11×
+//! faster** (8k and 64k, session 10: 8.5 / 67.5 ms, 2.37× and linear growth). Through candle's
+//! autograd with the output gradient handed in, both ops pay four zero-fill + add passes over
+//! their input gradients (3.7 ms at 16k): 19.8 against 82.9 ms at 16k (4.19×), 39.4 against 319.3
+//! ms at 32k (8.11×). Forward alone 4.6 ms at 16k. Memory grows linearly (2.33 / 4.02 / 7.30 /
+//! 13.80 GiB in use after the backward, 8k to 64k, without the pool). At 16k the kernels take
+//! 15.4 ms (ncu): selection 1.6 (lists 0.6, `sk_select` 1.0), forward 3.2, dQ 3.7 (its producer
+//! warpgroup also zeroes the key side's f32 accumulator), dK / dV / dScores 4.4 (list keys with
+//! vector atomics, a warpgroup per pair of query blocks walking the union of their lists) + 2.5
+//! (band keys, adding the list part and writing dK, dV in the input dtype), all warpgroup MMA on
+//! Hopper. Each kernel is bound by its element-wise work's issue and latency (ncu: 160 to 195
+//! TFLOP/s of MMA); band tiles come in four kinds (full, diagonal, window edge, general) so that
+//! only the general ones run the whole weight test. Tables, commands and the history of each step
+//! are in BENCHMARKS.md ("SparseK attention (H100)" and its subsections, the latest "SparseK:
+//! cheaper element-wise steps, two more tile kinds").
 
 mod attn;
 mod cache;
