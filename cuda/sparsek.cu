@@ -2578,39 +2578,89 @@ SKW_ALL(__nv_bfloat16, bf16)
 // ---------------------------------------------------------------------------------------------
 // Key scorer (src/sparsek/scorer.rs): u[b, h, j] = x[b, j, :] . w[h, :] + delta[h] * (offset + j)
 // in f32, x (B * T rows of C) in E, w (H, C) and delta (H) f32, u (B, H, T) f32; heads 8 at a time.
+// Each kernel takes SK_SCORE_ROWS rows of x per CTA; the forward and dx keep w in shared memory
+// when it fits in SK_SCORE_W_SMEM bytes (else they read it through the L1 cache).
 #define SK_SCORE_HEADS 8
-// Forward: one warp per row of x (w is small and stays in the caches).
+#define SK_SCORE_ROWS 64
+#define SK_SCORE_W_SMEM (32 * 1024)
+
+// Four consecutive elements of x or dx as one vector load / store (8 bytes in f16 / bf16, 16 in
+// f32); a lane's four columns of w are one 16-byte shared-memory read, consecutive lanes reading
+// consecutive 16 bytes (no bank conflicts).
+template <int BYTES> struct SkRaw;
+template <> struct SkRaw<8> { typedef uint2 type; };
+template <> struct SkRaw<16> { typedef uint4 type; };
+template <typename E> union SkVec4 {
+  typename SkRaw<4 * sizeof(E)>::type raw;
+  E e[4];
+};
+// Whether the scorer kernels can use 4-wide vectors: C a multiple of 4 and aligned pointers.
+__device__ __forceinline__ bool sk_score_vec(int C, const void* a, const void* b, const void* c) {
+  return C % 4 == 0 && reinterpret_cast<uintptr_t>(a) % 16 == 0 &&
+         reinterpret_cast<uintptr_t>(b) % 16 == 0 && reinterpret_cast<uintptr_t>(c) % 16 == 0;
+}
+
+// Forward: one warp per row of x, a lane per 4 consecutive columns at a time (element by element
+// when sk_score_vec fails). Shared memory: H * C floats when w fits.
 template <typename E>
 __device__ void sk_score_fwd(const E* __restrict__ x, const float* __restrict__ w,
                              const float* __restrict__ delta, float* __restrict__ u, int B, int T,
                              int C, int H, int offset) {
-  const int lane = threadIdx.x & 31;
-  const long long row = (long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
-  if (row >= (long long)B * T) return;
-  const E* xr = x + row * C;
-  const int b = (int)(row / T), j = (int)(row % T);
-  for (int h0 = 0; h0 < H; h0 += SK_SCORE_HEADS) {
-    float acc[SK_SCORE_HEADS];
+  constexpr int V = 4;
+  extern __shared__ float fws[];  // [H][C] when it fits
+  const int lane = threadIdx.x & 31, warp = threadIdx.x / 32, nw = blockDim.x / 32;
+  const bool w_shared = H * C * 4 <= SK_SCORE_W_SMEM;
+  if (w_shared)
+    for (int i = threadIdx.x; i < H * C; i += blockDim.x) fws[i] = w[i];
+  __syncthreads();
+  const float* wr = w_shared ? fws : w;
+  const bool vec = sk_score_vec(C, x, w, x);
+  const long long n = (long long)B * T, r0 = (long long)blockIdx.x * SK_SCORE_ROWS;
+  const long long r1 = min(n, r0 + SK_SCORE_ROWS);
+  for (long long row = r0 + warp; row < r1; row += nw) {
+    const E* xr = x + row * C;
+    const int b = (int)(row / T), j = (int)(row % T);
+    for (int h0 = 0; h0 < H; h0 += SK_SCORE_HEADS) {
+      float acc[SK_SCORE_HEADS];
 #pragma unroll
-    for (int h = 0; h < SK_SCORE_HEADS; ++h) acc[h] = 0.f;
-    for (int c = lane; c < C; c += 32) {
-      const float xv = to_f(xr[c]);
+      for (int h = 0; h < SK_SCORE_HEADS; ++h) acc[h] = 0.f;
+      for (int c0 = lane * V; c0 < C; c0 += 32 * V) {
+        const int nv = min(V, C - c0);
+        SkVec4<E> in;
+        if (vec) in = *reinterpret_cast<const SkVec4<E>*>(xr + c0);
+        float xv[V];
 #pragma unroll
-      for (int h = 0; h < SK_SCORE_HEADS; ++h)
-        if (h0 + h < H) acc[h] += xv * w[(h0 + h) * C + c];
-    }
+        for (int v = 0; v < V; ++v) xv[v] = v < nv ? to_f(vec ? in.e[v] : xr[c0 + v]) : 0.f;
 #pragma unroll
-    for (int h = 0; h < SK_SCORE_HEADS; ++h) {
-      if (h0 + h >= H) break;
-      const float s = warp_sum(acc[h]);
-      if (lane == 0)
-        u[((long long)b * H + h0 + h) * T + j] = s + delta[h0 + h] * (float)(offset + j);
+        for (int h = 0; h < SK_SCORE_HEADS; ++h) {
+          if (h0 + h >= H) break;
+          const float* wh = wr + (h0 + h) * C + c0;
+          if (vec) {
+            const float4 wv = *reinterpret_cast<const float4*>(wh);
+            acc[h] += xv[0] * wv.x + xv[1] * wv.y + xv[2] * wv.z + xv[3] * wv.w;
+          } else {
+#pragma unroll
+            for (int v = 0; v < V; ++v)
+              if (v < nv) acc[h] += xv[v] * wh[v];
+          }
+        }
+      }
+#pragma unroll
+      for (int h = 0; h < SK_SCORE_HEADS; ++h) {
+        if (h0 + h >= H) break;
+        const float s = warp_sum(acc[h]);
+        if (lane == 0)
+          u[((long long)b * H + h0 + h) * T + j] = s + delta[h0 + h] * (float)(offset + j);
+      }
     }
   }
 }
 
 // Backward for du (B, H, T) f32, in two kernels:
-// - sk_score_bwd_dx: dx = du^T w (+ dx_in when given) in E, a CTA per row of x at a time;
+// - sk_score_bwd_dx: dx = du^T w (+ dx_in when given) in E: a CTA per SK_SCORE_ROWS rows of x,
+//   their du and (when it fits in SK_SCORE_W_SMEM bytes) w in shared memory, a thread per 4
+//   consecutive columns of a row at a time (element by element when sk_score_vec fails). Shared
+//   memory: SK_SCORE_ROWS * H (+ H * C) floats;
 // - sk_score_bwd_dw: dw (H, C) and dpos (H) f32, zeroed by the caller, get the sums du x and
 //   du * (offset + j) of one CTA's SK_SCORE_ROWS rows of x (threads over the columns) with
 //   atomics. Shared memory: SK_SCORE_ROWS * H floats.
@@ -2618,18 +2668,60 @@ template <typename E>
 __device__ void sk_score_bwd_dx(const float* __restrict__ w, const float* __restrict__ du,
                                 const E* __restrict__ dx_in, E* __restrict__ dx, int B, int T,
                                 int C, int H) {
-  for (int row = blockIdx.x; row < B * T; row += gridDim.x) {
-    const float* dur = du + (long long)(row / T) * H * T + row % T;
-    const long long r0 = (long long)row * C;
-    for (int c = threadIdx.x; c < C; c += blockDim.x) {
-      float g = dx_in != nullptr ? to_f(dx_in[r0 + c]) : 0.f;
-      for (int h = 0; h < H; ++h) g += dur[(long long)h * T] * w[h * C + c];
-      dx[r0 + c] = from_f<E>(g);
+  constexpr int V = 4;
+  extern __shared__ float dxs[];  // [SK_SCORE_ROWS][H] du, then [H][C] w when it fits
+  const long long n = (long long)B * T, r0 = (long long)blockIdx.x * SK_SCORE_ROWS;
+  const int nr = (int)min((long long)SK_SCORE_ROWS, n - r0);
+  const int tid = threadIdx.x, bs = blockDim.x;
+  const bool w_shared = H * C * 4 <= SK_SCORE_W_SMEM;
+  float* ws = dxs + SK_SCORE_ROWS * H;
+  for (int i = tid; i < nr * H; i += bs) {
+    const int h = i / nr, r = i % nr;
+    const long long row = r0 + r;
+    dxs[r * H + h] = du[((row / T) * H + h) * T + row % T];
+  }
+  if (w_shared)
+    for (int i = tid; i < H * C; i += bs) ws[i] = w[i];
+  __syncthreads();
+  const float* wr = w_shared ? ws : w;
+  const int nch = (C + V - 1) / V;
+  // dx_in and dx rows of 4 elements: 8-byte aligned in f16 / bf16; 16 bytes checked for all.
+  const bool vec = sk_score_vec(C, w, dx, dx_in);
+  for (int x = tid; x < nr * nch; x += bs) {
+    const int r = x / nch, c0 = (x % nch) * V, nv = min(V, C - c0);
+    const long long off = (r0 + r) * C + c0;
+    float g[V];
+    SkVec4<E> in;
+    if (dx_in != nullptr && vec) in = *reinterpret_cast<const SkVec4<E>*>(dx_in + off);
+#pragma unroll
+    for (int v = 0; v < V; ++v)
+      g[v] = dx_in == nullptr || v >= nv ? 0.f : to_f(vec ? in.e[v] : dx_in[off + v]);
+    for (int h = 0; h < H; ++h) {
+      const float d = dxs[r * H + h];
+      const float* wh = wr + h * C + c0;
+      if (vec) {
+        const float4 wv = *reinterpret_cast<const float4*>(wh);
+        g[0] += d * wv.x;
+        g[1] += d * wv.y;
+        g[2] += d * wv.z;
+        g[3] += d * wv.w;
+      } else {
+#pragma unroll
+        for (int v = 0; v < V; ++v)
+          if (v < nv) g[v] += d * wh[v];
+      }
+    }
+    if (vec) {
+      SkVec4<E> out;
+#pragma unroll
+      for (int v = 0; v < V; ++v) out.e[v] = from_f<E>(g[v]);
+      *reinterpret_cast<SkVec4<E>*>(dx + off) = out;
+    } else {
+      for (int v = 0; v < nv; ++v) dx[off + v] = from_f<E>(g[v]);
     }
   }
 }
 
-#define SK_SCORE_ROWS 64
 template <typename E>
 __device__ void sk_score_bwd_dw(const E* __restrict__ x, const float* __restrict__ du,
                                 float* __restrict__ dw, float* __restrict__ dpos, int B, int T,

@@ -638,7 +638,14 @@ fn scorer_trains_end_to_end() -> R<()> {
 /// and without `dx_add`) and autograd, for f32 and bf16 inputs; heads past one 8-head chunk of the
 /// CUDA kernels, widths and row counts that are not multiples of the kernels' tiles, an offset.
 fn scorer_suite(dev: &Device) -> R<()> {
-    for (b, t, dm, h, offset) in [(2, 75, 40, 3, 0), (1, 130, 96, 10, 17)] {
+    // Widths: multiples of the CUDA dx kernel's 16-byte vector, 20 (not one for bf16), and
+    // 1000 x 9 heads (w too large for its shared memory).
+    for (b, t, dm, h, offset) in [
+        (2, 75, 40, 3, 0),
+        (1, 130, 96, 10, 17),
+        (1, 33, 20, 2, 5),
+        (1, 40, 1000, 9, 3),
+    ] {
         let vm = VarMap::new();
         let vb = VarBuilder::from_varmap(&vm, DType::F32, dev);
         let cfg = SparseKScorerConfig {

@@ -723,11 +723,24 @@ fn bwd_t<T: CudaDType + candle::cuda_backend::cudarc::driver::DeviceRepr>(
     ))
 }
 
-/// Rows of x per CTA of `sk_score_bwd_dw` (`SK_SCORE_ROWS` in the .cu file).
+/// Rows of x per CTA of `sk_score_bwd_dx` and `sk_score_bwd_dw` (`SK_SCORE_ROWS` in the .cu file).
 const SCORE_ROWS: usize = 64;
+/// Bytes of `w` that `sk_score_fwd` and `sk_score_bwd_dx` keep in shared memory (`SK_SCORE_W_SMEM`);
+/// a larger `w` is read through the L1 cache.
+const SCORE_W_SMEM: usize = 32 * 1024;
 
-/// Key scorer forward (`sk_score_fwd`, one warp per row of `x`): `x` `(b·t, c)` f32 / f16 / bf16,
-/// `w` `(h, c)` and `δ` `(h)` f32 → `u` `(b, h, t)` f32.
+/// Shared memory the scorer kernels take for `w`: all of it when it fits in [`SCORE_W_SMEM`].
+fn score_w_smem(d: ScoreDims) -> usize {
+    let bytes = d.h * d.c * 4;
+    if bytes <= SCORE_W_SMEM {
+        bytes
+    } else {
+        0
+    }
+}
+
+/// Key scorer forward (`sk_score_fwd`, one CTA per [`SCORE_ROWS`] rows of `x`, a warp per row):
+/// `x` `(b·t, c)` f32 / f16 / bf16, `w` `(h, c)` and `δ` `(h)` f32 → `u` `(b, h, t)` f32.
 pub(crate) fn score_forward(
     (sx, lx): (&CudaStorage, &Layout),
     (sw, lw): (&CudaStorage, &Layout),
@@ -753,7 +766,8 @@ fn score_fwd_t<T: CudaDType>(
 ) -> Result<CudaStorage> {
     let tn = dtype_suffix(dtype, "sparsek scorer")?;
     let mut u = unsafe { dev.alloc::<f32>(d.b * d.h * d.t) }?;
-    let f = func!(dev, &format!("sk_score_fwd_{tn}"), 0);
+    let smem = score_w_smem(d);
+    let f = func!(dev, &format!("sk_score_fwd_{tn}"), smem);
     let mut b = f.builder();
     b.arg(&x);
     b.arg(&w);
@@ -768,13 +782,13 @@ fn score_fwd_t<T: CudaDType>(
         d.offset as i32
     );
     let rows = d.b * d.t;
-    unsafe { b.launch(cfg((rows.div_ceil(WARPS), 1), 32 * WARPS, 0)?) }.w()?;
+    unsafe { b.launch(cfg((rows.div_ceil(SCORE_ROWS), 1), 32 * WARPS, smem)?) }.w()?;
     Ok(CudaStorage::wrap_cuda_slice(u, dev.clone()))
 }
 
 /// Key scorer backward for `du` `(b, h, t)` f32: `dx` `(b, t, c)` in the dtype of `x` (plus
-/// `dx_add`, same shape and dtype, when given; `sk_score_bwd_dx`, a CTA per row at a time), `dw`
-/// `(h, c)` and `dδ` `(h)` f32 (`sk_score_bwd_dw`, one CTA per [`SCORE_ROWS`] rows of `x`).
+/// `dx_add`, same shape and dtype, when given) and `dw` `(h, c)`, `dδ` `(h)` f32, each kernel
+/// (`sk_score_bwd_dx`, `sk_score_bwd_dw`) one CTA per [`SCORE_ROWS`] rows of `x`.
 pub(crate) fn score_backward(
     x: &Tensor,
     w: &Tensor,
@@ -813,7 +827,8 @@ fn score_bwd_t<T: CudaDType + candle::cuda_backend::cudarc::driver::DeviceRepr>(
     let dims = [d.b, d.t, d.c, d.h].map(|x| x as i32);
     let mut dx = unsafe { dev.alloc::<T>(n) }?;
     {
-        let f = func!(dev, &format!("sk_score_bwd_dx_{tn}"), 0);
+        let smem = SCORE_ROWS * d.h * 4 + score_w_smem(d);
+        let f = func!(dev, &format!("sk_score_bwd_dx_{tn}"), smem);
         let mut b = f.builder();
         let null = 0u64;
         b.arg(&w);
@@ -826,7 +841,7 @@ fn score_bwd_t<T: CudaDType + candle::cuda_backend::cudarc::driver::DeviceRepr>(
         for x in &dims {
             b.arg(x);
         }
-        unsafe { b.launch(cfg((rows.min(132 * 32), 1), 128, 0)?) }.w()?;
+        unsafe { b.launch(cfg((rows.div_ceil(SCORE_ROWS), 1), 256, smem)?) }.w()?;
     }
     let mut dw = dev.alloc_zeros::<f32>(d.h * d.c)?;
     let mut dpos = dev.alloc_zeros::<f32>(d.h)?;
