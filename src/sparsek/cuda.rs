@@ -723,7 +723,7 @@ fn bwd_t<T: CudaDType + candle::cuda_backend::cudarc::driver::DeviceRepr>(
     ))
 }
 
-/// Rows of x per CTA of `sk_score_bwd_dx` and `sk_score_bwd_dw` (`SK_SCORE_ROWS` in the .cu file).
+/// Rows of x per CTA of the scorer kernels (`SK_SCORE_ROWS` in the .cu file).
 const SCORE_ROWS: usize = 64;
 /// Bytes of `w` that `sk_score_fwd` and `sk_score_bwd_dx` keep in shared memory (`SK_SCORE_W_SMEM`);
 /// a larger `w` is read through the L1 cache.
