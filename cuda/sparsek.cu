@@ -408,7 +408,7 @@ extern "C" __global__ void __launch_bounds__(BQ) sk_select(
 #define SK_DKV_PARAMS                                                                           \
   const E *__restrict__ q, const E *__restrict__ k, const E *__restrict__ v,                   \
       const E *__restrict__ go, const float *__restrict__ lse, const float *__restrict__ delta, \
-      const float *__restrict__ rmean, float *__restrict__ dacc,                                 \
+      const float *__restrict__ rmean, float *__restrict__ dacc,                               \
       float *__restrict__ du, E *__restrict__ dk, E *__restrict__ dv, SK_PARAMS
 
 #define FULL 0xffffffffu
@@ -2473,9 +2473,9 @@ __device__ void skw_bwd_dkv_list(SK_DKV_PARAMS) {
   extern "C" __global__ void __launch_bounds__(SKW_THREADS, MINB)                               \
       skw_bwd_dq_##NAME##_d##D##_s##S##_m##MINB(                                                \
           const TY* q, const TY* k, const TY* v, const TY* o, const TY* go, const float* lse,   \
-          TY* dq, float* delta, float* rmean, float* dacc, long long nacc,          \
+          TY* dq, float* delta, float* rmean, float* dacc, long long nacc,                      \
           SK_PARAMS) {                                                                          \
-    skw_bwd_dq<TY, D, S, MINB>(q, k, v, o, go, lse, dq, delta, rmean, dacc, nacc,          \
+    skw_bwd_dq<TY, D, S, MINB>(q, k, v, o, go, lse, dq, delta, rmean, dacc, nacc,               \
                                SK_ARGS);                                                        \
   }
 // The Hopper list dK / dV kernel, G query blocks per CTA (`list_dkv` in cuda.rs).
@@ -2483,18 +2483,18 @@ __device__ void skw_bwd_dkv_list(SK_DKV_PARAMS) {
   extern "C" __global__ void __launch_bounds__(128, MINB)                                       \
       skw_bwd_dkv_list_##NAME##_d##D##_g##G##_m##MINB##TAG(                                     \
       const TY* q, const TY* k, const TY* v, const TY* go, const float* lse,                    \
-      const float* delta, const float* rmean, float* dacc, float* du,         \
+      const float* delta, const float* rmean, float* dacc, float* du,                           \
       TY* dk, TY* dv, SK_PARAMS) {                                                              \
-    skw_bwd_dkv_list<TY, D, G, PIPE>(q, k, v, go, lse, delta, rmean, dacc, du, dk, dv,     \
+    skw_bwd_dkv_list<TY, D, G, PIPE>(q, k, v, go, lse, delta, rmean, dacc, du, dk, dv,          \
         SK_ARGS);                                                                               \
   }
 // The Hopper band dK / dV kernel (`band_dkv` in cuda.rs).
 #define SKW_BAND(TY, NAME, D, MINB)                                                             \
   extern "C" __global__ void __launch_bounds__(128, MINB) skw_bwd_dkv_band_##NAME##_d##D(       \
       const TY* q, const TY* k, const TY* v, const TY* go, const float* lse,                    \
-      const float* delta, const float* rmean, float* dacc, float* du,         \
+      const float* delta, const float* rmean, float* dacc, float* du,                           \
       TY* dk, TY* dv, SK_PARAMS) {                                                              \
-    skw_bwd_dkv_band<TY, D>(q, k, v, go, lse, delta, rmean, dacc, du, dk, dv,              \
+    skw_bwd_dkv_band<TY, D>(q, k, v, go, lse, delta, rmean, dacc, du, dk, dv,                   \
         SK_ARGS);                                                                               \
   }
 #define SKW_ALL(TY, NAME)                                                                       \
@@ -2516,22 +2516,22 @@ __device__ void skw_bwd_dkv_list(SK_DKV_PARAMS) {
   }                                                                                             \
   extern "C" __global__ void __launch_bounds__(TC_THREADS, SKT_MIN_BLOCKS(D)) skt_bwd_dq_##NAME##_d##D(            \
       const TY* q, const TY* k, const TY* v, const TY* o, const TY* go, const float* lse,       \
-      TY* dq, float* delta, float* rmean, float* dacc, long long nacc,              \
+      TY* dq, float* delta, float* rmean, float* dacc, long long nacc,                          \
       SK_PARAMS) {                                                                              \
-    skt_bwd_dq<TY, D>(q, k, v, o, go, lse, dq, delta, rmean, dacc, nacc, SK_ARGS);         \
+    skt_bwd_dq<TY, D>(q, k, v, o, go, lse, dq, delta, rmean, dacc, nacc, SK_ARGS);              \
   }                                                                                             \
   extern "C" __global__ void __launch_bounds__(TC_THREADS, SKT_MIN_BLOCKS(D)) skt_bwd_dkv_band_##NAME##_d##D(      \
       const TY* q, const TY* k, const TY* v, const TY* go, const float* lse,                    \
-      const float* delta, const float* rmean, float* dacc, float* du,         \
+      const float* delta, const float* rmean, float* dacc, float* du,                           \
       TY* dk, TY* dv, SK_PARAMS) {                                                              \
-    skt_bwd_dkv_band<TY, D>(q, k, v, go, lse, delta, rmean, dacc, du, dk, dv,              \
+    skt_bwd_dkv_band<TY, D>(q, k, v, go, lse, delta, rmean, dacc, du, dk, dv,                   \
         SK_ARGS);                                                                               \
   }                                                                                             \
   extern "C" __global__ void __launch_bounds__(TC_THREADS, SKT_MIN_BLOCKS(D)) skt_bwd_dkv_##NAME##_d##D(           \
       const TY* q, const TY* k, const TY* v, const TY* go, const float* lse,                    \
-      const float* delta, const float* rmean, float* dacc, float* du,         \
+      const float* delta, const float* rmean, float* dacc, float* du,                           \
       TY* dk, TY* dv, SK_PARAMS) {                                                              \
-    skt_bwd_dkv<TY, D>(q, k, v, go, lse, delta, rmean, dacc, du, dk, dv,                   \
+    skt_bwd_dkv<TY, D>(q, k, v, go, lse, delta, rmean, dacc, du, dk, dv,                        \
         SK_ARGS);                                                                               \
   }
 
@@ -2543,14 +2543,14 @@ __device__ void skw_bwd_dkv_list(SK_DKV_PARAMS) {
   }                                                                                             \
   extern "C" __global__ void sk_bwd_dq_##NAME##_d##D(                                           \
       const TY* q, const TY* k, const TY* v, const TY* o, const TY* go, const float* lse,       \
-      TY* dq, float* delta, float* rmean, SK_PARAMS) {                              \
-    sk_bwd_dq<TY, D>(q, k, v, o, go, lse, dq, delta, rmean, SK_ARGS);                      \
+      TY* dq, float* delta, float* rmean, SK_PARAMS) {                                          \
+    sk_bwd_dq<TY, D>(q, k, v, o, go, lse, dq, delta, rmean, SK_ARGS);                           \
   }                                                                                             \
   extern "C" __global__ void sk_bwd_dkv_##NAME##_d##D(                                          \
       const TY* q, const TY* k, const TY* v, const TY* go, const float* lse,                    \
-      const float* delta, const float* rmean, TY* dk, TY* dv, float* du,      \
+      const float* delta, const float* rmean, TY* dk, TY* dv, float* du,                        \
       SK_PARAMS) {                                                                              \
-    sk_bwd_dkv<TY, D>(q, k, v, go, lse, delta, rmean, dk, dv, du, SK_ARGS);                \
+    sk_bwd_dkv<TY, D>(q, k, v, go, lse, delta, rmean, dk, dv, du, SK_ARGS);                     \
   }
 
 #define SK_ALL_D(TY, NAME)                                                                      \
