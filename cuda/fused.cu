@@ -27,6 +27,8 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include "chunk.cuh"
+
 #define FULL 0xffffffffu
 
 __device__ __forceinline__ float to_f(float x) { return x; }
@@ -208,38 +210,6 @@ __device__ void add_ln_fwd(const T* __restrict__ x, const T* __restrict__ delta,
 }
 
 // ---- Register-resident LayerNorm rows ----------------------------------------------------------
-// A chunk of V elements of T moved as one load / store of V·sizeof(T) bytes (V = 1: one element).
-template <int BYTES> struct RawUnit;
-template <> struct RawUnit<16> { typedef uint4 type; };
-template <> struct RawUnit<8> { typedef uint2 type; };
-template <> struct RawUnit<4> { typedef unsigned int type; };
-template <> struct RawUnit<2> { typedef unsigned short type; };
-
-template <typename T, int V>
-struct Chunk {
-  typedef typename RawUnit<V * sizeof(T)>::type U;
-  union {
-    U raw;
-    T e[V];
-  };
-};
-
-// p must be aligned to V·sizeof(T) bytes.
-template <typename T, int V>
-__device__ __forceinline__ Chunk<T, V> ld_chunk(const T* p) {
-  Chunk<T, V> c;
-  c.raw = *reinterpret_cast<const typename Chunk<T, V>::U*>(p);
-  return c;
-}
-template <typename T, int V>
-__device__ __forceinline__ void st_chunk(T* p, const Chunk<T, V>& c) {
-  *reinterpret_cast<typename Chunk<T, V>::U*>(p) = c.raw;
-}
-
-__device__ __forceinline__ bool aligned_to(const void* p, unsigned bytes) {
-  return ((uintptr_t)p & (uintptr_t)(bytes - 1)) == 0;
-}
-
 // Whether a row of c elements fits the register variant <T, V, N> with these pointers (null ones
 // are skipped): c a multiple of V, c <= 32·N·V, every pointer aligned to V·sizeof(T).
 template <typename T, int V, int N>

@@ -27,6 +27,7 @@
 #include "mma.cuh"
 #include "wgmma.cuh"
 #include "hopper.cuh"
+#include "chunk.cuh"
 
 #define BQ 64
 
@@ -786,9 +787,12 @@ __device__ __forceinline__ float sk_weight(int i, int j, float uj, float tau_i, 
 
 template <int K> struct SkKind { static constexpr int value = K; };
 // Whether a tile kind's weights read the keys' positions (band tiles but SK_FULL) and scores.
-template <int KIND> constexpr bool sk_needs_j = KIND != SK_LIST && KIND != SK_FULL;
-template <int KIND> constexpr bool sk_needs_u = KIND != SK_FULL && KIND != SK_DIAG;
-__device__ __forceinline__ bool sk_needs_u_rt(int kind) { return kind != SK_FULL && kind != SK_DIAG; }
+__host__ __device__ constexpr bool sk_needs_j(int kind) {
+  return kind != SK_LIST && kind != SK_FULL;
+}
+__host__ __device__ constexpr bool sk_needs_u(int kind) {
+  return kind != SK_FULL && kind != SK_DIAG;
+}
 
 // Weight of a key (list index r for SK_LIST, position j, score uj) for query i (attended list
 // prefix na, tau, cut (cu, cj)) in a tile of kind KIND.
@@ -1064,8 +1068,8 @@ __device__ void skt_fwd(const E* __restrict__ q, const E* __restrict__ k, const 
       // kept in registers: fewer registers, more resident CTAs).
       auto weight = [&](int nt, int e2, int hf) {
         int col = nt * 8 + 2 * t4 + e2;
-        int j = sk_needs_j<KIND> ? cJ[col] : 0;
-        float uj = sk_needs_u<KIND> ? cU[col] : 0.f;
+        int j = sk_needs_j(KIND) ? cJ[col] : 0;
+        float uj = sk_needs_u(KIND) ? cU[col] : 0.f;
         return sk_tile_weight<KIND>(t * TB + col, rw.na[hf], rw.i[hf], j, uj, rw.tau[hf],
                                     rw.cu[hf], rw.cj[hf], window);
       };
@@ -1189,8 +1193,8 @@ __device__ void skt_bwd_dq(const E* __restrict__ q, const E* __restrict__ k,
 #pragma unroll
         for (int e2 = 0; e2 < 2; ++e2) {
           int col = nt * 8 + 2 * t4 + e2;
-          int j = sk_needs_j<KIND> ? cJ[col] : 0;
-          float uj = sk_needs_u<KIND> ? cU[col] : 0.f;
+          int j = sk_needs_j(KIND) ? cJ[col] : 0;
+          float uj = sk_needs_u(KIND) ? cU[col] : 0.f;
 #pragma unroll
           for (int hf = 0; hf < 2; ++hf) {
             int x = hf * 2 + e2;
@@ -1702,8 +1706,8 @@ template <int KIND>
 __device__ __forceinline__ float skw_weight(const SkTiles& tl, const SkRows& rw, const float* cU,
                                             int t, int nt, int e2, int hf, int window) {
   int col = nt * 8 + 2 * (threadIdx.x & 3) + e2;
-  int j = sk_needs_j<KIND> ? tl.e0 + (t - tl.ntl) * TB + col : 0;
-  float uj = sk_needs_u<KIND> ? cU[col] : 0.f;
+  int j = sk_needs_j(KIND) ? tl.e0 + (t - tl.ntl) * TB + col : 0;
+  float uj = sk_needs_u(KIND) ? cU[col] : 0.f;
   return sk_tile_weight<KIND>(t * TB + col, rw.na[hf], rw.i[hf], j, uj, rw.tau[hf], rw.cu[hf],
                               rw.cj[hf], window);
 }
@@ -1824,7 +1828,7 @@ __device__ void skw_fwd(const E* __restrict__ q, const E* __restrict__ k, const 
   auto softmax = [&](int t, int i) {
     wgmma_fence_regs<N8>(s);
     const int kind = tl.kind(t, m0, window);
-    if (sk_needs_u_rt(kind)) wait_full(sm.full_v, i);  // the stage's key scores
+    if (sk_needs_u(kind)) wait_full(sm.full_v, i);  // the stage's key scores
     const float* cU = sm.u + (i % S) * TB;
     sk_dispatch(kind, [&](auto kd) {
       constexpr int KIND = decltype(kd)::value;
@@ -1977,7 +1981,7 @@ __device__ void skw_bwd_dq(const E* __restrict__ q, const E* __restrict__ k,
           for (int hf = 0; hf < 2; ++hf) {
             const int x = hf * 2 + e2;
             float wv = skw_weight<KIND>(tl, rw, cU, t, nt, e2, hf, window);
-            int j = sk_needs_j<KIND> ? tl.e0 + (t - tl.ntl) * TB + nt * 8 + 2 * (lane & 3) + e2
+            int j = sk_needs_j(KIND) ? tl.e0 + (t - tl.ntl) * TB + nt * 8 + 2 * (lane & 3) + e2
                                      : 0;
             s[nt][x] = sk_grad_score<KIND>(s[nt][x], dp[nt][x], wv, l2[hf], dl[hf], sl2, rw.i[hf],
                                            j, window, r[hf], ns[hf]);
@@ -2584,20 +2588,21 @@ SKW_ALL(__nv_bfloat16, bf16)
 #define SK_SCORE_ROWS 64
 #define SK_SCORE_W_SMEM (32 * 1024)
 
-// Four consecutive elements of x or dx as one vector load / store (8 bytes in f16 / bf16, 16 in
-// f32); a lane's four columns of w are one 16-byte shared-memory read, consecutive lanes reading
-// consecutive 16 bytes (no bank conflicts).
-template <int BYTES> struct SkRaw;
-template <> struct SkRaw<8> { typedef uint2 type; };
-template <> struct SkRaw<16> { typedef uint4 type; };
-template <typename E> union SkVec4 {
-  typename SkRaw<4 * sizeof(E)>::type raw;
-  E e[4];
-};
-// Whether the scorer kernels can use 4-wide vectors: C a multiple of 4 and aligned pointers.
+// Four consecutive elements of x or dx move as one Chunk (8 bytes in f16 / bf16, 16 in f32); a
+// lane's four columns of w are one 16-byte read, consecutive lanes reading consecutive 16 bytes
+// (no shared-memory bank conflicts). Whether the kernels can: C a multiple of 4 and the pointers
+// 16-byte aligned (null ones are).
 __device__ __forceinline__ bool sk_score_vec(int C, const void* a, const void* b, const void* c) {
-  return C % 4 == 0 && reinterpret_cast<uintptr_t>(a) % 16 == 0 &&
-         reinterpret_cast<uintptr_t>(b) % 16 == 0 && reinterpret_cast<uintptr_t>(c) % 16 == 0;
+  return C % 4 == 0 && aligned_to(a, 16) && aligned_to(b, 16) && aligned_to(c, 16);
+}
+// w (H, C) for a scorer kernel: copied into shared memory ws by the CTA when it fits in
+// SK_SCORE_W_SMEM bytes (the launch gives that much), else w itself. Ends with a barrier.
+__device__ __forceinline__ const float* sk_score_stage_w(const float* w, float* ws, int H, int C) {
+  const bool shared = H * C * 4 <= SK_SCORE_W_SMEM;
+  if (shared)
+    for (int i = threadIdx.x; i < H * C; i += blockDim.x) ws[i] = w[i];
+  __syncthreads();
+  return shared ? ws : w;
 }
 
 // Forward: one warp per row of x, a lane per 4 consecutive columns at a time (element by element
@@ -2609,12 +2614,8 @@ __device__ void sk_score_fwd(const E* __restrict__ x, const float* __restrict__ 
   constexpr int V = 4;
   extern __shared__ float fws[];  // [H][C] when it fits
   const int lane = threadIdx.x & 31, warp = threadIdx.x / 32, nw = blockDim.x / 32;
-  const bool w_shared = H * C * 4 <= SK_SCORE_W_SMEM;
-  if (w_shared)
-    for (int i = threadIdx.x; i < H * C; i += blockDim.x) fws[i] = w[i];
-  __syncthreads();
-  const float* wr = w_shared ? fws : w;
-  const bool vec = sk_score_vec(C, x, w, x);
+  const float* wr = sk_score_stage_w(w, fws, H, C);
+  const bool vec = sk_score_vec(C, x, w, nullptr);
   const long long n = (long long)B * T, r0 = (long long)blockIdx.x * SK_SCORE_ROWS;
   const long long r1 = min(n, r0 + SK_SCORE_ROWS);
   for (long long row = r0 + warp; row < r1; row += nw) {
@@ -2626,8 +2627,8 @@ __device__ void sk_score_fwd(const E* __restrict__ x, const float* __restrict__ 
       for (int h = 0; h < SK_SCORE_HEADS; ++h) acc[h] = 0.f;
       for (int c0 = lane * V; c0 < C; c0 += 32 * V) {
         const int nv = min(V, C - c0);
-        SkVec4<E> in;
-        if (vec) in = *reinterpret_cast<const SkVec4<E>*>(xr + c0);
+        Chunk<E, V> in;
+        if (vec) in = ld_chunk<E, V>(xr + c0);
         float xv[V];
 #pragma unroll
         for (int v = 0; v < V; ++v) xv[v] = v < nv ? to_f(vec ? in.e[v] : xr[c0 + v]) : 0.f;
@@ -2673,26 +2674,20 @@ __device__ void sk_score_bwd_dx(const float* __restrict__ w, const float* __rest
   const long long n = (long long)B * T, r0 = (long long)blockIdx.x * SK_SCORE_ROWS;
   const int nr = (int)min((long long)SK_SCORE_ROWS, n - r0);
   const int tid = threadIdx.x, bs = blockDim.x;
-  const bool w_shared = H * C * 4 <= SK_SCORE_W_SMEM;
-  float* ws = dxs + SK_SCORE_ROWS * H;
   for (int i = tid; i < nr * H; i += bs) {
     const int h = i / nr, r = i % nr;
     const long long row = r0 + r;
     dxs[r * H + h] = du[((row / T) * H + h) * T + row % T];
   }
-  if (w_shared)
-    for (int i = tid; i < H * C; i += bs) ws[i] = w[i];
-  __syncthreads();
-  const float* wr = w_shared ? ws : w;
+  const float* wr = sk_score_stage_w(w, dxs + SK_SCORE_ROWS * H, H, C);
   const int nch = (C + V - 1) / V;
-  // dx_in and dx rows of 4 elements: 8-byte aligned in f16 / bf16; 16 bytes checked for all.
   const bool vec = sk_score_vec(C, w, dx, dx_in);
   for (int x = tid; x < nr * nch; x += bs) {
     const int r = x / nch, c0 = (x % nch) * V, nv = min(V, C - c0);
     const long long off = (r0 + r) * C + c0;
     float g[V];
-    SkVec4<E> in;
-    if (dx_in != nullptr && vec) in = *reinterpret_cast<const SkVec4<E>*>(dx_in + off);
+    Chunk<E, V> in;
+    if (dx_in != nullptr && vec) in = ld_chunk<E, V>(dx_in + off);
 #pragma unroll
     for (int v = 0; v < V; ++v)
       g[v] = dx_in == nullptr || v >= nv ? 0.f : to_f(vec ? in.e[v] : dx_in[off + v]);
@@ -2712,10 +2707,10 @@ __device__ void sk_score_bwd_dx(const float* __restrict__ w, const float* __rest
       }
     }
     if (vec) {
-      SkVec4<E> out;
+      Chunk<E, V> out;
 #pragma unroll
       for (int v = 0; v < V; ++v) out.e[v] = from_f<E>(g[v]);
-      *reinterpret_cast<SkVec4<E>*>(dx + off) = out;
+      st_chunk<E, V>(dx + off, out);
     } else {
       for (int v = 0; v < nv; ++v) dx[off + v] = from_f<E>(g[v]);
     }
