@@ -15,7 +15,8 @@
 // - emb_bwd: embedding backward, atomicAdd of each output-gradient row into an f32 table.
 // - heads_split / heads_merge: (b, t, parts, h, d) <-> one part (b, h, t, d) (parts 3: the fused
 //   qkv projection; parts 1: heads of a plain (b, t, h·d) tensor); heads_split3 / heads_merge3:
-//   all three parts at once. Pure copies in units of 16, 4 or 2 bytes (the caller picks the
+//   all three parts at once, in rows that may be wider than the three parts (a projection with
+//   more columns after q, k, v: split reads a view of it, merge appends the extra columns). Pure copies in units of 16, 4 or 2 bytes (the caller picks the
 //   widest that divides a head row and its offsets), 32-bit index math.
 // - xent: softmax cross-entropy per row (loss and logit gradient), one warp per row.
 // - adamw_step: one AdamW update of an f32 parameter, its moments and gradient.
@@ -444,15 +445,17 @@ __device__ void heads_split(const U* __restrict__ x, U* __restrict__ out, unsign
   }
 }
 
-// q, k, v (b, h, t, du) = the three parts of x (b, t, 3, h, du); one thread per output unit of each.
+// q, k, v (b, h, t, du) = the three parts of x (b, t, 3, h, du) whose (b, t) rows are ru units
+// apart (ru >= 3 * h * du: a view of a wider projection); one thread per output unit of each.
 template <typename U>
 __device__ void heads_split3(const U* __restrict__ x, U* __restrict__ q, U* __restrict__ k,
-                             U* __restrict__ v, unsigned b, unsigned h, unsigned t, unsigned du) {
+                             U* __restrict__ v, unsigned b, unsigned h, unsigned t, unsigned du,
+                             unsigned ru) {
   unsigned n = b * h * t * du;
   for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
     unsigned e = i % du, r = i / du;
     unsigned ti = r % t, bh = r / t;
-    unsigned src = parts_at(bh / h, ti, 0, bh % h, e, t, 3, h, du);
+    unsigned src = ((bh / h) * t + ti) * ru + (bh % h) * du + e;
     unsigned stride = h * du;
     q[i] = x[src];
     k[i] = x[src + stride];
@@ -477,17 +480,21 @@ __device__ void heads_merge(const U* __restrict__ dout, U* __restrict__ dx, unsi
   }
 }
 
-// The inverse of heads_split3: x (b, t, 3, h, du) from q, k, v (b, h, t, du); one thread per x unit.
+// The inverse of heads_split3: x (b, t, ru) holds q, k, v (b, h, t, du) as (3, h, du) in its
+// first 3 * h * du units and the rows of ex (b, t, ru - 3 * h * du) after them (ex may be null
+// when ru = 3 * h * du); one thread per x unit.
 template <typename U>
 __device__ void heads_merge3(const U* __restrict__ q, const U* __restrict__ k,
-                             const U* __restrict__ v, U* __restrict__ x, unsigned b, unsigned h,
-                             unsigned t, unsigned du) {
-  unsigned n = b * t * 3 * h * du;
+                             const U* __restrict__ v, const U* __restrict__ ex, U* __restrict__ x,
+                             unsigned b, unsigned h, unsigned t, unsigned du, unsigned ru) {
+  unsigned n = b * t * ru, hdu = h * du, ne = ru - 3 * hdu;
   for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
-    unsigned e = i % du, r = i / du;
-    unsigned hi = r % h;
-    r /= h;
-    unsigned pi = r % 3, bt = r / 3;
+    unsigned c = i % ru, bt = i / ru;
+    if (c >= 3 * hdu) {
+      x[i] = ex[bt * ne + c - 3 * hdu];
+      continue;
+    }
+    unsigned pi = c / hdu, hi = (c % hdu) / du, e = c % du;
     unsigned ti = bt % t, bi = bt / t;
     unsigned src = ((bi * h + hi) * t + ti) * du + e;
     x[i] = pi == 0 ? q[src] : pi == 1 ? k[src] : v[src];
@@ -501,18 +508,19 @@ __device__ void heads_merge3(const U* __restrict__ q, const U* __restrict__ k,
     heads_split(x, out, b, h, t, du, parts, p);                                                   \
   }                                                                                               \
   extern "C" __global__ void heads_split3_##NAME(const U* x, U* q, U* k, U* v, unsigned b,        \
-                                                 unsigned h, unsigned t, unsigned du) {           \
-    heads_split3(x, q, k, v, b, h, t, du);                                                        \
+                                                 unsigned h, unsigned t, unsigned du,             \
+                                                 unsigned ru) {                                   \
+    heads_split3(x, q, k, v, b, h, t, du, ru);                                                    \
   }                                                                                               \
   extern "C" __global__ void heads_merge_##NAME(const U* dout, U* dx, unsigned b, unsigned h,     \
                                                 unsigned t, unsigned du, unsigned parts,          \
                                                 unsigned p) {                                     \
     heads_merge(dout, dx, b, h, t, du, parts, p);                                                 \
   }                                                                                               \
-  extern "C" __global__ void heads_merge3_##NAME(const U* q, const U* k, const U* v, U* x,        \
-                                                 unsigned b, unsigned h, unsigned t,              \
-                                                 unsigned du) {                                   \
-    heads_merge3(q, k, v, x, b, h, t, du);                                                        \
+  extern "C" __global__ void heads_merge3_##NAME(const U* q, const U* k, const U* v,              \
+                                                 const U* ex, U* x, unsigned b, unsigned h,       \
+                                                 unsigned t, unsigned du, unsigned ru) {          \
+    heads_merge3(q, k, v, ex, x, b, h, t, du, ru);                                                \
   }
 
 INSTANTIATE_HEADS(uint4, u16)

@@ -2756,6 +2756,37 @@ __device__ void sk_score_bwd_dw(const E* __restrict__ x, const float* __restrict
   }
 }
 
+// Scores from their linear part computed elsewhere (a projection with the scorer's weight rows
+// folded in):
+// - sk_score_cols: u (B, H, T) f32 = lin[(b * T + j) * ld + h] + delta[h] * (offset + j), one
+//   thread per element of u;
+// - sk_score_cols_bwd: dlin (B * T, W) in E = du (B, H, T) transposed in the first H columns,
+//   zeros after them; one thread per element of dlin. (The slope's gradient is sk_score_bwd_dw's
+//   dpos with C = 0.)
+template <typename E>
+__device__ void sk_score_cols(const E* __restrict__ lin, const float* __restrict__ delta,
+                              float* __restrict__ u, int B, int T, int H, int ld, int offset) {
+  const long long n = (long long)B * H * T;
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+       i += (long long)gridDim.x * blockDim.x) {
+    const int j = (int)(i % T), h = (int)((i / T) % H);
+    const long long b = i / ((long long)T * H);
+    u[i] = to_f(lin[(b * T + j) * ld + h]) + delta[h] * (float)(offset + j);
+  }
+}
+
+template <typename E>
+__device__ void sk_score_cols_bwd(const float* __restrict__ du, E* __restrict__ dlin, int B,
+                                  int T, int H, int W) {
+  const long long n = (long long)B * T * W;
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+       i += (long long)gridDim.x * blockDim.x) {
+    const int c = (int)(i % W);
+    const long long row = i / W, b = row / T, j = row % T;
+    dlin[i] = from_f<E>(c < H ? du[(b * H + c) * T + j] : 0.f);
+  }
+}
+
 #define SK_SCORE(TY, NAME)                                                                      \
   extern "C" __global__ void sk_score_fwd_##NAME(const TY* x, const float* w, const float* delta, \
                                                  float* u, int B, int T, int C, int H,          \
@@ -2771,6 +2802,14 @@ __device__ void sk_score_bwd_dw(const E* __restrict__ x, const float* __restrict
                                                     float* dpos, int B, int T, int C, int H,    \
                                                     int offset) {                               \
     sk_score_bwd_dw<TY>(x, du, dw, dpos, B, T, C, H, offset);                                   \
+  }                                                                                             \
+  extern "C" __global__ void sk_score_cols_##NAME(const TY* lin, const float* delta, float* u,  \
+                                                  int B, int T, int H, int ld, int offset) {    \
+    sk_score_cols<TY>(lin, delta, u, B, T, H, ld, offset);                                      \
+  }                                                                                             \
+  extern "C" __global__ void sk_score_cols_bwd_##NAME(const float* du, TY* dlin, int B, int T,  \
+                                                      int H, int W) {                           \
+    sk_score_cols_bwd<TY>(du, dlin, B, T, H, W);                                                \
   }
 
 SK_SCORE(float, f32)

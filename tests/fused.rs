@@ -8,8 +8,8 @@ use candle::{DType, Device, Result, Tensor, Var, D};
 use candle_sparse_attn::fused::{
     adamw_update, adamw_update_many, add_layer_norm, backward_from, cross_entropy_with_grad,
     embedding, embedding_backward, gelu, gelu_backward, layer_norm, layer_norm_backward,
-    layer_norm_backward_add, linear, linear_backward, merge_heads, merge_qkv, split_heads,
-    split_qkv, sum_of_squares, to_heads, AdamWUpdate,
+    layer_norm_backward_add, linear, linear_backward, merge_heads, merge_qkv, merge_qkv_with,
+    split_heads, split_qkv, sum_of_squares, to_heads, AdamWUpdate,
 };
 use candle_sparse_attn::reference::rel_err;
 use common::{devices, normal, tolerance};
@@ -189,7 +189,8 @@ fn split_heads_matches_transpose() -> Result<()> {
 #[test]
 fn split_qkv_and_merge_qkv_match_transpose() -> Result<()> {
     let mut rng = StdRng::seed_from_u64(16);
-    // d = 64: 16-byte units in every dtype; 6 (f32) and 3: 4- and 2-byte units.
+    // d = 64: 16-byte units in every dtype; 6 (f32) and 3: 4- and 2-byte units. Extra columns
+    // after q, k, v (a projection with more outputs): 8 keep the units, 3 narrow them.
     for (b, t, h, d) in [
         (2, 37, 3, 16),
         (1, 5, 6, 64),
@@ -197,43 +198,56 @@ fn split_qkv_and_merge_qkv_match_transpose() -> Result<()> {
         (2, 9, 2, 6),
         (1, 4, 5, 3),
     ] {
-        let qkv = randn(&mut rng, &[b, t, 3 * h * d], 1.0)?;
-        let parts = randn(&mut rng, &[3, b, h, t, d], 1.0)?;
-        for dev in devices() {
-            for dtype in DTYPES {
-                let tol = tolerance(dtype, &dev);
-                let x = qkv.to_dtype(dtype)?.to_device(&dev)?;
-                let vars = split_qkv(&x, h)?;
-                let heads = qkv
-                    .to_dtype(dtype)?
-                    .reshape((b, t, 3, h, d))?
-                    .permute((2, 0, 3, 1, 4))?;
-                for (i, var) in vars.iter().enumerate() {
-                    assert!(var.as_tensor().is_variable() && var.dims() == [b, h, t, d]);
-                    let want = heads.get(i)?.to_dtype(DType::F64)?;
-                    let got = var
-                        .as_tensor()
-                        .to_device(&Device::Cpu)?
-                        .to_dtype(DType::F64)?;
-                    let err = rel_err(&got, &want)?;
-                    assert!(
-                        err <= tol,
-                        "split_qkv {b}x{t}x{h}x{d} {dtype:?} {dev:?} part {i}: {err}"
-                    );
+        for e in [0, 8, 3] {
+            let qkv = randn(&mut rng, &[b, t, 3 * h * d + e], 1.0)?;
+            let parts = randn(&mut rng, &[3, b, h, t, d], 1.0)?;
+            let extra = (e > 0)
+                .then(|| randn(&mut rng, &[b, t, e], 1.0))
+                .transpose()?;
+            for dev in devices() {
+                for dtype in DTYPES {
+                    let tol = tolerance(dtype, &dev);
+                    let case = format!("{b}x{t}x{h}x{d} + {e} {dtype:?} {dev:?}");
+                    // A view of the first 3·h·d columns when there are extra ones.
+                    let x = qkv
+                        .to_dtype(dtype)?
+                        .to_device(&dev)?
+                        .narrow(2, 0, 3 * h * d)?;
+                    let vars = split_qkv(&x, h)?;
+                    let heads = qkv
+                        .narrow(2, 0, 3 * h * d)?
+                        .to_dtype(dtype)?
+                        .reshape((b, t, 3, h, d))?
+                        .permute((2, 0, 3, 1, 4))?;
+                    for (i, var) in vars.iter().enumerate() {
+                        assert!(var.as_tensor().is_variable() && var.dims() == [b, h, t, d]);
+                        let want = heads.get(i)?.to_dtype(DType::F64)?;
+                        let got = var
+                            .as_tensor()
+                            .to_device(&Device::Cpu)?
+                            .to_dtype(DType::F64)?;
+                        let err = rel_err(&got, &want)?;
+                        assert!(err <= tol, "split_qkv {case} part {i}: {err}");
+                    }
+                    let p = parts.to_dtype(dtype)?.to_device(&dev)?;
+                    let (q, k, v) = (p.get(0)?, p.get(1)?, p.get(2)?);
+                    let mut want = parts.to_dtype(dtype)?.permute((1, 3, 0, 2, 4))?.reshape((
+                        b,
+                        t,
+                        3 * h * d,
+                    ))?;
+                    let merged = match &extra {
+                        None => merge_qkv(&q, &k, &v)?,
+                        Some(x) => {
+                            let x = x.to_dtype(dtype)?;
+                            want = Tensor::cat(&[&want, &x], 2)?;
+                            merge_qkv_with(&q, &k, &v, &x.to_device(&dev)?)?
+                        }
+                    };
+                    let got = merged.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
+                    let err = rel_err(&got, &want.to_dtype(DType::F64)?)?;
+                    assert!(err <= tol, "merge_qkv {case}: {err}");
                 }
-                let p = parts.to_dtype(dtype)?.to_device(&dev)?;
-                let merged = merge_qkv(&p.get(0)?, &p.get(1)?, &p.get(2)?)?;
-                let want = parts
-                    .to_dtype(dtype)?
-                    .permute((1, 3, 0, 2, 4))?
-                    .reshape((b, t, 3 * h * d))?
-                    .to_dtype(DType::F64)?;
-                let got = merged.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
-                let err = rel_err(&got, &want)?;
-                assert!(
-                    err <= tol,
-                    "merge_qkv {b}x{t}x{h}x{d} {dtype:?} {dev:?}: {err}"
-                );
             }
         }
     }

@@ -714,6 +714,49 @@ fn scorer_suite(dev: &Device) -> R<()> {
             check("autograd dx", &got(xvar.as_tensor())?, &dx_ref)?;
             check("autograd dw", &got(w)?, &dw_ref)?;
             check("autograd drho", &got(rho)?, &drho_ref)?;
+            // Folded into a wider projection (5 columns before the scorer's rows, 3 zero rows
+            // after): scores from the view of its columns, gradients padded to its width.
+            let (before, width) = (5, h + 3);
+            let wext = Tensor::cat(
+                &[
+                    &Tensor::randn(0f32, 1., (before, dm), dev)?,
+                    w,
+                    &Tensor::zeros((3, dm), DType::F32, dev)?,
+                ],
+                0,
+            )?;
+            let x32 = x.to_dtype(DType::F32)?;
+            let proj = x32.broadcast_matmul(&wext.t()?)?.to_dtype(dtype)?;
+            let lin = proj.narrow(2, before, h)?;
+            check(
+                "scores_from_linear",
+                &scorer.scores_from_linear(&lin, offset)?,
+                &u_ref,
+            )?;
+            let (dlin, dslope) = scorer.backward_linear(&du, offset, dtype, width)?;
+            anyhow::ensure!(dlin.dtype() == dtype && dlin.dims() == [b, t, width]);
+            let du_t = du
+                .to_device(&Device::Cpu)?
+                .to_dtype(DType::F64)?
+                .transpose(1, 2)?;
+            check("backward_linear dlin", &dlin.narrow(2, 0, h)?, &du_t)?;
+            let pad = dlin
+                .narrow(2, h, 3)?
+                .to_dtype(DType::F32)?
+                .abs()?
+                .sum_all()?;
+            anyhow::ensure!(
+                pad.to_scalar::<f32>()? == 0.0,
+                "backward_linear: padding not zero"
+            );
+            check("backward_linear drho", &dslope, &drho_ref)?;
+            let dw = dlin
+                .narrow(2, 0, h)?
+                .to_dtype(DType::F32)?
+                .reshape((b * t, h))?
+                .t()?
+                .matmul(&x32.reshape((b * t, dm))?)?;
+            check("backward_linear dw", &dw, &dw_ref)?;
         }
         // Bad input: clear errors.
         let x = Tensor::zeros((b, t, dm), DType::F32, dev)?;
@@ -723,6 +766,11 @@ fn scorer_suite(dev: &Device) -> R<()> {
         anyhow::ensure!(scorer.backward(&x, 0, &du, None).is_err());
         let du = Tensor::zeros((b, h, t), DType::BF16, dev)?;
         anyhow::ensure!(scorer.backward(&x, 0, &du, None).is_err());
+        anyhow::ensure!(scorer.backward_linear(&du, 0, DType::F32, h).is_err());
+        let du = Tensor::zeros((b, h, t), DType::F32, dev)?;
+        anyhow::ensure!(scorer.backward_linear(&du, 0, DType::F32, h - 1).is_err());
+        let lin = Tensor::zeros((b, t, h + 1), DType::F32, dev)?;
+        anyhow::ensure!(scorer.scores_from_linear(&lin, 0).is_err());
     }
     Ok(())
 }

@@ -213,14 +213,41 @@ pub(super) fn heads_merge<T: WithDType>(
     Ok(T::to_cpu_storage_owned(out))
 }
 
-/// `(b, t, 3, h, d)` from the three `(b, h, t, d)` parts (see [`super::merge_qkv`]).
+/// The three parts of a `(b, t, 3, h, d)` tensor whose `(b, t)` rows are `ld` elements apart, as
+/// `(b, h, t, d)` (see [`super::split_qkv`]).
+pub(super) fn heads_split3<T: WithDType>(
+    (s, l): (&CpuStorage, &Layout),
+    n: Heads,
+    ld: usize,
+) -> Result<[CpuStorage; 3]> {
+    let x = &s.as_slice::<T>()?[l.start_offset()..];
+    let part = |p: usize| {
+        let mut out = vec![T::from_f64(0.0); n.b * n.h * n.t * n.d];
+        out.par_chunks_mut(n.d).enumerate().for_each(|(r, row)| {
+            let (ti, bh) = (r % n.t, r / n.t);
+            let i = ((bh / n.h) * n.t + ti) * ld + (p * n.h + bh % n.h) * n.d;
+            row.copy_from_slice(&x[i..i + n.d]);
+        });
+        T::to_cpu_storage_owned(out)
+    };
+    Ok([part(0), part(1), part(2)])
+}
+
+/// `(b, t, 3, h, d)` from the three `(b, h, t, d)` parts, with the rows of `extra` `(b, t, e)`
+/// appended when given (see [`super::merge_qkv_with`]).
 pub(super) fn heads_merge3<T: WithDType>(
     parts: [(&CpuStorage, &Layout); 3],
+    extra: Option<(&CpuStorage, &Layout)>,
     n: Heads,
 ) -> Result<CpuStorage> {
     let [q, k, v] = parts.map(|(s, l)| slice::<T>(s, l, "merge_qkv"));
     let srcs = [q?, k?, v?];
-    let width = 3 * n.h * n.d;
+    let extra = extra
+        .map(|(s, l)| slice::<T>(s, l, "merge_qkv"))
+        .transpose()?;
+    let qkv_width = 3 * n.h * n.d;
+    let e = extra.map_or(0, |x| x.len() / (n.b * n.t).max(1));
+    let width = qkv_width + e;
     let mut out = vec![T::from_f64(0.0); n.b * n.t * width];
     out.par_chunks_mut(width).enumerate().for_each(|(bt, row)| {
         let (bi, ti) = (bt / n.t, bt % n.t);
@@ -230,6 +257,9 @@ pub(super) fn heads_merge3<T: WithDType>(
                 let to = (pi * n.h + hi) * n.d;
                 row[to..to + n.d].copy_from_slice(&src[from..from + n.d]);
             }
+        }
+        if let Some(x) = extra {
+            row[qkv_width..].copy_from_slice(&x[bt * e..(bt + 1) * e]);
         }
     });
     Ok(T::to_cpu_storage_owned(out))

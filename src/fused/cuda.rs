@@ -346,50 +346,82 @@ pub(super) fn heads_merge(input: (&CudaStorage, &Layout), n: Heads) -> Result<Cu
     heads("heads merge", "heads_merge", input, n, len)
 }
 
-/// The three parts of `(b, t, 3, h, d)` as `(b, h, t, d)` storages, in one pass.
-pub(super) fn heads_split3((s, l): (&CudaStorage, &Layout), n: Heads) -> Result<[CudaStorage; 3]> {
+/// The three parts of `(b, t, 3, h, d)` whose `(b, t)` rows are `ld` elements apart (each row
+/// contiguous) as `(b, h, t, d)` storages, in one pass.
+pub(super) fn heads_split3(
+    (s, l): (&CudaStorage, &Layout),
+    n: Heads,
+    ld: usize,
+) -> Result<[CudaStorage; 3]> {
     let what = "split_qkv";
     let dev = s.device().clone();
-    let (unit, du) = heads_unit(what, s.dtype(), n.d, &[l.start_offset()])?;
+    let (unit, du) = heads_unit(what, s.dtype(), n.d, &[l.start_offset(), ld])?;
     let [b_, h_, t_] = heads_dims(what, n, du)?;
+    let ru = units_of(what, s.dtype(), ld, du, n.d, n.b * n.t)?;
     let len = n.b * n.h * n.t * n.d;
     let units = n.b * n.h * n.t * du as usize;
     by_dtype!(what, s.dtype(), T => {
-        let src = contiguous_view::<T>(s, l, what, "qkv")?;
+        let src = s.as_cuda_slice::<T>()?.slice(l.start_offset()..);
         let mut q = alloc::<T>(&dev, len)?;
         let mut k = alloc::<T>(&dev, len)?;
         let mut v = alloc::<T>(&dev, len)?;
         let f = load_kernel!(dev, format!("heads_split3_{unit}"), MODULE, kernels::FUSED, 0);
         let mut b = f.builder();
         b.arg(&src).arg(&mut q).arg(&mut k).arg(&mut v);
-        b.arg(&b_).arg(&h_).arg(&t_).arg(&du);
+        b.arg(&b_).arg(&h_).arg(&t_).arg(&du).arg(&ru);
         unsafe { b.launch(elementwise(what, units)?) }.w()?;
         Ok([q, k, v].map(|x| CudaStorage::wrap_cuda_slice(x, dev.clone())))
     })
 }
 
-/// `(b, t, 3, h, d)` from the three `(b, h, t, d)` parts, in one pass.
-pub(super) fn heads_merge3(parts: [(&CudaStorage, &Layout); 3], n: Heads) -> Result<CudaStorage> {
+/// `(b, t, 3, h, d)` from the three `(b, h, t, d)` parts, with the rows of `extra` `(b, t, e)`
+/// appended when given, in one pass.
+pub(super) fn heads_merge3(
+    parts: [(&CudaStorage, &Layout); 3],
+    extra: Option<(&CudaStorage, &Layout)>,
+    n: Heads,
+) -> Result<CudaStorage> {
     let what = "merge_qkv";
     let s = parts[0].0;
     let dev = s.device().clone();
-    let offsets = parts.map(|(_, l)| l.start_offset());
-    let (unit, du) = heads_unit(what, s.dtype(), n.d, &offsets)?;
+    let rows = n.b * n.t;
+    let e = extra.map_or(0, |(_, l)| l.shape().elem_count() / rows.max(1));
+    let width = 3 * n.h * n.d + e;
+    let mut aligned = parts.map(|(_, l)| l.start_offset()).to_vec();
+    aligned.push(width);
+    aligned.extend(extra.map(|(_, l)| l.start_offset()));
+    let (unit, du) = heads_unit(what, s.dtype(), n.d, &aligned)?;
     let [b_, h_, t_] = heads_dims(what, n, du)?;
-    let len = 3 * n.b * n.h * n.t * n.d;
-    let units = 3 * n.b * n.h * n.t * du as usize;
+    let ru = units_of(what, s.dtype(), width, du, n.d, rows)?;
+    let len = rows * width;
     by_dtype!(what, s.dtype(), T => {
         let [(sq, lq), (sk, lk), (sv, lv)] = parts;
         let q = contiguous_view::<T>(sq, lq, what, "q")?;
         let k = contiguous_view::<T>(sk, lk, what, "k")?;
         let v = contiguous_view::<T>(sv, lv, what, "v")?;
+        let ex = match extra {
+            Some((sx, lx)) => contiguous_view::<T>(sx, lx, what, "extra")?,
+            // Never read when there are no extra columns.
+            None => contiguous_view::<T>(sq, lq, what, "q")?,
+        };
         let mut out = alloc::<T>(&dev, len)?;
         let f = load_kernel!(dev, format!("heads_merge3_{unit}"), MODULE, kernels::FUSED, 0);
         let mut b = f.builder();
-        b.arg(&q).arg(&k).arg(&v).arg(&mut out).arg(&b_).arg(&h_).arg(&t_).arg(&du);
-        unsafe { b.launch(elementwise(what, units)?) }.w()?;
+        b.arg(&q).arg(&k).arg(&v).arg(&ex).arg(&mut out);
+        b.arg(&b_).arg(&h_).arg(&t_).arg(&du).arg(&ru);
+        unsafe { b.launch(elementwise(what, rows * ru as usize)?) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(out, dev))
     })
+}
+
+/// `width` elements (a multiple of the unit: [`heads_unit`] checked it) in units of the head
+/// row's `du` units per `d` elements, checked so that `rows` rows of them fit 32-bit indices.
+fn units_of(what: &str, dtype: DType, width: usize, du: u32, d: usize, rows: usize) -> Result<u32> {
+    let ru = width * du as usize / d;
+    if rows.saturating_mul(ru) > i32::MAX as usize {
+        bail!("{what} (cuda): {rows} rows of {width} {dtype:?} are too many for 32-bit indices")
+    }
+    Ok(ru as u32)
 }
 
 /// The sum of squares of every element of the f32 `tensors` (contiguous), a `(1,)` f32 storage:

@@ -268,7 +268,12 @@ pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
 /// The queries, keys and values of a fused projection `qkv` `(b, t, 3·h·d)` (laid out as
 /// `(b, t, 3, h, d)`) as three contiguous `(b, h, t, d)` tensors, written in one pass and returned
 /// as fresh variables: leaves of a local autograd graph without the copy `Var::from_tensor` makes
-/// of a plain tensor. Their gradients go back with [`merge_qkv`]. No autograd to `qkv`.
+/// of a plain tensor. `qkv` may be a view of the first `3·h·d` columns of a wider projection
+/// (rows `ld ≥ 3·h·d` elements apart, read in place, e.g. one with a [`SparseKScorer`]'s weight
+/// rows folded in). Their gradients go back with [`merge_qkv`] (or [`merge_qkv_with`]). No
+/// autograd to `qkv`.
+///
+/// [`SparseKScorer`]: crate::SparseKScorer
 pub fn split_qkv(qkv: &Tensor, n_head: usize) -> Result<[Var; 3]> {
     check_float("split_qkv", qkv)?;
     let (b, t, w) = qkv.dims3().map_err(|_| {
@@ -291,15 +296,18 @@ pub fn split_qkv(qkv: &Tensor, n_head: usize) -> Result<[Var; 3]> {
         parts: 3,
         part: 0,
     };
-    let qkv = qkv.contiguous()?;
+    // Rows `ld` apart, each contiguous: read in place; any other layout is copied first.
+    let (qkv, ld) = match qkv.stride() {
+        &[s0, ld, 1] if ld >= w && (b == 1 || s0 == t * ld) => (qkv.clone(), ld),
+        _ => (qkv.contiguous()?, w),
+    };
     let (s, l) = qkv.storage_and_layout();
     let parts: [Storage; 3] = match &*s {
         Storage::Cpu(s) => {
-            let part = |part| cpu_float!("split_qkv", s, heads_split((s, l), Heads { part, ..n }));
-            [part(0)?, part(1)?, part(2)?].map(Storage::Cpu)
+            cpu_float!("split_qkv", s, heads_split3((s, l), n, ld))?.map(Storage::Cpu)
         }
         #[cfg(feature = "cuda")]
-        Storage::Cuda(s) => cuda::heads_split3((s, l), n)?.map(Storage::Cuda),
+        Storage::Cuda(s) => cuda::heads_split3((s, l), n, ld)?.map(Storage::Cuda),
         #[allow(unreachable_patterns)]
         _ => bail!(
             "split_qkv: device {:?} is not supported (cpu, cuda)",
@@ -319,6 +327,19 @@ pub fn split_qkv(qkv: &Tensor, n_head: usize) -> Result<[Var; 3]> {
 /// merged into a contiguous `(b, t, 3·h·d)` tensor in one pass (the gradient of the fused
 /// projection). No autograd.
 pub fn merge_qkv(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    merge_qkv_extra(q, k, v, None)
+}
+
+/// [`merge_qkv`] with the columns of `extra` `(b, t, e)` (the dtype of `q`) appended: a contiguous
+/// `(b, t, 3·h·d + e)` tensor in one pass, the gradient of a projection with more outputs after
+/// q, k, v (e.g. a [`SparseKScorer`]'s scores, see [`split_qkv`]). No autograd.
+///
+/// [`SparseKScorer`]: crate::SparseKScorer
+pub fn merge_qkv_with(q: &Tensor, k: &Tensor, v: &Tensor, extra: &Tensor) -> Result<Tensor> {
+    merge_qkv_extra(q, k, v, Some(extra))
+}
+
+fn merge_qkv_extra(q: &Tensor, k: &Tensor, v: &Tensor, extra: Option<&Tensor>) -> Result<Tensor> {
     check_float("merge_qkv", q)?;
     let (b, h, t, d) = q.dims4().map_err(|_| {
         candle::Error::Msg(format!(
@@ -340,6 +361,19 @@ pub fn merge_qkv(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
             v.dtype()
         )
     }
+    let e = match extra {
+        None => 0,
+        Some(x) => match x.dims() {
+            &[xb, xt, e] if xb == b && xt == t && e > 0 && x.dtype() == q.dtype() => e,
+            _ => bail!(
+                "merge_qkv: extra must be ({b}, {t}, e > 0) {:?} for q {:?}, got {:?} {:?}",
+                q.dtype(),
+                q.dims(),
+                x.dims(),
+                x.dtype()
+            ),
+        },
+    };
     let n = Heads {
         b,
         h,
@@ -349,21 +383,44 @@ pub fn merge_qkv(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         part: 0,
     };
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let extra = extra.map(|x| x.contiguous()).transpose()?;
     let (sq, lq) = q.storage_and_layout();
     let (sk, lk) = k.storage_and_layout();
     let (sv, lv) = v.storage_and_layout();
-    let out = match (&*sq, &*sk, &*sv) {
-        (Storage::Cpu(sq), Storage::Cpu(sk), Storage::Cpu(sv)) => Storage::Cpu(cpu_float!(
-            "merge_qkv",
-            sq,
-            heads_merge3([(sq, lq), (sk, lk), (sv, lv)], n)
-        )?),
+    let sx = extra.as_ref().map(|x| x.storage_and_layout());
+    let sx = sx.as_ref().map(|(s, l)| (&**s, *l));
+    let out = match (&*sq, &*sk, &*sv, sx) {
+        (
+            Storage::Cpu(sq),
+            Storage::Cpu(sk),
+            Storage::Cpu(sv),
+            None | Some((Storage::Cpu(_), _)),
+        ) => {
+            let ex = match sx {
+                Some((Storage::Cpu(s), l)) => Some((s, l)),
+                _ => None,
+            };
+            Storage::Cpu(cpu_float!(
+                "merge_qkv",
+                sq,
+                heads_merge3([(sq, lq), (sk, lk), (sv, lv)], ex, n)
+            )?)
+        }
         #[cfg(feature = "cuda")]
-        (Storage::Cuda(sq), Storage::Cuda(sk), Storage::Cuda(sv)) => {
-            Storage::Cuda(cuda::heads_merge3([(sq, lq), (sk, lk), (sv, lv)], n)?)
+        (
+            Storage::Cuda(sq),
+            Storage::Cuda(sk),
+            Storage::Cuda(sv),
+            None | Some((Storage::Cuda(_), _)),
+        ) => {
+            let ex = match sx {
+                Some((Storage::Cuda(s), l)) => Some((s, l)),
+                _ => None,
+            };
+            Storage::Cuda(cuda::heads_merge3([(sq, lq), (sk, lk), (sv, lv)], ex, n)?)
         }
         _ => bail!(
-            "merge_qkv: q, k and v must share a CPU or CUDA device, got {:?}, {:?}, {:?}",
+            "merge_qkv: q, k, v (and extra) must share a CPU or CUDA device, got {:?}, {:?}, {:?}",
             q.device().location(),
             k.device().location(),
             v.device().location()
@@ -371,7 +428,7 @@ pub fn merge_qkv(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     };
     Ok(Tensor::from_storage(
         out,
-        (b, t, 3 * h * d),
+        (b, t, 3 * h * d + e),
         BackpropOp::none(),
         false,
     ))

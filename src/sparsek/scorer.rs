@@ -111,6 +111,92 @@ impl SparseKScorer {
         Ok(ScorerGrads { dx, weight, slope })
     }
 
+    /// Scores from their linear part `lin` `(batch, seq, kv_heads)` computed elsewhere (f32, f16,
+    /// bf16) plus the position term, for tokens at positions `offset..offset + seq`: `(batch,
+    /// kv_heads, seq)` f32, no autograd. This is [`Self::scores`] with `x · weightᵀ` supplied,
+    /// e.g. by a projection of `x` whose weight has this scorer's weight rows appended (one GEMM
+    /// for q, k, v and the scores, `lin` the view of its last columns, read in place: rows may
+    /// be any distance apart). The backward is [`Self::backward_linear`].
+    pub fn scores_from_linear(&self, lin: &Tensor, offset: usize) -> Result<Tensor> {
+        let (h, _) = self.weight.dims2()?;
+        let (b, t) = match lin.dims() {
+            &[b, t, w] if w == h => (b, t),
+            _ => bail!(
+                "sparsek scorer: lin must be (batch, seq, kv_heads = {h}), got {:?}",
+                lin.dims()
+            ),
+        };
+        check_positions(b, t, offset, lin.dims())?;
+        #[cfg(feature = "cuda")]
+        if lin.device().is_cuda() {
+            let d = ScoreDims {
+                b,
+                t,
+                c: 0,
+                h,
+                offset,
+            };
+            // Rows `row` apart, each contiguous, are read in place; anything else is copied.
+            let (lin, row) = match lin.stride() {
+                &[s0, row, 1] if row >= h && (b == 1 || s0 == t * row) => (lin.clone(), row),
+                _ => (lin.contiguous()?, h),
+            };
+            return cuda::score_cols_forward(&lin, &self.slopes()?, row, d);
+        }
+        let pos = Tensor::arange(offset as u32, (offset + t) as u32, lin.device())?
+            .to_dtype(DType::F32)?
+            .reshape((1, 1, t))?;
+        let slope_term = self.slopes()?.reshape((1, h, 1))?.broadcast_mul(&pos)?;
+        lin.to_dtype(DType::F32)?
+            .transpose(1, 2)?
+            .broadcast_add(&slope_term)?
+            .contiguous()
+    }
+
+    /// The gradients of [`Self::scores_from_linear`] `(lin, offset)` for the scores' gradient `du`
+    /// `(batch, kv_heads, seq)` f32, without autograd: `lin`'s `(batch, seq, width)` in `dtype`
+    /// (`width ≥ kv_heads`: the columns after the first `kv_heads` are zero, padding for the
+    /// projection gradient it joins, see [`crate::fused::merge_qkv_with`]) and the raw slope ρ's
+    /// `(kv_heads)` f32. The weight's gradient is the projection's (its rows of the projection
+    /// weight's gradient).
+    pub fn backward_linear(
+        &self,
+        du: &Tensor,
+        offset: usize,
+        dtype: DType,
+        width: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        let (h, _) = self.weight.dims2()?;
+        let (b, t) = match du.dims() {
+            &[b, hh, t] if hh == h && du.dtype() == DType::F32 && width >= h => (b, t),
+            _ => bail!(
+                "sparsek scorer: du must be (batch, kv_heads = {h}, seq) f32 and width ({width}) \
+                 at least kv_heads, got {:?} {:?}",
+                du.dims(),
+                du.dtype()
+            ),
+        };
+        check_positions(b, t, offset, du.dims())?;
+        let du = du.contiguous()?;
+        #[cfg(feature = "cuda")]
+        let (dlin, ddelta) = if du.device().is_cuda() {
+            let d = ScoreDims {
+                b,
+                t,
+                c: 0,
+                h,
+                offset,
+            };
+            cuda::score_cols_backward(&du, dtype, width, d)?
+        } else {
+            linear_backward_cpu(&du, offset, dtype, width)?
+        };
+        #[cfg(not(feature = "cuda"))]
+        let (dlin, ddelta) = linear_backward_cpu(&du, offset, dtype, width)?;
+        let slope = (ddelta * candle_nn::ops::sigmoid(&self.slope.to_dtype(DType::F32)?)?)?;
+        Ok((dlin, slope))
+    }
+
     /// The f32 weight and the op of a call on `x`, whose shape is checked against the weight.
     fn op(&self, x: &Tensor, offset: usize) -> Result<(Tensor, ScoreOp)> {
         let (h, c) = self.weight.dims2()?;
@@ -128,15 +214,39 @@ impl SparseKScorer {
                 [h, c]
             )
         }
-        if offset + t > i32::MAX as usize || b * t > i32::MAX as usize {
-            bail!(
-                "sparsek scorer: x {:?} at offset {offset} is too large",
-                x.dims()
-            )
-        }
+        check_positions(b, t, offset, x.dims())?;
         let d = ScoreDims { b, t, c, h, offset };
         Ok((self.weight.to_dtype(DType::F32)?, ScoreOp(d)))
     }
+}
+
+/// Checks that positions `offset..offset + t` and the `b·t` rows fit the kernels' 32-bit indices.
+fn check_positions(b: usize, t: usize, offset: usize, dims: &[usize]) -> Result<()> {
+    if offset + t > i32::MAX as usize || b * t > i32::MAX as usize {
+        bail!("sparsek scorer: {dims:?} at offset {offset} is too large")
+    }
+    Ok(())
+}
+
+/// [`SparseKScorer::backward_linear`] on the CPU (f32 arithmetic): `du` transposed and padded to
+/// `width` columns, and `dδ[h] = Σ du[b, h, j]·(offset + j)`.
+fn linear_backward_cpu(
+    du: &Tensor,
+    offset: usize,
+    dtype: DType,
+    width: usize,
+) -> Result<(Tensor, Tensor)> {
+    let (_, h, t) = du.dims3()?;
+    let dlin = du
+        .transpose(1, 2)?
+        .pad_with_zeros(2, 0, width - h)?
+        .to_dtype(dtype)?
+        .contiguous()?;
+    let pos = Tensor::arange(offset as u32, (offset + t) as u32, du.device())?
+        .to_dtype(DType::F32)?
+        .reshape((1, 1, t))?;
+    let ddelta = du.broadcast_mul(&pos)?.sum((0, 2))?;
+    Ok((dlin, ddelta))
 }
 
 /// The gradients of a [`SparseKScorer`] call ([`SparseKScorer::backward`]).
