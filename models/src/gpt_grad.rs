@@ -13,10 +13,11 @@
 //! The attention stays pluggable. Kinds with a taped path
 //! ([`AttentionBackend::forward_taped`](crate::attention::AttentionBackend::forward_taped): dense,
 //! hash-sparse, QK-sparse, SparseK) run outside autograd when the layer has no RoPE, and their
-//! tape returns dq, dk, dv directly. A layer with a key scorer (SparseK) computes its scores under
-//! a small local graph on the scorer's input (a fresh leaf) and hands them detached to the taped
-//! attention; the tape's scores' gradient seeds that graph's backward ([`fused::backward_from`]),
-//! which gives the scorer's input and parameters their gradients. Otherwise (RoPE, or a kind
+//! tape returns dq, dk, dv directly. A layer with a key scorer (SparseK) has the scorer's weight
+//! rows folded into its q/k/v projection (one GEMM gives q, k, v and the scores' linear part,
+//! [`SparseKScorer::scores_from_linear`]); the tape's scores' gradient joins the projection's
+//! gradient ([`SparseKScorer::backward_linear`], [`fused::merge_qkv_with`]), so the backward GEMMs
+//! give the scorer's input and weight their gradients. Otherwise (RoPE, or a kind
 //! without a taped path) each layer runs its
 //! [`AttentionBackend`](crate::attention::AttentionBackend) (with RoPE and the kind's key scorer)
 //! under a local candle autograd on detached queries, keys and values (fresh leaves written by
@@ -24,6 +25,9 @@
 //! input), differentiated by [`fused::backward_from`] seeded with the attention output's gradient.
 //! So every attention kind, a user's own included, trains through it, and the scorer's
 //! parameters get their gradients from that local graph.
+//!
+//! [`SparseKScorer::scores_from_linear`]: candle_sparse_attn::SparseKScorer::scores_from_linear
+//! [`SparseKScorer::backward_linear`]: candle_sparse_attn::SparseKScorer::backward_linear
 //!
 //! The loss and gradients are those of `Gpt::loss(..).backward()` (the reference, which the tests
 //! compare against for every attention kind), with the same dropout masks and random attention
@@ -100,6 +104,30 @@ fn local_scorer_grads(
         }
     }
     Ok(dh1)
+}
+
+/// `c_attn` `(3c, c)` with the key scorer's weight rows `(kv_heads, c)` appended (then zero rows
+/// up to a multiple of 8, so that the projection's rows stay 16-byte aligned): the q/k/v GEMM
+/// also gives the scores' linear part ([`SparseKScorer::scores_from_linear`]), and its backward
+/// GEMMs the scorer input's and weight's gradients, instead of the scorer's own three kernels.
+///
+/// [`SparseKScorer::scores_from_linear`]: candle_sparse_attn::SparseKScorer::scores_from_linear
+fn fold_scorer(c_attn: &Tensor, scorer: &candle_sparse_attn::SparseKScorer) -> Result<Tensor> {
+    let weight = scorer.params()[0].to_dtype(c_attn.dtype())?;
+    let (h, c) = weight.dims2()?;
+    let pad = Tensor::zeros(((8 - h % 8) % 8, c), c_attn.dtype(), c_attn.device())?;
+    Tensor::cat(&[c_attn, &weight, &pad], 0)
+}
+
+/// The gradient of the q/k/v projection from q, k and v's `(b, h, t, d)`, with `fold` zero
+/// columns after them when the projection has a folded scorer whose scores got no gradient.
+fn qkv_grad(dq: &Tensor, dk: &Tensor, dv: &Tensor, fold: usize) -> Result<Tensor> {
+    if fold == 0 {
+        return fused::merge_qkv(dq, dk, dv);
+    }
+    let (b, _, t, _) = dq.dims4()?;
+    let zeros = Tensor::zeros((b, t, fold), dq.dtype(), dq.device())?;
+    fused::merge_qkv_with(dq, dk, dv, &zeros)
 }
 
 /// What the backward of one block needs (all `(b, t, ·)` in the compute dtype).
@@ -190,9 +218,14 @@ impl Gpt {
             .blocks
             .iter()
             .map(|blk| {
+                let c_attn = cast(&blk.c_attn)?;
+                let c_attn = match &blk.scorer {
+                    Some(scorer) => fold_scorer(&c_attn, scorer)?,
+                    None => c_attn,
+                };
                 Ok(BlockWeights {
                     ln_1: cast(&blk.ln_1)?,
-                    c_attn: cast(&blk.c_attn)?,
+                    c_attn,
                     attn_proj: cast(&blk.attn_proj)?,
                     ln_2: cast(&blk.ln_2)?,
                     c_fc: cast(&blk.c_fc)?,
@@ -287,9 +320,17 @@ impl Gpt {
         train: bool,
         seed: u64,
     ) -> Result<LayerAttention> {
-        let [q, k, v] = fused::split_qkv(qkv, self.config.n_head)?;
+        let qkv_width = 3 * self.config.n_embd;
+        let [q, k, v] = fused::split_qkv(&qkv.narrow(2, 0, qkv_width)?, self.config.n_head)?;
         if self.rope.is_none() {
-            let scores = blk.scorer.as_ref().map(|s| s.scores(h1, 0)).transpose()?;
+            // The scorer is folded into the projection: its linear part is the next columns.
+            let scores = match &blk.scorer {
+                Some(s) => {
+                    let h = s.params()[0].dim(0)?;
+                    Some(s.scores_from_linear(&qkv.narrow(2, qkv_width, h)?, 0)?)
+                }
+                None => None,
+            };
             let taped = self.attention.forward_taped(
                 q.as_tensor(),
                 k.as_tensor(),
@@ -365,6 +406,8 @@ impl TrainingPass<'_> {
             let (dy_merged, dw_attn_proj) =
                 fused::linear_backward(&saved.y_merged, &w.attn_proj, &da)?;
             let dy = fused::to_heads(&dy_merged, nh)?;
+            // Rows of c_attn past q, k, v: the folded key scorer's (see `fold_scorer`).
+            let fold = w.c_attn.dim(0)? - 3 * c;
             let (dh1, dw_c_attn) = match &saved.attn {
                 LayerAttention::Taped { tape, .. } => {
                     let AttentionGrads {
@@ -373,18 +416,26 @@ impl TrainingPass<'_> {
                         dv,
                         dscores,
                     } = tape.grads(&dy)?;
-                    let dqkv = fused::merge_qkv(&dq, &dk, &dv)?;
-                    let (mut dh1, dw) = fused::linear_backward(&saved.h1, &w.c_attn, &dqkv)?;
                     // No scores' gradient where the kind ran without them (SparseK's window
                     // covering the sequence: dense attention), as under autograd.
-                    if let (Some(scorer), Some(dscores)) = (&blk.scorer, dscores) {
-                        let g = scorer.backward(&saved.h1, 0, &dscores, Some(&dh1))?;
-                        let [weight, slope] = scorer.params();
-                        grads.insert(weight, g.weight);
-                        grads.insert(slope, g.slope);
-                        dh1 = g.dx;
+                    // A layer with a scorer has it folded into c_attn (fold > 0).
+                    match (&blk.scorer, dscores) {
+                        (Some(scorer), Some(dscores)) => {
+                            let dt = dq.dtype();
+                            let (dlin, dslope) = scorer.backward_linear(&dscores, 0, dt, fold)?;
+                            let dqkv = fused::merge_qkv_with(&dq, &dk, &dv, &dlin)?;
+                            let (dh1, dw) = fused::linear_backward(&saved.h1, &w.c_attn, &dqkv)?;
+                            let [weight, slope] = scorer.params();
+                            let h = weight.dim(0)?;
+                            grads.insert(weight, f32_of(&dw.narrow(0, 3 * c, h)?)?);
+                            grads.insert(slope, dslope);
+                            (dh1, dw)
+                        }
+                        _ => {
+                            let dqkv = qkv_grad(&dq, &dk, &dv, fold)?;
+                            fused::linear_backward(&saved.h1, &w.c_attn, &dqkv)?
+                        }
                     }
-                    (dh1, dw)
                 }
                 LayerAttention::Graph { q, k, v, h, y } => {
                     let local = fused::backward_from(y, &dy)?;
@@ -392,7 +443,7 @@ impl TrainingPass<'_> {
                         Some(g) => Ok(g.clone()),
                         None => leaf.zeros_like(),
                     };
-                    let dqkv = fused::merge_qkv(&leaf_grad(q)?, &leaf_grad(k)?, &leaf_grad(v)?)?;
+                    let dqkv = qkv_grad(&leaf_grad(q)?, &leaf_grad(k)?, &leaf_grad(v)?, fold)?;
                     let (dh1, dw) = fused::linear_backward(&saved.h1, &w.c_attn, &dqkv)?;
                     match h {
                         Some(h) => (local_scorer_grads(&local, h, blk, dh1, &mut grads)?, dw),
@@ -400,6 +451,7 @@ impl TrainingPass<'_> {
                     }
                 }
             };
+            let dw_c_attn = dw_c_attn.narrow(0, 0, 3 * c)?;
             let dln_1;
             (dx, dln_1) = fused::layer_norm_backward_add(&saved.x_in, &w.ln_1, &dh1, &dx, LN_EPS)?;
             for (var, g) in [

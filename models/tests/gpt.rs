@@ -84,9 +84,9 @@ fn every_parameter_gets_a_nonzero_gradient() -> Result<()> {
 
 /// The fused training pass (the trainer's default) gives the loss and gradients of candle's
 /// autograd over [`Gpt::loss`], for every attention kind and both position encodings (learned:
-/// every kind's taped attention, SparseK's with its scorer's local graph; RoPE: the attention
-/// under a local graph), with dropout on and off, and at a sequence shorter than the block
-/// (positions padded in the gradient).
+/// every kind's taped attention, SparseK's with its scorer folded into the q/k/v projection;
+/// RoPE: the attention under a local graph), with dropout on and off, and at a sequence shorter
+/// than the block (positions padded in the gradient).
 #[test]
 fn fused_training_pass_matches_autograd() -> Result<()> {
     let dev = Device::Cpu;
