@@ -3,7 +3,8 @@
 //!
 //! - Selection: the top-`K′` list of the prefix before every block of 64 queries, by merging
 //!   sorted lists (`O(T·K′/64)` memory); the blocks of a `(batch, kv_head)` row are cut into
-//!   about `sqrt(2·blocks)` groups, each starting from the merged lists of the earlier groups
+//!   groups of about `sqrt(2·blocks)` blocks (`list_group`), each starting from the merged lists
+//!   of the earlier groups
 //!   (built by a first kernel), so the groups run in parallel; then per query the cut
 //!   (its `K′`-th largest candidate) and τ (safeguarded Newton steps on the piecewise-linear
 //!   budget, f32, one thread per query; each step `O(log K′)` on the sorted list through f64
@@ -33,6 +34,7 @@
 use std::sync::Arc;
 
 use candle::backend::BackendStorage;
+use candle::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
 use candle::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 use candle::cuda_backend::{CudaDType, WrapErr};
 use candle::{bail, CudaDevice, CudaStorage, DType, Layout, Result, Shape, Storage, Tensor};
@@ -130,7 +132,12 @@ pub(crate) fn select(
     let mut list_u = unsafe { dev.alloc::<f32>(rows * blocks * cap) }?;
     let mut list_j = unsafe { dev.alloc::<i32>(rows * blocks * cap) }?;
     let (t_i, w_i, cap_i, nb_i) = (t as i32, scfg.window as i32, cap as i32, blocks as i32);
-    let group = list_group(blocks);
+    let sms = dev
+        .cuda_stream()
+        .context()
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .w()?;
+    let group = list_group(blocks, rows, sms.max(1) as usize);
     let groups = blocks.div_ceil(group);
     let g_i = group as i32;
     let smem = (2 * cap + cap.max(BQ) + BQ) * 8;
@@ -213,11 +220,15 @@ pub(crate) fn select(
 /// sequential pass per `(batch, kv head)` (for comparisons).
 pub(crate) const LIST_GROUP_ENV: &str = "SPARSEK_LIST_GROUP";
 
-/// Query blocks per group of the list construction: `ceil(sqrt(2·blocks))` by default, which
+/// Query blocks per group of the list construction. By default `ceil(sqrt(2·blocks))`, which
 /// balances the longest CTA's work (the earlier groups' lists merged, each about twice a block's
-/// merge, plus its own blocks).
-fn list_group(blocks: usize) -> usize {
-    let default = ((2 * blocks) as f64).sqrt().ceil() as usize;
+/// merge, plus its own blocks), scaled by `sqrt(rows / sms)` clamped to `[0.5, 1.5]`: with few
+/// `(batch, kv head)` rows per SM, more and shorter groups fill the GPU; with many, fewer groups
+/// do less merge work in all (measured on the H100: best 8 at 24 rows × 128 blocks, 32 at 192
+/// rows × 256 blocks; EXPERIMENTS.md, "SparseK at 8k").
+fn list_group(blocks: usize, rows: usize, sms: usize) -> usize {
+    let scale = (rows as f64 / sms.max(1) as f64).sqrt().clamp(0.5, 1.5);
+    let default = (((2 * blocks) as f64).sqrt() * scale).ceil() as usize;
     std::env::var(LIST_GROUP_ENV)
         .ok()
         .and_then(|s| s.parse::<usize>().ok())
