@@ -214,11 +214,12 @@ struct SkQuerySel {
 
 // The selection of one query, by one thread, from its block's tables in shared memory: the
 // sorted list (Lu, Lj, len entries; Ps its exclusive f64 prefix sums), the block's newer
-// candidates (Eu, Ej) of which the query sees the first n_ext, and the rank tables of sk_select.
+// candidates (Eu, Ej, nE) of which the query sees the first n_ext, and the rank tables of
+// sk_select (SEu / posE: the extras sorted descending and each one's place there).
 __device__ __forceinline__ SkQuerySel sk_select_query(
     const float* Lu, const int* Lj, const double* Ps, int len, const float* Eu, const int* Ej,
     int n_ext, const unsigned long long* gtE, const int* rankL, const unsigned long long* gtL,
-    int rb, int cap, float k) {
+    const float* SEu, const int* posE, int nE, int rb, int cap, float k) {
   SkQuerySel o{neg_inf(), neg_inf(), -1, 0};
   const int total = len + n_ext;
   const unsigned long long first = n_ext >= 64 ? ~0ull : (1ull << n_ext) - 1;
@@ -247,18 +248,23 @@ __device__ __forceinline__ SkQuerySel sk_select_query(
   if ((float)min(total, cap) > k) {
     // The list is sorted and in_top is a prefix predicate on it: its kept part is [0, lt).
     const int lt = count_prefix(len, [&](int r) { return in_top(Lu[r], Lj[r], cut_u, cut_j); });
-    // The kept extras (bit s) and the kept scores' range.
-    unsigned long long kept = 0;
+    // The kept extras (bit s; ks: bit posE[s], their places in the block's extras sorted
+    // descending, SEu) and the kept scores' range.
+    unsigned long long kept = 0, ks = 0;
     float mx = lt > 0 ? Lu[0] : neg_inf(), mn = lt > 0 ? Lu[lt - 1] : pos_inf();
     for (int s = 0; s < n_ext; ++s)
       if (in_top(Eu[s], Ej[s], cut_u, cut_j)) {
         kept |= 1ull << s;
+        ks |= 1ull << posE[s];
         mx = fmaxf(mx, Eu[s]);
         mn = fminf(mn, Eu[s]);
       }
+    // Bits [0, n) of a 64-bit mask.
+    auto below = [](int n) { return n >= 64 ? ~0ull : (1ull << n) - 1; };
     // f(x) = sum clip(z - x, 0, 1) over the kept scores z (centred: z - mx), with the counts of
     // the saturated (nu) and strictly partial (ns, sum ss) entries at x: the sorted list part
-    // from two binary searches and the prefix sums, the extras one by one.
+    // from two binary searches and the prefix sums, the extras from two binary searches on their
+    // sorted scores (the kept ones counted by mask), the partial ones added one by one.
     float ns, ss, nu, f;
     auto eval = [&](float x) {
       const int a = count_prefix(lt, [&](int r) { return Lu[r] - mx >= x + 1.f; });
@@ -266,9 +272,14 @@ __device__ __forceinline__ SkQuerySel sk_select_query(
       nu = (float)a;
       ns = (float)(bc - a);
       ss = (float)((Ps[bc] - Ps[a]) - (double)(bc - a) * (double)mx);
-      for (unsigned long long m = kept; m; m &= m - 1) {
-        const float z = Eu[__ffsll(m) - 1] - mx;
-        if (z >= x + 1.f) nu += 1.f; else if (z > x) { ns += 1.f; ss += z; }
+      if (ks != 0) {
+        const int ea = count_prefix(nE, [&](int p) { return SEu[p] - mx >= x + 1.f; });
+        const int eb = count_prefix(nE, [&](int p) { return SEu[p] - mx > x; });
+        nu += (float)__popcll(ks & below(ea));
+        for (unsigned long long m = ks & below(eb) & ~below(ea); m; m &= m - 1) {
+          ns += 1.f;
+          ss += SEu[__ffsll(m) - 1] - mx;
+        }
       }
       f = nu + ss - x * ns;
     };
@@ -360,14 +371,18 @@ extern "C" __global__ void __launch_bounds__(BQ) sk_select(
   // gtE[s] = bit t set when extra t ranks above extra s; rankL[s] = list entries above extra s;
   // gtL[r - rb] = extras above list entry r, for the only list entries that can have rank
   // cap - 1 (r in [cap - 1 - BQ, cap - 1]).
+  // posE[s] = extras above extra s, its place in the extras sorted descending (SEu).
   __shared__ unsigned long long gtE[BQ], gtL[BQ + 1];
-  __shared__ int rankL[BQ];
+  __shared__ int rankL[BQ], posE[BQ];
+  __shared__ float SEu[BQ];
   const int rb = max(0, cap - 1 - BQ);
   if (tid < nE) {
     unsigned long long mk = 0;
     for (int t = 0; t < nE; ++t) mk |= (unsigned long long)gt(Eu[t], Ej[t], Eu[tid], Ej[tid]) << t;
     gtE[tid] = mk;
     rankL[tid] = count_gt(Lu, Lj, len, Eu[tid], Ej[tid]);
+    posE[tid] = __popcll(mk);
+    SEu[__popcll(mk)] = Eu[tid];
   }
   for (int x = tid; x <= BQ && rb + x < len; x += blockDim.x) {
     const int r = rb + x;
@@ -381,7 +396,8 @@ extern "C" __global__ void __launch_bounds__(BQ) sk_select(
   if (i < T) {
     const int n_ext = min(nE, max(0, i - window + 1 - e0));
     const SkQuerySel s =
-        sk_select_query(Lu, Lj, Ps, len, Eu, Ej, n_ext, gtE, rankL, gtL, rb, cap, k);
+        sk_select_query(Lu, Lj, Ps, len, Eu, Ej, n_ext, gtE, rankL, gtL, SEu, posE, nE, rb, cap,
+                        k);
     const long long o = (long long)row * T + i;
     tau_out[o] = s.tau;
     cut_u_out[o] = s.cut_u;
