@@ -2773,33 +2773,46 @@ __device__ void sk_score_bwd_dw(const E* __restrict__ x, const float* __restrict
 }
 
 // Scores from their linear part computed elsewhere (a projection with the scorer's weight rows
-// folded in):
+// folded in), with the slopes delta = softplus(rho) of the raw slopes rho:
 // - sk_score_cols: u (B, H, T) f32 = lin[(b * T + j) * ld + h] + delta[h] * (offset + j), one
 //   thread per element of u;
 // - sk_score_cols_bwd: dlin (B * T, W) in E = du (B, H, T) transposed in the first H columns,
-//   zeros after them; one thread per element of dlin. (The slope's gradient is sk_score_bwd_dw's
-//   dpos with C = 0.)
+//   zeros after them, and drho (H) f32, zeroed by the caller, += sum du * (offset + j) *
+//   sigmoid(rho) over a CTA's SK_SCORE_ROWS rows (a warp per head, atomics).
+__device__ __forceinline__ float sk_softplus(float r) { return r > 20.f ? r : log1pf(expf(r)); }
+
 template <typename E>
-__device__ void sk_score_cols(const E* __restrict__ lin, const float* __restrict__ delta,
+__device__ void sk_score_cols(const E* __restrict__ lin, const float* __restrict__ rho,
                               float* __restrict__ u, int B, int T, int H, int ld, int offset) {
   const long long n = (long long)B * H * T;
   for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
        i += (long long)gridDim.x * blockDim.x) {
     const int j = (int)(i % T), h = (int)((i / T) % H);
     const long long b = i / ((long long)T * H);
-    u[i] = to_f(lin[(b * T + j) * ld + h]) + delta[h] * (float)(offset + j);
+    u[i] = to_f(lin[(b * T + j) * ld + h]) + sk_softplus(rho[h]) * (float)(offset + j);
   }
 }
 
 template <typename E>
-__device__ void sk_score_cols_bwd(const float* __restrict__ du, E* __restrict__ dlin, int B,
-                                  int T, int H, int W) {
-  const long long n = (long long)B * T * W;
-  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
-       i += (long long)gridDim.x * blockDim.x) {
-    const int c = (int)(i % W);
-    const long long row = i / W, b = row / T, j = row % T;
-    dlin[i] = from_f<E>(c < H ? du[(b * H + c) * T + j] : 0.f);
+__device__ void sk_score_cols_bwd(const float* __restrict__ du, const float* __restrict__ rho,
+                                  E* __restrict__ dlin, float* __restrict__ drho, int B, int T,
+                                  int H, int W, int offset) {
+  const long long n = (long long)B * T, r0 = (long long)blockIdx.x * SK_SCORE_ROWS;
+  const int nr = (int)min((long long)SK_SCORE_ROWS, n - r0);
+  const int tid = threadIdx.x, bs = blockDim.x, warp = tid / 32, lane = tid & 31;
+  for (int i = tid; i < nr * W; i += bs) {
+    const int c = i % W;
+    const long long row = r0 + i / W;
+    dlin[row * W + c] = from_f<E>(c < H ? du[((row / T) * H + c) * T + row % T] : 0.f);
+  }
+  for (int h = warp; h < H; h += bs / 32) {
+    float s = 0.f;
+    for (int r = lane; r < nr; r += 32) {
+      const long long row = r0 + r;
+      s += du[((row / T) * H + h) * T + row % T] * (float)(offset + row % T);
+    }
+    s = warp_sum(s);
+    if (lane == 0) atomicAdd(drho + h, s / (1.f + expf(-rho[h])));
   }
 }
 
@@ -2819,13 +2832,14 @@ __device__ void sk_score_cols_bwd(const float* __restrict__ du, E* __restrict__ 
                                                     int offset) {                               \
     sk_score_bwd_dw<TY>(x, du, dw, dpos, B, T, C, H, offset);                                   \
   }                                                                                             \
-  extern "C" __global__ void sk_score_cols_##NAME(const TY* lin, const float* delta, float* u,  \
+  extern "C" __global__ void sk_score_cols_##NAME(const TY* lin, const float* rho, float* u,    \
                                                   int B, int T, int H, int ld, int offset) {    \
-    sk_score_cols<TY>(lin, delta, u, B, T, H, ld, offset);                                      \
+    sk_score_cols<TY>(lin, rho, u, B, T, H, ld, offset);                                        \
   }                                                                                             \
-  extern "C" __global__ void sk_score_cols_bwd_##NAME(const float* du, TY* dlin, int B, int T,  \
-                                                      int H, int W) {                           \
-    sk_score_cols_bwd<TY>(du, dlin, B, T, H, W);                                                \
+  extern "C" __global__ void sk_score_cols_bwd_##NAME(const float* du, const float* rho,        \
+                                                      TY* dlin, float* drho, int B, int T,      \
+                                                      int H, int W, int offset) {               \
+    sk_score_cols_bwd<TY>(du, rho, dlin, drho, B, T, H, W, offset);                             \
   }
 
 SK_SCORE(float, f32)

@@ -879,18 +879,18 @@ fn score_bwd_t<T: CudaDType + candle::cuda_backend::cudarc::driver::DeviceRepr>(
 }
 
 /// Scores from their linear part (`sk_score_cols`): `lin` `b·t` rows `row` elements apart (f32 /
-/// f16 / bf16, each row's first `h` columns used, read from the layout's start offset) and `δ`
-/// `(h)` f32 → `u` `(b, h, t)` f32.
+/// f16 / bf16, each row's first `h` columns used, read from the layout's start offset) and the
+/// raw slopes `ρ` `(h)` f32 (`δ = softplus(ρ)` in the kernel) → `u` `(b, h, t)` f32.
 pub(crate) fn score_cols_forward(
     lin: &Tensor,
-    delta: &Tensor,
+    rho: &Tensor,
     row: usize,
     d: ScoreDims,
 ) -> Result<Tensor> {
     let dev = cuda_device(lin, "lin")?;
     let tn = dtype_suffix(lin.dtype(), "sparsek scorer")?;
-    let (gl, gd) = (lin.storage_and_layout(), delta.storage_and_layout());
-    let delta = carried::<f32>(&gd, "delta")?;
+    let (gl, gr) = (lin.storage_and_layout(), rho.storage_and_layout());
+    let rho = carried::<f32>(&gr, "rho")?;
     let Storage::Cuda(sl) = &*gl.0 else {
         bail!("sparsek scorer (cuda): lin is not on the GPU")
     };
@@ -914,7 +914,7 @@ pub(crate) fn score_cols_forward(
             b.arg(&lin_bf16)
         }
     };
-    b.arg(&delta);
+    b.arg(&rho);
     b.arg(&mut u);
     candle::builder_arg!(
         b,
@@ -928,56 +928,56 @@ pub(crate) fn score_cols_forward(
     Ok(wrap_slice(u, &dev, (d.b, d.h, d.t)))
 }
 
-/// Gradients of [`score_cols_forward`] for `du` `(b, h, t)` f32: the linear part's `(b, t,
-/// width)` in `dtype` (`du` transposed, zeros after column `h`; `sk_score_cols_bwd`) and `dδ`
-/// `(h)` f32 (`sk_score_bwd_dw` with no columns).
+/// Gradients of [`score_cols_forward`] for `du` `(b, h, t)` f32 (`sk_score_cols_bwd`, one CTA per
+/// [`SCORE_ROWS`] rows): the linear part's `(b, t, width)` in `dtype` (`du` transposed, zeros
+/// after column `h`) and the raw slopes' `(h)` f32.
 pub(crate) fn score_cols_backward(
     du: &Tensor,
+    rho: &Tensor,
     dtype: DType,
     width: usize,
     d: ScoreDims,
 ) -> Result<(Tensor, Tensor)> {
     match dtype {
-        DType::F32 => score_cols_bwd_t::<f32>(du, "f32", width, d),
-        DType::F16 => score_cols_bwd_t::<f16>(du, "f16", width, d),
-        DType::BF16 => score_cols_bwd_t::<bf16>(du, "bf16", width, d),
+        DType::F32 => score_cols_bwd_t::<f32>((du, rho), "f32", width, d),
+        DType::F16 => score_cols_bwd_t::<f16>((du, rho), "f16", width, d),
+        DType::BF16 => score_cols_bwd_t::<bf16>((du, rho), "bf16", width, d),
         other => bail!("sparsek scorer (cuda): unsupported dtype {other:?}"),
     }
 }
 
 fn score_cols_bwd_t<T: CudaDType + candle::cuda_backend::cudarc::driver::DeviceRepr>(
-    du: &Tensor,
+    (du, rho): (&Tensor, &Tensor),
     tn: &str,
     width: usize,
     d: ScoreDims,
 ) -> Result<(Tensor, Tensor)> {
     let dev = cuda_device(du, "du")?;
-    let guard = du.storage_and_layout();
-    let du = carried::<f32>(&guard, "du")?;
-    let (rows, null) = (d.b * d.t, 0u64);
+    let guards = [du, rho].map(|t| t.storage_and_layout());
+    let (du, rho) = (
+        carried::<f32>(&guards[0], "du")?,
+        carried::<f32>(&guards[1], "rho")?,
+    );
+    let rows = d.b * d.t;
     let mut dlin = unsafe { dev.alloc::<T>(rows * width) }?;
-    {
-        let f = func!(dev, &format!("sk_score_cols_bwd_{tn}"), 0);
-        let mut b = f.builder();
-        b.arg(&du);
-        b.arg(&mut dlin);
-        candle::builder_arg!(b, d.b as i32, d.t as i32, d.h as i32, width as i32);
-        unsafe { b.launch(cfg(((rows * width).div_ceil(256), 1), 256, 0)?) }.w()?;
-    }
-    let mut dpos = dev.alloc_zeros::<f32>(d.h)?;
-    {
-        let smem = SCORE_ROWS * d.h * 4;
-        let f = func!(dev, &format!("sk_score_bwd_dw_{tn}"), smem);
-        let mut b = f.builder();
-        b.arg(&null);
-        b.arg(&du);
-        b.arg(&null);
-        b.arg(&mut dpos);
-        candle::builder_arg!(b, d.b as i32, d.t as i32, 0i32, d.h as i32, d.offset as i32);
-        unsafe { b.launch(cfg((rows.div_ceil(SCORE_ROWS), 1), 128, smem)?) }.w()?;
-    }
+    let mut drho = dev.alloc_zeros::<f32>(d.h)?;
+    let f = func!(dev, &format!("sk_score_cols_bwd_{tn}"), 0);
+    let mut b = f.builder();
+    b.arg(&du);
+    b.arg(&rho);
+    b.arg(&mut dlin);
+    b.arg(&mut drho);
+    candle::builder_arg!(
+        b,
+        d.b as i32,
+        d.t as i32,
+        d.h as i32,
+        width as i32,
+        d.offset as i32
+    );
+    unsafe { b.launch(cfg((rows.div_ceil(SCORE_ROWS), 1), 256, 0)?) }.w()?;
     Ok((
         wrap_slice(dlin, &dev, (d.b, d.t, width)),
-        wrap_slice(dpos, &dev, d.h),
+        wrap_slice(drho, &dev, d.h),
     ))
 }

@@ -70,7 +70,12 @@ impl SparseKScorer {
 
     /// The slopes `δ = softplus(ρ)`, `(kv_heads)` f32.
     pub fn slopes(&self) -> Result<Tensor> {
-        (self.slope.to_dtype(DType::F32)?.exp()? + 1.0)?.log()
+        (self.raw_slope()?.exp()? + 1.0)?.log()
+    }
+
+    /// The raw slope ρ `(kv_heads)` as a contiguous f32 tensor.
+    fn raw_slope(&self) -> Result<Tensor> {
+        self.slope.to_dtype(DType::F32)?.contiguous()
     }
 
     /// The weight `(kv_heads, d_model)` and the raw slope ρ `(kv_heads)`: the tensors of the
@@ -107,7 +112,7 @@ impl SparseKScorer {
         let (w, op) = self.op(x, offset)?;
         let (dx, weight, ddelta) = op.backward(&x.contiguous()?, &w, du, dx_add)?;
         // δ = softplus(ρ): dδ/dρ = sigmoid(ρ).
-        let slope = (ddelta * candle_nn::ops::sigmoid(&self.slope.to_dtype(DType::F32)?)?)?;
+        let slope = (ddelta * candle_nn::ops::sigmoid(&self.raw_slope()?)?)?;
         Ok(ScorerGrads { dx, weight, slope })
     }
 
@@ -141,7 +146,7 @@ impl SparseKScorer {
                 &[s0, row, 1] if row >= h && (b == 1 || s0 == t * row) => (lin.clone(), row),
                 _ => (lin.contiguous()?, h),
             };
-            return cuda::score_cols_forward(&lin, &self.slopes()?, row, d);
+            return cuda::score_cols_forward(&lin, &self.raw_slope()?, row, d);
         }
         let pos = Tensor::arange(offset as u32, (offset + t) as u32, lin.device())?
             .to_dtype(DType::F32)?
@@ -179,7 +184,7 @@ impl SparseKScorer {
         check_positions(b, t, offset, du.dims())?;
         let du = du.contiguous()?;
         #[cfg(feature = "cuda")]
-        let (dlin, ddelta) = if du.device().is_cuda() {
+        if du.device().is_cuda() {
             let d = ScoreDims {
                 b,
                 t,
@@ -187,13 +192,10 @@ impl SparseKScorer {
                 h,
                 offset,
             };
-            cuda::score_cols_backward(&du, dtype, width, d)?
-        } else {
-            linear_backward_cpu(&du, offset, dtype, width)?
-        };
-        #[cfg(not(feature = "cuda"))]
+            return cuda::score_cols_backward(&du, &self.raw_slope()?, dtype, width, d);
+        }
         let (dlin, ddelta) = linear_backward_cpu(&du, offset, dtype, width)?;
-        let slope = (ddelta * candle_nn::ops::sigmoid(&self.slope.to_dtype(DType::F32)?)?)?;
+        let slope = (ddelta * candle_nn::ops::sigmoid(&self.raw_slope()?)?)?;
         Ok((dlin, slope))
     }
 
