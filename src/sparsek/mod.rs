@@ -7,7 +7,9 @@
 //!   simplex `{0 ≤ p ≤ 1, Σp = k}`, with its backward `g_z = 1_S ⊙ (g − mean_S g)`.
 //! - [`SparseKScorer`]: the scoring network (per kv head: linear score plus a position slope), one
 //!   op with CPU and CUDA kernels; [`SparseKScorer::backward`] gives its gradients without autograd
-//!   ([`ScorerGrads`]) for training loops that run their own backward.
+//!   ([`ScorerGrads`]) for training loops that run their own backward, and
+//!   [`SparseKScorer::scores_from_linear`] / [`SparseKScorer::backward_linear`] let such a loop fold
+//!   the scorer's weight into the q/k/v projection (one GEMM; the char-level GPT does).
 //! - [`sparsek_attn`]: the attention op (selection fused with attention, CPU and CUDA, forward and
 //!   backward; gradients reach `q`, `k`, `v` and the scores); [`sparsek_attn_taped`] runs the same
 //!   kernels outside autograd and returns an [`AttentionTape`](crate::tape::AttentionTape) whose
@@ -37,7 +39,9 @@
 //!   from the earlier groups' merged lists), then per query, one thread each, its cut (the
 //!   `K′`-th largest candidate), τ (safeguarded Newton steps on the piecewise-linear budget from a
 //!   bracket read off the sorted list, f32; each step `O(log K′)` on the list through binary
-//!   searches and f64 prefix sums of its scores) and the length of the list prefix it attends.
+//!   searches and f64 prefix sums of its scores, and on the block's newer candidates through
+//!   binary searches over them sorted once per block) and the length of the list prefix it
+//!   attends.
 //!   Attention, f16 / bf16 with head_dim ≤ 128: blocked tensor-core kernels (mma.sync m16n8k16,
 //!   f32 accumulation), one CTA per block of 64 queries and query head. τ_i and the cut are
 //!   non-decreasing in i, so the block's queries attend a prefix of its sorted list plus the
