@@ -1,6 +1,6 @@
 // Shared device helpers of the CUDA kernels (flash_attn, sparsek, twilight, moa_decode, fused):
-// conversion, warp reductions and the tensor-core primitives (mma.sync m16n8k16 with f32 accumulation,
-// ldmatrix, cp.async, padded shared tiles and the small GEMMs built from them).
+// dtype conversion, warp reductions and the tensor-core primitives (mma.sync m16n8k16 with f32
+// accumulation, ldmatrix, cp.async, padded shared tiles and the small GEMMs built from them).
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
