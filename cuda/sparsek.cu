@@ -319,10 +319,8 @@ __device__ __forceinline__ SkQuerySel sk_select_query(
 // Per query: cut (the cap-th largest candidate key, or j = -1), tau (-inf when <= k kept) and the
 // length of the prefix of its block's list that it attends (nattend; nlist: the block's maximum).
 // Grid (nb, rows), BQ threads: the block's tables built together, then one thread per query
-// (sk_select_query). Dynamic smem: cap * 4 + BQ * 8 + (cap + 1) * 8 bytes (the list's scores,
-// the block's newer candidates, f64 prefix sums of the list's scores); the list's positions are
-// read from global memory (through L1), which keeps a CTA small enough for the whole grid of the
-// GPT's 24 rows x 128 blocks to fit one wave on an H100.
+// (sk_select_query). Dynamic smem: (cap + BQ) * 8 + (cap + 1) * 8 bytes (the list, the block's
+// newer candidates, f64 prefix sums of the list's scores).
 extern "C" __global__ void __launch_bounds__(BQ) sk_select(
     const float* __restrict__ u, const float* __restrict__ lu, const int* __restrict__ lj,
     float* __restrict__ tau_out, float* __restrict__ cut_u_out, int* __restrict__ cut_j_out,
@@ -331,7 +329,8 @@ extern "C" __global__ void __launch_bounds__(BQ) sk_select(
   extern __shared__ __align__(16) unsigned char smem[];
   double* Ps = reinterpret_cast<double*>(smem);  // [cap + 1]
   float* Lu = reinterpret_cast<float*>(Ps + cap + 1);
-  float* Eu = Lu + cap;
+  int* Lj = (int*)(Lu + cap);
+  float* Eu = (float*)(Lj + cap);
   int* Ej = (int*)(Eu + BQ);
   __shared__ int s_len, s_nl;
   const int c = blockIdx.x, row = blockIdx.y, tid = threadIdx.x;
@@ -339,10 +338,10 @@ extern "C" __global__ void __launch_bounds__(BQ) sk_select(
   if (tid == 0) s_len = s_nl = 0;
   __syncthreads();
   long long base = ((long long)row * nb + c) * cap;
-  const int* __restrict__ Lj = lj + base;
   int cnt = 0;
   for (int r = tid; r < cap; r += blockDim.x) {
     Lu[r] = lu[base + r];
+    Lj[r] = lj[base + r];
     cnt += Lj[r] >= 0;
   }
   atomicAdd(&s_len, cnt);

@@ -183,7 +183,7 @@ pub(crate) fn select(
     let mut nattend = unsafe { dev.alloc::<i32>(rows * t) }?;
     {
         // The list and the block's newer candidates (score, position), the list's f64 prefix sums.
-        let smem = cap * 4 + BQ * 8 + (cap + 1) * 8;
+        let smem = (cap + BQ) * 8 + (cap + 1) * 8;
         let f = func!(dev, "sk_select", smem);
         let mut b = f.builder();
         let k = scfg.k as f32;
