@@ -2621,6 +2621,26 @@ __device__ __forceinline__ const float* sk_score_stage_w(const float* w, float* 
   return shared ? ws : w;
 }
 
+// du (B, H, T) of head h at row `row` (= b * T + j) of x.
+__device__ __forceinline__ float sk_du_at(const float* __restrict__ du, long long row, int h,
+                                          int T, int H) {
+  return du[((row / T) * H + h) * T + row % T];
+}
+
+// dpos[h] += scale(h) * sum of du_at(r, h) * (offset + j) over a CTA's rows [r0, r0 + nr) of x
+// (du_at(r, h): du of row r0 + r), one warp per head, atomics.
+template <typename G, typename S>
+__device__ __forceinline__ void sk_score_dpos(G du_at, S scale, float* __restrict__ dpos,
+                                              long long r0, int nr, int T, int H, int offset) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
+  for (int h = warp; h < H; h += blockDim.x / 32) {
+    float s = 0.f;
+    for (int r = lane; r < nr; r += 32) s += du_at(r, h) * (float)(offset + (r0 + r) % T);
+    s = warp_sum(s);
+    if (lane == 0) atomicAdd(dpos + h, scale(h) * s);
+  }
+}
+
 // Forward: one warp per row of x, a lane per 4 consecutive columns at a time (element by element
 // when sk_score_vec fails). Shared memory: H * C floats when w fits.
 template <typename E>
@@ -2692,8 +2712,7 @@ __device__ void sk_score_bwd_dx(const float* __restrict__ w, const float* __rest
   const int tid = threadIdx.x, bs = blockDim.x;
   for (int i = tid; i < nr * H; i += bs) {
     const int h = i / nr, r = i % nr;
-    const long long row = r0 + r;
-    dxs[r * H + h] = du[((row / T) * H + h) * T + row % T];
+    dxs[r * H + h] = sk_du_at(du, r0 + r, h, T, H);
   }
   const float* wr = sk_score_stage_w(w, dxs + SK_SCORE_ROWS * H, H, C);
   const int nch = (C + V - 1) / V;
@@ -2740,19 +2759,14 @@ __device__ void sk_score_bwd_dw(const E* __restrict__ x, const float* __restrict
   extern __shared__ float dus[];  // [SK_SCORE_ROWS][H]
   const long long n = (long long)B * T, r0 = (long long)blockIdx.x * SK_SCORE_ROWS;
   const int nr = (int)min((long long)SK_SCORE_ROWS, n - r0);
-  const int tid = threadIdx.x, bs = blockDim.x, warp = tid / 32, lane = tid & 31;
+  const int tid = threadIdx.x, bs = blockDim.x;
   for (int i = tid; i < nr * H; i += bs) {
     const int h = i / nr, r = i % nr;
-    const long long row = r0 + r;
-    dus[r * H + h] = du[((row / T) * H + h) * T + row % T];
+    dus[r * H + h] = sk_du_at(du, r0 + r, h, T, H);
   }
   __syncthreads();
-  for (int h = warp; h < H; h += bs / 32) {
-    float s = 0.f;
-    for (int r = lane; r < nr; r += 32) s += dus[r * H + h] * (float)(offset + (r0 + r) % T);
-    s = warp_sum(s);
-    if (lane == 0) atomicAdd(dpos + h, s);
-  }
+  sk_score_dpos([&](int r, int h) { return dus[r * H + h]; }, [](int) { return 1.f; }, dpos, r0,
+                nr, T, H, offset);
   for (int c = tid; c < C; c += bs) {
     for (int h0 = 0; h0 < H; h0 += SK_SCORE_HEADS) {
       float acc[SK_SCORE_HEADS];
@@ -2799,21 +2813,14 @@ __device__ void sk_score_cols_bwd(const float* __restrict__ du, const float* __r
                                   int H, int W, int offset) {
   const long long n = (long long)B * T, r0 = (long long)blockIdx.x * SK_SCORE_ROWS;
   const int nr = (int)min((long long)SK_SCORE_ROWS, n - r0);
-  const int tid = threadIdx.x, bs = blockDim.x, warp = tid / 32, lane = tid & 31;
-  for (int i = tid; i < nr * W; i += bs) {
+  for (int i = threadIdx.x; i < nr * W; i += blockDim.x) {
     const int c = i % W;
     const long long row = r0 + i / W;
-    dlin[row * W + c] = from_f<E>(c < H ? du[((row / T) * H + c) * T + row % T] : 0.f);
+    dlin[row * W + c] = from_f<E>(c < H ? sk_du_at(du, row, c, T, H) : 0.f);
   }
-  for (int h = warp; h < H; h += bs / 32) {
-    float s = 0.f;
-    for (int r = lane; r < nr; r += 32) {
-      const long long row = r0 + r;
-      s += du[((row / T) * H + h) * T + row % T] * (float)(offset + row % T);
-    }
-    s = warp_sum(s);
-    if (lane == 0) atomicAdd(drho + h, s / (1.f + expf(-rho[h])));
-  }
+  // d(softplus(rho)) / d(rho) = sigmoid(rho).
+  sk_score_dpos([&](int r, int h) { return sk_du_at(du, r0 + r, h, T, H); },
+                [&](int h) { return 1.f / (1.f + expf(-rho[h])); }, drho, r0, nr, T, H, offset);
 }
 
 #define SK_SCORE(TY, NAME)                                                                      \

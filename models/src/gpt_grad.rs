@@ -114,7 +114,7 @@ fn local_scorer_grads(
 /// [`SparseKScorer::scores_from_linear`]: candle_sparse_attn::SparseKScorer::scores_from_linear
 fn fold_scorer(c_attn: &Tensor, scorer: &candle_sparse_attn::SparseKScorer) -> Result<Tensor> {
     let weight = scorer.params()[0].to_dtype(c_attn.dtype())?;
-    let (h, c) = weight.dims2()?;
+    let (h, c) = (scorer.kv_heads(), c_attn.dim(1)?);
     let pad = Tensor::zeros(((8 - h % 8) % 8, c), c_attn.dtype(), c_attn.device())?;
     Tensor::cat(&[c_attn, &weight, &pad], 0)
 }
@@ -326,8 +326,8 @@ impl Gpt {
             // The scorer is folded into the projection: its linear part is the next columns.
             let scores = match &blk.scorer {
                 Some(s) => {
-                    let h = s.params()[0].dim(0)?;
-                    Some(s.scores_from_linear(&qkv.narrow(2, qkv_width, h)?, 0)?)
+                    let lin = qkv.narrow(2, qkv_width, s.kv_heads())?;
+                    Some(s.scores_from_linear(&lin, 0)?)
                 }
                 None => None,
             };
@@ -426,8 +426,8 @@ impl TrainingPass<'_> {
                             let dqkv = fused::merge_qkv_with(&dq, &dk, &dv, &dlin)?;
                             let (dh1, dw) = fused::linear_backward(&saved.h1, &w.c_attn, &dqkv)?;
                             let [weight, slope] = scorer.params();
-                            let h = weight.dim(0)?;
-                            grads.insert(weight, f32_of(&dw.narrow(0, 3 * c, h)?)?);
+                            let dweight = dw.narrow(0, 3 * c, scorer.kv_heads())?;
+                            grads.insert(weight, f32_of(&dweight)?);
                             grads.insert(slope, dslope);
                             (dh1, dw)
                         }

@@ -175,9 +175,16 @@ pub(super) fn emb_bwd<T: WithDType>(
     Ok(out)
 }
 
-/// Index of element `(bi, pi, hi, ti, e)` of a `(b, t, 3, h, d)` tensor.
-fn parts_index(n: Heads, bi: usize, ti: usize, pi: usize, hi: usize) -> usize {
-    (((bi * n.t + ti) * n.parts + pi) * n.h + hi) * n.d
+/// Part `p` of `x` `(b, t, parts, h, d)` whose `(b, t)` rows are `ld` elements apart, as a
+/// `(b, h, t, d)` vector.
+fn split_part<T: WithDType>(x: &[T], n: Heads, ld: usize, p: usize) -> Vec<T> {
+    let mut out = vec![T::from_f64(0.0); n.b * n.h * n.t * n.d];
+    out.par_chunks_mut(n.d).enumerate().for_each(|(r, row)| {
+        let (ti, bh) = (r % n.t, r / n.t);
+        let i = ((bh / n.h) * n.t + ti) * ld + (p * n.h + bh % n.h) * n.d;
+        row.copy_from_slice(&x[i..i + n.d]);
+    });
+    out
 }
 
 pub(super) fn heads_split<T: WithDType>(
@@ -185,12 +192,7 @@ pub(super) fn heads_split<T: WithDType>(
     n: Heads,
 ) -> Result<CpuStorage> {
     let x = slice::<T>(s, l, "heads split")?;
-    let mut out = vec![T::from_f64(0.0); n.b * n.h * n.t * n.d];
-    out.par_chunks_mut(n.d).enumerate().for_each(|(r, row)| {
-        let (ti, bh) = (r % n.t, r / n.t);
-        let i = parts_index(n, bh / n.h, ti, n.part, bh % n.h);
-        row.copy_from_slice(&x[i..i + n.d]);
-    });
+    let out = split_part(x, n, n.parts * n.h * n.d, n.part);
     Ok(T::to_cpu_storage_owned(out))
 }
 
@@ -221,16 +223,7 @@ pub(super) fn heads_split3<T: WithDType>(
     ld: usize,
 ) -> Result<[CpuStorage; 3]> {
     let x = &s.as_slice::<T>()?[l.start_offset()..];
-    let part = |p: usize| {
-        let mut out = vec![T::from_f64(0.0); n.b * n.h * n.t * n.d];
-        out.par_chunks_mut(n.d).enumerate().for_each(|(r, row)| {
-            let (ti, bh) = (r % n.t, r / n.t);
-            let i = ((bh / n.h) * n.t + ti) * ld + (p * n.h + bh % n.h) * n.d;
-            row.copy_from_slice(&x[i..i + n.d]);
-        });
-        T::to_cpu_storage_owned(out)
-    };
-    Ok([part(0), part(1), part(2)])
+    Ok([0, 1, 2].map(|p| T::to_cpu_storage_owned(split_part(x, n, ld, p))))
 }
 
 /// `(b, t, 3, h, d)` from the three `(b, h, t, d)` parts, with the rows of `extra` `(b, t, e)`

@@ -296,11 +296,7 @@ pub fn split_qkv(qkv: &Tensor, n_head: usize) -> Result<[Var; 3]> {
         parts: 3,
         part: 0,
     };
-    // Rows `ld` apart, each contiguous: read in place; any other layout is copied first.
-    let (qkv, ld) = match qkv.stride() {
-        &[s0, ld, 1] if ld >= w && (b == 1 || s0 == t * ld) => (qkv.clone(), ld),
-        _ => (qkv.contiguous()?, w),
-    };
+    let (qkv, ld) = rows_in_place(qkv)?;
     let (s, l) = qkv.storage_and_layout();
     let parts: [Storage; 3] = match &*s {
         Storage::Cpu(s) => {
@@ -321,6 +317,17 @@ pub fn split_qkv(qkv: &Tensor, n_head: usize) -> Result<[Var; 3]> {
         Var::from_tensor(&k)?,
         Var::from_tensor(&v)?,
     ])
+}
+
+/// A `(b, t, w)` tensor whose `(b, t)` rows are each contiguous and equally far apart (e.g. a
+/// view of some columns of a wider contiguous tensor), with that distance in elements, to be read
+/// in place; any other layout is copied into a contiguous tensor (distance `w`).
+pub(crate) fn rows_in_place(x: &Tensor) -> Result<(Tensor, usize)> {
+    let (b, t, w) = x.dims3()?;
+    Ok(match x.stride() {
+        &[s0, ld, 1] if ld >= w && (b == 1 || s0 == t * ld) => (x.clone(), ld),
+        _ => (x.contiguous()?, w),
+    })
 }
 
 /// The inverse of [`split_qkv`]: queries, keys and values `(b, h, t, d)` (one shape and dtype)

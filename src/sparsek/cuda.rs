@@ -887,33 +887,32 @@ pub(crate) fn score_cols_forward(
     row: usize,
     d: ScoreDims,
 ) -> Result<Tensor> {
+    match lin.dtype() {
+        DType::F32 => score_cols_fwd_t::<f32>((lin, rho), "f32", row, d),
+        DType::F16 => score_cols_fwd_t::<f16>((lin, rho), "f16", row, d),
+        DType::BF16 => score_cols_fwd_t::<bf16>((lin, rho), "bf16", row, d),
+        other => bail!("sparsek scorer (cuda): unsupported dtype {other:?}"),
+    }
+}
+
+fn score_cols_fwd_t<T: CudaDType>(
+    (lin, rho): (&Tensor, &Tensor),
+    tn: &str,
+    row: usize,
+    d: ScoreDims,
+) -> Result<Tensor> {
     let dev = cuda_device(lin, "lin")?;
-    let tn = dtype_suffix(lin.dtype(), "sparsek scorer")?;
     let (gl, gr) = (lin.storage_and_layout(), rho.storage_and_layout());
     let rho = carried::<f32>(&gr, "rho")?;
     let Storage::Cuda(sl) = &*gl.0 else {
         bail!("sparsek scorer (cuda): lin is not on the GPU")
     };
-    let start = gl.1.start_offset();
+    let lin = sl.as_cuda_slice::<T>()?.slice(gl.1.start_offset()..);
     let n = d.b * d.h * d.t;
     let mut u = unsafe { dev.alloc::<f32>(n) }?;
     let f = func!(dev, &format!("sk_score_cols_{tn}"), 0);
     let mut b = f.builder();
-    let (lin_f32, lin_f16, lin_bf16);
-    match lin.dtype() {
-        DType::F32 => {
-            lin_f32 = sl.as_cuda_slice::<f32>()?.slice(start..);
-            b.arg(&lin_f32)
-        }
-        DType::F16 => {
-            lin_f16 = sl.as_cuda_slice::<f16>()?.slice(start..);
-            b.arg(&lin_f16)
-        }
-        _ => {
-            lin_bf16 = sl.as_cuda_slice::<bf16>()?.slice(start..);
-            b.arg(&lin_bf16)
-        }
-    };
+    b.arg(&lin);
     b.arg(&rho);
     b.arg(&mut u);
     candle::builder_arg!(

@@ -73,6 +73,11 @@ impl SparseKScorer {
         (self.raw_slope()?.exp()? + 1.0)?.log()
     }
 
+    /// Number of kv heads (one score per kv head and token).
+    pub fn kv_heads(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
     /// The raw slope ρ `(kv_heads)` as a contiguous f32 tensor.
     fn raw_slope(&self) -> Result<Tensor> {
         self.slope.to_dtype(DType::F32)?.contiguous()
@@ -123,7 +128,7 @@ impl SparseKScorer {
     /// for q, k, v and the scores, `lin` the view of its last columns, read in place: rows may
     /// be any distance apart). The backward is [`Self::backward_linear`].
     pub fn scores_from_linear(&self, lin: &Tensor, offset: usize) -> Result<Tensor> {
-        let (h, _) = self.weight.dims2()?;
+        let h = self.kv_heads();
         let (b, t) = match lin.dims() {
             &[b, t, w] if w == h => (b, t),
             _ => bail!(
@@ -141,16 +146,10 @@ impl SparseKScorer {
                 h,
                 offset,
             };
-            // Rows `row` apart, each contiguous, are read in place; anything else is copied.
-            let (lin, row) = match lin.stride() {
-                &[s0, row, 1] if row >= h && (b == 1 || s0 == t * row) => (lin.clone(), row),
-                _ => (lin.contiguous()?, h),
-            };
+            let (lin, row) = crate::fused::rows_in_place(lin)?;
             return cuda::score_cols_forward(&lin, &self.raw_slope()?, row, d);
         }
-        let pos = Tensor::arange(offset as u32, (offset + t) as u32, lin.device())?
-            .to_dtype(DType::F32)?
-            .reshape((1, 1, t))?;
+        let pos = positions(offset, t, lin.device())?;
         let slope_term = self.slopes()?.reshape((1, h, 1))?.broadcast_mul(&pos)?;
         lin.to_dtype(DType::F32)?
             .transpose(1, 2)?
@@ -171,7 +170,7 @@ impl SparseKScorer {
         dtype: DType,
         width: usize,
     ) -> Result<(Tensor, Tensor)> {
-        let (h, _) = self.weight.dims2()?;
+        let h = self.kv_heads();
         let (b, t) = match du.dims() {
             &[b, hh, t] if hh == h && du.dtype() == DType::F32 && width >= h => (b, t),
             _ => bail!(
@@ -230,6 +229,13 @@ fn check_positions(b: usize, t: usize, offset: usize, dims: &[usize]) -> Result<
     Ok(())
 }
 
+/// Positions `offset..offset + t` as a `(1, 1, t)` f32 tensor.
+fn positions(offset: usize, t: usize, dev: &candle::Device) -> Result<Tensor> {
+    Tensor::arange(offset as u32, (offset + t) as u32, dev)?
+        .to_dtype(DType::F32)?
+        .reshape((1, 1, t))
+}
+
 /// [`SparseKScorer::backward_linear`] on the CPU (f32 arithmetic): `du` transposed and padded to
 /// `width` columns, and `dδ[h] = Σ du[b, h, j]·(offset + j)`.
 fn linear_backward_cpu(
@@ -244,10 +250,9 @@ fn linear_backward_cpu(
         .pad_with_zeros(2, 0, width - h)?
         .to_dtype(dtype)?
         .contiguous()?;
-    let pos = Tensor::arange(offset as u32, (offset + t) as u32, du.device())?
-        .to_dtype(DType::F32)?
-        .reshape((1, 1, t))?;
-    let ddelta = du.broadcast_mul(&pos)?.sum((0, 2))?;
+    let ddelta = du
+        .broadcast_mul(&positions(offset, t, du.device())?)?
+        .sum((0, 2))?;
     Ok((dlin, ddelta))
 }
 
