@@ -10,7 +10,8 @@
 //   candidates, cut to the top-`cap` (cut = the cap-th largest key), then tau by safeguarded
 //   Newton steps on the piecewise-linear budget function from the middle of a bracket read off
 //   the sorted list. Each step costs O(log cap) on the sorted list (binary searches plus f64
-//   prefix sums of its scores) and one term per kept newer candidate (<= BQ).
+//   prefix sums of its scores), O(log BQ) on the newer candidates (sorted once per block; the
+//   query's kept ones as a mask) and one term per kept candidate strictly inside (x, x + 1).
 // Attention, f16 / bf16 with head_dim <= 128: the blocked tensor-core kernels skt_* (see the
 // section below). Attention, f32 and head_dim 256 (one warp per query row, f32 math; keys 32 at a
 // time: lane-per-key scores, then lanes own head_dim / 32 contiguous dims for the weighted sums):
@@ -248,13 +249,12 @@ __device__ __forceinline__ SkQuerySel sk_select_query(
   if ((float)min(total, cap) > k) {
     // The list is sorted and in_top is a prefix predicate on it: its kept part is [0, lt).
     const int lt = count_prefix(len, [&](int r) { return in_top(Lu[r], Lj[r], cut_u, cut_j); });
-    // The kept extras (bit s; ks: bit posE[s], their places in the block's extras sorted
+    // The kept extras (ks: bit posE[s] for extra s, its place in the block's extras sorted
     // descending, SEu) and the kept scores' range.
-    unsigned long long kept = 0, ks = 0;
+    unsigned long long ks = 0;
     float mx = lt > 0 ? Lu[0] : neg_inf(), mn = lt > 0 ? Lu[lt - 1] : pos_inf();
     for (int s = 0; s < n_ext; ++s)
       if (in_top(Eu[s], Ej[s], cut_u, cut_j)) {
-        kept |= 1ull << s;
         ks |= 1ull << posE[s];
         mx = fmaxf(mx, Eu[s]);
         mn = fminf(mn, Eu[s]);
@@ -290,7 +290,7 @@ __device__ __forceinline__ SkQuerySel sk_select_query(
     // A tighter start: the root lies in [z_(kk) - 1, z_(kk)] (z_(kk): the kk-th largest kept
     // score, kk = k integer), the list's kk-th entry is at most z_(kk) and, with e kept extras,
     // its (kk - e)-th at least z_(kk).
-    const int kk = (int)k, e = __popcll(kept);
+    const int kk = (int)k, e = __popcll(ks);
     if ((float)kk == k && kk <= lt) lo = fmaxf(lo, Lu[kk - 1] - mx - 1.f);
     if ((float)kk == k && kk - e >= 1 && kk - e <= lt) hi = fminf(hi, Lu[kk - e - 1] - mx);
     float x = 0.5f * (lo + hi), t = x;
@@ -382,7 +382,7 @@ extern "C" __global__ void __launch_bounds__(BQ) sk_select(
     gtE[tid] = mk;
     rankL[tid] = count_gt(Lu, Lj, len, Eu[tid], Ej[tid]);
     posE[tid] = __popcll(mk);
-    SEu[__popcll(mk)] = Eu[tid];
+    SEu[posE[tid]] = Eu[tid];
   }
   for (int x = tid; x <= BQ && rb + x < len; x += blockDim.x) {
     const int r = rb + x;
