@@ -98,17 +98,23 @@ extern "C" __global__ void sk_project_f32(const float* __restrict__ z, float* __
 // The blocks are cut into groups of S consecutive blocks, so that the rows' sequential merges
 // run in parallel:
 // - sk_group_lists (grid (G - 1, rows)): the sorted top-cap of the keys that group g adds,
-//   [e_{gS}, e_{(g+1)S}), built block by block (S merges);
+//   [e_{gS}, e_{(g+1)S}), built block by block (S merges), padded to cap like the block lists;
 // - sk_block_lists (grid (G, rows)): group g's starting list, the top-cap of [0, e_{gS}), by
-//   merging the g earlier groups' lists, then block by block as before, writing each block's list.
+//   merging the g earlier groups' lists (with `prefetch`, the next one copied in with cp.async
+//   while one merges), then block by block as before, writing each block's list.
 // The longest CTA does G - 1 list merges plus S block merges instead of nb block merges; with
-// G = 1 this is the single sequential pass per row.
-// Dynamic smem of both: (2 * cap + max(cap, BQ) + BQ) * 8 bytes.
+// G = 1 this is the single sequential pass per row. A merge is a merge path: each thread finds
+// where its run of outputs starts with one binary search, then merges the run (a block's keys
+// are ranked first, BQ-way, blockDim / BQ threads per key). Both take blockDim a multiple of BQ,
+// at most 32 * BQ.
+// Dynamic smem: (2 * cap + max(cap, BQ) + BQ) * 8 bytes, and with `prefetch` max(cap, BQ) * 8
+// more for sk_block_lists (the next group's list; x and y swap, so both hold a block's keys too).
 
-// The running list (a), the merge target (b) and a sorted list to merge in (x), in shared memory.
+// The running list (a), the merge target (b), a sorted list to merge in (x) and, in
+// sk_block_lists, the next one (y), in shared memory.
 struct SkListBufs {
-  float *au, *bu, *xu;
-  int *aj, *bj, *xj;
+  float *au, *bu, *xu, *yu;
+  int *aj, *bj, *xj, *yj;
   float* cu;
   int* cj;
   int len;
@@ -123,40 +129,82 @@ struct SkListBufs {
     xj = (int*)(xu + nx);
     cu = (float*)(xj + nx);
     cj = (int*)(cu + BQ);
+    yu = (float*)(cj + BQ);  // only sk_block_lists allocates y (it swaps with x)
+    yj = (int*)(yu + nx);
     len = 0;
   }
   // Merges the sorted list x[0, n) into a (keeping the top cap); every thread calls it.
   __device__ void merge_x(int n, int cap) {
-    const int tid = threadIdx.x, bs = blockDim.x;
-    for (int r = tid; r < len; r += bs) {
-      int pos = r + count_gt(xu, xj, n, au[r], aj[r]);
-      if (pos < cap) { bu[pos] = au[r]; bj[pos] = aj[r]; }
-    }
-    for (int s = tid; s < n; s += bs) {
-      int pos = s + count_gt(au, aj, len, xu[s], xj[s]);
-      if (pos < cap) { bu[pos] = xu[s]; bj[pos] = xj[s]; }
+    if (n == 0) return;
+    const int tid = threadIdx.x, bs = blockDim.x, m = min(cap, len + n);
+    const int per = (m + bs - 1) / bs, d0 = min(m, tid * per), d1 = min(m, d0 + per);
+    if (d0 < d1) {
+      // The split of the first d0 outputs: a[0, ia) and x[0, d0 - ia).
+      const int lo = max(0, d0 - n);
+      int ia = lo + count_prefix(min(d0, len) - lo, [&](int r) {
+                 const int s = d0 - (lo + r) - 1;
+                 return gt(au[lo + r], aj[lo + r], xu[s], xj[s]);
+               });
+      int ix = d0 - ia;
+      for (int d = d0; d < d1; ++d) {
+        if (ix >= n || (ia < len && gt(au[ia], aj[ia], xu[ix], xj[ix]))) {
+          bu[d] = au[ia];
+          bj[d] = aj[ia];
+          ++ia;
+        } else {
+          bu[d] = xu[ix];
+          bj[d] = xj[ix];
+          ++ix;
+        }
+      }
     }
     __syncthreads();
-    len = min(cap, len + n);
+    len = m;
     float* tu = au; au = bu; bu = tu;
     int* tj = aj; aj = bj; bj = tj;
   }
-  // Adds the keys [e0, e1) (at most BQ) of the score row ur.
-  __device__ void add_keys(const float* ur, int e0, int e1, int cap) {
-    const int tid = threadIdx.x, n = e1 - e0;
+  // Adds the n <= BQ keys [e0, e0 + n) of a score row; thread t < n holds its key's score ut.
+  __device__ void add_keys(float ut, int e0, int n, int cap) {
+    const int tid = threadIdx.x, R = blockDim.x / BQ;
     if (n <= 0) return;
-    if (tid < n) { cu[tid] = ur[e0 + tid] + 0.f; cj[tid] = e0 + tid; }
+    if (tid < n) { cu[tid] = ut + 0.f; cj[tid] = e0 + tid; }
     __syncthreads();
-    if (tid < n) {
-      int rank = 0;
-      for (int s = 0; s < n; ++s) rank += gt(cu[s], cj[s], cu[tid], cj[tid]);
-      xu[rank] = cu[tid];
-      xj[rank] = cj[tid];
+    // The rank of key s among the n, R threads per key (a power of two, inside one warp).
+    const int s = tid / R;
+    int rank = 0;
+    if (s < n)
+      for (int t = tid % R; t < n; t += R) rank += gt(cu[t], cj[t], cu[s], cj[s]);
+    for (int o = 1; o < R; o <<= 1) rank += __shfl_xor_sync(0xffffffffu, rank, o);
+    if (s < n && tid % R == 0) {
+      xu[rank] = cu[s];
+      xj[rank] = cj[s];
     }
     __syncthreads();
     merge_x(n, cap);
   }
 };
+
+// Score of key e0 + threadIdx.x of row ur for the block [e0, e1) (0 past it).
+__device__ __forceinline__ float sk_block_key(const float* ur, int e0, int e1) {
+  return e0 + (int)threadIdx.x < e1 ? ur[e0 + threadIdx.x] : 0.f;
+}
+
+// The keys [e_c, e_{c+1}) of blocks c in [c0, c1) of row ur added to L one block at a time, the
+// next block's scores loaded while one merges; f(c) runs before block c's keys are added.
+template <typename F>
+__device__ __forceinline__ void sk_add_blocks(SkListBufs& L, const float* ur, int c0, int c1,
+                                              int T, int window, int cap, F&& f) {
+  int e0 = min(T, block_start(c0, window));
+  float un = sk_block_key(ur, e0, min(T, block_start(c0 + 1, window)));
+  for (int c = c0; c < c1; ++c) {
+    f(c);
+    const int e1 = min(T, block_start(c + 1, window));
+    const float ut = un;
+    if (c + 1 < c1) un = sk_block_key(ur, e1, min(T, block_start(c + 2, window)));
+    L.add_keys(ut, e0, e1 - e0, cap);
+    e0 = e1;
+  }
+}
 
 extern "C" __global__ void sk_group_lists(const float* __restrict__ u, float* __restrict__ gu,
                                           int* __restrict__ gj, int* __restrict__ glen, int T,
@@ -165,12 +213,11 @@ extern "C" __global__ void sk_group_lists(const float* __restrict__ u, float* __
   SkListBufs L(smem, cap);
   const int g = blockIdx.x, row = blockIdx.y, G = gridDim.x + 1;
   const float* ur = u + (long long)row * T;
-  for (int c = g * S; c < (g + 1) * S; ++c)
-    L.add_keys(ur, min(T, block_start(c, window)), min(T, block_start(c + 1, window)), cap);
+  sk_add_blocks(L, ur, g * S, (g + 1) * S, T, window, cap, [](int) {});
   const long long base = ((long long)row * G + g) * cap;
-  for (int r = threadIdx.x; r < L.len; r += blockDim.x) {
-    gu[base + r] = L.au[r];
-    gj[base + r] = L.aj[r];
+  for (int r = threadIdx.x; r < cap; r += blockDim.x) {
+    gu[base + r] = r < L.len ? L.au[r] : neg_inf();
+    gj[base + r] = r < L.len ? L.aj[r] : -1;
   }
   if (threadIdx.x == 0) glen[(long long)row * G + g] = L.len;
 }
@@ -180,31 +227,56 @@ extern "C" __global__ void sk_block_lists(const float* __restrict__ u,
                                           const int* __restrict__ gj,
                                           const int* __restrict__ glen, float* __restrict__ lu_out,
                                           int* __restrict__ lj_out, int T, int window, int cap,
-                                          int nb, int S) {
+                                          int nb, int S, int prefetch) {
   extern __shared__ __align__(16) unsigned char smem[];
   SkListBufs L(smem, cap);
   const int g = blockIdx.x, row = blockIdx.y, G = gridDim.x, tid = threadIdx.x, bs = blockDim.x;
   const float* ur = u + (long long)row * T;
-  for (int h = 0; h < g; ++h) {
+  // Group h's list into (du, dj) with cp.async (all cap entries, padded; a merge reads its
+  // length's).
+  auto fetch = [&](int h, float* du, int* dj) {
     const long long base = ((long long)row * G + h) * cap;
-    const int n = glen[(long long)row * G + h];
-    for (int r = tid; r < n; r += bs) {
-      L.xu[r] = gu[base + r];
-      L.xj[r] = gj[base + r];
+    for (int r = tid; r < cap; r += bs) {
+      cp_async4(du + r, gu + base + r, true);
+      cp_async4(dj + r, gj + base + r, true);
     }
-    __syncthreads();
-    L.merge_x(n, cap);
+    cp_async_commit();
+  };
+  if (prefetch) {
+    // Group h + 1's list copies into y while group h's merges from x.
+    if (g > 0) fetch(0, L.yu, L.yj);
+    int n = g > 0 ? glen[(long long)row * G] : 0;
+    for (int h = 0; h < g; ++h) {
+      cp_async_wait<0>();
+      __syncthreads();  // group h's list landed in y; the last merge is done with x
+      float* tu = L.xu; L.xu = L.yu; L.yu = tu;
+      int* tj = L.xj; L.xj = L.yj; L.yj = tj;
+      const int nh = n;
+      if (h + 1 < g) {
+        fetch(h + 1, L.yu, L.yj);
+        n = glen[(long long)row * G + h + 1];
+      }
+      L.merge_x(nh, cap);
+    }
+  } else {
+    for (int h = 0; h < g; ++h) {
+      fetch(h, L.xu, L.xj);
+      cp_async_wait<0>();
+      __syncthreads();
+      L.merge_x(glen[(long long)row * G + h], cap);
+    }
   }
   const int c1 = min(nb, (g + 1) * S);
-  for (int c = g * S; c < c1; ++c) {
-    long long base = ((long long)row * nb + c) * cap;
+  // Block c's list is the running list before c's own keys (the group's last block adds none).
+  auto write = [&](int c) {
+    const long long base = ((long long)row * nb + c) * cap;
     for (int r = tid; r < cap; r += bs) {
       lu_out[base + r] = r < L.len ? L.au[r] : neg_inf();
       lj_out[base + r] = r < L.len ? L.aj[r] : -1;
     }
-    if (c + 1 < c1)
-      L.add_keys(ur, min(T, block_start(c, window)), min(T, block_start(c + 1, window)), cap);
-  }
+  };
+  sk_add_blocks(L, ur, g * S, c1 - 1, T, window, cap, write);
+  write(c1 - 1);
 }
 
 // What sk_select finds for one query.

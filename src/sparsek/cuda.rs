@@ -132,15 +132,17 @@ pub(crate) fn select(
     let mut list_u = unsafe { dev.alloc::<f32>(rows * blocks * cap) }?;
     let mut list_j = unsafe { dev.alloc::<i32>(rows * blocks * cap) }?;
     let (t_i, w_i, cap_i, nb_i) = (t as i32, scfg.window as i32, cap as i32, blocks as i32);
-    let sms = dev
-        .cuda_stream()
-        .context()
+    let ctx = dev.cuda_stream().context().clone();
+    let sms = ctx
         .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
         .w()?;
     let group = list_group(blocks, rows, sms.max(1) as usize);
     let groups = blocks.div_ceil(group);
     let g_i = group as i32;
+    // The running list, the merge target, a list to merge in, a block's keys (both kernels,
+    // 256 threads: on the H100 at the GPT's 24 rows × 128 blocks, 512 and 1024 were slower).
     let smem = (2 * cap + cap.max(BQ) + BQ) * 8;
+    let threads = 256;
     // Each earlier group's own top-`K′` list (the last group's is never needed).
     let nglist = rows * groups * cap;
     let mut glist_u = unsafe { dev.alloc::<f32>(nglist.max(1)) }?;
@@ -158,9 +160,20 @@ pub(crate) fn select(
         b.arg(&cap_i);
         b.arg(&nb_i);
         b.arg(&g_i);
-        unsafe { b.launch(cfg((groups - 1, rows), 256, smem)?) }.w()?;
+        unsafe { b.launch(cfg((groups - 1, rows), threads, smem)?) }.w()?;
     }
     {
+        // The next group's list copied in while one merges, where shared memory allows.
+        let max_smem = ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .w()?;
+        let prefetch = smem + cap.max(BQ) * 8 <= max_smem.max(0) as usize;
+        let smem = if prefetch {
+            smem + cap.max(BQ) * 8
+        } else {
+            smem
+        };
+        let prefetch_i = prefetch as i32;
         let f = func!(dev, "sk_block_lists", smem);
         let mut b = f.builder();
         b.arg(&u);
@@ -174,7 +187,8 @@ pub(crate) fn select(
         b.arg(&cap_i);
         b.arg(&nb_i);
         b.arg(&g_i);
-        unsafe { b.launch(cfg((groups, rows), 256, smem)?) }.w()?;
+        b.arg(&prefetch_i);
+        unsafe { b.launch(cfg((groups, rows), threads, smem)?) }.w()?;
     }
     let mut tau = unsafe { dev.alloc::<f32>(rows * t) }?;
     let mut cut_u = unsafe { dev.alloc::<f32>(rows * t) }?;
