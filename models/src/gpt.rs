@@ -165,7 +165,8 @@ pub struct Gpt {
 impl Gpt {
     /// A freshly initialised model: weights `N(0, 0.02²)`, residual output projections
     /// `N(0, (0.02/√(2·n_layer))²)`, LayerNorm gains 1; key scorers (SparseK) with their own
-    /// initialisation (Kaiming-normal weights, zero bias, slope `1e-3`). Deterministic in `seed`.
+    /// initialisation ([`SparseKScorerConfig`](candle_sparse_attn::SparseKScorerConfig)'s defaults:
+    /// initial score spread 4, slope `1e-3`). Deterministic in `seed`.
     pub fn new(config: GptConfig, seed: u64, device: &Device) -> Result<Self> {
         config.validate()?;
         let c = config.n_embd;
