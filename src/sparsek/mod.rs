@@ -39,8 +39,9 @@
 //!   backward per row, summed over all rows that have `j` in their strict support `S_i`.
 //! - **Kernels**: CPU: an incremental top-`K′` structure per kv head (one insertion per query) and
 //!   an exact sorted scan for τ (f64). CUDA: per block of 64 queries the top-`K′` of the prefix by
-//!   merging sorted lists (the blocks of a row in groups that run in parallel, each group starting
-//!   from the earlier groups' merged lists), then per query, one thread each, its cut (the
+//!   merging sorted lists (merge path: one binary search per thread, then its run; the blocks of
+//!   a row in groups that run in parallel, each group starting from the earlier groups' merged
+//!   lists), then per query, one thread each, its cut (the
 //!   `K′`-th largest candidate), τ (safeguarded Newton steps on the piecewise-linear budget from a
 //!   bracket read off the sorted list, f32; each step `O(log K′)` on the list through binary
 //!   searches and f64 prefix sums of its scores, and on the block's newer candidates through
@@ -75,14 +76,14 @@
 //!
 //! # Performance (measured: H100, bf16, B = 4, H = 48, D = 64, k = 256, window = 256, K′ = 512)
 //! Forward + backward of the op's kernels ([`sparsek_attn_taped`] and its tape's `grads`, memory
-//! pool kept as `train_char_lm` runs): 15.4 / 30.9 ms at 16k / 32k tokens (×2.01), against the
-//! dense [`crate::flash_attn`]'s 80.2 / 312.3 ms measured in the same run: **5.21× / 10.11×
+//! pool kept as `train_char_lm` runs): 15.4 / 30.4 ms at 16k / 32k tokens (×1.97), against the
+//! dense [`crate::flash_attn`]'s 78.8 / 305.4 ms measured in the same run: **5.12× / 10.06×
 //! faster** (8k and 64k, session 10: 8.5 / 67.5 ms, 2.37× and linear growth). Through candle's
 //! autograd with the output gradient handed in, both ops pay four zero-fill + add passes over
-//! their input gradients (3.7 ms at 16k): 19.8 against 82.9 ms at 16k (4.19×), 39.4 against 319.3
-//! ms at 32k (8.11×). Forward alone 4.6 ms at 16k. Memory grows linearly (2.33 / 4.02 / 7.30 /
-//! 13.80 GiB in use after the backward, 8k to 64k, without the pool). At 16k the kernels take
-//! 15.4 ms (ncu): selection 1.6 (lists 0.6, `sk_select` 1.0), forward 3.2, dQ 3.7 (its producer
+//! their input gradients (3.7 ms at 16k): 19.8 against 82.6 ms at 16k (4.18×), 39.2 against 313.3
+//! ms at 32k (8.00×). Forward alone 4.6 ms at 16k. Memory grows linearly (2.33 / 4.02 / 7.30 /
+//! 13.80 GiB in use after the backward, 8k to 64k, without the pool). At 16k the kernels took
+//! 15.4 ms in session 12 (ncu): selection 1.6 (lists 0.6, `sk_select` 1.0), forward 3.2, dQ 3.7 (its producer
 //! warpgroup also zeroes the key side's f32 accumulator), dK / dV / dScores 4.4 (list keys with
 //! vector atomics, a warpgroup per pair of query blocks walking the union of their lists) + 2.5
 //! (band keys, adding the list part and writing dK, dV in the input dtype), all warpgroup MMA on
@@ -90,7 +91,7 @@
 //! TFLOP/s of MMA); band tiles come in four kinds (full, diagonal, window edge, general) so that
 //! only the general ones run the whole weight test. Tables, commands and the history of each step
 //! are in BENCHMARKS.md ("SparseK attention (H100)" and its subsections, the latest "SparseK:
-//! cheaper element-wise steps, two more tile kinds").
+//! merge-path list construction").
 
 mod attn;
 mod cache;
