@@ -439,6 +439,49 @@ fn bad_input_errors() -> R<()> {
     Ok(())
 }
 
+/// The scorer's initial weight has std `score_std / √d_model`; bad init settings are errors.
+#[test]
+fn scorer_init_spread_and_bad_config() -> R<()> {
+    let dev = Device::Cpu;
+    let (dm, h) = (400, 8);
+    for score_std in [std::f64::consts::SQRT_2, 4.0] {
+        let vm = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
+        let cfg = SparseKScorerConfig {
+            score_std,
+            ..SparseKScorerConfig::new(dm, h)
+        };
+        let scorer = SparseKScorer::new(cfg, vb.pp("scorer"))?;
+        let w = scorer.params()[0].flatten_all()?.to_vec1::<f32>()?;
+        let var = w.iter().map(|&x| (x as f64).powi(2)).sum::<f64>() / w.len() as f64;
+        let want = score_std / (dm as f64).sqrt();
+        anyhow::ensure!(
+            (var.sqrt() / want - 1.0).abs() < 0.05,
+            "weight std {} for score_std {score_std}, want {want}",
+            var.sqrt()
+        );
+    }
+    for (slope_init, score_std, what) in [
+        (0.0, 4.0, "slope_init"),
+        (1e-3, 0.0, "score_std"),
+        (1e-3, f64::NAN, "score_std"),
+    ] {
+        let vm = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
+        let cfg = SparseKScorerConfig {
+            slope_init,
+            score_std,
+            ..SparseKScorerConfig::new(dm, h)
+        };
+        let e = match SparseKScorer::new(cfg, vb) {
+            Ok(_) => "no error".to_string(),
+            Err(e) => e.to_string(),
+        };
+        assert!(e.contains(what) && e.contains("must be > 0"), "{e}");
+    }
+    Ok(())
+}
+
 /// SPARSEK rows against the bisection reference; p sums to k and lies in [0, 1].
 fn check_project(z: &[f32], m: usize, k: f64, dev: &Device) -> R<()> {
     let zt = Tensor::from_vec(z.to_vec(), (z.len() / m, m), &Device::Cpu)?.to_device(dev)?;

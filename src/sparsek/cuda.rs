@@ -139,10 +139,8 @@ pub(crate) fn select(
     let group = list_group(blocks, rows, sms.max(1) as usize);
     let groups = blocks.div_ceil(group);
     let g_i = group as i32;
-    // The running list, the merge target, a list to merge in, a block's keys (both kernels,
-    // 256 threads: on the H100 at the GPT's 24 rows × 128 blocks, 512 and 1024 were slower).
+    // The running list, the merge target, a list to merge in, a block's keys.
     let smem = (2 * cap + cap.max(BQ) + BQ) * 8;
-    let threads = 256;
     // Each earlier group's own top-`K′` list (the last group's is never needed).
     let nglist = rows * groups * cap;
     let mut glist_u = unsafe { dev.alloc::<f32>(nglist.max(1)) }?;
@@ -160,7 +158,7 @@ pub(crate) fn select(
         b.arg(&cap_i);
         b.arg(&nb_i);
         b.arg(&g_i);
-        unsafe { b.launch(cfg((groups - 1, rows), threads, smem)?) }.w()?;
+        unsafe { b.launch(cfg((groups - 1, rows), LIST_THREADS, smem)?) }.w()?;
     }
     {
         // The next group's list copied in while one merges, where shared memory allows.
@@ -188,7 +186,7 @@ pub(crate) fn select(
         b.arg(&nb_i);
         b.arg(&g_i);
         b.arg(&prefetch_i);
-        unsafe { b.launch(cfg((groups, rows), threads, smem)?) }.w()?;
+        unsafe { b.launch(cfg((groups, rows), LIST_THREADS, smem)?) }.w()?;
     }
     let mut tau = unsafe { dev.alloc::<f32>(rows * t) }?;
     let mut cut_u = unsafe { dev.alloc::<f32>(rows * t) }?;
@@ -228,6 +226,11 @@ pub(crate) fn select(
         blocks,
     })
 }
+
+/// Threads per CTA of the list construction (`sk_group_lists` / `sk_block_lists`; a multiple of
+/// `BQ`, at most `32·BQ`). On the H100 at the GPT's 24 rows × 128 blocks, 512 and 1024 were
+/// slower (EXPERIMENTS.md, "SparseK at 8k", session 14).
+const LIST_THREADS: usize = 256;
 
 /// Environment variable setting the number of query blocks per group of the list construction
 /// (`sk_group_lists` / `sk_block_lists`); a value ≥ the number of blocks gives the single
