@@ -104,9 +104,9 @@ extern "C" __global__ void sk_project_f32(const float* __restrict__ z, float* __
 //   while one merges), then block by block as before, writing each block's list.
 // The longest CTA does G - 1 list merges plus S block merges instead of nb block merges; with
 // G = 1 this is the single sequential pass per row. A merge is a merge path: each thread finds
-// where its run of outputs starts with one binary search, then merges the run (a block's keys
-// are ranked first, BQ-way, blockDim / BQ threads per key). Both take blockDim a multiple of BQ,
-// at most 32 * BQ.
+// where its run of outputs starts with one binary search, then merges the run (a block's new
+// keys are sorted first by counting each one's rank, blockDim / BQ threads per key). Both take
+// blockDim a multiple of BQ, at most 32 * BQ.
 // Dynamic smem: (2 * cap + max(cap, BQ) + BQ) * 8 bytes, and with `prefetch` max(cap, BQ) * 8
 // more for sk_block_lists (the next group's list; x and y swap, so both hold a block's keys too).
 
