@@ -650,10 +650,14 @@ extern "C" __global__ void adamw_step(const float* __restrict__ param,
 }
 
 // In-place AdamW of many tensors: table row blockIdx.y = (param, state, grad, n) with param and
-// grad of n f32 and state (2, n) f32 (m then v); the update of adamw_step.
-extern "C" __global__ void adamw_many(const uint64_t* __restrict__ table, float lr, float beta1,
-                                      float beta2, float eps, float weight_decay, float scale_m,
-                                      float scale_v, float grad_scale) {
+// grad of n f32 and state (2, n) f32 (m then v); the update of adamw_step, the gradient scaled by
+// grad_scale and, when grad_factor is not null, by the device scalar *grad_factor (a clipping
+// factor computed on the device: no host read between the backward and the update).
+extern "C" __global__ void adamw_many(const uint64_t* __restrict__ table,
+                                      const float* __restrict__ grad_factor, float lr,
+                                      float beta1, float beta2, float eps, float weight_decay,
+                                      float scale_m, float scale_v, float grad_scale) {
+  if (grad_factor != nullptr) grad_scale *= *grad_factor;
   const uint64_t* row = table + 4 * (size_t)blockIdx.y;
   float* param = reinterpret_cast<float*>(row[0]);
   float* state = reinterpret_cast<float*>(row[1]);

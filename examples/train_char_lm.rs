@@ -354,6 +354,9 @@ fn train(args: TrainArgs) -> Result<()> {
         cfg.max_steps
     );
 
+    /// Steps between two reads of the training loss for the progress bar (each waits for the
+    /// device to finish the queued steps).
+    const BAR_EVERY: usize = 20;
     let bar = ProgressBar::new(cfg.max_steps as u64);
     bar.set_style(
         ProgressStyle::with_template(
@@ -362,40 +365,47 @@ fn train(args: TrainArgs) -> Result<()> {
         .progress_chars("=> "),
     );
     bar.set_position(trainer.step() as u64);
-    let mut window_tokens = 0usize;
-    let mut window_time = 0f64;
     trainer.set_phase_timing(args.phase_timing);
     trainer.set_autograd(args.autograd);
     // Phase times of the second half of the run (start-up and kernel loading excluded).
     let mut phase_sum = (PhaseTimes::default(), 0usize);
+    // (start, tokens) since the last record and since the last progress-bar update; training
+    // steps do not wait for the device, only the reads of the loss below do.
+    let mut window = (Instant::now(), 0usize);
+    let mut bar_window = window;
     while trainer.step() < cfg.max_steps {
-        let t0 = Instant::now();
         let stats = trainer.train_step(&data)?;
-        let dt = t0.elapsed().as_secs_f64();
         if let Some(p) = stats.phases.filter(|_| 2 * stats.step >= cfg.max_steps) {
             let (sum, n) = &mut phase_sum;
             *sum += p;
             *n += 1;
         }
-        window_tokens += stats.tokens;
-        window_time += dt;
+        window.1 += stats.tokens;
+        bar_window.1 += stats.tokens;
         bar.set_position(trainer.step() as u64);
-        bar.set_message(format!(
-            "loss {:.4} lr {:.2e} {:.0} tok/s",
-            stats.loss,
-            stats.lr,
-            stats.tokens as f64 / dt
-        ));
-        if trainer.step() % cfg.eval_interval == 0 || trainer.step() == cfg.max_steps {
+        let record_now = trainer.step() % cfg.eval_interval == 0 || trainer.step() == cfg.max_steps;
+        if record_now || trainer.step() % BAR_EVERY == 0 {
+            let loss = stats.loss()?;
+            let rate = |(start, tokens): (Instant, usize)| {
+                tokens as f64 / start.elapsed().as_secs_f64().max(1e-9)
+            };
+            bar.set_message(format!(
+                "loss {loss:.4} lr {:.2e} {:.0} tok/s",
+                stats.lr,
+                rate(bar_window)
+            ));
+            bar_window = (Instant::now(), 0);
+            if !record_now {
+                continue;
+            }
+            let tokens_per_sec = rate(window);
             let record = EvalRecord {
                 step: trainer.step(),
                 train_loss: trainer.evaluate(&data, Split::Train)?,
                 val_loss: trainer.evaluate(&data, Split::Val)?,
                 lr: stats.lr,
-                tokens_per_sec: window_tokens as f64 / window_time.max(1e-9),
+                tokens_per_sec,
             };
-            window_tokens = 0;
-            window_time = 0.0;
             bar.println(format!(
                 "step {:>6}: train loss {:.4}, val loss {:.4} ({:.3} bits/char), {:.0} tok/s",
                 record.step,
@@ -408,6 +418,8 @@ fn train(args: TrainArgs) -> Result<()> {
             trainer.save(&out, data.vocab())?;
             metrics::write_csv(&log_path, &records)?;
             metrics::plot_losses(&out.join(PLOT_FILE), &records)?;
+            window = (Instant::now(), 0);
+            bar_window = window;
         }
     }
     bar.finish_and_clear();

@@ -487,6 +487,45 @@ fn linear_matches_matmul() -> Result<()> {
     Ok(())
 }
 
+/// `linear_backward`'s weight gradient is f32 for every input dtype (one GEMM with an f32 output
+/// on CUDA for f16 / bf16) and equals `dyᵀ · x` of the rounded inputs in f64; `dx` keeps the
+/// input dtype. Rows not a multiple of any tile, a wide and a narrow output.
+#[test]
+fn linear_backward_weight_grad_is_f32() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(16);
+    for dev in devices() {
+        for dtype in DTYPES {
+            for (rows, n, k) in [(301, 40, 24), (1000, 7, 64)] {
+                let x = randn(&mut rng, &[3, rows, k], 1.0)?.to_dtype(dtype)?;
+                let w = randn(&mut rng, &[n, k], 0.3)?.to_dtype(dtype)?;
+                let dy = randn(&mut rng, &[3, rows, n], 1.0)?.to_dtype(dtype)?;
+                let f64_of = |t: &Tensor| t.to_dtype(DType::F64);
+                let want_dw = f64_of(&dy)?
+                    .reshape((3 * rows, n))?
+                    .t()?
+                    .matmul(&f64_of(&x)?.reshape((3 * rows, k))?)?;
+                let want_dx = f64_of(&dy)?.broadcast_matmul(&f64_of(&w)?)?;
+                let (dx, dw) = linear_backward(
+                    &x.to_device(&dev)?,
+                    &w.to_device(&dev)?,
+                    &dy.to_device(&dev)?,
+                )?;
+                assert_eq!((dw.dtype(), dw.dims()), (DType::F32, &[n, k][..]));
+                assert_eq!((dx.dtype(), dx.dims()), (dtype, x.dims()));
+                let tol = tolerance(dtype, &dev);
+                for (name, got, want) in [("dw", &dw, &want_dw), ("dx", &dx, &want_dx)] {
+                    let err = rel_err(&got.to_dtype(DType::F64)?.to_device(&Device::Cpu)?, want)?;
+                    assert!(
+                        err <= tol,
+                        "{name} {dtype:?} {dev:?} {rows}x{n}x{k}: rel err {err}"
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 #[test]
 fn to_heads_and_merge_heads_match_transpose() -> Result<()> {
     let mut rng = StdRng::seed_from_u64(14);
@@ -593,7 +632,13 @@ fn adamw_update_many_matches_one_at_a_time() -> Result<()> {
         let param_refs: Vec<&Var> = params.iter().collect();
         let state_refs: Vec<&Var> = states.iter().collect();
         let grad_refs: Vec<&Tensor> = grads.iter().collect();
-        adamw_update_many(&param_refs, &state_refs, &grad_refs, &hp)?;
+        // grad_scale 0.7 as 1.4 on the host times a device factor 0.5 (a clipping factor).
+        let factor = Tensor::new(0.5f32, &dev)?;
+        let split = AdamWUpdate {
+            grad_scale: 1.4,
+            ..hp
+        };
+        adamw_update_many(&param_refs, &state_refs, &grad_refs, Some(&factor), &split)?;
         let tol = tolerance(DType::F32, &dev);
         for (i, (wp, ws)) in want.iter().enumerate() {
             let err = rel_err(params[i].as_tensor(), wp)?;
@@ -612,9 +657,19 @@ fn adamw_update_many_matches_one_at_a_time() -> Result<()> {
             &[&params[0]],
             &[&short],
             &[&grads[0]],
+            None,
             &hp,
         ));
         assert!(e.contains("item 0") && e.contains("state [2, 3]"), "{e}");
+        let two = Tensor::new(&[0.5f32, 0.5], &dev)?;
+        let e = message(adamw_update_many(
+            &[&params[0]],
+            &[&states[0]],
+            &[&grads[0]],
+            Some(&two),
+            &hp,
+        ));
+        assert!(e.contains("grad_factor") && e.contains("[2]"), "{e}");
     }
     Ok(())
 }

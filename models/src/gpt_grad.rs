@@ -426,8 +426,7 @@ impl TrainingPass<'_> {
                             let dqkv = fused::merge_qkv_with(&dq, &dk, &dv, &dlin)?;
                             let (dh1, dw) = fused::linear_backward(&saved.h1, &w.c_attn, &dqkv)?;
                             let [weight, slope] = scorer.params();
-                            let dweight = dw.narrow(0, 3 * c, scorer.kv_heads())?;
-                            grads.insert(weight, f32_of(&dweight)?);
+                            grads.insert(weight, dw.narrow(0, 3 * c, scorer.kv_heads())?);
                             grads.insert(slope, dslope);
                             (dh1, dw)
                         }
@@ -456,11 +455,11 @@ impl TrainingPass<'_> {
             (dx, dln_1) = fused::layer_norm_backward_add(&saved.x_in, &w.ln_1, &dh1, &dx, LN_EPS)?;
             for (var, g) in [
                 (&blk.ln_1, dln_1),
-                (&blk.c_attn, f32_of(&dw_c_attn)?),
-                (&blk.attn_proj, f32_of(&dw_attn_proj)?),
+                (&blk.c_attn, dw_c_attn),
+                (&blk.attn_proj, dw_attn_proj),
                 (&blk.ln_2, dln_2),
-                (&blk.c_fc, f32_of(&dw_fc)?),
-                (&blk.mlp_proj, f32_of(&dw_mlp_proj)?),
+                (&blk.c_fc, dw_fc),
+                (&blk.mlp_proj, dw_mlp_proj),
             ] {
                 grads.insert(var.as_tensor(), g);
             }
@@ -471,7 +470,7 @@ impl TrainingPass<'_> {
             grads.insert(wpe.as_tensor(), dpos);
         }
         let demb = fused::embedding_backward(&dx.reshape((b * t, c))?, &self.ids, cfg.vocab_size)?;
-        grads.insert(model.wte.as_tensor(), (demb + f32_of(&dwte_head)?)?);
+        grads.insert(model.wte.as_tensor(), (demb + dwte_head)?);
         Ok(grads)
     }
 }

@@ -9,14 +9,17 @@ use candle_sparse_attn::fused;
 use serde::{Deserialize, Serialize};
 
 /// Gradients of a set of variables, summed over micro-batches (f32, the variables' shapes), with
-/// a pending scale factor set by clipping ([`Gradients::clip_global_norm`]) and applied by the
-/// consumer ([`AdamW::step`] folds it into its update kernel instead of rescaling every tensor).
+/// pending scale factors applied by the consumer ([`AdamW::step`] folds them into its update kernel
+/// instead of rescaling every tensor): a host factor, and the device factor that clipping
+/// ([`Gradients::clip_global_norm`]) computes without reading the norm back.
 #[derive(Debug)]
 pub struct Gradients {
     grads: HashMap<TensorId, Tensor>,
-    /// Factor the stored tensors are to be multiplied by ([`Gradients::get`] returns them
+    /// Host factor the stored tensors are to be multiplied by ([`Gradients::get`] returns them
     /// unscaled).
     scale: f64,
+    /// Device factor (an f32 scalar) on top of `scale`, set by clipping.
+    factor: Option<Tensor>,
 }
 
 impl Default for Gradients {
@@ -24,6 +27,7 @@ impl Default for Gradients {
         Self {
             grads: HashMap::new(),
             scale: 1.0,
+            factor: None,
         }
     }
 }
@@ -34,18 +38,28 @@ impl Gradients {
         Self::default()
     }
 
-    /// The pending factor of every stored gradient (1 unless clipped): the gradient of `var` is
-    /// `scale() · get(var)`.
+    /// The pending host factor of every stored gradient (1 unless scaled): the gradient of `var`
+    /// is `scale() · factor() · get(var)`.
     pub fn scale(&self) -> f64 {
         self.scale
     }
 
+    /// The pending device factor (an f32 scalar on the gradients' device) set by
+    /// [`Gradients::clip_global_norm`], if any.
+    pub fn factor(&self) -> Option<&Tensor> {
+        self.factor.as_ref()
+    }
+
     /// Adds the gradient of every var in `vars` found in `store` (scaled by `scale`).
     pub fn accumulate(&mut self, store: &GradStore, vars: &[Var], scale: f64) -> Result<()> {
-        if self.scale != 1.0 {
-            // Accumulating after clipping: apply the pending factor first.
+        if self.scale != 1.0 || self.factor.is_some() {
+            // Accumulating after clipping: apply the pending factors first.
+            let factor = self.factor.take();
             for g in self.grads.values_mut() {
                 *g = (&*g * self.scale)?;
+                if let Some(f) = &factor {
+                    *g = g.broadcast_mul(f)?;
+                }
             }
             self.scale = 1.0;
         }
@@ -69,26 +83,34 @@ impl Gradients {
         self.grads.get(&var.as_tensor().id())
     }
 
-    /// The L2 norm of all gradients together: one sum of squares on the device
-    /// ([`fused::sum_of_squares`], two launches on CUDA), one read back.
-    pub fn global_norm(&self) -> Result<f64> {
-        if self.grads.is_empty() {
-            return Ok(0.0);
-        }
+    /// The L2 norm of all gradients together (pending factors included), an f32 scalar on their
+    /// device (a CPU zero when there are none): one sum of squares ([`fused::sum_of_squares`], two
+    /// launches on CUDA) and no read back, so a training step need not wait for the device.
+    pub fn global_norm(&self) -> Result<Tensor> {
         let grads: Vec<Tensor> = self.grads.values().cloned().collect();
-        let sum = fused::sum_of_squares(&grads)?.to_scalar::<f32>()?;
-        Ok((sum as f64).sqrt() * self.scale.abs())
+        if grads.is_empty() {
+            return Tensor::new(0f32, &candle::Device::Cpu);
+        }
+        let norm = (fused::sum_of_squares(&grads)?.sqrt()? * self.scale.abs())?;
+        match &self.factor {
+            Some(f) => norm.broadcast_mul(f),
+            None => Ok(norm),
+        }
     }
 
-    /// Scales all gradients so their global norm is at most `max_norm`; returns the norm before
-    /// clipping.
-    ///
-    /// The tensors are not touched: the factor is kept as the pending [`Gradients::scale`].
-    pub fn clip_global_norm(&mut self, max_norm: f64) -> Result<f64> {
+    /// Scales all gradients so their global norm is at most `max_norm`: a pending device factor
+    /// `max_norm / (norm + 1e-6)` where the norm exceeds `max_norm` (1 where it does not, or is
+    /// not finite), computed on the device. Returns the norm before clipping (see
+    /// [`Gradients::global_norm`]). The tensors are not touched.
+    pub fn clip_global_norm(&mut self, max_norm: f64) -> Result<Tensor> {
         let norm = self.global_norm()?;
-        if norm > max_norm && norm.is_finite() {
-            self.scale *= max_norm / (norm + 1e-6);
-        }
+        let over = norm.gt(max_norm)?.mul(&norm.le(f32::MAX as f64)?)?;
+        let clip = ((&norm + 1e-6)?.recip()? * max_norm)?;
+        let factor = over.where_cond(&clip, &norm.ones_like()?)?;
+        self.factor = Some(match self.factor.take() {
+            Some(f) => (f * factor)?,
+            None => factor,
+        });
         Ok(norm)
     }
 }
@@ -157,7 +179,7 @@ impl AdamW {
         self.step
     }
 
-    /// One update of every var that has a gradient in `grads` (its pending scale included).
+    /// One update of every var that has a gradient in `grads` (its pending factors included).
     pub fn step(&mut self, grads: &Gradients) -> Result<()> {
         self.step += 1;
         let p = self.params;
@@ -180,7 +202,7 @@ impl AdamW {
                 gs.push(g);
             }
         }
-        fused::adamw_update_many(&params, &states, &gs, &hp)
+        fused::adamw_update_many(&params, &states, &gs, grads.factor(), &hp)
     }
 
     /// The moments as `{prefix}m.{name}` / `{prefix}v.{name}` tensors (the step count is stored
@@ -306,9 +328,23 @@ mod tests {
         let loss = (var.as_tensor() * 10.0)?.sum_all()?;
         let mut g = Gradients::new();
         g.accumulate(&loss.backward()?, std::slice::from_ref(&var), 1.0)?;
-        let before = g.clip_global_norm(1.0)?;
+        let before = g.clip_global_norm(1.0)?.to_scalar::<f32>()?;
         assert!((before - 20.0).abs() < 1e-4);
-        assert!((g.global_norm()? - 1.0).abs() < 1e-4);
+        assert!((g.global_norm()?.to_scalar::<f32>()? - 1.0).abs() < 1e-4);
+        // Below the bound nothing changes; a second clip composes with the first.
+        let again = g.clip_global_norm(2.0)?.to_scalar::<f32>()?;
+        assert!((again - 1.0).abs() < 1e-4);
+        assert!((g.global_norm()?.to_scalar::<f32>()? - 1.0).abs() < 1e-4);
+        // A non-finite norm is not clipped (the factor stays 1).
+        let mut inf = Gradients::new();
+        let loss = (var.as_tensor() * f64::INFINITY)?.sum_all()?;
+        inf.accumulate(&loss.backward()?, std::slice::from_ref(&var), 1.0)?;
+        let norm = inf.clip_global_norm(1.0)?.to_scalar::<f32>()?;
+        assert!(norm.is_infinite());
+        assert_eq!(
+            inf.factor().map(|f| f.to_scalar::<f32>()).transpose()?,
+            Some(1.0)
+        );
         Ok(())
     }
 

@@ -173,17 +173,19 @@ pub struct CheckpointMeta {
     pub train: TrainConfig,
 }
 
-/// Numbers of one optimizer step.
-#[derive(Clone, Copy, Debug, PartialEq)]
+/// Numbers of one optimizer step. The loss and the gradient norm stay on the device until read
+/// ([`StepStats::loss`], [`StepStats::grad_norm`]): a step does not wait for the device, so the
+/// host queues the next step while this one runs; reading them waits for the step to finish.
+#[derive(Clone, Debug)]
 pub struct StepStats {
     /// The step just done (0-based).
     pub step: usize,
-    /// Mean training loss over the micro-batches (nats per character).
-    pub loss: f64,
+    /// Mean training loss over the micro-batches (nats per character), an f32 scalar.
+    loss: Tensor,
     /// Learning rate used.
     pub lr: f64,
-    /// Global gradient norm before clipping.
-    pub grad_norm: f64,
+    /// Global gradient norm before clipping, an f32 scalar.
+    grad_norm: Tensor,
     /// Tokens processed.
     pub tokens: usize,
     /// Wall time of each phase, measured only when [`Trainer::set_phase_timing`] is on.
@@ -204,11 +206,27 @@ pub struct PhaseTimes {
     pub optimizer: f64,
     /// Host time enqueuing the forward phase.
     pub forward_host: f64,
-    /// Host time enqueuing the backward phase (up to the read of the loss).
+    /// Host time enqueuing the backward phase.
     pub backward_host: f64,
-    /// Host time of the optimizer phase (it reads the gradient norm back, so it waits for the
-    /// device once).
+    /// Host time enqueuing the optimizer phase.
     pub optimizer_host: f64,
+}
+
+impl StepStats {
+    /// The mean training loss (nats per character), read from the device (waits for the step);
+    /// an error when it is not finite (the training diverged).
+    pub fn loss(&self) -> Result<f64> {
+        let loss = self.loss.to_scalar::<f32>()? as f64;
+        if !loss.is_finite() {
+            bail!("training diverged: loss {loss} at step {}", self.step)
+        }
+        Ok(loss)
+    }
+
+    /// The global gradient norm before clipping, read from the device (waits for the step).
+    pub fn grad_norm(&self) -> Result<f64> {
+        Ok(self.grad_norm.to_scalar::<f32>()? as f64)
+    }
 }
 
 impl std::ops::AddAssign for PhaseTimes {
@@ -239,8 +257,6 @@ impl PhaseTimes {
 struct PhaseClock<'a> {
     device: Option<&'a Device>,
     last: std::time::Instant,
-    /// Host time of the current phase, if marked by [`PhaseClock::enqueued`].
-    host: Option<f64>,
 }
 
 impl<'a> PhaseClock<'a> {
@@ -251,27 +267,16 @@ impl<'a> PhaseClock<'a> {
         Ok(Self {
             device: on.then_some(device),
             last: std::time::Instant::now(),
-            host: None,
         })
     }
 
-    /// Marks the end of the current phase's enqueuing (before a read that waits for the device).
-    fn enqueued(&mut self) {
-        if self.device.is_some() {
-            self.host = Some(self.last.elapsed().as_secs_f64());
-        }
-    }
-
-    /// `(total, host)` seconds since the previous lap: `host` up to [`PhaseClock::enqueued`] or,
-    /// without a mark, up to this call (both 0 when off).
+    /// `(total, host)` seconds since the previous lap: `host` up to this call (the time to
+    /// enqueue the phase), `total` up to the device finishing it (both 0 when off).
     fn lap(&mut self) -> Result<(f64, f64)> {
         let Some(device) = self.device else {
             return Ok((0.0, 0.0));
         };
-        let host = self
-            .host
-            .take()
-            .unwrap_or_else(|| self.last.elapsed().as_secs_f64());
+        let host = self.last.elapsed().as_secs_f64();
         device.synchronize()?;
         let now = std::time::Instant::now();
         let dt = (now - self.last).as_secs_f64();
@@ -368,7 +373,7 @@ impl Trainer {
         let device = self.model.device().clone();
         let step = self.step as u64;
         let mut grads = Gradients::new();
-        let mut loss_sum = 0f64;
+        let mut loss_sum: Option<Tensor> = None;
         let mut phases = PhaseTimes::default();
         let mut clock = PhaseClock::new(self.phase_timing, &device)?;
         for micro in 0..c.grad_accum as u64 {
@@ -387,15 +392,17 @@ impl Trainer {
                 (loss, pass.backward()?)
             };
             grads.accumulate(&store, &self.vars, 1.0 / c.grad_accum as f64)?;
-            clock.enqueued();
-            // Read after the backward is queued, so the host does not wait between the passes.
-            let loss_value = loss.to_scalar::<f32>()? as f64;
-            if !loss_value.is_finite() {
-                bail!("training diverged: loss {loss_value} at step {step}")
-            }
-            loss_sum += loss_value;
+            // Summed on the device: the step never waits for it (see `StepStats`).
+            loss_sum = Some(match loss_sum {
+                Some(sum) => (sum + loss)?,
+                None => loss,
+            });
             phases.add_backward(clock.lap()?);
         }
+        let loss = match loss_sum {
+            Some(sum) => (sum / c.grad_accum as f64)?,
+            None => bail!("train_step: grad_accum must be at least 1"),
+        };
         let grad_norm = if c.grad_clip > 0.0 {
             grads.clip_global_norm(c.grad_clip)?
         } else {
@@ -410,7 +417,7 @@ impl Trainer {
         self.step += 1;
         Ok(StepStats {
             step: self.step - 1,
-            loss: loss_sum / c.grad_accum as f64,
+            loss,
             lr,
             grad_norm,
             tokens: c.grad_accum * c.batch_size * block,

@@ -81,13 +81,13 @@ fn resume_continues_exactly_with(mcfg: &GptConfig, data: &CharDataset, dev: &Dev
         .map(|(_, v)| v.as_tensor().copy())
         .collect::<Result<_>>()?;
     let straight_losses: Vec<f64> = (0..2 * n)
-        .map(|_| straight.train_step(data).map(|s| s.loss))
+        .map(|_| straight.train_step(data)?.loss())
         .collect::<Result<_>>()?;
 
     let dir = tempfile::tempdir()?;
     let mut first = Trainer::new(mcfg.clone(), train_config(2 * n), dev)?;
     let mut resumed_losses: Vec<f64> = (0..n)
-        .map(|_| first.train_step(data).map(|s| s.loss))
+        .map(|_| first.train_step(data)?.loss())
         .collect::<Result<_>>()?;
     first.save(dir.path(), data.vocab())?;
     drop(first);
@@ -100,7 +100,7 @@ fn resume_continues_exactly_with(mcfg: &GptConfig, data: &CharDataset, dev: &Dev
     let mut second = Trainer::resume(dir.path(), mcfg, train_config(2 * n), data.vocab(), dev)?;
     assert_eq!(second.step(), n);
     for _ in 0..n {
-        resumed_losses.push(second.train_step(data)?.loss);
+        resumed_losses.push(second.train_step(data)?.loss()?);
     }
 
     for (i, (a, b)) in straight_losses.iter().zip(&resumed_losses).enumerate() {

@@ -2,7 +2,9 @@
 
 use candle::backend::BackendStorage;
 use candle::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
-use candle::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, PushKernelArg};
+use candle::cuda_backend::cudarc::driver::{
+    CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, PushKernelArg,
+};
 use candle::cuda_backend::WrapErr;
 use candle::{bail, CudaDevice, CudaStorage, DType, Layout, Result};
 use half::{bf16, f16};
@@ -467,6 +469,77 @@ pub(super) fn sum_of_squares(
     Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
 }
 
+/// `dw = dyᵀ · x` `(n, k)` f32 for row-major `dy` `(rows, n)` and `x` `(rows, k)` of one half
+/// dtype (f16 / bf16): one `cublasGemmEx` with f32 accumulation and output, on the device's
+/// stream. In column-major terms `dwᵀ (k × n) = x' (k × rows) · dy'ᵀ`, where `x'` and `dy'` are
+/// the row-major inputs read as column-major.
+pub(super) fn weight_grad_f32(
+    (sdy, ldy): (&CudaStorage, &Layout),
+    (sx, lx): (&CudaStorage, &Layout),
+    rows: usize,
+    n: usize,
+    k: usize,
+) -> Result<CudaStorage> {
+    use candle::cuda_backend::cudarc::cublas::{result::gemm_ex, sys};
+    let what = "linear_backward";
+    let dev = sdy.device().clone();
+    let data_type = match sdy.dtype() {
+        DType::BF16 => sys::cudaDataType::CUDA_R_16BF,
+        DType::F16 => sys::cudaDataType::CUDA_R_16F,
+        other => bail!("{what}: the f32 weight gradient takes f16 / bf16, got {other:?}"),
+    };
+    let dim = |v: usize| {
+        i32::try_from(v).map_err(|_| {
+            candle::Error::Msg(format!("{what}: dimension {v} is too large for cuBLAS"))
+        })
+    };
+    let (m32, n32, k32) = (dim(k)?, dim(n)?, dim(rows)?);
+    let mut out = alloc::<f32>(&dev, n * k)?;
+    let stream = dev.cuda_stream();
+    let blas = dev.cublas_handle();
+    macro_rules! run {
+        ($t:ty) => {{
+            let dy = contiguous_view::<$t>(sdy, ldy, what, "dy")?;
+            let x = contiguous_view::<$t>(sx, lx, what, "x")?;
+            let (dy_ptr, _g1) = dy.device_ptr(&stream);
+            let (x_ptr, _g2) = x.device_ptr(&stream);
+            let (out_ptr, _g3) = out.device_ptr_mut(&stream);
+            let (alpha, beta) = (1f32, 0f32);
+            // SAFETY: the pointers are live views of rows·k, rows·n and n·k elements on the
+            // handle's stream, and the leading dimensions match the row-major layouts.
+            unsafe {
+                gemm_ex(
+                    *blas.handle(),
+                    sys::cublasOperation_t::CUBLAS_OP_N,
+                    sys::cublasOperation_t::CUBLAS_OP_T,
+                    m32,
+                    n32,
+                    k32,
+                    (&alpha as *const f32).cast(),
+                    x_ptr as *const std::ffi::c_void,
+                    data_type,
+                    m32,
+                    dy_ptr as *const std::ffi::c_void,
+                    data_type,
+                    n32,
+                    (&beta as *const f32).cast(),
+                    out_ptr as *mut std::ffi::c_void,
+                    sys::cudaDataType::CUDA_R_32F,
+                    m32,
+                    sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                )
+            }
+            .w()?;
+        }};
+    }
+    match sdy.dtype() {
+        DType::BF16 => run!(bf16),
+        _ => run!(f16),
+    }
+    Ok(CudaStorage::wrap_cuda_slice(out, dev))
+}
+
 /// The scalar arguments of the AdamW kernels (`adamw_step`, `adamw_many`), in their order.
 fn adamw_scalars(hp: &AdamWUpdate) -> [f32; 8] {
     [
@@ -507,11 +580,13 @@ pub(super) fn adamw(
 }
 
 /// AdamW of many `(param, state, grad)` f32 storages in place (`state`: `(2, n)` m then v), one
-/// launch over a device table of pointers. The caller guarantees that nothing else reads or
-/// writes the params and states while the update is queued (they are updated like `Var::set`).
+/// launch over a device table of pointers, the gradients also scaled by the f32 scalar
+/// `grad_factor` when given. The caller guarantees that nothing else reads or writes the params
+/// and states while the update is queued (they are updated like `Var::set`).
 pub(super) fn adamw_many(
     dev: &CudaDevice,
     items: &[[(&CudaStorage, &Layout); 3]],
+    grad_factor: Option<(&CudaStorage, &Layout)>,
     hp: &AdamWUpdate,
 ) -> Result<()> {
     let what = "adamw_update_many";
@@ -543,16 +618,26 @@ pub(super) fn adamw_many(
         table.push(n as u64);
     }
     let table = dev.clone_htod(&table)?;
+    let factor = grad_factor
+        .map(|(s, l)| contiguous_view::<f32>(s, l, what, "grad_factor"))
+        .transpose()?;
+    let (factor_ptr, factor_guard) = match &factor {
+        Some(v) => {
+            let (ptr, guard) = v.device_ptr(&stream);
+            (ptr, Some(guard))
+        }
+        None => (0u64, None),
+    };
     let f = load_kernel!(dev, "adamw_many", MODULE, kernels::FUSED, 0);
     let mut b = f.builder();
-    b.arg(&table);
+    b.arg(&table).arg(&factor_ptr);
     let scalars = adamw_scalars(hp);
     for x in &scalars {
         b.arg(x);
     }
     let blocks = largest.div_ceil(THREADS * 8).clamp(1, 1024);
     unsafe { b.launch(launch_config(what, (blocks, count), THREADS, 0)?) }.w()?;
-    drop(guards);
+    drop((guards, factor_guard));
     Ok(())
 }
 

@@ -660,8 +660,10 @@ pub fn embedding_backward(dy: &Tensor, ids: &Tensor, vocab: usize) -> Result<Ten
 }
 
 /// The gradients `(dx, dw)` of [`linear`] `(x, w)` for the output gradient `dy` `(..., out)`:
-/// `dx = dy · w` (the shape of `x`) and `dw = dyᵀ · x` `(out, in)`, both in the dtype of `x`.
-/// Two matmuls, no autograd.
+/// `dx = dy · w` (the shape and dtype of `x`) and `dw = dyᵀ · x` `(out, in)` in f32 (f64 for f64
+/// inputs), the dtype optimisers keep their weights in. On CUDA with f16 / bf16 inputs `dw` is one
+/// GEMM with an f32 output (f32 accumulation, no rounding to the input dtype, no cast). Two
+/// matmuls, no autograd.
 pub fn linear_backward(x: &Tensor, w: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
     let (n, k) = w.dims2()?;
     let rows = x.elem_count() / k.max(1);
@@ -676,8 +678,51 @@ pub fn linear_backward(x: &Tensor, w: &Tensor, dy: &Tensor) -> Result<(Tensor, T
     }
     let dy = dy.contiguous()?.reshape((rows, n))?;
     let dx = dy.matmul(&w.contiguous()?)?.reshape(x.shape())?;
-    let dw = dy.t()?.matmul(&x.contiguous()?.reshape((rows, k))?)?;
+    let x = x.contiguous()?.reshape((rows, k))?;
+    let dw = match (x.device(), x.dtype()) {
+        #[cfg(feature = "cuda")]
+        (candle::Device::Cuda(_), DType::F16 | DType::BF16) if dy.dtype() == x.dtype() => {
+            dy.apply_op2_no_bwd(&x, &WeightGradF32)?
+        }
+        (_, DType::F64) => dy.t()?.matmul(&x)?,
+        _ => dy.t()?.matmul(&x)?.to_dtype(DType::F32)?,
+    };
     Ok((dx, dw))
+}
+
+/// `dyᵀ · x` in f32 for `dy` `(rows, n)` and `x` `(rows, k)` of one half dtype, contiguous: one
+/// cuBLAS GEMM with an f32 output (CUDA only; [`linear_backward`] picks it).
+#[cfg(feature = "cuda")]
+struct WeightGradF32;
+
+#[cfg(feature = "cuda")]
+impl candle::CustomOp2 for WeightGradF32 {
+    fn name(&self) -> &'static str {
+        "fused-weight-grad-f32"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        bail!("weight_grad_f32: CUDA only (linear_backward uses a matmul on the CPU)")
+    }
+
+    fn cuda_fwd(
+        &self,
+        sdy: &candle::CudaStorage,
+        ldy: &Layout,
+        sx: &candle::CudaStorage,
+        lx: &Layout,
+    ) -> Result<(candle::CudaStorage, Shape)> {
+        let (rows, n) = ldy.shape().dims2()?;
+        let (_, k) = lx.shape().dims2()?;
+        let out = cuda::weight_grad_f32((sdy, ldy), (sx, lx), rows, n, k)?;
+        Ok((out, Shape::from((n, k))))
+    }
 }
 
 /// Softmax cross-entropy of `logits` `(n, v)` (f32, bf16 or f16) against `targets` `(n,)` u32,
@@ -849,12 +894,15 @@ pub fn adamw_update(
 /// [`adamw_update`] of many parameters in place: `params[i]` (f32) and `states[i]` (f32 `(2, n)`,
 /// `m` then `v`, a [`Var`] owned by the optimiser) take their new values as [`Var::set`] would
 /// give them (tensors sharing their storage see the update), from `grads[i]` (f32, the shape of
-/// `params[i]`). On CUDA one kernel over a table of pointers (instead of a launch and a copy per
-/// parameter). No gradient.
+/// `params[i]`). `grad_factor`, an f32 scalar (shape `()` or `(1,)`) on the params' device,
+/// multiplies `hp.grad_scale` when given: a clipping factor computed on the device is applied
+/// without reading it back. On CUDA one kernel over a table of pointers (instead of a launch and
+/// a copy per parameter). No gradient.
 pub fn adamw_update_many(
     params: &[&Var],
     states: &[&Var],
     grads: &[&Tensor],
+    grad_factor: Option<&Tensor>,
     hp: &AdamWUpdate,
 ) -> Result<()> {
     if params.len() != states.len() || params.len() != grads.len() {
@@ -892,6 +940,16 @@ pub fn adamw_update_many(
     let Some(first) = params.first() else {
         return Ok(());
     };
+    if let Some(f) = grad_factor {
+        if f.dtype() != DType::F32 || f.elem_count() != 1 || !f.device().same_device(first.device())
+        {
+            bail!(
+                "adamw_update_many: grad_factor must be one f32 on the params' device, got {:?} {:?}",
+                f.dims(),
+                f.dtype()
+            )
+        }
+    }
     match first.device() {
         #[cfg(feature = "cuda")]
         candle::Device::Cuda(dev) => {
@@ -924,11 +982,23 @@ pub fn adamw_update_many(
                     Ok([out[0], out[1], out[2]])
                 })
                 .collect::<Result<Vec<_>>>()?;
-            cuda::adamw_many(dev, &items, hp)
+            let factor = grad_factor.map(|f| f.storage_and_layout());
+            let factor = match &factor {
+                Some((s, l)) => match &**s {
+                    Storage::Cuda(s) => Some((s, *l)),
+                    _ => bail!("adamw_update_many: grad_factor must be on the CUDA device"),
+                },
+                None => None,
+            };
+            cuda::adamw_many(dev, &items, factor, hp)
         }
         _ => {
+            let mut hp = *hp;
+            if let Some(f) = grad_factor {
+                hp.grad_scale *= f.flatten_all()?.to_vec1::<f32>()?[0];
+            }
             for ((p, s), g) in params.iter().zip(states).zip(grads) {
-                let (new_p, new_s) = adamw_update(p.as_tensor(), s.as_tensor(), g, hp)?;
+                let (new_p, new_s) = adamw_update(p.as_tensor(), s.as_tensor(), g, &hp)?;
                 p.set(&new_p)?;
                 s.set(&new_s)?;
             }
@@ -1177,6 +1247,7 @@ impl candle::CustomOp2 for Linear {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (dx, dw) = linear_backward(x, w, grad)?;
+        let dw = dw.to_dtype(w.dtype())?;
         Ok((Some(dx), Some(dw)))
     }
 }
