@@ -22,6 +22,8 @@
 // - adamw_step: one AdamW update of an f32 parameter, its moments and gradient.
 // - adamw_many: AdamW updates of many f32 parameters and their moments in place (a table of
 //   pointers), one launch.
+// - cast_many: many f32 tensors cast to bf16 / f16 into one output (a table of pointers), one
+//   launch.
 // - sumsq_partial / sum_f32: sum of squares of many f32 tensors (a table of pointers), per-block
 //   partials then one block summing them in a fixed order.
 #include <cuda_bf16.h>
@@ -681,6 +683,25 @@ __device__ __forceinline__ float block_sum(float v) {
   __syncthreads();
   v = threadIdx.x < (blockDim.x >> 5) ? warp_sums[threadIdx.x] : 0.f;
   return warp == 0 ? warp_sum(v) : 0.f;
+}
+
+// Casts of many f32 tensors in one launch: table row blockIdx.y = (src, offset, n), src of n f32
+// cast to out[offset, offset + n).
+template <typename T>
+__device__ void cast_many(const uint64_t* __restrict__ table, T* __restrict__ out) {
+  const uint64_t* row = table + 3 * (size_t)blockIdx.y;
+  const float* src = reinterpret_cast<const float*>(row[0]);
+  T* dst = out + row[1];
+  size_t n = row[2];
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+       i += (size_t)gridDim.x * blockDim.x)
+    dst[i] = from_f<T>(src[i]);
+}
+extern "C" __global__ void cast_many_bf16(const uint64_t* table, __nv_bfloat16* out) {
+  cast_many(table, out);
+}
+extern "C" __global__ void cast_many_f16(const uint64_t* table, __half* out) {
+  cast_many(table, out);
 }
 
 // partial[blockIdx.y * gridDim.x + blockIdx.x] = sum of squares of this block's share of tensor

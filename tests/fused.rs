@@ -6,10 +6,10 @@ mod common;
 
 use candle::{DType, Device, Result, Tensor, Var, D};
 use candle_sparse_attn::fused::{
-    adamw_update, adamw_update_many, add_layer_norm, backward_from, cross_entropy_with_grad,
-    embedding, embedding_backward, gelu, gelu_backward, layer_norm, layer_norm_backward,
-    layer_norm_backward_add, linear, linear_backward, merge_heads, merge_qkv, merge_qkv_with,
-    split_heads, split_qkv, sum_of_squares, to_heads, AdamWUpdate,
+    adamw_update, adamw_update_many, add_layer_norm, backward_from, cast_many,
+    cross_entropy_with_grad, embedding, embedding_backward, gelu, gelu_backward, layer_norm,
+    layer_norm_backward, layer_norm_backward_add, linear, linear_backward, merge_heads, merge_qkv,
+    merge_qkv_with, split_heads, split_qkv, sum_of_squares, to_heads, AdamWUpdate,
 };
 use candle_sparse_attn::reference::rel_err;
 use common::{devices, normal, tolerance};
@@ -522,6 +522,45 @@ fn linear_backward_weight_grad_is_f32() -> Result<()> {
                 }
             }
         }
+    }
+    Ok(())
+}
+
+/// `cast_many` equals `to_dtype` on each tensor (shapes of odd sizes, a non-contiguous view, a
+/// zero-element tensor), and refuses non-f32 input.
+#[test]
+fn cast_many_matches_to_dtype() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(17);
+    for dev in devices() {
+        let on = |t: Tensor| t.to_device(&dev);
+        let tensors = vec![
+            on(randn(&mut rng, &[3, 45], 1.0)?)?,
+            on(randn(&mut rng, &[1], 1.0)?)?,
+            on(randn(&mut rng, &[7, 5], 1.0)?.t()?)?,
+            on(Tensor::zeros((0, 4), DType::F32, &Device::Cpu)?)?,
+            on(randn(&mut rng, &[1001], 100.0)?)?,
+        ];
+        for dtype in DTYPES {
+            let got = cast_many(&tensors, dtype)?;
+            assert_eq!(got.len(), tensors.len());
+            for (i, (g, t)) in got.iter().zip(&tensors).enumerate() {
+                let want = t.to_dtype(dtype)?;
+                assert_eq!((g.dtype(), g.dims()), (dtype, t.dims()), "tensor {i}");
+                let (g, w) = (
+                    g.flatten_all()?.to_dtype(DType::F32)?,
+                    want.flatten_all()?.to_dtype(DType::F32)?,
+                );
+                assert_eq!(
+                    g.to_vec1::<f32>()?,
+                    w.to_vec1::<f32>()?,
+                    "cast_many {dtype:?} {dev:?} tensor {i}"
+                );
+            }
+        }
+        assert!(cast_many(&[], DType::BF16)?.is_empty());
+        let half = tensors[0].to_dtype(DType::BF16)?;
+        let e = message(cast_many(&[tensors[1].clone(), half], DType::F16));
+        assert!(e.contains("tensor 1") && e.contains("BF16"), "{e}");
     }
     Ok(())
 }

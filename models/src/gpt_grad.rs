@@ -106,15 +106,15 @@ fn local_scorer_grads(
     Ok(dh1)
 }
 
-/// `c_attn` `(3c, c)` with the key scorer's weight rows `(kv_heads, c)` appended (then zero rows
+/// `c_attn` `(3c, c)` with the key scorer's weight rows `weight` `(h, c)` (`h` kv heads, the dtype
+/// of `c_attn`) appended (then zero rows
 /// up to a multiple of 8, so that the projection's rows stay 16-byte aligned): the q/k/v GEMM
 /// also gives the scores' linear part ([`SparseKScorer::scores_from_linear`]), and its backward
 /// GEMMs the scorer input's and weight's gradients, instead of the scorer's own three kernels.
 ///
 /// [`SparseKScorer::scores_from_linear`]: candle_sparse_attn::SparseKScorer::scores_from_linear
-fn fold_scorer(c_attn: &Tensor, scorer: &candle_sparse_attn::SparseKScorer) -> Result<Tensor> {
-    let weight = scorer.params()[0].to_dtype(c_attn.dtype())?;
-    let (h, c) = (scorer.kv_heads(), c_attn.dim(1)?);
+fn fold_scorer(c_attn: &Tensor, weight: &Tensor, h: usize) -> Result<Tensor> {
+    let c = c_attn.dim(1)?;
     let pad = Tensor::zeros(((8 - h % 8) % 8, c), c_attn.dtype(), c_attn.device())?;
     Tensor::cat(&[c_attn, &weight, &pad], 0)
 }
@@ -210,43 +210,68 @@ impl Gpt {
             )
         }
         let (dt, dev, c) = (self.compute_dtype, &self.device, cfg.n_embd);
-        let cast = |v: &Var| v.as_tensor().detach().to_dtype(dt);
         let p = if train { cfg.dropout } else { 0.0 };
         let ids = inputs.flatten_all()?;
-        let wte = cast(&self.wte)?;
+        // Every weight in the compute dtype, cast in one launch: the token table, each block's
+        // six matrices and gains (and its scorer's weight), the final gain, the positions.
+        let mut params: Vec<Tensor> = vec![self.wte.as_tensor().detach()];
+        for blk in &self.blocks {
+            let matrices = [
+                &blk.ln_1,
+                &blk.c_attn,
+                &blk.attn_proj,
+                &blk.ln_2,
+                &blk.c_fc,
+                &blk.mlp_proj,
+            ];
+            params.extend(matrices.iter().map(|v| v.as_tensor().detach()));
+            if let Some(scorer) = &blk.scorer {
+                params.push(scorer.params()[0].detach());
+            }
+        }
+        params.push(self.ln_f.as_tensor().detach());
+        params.extend(self.wpe.iter().map(|v| v.as_tensor().detach()));
+        let mut cast = fused::cast_many(&params, dt)?.into_iter();
+        let mut next = || {
+            cast.next()
+                .ok_or_else(|| candle::Error::Msg("gpt training pass: a weight is missing".into()))
+        };
+        let wte = next()?;
         let weights = self
             .blocks
             .iter()
             .map(|blk| {
-                let c_attn = cast(&blk.c_attn)?;
+                let [ln_1, c_attn, attn_proj, ln_2, c_fc, mlp_proj] =
+                    [next()?, next()?, next()?, next()?, next()?, next()?];
                 let c_attn = match &blk.scorer {
-                    Some(scorer) => fold_scorer(&c_attn, scorer)?,
+                    Some(scorer) => fold_scorer(&c_attn, &next()?, scorer.kv_heads())?,
                     None => c_attn,
                 };
                 Ok(BlockWeights {
-                    ln_1: cast(&blk.ln_1)?,
+                    ln_1,
                     c_attn,
-                    attn_proj: cast(&blk.attn_proj)?,
-                    ln_2: cast(&blk.ln_2)?,
-                    c_fc: cast(&blk.c_fc)?,
-                    mlp_proj: cast(&blk.mlp_proj)?,
+                    attn_proj,
+                    ln_2,
+                    c_fc,
+                    mlp_proj,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let ln_f = cast(&self.ln_f)?;
+        let ln_f = next()?;
+        let wpe = self.wpe.as_ref().map(|_| next()).transpose()?;
         // The gain of the LayerNorm after each residual add: the next block's ln_1, then ln_f.
         let next_gain = |i: usize| weights.get(i).map_or(&ln_f, |w| &w.ln_1);
         let emb = fused::embedding(&wte, &ids)?.reshape((b, t, c))?;
         let keep_emb = dropout_keep(emb.shape(), dt, p, mix_seed(&[seed, 0]), dev)?;
         // x: the residual stream; h: its LayerNorm by the next gain (computed with the add).
-        let (mut x, mut h) = match (&self.wpe, &keep_emb) {
+        let (mut x, mut h) = match (&wpe, &keep_emb) {
             (Some(wpe), None) => {
-                let pos = cast(wpe)?.narrow(0, 0, t)?;
+                let pos = wpe.narrow(0, 0, t)?;
                 fused::add_layer_norm(&emb, &pos, next_gain(0), LN_EPS)?
             }
             _ => {
-                let x = match &self.wpe {
-                    Some(wpe) => emb.broadcast_add(&cast(wpe)?.narrow(0, 0, t)?)?,
+                let x = match &wpe {
+                    Some(wpe) => emb.broadcast_add(&wpe.narrow(0, 0, t)?)?,
                     None => emb,
                 };
                 let x = apply_dropout(&x, keep_emb.as_ref(), p)?;

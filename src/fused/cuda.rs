@@ -426,6 +426,55 @@ fn units_of(what: &str, dtype: DType, width: usize, du: u32, d: usize, rows: usi
     Ok(ru as u32)
 }
 
+/// The f32 `tensors` (contiguous) cast to `dtype` (bf16 or f16) into one storage, one after the
+/// other (`offsets[i]` where tensor `i` starts): one launch over a device table of pointers.
+pub(super) fn cast_many(
+    dev: &CudaDevice,
+    tensors: &[(&CudaStorage, &Layout)],
+    offsets: &[usize],
+    dtype: DType,
+) -> Result<CudaStorage> {
+    let what = "cast_many";
+    let n = tensors.len();
+    if n == 0 || n > 65535 {
+        bail!("{what} (cuda): need 1 to 65535 tensors, got {n}")
+    }
+    let stream = dev.cuda_stream();
+    let views = tensors
+        .iter()
+        .enumerate()
+        .map(|(i, (s, l))| contiguous_view::<f32>(s, l, what, &format!("tensor {i}")))
+        .collect::<Result<Vec<_>>>()?;
+    let mut table = Vec::with_capacity(3 * n);
+    let mut guards = Vec::with_capacity(n);
+    let mut largest = 0;
+    for (v, &offset) in views.iter().zip(offsets) {
+        let (ptr, guard) = v.device_ptr(&stream);
+        table.extend([ptr, offset as u64, v.len() as u64]);
+        guards.push(guard);
+        largest = largest.max(v.len());
+    }
+    let total = offsets.last().copied().unwrap_or(0) + views.last().map_or(0, |v| v.len());
+    let table = dev.clone_htod(&table)?;
+    let grid = (largest.div_ceil(THREADS * 4).clamp(1, 1024), n);
+    macro_rules! run {
+        ($t:ty, $kernel:expr) => {{
+            let mut out = alloc::<$t>(dev, total)?;
+            let f = load_kernel!(dev, $kernel, MODULE, kernels::FUSED, 0);
+            let mut b = f.builder();
+            b.arg(&table).arg(&mut out);
+            unsafe { b.launch(launch_config(what, grid, THREADS, 0)?) }.w()?;
+            drop(guards);
+            Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+        }};
+    }
+    match dtype {
+        DType::BF16 => run!(bf16, "cast_many_bf16"),
+        DType::F16 => run!(f16, "cast_many_f16"),
+        other => bail!("{what} (cuda): casts to bf16 or f16, got {other:?}"),
+    }
+}
+
 /// The sum of squares of every element of the f32 `tensors` (contiguous), a `(1,)` f32 storage:
 /// one launch over a device table of pointers (per-block partials), then one block summing the
 /// partials in a fixed order.

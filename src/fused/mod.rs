@@ -497,6 +497,63 @@ pub fn sum_of_squares(tensors: &[Tensor]) -> Result<Tensor> {
     Ok(Tensor::from_storage(out, (), BackpropOp::none(), false))
 }
 
+/// `tensors` (f32, one device, any shapes) cast to `dtype`, as [`Tensor::to_dtype`] casts each:
+/// on CUDA to bf16 / f16 one launch over a device table of pointers writing one allocation (the
+/// results are views of it), instead of a launch per tensor (a model's weights cast to the
+/// compute dtype every step). An empty list gives an empty list. No autograd.
+pub fn cast_many(tensors: &[Tensor], dtype: DType) -> Result<Vec<Tensor>> {
+    let Some(first) = tensors.first() else {
+        return Ok(vec![]);
+    };
+    let dev = first.device();
+    for (i, t) in tensors.iter().enumerate() {
+        if t.dtype() != DType::F32 || !t.device().same_device(dev) {
+            bail!(
+                "cast_many: tensor {i} {:?} {:?} on {:?} must be f32 on {:?}",
+                t.dims(),
+                t.dtype(),
+                t.device().location(),
+                dev.location()
+            )
+        }
+    }
+    match dev {
+        #[cfg(feature = "cuda")]
+        candle::Device::Cuda(cuda_dev) if matches!(dtype, DType::BF16 | DType::F16) => {
+            let tensors = tensors
+                .iter()
+                .map(Tensor::contiguous)
+                .collect::<Result<Vec<_>>>()?;
+            let offsets: Vec<usize> = tensors
+                .iter()
+                .scan(0, |at, t| {
+                    let start = *at;
+                    *at += t.elem_count();
+                    Some(start)
+                })
+                .collect();
+            let total =
+                offsets.last().copied().unwrap_or(0) + tensors.last().map_or(0, |t| t.elem_count());
+            let storages: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
+            let parts = storages
+                .iter()
+                .map(|(s, l)| match &**s {
+                    Storage::Cuda(s) => Ok((s, *l)),
+                    _ => bail!("cast_many: tensors must share one device"),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let out = cuda::cast_many(cuda_dev, &parts, &offsets, dtype)?;
+            let all = Tensor::from_storage(Storage::Cuda(out), total, BackpropOp::none(), false);
+            tensors
+                .iter()
+                .zip(offsets)
+                .map(|(t, at)| all.narrow(0, at, t.elem_count())?.reshape(t.shape()))
+                .collect()
+        }
+        _ => tensors.iter().map(|t| t.to_dtype(dtype)).collect(),
+    }
+}
+
 /// `x · wᵀ` for `x` `(..., in)` and `w` `(out, in)` of one float dtype (f32, bf16, f16 or
 /// f64); returns `(..., out)`.
 /// One matmul (cuBLAS on CUDA) on the contiguous inputs; the backward computes `dx = dy · w` and
