@@ -7,23 +7,25 @@
 
 #include "mma.cuh"
 
-// Async copy of rows [row0, row0 + ROWS) of a (n, D) matrix into a 128-byte-swizzled shared tile
+// Async copy of rows [row0, row0 + ROWS) of a (n, D) matrix (rows ld elements apart, D by
+// default) into a 128-byte-swizzled shared tile
 // (the layout wgmma's SWIZZLE_128B descriptors read) by NT threads (this one is number tid): D / 64
 // column blocks of ROWS rows x 128 bytes, the 16-byte chunk c of row r stored at chunk c ^ (r % 8)
 // of its row. Rows past n are zero-filled. The tile must start on a 1024-byte boundary. A thread
 // copies the same chunk c of rows r0, r0 + RS, ... (RS = NT / (D / 8), a multiple of 8, so the
 // swizzle is the same for all of them).
 template <typename T, int ROWS, int D, int NT>
-__device__ __forceinline__ void load_tile_sw128(T* s, const T* g, int row0, int n, int tid) {
+__device__ __forceinline__ void load_tile_sw128(T* s, const T* g, int row0, int n, int tid,
+                                                long long ld = D) {
   constexpr int CH = D / 8, RS = NT / CH;
   static_assert(NT % CH == 0 && RS % 8 == 0 && ROWS % RS == 0, "load_tile_sw128: tile shape");
   int r0 = tid / CH, c = tid % CH;
   T* sp = s + (c / 8) * ROWS * 64 + r0 * 64 + ((c % 8) ^ (r0 & 7)) * 8;
-  const T* gp = g + (long long)(row0 + r0) * D + c * 8;
+  const T* gp = g + (long long)(row0 + r0) * ld + c * 8;
 #pragma unroll
   for (int j = 0; j < ROWS / RS; ++j) {
     bool ok = row0 + r0 + j * RS < n;
-    cp_async16(sp + j * RS * 64, ok ? gp + (long long)j * RS * D : g, ok);
+    cp_async16(sp + j * RS * 64, ok ? gp + (long long)j * RS * ld : g, ok);
   }
 }
 

@@ -238,10 +238,11 @@ __device__ __forceinline__ void store_acc_cols(T* g, const float (*acc)[4], int 
   }
 }
 
-// Writes a warp's 16 x D f32 accumulator (times mul) as T rows [r0, r0+16) of a (n, D) matrix.
+// Writes a warp's 16 x D f32 accumulator (times mul) as T rows [r0, r0+16) of a (n, D) matrix
+// (rows ld elements apart, D by default).
 template <typename T, int D>
 __device__ __forceinline__ void store_acc(T* g, const float (*acc)[4], int r0, int n, float mul0,
-                                          float mul1) {
+                                          float mul1, long long ld = D) {
   int lane = threadIdx.x & 31, gq = lane >> 2, t4 = lane & 3;
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
@@ -251,7 +252,7 @@ __device__ __forceinline__ void store_acc(T* g, const float (*acc)[4], int r0, i
 #pragma unroll
     for (int dt = 0; dt < D / 8; ++dt) {
       uint32_t w = pack2<T>(acc[dt][half * 2] * mul, acc[dt][half * 2 + 1] * mul);
-      *reinterpret_cast<uint32_t*>(g + (long long)r * D + dt * 8 + 2 * t4) = w;
+      *reinterpret_cast<uint32_t*>(g + (long long)r * ld + dt * 8 + 2 * t4) = w;
     }
   }
 }

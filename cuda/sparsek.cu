@@ -499,6 +499,13 @@ extern "C" __global__ void __launch_bounds__(BQ) sk_select(
       const E *__restrict__ go, const float *__restrict__ lse, const float *__restrict__ delta, \
       const float *__restrict__ rmean, float *__restrict__ dacc,                               \
       float *__restrict__ du, E *__restrict__ dk, E *__restrict__ dv, SK_PARAMS
+// The Hopper key-side kernels' arguments: SK_DKV_PARAMS with the rows' strides (SkwStrides)
+// before SK_PARAMS.
+#define SKW_DKV_PARAMS                                                                          \
+  const E *__restrict__ q, const E *__restrict__ k, const E *__restrict__ v,                   \
+      const E *__restrict__ go, const float *__restrict__ lse, const float *__restrict__ delta, \
+      const float *__restrict__ rmean, float *__restrict__ dacc,                               \
+      float *__restrict__ du, E *__restrict__ dk, E *__restrict__ dv, SkwStrides ws, SK_PARAMS
 
 #define FULL 0xffffffffu
 #define WARPS 8
@@ -1048,12 +1055,12 @@ __device__ __forceinline__ void sk_online_softmax(float (*s)[4], float* mrow, fl
 }
 
 // The forward's epilogue: l summed over the row's four threads, the LSE (log2-domain m) stored,
-// the warp's 16 output rows from r0 stored as acc / l.
+// the warp's 16 output rows from r0 stored as acc / l (orow: the head's row 0, rows ld apart).
 template <typename E, int D>
-__device__ __forceinline__ void sk_fwd_epilogue(E* out, float* lse, const float (*acc)[4],
-                                                const float* mrow, const float* lrow,
-                                                const SkRows& rw, long long qrow0, int r0,
-                                                int T) {
+__device__ __forceinline__ void sk_fwd_epilogue(E* orow, long long ld, float* lse,
+                                                const float (*acc)[4], const float* mrow,
+                                                const float* lrow, const SkRows& rw,
+                                                long long qrow0, int r0, int T) {
   float inv[2];
 #pragma unroll
   for (int hf = 0; hf < 2; ++hf) {
@@ -1064,7 +1071,7 @@ __device__ __forceinline__ void sk_fwd_epilogue(E* out, float* lse, const float 
     if ((threadIdx.x & 3) == 0 && rw.i[hf] >= 0)
       lse[qrow0 + rw.i[hf]] = l > 0.f ? mrow[hf] * LN2 + logf(l) : neg_inf();
   }
-  store_acc<E, D>(out + qrow0 * D, acc, r0, T, inv[0], inv[1]);
+  store_acc<E, D>(orow, acc, r0, T, inv[0], inv[1], ld);
 }
 
 // dS of one element (score s, dP value dp, weight wv) of query i and key j: P (w dP - delta),
@@ -1176,7 +1183,7 @@ __device__ void skt_fwd(const E* __restrict__ q, const E* __restrict__ k, const 
     buf ^= 1;
   }
   cp_async_wait<0>();
-  sk_fwd_epilogue<E, D>(out, lse, acc, mrow, lrow, rw, qrow0, m0 + warp * 16, T);
+  sk_fwd_epilogue<E, D>(out + qrow0 * D, D, lse, acc, mrow, lrow, rw, qrow0, m0 + warp * 16, T);
 }
 
 // Backward, query-major (f16 / bf16): dq (scaled, in the input dtype: every row belongs to one
@@ -1426,11 +1433,12 @@ __device__ __forceinline__ float quad_sum(float g) {
 
 // Finishes this thread's two key rows (positions jk, -1: none; C fragments adv, adk; score
 // gradients gu) after the list kernel: dK = scale * adk + the list's dK part, dV likewise, written
-// in the input dtype, and du += the rows' score gradients. list_part(kv, j, col) reads the list's
-// float2 at key j, columns col, col + 1 of dK (kv = 0) or dV (kv = 1).
+// in the input dtype (dkr, dvr: the kv head's row 0, rows ld apart), and du += the rows' score
+// gradients. list_part(kv, j, col) reads the list's float2 at key j, columns col, col + 1 of dK
+// (kv = 0) or dV (kv = 1).
 template <typename E, int D, typename ListPart>
-__device__ __forceinline__ void sk_finish_dkv(ListPart&& list_part, float* du, E* dk, E* dv,
-                                              long long krow0, const int* jk,
+__device__ __forceinline__ void sk_finish_dkv(ListPart&& list_part, float* du, E* dkr, E* dvr,
+                                              long long ld, long long krow0, const int* jk,
                                               const float (*adv)[4], const float (*adk)[4],
                                               const float* gu, float scale) {
   const int t4 = threadIdx.x & 3;
@@ -1440,7 +1448,7 @@ __device__ __forceinline__ void sk_finish_dkv(ListPart&& list_part, float* du, E
     int j = jk[hf];
     if (j < 0) continue;
     if (t4 == 0) du[krow0 + j] += gs;
-    const long long o = (krow0 + j) * D + 2 * t4;
+    const long long o = j * ld + 2 * t4;
     float2 lk[D / 8], lv[D / 8];
 #pragma unroll
     for (int dt = 0; dt < D / 8; ++dt) {
@@ -1449,9 +1457,9 @@ __device__ __forceinline__ void sk_finish_dkv(ListPart&& list_part, float* du, E
     }
 #pragma unroll
     for (int dt = 0; dt < D / 8; ++dt) {
-      *reinterpret_cast<uint32_t*>(dk + o + dt * 8) = pack2<E>(
+      *reinterpret_cast<uint32_t*>(dkr + o + dt * 8) = pack2<E>(
           adk[dt][hf * 2] * scale + lk[dt].x, adk[dt][hf * 2 + 1] * scale + lk[dt].y);
-      *reinterpret_cast<uint32_t*>(dv + o + dt * 8) =
+      *reinterpret_cast<uint32_t*>(dvr + o + dt * 8) =
           pack2<E>(adv[dt][hf * 2] + lv[dt].x, adv[dt][hf * 2 + 1] + lv[dt].y);
     }
   }
@@ -1559,7 +1567,8 @@ __device__ void skt_bwd_dkv_band(SK_DKV_PARAMS) {
   auto list_part = [&](int kv, int j, int col) {
     return *reinterpret_cast<const float2*>(dacc + kv * kc.nkd + (kc.krow0 + j) * D + col);
   };
-  sk_finish_dkv<E, D>(list_part, du, dk, dv, kc.krow0, kc.jk, adv, adk, gu, scale);
+  sk_finish_dkv<E, D>(list_part, du, dk + kc.krow0 * D, dv + kc.krow0 * D, D, kc.krow0, kc.jk, adv,
+                      adk, gu, scale);
 }
 
 // Adds the key-side accumulators of this thread's two key rows (positions jk, -1: none; C
@@ -1733,7 +1742,7 @@ struct SkwSmem {
 // contiguously; missing keys are zero-filled (their weight is 0).
 template <typename E, int D, int NQ, int S>
 __device__ void skw_produce(const SkwSmem<E, D, NQ, S>& sm, const SkTiles& tl, const E* kr,
-                            const E* vr) {
+                            const E* vr, long long kst) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int CH = D / 8, RS = 128 / CH, NR = TB / RS;
   static_assert(RS % 8 == 0 && TB % RS == 0, "skw_produce: tile shape");
@@ -1762,13 +1771,13 @@ __device__ void skw_produce(const SkwSmem<E, D, NQ, S>& sm, const SkTiles& tl, c
     E* dk = sm.k + st * TB * D + soff;
 #pragma unroll
     for (int m = 0; m < NR; ++m)
-      cp_async16(dk + m * RS * 64, kr + (long long)max(jr[m], 0) * D + cc * 8, jr[m] >= 0);
+      cp_async16(dk + m * RS * 64, kr + max(jr[m], 0) * kst + cc * 8, jr[m] >= 0);
     mbar_arrive_cp_async(sm.full_k + st);
     if (t >= S) mbar_wait(sm.empty_v + st, parity);
     E* dv = sm.v + st * TB * D + soff;
 #pragma unroll
     for (int m = 0; m < NR; ++m)
-      cp_async16(dv + m * RS * 64, vr + (long long)max(jr[m], 0) * D + cc * 8, jr[m] >= 0);
+      cp_async16(dv + m * RS * 64, vr + max(jr[m], 0) * kst + cc * 8, jr[m] >= 0);
     if (tid < TB) {
       bool ok;
       const float* src;
@@ -1800,22 +1809,38 @@ __device__ __forceinline__ float skw_weight(const SkTiles& tl, const SkRows& rw,
                               rw.cj[hf], window);
 }
 
+// Where the Hopper kernels find the rows of their element tensors: row t of (batch b, head h) of
+// a tensor X starts at X + b * s[0] + h * s[1] + t * s[2] (elements), with s = q for q and dq,
+// kv for k, v, dk and dv, o for the output and its gradient. Contiguous (b, h, T, D) tensors have
+// s = (h * T * D, T * D, D); heads packed in projection rows of width W, (b, T, W), have
+// (T * W, D, W). (The f32 statistics and accumulators stay contiguous, indexed by qrow0 / krow0.)
+struct SkwStrides {
+  long long q[3], kv[3], o[3];
+  __device__ __forceinline__ long long q_off(int b, int h) const { return b * q[0] + h * q[1]; }
+  __device__ __forceinline__ long long kv_off(int b, int h) const { return b * kv[0] + h * kv[1]; }
+  __device__ __forceinline__ long long o_off(int b, int h) const { return b * o[0] + h * o[1]; }
+};
+
 // What a Hopper kernel's CTA works on: query block c of (batch, q head) bh, its kv row bhk and
-// that row's K and V, and the block's tiles.
+// that row's K and V (rows kst apart), the offsets of the query head's rows in q / dq (qoff) and
+// in the output / its gradient (ooff), and the block's tiles.
 template <typename E, int D>
 struct SkwCta {
   int c, bhk, m0;
-  long long qrow0;
+  long long qrow0, qoff, ooff, kst;
   const E *kr, *vr;
   SkTiles tl;
-  __device__ SkwCta(const E* k, const E* v, SK_PARAMS) {
+  __device__ SkwCta(const E* k, const E* v, const SkwStrides& ws, SK_PARAMS) {
     c = blockIdx.x;
-    const int bh = blockIdx.y, b = bh / Hq, h = bh % Hq;
-    bhk = b * Hkv + h / (Hq / Hkv);
+    const int bh = blockIdx.y, b = bh / Hq, h = bh % Hq, hk = h / (Hq / Hkv);
+    bhk = b * Hkv + hk;
     m0 = c * BQ;
     qrow0 = (long long)bh * T;
-    kr = k + (long long)bhk * T * D;
-    vr = v + (long long)bhk * T * D;
+    qoff = ws.q_off(b, h);
+    ooff = ws.o_off(b, h);
+    kst = ws.kv[2];
+    kr = k + ws.kv_off(b, hk);
+    vr = v + ws.kv_off(b, hk);
     tl = sk_tiles(c, bhk, u, lu, lj, nlist, T, window, cap, nb);
   }
 };
@@ -1832,7 +1857,7 @@ __device__ __forceinline__ bool skw_split_producer(const SkwSmem<E, D, NQ, S>& s
   __syncthreads();
   if (threadIdx.x < 128) {
     setmaxnreg_dec<SKW_PRODUCER_REGS>();
-    skw_produce<E, D, NQ, S>(sm, cta.tl, cta.kr, cta.vr);
+    skw_produce<E, D, NQ, S>(sm, cta.tl, cta.kr, cta.vr, cta.kst);
     sk_zero_share(zero, nzero, threadIdx.x, 128);
     return true;
   }
@@ -1879,19 +1904,19 @@ __device__ __forceinline__ void skw_pack_a(uint32_t (*pa)[4], const float (*s)[4
 
 template <typename E, int D, int S, int MINB>
 __device__ void skw_fwd(const E* __restrict__ q, const E* __restrict__ k, const E* __restrict__ v,
-                        E* __restrict__ out, float* __restrict__ lse, SK_PARAMS) {
+                        E* __restrict__ out, float* __restrict__ lse, SkwStrides ws, SK_PARAMS) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int N8 = TB / 8, DT = D / 8;
   static_assert(D % 64 == 0, "skw_fwd: head_dim 64 or 128");
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const SkwSmem<E, D, 1, S> sm(smem_raw);
-  const SkwCta<E, D> cta(k, v, SK_ARGS);
+  const SkwCta<E, D> cta(k, v, ws, SK_ARGS);
   if (skw_split_producer<E, D, 1, S, MINB>(sm, cta)) return;
   const SkTiles& tl = cta.tl;
   const int m0 = cta.m0, bhk = cta.bhk;
   const long long qrow0 = cta.qrow0;
   const int tid = threadIdx.x - 128, warp = tid / 32, lane = tid & 31;
-  load_tile_sw128<E, BQ, D, 128>(sm.q, q + qrow0 * D, m0, T, tid);
+  load_tile_sw128<E, BQ, D, 128>(sm.q, q + cta.qoff, m0, T, tid, ws.q[2]);
   cp_async_commit();
   const SkRows rw(m0, warp, bhk, T, tau, cut_u, cut_j, nattend);
   const float sl2 = scale * LOG2E;
@@ -1985,7 +2010,7 @@ __device__ void skw_fwd(const E* __restrict__ q, const E* __restrict__ k, const 
   wgmma_wait<0>();
   wgmma_fence_regs<DT>(acc);
 
-  sk_fwd_epilogue<E, D>(out, lse, acc, mrow, lrow, rw, qrow0, m0 + warp * 16, T);
+  sk_fwd_epilogue<E, D>(out + cta.ooff, ws.o[2], lse, acc, mrow, lrow, rw, qrow0, m0 + warp * 16, T);
 #endif
 }
 
@@ -1998,21 +2023,22 @@ __device__ void skw_bwd_dq(const E* __restrict__ q, const E* __restrict__ k,
                            const E* __restrict__ go, const float* __restrict__ lse,
                            E* __restrict__ dq, float* __restrict__ delta,
                            float* __restrict__ rmean,
-                           float* __restrict__ dacc, long long nacc, SK_PARAMS) {
+                           float* __restrict__ dacc, long long nacc, SkwStrides ws,
+                           SK_PARAMS) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int N8 = TB / 8, DT = D / 8;
   static_assert(D % 64 == 0, "skw_bwd_dq: head_dim 64 or 128");
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const SkwSmem<E, D, 2, S> sm(smem_raw);
   E* sG = sm.q + BQ * D;
-  const SkwCta<E, D> cta(k, v, SK_ARGS);
+  const SkwCta<E, D> cta(k, v, ws, SK_ARGS);
   if (skw_split_producer<E, D, 2, S, MINB>(sm, cta, dacc, nacc)) return;
   const SkTiles& tl = cta.tl;
   const int m0 = cta.m0, bhk = cta.bhk;
-  const long long qrow0 = cta.qrow0;
+  const long long qrow0 = cta.qrow0, ost = ws.o[2];
   const int tid = threadIdx.x - 128, warp = tid / 32, lane = tid & 31, gq = lane >> 2;
-  load_tile_sw128<E, BQ, D, 128>(sm.q, q + qrow0 * D, m0, T, tid);
-  load_tile_sw128<E, BQ, D, 128>(sG, go + qrow0 * D, m0, T, tid);
+  load_tile_sw128<E, BQ, D, 128>(sm.q, q + cta.qoff, m0, T, tid, ws.q[2]);
+  load_tile_sw128<E, BQ, D, 128>(sG, go + cta.ooff, m0, T, tid, ost);
   cp_async_commit();
   const SkRows rw(m0, warp, bhk, T, tau, cut_u, cut_j, nattend);
   const float sl2 = scale * LOG2E;
@@ -2021,8 +2047,8 @@ __device__ void skw_bwd_dq(const E* __restrict__ q, const E* __restrict__ k,
   float dl[2], l2[2];
   {
     const int rr = warp * 16 + (lane >> 1), i = m0 + rr, half = (lane & 1) * (D / 2);
-    float x = i < T ? dot_rows<E, D / 2>(o + (qrow0 + i) * D + half, go + (qrow0 + i) * D + half)
-                    : 0.f;
+    const long long oi = cta.ooff + i * ost + half;
+    float x = i < T ? dot_rows<E, D / 2>(o + oi, go + oi) : 0.f;
     x += __shfl_xor_sync(0xffffffffu, x, 1);
     if ((lane & 1) == 0 && i < T) delta[qrow0 + i] = x;
     // Row gq + 8 hf of the warp is held by lanes 2 (gq + 8 hf) and 2 (gq + 8 hf) + 1.
@@ -2109,7 +2135,7 @@ __device__ void skw_bwd_dq(const E* __restrict__ q, const E* __restrict__ k,
   wgmma_wait<0>();
   wgmma_fence_regs<DT>(acc);
   sk_store_support(rmean, r, ns, rw, qrow0);
-  store_acc<E, D>(dq + qrow0 * D, acc, m0 + warp * 16, T, scale, scale);
+  store_acc<E, D>(dq + cta.qoff, acc, m0 + warp * 16, T, scale, scale, ws.q[2]);
 #endif
 }
 
@@ -2121,7 +2147,7 @@ __device__ void skw_bwd_dq(const E* __restrict__ q, const E* __restrict__ k,
 // bwd_wgmma) and the element-wise step of the mma.sync kernel. Q and dO tiles are double-buffered
 // with cp.async; a step's query statistics are read into registers during the previous step.
 template <typename E, int D>
-__device__ void skw_bwd_dkv_band(SK_DKV_PARAMS) {
+__device__ void skw_bwd_dkv_band(SKW_DKV_PARAMS) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int N8 = BQ / 8, DT = D / 8;
   static_assert(D % 64 == 0 && TB == BQ, "skw_bwd_dkv_band: head_dim 64 or 128");
@@ -2151,12 +2177,15 @@ __device__ void skw_bwd_dkv_band(SK_DKV_PARAMS) {
     cp_async_commit();
   };
   const float sl2 = scale * LOG2E;
-  load_tile_sw128<E, TB, D, 128>(sK, k + kc.krow0 * D, kc.j0, T, tid);
-  load_tile_sw128<E, TB, D, 128>(sV, v + kc.krow0 * D, kc.j0, T, tid);
+  // The kv head's rows in k, v, dk, dv; step p's query head (p / nc of the group) in q and dO.
+  const int b = blockIdx.y / Hkv, hk = blockIdx.y % Hkv;
+  const long long kvoff = ws.kv_off(b, hk);
+  load_tile_sw128<E, TB, D, 128>(sK, k + kvoff, kc.j0, T, tid, ws.kv[2]);
+  load_tile_sw128<E, TB, D, 128>(sV, v + kvoff, kc.j0, T, tid, ws.kv[2]);
   auto load_q = [&](int p, int buf) {
-    const int m0 = kc.block(p) * BQ;
-    load_tile_sw128<E, BQ, D, 128>(sQ + buf * BQ * D, q + kc.qrow(p) * D, m0, T, tid);
-    load_tile_sw128<E, BQ, D, 128>(sG + buf * BQ * D, go + kc.qrow(p) * D, m0, T, tid);
+    const int m0 = kc.block(p) * BQ, h = hk * (Hq / Hkv) + p / kc.nc;
+    load_tile_sw128<E, BQ, D, 128>(sQ + buf * BQ * D, q + ws.q_off(b, h), m0, T, tid, ws.q[2]);
+    load_tile_sw128<E, BQ, D, 128>(sG + buf * BQ * D, go + ws.o_off(b, h), m0, T, tid, ws.o[2]);
     cp_async_commit();
   };
   auto fetch = [&](int p) {
@@ -2217,7 +2246,8 @@ __device__ void skw_bwd_dkv_band(SK_DKV_PARAMS) {
     return *reinterpret_cast<const float2*>(acc_row(kv, r, buf) + ((col / 4) ^ (r & 7)) * 4 +
                                             (col & 3));
   };
-  sk_finish_dkv<E, D>(list_part, du, dk, dv, kc.krow0, kc.jk, adv, adk, gu, scale);
+  sk_finish_dkv<E, D>(list_part, du, dk + kvoff, dv + kvoff, ws.kv[2], kc.krow0, kc.jk, adv, adk,
+                      gu, scale);
 #endif
 }
 
@@ -2256,7 +2286,7 @@ template <int G>
 __host__ __device__ constexpr int skw_list_slots(int cap) { return cap + (G - 1) * BQ; }
 
 template <typename E, int D, int G, bool PIPE>
-__device__ void skw_bwd_dkv_list(SK_DKV_PARAMS) {
+__device__ void skw_bwd_dkv_list(SKW_DKV_PARAMS) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int N8 = BQ / 8, DT = D / 8;
   static_assert(D % 64 == 0 && G >= 1 && G <= 8, "skw_bwd_dkv_list: head_dim 64 or 128");
@@ -2284,8 +2314,9 @@ __device__ void skw_bwd_dkv_list(SK_DKV_PARAMS) {
   const int bhk = b * Hkv + h / (Hq / Hkv), gl = min(G, nb - c0);
   const long long qrow0 = (long long)bh * T, krow0 = (long long)bhk * T;
   const long long nkd = (long long)B * Hkv * T * D, lrow = (long long)bhk * nb;
-  const E* kr = k + krow0 * D;
-  const E* vr = v + krow0 * D;
+  const long long kst = ws.kv[2];
+  const E* kr = k + ws.kv_off(b, h / (Hq / Hkv));
+  const E* vr = v + ws.kv_off(b, h / (Hq / Hkv));
   const float* ur = u + krow0;
   const float sl2 = scale * LOG2E;
   const int e_first = min(T, block_start(c0, window));
@@ -2295,8 +2326,10 @@ __device__ void skw_bwd_dkv_list(SK_DKV_PARAMS) {
   if (!any) return;  // only band keys (the band kernel's)
 
   for (int g = 0; g < gl; ++g) {
-    load_tile_sw128<E, BQ, D, 128>(sQ + g * BQ * D, q + qrow0 * D, (c0 + g) * BQ, T, tid);
-    load_tile_sw128<E, BQ, D, 128>(sG + g * BQ * D, go + qrow0 * D, (c0 + g) * BQ, T, tid);
+    load_tile_sw128<E, BQ, D, 128>(sQ + g * BQ * D, q + ws.q_off(b, h), (c0 + g) * BQ, T, tid,
+                                   ws.q[2]);
+    load_tile_sw128<E, BQ, D, 128>(sG + g * BQ * D, go + ws.o_off(b, h), (c0 + g) * BQ, T, tid,
+                                   ws.o[2]);
   }
   cp_async_commit();
   for (int n = tid; n < G * BQ; n += 128) {
@@ -2391,8 +2424,8 @@ __device__ void skw_bwd_dkv_list(SK_DKV_PARAMS) {
 #pragma unroll
     for (int m = 0; m < NR; ++m) {
       const int rr = t * TB + r0 + m * RS, j = rr < nu ? uj[rr] : -1;
-      cp_async16(dk + m * RS * 64, kr + (long long)max(j, 0) * D + cc * 8, j >= 0);
-      cp_async16(dv + m * RS * 64, vr + (long long)max(j, 0) * D + cc * 8, j >= 0);
+      cp_async16(dk + m * RS * 64, kr + max(j, 0) * kst + cc * 8, j >= 0);
+      cp_async16(dv + m * RS * 64, vr + max(j, 0) * kst + cc * 8, j >= 0);
     }
     cp_async_commit();
   };
@@ -2558,16 +2591,16 @@ __device__ void skw_bwd_dkv_list(SK_DKV_PARAMS) {
 #define SKW_FWD(TY, NAME, D, S, MINB)                                                           \
   extern "C" __global__ void __launch_bounds__(SKW_THREADS, MINB)                               \
       skw_fwd_##NAME##_d##D##_s##S##_m##MINB(const TY* q, const TY* k, const TY* v, TY* out,    \
-                                             float* lse, SK_PARAMS) {                           \
-    skw_fwd<TY, D, S, MINB>(q, k, v, out, lse, SK_ARGS);                                        \
+                                             float* lse, SkwStrides ws, SK_PARAMS) {            \
+    skw_fwd<TY, D, S, MINB>(q, k, v, out, lse, ws, SK_ARGS);                                    \
   }
 #define SKW_DQ(TY, NAME, D, S, MINB)                                                            \
   extern "C" __global__ void __launch_bounds__(SKW_THREADS, MINB)                               \
       skw_bwd_dq_##NAME##_d##D##_s##S##_m##MINB(                                                \
           const TY* q, const TY* k, const TY* v, const TY* o, const TY* go, const float* lse,   \
           TY* dq, float* delta, float* rmean, float* dacc, long long nacc,                      \
-          SK_PARAMS) {                                                                          \
-    skw_bwd_dq<TY, D, S, MINB>(q, k, v, o, go, lse, dq, delta, rmean, dacc, nacc,               \
+          SkwStrides ws, SK_PARAMS) {                                                           \
+    skw_bwd_dq<TY, D, S, MINB>(q, k, v, o, go, lse, dq, delta, rmean, dacc, nacc, ws,           \
                                SK_ARGS);                                                        \
   }
 // The Hopper list dK / dV kernel, G query blocks per CTA (`list_dkv` in cuda.rs).
@@ -2576,8 +2609,8 @@ __device__ void skw_bwd_dkv_list(SK_DKV_PARAMS) {
       skw_bwd_dkv_list_##NAME##_d##D##_g##G##_m##MINB##TAG(                                     \
       const TY* q, const TY* k, const TY* v, const TY* go, const float* lse,                    \
       const float* delta, const float* rmean, float* dacc, float* du,                           \
-      TY* dk, TY* dv, SK_PARAMS) {                                                              \
-    skw_bwd_dkv_list<TY, D, G, PIPE>(q, k, v, go, lse, delta, rmean, dacc, du, dk, dv,          \
+      TY* dk, TY* dv, SkwStrides ws, SK_PARAMS) {                                               \
+    skw_bwd_dkv_list<TY, D, G, PIPE>(q, k, v, go, lse, delta, rmean, dacc, du, dk, dv, ws,      \
         SK_ARGS);                                                                               \
   }
 // The Hopper band dK / dV kernel (`band_dkv` in cuda.rs).
@@ -2585,8 +2618,8 @@ __device__ void skw_bwd_dkv_list(SK_DKV_PARAMS) {
   extern "C" __global__ void __launch_bounds__(128, MINB) skw_bwd_dkv_band_##NAME##_d##D(       \
       const TY* q, const TY* k, const TY* v, const TY* go, const float* lse,                    \
       const float* delta, const float* rmean, float* dacc, float* du,                           \
-      TY* dk, TY* dv, SK_PARAMS) {                                                              \
-    skw_bwd_dkv_band<TY, D>(q, k, v, go, lse, delta, rmean, dacc, du, dk, dv,                   \
+      TY* dk, TY* dv, SkwStrides ws, SK_PARAMS) {                                               \
+    skw_bwd_dkv_band<TY, D>(q, k, v, go, lse, delta, rmean, dacc, du, dk, dv, ws,               \
         SK_ARGS);                                                                               \
   }
 #define SKW_ALL(TY, NAME)                                                                       \

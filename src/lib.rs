@@ -56,7 +56,7 @@ pub use scfa::{
     qk_sparse_attn_taped, sparse_causal_attn, HashConfig, ScfaParams,
 };
 pub use sparsek::{
-    sparsek, sparsek_attn, sparsek_attn_taped, ScorerGrads, SparseKCache, SparseKConfig,
-    SparseKScorer, SparseKScorerConfig,
+    sparsek, sparsek_attn, sparsek_attn_qkvpacked_taped, sparsek_attn_taped, PackedHeads,
+    ScorerGrads, SparseKCache, SparseKConfig, SparseKScorer, SparseKScorerConfig,
 };
 pub use twilight::{decode_layer, TwilightCache, TwilightConfig, TwilightStep};

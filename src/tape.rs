@@ -18,7 +18,7 @@ use candle::{Result, Tensor};
 use crate::flash;
 use crate::mask::Visibility;
 use crate::scfa::ArrangedAttn;
-use crate::sparsek::SparseKRun;
+use crate::sparsek::{SparseKPackedRun, SparseKRun};
 
 /// What the backward of one attention call needs: made by the `_taped` entry points (see the
 /// module docs), consumed by [`AttentionTape::grads`] (or [`AttentionTape::backward`]).
@@ -55,6 +55,20 @@ enum Saved {
     Arranged(ArrangedAttn),
     /// SparseK attention (selection and attention), with the scores.
     SparseK(SparseKRun),
+    /// SparseK attention on heads packed in projection rows.
+    SparseKPacked(SparseKPackedRun),
+}
+
+/// The input gradients of one taped attention call on heads packed in projection rows
+/// ([`sparsek_attn_qkvpacked_taped`](crate::sparsek_attn_qkvpacked_taped)), from
+/// [`AttentionTape::grads_qkvpacked`].
+#[derive(Debug)]
+pub struct PackedGrads {
+    /// Gradient of the projection rows `(batch, seq, width)` in their dtype: the q, k, v
+    /// columns, zero in the columns the attention did not read.
+    pub dqkv: Tensor,
+    /// Gradient of the key scores `(batch, kv_heads, seq)` f32.
+    pub dscores: Tensor,
 }
 
 impl std::fmt::Debug for AttentionTape {
@@ -63,6 +77,7 @@ impl std::fmt::Debug for AttentionTape {
             Saved::Flash { .. } => "flash",
             Saved::Arranged(_) => "arranged",
             Saved::SparseK(_) => "sparsek",
+            Saved::SparseKPacked(_) => "sparsek (packed rows)",
         };
         f.debug_struct("AttentionTape")
             .field("kind", &kind)
@@ -107,6 +122,28 @@ impl AttentionTape {
         Ok((out, Self(Saved::SparseK(run))))
     }
 
+    /// A tape of a SparseK attention on packed rows whose forward already ran.
+    pub(crate) fn sparsek_packed(run: SparseKPackedRun) -> Result<(Tensor, Self)> {
+        let out = run.output().clone();
+        Ok((out, Self(Saved::SparseKPacked(run))))
+    }
+
+    /// The gradients of a tape of
+    /// [`sparsek_attn_qkvpacked_taped`](crate::sparsek_attn_qkvpacked_taped) for the output
+    /// gradient `dy` `(batch, seq, q_heads·head_dim)` (the output's dtype and device; an error
+    /// otherwise, and for every other kind of tape: use [`Self::grads`]).
+    pub fn grads_qkvpacked(&self, dy: &Tensor) -> Result<PackedGrads> {
+        let Saved::SparseKPacked(run) = &self.0 else {
+            candle::bail!(
+                "attention tape: grads_qkvpacked needs a tape of sparsek_attn_qkvpacked_taped, \
+                 this one is {self:?} (dy {:?}); call grads",
+                dy.dims()
+            )
+        };
+        let (dqkv, dscores) = run.grads(dy)?;
+        Ok(PackedGrads { dqkv, dscores })
+    }
+
     /// The input gradients for the output gradient `dy` (the output's shape, dtype and device;
     /// an error otherwise): `dq`, `dk`, `dv` in the shapes and dtype of q, k, v, and `dscores`
     /// `(batch, kv_heads, seq)` f32 for a SparseK tape (`None` for the others).
@@ -131,6 +168,11 @@ impl AttentionTape {
                 let (dq, dk, dv, dscores) = run.grads(dy)?;
                 ((dq, dk, dv), Some(dscores))
             }
+            Saved::SparseKPacked(_) => candle::bail!(
+                "attention tape: a tape of sparsek_attn_qkvpacked_taped gives packed gradients; \
+                 call grads_qkvpacked (dy {:?})",
+                dy.dims()
+            ),
         };
         Ok(AttentionGrads {
             dq,
@@ -145,7 +187,7 @@ impl AttentionTape {
     /// (its scores' gradient would be lost silently, leaving the scorer untrained): use
     /// [`Self::grads`].
     pub fn backward(&self, dy: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-        if let Saved::SparseK(_) = &self.0 {
+        if let Saved::SparseK(_) | Saved::SparseKPacked(_) = &self.0 {
             candle::bail!(
                 "attention tape: a sparsek tape also gives the scores' gradient; call grads, \
                  not backward (dy {:?})",

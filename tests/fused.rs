@@ -544,8 +544,11 @@ fn cast_many_matches_to_dtype() -> Result<()> {
             let got = cast_many(&tensors, dtype)?;
             assert_eq!(got.len(), tensors.len());
             for (i, (g, t)) in got.iter().zip(&tensors).enumerate() {
-                let want = t.to_dtype(dtype)?;
                 assert_eq!((g.dtype(), g.dims()), (dtype, t.dims()), "tensor {i}");
+                if t.elem_count() == 0 {
+                    continue; // (candle's own cast launches an empty grid on CUDA)
+                }
+                let want = t.to_dtype(dtype)?;
                 let (g, w) = (
                     g.flatten_all()?.to_dtype(DType::F32)?,
                     want.flatten_all()?.to_dtype(DType::F32)?,

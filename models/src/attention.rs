@@ -39,8 +39,8 @@ use candle_sparse_attn::scfa::random_keep;
 use candle_sparse_attn::tape::AttentionTape;
 use candle_sparse_attn::{
     flash_attn, flash_attn_taped, hash_sparse_attn, hash_sparse_attn_taped, qk_sparse_attn,
-    qk_sparse_attn_taped, AttnParams, HashConfig, ScfaParams, SparseKConfig, SparseKScorer,
-    SparseKScorerConfig, TwilightConfig,
+    qk_sparse_attn_taped, AttnParams, HashConfig, PackedHeads, ScfaParams, SparseKConfig,
+    SparseKScorer, SparseKScorerConfig, TwilightConfig,
 };
 use serde::{Deserialize, Serialize};
 
@@ -390,6 +390,22 @@ pub trait AttentionBackend: Send + Sync + fmt::Debug {
         call: &AttentionCall,
     ) -> Result<Option<(Tensor, AttentionTape)>> {
         let _ = (q, k, v, call);
+        Ok(None)
+    }
+
+    /// [`Self::forward_taped`] on queries, keys and values packed in the rows of one projection
+    /// `qkv` `(batch, seq, width)` (layout [`PackedHeads`]), without splitting the heads out:
+    /// the output `(batch, seq, q_heads·head_dim)` (heads merged) and a tape whose
+    /// [`grads_qkvpacked`](AttentionTape::grads_qkvpacked) gives `dqkv` `(batch, seq, width)`.
+    /// `None` (the default) where the kind has no such path; the caller then splits the heads and
+    /// calls [`Self::forward_taped`].
+    fn forward_taped_qkvpacked(
+        &self,
+        qkv: &Tensor,
+        heads: PackedHeads,
+        call: &AttentionCall,
+    ) -> Result<Option<(Tensor, AttentionTape)>> {
+        let _ = (qkv, heads, call);
         Ok(None)
     }
 
@@ -853,6 +869,29 @@ impl Attention {
             key_scores,
         };
         self.backend.forward_taped(q, k, v, &call)
+    }
+
+    /// [`Self::forward_taped`] on heads packed in the rows of `qkv` `(batch, seq, width)`
+    /// ([`AttentionBackend::forward_taped_qkvpacked`]): the output `(batch, seq,
+    /// q_heads·head_dim)` and its tape, or `None` for kinds without that path.
+    pub fn forward_taped_qkvpacked(
+        &self,
+        qkv: &Tensor,
+        heads: PackedHeads,
+        key_scores: Option<&Tensor>,
+        layer: usize,
+        train: bool,
+        seed: u64,
+    ) -> Result<Option<(Tensor, AttentionTape)>> {
+        let call = AttentionCall {
+            softmax_scale: self.softmax_scale,
+            causal: true,
+            train,
+            seed,
+            layer,
+            key_scores,
+        };
+        self.backend.forward_taped_qkvpacked(qkv, heads, &call)
     }
 
     /// Causal attention of `q` `(batch, q_heads, q_len, head_dim)` over `k`, `v`

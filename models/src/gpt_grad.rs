@@ -17,7 +17,11 @@
 //! rows folded into its q/k/v projection (one GEMM gives q, k, v and the scores' linear part,
 //! [`SparseKScorer::scores_from_linear`]); the tape's scores' gradient joins the projection's
 //! gradient ([`SparseKScorer::backward_linear`], [`fused::merge_qkv_with`]), so the backward GEMMs
-//! give the scorer's input and weight their gradients. Otherwise (RoPE, or a kind
+//! give the scorer's input and weight their gradients. Kinds with a packed path
+//! ([`AttentionBackend::forward_taped_qkvpacked`](crate::attention::AttentionBackend::forward_taped_qkvpacked):
+//! SparseK) take the projection's rows as they are: no head split before the attention and no
+//! merge after it, in either pass; their tape's `dqkv` has the projection's layout, and the
+//! scorer's gradient columns are written into it. Otherwise (RoPE, or a kind
 //! without a taped path) each layer runs its
 //! [`AttentionBackend`](crate::attention::AttentionBackend) (with RoPE and the kind's key scorer)
 //! under a local candle autograd on detached queries, keys and values (fresh leaves written by
@@ -38,7 +42,8 @@ use candle::backprop::GradStore;
 use candle::{bail, DType, Result, Tensor, Var};
 use candle_sparse_attn::fused;
 
-use candle_sparse_attn::tape::{AttentionGrads, AttentionTape};
+use candle_sparse_attn::tape::{AttentionGrads, AttentionTape, PackedGrads};
+use candle_sparse_attn::PackedHeads;
 
 use crate::gpt::{Block, Gpt, LN_EPS};
 use crate::layers::{apply_dropout, dropout_keep, mix_seed};
@@ -62,6 +67,10 @@ enum LayerAttention {
     /// scorer the tape also returns the scores' gradient, which the scorer's own backward
     /// ([`SparseKScorer::backward`](candle_sparse_attn::SparseKScorer::backward)) takes on.
     Taped { y: Tensor, tape: AttentionTape },
+    /// Run outside autograd on the q/k/v projection's rows in place
+    /// ([`AttentionBackend::forward_taped_qkvpacked`](crate::attention::AttentionBackend::forward_taped_qkvpacked)):
+    /// the output with heads merged `(b, t, h·d)` and the tape its `dqkv` comes from.
+    Packed { y: Tensor, tape: AttentionTape },
     /// Run under a local autograd graph (RoPE, or a kind without a taped path).
     Graph {
         /// Queries, keys, values `(b, h, t, d)` before RoPE.
@@ -76,10 +85,11 @@ enum LayerAttention {
 }
 
 impl LayerAttention {
-    /// The attention output `(b, h, t, d)`, detached.
-    fn output(&self) -> Tensor {
+    /// The attention output with heads merged, `(b, t, h·d)`, detached.
+    fn merged_output(&self) -> Result<Tensor> {
         match self {
-            Self::Taped { y, .. } | Self::Graph { y, .. } => y.detach(),
+            Self::Packed { y, .. } => Ok(y.detach()),
+            Self::Taped { y, .. } | Self::Graph { y, .. } => fused::merge_heads(&y.detach()),
         }
     }
 }
@@ -116,7 +126,7 @@ fn local_scorer_grads(
 fn fold_scorer(c_attn: &Tensor, weight: &Tensor, h: usize) -> Result<Tensor> {
     let c = c_attn.dim(1)?;
     let pad = Tensor::zeros(((8 - h % 8) % 8, c), c_attn.dtype(), c_attn.device())?;
-    Tensor::cat(&[c_attn, &weight, &pad], 0)
+    Tensor::cat(&[c_attn, weight, &pad], 0)
 }
 
 /// The gradient of the q/k/v projection from q, k and v's `(b, h, t, d)`, with `fold` zero
@@ -285,7 +295,7 @@ impl Gpt {
             let h1 = h;
             let qkv = fused::linear(&h1, &w.c_attn)?;
             let attn = self.attend(blk, i, &h1, &qkv, train, layer_seed(0))?;
-            let y_merged = fused::merge_heads(&attn.output())?;
+            let y_merged = attn.merged_output()?;
             let y = fused::linear(&y_merged, &w.attn_proj)?;
             let keep_attn = dropout_keep(y.shape(), dt, p, layer_seed(1), dev)?;
             let y = apply_dropout(&y, keep_attn.as_ref(), p)?;
@@ -345,8 +355,9 @@ impl Gpt {
         train: bool,
         seed: u64,
     ) -> Result<LayerAttention> {
-        let qkv_width = 3 * self.config.n_embd;
-        let [q, k, v] = fused::split_qkv(&qkv.narrow(2, 0, qkv_width)?, self.config.n_head)?;
+        let (c, n_head) = (self.config.n_embd, self.config.n_head);
+        let qkv_width = 3 * c;
+        let mut split = None;
         if self.rope.is_none() {
             // The scorer is folded into the projection: its linear part is the next columns.
             let scores = match &blk.scorer {
@@ -356,6 +367,23 @@ impl Gpt {
                 }
                 None => None,
             };
+            let heads = PackedHeads {
+                q_heads: n_head,
+                kv_heads: n_head,
+                head_dim: c / n_head,
+            };
+            let packed = self.attention.forward_taped_qkvpacked(
+                qkv,
+                heads,
+                scores.as_ref(),
+                layer,
+                train,
+                seed,
+            )?;
+            if let Some((y, tape)) = packed {
+                return Ok(LayerAttention::Packed { y, tape });
+            }
+            let [q, k, v] = fused::split_qkv(&qkv.narrow(2, 0, qkv_width)?, n_head)?;
             let taped = self.attention.forward_taped(
                 q.as_tensor(),
                 k.as_tensor(),
@@ -368,7 +396,12 @@ impl Gpt {
             if let Some((y, tape)) = taped {
                 return Ok(LayerAttention::Taped { y, tape });
             }
+            split = Some([q, k, v]);
         }
+        let [q, k, v] = match split {
+            Some(qkv) => qkv,
+            None => fused::split_qkv(&qkv.narrow(2, 0, qkv_width)?, n_head)?,
+        };
         let scores = match &blk.scorer {
             Some(scorer) => {
                 let h = Var::from_tensor(h1)?;
@@ -430,17 +463,34 @@ impl TrainingPass<'_> {
             let da = apply_dropout(&dx, saved.keep_attn.as_ref(), p)?;
             let (dy_merged, dw_attn_proj) =
                 fused::linear_backward(&saved.y_merged, &w.attn_proj, &da)?;
-            let dy = fused::to_heads(&dy_merged, nh)?;
+            let dy = || fused::to_heads(&dy_merged, nh);
             // Rows of c_attn past q, k, v: the folded key scorer's (see `fold_scorer`).
             let fold = w.c_attn.dim(0)? - 3 * c;
             let (dh1, dw_c_attn) = match &saved.attn {
+                LayerAttention::Packed { tape, .. } => {
+                    // dqkv has q, k, v's columns and zeros past them; the folded scorer's
+                    // gradient goes there.
+                    let PackedGrads { dqkv, dscores } = tape.grads_qkvpacked(&dy_merged)?;
+                    if let Some(scorer) = &blk.scorer {
+                        let (dlin, dslope) =
+                            scorer.backward_linear(&dscores, 0, dqkv.dtype(), fold)?;
+                        dqkv.slice_set(&dlin, 2, 3 * c)?;
+                        let [weight, slope] = scorer.params();
+                        grads.insert(slope, dslope);
+                        let (dh1, dw) = fused::linear_backward(&saved.h1, &w.c_attn, &dqkv)?;
+                        grads.insert(weight, dw.narrow(0, 3 * c, scorer.kv_heads())?);
+                        (dh1, dw)
+                    } else {
+                        fused::linear_backward(&saved.h1, &w.c_attn, &dqkv)?
+                    }
+                }
                 LayerAttention::Taped { tape, .. } => {
                     let AttentionGrads {
                         dq,
                         dk,
                         dv,
                         dscores,
-                    } = tape.grads(&dy)?;
+                    } = tape.grads(&dy()?)?;
                     // No scores' gradient where the kind ran without them (SparseK's window
                     // covering the sequence: dense attention), as under autograd.
                     // A layer with a scorer has it folded into c_attn (fold > 0).
@@ -462,7 +512,7 @@ impl TrainingPass<'_> {
                     }
                 }
                 LayerAttention::Graph { q, k, v, h, y } => {
-                    let local = fused::backward_from(y, &dy)?;
+                    let local = fused::backward_from(y, &dy()?)?;
                     let leaf_grad = |leaf: &Var| match local.get(leaf.as_tensor()) {
                         Some(g) => Ok(g.clone()),
                         None => leaf.zeros_like(),

@@ -20,8 +20,8 @@ use std::any::Any;
 use candle::{bail, Result, Tensor};
 use candle_sparse_attn::tape::AttentionTape;
 use candle_sparse_attn::{
-    flash_attn, flash_attn_taped, sparsek_attn, sparsek_attn_taped, AttnParams, SparseKCache,
-    SparseKConfig, SparseKScorerConfig,
+    flash_attn, flash_attn_taped, sparsek_attn, sparsek_attn_qkvpacked_taped, sparsek_attn_taped,
+    AttnParams, PackedHeads, SparseKCache, SparseKConfig, SparseKScorerConfig,
 };
 
 use crate::attention::{downcast_cache, AttentionBackend, AttentionCall, LayerCache};
@@ -129,6 +129,27 @@ impl AttentionBackend for SparseKAttention {
             None => sparsek_attn_taped(q, k, v, u, &self.config_for(call)),
         }
         .map(Some)
+    }
+
+    /// [`sparsek_attn_qkvpacked_taped`] (on an H100 the kernels read q, k, v in the projection's
+    /// rows and write dqkv into them: no head split or merge); `None` when the window covers
+    /// every key (the caller's split-heads path runs dense attention then).
+    fn forward_taped_qkvpacked(
+        &self,
+        qkv: &Tensor,
+        heads: PackedHeads,
+        call: &AttentionCall,
+    ) -> Result<Option<(Tensor, AttentionTape)>> {
+        if self.config.window >= qkv.dim(1)? {
+            return Ok(None);
+        }
+        let Some(u) = call.key_scores else {
+            bail!(
+                "attention {}: no key scores given; the layer must pass its scorer's scores",
+                self.name()
+            )
+        };
+        sparsek_attn_qkvpacked_taped(qkv, heads, u, &self.config_for(call)).map(Some)
     }
 
     fn new_cache(&self, _layer: usize) -> Result<Box<dyn LayerCache>> {

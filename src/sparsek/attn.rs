@@ -78,6 +78,100 @@ pub fn sparsek_attn_taped(
     })
 }
 
+/// Where the heads lie in the projection rows that [`sparsek_attn_qkvpacked_taped`] reads:
+/// `qkv` `(batch, seq, width)` holds the query heads in columns `[0, q_heads·head_dim)`, then the
+/// key heads and the value heads (`kv_heads·head_dim` columns each), head after head; columns
+/// past those (`width` larger, e.g. a key scorer's folded into the same projection) are not read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PackedHeads {
+    /// Query heads (a multiple of `kv_heads`).
+    pub q_heads: usize,
+    /// Key (and value) heads.
+    pub kv_heads: usize,
+    /// Elements per head.
+    pub head_dim: usize,
+}
+
+/// [`sparsek_attn_taped`] on queries, keys and values packed in the rows of one projection
+/// `qkv` `(batch, seq, width)` (layout [`PackedHeads`]; f32, f16 or bf16), with `scores`
+/// `(batch, kv_heads, seq)` f32: returns the output `(batch, seq, q_heads·head_dim)` (heads
+/// merged, as an output projection takes them) and the tape, whose
+/// [`AttentionTape::grads_qkvpacked`] gives `dqkv` `(batch, seq, width)` (zero in the columns
+/// not read) and the scores' gradient. Same values as splitting the heads out and calling
+/// [`sparsek_attn_taped`].
+///
+/// Where every kernel of the call is a Hopper kernel (compute capability 9.0, f16 / bf16,
+/// head_dim 64 or 128; `qkv` contiguous with `width` a multiple of 8) they read q, k, v in place
+/// and write the output and dq, dk, dv in these layouts: no copies of the heads either way. Elsewhere (the CPU,
+/// f32, other kernels) the heads are copied out and the results merged back.
+pub fn sparsek_attn_qkvpacked_taped(
+    qkv: &Tensor,
+    heads: PackedHeads,
+    scores: &Tensor,
+    cfg: &SparseKConfig,
+) -> Result<(Tensor, AttentionTape)> {
+    let dims = validate_packed(qkv, heads, scores, cfg)?;
+    let Dims {
+        b, hq, hkv, t, d, ..
+    } = dims;
+    let width = qkv.dim(2)?;
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(dev) = qkv.device() {
+        if qkv.is_contiguous()
+            && width.is_multiple_of(8)
+            && super::cuda::reads_rows_in_place(dev, qkv.dtype(), dims, cfg)?
+        {
+            let scores = scores.contiguous()?;
+            let (out, saved) = {
+                let (su, lu) = scores.storage_and_layout();
+                let candle::Storage::Cuda(su) = &*su else {
+                    bail!("sparsek_attn_qkvpacked: scores must be on the device of qkv")
+                };
+                let sel = super::cuda::select((su, lu), dims, cfg)?;
+                let (out, lse) =
+                    super::cuda::forward_packed(qkv, (su, lu), &sel, dims, cfg, cfg.scale(d))?;
+                let on_device = |s, shape: &[usize]| {
+                    Tensor::from_storage(
+                        candle::Storage::Cuda(s),
+                        shape,
+                        candle::op::BackpropOp::none(),
+                        false,
+                    )
+                };
+                let saved = Saved {
+                    selection: Selection::Cuda(sel),
+                    lse: on_device(lse, &[b, hq, t]),
+                };
+                (on_device(out, &[b, t, hq * d]), saved)
+            };
+            return AttentionTape::sparsek_packed(SparseKPackedRun::InPlace {
+                qkv: qkv.clone(),
+                scores,
+                out: out.clone(),
+                saved,
+                dims,
+                cfg: *cfg,
+            });
+        }
+    }
+    // Elsewhere the heads are copied out (contiguous `(b, h, t, d)`) and the output merged back.
+    let split = |at: usize, h: usize| {
+        qkv.narrow(2, at * d, h * d)?
+            .contiguous()?
+            .reshape((b, t, h, d))?
+            .transpose(1, 2)
+    };
+    let (q, k, v) = (split(0, hq)?, split(hq, hkv)?, split(hq + hkv, hkv)?);
+    let (y, tape) = sparsek_attn_taped(&q, &k, &v, scores, cfg)?;
+    let y = y.transpose(1, 2)?.reshape((b, t, hq * d))?;
+    AttentionTape::sparsek_packed(SparseKPackedRun::Split {
+        tape: Box::new(tape),
+        heads,
+        width,
+        out: y.clone(),
+    })
+}
+
 fn validate(
     q: &Tensor,
     k: &Tensor,
@@ -145,6 +239,20 @@ fn validate(
     if b == 0 || t == 0 || d == 0 {
         bail!("sparsek_attn: empty input, q {:?}", q.dims())
     }
+    let dims = Dims { b, hq, hkv, t, d };
+    validate_scores_and_sizes(dims, scores, cfg, &format!("q {:?}", q.dims()))?;
+    Ok(dims)
+}
+
+/// The checks [`validate`] and [`validate_packed`] share, on the sizes of a call (`what` names
+/// the queries' tensor in messages): the scores' shape, the head dim, the config.
+fn validate_scores_and_sizes(
+    dims: Dims,
+    scores: &Tensor,
+    cfg: &SparseKConfig,
+    what: &str,
+) -> Result<()> {
+    let Dims { b, hkv, t, d, .. } = dims;
     if scores.dims() != [b, hkv, t] {
         bail!(
             "sparsek_attn: scores must be (batch, kv_heads, seq) = {:?}, got {:?}",
@@ -154,13 +262,63 @@ fn validate(
     }
     if !crate::SUPPORTED_HEAD_DIMS.contains(&d) {
         bail!(
-            "sparsek_attn: head_dim {d} is not supported (supported: {:?}), q {:?}",
-            crate::SUPPORTED_HEAD_DIMS,
-            q.dims()
+            "sparsek_attn: head_dim {d} is not supported (supported: {:?}), {what}",
+            crate::SUPPORTED_HEAD_DIMS
         )
     }
-    cfg.validate(Some(t))?;
-    Ok(Dims { b, hq, hkv, t, d })
+    cfg.validate(Some(t))
+}
+
+/// [`validate`] for [`sparsek_attn_qkvpacked_taped`]: `qkv` `(b, t, width)` of a supported
+/// dtype holding the columns of `heads`, and scores on its device.
+fn validate_packed(
+    qkv: &Tensor,
+    heads: PackedHeads,
+    scores: &Tensor,
+    cfg: &SparseKConfig,
+) -> Result<Dims> {
+    let PackedHeads {
+        q_heads: hq,
+        kv_heads: hkv,
+        head_dim: d,
+    } = heads;
+    let &[b, t, width] = qkv.dims() else {
+        bail!(
+            "sparsek_attn_qkvpacked: qkv must be (batch, seq, width), got {:?}",
+            qkv.dims()
+        )
+    };
+    if width < (hq + 2 * hkv) * d {
+        bail!(
+            "sparsek_attn_qkvpacked: qkv {:?} is narrower than the {} columns of {heads:?}",
+            qkv.dims(),
+            (hq + 2 * hkv) * d
+        )
+    }
+    if !matches!(qkv.dtype(), DType::F32 | DType::F16 | DType::BF16) {
+        bail!(
+            "sparsek_attn_qkvpacked: dtype {:?} not supported (f32, f16, bf16)",
+            qkv.dtype()
+        )
+    }
+    if scores.dtype() != DType::F32 || !scores.device().same_device(qkv.device()) {
+        bail!(
+            "sparsek_attn_qkvpacked: scores must be f32 on the device of qkv ({:?}), got {:?} on {:?}",
+            qkv.device().location(),
+            scores.dtype(),
+            scores.device().location()
+        )
+    }
+    if hkv == 0 || hq % hkv != 0 || b == 0 || t == 0 || d == 0 {
+        bail!(
+            "sparsek_attn_qkvpacked: {heads:?} (kv heads dividing q heads) over qkv {:?} must \
+             not be empty",
+            qkv.dims()
+        )
+    }
+    let dims = Dims { b, hq, hkv, t, d };
+    validate_scores_and_sizes(dims, scores, cfg, &format!("qkv {:?}", qkv.dims()))?;
+    Ok(dims)
 }
 
 /// What the forward hands to the backward.
@@ -173,7 +331,7 @@ enum Selection {
 
 /// Forward statistics: the selection and the f32 log-sum-exp `(b, hq, t)`.
 #[derive(Clone)]
-struct Saved {
+pub(crate) struct Saved {
     selection: Selection,
     lse: Tensor,
 }
@@ -371,6 +529,95 @@ fn host_scores<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
             Ok(u)
         }
         other => bail!("sparsek_attn: scores must be f32, got {:?}", other.dtype()),
+    }
+}
+
+/// One [`sparsek_attn_qkvpacked_taped`] call, for [`AttentionTape`].
+pub(crate) enum SparseKPackedRun {
+    /// The Hopper kernels on the rows in place: the inputs, the output `(b, t, hq·d)` and the
+    /// forward's statistics.
+    #[cfg(feature = "cuda")]
+    InPlace {
+        qkv: Tensor,
+        scores: Tensor,
+        out: Tensor,
+        saved: Saved,
+        dims: Dims,
+        cfg: SparseKConfig,
+    },
+    /// The heads copied out: the tape of [`sparsek_attn_taped`] on them, the rows' width and the
+    /// merged output `(b, t, hq·d)`.
+    Split {
+        tape: Box<AttentionTape>,
+        heads: PackedHeads,
+        width: usize,
+        out: Tensor,
+    },
+}
+
+impl SparseKPackedRun {
+    /// The output `(b, t, hq·d)`.
+    pub(crate) fn output(&self) -> &Tensor {
+        match self {
+            #[cfg(feature = "cuda")]
+            Self::InPlace { out, .. } => out,
+            Self::Split { out, .. } => out,
+        }
+    }
+
+    /// `(dqkv, dscores)` for the output gradient `dy` (the output's shape, dtype and device):
+    /// `dqkv` `(b, t, width)` in the dtype of qkv, zero past q, k, v's columns; `dscores`
+    /// `(b, hkv, t)` f32.
+    pub(crate) fn grads(&self, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+        check_grad(dy, self.output())?;
+        match self {
+            #[cfg(feature = "cuda")]
+            Self::InPlace {
+                qkv,
+                scores,
+                out,
+                saved,
+                dims,
+                cfg,
+            } => {
+                let Selection::Cuda(sel) = &saved.selection else {
+                    bail!("sparsek_attn_qkvpacked: the in-place run has no device selection")
+                };
+                super::cuda::backward_packed(
+                    qkv,
+                    scores,
+                    sel,
+                    *dims,
+                    cfg,
+                    cfg.scale(dims.d),
+                    (out, &dy.contiguous()?, &saved.lse),
+                )
+            }
+            Self::Split {
+                tape, heads, width, ..
+            } => {
+                let (b, t, _) = dy.dims3()?;
+                let dy = dy.reshape((b, t, heads.q_heads, heads.head_dim))?;
+                let grads = tape.grads(&dy.transpose(1, 2)?)?;
+                let merge = |x: &Tensor| -> Result<Tensor> {
+                    let (b, h, t, d) = x.dims4()?;
+                    x.transpose(1, 2)?.reshape((b, t, h * d))
+                };
+                let mut parts = vec![merge(&grads.dq)?, merge(&grads.dk)?, merge(&grads.dv)?];
+                let used: usize = parts.iter().map(|p| p.dim(2)).sum::<Result<usize>>()?;
+                if used < *width {
+                    parts.push(Tensor::zeros(
+                        (b, t, width - used),
+                        grads.dq.dtype(),
+                        dy.device(),
+                    )?);
+                }
+                let dscores = grads.dscores.ok_or_else(|| {
+                    candle::Error::Msg("sparsek_attn_qkvpacked: no scores' gradient".into())
+                })?;
+                Ok((Tensor::cat(&parts, 2)?, dscores))
+            }
+        }
     }
 }
 

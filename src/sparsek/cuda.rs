@@ -34,8 +34,10 @@
 use std::sync::Arc;
 
 use candle::backend::BackendStorage;
-use candle::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
-use candle::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+use candle::cuda_backend::cudarc::driver::sys::{self, CUdevice_attribute};
+use candle::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaView, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
+};
 use candle::cuda_backend::{CudaDType, WrapErr};
 use candle::{bail, CudaDevice, CudaStorage, DType, Layout, Result, Shape, Storage, Tensor};
 use half::{bf16, f16};
@@ -339,6 +341,8 @@ struct QueryMajor {
     /// Dynamic shared memory of the forward and of dQ.
     smem_fwd: usize,
     smem_dq: usize,
+    /// Whether these are the Hopper kernels (which take [`RowStrides`]).
+    hopper: bool,
 }
 
 /// The query-major kernels of a call: the row kernels (`sk_*`) for f32 and head_dim 256, the
@@ -363,6 +367,7 @@ fn query_major(
             threads: 32 * WARPS,
             smem_fwd: 0,
             smem_dq: 0,
+            hopper: false,
         });
     }
     let env = std::env::var(KERNEL_ENV).ok();
@@ -381,6 +386,7 @@ fn query_major(
             threads: 256,
             smem_fwd: f.smem(1, cap),
             smem_dq: q.smem(2, cap),
+            hopper: true,
         },
         None => QueryMajor {
             fwd: format!("skt_fwd_{tn}_d{d}"),
@@ -389,6 +395,7 @@ fn query_major(
             threads: 128,
             smem_fwd: tc_smem(d, 1),
             smem_dq: tc_smem(d, 2),
+            hopper: false,
         },
     })
 }
@@ -407,6 +414,8 @@ struct KeySideKernel {
     grid: (usize, usize),
     threads: usize,
     smem: usize,
+    /// Whether this is a Hopper kernel (which takes [`RowStrides`]).
+    hopper: bool,
 }
 
 /// Largest dynamic shared memory of one block on compute capability 9.0.
@@ -433,6 +442,7 @@ fn band_dkv(dev: &CudaDevice, dtype: DType, dims: Dims, blocks: usize) -> Result
             grid,
             threads: 128,
             smem: 1024 + 6 * BQ * d * 2 + 2 * 2048 + BQ * d * 4,
+            hopper: true,
         }
     } else {
         KeySideKernel {
@@ -440,6 +450,7 @@ fn band_dkv(dev: &CudaDevice, dtype: DType, dims: Dims, blocks: usize) -> Result
             grid,
             threads: 128,
             smem: tc_smem(d, 2),
+            hopper: false,
         }
     })
 }
@@ -483,6 +494,7 @@ fn list_dkv(
             grid: (blocks.div_ceil(g), dims.b * dims.hq),
             threads: 128,
             smem,
+            hopper: true,
         });
     }
     Ok(KeySideKernel {
@@ -490,6 +502,7 @@ fn list_dkv(
         grid: (blocks, dims.b * dims.hq),
         threads: 128,
         smem: tc_smem(d, 2),
+        hopper: false,
     })
 }
 
@@ -554,6 +567,78 @@ fn carried<'a, T: CudaDType>(
     }
 }
 
+/// Where the rows of a call's element tensors lie (`SkwStrides` in the .cu file): row `t` of
+/// `(batch b, head h)` starts `b·s[0] + h·s[1] + t·s[2]` elements after the tensor's start, with
+/// `s = q` for q and dq, `kv` for k, v, dk and dv, `o` for the output and its gradient. Only the
+/// Hopper kernels take them; every other kernel reads contiguous `(b, h, t, d)` tensors.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct RowStrides {
+    q: [i64; 3],
+    kv: [i64; 3],
+    o: [i64; 3],
+}
+
+// SAFETY: a plain `#[repr(C)]` struct of integers, the layout of `SkwStrides`.
+unsafe impl DeviceRepr for RowStrides {}
+
+impl RowStrides {
+    /// Contiguous `(b, h, t, d)` tensors.
+    fn contiguous(dims: Dims) -> Self {
+        let (t, d) = (dims.t as i64, dims.d as i64);
+        let heads = |h: usize| [h as i64 * t * d, t * d, d];
+        Self {
+            q: heads(dims.hq),
+            kv: heads(dims.hkv),
+            o: heads(dims.hq),
+        }
+    }
+
+    /// q, k, v (and their gradients) as head columns of `(b, t, width)` projection rows, the
+    /// output and its gradient as `(b, t, hq·d)` (heads merged).
+    fn packed(dims: Dims, width: usize) -> Self {
+        let (t, d, w) = (dims.t as i64, dims.d as i64, width as i64);
+        let o = (dims.hq * dims.d) as i64;
+        Self {
+            q: [t * w, d, w],
+            kv: [t * w, d, w],
+            o: [t * o, d, o],
+        }
+    }
+}
+
+/// The element tensors of one call: device pointers of q, k, v (row 0 of batch 0, head 0) and
+/// where their rows lie.
+struct Operands {
+    q: u64,
+    k: u64,
+    v: u64,
+    strides: RowStrides,
+}
+
+/// A device pointer `elems` elements of `T` past `ptr`.
+fn offset<T>(ptr: u64, elems: usize) -> u64 {
+    ptr + (elems * std::mem::size_of::<T>()) as u64
+}
+
+/// Whether a call of `dims` runs the Hopper kernels only (forward, dQ, list and band dK / dV),
+/// the kernels that read q, k, v from projection rows in place
+/// ([`super::sparsek_attn_qkvpacked_taped`]); the others need contiguous heads.
+pub(crate) fn reads_rows_in_place(
+    dev: &CudaDevice,
+    dtype: DType,
+    dims: Dims,
+    scfg: &SparseKConfig,
+) -> Result<bool> {
+    if !tensor_cores(dtype, dims.d) {
+        return Ok(false);
+    }
+    let blocks = dims.t.div_ceil(BQ);
+    Ok(query_major(dev, dtype, dims, scfg, blocks)?.hopper
+        && band_dkv(dev, dtype, dims, blocks)?.hopper
+        && list_dkv(dev, dtype, dims, scfg.cap(), blocks)?.hopper)
+}
+
 /// Forward: output `(b, hq, t, d)` in the input dtype and the f32 LSE `(b, hq, t)`; `k`, `v`
 /// `(b, hkv, t, d)` contiguous, the dtype of q.
 pub(crate) fn forward(
@@ -565,18 +650,80 @@ pub(crate) fn forward(
     scfg: &SparseKConfig,
     scale: f32,
 ) -> Result<(CudaStorage, CudaStorage)> {
+    let dev = sq.device().clone();
+    let stream = dev.cuda_stream();
+    let (kg, vg) = (k.storage_and_layout(), v.storage_and_layout());
+    macro_rules! run {
+        ($t:ty) => {{
+            let (q, k, v) = (
+                view::<$t>(sq, lq, "q")?,
+                carried::<$t>(&kg, "k")?,
+                carried::<$t>(&vg, "v")?,
+            );
+            let ((q, _gq), (k, _gk), (v, _gv)) = (
+                q.device_ptr(&stream),
+                k.device_ptr(&stream),
+                v.device_ptr(&stream),
+            );
+            let ops = Operands {
+                q,
+                k,
+                v,
+                strides: RowStrides::contiguous(dims),
+            };
+            fwd_t::<$t>(&dev, &ops, (su, lu), sel, dims, scfg, scale)
+        }};
+    }
     match sq.dtype() {
-        DType::F32 => fwd_t::<f32>((sq, lq), (k, v), (su, lu), sel, dims, scfg, scale),
-        DType::F16 => fwd_t::<f16>((sq, lq), (k, v), (su, lu), sel, dims, scfg, scale),
-        DType::BF16 => fwd_t::<bf16>((sq, lq), (k, v), (su, lu), sel, dims, scfg, scale),
+        DType::F32 => run!(f32),
+        DType::F16 => run!(f16),
+        DType::BF16 => run!(bf16),
         other => bail!("sparsek (cuda): unsupported dtype {other:?}"),
     }
 }
 
+/// Forward on q, k, v packed in projection rows `qkv` `(b, t, width)` (contiguous; columns
+/// `[0, hq·d)` q, then k, then v), run in place by the Hopper kernels (the caller checked
+/// [`reads_rows_in_place`]): output `(b, t, hq·d)` in the dtype of qkv and the f32 LSE
+/// `(b, hq, t)`.
+pub(crate) fn forward_packed(
+    qkv: &Tensor,
+    (su, lu): (&CudaStorage, &Layout),
+    sel: &Selection,
+    dims: Dims,
+    scfg: &SparseKConfig,
+    scale: f32,
+) -> Result<(CudaStorage, CudaStorage)> {
+    let dev = cuda_device(qkv, "qkv")?;
+    let stream = dev.cuda_stream();
+    let width = qkv.dim(2)?;
+    let g = qkv.storage_and_layout();
+    let (qd, kd) = (dims.hq * dims.d, dims.hkv * dims.d);
+    macro_rules! run {
+        ($t:ty) => {{
+            let rows = carried::<$t>(&g, "qkv")?;
+            let (ptr, _guard) = rows.device_ptr(&stream);
+            let ops = Operands {
+                q: ptr,
+                k: offset::<$t>(ptr, qd),
+                v: offset::<$t>(ptr, qd + kd),
+                strides: RowStrides::packed(dims, width),
+            };
+            fwd_t::<$t>(&dev, &ops, (su, lu), sel, dims, scfg, scale)
+        }};
+    }
+    match qkv.dtype() {
+        DType::F16 => run!(f16),
+        DType::BF16 => run!(bf16),
+        other => bail!("sparsek (cuda): packed rows take f16 / bf16, got {other:?}"),
+    }
+}
+
+/// The forward kernel on `ops`: output (`b·hq·t·d` elements laid out by `ops.strides.o`) and LSE.
 #[allow(clippy::too_many_arguments)]
-fn fwd_t<T: CudaDType + candle::cuda_backend::cudarc::driver::DeviceRepr>(
-    (sq, lq): (&CudaStorage, &Layout),
-    (k, v): (&Tensor, &Tensor),
+fn fwd_t<T: CudaDType + DeviceRepr + candle::WithDType>(
+    dev: &CudaDevice,
+    ops: &Operands,
     (su, lu): (&CudaStorage, &Layout),
     sel: &Selection,
     dims: Dims,
@@ -584,31 +731,27 @@ fn fwd_t<T: CudaDType + candle::cuda_backend::cudarc::driver::DeviceRepr>(
     scale: f32,
 ) -> Result<(CudaStorage, CudaStorage)> {
     check_dims(dims, scfg)?;
-    let dev = sq.device().clone();
-    let (kg, vg) = (k.storage_and_layout(), v.storage_and_layout());
-    let (q, k, v, u) = (
-        view::<T>(sq, lq, "q")?,
-        carried::<T>(&kg, "k")?,
-        carried::<T>(&vg, "v")?,
-        view::<f32>(su, lu, "scores")?,
-    );
+    let u = view::<f32>(su, lu, "scores")?;
     let rows = dims.b * dims.hq * dims.t;
     let mut out = unsafe { dev.alloc::<T>(rows * dims.d) }?;
     let mut lse = unsafe { dev.alloc::<f32>(rows) }?;
     let sc = Scalars::new(dims, scfg, sel.blocks, scale);
-    let qm = query_major(&dev, sq.dtype(), dims, scfg, sel.blocks)?;
+    let qm = query_major(dev, T::DTYPE, dims, scfg, sel.blocks)?;
     let f = func!(dev, &qm.fwd, qm.smem_fwd);
     let mut b = f.builder();
-    b.arg(&q);
-    b.arg(&k);
-    b.arg(&v);
+    b.arg(&ops.q);
+    b.arg(&ops.k);
+    b.arg(&ops.v);
     b.arg(&mut out);
     b.arg(&mut lse);
+    if qm.hopper {
+        b.arg(&ops.strides);
+    }
     push_params(&mut b, &u, sel, &sc);
     unsafe { b.launch(cfg(qm.grid, qm.threads, qm.smem_fwd)?) }.w()?;
     Ok((
         CudaStorage::wrap_cuda_slice(out, dev.clone()),
-        CudaStorage::wrap_cuda_slice(lse, dev),
+        CudaStorage::wrap_cuda_slice(lse, dev.clone()),
     ))
 }
 
@@ -622,25 +765,6 @@ pub(crate) fn backward(
     scale: f32,
     (out, grad_out, lse): (&Tensor, &Tensor, &Tensor),
 ) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
-    let inputs = (q, k, v, u);
-    let carried = (out, grad_out, lse);
-    match q.dtype() {
-        DType::F32 => bwd_t::<f32>(inputs, sel, dims, scfg, scale, carried),
-        DType::F16 => bwd_t::<f16>(inputs, sel, dims, scfg, scale, carried),
-        DType::BF16 => bwd_t::<bf16>(inputs, sel, dims, scfg, scale, carried),
-        other => bail!("sparsek (cuda): unsupported dtype {other:?}"),
-    }
-}
-
-fn bwd_t<T: CudaDType + candle::cuda_backend::cudarc::driver::DeviceRepr>(
-    (q, k, v, u): (&Tensor, &Tensor, &Tensor, &Tensor),
-    sel: &Selection,
-    dims: Dims,
-    scfg: &SparseKConfig,
-    scale: f32,
-    (out, grad_out, lse): (&Tensor, &Tensor, &Tensor),
-) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
-    check_dims(dims, scfg)?;
     let dtype = q.dtype();
     for (t, name) in [(out, "out"), (grad_out, "grad_out")] {
         if t.dtype() != dtype || t.dims() != q.dims() {
@@ -653,27 +777,166 @@ fn bwd_t<T: CudaDType + candle::cuda_backend::cudarc::driver::DeviceRepr>(
         }
     }
     let dev = cuda_device(q, "q")?;
+    let stream = dev.cuda_stream();
     let guards = [q, k, v, out, grad_out].map(|t| t.storage_and_layout());
+    let nq = dims.b * dims.hq * dims.t * dims.d;
+    let nk = dims.b * dims.hkv * dims.t * dims.d;
+    macro_rules! run {
+        ($t:ty) => {{
+            let views = [
+                carried::<$t>(&guards[0], "q")?,
+                carried::<$t>(&guards[1], "k")?,
+                carried::<$t>(&guards[2], "v")?,
+                carried::<$t>(&guards[3], "out")?,
+                carried::<$t>(&guards[4], "grad_out")?,
+            ];
+            let ptrs: Vec<_> = views.iter().map(|v| v.device_ptr(&stream)).collect();
+            let ops = Operands {
+                q: ptrs[0].0,
+                k: ptrs[1].0,
+                v: ptrs[2].0,
+                strides: RowStrides::contiguous(dims),
+            };
+            // dq, dk, dv in one allocation, every element written by the kernels.
+            let mut grads = unsafe { dev.alloc::<$t>(nq + 2 * nk) }?;
+            let (g, _gg) = grads.device_ptr_mut(&stream);
+            let outs = [g, offset::<$t>(g, nq), offset::<$t>(g, nq + nk)];
+            let du = bwd_t::<$t>(
+                &dev,
+                &ops,
+                (ptrs[3].0, ptrs[4].0),
+                outs,
+                u,
+                sel,
+                dims,
+                scfg,
+                scale,
+                lse,
+            )?;
+            drop((_gg, ptrs));
+            let all = wrap_slice(grads, &dev, nq + 2 * nk);
+            let k_shape = (dims.b, dims.hkv, dims.t, dims.d);
+            Ok((
+                all.narrow(0, 0, nq)?
+                    .reshape((dims.b, dims.hq, dims.t, dims.d))?,
+                all.narrow(0, nq, nk)?.reshape(k_shape)?,
+                all.narrow(0, nq + nk, nk)?.reshape(k_shape)?,
+                du,
+            ))
+        }};
+    }
+    match dtype {
+        DType::F32 => run!(f32),
+        DType::F16 => run!(f16),
+        DType::BF16 => run!(bf16),
+        other => bail!("sparsek (cuda): unsupported dtype {other:?}"),
+    }
+}
+
+/// Backward of [`forward_packed`]: `dqkv` `(b, t, width)` in the dtype of qkv (q, k, v's columns
+/// written by the kernels in place, the columns past them zero) and du f32 `(b, hkv, t)`, for the
+/// output `out` and its gradient `grad_out` (`(b, t, hq·d)`, contiguous) and the LSE.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward_packed(
+    qkv: &Tensor,
+    u: &Tensor,
+    sel: &Selection,
+    dims: Dims,
+    scfg: &SparseKConfig,
+    scale: f32,
+    (out, grad_out, lse): (&Tensor, &Tensor, &Tensor),
+) -> Result<(Tensor, Tensor)> {
+    let dev = cuda_device(qkv, "qkv")?;
+    let stream = dev.cuda_stream();
+    let (b, t, width) = qkv.dims3()?;
+    let (qd, kd) = (dims.hq * dims.d, dims.hkv * dims.d);
+    let guards = [qkv, out, grad_out].map(|t| t.storage_and_layout());
+    macro_rules! run {
+        ($t:ty) => {{
+            let views = [
+                carried::<$t>(&guards[0], "qkv")?,
+                carried::<$t>(&guards[1], "out")?,
+                carried::<$t>(&guards[2], "grad_out")?,
+            ];
+            let ptrs: Vec<_> = views.iter().map(|v| v.device_ptr(&stream)).collect();
+            let p = ptrs[0].0;
+            let ops = Operands {
+                q: p,
+                k: offset::<$t>(p, qd),
+                v: offset::<$t>(p, qd + kd),
+                strides: RowStrides::packed(dims, width),
+            };
+            // The kernels write q, k, v's columns; the columns past them are zeroed here.
+            let used = qd + 2 * kd;
+            let mut grads = unsafe { dev.alloc::<$t>(b * t * width) }?;
+            let (g, _gg) = grads.device_ptr_mut(&stream);
+            if used < width {
+                let size = std::mem::size_of::<$t>();
+                // SAFETY: b·t rows of `width` elements at g; the region written is each row's
+                // last width - used elements, on the stream the kernels run on.
+                unsafe {
+                    sys::cuMemsetD2D8Async(
+                        offset::<$t>(g, used),
+                        width * size,
+                        0,
+                        (width - used) * size,
+                        b * t,
+                        stream.cu_stream(),
+                    )
+                }
+                .result()
+                .w()?;
+            }
+            let outs = [g, offset::<$t>(g, qd), offset::<$t>(g, qd + kd)];
+            let du = bwd_t::<$t>(
+                &dev,
+                &ops,
+                (ptrs[1].0, ptrs[2].0),
+                outs,
+                u,
+                sel,
+                dims,
+                scfg,
+                scale,
+                lse,
+            )?;
+            drop((_gg, ptrs));
+            Ok((wrap_slice(grads, &dev, (b, t, width)), du))
+        }};
+    }
+    match qkv.dtype() {
+        DType::F16 => run!(f16),
+        DType::BF16 => run!(bf16),
+        other => bail!("sparsek (cuda): packed rows take f16 / bf16, got {other:?}"),
+    }
+}
+
+/// The backward kernels on `ops` (the output and its gradient at `(o, go)`, laid out like the
+/// output), writing dq, dk, dv at `outs` (laid out like q, k, v); returns du `(b, hkv, t)` f32.
+#[allow(clippy::too_many_arguments)]
+fn bwd_t<T: CudaDType + DeviceRepr + candle::WithDType>(
+    dev: &CudaDevice,
+    ops: &Operands,
+    (o, go): (u64, u64),
+    [dq, dk, dv]: [u64; 3],
+    u: &Tensor,
+    sel: &Selection,
+    dims: Dims,
+    scfg: &SparseKConfig,
+    scale: f32,
+    lse: &Tensor,
+) -> Result<Tensor> {
+    check_dims(dims, scfg)?;
+    let dtype = T::DTYPE;
     let (ug, lg) = (u.storage_and_layout(), lse.storage_and_layout());
-    let (q, k, v, o, go) = (
-        carried::<T>(&guards[0], "q")?,
-        carried::<T>(&guards[1], "k")?,
-        carried::<T>(&guards[2], "v")?,
-        carried::<T>(&guards[3], "out")?,
-        carried::<T>(&guards[4], "grad_out")?,
-    );
     let (u, lse) = (carried::<f32>(&ug, "scores")?, carried::<f32>(&lg, "lse")?);
     let rows_q = dims.b * dims.hq * dims.t;
     let rows_k = dims.b * dims.hkv * dims.t;
     let tc = tensor_cores(dtype, dims.d);
-    let qm = query_major(&dev, dtype, dims, scfg, sel.blocks)?;
+    let qm = query_major(dev, dtype, dims, scfg, sel.blocks)?;
     let nk = rows_k * dims.d;
-    // Every element of these is written by the kernels below (no zeroing), but for the
-    // tensor-core path's f32 accumulator [dK | dV], which its dQ kernel zeroes, and du, which its
-    // list kernel adds to.
-    let mut dq = unsafe { dev.alloc::<T>(rows_q * dims.d) }?;
-    let mut dk = unsafe { dev.alloc::<T>(nk) }?;
-    let mut dv = unsafe { dev.alloc::<T>(nk) }?;
+    // The tensor-core path's f32 accumulator [dK | dV] is zeroed by its dQ kernel, and du is added
+    // to by its list kernel.
     let (mut dacc, mut du) = if tc {
         let dacc = unsafe { dev.alloc::<f32>(2 * nk) }?;
         (Some(dacc), dev.alloc_zeros::<f32>(rows_k)?)
@@ -688,18 +951,21 @@ fn bwd_t<T: CudaDType + candle::cuda_backend::cudarc::driver::DeviceRepr>(
     {
         let f = func!(dev, &qm.dq, qm.smem_dq);
         let mut b = f.builder();
-        b.arg(&q);
-        b.arg(&k);
-        b.arg(&v);
+        b.arg(&ops.q);
+        b.arg(&ops.k);
+        b.arg(&ops.v);
         b.arg(&o);
         b.arg(&go);
         b.arg(&lse);
-        b.arg(&mut dq);
+        b.arg(&dq);
         b.arg(&mut delta);
         b.arg(&mut rmean);
         if let Some(dacc) = dacc.as_mut() {
             b.arg(dacc);
             b.arg(&nacc);
+        }
+        if qm.hopper {
+            b.arg(&ops.strides);
         }
         push_params(&mut b, &u, sel, &sc);
         unsafe { b.launch(cfg(qm.grid, qm.threads, qm.smem_dq)?) }.w()?;
@@ -707,48 +973,45 @@ fn bwd_t<T: CudaDType + candle::cuda_backend::cudarc::driver::DeviceRepr>(
     if let Some(dacc) = dacc.as_mut() {
         // The list kernel adds its keys' parts to the accumulator and du, then the band kernel adds
         // its own and writes dK and dV.
-        let list = list_dkv(&dev, dtype, dims, scfg.cap(), sel.blocks)?;
-        let band = band_dkv(&dev, dtype, dims, sel.blocks)?;
+        let list = list_dkv(dev, dtype, dims, scfg.cap(), sel.blocks)?;
+        let band = band_dkv(dev, dtype, dims, sel.blocks)?;
         for kernel in [list, band] {
             let f = func!(dev, &kernel.name, kernel.smem);
             let mut b = f.builder();
-            b.arg(&q);
-            b.arg(&k);
-            b.arg(&v);
+            b.arg(&ops.q);
+            b.arg(&ops.k);
+            b.arg(&ops.v);
             b.arg(&go);
             b.arg(&lse);
             b.arg(&delta);
             b.arg(&rmean);
             b.arg(&mut *dacc);
             b.arg(&mut du);
-            b.arg(&mut dk);
-            b.arg(&mut dv);
+            b.arg(&dk);
+            b.arg(&dv);
+            if kernel.hopper {
+                b.arg(&ops.strides);
+            }
             push_params(&mut b, &u, sel, &sc);
             unsafe { b.launch(cfg(kernel.grid, kernel.threads, kernel.smem)?) }.w()?;
         }
     } else {
         let f = func!(dev, &format!("sk_bwd_dkv_{tn}_d{}", dims.d), 0);
         let mut b = f.builder();
-        b.arg(&q);
-        b.arg(&k);
-        b.arg(&v);
+        b.arg(&ops.q);
+        b.arg(&ops.k);
+        b.arg(&ops.v);
         b.arg(&go);
         b.arg(&lse);
         b.arg(&delta);
         b.arg(&rmean);
-        b.arg(&mut dk);
-        b.arg(&mut dv);
+        b.arg(&dk);
+        b.arg(&dv);
         b.arg(&mut du);
         push_params(&mut b, &u, sel, &sc);
         unsafe { b.launch(cfg((rows_k.div_ceil(WARPS), 1), 32 * WARPS, 0)?) }.w()?;
     }
-    let k_shape = (dims.b, dims.hkv, dims.t, dims.d);
-    Ok((
-        wrap_slice(dq, &dev, (dims.b, dims.hq, dims.t, dims.d)),
-        wrap_slice(dk, &dev, k_shape),
-        wrap_slice(dv, &dev, k_shape),
-        wrap_slice(du, &dev, (dims.b, dims.hkv, dims.t)),
-    ))
+    Ok(wrap_slice(du, dev, (dims.b, dims.hkv, dims.t)))
 }
 
 /// Rows of x per CTA of the scorer kernels (`SK_SCORE_ROWS` in the .cu file).

@@ -13,7 +13,11 @@
 //! - [`sparsek_attn`]: the attention op (selection fused with attention, CPU and CUDA, forward and
 //!   backward; gradients reach `q`, `k`, `v` and the scores); [`sparsek_attn_taped`] runs the same
 //!   kernels outside autograd and returns an [`AttentionTape`](crate::tape::AttentionTape) whose
-//!   gradients include the scores'.
+//!   gradients include the scores'. [`sparsek_attn_qkvpacked_taped`] takes q, k, v as head
+//!   columns of one projection's rows `(batch, seq, width)` ([`PackedHeads`]) and returns the
+//!   output with heads merged and `dqkv` in the same layout: on an H100 (f16 / bf16, head_dim 64
+//!   or 128) its kernels read and write those rows in place, so a model skips the copies that
+//!   split the heads out and merge them back (four per layer and step in the char-level GPT).
 //! - [`SparseKCache`]: the decode KV cache that evicts keys that can never be selected again.
 //!
 //! # Documented choices (the paper's method section was not available; see the spec)
@@ -101,8 +105,8 @@ mod cuda;
 mod project;
 mod scorer;
 
-pub(crate) use attn::SparseKRun;
-pub use attn::{sparsek_attn, sparsek_attn_taped};
+pub use attn::{sparsek_attn, sparsek_attn_qkvpacked_taped, sparsek_attn_taped, PackedHeads};
+pub(crate) use attn::{SparseKPackedRun, SparseKRun};
 pub use cache::SparseKCache;
 pub use project::sparsek;
 pub use scorer::{ScorerGrads, SparseKScorer, SparseKScorerConfig};
