@@ -22,8 +22,8 @@
 // - adamw_step: one AdamW update of an f32 parameter, its moments and gradient.
 // - adamw_many: AdamW updates of many f32 parameters and their moments in place (a table of
 //   pointers), one launch.
-// - cast_many: many f32 tensors cast to bf16 / f16 into one output (a table of pointers), one
-//   launch.
+// - cast_concat: many f32 tensors cast to bf16 / f16 into one output, one after the other (a
+//   table of pointers), one launch.
 // - sumsq_partial / sum_f32: sum of squares of many f32 tensors (a table of pointers), per-block
 //   partials then one block summing them in a fixed order.
 #include <cuda_bf16.h>
@@ -688,7 +688,7 @@ __device__ __forceinline__ float block_sum(float v) {
 // Casts of many f32 tensors in one launch: table row blockIdx.y = (src, offset, n), src of n f32
 // cast to out[offset, offset + n).
 template <typename T>
-__device__ void cast_many(const uint64_t* __restrict__ table, T* __restrict__ out) {
+__device__ void cast_concat(const uint64_t* __restrict__ table, T* __restrict__ out) {
   const uint64_t* row = table + 3 * (size_t)blockIdx.y;
   const float* src = reinterpret_cast<const float*>(row[0]);
   T* dst = out + row[1];
@@ -697,11 +697,11 @@ __device__ void cast_many(const uint64_t* __restrict__ table, T* __restrict__ ou
        i += (size_t)gridDim.x * blockDim.x)
     dst[i] = from_f<T>(src[i]);
 }
-extern "C" __global__ void cast_many_bf16(const uint64_t* table, __nv_bfloat16* out) {
-  cast_many(table, out);
+extern "C" __global__ void cast_concat_bf16(const uint64_t* table, __nv_bfloat16* out) {
+  cast_concat(table, out);
 }
-extern "C" __global__ void cast_many_f16(const uint64_t* table, __half* out) {
-  cast_many(table, out);
+extern "C" __global__ void cast_concat_f16(const uint64_t* table, __half* out) {
+  cast_concat(table, out);
 }
 
 // partial[blockIdx.y * gridDim.x + blockIdx.x] = sum of squares of this block's share of tensor

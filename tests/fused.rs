@@ -6,7 +6,7 @@ mod common;
 
 use candle::{DType, Device, Result, Tensor, Var, D};
 use candle_sparse_attn::fused::{
-    adamw_update, adamw_update_many, add_layer_norm, backward_from, cast_many,
+    adamw_update, adamw_update_many, add_layer_norm, backward_from, cast_concat,
     cross_entropy_with_grad, embedding, embedding_backward, gelu, gelu_backward, layer_norm,
     layer_norm_backward, layer_norm_backward_add, linear, linear_backward, merge_heads, merge_qkv,
     merge_qkv_with, split_heads, split_qkv, sum_of_squares, to_heads, AdamWUpdate,
@@ -526,10 +526,10 @@ fn linear_backward_weight_grad_is_f32() -> Result<()> {
     Ok(())
 }
 
-/// `cast_many` equals `to_dtype` on each tensor (shapes of odd sizes, a non-contiguous view, a
-/// zero-element tensor), and refuses non-f32 input.
+/// `cast_concat` equals `to_dtype` of each tensor, flattened and concatenated (shapes of odd
+/// sizes, a non-contiguous view, a zero-element tensor), and refuses non-f32 input.
 #[test]
-fn cast_many_matches_to_dtype() -> Result<()> {
+fn cast_concat_matches_to_dtype_and_cat() -> Result<()> {
     let mut rng = StdRng::seed_from_u64(17);
     for dev in devices() {
         let on = |t: Tensor| t.to_device(&dev);
@@ -541,28 +541,26 @@ fn cast_many_matches_to_dtype() -> Result<()> {
             on(randn(&mut rng, &[1001], 100.0)?)?,
         ];
         for dtype in DTYPES {
-            let got = cast_many(&tensors, dtype)?;
-            assert_eq!(got.len(), tensors.len());
-            for (i, (g, t)) in got.iter().zip(&tensors).enumerate() {
-                assert_eq!((g.dtype(), g.dims()), (dtype, t.dims()), "tensor {i}");
-                if t.elem_count() == 0 {
-                    continue; // (candle's own cast launches an empty grid on CUDA)
-                }
-                let want = t.to_dtype(dtype)?;
-                let (g, w) = (
-                    g.flatten_all()?.to_dtype(DType::F32)?,
-                    want.flatten_all()?.to_dtype(DType::F32)?,
-                );
-                assert_eq!(
-                    g.to_vec1::<f32>()?,
-                    w.to_vec1::<f32>()?,
-                    "cast_many {dtype:?} {dev:?} tensor {i}"
-                );
-            }
+            let got = cast_concat(&tensors, dtype)?;
+            assert_eq!(
+                (got.dtype(), got.dims()),
+                (dtype, &[135 + 1 + 35 + 1001][..])
+            );
+            // The reference on the host (candle's own CUDA cast launches an empty grid for the
+            // zero-element tensor).
+            let flat = tensors
+                .iter()
+                .map(|t| t.to_device(&Device::Cpu)?.flatten_all()?.to_dtype(dtype))
+                .collect::<Result<Vec<_>>>()?;
+            let want = Tensor::cat(&flat, 0)?
+                .to_dtype(DType::F32)?
+                .to_vec1::<f32>()?;
+            let got = got.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            assert_eq!(got, want, "cast_concat {dtype:?} {dev:?}");
         }
-        assert!(cast_many(&[], DType::BF16)?.is_empty());
+        assert_eq!(cast_concat(&[], DType::BF16)?.dims(), &[0]);
         let half = tensors[0].to_dtype(DType::BF16)?;
-        let e = message(cast_many(&[tensors[1].clone(), half], DType::F16));
+        let e = message(cast_concat(&[tensors[1].clone(), half], DType::F16));
         assert!(e.contains("tensor 1") && e.contains("BF16"), "{e}");
     }
     Ok(())

@@ -116,19 +116,6 @@ fn local_scorer_grads(
     Ok(dh1)
 }
 
-/// `c_attn` `(3c, c)` with the key scorer's weight rows `weight` `(h, c)` (`h` kv heads, the dtype
-/// of `c_attn`) appended (then zero rows
-/// up to a multiple of 8, so that the projection's rows stay 16-byte aligned): the q/k/v GEMM
-/// also gives the scores' linear part ([`SparseKScorer::scores_from_linear`]), and its backward
-/// GEMMs the scorer input's and weight's gradients, instead of the scorer's own three kernels.
-///
-/// [`SparseKScorer::scores_from_linear`]: candle_sparse_attn::SparseKScorer::scores_from_linear
-fn fold_scorer(c_attn: &Tensor, weight: &Tensor, h: usize) -> Result<Tensor> {
-    let c = c_attn.dim(1)?;
-    let pad = Tensor::zeros(((8 - h % 8) % 8, c), c_attn.dtype(), c_attn.device())?;
-    Tensor::cat(&[c_attn, weight, &pad], 0)
-}
-
 /// The gradient of the q/k/v projection from q, k and v's `(b, h, t, d)`, with `fold` zero
 /// columns after them when the projection has a folded scorer whose scores got no gradient.
 fn qkv_grad(dq: &Tensor, dk: &Tensor, dv: &Tensor, fold: usize) -> Result<Tensor> {
@@ -222,53 +209,60 @@ impl Gpt {
         let (dt, dev, c) = (self.compute_dtype, &self.device, cfg.n_embd);
         let p = if train { cfg.dropout } else { 0.0 };
         let ids = inputs.flatten_all()?;
-        // Every weight in the compute dtype, cast in one launch: the token table, each block's
-        // six matrices and gains (and its scorer's weight), the final gain, the positions.
-        let mut params: Vec<Tensor> = vec![self.wte.as_tensor().detach()];
+        // Every weight in the compute dtype, cast in one launch into one buffer: the token table;
+        // per block ln_1, c_attn, then (with a key scorer) the scorer's weight rows and zero rows
+        // up to a multiple of 8 (so that the projection's rows stay 16-byte aligned), attn_proj,
+        // ln_2, c_fc, mlp_proj; ln_f; the positions. c_attn with the rows after it is the
+        // folded projection: one GEMM gives q, k, v and the scores' linear part
+        // ([`SparseKScorer::scores_from_linear`]), and its backward GEMMs the scorer input's and
+        // weight's gradients, instead of the scorer's own three kernels.
+        let detached = |v: &Var| v.as_tensor().detach();
+        let fold_pad = |h: usize| (8 - h % 8) % 8;
+        let mut params: Vec<Tensor> = vec![detached(&self.wte)];
         for blk in &self.blocks {
-            let matrices = [
-                &blk.ln_1,
-                &blk.c_attn,
-                &blk.attn_proj,
-                &blk.ln_2,
-                &blk.c_fc,
-                &blk.mlp_proj,
-            ];
-            params.extend(matrices.iter().map(|v| v.as_tensor().detach()));
+            params.extend([detached(&blk.ln_1), detached(&blk.c_attn)]);
             if let Some(scorer) = &blk.scorer {
                 params.push(scorer.params()[0].detach());
+                let pad = fold_pad(scorer.kv_heads());
+                if pad > 0 {
+                    params.push(Tensor::zeros((pad, c), DType::F32, dev)?);
+                }
             }
+            params.extend([&blk.attn_proj, &blk.ln_2, &blk.c_fc, &blk.mlp_proj].map(detached));
         }
-        params.push(self.ln_f.as_tensor().detach());
-        params.extend(self.wpe.iter().map(|v| v.as_tensor().detach()));
-        let mut cast = fused::cast_many(&params, dt)?.into_iter();
-        let mut next = || {
-            cast.next()
-                .ok_or_else(|| candle::Error::Msg("gpt training pass: a weight is missing".into()))
+        params.push(detached(&self.ln_f));
+        params.extend(self.wpe.iter().map(detached));
+        let all = fused::cast_concat(&params, dt)?;
+        let mut at = 0;
+        let mut take = |dims: &[usize]| -> Result<Tensor> {
+            let n = dims.iter().product();
+            let t = all.narrow(0, at, n)?.reshape(dims)?;
+            at += n;
+            Ok(t)
         };
-        let wte = next()?;
+        let wte = take(self.wte.dims())?;
         let weights = self
             .blocks
             .iter()
             .map(|blk| {
-                let [ln_1, c_attn, attn_proj, ln_2, c_fc, mlp_proj] =
-                    [next()?, next()?, next()?, next()?, next()?, next()?];
-                let c_attn = match &blk.scorer {
-                    Some(scorer) => fold_scorer(&c_attn, &next()?, scorer.kv_heads())?,
-                    None => c_attn,
-                };
+                let ln_1 = take(blk.ln_1.dims())?;
+                let fold = blk.scorer.as_ref().map_or(0, |s| {
+                    let h = s.kv_heads();
+                    h + fold_pad(h)
+                });
+                let c_attn = take(&[blk.c_attn.dim(0)? + fold, c])?;
                 Ok(BlockWeights {
                     ln_1,
                     c_attn,
-                    attn_proj,
-                    ln_2,
-                    c_fc,
-                    mlp_proj,
+                    attn_proj: take(blk.attn_proj.dims())?,
+                    ln_2: take(blk.ln_2.dims())?,
+                    c_fc: take(blk.c_fc.dims())?,
+                    mlp_proj: take(blk.mlp_proj.dims())?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let ln_f = next()?;
-        let wpe = self.wpe.as_ref().map(|_| next()).transpose()?;
+        let ln_f = take(self.ln_f.dims())?;
+        let wpe = self.wpe.as_ref().map(|v| take(v.dims())).transpose()?;
         // The gain of the LayerNorm after each residual add: the next block's ln_1, then ln_f.
         let next_gain = |i: usize| weights.get(i).map_or(&ln_f, |w| &w.ln_1);
         let emb = fused::embedding(&wte, &ids)?.reshape((b, t, c))?;
@@ -464,7 +458,7 @@ impl TrainingPass<'_> {
             let (dy_merged, dw_attn_proj) =
                 fused::linear_backward(&saved.y_merged, &w.attn_proj, &da)?;
             let dy = || fused::to_heads(&dy_merged, nh);
-            // Rows of c_attn past q, k, v: the folded key scorer's (see `fold_scorer`).
+            // Rows of c_attn past q, k, v: the folded key scorer's (see `Gpt::training_pass`).
             let fold = w.c_attn.dim(0)? - 3 * c;
             let (dh1, dw_c_attn) = match &saved.attn {
                 LayerAttention::Packed { tape, .. } => {

@@ -428,13 +428,13 @@ fn units_of(what: &str, dtype: DType, width: usize, du: u32, d: usize, rows: usi
 
 /// The f32 `tensors` (contiguous) cast to `dtype` (bf16 or f16) into one storage, one after the
 /// other (`offsets[i]` where tensor `i` starts): one launch over a device table of pointers.
-pub(super) fn cast_many(
+pub(super) fn cast_concat(
     dev: &CudaDevice,
     tensors: &[(&CudaStorage, &Layout)],
     offsets: &[usize],
     dtype: DType,
 ) -> Result<CudaStorage> {
-    let what = "cast_many";
+    let what = "cast_concat";
     let n = tensors.len();
     if n == 0 || n > 65535 {
         bail!("{what} (cuda): need 1 to 65535 tensors, got {n}")
@@ -469,8 +469,8 @@ pub(super) fn cast_many(
         }};
     }
     match dtype {
-        DType::BF16 => run!(bf16, "cast_many_bf16"),
-        DType::F16 => run!(f16, "cast_many_f16"),
+        DType::BF16 => run!(bf16, "cast_concat_bf16"),
+        DType::F16 => run!(f16, "cast_concat_f16"),
         other => bail!("{what} (cuda): casts to bf16 or f16, got {other:?}"),
     }
 }

@@ -497,19 +497,20 @@ pub fn sum_of_squares(tensors: &[Tensor]) -> Result<Tensor> {
     Ok(Tensor::from_storage(out, (), BackpropOp::none(), false))
 }
 
-/// `tensors` (f32, one device, any shapes) cast to `dtype`, as [`Tensor::to_dtype`] casts each:
-/// on CUDA to bf16 / f16 one launch over a device table of pointers writing one allocation (the
-/// results are views of it), instead of a launch per tensor (a model's weights cast to the
-/// compute dtype every step). An empty list gives an empty list. No autograd.
-pub fn cast_many(tensors: &[Tensor], dtype: DType) -> Result<Vec<Tensor>> {
+/// `tensors` (f32, one device, any shapes) cast to `dtype` and concatenated, each flattened in
+/// row-major order: a 1-D tensor of all their elements, in order (an empty list gives an empty
+/// tensor of `dtype` on the CPU). On CUDA to bf16 / f16 one launch over a device table of
+/// pointers, instead of a cast per tensor and a copy per concatenation (a model's weights cast to
+/// the compute dtype every step, adjacent matrices then usable as one). No autograd.
+pub fn cast_concat(tensors: &[Tensor], dtype: DType) -> Result<Tensor> {
     let Some(first) = tensors.first() else {
-        return Ok(vec![]);
+        return Tensor::zeros(0, dtype, &candle::Device::Cpu);
     };
     let dev = first.device();
     for (i, t) in tensors.iter().enumerate() {
         if t.dtype() != DType::F32 || !t.device().same_device(dev) {
             bail!(
-                "cast_many: tensor {i} {:?} {:?} on {:?} must be f32 on {:?}",
+                "cast_concat: tensor {i} {:?} {:?} on {:?} must be f32 on {:?}",
                 t.dims(),
                 t.dtype(),
                 t.device().location(),
@@ -539,18 +540,24 @@ pub fn cast_many(tensors: &[Tensor], dtype: DType) -> Result<Vec<Tensor>> {
                 .iter()
                 .map(|(s, l)| match &**s {
                     Storage::Cuda(s) => Ok((s, *l)),
-                    _ => bail!("cast_many: tensors must share one device"),
+                    _ => bail!("cast_concat: tensors must share one device"),
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let out = cuda::cast_many(cuda_dev, &parts, &offsets, dtype)?;
-            let all = Tensor::from_storage(Storage::Cuda(out), total, BackpropOp::none(), false);
-            tensors
-                .iter()
-                .zip(offsets)
-                .map(|(t, at)| all.narrow(0, at, t.elem_count())?.reshape(t.shape()))
-                .collect()
+            let out = cuda::cast_concat(cuda_dev, &parts, &offsets, dtype)?;
+            Ok(Tensor::from_storage(
+                Storage::Cuda(out),
+                total,
+                BackpropOp::none(),
+                false,
+            ))
         }
-        _ => tensors.iter().map(|t| t.to_dtype(dtype)).collect(),
+        _ => {
+            let flat = tensors
+                .iter()
+                .map(|t| t.flatten_all()?.to_dtype(dtype))
+                .collect::<Result<Vec<_>>>()?;
+            Tensor::cat(&flat, 0)
+        }
     }
 }
 
