@@ -860,15 +860,26 @@ impl Attention {
         train: bool,
         seed: u64,
     ) -> Result<Option<(Tensor, AttentionTape)>> {
-        let call = AttentionCall {
+        let call = self.whole_sequence_call(key_scores, layer, train, seed);
+        self.backend.forward_taped(q, k, v, &call)
+    }
+
+    /// The [`AttentionCall`] of a causal call over one whole sequence (the taped paths).
+    fn whole_sequence_call<'a>(
+        &self,
+        key_scores: Option<&'a Tensor>,
+        layer: usize,
+        train: bool,
+        seed: u64,
+    ) -> AttentionCall<'a> {
+        AttentionCall {
             softmax_scale: self.softmax_scale,
             causal: true,
             train,
             seed,
             layer,
             key_scores,
-        };
-        self.backend.forward_taped(q, k, v, &call)
+        }
     }
 
     /// [`Self::forward_taped`] on heads packed in the rows of `qkv` `(batch, seq, width)`
@@ -883,14 +894,7 @@ impl Attention {
         train: bool,
         seed: u64,
     ) -> Result<Option<(Tensor, AttentionTape)>> {
-        let call = AttentionCall {
-            softmax_scale: self.softmax_scale,
-            causal: true,
-            train,
-            seed,
-            layer,
-            key_scores,
-        };
+        let call = self.whole_sequence_call(key_scores, layer, train, seed);
         self.backend.forward_taped_qkvpacked(qkv, heads, &call)
     }
 

@@ -778,6 +778,14 @@ pub(crate) fn backward(
     }
     let dev = cuda_device(q, "q")?;
     let stream = dev.cuda_stream();
+    let call = BackwardCall {
+        u,
+        sel,
+        dims,
+        scfg,
+        scale,
+        lse,
+    };
     let guards = [q, k, v, out, grad_out].map(|t| t.storage_and_layout());
     let nq = dims.b * dims.hq * dims.t * dims.d;
     let nk = dims.b * dims.hkv * dims.t * dims.d;
@@ -801,18 +809,7 @@ pub(crate) fn backward(
             let mut grads = unsafe { dev.alloc::<$t>(nq + 2 * nk) }?;
             let (g, _gg) = grads.device_ptr_mut(&stream);
             let outs = [g, offset::<$t>(g, nq), offset::<$t>(g, nq + nk)];
-            let du = bwd_t::<$t>(
-                &dev,
-                &ops,
-                (ptrs[3].0, ptrs[4].0),
-                outs,
-                u,
-                sel,
-                dims,
-                scfg,
-                scale,
-                lse,
-            )?;
+            let du = bwd_t::<$t>(&dev, &ops, (ptrs[3].0, ptrs[4].0), outs, &call)?;
             drop((_gg, ptrs));
             let all = wrap_slice(grads, &dev, nq + 2 * nk);
             let k_shape = (dims.b, dims.hkv, dims.t, dims.d);
@@ -850,6 +847,14 @@ pub(crate) fn backward_packed(
     let stream = dev.cuda_stream();
     let (b, t, width) = qkv.dims3()?;
     let (qd, kd) = (dims.hq * dims.d, dims.hkv * dims.d);
+    let call = BackwardCall {
+        u,
+        sel,
+        dims,
+        scfg,
+        scale,
+        lse,
+    };
     let guards = [qkv, out, grad_out].map(|t| t.storage_and_layout());
     macro_rules! run {
         ($t:ty) => {{
@@ -888,18 +893,7 @@ pub(crate) fn backward_packed(
                 .w()?;
             }
             let outs = [g, offset::<$t>(g, qd), offset::<$t>(g, qd + kd)];
-            let du = bwd_t::<$t>(
-                &dev,
-                &ops,
-                (ptrs[1].0, ptrs[2].0),
-                outs,
-                u,
-                sel,
-                dims,
-                scfg,
-                scale,
-                lse,
-            )?;
+            let du = bwd_t::<$t>(&dev, &ops, (ptrs[1].0, ptrs[2].0), outs, &call)?;
             drop((_gg, ptrs));
             Ok((wrap_slice(grads, &dev, (b, t, width)), du))
         }};
@@ -911,21 +905,34 @@ pub(crate) fn backward_packed(
     }
 }
 
+/// What the backward kernels of a call read besides its element tensors: the scores, the
+/// forward's selection and f32 LSE, the sizes, the config and the softmax scale.
+struct BackwardCall<'a> {
+    u: &'a Tensor,
+    sel: &'a Selection,
+    dims: Dims,
+    scfg: &'a SparseKConfig,
+    scale: f32,
+    lse: &'a Tensor,
+}
+
 /// The backward kernels on `ops` (the output and its gradient at `(o, go)`, laid out like the
 /// output), writing dq, dk, dv at `outs` (laid out like q, k, v); returns du `(b, hkv, t)` f32.
-#[allow(clippy::too_many_arguments)]
 fn bwd_t<T: CudaDType + DeviceRepr + candle::WithDType>(
     dev: &CudaDevice,
     ops: &Operands,
     (o, go): (u64, u64),
     [dq, dk, dv]: [u64; 3],
-    u: &Tensor,
-    sel: &Selection,
-    dims: Dims,
-    scfg: &SparseKConfig,
-    scale: f32,
-    lse: &Tensor,
+    call: &BackwardCall,
 ) -> Result<Tensor> {
+    let BackwardCall {
+        u,
+        sel,
+        dims,
+        scfg,
+        scale,
+        lse,
+    } = *call;
     check_dims(dims, scfg)?;
     let dtype = T::DTYPE;
     let (ug, lg) = (u.storage_and_layout(), lse.storage_and_layout());
