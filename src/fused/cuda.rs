@@ -3,7 +3,7 @@
 use candle::backend::BackendStorage;
 use candle::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
 use candle::cuda_backend::cudarc::driver::{
-    CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, PushKernelArg,
+    CudaSlice, CudaView, DevicePtr, DevicePtrMut, DeviceRepr, PushKernelArg,
 };
 use candle::cuda_backend::WrapErr;
 use candle::{bail, CudaDevice, CudaStorage, DType, Layout, Result};
@@ -426,6 +426,23 @@ fn units_of(what: &str, dtype: DType, width: usize, du: u32, d: usize, rows: usi
     Ok(ru as u32)
 }
 
+/// The f32 views of the `tensors` of a kernel over a device table of pointers (one grid row per
+/// tensor: 1 to 65535 of them, each contiguous).
+fn table_views<'a>(
+    what: &str,
+    tensors: &[(&'a CudaStorage, &Layout)],
+) -> Result<Vec<CudaView<'a, f32>>> {
+    let n = tensors.len();
+    if n == 0 || n > 65535 {
+        bail!("{what} (cuda): need 1 to 65535 tensors, got {n}")
+    }
+    tensors
+        .iter()
+        .enumerate()
+        .map(|(i, (s, l))| contiguous_view::<f32>(s, l, what, &format!("tensor {i}")))
+        .collect()
+}
+
 /// The f32 `tensors` (contiguous) cast to `dtype` (bf16 or f16) into one storage, one after the
 /// other (`offsets[i]` where tensor `i` starts): one launch over a device table of pointers.
 pub(super) fn cast_concat(
@@ -435,16 +452,8 @@ pub(super) fn cast_concat(
     dtype: DType,
 ) -> Result<CudaStorage> {
     let what = "cast_concat";
-    let n = tensors.len();
-    if n == 0 || n > 65535 {
-        bail!("{what} (cuda): need 1 to 65535 tensors, got {n}")
-    }
-    let stream = dev.cuda_stream();
-    let views = tensors
-        .iter()
-        .enumerate()
-        .map(|(i, (s, l))| contiguous_view::<f32>(s, l, what, &format!("tensor {i}")))
-        .collect::<Result<Vec<_>>>()?;
+    let views = table_views(what, tensors)?;
+    let (n, stream) = (views.len(), dev.cuda_stream());
     let mut table = Vec::with_capacity(3 * n);
     let mut guards = Vec::with_capacity(n);
     let mut largest = 0;
@@ -483,16 +492,8 @@ pub(super) fn sum_of_squares(
     tensors: &[(&CudaStorage, &Layout)],
 ) -> Result<CudaStorage> {
     let what = "sum_of_squares";
-    let n = tensors.len();
-    if n == 0 || n > 65535 {
-        bail!("{what} (cuda): need 1 to 65535 tensors, got {n}")
-    }
-    let stream = dev.cuda_stream();
-    let views = tensors
-        .iter()
-        .enumerate()
-        .map(|(i, (s, l))| contiguous_view::<f32>(s, l, what, &format!("tensor {i}")))
-        .collect::<Result<Vec<_>>>()?;
+    let views = table_views(what, tensors)?;
+    let (n, stream) = (views.len(), dev.cuda_stream());
     let mut ptrs = Vec::with_capacity(n);
     let mut guards = Vec::with_capacity(n);
     for v in &views {
