@@ -85,6 +85,10 @@ pub(crate) fn wrap_slice<T: CudaDType>(
     dev: &CudaDevice,
     shape: impl Into<Shape>,
 ) -> Tensor {
-    let storage = CudaStorage::wrap_cuda_slice(buf, dev.clone());
+    wrap_storage(CudaStorage::wrap_cuda_slice(buf, dev.clone()), shape)
+}
+
+/// Wraps a device storage as a contiguous tensor of `shape`, outside autograd.
+pub(crate) fn wrap_storage(storage: CudaStorage, shape: impl Into<Shape>) -> Tensor {
     Tensor::from_storage(Storage::Cuda(storage), shape, BackpropOp::none(), false)
 }

@@ -7,6 +7,8 @@ use candle::{bail, CpuStorage, DType, Device, Layout, Result, Shape, Tensor};
 
 use super::cpu::{self, HostSelection};
 use super::SparseKConfig;
+#[cfg(feature = "cuda")]
+use crate::cuda_launch::wrap_storage;
 use crate::tape::{check_grad, AttentionTape};
 
 /// Sizes of one call: q `(b, hq, t, d)`, k and v `(b, hkv, t, d)`, scores `(b, hkv, t)`.
@@ -111,9 +113,7 @@ pub fn sparsek_attn_qkvpacked_taped(
     cfg: &SparseKConfig,
 ) -> Result<(Tensor, AttentionTape)> {
     let dims = validate_packed(qkv, heads, scores, cfg)?;
-    let Dims {
-        b, hq, hkv, t, d, ..
-    } = dims;
+    let Dims { hq, hkv, d, .. } = dims;
     let width = qkv.dim(2)?;
     #[cfg(feature = "cuda")]
     if let Device::Cuda(dev) = qkv.device() {
@@ -130,19 +130,11 @@ pub fn sparsek_attn_qkvpacked_taped(
                 let sel = super::cuda::select((su, lu), dims, cfg)?;
                 let (out, lse) =
                     super::cuda::forward_packed(qkv, (su, lu), &sel, dims, cfg, cfg.scale(d))?;
-                let on_device = |s, shape: &[usize]| {
-                    Tensor::from_storage(
-                        candle::Storage::Cuda(s),
-                        shape,
-                        candle::op::BackpropOp::none(),
-                        false,
-                    )
-                };
                 let saved = Saved {
                     selection: Selection::Cuda(sel),
-                    lse: on_device(lse, &[b, hq, t]),
+                    lse: wrap_storage(lse, (dims.b, hq, dims.t)),
                 };
-                (on_device(out, &[b, t, hq * d]), saved)
+                (wrap_storage(out, (dims.b, dims.t, hq * d)), saved)
             };
             return AttentionTape::sparsek_packed(SparseKPackedRun::InPlace {
                 qkv: qkv.clone(),
@@ -155,15 +147,10 @@ pub fn sparsek_attn_qkvpacked_taped(
         }
     }
     // Elsewhere the heads are copied out (contiguous `(b, h, t, d)`) and the output merged back.
-    let split = |at: usize, h: usize| {
-        qkv.narrow(2, at * d, h * d)?
-            .contiguous()?
-            .reshape((b, t, h, d))?
-            .transpose(1, 2)
-    };
+    let split = |at: usize, h: usize| crate::fused::to_heads(&qkv.narrow(2, at * d, h * d)?, h);
     let (q, k, v) = (split(0, hq)?, split(hq, hkv)?, split(hq + hkv, hkv)?);
     let (y, tape) = sparsek_attn_taped(&q, &k, &v, scores, cfg)?;
-    let y = y.transpose(1, 2)?.reshape((b, t, hq * d))?;
+    let y = crate::fused::merge_heads(&y)?;
     AttentionTape::sparsek_packed(SparseKPackedRun::Split {
         tape: Box::new(tape),
         heads,
@@ -597,12 +584,8 @@ impl SparseKPackedRun {
                 tape, heads, width, ..
             } => {
                 let (b, t, _) = dy.dims3()?;
-                let dy = dy.reshape((b, t, heads.q_heads, heads.head_dim))?;
-                let grads = tape.grads(&dy.transpose(1, 2)?)?;
-                let merge = |x: &Tensor| -> Result<Tensor> {
-                    let (b, h, t, d) = x.dims4()?;
-                    x.transpose(1, 2)?.reshape((b, t, h * d))
-                };
+                let grads = tape.grads(&crate::fused::to_heads(dy, heads.q_heads)?)?;
+                let merge = crate::fused::merge_heads;
                 let mut parts = vec![merge(&grads.dq)?, merge(&grads.dk)?, merge(&grads.dv)?];
                 let used: usize = parts.iter().map(|p| p.dim(2)).sum::<Result<usize>>()?;
                 if used < *width {
@@ -674,12 +657,7 @@ impl candle::CustomOp3 for SparseKForward {
             &self.cfg,
             self.scale,
         )?;
-        let lse = Tensor::from_storage(
-            candle::Storage::Cuda(lse),
-            (dims.b, dims.hq, dims.t),
-            candle::op::BackpropOp::none(),
-            false,
-        );
+        let lse = wrap_storage(lse, (dims.b, dims.hq, dims.t));
         self.save(Saved {
             selection: Selection::Cuda(sel),
             lse,

@@ -720,7 +720,6 @@ pub(crate) fn forward_packed(
 }
 
 /// The forward kernel on `ops`: output (`b·hq·t·d` elements laid out by `ops.strides.o`) and LSE.
-#[allow(clippy::too_many_arguments)]
 fn fwd_t<T: CudaDType + DeviceRepr + candle::WithDType>(
     dev: &CudaDevice,
     ops: &Operands,
