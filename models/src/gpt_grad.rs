@@ -351,16 +351,17 @@ impl Gpt {
     ) -> Result<LayerAttention> {
         let (c, n_head) = (self.config.n_embd, self.config.n_head);
         let qkv_width = 3 * c;
-        let mut split = None;
+        // Without RoPE the kind's taped paths run (the scores outside autograd too): on the
+        // projection's rows as they are where the kind has that path, else on the split heads.
+        // The scorer is folded into the projection: its linear part is the next columns.
+        let taped_scores = match (&self.rope, &blk.scorer) {
+            (None, Some(s)) => {
+                let lin = qkv.narrow(2, qkv_width, s.kv_heads())?;
+                Some(s.scores_from_linear(&lin, 0)?)
+            }
+            _ => None,
+        };
         if self.rope.is_none() {
-            // The scorer is folded into the projection: its linear part is the next columns.
-            let scores = match &blk.scorer {
-                Some(s) => {
-                    let lin = qkv.narrow(2, qkv_width, s.kv_heads())?;
-                    Some(s.scores_from_linear(&lin, 0)?)
-                }
-                None => None,
-            };
             let heads = PackedHeads {
                 q_heads: n_head,
                 kv_heads: n_head,
@@ -369,7 +370,7 @@ impl Gpt {
             let packed = self.attention.forward_taped_qkvpacked(
                 qkv,
                 heads,
-                scores.as_ref(),
+                taped_scores.as_ref(),
                 layer,
                 train,
                 seed,
@@ -377,12 +378,14 @@ impl Gpt {
             if let Some((y, tape)) = packed {
                 return Ok(LayerAttention::Packed { y, tape });
             }
-            let [q, k, v] = fused::split_qkv(&qkv.narrow(2, 0, qkv_width)?, n_head)?;
+        }
+        let [q, k, v] = fused::split_qkv(&qkv.narrow(2, 0, qkv_width)?, n_head)?;
+        if self.rope.is_none() {
             let taped = self.attention.forward_taped(
                 q.as_tensor(),
                 k.as_tensor(),
                 v.as_tensor(),
-                scores.as_ref(),
+                taped_scores.as_ref(),
                 layer,
                 train,
                 seed,
@@ -390,12 +393,7 @@ impl Gpt {
             if let Some((y, tape)) = taped {
                 return Ok(LayerAttention::Taped { y, tape });
             }
-            split = Some([q, k, v]);
         }
-        let [q, k, v] = match split {
-            Some(qkv) => qkv,
-            None => fused::split_qkv(&qkv.narrow(2, 0, qkv_width)?, n_head)?,
-        };
         let scores = match &blk.scorer {
             Some(scorer) => {
                 let h = Var::from_tensor(h1)?;
@@ -460,23 +458,23 @@ impl TrainingPass<'_> {
             let dy = || fused::to_heads(&dy_merged, nh);
             // Rows of c_attn past q, k, v: the folded key scorer's (see `Gpt::training_pass`).
             let fold = w.c_attn.dim(0)? - 3 * c;
-            let (dh1, dw_c_attn) = match &saved.attn {
+            // The projection's output gradient; the folded scorer's slope gradient where the
+            // taped attention gave the scores one; the local graph holding the scorer's input.
+            let (dqkv, dslope, local_scorer) = match &saved.attn {
                 LayerAttention::Packed { tape, .. } => {
                     // dqkv has q, k, v's columns and zeros past them; the folded scorer's
                     // gradient goes there.
                     let PackedGrads { dqkv, dscores } = tape.grads_qkvpacked(&dy_merged)?;
-                    if let Some(scorer) = &blk.scorer {
-                        let (dlin, dslope) =
-                            scorer.backward_linear(&dscores, 0, dqkv.dtype(), fold)?;
-                        dqkv.slice_set(&dlin, 2, 3 * c)?;
-                        let [weight, slope] = scorer.params();
-                        grads.insert(slope, dslope);
-                        let (dh1, dw) = fused::linear_backward(&saved.h1, &w.c_attn, &dqkv)?;
-                        grads.insert(weight, dw.narrow(0, 3 * c, scorer.kv_heads())?);
-                        (dh1, dw)
-                    } else {
-                        fused::linear_backward(&saved.h1, &w.c_attn, &dqkv)?
-                    }
+                    let dslope = match &blk.scorer {
+                        Some(scorer) => {
+                            let (dlin, dslope) =
+                                scorer.backward_linear(&dscores, 0, dqkv.dtype(), fold)?;
+                            dqkv.slice_set(&dlin, 2, 3 * c)?;
+                            Some(dslope)
+                        }
+                        None => None,
+                    };
+                    (dqkv, dslope, None)
                 }
                 LayerAttention::Taped { tape, .. } => {
                     let AttentionGrads {
@@ -493,16 +491,9 @@ impl TrainingPass<'_> {
                             let dt = dq.dtype();
                             let (dlin, dslope) = scorer.backward_linear(&dscores, 0, dt, fold)?;
                             let dqkv = fused::merge_qkv_with(&dq, &dk, &dv, &dlin)?;
-                            let (dh1, dw) = fused::linear_backward(&saved.h1, &w.c_attn, &dqkv)?;
-                            let [weight, slope] = scorer.params();
-                            grads.insert(weight, dw.narrow(0, 3 * c, scorer.kv_heads())?);
-                            grads.insert(slope, dslope);
-                            (dh1, dw)
+                            (dqkv, Some(dslope), None)
                         }
-                        _ => {
-                            let dqkv = qkv_grad(&dq, &dk, &dv, fold)?;
-                            fused::linear_backward(&saved.h1, &w.c_attn, &dqkv)?
-                        }
+                        _ => (qkv_grad(&dq, &dk, &dv, fold)?, None, None),
                     }
                 }
                 LayerAttention::Graph { q, k, v, h, y } => {
@@ -512,13 +503,18 @@ impl TrainingPass<'_> {
                         None => leaf.zeros_like(),
                     };
                     let dqkv = qkv_grad(&leaf_grad(q)?, &leaf_grad(k)?, &leaf_grad(v)?, fold)?;
-                    let (dh1, dw) = fused::linear_backward(&saved.h1, &w.c_attn, &dqkv)?;
-                    match h {
-                        Some(h) => (local_scorer_grads(&local, h, blk, dh1, &mut grads)?, dw),
-                        None => (dh1, dw),
-                    }
+                    (dqkv, None, h.as_ref().map(|h| (local, h)))
                 }
             };
+            let (mut dh1, dw_c_attn) = fused::linear_backward(&saved.h1, &w.c_attn, &dqkv)?;
+            if let (Some(dslope), Some(scorer)) = (dslope, &blk.scorer) {
+                let [weight, slope] = scorer.params();
+                grads.insert(weight, dw_c_attn.narrow(0, 3 * c, scorer.kv_heads())?);
+                grads.insert(slope, dslope);
+            }
+            if let Some((local, h)) = local_scorer {
+                dh1 = local_scorer_grads(&local, h, blk, dh1, &mut grads)?;
+            }
             let dw_c_attn = dw_c_attn.narrow(0, 0, 3 * c)?;
             let dln_1;
             (dx, dln_1) = fused::layer_norm_backward_add(&saved.x_in, &w.ln_1, &dh1, &dx, LN_EPS)?;

@@ -65,14 +65,19 @@ impl SparseKAttention {
         }))
     }
 
-    /// The call's key scores, checked against the keys `(batch, kv_heads, n, head_dim)`.
-    fn scores<'a>(&self, k: &Tensor, call: &AttentionCall<'a>) -> Result<&'a Tensor> {
-        let Some(u) = call.key_scores else {
-            bail!(
+    /// The call's key scores (an error when the layer passed none).
+    fn key_scores<'a>(&self, call: &AttentionCall<'a>) -> Result<&'a Tensor> {
+        call.key_scores.ok_or_else(|| {
+            candle::Error::Msg(format!(
                 "attention {}: no key scores given; the layer must pass its scorer's scores",
                 self.name()
-            )
-        };
+            ))
+        })
+    }
+
+    /// The call's key scores, checked against the keys `(batch, kv_heads, n, head_dim)`.
+    fn scores<'a>(&self, k: &Tensor, call: &AttentionCall<'a>) -> Result<&'a Tensor> {
+        let u = self.key_scores(call)?;
         let (b, hkv, n, _) = k.dims4()?;
         if u.dims() != [b, hkv, n] {
             bail!(
@@ -143,12 +148,7 @@ impl AttentionBackend for SparseKAttention {
         if self.config.window >= qkv.dim(1)? {
             return Ok(None);
         }
-        let Some(u) = call.key_scores else {
-            bail!(
-                "attention {}: no key scores given; the layer must pass its scorer's scores",
-                self.name()
-            )
-        };
+        let u = self.key_scores(call)?;
         sparsek_attn_qkvpacked_taped(qkv, heads, u, &self.config_for(call)).map(Some)
     }
 
