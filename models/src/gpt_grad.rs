@@ -211,19 +211,20 @@ impl Gpt {
         let ids = inputs.flatten_all()?;
         // Every weight in the compute dtype, cast in one launch into one buffer: the token table;
         // per block ln_1, c_attn, then (with a key scorer) the scorer's weight rows and zero rows
-        // up to a multiple of 8 (so that the projection's rows stay 16-byte aligned), attn_proj,
-        // ln_2, c_fc, mlp_proj; ln_f; the positions. c_attn with the rows after it is the
-        // folded projection: one GEMM gives q, k, v and the scores' linear part
-        // ([`SparseKScorer::scores_from_linear`]), and its backward GEMMs the scorer input's and
-        // weight's gradients, instead of the scorer's own three kernels.
+        // up to a row width that is a multiple of 64 (128-byte rows in bf16: SparseK's kernels read
+        // q, k, v and write their gradients in place, and rows that straddle 128-byte lines cost
+        // them extra memory transactions), attn_proj, ln_2, c_fc, mlp_proj; ln_f; the positions.
+        // c_attn with the rows after it is the folded projection: one GEMM gives q, k, v and the
+        // scores' linear part ([`SparseKScorer::scores_from_linear`]), and its backward GEMMs the
+        // scorer input's and weight's gradients, instead of the scorer's own three kernels.
         let detached = |v: &Var| v.as_tensor().detach();
-        let fold_pad = |h: usize| (8 - h % 8) % 8;
+        let fold_pad = |rows: usize| (64 - rows % 64) % 64;
         let mut params: Vec<Tensor> = vec![detached(&self.wte)];
         for blk in &self.blocks {
             params.extend([detached(&blk.ln_1), detached(&blk.c_attn)]);
             if let Some(scorer) = &blk.scorer {
                 params.push(scorer.params()[0].detach());
-                let pad = fold_pad(scorer.kv_heads());
+                let pad = fold_pad(blk.c_attn.dim(0)? + scorer.kv_heads());
                 if pad > 0 {
                     params.push(Tensor::zeros((pad, c), DType::F32, dev)?);
                 }
@@ -246,11 +247,12 @@ impl Gpt {
             .iter()
             .map(|blk| {
                 let ln_1 = take(blk.ln_1.dims())?;
+                let rows = blk.c_attn.dim(0)?;
                 let fold = blk.scorer.as_ref().map_or(0, |s| {
                     let h = s.kv_heads();
-                    h + fold_pad(h)
+                    h + fold_pad(rows + h)
                 });
-                let c_attn = take(&[blk.c_attn.dim(0)? + fold, c])?;
+                let c_attn = take(&[rows + fold, c])?;
                 Ok(BlockWeights {
                     ln_1,
                     c_attn,
@@ -463,12 +465,13 @@ impl TrainingPass<'_> {
             let (dqkv, dslope, local_scorer) = match &saved.attn {
                 LayerAttention::Packed { tape, .. } => {
                     // dqkv has q, k, v's columns and zeros past them; the folded scorer's
-                    // gradient goes there.
+                    // gradient goes into its first columns (the pad's stay zero).
                     let PackedGrads { dqkv, dscores } = tape.grads_qkvpacked(&dy_merged)?;
                     let dslope = match &blk.scorer {
                         Some(scorer) => {
+                            let h = scorer.kv_heads();
                             let (dlin, dslope) =
-                                scorer.backward_linear(&dscores, 0, dqkv.dtype(), fold)?;
+                                scorer.backward_linear(&dscores, 0, dqkv.dtype(), h)?;
                             dqkv.slice_set(&dlin, 2, 3 * c)?;
                             Some(dslope)
                         }

@@ -104,8 +104,9 @@ pub struct PackedHeads {
 ///
 /// Where every kernel of the call is a Hopper kernel (compute capability 9.0, f16 / bf16,
 /// head_dim 64 or 128; `qkv` contiguous with `width` a multiple of 8) they read q, k, v in place
-/// and write the output and dq, dk, dv in these layouts: no copies of the heads either way. Elsewhere (the CPU,
-/// f32, other kernels) the heads are copied out and the results merged back.
+/// and write the output and dq, dk, dv in these layouts: no copies of the heads either way
+/// (fastest with `width` a multiple of 64, so that no 128-byte row straddles a cache line).
+/// Elsewhere (the CPU, f32, other kernels) the heads are copied out and the results merged back.
 pub fn sparsek_attn_qkvpacked_taped(
     qkv: &Tensor,
     heads: PackedHeads,
