@@ -11,8 +11,11 @@
 //   the row (V = 16 / sizeof(T) when c is a multiple of V and every pointer is 16-byte aligned,
 //   else V = 1); wider rows use the plain `<name>_<dtype>` kernels, which re-read the row from
 //   memory. A vector variant checks the alignment again and falls back to the plain code.
-// - gelu_fwd / gelu_bwd: exact (erf) GELU, element-wise (16-byte vectors when aligned), f32 math.
-// - emb_bwd: embedding backward, atomicAdd of each output-gradient row into an f32 table.
+// - gelu_fwd / gelu_bwd: GELU (tanh approximation), element-wise (16-byte vectors when
+//   aligned), f32 math.
+// - emb_fwd: embedding rows gathered by id (NaN rows for ids outside the vocabulary); emb_bwd:
+//   its backward, atomicAdd of each output-gradient row into an f32 table.
+// - batch_sum: the leading axis of a (b, n) tensor summed in f32 (a position table's gradient).
 // - heads_split / heads_merge: (b, t, parts, h, d) <-> one part (b, h, t, d) (parts 3: the fused
 //   qkv projection; parts 1: heads of a plain (b, t, h·d) tensor); heads_split3 / heads_merge3:
 //   all three parts at once, in rows that may be wider than the three parts (a projection with
@@ -107,14 +110,15 @@ __device__ void ln_bwd(const T* __restrict__ x, const T* __restrict__ gain,
   }
 }
 
+// GELU, tanh approximation (GPT-2's gelu_new, the form of cuBLASLt's GELU epilogues):
+// 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
 __device__ __forceinline__ float gelu_f(float x) {
-  return 0.5f * x * (1.f + erff(x * 0.70710678118654752f));
+  return 0.5f * x * (1.f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
 }
-// d/dx gelu(x) = Phi(x) + x * phi(x).
 __device__ __forceinline__ float gelu_grad_f(float x) {
-  float cdf = 0.5f * (1.f + erff(x * 0.70710678118654752f));
-  float pdf = 0.39894228040143268f * __expf(-0.5f * x * x);
-  return cdf + x * pdf;
+  const float th = tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x));
+  return 0.5f * (1.f + th) +
+         0.5f * x * (1.f - th * th) * 0.7978845608028654f * (1.f + 3.f * 0.044715f * x * x);
 }
 
 // Element-wise kernels over n elements: 16-byte vectors of V = 16 / sizeof(T) elements when every
@@ -398,6 +402,57 @@ __device__ void ln_bwd_regs(const T* __restrict__ x, const T* __restrict__ gain,
   }
 }
 
+// out[r, :] = table[ids[r], :] for every row r (c columns); a row of NaN for an id outside the
+// vocabulary. One thread per 16-byte chunk when rows are 16-byte multiples and the pointers
+// aligned, else per element; grid-stride.
+template <typename T>
+__device__ void emb_fwd(const T* __restrict__ table, const uint32_t* __restrict__ ids,
+                        T* __restrict__ out, int rows, int c, uint32_t vocab) {
+  using V = Vec16<T>;
+  const bool vec = c % V::V == 0 && aligned16(table, out, out);
+  const int per = vec ? c / V::V : c;
+  const size_t n = (size_t)rows * per, stride = (size_t)gridDim.x * blockDim.x;
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += stride) {
+    const size_t r = i / per, e = i % per;
+    const uint32_t id = ids[r];
+    if (vec) {
+      V v;
+      if (id < vocab) {
+        v.raw = reinterpret_cast<const uint4*>(table + (size_t)id * c)[e];
+      } else {
+        for (int k = 0; k < V::V; ++k) v.e[k] = from_f<T>(__int_as_float(0x7fc00000));
+      }
+      reinterpret_cast<uint4*>(out + r * c)[e] = v.raw;
+    } else {
+      out[i] = id < vocab ? table[(size_t)id * c + e] : from_f<T>(__int_as_float(0x7fc00000));
+    }
+  }
+}
+
+// out[j] = sum over r < b of x[r * n + j] in f32 (the leading axis summed; b small), in a fixed
+// order; one thread per 16-byte chunk of a row when n is a multiple of the chunk and x aligned.
+template <typename T>
+__device__ void batch_sum(const T* __restrict__ x, float* __restrict__ out, int b, size_t n) {
+  using V = Vec16<T>;
+  const bool vec = n % V::V == 0 && aligned16(x, x, x);
+  const size_t m = vec ? n / V::V : n, stride = (size_t)gridDim.x * blockDim.x;
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < m; i += stride) {
+    if (vec) {
+      float acc[V::V] = {};
+      for (int r = 0; r < b; ++r) {
+        V v;
+        v.raw = reinterpret_cast<const uint4*>(x + r * n)[i];
+        for (int k = 0; k < V::V; ++k) acc[k] += to_f(v.e[k]);
+      }
+      for (int k = 0; k < V::V; ++k) out[i * V::V + k] = acc[k];
+    } else {
+      float acc = 0.f;
+      for (int r = 0; r < b; ++r) acc += to_f(x[r * n + i]);
+      out[i] = acc;
+    }
+  }
+}
+
 // table_grad[ids[r], j] += dy[r, j] for every row r (f32 atomics; the caller zeroes the table;
 // ids outside the vocabulary are skipped, the forward rejects them).
 template <typename T>
@@ -559,6 +614,13 @@ __device__ void xent(const T* __restrict__ logits, const uint32_t* __restrict__ 
   extern "C" __global__ void gelu_fwd_##NAME(const TY* x, TY* y, size_t n) { gelu_fwd(x, y, n); } \
   extern "C" __global__ void gelu_bwd_##NAME(const TY* x, const TY* dy, TY* dx, size_t n) {       \
     gelu_bwd(x, dy, dx, n);                                                                       \
+  }                                                                                               \
+  extern "C" __global__ void emb_fwd_##NAME(const TY* table, const uint32_t* ids, TY* out,        \
+                                            int rows, int c, uint32_t vocab) {                    \
+    emb_fwd(table, ids, out, rows, c, vocab);                                                     \
+  }                                                                                               \
+  extern "C" __global__ void batch_sum_##NAME(const TY* x, float* out, int b, size_t n) {         \
+    batch_sum(x, out, b, n);                                                                      \
   }                                                                                               \
   extern "C" __global__ void emb_bwd_##NAME(const TY* dy, const uint32_t* ids, float* table_grad, \
                                             int rows, int c, uint32_t vocab) {                    \

@@ -6,10 +6,11 @@ mod common;
 
 use candle::{DType, Device, Result, Tensor, Var, D};
 use candle_sparse_attn::fused::{
-    adamw_update, adamw_update_many, add_layer_norm, backward_from, cast_concat,
-    cross_entropy_with_grad, embedding, embedding_backward, gelu, gelu_backward, layer_norm,
-    layer_norm_backward, layer_norm_backward_add, linear, linear_backward, merge_heads, merge_qkv,
-    merge_qkv_with, split_heads, split_qkv, sum_of_squares, to_heads, AdamWUpdate,
+    adamw_update, adamw_update_many, add_layer_norm, backward_from, batch_sum_f32, cast_concat,
+    cross_entropy_with_grad, embedding, embedding_backward, gelu, gelu_backward,
+    gelu_linear_backward, layer_norm, layer_norm_backward, layer_norm_backward_add, linear,
+    linear_backward, linear_gelu, merge_heads, merge_qkv, merge_qkv_with, split_heads, split_qkv,
+    sum_of_squares, to_heads, AdamWUpdate,
 };
 use candle_sparse_attn::reference::rel_err;
 use common::{devices, normal, tolerance};
@@ -135,7 +136,7 @@ fn gelu_matches_candle() -> Result<()> {
         compare(
             &format!("gelu {shape:?}"),
             &|t| gelu(&t[0]),
-            &|t| t[0].gelu_erf(),
+            &|t| t[0].gelu(),
             &[x],
             &r,
         )?;
@@ -518,6 +519,61 @@ fn linear_backward_weight_grad_is_f32() -> Result<()> {
                     assert!(
                         err <= tol,
                         "{name} {dtype:?} {dev:?} {rows}x{n}x{k}: rel err {err}"
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `linear_gelu` and `gelu_linear_backward` (an MLP: `gelu(x · w1ᵀ) · w2ᵀ`) against candle's
+/// tanh GELU, matmuls and autograd in f64: the pre-activation, the activation, `dpre` and the
+/// second weight's f32 gradient; widths that take cuBLASLt's epilogues on CUDA (multiples of 8)
+/// and one that does not (36), rows not a multiple of any tile.
+#[test]
+fn linear_gelu_and_its_backward_match_autograd() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(18);
+    for dev in devices() {
+        for dtype in DTYPES {
+            for (rows, k, n, m) in [(301, 24, 40, 16), (1000, 64, 36, 8), (77, 16, 1536, 24)] {
+                let on = |t: &Tensor| t.to_dtype(dtype)?.to_device(&dev);
+                let f64_of = |t: &Tensor| t.to_device(&Device::Cpu)?.to_dtype(DType::F64);
+                let x = on(&randn(&mut rng, &[3, rows, k], 1.0)?)?;
+                let w1 = on(&randn(&mut rng, &[n, k], 0.5)?)?;
+                let w2 = on(&randn(&mut rng, &[m, n], 0.3)?)?;
+                let dy = on(&randn(&mut rng, &[3, rows, m], 1.0)?)?;
+                let pre_ref = f64_of(&x)?.broadcast_matmul(&f64_of(&w1)?.t()?)?;
+                let act_ref = pre_ref.gelu()?;
+                let pre_var = Var::from_tensor(&pre_ref)?;
+                let y = pre_var
+                    .as_tensor()
+                    .gelu()?
+                    .broadcast_matmul(&f64_of(&w2)?.t()?)?;
+                let store = (y * f64_of(&dy)?)?.sum_all()?.backward()?;
+                let dpre_ref = store.get(pre_var.as_tensor()).expect("dpre").clone();
+                let dw2_ref = f64_of(&dy)?
+                    .reshape((3 * rows, m))?
+                    .t()?
+                    .matmul(&act_ref.reshape((3 * rows, n))?)?;
+
+                let (pre, act) = linear_gelu(&x, &w1)?;
+                let (dpre, dw2) = gelu_linear_backward(&pre, &act, &w2, &dy)?;
+                assert_eq!((pre.dtype(), pre.dims()), (dtype, &[3, rows, n][..]));
+                assert_eq!((act.dtype(), act.dims()), (dtype, &[3, rows, n][..]));
+                assert_eq!((dpre.dtype(), dpre.dims()), (dtype, &[3, rows, n][..]));
+                assert_eq!((dw2.dtype(), dw2.dims()), (DType::F32, &[m, n][..]));
+                let tol = tolerance(dtype, &dev);
+                for (name, got, want) in [
+                    ("pre", &pre, &pre_ref),
+                    ("act", &act, &act_ref),
+                    ("dpre", &dpre, &dpre_ref),
+                    ("dw2", &dw2, &dw2_ref),
+                ] {
+                    let err = rel_err(&f64_of(got)?, want)?;
+                    assert!(
+                        err <= tol,
+                        "{name} {dtype:?} {dev:?} {rows}x{k}x{n}x{m}: rel err {err}"
                     );
                 }
             }
@@ -930,6 +986,18 @@ fn bad_inputs_are_clear_errors() -> Result<()> {
         assert!(e.contains("ids [2]"), "{e}");
         let e = message(linear_backward(&logits, &gain.reshape((1, 5))?, &logits));
         assert!(e.contains("dy [4, 5]"), "{e}");
+        let e = message(linear_gelu(&logits, &gain.reshape((5, 1))?));
+        assert!(e.contains("[4, 5]") && e.contains("[5, 1]"), "{e}");
+        let w2 = Tensor::zeros((3, 5), DType::F32, &dev)?;
+        let e = message(gelu_linear_backward(&logits, &logits, &w2, &logits));
+        assert!(e.contains("dy [4, 5]") && e.contains("w [3, 5]"), "{e}");
+        let e = message(gelu_linear_backward(
+            &logits,
+            &logits.narrow(0, 0, 2)?,
+            &w2,
+            &logits,
+        ));
+        assert!(e.contains("act [2, 5]"), "{e}");
     }
     // Targets outside the classes (CPU; a NaN loss on CUDA).
     let logits = Tensor::zeros((2, 3), DType::F32, &Device::Cpu)?;
@@ -939,9 +1007,45 @@ fn bad_inputs_are_clear_errors() -> Result<()> {
         1.0,
     ));
     assert!(e.contains("target 3"), "{e}");
-    // Out-of-vocabulary ids (CPU; on CUDA candle's index_select asserts on the device).
-    let table = Tensor::zeros((4, 8), DType::F32, &Device::Cpu)?;
-    let ids = Tensor::new(&[1u32, 4], &Device::Cpu)?;
-    assert!(embedding(&table, &ids).is_err());
+    // Out-of-vocabulary ids: an error on the CPU, rows of NaN on CUDA (16-byte and element-wise
+    // rows).
+    for dev in devices() {
+        for c in [8, 5] {
+            let table = Tensor::zeros((4, c), DType::BF16, &dev)?;
+            let ids = Tensor::new(&[1u32, 4], &dev)?;
+            match dev {
+                Device::Cpu => assert!(embedding(&table, &ids).is_err()),
+                _ => {
+                    let rows = embedding(&table, &ids)?
+                        .to_dtype(DType::F32)?
+                        .to_vec2::<f32>()?;
+                    assert!(rows[0].iter().all(|&v| v == 0.0), "{rows:?}");
+                    assert!(rows[1].iter().all(|v| v.is_nan()), "{rows:?}");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `batch_sum_f32` equals `sum(0)` in f64 of the rounded input, for rows that take the 16-byte
+/// path on CUDA and rows that do not; a scalar is an error.
+#[test]
+fn batch_sum_f32_matches_sum() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(19);
+    for dev in devices() {
+        for dtype in DTYPES {
+            for shape in [vec![4, 37, 24], vec![3, 5, 7], vec![1, 16], vec![6, 1]] {
+                let x = randn(&mut rng, &shape, 1.0)?.to_dtype(dtype)?;
+                let want = x.to_dtype(DType::F64)?.sum(0)?;
+                let got = batch_sum_f32(&x.to_device(&dev)?)?;
+                assert_eq!((got.dtype(), got.dims()), (DType::F32, &shape[1..]));
+                let err = rel_err(&got.to_device(&Device::Cpu)?.to_dtype(DType::F64)?, &want)?;
+                assert!(err <= 1e-6, "{shape:?} {dtype:?} {dev:?}: rel err {err}");
+            }
+        }
+        let e = message(batch_sum_f32(&Tensor::new(1f32, &dev)?));
+        assert!(e.contains("scalar"), "{e}");
+    }
     Ok(())
 }

@@ -4,11 +4,12 @@
 //! candle's autograd gives every node's input gradient a zero fill and an add, and every op of the
 //! model body is a node (the residual adds, the position broadcast, the casts of the weights, the
 //! head's cast and cross-entropy). This pass calls the fused ops' backward kernels directly
-//! ([`fused::layer_norm_backward_add`], [`fused::gelu_backward`], [`fused::linear_backward`],
-//! [`fused::embedding_backward`]): the residual gradient is passed along (each LayerNorm's input
-//! gradient added to it in the LayerNorm's backward kernel), each weight gradient is
-//! one matmul (returned as f32), and the loss and the logit gradient come from one softmax
-//! cross-entropy kernel ([`fused::cross_entropy_with_grad`]).
+//! ([`fused::layer_norm_backward_add`], [`fused::gelu_linear_backward`],
+//! [`fused::linear_backward`], [`fused::embedding_backward`]; the MLP's GELU and its gradient
+//! ride in the GEMMs' epilogues, [`fused::linear_gelu`]): the residual gradient is passed along
+//! (each LayerNorm's input gradient added to it in the LayerNorm's backward kernel), each weight
+//! gradient is one matmul (returned as f32), and the loss and the logit gradient come from one
+//! softmax cross-entropy kernel ([`fused::cross_entropy_with_grad`]).
 //!
 //! The attention stays pluggable. Kinds with a taped path
 //! ([`AttentionBackend::forward_taped`](crate::attention::AttentionBackend::forward_taped): dense,
@@ -296,8 +297,7 @@ impl Gpt {
             let keep_attn = dropout_keep(y.shape(), dt, p, layer_seed(1), dev)?;
             let y = apply_dropout(&y, keep_attn.as_ref(), p)?;
             let (x_mid, h2) = fused::add_layer_norm(&x, &y, &w.ln_2, LN_EPS)?;
-            let fc = fused::linear(&h2, &w.c_fc)?;
-            let act = fused::gelu(&fc)?;
+            let (fc, act) = fused::linear_gelu(&h2, &w.c_fc)?;
             let m = fused::linear(&act, &w.mlp_proj)?;
             let keep_mlp = dropout_keep(m.shape(), dt, p, layer_seed(2), dev)?;
             let m = apply_dropout(&m, keep_mlp.as_ref(), p)?;
@@ -438,7 +438,6 @@ impl TrainingPass<'_> {
         let cfg = &model.config;
         let (b, t) = self.dims;
         let (c, nh, p) = (cfg.n_embd, cfg.n_head, self.dropout);
-        let f32_of = |g: &Tensor| g.to_dtype(DType::F32);
         let mut grads = GradStore::default();
 
         let (dxf, dwte_head) = fused::linear_backward(&self.xf, &self.wte, &self.dlogits)?;
@@ -448,8 +447,8 @@ impl TrainingPass<'_> {
             let w = &saved.w;
             // MLP: x_out = x_mid + dropout(gelu(h2 · c_fcᵀ) · mlp_projᵀ), h2 = ln_2(x_mid).
             let dm = apply_dropout(&dx, saved.keep_mlp.as_ref(), p)?;
-            let (dact, dw_mlp_proj) = fused::linear_backward(&saved.act, &w.mlp_proj, &dm)?;
-            let dfc = fused::gelu_backward(&saved.fc, &dact)?;
+            let (dfc, dw_mlp_proj) =
+                fused::gelu_linear_backward(&saved.fc, &saved.act, &w.mlp_proj, &dm)?;
             let (dh2, dw_fc) = fused::linear_backward(&saved.h2, &w.c_fc, &dfc)?;
             let dln_2;
             (dx, dln_2) = fused::layer_norm_backward_add(&saved.x_mid, &w.ln_2, &dh2, &dx, LN_EPS)?;
@@ -534,7 +533,7 @@ impl TrainingPass<'_> {
         }
         let dx = apply_dropout(&dx, self.keep_emb.as_ref(), p)?;
         if let Some(wpe) = &model.wpe {
-            let dpos = f32_of(&dx.sum(0)?)?.pad_with_zeros(0, 0, cfg.block_size - t)?;
+            let dpos = fused::batch_sum_f32(&dx)?.pad_with_zeros(0, 0, cfg.block_size - t)?;
             grads.insert(wpe.as_tensor(), dpos);
         }
         let demb = fused::embedding_backward(&dx.reshape((b * t, c))?, &self.ids, cfg.vocab_size)?;

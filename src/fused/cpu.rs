@@ -114,21 +114,19 @@ pub(super) fn ln_bwd_dgain<T: WithDType>(
     Ok(out)
 }
 
-/// `0.5 · x · (1 + erf(x/√2))`.
+/// `√(2/π)` and the cubic coefficient of the tanh approximation of GELU.
+const GELU_C: f32 = 0.797_884_6;
+const GELU_A: f32 = 0.044_715;
+
+/// `0.5 · x · (1 + tanh(√(2/π) · (x + 0.044715 · x³)))`.
 fn gelu(x: f32) -> f32 {
-    0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
+    0.5 * x * (1.0 + (GELU_C * (x + GELU_A * x * x * x)).tanh())
 }
 
-/// `Φ(x) + x · φ(x)`, the derivative of [`gelu`].
+/// The derivative of [`gelu`].
 fn gelu_grad(x: f32) -> f32 {
-    let cdf = 0.5 * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2));
-    let pdf = (-0.5 * x * x).exp() * 0.398_942_3;
-    cdf + x * pdf
-}
-
-/// The error function (candle's).
-fn erf(x: f32) -> f32 {
-    candle::cpu::erf::erf_f32(x)
+    let th = (GELU_C * (x + GELU_A * x * x * x)).tanh();
+    0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * GELU_C * (1.0 + 3.0 * GELU_A * x * x)
 }
 
 pub(super) fn gelu_fwd<T: WithDType>((s, l): (&CpuStorage, &Layout)) -> Result<CpuStorage> {

@@ -247,6 +247,51 @@ pub(super) fn gelu_bwd(
     })
 }
 
+/// Rows of the `(vocab, c)` table picked by `ids` `(n,)`: `(n, c)` in the table's dtype (NaN rows
+/// for ids outside the vocabulary).
+pub(super) fn emb_fwd(
+    (st, lt): (&CudaStorage, &Layout),
+    (si, li): (&CudaStorage, &Layout),
+) -> Result<CudaStorage> {
+    let what = "embedding";
+    let dev = st.device().clone();
+    let (vocab, c) = rows_cols(lt);
+    let rows = li.shape().elem_count();
+    let (rows_i, c_i) = (i32_arg(what, rows)?, i32_arg(what, c)?);
+    let vocab_u = u32::try_from(vocab)
+        .map_err(|_| candle::Error::Msg(format!("{what} (cuda): vocab {vocab} too large")))?;
+    let ids = contiguous_view::<u32>(si, li, what, "ids")?;
+    by_dtype!(what, st.dtype(), T => {
+        let table = contiguous_view::<T>(st, lt, what, "table")?;
+        let mut out = alloc::<T>(&dev, rows * c)?;
+        let name = format!("emb_fwd_{}", dtype_suffix(st.dtype(), what)?);
+        let f = load_kernel!(dev, name, MODULE, kernels::FUSED, 0);
+        let mut b = f.builder();
+        b.arg(&table).arg(&ids).arg(&mut out).arg(&rows_i).arg(&c_i).arg(&vocab_u);
+        unsafe { b.launch(elementwise(what, rows * c / 8 + 1)?) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(out, dev))
+    })
+}
+
+/// The sum over the leading axis of `x` `(b, n)` (as laid out by `l`), in f32: `(n,)`.
+pub(super) fn batch_sum((s, l): (&CudaStorage, &Layout), b: usize) -> Result<CudaStorage> {
+    let what = "batch_sum_f32";
+    let dev = s.device().clone();
+    let n = l.shape().elem_count() / b.max(1);
+    let b_i = i32_arg(what, b)?;
+    let mut out = alloc::<f32>(&dev, n)?;
+    by_dtype!(what, s.dtype(), T => {
+        let x = contiguous_view::<T>(s, l, what, "x")?;
+        let name = format!("batch_sum_{}", dtype_suffix(s.dtype(), what)?);
+        let f = load_kernel!(dev, name, MODULE, kernels::FUSED, 0);
+        let mut bld = f.builder();
+        bld.arg(&x).arg(&mut out).arg(&b_i).arg(&n);
+        unsafe { bld.launch(elementwise(what, n / 4 + 1)?) }.w()?;
+        Ok::<(), candle::Error>(())
+    })?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev))
+}
+
 /// The `(vocab, c)` f32 table gradient.
 pub(super) fn emb_bwd(
     (sd, ld): (&CudaStorage, &Layout),

@@ -4,7 +4,9 @@
 //!
 //! - [`layer_norm`]: LayerNorm over the last axis with a gain and no bias (gradients for the input
 //!   and the gain).
-//! - [`gelu`]: exact (erf) GELU.
+//! - [`gelu`]: GELU, tanh approximation; [`linear_gelu`] / [`gelu_linear_backward`]: an MLP's
+//!   first projection with its GELU, and the second projection's backward with GELU's, in the
+//!   GEMMs' epilogues on CUDA (cuBLASLt).
 //! - [`embedding`]: row lookup whose backward scatters with f32 atomics on CUDA (candle's
 //!   `index_add` loops over the ids serially).
 //! - [`split_heads`]: one of the query / key / value parts of a fused projection
@@ -31,6 +33,8 @@
 //! Inputs are made contiguous; float ops take f32, bf16 or f16 and compute in f32.
 
 mod cpu;
+#[cfg(feature = "cuda")]
+mod cublaslt;
 #[cfg(feature = "cuda")]
 mod cuda;
 
@@ -160,16 +164,76 @@ pub fn add_layer_norm(
     Ok((sum, y))
 }
 
-/// Exact GELU `x · Φ(x)` (erf form), element-wise, in the dtype of `x`, with its gradient.
+/// GELU in its tanh approximation, `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))` (GPT-2's
+/// `gelu_new`, the form cuBLASLt's GEMM epilogues compute), element-wise in the dtype of `x`
+/// (f32 math), with its gradient.
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
     check_float("gelu", x)?;
     x.contiguous()?.apply_op1(Gelu)
 }
 
+/// Whether the cuBLASLt GELU epilogues take `(rows, k) · (k, n)` on this tensor's device and
+/// dtype: CUDA, f16 / bf16, `n` a multiple of 8, sizes that fit i32.
+#[cfg(feature = "cuda")]
+fn gelu_epilogue_fits(x: &Tensor, rows: usize, k: usize, n: usize) -> bool {
+    let fits = |v: usize| v > 0 && v <= i32::MAX as usize;
+    x.device().is_cuda()
+        && matches!(x.dtype(), DType::BF16 | DType::F16)
+        && n.is_multiple_of(8)
+        && [rows, k, n].into_iter().all(fits)
+}
+
+/// `(pre, act)` for `x` `(..., in)` and `w` `(out, in)` of one float dtype: `pre = x · wᵀ` and
+/// `act = gelu(pre)` ([`gelu`]), both `(..., out)`. On CUDA with f16 / bf16 and `out` a multiple
+/// of 8 this is one cuBLASLt GEMM whose epilogue writes both (no element-wise pass); elsewhere
+/// [`linear`] then [`gelu`]. No autograd: [`gelu_linear_backward`] is the backward of the pair.
+pub fn linear_gelu(x: &Tensor, w: &Tensor) -> Result<(Tensor, Tensor)> {
+    let k = w.dims2()?.1;
+    if x.dims().last() != Some(&k) || w.dtype() != x.dtype() {
+        bail!(
+            "linear_gelu: x {:?} {:?} does not match weight {:?} {:?} (expected (..., in) and \
+             (out, in) of one dtype)",
+            x.dims(),
+            x.dtype(),
+            w.dims(),
+            w.dtype()
+        )
+    }
+    check_float("linear_gelu", x)?;
+    #[cfg(feature = "cuda")]
+    if gelu_epilogue_fits(x, x.elem_count() / k.max(1), k, w.dim(0)?) {
+        let (rows, n) = (x.elem_count() / k, w.dim(0)?);
+        let mut out_dims = x.dims().to_vec();
+        *out_dims.last_mut().expect("x has rank >= 1") = n;
+        let (x, w) = (x.contiguous()?, w.contiguous()?);
+        let (sx, lx) = x.storage_and_layout();
+        let (sw, lw) = w.storage_and_layout();
+        let (act, pre) = match (&*sx, &*sw) {
+            (Storage::Cuda(sx), Storage::Cuda(sw)) => {
+                cublaslt::gemm_gelu((sx, lx), (sw, lw), (rows, k, n), cublaslt::Epilogue::Gelu)?
+            }
+            _ => bail!("linear_gelu: x and w must both be on the CUDA device"),
+        };
+        let pre = pre.expect("the GELU epilogue returns the pre-activation");
+        let wrap = |s| {
+            Tensor::from_storage(
+                Storage::Cuda(s),
+                out_dims.clone(),
+                BackpropOp::none(),
+                false,
+            )
+        };
+        return Ok((wrap(pre), wrap(act)));
+    }
+    let pre = linear(&x.detach(), &w.detach())?;
+    let act = gelu(&pre)?.detach();
+    Ok((pre, act))
+}
+
 /// Rows of `table` `(vocab, c)` picked by `ids` `(n,)` u32: `(n, c)` in the table's dtype. The
 /// backward sums the output gradient rows into the table's gradient (f32 atomics on CUDA).
-/// Ids outside the vocabulary are an error on the CPU and a device-side assertion on CUDA
-/// (candle's `index_select`).
+/// Ids outside the vocabulary are an error on the CPU and give rows of NaN on CUDA (checking
+/// them there would wait for the device).
 pub fn embedding(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
     check_float("embedding", table)?;
     if table.rank() != 2 {
@@ -704,6 +768,108 @@ pub fn gelu_backward(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
         .apply_op2_no_bwd(&dy.contiguous()?, &GeluBwd)
 }
 
+/// The gradients `(dpre, dw)` of `y = gelu(pre) · wᵀ` ([`linear_gelu`]'s output through the
+/// next linear) for the output gradient `dy` `(..., out)`, given `pre` `(..., in)` and
+/// `act = gelu(pre)`: `dpre = (dy · w) ⊙ gelu'(pre)` in the dtype of `pre` and `dw = dyᵀ · act`
+/// `(out, in)` f32 (as [`linear_backward`]). On CUDA with f16 / bf16 and `in` a multiple of 8,
+/// `dpre` is one cuBLASLt GEMM with GELU's gradient in its epilogue; elsewhere
+/// [`linear_backward`] then [`gelu_backward`]. No autograd.
+pub fn gelu_linear_backward(
+    pre: &Tensor,
+    act: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let (n, k) = w.dims2()?;
+    let rows = pre.elem_count() / k.max(1);
+    let fits = pre.shape() == act.shape()
+        && pre.dims().last() == Some(&k)
+        && dy.elem_count() == rows * n
+        && dy.dims().last() == Some(&n)
+        && [act, w, dy].iter().all(|t| t.dtype() == pre.dtype());
+    if !fits {
+        bail!(
+            "gelu_linear_backward: pre {:?}, act {:?}, w {:?} and dy {:?} ({:?}, {:?}, {:?}, \
+             {:?}) do not fit pre = act (..., in), w (out, in), dy (..., out) of one dtype",
+            pre.dims(),
+            act.dims(),
+            w.dims(),
+            dy.dims(),
+            pre.dtype(),
+            act.dtype(),
+            w.dtype(),
+            dy.dtype()
+        )
+    }
+    check_float("gelu_linear_backward", pre)?;
+    #[cfg(feature = "cuda")]
+    if gelu_epilogue_fits(pre, rows, n, k) {
+        let (dy, w, pre_c) = (dy.contiguous()?, w.contiguous()?, pre.contiguous()?);
+        let (sd, ld) = dy.storage_and_layout();
+        let (sw, lw) = w.storage_and_layout();
+        let (sp, lp) = pre_c.storage_and_layout();
+        let dpre = match (&*sd, &*sw, &*sp) {
+            (Storage::Cuda(sd), Storage::Cuda(sw), Storage::Cuda(sp)) => {
+                cublaslt::gemm_gelu(
+                    (sd, ld),
+                    (sw, lw),
+                    (rows, n, k),
+                    cublaslt::Epilogue::DGelu { aux: (sp, lp) },
+                )?
+                .0
+            }
+            _ => bail!("gelu_linear_backward: every input must be on the CUDA device"),
+        };
+        let dpre =
+            Tensor::from_storage(Storage::Cuda(dpre), pre.shape(), BackpropOp::none(), false);
+        return Ok((dpre, weight_grad(act, &dy.reshape((rows, n))?)?));
+    }
+    let (dact, dw) = linear_backward(act, w, dy)?;
+    Ok((gelu_backward(pre, &dact)?, dw))
+}
+
+/// The sum of `x` `(b, ...)` over its leading axis, in f32: `(...)` (e.g. a position table's
+/// gradient from a batch of rows). One pass over `x` on CUDA (f32 accumulation in a fixed order);
+/// `to_dtype(f32)` then `sum(0)` elsewhere. No autograd.
+pub fn batch_sum_f32(x: &Tensor) -> Result<Tensor> {
+    check_float("batch_sum_f32", x)?;
+    if x.rank() == 0 {
+        bail!("batch_sum_f32: x must have a leading axis, got a scalar")
+    }
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() && x.elem_count() > 0 {
+        return x.contiguous()?.apply_op1_no_bwd(&BatchSumF32);
+    }
+    x.detach().to_dtype(DType::F32)?.sum(0)
+}
+
+/// [`batch_sum_f32`]'s CUDA kernel (the CPU takes candle's ops).
+#[cfg(feature = "cuda")]
+struct BatchSumF32;
+
+#[cfg(feature = "cuda")]
+impl candle::CustomOp1 for BatchSumF32 {
+    fn name(&self) -> &'static str {
+        "fused-batch-sum-f32"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        bail!("batch_sum_f32: CUDA only (the CPU sums with candle's ops)")
+    }
+
+    fn cuda_fwd(
+        &self,
+        s: &candle::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle::CudaStorage, Shape)> {
+        let (&b, rest) = l
+            .dims()
+            .split_first()
+            .expect("batch_sum_f32 checks the rank");
+        Ok((cuda::batch_sum((s, l), b)?, Shape::from(rest)))
+    }
+}
+
 /// The table gradient `(vocab, c)` f32 of [`embedding`]: the rows of `dy` `(n, c)` summed by
 /// `ids` `(n,)` u32 (f32 atomics on CUDA). Ids outside the vocabulary are an error on the CPU and
 /// skipped on CUDA. No autograd.
@@ -742,16 +908,22 @@ pub fn linear_backward(x: &Tensor, w: &Tensor, dy: &Tensor) -> Result<(Tensor, T
     }
     let dy = dy.contiguous()?.reshape((rows, n))?;
     let dx = dy.matmul(&w.contiguous()?)?.reshape(x.shape())?;
-    let x = x.contiguous()?.reshape((rows, k))?;
-    let dw = match (x.device(), x.dtype()) {
+    Ok((dx, weight_grad(x, &dy)?))
+}
+
+/// `dw = dyᵀ · x` `(n, k)` for `x` `(..., k)` and contiguous `dy` `(rows, n)`: f32 (f64 for f64
+/// inputs), one GEMM with an f32 output on CUDA with f16 / bf16.
+fn weight_grad(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    let k = x.dims().last().copied().unwrap_or(1);
+    let x = x.contiguous()?.reshape((dy.dim(0)?, k))?;
+    match (x.device(), x.dtype()) {
         #[cfg(feature = "cuda")]
         (candle::Device::Cuda(_), DType::F16 | DType::BF16) if dy.dtype() == x.dtype() => {
-            dy.apply_op2_no_bwd(&x, &WeightGradF32)?
+            dy.apply_op2_no_bwd(&x, &WeightGradF32)
         }
-        (_, DType::F64) => dy.t()?.matmul(&x)?,
-        _ => dy.t()?.matmul(&x)?.to_dtype(DType::F32)?,
-    };
-    Ok((dx, dw))
+        (_, DType::F64) => dy.t()?.matmul(&x),
+        _ => dy.t()?.matmul(&x)?.to_dtype(DType::F32),
+    }
 }
 
 /// `dyᵀ · x` in f32 for `dy` `(rows, n)` and `x` `(rows, k)` of one half dtype, contiguous: one
@@ -1199,8 +1371,7 @@ impl candle::CustomOp2 for Embedding {
         si: &candle::CudaStorage,
         li: &Layout,
     ) -> Result<(candle::CudaStorage, Shape)> {
-        use candle::backend::BackendStorage;
-        let out = st.index_select(si, lt, li, 0)?;
+        let out = cuda::emb_fwd((st, lt), (si, li))?;
         Ok((out, (li.dims()[0], lt.dims()[1]).into()))
     }
 
