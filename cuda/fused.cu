@@ -16,6 +16,7 @@
 // - emb_fwd: embedding rows gathered by id (NaN rows for ids outside the vocabulary); emb_bwd:
 //   its backward, atomicAdd of each output-gradient row into an f32 table.
 // - batch_sum: the leading axis of a (b, n) tensor summed in f32 (a position table's gradient).
+// - one_hot: one-hot rows of ids (a small vocabulary's embedding gradient as a GEMM).
 // - heads_split / heads_merge: (b, t, parts, h, d) <-> one part (b, h, t, d) (parts 3: the fused
 //   qkv projection; parts 1: heads of a plain (b, t, h·d) tensor); heads_split3 / heads_merge3:
 //   all three parts at once, in rows that may be wider than the three parts (a projection with
@@ -28,7 +29,8 @@
 // - cast_concat: many f32 tensors cast to bf16 / f16 into one output, one after the other (a
 //   table of pointers), one launch.
 // - sumsq_partial / sum_f32: sum of squares of many f32 tensors (a table of pointers), per-block
-//   partials then one block summing them in a fixed order.
+//   partials then one block summing them in a fixed order; norm_clip: the norm and its clip
+//   factor from that sum.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
@@ -429,6 +431,15 @@ __device__ void emb_fwd(const T* __restrict__ table, const uint32_t* __restrict_
   }
 }
 
+// out (rows, vocab) = the one-hot rows of ids (a row of zeros for an id outside the vocabulary).
+template <typename T>
+__device__ void one_hot(const uint32_t* __restrict__ ids, T* __restrict__ out, int rows,
+                        int vocab) {
+  const size_t n = (size_t)rows * vocab, stride = (size_t)gridDim.x * blockDim.x;
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += stride)
+    out[i] = from_f<T>(ids[i / vocab] == i % vocab ? 1.f : 0.f);
+}
+
 // out[j] = sum over r < b of x[r * n + j] in f32 (the leading axis summed; b small), in a fixed
 // order; one thread per 16-byte chunk of a row when n is a multiple of the chunk and x aligned.
 template <typename T>
@@ -619,6 +630,9 @@ __device__ void xent(const T* __restrict__ logits, const uint32_t* __restrict__ 
                                             int rows, int c, uint32_t vocab) {                    \
     emb_fwd(table, ids, out, rows, c, vocab);                                                     \
   }                                                                                               \
+  extern "C" __global__ void one_hot_##NAME(const uint32_t* ids, TY* out, int rows, int vocab) {  \
+    one_hot(ids, out, rows, vocab);                                                               \
+  }                                                                                               \
   extern "C" __global__ void batch_sum_##NAME(const TY* x, float* out, int b, size_t n) {         \
     batch_sum(x, out, b, n);                                                                      \
   }                                                                                               \
@@ -781,6 +795,16 @@ extern "C" __global__ void sumsq_partial(const uint64_t* __restrict__ ptrs,
   }
   s = block_sum(s);
   if (threadIdx.x == 0) partial[(size_t)blockIdx.y * gridDim.x + blockIdx.x] = s;
+}
+
+// out[0] = sqrt(sumsq[0]) * scale (a gradient norm) and out[1] = the factor clipping it to
+// max_norm: max_norm / (norm + 1e-6) where norm > max_norm and is finite, else 1; one thread.
+extern "C" __global__ void norm_clip(const float* __restrict__ sumsq, float* __restrict__ out,
+                                     float scale, float max_norm) {
+  if (blockIdx.x != 0 || threadIdx.x != 0) return;
+  const float norm = sqrtf(sumsq[0]) * scale;
+  out[0] = norm;
+  out[1] = norm > max_norm && norm <= 3.402823466e38f ? max_norm / (norm + 1e-6f) : 1.f;
 }
 
 // out[0] = sum of x[0..n) in a fixed order; one block.

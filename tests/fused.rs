@@ -9,8 +9,8 @@ use candle_sparse_attn::fused::{
     adamw_update, adamw_update_many, add_layer_norm, backward_from, batch_sum_f32, cast_concat,
     cross_entropy_with_grad, embedding, embedding_backward, gelu, gelu_backward,
     gelu_linear_backward, layer_norm, layer_norm_backward, layer_norm_backward_add, linear,
-    linear_backward, linear_gelu, merge_heads, merge_qkv, merge_qkv_with, split_heads, split_qkv,
-    sum_of_squares, to_heads, AdamWUpdate,
+    linear_backward, linear_gelu, merge_heads, merge_qkv, merge_qkv_with, norm_clip_factor,
+    split_heads, split_qkv, sum_of_squares, to_heads, AdamWUpdate,
 };
 use candle_sparse_attn::reference::rel_err;
 use common::{devices, normal, tolerance};
@@ -1024,6 +1024,37 @@ fn bad_inputs_are_clear_errors() -> Result<()> {
                 }
             }
         }
+    }
+    Ok(())
+}
+
+/// `norm_clip_factor`: the norm `√sumsq·|scale|` and its clip factor, where the norm exceeds the
+/// bound, where it does not, and where it is not finite (factor 1); a bad `sumsq` is an error.
+#[test]
+fn norm_clip_factor_matches_formula() -> Result<()> {
+    for dev in devices() {
+        for (sumsq, scale, max_norm, norm, factor) in [
+            (16f32, -0.5, 1.0, 2f32, 1.0 / (2.0 + 1e-6)),
+            (16.0, 0.5, 3.0, 2.0, 1.0),
+            (f32::INFINITY, 1.0, 1.0, f32::INFINITY, 1.0),
+        ] {
+            let s = Tensor::new(sumsq, &dev)?;
+            let (n, f) = norm_clip_factor(&s, scale, max_norm)?;
+            let (n, f) = (n.to_scalar::<f32>()?, f.to_scalar::<f32>()?);
+            assert_eq!(n, norm, "{dev:?} sumsq {sumsq}");
+            assert!(
+                (f - factor).abs() <= 1e-6 * factor,
+                "{dev:?} sumsq {sumsq}: {f} vs {factor}"
+            );
+        }
+        let (n, f) = norm_clip_factor(&Tensor::new(f32::NAN, &dev)?, 1.0, 1.0)?;
+        assert!(n.to_scalar::<f32>()?.is_nan() && f.to_scalar::<f32>()? == 1.0);
+        let e = message(norm_clip_factor(
+            &Tensor::zeros(2, DType::F32, &dev)?,
+            1.0,
+            1.0,
+        ));
+        assert!(e.contains("one f32") && e.contains("[2]"), "{e}");
     }
     Ok(())
 }

@@ -87,15 +87,24 @@ impl Gradients {
     /// device (a CPU zero when there are none): one sum of squares ([`fused::sum_of_squares`], two
     /// launches on CUDA) and no read back, so a training step need not wait for the device.
     pub fn global_norm(&self) -> Result<Tensor> {
+        Ok(self.norm_and_clip(f64::INFINITY)?.0)
+    }
+
+    /// The global norm and the factor clipping it to `max_norm`
+    /// ([`fused::norm_clip_factor`]: on CUDA one kernel after the sum of squares).
+    fn norm_and_clip(&self, max_norm: f64) -> Result<(Tensor, Tensor)> {
         let grads: Vec<Tensor> = self.grads.values().cloned().collect();
         if grads.is_empty() {
-            return Tensor::new(0f32, &candle::Device::Cpu);
+            let zero = Tensor::new(0f32, &candle::Device::Cpu)?;
+            return Ok((zero.clone(), zero.ones_like()?));
         }
-        let norm = (fused::sum_of_squares(&grads)?.sqrt()? * self.scale.abs())?;
-        match &self.factor {
-            Some(f) => norm.broadcast_mul(f),
-            None => Ok(norm),
-        }
+        let sumsq = fused::sum_of_squares(&grads)?;
+        // A pending factor f (from an earlier clip) scales the norm: sum of squares times f².
+        let sumsq = match &self.factor {
+            Some(f) => sumsq.broadcast_mul(&f.sqr()?)?,
+            None => sumsq,
+        };
+        fused::norm_clip_factor(&sumsq, self.scale, max_norm)
     }
 
     /// Scales all gradients so their global norm is at most `max_norm`: a pending device factor
@@ -103,10 +112,7 @@ impl Gradients {
     /// not finite), computed on the device. Returns the norm before clipping (see
     /// [`Gradients::global_norm`]). The tensors are not touched.
     pub fn clip_global_norm(&mut self, max_norm: f64) -> Result<Tensor> {
-        let norm = self.global_norm()?;
-        let over = norm.gt(max_norm)?.mul(&norm.le(f32::MAX as f64)?)?;
-        let clip = ((&norm + 1e-6)?.recip()? * max_norm)?;
-        let factor = over.where_cond(&clip, &norm.ones_like()?)?;
+        let (norm, factor) = self.norm_and_clip(max_norm)?;
         self.factor = Some(match self.factor.take() {
             Some(f) => (f * factor)?,
             None => factor,

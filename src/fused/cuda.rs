@@ -273,6 +273,29 @@ pub(super) fn emb_fwd(
     })
 }
 
+/// The one-hot rows `(n, vocab)` in `dtype` of `ids` `(n,)` (zero rows for ids outside the
+/// vocabulary).
+pub(super) fn one_hot(
+    (si, li): (&CudaStorage, &Layout),
+    vocab: usize,
+    dtype: DType,
+) -> Result<CudaStorage> {
+    let what = "one_hot";
+    let dev = si.device().clone();
+    let rows = li.shape().elem_count();
+    let (rows_i, vocab_i) = (i32_arg(what, rows)?, i32_arg(what, vocab)?);
+    let ids = contiguous_view::<u32>(si, li, what, "ids")?;
+    by_dtype!(what, dtype, T => {
+        let mut out = alloc::<T>(&dev, rows * vocab)?;
+        let name = format!("one_hot_{}", dtype_suffix(dtype, what)?);
+        let f = load_kernel!(dev, name, MODULE, kernels::FUSED, 0);
+        let mut b = f.builder();
+        b.arg(&ids).arg(&mut out).arg(&rows_i).arg(&vocab_i);
+        unsafe { b.launch(elementwise(what, rows * vocab)?) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(out, dev))
+    })
+}
+
 /// The sum over the leading axis of `x` `(b, n)` (as laid out by `l`), in f32: `(n,)`.
 pub(super) fn batch_sum((s, l): (&CudaStorage, &Layout), b: usize) -> Result<CudaStorage> {
     let what = "batch_sum_f32";
@@ -562,6 +585,24 @@ pub(super) fn sum_of_squares(
     b.arg(&partial).arg(&mut out).arg(&parts);
     unsafe { b.launch(launch_config(what, (1, 1), 1024, 0)?) }.w()?;
     Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+}
+
+/// `[norm, factor]` `(2,)` f32 from the sum of squares `sumsq` (one f32): `norm = √sumsq · scale`
+/// and the factor clipping it to `max_norm`.
+pub(super) fn norm_clip(
+    (s, l): (&CudaStorage, &Layout),
+    scale: f32,
+    max_norm: f32,
+) -> Result<CudaStorage> {
+    let what = "norm_clip_factor";
+    let dev = s.device().clone();
+    let sumsq = contiguous_view::<f32>(s, l, what, "sumsq")?;
+    let mut out = alloc::<f32>(&dev, 2)?;
+    let f = load_kernel!(dev, "norm_clip", MODULE, kernels::FUSED, 0);
+    let mut b = f.builder();
+    b.arg(&sumsq).arg(&mut out).arg(&scale).arg(&max_norm);
+    unsafe { b.launch(launch_config(what, (1, 1), 32, 0)?) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev))
 }
 
 /// `dw = dyᵀ · x` `(n, k)` f32 for row-major `dy` `(rows, n)` and `x` `(rows, k)` of one half

@@ -561,6 +561,62 @@ pub fn sum_of_squares(tensors: &[Tensor]) -> Result<Tensor> {
     Ok(Tensor::from_storage(out, (), BackpropOp::none(), false))
 }
 
+/// The global norm `√sumsq · |scale|` of gradients whose sum of squares is `sumsq` (one f32,
+/// e.g. from [`sum_of_squares`]) and the factor clipping it to `max_norm`:
+/// `max_norm / (norm + 1e-6)` where the norm exceeds `max_norm` and is finite, else 1. Both f32
+/// scalars on `sumsq`'s device, from one kernel on CUDA (no read back). No autograd.
+pub fn norm_clip_factor(sumsq: &Tensor, scale: f64, max_norm: f64) -> Result<(Tensor, Tensor)> {
+    if sumsq.dtype() != DType::F32 || sumsq.elem_count() != 1 {
+        bail!(
+            "norm_clip_factor: sumsq must be one f32, got {:?} {:?}",
+            sumsq.dims(),
+            sumsq.dtype()
+        )
+    }
+    #[cfg(feature = "cuda")]
+    if sumsq.device().is_cuda() {
+        let out = sumsq.contiguous()?.apply_op1_no_bwd(&NormClip {
+            scale: scale.abs() as f32,
+            max_norm: max_norm as f32,
+        })?;
+        return Ok((out.get(0)?, out.get(1)?));
+    }
+    let norm = (sumsq.flatten_all()?.get(0)?.sqrt()? * scale.abs())?;
+    let over = norm.gt(max_norm)?.mul(&norm.le(f32::MAX as f64)?)?;
+    let clip = ((&norm + 1e-6)?.recip()? * max_norm)?;
+    let factor = over.where_cond(&clip, &norm.ones_like()?)?;
+    Ok((norm, factor))
+}
+
+/// [`norm_clip_factor`]'s CUDA kernel: `[norm, factor]` `(2,)`.
+#[cfg(feature = "cuda")]
+struct NormClip {
+    scale: f32,
+    max_norm: f32,
+}
+
+#[cfg(feature = "cuda")]
+impl candle::CustomOp1 for NormClip {
+    fn name(&self) -> &'static str {
+        "fused-norm-clip"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        bail!("norm_clip_factor: CUDA only (the CPU uses candle's ops)")
+    }
+
+    fn cuda_fwd(
+        &self,
+        s: &candle::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle::CudaStorage, Shape)> {
+        Ok((
+            cuda::norm_clip((s, l), self.scale, self.max_norm)?,
+            Shape::from(2),
+        ))
+    }
+}
+
 /// `tensors` (f32, one device, any shapes) cast to `dtype` and concatenated, each flattened in
 /// row-major order: a 1-D tensor of all their elements, in order (an empty list gives an empty
 /// tensor of `dtype` on the CPU). On CUDA to bf16 / f16 one launch over a device table of
@@ -871,8 +927,9 @@ impl candle::CustomOp1 for BatchSumF32 {
 }
 
 /// The table gradient `(vocab, c)` f32 of [`embedding`]: the rows of `dy` `(n, c)` summed by
-/// `ids` `(n,)` u32 (f32 atomics on CUDA). Ids outside the vocabulary are an error on the CPU and
-/// skipped on CUDA. No autograd.
+/// `ids` `(n,)` u32 (on CUDA one GEMM with one-hot rows for f16 / bf16 and a vocabulary of at most
+/// 256, else f32 atomics). Ids outside the vocabulary are an error on the CPU and skipped on
+/// CUDA. No autograd.
 pub fn embedding_backward(dy: &Tensor, ids: &Tensor, vocab: usize) -> Result<Tensor> {
     check_float("embedding_backward", dy)?;
     let ok = dy.rank() == 2 && ids.dims() == [dy.dim(0)?] && ids.dtype() == DType::U32 && vocab > 0;
@@ -885,8 +942,55 @@ pub fn embedding_backward(dy: &Tensor, ids: &Tensor, vocab: usize) -> Result<Ten
             ids.dtype()
         )
     }
+    #[cfg(feature = "cuda")]
+    if dy.device().is_cuda()
+        && matches!(dy.dtype(), DType::BF16 | DType::F16)
+        && vocab <= ONE_HOT_VOCAB
+        && dy.elem_count() > 0
+    {
+        // one_hot(ids)ᵀ · dy: one GEMM with an f32 output instead of an atomic per element of dy
+        // into a few rows (deterministic too).
+        let one_hot = ids.contiguous()?.apply_op1_no_bwd(&OneHot {
+            vocab,
+            dtype: dy.dtype(),
+        })?;
+        return weight_grad(&dy.contiguous()?, &one_hot);
+    }
     dy.contiguous()?
         .apply_op2_no_bwd(&ids.contiguous()?, &EmbeddingBwd { vocab })
+}
+
+/// Largest vocabulary whose [`embedding_backward`] runs as a GEMM with one-hot rows on CUDA
+/// (characters, bytes; larger ones scatter with atomics).
+#[cfg(feature = "cuda")]
+const ONE_HOT_VOCAB: usize = 256;
+
+/// The one-hot rows `(n, vocab)` of ids `(n,)` in `dtype` (CUDA only: [`embedding_backward`]'s
+/// GEMM).
+#[cfg(feature = "cuda")]
+struct OneHot {
+    vocab: usize,
+    dtype: DType,
+}
+
+#[cfg(feature = "cuda")]
+impl candle::CustomOp1 for OneHot {
+    fn name(&self) -> &'static str {
+        "fused-one-hot"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        bail!("one_hot: CUDA only (embedding_backward scatters on the CPU)")
+    }
+
+    fn cuda_fwd(
+        &self,
+        s: &candle::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle::CudaStorage, Shape)> {
+        let out = cuda::one_hot((s, l), self.vocab, self.dtype)?;
+        Ok((out, Shape::from((l.shape().elem_count(), self.vocab))))
+    }
 }
 
 /// The gradients `(dx, dw)` of [`linear`] `(x, w)` for the output gradient `dy` `(..., out)`:
