@@ -279,6 +279,12 @@ extern "C" __global__ void sk_block_lists(const float* __restrict__ u,
   write(c1 - 1);
 }
 
+// Exclusive f64 prefix sum r of a list's scores Lu from the even-index table Ph (Ph[m] = the sum
+// of Lu[0, 2m)): an odd index adds its predecessor's score, as the scan that built Ph did.
+__device__ __forceinline__ double sk_prefix(const double* Ph, const float* Lu, int r) {
+  return (r & 1) ? Ph[r >> 1] + (double)Lu[r - 1] : Ph[r >> 1];
+}
+
 // What sk_select finds for one query.
 struct SkQuerySel {
   float tau, cut_u;
@@ -286,11 +292,11 @@ struct SkQuerySel {
 };
 
 // The selection of one query, by one thread, from its block's tables in shared memory: the
-// sorted list (Lu, Lj, len entries; Ps its exclusive f64 prefix sums), the block's newer
+// sorted list (Lu, Lj, len entries; Ph its exclusive f64 prefix sums, sk_prefix), the block's newer
 // candidates (Eu, Ej, nE) of which the query sees the first n_ext, and the rank tables of
 // sk_select (SEu / posE: the extras sorted descending and each one's place there).
 __device__ __forceinline__ SkQuerySel sk_select_query(
-    const float* Lu, const int* Lj, const double* Ps, int len, const float* Eu, const int* Ej,
+    const float* Lu, const int* Lj, const double* Ph, int len, const float* Eu, const int* Ej,
     int n_ext, const unsigned long long* gtE, const int* rankL, const unsigned long long* gtL,
     const float* SEu, const int* posE, int nE, int rb, int cap, float k) {
   SkQuerySel o{neg_inf(), neg_inf(), -1, 0};
@@ -343,7 +349,8 @@ __device__ __forceinline__ SkQuerySel sk_select_query(
       const int bc = count_prefix(lt, [&](int r) { return Lu[r] - mx > x; });
       nu = (float)a;
       ns = (float)(bc - a);
-      ss = (float)((Ps[bc] - Ps[a]) - (double)(bc - a) * (double)mx);
+      const double sum = sk_prefix(Ph, Lu, bc) - sk_prefix(Ph, Lu, a);
+      ss = (float)(sum - (double)(bc - a) * (double)mx);
       if (ks != 0) {
         const int ea = count_prefix(nE, [&](int p) { return SEu[p] - mx >= x + 1.f; });
         const int eb = count_prefix(nE, [&](int p) { return SEu[p] - mx > x; });
@@ -391,16 +398,17 @@ __device__ __forceinline__ SkQuerySel sk_select_query(
 // Per query: cut (the cap-th largest candidate key, or j = -1), tau (-inf when <= k kept) and the
 // length of the prefix of its block's list that it attends (nattend; nlist: the block's maximum).
 // Grid (nb, rows), BQ threads: the block's tables built together, then one thread per query
-// (sk_select_query). Dynamic smem: (cap + BQ) * 8 + (cap + 1) * 8 bytes (the list, the block's
-// newer candidates, f64 prefix sums of the list's scores).
+// (sk_select_query). Dynamic smem: (cap + BQ) * 8 + (cap / 2 + 1) * 8 bytes (the list, the
+// block's newer candidates, f64 prefix sums of the list's scores at even indices: small enough
+// for 24 CTAs per SM, which at 24 rows x 128 blocks fit one wave on the H100).
 extern "C" __global__ void __launch_bounds__(BQ) sk_select(
     const float* __restrict__ u, const float* __restrict__ lu, const int* __restrict__ lj,
     float* __restrict__ tau_out, float* __restrict__ cut_u_out, int* __restrict__ cut_j_out,
     int* __restrict__ nlist_out, int* __restrict__ nattend_out, int T, int window, int cap,
     float k, int nb) {
   extern __shared__ __align__(16) unsigned char smem[];
-  double* Ps = reinterpret_cast<double*>(smem);  // [cap + 1]
-  float* Lu = reinterpret_cast<float*>(Ps + cap + 1);
+  double* Ph = reinterpret_cast<double*>(smem);  // [cap / 2 + 1]
+  float* Lu = reinterpret_cast<float*>(Ph + cap / 2 + 1);
   int* Lj = (int*)(Lu + cap);
   float* Eu = (float*)(Lj + cap);
   int* Ej = (int*)(Eu + BQ);
@@ -436,8 +444,11 @@ extern "C" __global__ void __launch_bounds__(BQ) sk_select(
       if (lane >= o) incl += y;
     }
     double run = incl - s;
-    for (int r = r0; r < r1; ++r) { Ps[r] = run; run += Lu[r]; }
-    if (lane == 31) Ps[len] = incl;
+    for (int r = r0; r < r1; ++r) {
+      if ((r & 1) == 0) Ph[r >> 1] = run;
+      run += Lu[r];
+    }
+    if (lane == 31 && (len & 1) == 0) Ph[len >> 1] = incl;
   }
   // Rank tables for the cut (the element of rank cap - 1 of the list and the first n_ext extras):
   // gtE[s] = bit t set when extra t ranks above extra s; rankL[s] = list entries above extra s;
@@ -468,7 +479,7 @@ extern "C" __global__ void __launch_bounds__(BQ) sk_select(
   if (i < T) {
     const int n_ext = min(nE, max(0, i - window + 1 - e0));
     const SkQuerySel s =
-        sk_select_query(Lu, Lj, Ps, len, Eu, Ej, n_ext, gtE, rankL, gtL, SEu, posE, nE, rb, cap,
+        sk_select_query(Lu, Lj, Ph, len, Eu, Ej, n_ext, gtE, rankL, gtL, SEu, posE, nE, rb, cap,
                         k);
     const long long o = (long long)row * T + i;
     tau_out[o] = s.tau;
@@ -2895,9 +2906,10 @@ __device__ void sk_score_bwd_dw(const E* __restrict__ x, const float* __restrict
 // folded in), with the slopes delta = softplus(rho) of the raw slopes rho:
 // - sk_score_cols: u (B, H, T) f32 = lin[(b * T + j) * ld + h] + delta[h] * (offset + j), one
 //   thread per element of u;
-// - sk_score_cols_bwd: dlin (B * T, W) in E = du (B, H, T) transposed in the first H columns,
-//   zeros after them, and drho (H) f32, zeroed by the caller, += sum du * (offset + j) *
-//   sigmoid(rho) over a CTA's SK_SCORE_ROWS rows (a warp per head, atomics).
+// - sk_score_cols_bwd: dlin (B * T rows ld apart, W columns) in E = du (B, H, T) transposed in
+//   the first H columns, zeros after them (ld > W: columns of a wider tensor, written in place),
+//   and drho (H) f32, zeroed by the caller, += sum du * (offset + j) * sigmoid(rho) over a CTA's
+//   SK_SCORE_ROWS rows (a warp per head, atomics).
 __device__ __forceinline__ float sk_softplus(float r) { return r > 20.f ? r : log1pf(expf(r)); }
 
 template <typename E>
@@ -2915,13 +2927,13 @@ __device__ void sk_score_cols(const E* __restrict__ lin, const float* __restrict
 template <typename E>
 __device__ void sk_score_cols_bwd(const float* __restrict__ du, const float* __restrict__ rho,
                                   E* __restrict__ dlin, float* __restrict__ drho, int B, int T,
-                                  int H, int W, int offset) {
+                                  int H, int W, int ld, int offset) {
   const long long n = (long long)B * T, r0 = (long long)blockIdx.x * SK_SCORE_ROWS;
   const int nr = (int)min((long long)SK_SCORE_ROWS, n - r0);
   for (int i = threadIdx.x; i < nr * W; i += blockDim.x) {
     const int c = i % W;
     const long long row = r0 + i / W;
-    dlin[row * W + c] = from_f<E>(c < H ? sk_du_at(du, row, c, T, H) : 0.f);
+    dlin[row * ld + c] = from_f<E>(c < H ? sk_du_at(du, row, c, T, H) : 0.f);
   }
   // d(softplus(rho)) / d(rho) = sigmoid(rho).
   sk_score_dpos([&](int r, int h) { return sk_du_at(du, r0 + r, h, T, H); },
@@ -2950,8 +2962,8 @@ __device__ void sk_score_cols_bwd(const float* __restrict__ du, const float* __r
   }                                                                                             \
   extern "C" __global__ void sk_score_cols_bwd_##NAME(const float* du, const float* rho,        \
                                                       TY* dlin, float* drho, int B, int T,      \
-                                                      int H, int W, int offset) {               \
-    sk_score_cols_bwd<TY>(du, rho, dlin, drho, B, T, H, W, offset);                             \
+                                                      int H, int W, int ld, int offset) {       \
+    sk_score_cols_bwd<TY>(du, rho, dlin, drho, B, T, H, W, ld, offset);                         \
   }
 
 SK_SCORE(float, f32)

@@ -918,6 +918,37 @@ fn scorer_suite(dev: &Device) -> R<()> {
                 .t()?
                 .matmul(&x32.reshape((b * t, dm))?)?;
             check("backward_linear dw", &dw, &dw_ref)?;
+            // In place, into columns [2, 2 + h) of a wider tensor: the same gradient there, the
+            // other columns untouched.
+            let fill = Tensor::ones((b, t, h + 5), dtype, dev)?;
+            let dst = (&fill * 7.0)?;
+            let dslope_into = scorer.backward_linear_into(&du, offset, &dst, 2)?;
+            check("backward_linear_into drho", &dslope_into, &drho_ref)?;
+            let want = dlin.narrow(2, 0, h)?.to_dtype(DType::F32)?;
+            let got = dst.narrow(2, 2, h)?.to_dtype(DType::F32)?;
+            anyhow::ensure!(
+                (got - want)?.abs()?.sum_all()?.to_scalar::<f32>()? == 0.0,
+                "backward_linear_into: columns differ from backward_linear"
+            );
+            for (start, len) in [(0, 2), (2 + h, 3)] {
+                let rest = dst.narrow(2, start, len)?.to_dtype(DType::F32)?;
+                anyhow::ensure!(
+                    rest.min_keepdim(2)?
+                        .min_keepdim(1)?
+                        .min_keepdim(0)?
+                        .flatten_all()?
+                        .to_vec1::<f32>()?
+                        == [7.0]
+                        && rest
+                            .max_keepdim(2)?
+                            .max_keepdim(1)?
+                            .max_keepdim(0)?
+                            .flatten_all()?
+                            .to_vec1::<f32>()?
+                            == [7.0],
+                    "backward_linear_into: columns outside the target changed"
+                );
+            }
         }
         // Bad input: clear errors.
         let x = Tensor::zeros((b, t, dm), DType::F32, dev)?;
@@ -930,6 +961,8 @@ fn scorer_suite(dev: &Device) -> R<()> {
         anyhow::ensure!(scorer.backward_linear(&du, 0, DType::F32, h).is_err());
         let du = Tensor::zeros((b, h, t), DType::F32, dev)?;
         anyhow::ensure!(scorer.backward_linear(&du, 0, DType::F32, h - 1).is_err());
+        let narrow_dst = Tensor::zeros((b, t, h + 1), DType::F32, dev)?;
+        anyhow::ensure!(scorer.backward_linear_into(&du, 0, &narrow_dst, 2).is_err());
         let lin = Tensor::zeros((b, t, h + 1), DType::F32, dev)?;
         anyhow::ensure!(scorer.scores_from_linear(&lin, 0).is_err());
     }

@@ -468,11 +468,7 @@ impl TrainingPass<'_> {
                     let PackedGrads { dqkv, dscores } = tape.grads_qkvpacked(&dy_merged)?;
                     let dslope = match &blk.scorer {
                         Some(scorer) => {
-                            let h = scorer.kv_heads();
-                            let (dlin, dslope) =
-                                scorer.backward_linear(&dscores, 0, dqkv.dtype(), h)?;
-                            dqkv.slice_set(&dlin, 2, 3 * c)?;
-                            Some(dslope)
+                            Some(scorer.backward_linear_into(&dscores, 0, &dqkv, 3 * c)?)
                         }
                         None => None,
                     };

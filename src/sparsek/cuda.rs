@@ -36,7 +36,8 @@ use std::sync::Arc;
 use candle::backend::BackendStorage;
 use candle::cuda_backend::cudarc::driver::sys::{self, CUdevice_attribute};
 use candle::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaView, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig,
+    PushKernelArg,
 };
 use candle::cuda_backend::{CudaDType, WrapErr};
 use candle::{bail, CudaDevice, CudaStorage, DType, Layout, Result, Shape, Storage, Tensor};
@@ -197,7 +198,7 @@ pub(crate) fn select(
     let mut nattend = unsafe { dev.alloc::<i32>(rows * t) }?;
     {
         // The list and the block's newer candidates (score, position), the list's f64 prefix sums.
-        let smem = (cap + BQ) * 8 + (cap + 1) * 8;
+        let smem = (cap + BQ) * 8 + (cap / 2 + 1) * 8;
         let f = func!(dev, "sk_select", smem);
         let mut b = f.builder();
         let k = scfg.k as f32;
@@ -1231,7 +1232,7 @@ pub(crate) fn score_cols_backward(
     }
 }
 
-fn score_cols_bwd_t<T: CudaDType + candle::cuda_backend::cudarc::driver::DeviceRepr>(
+fn score_cols_bwd_t<T: CudaDType + DeviceRepr>(
     (du, rho): (&Tensor, &Tensor),
     tn: &str,
     width: usize,
@@ -1243,13 +1244,33 @@ fn score_cols_bwd_t<T: CudaDType + candle::cuda_backend::cudarc::driver::DeviceR
         carried::<f32>(&guards[0], "du")?,
         carried::<f32>(&guards[1], "rho")?,
     );
+    let mut dlin = unsafe { dev.alloc::<T>(d.b * d.t * width) }?;
+    let drho = score_cols_bwd_launch(&dev, tn, (&du, &rho), dlin.slice_mut(..), (width, width), d)?;
+    Ok((
+        wrap_slice(dlin, &dev, (d.b, d.t, width)),
+        wrap_slice(drho, &dev, d.h),
+    ))
+}
+
+/// `sk_score_cols_bwd`: `du` transposed into `width` columns of `dlin`'s rows, `ld` elements
+/// apart (zeros after column `h`); returns the raw slopes' gradient `(h)` f32.
+fn score_cols_bwd_launch<T: DeviceRepr>(
+    dev: &CudaDevice,
+    tn: &str,
+    (du, rho): (&CudaView<f32>, &CudaView<f32>),
+    mut dlin: CudaViewMut<T>,
+    (width, ld): (usize, usize),
+    d: ScoreDims,
+) -> Result<CudaSlice<f32>> {
     let rows = d.b * d.t;
-    let mut dlin = unsafe { dev.alloc::<T>(rows * width) }?;
+    if dlin.len() < (rows.max(1) - 1) * ld + width {
+        bail!("sparsek scorer (cuda): {} elements cannot hold {rows} rows of {width} columns {ld} apart", dlin.len())
+    }
     let mut drho = dev.alloc_zeros::<f32>(d.h)?;
     let f = func!(dev, &format!("sk_score_cols_bwd_{tn}"), 0);
     let mut b = f.builder();
-    b.arg(&du);
-    b.arg(&rho);
+    b.arg(du);
+    b.arg(rho);
     b.arg(&mut dlin);
     b.arg(&mut drho);
     candle::builder_arg!(
@@ -1258,11 +1279,103 @@ fn score_cols_bwd_t<T: CudaDType + candle::cuda_backend::cudarc::driver::DeviceR
         d.t as i32,
         d.h as i32,
         width as i32,
+        ld as i32,
         d.offset as i32
     );
     unsafe { b.launch(cfg((rows.div_ceil(SCORE_ROWS), 1), 256, 0)?) }.w()?;
-    Ok((
-        wrap_slice(dlin, &dev, (d.b, d.t, width)),
-        wrap_slice(drho, &dev, d.h),
-    ))
+    Ok(drho)
+}
+
+/// [`score_cols_backward`] writing the linear part's gradient in place, into columns
+/// `[col, col + h)` of a contiguous `(b, t, width)` tensor (a folded projection's output
+/// gradient): candle's in-place op over that tensor, the raw slopes' gradient kept for the caller.
+pub(crate) struct ScoreColsInto {
+    pub(crate) rho: Tensor,
+    pub(crate) col: usize,
+    pub(crate) d: ScoreDims,
+    pub(crate) drho: std::sync::Mutex<Option<Tensor>>,
+}
+
+impl candle::InplaceOp2 for ScoreColsInto {
+    fn name(&self) -> &'static str {
+        "sparsek-score-cols-bwd-into"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &mut candle::CpuStorage,
+        _: &Layout,
+        _: &candle::CpuStorage,
+        _: &Layout,
+    ) -> Result<()> {
+        bail!("sparsek scorer: the in-place score gradient is CUDA only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        dst: &mut CudaStorage,
+        ld: &Layout,
+        du: &CudaStorage,
+        lu: &Layout,
+    ) -> Result<()> {
+        let (d, col) = (self.d, self.col);
+        let width = *ld.dims().last().unwrap_or(&0);
+        if !ld.is_contiguous() || ld.dims() != [d.b, d.t, width] || col + d.h > width {
+            bail!(
+                "sparsek scorer: the gradient's destination {:?} must be a contiguous (b, t, width) \
+                 = ({}, {}, >= {}) tensor",
+                ld.dims(),
+                d.b,
+                d.t,
+                col + d.h
+            )
+        }
+        let dev = dst.device().clone();
+        let du = view::<f32>(du, lu, "du")?;
+        let rho_g = self.rho.storage_and_layout();
+        let rho = carried::<f32>(&rho_g, "rho")?;
+        let off = ld.start_offset() + col;
+        let drho = match dst.dtype() {
+            DType::F32 => {
+                let s = dst.as_cuda_slice_mut::<f32>()?;
+                score_cols_bwd_launch(
+                    &dev,
+                    "f32",
+                    (&du, &rho),
+                    s.slice_mut(off..),
+                    (d.h, width),
+                    d,
+                )?
+            }
+            DType::F16 => {
+                let s = dst.as_cuda_slice_mut::<f16>()?;
+                score_cols_bwd_launch(
+                    &dev,
+                    "f16",
+                    (&du, &rho),
+                    s.slice_mut(off..),
+                    (d.h, width),
+                    d,
+                )?
+            }
+            DType::BF16 => {
+                let s = dst.as_cuda_slice_mut::<bf16>()?;
+                score_cols_bwd_launch(
+                    &dev,
+                    "bf16",
+                    (&du, &rho),
+                    s.slice_mut(off..),
+                    (d.h, width),
+                    d,
+                )?
+            }
+            other => bail!("sparsek scorer (cuda): unsupported dtype {other:?}"),
+        };
+        *self
+            .drho
+            .lock()
+            .map_err(|_| candle::Error::Msg("sparsek scorer: poisoned".into()))? =
+            Some(wrap_slice(drho, &dev, d.h));
+        Ok(())
+    }
 }

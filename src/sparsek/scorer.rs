@@ -217,6 +217,60 @@ impl SparseKScorer {
         Ok((dlin, slope))
     }
 
+    /// [`Self::backward_linear`] with `lin`'s gradient written into columns
+    /// `[col, col + kv_heads)` of `dst` `(batch, seq, width)` (a folded projection's output
+    /// gradient; its other columns are left as they are) instead of a tensor of its own: on CUDA
+    /// one kernel writing in place, elsewhere a copy. Returns the raw slope ρ's `(kv_heads)` f32.
+    pub fn backward_linear_into(
+        &self,
+        du: &Tensor,
+        offset: usize,
+        dst: &Tensor,
+        col: usize,
+    ) -> Result<Tensor> {
+        let h = self.kv_heads();
+        let fits = match (du.dims(), dst.dims()) {
+            (&[b, hh, t], &[db, dt, width]) => {
+                hh == h && du.dtype() == DType::F32 && (db, dt) == (b, t) && col + h <= width
+            }
+            _ => false,
+        };
+        if !fits {
+            bail!(
+                "sparsek scorer: du {:?} {:?} must be (batch, kv_heads = {h}, seq) f32 and dst {:?} \
+                 (batch, seq, width >= {})",
+                du.dims(),
+                du.dtype(),
+                dst.dims(),
+                col + h
+            )
+        }
+        let (b, _, t) = du.dims3()?;
+        check_positions(b, t, offset, du.dims())?;
+        #[cfg(feature = "cuda")]
+        if du.device().is_cuda() && dst.is_contiguous() {
+            let op = cuda::ScoreColsInto {
+                rho: self.raw_slope()?,
+                col,
+                d: ScoreDims {
+                    b,
+                    t,
+                    c: 0,
+                    h,
+                    offset,
+                },
+                drho: std::sync::Mutex::new(None),
+            };
+            dst.inplace_op2(&du.contiguous()?, &op)?;
+            let drho = op.drho.into_inner().ok().flatten();
+            return drho
+                .ok_or_else(|| candle::Error::Msg("sparsek scorer: no slope gradient".into()));
+        }
+        let (dlin, dslope) = self.backward_linear(du, offset, dst.dtype(), h)?;
+        dst.slice_set(&dlin, 2, col)?;
+        Ok(dslope)
+    }
+
     /// The f32 weight and the op of a call on `x`, whose shape is checked against the weight.
     fn op(&self, x: &Tensor, offset: usize) -> Result<(Tensor, ScoreOp)> {
         let (h, c) = self.weight.dims2()?;
