@@ -50,9 +50,8 @@ struct Problem {
     dgelu: bool,
 }
 
-/// The heuristic's algorithm for each problem seen, asked once: the query costs the host tens of
-/// microseconds, which left the GPU idle between kernels when asked on every call (a char-GPT
-/// step at 8k was 0.3 ms longer on the H100).
+/// The heuristic's algorithm for each problem seen, asked once per problem rather than on every
+/// call (the same answer; the query is host work in every training step otherwise).
 static ALGOS: Mutex<Vec<(Problem, sys::cublasLtMatmulAlgo_t)>> = Mutex::new(Vec::new());
 
 /// Locks one of the tables above.

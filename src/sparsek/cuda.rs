@@ -1335,40 +1335,17 @@ impl candle::InplaceOp2 for ScoreColsInto {
         let rho_g = self.rho.storage_and_layout();
         let rho = carried::<f32>(&rho_g, "rho")?;
         let off = ld.start_offset() + col;
+        macro_rules! launch {
+            ($t:ty, $tn:literal) => {{
+                let s = dst.as_cuda_slice_mut::<$t>()?;
+                let into = s.slice_mut(off..);
+                score_cols_bwd_launch(&dev, $tn, (&du, &rho), into, (d.h, width), d)?
+            }};
+        }
         let drho = match dst.dtype() {
-            DType::F32 => {
-                let s = dst.as_cuda_slice_mut::<f32>()?;
-                score_cols_bwd_launch(
-                    &dev,
-                    "f32",
-                    (&du, &rho),
-                    s.slice_mut(off..),
-                    (d.h, width),
-                    d,
-                )?
-            }
-            DType::F16 => {
-                let s = dst.as_cuda_slice_mut::<f16>()?;
-                score_cols_bwd_launch(
-                    &dev,
-                    "f16",
-                    (&du, &rho),
-                    s.slice_mut(off..),
-                    (d.h, width),
-                    d,
-                )?
-            }
-            DType::BF16 => {
-                let s = dst.as_cuda_slice_mut::<bf16>()?;
-                score_cols_bwd_launch(
-                    &dev,
-                    "bf16",
-                    (&du, &rho),
-                    s.slice_mut(off..),
-                    (d.h, width),
-                    d,
-                )?
-            }
+            DType::F32 => launch!(f32, "f32"),
+            DType::F16 => launch!(f16, "f16"),
+            DType::BF16 => launch!(bf16, "bf16"),
             other => bail!("sparsek scorer (cuda): unsupported dtype {other:?}"),
         };
         *self
