@@ -204,8 +204,8 @@ fn main() -> Result<()> {
             Box::new(|| linear(&in_dtype(&x, dt)?, &in_dtype(&w_fc, dt)?)),
         ),
         (
-            "gelu_erf (b,t,4c)",
-            Box::new(|| in_dtype(&x4, dt)?.gelu_erf()),
+            "gelu candle (tanh) (b,t,4c)",
+            Box::new(|| in_dtype(&x4, dt)?.gelu()),
         ),
         (
             "gelu (fused)",
