@@ -488,6 +488,44 @@ fn linear_matches_matmul() -> Result<()> {
     Ok(())
 }
 
+/// `linear` and `linear_backward` on views that start one element into their storage (pointers
+/// only 2-byte aligned for f16 / bf16: the cuBLASLt algorithms must allow it), against f64.
+#[test]
+fn linear_on_unaligned_views() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(17);
+    let (rows, n, k) = (77, 40, 24);
+    let skewed = |t: &Tensor| -> Result<Tensor> {
+        let flat = Tensor::cat(&[&t.flatten_all()?.narrow(0, 0, 1)?, &t.flatten_all()?], 0)?;
+        flat.narrow(0, 1, t.elem_count())?.reshape(t.shape())
+    };
+    for dev in devices() {
+        for dtype in DTYPES {
+            let x = randn(&mut rng, &[rows, k], 1.0)?.to_dtype(dtype)?;
+            let w = randn(&mut rng, &[n, k], 0.3)?.to_dtype(dtype)?;
+            let dy = randn(&mut rng, &[rows, n], 1.0)?.to_dtype(dtype)?;
+            let f64_of = |t: &Tensor| t.to_dtype(DType::F64);
+            let want_y = f64_of(&x)?.matmul(&f64_of(&w)?.t()?)?;
+            let want_dx = f64_of(&dy)?.matmul(&f64_of(&w)?)?;
+            let want_dw = f64_of(&dy)?.t()?.matmul(&f64_of(&x)?)?;
+            let on = |t: &Tensor| skewed(&t.to_device(&dev)?);
+            let (xs, ws, dys) = (on(&x)?, on(&w)?, on(&dy)?);
+            assert_eq!(xs.layout().start_offset(), 1);
+            let y = linear(&xs, &ws)?;
+            let (dx, dw) = linear_backward(&xs, &ws, &dys)?;
+            let tol = tolerance(dtype, &dev);
+            for (name, got, want) in [
+                ("y", &y, &want_y),
+                ("dx", &dx, &want_dx),
+                ("dw", &dw, &want_dw),
+            ] {
+                let err = rel_err(&got.to_dtype(DType::F64)?.to_device(&Device::Cpu)?, want)?;
+                assert!(err <= tol, "{name} {dtype:?} {dev:?}: rel err {err}");
+            }
+        }
+    }
+    Ok(())
+}
+
 /// `linear_backward`'s weight gradient is f32 for every input dtype (one GEMM with an f32 output
 /// on CUDA for f16 / bf16) and equals `dyᵀ · x` of the rounded inputs in f64; `dx` keeps the
 /// input dtype. Rows not a multiple of any tile, a wide and a narrow output.

@@ -3,7 +3,7 @@
 use candle::backend::BackendStorage;
 use candle::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
 use candle::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaView, DevicePtr, DevicePtrMut, DeviceRepr, PushKernelArg,
+    CudaSlice, CudaView, DevicePtr, DeviceRepr, PushKernelArg,
 };
 use candle::cuda_backend::WrapErr;
 use candle::{bail, CudaDevice, CudaStorage, DType, Layout, Result};
@@ -602,77 +602,6 @@ pub(super) fn norm_clip(
     let mut b = f.builder();
     b.arg(&sumsq).arg(&mut out).arg(&scale).arg(&max_norm);
     unsafe { b.launch(launch_config(what, (1, 1), 32, 0)?) }.w()?;
-    Ok(CudaStorage::wrap_cuda_slice(out, dev))
-}
-
-/// `dw = dyᵀ · x` `(n, k)` f32 for row-major `dy` `(rows, n)` and `x` `(rows, k)` of one half
-/// dtype (f16 / bf16): one `cublasGemmEx` with f32 accumulation and output, on the device's
-/// stream. In column-major terms `dwᵀ (k × n) = x' (k × rows) · dy'ᵀ`, where `x'` and `dy'` are
-/// the row-major inputs read as column-major.
-pub(super) fn weight_grad_f32(
-    (sdy, ldy): (&CudaStorage, &Layout),
-    (sx, lx): (&CudaStorage, &Layout),
-    rows: usize,
-    n: usize,
-    k: usize,
-) -> Result<CudaStorage> {
-    use candle::cuda_backend::cudarc::cublas::{result::gemm_ex, sys};
-    let what = "linear_backward";
-    let dev = sdy.device().clone();
-    let data_type = match sdy.dtype() {
-        DType::BF16 => sys::cudaDataType::CUDA_R_16BF,
-        DType::F16 => sys::cudaDataType::CUDA_R_16F,
-        other => bail!("{what}: the f32 weight gradient takes f16 / bf16, got {other:?}"),
-    };
-    let dim = |v: usize| {
-        i32::try_from(v).map_err(|_| {
-            candle::Error::Msg(format!("{what}: dimension {v} is too large for cuBLAS"))
-        })
-    };
-    let (m32, n32, k32) = (dim(k)?, dim(n)?, dim(rows)?);
-    let mut out = alloc::<f32>(&dev, n * k)?;
-    let stream = dev.cuda_stream();
-    let blas = dev.cublas_handle();
-    macro_rules! run {
-        ($t:ty) => {{
-            let dy = contiguous_view::<$t>(sdy, ldy, what, "dy")?;
-            let x = contiguous_view::<$t>(sx, lx, what, "x")?;
-            let (dy_ptr, _g1) = dy.device_ptr(&stream);
-            let (x_ptr, _g2) = x.device_ptr(&stream);
-            let (out_ptr, _g3) = out.device_ptr_mut(&stream);
-            let (alpha, beta) = (1f32, 0f32);
-            // SAFETY: the pointers are live views of rows·k, rows·n and n·k elements on the
-            // handle's stream, and the leading dimensions match the row-major layouts.
-            unsafe {
-                gemm_ex(
-                    *blas.handle(),
-                    sys::cublasOperation_t::CUBLAS_OP_N,
-                    sys::cublasOperation_t::CUBLAS_OP_T,
-                    m32,
-                    n32,
-                    k32,
-                    (&alpha as *const f32).cast(),
-                    x_ptr as *const std::ffi::c_void,
-                    data_type,
-                    m32,
-                    dy_ptr as *const std::ffi::c_void,
-                    data_type,
-                    n32,
-                    (&beta as *const f32).cast(),
-                    out_ptr as *mut std::ffi::c_void,
-                    sys::cudaDataType::CUDA_R_32F,
-                    m32,
-                    sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                    sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-                )
-            }
-            .w()?;
-        }};
-    }
-    match sdy.dtype() {
-        DType::BF16 => run!(bf16),
-        _ => run!(f16),
-    }
     Ok(CudaStorage::wrap_cuda_slice(out, dev))
 }
 

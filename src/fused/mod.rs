@@ -13,7 +13,8 @@
 //!   `(b, t, 3·h·d)` as a contiguous `(b, h, t, d)` tensor, gradient written in one pass.
 //! - [`linear`]: `x · wᵀ` as one node whose backward returns both gradients (candle's reshape,
 //!   transpose, matmul, reshape chain costs autograd a zero fill and an add of the activation
-//!   per reshape).
+//!   per reshape); on CUDA with f16 / bf16 its GEMMs run through cuBLASLt with each problem's
+//!   algorithm timed once (`cublaslt.rs`).
 //! - [`to_heads`] / [`merge_heads`]: `(b, t, h·d)` ↔ `(b, h, t, d)`, each the other's backward
 //!   (one pass each way, no transpose copies in autograd).
 //! - [`adamw_update`]: one AdamW update of an f32 parameter and its moments in one kernel;
@@ -210,7 +211,21 @@ pub fn linear_gelu(x: &Tensor, w: &Tensor) -> Result<(Tensor, Tensor)> {
         let (sw, lw) = w.storage_and_layout();
         let (act, pre) = match (&*sx, &*sw) {
             (Storage::Cuda(sx), Storage::Cuda(sw)) => {
-                cublaslt::gemm_gelu((sx, lx), (sw, lw), (rows, k, n), cublaslt::Epilogue::Gelu)?
+                let x = cublaslt::Operand {
+                    storage: sx,
+                    layout: lx,
+                    rows,
+                    cols: k,
+                    transposed: false,
+                };
+                let w = cublaslt::Operand {
+                    storage: sw,
+                    layout: lw,
+                    rows: n,
+                    cols: k,
+                    transposed: true,
+                };
+                cublaslt::gemm(x, w, cublaslt::Epilogue::Gelu, false)?
             }
             _ => bail!("linear_gelu: x and w must both be on the CUDA device"),
         };
@@ -683,8 +698,9 @@ pub fn cast_concat(tensors: &[Tensor], dtype: DType) -> Result<Tensor> {
 
 /// `x · wᵀ` for `x` `(..., in)` and `w` `(out, in)` of one float dtype (f32, bf16, f16 or
 /// f64); returns `(..., out)`.
-/// One matmul (cuBLAS on CUDA) on the contiguous inputs; the backward computes `dx = dy · w` and
-/// `dw = dyᵀ · x` directly.
+/// One matmul on the contiguous inputs (on CUDA with f16 / bf16 a cuBLASLt GEMM whose algorithm
+/// was timed on the problem's first call); the backward computes `dx = dy · w` and `dw = dyᵀ · x`
+/// directly.
 pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     if x.dtype() != DType::F64 {
         check_float("linear", x)?;
@@ -866,13 +882,21 @@ pub fn gelu_linear_backward(
         let (sp, lp) = pre_c.storage_and_layout();
         let dpre = match (&*sd, &*sw, &*sp) {
             (Storage::Cuda(sd), Storage::Cuda(sw), Storage::Cuda(sp)) => {
-                cublaslt::gemm_gelu(
-                    (sd, ld),
-                    (sw, lw),
-                    (rows, n, k),
-                    cublaslt::Epilogue::DGelu { aux: (sp, lp) },
-                )?
-                .0
+                let dy = cublaslt::Operand {
+                    storage: sd,
+                    layout: ld,
+                    rows,
+                    cols: n,
+                    transposed: false,
+                };
+                let w = cublaslt::Operand {
+                    storage: sw,
+                    layout: lw,
+                    rows: n,
+                    cols: k,
+                    transposed: false,
+                };
+                cublaslt::gemm(dy, w, cublaslt::Epilogue::DGelu { aux: (sp, lp) }, false)?.0
             }
             _ => bail!("gelu_linear_backward: every input must be on the CUDA device"),
         };
@@ -1011,8 +1035,64 @@ pub fn linear_backward(x: &Tensor, w: &Tensor, dy: &Tensor) -> Result<(Tensor, T
         )
     }
     let dy = dy.contiguous()?.reshape((rows, n))?;
-    let dx = dy.matmul(&w.contiguous()?)?.reshape(x.shape())?;
-    Ok((dx, weight_grad(x, &dy)?))
+    let w = w.contiguous()?;
+    let dx = match (dy.device(), dy.dtype()) {
+        #[cfg(feature = "cuda")]
+        (candle::Device::Cuda(_), DType::F16 | DType::BF16) if w.dtype() == dy.dtype() => {
+            dy.apply_op2_no_bwd(&w, &InputGrad)?
+        }
+        _ => dy.matmul(&w)?,
+    };
+    Ok((dx.reshape(x.shape())?, weight_grad(x, &dy)?))
+}
+
+/// `dy · w` `(rows, k)` for contiguous `dy` `(rows, n)` and `w` `(n, k)` of one half dtype: one
+/// cuBLASLt GEMM (CUDA only; [`linear_backward`] picks it).
+#[cfg(feature = "cuda")]
+struct InputGrad;
+
+#[cfg(feature = "cuda")]
+impl candle::CustomOp2 for InputGrad {
+    fn name(&self) -> &'static str {
+        "fused-linear-input-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        bail!("linear input grad: CUDA only (linear_backward uses a matmul on the CPU)")
+    }
+
+    fn cuda_fwd(
+        &self,
+        sdy: &candle::CudaStorage,
+        ldy: &Layout,
+        sw: &candle::CudaStorage,
+        lw: &Layout,
+    ) -> Result<(candle::CudaStorage, Shape)> {
+        let (rows, n) = ldy.shape().dims2()?;
+        let (_, k) = lw.shape().dims2()?;
+        let dy = cublaslt::Operand {
+            storage: sdy,
+            layout: ldy,
+            rows,
+            cols: n,
+            transposed: false,
+        };
+        let w = cublaslt::Operand {
+            storage: sw,
+            layout: lw,
+            rows: n,
+            cols: k,
+            transposed: false,
+        };
+        let out = cublaslt::gemm(dy, w, cublaslt::Epilogue::None, false)?.0;
+        Ok((out, Shape::from((rows, k))))
+    }
 }
 
 /// `dw = dyᵀ · x` `(n, k)` for `x` `(..., k)` and contiguous `dy` `(rows, n)`: f32 (f64 for f64
@@ -1031,7 +1111,7 @@ fn weight_grad(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
 }
 
 /// `dyᵀ · x` in f32 for `dy` `(rows, n)` and `x` `(rows, k)` of one half dtype, contiguous: one
-/// cuBLAS GEMM with an f32 output (CUDA only; [`linear_backward`] picks it).
+/// cuBLASLt GEMM with an f32 output (CUDA only; [`linear_backward`] picks it).
 #[cfg(feature = "cuda")]
 struct WeightGradF32;
 
@@ -1060,7 +1140,21 @@ impl candle::CustomOp2 for WeightGradF32 {
     ) -> Result<(candle::CudaStorage, Shape)> {
         let (rows, n) = ldy.shape().dims2()?;
         let (_, k) = lx.shape().dims2()?;
-        let out = cuda::weight_grad_f32((sdy, ldy), (sx, lx), rows, n, k)?;
+        let dy = cublaslt::Operand {
+            storage: sdy,
+            layout: ldy,
+            rows,
+            cols: n,
+            transposed: true,
+        };
+        let x = cublaslt::Operand {
+            storage: sx,
+            layout: lx,
+            rows,
+            cols: k,
+            transposed: false,
+        };
+        let out = cublaslt::gemm(dy, x, cublaslt::Epilogue::None, true)?.0;
         Ok((out, Shape::from((n, k))))
     }
 }
@@ -1575,7 +1669,28 @@ impl candle::CustomOp2 for Linear {
         lw: &Layout,
     ) -> Result<(candle::CudaStorage, Shape)> {
         let (bmnk, x, wt, shape) = Self::args(lx, lw)?;
-        Ok((sx.matmul(sw, bmnk, &x, &wt)?, shape))
+        if !matches!(sx.dtype(), DType::BF16 | DType::F16) {
+            return Ok((sx.matmul(sw, bmnk, &x, &wt)?, shape));
+        }
+        let (_, rows, n, k) = bmnk;
+        let x = cublaslt::Operand {
+            storage: sx,
+            layout: lx,
+            rows,
+            cols: k,
+            transposed: false,
+        };
+        let w = cublaslt::Operand {
+            storage: sw,
+            layout: lw,
+            rows: n,
+            cols: k,
+            transposed: true,
+        };
+        Ok((
+            cublaslt::gemm(x, w, cublaslt::Epilogue::None, false)?.0,
+            shape,
+        ))
     }
 
     fn bwd(
