@@ -279,6 +279,88 @@ extern "C" __global__ void sk_block_lists(const float* __restrict__ u,
   write(c1 - 1);
 }
 
+// The lists of every block in one cooperative launch (grid (G, rows), all CTAs resident), for
+// when they fit the GPU: with a barrier among the G CTAs of a row between the phases, group g's
+// starting list (the earlier groups' lists merged) comes from a log-step scan instead of g
+// sequential merges, so the longest CTA does S block merges to build its group's list, about
+// log2(G) list merges, and S - 1 block merges writing its blocks' lists.
+// - gu, gj: [2][rows][G][cap] list buffers (phase 1 publishes the group lists into buffer 1, the
+//   scan round r its running lists into buffer r % 2), glen [2][rows][G] their lengths;
+// - bar: [rows] arrival counters, zero at launch (barrier number n of a row waits for G * (n + 1)
+//   arrivals).
+// Hillis-Steele on Y_g = L_{g-1} (Y_0 empty): after the rounds d = 2, 4, ... < G (d = 1 is done
+// from the group lists directly: Y_g = L_{g-1} + L_{g-2}), Y_g = L_0 + ... + L_{g-1}.
+__device__ __forceinline__ void sk_row_barrier(int* count, int target) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    atomicAdd(count, 1);
+    while (*(volatile int*)count < target) __nanosleep(64);
+    __threadfence();
+  }
+  __syncthreads();
+}
+
+extern "C" __global__ void sk_scan_block_lists(const float* __restrict__ u, float* gu, int* gj,
+                                               int* glen, int* bar, float* __restrict__ lu_out,
+                                               int* __restrict__ lj_out, int T, int window,
+                                               int cap, int nb, int S) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  SkListBufs L(smem, cap);
+  const int g = blockIdx.x, row = blockIdx.y, G = gridDim.x, rows = gridDim.y;
+  const int tid = threadIdx.x, bs = blockDim.x;
+  const float* ur = u + (long long)row * T;
+  int* count = bar + row;
+  int arrivals = 0;
+  auto slot = [&](int b, int h) { return ((long long)b * rows + row) * G + h; };
+  // The running list into buffer b (padded to cap).
+  auto publish = [&](int b) {
+    const long long base = slot(b, g) * cap;
+    for (int r = tid; r < cap; r += bs) {
+      gu[base + r] = r < L.len ? L.au[r] : neg_inf();
+      gj[base + r] = r < L.len ? L.aj[r] : -1;
+    }
+    if (tid == 0) glen[slot(b, g)] = L.len;
+  };
+  // Merges group h's list of buffer b into the running list (L2 reads: written by other CTAs).
+  auto merge_from = [&](int b, int h) {
+    const long long base = slot(b, h) * cap;
+    const int n = __ldcg(glen + slot(b, h));
+    for (int r = tid; r < n; r += bs) {
+      L.xu[r] = __ldcg(gu + base + r);
+      L.xj[r] = __ldcg(gj + base + r);
+    }
+    __syncthreads();
+    L.merge_x(n, cap);
+  };
+  // Phase 1: the group's own keys [e_{gS}, e_{(g+1)S}) (the last group's are never read).
+  if (g + 1 < G) {
+    sk_add_blocks(L, ur, g * S, (g + 1) * S, T, window, cap, [](int) {});
+    publish(1);
+  }
+  sk_row_barrier(count, G * ++arrivals);
+  L.len = 0;
+  if (g >= 1) merge_from(1, g - 1);
+  if (g >= 2) merge_from(1, g - 2);
+  int b = 0;
+  for (int d = 2; d < G; d *= 2, b ^= 1) {
+    publish(b);
+    sk_row_barrier(count, G * ++arrivals);
+    if (g - d >= 1) merge_from(b, g - d);
+  }
+  // Phase 3: block c's list is the running list before c's own keys.
+  const int c1 = min(nb, (g + 1) * S);
+  auto write = [&](int c) {
+    const long long base = ((long long)row * nb + c) * cap;
+    for (int r = tid; r < cap; r += bs) {
+      lu_out[base + r] = r < L.len ? L.au[r] : neg_inf();
+      lj_out[base + r] = r < L.len ? L.aj[r] : -1;
+    }
+  };
+  sk_add_blocks(L, ur, g * S, c1 - 1, T, window, cap, write);
+  write(c1 - 1);
+}
+
 // Exclusive f64 prefix sum r of a list's scores Lu from the even-index table Ph (Ph[m] = the sum
 // of Lu[0, 2m)): an odd index adds its predecessor's score, as the scan that built Ph did.
 __device__ __forceinline__ double sk_prefix(const double* Ph, const float* Lu, int r) {
@@ -1446,19 +1528,25 @@ __device__ __forceinline__ float quad_sum(float g) {
 // gradients gu) after the list kernel: dK = scale * adk + the list's dK part, dV likewise, written
 // in the input dtype (dkr, dvr: the kv head's row 0, rows ld apart), and du += the rows' score
 // gradients. list_part(kv, j, col) reads the list's float2 at key j, columns col, col + 1 of dK
-// (kv = 0) or dV (kv = 1).
-template <typename E, int D, typename ListPart>
+// (kv = 0) or dV (kv = 1). fold(j, du_j) runs in every lane of the quad of each written key row,
+// du_j (the row's final score gradient) valid in lane t4 = 0.
+template <typename E, int D, typename ListPart, typename Fold>
 __device__ __forceinline__ void sk_finish_dkv(ListPart&& list_part, float* du, E* dkr, E* dvr,
                                               long long ld, long long krow0, const int* jk,
                                               const float (*adv)[4], const float (*adk)[4],
-                                              const float* gu, float scale) {
+                                              const float* gu, float scale, Fold&& fold) {
   const int t4 = threadIdx.x & 3;
 #pragma unroll
   for (int hf = 0; hf < 2; ++hf) {
     float gs = quad_sum(gu[hf]);
     int j = jk[hf];
     if (j < 0) continue;
-    if (t4 == 0) du[krow0 + j] += gs;
+    float duj = 0.f;
+    if (t4 == 0) {
+      duj = du[krow0 + j] + gs;
+      du[krow0 + j] = duj;
+    }
+    fold(j, duj);
     const long long o = j * ld + 2 * t4;
     float2 lk[D / 8], lv[D / 8];
 #pragma unroll
@@ -1579,7 +1667,7 @@ __device__ void skt_bwd_dkv_band(SK_DKV_PARAMS) {
     return *reinterpret_cast<const float2*>(dacc + kv * kc.nkd + (kc.krow0 + j) * D + col);
   };
   sk_finish_dkv<E, D>(list_part, du, dk + kc.krow0 * D, dv + kc.krow0 * D, D, kc.krow0, kc.jk, adv,
-                      adk, gu, scale);
+                      adk, gu, scale, [](int, float) {});
 }
 
 // Adds the key-side accumulators of this thread's two key rows (positions jk, -1: none; C
@@ -1825,6 +1913,18 @@ __device__ __forceinline__ float skw_weight(const SkTiles& tl, const SkRows& rw,
 // kv for k, v, dk and dv, o for the output and its gradient. Contiguous (b, h, T, D) tensors have
 // s = (h * T * D, T * D, D); heads packed in projection rows of width W, (b, T, W), have
 // (T * W, D, W). (The f32 statistics and accumulators stay contiguous, indexed by qrow0 / krow0.)
+// A SparseK scorer folded into the packed projection (skw_bwd_dkv_band writes its gradient):
+// lin points at the scorer's first column of the gradient's rows (strides of the kv rows), whose
+// width columns are the Hkv heads' scores' linear parts, then zeros; rho are the raw slopes (Hkv,
+// positions offset + j) and drho their gradient, zeroed before. lin = null: no scorer.
+template <typename E>
+struct SkScorerFold {
+  E* lin;
+  const float* rho;
+  float* drho;
+  int width, offset;
+};
+
 struct SkwStrides {
   long long q[3], kv[3], o[3];
   __device__ __forceinline__ long long q_off(int b, int h) const { return b * q[0] + h * q[1]; }
@@ -2158,7 +2258,7 @@ __device__ void skw_bwd_dq(const E* __restrict__ q, const E* __restrict__ k,
 // bwd_wgmma) and the element-wise step of the mma.sync kernel. Q and dO tiles are double-buffered
 // with cp.async; a step's query statistics are read into registers during the previous step.
 template <typename E, int D>
-__device__ void skw_bwd_dkv_band(SKW_DKV_PARAMS) {
+__device__ void skw_bwd_dkv_band(SKW_DKV_PARAMS, SkScorerFold<E> fl) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int N8 = BQ / 8, DT = D / 8;
   static_assert(D % 64 == 0 && TB == BQ, "skw_bwd_dkv_band: head_dim 64 or 128");
@@ -2257,8 +2357,27 @@ __device__ void skw_bwd_dkv_band(SKW_DKV_PARAMS) {
     return *reinterpret_cast<const float2*>(acc_row(kv, r, buf) + ((col / 4) ^ (r & 7)) * 4 +
                                             (col & 3));
   };
+  // The folded scorer (fl.lin set): this head's column of each key row gets du_j, the columns
+  // after the heads' are zeroed (kv head h's CTAs take every Hkv-th group of 4), and the raw
+  // slope's gradient gets sum_j du_j (offset + j) sigmoid(rho) (a warp's sum, one atomic).
+  float dslope = 0.f;
+  auto fold = [&](int j, float duj) {
+    if (fl.lin == nullptr) return;
+    E* row = fl.lin + b * ws.kv[0] + (long long)j * ws.kv[2];
+    const int t4 = tid & 3;
+    if (t4 == 0) {
+      row[hk] = from_f<E>(duj);
+      dslope += duj * (float)(fl.offset + j);
+    }
+    for (int c = Hkv + hk * 4 + t4; c < fl.width; c += 4 * Hkv) row[c] = from_f<E>(0.f);
+  };
   sk_finish_dkv<E, D>(list_part, du, dk + kvoff, dv + kvoff, ws.kv[2], kc.krow0, kc.jk, adv, adk,
-                      gu, scale);
+                      gu, scale, fold);
+  if (fl.lin != nullptr) {
+    for (int o = 16; o > 0; o >>= 1) dslope += __shfl_xor_sync(FULL, dslope, o);
+    if ((tid & 31) == 0 && dslope != 0.f)
+      atomicAdd(fl.drho + hk, dslope / (1.f + expf(-fl.rho[hk])));
+  }
 #endif
 }
 
@@ -2629,9 +2748,8 @@ __device__ void skw_bwd_dkv_list(SKW_DKV_PARAMS) {
   extern "C" __global__ void __launch_bounds__(128, MINB) skw_bwd_dkv_band_##NAME##_d##D(       \
       const TY* q, const TY* k, const TY* v, const TY* go, const float* lse,                    \
       const float* delta, const float* rmean, float* dacc, float* du,                           \
-      TY* dk, TY* dv, SkwStrides ws, SK_PARAMS) {                                               \
-    skw_bwd_dkv_band<TY, D>(q, k, v, go, lse, delta, rmean, dacc, du, dk, dv, ws,               \
-        SK_ARGS);                                                                               \
+      TY* dk, TY* dv, SkwStrides ws, SK_PARAMS, SkScorerFold<TY> fl) {                          \
+    skw_bwd_dkv_band<TY, D>(q, k, v, go, lse, delta, rmean, dacc, du, dk, dv, ws, SK_ARGS, fl); \
   }
 #define SKW_ALL(TY, NAME)                                                                       \
   SKW_BAND(TY, NAME, 64, 3)                                                                     \

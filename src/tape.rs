@@ -18,7 +18,7 @@ use candle::{Result, Tensor};
 use crate::flash;
 use crate::mask::Visibility;
 use crate::scfa::ArrangedAttn;
-use crate::sparsek::{SparseKPackedRun, SparseKRun};
+use crate::sparsek::{ScorerColumns, SparseKPackedRun, SparseKRun, SparseKScorer};
 
 /// What the backward of one attention call needs: made by the `_taped` entry points (see the
 /// module docs), consumed by [`AttentionTape::grads`] (or [`AttentionTape::backward`]).
@@ -140,8 +140,42 @@ impl AttentionTape {
                 dy.dims()
             )
         };
-        let (dqkv, dscores) = run.grads(dy)?;
+        let (dqkv, dscores, _) = run.grads(dy, None)?;
         Ok(PackedGrads { dqkv, dscores })
+    }
+
+    /// [`Self::grads_qkvpacked`] for projection rows with `scorer` folded in from column `col`
+    /// (its linear part, `kv_heads` columns, then zeros to the rows' end; scores at positions
+    /// from `offset`, as [`SparseKScorer::scores_from_linear`] computed them): returns `dqkv` with
+    /// the scorer's gradient in those columns and the gradient of its raw slopes `(kv_heads)` f32,
+    /// as [`SparseKScorer::backward_linear_into`] would. Where the Hopper kernels run, the
+    /// backward's last kernel writes both (no pass of their own).
+    pub fn grads_qkvpacked_folded(
+        &self,
+        dy: &Tensor,
+        scorer: &SparseKScorer,
+        col: usize,
+        offset: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        let Saved::SparseKPacked(run) = &self.0 else {
+            candle::bail!(
+                "attention tape: grads_qkvpacked_folded needs a tape of \
+                 sparsek_attn_qkvpacked_taped, this one is {self:?} (dy {:?}); call grads",
+                dy.dims()
+            )
+        };
+        let rho = scorer.raw_slope()?;
+        let columns = ScorerColumns {
+            rho: &rho,
+            col,
+            offset,
+        };
+        let (dqkv, dscores, dslope) = run.grads(dy, Some(&columns))?;
+        let dslope = match dslope {
+            Some(dslope) => dslope,
+            None => scorer.backward_linear_into(&dscores, offset, &dqkv, col)?,
+        };
+        Ok((dqkv, dslope))
     }
 
     /// The input gradients for the output gradient `dy` (the output's shape, dtype and device;

@@ -522,6 +522,23 @@ fn packed_suite(dev: &Device) -> R<()> {
             .narrow(2, width - extra, extra)?
             .to_dtype(DType::F32)?;
         anyhow::ensure!(past.abs()?.max_all()?.to_scalar::<f32>()? == 0.0);
+        // A scorer folded in after v: the folded gradients (written by the backward's band kernel
+        // on Hopper) equal the unfolded ones followed by the scorer's own backward.
+        let vm = VarMap::new();
+        let scorer_cfg = SparseKScorerConfig {
+            slope_init: 0.3,
+            ..SparseKScorerConfig::new(16, hkv)
+        };
+        let scorer = SparseKScorer::new(scorer_cfg, VarBuilder::from_varmap(&vm, DType::F32, dev))?;
+        let col = (hq + 2 * hkv) * d;
+        let (dqkv_folded, dslope) = tape.grads_qkvpacked_folded(&dy, &scorer, col, 3)?;
+        let dslope_ref = scorer.backward_linear_into(&g.dscores, 3, &g.dqkv, col)?;
+        let cols_err = rel_err(&dqkv_folded, &g.dqkv)?;
+        let slope_err = rel_err(&dslope, &dslope_ref)?;
+        anyhow::ensure!(
+            cols_err <= 1e-6 && slope_err <= 1e-4,
+            "packed {dtype:?} folded scorer: dqkv rel err {cols_err:.3e}, dslope {slope_err:.3e}"
+        );
         // The tapes refuse each other's gradient calls.
         let e = tape.grads(&dy).map(|_| ()).unwrap_err().to_string();
         anyhow::ensure!(e.contains("grads_qkvpacked"), "{e}");
@@ -531,6 +548,12 @@ fn packed_suite(dev: &Device) -> R<()> {
             .unwrap_err()
             .to_string();
         anyhow::ensure!(e.contains("call grads"), "{e}");
+        let e = tape_ref
+            .grads_qkvpacked_folded(&dy, &scorer, col, 0)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        anyhow::ensure!(e.contains("grads_qkvpacked_folded needs"), "{e}");
     }
     let narrow = qkv.narrow(2, 0, (hq + 2 * hkv) * d - 1)?;
     let e = sparsek_attn_qkvpacked_taped(&narrow, heads, &u, &cfg)

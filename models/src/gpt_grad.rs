@@ -43,7 +43,7 @@ use candle::backprop::GradStore;
 use candle::{bail, DType, Result, Tensor, Var};
 use candle_sparse_attn::fused;
 
-use candle_sparse_attn::tape::{AttentionGrads, AttentionTape, PackedGrads};
+use candle_sparse_attn::tape::{AttentionGrads, AttentionTape};
 use candle_sparse_attn::PackedHeads;
 
 use crate::gpt::{Block, Gpt, LN_EPS};
@@ -462,18 +462,16 @@ impl TrainingPass<'_> {
             // The projection's output gradient; the folded scorer's slope gradient where the
             // taped attention gave the scores one; the local graph holding the scorer's input.
             let (dqkv, dslope, local_scorer) = match &saved.attn {
-                LayerAttention::Packed { tape, .. } => {
-                    // dqkv has q, k, v's columns and zeros past them; the folded scorer's
-                    // gradient goes into its first columns (the pad's stay zero).
-                    let PackedGrads { dqkv, dscores } = tape.grads_qkvpacked(&dy_merged)?;
-                    let dslope = match &blk.scorer {
-                        Some(scorer) => {
-                            Some(scorer.backward_linear_into(&dscores, 0, &dqkv, 3 * c)?)
-                        }
-                        None => None,
-                    };
-                    (dqkv, dslope, None)
-                }
+                LayerAttention::Packed { tape, .. } => match &blk.scorer {
+                    // The folded scorer's gradient goes into its columns of dqkv (then zeros).
+                    Some(scorer) => {
+                        let (dqkv, dslope) =
+                            tape.grads_qkvpacked_folded(&dy_merged, scorer, 3 * c, 0)?;
+                        (dqkv, Some(dslope), None)
+                    }
+                    // dqkv has q, k, v's columns and zeros past them.
+                    None => (tape.grads_qkvpacked(&dy_merged)?.dqkv, None, None),
+                },
                 LayerAttention::Taped { tape, .. } => {
                     let AttentionGrads {
                         dq,

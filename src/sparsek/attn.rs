@@ -543,6 +543,16 @@ pub(crate) enum SparseKPackedRun {
     },
 }
 
+/// A SparseK scorer folded into packed projection rows (its linear part computed by the same
+/// GEMM): its raw slopes `rho` `(kv_heads)` f32 (positions from `offset`) and its first column
+/// `col` of the rows (`kv_heads` columns, then zeros to the rows' end).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) struct ScorerColumns<'a> {
+    pub rho: &'a Tensor,
+    pub col: usize,
+    pub offset: usize,
+}
+
 impl SparseKPackedRun {
     /// The output `(b, t, hq·d)`.
     pub(crate) fn output(&self) -> &Tensor {
@@ -553,10 +563,16 @@ impl SparseKPackedRun {
         }
     }
 
-    /// `(dqkv, dscores)` for the output gradient `dy` (the output's shape, dtype and device):
-    /// `dqkv` `(b, t, width)` in the dtype of qkv, zero past q, k, v's columns; `dscores`
-    /// `(b, hkv, t)` f32.
-    pub(crate) fn grads(&self, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+    /// `(dqkv, dscores, dslope)` for the output gradient `dy` (the output's shape, dtype and
+    /// device): `dqkv` `(b, t, width)` in the dtype of qkv, zero past q, k, v's columns; `dscores`
+    /// `(b, hkv, t)` f32. With `scorer`, where the Hopper kernels run, the backward also writes
+    /// the scorer's columns of `dqkv` and returns its raw slopes' gradient `dslope`; otherwise
+    /// `dslope` is `None` and those columns are zeros.
+    pub(crate) fn grads(
+        &self,
+        dy: &Tensor,
+        #[cfg_attr(not(feature = "cuda"), allow(unused_variables))] scorer: Option<&ScorerColumns>,
+    ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
         check_grad(dy, self.output())?;
         match self {
             #[cfg(feature = "cuda")]
@@ -579,6 +595,7 @@ impl SparseKPackedRun {
                     cfg,
                     cfg.scale(dims.d),
                     (out, &dy.contiguous()?, &saved.lse),
+                    scorer,
                 )
             }
             Self::Split {
@@ -599,7 +616,7 @@ impl SparseKPackedRun {
                 let dscores = grads.dscores.ok_or_else(|| {
                     candle::Error::Msg("sparsek_attn_qkvpacked: no scores' gradient".into())
                 })?;
-                Ok((Tensor::cat(&parts, 2)?, dscores))
+                Ok((Tensor::cat(&parts, 2)?, dscores, None))
             }
         }
     }

@@ -36,14 +36,14 @@ use std::sync::Arc;
 use candle::backend::BackendStorage;
 use candle::cuda_backend::cudarc::driver::sys::{self, CUdevice_attribute};
 use candle::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig,
-    PushKernelArg,
+    CudaFunction, CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr,
+    LaunchConfig, PushKernelArg,
 };
 use candle::cuda_backend::{CudaDType, WrapErr};
 use candle::{bail, CudaDevice, CudaStorage, DType, Layout, Result, Shape, Storage, Tensor};
 use half::{bf16, f16};
 
-use super::attn::Dims;
+use super::attn::{Dims, ScorerColumns};
 use super::scorer::ScoreDims;
 use super::SparseKConfig;
 use crate::cuda_launch::{
@@ -140,56 +140,43 @@ pub(crate) fn select(
         .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
         .w()?;
     let group = list_group(blocks, rows, sms.max(1) as usize);
-    let groups = blocks.div_ceil(group);
-    let g_i = group as i32;
     // The running list, the merge target, a list to merge in, a block's keys.
     let smem = (2 * cap + cap.max(BQ) + BQ) * 8;
-    // Each earlier group's own top-`K′` list (the last group's is never needed).
-    let nglist = rows * groups * cap;
-    let mut glist_u = unsafe { dev.alloc::<f32>(nglist.max(1)) }?;
-    let mut glist_j = unsafe { dev.alloc::<i32>(nglist.max(1)) }?;
-    let mut glen = unsafe { dev.alloc::<i32>((rows * groups).max(1)) }?;
-    if groups > 1 {
-        let f = func!(dev, "sk_group_lists", smem);
-        let mut b = f.builder();
-        b.arg(&u);
-        b.arg(&mut glist_u);
-        b.arg(&mut glist_j);
-        b.arg(&mut glen);
-        b.arg(&t_i);
-        b.arg(&w_i);
-        b.arg(&cap_i);
-        b.arg(&nb_i);
-        b.arg(&g_i);
-        unsafe { b.launch(cfg((groups - 1, rows), LIST_THREADS, smem)?) }.w()?;
-    }
-    {
-        // The next group's list copied in while one merges, where shared memory allows.
-        let max_smem = ctx
-            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
-            .w()?;
-        let prefetch = smem + cap.max(BQ) * 8 <= max_smem.max(0) as usize;
-        let smem = if prefetch {
-            smem + cap.max(BQ) * 8
-        } else {
-            smem
-        };
-        let prefetch_i = prefetch as i32;
-        let f = func!(dev, "sk_block_lists", smem);
-        let mut b = f.builder();
-        b.arg(&u);
-        b.arg(&glist_u);
-        b.arg(&glist_j);
-        b.arg(&glen);
-        b.arg(&mut list_u);
-        b.arg(&mut list_j);
-        b.arg(&t_i);
-        b.arg(&w_i);
-        b.arg(&cap_i);
-        b.arg(&nb_i);
-        b.arg(&g_i);
-        b.arg(&prefetch_i);
-        unsafe { b.launch(cfg((groups, rows), LIST_THREADS, smem)?) }.w()?;
+    let scan = func!(dev, "sk_scan_block_lists", smem);
+    match scan_group(&scan, blocks, rows, smem, sms.max(1) as usize, group)? {
+        Some(group) => {
+            let groups = blocks.div_ceil(group);
+            // Two buffers of every group's running list, their lengths, the rows' barriers.
+            let n = 2 * rows * groups * cap;
+            let mut glist_u = unsafe { dev.alloc::<f32>(n) }?;
+            let mut glist_j = unsafe { dev.alloc::<i32>(n) }?;
+            let mut glen = unsafe { dev.alloc::<i32>(2 * rows * groups) }?;
+            let mut bar = dev.alloc_zeros::<i32>(rows)?;
+            let g_i = group as i32;
+            let mut b = scan.builder();
+            b.arg(&u);
+            b.arg(&mut glist_u);
+            b.arg(&mut glist_j);
+            b.arg(&mut glen);
+            b.arg(&mut bar);
+            b.arg(&mut list_u);
+            b.arg(&mut list_j);
+            b.arg(&t_i);
+            b.arg(&w_i);
+            b.arg(&cap_i);
+            b.arg(&nb_i);
+            b.arg(&g_i);
+            // SAFETY: the arguments match the kernel's; scan_group checked that every CTA is
+            // resident, which the barriers need.
+            unsafe { b.launch_cooperative(cfg((groups, rows), LIST_THREADS, smem)?) }.w()?;
+        }
+        None => list_groups_then_blocks(
+            &dev,
+            &u,
+            (&mut list_u, &mut list_j),
+            (rows, group, smem),
+            (t_i, w_i, cap_i, nb_i),
+        )?,
     }
     let mut tau = unsafe { dev.alloc::<f32>(rows * t) }?;
     let mut cut_u = unsafe { dev.alloc::<f32>(rows * t) }?;
@@ -228,6 +215,104 @@ pub(crate) fn select(
         cut_j: Arc::new(cut_j),
         blocks,
     })
+}
+
+/// The two-kernel list construction (`sk_group_lists`, then `sk_block_lists`) into `(lu, lj)`,
+/// for `rows` score rows `u` cut into groups of `group` blocks; `smem` the lists' shared bytes
+/// without the prefetch buffer; `(t, window, cap, blocks)` the kernels' scalars.
+fn list_groups_then_blocks(
+    dev: &CudaDevice,
+    u: &CudaView<'_, f32>,
+    (lu, lj): (&mut CudaSlice<f32>, &mut CudaSlice<i32>),
+    (rows, group, smem): (usize, usize, usize),
+    (t_i, w_i, cap_i, nb_i): (i32, i32, i32, i32),
+) -> Result<()> {
+    let (blocks, cap) = (nb_i as usize, cap_i as usize);
+    let groups = blocks.div_ceil(group);
+    let g_i = group as i32;
+    // Each earlier group's own top-`K′` list (the last group's is never needed).
+    let nglist = rows * groups * cap;
+    let mut glist_u = unsafe { dev.alloc::<f32>(nglist.max(1)) }?;
+    let mut glist_j = unsafe { dev.alloc::<i32>(nglist.max(1)) }?;
+    let mut glen = unsafe { dev.alloc::<i32>((rows * groups).max(1)) }?;
+    if groups > 1 {
+        let f = func!(dev, "sk_group_lists", smem);
+        let mut b = f.builder();
+        b.arg(u);
+        b.arg(&mut glist_u);
+        b.arg(&mut glist_j);
+        b.arg(&mut glen);
+        b.arg(&t_i);
+        b.arg(&w_i);
+        b.arg(&cap_i);
+        b.arg(&nb_i);
+        b.arg(&g_i);
+        unsafe { b.launch(cfg((groups - 1, rows), LIST_THREADS, smem)?) }.w()?;
+    }
+    // The next group's list copied in while one merges, where shared memory allows.
+    let max_smem = dev
+        .cuda_stream()
+        .context()
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+        .w()?;
+    let prefetch = smem + cap.max(BQ) * 8 <= max_smem.max(0) as usize;
+    let smem = if prefetch {
+        smem + cap.max(BQ) * 8
+    } else {
+        smem
+    };
+    let prefetch_i = prefetch as i32;
+    let f = func!(dev, "sk_block_lists", smem);
+    let mut b = f.builder();
+    b.arg(u);
+    b.arg(&glist_u);
+    b.arg(&glist_j);
+    b.arg(&glen);
+    b.arg(lu);
+    b.arg(lj);
+    b.arg(&t_i);
+    b.arg(&w_i);
+    b.arg(&cap_i);
+    b.arg(&nb_i);
+    b.arg(&g_i);
+    b.arg(&prefetch_i);
+    unsafe { b.launch(cfg((groups, rows), LIST_THREADS, smem)?) }.w()?;
+    Ok(())
+}
+
+/// Environment switch of the one-launch list construction: `0` keeps the two-kernel path
+/// everywhere (for comparisons and its tests).
+pub(crate) const LIST_SCAN_ENV: &str = "SPARSEK_LIST_SCAN";
+
+/// Fewest blocks per group of `sk_scan_block_lists`: a group's own merges are cheaper than
+/// scan rounds (a barrier and lists through L2 each), so smaller groups stop paying.
+const SCAN_MIN_GROUP: usize = 4;
+
+/// Blocks per group of the one-launch list construction (`sk_scan_block_lists`, kernel `scan`
+/// with `smem` shared bytes), or `None` where the two-kernel path is the one to run: the scan's
+/// barriers need all `groups × rows` CTAs resident (a cooperative launch), so its group holds at
+/// least `blocks × rows / resident CTAs` blocks, and it runs while that is at most the two-kernel
+/// path's `group` (whose CTAs do about twice as many merges in sequence at the same group size).
+fn scan_group(
+    scan: &CudaFunction,
+    blocks: usize,
+    rows: usize,
+    smem: usize,
+    sms: usize,
+    group: usize,
+) -> Result<Option<usize>> {
+    if blocks < 2 || std::env::var(LIST_SCAN_ENV).is_ok_and(|v| v == "0") {
+        return Ok(None);
+    }
+    let per_sm = scan
+        .occupancy_max_active_blocks_per_multiprocessor(LIST_THREADS as u32, smem, None)
+        .w()? as usize;
+    let per_row = per_sm * sms / rows.max(1);
+    if per_row == 0 {
+        return Ok(None);
+    }
+    let scan_group = blocks.div_ceil(per_row).max(SCAN_MIN_GROUP.min(group));
+    Ok((scan_group <= group).then_some(scan_group))
 }
 
 /// Threads per CTA of the list construction (`sk_group_lists` / `sk_block_lists`; a multiple of
@@ -583,6 +668,30 @@ struct RowStrides {
 // SAFETY: a plain `#[repr(C)]` struct of integers, the layout of `SkwStrides`.
 unsafe impl DeviceRepr for RowStrides {}
 
+/// `SkScorerFold` of the .cu file: the band kernel's view of [`ScorerColumns`] (`lin` = 0: none).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct ScorerFold {
+    lin: u64,
+    rho: u64,
+    drho: u64,
+    width: i32,
+    offset: i32,
+}
+
+// SAFETY: a plain `#[repr(C)]` struct of integers, the layout of `SkScorerFold`.
+unsafe impl DeviceRepr for ScorerFold {}
+
+impl ScorerFold {
+    const NONE: Self = Self {
+        lin: 0,
+        rho: 0,
+        drho: 0,
+        width: 0,
+        offset: 0,
+    };
+}
+
 impl RowStrides {
     /// Contiguous `(b, h, t, d)` tensors.
     fn contiguous(dims: Dims) -> Self {
@@ -809,7 +918,14 @@ pub(crate) fn backward(
             let mut grads = unsafe { dev.alloc::<$t>(nq + 2 * nk) }?;
             let (g, _gg) = grads.device_ptr_mut(&stream);
             let outs = [g, offset::<$t>(g, nq), offset::<$t>(g, nq + nk)];
-            let du = bwd_t::<$t>(&dev, &ops, (ptrs[3].0, ptrs[4].0), outs, &call)?;
+            let du = bwd_t::<$t>(
+                &dev,
+                &ops,
+                (ptrs[3].0, ptrs[4].0),
+                outs,
+                &call,
+                ScorerFold::NONE,
+            )?;
             drop((_gg, ptrs));
             let all = wrap_slice(grads, &dev, nq + 2 * nk);
             let k_shape = (dims.b, dims.hkv, dims.t, dims.d);
@@ -842,11 +958,36 @@ pub(crate) fn backward_packed(
     scfg: &SparseKConfig,
     scale: f32,
     (out, grad_out, lse): (&Tensor, &Tensor, &Tensor),
-) -> Result<(Tensor, Tensor)> {
+    scorer: Option<&ScorerColumns>,
+) -> Result<(Tensor, Tensor, Option<Tensor>)> {
     let dev = cuda_device(qkv, "qkv")?;
     let stream = dev.cuda_stream();
     let (b, t, width) = qkv.dims3()?;
     let (qd, kd) = (dims.hq * dims.d, dims.hkv * dims.d);
+    // The scorer's gradient is written by the Hopper band kernel, when that one runs.
+    let scorer = match scorer {
+        Some(s)
+            if tensor_cores(qkv.dtype(), dims.d)
+                && band_dkv(&dev, qkv.dtype(), dims, sel.blocks)?.hopper =>
+        {
+            if s.col + dims.hkv > width || s.col < qd + 2 * kd {
+                bail!(
+                    "sparsek (cuda): scorer columns from {} ({} heads) must lie after q, k, v's {} \
+                     columns of the {width}-wide rows",
+                    s.col,
+                    dims.hkv,
+                    qd + 2 * kd
+                )
+            }
+            Some(s)
+        }
+        _ => None,
+    };
+    let rho = scorer.map(|s| s.rho.storage_and_layout());
+    let rho = rho.as_ref().map(|g| carried::<f32>(g, "rho")).transpose()?;
+    let mut drho = scorer
+        .map(|_| dev.alloc_zeros::<f32>(dims.hkv))
+        .transpose()?;
     let call = BackwardCall {
         u,
         sel,
@@ -871,8 +1012,12 @@ pub(crate) fn backward_packed(
                 v: offset::<$t>(p, qd + kd),
                 strides: RowStrides::packed(dims, width),
             };
-            // The kernels write q, k, v's columns; the columns past them are zeroed here.
-            let used = qd + 2 * kd;
+            // The kernels write q, k, v's columns (and the folded scorer's columns to the rows'
+            // end); the columns past them are zeroed here.
+            let used = match scorer {
+                Some(_) => width,
+                None => qd + 2 * kd,
+            };
             let mut grads = unsafe { dev.alloc::<$t>(b * t * width) }?;
             let (g, _gg) = grads.device_ptr_mut(&stream);
             if used < width {
@@ -893,9 +1038,20 @@ pub(crate) fn backward_packed(
                 .w()?;
             }
             let outs = [g, offset::<$t>(g, qd), offset::<$t>(g, qd + kd)];
-            let du = bwd_t::<$t>(&dev, &ops, (ptrs[1].0, ptrs[2].0), outs, &call)?;
+            let fold = match (scorer, &rho, &mut drho) {
+                (Some(s), Some(rho), Some(drho)) => ScorerFold {
+                    lin: offset::<$t>(g, s.col),
+                    rho: rho.device_ptr(&stream).0,
+                    drho: drho.device_ptr_mut(&stream).0,
+                    width: (width - s.col) as i32,
+                    offset: s.offset as i32,
+                },
+                _ => ScorerFold::NONE,
+            };
+            let du = bwd_t::<$t>(&dev, &ops, (ptrs[1].0, ptrs[2].0), outs, &call, fold)?;
             drop((_gg, ptrs));
-            Ok((wrap_slice(grads, &dev, (b, t, width)), du))
+            let drho = drho.map(|d| wrap_slice(d, &dev, dims.hkv));
+            Ok((wrap_slice(grads, &dev, (b, t, width)), du, drho))
         }};
     }
     match qkv.dtype() {
@@ -924,6 +1080,7 @@ fn bwd_t<T: CudaDType + DeviceRepr + candle::WithDType>(
     (o, go): (u64, u64),
     [dq, dk, dv]: [u64; 3],
     call: &BackwardCall,
+    fold: ScorerFold,
 ) -> Result<Tensor> {
     let BackwardCall {
         u,
@@ -1000,6 +1157,9 @@ fn bwd_t<T: CudaDType + DeviceRepr + candle::WithDType>(
                 b.arg(&ops.strides);
             }
             push_params(&mut b, &u, sel, &sc);
+            if kernel.hopper && kernel.name.starts_with("skw_bwd_dkv_band") {
+                b.arg(&fold);
+            }
             unsafe { b.launch(cfg(kernel.grid, kernel.threads, kernel.smem)?) }.w()?;
         }
     } else {

@@ -106,7 +106,7 @@ mod project;
 mod scorer;
 
 pub use attn::{sparsek_attn, sparsek_attn_qkvpacked_taped, sparsek_attn_taped, PackedHeads};
-pub(crate) use attn::{SparseKPackedRun, SparseKRun};
+pub(crate) use attn::{ScorerColumns, SparseKPackedRun, SparseKRun};
 pub use cache::SparseKCache;
 pub use project::sparsek;
 pub use scorer::{ScorerGrads, SparseKScorer, SparseKScorerConfig};

@@ -98,7 +98,7 @@ impl SparseKScorer {
     }
 
     /// The raw slope ρ `(kv_heads)` as a contiguous f32 tensor.
-    fn raw_slope(&self) -> Result<Tensor> {
+    pub(crate) fn raw_slope(&self) -> Result<Tensor> {
         self.slope.to_dtype(DType::F32)?.contiguous()
     }
 
