@@ -1,11 +1,11 @@
 // SparseK attention kernels (see src/sparsek/cuda.rs for the launch side and the design).
 //
 // Selection: per (batch, kv head) row of scores u[T]:
-// - sk_group_lists + sk_block_lists: for every block c of BQ queries, the top-`cap` keys of the
-//   prefix [0, e_c), e_c = max(0, c*BQ - window), by (u, j) descending, built by merging sorted
-//   lists block after block (O(T * cap / BQ) work per row, no O(T^2)); the blocks of a row are
-//   cut into groups whose starting lists come from merging the earlier groups' own lists, so
-//   that the groups run in parallel.
+// - sk_group_lists + sk_block_lists, or sk_scan_block_lists in one cooperative launch: for every
+//   block c of BQ queries, the top-`cap` keys of the prefix [0, e_c), e_c = max(0, c*BQ -
+//   window), by (u, j) descending, built by merging sorted lists block after block (O(T * cap /
+//   BQ) work per row, no O(T^2)); the blocks of a row are cut into groups whose starting lists
+//   come from merging the earlier groups' own lists, so that the groups run in parallel.
 // - sk_select: per query (one thread each), the union of its block's list and the <= BQ newer
 //   candidates, cut to the top-`cap` (cut = the cap-th largest key), then tau by safeguarded
 //   Newton steps on the piecewise-linear budget function from the middle of a bracket read off
@@ -268,6 +268,88 @@ extern "C" __global__ void sk_block_lists(const float* __restrict__ u,
   }
   const int c1 = min(nb, (g + 1) * S);
   // Block c's list is the running list before c's own keys (the group's last block adds none).
+  auto write = [&](int c) {
+    const long long base = ((long long)row * nb + c) * cap;
+    for (int r = tid; r < cap; r += bs) {
+      lu_out[base + r] = r < L.len ? L.au[r] : neg_inf();
+      lj_out[base + r] = r < L.len ? L.aj[r] : -1;
+    }
+  };
+  sk_add_blocks(L, ur, g * S, c1 - 1, T, window, cap, write);
+  write(c1 - 1);
+}
+
+// The lists of every block in one cooperative launch (grid (G, rows), all CTAs resident), for
+// when they fit the GPU: with a barrier among the G CTAs of a row between the phases, group g's
+// starting list (the earlier groups' lists merged) comes from a log-step scan instead of g
+// sequential merges, so the longest CTA does S block merges to build its group's list, about
+// log2(G) list merges, and S - 1 block merges writing its blocks' lists.
+// - gu, gj: [2][rows][G][cap] list buffers (phase 1 publishes the group lists into buffer 1, the
+//   scan round r its running lists into buffer r % 2), glen [2][rows][G] their lengths;
+// - bar: [rows] arrival counters, zero at launch (barrier number n of a row waits for G * (n + 1)
+//   arrivals).
+// Hillis-Steele on Y_g = L_{g-1} (Y_0 empty): after the rounds d = 2, 4, ... < G (d = 1 is done
+// from the group lists directly: Y_g = L_{g-1} + L_{g-2}), Y_g = L_0 + ... + L_{g-1}.
+__device__ __forceinline__ void sk_row_barrier(int* count, int target) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    atomicAdd(count, 1);
+    while (*(volatile int*)count < target) __nanosleep(64);
+    __threadfence();
+  }
+  __syncthreads();
+}
+
+extern "C" __global__ void sk_scan_block_lists(const float* __restrict__ u, float* gu, int* gj,
+                                               int* glen, int* bar, float* __restrict__ lu_out,
+                                               int* __restrict__ lj_out, int T, int window,
+                                               int cap, int nb, int S) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  SkListBufs L(smem, cap);
+  const int g = blockIdx.x, row = blockIdx.y, G = gridDim.x, rows = gridDim.y;
+  const int tid = threadIdx.x, bs = blockDim.x;
+  const float* ur = u + (long long)row * T;
+  int* count = bar + row;
+  int arrivals = 0;
+  auto slot = [&](int b, int h) { return ((long long)b * rows + row) * G + h; };
+  // The running list into buffer b (padded to cap).
+  auto publish = [&](int b) {
+    const long long base = slot(b, g) * cap;
+    for (int r = tid; r < cap; r += bs) {
+      gu[base + r] = r < L.len ? L.au[r] : neg_inf();
+      gj[base + r] = r < L.len ? L.aj[r] : -1;
+    }
+    if (tid == 0) glen[slot(b, g)] = L.len;
+  };
+  // Merges group h's list of buffer b into the running list (L2 reads: written by other CTAs).
+  auto merge_from = [&](int b, int h) {
+    const long long base = slot(b, h) * cap;
+    const int n = __ldcg(glen + slot(b, h));
+    for (int r = tid; r < n; r += bs) {
+      L.xu[r] = __ldcg(gu + base + r);
+      L.xj[r] = __ldcg(gj + base + r);
+    }
+    __syncthreads();
+    L.merge_x(n, cap);
+  };
+  // Phase 1: the group's own keys [e_{gS}, e_{(g+1)S}) (the last group's are never read).
+  if (g + 1 < G) {
+    sk_add_blocks(L, ur, g * S, (g + 1) * S, T, window, cap, [](int) {});
+    publish(1);
+  }
+  sk_row_barrier(count, G * ++arrivals);
+  L.len = 0;
+  if (g >= 1) merge_from(1, g - 1);
+  if (g >= 2) merge_from(1, g - 2);
+  int b = 0;
+  for (int d = 2; d < G; d *= 2, b ^= 1) {
+    publish(b);
+    sk_row_barrier(count, G * ++arrivals);
+    if (g - d >= 1) merge_from(b, g - d);
+  }
+  // Phase 3: block c's list is the running list before c's own keys.
+  const int c1 = min(nb, (g + 1) * S);
   auto write = [&](int c) {
     const long long base = ((long long)row * nb + c) * cap;
     for (int r = tid; r < cap; r += bs) {

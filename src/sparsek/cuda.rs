@@ -3,9 +3,11 @@
 //!
 //! - Selection: the top-`K′` list of the prefix before every block of 64 queries, by merging
 //!   sorted lists (`O(T·K′/64)` memory); the blocks of a `(batch, kv_head)` row are cut into
-//!   groups of about `sqrt(2·blocks)` blocks (`list_group`), each starting from the merged lists
-//!   of the earlier groups
-//!   (built by a first kernel), so the groups run in parallel; then per query the cut
+//!   groups, each starting from the merged lists of the earlier groups, so the groups run in
+//!   parallel. Where all its CTAs fit the GPU, one cooperative launch does it (`scan_group`:
+//!   groups of at least 4 blocks, the earlier groups' lists merged by a log-step scan between
+//!   per-row barriers); otherwise groups of about `sqrt(2·blocks)` blocks (`list_group`) start
+//!   from the earlier groups' lists built by a first kernel. Then per query the cut
 //!   (its `K′`-th largest candidate) and τ (safeguarded Newton steps on the piecewise-linear
 //!   budget, f32, one thread per query; each step `O(log K′)` on the sorted list through f64
 //!   prefix sums of its scores).
@@ -37,8 +39,8 @@ use std::sync::Arc;
 use candle::backend::BackendStorage;
 use candle::cuda_backend::cudarc::driver::sys::{self, CUdevice_attribute};
 use candle::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig,
-    PushKernelArg,
+    CudaFunction, CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr,
+    LaunchConfig, PushKernelArg,
 };
 use candle::cuda_backend::{CudaDType, WrapErr};
 use candle::{bail, CudaDevice, CudaStorage, DType, Layout, Result, Shape, Storage, Tensor};
@@ -141,56 +143,43 @@ pub(crate) fn select(
         .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
         .w()?;
     let group = list_group(blocks, rows, sms.max(1) as usize);
-    let groups = blocks.div_ceil(group);
-    let g_i = group as i32;
     // The running list, the merge target, a list to merge in, a block's keys.
     let smem = (2 * cap + cap.max(BQ) + BQ) * 8;
-    // Each earlier group's own top-`K′` list (the last group's is never needed).
-    let nglist = rows * groups * cap;
-    let mut glist_u = unsafe { dev.alloc::<f32>(nglist.max(1)) }?;
-    let mut glist_j = unsafe { dev.alloc::<i32>(nglist.max(1)) }?;
-    let mut glen = unsafe { dev.alloc::<i32>((rows * groups).max(1)) }?;
-    if groups > 1 {
-        let f = func!(dev, "sk_group_lists", smem);
-        let mut b = f.builder();
-        b.arg(&u);
-        b.arg(&mut glist_u);
-        b.arg(&mut glist_j);
-        b.arg(&mut glen);
-        b.arg(&t_i);
-        b.arg(&w_i);
-        b.arg(&cap_i);
-        b.arg(&nb_i);
-        b.arg(&g_i);
-        unsafe { b.launch(cfg((groups - 1, rows), LIST_THREADS, smem)?) }.w()?;
-    }
-    {
-        // The next group's list copied in while one merges, where shared memory allows.
-        let max_smem = ctx
-            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
-            .w()?;
-        let prefetch = smem + cap.max(BQ) * 8 <= max_smem.max(0) as usize;
-        let smem = if prefetch {
-            smem + cap.max(BQ) * 8
-        } else {
-            smem
-        };
-        let prefetch_i = prefetch as i32;
-        let f = func!(dev, "sk_block_lists", smem);
-        let mut b = f.builder();
-        b.arg(&u);
-        b.arg(&glist_u);
-        b.arg(&glist_j);
-        b.arg(&glen);
-        b.arg(&mut list_u);
-        b.arg(&mut list_j);
-        b.arg(&t_i);
-        b.arg(&w_i);
-        b.arg(&cap_i);
-        b.arg(&nb_i);
-        b.arg(&g_i);
-        b.arg(&prefetch_i);
-        unsafe { b.launch(cfg((groups, rows), LIST_THREADS, smem)?) }.w()?;
+    let scan = func!(dev, "sk_scan_block_lists", smem);
+    match scan_group(&scan, blocks, rows, smem, sms.max(1) as usize, group)? {
+        Some(group) => {
+            let groups = blocks.div_ceil(group);
+            // Two buffers of every group's running list, their lengths, the rows' barriers.
+            let n = 2 * rows * groups * cap;
+            let mut glist_u = unsafe { dev.alloc::<f32>(n) }?;
+            let mut glist_j = unsafe { dev.alloc::<i32>(n) }?;
+            let mut glen = unsafe { dev.alloc::<i32>(2 * rows * groups) }?;
+            let mut bar = dev.alloc_zeros::<i32>(rows)?;
+            let g_i = group as i32;
+            let mut b = scan.builder();
+            b.arg(&u);
+            b.arg(&mut glist_u);
+            b.arg(&mut glist_j);
+            b.arg(&mut glen);
+            b.arg(&mut bar);
+            b.arg(&mut list_u);
+            b.arg(&mut list_j);
+            b.arg(&t_i);
+            b.arg(&w_i);
+            b.arg(&cap_i);
+            b.arg(&nb_i);
+            b.arg(&g_i);
+            // SAFETY: the arguments match the kernel's; scan_group checked that every CTA is
+            // resident, which the barriers need.
+            unsafe { b.launch_cooperative(cfg((groups, rows), LIST_THREADS, smem)?) }.w()?;
+        }
+        None => list_groups_then_blocks(
+            &dev,
+            &u,
+            (&mut list_u, &mut list_j),
+            (rows, group, smem),
+            (t_i, w_i, cap_i, nb_i),
+        )?,
     }
     let mut tau = unsafe { dev.alloc::<f32>(rows * t) }?;
     let mut cut_u = unsafe { dev.alloc::<f32>(rows * t) }?;
@@ -229,6 +218,104 @@ pub(crate) fn select(
         cut_j: Arc::new(cut_j),
         blocks,
     })
+}
+
+/// The two-kernel list construction (`sk_group_lists`, then `sk_block_lists`) into `(lu, lj)`,
+/// for `rows` score rows `u` cut into groups of `group` blocks; `smem` the lists' shared bytes
+/// without the prefetch buffer; `(t, window, cap, blocks)` the kernels' scalars.
+fn list_groups_then_blocks(
+    dev: &CudaDevice,
+    u: &CudaView<'_, f32>,
+    (lu, lj): (&mut CudaSlice<f32>, &mut CudaSlice<i32>),
+    (rows, group, smem): (usize, usize, usize),
+    (t_i, w_i, cap_i, nb_i): (i32, i32, i32, i32),
+) -> Result<()> {
+    let (blocks, cap) = (nb_i as usize, cap_i as usize);
+    let groups = blocks.div_ceil(group);
+    let g_i = group as i32;
+    // Each earlier group's own top-`K′` list (the last group's is never needed).
+    let nglist = rows * groups * cap;
+    let mut glist_u = unsafe { dev.alloc::<f32>(nglist.max(1)) }?;
+    let mut glist_j = unsafe { dev.alloc::<i32>(nglist.max(1)) }?;
+    let mut glen = unsafe { dev.alloc::<i32>((rows * groups).max(1)) }?;
+    if groups > 1 {
+        let f = func!(dev, "sk_group_lists", smem);
+        let mut b = f.builder();
+        b.arg(u);
+        b.arg(&mut glist_u);
+        b.arg(&mut glist_j);
+        b.arg(&mut glen);
+        b.arg(&t_i);
+        b.arg(&w_i);
+        b.arg(&cap_i);
+        b.arg(&nb_i);
+        b.arg(&g_i);
+        unsafe { b.launch(cfg((groups - 1, rows), LIST_THREADS, smem)?) }.w()?;
+    }
+    // The next group's list copied in while one merges, where shared memory allows.
+    let max_smem = dev
+        .cuda_stream()
+        .context()
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+        .w()?;
+    let prefetch = smem + cap.max(BQ) * 8 <= max_smem.max(0) as usize;
+    let smem = if prefetch {
+        smem + cap.max(BQ) * 8
+    } else {
+        smem
+    };
+    let prefetch_i = prefetch as i32;
+    let f = func!(dev, "sk_block_lists", smem);
+    let mut b = f.builder();
+    b.arg(u);
+    b.arg(&glist_u);
+    b.arg(&glist_j);
+    b.arg(&glen);
+    b.arg(lu);
+    b.arg(lj);
+    b.arg(&t_i);
+    b.arg(&w_i);
+    b.arg(&cap_i);
+    b.arg(&nb_i);
+    b.arg(&g_i);
+    b.arg(&prefetch_i);
+    unsafe { b.launch(cfg((groups, rows), LIST_THREADS, smem)?) }.w()?;
+    Ok(())
+}
+
+/// Environment switch of the one-launch list construction: `0` keeps the two-kernel path
+/// everywhere (for comparisons and its tests).
+pub(crate) const LIST_SCAN_ENV: &str = "SPARSEK_LIST_SCAN";
+
+/// Fewest blocks per group of `sk_scan_block_lists`: a group's own merges are cheaper than
+/// scan rounds (a barrier and lists through L2 each), so smaller groups stop paying.
+const SCAN_MIN_GROUP: usize = 4;
+
+/// Blocks per group of the one-launch list construction (`sk_scan_block_lists`, kernel `scan`
+/// with `smem` shared bytes), or `None` where the two-kernel path is the one to run: the scan's
+/// barriers need all `groups × rows` CTAs resident (a cooperative launch), so its group holds at
+/// least `blocks × rows / resident CTAs` blocks, and it runs while that is at most the two-kernel
+/// path's `group` (whose CTAs do about twice as many merges in sequence at the same group size).
+fn scan_group(
+    scan: &CudaFunction,
+    blocks: usize,
+    rows: usize,
+    smem: usize,
+    sms: usize,
+    group: usize,
+) -> Result<Option<usize>> {
+    if blocks < 2 || std::env::var(LIST_SCAN_ENV).is_ok_and(|v| v == "0") {
+        return Ok(None);
+    }
+    let per_sm = scan
+        .occupancy_max_active_blocks_per_multiprocessor(LIST_THREADS as u32, smem, None)
+        .w()? as usize;
+    let per_row = per_sm * sms / rows.max(1);
+    if per_row == 0 {
+        return Ok(None);
+    }
+    let scan_group = blocks.div_ceil(per_row).max(SCAN_MIN_GROUP.min(group));
+    Ok((scan_group <= group).then_some(scan_group))
 }
 
 /// Threads per CTA of the list construction (`sk_group_lists` / `sk_block_lists`; a multiple of
