@@ -206,6 +206,25 @@ __device__ __forceinline__ void sk_add_blocks(SkListBufs& L, const float* ur, in
   }
 }
 
+// The lists of group g's blocks of row `row` into (lu_out, lj_out), from the running list L (the
+// earlier groups' keys): block c's list is the running list before c's own keys (the group's last
+// block adds none).
+__device__ __forceinline__ void sk_write_block_lists(SkListBufs& L, const float* ur,
+                                                     float* __restrict__ lu_out,
+                                                     int* __restrict__ lj_out, int row, int g,
+                                                     int S, int T, int window, int cap, int nb) {
+  const int c1 = min(nb, (g + 1) * S);
+  auto write = [&](int c) {
+    const long long base = ((long long)row * nb + c) * cap;
+    for (int r = threadIdx.x; r < cap; r += blockDim.x) {
+      lu_out[base + r] = r < L.len ? L.au[r] : neg_inf();
+      lj_out[base + r] = r < L.len ? L.aj[r] : -1;
+    }
+  };
+  sk_add_blocks(L, ur, g * S, c1 - 1, T, window, cap, write);
+  write(c1 - 1);
+}
+
 extern "C" __global__ void sk_group_lists(const float* __restrict__ u, float* __restrict__ gu,
                                           int* __restrict__ gj, int* __restrict__ glen, int T,
                                           int window, int cap, int nb, int S) {
@@ -266,17 +285,7 @@ extern "C" __global__ void sk_block_lists(const float* __restrict__ u,
       L.merge_x(glen[(long long)row * G + h], cap);
     }
   }
-  const int c1 = min(nb, (g + 1) * S);
-  // Block c's list is the running list before c's own keys (the group's last block adds none).
-  auto write = [&](int c) {
-    const long long base = ((long long)row * nb + c) * cap;
-    for (int r = tid; r < cap; r += bs) {
-      lu_out[base + r] = r < L.len ? L.au[r] : neg_inf();
-      lj_out[base + r] = r < L.len ? L.aj[r] : -1;
-    }
-  };
-  sk_add_blocks(L, ur, g * S, c1 - 1, T, window, cap, write);
-  write(c1 - 1);
+  sk_write_block_lists(L, ur, lu_out, lj_out, row, g, S, T, window, cap, nb);
 }
 
 // The lists of every block in one cooperative launch (grid (G, rows), all CTAs resident), for
@@ -348,17 +357,8 @@ extern "C" __global__ void sk_scan_block_lists(const float* __restrict__ u, floa
     sk_row_barrier(count, G * ++arrivals);
     if (g - d >= 1) merge_from(b, g - d);
   }
-  // Phase 3: block c's list is the running list before c's own keys.
-  const int c1 = min(nb, (g + 1) * S);
-  auto write = [&](int c) {
-    const long long base = ((long long)row * nb + c) * cap;
-    for (int r = tid; r < cap; r += bs) {
-      lu_out[base + r] = r < L.len ? L.au[r] : neg_inf();
-      lj_out[base + r] = r < L.len ? L.aj[r] : -1;
-    }
-  };
-  sk_add_blocks(L, ur, g * S, c1 - 1, T, window, cap, write);
-  write(c1 - 1);
+  // Phase 3: the group's blocks' lists.
+  sk_write_block_lists(L, ur, lu_out, lj_out, row, g, S, T, window, cap, nb);
 }
 
 // Exclusive f64 prefix sum r of a list's scores Lu from the even-index table Ph (Ph[m] = the sum

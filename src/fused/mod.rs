@@ -1039,60 +1039,15 @@ pub fn linear_backward(x: &Tensor, w: &Tensor, dy: &Tensor) -> Result<(Tensor, T
     let dx = match (dy.device(), dy.dtype()) {
         #[cfg(feature = "cuda")]
         (candle::Device::Cuda(_), DType::F16 | DType::BF16) if w.dtype() == dy.dtype() => {
-            dy.apply_op2_no_bwd(&w, &InputGrad)?
+            let product = HalfProduct {
+                transpose_a: false,
+                f32_out: false,
+            };
+            dy.apply_op2_no_bwd(&w, &product)?
         }
         _ => dy.matmul(&w)?,
     };
     Ok((dx.reshape(x.shape())?, weight_grad(x, &dy)?))
-}
-
-/// `dy · w` `(rows, k)` for contiguous `dy` `(rows, n)` and `w` `(n, k)` of one half dtype: one
-/// cuBLASLt GEMM (CUDA only; [`linear_backward`] picks it).
-#[cfg(feature = "cuda")]
-struct InputGrad;
-
-#[cfg(feature = "cuda")]
-impl candle::CustomOp2 for InputGrad {
-    fn name(&self) -> &'static str {
-        "fused-linear-input-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        bail!("linear input grad: CUDA only (linear_backward uses a matmul on the CPU)")
-    }
-
-    fn cuda_fwd(
-        &self,
-        sdy: &candle::CudaStorage,
-        ldy: &Layout,
-        sw: &candle::CudaStorage,
-        lw: &Layout,
-    ) -> Result<(candle::CudaStorage, Shape)> {
-        let (rows, n) = ldy.shape().dims2()?;
-        let (_, k) = lw.shape().dims2()?;
-        let dy = cublaslt::Operand {
-            storage: sdy,
-            layout: ldy,
-            rows,
-            cols: n,
-            transposed: false,
-        };
-        let w = cublaslt::Operand {
-            storage: sw,
-            layout: lw,
-            rows: n,
-            cols: k,
-            transposed: false,
-        };
-        let out = cublaslt::gemm(dy, w, cublaslt::Epilogue::None, false)?.0;
-        Ok((out, Shape::from((rows, k))))
-    }
 }
 
 /// `dw = dyᵀ · x` `(n, k)` for `x` `(..., k)` and contiguous `dy` `(rows, n)`: f32 (f64 for f64
@@ -1103,22 +1058,30 @@ fn weight_grad(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
     match (x.device(), x.dtype()) {
         #[cfg(feature = "cuda")]
         (candle::Device::Cuda(_), DType::F16 | DType::BF16) if dy.dtype() == x.dtype() => {
-            dy.apply_op2_no_bwd(&x, &WeightGradF32)
+            let product = HalfProduct {
+                transpose_a: true,
+                f32_out: true,
+            };
+            dy.apply_op2_no_bwd(&x, &product)
         }
         (_, DType::F64) => dy.t()?.matmul(&x),
         _ => dy.t()?.matmul(&x)?.to_dtype(DType::F32),
     }
 }
 
-/// `dyᵀ · x` in f32 for `dy` `(rows, n)` and `x` `(rows, k)` of one half dtype, contiguous: one
-/// cuBLASLt GEMM with an f32 output (CUDA only; [`linear_backward`] picks it).
+/// `op(a) · b` for contiguous 2-D `a` and `b` of one half dtype (f16 / bf16), `op(a)` = `aᵀ` when
+/// `transpose_a`: one cuBLASLt GEMM, its output in the inputs' dtype or in f32 (`f32_out`). CUDA
+/// only: [`linear_backward`] picks it for `dx = dy · w` and the f32 `dw = dyᵀ · x`.
 #[cfg(feature = "cuda")]
-struct WeightGradF32;
+struct HalfProduct {
+    transpose_a: bool,
+    f32_out: bool,
+}
 
 #[cfg(feature = "cuda")]
-impl candle::CustomOp2 for WeightGradF32 {
+impl candle::CustomOp2 for HalfProduct {
     fn name(&self) -> &'static str {
-        "fused-weight-grad-f32"
+        "fused-half-product"
     }
 
     fn cpu_fwd(
@@ -1128,34 +1091,35 @@ impl candle::CustomOp2 for WeightGradF32 {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        bail!("weight_grad_f32: CUDA only (linear_backward uses a matmul on the CPU)")
+        bail!("half product: CUDA only (linear_backward uses a matmul on the CPU)")
     }
 
     fn cuda_fwd(
         &self,
-        sdy: &candle::CudaStorage,
-        ldy: &Layout,
-        sx: &candle::CudaStorage,
-        lx: &Layout,
+        sa: &candle::CudaStorage,
+        la: &Layout,
+        sb: &candle::CudaStorage,
+        lb: &Layout,
     ) -> Result<(candle::CudaStorage, Shape)> {
-        let (rows, n) = ldy.shape().dims2()?;
-        let (_, k) = lx.shape().dims2()?;
-        let dy = cublaslt::Operand {
-            storage: sdy,
-            layout: ldy,
-            rows,
-            cols: n,
-            transposed: true,
+        let (a_rows, a_cols) = la.shape().dims2()?;
+        let (b_rows, b_cols) = lb.shape().dims2()?;
+        let a = cublaslt::Operand {
+            storage: sa,
+            layout: la,
+            rows: a_rows,
+            cols: a_cols,
+            transposed: self.transpose_a,
         };
-        let x = cublaslt::Operand {
-            storage: sx,
-            layout: lx,
-            rows,
-            cols: k,
+        let b = cublaslt::Operand {
+            storage: sb,
+            layout: lb,
+            rows: b_rows,
+            cols: b_cols,
             transposed: false,
         };
-        let out = cublaslt::gemm(dy, x, cublaslt::Epilogue::None, true)?.0;
-        Ok((out, Shape::from((n, k))))
+        let m = if self.transpose_a { a_cols } else { a_rows };
+        let out = cublaslt::gemm(a, b, cublaslt::Epilogue::None, self.f32_out)?.0;
+        Ok((out, Shape::from((m, b_cols))))
     }
 }
 
