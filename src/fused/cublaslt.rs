@@ -360,6 +360,31 @@ pub(super) fn gemm(
     })
 }
 
+/// `x · wᵀ` `(rows, n)` for contiguous row-major `x` `(rows, k)` and `w` `(n, k)` (a linear
+/// layer): [`gemm`] with `w` read transposed, the output in the inputs' dtype.
+pub(super) fn linear(
+    (sx, lx): (&CudaStorage, &Layout),
+    (sw, lw): (&CudaStorage, &Layout),
+    (rows, n, k): (usize, usize, usize),
+    epilogue: Epilogue,
+) -> Result<(CudaStorage, Option<CudaStorage>)> {
+    let x = Operand {
+        storage: sx,
+        layout: lx,
+        rows,
+        cols: k,
+        transposed: false,
+    };
+    let w = Operand {
+        storage: sw,
+        layout: lw,
+        rows: n,
+        cols: k,
+        transposed: true,
+    };
+    gemm(x, w, epilogue, false)
+}
+
 /// The algorithm of a problem: the heuristic's candidates (for the operands' alignments), each
 /// run once, then timed by `matmul` in [`TIMING_ROUNDS`] rounds of [`TIMED_RUNS`] runs, the one
 /// with the fastest round kept (the first candidate without timing when [`GEMM_TUNE_ENV`] is

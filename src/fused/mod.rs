@@ -211,21 +211,7 @@ pub fn linear_gelu(x: &Tensor, w: &Tensor) -> Result<(Tensor, Tensor)> {
         let (sw, lw) = w.storage_and_layout();
         let (act, pre) = match (&*sx, &*sw) {
             (Storage::Cuda(sx), Storage::Cuda(sw)) => {
-                let x = cublaslt::Operand {
-                    storage: sx,
-                    layout: lx,
-                    rows,
-                    cols: k,
-                    transposed: false,
-                };
-                let w = cublaslt::Operand {
-                    storage: sw,
-                    layout: lw,
-                    rows: n,
-                    cols: k,
-                    transposed: true,
-                };
-                cublaslt::gemm(x, w, cublaslt::Epilogue::Gelu, false)?
+                cublaslt::linear((sx, lx), (sw, lw), (rows, n, k), cublaslt::Epilogue::Gelu)?
             }
             _ => bail!("linear_gelu: x and w must both be on the CUDA device"),
         };
@@ -1637,24 +1623,9 @@ impl candle::CustomOp2 for Linear {
             return Ok((sx.matmul(sw, bmnk, &x, &wt)?, shape));
         }
         let (_, rows, n, k) = bmnk;
-        let x = cublaslt::Operand {
-            storage: sx,
-            layout: lx,
-            rows,
-            cols: k,
-            transposed: false,
-        };
-        let w = cublaslt::Operand {
-            storage: sw,
-            layout: lw,
-            rows: n,
-            cols: k,
-            transposed: true,
-        };
-        Ok((
-            cublaslt::gemm(x, w, cublaslt::Epilogue::None, false)?.0,
-            shape,
-        ))
+        let (out, _) =
+            cublaslt::linear((sx, lx), (sw, lw), (rows, n, k), cublaslt::Epilogue::None)?;
+        Ok((out, shape))
     }
 
     fn bwd(
