@@ -318,9 +318,9 @@ fn scan_group(
     Ok((scan_group <= group).then_some(scan_group))
 }
 
-/// Threads per CTA of the list construction (`sk_group_lists` / `sk_block_lists`; a multiple of
-/// `BQ`, at most `32·BQ`). On the H100 at the GPT's 24 rows × 128 blocks, 512 and 1024 were
-/// slower (EXPERIMENTS.md, "SparseK at 8k", session 14).
+/// Threads per CTA of the list construction (`sk_group_lists` / `sk_block_lists` /
+/// `sk_scan_block_lists`; a multiple of `BQ`, at most `32·BQ`). On the H100 at the GPT's 24 rows
+/// × 128 blocks, 512 and 1024 were slower (EXPERIMENTS.md, "SparseK at 8k", session 14).
 const LIST_THREADS: usize = 256;
 
 /// Environment variable setting the number of query blocks per group of the list construction
@@ -1139,10 +1139,10 @@ fn bwd_t<T: CudaDType + DeviceRepr + candle::WithDType>(
     }
     if let Some(dacc) = dacc.as_mut() {
         // The list kernel adds its keys' parts to the accumulator and du, then the band kernel adds
-        // its own and writes dK and dV.
+        // its own and writes dK and dV (the Hopper one also the folded scorer's gradient).
         let list = list_dkv(dev, dtype, dims, scfg.cap(), sel.blocks)?;
         let band = band_dkv(dev, dtype, dims, sel.blocks)?;
-        for kernel in [list, band] {
+        for (kernel, is_band) in [(list, false), (band, true)] {
             let f = func!(dev, &kernel.name, kernel.smem);
             let mut b = f.builder();
             b.arg(&ops.q);
@@ -1160,7 +1160,7 @@ fn bwd_t<T: CudaDType + DeviceRepr + candle::WithDType>(
                 b.arg(&ops.strides);
             }
             push_params(&mut b, &u, sel, &sc);
-            if kernel.hopper && kernel.name.starts_with("skw_bwd_dkv_band") {
+            if is_band && kernel.hopper {
                 b.arg(&fold);
             }
             unsafe { b.launch(cfg(kernel.grid, kernel.threads, kernel.smem)?) }.w()?;
