@@ -25,12 +25,14 @@
 // - xent: softmax cross-entropy per row (loss and logit gradient), one warp per row.
 // - adamw_step: one AdamW update of an f32 parameter, its moments and gradient.
 // - adamw_many: AdamW updates of many f32 parameters and their moments in place (a table of
-//   pointers), one launch.
+//   pointers), one launch per 120 tensors.
 // - cast_concat: many f32 tensors cast to bf16 / f16 into one output, one after the other (a
-//   table of pointers), one launch.
+//   table of pointers), one launch per 160 tensors.
 // - sumsq_partial / sum_f32: sum of squares of many f32 tensors (a table of pointers), per-block
 //   partials then one block summing them in a fixed order; norm_clip: the norm and its clip
 //   factor from that sum.
+//   The three take their tables by value (WordTable, a kernel parameter): no host-to-device copy
+//   is queued before the launch, so a captured CUDA graph holds its tables itself.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
@@ -39,6 +41,14 @@
 #include "mma.cuh"
 
 #define FULL 0xffffffffu
+
+// A table of 64-bit words (pointers and lengths) passed by value as a kernel parameter. 480 words
+// (3,840 bytes) keep each launch's parameters under the 4 KB limit; the host splits longer lists
+// over several launches (TABLE_WORDS in src/fused/cuda.rs).
+#define TABLE_WORDS 480
+struct WordTable {
+  uint64_t w[TABLE_WORDS];
+};
 
 // Mean and 1/sqrt(var + eps) of row x[0..c) (two passes over the row, f32).
 template <typename T>
@@ -731,12 +741,19 @@ extern "C" __global__ void adamw_step(const float* __restrict__ param,
 // grad of n f32 and state (2, n) f32 (m then v); the update of adamw_step, the gradient scaled by
 // grad_scale and, when grad_factor is not null, by the device scalar *grad_factor (a clipping
 // factor computed on the device: no host read between the backward and the update).
-extern "C" __global__ void adamw_many(const uint64_t* __restrict__ table,
-                                      const float* __restrict__ grad_factor, float lr,
+// When step_scalars is not null it holds (lr, scale_m, scale_v) of this step, which replace the
+// arguments (a captured graph reads the schedule from the device).
+extern "C" __global__ void adamw_many(const WordTable table, const float* __restrict__ grad_factor,
+                                      const float* __restrict__ step_scalars, float lr,
                                       float beta1, float beta2, float eps, float weight_decay,
                                       float scale_m, float scale_v, float grad_scale) {
   if (grad_factor != nullptr) grad_scale *= *grad_factor;
-  const uint64_t* row = table + 4 * (size_t)blockIdx.y;
+  if (step_scalars != nullptr) {
+    lr = step_scalars[0];
+    scale_m = step_scalars[1];
+    scale_v = step_scalars[2];
+  }
+  const uint64_t* row = table.w + 4 * blockIdx.y;
   float* param = reinterpret_cast<float*>(row[0]);
   float* state = reinterpret_cast<float*>(row[1]);
   const float* grad = reinterpret_cast<const float*>(row[2]);
@@ -764,8 +781,8 @@ __device__ __forceinline__ float block_sum(float v) {
 // Casts of many f32 tensors in one launch: table row blockIdx.y = (src, offset, n), src of n f32
 // cast to out[offset, offset + n).
 template <typename T>
-__device__ void cast_concat(const uint64_t* __restrict__ table, T* __restrict__ out) {
-  const uint64_t* row = table + 3 * (size_t)blockIdx.y;
+__device__ void cast_concat(const WordTable& table, T* __restrict__ out) {
+  const uint64_t* row = table.w + 3 * blockIdx.y;
   const float* src = reinterpret_cast<const float*>(row[0]);
   T* dst = out + row[1];
   size_t n = row[2];
@@ -773,20 +790,19 @@ __device__ void cast_concat(const uint64_t* __restrict__ table, T* __restrict__ 
        i += (size_t)gridDim.x * blockDim.x)
     dst[i] = from_f<T>(src[i]);
 }
-extern "C" __global__ void cast_concat_bf16(const uint64_t* table, __nv_bfloat16* out) {
+extern "C" __global__ void cast_concat_bf16(const WordTable table, __nv_bfloat16* out) {
   cast_concat(table, out);
 }
-extern "C" __global__ void cast_concat_f16(const uint64_t* table, __half* out) {
+extern "C" __global__ void cast_concat_f16(const WordTable table, __half* out) {
   cast_concat(table, out);
 }
 
-// partial[blockIdx.y * gridDim.x + blockIdx.x] = sum of squares of this block's share of tensor
-// blockIdx.y (ptrs[i]: f32 data of lens[i] elements).
-extern "C" __global__ void sumsq_partial(const uint64_t* __restrict__ ptrs,
-                                         const uint64_t* __restrict__ lens,
-                                         float* __restrict__ partial) {
-  const float* x = reinterpret_cast<const float*>(ptrs[blockIdx.y]);
-  size_t n = lens[blockIdx.y];
+// partial[(first + blockIdx.y) * gridDim.x + blockIdx.x] = sum of squares of this block's share
+// of table row blockIdx.y = (x, n): f32 data of n elements.
+extern "C" __global__ void sumsq_partial(const WordTable table, float* __restrict__ partial,
+                                         int first) {
+  const float* x = reinterpret_cast<const float*>(table.w[2 * blockIdx.y]);
+  size_t n = table.w[2 * blockIdx.y + 1];
   float s = 0.f;
   for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
        i += (size_t)gridDim.x * blockDim.x) {
@@ -794,7 +810,7 @@ extern "C" __global__ void sumsq_partial(const uint64_t* __restrict__ ptrs,
     s += v * v;
   }
   s = block_sum(s);
-  if (threadIdx.x == 0) partial[(size_t)blockIdx.y * gridDim.x + blockIdx.x] = s;
+  if (threadIdx.x == 0) partial[(size_t)(first + blockIdx.y) * gridDim.x + blockIdx.x] = s;
 }
 
 // out[0] = sqrt(sumsq[0]) * scale (a gradient norm) and out[1] = the factor clipping it to

@@ -167,6 +167,10 @@ struct TrainArgs {
     /// instead of the fused training pass.
     #[arg(long)]
     autograd: bool,
+    /// Record the training step as a CUDA graph after the first step and replay it (one launch
+    /// per step; needs CUDA, the fused pass, --grad-accum 1, no dropout, no phase timing).
+    #[arg(long)]
+    cuda_graph: bool,
 }
 
 #[derive(Args, Debug)]
@@ -367,6 +371,7 @@ fn train(args: TrainArgs) -> Result<()> {
     bar.set_position(trainer.step() as u64);
     trainer.set_phase_timing(args.phase_timing);
     trainer.set_autograd(args.autograd);
+    trainer.set_cuda_graph(args.cuda_graph)?;
     // Phase times of the second half of the run (start-up and kernel loading excluded).
     let mut phase_sum = (PhaseTimes::default(), 0usize);
     // (start, tokens) since the last record and since the last progress-bar update; training

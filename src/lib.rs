@@ -17,6 +17,8 @@
 //!   AdamW) that keep a small transformer's training step attention-bound.
 //! - [`tape`]: the dense and SCFA attentions outside autograd, with their backward kept, for
 //!   training passes that run their own backward.
+//! - [`cuda_graph`]: candle's CUDA work recorded once and replayed by one launch (a training
+//!   step).
 //!
 //! ```
 //! use candle::{Device, Tensor};
@@ -30,6 +32,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod cuda_graph;
 #[cfg(feature = "cuda")]
 mod cuda_launch;
 pub mod flash;
@@ -45,6 +48,7 @@ pub mod sparsek;
 pub mod tape;
 pub mod twilight;
 
+pub use cuda_graph::CudaGraph;
 pub use flash::{
     flash_attn, flash_attn_taped, flash_attn_with_visibility, AttnParams, SUPPORTED_HEAD_DIMS,
 };

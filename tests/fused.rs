@@ -424,7 +424,10 @@ fn layer_norm_ops_on_unaligned_views() -> Result<()> {
 #[test]
 fn sum_of_squares_matches_sum_all() -> Result<()> {
     let mut rng = StdRng::seed_from_u64(18);
-    let shapes: [&[usize]; 5] = [&[3, 45], &[1], &[8192, 384], &[1001], &[2, 3, 4]];
+    // Five shapes, then enough small tensors to need two launches on CUDA (240 per table).
+    let mut shapes: Vec<Vec<usize>> = vec![vec![3, 45], vec![1], vec![8192, 384], vec![1001]];
+    shapes.push(vec![2, 3, 4]);
+    shapes.extend((0..250).map(|i| vec![1 + i % 17]));
     let tensors = shapes
         .iter()
         .map(|s| randn(&mut rng, s, 1.0))
@@ -627,19 +630,21 @@ fn cast_concat_matches_to_dtype_and_cat() -> Result<()> {
     let mut rng = StdRng::seed_from_u64(17);
     for dev in devices() {
         let on = |t: Tensor| t.to_device(&dev);
-        let tensors = vec![
+        let mut tensors = vec![
             on(randn(&mut rng, &[3, 45], 1.0)?)?,
             on(randn(&mut rng, &[1], 1.0)?)?,
             on(randn(&mut rng, &[7, 5], 1.0)?.t()?)?,
             on(Tensor::zeros((0, 4), DType::F32, &Device::Cpu)?)?,
             on(randn(&mut rng, &[1001], 100.0)?)?,
         ];
+        // Enough small tensors to need two launches on CUDA (160 per table).
+        for i in 0..170 {
+            tensors.push(on(randn(&mut rng, &[1 + i % 13], 1.0)?)?);
+        }
+        let total: usize = tensors.iter().map(|t| t.elem_count()).sum();
         for dtype in DTYPES {
             let got = cast_concat(&tensors, dtype)?;
-            assert_eq!(
-                (got.dtype(), got.dims()),
-                (dtype, &[135 + 1 + 35 + 1001][..])
-            );
+            assert_eq!((got.dtype(), got.dims()), (dtype, &[total][..]));
             // The reference on the host (candle's own CUDA cast launches an empty grid for the
             // zero-element tensor).
             let flat = tensors
@@ -745,13 +750,15 @@ fn adamw_update_many_matches_one_at_a_time() -> Result<()> {
         scale_v: 1.0 / (1.0 - 0.95f32.powi(2)),
         grad_scale: 0.7,
     };
-    let shapes: [&[usize]; 4] = [&[3, 45], &[1], &[8192, 384], &[1001]];
+    // Four shapes, then enough small tensors to need two launches on CUDA (120 per table).
+    let mut shapes: Vec<Vec<usize>> = vec![vec![3, 45], vec![1], vec![8192, 384], vec![1001]];
+    shapes.extend((0..126).map(|i| vec![1 + i % 11]));
     for dev in devices() {
         let mut params = vec![];
         let mut states = vec![];
         let mut grads = vec![];
         let mut want = vec![];
-        for shape in shapes {
+        for shape in &shapes {
             let n: usize = shape.iter().product();
             let p = randn(&mut rng, shape, 1.0)?.to_device(&dev)?;
             let g = randn(&mut rng, shape, 1.0)?.to_device(&dev)?;
@@ -766,13 +773,25 @@ fn adamw_update_many_matches_one_at_a_time() -> Result<()> {
         let param_refs: Vec<&Var> = params.iter().collect();
         let state_refs: Vec<&Var> = states.iter().collect();
         let grad_refs: Vec<&Tensor> = grads.iter().collect();
-        // grad_scale 0.7 as 1.4 on the host times a device factor 0.5 (a clipping factor).
+        // grad_scale 0.7 as 1.4 on the host times a device factor 0.5 (a clipping factor), and
+        // the schedule from the device (the host's lr and bias corrections are wrong).
         let factor = Tensor::new(0.5f32, &dev)?;
+        let schedule = Tensor::new(&[hp.lr, hp.scale_m, hp.scale_v], &dev)?;
         let split = AdamWUpdate {
             grad_scale: 1.4,
+            lr: 0.5,
+            scale_m: 3.0,
+            scale_v: 0.0,
             ..hp
         };
-        adamw_update_many(&param_refs, &state_refs, &grad_refs, Some(&factor), &split)?;
+        adamw_update_many(
+            &param_refs,
+            &state_refs,
+            &grad_refs,
+            Some(&factor),
+            Some(&schedule),
+            &split,
+        )?;
         let tol = tolerance(DType::F32, &dev);
         for (i, (wp, ws)) in want.iter().enumerate() {
             let err = rel_err(params[i].as_tensor(), wp)?;
@@ -792,6 +811,7 @@ fn adamw_update_many_matches_one_at_a_time() -> Result<()> {
             &[&short],
             &[&grads[0]],
             None,
+            None,
             &hp,
         ));
         assert!(e.contains("item 0") && e.contains("state [2, 3]"), "{e}");
@@ -801,9 +821,19 @@ fn adamw_update_many_matches_one_at_a_time() -> Result<()> {
             &[&states[0]],
             &[&grads[0]],
             Some(&two),
+            None,
             &hp,
         ));
         assert!(e.contains("grad_factor") && e.contains("[2]"), "{e}");
+        let e = message(adamw_update_many(
+            &[&params[0]],
+            &[&states[0]],
+            &[&grads[0]],
+            None,
+            Some(&two),
+            &hp,
+        ));
+        assert!(e.contains("schedule") && e.contains("[2]"), "{e}");
     }
     Ok(())
 }

@@ -187,10 +187,18 @@ impl AdamW {
 
     /// One update of every var that has a gradient in `grads` (its pending factors included).
     pub fn step(&mut self, grads: &Gradients) -> Result<()> {
+        let hp = self.next_update(grads.scale());
+        self.apply(grads, &hp, None)
+    }
+
+    /// Counts one more step and returns its hyper-parameters (the learning rate and bias
+    /// corrections of that step count, the gradients scaled by `grad_scale`): the host side of
+    /// [`AdamW::step`], for a caller that queues the update itself ([`AdamW::apply`]).
+    pub fn next_update(&mut self, grad_scale: f64) -> fused::AdamWUpdate {
         self.step += 1;
         let p = self.params;
         let t = self.step as i32;
-        let hp = fused::AdamWUpdate {
+        fused::AdamWUpdate {
             lr: p.lr as f32,
             beta1: p.beta1 as f32,
             beta2: p.beta2 as f32,
@@ -198,8 +206,19 @@ impl AdamW {
             weight_decay: p.weight_decay as f32,
             scale_m: (1.0 / (1.0 - p.beta1.powi(t))) as f32,
             scale_v: (1.0 / (1.0 - p.beta2.powi(t))) as f32,
-            grad_scale: grads.scale() as f32,
-        };
+            grad_scale: grad_scale as f32,
+        }
+    }
+
+    /// Queues the update `hp` ([`AdamW::next_update`]) of every var that has a gradient in
+    /// `grads`, with `lr`, `scale_m` and `scale_v` read from the device when `schedule` (f32
+    /// `(3,)`, see [`fused::adamw_update_many`]) is given. The step count is not touched.
+    pub fn apply(
+        &self,
+        grads: &Gradients,
+        hp: &fused::AdamWUpdate,
+        schedule: Option<&Tensor>,
+    ) -> Result<()> {
         let (mut params, mut states, mut gs) = (vec![], vec![], vec![]);
         for ((_, var), state) in self.vars.iter().zip(&self.moments) {
             if let Some(g) = grads.get(var) {
@@ -208,7 +227,7 @@ impl AdamW {
                 gs.push(g);
             }
         }
-        fused::adamw_update_many(&params, &states, &gs, grads.factor(), &hp)
+        fused::adamw_update_many(&params, &states, &gs, grads.factor(), schedule, hp)
     }
 
     /// The moments as `{prefix}m.{name}` / `{prefix}v.{name}` tensors (the step count is stored

@@ -12,6 +12,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle::{bail, DType, Device, Result, Tensor, Var};
+use candle_sparse_attn::fused::AdamWUpdate;
+use candle_sparse_attn::CudaGraph;
 use serde::{Deserialize, Serialize};
 
 use crate::data::{CharDataset, Split, Vocab};
@@ -298,6 +300,28 @@ pub struct Trainer {
     step: usize,
     phase_timing: bool,
     autograd: bool,
+    /// Whether steps after the first replay a recorded CUDA graph ([`Trainer::set_cuda_graph`]).
+    cuda_graph: bool,
+    /// The recorded step, once captured.
+    graph: Option<StepGraph>,
+}
+
+/// Eager steps before the step is recorded as a CUDA graph: the first one loads the kernels,
+/// times the GEMMs' algorithms and fills the memory pool, none of which a capture may do.
+const GRAPH_WARM_UP_STEPS: usize = 1;
+
+/// The training step recorded as a CUDA graph, and the tensors it reads and writes in place.
+#[derive(Debug)]
+struct StepGraph {
+    graph: CudaGraph,
+    /// Inputs and targets `(batch, block)` u32, refilled before each launch.
+    inputs: Tensor,
+    targets: Tensor,
+    /// `(2, 3)` f32: `[lr, scale_m, scale_v]` of the decay and no-decay groups, refilled before
+    /// each launch.
+    schedule: Tensor,
+    /// `(2,)` f32: the step's loss and gradient norm, written by each launch.
+    outputs: Tensor,
 }
 
 impl Trainer {
@@ -330,6 +354,8 @@ impl Trainer {
             step: 0,
             phase_timing: false,
             autograd: false,
+            cuda_graph: false,
+            graph: None,
         })
     }
 
@@ -366,8 +392,83 @@ impl Trainer {
         self.autograd = on;
     }
 
-    /// One optimizer step over `grad_accum` micro-batches of the training split.
+    /// Records the training step as a CUDA graph after the first step and replays it for every
+    /// later one: one launch instead of about 200, the same kernels, so the same numbers (the
+    /// batch, the learning rate and the bias corrections are refilled on the device before each
+    /// launch). Needs the fused pass on a CUDA device, one micro-batch per step, no dropout and no
+    /// phase timing: an error names the setting in the way (here and in [`Self::train_step`]).
+    pub fn set_cuda_graph(&mut self, on: bool) -> Result<()> {
+        self.cuda_graph = on;
+        self.graph = None;
+        self.check_cuda_graph()
+    }
+
+    /// An error naming the setting that stops [`Self::set_cuda_graph`] when it is on.
+    fn check_cuda_graph(&self) -> Result<()> {
+        let c = &self.config;
+        let conflict = if !self.cuda_graph {
+            return Ok(());
+        } else if !self.model.device().is_cuda() {
+            "a CUDA device"
+        } else if self.autograd {
+            "the fused training pass, not autograd"
+        } else if c.grad_accum != 1 {
+            "grad_accum = 1"
+        } else if self.model.config().dropout > 0.0 {
+            "dropout = 0 (a recorded step would repeat one dropout mask)"
+        } else if self.phase_timing {
+            "phase timing off"
+        } else {
+            return Ok(());
+        };
+        bail!("a CUDA graph of the training step needs {conflict}")
+    }
+
+    /// Sets the learning rate of step `self.step` on both groups and counts one more update in
+    /// each: the hyper-parameters of the decay and no-decay updates, gradients scaled by
+    /// `grad_scale`.
+    fn next_updates(&mut self, grad_scale: f64) -> (f64, [AdamWUpdate; 2]) {
+        let lr = self.lr_at(self.step);
+        self.decay.set_learning_rate(lr);
+        self.no_decay.set_learning_rate(lr);
+        let hp = [
+            self.decay.next_update(grad_scale),
+            self.no_decay.next_update(grad_scale),
+        ];
+        (lr, hp)
+    }
+
+    /// Clips `grads` to `grad_clip` (when set) and queues both groups' updates `hp`, reading the
+    /// learning rates and bias corrections from the `(2, 3)` `schedule` when given. Returns the
+    /// gradient norm before clipping.
+    fn clip_and_update(
+        &self,
+        grads: &mut Gradients,
+        hp: &[AdamWUpdate; 2],
+        schedule: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let clip = self.config.grad_clip;
+        let grad_norm = if clip > 0.0 {
+            grads.clip_global_norm(clip)?
+        } else {
+            grads.global_norm()?
+        };
+        let rows = match schedule {
+            Some(s) => [Some(s.get(0)?), Some(s.get(1)?)],
+            None => [None, None],
+        };
+        self.decay.apply(grads, &hp[0], rows[0].as_ref())?;
+        self.no_decay.apply(grads, &hp[1], rows[1].as_ref())?;
+        Ok(grad_norm)
+    }
+
+    /// One optimizer step over `grad_accum` micro-batches of the training split (a replay of the
+    /// recorded step with [`Self::set_cuda_graph`]).
     pub fn train_step(&mut self, data: &CharDataset) -> Result<StepStats> {
+        self.check_cuda_graph()?;
+        if self.cuda_graph && self.step >= GRAPH_WARM_UP_STEPS {
+            return self.graph_step(data);
+        }
         let c = &self.config;
         let block = self.model.config().block_size;
         let device = self.model.device().clone();
@@ -403,16 +504,9 @@ impl Trainer {
             Some(sum) => (sum / c.grad_accum as f64)?,
             None => bail!("train_step: grad_accum must be at least 1"),
         };
-        let grad_norm = if c.grad_clip > 0.0 {
-            grads.clip_global_norm(c.grad_clip)?
-        } else {
-            grads.global_norm()?
-        };
-        let lr = self.lr_at(self.step);
-        self.decay.set_learning_rate(lr);
-        self.no_decay.set_learning_rate(lr);
-        self.decay.step(&grads)?;
-        self.no_decay.step(&grads)?;
+        let tokens = c.grad_accum * c.batch_size * block;
+        let (lr, hp) = self.next_updates(grads.scale());
+        let grad_norm = self.clip_and_update(&mut grads, &hp, None)?;
         (phases.optimizer, phases.optimizer_host) = clock.lap()?;
         self.step += 1;
         Ok(StepStats {
@@ -420,8 +514,71 @@ impl Trainer {
             loss,
             lr,
             grad_norm,
-            tokens: c.grad_accum * c.batch_size * block,
+            tokens,
             phases: self.phase_timing.then_some(phases),
+        })
+    }
+
+    /// [`Self::train_step`] as a launch of the recorded step (recorded on the first call).
+    fn graph_step(&mut self, data: &CharDataset) -> Result<StepStats> {
+        let c = &self.config;
+        let block = self.model.config().block_size;
+        let device = self.model.device().clone();
+        let batch_seed = mix_seed(&[c.seed, TRAIN_BATCH_TAG, self.step as u64, 0]);
+        let (x, y) = data.batch(Split::Train, c.batch_size, block, batch_seed, &device)?;
+        let tokens = c.batch_size * block;
+        let (lr, hp) = self.next_updates(1.0);
+        let schedule = Tensor::new(&hp.map(|h| [h.lr, h.scale_m, h.scale_v]), &device)?;
+        let graph = match self.graph.take() {
+            Some(g) => {
+                g.inputs.slice_set(&x, 0, 0)?;
+                g.targets.slice_set(&y, 0, 0)?;
+                g.schedule.slice_set(&schedule, 0, 0)?;
+                g
+            }
+            None => self.record_step(x, y, schedule, &hp)?,
+        };
+        graph.graph.launch()?;
+        // A copy: the next launch overwrites the outputs.
+        let outputs = graph.outputs.copy()?;
+        self.graph = Some(graph);
+        self.step += 1;
+        Ok(StepStats {
+            step: self.step - 1,
+            loss: outputs.get(0)?,
+            lr,
+            grad_norm: outputs.get(1)?,
+            tokens,
+            phases: None,
+        })
+    }
+
+    /// Records one training step on `inputs` and `targets` with the learning rates and bias
+    /// corrections of `schedule` (`hp` gives the rest of the update): the tensors become the
+    /// graph's buffers.
+    fn record_step(
+        &self,
+        inputs: Tensor,
+        targets: Tensor,
+        schedule: Tensor,
+        hp: &[AdamWUpdate; 2],
+    ) -> Result<StepGraph> {
+        let device = self.model.device();
+        let outputs = Tensor::zeros(2, DType::F32, device)?;
+        let (graph, ()) = CudaGraph::capture(device, || {
+            let pass = self.model.training_pass(&inputs, &targets, true, 0)?;
+            let loss = pass.loss().reshape(1)?;
+            let mut grads = Gradients::new();
+            grads.accumulate(&pass.backward()?, &self.vars, 1.0)?;
+            let grad_norm = self.clip_and_update(&mut grads, hp, Some(&schedule))?;
+            outputs.slice_set(&Tensor::cat(&[loss, grad_norm.reshape(1)?], 0)?, 0, 0)
+        })?;
+        Ok(StepGraph {
+            graph,
+            inputs,
+            targets,
+            schedule,
+            outputs,
         })
     }
 

@@ -281,3 +281,71 @@ fn corrupt_checkpoint_config_is_reported() -> Result<()> {
     assert!(err.contains(CONFIG_FILE), "{err}");
     Ok(())
 }
+
+/// Steps replayed from a recorded CUDA graph ([`Trainer::set_cuda_graph`]) give the losses and
+/// weights of eager steps (dense and SparseK, bf16, a context that fills SparseK's selection);
+/// the settings a graph cannot hold are refused by name.
+#[test]
+fn cuda_graph_steps_match_eager_steps() -> Result<()> {
+    let block = 256;
+    let data = CharDataset::from_text(&text().repeat(3), 0.1, block)?;
+    let mut mcfg = model_config(data.vocab().len());
+    (mcfg.block_size, mcfg.dropout) = (block, 0.0);
+    let tcfg = TrainConfig {
+        grad_accum: 1,
+        precision: Precision::Bf16,
+        ..train_config(5)
+    };
+    let dev = Device::cuda_if_available(0)?;
+    if !dev.is_cuda() {
+        let mut t = Trainer::new(mcfg, tcfg, &dev)?;
+        let e = t.set_cuda_graph(true).unwrap_err().to_string();
+        assert!(e.contains("a CUDA device"), "{e}");
+        return Ok(());
+    }
+    for attention in [
+        AttentionKind::Dense,
+        AttentionKind::SparseK { k: 64, window: 64 },
+    ] {
+        mcfg.attention = attention;
+        let mut eager = Trainer::new(mcfg.clone(), tcfg.clone(), &dev)?;
+        let mut graph = Trainer::new(mcfg.clone(), tcfg.clone(), &dev)?;
+        graph.set_cuda_graph(true)?;
+        for step in 0..5 {
+            let (a, b) = (eager.train_step(&data)?, graph.train_step(&data)?);
+            let (la, lb) = (a.loss()?, b.loss()?);
+            assert!(
+                (la - lb).abs() <= 1e-3 * la.abs(),
+                "{}: step {step}: eager loss {la} vs graph {lb}",
+                mcfg.attention
+            );
+            let (na, nb) = (a.grad_norm()?, b.grad_norm()?);
+            assert!(
+                (na - nb).abs() <= 1e-2 * na.abs(),
+                "{}: step {step}: eager grad norm {na} vs graph {nb}",
+                mcfg.attention
+            );
+        }
+        for ((name, a), (_, b)) in eager
+            .model()
+            .named_params()
+            .iter()
+            .zip(graph.model().named_params())
+        {
+            let err = candle_sparse_attn::reference::rel_err(a.as_tensor(), b.as_tensor())?;
+            assert!(
+                err <= 1e-3,
+                "{}: {name}: eager vs graph rel err {err:.2e}",
+                mcfg.attention
+            );
+        }
+    }
+    let mut t = Trainer::new(mcfg.clone(), train_config(5), &dev)?;
+    let e = t.set_cuda_graph(true).unwrap_err().to_string();
+    assert!(e.contains("grad_accum = 1"), "{e}");
+    mcfg.dropout = 0.1;
+    let mut t = Trainer::new(mcfg, tcfg, &dev)?;
+    let e = t.set_cuda_graph(true).unwrap_err().to_string();
+    assert!(e.contains("dropout = 0"), "{e}");
+    Ok(())
+}

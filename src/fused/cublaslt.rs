@@ -9,7 +9,7 @@ use std::sync::Mutex;
 
 use candle::backend::BackendStorage;
 use candle::cuda_backend::cudarc::cublaslt::{result, sys};
-use candle::cuda_backend::cudarc::driver::sys::CUevent_flags;
+use candle::cuda_backend::cudarc::driver::sys::{CUevent_flags, CUstreamCaptureStatus};
 use candle::cuda_backend::cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
 use candle::cuda_backend::{DeviceId, WrapErr};
 use candle::{bail, CudaDevice, CudaStorage, DType, Layout, Result};
@@ -326,12 +326,16 @@ pub(super) fn gemm(
                 let algo = match known {
                     Some(algo) => algo,
                     None => {
+                        // Timing waits for the device, which a stream being captured into a CUDA
+                        // graph cannot do: there the heuristic's first pick runs, not kept.
+                        let capturing = stream.capture_status().w()?
+                            != CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
                         let algo = choose_algo(
                             lt,
                             &desc,
                             [&b_layout, &a_layout, &c_layout],
                             problem.align,
-                            &stream,
+                            (!capturing).then_some(&stream),
                             &matmul,
                         )
                         .map_err(|e| {
@@ -340,7 +344,9 @@ pub(super) fn gemm(
                                  {e}"
                             ))
                         })?;
-                        lock(&ALGOS)?.push((problem, algo));
+                        if !capturing {
+                            lock(&ALGOS)?.push((problem, algo));
+                        }
                         algo
                     }
                 };
@@ -388,13 +394,13 @@ pub(super) fn linear(
 /// The algorithm of a problem: the heuristic's candidates (for the operands' alignments), each
 /// run once, then timed by `matmul` in [`TIMING_ROUNDS`] rounds of [`TIMED_RUNS`] runs, the one
 /// with the fastest round kept (the first candidate without timing when [`GEMM_TUNE_ENV`] is
-/// `0`). Waits for the device.
+/// `0` or no `stream` is given to time on). Waits for the device when it times.
 fn choose_algo(
     lt: sys::cublasLtHandle_t,
     desc: &Owned<sys::cublasLtMatmulDesc_t>,
     [b_layout, a_layout, c_layout]: [&Owned<sys::cublasLtMatrixLayout_t>; 3],
     align: [u32; 4],
-    stream: &std::sync::Arc<CudaStream>,
+    stream: Option<&std::sync::Arc<CudaStream>>,
     matmul: &dyn Fn(&sys::cublasLtMatmulAlgo_t) -> Result<()>,
 ) -> Result<sys::cublasLtMatmulAlgo_t> {
     use sys::cublasLtMatmulPreferenceAttributes_t as P;
@@ -457,7 +463,10 @@ fn choose_algo(
     let Some(first) = found.first().copied() else {
         bail!("the heuristic found none")
     };
-    if found.len() == 1 || std::env::var(GEMM_TUNE_ENV).is_ok_and(|v| v == "0") {
+    let Some(stream) = stream.filter(|_| found.len() > 1) else {
+        return Ok(first);
+    };
+    if std::env::var(GEMM_TUNE_ENV).is_ok_and(|v| v == "0") {
         return Ok(first);
     }
     // Candidates that fail to run are dropped (the heuristic's first one must run); every

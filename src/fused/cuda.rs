@@ -26,6 +26,32 @@ const LN_BWD_BLOCKS: usize = 1056;
 const LN_BWD_SMEM: usize = 96 * 1024;
 /// Blocks of the sum-of-squares kernel per tensor.
 const SUMSQ_BLOCKS: usize = 64;
+/// Words of a [`WordTable`] (`TABLE_WORDS` in `cuda/fused.cu`).
+const TABLE_WORDS: usize = 480;
+
+/// A table of 64-bit words (pointers and lengths) passed by value as one kernel parameter
+/// (`WordTable` in `cuda/fused.cu`): 3,840 bytes, under the 4 KB parameter limit. Nothing is
+/// copied to the device before the launch, so a captured CUDA graph holds the table itself.
+#[repr(C)]
+struct WordTable([u64; TABLE_WORDS]);
+
+// SAFETY: a plain array of u64, laid out as the kernels' `WordTable`.
+unsafe impl DeviceRepr for WordTable {}
+
+impl WordTable {
+    /// Tables of `rows` (each `row_words` long), as many rows per table as fit: the launches of a
+    /// long list, with the index of each table's first row.
+    fn chunks(rows: &[u64], row_words: usize) -> impl Iterator<Item = (usize, usize, Self)> + '_ {
+        let per_table = TABLE_WORDS / row_words;
+        rows.chunks(per_table * row_words)
+            .enumerate()
+            .map(move |(i, words)| {
+                let mut table = [0u64; TABLE_WORDS];
+                table[..words.len()].copy_from_slice(words);
+                (i * per_table, words.len() / row_words, Self(table))
+            })
+    }
+}
 
 /// Runs `$body` with `$T` bound to the Rust type of float dtype `$dtype`.
 macro_rules! by_dtype {
@@ -494,15 +520,14 @@ fn units_of(what: &str, dtype: DType, width: usize, du: u32, d: usize, rows: usi
     Ok(ru as u32)
 }
 
-/// The f32 views of the `tensors` of a kernel over a device table of pointers (one grid row per
-/// tensor: 1 to 65535 of them, each contiguous).
+/// The f32 views of the `tensors` of a kernel over a [`WordTable`] of pointers (one grid row per
+/// tensor: at least one, each contiguous).
 fn table_views<'a>(
     what: &str,
     tensors: &[(&'a CudaStorage, &Layout)],
 ) -> Result<Vec<CudaView<'a, f32>>> {
-    let n = tensors.len();
-    if n == 0 || n > 65535 {
-        bail!("{what} (cuda): need 1 to 65535 tensors, got {n}")
+    if tensors.is_empty() {
+        bail!("{what} (cuda): needs at least one tensor")
     }
     tensors
         .iter()
@@ -512,7 +537,8 @@ fn table_views<'a>(
 }
 
 /// The f32 `tensors` (contiguous) cast to `dtype` (bf16 or f16) into one storage, one after the
-/// other (`offsets[i]` where tensor `i` starts): one launch over a device table of pointers.
+/// other (`offsets[i]` where tensor `i` starts): one launch per 160 tensors, the pointers passed
+/// as a [`WordTable`].
 pub(super) fn cast_concat(
     dev: &CudaDevice,
     tensors: &[(&CudaStorage, &Layout)],
@@ -521,26 +547,27 @@ pub(super) fn cast_concat(
 ) -> Result<CudaStorage> {
     let what = "cast_concat";
     let views = table_views(what, tensors)?;
-    let (n, stream) = (views.len(), dev.cuda_stream());
-    let mut table = Vec::with_capacity(3 * n);
-    let mut guards = Vec::with_capacity(n);
+    let stream = dev.cuda_stream();
+    let mut rows = Vec::with_capacity(3 * views.len());
+    let mut guards = Vec::with_capacity(views.len());
     let mut largest = 0;
     for (v, &offset) in views.iter().zip(offsets) {
         let (ptr, guard) = v.device_ptr(&stream);
-        table.extend([ptr, offset as u64, v.len() as u64]);
+        rows.extend([ptr, offset as u64, v.len() as u64]);
         guards.push(guard);
         largest = largest.max(v.len());
     }
     let total = offsets.last().copied().unwrap_or(0) + views.last().map_or(0, |v| v.len());
-    let table = dev.clone_htod(&table)?;
-    let grid = (largest.div_ceil(THREADS * 4).clamp(1, 1024), n);
+    let blocks = largest.div_ceil(THREADS * 4).clamp(1, 1024);
     macro_rules! run {
         ($t:ty, $kernel:expr) => {{
             let mut out = alloc::<$t>(dev, total)?;
             let f = load_kernel!(dev, $kernel, MODULE, kernels::FUSED, 0);
-            let mut b = f.builder();
-            b.arg(&table).arg(&mut out);
-            unsafe { b.launch(launch_config(what, grid, THREADS, 0)?) }.w()?;
+            for (_, count, table) in WordTable::chunks(&rows, 3) {
+                let mut b = f.builder();
+                b.arg(&table).arg(&mut out);
+                unsafe { b.launch(launch_config(what, (blocks, count), THREADS, 0)?) }.w()?;
+            }
             drop(guards);
             Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
         }};
@@ -553,8 +580,8 @@ pub(super) fn cast_concat(
 }
 
 /// The sum of squares of every element of the f32 `tensors` (contiguous), a `(1,)` f32 storage:
-/// one launch over a device table of pointers (per-block partials), then one block summing the
-/// partials in a fixed order.
+/// per-block partials (one launch per 240 tensors, the pointers passed as a [`WordTable`]), then
+/// one block summing the partials in a fixed order.
 pub(super) fn sum_of_squares(
     dev: &CudaDevice,
     tensors: &[(&CudaStorage, &Layout)],
@@ -562,21 +589,21 @@ pub(super) fn sum_of_squares(
     let what = "sum_of_squares";
     let views = table_views(what, tensors)?;
     let (n, stream) = (views.len(), dev.cuda_stream());
-    let mut ptrs = Vec::with_capacity(n);
+    let mut rows = Vec::with_capacity(2 * n);
     let mut guards = Vec::with_capacity(n);
     for v in &views {
         let (ptr, guard) = v.device_ptr(&stream);
-        ptrs.push(ptr);
+        rows.extend([ptr, v.len() as u64]);
         guards.push(guard);
     }
-    let lens: Vec<u64> = views.iter().map(|v| v.len() as u64).collect();
-    let ptrs = dev.clone_htod(&ptrs)?;
-    let lens = dev.clone_htod(&lens)?;
     let mut partial = alloc::<f32>(dev, n * SUMSQ_BLOCKS)?;
     let f = load_kernel!(dev, "sumsq_partial", MODULE, kernels::FUSED, 0);
-    let mut b = f.builder();
-    b.arg(&ptrs).arg(&lens).arg(&mut partial);
-    unsafe { b.launch(launch_config(what, (SUMSQ_BLOCKS, n), THREADS, 0)?) }.w()?;
+    for (first, count, table) in WordTable::chunks(&rows, 2) {
+        let first = i32_arg(what, first)?;
+        let mut b = f.builder();
+        b.arg(&table).arg(&mut partial).arg(&first);
+        unsafe { b.launch(launch_config(what, (SUMSQ_BLOCKS, count), THREADS, 0)?) }.w()?;
+    }
     drop(guards);
     let mut out = alloc::<f32>(dev, 1)?;
     let parts = i32_arg(what, n * SUMSQ_BLOCKS)?;
@@ -645,64 +672,68 @@ pub(super) fn adamw(
 }
 
 /// AdamW of many `(param, state, grad)` f32 storages in place (`state`: `(2, n)` m then v), one
-/// launch over a device table of pointers, the gradients also scaled by the f32 scalar
-/// `grad_factor` when given. The caller guarantees that nothing else reads or writes the params
-/// and states while the update is queued (they are updated like `Var::set`).
+/// launch per 120 tensors (the pointers passed as a [`WordTable`]), the gradients also scaled by
+/// the f32 scalar `grad_factor` when given, and `lr`, `scale_m`, `scale_v` read from the f32
+/// `(3,)` `step_scalars` instead of `hp` when given. The caller guarantees that nothing else reads
+/// or writes the params and states while the update is queued (they are updated like `Var::set`).
 pub(super) fn adamw_many(
     dev: &CudaDevice,
     items: &[[(&CudaStorage, &Layout); 3]],
     grad_factor: Option<(&CudaStorage, &Layout)>,
+    step_scalars: Option<(&CudaStorage, &Layout)>,
     hp: &AdamWUpdate,
 ) -> Result<()> {
     let what = "adamw_update_many";
-    let count = items.len();
-    if count == 0 {
+    if items.is_empty() {
         return Ok(());
     }
-    if count > 65535 {
-        bail!("{what} (cuda): at most 65535 tensors, got {count}")
-    }
     let stream = dev.cuda_stream();
-    let mut views = Vec::with_capacity(3 * count);
+    let mut views = Vec::with_capacity(3 * items.len());
     for (i, item) in items.iter().enumerate() {
         for ((s, l), name) in item.iter().zip(["param", "state", "grad"]) {
             views.push(contiguous_view::<f32>(s, l, what, &format!("{name} {i}"))?);
         }
     }
-    let mut table = Vec::with_capacity(4 * count);
-    let mut guards = Vec::with_capacity(3 * count);
+    let factor = grad_factor
+        .map(|(s, l)| contiguous_view::<f32>(s, l, what, "grad_factor"))
+        .transpose()?;
+    let schedule = step_scalars
+        .map(|(s, l)| contiguous_view::<f32>(s, l, what, "step_scalars"))
+        .transpose()?;
+    let mut rows = Vec::with_capacity(4 * items.len());
+    let mut guards = Vec::with_capacity(3 * items.len() + 2);
     let mut largest = 0;
     for item in views.chunks(3) {
         for v in item {
             let (ptr, guard) = v.device_ptr(&stream);
-            table.push(ptr);
+            rows.push(ptr);
             guards.push(guard);
         }
         let n = item[0].len();
         largest = largest.max(n);
-        table.push(n as u64);
+        rows.push(n as u64);
     }
-    let table = dev.clone_htod(&table)?;
-    let factor = grad_factor
-        .map(|(s, l)| contiguous_view::<f32>(s, l, what, "grad_factor"))
-        .transpose()?;
-    let (factor_ptr, factor_guard) = match &factor {
-        Some(v) => {
-            let (ptr, guard) = v.device_ptr(&stream);
-            (ptr, Some(guard))
+    let mut scalar_ptrs = [0u64; 2];
+    for (ptr, view) in scalar_ptrs.iter_mut().zip([&factor, &schedule]) {
+        if let Some(v) = view {
+            let (p, guard) = v.device_ptr(&stream);
+            *ptr = p;
+            guards.push(guard);
         }
-        None => (0u64, None),
-    };
-    let f = load_kernel!(dev, "adamw_many", MODULE, kernels::FUSED, 0);
-    let mut b = f.builder();
-    b.arg(&table).arg(&factor_ptr);
-    let scalars = adamw_scalars(hp);
-    for x in &scalars {
-        b.arg(x);
     }
+    let [factor_ptr, schedule_ptr] = scalar_ptrs;
+    let f = load_kernel!(dev, "adamw_many", MODULE, kernels::FUSED, 0);
+    let scalars = adamw_scalars(hp);
     let blocks = largest.div_ceil(THREADS * 8).clamp(1, 1024);
-    unsafe { b.launch(launch_config(what, (blocks, count), THREADS, 0)?) }.w()?;
-    drop((guards, factor_guard));
+    for (_, count, table) in WordTable::chunks(&rows, 4) {
+        let mut b = f.builder();
+        b.arg(&table).arg(&factor_ptr).arg(&schedule_ptr);
+        for x in &scalars {
+            b.arg(x);
+        }
+        unsafe { b.launch(launch_config(what, (blocks, count), THREADS, 0)?) }.w()?;
+    }
+    drop(guards);
     Ok(())
 }
 

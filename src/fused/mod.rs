@@ -1280,13 +1280,17 @@ pub fn adamw_update(
 /// give them (tensors sharing their storage see the update), from `grads[i]` (f32, the shape of
 /// `params[i]`). `grad_factor`, an f32 scalar (shape `()` or `(1,)`) on the params' device,
 /// multiplies `hp.grad_scale` when given: a clipping factor computed on the device is applied
-/// without reading it back. On CUDA one kernel over a table of pointers (instead of a launch and
-/// a copy per parameter). No gradient.
+/// without reading it back. `schedule`, an f32 `(3,)` `[lr, scale_m, scale_v]` on the params'
+/// device, replaces those three of `hp` when given: a captured CUDA graph reads each step's
+/// learning rate and bias corrections from the device. On CUDA one kernel per 120 parameters, the
+/// pointers passed as a kernel argument (no copy to the device, so the launch can be captured in a
+/// CUDA graph). No gradient.
 pub fn adamw_update_many(
     params: &[&Var],
     states: &[&Var],
     grads: &[&Tensor],
     grad_factor: Option<&Tensor>,
+    schedule: Option<&Tensor>,
     hp: &AdamWUpdate,
 ) -> Result<()> {
     if params.len() != states.len() || params.len() != grads.len() {
@@ -1334,6 +1338,16 @@ pub fn adamw_update_many(
             )
         }
     }
+    if let Some(t) = schedule {
+        if t.dtype() != DType::F32 || t.dims() != [3] || !t.device().same_device(first.device()) {
+            bail!(
+                "adamw_update_many: schedule must be f32 (3,) [lr, scale_m, scale_v] on the \
+                 params' device, got {:?} {:?}",
+                t.dims(),
+                t.dtype()
+            )
+        }
+    }
     match first.device() {
         #[cfg(feature = "cuda")]
         candle::Device::Cuda(dev) => {
@@ -1366,20 +1380,26 @@ pub fn adamw_update_many(
                     Ok([out[0], out[1], out[2]])
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let factor = grad_factor.map(|f| f.storage_and_layout());
-            let factor = match &factor {
+            let scalars = [grad_factor, schedule].map(|t| t.map(|t| t.storage_and_layout()));
+            let [factor, schedule] = [0, 1].map(|i| match &scalars[i] {
                 Some((s, l)) => match &**s {
-                    Storage::Cuda(s) => Some((s, *l)),
-                    _ => bail!("adamw_update_many: grad_factor must be on the CUDA device"),
+                    Storage::Cuda(s) => Ok(Some((s, *l))),
+                    _ => bail!(
+                        "adamw_update_many: grad_factor and schedule must be on the CUDA device"
+                    ),
                 },
-                None => None,
-            };
-            cuda::adamw_many(dev, &items, factor, hp)
+                None => Ok(None),
+            });
+            cuda::adamw_many(dev, &items, factor?, schedule?, hp)
         }
         _ => {
             let mut hp = *hp;
             if let Some(f) = grad_factor {
                 hp.grad_scale *= f.flatten_all()?.to_vec1::<f32>()?[0];
+            }
+            if let Some(t) = schedule {
+                let v = t.to_vec1::<f32>()?;
+                (hp.lr, hp.scale_m, hp.scale_v) = (v[0], v[1], v[2]);
             }
             for ((p, s), g) in params.iter().zip(states).zip(grads) {
                 let (new_p, new_s) = adamw_update(p.as_tensor(), s.as_tensor(), g, &hp)?;
