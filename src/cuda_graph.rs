@@ -17,7 +17,11 @@ use candle::{Device, Result};
 ///   value that must change from launch to launch (a learning rate, a random seed): put such
 ///   values in a device tensor refilled between launches.
 ///
-/// Capture fails with an error, not a broken graph, where the CUDA driver sees a violation.
+/// candle's own kernels copy their shapes and strides to the device (reductions, strided views):
+/// while recording, candle takes them from its cache of such parameters, which an eager run of
+/// the same work under [`CudaGraph::warm_up`] fills first (a miss is an error, as is a read of
+/// the device). Capture fails with an error, not a broken graph, where the CUDA driver or candle
+/// sees a violation.
 pub struct CudaGraph {
     #[cfg(feature = "cuda")]
     graph: candle::cuda_backend::cudarc::driver::CudaGraph,
@@ -33,6 +37,20 @@ impl std::fmt::Debug for CudaGraph {
 }
 
 impl CudaGraph {
+    /// Runs `run` eagerly with candle's cache of kernel parameters on (this thread only, as is
+    /// the capture's): run the work to be recorded once this way, on the thread that captures,
+    /// before [`CudaGraph::capture`]. Also loads the kernels and lets cuBLASLt time its algorithms,
+    /// which a capture cannot do. Just `run()` on devices other than CUDA.
+    pub fn warm_up<T>(device: &Device, run: impl FnOnce() -> Result<T>) -> Result<T> {
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(dev) = device {
+            let _cache = dev.enable_cuda_graph_htod_cache();
+            return run();
+        }
+        let _ = device;
+        run()
+    }
+
     /// Runs `record` once with candle's stream of `device` (a CUDA device) being captured: its
     /// kernels, copies and stream-ordered allocations are recorded, none is executed. Returns the
     /// instantiated graph (uploaded to the device) and `record`'s value. An error on other
@@ -44,10 +62,12 @@ impl CudaGraph {
             use candle::cuda_backend::cudarc::driver::sys;
             use candle::cuda_backend::WrapErr;
             let stream = dev.cuda_stream();
+            let cache = dev.enable_cuda_graph_htod_cache();
             stream
                 .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
                 .w()?;
             let recorded = record();
+            drop(cache);
             // An error recorded while capturing (a failed free, say) would make `end_capture`
             // return before it ends the capture: take it first.
             let pending = stream.context().check_err();

@@ -1,7 +1,7 @@
 //! `CudaGraph`: a recorded sequence of candle ops replays with inputs refilled in place and
 //! gives what the ops give when run directly; capture refuses other devices, and a capture that
-//! fails (the closure's error, a read of the device) ends with an error and leaves the stream
-//! usable.
+//! fails (the closure's error, a read of the device, an uncached parameter upload) ends with an
+//! error and leaves the stream usable.
 
 mod common;
 
@@ -43,8 +43,9 @@ fn replays_match_direct_runs() -> Result<()> {
         }
         let input = randn(&mut rng, (40, 96), &dev)?;
         let output = Tensor::zeros((40, 1), DType::F32, &dev)?;
-        // One direct run first: kernels loaded and GEMM algorithms chosen outside the capture.
-        work(&input, &gain, &w)?;
+        // One direct run first: kernels loaded, GEMM algorithms chosen and candle's shape
+        // parameters cached outside the capture.
+        CudaGraph::warm_up(&dev, || work(&input, &gain, &w))?;
         let (graph, ()) =
             CudaGraph::capture(&dev, || output.slice_set(&work(&input, &gain, &w)?, 0, 0))?;
         for round in 0..3 {
@@ -74,9 +75,12 @@ fn failed_captures_end_and_leave_the_stream_usable() -> Result<()> {
         .unwrap_err()
         .to_string();
         assert!(e.contains("stop here"), "{e}");
-        // Reading the device while recording cannot be captured.
-        let read = CudaGraph::capture(&dev, || (&x + 1.0)?.sum_all()?.to_scalar::<f32>());
+        // Reading the device while recording cannot be captured, nor can candle's shape
+        // parameters that no warm-up cached (a sum over a strided view).
+        let read = CudaGraph::capture(&dev, || (&x + 1.0)?.to_vec2::<f32>());
         assert!(read.is_err(), "a read of the device was captured");
+        let strided = CudaGraph::capture(&dev, || x.t()?.sum_keepdim(0));
+        assert!(strided.is_err(), "a parameter upload was captured");
         // The stream runs work again.
         assert_eq!((&x * 3.0)?.sum_all()?.to_scalar::<f32>()?, 192.0);
     }

@@ -306,8 +306,9 @@ pub struct Trainer {
     graph: Option<StepGraph>,
 }
 
-/// Eager steps before the step is recorded as a CUDA graph: the first one loads the kernels,
-/// times the GEMMs' algorithms and fills the memory pool, none of which a capture may do.
+/// Eager steps before the step is recorded as a CUDA graph ([`CudaGraph::warm_up`]): the first
+/// one loads the kernels, times the GEMMs' algorithms and caches candle's kernel parameters, none
+/// of which a capture may do.
 const GRAPH_WARM_UP_STEPS: usize = 1;
 
 /// The training step recorded as a CUDA graph, and the tensors it reads and writes in place.
@@ -466,9 +467,18 @@ impl Trainer {
     /// recorded step with [`Self::set_cuda_graph`]).
     pub fn train_step(&mut self, data: &CharDataset) -> Result<StepStats> {
         self.check_cuda_graph()?;
-        if self.cuda_graph && self.step >= GRAPH_WARM_UP_STEPS {
+        if !self.cuda_graph {
+            return self.eager_step(data);
+        }
+        if self.step >= GRAPH_WARM_UP_STEPS {
             return self.graph_step(data);
         }
+        let device = self.model.device().clone();
+        CudaGraph::warm_up(&device, || self.eager_step(data))
+    }
+
+    /// [`Self::train_step`] op by op.
+    fn eager_step(&mut self, data: &CharDataset) -> Result<StepStats> {
         let c = &self.config;
         let block = self.model.config().block_size;
         let device = self.model.device().clone();
