@@ -168,9 +168,20 @@ struct TrainArgs {
     #[arg(long)]
     autograd: bool,
     /// Record the training step as a CUDA graph after the first step and replay it (one launch
-    /// per step; needs CUDA, the fused pass, --grad-accum 1, no dropout, no phase timing).
-    #[arg(long)]
-    cuda_graph: bool,
+    /// per step): auto where it can (CUDA, the fused pass, --grad-accum 1, no dropout, no
+    /// hash_sparse / qk_sparse random draws, no phase timing), on (an error where it cannot), off.
+    #[arg(long, value_enum, default_value_t = CudaGraphArg::Auto)]
+    cuda_graph: CudaGraphArg,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+enum CudaGraphArg {
+    /// Where the settings allow it.
+    Auto,
+    /// Always (an error naming the setting in the way).
+    On,
+    /// Never.
+    Off,
 }
 
 #[derive(Args, Debug)]
@@ -334,6 +345,14 @@ fn train(args: TrainArgs) -> Result<()> {
     };
     let cfg = trainer.config().clone();
     let mcfg = trainer.model().config().clone();
+    trainer.set_phase_timing(args.phase_timing);
+    trainer.set_autograd(args.autograd);
+    let graph = match args.cuda_graph {
+        CudaGraphArg::Auto => trainer.cuda_graph_blocker().is_none(),
+        CudaGraphArg::On => true,
+        CudaGraphArg::Off => false,
+    };
+    trainer.set_cuda_graph(graph)?;
     println!(
         "Data {}: {} train / {} val characters, vocabulary {}.",
         data_path.display(),
@@ -343,7 +362,7 @@ fn train(args: TrainArgs) -> Result<()> {
     );
     println!(
         "Model: {} layers, {} heads, width {}, context {}, attention {}, {:.2}M parameters; \
-         {:?} on {:?}; batch {}x{}x{} tokens, {} steps.",
+         {:?} on {:?}{}; batch {}x{}x{} tokens, {} steps.",
         mcfg.n_layer,
         mcfg.n_head,
         mcfg.n_embd,
@@ -352,6 +371,11 @@ fn train(args: TrainArgs) -> Result<()> {
         trainer.model().num_params() as f64 / 1e6,
         cfg.precision,
         device.location(),
+        if graph {
+            ", steps replayed as a CUDA graph"
+        } else {
+            ""
+        },
         cfg.grad_accum,
         cfg.batch_size,
         mcfg.block_size,
@@ -369,9 +393,6 @@ fn train(args: TrainArgs) -> Result<()> {
         .progress_chars("=> "),
     );
     bar.set_position(trainer.step() as u64);
-    trainer.set_phase_timing(args.phase_timing);
-    trainer.set_autograd(args.autograd);
-    trainer.set_cuda_graph(args.cuda_graph)?;
     // Phase times of the second half of the run (start-up and kernel loading excluded).
     let mut phase_sum = (PhaseTimes::default(), 0usize);
     // (start, tokens) since the last record and since the last progress-bar update; training

@@ -16,6 +16,7 @@ use candle_sparse_attn::fused::AdamWUpdate;
 use candle_sparse_attn::CudaGraph;
 use serde::{Deserialize, Serialize};
 
+use crate::attention::AttentionKind;
 use crate::data::{CharDataset, Split, Vocab};
 use crate::gpt::{Gpt, GptConfig};
 use crate::layers::mix_seed;
@@ -396,33 +397,46 @@ impl Trainer {
     /// Records the training step as a CUDA graph after the first step and replays it for every
     /// later one: one launch instead of about 200, the same kernels, so the same numbers (the
     /// batch, the learning rate and the bias corrections are refilled on the device before each
-    /// launch). Needs the fused pass on a CUDA device, one micro-batch per step, no dropout and no
-    /// phase timing: an error names the setting in the way (here and in [`Self::train_step`]).
+    /// launch). Needs what [`Self::cuda_graph_blocker`] checks: an error names the setting in
+    /// the way (here and in [`Self::train_step`]).
     pub fn set_cuda_graph(&mut self, on: bool) -> Result<()> {
         self.cuda_graph = on;
         self.graph = None;
         self.check_cuda_graph()
     }
 
-    /// An error naming the setting that stops [`Self::set_cuda_graph`] when it is on.
-    fn check_cuda_graph(&self) -> Result<()> {
-        let c = &self.config;
-        let conflict = if !self.cuda_graph {
-            return Ok(());
-        } else if !self.model.device().is_cuda() {
+    /// What the training step needs to be recorded as a CUDA graph and the current settings lack,
+    /// if anything: a CUDA device, the fused pass (not autograd), one micro-batch per step, no
+    /// dropout and no random attention decisions (a recorded step would repeat one draw), no
+    /// phase timing.
+    pub fn cuda_graph_blocker(&self) -> Option<&'static str> {
+        let random_attention = matches!(
+            self.model.config().attention,
+            AttentionKind::HashSparse { .. } | AttentionKind::QkSparse { .. }
+        );
+        Some(if !self.model.device().is_cuda() {
             "a CUDA device"
         } else if self.autograd {
             "the fused training pass, not autograd"
-        } else if c.grad_accum != 1 {
+        } else if self.config.grad_accum != 1 {
             "grad_accum = 1"
         } else if self.model.config().dropout > 0.0 {
             "dropout = 0 (a recorded step would repeat one dropout mask)"
+        } else if random_attention {
+            "an attention without random draws (a recorded step would repeat one draw)"
         } else if self.phase_timing {
             "phase timing off"
         } else {
-            return Ok(());
-        };
-        bail!("a CUDA graph of the training step needs {conflict}")
+            return None;
+        })
+    }
+
+    /// An error naming the setting that stops [`Self::set_cuda_graph`] when it is on.
+    fn check_cuda_graph(&self) -> Result<()> {
+        match self.cuda_graph_blocker().filter(|_| self.cuda_graph) {
+            Some(conflict) => bail!("a CUDA graph of the training step needs {conflict}"),
+            None => Ok(()),
+        }
     }
 
     /// Sets the learning rate of step `self.step` on both groups and counts one more update in

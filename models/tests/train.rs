@@ -343,8 +343,18 @@ fn cuda_graph_steps_match_eager_steps() -> Result<()> {
     let mut t = Trainer::new(mcfg.clone(), train_config(5), &dev)?;
     let e = t.set_cuda_graph(true).unwrap_err().to_string();
     assert!(e.contains("grad_accum = 1"), "{e}");
+    let hashed = GptConfig {
+        attention: AttentionKind::HashSparse { n_buckets: 4 },
+        ..mcfg.clone()
+    };
+    let mut t = Trainer::new(hashed, tcfg.clone(), &dev)?;
+    let e = t.set_cuda_graph(true).unwrap_err().to_string();
+    assert!(e.contains("random draws"), "{e}");
     mcfg.dropout = 0.1;
     let mut t = Trainer::new(mcfg, tcfg, &dev)?;
+    assert!(t
+        .cuda_graph_blocker()
+        .is_some_and(|b| b.contains("dropout")));
     let e = t.set_cuda_graph(true).unwrap_err().to_string();
     assert!(e.contains("dropout = 0"), "{e}");
     Ok(())
