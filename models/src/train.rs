@@ -2,7 +2,8 @@
 //! warm-up + cosine learning rate, global-norm clipping, gradient accumulation, seeded batches
 //! and dropout, evaluation, and checkpoints that resume exactly. Gradients come from the fused
 //! training pass ([`Gpt::training_pass`]) unless [`Trainer::set_autograd`] asks for candle's
-//! autograd over the whole model (the reference path).
+//! autograd over the whole model (the reference path). On CUDA the step can be recorded once as a
+//! CUDA graph and replayed with one launch ([`Trainer::set_cuda_graph`]).
 //!
 //! A checkpoint is a directory with three files, each written atomically (temporary file, then
 //! rename): `checkpoint.safetensors` (parameters under `model.`, AdamW moments under
