@@ -304,6 +304,9 @@ pub struct Trainer {
     autograd: bool,
     /// Whether steps after the first replay a recorded CUDA graph ([`Trainer::set_cuda_graph`]).
     cuda_graph: bool,
+    /// Eager steps run under [`CudaGraph::warm_up`] since the graph was turned on (a resumed
+    /// trainer starts at a later step but still needs its own).
+    warm_steps: usize,
     /// The recorded step, once captured.
     graph: Option<StepGraph>,
 }
@@ -358,6 +361,7 @@ impl Trainer {
             phase_timing: false,
             autograd: false,
             cuda_graph: false,
+            warm_steps: 0,
             graph: None,
         })
     }
@@ -402,6 +406,7 @@ impl Trainer {
     /// the way (here and in [`Self::train_step`]).
     pub fn set_cuda_graph(&mut self, on: bool) -> Result<()> {
         self.cuda_graph = on;
+        self.warm_steps = 0;
         self.graph = None;
         self.check_cuda_graph()
     }
@@ -485,9 +490,10 @@ impl Trainer {
         if !self.cuda_graph {
             return self.eager_step(data);
         }
-        if self.step >= GRAPH_WARM_UP_STEPS {
+        if self.warm_steps >= GRAPH_WARM_UP_STEPS {
             return self.graph_step(data);
         }
+        self.warm_steps += 1;
         let device = self.model.device().clone();
         CudaGraph::warm_up(&device, || self.eager_step(data))
     }
