@@ -498,6 +498,15 @@ impl Trainer {
         CudaGraph::warm_up(&device, || self.eager_step(data))
     }
 
+    /// Inputs and targets `(batch_size, block_size)` of micro-batch `micro` of the current step,
+    /// seeded by the step: the eager and the recorded step train on the same batches.
+    fn train_batch(&self, data: &CharDataset, micro: u64) -> Result<(Tensor, Tensor)> {
+        let c = &self.config;
+        let seed = mix_seed(&[c.seed, TRAIN_BATCH_TAG, self.step as u64, micro]);
+        let block = self.model.config().block_size;
+        data.batch(Split::Train, c.batch_size, block, seed, self.model.device())
+    }
+
     /// [`Self::train_step`] op by op.
     fn eager_step(&mut self, data: &CharDataset) -> Result<StepStats> {
         let c = &self.config;
@@ -509,8 +518,7 @@ impl Trainer {
         let mut phases = PhaseTimes::default();
         let mut clock = PhaseClock::new(self.phase_timing, &device)?;
         for micro in 0..c.grad_accum as u64 {
-            let batch_seed = mix_seed(&[c.seed, TRAIN_BATCH_TAG, step, micro]);
-            let (x, y) = data.batch(Split::Train, c.batch_size, block, batch_seed, &device)?;
+            let (x, y) = self.train_batch(data, micro)?;
             let dropout_seed = mix_seed(&[c.seed, TRAIN_DROPOUT_TAG, step, micro]);
             let (loss, store) = if self.autograd {
                 let loss = self.model.loss(&x, &y, true, dropout_seed)?;
@@ -555,8 +563,7 @@ impl Trainer {
         let c = &self.config;
         let block = self.model.config().block_size;
         let device = self.model.device().clone();
-        let batch_seed = mix_seed(&[c.seed, TRAIN_BATCH_TAG, self.step as u64, 0]);
-        let (x, y) = data.batch(Split::Train, c.batch_size, block, batch_seed, &device)?;
+        let (x, y) = self.train_batch(data, 0)?;
         let tokens = c.batch_size * block;
         let (lr, hp) = self.next_updates(1.0);
         let schedule = Tensor::new(&hp.map(|h| [h.lr, h.scale_m, h.scale_v]), &device)?;

@@ -1381,7 +1381,7 @@ pub fn adamw_update_many(
                 })
                 .collect::<Result<Vec<_>>>()?;
             let scalars = [grad_factor, schedule].map(|t| t.map(|t| t.storage_and_layout()));
-            let [factor, schedule] = [0, 1].map(|i| match &scalars[i] {
+            let [factor, schedule] = scalars.each_ref().map(|t| match t {
                 Some((s, l)) => match &**s {
                     Storage::Cuda(s) => Ok(Some((s, *l))),
                     _ => bail!(
