@@ -9,9 +9,11 @@
 // - sk_select: per query (one thread each), the union of its block's list and the <= BQ newer
 //   candidates, cut to the top-`cap` (cut = the cap-th largest key), then tau by safeguarded
 //   Newton steps on the piecewise-linear budget function from the middle of a bracket read off
-//   the sorted list. Each step costs O(log cap) on the sorted list (binary searches plus f64
-//   prefix sums of its scores), O(log BQ) on the newer candidates (sorted once per block; the
-//   query's kept ones as a mask) and one term per kept candidate strictly inside (x, x + 1).
+//   the sorted list. The block sorts its newer candidates once (64-bit key compares); a query
+//   finds its cut by one binary search on the list and its kept candidates as a mask, without a
+//   pass over them. Each Newton step costs O(log cap) on the sorted list (binary searches plus
+//   f64 prefix sums of its scores), O(log BQ) on the newer candidates and one term per kept
+//   candidate strictly inside (x, x + 1).
 // Attention, f16 / bf16 with head_dim <= 128: the blocked tensor-core kernels skt_* (see the
 // section below). Attention, f32 and head_dim 256 (one warp per query row, f32 math; keys 32 at a
 // time: lane-per-key scores, then lanes own head_dim / 32 contiguous dims for the weighted sums):
@@ -361,10 +363,53 @@ extern "C" __global__ void sk_scan_block_lists(const float* __restrict__ u, floa
   sk_write_block_lists(L, ur, lu_out, lj_out, row, g, S, T, window, cap, nb);
 }
 
-// Exclusive f64 prefix sum r of a list's scores Lu from the even-index table Ph (Ph[m] = the sum
-// of Lu[0, 2m)): an odd index adds its predecessor's score, as the scan that built Ph did.
+// Exclusive f64 prefix sum r of a list's scores Lu from the table Ph (Ph[m] = the sum of
+// Lu[0, 4m)): adds the scores from 4m up to r in order, as the scan that built Ph did.
 __device__ __forceinline__ double sk_prefix(const double* Ph, const float* Lu, int r) {
-  return (r & 1) ? Ph[r >> 1] + (double)Lu[r - 1] : Ph[r >> 1];
+  double s = Ph[r >> 2];
+  for (int q = r & ~3; q < r; ++q) s += (double)Lu[q];
+  return s;
+}
+
+// A 64-bit key of (u, j) in the order of gt: key(a) > key(b) exactly when gt(a, b), for u not
+// NaN (-0 and +0 equal, as in gt) and j >= 0. Every such key is > 0, so 0 pads a table.
+__device__ __forceinline__ unsigned long long sk_key(float u, int j) {
+  const unsigned b = __float_as_uint(u + 0.f);
+  const unsigned o = (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+  return ((unsigned long long)o << 32) | (unsigned)j;
+}
+
+// Bits [0, n) of a 64-bit mask, 0 <= n <= 64.
+__device__ __forceinline__ unsigned long long sk_below(int n) {
+  return n >= 64 ? ~0ull : (1ull << n) - 1;
+}
+
+// The place of the q-th set bit (from 0) of m, q < popcount(m): halving the window six times.
+__device__ __forceinline__ int sk_nth_bit(unsigned long long m, int q) {
+  int base = 0;
+#pragma unroll
+  for (int w = 32; w >= 1; w >>= 1) {
+    const int c = __popcll(m & ((1ull << w) - 1));
+    if (q >= c) {
+      q -= c;
+      m >>= w;
+      base += w;
+    }
+  }
+  return base;
+}
+
+// The bits t of the block's extras' keys Ek[0, BQ) (0 pads) that rank above `key`.
+__device__ __forceinline__ unsigned long long sk_extras_above(const unsigned long long* Ek,
+                                                             unsigned long long key) {
+  unsigned long long mk = 0;
+#pragma unroll
+  for (int t = 0; t < BQ; t += 2) {
+    const ulonglong2 e = *reinterpret_cast<const ulonglong2*>(Ek + t);
+    if (e.x > key) mk |= 1ull << t;
+    if (e.y > key) mk |= 1ull << (t + 1);
+  }
+  return mk;
 }
 
 // What sk_select finds for one query.
@@ -374,53 +419,49 @@ struct SkQuerySel {
 };
 
 // The selection of one query, by one thread, from its block's tables in shared memory: the
-// sorted list (Lu, Lj, len entries; Ph its exclusive f64 prefix sums, sk_prefix), the block's newer
-// candidates (Eu, Ej, nE) of which the query sees the first n_ext, and the rank tables of
-// sk_select (SEu / posE: the extras sorted descending and each one's place there).
+// sorted list (Lu, Lj, len entries; Ph its exclusive f64 prefix sums, sk_prefix) and the block's
+// nE newer candidates, the extras, of which the query sees the first n_ext by position: first,
+// their position bits; vis, their bits in the extras' order (SEu / SEj: the extras sorted
+// descending); gtL[r - rb], the extras above list entry r for r in [rb, rb + BQ].
 __device__ __forceinline__ SkQuerySel sk_select_query(
-    const float* Lu, const int* Lj, const double* Ph, int len, const float* Eu, const int* Ej,
-    int n_ext, const unsigned long long* gtE, const int* rankL, const unsigned long long* gtL,
-    const float* SEu, const int* posE, int nE, int rb, int cap, float k) {
+    const float* Lu, const int* Lj, const double* Ph, int len, int n_ext,
+    unsigned long long first, unsigned long long vis, const unsigned long long* gtL,
+    const float* SEu, const int* SEj, int nE, int rb, int cap, float k) {
   SkQuerySel o{neg_inf(), neg_inf(), -1, 0};
   const int total = len + n_ext;
-  const unsigned long long first = n_ext >= 64 ? ~0ull : (1ull << n_ext) - 1;
+  // lt: the kept list prefix; m: the extras in sorted order at or above the cut (all without
+  // one), so that the kept extras are vis & below(m).
+  int lt = len, m = 64;
   if (total > cap) {
     // The cut is the key of rank cap - 1 in the union. A list entry r ranks r + (extras above
-    // it), increasing in r: the first r in [cap - 1 - n_ext, min(len, cap)) of rank >= cap - 1
-    // is the cut if its rank is cap - 1; otherwise the cut is an extra.
+    // it), increasing in r; rs, the first r of rank >= cap - 1, lies in [cap - 1 - n_ext,
+    // min(len, cap)]. The cut is entry rs if its rank is cap - 1; otherwise it is the extra with
+    // rs list entries above it, the (cap - 1 - rs)-th of the visible extras in sorted order.
     const int r0 = max(0, cap - 1 - n_ext), r1 = min(len, cap);
-    const int r = r0 + count_prefix(r1 - r0, [&](int x) {
-                    return r0 + x + __popcll(gtL[r0 + x - rb] & first) < cap - 1;
-                  });
-    if (r < r1 && r + __popcll(gtL[r - rb] & first) == cap - 1) {
-      o.cut_u = Lu[r];
-      o.cut_j = Lj[r];
+    const int rs = r0 + count_prefix(r1 - r0, [&](int x) {
+                     return r0 + x + __popcll(gtL[r0 + x - rb] & first) < cap - 1;
+                   });
+    if (rs < r1 && rs + __popcll(gtL[rs - rb] & first) == cap - 1) {
+      o.cut_u = Lu[rs];
+      o.cut_j = Lj[rs];
+      lt = rs + 1;
+      m = __popcll(gtL[rs - rb]);
     } else {
-      for (int s = 0; s < n_ext; ++s)
-        if (rankL[s] + __popcll(gtE[s] & first) == cap - 1) {
-          o.cut_u = Eu[s];
-          o.cut_j = Ej[s];
-          break;
-        }
+      const int p = sk_nth_bit(vis, cap - 1 - rs);
+      o.cut_u = SEu[p];
+      o.cut_j = SEj[p];
+      lt = rs;
+      m = p + 1;
     }
   }
-  const float cut_u = o.cut_u;
-  const int cut_j = o.cut_j;
   if ((float)min(total, cap) > k) {
-    // The list is sorted and in_top is a prefix predicate on it: its kept part is [0, lt).
-    const int lt = count_prefix(len, [&](int r) { return in_top(Lu[r], Lj[r], cut_u, cut_j); });
-    // The kept extras (ks: bit posE[s] for extra s, its place in the block's extras sorted
-    // descending, SEu) and the kept scores' range.
-    unsigned long long ks = 0;
+    // The kept extras (bits in sorted order) and the kept scores' range.
+    const unsigned long long ks = vis & sk_below(m);
     float mx = lt > 0 ? Lu[0] : neg_inf(), mn = lt > 0 ? Lu[lt - 1] : pos_inf();
-    for (int s = 0; s < n_ext; ++s)
-      if (in_top(Eu[s], Ej[s], cut_u, cut_j)) {
-        ks |= 1ull << posE[s];
-        mx = fmaxf(mx, Eu[s]);
-        mn = fminf(mn, Eu[s]);
-      }
-    // Bits [0, n) of a 64-bit mask.
-    auto below = [](int n) { return n >= 64 ? ~0ull : (1ull << n) - 1; };
+    if (ks != 0) {
+      mx = fmaxf(mx, SEu[__ffsll(ks) - 1]);
+      mn = fminf(mn, SEu[63 - __clzll(ks)]);
+    }
     // f(x) = sum clip(z - x, 0, 1) over the kept scores z (centred: z - mx), with the counts of
     // the saturated (nu) and strictly partial (ns, sum ss) entries at x: the sorted list part
     // from two binary searches and the prefix sums, the extras from two binary searches on their
@@ -436,10 +477,10 @@ __device__ __forceinline__ SkQuerySel sk_select_query(
       if (ks != 0) {
         const int ea = count_prefix(nE, [&](int p) { return SEu[p] - mx >= x + 1.f; });
         const int eb = count_prefix(nE, [&](int p) { return SEu[p] - mx > x; });
-        nu += (float)__popcll(ks & below(ea));
-        for (unsigned long long m = ks & below(eb) & ~below(ea); m; m &= m - 1) {
+        nu += (float)__popcll(ks & sk_below(ea));
+        for (unsigned long long b = ks & sk_below(eb) & ~sk_below(ea); b; b &= b - 1) {
           ns += 1.f;
-          ss += SEu[__ffsll(m) - 1] - mx;
+          ss += SEu[__ffsll(b) - 1] - mx;
         }
       }
       f = nu + ss - x * ns;
@@ -469,10 +510,9 @@ __device__ __forceinline__ SkQuerySel sk_select_query(
     }
     o.tau = t + mx;
   }
-  // The list prefix this query attends: in the top cap and u > tau (both prefix predicates).
+  // The list prefix this query attends: kept (r < lt) and u > tau, a prefix of the sorted list.
   const float tau = o.tau;
-  o.nattend =
-      count_prefix(len, [&](int r) { return in_top(Lu[r], Lj[r], cut_u, cut_j) && Lu[r] > tau; });
+  o.nattend = count_prefix(lt, [&](int r) { return Lu[r] > tau; });
   return o;
 }
 
@@ -480,43 +520,72 @@ __device__ __forceinline__ SkQuerySel sk_select_query(
 // Per query: cut (the cap-th largest candidate key, or j = -1), tau (-inf when <= k kept) and the
 // length of the prefix of its block's list that it attends (nattend; nlist: the block's maximum).
 // Grid (nb, rows), BQ threads: the block's tables built together, then one thread per query
-// (sk_select_query). Dynamic smem: (cap + BQ) * 8 + (cap / 2 + 1) * 8 bytes (the list, the
-// block's newer candidates, f64 prefix sums of the list's scores at even indices: small enough
-// for 24 CTAs per SM, which at 24 rows x 128 blocks fit one wave on the H100).
+// (sk_select_query). The extras' order relations are 64-bit key compares (sk_key) against the
+// extras' keys, one row per thread: gtL (list entries that can be the cut against the extras) and
+// each extra's rank among the extras, which places it in the sorted extras (SEu, SEj) and, by an
+// OR-scan over positions, gives vis (the visible extras' bits in sorted order) per n_ext.
+// Dynamic smem: cap * 8 + (cap / 4 + 1) * 8 bytes (the list, f64 prefix sums of its scores at
+// every fourth index), about 7.2 KB per CTA with the static tables at K′ = 512: 24 CTAs per SM,
+// which at 24 rows x 128 blocks fit one wave on the H100.
 extern "C" __global__ void __launch_bounds__(BQ) sk_select(
     const float* __restrict__ u, const float* __restrict__ lu, const int* __restrict__ lj,
     float* __restrict__ tau_out, float* __restrict__ cut_u_out, int* __restrict__ cut_j_out,
     int* __restrict__ nlist_out, int* __restrict__ nattend_out, int T, int window, int cap,
     float k, int nb) {
   extern __shared__ __align__(16) unsigned char smem[];
-  double* Ph = reinterpret_cast<double*>(smem);  // [cap / 2 + 1]
-  float* Lu = reinterpret_cast<float*>(Ph + cap / 2 + 1);
+  double* Ph = reinterpret_cast<double*>(smem);  // [cap / 4 + 1]
+  float* Lu = reinterpret_cast<float*>(Ph + cap / 4 + 1);
   int* Lj = (int*)(Lu + cap);
-  float* Eu = (float*)(Lj + cap);
-  int* Ej = (int*)(Eu + BQ);
+  // Ek: the extras' keys by position (0 pads); visw[s]: the OR of the sorted-order bits of the
+  // extras at positions <= s within s's warp; gtL as in sk_select_query.
+  __shared__ __align__(16) unsigned long long Ek[BQ];
+  __shared__ unsigned long long visw[BQ], gtL[BQ + 1];
+  __shared__ float SEu[BQ];
+  __shared__ int SEj[BQ];
   __shared__ int s_len, s_nl;
   const int c = blockIdx.x, row = blockIdx.y, tid = threadIdx.x;
   const int warp = tid / 32, lane = tid & 31;
   if (tid == 0) s_len = s_nl = 0;
   __syncthreads();
-  long long base = ((long long)row * nb + c) * cap;
+  // The list, four loads in flight per thread.
+  const long long base = ((long long)row * nb + c) * cap;
   int cnt = 0;
-  for (int r = tid; r < cap; r += blockDim.x) {
-    Lu[r] = lu[base + r];
-    Lj[r] = lj[base + r];
-    cnt += Lj[r] >= 0;
+  for (int r0 = tid; r0 < cap; r0 += 4 * BQ) {
+    float a[4];
+    int b[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const int r = r0 + q * BQ;
+      if (r < cap) {
+        a[q] = lu[base + r];
+        b[q] = lj[base + r];
+      }
+    }
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const int r = r0 + q * BQ;
+      if (r < cap) {
+        Lu[r] = a[q];
+        Lj[r] = b[q];
+        cnt += b[q] >= 0;
+      }
+    }
   }
   atomicAdd(&s_len, cnt);
   const int e0 = min(T, block_start(c, window));
   const int eend = min(T, max(e0, c * BQ + BQ - window));
   const int nE = eend - e0;
   const float* ur = u + (long long)row * T;
-  if (tid < nE) { Eu[tid] = ur[e0 + tid] + 0.f; Ej[tid] = e0 + tid; }
+  const float eu = tid < nE ? ur[e0 + tid] + 0.f : 0.f;
+  const unsigned long long ek = tid < nE ? sk_key(eu, e0 + tid) : 0ull;
+  Ek[tid] = ek;
   __syncthreads();
   const int len = s_len;
-  // Exclusive prefix sums of the list's scores (f64), by warp 0: chunks per lane, then a scan.
+  // Exclusive prefix sums of the list's scores (f64), by warp 0: chunks of a multiple of 4 per
+  // lane, then a scan.
   if (warp == 0) {
-    const int per = (len + 31) / 32, r0 = min(len, lane * per), r1 = min(len, r0 + per);
+    const int per = (((len + 31) / 32) + 3) & ~3, r0 = min(len, lane * per),
+              r1 = min(len, r0 + per);
     double s = 0.0;
     for (int r = r0; r < r1; ++r) s += Lu[r];
     double incl = s;
@@ -527,42 +596,44 @@ extern "C" __global__ void __launch_bounds__(BQ) sk_select(
     }
     double run = incl - s;
     for (int r = r0; r < r1; ++r) {
-      if ((r & 1) == 0) Ph[r >> 1] = run;
+      if ((r & 3) == 0) Ph[r >> 2] = run;
       run += Lu[r];
     }
-    if (lane == 31 && (len & 1) == 0) Ph[len >> 1] = incl;
+    if (lane == 31 && (len & 3) == 0) Ph[len >> 2] = incl;
   }
-  // Rank tables for the cut (the element of rank cap - 1 of the list and the first n_ext extras):
-  // gtE[s] = bit t set when extra t ranks above extra s; rankL[s] = list entries above extra s;
-  // gtL[r - rb] = extras above list entry r, for the only list entries that can have rank
-  // cap - 1 (r in [cap - 1 - BQ, cap - 1]).
-  // posE[s] = extras above extra s, its place in the extras sorted descending (SEu).
-  __shared__ unsigned long long gtE[BQ], gtL[BQ + 1];
-  __shared__ int rankL[BQ], posE[BQ];
-  __shared__ float SEu[BQ];
-  const int rb = max(0, cap - 1 - BQ);
+  // Each extra's place among the extras, its entry in the sorted tables and its bit in vis.
+  unsigned long long bit = 0;
   if (tid < nE) {
-    unsigned long long mk = 0;
-    for (int t = 0; t < nE; ++t) mk |= (unsigned long long)gt(Eu[t], Ej[t], Eu[tid], Ej[tid]) << t;
-    gtE[tid] = mk;
-    rankL[tid] = count_gt(Lu, Lj, len, Eu[tid], Ej[tid]);
-    posE[tid] = __popcll(mk);
-    SEu[posE[tid]] = Eu[tid];
+    const int pos = __popcll(sk_extras_above(Ek, ek));
+    SEu[pos] = eu;
+    SEj[pos] = e0 + tid;
+    bit = 1ull << pos;
   }
-  for (int x = tid; x <= BQ && rb + x < len; x += blockDim.x) {
-    const int r = rb + x;
-    unsigned long long mk = 0;
-    for (int t = 0; t < nE; ++t) mk |= (unsigned long long)gt(Eu[t], Ej[t], Lu[r], Lj[r]) << t;
-    gtL[x] = mk;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const unsigned long long y = __shfl_up_sync(0xffffffffu, bit, o);
+    if (lane >= o) bit |= y;
+  }
+  visw[tid] = bit;
+  // gtL for the only list entries that can have rank cap - 1 (r in [cap - 1 - BQ, cap - 1]): one
+  // row per thread, the last row by warp 1's ballots.
+  const int rb = max(0, cap - 1 - BQ);
+  if (rb + tid < len) gtL[tid] = sk_extras_above(Ek, sk_key(Lu[rb + tid], Lj[rb + tid]));
+  if (warp == 1 && rb + BQ < len) {
+    const unsigned long long key = sk_key(Lu[rb + BQ], Lj[rb + BQ]);
+    const unsigned lo = __ballot_sync(0xffffffffu, Ek[lane] > key);
+    const unsigned hi = __ballot_sync(0xffffffffu, Ek[lane + 32] > key);
+    if (lane == 0) gtL[BQ] = ((unsigned long long)hi << 32) | lo;
   }
   __syncthreads();
   // One thread per query.
   const int i = c * BQ + tid;
   if (i < T) {
     const int n_ext = min(nE, max(0, i - window + 1 - e0));
-    const SkQuerySel s =
-        sk_select_query(Lu, Lj, Ph, len, Eu, Ej, n_ext, gtE, rankL, gtL, SEu, posE, nE, rb, cap,
-                        k);
+    const unsigned long long vis =
+        n_ext == 0 ? 0ull : (n_ext <= 32 ? visw[n_ext - 1] : visw[31] | visw[n_ext - 1]);
+    const SkQuerySel s = sk_select_query(Lu, Lj, Ph, len, n_ext, sk_below(n_ext), vis, gtL, SEu,
+                                         SEj, nE, rb, cap, k);
     const long long o = (long long)row * T + i;
     tau_out[o] = s.tau;
     cut_u_out[o] = s.cut_u;

@@ -356,6 +356,17 @@ fn cases() -> Vec<(&'static str, Case)> {
     groups.slope = 0.002;
     groups.seed = 13;
     v.push(("list_groups_t1100", groups));
+    // Sixteen query blocks with K′ = 100, tied scores and a short window: most queries' cut
+    // falls among their block's newer candidates, at every rank (sk_select's sorted extras).
+    let mut cuts = Case::new(1000, 50, 20);
+    cuts.b = 1;
+    cuts.hq = 2;
+    cuts.hkv = 1;
+    cuts.d = 64;
+    cuts.quantum = 0.25;
+    cuts.cfg.max_selected = Some(100);
+    cuts.seed = 14;
+    v.push(("cuts_among_newer_t1000", cuts));
     v
 }
 
@@ -1021,7 +1032,7 @@ fn gpu() -> Option<Device> {
 fn cuda_matches_reference() -> R<()> {
     let Some(dev) = gpu() else { return Ok(()) };
     // SPARSEK_QUICK: a small subset (for compute-sanitizer): the first two cases and the last two
-    // (full-window band tiles; long lists). SPARSEK_ONLY=name,name: only those cases.
+    // (chains of list merges; cuts among the newer candidates). SPARSEK_ONLY=name,name: only those cases.
     let quick = std::env::var("SPARSEK_QUICK").is_ok();
     let only = std::env::var("SPARSEK_ONLY").ok();
     let all = cases();

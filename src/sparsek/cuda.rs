@@ -187,8 +187,8 @@ pub(crate) fn select(
     let mut list_len = unsafe { dev.alloc::<i32>(rows * blocks) }?;
     let mut nattend = unsafe { dev.alloc::<i32>(rows * t) }?;
     {
-        // The list and the block's newer candidates (score, position), the list's f64 prefix sums.
-        let smem = (cap + BQ) * 8 + (cap / 2 + 1) * 8;
+        // The list (score, position) and its f64 prefix sums at every fourth index.
+        let smem = cap * 8 + (cap / 4 + 1) * 8;
         let f = func!(dev, "sk_select", smem);
         let mut b = f.builder();
         let k = scfg.k as f32;
