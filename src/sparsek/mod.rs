@@ -46,7 +46,9 @@
 //!   merging sorted lists (merge path: one binary search per thread, then its run; the blocks of
 //!   a row in groups that run in parallel, each group starting from the earlier groups' merged
 //!   lists), then per query, one thread each, its cut (the
-//!   `K′`-th largest candidate), τ (safeguarded Newton steps on the piecewise-linear budget from a
+//!   `K′`-th largest candidate: one binary search on the list, against the block's newer
+//!   candidates sorted once per block by 64-bit key compares, the query's visible ones a bit
+//!   mask in that order), τ (safeguarded Newton steps on the piecewise-linear budget from a
 //!   bracket read off the sorted list, f32; each step `O(log K′)` on the list through binary
 //!   searches and f64 prefix sums of its scores, and on the block's newer candidates through
 //!   binary searches over them sorted once per block) and the length of the list prefix it
