@@ -49,10 +49,6 @@ __device__ __forceinline__ int count_prefix(int n, P&& pred) {
   }
   return lo;
 }
-// Number of entries of a descending list that rank above (u, j).
-__device__ __forceinline__ int count_gt(const float* lu, const int* lj, int n, float u, int j) {
-  return count_prefix(n, [&](int r) { return gt(lu[r], lj[r], u, j); });
-}
 
 // Whether key (u, j) is in the top-cap set whose smallest key is (cu, cj); cj < 0: no cut.
 __device__ __forceinline__ bool in_top(float u, int j, float cu, int cj) {
@@ -2461,7 +2457,8 @@ __device__ void skw_bwd_dkv_band(SKW_DKV_PARAMS, SkScorerFold<E> fl) {
 // atomics than a walk per block.
 // - The union: block g's list is the top-cap of the prefix [0, e_g); an old key (position < e_0)
 //   of a later block's list is in block 0's list (fewer keys rank above it in the shorter prefix),
-//   at the index a binary search finds; a new key (e_0 <= j < e_{G-1}) has slot cap + j - e_0.
+//   at its index there less the new keys above it (a scan over the CTA); a new key
+//   (e_0 <= j < e_{G-1}) has slot cap + j - e_0.
 //   Each slot gets the mask of the blocks whose attended prefix holds it; the slots are sorted by
 //   mask (first block, then last block: the masks are intervals when tau is monotone), so that a
 //   tile of 64 union keys runs only for the blocks of its mask's union.
@@ -2508,7 +2505,7 @@ __device__ void skw_bwd_dkv_list(SKW_DKV_PARAMS) {
   float* sLu = reinterpret_cast<float*>(sK);
   int* sLj = reinterpret_cast<int*>(sLu + cap);
   int* mark = sLj + cap;
-  __shared__ int s_off[1 << G], s_nu, s_nsteps;
+  __shared__ int s_off[1 << G], s_nu, s_nsteps, s_warp_newer[4];
 
   const int tid = threadIdx.x, warp = tid / 32, gq = (tid & 31) >> 2;
   const int c0 = blockIdx.x * G, bh = blockIdx.y, b = bh / Hq, h = bh % Hq;
@@ -2562,19 +2559,34 @@ __device__ void skw_bwd_dkv_list(SKW_DKV_PARAMS) {
   for (int x = tid; x < ni; x += 128) mark[x] = 0;
   if (tid < (1 << G)) s_off[tid] = 0;
   __syncthreads();
+  // Block g's list is the top cap of a longer prefix than block 0's, so an entry r with a key
+  // older than e_first is block 0's entry r - (entries above it with keys from e_first on): a
+  // count per thread over a contiguous run of entries, then a scan over the CTA.
   for (int g = 0; g < gl; ++g) {
     const long long base = (lrow + c0 + g) * cap;
     const int nl = nlist[lrow + c0 + g];
-    for (int r = tid; r < nl; r += 128) {
+    const int per = (nl + 127) / 128, r0 = min(nl, tid * per), r1 = min(nl, r0 + per);
+    int newer = 0;
+    for (int r = r0; r < r1; ++r) newer += lj[base + r] >= e_first;
+    int incl = newer;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int y = __shfl_up_sync(0xffffffffu, incl, o);
+      if ((tid & 31) >= o) incl += y;
+    }
+    if ((tid & 31) == 31) s_warp_newer[warp] = incl;
+    __syncthreads();
+    for (int w = 0; w < warp; ++w) incl += s_warp_newer[w];
+    newer = incl - newer;  // keys from e_first above entry r0
+    for (int r = r0; r < r1; ++r) {
       const int j = lj[base + r];
       if (j < 0) continue;
-      const int x = g == 0 ? r
-                  : j < e_first ? count_gt(sLu, sLj, cap, lu[base + r], j)
-                                : cap + j - e_first;
+      const int x = g == 0 ? r : j < e_first ? r - newer : cap + j - e_first;
+      newer += j >= e_first;
       atomicOr(mark + x, 1 << g);
     }
+    __syncthreads();  // s_warp_newer is read before the next block's counts
   }
-  __syncthreads();
   for (int x = tid; x < ni; x += 128)
     if (mark[x]) atomicAdd(s_off + mark[x], 1);
   __syncthreads();
