@@ -82,15 +82,17 @@
 //!
 //! # Performance (measured: H100, bf16, B = 4, H = 48, D = 64, k = 256, window = 256, K′ = 512)
 //! Forward + backward of the op's kernels ([`sparsek_attn_taped`] and its tape's `grads`, memory
-//! pool kept as `train_char_lm` runs): 15.4 / 30.4 ms at 16k / 32k tokens (×1.97), against the
-//! dense [`crate::flash_attn`]'s 78.8 / 305.4 ms measured in the same run: **5.12× / 10.06×
-//! faster** (8k and 64k, session 10: 8.5 / 67.5 ms, 2.37× and linear growth). Through candle's
-//! autograd with the output gradient handed in, both ops pay four zero-fill + add passes over
-//! their input gradients (3.7 ms at 16k): 19.8 against 82.6 ms at 16k (4.18×), 39.2 against 313.3
-//! ms at 32k (8.00×). Forward alone 4.6 ms at 16k. Memory grows linearly (2.33 / 4.02 / 7.30 /
-//! 13.80 GiB in use after the backward, 8k to 64k, without the pool). At 16k the kernels took
-//! 15.4 ms in session 12 (ncu): selection 1.6 (lists 0.6, `sk_select` 1.0), forward 3.2, dQ 3.7 (its producer
-//! warpgroup also zeroes the key side's f32 accumulator), dK / dV / dScores 4.4 (list keys with
+//! pool kept as `train_char_lm` runs): 15.0 / 30.1 ms at 16k / 32k tokens (×2.00), against the
+//! dense [`crate::flash_attn`]'s 80.1 / 314.5 ms measured in the same run: **5.32× / 10.47×
+//! faster** (session 19; without the pool, 8.9 ms at 8k, 2.47×, and 73.2 ms at 64k). Through
+//! candle's autograd with the output gradient handed in, both ops pay four zero-fill + add passes
+//! over their input gradients: 19.5 against 82.8 ms at 16k (4.25×), 38.7 against 321.2 ms at 32k
+//! (8.31×). Forward alone 4.4 ms at 16k. Memory grows linearly (2.55 / 4.15 / 7.40 / 13.90 GiB in
+//! use after the backward, 8k to 64k, without the pool). The char-level GPT at 8k (6 layers,
+//! width 384, k = 256, window = 256) trains 2.03–2.07× as fast as with dense attention. At 16k
+//! the kernels took 15.4 ms in session 12 (ncu): selection 1.6 (lists 0.6, `sk_select` 1.0),
+//! forward 3.2, dQ 3.7 (its producer warpgroup also zeroes the key side's f32 accumulator),
+//! dK / dV / dScores 4.4 (list keys with
 //! vector atomics, a warpgroup per pair of query blocks walking the union of their lists) + 2.5
 //! (band keys, adding the list part and writing dK, dV in the input dtype), all warpgroup MMA on
 //! Hopper. Each kernel is bound by its element-wise work's issue and latency (ncu: 160 to 195
