@@ -356,8 +356,9 @@ fn cases() -> Vec<(&'static str, Case)> {
     groups.slope = 0.002;
     groups.seed = 13;
     v.push(("list_groups_t1100", groups));
-    // Sixteen query blocks with K′ = 100, tied scores and a short window: most queries' cut
-    // falls among their block's newer candidates, at every rank (sk_select's sorted extras).
+    // Sixteen query blocks with K′ = 100, tied scores and a short window: about one query in
+    // seven has its cut among its block's newer candidates, at many ranks there (sk_select's
+    // sorted extras), the rest in the block's list.
     let mut cuts = Case::new(1000, 50, 20);
     cuts.b = 1;
     cuts.hq = 2;
