@@ -10,6 +10,8 @@
 #include <cuda_fp16.h>
 #include <math.h>
 
+#include "scan.cuh"
+
 #define FULL_MASK 0xffffffffu
 
 // ---------------------------------------------------------------------------------------------
@@ -80,49 +82,6 @@ extern "C" __global__ void invert_rows(const int *__restrict__ idx, int *__restr
       dst[s] = (int)r;
     }
   }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Block-wide scans (blockDim.x a multiple of 32, at most 1024).
-// ---------------------------------------------------------------------------------------------
-
-__device__ __forceinline__ int warp_inclusive_scan(int v, uint32_t lane) {
-#pragma unroll
-  for (int off = 1; off < 32; off <<= 1) {
-    const int o = __shfl_up_sync(FULL_MASK, v, off);
-    if (lane >= (uint32_t)off) {
-      v += o;
-    }
-  }
-  return v;
-}
-
-// Exclusive scan of one value per thread over the block, in thread order; *total receives the
-// sum. Every thread of the block must call it (it synchronises the block, also on exit, so it
-// can be called in a loop).
-__device__ __forceinline__ int block_exclusive_scan(int v, int *total) {
-  __shared__ int sums[33];
-  const uint32_t lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
-  const int incl = warp_inclusive_scan(v, lane);
-  if (lane == 31) {
-    sums[warp] = incl;
-  }
-  __syncthreads();
-  if (warp == 0) {
-    const int s = lane < warps ? sums[lane] : 0;
-    const int si = warp_inclusive_scan(s, lane);
-    if (lane < warps) {
-      sums[lane] = si - s;
-    }
-    if (lane == 31) {
-      sums[32] = si;
-    }
-  }
-  __syncthreads();
-  const int out = sums[warp] + incl - v;
-  *total = sums[32];
-  __syncthreads();
-  return out;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@
 #include "wgmma.cuh"
 #include "hopper.cuh"
 #include "chunk.cuh"
+#include "scan.cuh"
 
 #define BQ 64
 
@@ -584,12 +585,7 @@ extern "C" __global__ void __launch_bounds__(BQ) sk_select(
               r1 = min(len, r0 + per);
     double s = 0.0;
     for (int r = r0; r < r1; ++r) s += Lu[r];
-    double incl = s;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      double y = __shfl_up_sync(0xffffffffu, incl, o);
-      if (lane >= o) incl += y;
-    }
+    const double incl = warp_inclusive_scan(s, lane, [](double a, double b) { return a + b; });
     double run = incl - s;
     for (int r = r0; r < r1; ++r) {
       if ((r & 3) == 0) Ph[r >> 2] = run;
@@ -605,12 +601,8 @@ extern "C" __global__ void __launch_bounds__(BQ) sk_select(
     SEj[pos] = e0 + tid;
     bit = 1ull << pos;
   }
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const unsigned long long y = __shfl_up_sync(0xffffffffu, bit, o);
-    if (lane >= o) bit |= y;
-  }
-  visw[tid] = bit;
+  visw[tid] = warp_inclusive_scan(
+      bit, lane, [](unsigned long long a, unsigned long long b) { return a | b; });
   // gtL for the only list entries that can have rank cap - 1 (r in [cap - 1 - BQ, cap - 1]): one
   // row per thread, the last row by warp 1's ballots.
   const int rb = max(0, cap - 1 - BQ);
@@ -2505,7 +2497,7 @@ __device__ void skw_bwd_dkv_list(SKW_DKV_PARAMS) {
   float* sLu = reinterpret_cast<float*>(sK);
   int* sLj = reinterpret_cast<int*>(sLu + cap);
   int* mark = sLj + cap;
-  __shared__ int s_off[1 << G], s_nu, s_nsteps, s_warp_newer[4];
+  __shared__ int s_off[1 << G], s_nu, s_nsteps;
 
   const int tid = threadIdx.x, warp = tid / 32, gq = (tid & 31) >> 2;
   const int c0 = blockIdx.x * G, bh = blockIdx.y, b = bh / Hq, h = bh % Hq;
@@ -2568,16 +2560,7 @@ __device__ void skw_bwd_dkv_list(SKW_DKV_PARAMS) {
     const int per = (nl + 127) / 128, r0 = min(nl, tid * per), r1 = min(nl, r0 + per);
     int newer = 0;
     for (int r = r0; r < r1; ++r) newer += lj[base + r] >= e_first;
-    int incl = newer;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const int y = __shfl_up_sync(0xffffffffu, incl, o);
-      if ((tid & 31) >= o) incl += y;
-    }
-    if ((tid & 31) == 31) s_warp_newer[warp] = incl;
-    __syncthreads();
-    for (int w = 0; w < warp; ++w) incl += s_warp_newer[w];
-    newer = incl - newer;  // keys from e_first above entry r0
+    newer = block_exclusive_scan(newer, nullptr);  // keys from e_first above entry r0
     for (int r = r0; r < r1; ++r) {
       const int j = lj[base + r];
       if (j < 0) continue;
@@ -2585,8 +2568,8 @@ __device__ void skw_bwd_dkv_list(SKW_DKV_PARAMS) {
       newer += j >= e_first;
       atomicOr(mark + x, 1 << g);
     }
-    __syncthreads();  // s_warp_newer is read before the next block's counts
   }
+  __syncthreads();
   for (int x = tid; x < ni; x += 128)
     if (mark[x]) atomicAdd(s_off + mark[x], 1);
   __syncthreads();

@@ -11,6 +11,7 @@
 #include <stdint.h>
 
 #include "mma.cuh"
+#include "scan.cuh"
 
 #define NO_TOKEN 0xffffffffu
 #define FULL_MASK 0xffffffffu
@@ -49,32 +50,6 @@ __device__ __forceinline__ int block_sum_int(int v, int* red) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) t += __shfl_xor_sync(FULL_MASK, t, o);
   return t;
-}
-
-// Block-wide exclusive prefix sum of an int; `*total` gets the sum. `red` holds >= 33 ints.
-__device__ __forceinline__ int block_exclusive_scan(int v, int* red, int* total) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-  int incl = v;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    int y = __shfl_up_sync(FULL_MASK, incl, o);
-    if (lane >= o) incl += y;
-  }
-  __syncthreads();
-  if (lane == 31) red[warp] = incl;
-  __syncthreads();
-  if (warp == 0) {
-    int x = lane < nw ? red[lane] : 0;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      int y = __shfl_up_sync(FULL_MASK, x, o);
-      if (lane >= o) x += y;
-    }
-    red[lane] = x;  // inclusive prefix over warps
-  }
-  __syncthreads();
-  *total = red[nw - 1];
-  return (warp == 0 ? 0 : red[warp - 1]) + incl - v;
 }
 
 // Order-preserving map of a float to u32 (NaN maps to the key of -inf: lowest).
@@ -243,12 +218,7 @@ __device__ void quest_select(const T* __restrict__ q, const T* __restrict__ pmin
         c[j] = hist[warp * 256 + 255 - 8 * lane - j];
         mine += c[j];
       }
-      int incl = mine;
-#pragma unroll
-      for (int o = 1; o < 32; o <<= 1) {
-        const int y = __shfl_up_sync(FULL_MASK, incl, o);
-        if (lane >= o) incl += y;
-      }
+      const int incl = warp_inclusive_scan(mine, lane);
       int run = incl - mine;
       if (run < nd && nd <= incl) {
 #pragma unroll
@@ -302,7 +272,7 @@ extern "C" __global__ void __launch_bounds__(1024)
     tw_top_indices(const float* __restrict__ scores, uint32_t* __restrict__ out, int n, int k,
                    int expand, int valid_len) {
   extern __shared__ uint32_t keys[];
-  __shared__ int red[33];
+  __shared__ int red[32];
   const long long row = blockIdx.x;
   const float* s = scores + row * n;
   for (int i = threadIdx.x; i < n; i += blockDim.x) keys[i] = order_key(s[i]);
@@ -324,11 +294,11 @@ extern "C" __global__ void __launch_bounds__(1024)
   }
   const int total_gt = block_sum_int(gt, red);
   int total_eq;
-  const int eq_before = block_exclusive_scan(eq, red, &total_eq);
+  const int eq_before = block_exclusive_scan(eq, &total_eq);
   const int ties = k - total_gt;
   const int take_eq = max(0, min(eq, ties - eq_before));
   int total;
-  int pos = block_exclusive_scan(gt + take_eq, red, &total);
+  int pos = block_exclusive_scan(gt + take_eq, &total);
   int eq_seen = 0;
   uint32_t* o = out + row * (long long)k * expand;
   for (int i = lo; i < hi; ++i) {
@@ -514,7 +484,6 @@ extern "C" __global__ void tw_union_mark(const uint32_t* __restrict__ kept,
 extern "C" __global__ void __launch_bounds__(1024)
     tw_union_compact(const uint8_t* __restrict__ bitmap, uint32_t* __restrict__ lists, int len,
                      int width) {
-  __shared__ int red[33];
   const long long row = blockIdx.x;
   const uint8_t* bm = bitmap + row * len;
   uint32_t* l = lists + row * (long long)width;
@@ -529,7 +498,7 @@ extern "C" __global__ void __launch_bounds__(1024)
       cnt += f[j];
     }
     int total;
-    int pos = base + block_exclusive_scan(cnt, red, &total);
+    int pos = base + block_exclusive_scan(cnt, &total);
 #pragma unroll
     for (int j = 0; j < 4; ++j)
       if (f[j]) l[1 + pos++] = t0 + j;
@@ -585,7 +554,6 @@ __device__ void prune_union(const T* __restrict__ q, const uint8_t* __restrict__
   extern __shared__ float sh[];
   __shared__ float sqsum[MAXG];
   __shared__ float red[2][32][3];
-  __shared__ int scan_red[33];
   const int group = hq / hkv, row = blockIdx.x, b = row / hkv, kvh = row % hkv;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const long long q0 = (long long)b * hq + (long long)kvh * group;
@@ -680,7 +648,7 @@ __device__ void prune_union(const T* __restrict__ q, const uint8_t* __restrict__
   int cnt = 0;
   for (int i = w0; i < w1; ++i) cnt += __popc(bitmap[i]);
   int count;
-  int pos = block_exclusive_scan(cnt, scan_red, &count);
+  int pos = block_exclusive_scan(cnt, &count);
   uint32_t* l = lists + (long long)row * width;
   for (int i = w0; i < w1; ++i) {
     uint32_t bits = bitmap[i];
